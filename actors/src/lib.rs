@@ -1,0 +1,9 @@
+//! heapgrid-actors: the actor layer. It will own values, table/feed/queue/lock shard actors
+//! (ractor), snippets and the supervisor tree, each shard actor owning one `heapgrid_heap::Heap`.
+//!
+//! Empty until the tables issue lands; it exists now so the workspace's dependency direction
+//! (heapgrid → heapgrid-actors → heapgrid-heap) is fixed from the start.
+//!
+//! Invariant: depends on `heapgrid-heap`, never on the `heapgrid` crate.
+
+pub use heapgrid_heap as heap;

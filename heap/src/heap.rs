@@ -1,0 +1,661 @@
+//! `Heap`: one persistent, memory-mapped B+tree of byte keys to byte values.
+//!
+//! Lifecycle: `open` maps the file, validates the header and the newest valid meta page, and
+//! loads that checkpoint's free list; nothing else is read. Writes (`put`, `delete`, `apply`)
+//! change fresh pages only; `checkpoint` seals and flushes them, then writes the other meta page.
+//! A crash at any instant therefore leaves the file exactly at the last completed checkpoint.
+//!
+//! Invariant: a batch either applies completely or the heap is poisoned (it refuses all work until
+//! reopened, which recovers the last checkpoint); callers never observe half a batch.
+//! Invariant: `check_integrity` finds every page in exactly one of: reachable from the tree,
+//! holding the durable free list, free, or pending.
+
+use std::borrow::Cow;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+
+use crate::batch::{BatchOp, WriteBatch, check_key, check_value};
+use crate::btree::{self, Cursor, TreeRoot};
+use crate::error::{Error, Result, corrupt};
+use crate::freelist::{self, FREELIST_IDS_PER_PAGE};
+use crate::limits::{FILE_BYTES_MAX, PAGE, PAGE_SIZE};
+use crate::meta::{self, FIRST_DATA_PAGE, HEADER_PAGE, Meta};
+use crate::page;
+use crate::pager::Pager;
+use crate::storage::{FileStorage, Storage, sync_dir};
+
+/// Most pages a batch reserves up front. A batch whose worst case is larger reserves this much;
+/// if the disk then fills mid-batch the heap is poisoned rather than half-applied.
+const BATCH_RESERVE_PAGES_MAX: u64 = 1024;
+/// Above this many separate dirty runs a checkpoint flushes the whole data area in one call.
+const FLUSH_RUNS_MAX: usize = 256;
+
+/// Options for opening a heap.
+#[derive(Clone, Debug)]
+pub struct HeapOptions {
+    /// The file never grows past this many bytes (`Error::HeapFull`).
+    pub max_file_bytes: u64,
+}
+
+impl Default for HeapOptions {
+    fn default() -> Self {
+        HeapOptions {
+            max_file_bytes: FILE_BYTES_MAX,
+        }
+    }
+}
+
+/// Figures about a heap's space use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapStats {
+    pub entries: u64,
+    pub depth: u32,
+    /// Pages in use (the high-water mark), including header and meta pages.
+    pub page_count: u64,
+    pub free_pages: u64,
+    pub pending_pages: u64,
+    pub file_bytes: u64,
+    pub epoch: u64,
+}
+
+/// What `check_integrity` walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntegrityReport {
+    pub entries: u64,
+    pub tree_pages: u64,
+    pub overflow_pages: u64,
+    pub freelist_pages: u64,
+    pub free_pages: u64,
+    pub pending_pages: u64,
+}
+
+/// What `compact` achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactStats {
+    pub pages_moved: u64,
+    pub file_bytes_before: u64,
+    pub file_bytes_after: u64,
+}
+
+/// A persistent ordered map of byte keys to byte values in one file. Not internally
+/// synchronised: one owner (a shard actor) drives it; reads take `&self`, writes `&mut self`.
+pub struct Heap {
+    pager: Pager,
+    tree: TreeRoot,
+    durable: Meta,
+    /// LSN the next checkpoint records (set by the op log).
+    applied_lsn: u64,
+    changed: bool,
+    poisoned: Option<String>,
+}
+
+impl Heap {
+    /// Opens the heap file at `path`, creating it if it does not exist.
+    pub fn open(path: impl AsRef<Path>, opts: HeapOptions) -> Result<Heap> {
+        let path = path.as_ref();
+        if !path.exists() {
+            create_file(path)?;
+        }
+        Heap::open_storage(Box::new(FileStorage::open(path)?), opts)
+    }
+
+    /// Opens a heap over any storage; an empty storage is initialised as a new heap.
+    pub fn open_storage(mut storage: Box<dyn Storage>, opts: HeapOptions) -> Result<Heap> {
+        if storage.is_empty() {
+            init_storage(storage.as_mut(), new_heap_id())?;
+        }
+        let file_pages = storage.len() / PAGE_SIZE as u64;
+        if file_pages < FIRST_DATA_PAGE {
+            return Err(Error::Format("file shorter than a heap header".into()));
+        }
+        let bytes = storage.bytes();
+        let header = &bytes[..PAGE];
+        let heap_id = match meta::read_header(header) {
+            Ok(id) => id,
+            Err(Error::Format(why)) => {
+                // A foreign file has no magic anywhere; a heap whose header was damaged still has
+                // it in a meta page.
+                let meta_magic = (1..=2).any(|m| bytes[m * PAGE + 8..m * PAGE + 16] == meta::MAGIC);
+                if meta_magic {
+                    return corrupt(HEADER_PAGE, "file header damaged");
+                }
+                return Err(Error::Format(why));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut best: Option<Meta> = None;
+        let mut first_err = None;
+        for slot in 1..=2u64 {
+            let p = &bytes[slot as usize * PAGE..(slot as usize + 1) * PAGE];
+            match meta::read_meta(slot, p, heap_id, file_pages) {
+                Ok(m) if best.is_none_or(|b| m.epoch > b.epoch) => best = Some(m),
+                Ok(_) => {}
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        let Some(m) = best else {
+            return Err(first_err.unwrap_or_else(|| Error::corrupted(1, "no valid meta page")));
+        };
+        let max_pages = (opts.max_file_bytes / PAGE_SIZE as u64).max(m.page_count);
+        let mut pager = Pager::new(storage, m.page_count, max_pages);
+        let (free, chain) =
+            freelist::read(&pager, m.freelist_head, m.freelist_count, m.page_count)?;
+        pager.free = free;
+        pager.durable_freelist = chain;
+        Ok(Heap {
+            pager,
+            tree: TreeRoot {
+                root: m.root,
+                depth: m.depth,
+                len: m.entry_count,
+            },
+            durable: m,
+            applied_lsn: m.checkpoint_lsn,
+            changed: false,
+            poisoned: None,
+        })
+    }
+
+    fn usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn poison<T>(&mut self, e: Error) -> Result<T> {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(e.to_string());
+        }
+        Err(e)
+    }
+
+    /// The value stored under `key`, borrowed from the map when it is inline.
+    pub fn get_ref(&self, key: &[u8]) -> Result<Option<Cow<'_, [u8]>>> {
+        self.usable()?;
+        match btree::get(&self.pager, &self.tree, key)? {
+            Some(v) => Ok(Some(btree::load(&self.pager, v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The value stored under `key`.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_ref(key)?.map(Cow::into_owned))
+    }
+
+    /// Whether `key` is present (reads no overflow pages).
+    pub fn contains(&self, key: &[u8]) -> Result<bool> {
+        self.usable()?;
+        Ok(btree::get(&self.pager, &self.tree, key)?.is_some())
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> u64 {
+        self.tree.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.len == 0
+    }
+
+    /// Inserts or replaces one key.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.usable()?;
+        check_key(key)?;
+        check_value(value)?;
+        self.pager
+            .reserve(btree::put_pages_max(&self.tree, value.len()))?;
+        self.changed = true;
+        match btree::insert(&mut self.pager, &mut self.tree, key, value) {
+            Ok(_) => Ok(()),
+            Err(e) => self.poison(e),
+        }
+    }
+
+    /// Deletes one key; returns whether it was present.
+    pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
+        self.usable()?;
+        check_key(key)?;
+        self.pager.reserve(btree::delete_pages_max(&self.tree))?;
+        match btree::delete(&mut self.pager, &mut self.tree, key) {
+            Ok(found) => {
+                self.changed |= found;
+                Ok(found)
+            }
+            Err(e) => self.poison(e),
+        }
+    }
+
+    /// Applies every operation of `batch`, in order, as one unit.
+    pub fn apply(&mut self, batch: &WriteBatch) -> Result<()> {
+        self.usable()?;
+        let worst: u64 = batch
+            .iter()
+            .map(|op| match op {
+                BatchOp::Put { value, .. } => btree::put_pages_max(&self.tree, value.len()),
+                BatchOp::Delete { .. } => btree::delete_pages_max(&self.tree),
+            })
+            .sum();
+        self.pager.reserve(worst.min(BATCH_RESERVE_PAGES_MAX))?;
+        self.changed = true;
+        for op in batch.iter() {
+            let r = match op {
+                BatchOp::Put { key, value } => {
+                    btree::insert(&mut self.pager, &mut self.tree, key, value).map(|_| ())
+                }
+                BatchOp::Delete { key } => {
+                    btree::delete(&mut self.pager, &mut self.tree, key).map(|_| ())
+                }
+            };
+            if let Err(e) = r {
+                return self.poison(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that the state now includes every op-log record up to `lsn`; the next checkpoint
+    /// stores it so recovery replays only later records.
+    pub fn set_applied_lsn(&mut self, lsn: u64) {
+        debug_assert!(lsn >= self.applied_lsn);
+        self.applied_lsn = lsn;
+    }
+
+    /// LSN recorded by the last durable checkpoint.
+    pub fn checkpoint_lsn(&self) -> u64 {
+        self.durable.checkpoint_lsn
+    }
+
+    /// Entries whose keys fall in `range`, in key order; iterate from either end.
+    /// Accepts any range of byte-like keys: `a..b`, `a..`, `..=b`, `(Bound, Bound)`.
+    pub fn range<'a, K: AsRef<[u8]> + ?Sized, R: RangeBounds<K>>(&'a self, range: R) -> Range<'a> {
+        fn as_bytes<K: AsRef<[u8]> + ?Sized>(b: Bound<&K>) -> Bound<&[u8]> {
+            match b {
+                Bound::Included(k) => Bound::Included(k.as_ref()),
+                Bound::Excluded(k) => Bound::Excluded(k.as_ref()),
+                Bound::Unbounded => Bound::Unbounded,
+            }
+        }
+        let mut front = Cursor::new(&self.pager, self.tree);
+        let mut back = Cursor::new(&self.pager, self.tree);
+        let mut pending_err = self.usable().err();
+        if pending_err.is_none() {
+            pending_err = front
+                .seek_lower(as_bytes(range.start_bound()))
+                .and_then(|_| back.seek_upper(as_bytes(range.end_bound())))
+                .err();
+        }
+        Range {
+            pager: &self.pager,
+            front,
+            back,
+            pending_err,
+            done: false,
+        }
+    }
+
+    /// All entries in key order.
+    pub fn iter(&self) -> Range<'_> {
+        self.range::<[u8], _>(..)
+    }
+
+    /// Makes every applied write durable. Crash-safe at every step: the previous checkpoint
+    /// stays valid until the new meta page is on disk.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.usable()?;
+        if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn {
+            return Ok(());
+        }
+        // Reserve room for the free list before changing anything, so a full disk is a plain error.
+        let listed =
+            self.pager.free.len() + self.pager.pending.len() + self.pager.durable_freelist.len();
+        self.pager
+            .reserve((listed.div_ceil(FREELIST_IDS_PER_PAGE) + 1) as u64)?;
+        match self.checkpoint_inner() {
+            Ok(()) => Ok(()),
+            Err(e) => self.poison(e),
+        }
+    }
+
+    fn checkpoint_inner(&mut self) -> Result<()> {
+        let pager = &mut self.pager;
+        // The durable free list's own pages are free once the next checkpoint stands.
+        let old_chain = std::mem::take(&mut pager.durable_freelist);
+        pager.pending.extend(old_chain);
+        let total = pager.free.len() + pager.pending.len();
+        let k = total.div_ceil(FREELIST_IDS_PER_PAGE);
+        let mut chain = Vec::with_capacity(k);
+        for _ in 0..k {
+            // From `free` or past the high-water mark, never from `pending`.
+            chain.push(pager.alloc()?);
+        }
+        let mut ids: Vec<u64> = pager
+            .free
+            .iter()
+            .copied()
+            .chain(pager.pending.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        freelist::write(pager, &chain, &ids);
+
+        // Seal and flush every page written since the last checkpoint.
+        let dirty: Vec<u64> = pager.fresh.iter().collect();
+        for &id in &dirty {
+            page::seal(pager.raw_mut(id));
+        }
+        let runs = coalesce(&dirty);
+        if runs.len() > FLUSH_RUNS_MAX {
+            let start = FIRST_DATA_PAGE * PAGE_SIZE as u64;
+            pager
+                .storage
+                .flush(start, pager.page_count * PAGE_SIZE as u64 - start)?;
+        } else {
+            for (first, n) in runs {
+                pager
+                    .storage
+                    .flush(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+            }
+        }
+        if pager.page_count > self.durable.page_count {
+            pager.storage.sync_len()?;
+        }
+
+        let m = Meta {
+            heap_id: self.durable.heap_id,
+            epoch: self.durable.epoch + 1,
+            root: self.tree.root,
+            depth: self.tree.depth,
+            page_count: pager.page_count,
+            freelist_head: chain.first().copied().unwrap_or(0),
+            freelist_count: ids.len() as u64,
+            entry_count: self.tree.len,
+            checkpoint_lsn: self.applied_lsn,
+        };
+        let slot = Meta::slot(m.epoch);
+        meta::write_meta(pager.raw_mut(slot), &m);
+        pager
+            .storage
+            .flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
+
+        // The new checkpoint stands: pending pages are now unreferenced by any durable state.
+        pager.free.extend(pager.pending.drain(..));
+        pager.fresh.clear_all();
+        pager.durable_freelist = chain;
+        self.durable = m;
+        self.changed = false;
+        Ok(())
+    }
+
+    /// Checkpoints, then moves pages down into free space and shrinks the file.
+    pub fn compact(&mut self) -> Result<CompactStats> {
+        self.usable()?;
+        let before = self.pager.storage.len();
+        self.changed = true;
+        self.checkpoint()?;
+        // After compaction the used pages would fit below `limit`; move every page above it.
+        let used = self.pager.page_count - self.pager.free.len() as u64;
+        let limit = used.max(FIRST_DATA_PAGE);
+        let mut moved = 0;
+        if self.tree.root != 0 {
+            // Each moved page needs one new page; free space below `limit` is at least that.
+            self.pager
+                .reserve(self.pager.page_count.saturating_sub(limit) + 1)?;
+            match self.relocate(self.tree.root, self.tree.depth - 1, limit, &mut moved) {
+                Ok(root) => self.tree.root = root,
+                Err(e) => return self.poison(e),
+            }
+        }
+        self.changed = true;
+        self.checkpoint()?;
+        // Cut the tail of free pages off the high-water mark.
+        let mut count = self.pager.page_count;
+        while count > FIRST_DATA_PAGE && self.pager.free.contains(&(count - 1)) {
+            count -= 1;
+            self.pager.free.remove(&count);
+        }
+        if count < self.pager.page_count {
+            self.pager.page_count = count;
+            self.changed = true;
+            self.checkpoint()?;
+            // The meta page on disk no longer names the cut pages: drop them from the file.
+            let r = self
+                .pager
+                .storage
+                .truncate(self.pager.page_count * PAGE_SIZE as u64)
+                .and_then(|_| self.pager.storage.sync_len());
+            if let Err(e) = r {
+                return self.poison(e);
+            }
+        }
+        Ok(CompactStats {
+            pages_moved: moved,
+            file_bytes_before: before,
+            file_bytes_after: self.pager.storage.len(),
+        })
+    }
+
+    /// Copies every page of the subtree at `id` that lies at or above `limit` to a lower page.
+    /// Returns the subtree's new root page.
+    fn relocate(&mut self, id: u64, level: u32, limit: u64, moved: &mut u64) -> Result<u64> {
+        let (leaf, children) = {
+            let n = btree::node_at(&self.pager, id, level)?;
+            let children: Vec<u64> = if n.is_leaf() {
+                Vec::new()
+            } else {
+                (0..=n.count()).map(|i| n.child(i)).collect::<Result<_>>()?
+            };
+            (n.is_leaf(), children)
+        };
+        let mut cur = id;
+        if id >= limit {
+            cur = self.pager.cow(id)?;
+            *moved += 1;
+        }
+        if leaf {
+            // Overflow chains with any page above the limit are rewritten low.
+            let mut rewrite = Vec::new();
+            {
+                let n = node::Node::parse(cur, self.pager.page(cur)?)?;
+                for i in 0..n.count() {
+                    if let node::LeafValue::Overflow { first, len } = n.value(i)? {
+                        let mut high = false;
+                        overflow::walk(&self.pager, first, len, |pg, _| {
+                            high |= pg >= limit;
+                            Ok(())
+                        })?;
+                        if high {
+                            rewrite.push((i, n.key(i)?.to_vec(), first, len));
+                        }
+                    }
+                }
+            }
+            if !rewrite.is_empty() {
+                cur = self.pager.cow(cur)?;
+            }
+            for (i, key, first, len) in rewrite {
+                let value = overflow::read(&self.pager, first, len)?;
+                let new_first = overflow::write(&mut self.pager, &value)?;
+                overflow::release(&mut self.pager, first, len)?;
+                let mut cell = Vec::new();
+                node::encode_leaf_cell(
+                    &mut cell,
+                    &key,
+                    node::LeafValue::Overflow {
+                        first: new_first,
+                        len,
+                    },
+                );
+                node::overwrite_cell(self.pager.page_mut(cur), i, &cell);
+                *moved += overflow::pages_for(len as usize);
+            }
+            return Ok(cur);
+        }
+        for (i, child) in children.into_iter().enumerate() {
+            let new = self.relocate(child, level - 1, limit, moved)?;
+            if new != child {
+                cur = self.pager.cow(cur)?;
+                node::set_child(self.pager.page_mut(cur), i, new);
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Checkpoints and closes the heap.
+    pub fn close(mut self) -> Result<()> {
+        self.checkpoint()
+    }
+
+    /// Space figures.
+    pub fn stats(&self) -> HeapStats {
+        HeapStats {
+            entries: self.tree.len,
+            depth: self.tree.depth,
+            page_count: self.pager.page_count,
+            free_pages: self.pager.free.len() as u64,
+            pending_pages: self.pager.pending.len() as u64,
+            file_bytes: self.pager.storage.len(),
+            epoch: self.durable.epoch,
+        }
+    }
+
+    /// Walks every reachable page and checks checksums (of pages not written since the last
+    /// checkpoint), node structure, key order and separator bounds, overflow chains, the entry
+    /// count, and that tree, free-list, free and pending pages partition the file.
+    pub fn check_integrity(&self) -> Result<IntegrityReport> {
+        crate::check::check(&self.pager, &self.tree)
+    }
+}
+
+use crate::{node, overflow};
+
+/// Runs of consecutive page ids as (first, count).
+fn coalesce(ids: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &id in ids {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == id => *n += 1,
+            _ => runs.push((id, 1)),
+        }
+    }
+    runs
+}
+
+fn new_heap_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Writes the header and the first meta page into an empty storage and flushes them.
+fn init_storage(storage: &mut dyn Storage, heap_id: u64) -> Result<()> {
+    storage.grow(FIRST_DATA_PAGE * PAGE_SIZE as u64)?;
+    let bytes = storage.bytes_mut();
+    meta::write_header(&mut bytes[..PAGE], heap_id);
+    let m = Meta {
+        heap_id,
+        epoch: 1,
+        root: 0,
+        depth: 0,
+        page_count: FIRST_DATA_PAGE,
+        freelist_head: 0,
+        freelist_count: 0,
+        entry_count: 0,
+        checkpoint_lsn: 0,
+    };
+    let slot = Meta::slot(1) as usize;
+    meta::write_meta(&mut bytes[slot * PAGE..(slot + 1) * PAGE], &m);
+    storage.flush(0, FIRST_DATA_PAGE * PAGE_SIZE as u64)?;
+    storage.sync_len()
+}
+
+/// Creates a new heap file atomically: written and synced under a temporary name, then renamed.
+fn create_file(path: &Path) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".creating");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut s = FileStorage::open(&tmp)?;
+        init_storage(&mut s, new_heap_id())?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    sync_dir(dir)
+}
+
+/// A double-ended iterator over a key range. Yields `(key, value)`; keys are borrowed from the
+/// map, values too unless they live in an overflow chain.
+pub struct Range<'a> {
+    pager: &'a Pager,
+    front: Cursor<'a>,
+    back: Cursor<'a>,
+    pending_err: Option<Error>,
+    done: bool,
+}
+
+/// One entry of a range.
+pub type Entry<'a> = (&'a [u8], Cow<'a, [u8]>);
+
+impl<'a> Range<'a> {
+    fn step(&mut self, forward: bool) -> Option<Result<Entry<'a>>> {
+        if let Some(e) = self.pending_err.take() {
+            self.done = true;
+            return Some(Err(e));
+        }
+        if self.done || !self.front.is_valid() || !self.back.is_valid() {
+            return None;
+        }
+        let r = (|| {
+            let (fk, bk) = (self.front.key()?, self.back.key()?);
+            if fk > bk {
+                return Ok(None);
+            }
+            let c = if forward {
+                &mut self.front
+            } else {
+                &mut self.back
+            };
+            let (k, v) = (c.key()?, c.value()?);
+            if forward {
+                c.next()?
+            } else {
+                c.prev()?
+            }
+            Ok(Some((k, btree::load(self.pager, v)?)))
+        })();
+        match r {
+            Ok(Some(e)) => Some(Ok(e)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl<'a> Iterator for Range<'a> {
+    type Item = Result<Entry<'a>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.step(true)
+    }
+}
+
+impl DoubleEndedIterator for Range<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.step(false)
+    }
+}

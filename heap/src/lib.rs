@@ -1,0 +1,33 @@
+//! heapgrid-heap: the bytes on disk. One `Heap` is one file of fixed-size checksummed pages,
+//! memory-mapped, holding a copy-on-write B+tree of byte keys to byte values, made durable by
+//! shadow-paging checkpoints (two alternating meta pages).
+//!
+//! This crate owns: the file format (see docs/format.md), the storage seam (`storage`), page
+//! allocation, the B+tree, overflow chains, the free list, checkpoints, compaction, and the
+//! integrity checker. It knows nothing of values, feeds, actors or async runtimes.
+//!
+//! Invariant: no tokio, no ractor, no knowledge of what keys and values mean.
+//! Invariant: bytes read from disk are untrusted; a bad page is `Error::Corrupted`, never a panic.
+
+mod batch;
+mod btree;
+mod check;
+mod error;
+mod freelist;
+pub mod group_commit;
+mod heap;
+pub mod limits;
+mod meta;
+mod node;
+mod overflow;
+mod page;
+mod pager;
+pub mod storage;
+pub mod sync;
+
+pub use batch::{BatchOp, WriteBatch};
+pub use error::{Error, Result};
+pub use group_commit::GroupCommit;
+pub use heap::{CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport, Range};
+pub use limits::PAGE_SIZE;
+pub use meta::FORMAT_VERSION;
