@@ -181,6 +181,8 @@ struct SimDiskState {
     space_left: Option<u64>,
     /// Fail every flush from now on.
     fail_flush: bool,
+    /// Let this many more flushes succeed, then fail every later one (a crash mid-checkpoint).
+    flushes_left: Option<u64>,
     flushes: u64,
 }
 
@@ -221,6 +223,10 @@ impl SimDisk {
     /// Makes every later flush fail (an fsync error).
     pub fn set_fail_flush(&self, fail: bool) {
         self.lock().fail_flush = fail;
+    }
+    /// Lets `n` more flushes succeed; every later flush fails and persists nothing.
+    pub fn fail_after_flushes(&self, n: Option<u64>) {
+        self.lock().flushes_left = n;
     }
     /// Flushes performed so far.
     pub fn flushes(&self) -> u64 {
@@ -329,8 +335,14 @@ impl Storage for SimStorage {
     }
     fn flush(&mut self, offset: u64, len: u64) -> Result<()> {
         let mut st = self.disk.lock();
+        if st.flushes_left == Some(0) {
+            st.fail_flush = true;
+        }
         if st.fail_flush {
             return Err(Error::Io(std::io::Error::other("injected fsync failure")));
+        }
+        if let Some(n) = st.flushes_left.as_mut() {
+            *n -= 1;
         }
         st.flushes += 1;
         let end = (offset + len) as usize;

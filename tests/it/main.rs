@@ -1,0 +1,5 @@
+//! heapgrid's integration tests, linked into one binary: they run the real API (and, as the
+//! server lands, the real binary) and crash real processes.
+
+mod heap_kill9;
+mod tidy;
