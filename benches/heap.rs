@@ -1,1 +1,792 @@
-fn main() {}
+//! heapgrid's persistent heap against the two stores a user would otherwise reach for: an
+//! in-memory `BTreeMap` (the ceiling: no persistence at all) and redb (an embedded, crash-safe
+//! copy-on-write B-tree file). Keys are 16 random bytes, values 100 random bytes.
+//!
+//! One run does two things:
+//! - criterion micro benchmarks: one random get (heapgrid, redb, BTreeMap) and one durable batch of
+//!   1000 random puts (heapgrid, redb), on stores holding N keys;
+//! - a one-shot comparison over the full N-key workloads (sequential and random-order batched
+//!   loads, random gets, full scans, file bytes per key, open times), printed as a markdown table
+//!   with the ratio of heapgrid to each baseline, all measured in the same process.
+//!
+//! Select with `HEAPGRID_BENCH`: `compare` (comparison only), `micro` (criterion only), unset or
+//! `all` (both). `HEAPGRID_BENCH_KEYS` overrides N (default 1,000,000; 10,000 under
+//! `cargo test --benches`). `HEAPGRID_BENCH_DIR` sets where the files go (default: `bench-tmp` in
+//! the cargo target directory, so on the build's disk and never on a tmpfs `/tmp`).
+//!
+//! Durability is equal: each heapgrid batch is `Heap::apply` + `Heap::checkpoint` (msync of the
+//! dirty pages, then the meta page), each redb batch is one write transaction committed with
+//! redb's default durability (`Durability::Immediate`, fsync).
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use heapgrid::heap::{Heap, HeapOptions, PAGE_SIZE, WriteBatch};
+use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+const KEY_BYTES: usize = 16;
+const VALUE_BYTES: usize = 100;
+const BATCH: usize = 1000;
+const KEYS_DEFAULT: usize = 1_000_000;
+const KEYS_TEST: usize = 10_000;
+/// Heap opened this many times to average the open time.
+const OPENS: u32 = 20;
+/// Full scans averaged per store (after one warm-up scan).
+const SCANS: u32 = 3;
+/// Gets measured with redb's slower "one read transaction per get" pattern.
+const REDB_TXN_GETS: usize = 200_000;
+const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+
+type Key = [u8; KEY_BYTES];
+type Value = [u8; VALUE_BYTES];
+
+/// splitmix64: a small, good, dependency-free generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let w = self.next().to_le_bytes();
+            chunk.copy_from_slice(&w[..chunk.len()]);
+        }
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// The data set: `keys` are sorted ascending and unique; `values[i]` belongs to `keys[i]`.
+struct Data {
+    keys: Vec<Key>,
+    values: Vec<Value>,
+    /// A random permutation of `0..n`: the order of the random-order load.
+    random_order: Vec<u32>,
+    /// Random indexes (with repetition) of existing keys to get.
+    probes: Vec<u32>,
+}
+
+impl Data {
+    fn new(n: usize, seed: u64) -> Data {
+        let mut rng = Rng(seed);
+        let mut keys: Vec<Key> = (0..n)
+            .map(|_| {
+                let mut k = [0u8; KEY_BYTES];
+                rng.fill(&mut k);
+                k
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        while keys.len() < n {
+            // A 128-bit collision: practically never, but keep n exact.
+            let mut k = [0u8; KEY_BYTES];
+            rng.fill(&mut k);
+            if let Err(at) = keys.binary_search(&k) {
+                keys.insert(at, k);
+            }
+        }
+        let values = (0..n)
+            .map(|_| {
+                let mut v = [0u8; VALUE_BYTES];
+                rng.fill(&mut v);
+                v
+            })
+            .collect();
+        let mut random_order: Vec<u32> = (0..n as u32).collect();
+        rng.shuffle(&mut random_order);
+        let probes = (0..n).map(|_| rng.below(n) as u32).collect();
+        Data {
+            keys,
+            values,
+            random_order,
+            probes,
+        }
+    }
+
+    fn sequential_order(&self) -> Vec<u32> {
+        (0..self.keys.len() as u32).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loads
+
+fn load_heapgrid(path: &Path, data: &Data, order: &[u32]) -> Res<(Heap, Duration)> {
+    let t = Instant::now();
+    let mut heap = Heap::open(path, HeapOptions::default())?;
+    let mut batch = WriteBatch::new();
+    for chunk in order.chunks(BATCH) {
+        batch.clear();
+        for &i in chunk {
+            batch.put(&data.keys[i as usize], &data.values[i as usize])?;
+        }
+        heap.apply(&batch)?;
+        heap.checkpoint()?;
+    }
+    let took = t.elapsed();
+    assert_eq!(heap.len(), order.len() as u64);
+    Ok((heap, took))
+}
+
+fn load_redb(path: &Path, data: &Data, order: &[u32]) -> Res<(Database, Duration)> {
+    let t = Instant::now();
+    let db = Database::create(path)?;
+    for chunk in order.chunks(BATCH) {
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(TABLE)?;
+            for &i in chunk {
+                table.insert(&data.keys[i as usize][..], &data.values[i as usize][..])?;
+            }
+        }
+        txn.commit()?;
+    }
+    let took = t.elapsed();
+    assert_eq!(
+        db.begin_read()?.open_table(TABLE)?.len()?,
+        order.len() as u64
+    );
+    Ok((db, took))
+}
+
+fn load_btree(data: &Data, order: &[u32]) -> (BTreeMap<Vec<u8>, Vec<u8>>, Duration) {
+    let t = Instant::now();
+    let mut map = BTreeMap::new();
+    for &i in order {
+        map.insert(
+            data.keys[i as usize].to_vec(),
+            data.values[i as usize].to_vec(),
+        );
+    }
+    let took = t.elapsed();
+    assert_eq!(map.len(), order.len());
+    (map, took)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+fn gets_heapgrid(heap: &Heap, data: &Data, probes: &[u32]) -> Res<Duration> {
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    for &i in probes {
+        bytes += heap
+            .get_ref(&data.keys[i as usize])?
+            .ok_or("missing")?
+            .len();
+    }
+    let took = t.elapsed();
+    assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
+    Ok(took)
+}
+
+/// One read transaction and table handle for all gets: redb's fastest read path.
+fn gets_redb(db: &Database, data: &Data, probes: &[u32]) -> Res<Duration> {
+    let t = Instant::now();
+    let txn = db.begin_read()?;
+    let table = txn.open_table(TABLE)?;
+    let mut bytes = 0usize;
+    for &i in probes {
+        bytes += table
+            .get(&data.keys[i as usize][..])?
+            .ok_or("missing")?
+            .value()
+            .len();
+    }
+    let took = t.elapsed();
+    assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
+    Ok(took)
+}
+
+/// A read transaction per get: what a request handler that does one lookup per call would do.
+fn gets_redb_txn_each(db: &Database, data: &Data, probes: &[u32]) -> Res<Duration> {
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    for &i in probes {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(TABLE)?;
+        bytes += table
+            .get(&data.keys[i as usize][..])?
+            .ok_or("missing")?
+            .value()
+            .len();
+    }
+    let took = t.elapsed();
+    assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
+    Ok(took)
+}
+
+fn gets_btree(map: &BTreeMap<Vec<u8>, Vec<u8>>, data: &Data, probes: &[u32]) -> Res<Duration> {
+    let t = Instant::now();
+    let mut bytes = 0usize;
+    for &i in probes {
+        bytes += map.get(&data.keys[i as usize][..]).ok_or("missing")?.len();
+    }
+    let took = t.elapsed();
+    assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
+    Ok(took)
+}
+
+fn scan_heapgrid(heap: &Heap, n: usize) -> Res<Duration> {
+    let t = Instant::now();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for e in heap.iter() {
+        let (k, v) = e?;
+        count += 1;
+        bytes += k.len() + v.len();
+    }
+    let took = t.elapsed();
+    assert_eq!(
+        (count, black_box(bytes)),
+        (n, n * (KEY_BYTES + VALUE_BYTES))
+    );
+    Ok(took)
+}
+
+fn scan_redb(db: &Database, n: usize) -> Res<Duration> {
+    let t = Instant::now();
+    let txn = db.begin_read()?;
+    let table = txn.open_table(TABLE)?;
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for e in table.range::<&[u8]>(..)? {
+        let (k, v) = e?;
+        count += 1;
+        bytes += k.value().len() + v.value().len();
+    }
+    let took = t.elapsed();
+    assert_eq!(
+        (count, black_box(bytes)),
+        (n, n * (KEY_BYTES + VALUE_BYTES))
+    );
+    Ok(took)
+}
+
+fn scan_btree(map: &BTreeMap<Vec<u8>, Vec<u8>>, n: usize) -> Duration {
+    let t = Instant::now();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    for (k, v) in map {
+        count += 1;
+        bytes += k.len() + v.len();
+    }
+    let took = t.elapsed();
+    assert_eq!(
+        (count, black_box(bytes)),
+        (n, n * (KEY_BYTES + VALUE_BYTES))
+    );
+    took
+}
+
+/// Average, minimum and maximum time of `Heap::open` of the closed heap at `path`.
+fn open_times_heapgrid(path: &Path) -> Res<(Duration, Duration, Duration)> {
+    let mut times = Vec::new();
+    for _ in 0..OPENS {
+        let t = Instant::now();
+        let heap = Heap::open(path, HeapOptions::default())?;
+        times.push(t.elapsed());
+        black_box(heap.len());
+        // Dropped before the next open: the heap holds an exclusive lock on its file.
+        drop(heap);
+    }
+    let sum: Duration = times.iter().sum();
+    let min = *times.iter().min().ok_or("no opens")?;
+    let max = *times.iter().max().ok_or("no opens")?;
+    Ok((sum / OPENS, min, max))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where the files go
+
+fn bench_base_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HEAPGRID_BENCH_DIR") {
+        return d.into();
+    }
+    // The executable is <target>/<profile>/deps/heap-<hash>: a directory under <target> is on
+    // the build's disk. `std::env::temp_dir()` may be a tmpfs, where msync and fsync are free and
+    // the durability cost this benchmark measures would vanish.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.join("bench-tmp")))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// File-system type of the mount holding `dir` (Linux; "unknown" elsewhere).
+fn fs_type(dir: &Path) -> String {
+    let Ok(dir) = dir.canonicalize() else {
+        return "unknown".into();
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return "unknown".into();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, mnt, ty) = (f.next()?, f.next()?, f.next()?);
+            dir.starts_with(mnt).then(|| (mnt.len(), ty.to_string()))
+        })
+        .max()
+        .map_or_else(|| "unknown".into(), |(_, ty)| ty)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stores for the micro benchmarks
+
+struct Stores {
+    heap: Heap,
+    db: Database,
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one-shot comparison
+
+struct Report {
+    n: usize,
+    dir: PathBuf,
+    fs: String,
+    // Throughputs in operations per second.
+    seq_put: [f64; 3],
+    rand_put: [f64; 3],
+    get: [f64; 3],
+    get_redb_txn_each: f64,
+    scan: [f64; 3],
+    first_scan: [f64; 2],
+    hg_file_bytes: u64,
+    hg_page_bytes: u64,
+    hg_stats: String,
+    hg_compacted_bytes: u64,
+    redb_file_bytes: u64,
+    redb_compacted_bytes: u64,
+    open_1m: (Duration, Duration, Duration),
+    open_100k: (Duration, Duration, Duration),
+    open_100k_keys: usize,
+    redb_open: Duration,
+    total: Duration,
+}
+
+fn per_sec(ops: usize, d: Duration) -> f64 {
+    ops as f64 / d.as_secs_f64()
+}
+
+fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
+    let t_all = Instant::now();
+    let n = data.keys.len();
+    let seq = data.sequential_order();
+    let rand = &data.random_order;
+
+    // 1. Sequential batched puts (each store built from empty, then dropped).
+    eprintln!("compare: sequential load of {n} keys");
+    let (heap, hg) = load_heapgrid(&dir.join("seq.heap"), data, &seq)?;
+    heap.close()?;
+    let (db, rd) = load_redb(&dir.join("seq.redb"), data, &seq)?;
+    drop(db);
+    let (map, bt) = load_btree(data, &seq);
+    drop(map);
+    let seq_put = [per_sec(n, hg), per_sec(n, rd), per_sec(n, bt)];
+    std::fs::remove_file(dir.join("seq.heap"))?;
+    std::fs::remove_file(dir.join("seq.redb"))?;
+
+    // 2. Random-order batched puts; these stores serve every later measurement.
+    eprintln!("compare: random-order load of {n} keys");
+    let heap_path = dir.join("rand.heap");
+    let redb_path = dir.join("rand.redb");
+    let (heap, hg) = load_heapgrid(&heap_path, data, rand)?;
+    let (db, rd) = load_redb(&redb_path, data, rand)?;
+    let (map, bt) = load_btree(data, rand);
+    let rand_put = [per_sec(n, hg), per_sec(n, rd), per_sec(n, bt)];
+
+    // 5. Space after the random load.
+    let st = heap.stats();
+    let hg_file_bytes = st.file_bytes;
+    let hg_page_bytes = st.page_count * PAGE_SIZE as u64;
+    let hg_stats = format!("{st:?}");
+    heap.close()?;
+    drop(db);
+    let redb_file_bytes = std::fs::metadata(&redb_path)?.len();
+
+    // 6. Open times of the closed heaps; redb's for reference.
+    eprintln!("compare: open times");
+    let open_1m = open_times_heapgrid(&heap_path)?;
+    let small = (n / 10).max(1);
+    let small_path = dir.join("small.heap");
+    let (small_heap, _) = load_heapgrid(&small_path, data, &rand[..small])?;
+    small_heap.close()?;
+    let open_100k = open_times_heapgrid(&small_path)?;
+    std::fs::remove_file(&small_path)?;
+    let t = Instant::now();
+    let db = Database::open(&redb_path)?;
+    let redb_open = t.elapsed();
+
+    // 3 and 4. Reads on the reopened stores. The first scan after open is timed on its own: it
+    // verifies heapgrid's page checksums and fills redb's cache; later reads are warm.
+    eprintln!("compare: scans and gets");
+    let heap = Heap::open(&heap_path, HeapOptions::default())?;
+    let first_scan = [
+        per_sec(n, scan_heapgrid(&heap, n)?),
+        per_sec(n, scan_redb(&db, n)?),
+    ];
+    scan_btree(&map, n);
+    let mut scan_t = [Duration::ZERO; 3];
+    for _ in 0..SCANS {
+        scan_t[0] += scan_heapgrid(&heap, n)?;
+        scan_t[1] += scan_redb(&db, n)?;
+        scan_t[2] += scan_btree(&map, n);
+    }
+    let scans = n * SCANS as usize;
+    let scan = scan_t.map(|d| per_sec(scans, d));
+    let probes = &data.probes;
+    let get = [
+        per_sec(probes.len(), gets_heapgrid(&heap, data, probes)?),
+        per_sec(probes.len(), gets_redb(&db, data, probes)?),
+        per_sec(probes.len(), gets_btree(&map, data, probes)?),
+    ];
+    let few = &probes[..REDB_TXN_GETS.min(probes.len())];
+    let get_redb_txn_each = per_sec(few.len(), gets_redb_txn_each(&db, data, few)?);
+
+    // Compaction last (it rewrites both files), in copies so the micro benchmarks get the
+    // stores exactly as loaded.
+    eprintln!("compare: compaction");
+    let heap_copy = dir.join("compact.heap");
+    let redb_copy = dir.join("compact.redb");
+    std::fs::copy(&heap_path, &heap_copy)?;
+    std::fs::copy(&redb_path, &redb_copy)?;
+    let mut h = Heap::open(&heap_copy, HeapOptions::default())?;
+    let hg_compacted_bytes = h.compact()?.file_bytes_after;
+    h.close()?;
+    let mut d = Database::open(&redb_copy)?;
+    while d.compact()? {}
+    drop(d);
+    let redb_compacted_bytes = std::fs::metadata(&redb_copy)?.len();
+    std::fs::remove_file(&heap_copy)?;
+    std::fs::remove_file(&redb_copy)?;
+
+    let report = Report {
+        n,
+        dir: dir.to_path_buf(),
+        fs: fs_type(dir),
+        seq_put,
+        rand_put,
+        get,
+        get_redb_txn_each,
+        scan,
+        first_scan,
+        hg_file_bytes,
+        hg_page_bytes,
+        hg_stats,
+        hg_compacted_bytes,
+        redb_file_bytes,
+        redb_compacted_bytes,
+        open_1m,
+        open_100k,
+        open_100k_keys: small,
+        redb_open,
+        total: t_all.elapsed(),
+    };
+    Ok((report, Stores { heap, db, map }))
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2} M/s", r / 1e6)
+    } else {
+        format!("{:.1} k/s", r / 1e3)
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+impl Report {
+    fn print(&self) {
+        let n = self.n as f64;
+        let keys = if self.n == KEYS_DEFAULT {
+            "1M".to_string()
+        } else {
+            self.n.to_string()
+        };
+        println!();
+        println!(
+            "## heapgrid heap vs redb vs BTreeMap: {} keys of {KEY_BYTES} B, values of {VALUE_BYTES} B",
+            self.n
+        );
+        println!("files in {} ({})", self.dir.display(), self.fs);
+        println!();
+        println!(
+            "| workload ({keys} keys) | heapgrid | redb | BTreeMap | heapgrid / redb | heapgrid / BTreeMap |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        let row = |name: &str, r: [f64; 3]| {
+            println!(
+                "| {name} | {} | {} | {} | {:.2}x | {:.2}x |",
+                fmt_rate(r[0]),
+                fmt_rate(r[1]),
+                fmt_rate(r[2]),
+                r[0] / r[1],
+                r[0] / r[2]
+            );
+        };
+        row("sequential put, batches of 1000 (keys/s)", self.seq_put);
+        row("random-order put, batches of 1000 (keys/s)", self.rand_put);
+        row("random get (gets/s)", self.get);
+        println!(
+            "| random get, redb read txn per get (gets/s) | {} | {} | | {:.2}x | |",
+            fmt_rate(self.get[0]),
+            fmt_rate(self.get_redb_txn_each),
+            self.get[0] / self.get_redb_txn_each
+        );
+        row("full scan in key order, warm (keys/s)", self.scan);
+        println!(
+            "| first full scan after open (keys/s) | {} | {} | | {:.2}x | |",
+            fmt_rate(self.first_scan[0]),
+            fmt_rate(self.first_scan[1]),
+            self.first_scan[0] / self.first_scan[1]
+        );
+        println!(
+            "| file bytes per key after random load | {:.1} | {:.1} | | {:.2}x | |",
+            self.hg_file_bytes as f64 / n,
+            self.redb_file_bytes as f64 / n,
+            self.hg_file_bytes as f64 / self.redb_file_bytes as f64
+        );
+        println!(
+            "| page_count x 4096 per key after random load | {:.1} | | | | |",
+            self.hg_page_bytes as f64 / n
+        );
+        println!(
+            "| file bytes per key after compaction | {:.1} | {:.1} | | {:.2}x | |",
+            self.hg_compacted_bytes as f64 / n,
+            self.redb_compacted_bytes as f64 / n,
+            self.hg_compacted_bytes as f64 / self.redb_compacted_bytes as f64
+        );
+        println!(
+            "| open, {} keys (avg of {OPENS}; min / max) | {} ({} / {}) | {} (one open) | | | |",
+            self.n,
+            ms(self.open_1m.0),
+            ms(self.open_1m.1),
+            ms(self.open_1m.2),
+            ms(self.redb_open)
+        );
+        println!(
+            "| open, {} keys (avg of {OPENS}; min / max) | {} ({} / {}) | | | | |",
+            self.open_100k_keys,
+            ms(self.open_100k.0),
+            ms(self.open_100k.1),
+            ms(self.open_100k.2)
+        );
+        println!();
+        println!("heapgrid stats after the random load: {}", self.hg_stats);
+        println!();
+        println!("Goals:");
+        let get_ratio = self.get[0] / self.get[1];
+        println!(
+            "- random get >= 1.0x redb: {get_ratio:.2}x -> {}",
+            verdict(get_ratio >= 1.0)
+        );
+        let (sr, rr) = (
+            self.seq_put[0] / self.seq_put[1],
+            self.rand_put[0] / self.rand_put[1],
+        );
+        println!(
+            "- batched put >= 2x redb: sequential {sr:.2}x -> {}, random-order {rr:.2}x -> {}",
+            verdict(sr >= 2.0),
+            verdict(rr >= 2.0)
+        );
+        let (fb, pb) = (self.hg_file_bytes as f64 / n, self.hg_page_bytes as f64 / n);
+        println!(
+            "- file bytes per key <= 140: file_bytes {fb:.1} -> {}, page_count x 4096 {pb:.1} -> {}",
+            verdict(fb <= 140.0),
+            verdict(pb <= 140.0)
+        );
+        let (big, small) = (self.open_1m.0, self.open_100k.0);
+        println!(
+            "- open <= 50 ms: {} -> {}; flat in size: {} keys {} vs {} keys {} ({:.2}x)",
+            ms(big),
+            verdict(big <= Duration::from_millis(50)),
+            self.n,
+            ms(big),
+            self.open_100k_keys,
+            ms(small),
+            big.as_secs_f64() / small.as_secs_f64()
+        );
+        println!("comparison took {:.1} s", self.total.as_secs_f64());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Criterion micro benchmarks
+
+fn micro(c: &mut Criterion, data: &Data, stores: &mut Stores) {
+    let keys = &data.keys;
+    let probes = &data.probes;
+
+    let mut g = c.benchmark_group("random_get");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("heapgrid", |b| {
+        b.iter(|| {
+            i = (i + 1) % probes.len();
+            let k = &keys[probes[i] as usize];
+            black_box(stores.heap.get_ref(black_box(k)).unwrap().map(|v| v.len()))
+        })
+    });
+    let txn = stores.db.begin_read().unwrap();
+    let table = txn.open_table(TABLE).unwrap();
+    g.bench_function("redb", |b| {
+        b.iter(|| {
+            i = (i + 1) % probes.len();
+            let k = &keys[probes[i] as usize][..];
+            black_box(table.get(black_box(k)).unwrap().map(|v| v.value().len()))
+        })
+    });
+    drop(table);
+    drop(txn);
+    g.bench_function("btreemap", |b| {
+        b.iter(|| {
+            i = (i + 1) % probes.len();
+            let k = &keys[probes[i] as usize][..];
+            black_box(stores.map.get(black_box(k)).map(Vec::len))
+        })
+    });
+    g.finish();
+
+    // New random keys (a fresh seed: practically never one of the loaded keys), each batch
+    // durable. The stores grow by 1000 keys per iteration while this runs.
+    let mut g = c.benchmark_group("random_put_batch_1000");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.sampling_mode(SamplingMode::Flat);
+    let mut rng = Rng(0x05EE_D0FB_A7C4);
+    let value = data.values[0];
+    let mut fresh_keys = move |out: &mut Vec<Key>| {
+        out.clear();
+        for _ in 0..BATCH {
+            let mut k = [0u8; KEY_BYTES];
+            rng.fill(&mut k);
+            out.push(k);
+        }
+    };
+    let mut batch_keys = Vec::with_capacity(BATCH);
+    let mut batch = WriteBatch::new();
+    g.bench_function("heapgrid", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                fresh_keys(&mut batch_keys);
+                let t = Instant::now();
+                batch.clear();
+                for k in &batch_keys {
+                    batch.put(k, &value).unwrap();
+                }
+                stores.heap.apply(&batch).unwrap();
+                stores.heap.checkpoint().unwrap();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.bench_function("redb", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                fresh_keys(&mut batch_keys);
+                let t = Instant::now();
+                let txn = stores.db.begin_write().unwrap();
+                {
+                    let mut table = txn.open_table(TABLE).unwrap();
+                    for k in &batch_keys {
+                        table.insert(&k[..], &value[..]).unwrap();
+                    }
+                }
+                txn.commit().unwrap();
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    // As criterion decides: `cargo bench` passes --bench; `cargo test --benches` does not.
+    let bench_mode = has("--bench") && !has("--test");
+    let listing = has("--list");
+    let which = std::env::var("HEAPGRID_BENCH").unwrap_or_else(|_| "all".into());
+    let (mut run_compare, run_micro) = match which.as_str() {
+        "compare" => (true, false),
+        "micro" => (false, true),
+        "all" | "" => (true, true),
+        other => return Err(format!("HEAPGRID_BENCH={other}: use compare, micro or all").into()),
+    };
+    let mut n = match std::env::var("HEAPGRID_BENCH_KEYS") {
+        Ok(s) => s.parse()?,
+        Err(_) if bench_mode => KEYS_DEFAULT,
+        Err(_) => KEYS_TEST,
+    };
+    if listing {
+        // Criterion only prints the benchmark names; build the smallest stores that satisfy it.
+        run_compare = false;
+        n = BATCH;
+    }
+    if n < BATCH {
+        return Err(format!("HEAPGRID_BENCH_KEYS={n}: need at least {BATCH}").into());
+    }
+
+    let mut criterion = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    let base = bench_base_dir();
+    std::fs::create_dir_all(&base)?;
+    let dir = tempfile::Builder::new().prefix("heap-").tempdir_in(&base)?;
+    eprintln!(
+        "heapgrid bench: {n} keys, files in {} ({}), HEAPGRID_BENCH={which}",
+        dir.path().display(),
+        fs_type(dir.path())
+    );
+    let data = Data::new(n, 0x4EA9_6121_D000_0001);
+
+    let (report, mut stores) = if run_compare {
+        let (r, s) = compare(&data, dir.path())?;
+        (Some(r), s)
+    } else {
+        let (heap, _) = load_heapgrid(&dir.path().join("rand.heap"), &data, &data.random_order)?;
+        let (db, _) = load_redb(&dir.path().join("rand.redb"), &data, &data.random_order)?;
+        let (map, _) = load_btree(&data, &data.random_order);
+        (None, Stores { heap, db, map })
+    };
+    if run_micro {
+        micro(&mut criterion, &data, &mut stores);
+        criterion.final_summary();
+    }
+    // Last, so the table is the end of the output.
+    if let Some(r) = &report {
+        r.print();
+    }
+    Ok(())
+}

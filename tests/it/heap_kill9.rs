@@ -104,10 +104,10 @@ fn kill9_during_checkpoints_leaves_a_checkpointed_state() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if let Ok(c) = line.trim().parse::<u64>() {
-                    if tx.send(c).is_err() {
-                        break;
-                    }
+                if let Ok(c) = line.trim().parse::<u64>()
+                    && tx.send(c).is_err()
+                {
+                    break;
                 }
             }
         });
