@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use heapgrid::heap::{Heap, HeapOptions, WriteBatch};
 
 #[derive(Parser)]
-#[command(
-    name = "heapgrid",
-    version,
-    about = "An actor-based data grid on a persistent paged heap"
-)]
+#[command(name = "heapgrid", version, about = "An actor-based data grid on a persistent paged heap")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,12 +48,7 @@ fn demo(dir: PathBuf, keys: u32) -> Result<(), Box<dyn std::error::Error>> {
     let path = dir.join("demo.heap");
     let t = Instant::now();
     let mut heap = Heap::open(&path, HeapOptions::default())?;
-    println!(
-        "opened {} with {} keys in {:?}",
-        path.display(),
-        heap.len(),
-        t.elapsed()
-    );
+    println!("opened {} with {} keys in {:?}", path.display(), heap.len(), t.elapsed());
     let t = Instant::now();
     let mut batch = WriteBatch::new();
     for i in 0..keys {
@@ -76,22 +67,13 @@ fn demo(dir: PathBuf, keys: u32) -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     for i in 0..keys {
         let k = format!("user:{i:08}");
-        heap.get(k.as_bytes())?
-            .ok_or_else(|| format!("{k} missing"))?;
+        heap.get(k.as_bytes())?.ok_or_else(|| format!("{k} missing"))?;
     }
     println!("read {keys} keys back in {:?}", t.elapsed());
     let first: Vec<String> = heap
         .range(b"user:00000042".as_slice()..)
         .take(3)
-        .map(|e| {
-            e.map(|(k, v)| {
-                format!(
-                    "{} = {}",
-                    String::from_utf8_lossy(k),
-                    String::from_utf8_lossy(&v)
-                )
-            })
-        })
+        .map(|e| e.map(|(k, v)| format!("{} = {}", String::from_utf8_lossy(k), String::from_utf8_lossy(&v))))
         .collect::<Result<_, _>>()?;
     println!("range from user:00000042: {first:?}");
     let r = heap.check_integrity()?;

@@ -78,11 +78,7 @@ impl WriteBatch {
         }
         let bytes = (self.buf.len() + extra) as u64;
         if bytes > BATCH_BYTES_MAX {
-            return Err(Error::LimitExceeded {
-                what: "batch bytes",
-                got: bytes,
-                max: BATCH_BYTES_MAX,
-            });
+            return Err(Error::LimitExceeded { what: "batch bytes", got: bytes, max: BATCH_BYTES_MAX });
         }
         Ok(())
     }
@@ -93,10 +89,8 @@ impl WriteBatch {
         check_value(value)?;
         self.check_room(9 + key.len() + value.len())?;
         self.buf.push(TAG_PUT);
-        self.buf
-            .extend_from_slice(&(key.len() as u32).to_le_bytes());
-        self.buf
-            .extend_from_slice(&(value.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(key);
         self.buf.extend_from_slice(value);
         self.ops += 1;
@@ -108,8 +102,7 @@ impl WriteBatch {
         check_key(key)?;
         self.check_room(5 + key.len())?;
         self.buf.push(TAG_DELETE);
-        self.buf
-            .extend_from_slice(&(key.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(key);
         self.ops += 1;
         Ok(self)
@@ -151,10 +144,7 @@ impl WriteBatch {
                 });
             }
         }
-        Ok(WriteBatch {
-            buf: bytes.to_vec(),
-            ops,
-        })
+        Ok(WriteBatch { buf: bytes.to_vec(), ops })
     }
 
     /// The operations in order.
@@ -191,9 +181,7 @@ fn decode_one<'a>(b: &mut &'a [u8]) -> Result<BatchOp<'a>> {
             let value = take(b, vlen)?;
             Ok(BatchOp::Put { key, value })
         }
-        TAG_DELETE => Ok(BatchOp::Delete {
-            key: take(b, klen)?,
-        }),
+        TAG_DELETE => Ok(BatchOp::Delete { key: take(b, klen)? }),
         _ => Err(malformed("unknown operation tag")),
     }
 }
@@ -221,21 +209,9 @@ mod tests {
         let again = WriteBatch::from_bytes(b.as_bytes()).unwrap();
         assert_eq!(again, b);
         let ops: Vec<_> = again.iter().collect();
-        assert_eq!(
-            ops,
-            vec![
-                BatchOp::Put {
-                    key: b"k",
-                    value: b"v"
-                },
-                BatchOp::Delete { key: b"x" }
-            ]
-        );
+        assert_eq!(ops, vec![BatchOp::Put { key: b"k", value: b"v" }, BatchOp::Delete { key: b"x" }]);
         let long = vec![0u8; KEY_BYTES_MAX as usize + 1];
-        assert!(matches!(
-            b.put(&long, b""),
-            Err(Error::LimitExceeded { .. })
-        ));
+        assert!(matches!(b.put(&long, b""), Err(Error::LimitExceeded { .. })));
         assert!(b.put(&long[1..], b"").is_ok(), "a key at the limit is fine");
         assert_eq!(b.len(), 3);
     }

@@ -16,8 +16,8 @@ use std::ops::Bound;
 use crate::error::{Result, corrupt};
 use crate::limits::{PAGE, TREE_DEPTH_MAX};
 use crate::node::{
-    self, BODY_BYTES, LeafValue, Node, SLOT_BYTES, encode_branch_cell, encode_leaf_cell,
-    leaf_cell_key, leaf_cell_value, value_inline,
+    self, BODY_BYTES, LeafValue, Node, SLOT_BYTES, encode_branch_cell, encode_leaf_cell, leaf_cell_key,
+    leaf_cell_value, value_inline,
 };
 use crate::overflow;
 use crate::pager::Pager;
@@ -111,35 +111,19 @@ fn cow_path(pager: &mut Pager, t: &mut TreeRoot, key: &[u8]) -> Result<(Vec<(u64
 }
 
 /// Inserts or replaces `key`. Returns true if it replaced an existing value.
-pub(crate) fn insert(
-    pager: &mut Pager,
-    t: &mut TreeRoot,
-    key: &[u8],
-    value: &[u8],
-) -> Result<bool> {
+pub(crate) fn insert(pager: &mut Pager, t: &mut TreeRoot, key: &[u8], value: &[u8]) -> Result<bool> {
     let mut cell = Vec::with_capacity(node::LEAF_CELL_HEADER + key.len() + value.len().min(PAGE));
     if value_inline(key.len(), value.len()) {
         encode_leaf_cell(&mut cell, key, LeafValue::Inline(value));
     } else {
         let first = overflow::write(pager, value)?;
-        encode_leaf_cell(
-            &mut cell,
-            key,
-            LeafValue::Overflow {
-                first,
-                len: value.len() as u32,
-            },
-        );
+        encode_leaf_cell(&mut cell, key, LeafValue::Overflow { first, len: value.len() as u32 });
     }
 
     if t.root == 0 {
         let id = pager.alloc()?;
         node::build(pager.page_mut(id), true, 0, 0, [cell.as_slice()]);
-        *t = TreeRoot {
-            root: id,
-            depth: 1,
-            len: 1,
-        };
+        *t = TreeRoot { root: id, depth: 1, len: 1 };
         return Ok(false);
     }
 
@@ -210,20 +194,8 @@ fn split_and_insert(
             (k.to_vec(), c, &cells[m + 1..])
         };
         let leftmost = crate::page::get_u64(&copy, crate::page::OFF_LINK);
-        node::build(
-            pager.page_mut(page),
-            leaf,
-            level as u8,
-            leftmost,
-            cells[..m].iter().copied(),
-        );
-        node::build(
-            pager.page_mut(right),
-            leaf,
-            level as u8,
-            right_leftmost,
-            right_cells.iter().copied(),
-        );
+        node::build(pager.page_mut(page), leaf, level as u8, leftmost, cells[..m].iter().copied());
+        node::build(pager.page_mut(right), leaf, level as u8, right_leftmost, right_cells.iter().copied());
 
         let mut up = Vec::with_capacity(node::BRANCH_CELL_HEADER + sep.len());
         encode_branch_cell(&mut up, &sep, right);
@@ -233,13 +205,7 @@ fn split_and_insert(
                 // The root split: grow the tree by one level.
                 assert!(t.depth < TREE_DEPTH_MAX, "tree depth limit reached");
                 let root = pager.alloc()?;
-                node::build(
-                    pager.page_mut(root),
-                    false,
-                    level as u8,
-                    page,
-                    [up.as_slice()],
-                );
+                node::build(pager.page_mut(root), false, level as u8, page, [up.as_slice()]);
                 t.root = root;
                 t.depth += 1;
                 return Ok(());
@@ -281,12 +247,7 @@ pub(crate) fn delete(pager: &mut Pager, t: &mut TreeRoot, key: &[u8]) -> Result<
 
 /// Restores fill after a delete left `cur` underfull: merge with a sibling when both fit in one
 /// page, else redistribute evenly, walking up while parents become underfull.
-fn rebalance(
-    pager: &mut Pager,
-    t: &mut TreeRoot,
-    path: &mut Vec<(u64, usize)>,
-    mut cur: u64,
-) -> Result<()> {
+fn rebalance(pager: &mut Pager, t: &mut TreeRoot, path: &mut Vec<(u64, usize)>, mut cur: u64) -> Result<()> {
     loop {
         let n = Node::parse(cur, pager.page(cur)?)?;
         let Some(&(parent, ci)) = path.last() else {
@@ -314,11 +275,7 @@ fn rebalance(
             cur = parent;
             continue;
         }
-        let (li, ri) = if ci < p.count() {
-            (ci, ci + 1)
-        } else {
-            (ci - 1, ci)
-        };
+        let (li, ri) = if ci < p.count() { (ci, ci + 1) } else { (ci - 1, ci) };
         let sep_cell = p.cell(li)?.to_vec();
         let (sep_key, _) = node::branch_cell_parts(&sep_cell);
         let (l_old, r_old) = (p.child(li)?, p.child(ri)?);
@@ -355,13 +312,7 @@ fn rebalance(
         let total: usize = sizes.iter().sum();
         let l_leftmost = if leaf { 0 } else { ln.child(0)? };
         if total <= BODY_BYTES {
-            node::build(
-                pager.page_mut(l),
-                leaf,
-                level,
-                l_leftmost,
-                cells.iter().copied(),
-            );
+            node::build(pager.page_mut(l), leaf, level, l_leftmost, cells.iter().copied());
             pager.release(r);
             node::remove_cell(pager.page_mut(parent), li, sep_cell.len());
             cur = parent;
@@ -384,26 +335,11 @@ fn rebalance(
         let pp = pager.page_mut(parent);
         node::remove_cell(pp, li, sep_cell.len());
         if !node::insert_cell(pp, li, &new_sep_cell) {
-            assert!(
-                node::insert_cell(pp, li, &sep_cell),
-                "the old separator fits where it was"
-            );
+            assert!(node::insert_cell(pp, li, &sep_cell), "the old separator fits where it was");
             return Ok(());
         }
-        node::build(
-            pager.page_mut(l),
-            leaf,
-            level,
-            l_leftmost,
-            cells[..m].iter().copied(),
-        );
-        node::build(
-            pager.page_mut(r),
-            leaf,
-            level,
-            r_leftmost,
-            r_cells.iter().copied(),
-        );
+        node::build(pager.page_mut(l), leaf, level, l_leftmost, cells[..m].iter().copied());
+        node::build(pager.page_mut(r), leaf, level, r_leftmost, r_cells.iter().copied());
         return Ok(());
     }
 }
@@ -424,12 +360,7 @@ enum Edge {
 
 impl<'a> Cursor<'a> {
     pub(crate) fn new(pager: &'a Pager, t: TreeRoot) -> Self {
-        Cursor {
-            pager,
-            t,
-            stack: Vec::with_capacity(t.depth as usize),
-            valid: false,
-        }
+        Cursor { pager, t, stack: Vec::with_capacity(t.depth as usize), valid: false }
     }
 
     pub(crate) fn is_valid(&self) -> bool {

@@ -35,13 +35,7 @@ impl<'a> Walk<'a> {
     }
 
     /// Checks the subtree at `id`, whose keys must lie in `[lo, hi)`.
-    fn node(
-        &mut self,
-        id: u64,
-        level: u32,
-        lo: Option<&'a [u8]>,
-        hi: Option<&'a [u8]>,
-    ) -> Result<()> {
+    fn node(&mut self, id: u64, level: u32, lo: Option<&'a [u8]>, hi: Option<&'a [u8]>) -> Result<()> {
         self.visit(id)?;
         let n = node_at(self.pager, id, level)?;
         self.report.tree_pages += 1;
@@ -86,11 +80,7 @@ impl<'a> Walk<'a> {
 }
 
 pub(crate) fn check(pager: &Pager, tree: &TreeRoot) -> Result<IntegrityReport> {
-    let mut w = Walk {
-        pager,
-        seen: PageBits::default(),
-        report: IntegrityReport::default(),
-    };
+    let mut w = Walk { pager, seen: PageBits::default(), report: IntegrityReport::default() };
     if tree.root != 0 {
         w.node(tree.root, tree.depth - 1, None, None)?;
     }

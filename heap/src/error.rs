@@ -17,11 +17,7 @@ pub enum Error {
     Format(String),
     /// A named limit was exceeded by a caller's input.
     #[error("{what} is {got}, the limit is {max}")]
-    LimitExceeded {
-        what: &'static str,
-        got: u64,
-        max: u64,
-    },
+    LimitExceeded { what: &'static str, got: u64, max: u64 },
     /// The device has no space left for the file to grow.
     #[error("no space left on device while growing the heap to {wanted_bytes} bytes")]
     DiskFull { wanted_bytes: u64 },
@@ -42,10 +38,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn corrupted(page: u64, reason: impl Into<String>) -> Self {
-        Error::Corrupted {
-            page,
-            reason: reason.into(),
-        }
+        Error::Corrupted { page, reason: reason.into() }
     }
 
     /// True for `Corrupted` errors.

@@ -25,10 +25,7 @@ pub(crate) const FREELIST_IDS_PER_PAGE: usize = (PAGE - HEADER_BYTES) / 8;
 
 /// Writes `ids` into the (fresh) pages `chain`, which must have room for them.
 pub(crate) fn write(pager: &mut Pager, chain: &[u64], ids: &[u64]) {
-    assert!(
-        chain.len() * FREELIST_IDS_PER_PAGE >= ids.len(),
-        "free list chain too short"
-    );
+    assert!(chain.len() * FREELIST_IDS_PER_PAGE >= ids.len(), "free list chain too short");
     let mut chunks = ids.chunks(FREELIST_IDS_PER_PAGE);
     for (i, &pg) in chain.iter().enumerate() {
         let chunk = chunks.next().unwrap_or(&[]);
@@ -79,10 +76,7 @@ pub(crate) fn read(
         id = get_u64(p, OFF_LINK);
     }
     if free.len() as u64 != count {
-        return corrupt(
-            head,
-            "free list holds a different number of ids than the meta says",
-        );
+        return corrupt(head, "free list holds a different number of ids than the meta says");
     }
     if chain.iter().any(|c| free.contains(c)) {
         return corrupt(head, "free-list page lists itself as free");

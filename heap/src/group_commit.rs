@@ -1,6 +1,6 @@
 //! Group commit: many committers, one fsync per group, no dedicated thread.
 //!
-//! A committer appends its op-log record (write(2)), calls `written(lsn)`, then
+//! A committer appends its op-log record (write(2)), calls `record_written(lsn)`, then
 //! `wait_durable(lsn, sync)`. The first waiter that finds no sync running becomes the leader: it
 //! notes the highest written LSN, runs `sync` (one fsync) outside the lock, publishes that LSN as
 //! durable and wakes everyone; the others sleep until an LSN at least theirs is durable. A leader
@@ -37,13 +37,7 @@ impl GroupCommit {
     /// A group whose records up to `durable` are already durable.
     pub fn new(durable: u64) -> Self {
         GroupCommit {
-            state: Mutex::new(State {
-                written: durable,
-                durable,
-                syncing: false,
-                failed: None,
-                syncs: 0,
-            }),
+            state: Mutex::new(State { written: durable, durable, syncing: false, failed: None, syncs: 0 }),
             cond: Condvar::new(),
         }
     }
@@ -52,12 +46,33 @@ impl GroupCommit {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// `Err(Poisoned)` once a sync has failed.
+    pub fn check(&self) -> Result<()> {
+        match &self.lock().failed {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Highest LSN recorded as written.
+    pub fn written_lsn(&self) -> u64 {
+        self.lock().written
+    }
+
     /// Records that every record up to `lsn` has been written (not yet synced).
-    pub fn written(&self, lsn: u64) {
+    pub fn record_written(&self, lsn: u64) {
         let mut st = self.lock();
         if lsn > st.written {
             st.written = lsn;
         }
+    }
+
+    /// Fails the group: every present and future waiter gets `Error::Poisoned(why)`.
+    pub fn fail(&self, why: String) {
+        let mut st = self.lock();
+        st.failed.get_or_insert(why);
+        drop(st);
+        self.cond.notify_all();
     }
 
     /// Records that everything written is durable without a sync (e.g. the fsync policy
@@ -88,10 +103,7 @@ impl GroupCommit {
     {
         let mut sync = Some(sync);
         let mut st = self.lock();
-        assert!(
-            lsn <= st.written,
-            "waiting for LSN {lsn} before it was written"
-        );
+        assert!(lsn <= st.written, "waiting for LSN {lsn} before it was written");
         loop {
             if let Some(why) = &st.failed {
                 return Err(Error::Poisoned(why.clone()));
@@ -134,15 +146,14 @@ mod tests {
         let written = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {
-                let (gc, log, synced, written) =
-                    (gc.clone(), log.clone(), synced.clone(), written.clone());
+                let (gc, log, synced, written) = (gc.clone(), log.clone(), synced.clone(), written.clone());
                 std::thread::spawn(move || {
                     for _ in 0..200 {
                         let lsn = {
                             let mut g = log.lock().unwrap();
                             *g += 1;
                             written.store(*g, Ordering::SeqCst);
-                            gc.written(*g);
+                            gc.record_written(*g);
                             *g
                         };
                         let d = gc
@@ -167,15 +178,9 @@ mod tests {
     #[test]
     fn failed_sync_fails_every_waiter() {
         let gc = GroupCommit::new(0);
-        gc.written(1);
-        assert!(
-            gc.wait_durable(1, || Err(std::io::Error::other("EIO")))
-                .is_err()
-        );
-        gc.written(2);
-        assert!(matches!(
-            gc.wait_durable(2, || Ok(())),
-            Err(Error::Poisoned(_))
-        ));
+        gc.record_written(1);
+        assert!(gc.wait_durable(1, || Err(std::io::Error::other("EIO"))).is_err());
+        gc.record_written(2);
+        assert!(matches!(gc.wait_durable(2, || Ok(())), Err(Error::Poisoned(_))));
     }
 }

@@ -20,9 +20,11 @@ use crate::error::{Error, Result, corrupt};
 use crate::freelist::{self, FREELIST_IDS_PER_PAGE};
 use crate::limits::{FILE_BYTES_MAX, PAGE, PAGE_SIZE};
 use crate::meta::{self, FIRST_DATA_PAGE, HEADER_PAGE, Meta};
+use crate::oplog::{Durability, FileLogDir, FsyncPolicy, LogDir, OpLog, ReplayReport};
 use crate::page;
 use crate::pager::Pager;
 use crate::storage::{FileStorage, Storage, sync_dir};
+use std::sync::Arc;
 
 /// Most pages a batch reserves up front. A batch whose worst case is larger reserves this much;
 /// if the disk then fills mid-batch the heap is poisoned rather than half-applied.
@@ -35,13 +37,16 @@ const FLUSH_RUNS_MAX: usize = 256;
 pub struct HeapOptions {
     /// The file never grows past this many bytes (`Error::HeapFull`).
     pub max_file_bytes: u64,
+    /// Keep an op log next to the heap file (`Heap::open`), so committed batches are durable
+    /// between checkpoints. Without it only `checkpoint` makes writes durable.
+    pub op_log: bool,
+    /// When the op log is fsynced.
+    pub fsync: FsyncPolicy,
 }
 
 impl Default for HeapOptions {
     fn default() -> Self {
-        HeapOptions {
-            max_file_bytes: FILE_BYTES_MAX,
-        }
+        HeapOptions { max_file_bytes: FILE_BYTES_MAX, op_log: true, fsync: FsyncPolicy::default() }
     }
 }
 
@@ -87,6 +92,8 @@ pub struct Heap {
     applied_lsn: u64,
     changed: bool,
     poisoned: Option<String>,
+    log: Option<OpLog>,
+    replay: ReplayReport,
 }
 
 impl Heap {
@@ -96,11 +103,43 @@ impl Heap {
         if !path.exists() {
             create_file(path)?;
         }
-        Heap::open_storage(Box::new(FileStorage::open(path)?), opts)
+        let log: Option<Arc<dyn LogDir>> =
+            if opts.op_log { Some(Arc::new(FileLogDir::for_heap(path))) } else { None };
+        Heap::open_parts(Box::new(FileStorage::open(path)?), log, opts)
     }
 
-    /// Opens a heap over any storage; an empty storage is initialised as a new heap.
-    pub fn open_storage(mut storage: Box<dyn Storage>, opts: HeapOptions) -> Result<Heap> {
+    /// Opens a heap over any storage, without an op log; an empty storage becomes a new heap.
+    pub fn open_storage(storage: Box<dyn Storage>, opts: HeapOptions) -> Result<Heap> {
+        Heap::open_parts(storage, None, opts)
+    }
+
+    /// Opens a heap over any storage and, if given, any op-log directory, replaying the log's
+    /// records above the checkpoint.
+    pub fn open_parts(
+        storage: Box<dyn Storage>,
+        log: Option<Arc<dyn LogDir>>,
+        opts: HeapOptions,
+    ) -> Result<Heap> {
+        let mut heap = Heap::open_pages(storage, &opts)?;
+        if let Some(dir) = log {
+            let (log, report) = OpLog::open(
+                dir,
+                heap.durable.heap_id,
+                opts.fsync,
+                heap.durable.checkpoint_lsn,
+                |lsn, batch| {
+                    heap.apply_batch(batch)?;
+                    heap.applied_lsn = lsn;
+                    Ok(())
+                },
+            )?;
+            heap.log = Some(log);
+            heap.replay = report;
+        }
+        Ok(heap)
+    }
+
+    fn open_pages(mut storage: Box<dyn Storage>, opts: &HeapOptions) -> Result<Heap> {
         if storage.is_empty() {
             init_storage(storage.as_mut(), new_heap_id())?;
         }
@@ -138,22 +177,39 @@ impl Heap {
         };
         let max_pages = (opts.max_file_bytes / PAGE_SIZE as u64).max(m.page_count);
         let mut pager = Pager::new(storage, m.page_count, max_pages);
-        let (free, chain) =
-            freelist::read(&pager, m.freelist_head, m.freelist_count, m.page_count)?;
+        let (free, chain) = freelist::read(&pager, m.freelist_head, m.freelist_count, m.page_count)?;
         pager.free = free;
         pager.durable_freelist = chain;
         Ok(Heap {
             pager,
-            tree: TreeRoot {
-                root: m.root,
-                depth: m.depth,
-                len: m.entry_count,
-            },
+            tree: TreeRoot { root: m.root, depth: m.depth, len: m.entry_count },
             durable: m,
             applied_lsn: m.checkpoint_lsn,
             changed: false,
             poisoned: None,
+            log: None,
+            replay: ReplayReport::default(),
         })
+    }
+
+    /// What recovery replayed from the op log when this heap was opened.
+    pub fn replay_report(&self) -> ReplayReport {
+        self.replay
+    }
+
+    /// A handle to wait for durability of committed LSNs (`None` without an op log).
+    pub fn durability(&self) -> Option<Durability> {
+        self.log.as_ref().map(OpLog::durability)
+    }
+
+    /// LSN of the last committed batch (0 before any, or without an op log).
+    pub fn last_lsn(&self) -> u64 {
+        self.log.as_ref().map_or(self.applied_lsn, OpLog::last_lsn)
+    }
+
+    /// Op-log segment files currently kept.
+    pub fn log_segments(&self) -> usize {
+        self.log.as_ref().map_or(0, OpLog::segment_count)
     }
 
     fn usable(&self) -> Result<()> {
@@ -199,13 +255,17 @@ impl Heap {
         self.tree.len == 0
     }
 
-    /// Inserts or replaces one key.
+    /// Inserts or replaces one key. With an op log this is a one-operation batch.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.usable()?;
         check_key(key)?;
         check_value(value)?;
-        self.pager
-            .reserve(btree::put_pages_max(&self.tree, value.len()))?;
+        if self.log.is_some() {
+            let mut b = WriteBatch::new();
+            b.put(key, value)?;
+            return self.apply(&b).map(|_| ());
+        }
+        self.pager.reserve(btree::put_pages_max(&self.tree, value.len()))?;
         self.changed = true;
         match btree::insert(&mut self.pager, &mut self.tree, key, value) {
             Ok(_) => Ok(()),
@@ -213,10 +273,18 @@ impl Heap {
         }
     }
 
-    /// Deletes one key; returns whether it was present.
+    /// Deletes one key; returns whether it was present. A missing key logs nothing.
     pub fn delete(&mut self, key: &[u8]) -> Result<bool> {
         self.usable()?;
         check_key(key)?;
+        if self.log.is_some() {
+            if !self.contains(key)? {
+                return Ok(false);
+            }
+            let mut b = WriteBatch::new();
+            b.delete(key)?;
+            return self.apply(&b).map(|_| true);
+        }
         self.pager.reserve(btree::delete_pages_max(&self.tree))?;
         match btree::delete(&mut self.pager, &mut self.tree, key) {
             Ok(found) => {
@@ -227,9 +295,24 @@ impl Heap {
         }
     }
 
-    /// Applies every operation of `batch`, in order, as one unit.
-    pub fn apply(&mut self, batch: &WriteBatch) -> Result<()> {
+    /// Commits every operation of `batch`, in order, as one unit: first appended to the op log
+    /// (if any) with write(2), then applied. Returns the batch's LSN (0 without an op log). Under
+    /// `FsyncPolicy::Always` the caller acknowledges only after `durability().wait(lsn)`.
+    pub fn apply(&mut self, batch: &WriteBatch) -> Result<u64> {
         self.usable()?;
+        self.reserve_for(batch)?;
+        let lsn = match self.log.as_mut() {
+            Some(log) => log.append(batch)?,
+            None => self.applied_lsn,
+        };
+        if let Err(e) = self.apply_reserved(batch) {
+            return self.poison(e);
+        }
+        self.applied_lsn = lsn;
+        Ok(lsn)
+    }
+
+    fn reserve_for(&mut self, batch: &WriteBatch) -> Result<()> {
         let worst: u64 = batch
             .iter()
             .map(|op| match op {
@@ -237,29 +320,28 @@ impl Heap {
                 BatchOp::Delete { .. } => btree::delete_pages_max(&self.tree),
             })
             .sum();
-        self.pager.reserve(worst.min(BATCH_RESERVE_PAGES_MAX))?;
+        self.pager.reserve(worst.min(BATCH_RESERVE_PAGES_MAX))
+    }
+
+    /// Applies a batch that is already logged (or needs no log).
+    fn apply_batch(&mut self, batch: &WriteBatch) -> Result<()> {
+        self.reserve_for(batch)?;
+        self.apply_reserved(batch)
+    }
+
+    fn apply_reserved(&mut self, batch: &WriteBatch) -> Result<()> {
         self.changed = true;
         for op in batch.iter() {
-            let r = match op {
+            match op {
                 BatchOp::Put { key, value } => {
-                    btree::insert(&mut self.pager, &mut self.tree, key, value).map(|_| ())
+                    btree::insert(&mut self.pager, &mut self.tree, key, value)?;
                 }
                 BatchOp::Delete { key } => {
-                    btree::delete(&mut self.pager, &mut self.tree, key).map(|_| ())
+                    btree::delete(&mut self.pager, &mut self.tree, key)?;
                 }
-            };
-            if let Err(e) = r {
-                return self.poison(e);
             }
         }
         Ok(())
-    }
-
-    /// Records that the state now includes every op-log record up to `lsn`; the next checkpoint
-    /// stores it so recovery replays only later records.
-    pub fn set_applied_lsn(&mut self, lsn: u64) {
-        debug_assert!(lsn >= self.applied_lsn);
-        self.applied_lsn = lsn;
     }
 
     /// LSN recorded by the last durable checkpoint.
@@ -286,13 +368,7 @@ impl Heap {
                 .and_then(|_| back.seek_upper(as_bytes(range.end_bound())))
                 .err();
         }
-        Range {
-            pager: &self.pager,
-            front,
-            back,
-            pending_err,
-            done: false,
-        }
+        Range { pager: &self.pager, front, back, pending_err, done: false }
     }
 
     /// All entries in key order.
@@ -308,14 +384,21 @@ impl Heap {
             return Ok(());
         }
         // Reserve room for the free list before changing anything, so a full disk is a plain error.
-        let listed =
-            self.pager.free.len() + self.pager.pending.len() + self.pager.durable_freelist.len();
-        self.pager
-            .reserve((listed.div_ceil(FREELIST_IDS_PER_PAGE) + 1) as u64)?;
-        match self.checkpoint_inner() {
-            Ok(()) => Ok(()),
-            Err(e) => self.poison(e),
+        let listed = self.pager.free.len() + self.pager.pending.len() + self.pager.durable_freelist.len();
+        self.pager.reserve((listed.div_ceil(FREELIST_IDS_PER_PAGE) + 1) as u64)?;
+        let previous_lsn = self.durable.checkpoint_lsn;
+        let r = match self.log.as_mut() {
+            Some(log) => log.rotate(),
+            None => Ok(()),
+        };
+        if let Err(e) = r.and_then(|_| self.checkpoint_inner()) {
+            return self.poison(e);
         }
+        // Keep the log back to the previous checkpoint: open may fall back to it.
+        if let Some(log) = self.log.as_mut() {
+            log.retire(previous_lsn)?;
+        }
+        Ok(())
     }
 
     fn checkpoint_inner(&mut self) -> Result<()> {
@@ -330,12 +413,7 @@ impl Heap {
             // From `free` or past the high-water mark, never from `pending`.
             chain.push(pager.alloc()?);
         }
-        let mut ids: Vec<u64> = pager
-            .free
-            .iter()
-            .copied()
-            .chain(pager.pending.iter().copied())
-            .collect();
+        let mut ids: Vec<u64> = pager.free.iter().copied().chain(pager.pending.iter().copied()).collect();
         ids.sort_unstable();
         freelist::write(pager, &chain, &ids);
 
@@ -347,14 +425,10 @@ impl Heap {
         let runs = coalesce(&dirty);
         if runs.len() > FLUSH_RUNS_MAX {
             let start = FIRST_DATA_PAGE * PAGE_SIZE as u64;
-            pager
-                .storage
-                .flush(start, pager.page_count * PAGE_SIZE as u64 - start)?;
+            pager.storage.flush(start, pager.page_count * PAGE_SIZE as u64 - start)?;
         } else {
             for (first, n) in runs {
-                pager
-                    .storage
-                    .flush(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
+                pager.storage.flush(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
             }
         }
         if pager.page_count > self.durable.page_count {
@@ -374,9 +448,7 @@ impl Heap {
         };
         let slot = Meta::slot(m.epoch);
         meta::write_meta(pager.raw_mut(slot), &m);
-        pager
-            .storage
-            .flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
+        pager.storage.flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
 
         // The new checkpoint stands: pending pages are now unreferenced by any durable state.
         pager.free.extend(pager.pending.drain(..));
@@ -399,8 +471,7 @@ impl Heap {
         let mut moved = 0;
         if self.tree.root != 0 {
             // Each moved page needs one new page; free space below `limit` is at least that.
-            self.pager
-                .reserve(self.pager.page_count.saturating_sub(limit) + 1)?;
+            self.pager.reserve(self.pager.page_count.saturating_sub(limit) + 1)?;
             match self.relocate(self.tree.root, self.tree.depth - 1, limit, &mut moved) {
                 Ok(root) => self.tree.root = root,
                 Err(e) => return self.poison(e),
@@ -478,14 +549,7 @@ impl Heap {
                 let new_first = overflow::write(&mut self.pager, &value)?;
                 overflow::release(&mut self.pager, first, len)?;
                 let mut cell = Vec::new();
-                node::encode_leaf_cell(
-                    &mut cell,
-                    &key,
-                    node::LeafValue::Overflow {
-                        first: new_first,
-                        len,
-                    },
-                );
+                node::encode_leaf_cell(&mut cell, &key, node::LeafValue::Overflow { first: new_first, len });
                 node::overwrite_cell(self.pager.page_mut(cur), i, &cell);
                 *moved += overflow::pages_for(len as usize);
             }
@@ -545,9 +609,7 @@ fn new_heap_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
     );
     h.write_u32(std::process::id());
     h.finish()
@@ -586,10 +648,7 @@ fn create_file(path: &Path) -> Result<()> {
         init_storage(&mut s, new_heap_id())?;
     }
     std::fs::rename(&tmp, path)?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     sync_dir(dir)
 }
 
@@ -620,11 +679,7 @@ impl<'a> Range<'a> {
             if fk > bk {
                 return Ok(None);
             }
-            let c = if forward {
-                &mut self.front
-            } else {
-                &mut self.back
-            };
+            let c = if forward { &mut self.front } else { &mut self.back };
             let (k, v) = (c.key()?, c.value()?);
             if forward {
                 c.next()?

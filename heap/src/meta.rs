@@ -102,15 +102,11 @@ fn check_common(page_id: u64, p: &[u8], want: PageKind) -> Result<u64> {
     let kind = page::verify(page_id, p)?;
     let version = get_u32(p, OFF_VERSION);
     if version != FORMAT_VERSION {
-        return Err(Error::Format(format!(
-            "format version {version}, this build reads {FORMAT_VERSION}"
-        )));
+        return Err(Error::Format(format!("format version {version}, this build reads {FORMAT_VERSION}")));
     }
     let ps = get_u32(p, OFF_PAGE_SIZE);
     if ps != PAGE_SIZE {
-        return Err(Error::Format(format!(
-            "page size {ps}, this build uses {PAGE_SIZE}"
-        )));
+        return Err(Error::Format(format!("page size {ps}, this build uses {PAGE_SIZE}")));
     }
     if kind != want {
         return corrupt(page_id, "wrong page kind");
@@ -205,10 +201,7 @@ mod tests {
         write_meta(&mut p, &sample());
         assert!(read_meta(1, &p, 42, 10).is_err(), "epoch 5 lives in slot 2");
         assert!(read_meta(2, &p, 43, 10).is_err(), "other heap");
-        assert!(
-            read_meta(2, &p, 42, 9).is_err(),
-            "page count beyond the file"
-        );
+        assert!(read_meta(2, &p, 42, 9).is_err(), "page count beyond the file");
     }
 
     #[test]

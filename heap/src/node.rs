@@ -35,8 +35,8 @@ use std::cmp::Ordering;
 use crate::error::{Result, corrupt};
 use crate::limits::{KEY_BYTES_MAX, PAGE};
 use crate::page::{
-    HEADER_BYTES, OFF_CELL_START, OFF_COUNT, OFF_FRAG, OFF_KIND, OFF_LEVEL, OFF_LINK, PageKind,
-    get_u16, get_u32, get_u64, put_u16, put_u64,
+    HEADER_BYTES, OFF_CELL_START, OFF_COUNT, OFF_FRAG, OFF_KIND, OFF_LEVEL, OFF_LINK, PageKind, get_u16,
+    get_u32, get_u64, put_u16, put_u64,
 };
 
 pub(crate) const SLOT_BYTES: usize = 2;
@@ -110,17 +110,10 @@ impl<'a> Node<'a> {
         }
         let count = get_u16(p, OFF_COUNT) as usize;
         let cell_start = get_u16(p, OFF_CELL_START) as usize;
-        if count > COUNT_MAX || HEADER_BYTES + count * SLOT_BYTES > cell_start || cell_start > PAGE
-        {
+        if count > COUNT_MAX || HEADER_BYTES + count * SLOT_BYTES > cell_start || cell_start > PAGE {
             return corrupt(id, "node header out of range");
         }
-        Ok(Node {
-            id,
-            p,
-            count,
-            leaf,
-            level,
-        })
+        Ok(Node { id, p, count, leaf, level })
     }
 
     pub(crate) fn count(&self) -> usize {
@@ -136,11 +129,7 @@ impl<'a> Node<'a> {
     fn cell_off(&self, i: usize) -> Result<usize> {
         debug_assert!(i < self.count);
         let off = get_u16(self.p, HEADER_BYTES + i * SLOT_BYTES) as usize;
-        let hdr = if self.leaf {
-            LEAF_CELL_HEADER
-        } else {
-            BRANCH_CELL_HEADER
-        };
+        let hdr = if self.leaf { LEAF_CELL_HEADER } else { BRANCH_CELL_HEADER };
         if off < HEADER_BYTES + self.count * SLOT_BYTES || off + hdr > PAGE {
             return corrupt(self.id, "cell offset out of range");
         }
@@ -153,11 +142,7 @@ impl<'a> Node<'a> {
         let klen = get_u16(self.p, off) as usize;
         let len = if self.leaf {
             let w = get_u32(self.p, off + 2);
-            let body = if w & OVERFLOW_FLAG != 0 {
-                8
-            } else {
-                w as usize
-            };
+            let body = if w & OVERFLOW_FLAG != 0 { 8 } else { w as usize };
             LEAF_CELL_HEADER + klen + body
         } else {
             BRANCH_CELL_HEADER + klen
@@ -171,11 +156,7 @@ impl<'a> Node<'a> {
     pub(crate) fn key(&self, i: usize) -> Result<&'a [u8]> {
         let c = self.cell(i)?;
         let klen = get_u16(c, 0) as usize;
-        let h = if self.leaf {
-            LEAF_CELL_HEADER
-        } else {
-            BRANCH_CELL_HEADER
-        };
+        let h = if self.leaf { LEAF_CELL_HEADER } else { BRANCH_CELL_HEADER };
         Ok(&c[h..h + klen])
     }
 
@@ -188,11 +169,7 @@ impl<'a> Node<'a> {
     /// Child `i`, for `i` in `0..=count`.
     pub(crate) fn child(&self, i: usize) -> Result<u64> {
         debug_assert!(!self.leaf && i <= self.count);
-        if i == 0 {
-            Ok(get_u64(self.p, OFF_LINK))
-        } else {
-            Ok(get_u64(self.cell(i - 1)?, 2))
-        }
+        if i == 0 { Ok(get_u64(self.p, OFF_LINK)) } else { Ok(get_u64(self.cell(i - 1)?, 2)) }
     }
 
     /// Leaf search: `Ok(i)` if key `i` equals `key`, else `Err(insertion point)`.
@@ -214,11 +191,7 @@ impl<'a> Node<'a> {
         let (mut lo, mut hi) = (0, self.count);
         while lo < hi {
             let mid = (lo + hi) / 2;
-            if self.key(mid)? <= key {
-                lo = mid + 1
-            } else {
-                hi = mid
-            }
+            if self.key(mid)? <= key { lo = mid + 1 } else { hi = mid }
         }
         Ok(lo)
     }
@@ -235,10 +208,7 @@ pub(crate) fn leaf_cell_value(c: &[u8]) -> LeafValue<'_> {
     let w = get_u32(c, 2);
     let at = LEAF_CELL_HEADER + klen;
     if w & OVERFLOW_FLAG != 0 {
-        LeafValue::Overflow {
-            first: get_u64(c, at),
-            len: w & !OVERFLOW_FLAG,
-        }
+        LeafValue::Overflow { first: get_u64(c, at), len: w & !OVERFLOW_FLAG }
     } else {
         LeafValue::Inline(&c[at..at + w as usize])
     }
@@ -253,10 +223,7 @@ pub(crate) fn leaf_cell_key(c: &[u8]) -> &[u8] {
 /// Key and child of a branch cell (bounds already checked).
 pub(crate) fn branch_cell_parts(c: &[u8]) -> (&[u8], u64) {
     let klen = get_u16(c, 0) as usize;
-    (
-        &c[BRANCH_CELL_HEADER..BRANCH_CELL_HEADER + klen],
-        get_u64(c, 2),
-    )
+    (&c[BRANCH_CELL_HEADER..BRANCH_CELL_HEADER + klen], get_u64(c, 2))
 }
 
 /// Contiguous free bytes between the slot array and the cell area.
@@ -269,11 +236,7 @@ pub(crate) fn free_space(p: &[u8]) -> usize {
 pub(crate) fn init(p: &mut [u8], leaf: bool, level: u8, leftmost: u64) {
     debug_assert_eq!(leaf, level == 0);
     p[..HEADER_BYTES].fill(0);
-    p[OFF_KIND] = if leaf {
-        PageKind::Leaf as u8
-    } else {
-        PageKind::Branch as u8
-    };
+    p[OFF_KIND] = if leaf { PageKind::Leaf as u8 } else { PageKind::Branch as u8 };
     p[OFF_LEVEL] = level;
     put_u16(p, OFF_CELL_START, PAGE as u16);
     put_u64(p, OFF_LINK, leftmost);
@@ -296,10 +259,7 @@ pub(crate) fn build<'c>(
         put_u16(p, HEADER_BYTES + n * SLOT_BYTES, end as u16);
         n += 1;
     }
-    assert!(
-        HEADER_BYTES + n * SLOT_BYTES <= end,
-        "node overfilled by build"
-    );
+    assert!(HEADER_BYTES + n * SLOT_BYTES <= end, "node overfilled by build");
     put_u16(p, OFF_COUNT, n as u16);
     put_u16(p, OFF_CELL_START, end as u16);
 }
@@ -374,10 +334,7 @@ fn defragment(p: &mut [u8]) {
 pub(crate) fn split_point(sizes: &[usize], branch: bool, append: bool) -> usize {
     let n = sizes.len();
     let total: usize = sizes.iter().sum();
-    assert!(
-        n >= 2 + branch as usize,
-        "splitting a node with too few cells"
-    );
+    assert!(n >= 2 + branch as usize, "splitting a node with too few cells");
     let fits = |m: usize| {
         let left: usize = sizes[..m].iter().sum();
         let right = total - left - if branch { sizes[m] } else { 0 };
@@ -402,8 +359,7 @@ pub(crate) fn split_point(sizes: &[usize], branch: bool, append: bool) -> usize 
             }
         }
     }
-    best.expect("a node with one extra cell always has a valid split")
-        .0
+    best.expect("a node with one extra cell always has a valid split").0
 }
 
 #[cfg(test)]

@@ -14,9 +14,7 @@
 
 use crate::error::{Result, corrupt};
 use crate::limits::PAGE;
-use crate::page::{
-    HEADER_BYTES, OFF_KIND, OFF_LINK, OFF_USED, PageKind, get_u32, get_u64, put_u32, put_u64,
-};
+use crate::page::{HEADER_BYTES, OFF_KIND, OFF_LINK, OFF_USED, PageKind, get_u32, get_u64, put_u32, put_u64};
 use crate::pager::Pager;
 
 /// Payload bytes per overflow page.

@@ -103,10 +103,7 @@ impl Pager {
 
     /// A page allocated since the last checkpoint, for writing in place.
     pub(crate) fn page_mut(&mut self, id: u64) -> &mut [u8] {
-        assert!(
-            self.fresh.get(id),
-            "writing page {id}, which belongs to the durable checkpoint"
-        );
+        assert!(self.fresh.get(id), "writing page {id}, which belongs to the durable checkpoint");
         self.raw_mut(id)
     }
 
@@ -116,9 +113,7 @@ impl Pager {
         let new_pages = n.saturating_sub(from_free);
         let want = self.page_count + new_pages;
         if want > self.max_pages {
-            return Err(Error::HeapFull {
-                max_bytes: self.max_pages * PAGE_SIZE as u64,
-            });
+            return Err(Error::HeapFull { max_bytes: self.max_pages * PAGE_SIZE as u64 });
         }
         self.ensure_len(want)
     }
@@ -145,9 +140,7 @@ impl Pager {
             Some(id) => id,
             None => {
                 if self.page_count >= self.max_pages {
-                    return Err(Error::HeapFull {
-                        max_bytes: self.max_pages * PAGE_SIZE as u64,
-                    });
+                    return Err(Error::HeapFull { max_bytes: self.max_pages * PAGE_SIZE as u64 });
                 }
                 self.ensure_len(self.page_count + 1)?;
                 self.page_count += 1;
@@ -180,10 +173,7 @@ impl Pager {
         self.page(id)?;
         let new = self.alloc()?;
         let bytes = self.storage.bytes_mut();
-        bytes.copy_within(
-            id as usize * PAGE..(id as usize + 1) * PAGE,
-            new as usize * PAGE,
-        );
+        bytes.copy_within(id as usize * PAGE..(id as usize + 1) * PAGE, new as usize * PAGE);
         self.release(id);
         Ok(new)
     }

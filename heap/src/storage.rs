@@ -52,12 +52,7 @@ impl FileStorage {
     /// Opens (creating if missing) the file at `path` and maps its current length.
     /// Takes an exclusive advisory lock so two processes never write one heap.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         // SAFETY: flock on a valid fd has no memory-safety preconditions.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -65,11 +60,7 @@ impl FileStorage {
             return Err(Error::Locked(format!("{}: {err}", path.display())));
         }
         let len = file.metadata()?.len();
-        let mut s = FileStorage {
-            file,
-            map: None,
-            len,
-        };
+        let mut s = FileStorage { file, map: None, len };
         s.remap()?;
         Ok(s)
     }
@@ -79,11 +70,7 @@ impl FileStorage {
         if self.len > 0 {
             // SAFETY: the file is ours alone (exclusive flock) and its blocks are reserved, so the
             // mapping is never truncated under us and stores cannot fault for lack of space.
-            let map = unsafe {
-                MmapOptions::new()
-                    .len(self.len as usize)
-                    .map_mut(&self.file)?
-            };
+            let map = unsafe { MmapOptions::new().len(self.len as usize).map_mut(&self.file)? };
             self.map = Some(map);
         }
         Ok(())
@@ -106,21 +93,16 @@ impl Storage for FileStorage {
         }
         let extra = (new_len - self.len) as libc::off_t;
         // SAFETY: plain syscall on a valid fd.
-        let rc =
-            unsafe { libc::posix_fallocate(self.file.as_raw_fd(), self.len as libc::off_t, extra) };
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), self.len as libc::off_t, extra) };
         match rc {
             0 => {}
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => {
-                return Err(Error::DiskFull {
-                    wanted_bytes: new_len,
-                });
+                return Err(Error::DiskFull { wanted_bytes: new_len });
             }
             libc::EOPNOTSUPP | libc::EINVAL => {
                 // The file system cannot reserve: write zeros so the blocks exist before mapping.
                 write_zeros(&self.file, self.len, new_len).map_err(|e| match e.raw_os_error() {
-                    Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::DiskFull {
-                        wanted_bytes: new_len,
-                    },
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::DiskFull { wanted_bytes: new_len },
                     _ => Error::Io(e),
                 })?;
             }
@@ -200,10 +182,7 @@ impl SimDisk {
     /// A storage over this disk whose live image starts as the durable image.
     pub fn storage(&self) -> SimStorage {
         let live = self.lock().durable.clone();
-        SimStorage {
-            live,
-            disk: self.clone(),
-        }
+        SimStorage { live, disk: self.clone() }
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, SimDiskState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -315,9 +294,7 @@ impl Storage for SimStorage {
         let mut st = self.disk.lock();
         if let Some(left) = st.space_left {
             if new_len - cur > left {
-                return Err(Error::DiskFull {
-                    wanted_bytes: new_len,
-                });
+                return Err(Error::DiskFull { wanted_bytes: new_len });
             }
             st.space_left = Some(left - (new_len - cur));
         }
@@ -381,10 +358,7 @@ mod tests {
         let (old, new, torn) = disk.crash(7, 4096);
         assert_eq!(old + new + torn, 1);
         let d = disk.durable();
-        assert!(
-            d[..4096].iter().all(|&b| b == 1),
-            "flushed page survives intact"
-        );
+        assert!(d[..4096].iter().all(|&b| b == 1), "flushed page survives intact");
     }
 
     #[test]

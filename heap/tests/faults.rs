@@ -10,16 +10,11 @@ use heapgrid_heap::{Error, Heap, HeapOptions, PAGE_SIZE, WriteBatch};
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 
 fn open(disk: &SimDisk) -> Result<Heap, Error> {
-    Heap::open_storage(
-        Box::new(disk.storage()) as Box<dyn Storage>,
-        HeapOptions::default(),
-    )
+    Heap::open_storage(Box::new(disk.storage()) as Box<dyn Storage>, HeapOptions::default())
 }
 
 fn contents(h: &Heap) -> Result<Model, Error> {
-    h.iter()
-        .map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())))
-        .collect()
+    h.iter().map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned()))).collect()
 }
 
 /// Writes `n` keys starting at `from`, some with overflow values.
@@ -27,11 +22,7 @@ fn fill(h: &mut Heap, model: &mut Model, from: u32, n: u32) {
     let mut b = WriteBatch::new();
     for i in from..from + n {
         let k = format!("k{:06}", i * 37 % 100_000).into_bytes();
-        let len = if i % 50 == 0 {
-            9000
-        } else {
-            60 + (i % 90) as usize
-        };
+        let len = if i % 50 == 0 { 9000 } else { 60 + (i % 90) as usize };
         let v = vec![(i % 251) as u8; len];
         b.put(&k, &v).unwrap();
         model.insert(k, v);
@@ -74,10 +65,7 @@ fn crash_at_every_flush_of_a_checkpoint() {
             if r.is_ok() {
                 assert!(got == new, "cut {cut}: completed checkpoint lost");
             } else {
-                assert!(
-                    got == old || got == new,
-                    "cut {cut}: state is neither checkpoint"
-                );
+                assert!(got == old || got == new, "cut {cut}: state is neither checkpoint");
             }
         }
     }
@@ -126,10 +114,7 @@ fn full_disk_is_a_typed_error_and_loses_nothing() {
             }
         }
     }
-    assert!(
-        matches!(refused, Some(Error::DiskFull { .. })),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Some(Error::DiskFull { .. })), "{refused:?}");
     // The heap is still usable: reads work, and the model matches exactly.
     assert!(contents(&h).unwrap() == model);
     h.check_integrity().unwrap();
@@ -143,9 +128,7 @@ fn full_disk_is_a_typed_error_and_loses_nothing() {
 #[test]
 fn max_file_bytes_is_heap_full() {
     let disk = SimDisk::new();
-    let opts = HeapOptions {
-        max_file_bytes: 64 * PAGE_SIZE as u64,
-    };
+    let opts = HeapOptions { max_file_bytes: 64 * PAGE_SIZE as u64, ..HeapOptions::default() };
     let mut h = Heap::open_storage(Box::new(disk.storage()) as Box<dyn Storage>, opts).unwrap();
     let mut n = 0u32;
     let err = loop {
@@ -168,32 +151,14 @@ fn limits_at_and_one_past() {
     let key_over = vec![b'k'; KEY_BYTES_MAX as usize + 1];
     h.put(&key_max, b"v").unwrap();
     assert_eq!(h.get(&key_max).unwrap().as_deref(), Some(&b"v"[..]));
-    assert!(matches!(
-        h.put(&key_over, b"v"),
-        Err(Error::LimitExceeded {
-            what: "key bytes",
-            ..
-        })
-    ));
-    assert!(matches!(
-        h.delete(&key_over),
-        Err(Error::LimitExceeded { .. })
-    ));
+    assert!(matches!(h.put(&key_over, b"v"), Err(Error::LimitExceeded { what: "key bytes", .. })));
+    assert!(matches!(h.delete(&key_over), Err(Error::LimitExceeded { .. })));
 
     let value_max = vec![7u8; VALUE_BYTES_MAX as usize];
     h.put(b"big", &value_max).unwrap();
-    assert_eq!(
-        h.get(b"big").unwrap().map(|v| v.len()),
-        Some(VALUE_BYTES_MAX as usize)
-    );
+    assert_eq!(h.get(b"big").unwrap().map(|v| v.len()), Some(VALUE_BYTES_MAX as usize));
     let value_over = vec![7u8; VALUE_BYTES_MAX as usize + 1];
-    assert!(matches!(
-        h.put(b"big2", &value_over),
-        Err(Error::LimitExceeded {
-            what: "value bytes",
-            ..
-        })
-    ));
+    assert!(matches!(h.put(b"big2", &value_over), Err(Error::LimitExceeded { what: "value bytes", .. })));
     let mut b = WriteBatch::new();
     assert!(b.put(b"x", &value_over).is_err());
     assert!(b.is_empty(), "a refused op leaves the batch unchanged");
@@ -214,8 +179,7 @@ fn flipped_bytes_are_detected_never_wrong_data() {
     h.checkpoint().unwrap();
     let older = model.clone();
     for i in 0..200u32 {
-        h.delete(format!("k{:06}", i * 37 % 100_000).as_bytes())
-            .unwrap();
+        h.delete(format!("k{:06}", i * 37 % 100_000).as_bytes()).unwrap();
         model.remove(format!("k{:06}", i * 37 % 100_000).as_bytes());
     }
     h.checkpoint().unwrap();
@@ -230,11 +194,7 @@ fn flipped_bytes_are_detected_never_wrong_data() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let page = if trial < pages {
-            trial
-        } else {
-            (rng % pages as u64) as usize
-        };
+        let page = if trial < pages { trial } else { (rng % pages as u64) as usize };
         let off = (rng >> 20) as usize % PAGE_SIZE as usize;
         let mut bad = image.clone();
         bad[page * PAGE_SIZE as usize + off] ^= 1 << (rng % 8);

@@ -33,9 +33,7 @@ fn key(k: u16) -> Vec<u8> {
 }
 
 fn value(k: u16, len: usize, salt: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| (k as u64 ^ salt ^ i as u64).wrapping_mul(31) as u8)
-        .collect()
+    (0..len).map(|i| (k as u64 ^ salt ^ i as u64).wrapping_mul(31) as u8).collect()
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -55,21 +53,15 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn open(disk: &SimDisk) -> Heap {
-    let h = Heap::open_storage(
-        Box::new(disk.storage()) as Box<dyn Storage>,
-        HeapOptions::default(),
-    )
-    .unwrap();
+    let h = Heap::open_storage(Box::new(disk.storage()) as Box<dyn Storage>, HeapOptions::default()).unwrap();
     h.check_integrity().unwrap();
     h
 }
 
 fn assert_same(h: &Heap, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
     assert_eq!(h.len(), model.len() as u64);
-    let got: Vec<(Vec<u8>, Vec<u8>)> = h
-        .iter()
-        .map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())).unwrap())
-        .collect();
+    let got: Vec<(Vec<u8>, Vec<u8>)> =
+        h.iter().map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())).unwrap()).collect();
     let want: Vec<(Vec<u8>, Vec<u8>)> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     assert!(got == want, "contents differ from the model");
 }
@@ -89,10 +81,7 @@ fn run(ops: Vec<Op>) {
                 model.insert(key(k), v);
             }
             Op::Delete(k) => {
-                assert_eq!(
-                    heap.delete(&key(k)).unwrap(),
-                    model.remove(&key(k)).is_some()
-                );
+                assert_eq!(heap.delete(&key(k)).unwrap(), model.remove(&key(k)).is_some());
             }
             Op::Get(k) => assert_eq!(heap.get(&key(k)).unwrap(), model.get(&key(k)).cloned()),
             Op::Batch(ops) => {
@@ -114,19 +103,11 @@ fn run(ops: Vec<Op>) {
             }
             Op::Range(a, b, rev) => {
                 let (lo, hi) = (key(a.min(b)), key(a.max(b)));
-                let bounds = (
-                    Bound::Included(lo.as_slice()),
-                    Bound::Excluded(hi.as_slice()),
-                );
+                let bounds = (Bound::Included(lo.as_slice()), Bound::Excluded(hi.as_slice()));
                 let mut got: Vec<Vec<u8>> = if rev {
-                    heap.range::<[u8], _>(bounds)
-                        .rev()
-                        .map(|e| e.unwrap().0.to_vec())
-                        .collect()
+                    heap.range::<[u8], _>(bounds).rev().map(|e| e.unwrap().0.to_vec()).collect()
                 } else {
-                    heap.range::<[u8], _>(bounds)
-                        .map(|e| e.unwrap().0.to_vec())
-                        .collect()
+                    heap.range::<[u8], _>(bounds).map(|e| e.unwrap().0.to_vec()).collect()
                 };
                 if rev {
                     got.reverse();

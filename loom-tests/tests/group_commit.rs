@@ -19,7 +19,7 @@ fn committer(gc: &GroupCommit, log: &Log, fail: bool) -> Result<(u64, u64), ()> 
         let mut n = log.next.lock().unwrap();
         *n += 1;
         log.appended.store(*n, Ordering::SeqCst);
-        gc.written(*n);
+        gc.record_written(*n);
         *n
     };
     let r = gc.wait_durable(lsn, || {
@@ -42,11 +42,8 @@ fn committer(gc: &GroupCommit, log: &Log, fail: bool) -> Result<(u64, u64), ()> 
 fn every_committer_acked_once_never_early() {
     loom::model(|| {
         let gc = Arc::new(GroupCommit::new(0));
-        let log = Arc::new(Log {
-            next: Mutex::new(0),
-            appended: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-        });
+        let log =
+            Arc::new(Log { next: Mutex::new(0), appended: AtomicU64::new(0), synced: AtomicU64::new(0) });
         let handles: Vec<_> = (0..3)
             .map(|_| {
                 let (gc, log) = (gc.clone(), log.clone());
@@ -73,11 +70,8 @@ fn every_committer_acked_once_never_early() {
 fn failed_sync_wakes_everyone_with_an_error() {
     loom::model(|| {
         let gc = Arc::new(GroupCommit::new(0));
-        let log = Arc::new(Log {
-            next: Mutex::new(0),
-            appended: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-        });
+        let log =
+            Arc::new(Log { next: Mutex::new(0), appended: AtomicU64::new(0), synced: AtomicU64::new(0) });
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let (gc, log) = (gc.clone(), log.clone());
@@ -85,10 +79,7 @@ fn failed_sync_wakes_everyone_with_an_error() {
             })
             .collect();
         for h in handles {
-            assert!(
-                h.join().unwrap().is_err(),
-                "a committer was acked although every sync failed"
-            );
+            assert!(h.join().unwrap().is_err(), "a committer was acked although every sync failed");
         }
     });
 }

@@ -23,17 +23,12 @@ fn batch(c: u64) -> WriteBatch {
     let mut b = WriteBatch::new();
     for j in 0..150u64 {
         let k = format!("k{:05}", (c * 7919 + j * 31) % KEYS);
-        let len = if j == 0 {
-            5000
-        } else {
-            20 + ((c + j) % 200) as usize
-        };
+        let len = if j == 0 { 5000 } else { 20 + ((c + j) % 200) as usize };
         let v: Vec<u8> = format!("{c}:{j};").bytes().cycle().take(len).collect();
         b.put(k.as_bytes(), &v).unwrap();
     }
     for j in 0..30u64 {
-        b.delete(format!("k{:05}", (c * 104_729 + j * 17) % KEYS).as_bytes())
-            .unwrap();
+        b.delete(format!("k{:05}", (c * 104_729 + j * 17) % KEYS).as_bytes()).unwrap();
     }
     b.put(b"ckpt", c.to_string().as_bytes()).unwrap();
     b
@@ -53,9 +48,7 @@ fn apply_to_model(model: &mut BTreeMap<Vec<u8>, Vec<u8>>, c: u64) {
 }
 
 fn checkpoint_of(h: &Heap) -> u64 {
-    h.get(b"ckpt")
-        .unwrap()
-        .map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
+    h.get(b"ckpt").unwrap().map_or(0, |v| String::from_utf8(v).unwrap().parse().unwrap())
 }
 
 fn child(dir: &Path) -> ! {
@@ -75,10 +68,7 @@ fn kill9_during_checkpoints_leaves_a_checkpointed_state() {
         child(Path::new(&dir));
     }
     let dir = tempfile::tempdir().unwrap();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("kill9 seed {seed}");
     let mut rng = seed | 1;
     let mut next = move || {
@@ -121,10 +111,7 @@ fn kill9_during_checkpoints_leaves_a_checkpointed_state() {
                 seen += 1;
             }
         }
-        assert!(
-            seen > 0,
-            "round {round}: child made no progress (seed {seed})"
-        );
+        assert!(seen > 0, "round {round}: child made no progress (seed {seed})");
         std::thread::sleep(Duration::from_micros(next() % 20_000));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -134,25 +121,16 @@ fn kill9_during_checkpoints_leaves_a_checkpointed_state() {
         }
 
         let h = Heap::open(dir.path().join("kill9.heap"), HeapOptions::default()).unwrap();
-        h.check_integrity()
-            .unwrap_or_else(|e| panic!("round {round}: {e} (seed {seed})"));
+        h.check_integrity().unwrap_or_else(|e| panic!("round {round}: {e} (seed {seed})"));
         let c = checkpoint_of(&h);
-        assert!(
-            c >= reported,
-            "round {round}: checkpoint {c} older than reported {reported} (seed {seed})"
-        );
+        assert!(c >= reported, "round {round}: checkpoint {c} older than reported {reported} (seed {seed})");
         while model_at < c {
             model_at += 1;
             apply_to_model(&mut model, model_at);
         }
-        let got: BTreeMap<Vec<u8>, Vec<u8>> = h
-            .iter()
-            .map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())).unwrap())
-            .collect();
-        assert!(
-            got == model,
-            "round {round}: contents are not checkpoint {c} (seed {seed})"
-        );
+        let got: BTreeMap<Vec<u8>, Vec<u8>> =
+            h.iter().map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())).unwrap()).collect();
+        assert!(got == model, "round {round}: contents are not checkpoint {c} (seed {seed})");
     }
     assert!(reported >= 25, "too few checkpoints completed: {reported}");
 }

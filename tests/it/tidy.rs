@@ -37,11 +37,7 @@ fn product_files() -> Vec<PathBuf> {
 fn every_module_starts_with_a_doc_paragraph() {
     for f in product_files() {
         let text = std::fs::read_to_string(&f).unwrap();
-        assert!(
-            text.trim_start().starts_with("//!"),
-            "{} has no //! module doc",
-            f.display()
-        );
+        assert!(text.trim_start().starts_with("//!"), "{} has no //! module doc", f.display());
     }
 }
 
@@ -64,11 +60,7 @@ fn no_ignored_tests() {
     let needle = ["#[", "ignore]"].concat();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        assert!(
-            !text.contains(&needle),
-            "{} has an ignored test",
-            f.display()
-        );
+        assert!(!text.contains(&needle), "{} has an ignored test", f.display());
     }
 }
 
@@ -77,25 +69,14 @@ fn readme_test_command_is_what_ci_runs() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
     let cmd = "bash scripts/test-all.sh";
-    assert!(
-        readme.lines().any(|l| l.trim() == cmd),
-        "README does not give `{cmd}`"
-    );
-    assert!(
-        ci.lines().any(|l| l.trim() == cmd),
-        ".ci/run does not run `{cmd}`"
-    );
+    assert!(readme.lines().any(|l| l.trim() == cmd), "README does not give `{cmd}`");
+    assert!(ci.lines().any(|l| l.trim() == cmd), ".ci/run does not run `{cmd}`");
 }
 
 #[test]
 fn every_dependency_is_explained_in_architecture_md() {
     let arch = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
-    for manifest in [
-        "Cargo.toml",
-        "heap/Cargo.toml",
-        "actors/Cargo.toml",
-        "loom-tests/Cargo.toml",
-    ] {
+    for manifest in ["Cargo.toml", "heap/Cargo.toml", "actors/Cargo.toml", "loom-tests/Cargo.toml"] {
         let text = std::fs::read_to_string(root().join(manifest)).unwrap();
         let mut in_deps = false;
         for line in text.lines() {

@@ -1,0 +1,601 @@
+//! The op log: a write-ahead log of committed batches, so acknowledged writes survive a crash
+//! without a checkpoint per write.
+//!
+//! The log is a sequence of segment files `<heap file>.log.<first_lsn, 20 digits>`. A segment
+//! starts with a 32-byte header, then records back to back (all little-endian):
+//!
+//! ```text
+//! segment header
+//!  0  [u8; 8] magic "HGOPLOG\0"
+//!  8  u32     format version (1)
+//! 12  u32     crc32c of bytes 16..32
+//! 16  u64     heap_id (must equal the heap file's)
+//! 24  u64     first_lsn: LSN of the first record in this segment
+//!
+//! record
+//!  0  u32     payload_len
+//!  4  u32     crc32c of bytes 8..16+payload_len (lsn and payload)
+//!  8  u64     lsn: exactly one more than the previous record's
+//! 16  payload: an encoded `WriteBatch` (see batch.rs); applying it is deterministic, so the
+//!             record is also the unit of replication
+//! ```
+//!
+//! Appends use write(2) before the batch is acknowledged, under every fsync policy, so a `kill -9`
+//! loses nothing acknowledged; `FsyncPolicy` decides what a power cut can lose (see
+//! docs/semantics.md). Each checkpoint rotates to a new segment and deletes segments whose records
+//! are all at or below the *previous* checkpoint's LSN: if the newest meta page is ever unreadable,
+//! open falls back to the older checkpoint and the log still holds everything after it.
+//!
+//! Recovery replays records above the checkpoint LSN. A torn or corrupt record at the end of the
+//! newest segment ends replay cleanly and is truncated away (counted in `ReplayReport`); a bad
+//! record followed by a valid one, a gap in LSNs, or damage in an older segment is
+//! `Error::Corrupted`: committed data is never silently skipped.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::batch::WriteBatch;
+use crate::error::{Error, Result};
+use crate::group_commit::GroupCommit;
+use crate::storage::sync_dir;
+
+const LOG_MAGIC: [u8; 8] = *b"HGOPLOG\0";
+const LOG_VERSION: u32 = 1;
+/// Bytes of a segment header.
+pub const SEGMENT_HEADER_BYTES: usize = 32;
+/// Bytes of a record header.
+pub const RECORD_HEADER_BYTES: usize = 16;
+/// How far past a bad record replay looks for an LSN that would prove later records exist.
+const LSN_LOOKAHEAD: u64 = 1 << 20;
+
+/// When the op log is fsynced. Every policy writes a record with write(2) before the batch is
+/// acknowledged, so all of them survive `kill -9`; they differ only under power loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// An acknowledgement waits for an fsync covering its record; concurrent committers share
+    /// fsyncs (group commit). Power loss loses nothing acknowledged.
+    Always,
+    /// A background flusher fsyncs every `n` milliseconds. Power loss can lose the last `n` ms.
+    EveryMs(u32),
+    /// Never fsync outside checkpoints. Power loss can lose everything since the last checkpoint.
+    Never,
+}
+
+impl Default for FsyncPolicy {
+    fn default() -> Self {
+        FsyncPolicy::EveryMs(100)
+    }
+}
+
+/// What recovery found in the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Records applied on top of the checkpoint.
+    pub records_replayed: u64,
+    /// Bytes of a torn or corrupt tail that were cut off the newest segment.
+    pub torn_tail_bytes: u64,
+    /// Highest LSN in the log after recovery.
+    pub last_lsn: u64,
+}
+
+/// The directory of a heap's log segments (the storage seam for the log).
+pub trait LogDir: Send + Sync {
+    /// First LSNs of the segments present, any order.
+    fn list(&self) -> io::Result<Vec<u64>>;
+    /// The whole segment.
+    fn read(&self, first_lsn: u64) -> io::Result<Vec<u8>>;
+    /// Creates a segment holding `header`, durable (file and directory entry) on return.
+    fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>>;
+    /// Opens a segment for appending after cutting it to `valid_len` bytes.
+    fn open_append(&self, first_lsn: u64, valid_len: u64) -> io::Result<Arc<dyn LogSegment>>;
+    /// Deletes a segment.
+    fn remove(&self, first_lsn: u64) -> io::Result<()>;
+}
+
+/// One segment open for appending.
+pub trait LogSegment: Send + Sync {
+    /// Appends `bytes` with write(2). On error nothing of `bytes` remains in the segment.
+    fn append(&self, bytes: &[u8]) -> io::Result<()>;
+    /// fsyncs what was appended.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Segment files next to the heap file.
+pub struct FileLogDir {
+    dir: PathBuf,
+    stem: String,
+}
+
+impl FileLogDir {
+    /// The log of the heap file at `heap_path`.
+    pub fn for_heap(heap_path: &Path) -> Self {
+        let dir =
+            heap_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let stem = format!("{}.log.", heap_path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        FileLogDir { dir, stem }
+    }
+
+    fn path(&self, first_lsn: u64) -> PathBuf {
+        self.dir.join(format!("{}{first_lsn:020}", self.stem))
+    }
+}
+
+struct FileSegment {
+    file: File,
+    /// Length of the valid prefix; a failed append is cut back to it.
+    len: Mutex<u64>,
+}
+
+impl LogSegment for FileSegment {
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut len = self.len.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = (&self.file).write_all(bytes) {
+            // A partial record would read as corruption in the middle of the log later.
+            self.file.set_len(*len)?;
+            return Err(e);
+        }
+        *len += bytes.len() as u64;
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+impl LogDir for FileLogDir {
+    fn list(&self) -> io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let name = e?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name.strip_prefix(&self.stem).and_then(|d| d.parse::<u64>().ok()) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+    fn read(&self, first_lsn: u64) -> io::Result<Vec<u8>> {
+        let mut v = Vec::new();
+        File::open(self.path(first_lsn))?.read_to_end(&mut v)?;
+        Ok(v)
+    }
+    fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>> {
+        let path = self.path(first_lsn);
+        let file = OpenOptions::new().create(true).truncate(true).append(true).open(&path)?;
+        (&file).write_all(header)?;
+        file.sync_all()?;
+        sync_dir(&self.dir).map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Arc::new(FileSegment { file, len: Mutex::new(header.len() as u64) }))
+    }
+    fn open_append(&self, first_lsn: u64, valid_len: u64) -> io::Result<Arc<dyn LogSegment>> {
+        let file = OpenOptions::new().append(true).open(self.path(first_lsn))?;
+        if file.metadata()?.len() != valid_len {
+            file.set_len(valid_len)?;
+            file.sync_all()?;
+        }
+        Ok(Arc::new(FileSegment { file, len: Mutex::new(valid_len) }))
+    }
+    fn remove(&self, first_lsn: u64) -> io::Result<()> {
+        std::fs::remove_file(self.path(first_lsn))
+    }
+}
+
+fn segment_header(heap_id: u64, first_lsn: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[..8].copy_from_slice(&LOG_MAGIC);
+    h[8..12].copy_from_slice(&LOG_VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&heap_id.to_le_bytes());
+    h[24..32].copy_from_slice(&first_lsn.to_le_bytes());
+    let crc = crc32c::crc32c(&h[16..32]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn log_corrupt(first_lsn: u64, reason: String) -> Error {
+    // Page 0 stands for "not a heap page"; the reason names the segment.
+    Error::Corrupted { page: 0, reason: format!("op log segment {first_lsn}: {reason}") }
+}
+
+/// Appends one record for `batch` at `lsn` to `out`.
+pub fn encode_record(out: &mut Vec<u8>, lsn: u64, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A record that validates at `pos`: (lsn, payload, length).
+fn record_at(seg: &[u8], pos: usize) -> Option<(u64, &[u8], usize)> {
+    let h = seg.get(pos..pos + RECORD_HEADER_BYTES)?;
+    let plen = u32::from_le_bytes(h[0..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(h[4..8].try_into().ok()?);
+    let lsn = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    let body = seg.get(pos + 8..pos + RECORD_HEADER_BYTES + plen)?;
+    (crc32c::crc32c(body) == crc).then(|| (lsn, &body[8..], RECORD_HEADER_BYTES + plen))
+}
+
+/// Whether any valid record with an LSN in `(after, after + LSN_LOOKAHEAD]` starts past `pos`.
+fn valid_record_after(seg: &[u8], pos: usize, after: u64) -> bool {
+    (pos + 1..seg.len().saturating_sub(RECORD_HEADER_BYTES - 1)).any(|p| {
+        let lsn = u64::from_le_bytes(seg[p + 8..p + 16].try_into().expect("8 bytes"));
+        lsn > after && lsn <= after + LSN_LOOKAHEAD && record_at(seg, p).is_some()
+    })
+}
+
+/// Shared between the log owner, `Durability` handles and the flusher thread.
+struct Shared {
+    gc: GroupCommit,
+    current: Mutex<Arc<dyn LogSegment>>,
+}
+
+impl Shared {
+    fn segment(&self) -> Arc<dyn LogSegment> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Waits for op-log records to become durable; clone it freely and use it without the heap.
+#[derive(Clone)]
+pub struct Durability {
+    shared: Arc<Shared>,
+    policy: FsyncPolicy,
+}
+
+impl Durability {
+    /// Returns once the record at `lsn` is acknowledged-durable under the heap's policy: under
+    /// `Always` after an fsync covering it (shared with concurrent committers); otherwise at once.
+    pub fn wait(&self, lsn: u64) -> Result<u64> {
+        match self.policy {
+            FsyncPolicy::Always => {
+                let shared = self.shared.clone();
+                self.shared.gc.wait_durable(lsn, move || shared.segment().sync())
+            }
+            _ => Ok(lsn),
+        }
+    }
+
+    /// Highest LSN known fsynced.
+    pub fn durable_lsn(&self) -> u64 {
+        self.shared.gc.durable()
+    }
+
+    /// fsyncs performed by group-commit leaders and the flusher.
+    pub fn syncs(&self) -> u64 {
+        self.shared.gc.syncs()
+    }
+}
+
+struct Flusher {
+    stop: mpsc::Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The op log of one heap.
+pub(crate) struct OpLog {
+    dir: Arc<dyn LogDir>,
+    heap_id: u64,
+    policy: FsyncPolicy,
+    /// First LSNs of the segments, ascending; the last is being appended to.
+    segments: Vec<u64>,
+    shared: Arc<Shared>,
+    next_lsn: u64,
+    buf: Vec<u8>,
+    _flusher: Option<Flusher>,
+}
+
+impl OpLog {
+    /// Opens the log and replays every record above `checkpoint_lsn` through `apply`.
+    pub(crate) fn open(
+        dir: Arc<dyn LogDir>,
+        heap_id: u64,
+        policy: FsyncPolicy,
+        checkpoint_lsn: u64,
+        mut apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
+    ) -> Result<(OpLog, ReplayReport)> {
+        let mut segments = dir.list()?;
+        segments.sort_unstable();
+        let mut report = ReplayReport { last_lsn: checkpoint_lsn, ..ReplayReport::default() };
+        let mut expected = None::<u64>;
+        let mut tail_len = None;
+        for (i, &first) in segments.iter().enumerate() {
+            let last_segment = i + 1 == segments.len();
+            let seg = dir.read(first)?;
+            let hdr = segment_header(heap_id, first);
+            if seg.len() < SEGMENT_HEADER_BYTES || seg[..SEGMENT_HEADER_BYTES] != hdr {
+                if last_segment && seg.len() < SEGMENT_HEADER_BYTES && hdr.starts_with(&seg) {
+                    // Crashed while creating the segment: it holds nothing.
+                    tail_len = Some(0);
+                    break;
+                }
+                return Err(log_corrupt(first, "bad segment header".into()));
+            }
+            // Gaps below the checkpoint are harmless (those records are in the heap already).
+            if first > checkpoint_lsn + 1 && expected != Some(first) {
+                return Err(log_corrupt(
+                    first,
+                    format!("records between {checkpoint_lsn} and {first} are missing"),
+                ));
+            }
+            let mut lsn = first;
+            let mut pos = SEGMENT_HEADER_BYTES;
+            while pos < seg.len() {
+                let Some((rec_lsn, payload, len)) = record_at(&seg, pos) else {
+                    if !last_segment || valid_record_after(&seg, pos, lsn.saturating_sub(1)) {
+                        return Err(log_corrupt(
+                            first,
+                            format!("bad record at byte {pos} before valid ones"),
+                        ));
+                    }
+                    report.torn_tail_bytes = (seg.len() - pos) as u64;
+                    break;
+                };
+                if rec_lsn != lsn {
+                    return Err(log_corrupt(
+                        first,
+                        format!("record at byte {pos} has LSN {rec_lsn}, expected {lsn}"),
+                    ));
+                }
+                if lsn > checkpoint_lsn {
+                    let batch = WriteBatch::from_bytes(payload)
+                        .map_err(|e| log_corrupt(first, format!("record {lsn}: {e}")))?;
+                    apply(lsn, &batch)?;
+                    report.records_replayed += 1;
+                }
+                report.last_lsn = report.last_lsn.max(lsn);
+                lsn += 1;
+                pos += len;
+            }
+            expected = Some(lsn);
+            if last_segment {
+                tail_len = Some(pos.min(seg.len()) as u64);
+            }
+        }
+        let next_lsn = report.last_lsn + 1;
+        let current = match (segments.last(), tail_len) {
+            (Some(&first), Some(len)) if len >= SEGMENT_HEADER_BYTES as u64 && expected == Some(next_lsn) => {
+                dir.open_append(first, len)?
+            }
+            (Some(&first), Some(len)) if len < SEGMENT_HEADER_BYTES as u64 => {
+                dir.remove(first)?;
+                segments.pop();
+                let s = dir.create(next_lsn, &segment_header(heap_id, next_lsn))?;
+                segments.push(next_lsn);
+                s
+            }
+            _ => {
+                let s = dir.create(next_lsn, &segment_header(heap_id, next_lsn))?;
+                segments.push(next_lsn);
+                s
+            }
+        };
+        // What replay read may sit only in the page cache; make it durable before acking more.
+        current.sync()?;
+        let shared = Arc::new(Shared { gc: GroupCommit::new(report.last_lsn), current: Mutex::new(current) });
+        let flusher = match policy {
+            FsyncPolicy::EveryMs(ms) => Some(spawn_flusher(shared.clone(), ms)),
+            _ => None,
+        };
+        let log =
+            OpLog { dir, heap_id, policy, segments, shared, next_lsn, buf: Vec::new(), _flusher: flusher };
+        Ok((log, report))
+    }
+
+    /// Writes `batch` as the next record with write(2) and returns its LSN. On error nothing was
+    /// logged.
+    pub(crate) fn append(&mut self, batch: &WriteBatch) -> Result<u64> {
+        self.shared.gc.check()?;
+        let lsn = self.next_lsn;
+        self.buf.clear();
+        encode_record(&mut self.buf, lsn, batch.as_bytes());
+        self.shared.segment().append(&self.buf).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                Error::DiskFull { wanted_bytes: self.buf.len() as u64 }
+            }
+            _ => Error::Io(e),
+        })?;
+        self.next_lsn += 1;
+        self.shared.gc.record_written(lsn);
+        if self.policy == FsyncPolicy::Never {
+            self.shared.gc.mark_durable(lsn);
+        }
+        Ok(lsn)
+    }
+
+    pub(crate) fn last_lsn(&self) -> u64 {
+        self.next_lsn - 1
+    }
+
+    pub(crate) fn durability(&self) -> Durability {
+        Durability { shared: self.shared.clone(), policy: self.policy }
+    }
+
+    /// Before a checkpoint: fsync the current segment and start a new one, so the checkpoint's
+    /// records are sealed in older segments.
+    pub(crate) fn rotate(&mut self) -> Result<()> {
+        let current_first = *self.segments.last().expect("a log has a segment");
+        if self.next_lsn == current_first {
+            return Ok(());
+        }
+        let old = self.shared.segment();
+        let upto = self.last_lsn();
+        old.sync().inspect_err(|e| self.shared.gc.fail(format!("op log sync failed: {e}")))?;
+        self.shared.gc.mark_durable(upto);
+        let new = self.dir.create(self.next_lsn, &segment_header(self.heap_id, self.next_lsn))?;
+        *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        self.segments.push(self.next_lsn);
+        Ok(())
+    }
+
+    /// After a checkpoint: delete segments whose records are all at or below `keep_after`
+    /// (the previous checkpoint's LSN). Never deletes the current segment.
+    pub(crate) fn retire(&mut self, keep_after: u64) -> Result<()> {
+        while self.segments.len() > 1 && self.segments[1] - 1 <= keep_after {
+            self.dir.remove(self.segments[0])?;
+            self.segments.remove(0);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+fn spawn_flusher(shared: Arc<Shared>, ms: u32) -> Flusher {
+    let (stop, rx) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("heapgrid-log-flusher".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(Duration::from_millis(ms.max(1) as u64))
+            {
+                let written = shared.gc.written_lsn();
+                if written > shared.gc.durable() {
+                    let s = shared.clone();
+                    if shared.gc.wait_durable(written, move || s.segment().sync()).is_err() {
+                        return; // The group is failed; committers see the error.
+                    }
+                }
+            }
+        })
+        .expect("spawning the log flusher thread");
+    Flusher { stop, thread: Some(thread) }
+}
+
+/// A simulated log directory for fault tests: appends land in a live image; `sync` makes them
+/// durable; `crash` keeps the durable prefix plus a random part of the unsynced tail.
+#[derive(Clone, Default)]
+pub struct SimLogDir {
+    state: Arc<Mutex<SimLogState>>,
+}
+
+#[derive(Default)]
+struct SimLogState {
+    /// first_lsn -> (live bytes, durable length)
+    files: std::collections::BTreeMap<u64, (Vec<u8>, usize)>,
+    space_left: Option<u64>,
+    fail_sync: bool,
+}
+
+impl SimLogDir {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimLogState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Limits further appends to `bytes` in total (`None`: unlimited).
+    pub fn set_space_left(&self, bytes: Option<u64>) {
+        self.lock().space_left = bytes;
+    }
+    /// Makes every later sync fail.
+    pub fn set_fail_sync(&self, fail: bool) {
+        self.lock().fail_sync = fail;
+    }
+    /// A power cut: each segment keeps its synced prefix plus the first `keep` of its unsynced
+    /// bytes, `keep` drawn from `seed`.
+    pub fn crash(&self, seed: u64) {
+        let mut st = self.lock();
+        let mut x = seed | 1;
+        for (live, durable) in st.files.values_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let unsynced = live.len() - *durable;
+            let keep = if unsynced == 0 { 0 } else { (x % (unsynced as u64 + 1)) as usize };
+            live.truncate(*durable + keep);
+            *durable = live.len();
+        }
+    }
+    /// Direct access to a segment's bytes (to inject corruption).
+    pub fn edit(&self, first_lsn: u64, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut st = self.lock();
+        if let Some((live, durable)) = st.files.get_mut(&first_lsn) {
+            f(live);
+            *durable = (*durable).min(live.len());
+        }
+    }
+    /// First LSNs of the segments present.
+    pub fn segments(&self) -> Vec<u64> {
+        self.lock().files.keys().copied().collect()
+    }
+}
+
+struct SimSegment {
+    dir: SimLogDir,
+    first: u64,
+}
+
+impl LogSegment for SimSegment {
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut st = self.dir.lock();
+        if let Some(left) = st.space_left {
+            if (bytes.len() as u64) > left {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            st.space_left = Some(left - bytes.len() as u64);
+        }
+        let f = st.files.get_mut(&self.first).ok_or_else(|| io::Error::other("segment removed"))?;
+        f.0.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        let mut st = self.dir.lock();
+        if st.fail_sync {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        if let Some(f) = st.files.get_mut(&self.first) {
+            f.1 = f.0.len();
+        }
+        Ok(())
+    }
+}
+
+impl LogDir for SimLogDir {
+    fn list(&self) -> io::Result<Vec<u64>> {
+        Ok(self.segments())
+    }
+    fn read(&self, first_lsn: u64) -> io::Result<Vec<u8>> {
+        self.lock()
+            .files
+            .get(&first_lsn)
+            .map(|f| f.0.clone())
+            .ok_or_else(|| io::Error::other("no such segment"))
+    }
+    fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>> {
+        let mut st = self.lock();
+        if st.fail_sync {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        st.files.insert(first_lsn, (header.to_vec(), header.len()));
+        Ok(Arc::new(SimSegment { dir: self.clone(), first: first_lsn }))
+    }
+    fn open_append(&self, first_lsn: u64, valid_len: u64) -> io::Result<Arc<dyn LogSegment>> {
+        let mut st = self.lock();
+        let f = st.files.get_mut(&first_lsn).ok_or_else(|| io::Error::other("no such segment"))?;
+        f.0.truncate(valid_len as usize);
+        f.1 = f.1.min(f.0.len());
+        Ok(Arc::new(SimSegment { dir: self.clone(), first: first_lsn }))
+    }
+    fn remove(&self, first_lsn: u64) -> io::Result<()> {
+        self.lock().files.remove(&first_lsn);
+        Ok(())
+    }
+}
