@@ -166,7 +166,9 @@ impl LogDir for FileLogDir {
     }
     fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>> {
         let path = self.path(first_lsn);
-        let file = OpenOptions::new().create(true).truncate(true).append(true).open(&path)?;
+        // O_APPEND excludes O_TRUNC in std: empty a leftover file by hand.
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        file.set_len(0)?;
         (&file).write_all(header)?;
         file.sync_all()?;
         sync_dir(&self.dir).map_err(|e| io::Error::other(e.to_string()))?;

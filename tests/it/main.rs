@@ -2,4 +2,5 @@
 //! server lands, the real binary) and crash real processes.
 
 mod heap_kill9;
+mod oplog_kill9;
 mod tidy;
