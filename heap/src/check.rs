@@ -3,7 +3,7 @@
 //! Checks: checksums of every page not written since the last checkpoint; node kinds, levels and
 //! cell bounds; strictly ascending keys inside nodes and within the separator bounds of their
 //! parents; overflow chain lengths; the entry count; and that tree pages, overflow pages, the
-//! durable free list's pages, free pages and pending pages partition `FIRST_DATA_PAGE..page_count`
+//! durable free list's pages, free, pending and held pages partition `FIRST_DATA_PAGE..page_count`
 //! with no page reached twice. Every walk is bounded by the tree depth and the page count.
 
 use crate::btree::{TreeRoot, node_at};
@@ -91,7 +91,7 @@ pub(crate) fn check(pager: &Pager, tree: &TreeRoot) -> Result<IntegrityReport> {
         w.visit(id)?;
         w.report.freelist_pages += 1;
     }
-    for &id in pager.free.iter().chain(pager.pending.iter()) {
+    for &id in pager.free.iter().chain(pager.pending.iter()).chain(pager.held.iter()) {
         if id < FIRST_DATA_PAGE || id >= pager.page_count {
             return corrupt(id, "free page outside the file");
         }
@@ -101,7 +101,7 @@ pub(crate) fn check(pager: &Pager, tree: &TreeRoot) -> Result<IntegrityReport> {
         w.seen.set(id);
     }
     w.report.free_pages = pager.free.len() as u64;
-    w.report.pending_pages = pager.pending.len() as u64;
+    w.report.pending_pages = (pager.pending.len() + pager.held.len()) as u64;
     let accounted = w.seen.count();
     let expected = pager.page_count - FIRST_DATA_PAGE;
     if accounted != expected {

@@ -8,7 +8,7 @@
 //! Invariant: a batch either applies completely or the heap is poisoned (it refuses all work until
 //! reopened, which recovers the last checkpoint); callers never observe half a batch.
 //! Invariant: `check_integrity` finds every page in exactly one of: reachable from the tree,
-//! holding the durable free list, free, or pending.
+//! holding the durable free list, free, pending, or held (see `pager`).
 
 use std::borrow::Cow;
 use std::ops::{Bound, RangeBounds};
@@ -384,7 +384,10 @@ impl Heap {
             return Ok(());
         }
         // Reserve room for the free list before changing anything, so a full disk is a plain error.
-        let listed = self.pager.free.len() + self.pager.pending.len() + self.pager.durable_freelist.len();
+        let listed = self.pager.free.len()
+            + self.pager.pending.len()
+            + self.pager.held.len()
+            + self.pager.durable_freelist.len();
         self.pager.reserve((listed.div_ceil(FREELIST_IDS_PER_PAGE) + 1) as u64)?;
         let previous_lsn = self.durable.checkpoint_lsn;
         let r = match self.log.as_mut() {
@@ -406,14 +409,15 @@ impl Heap {
         // The durable free list's own pages are free once the next checkpoint stands.
         let old_chain = std::mem::take(&mut pager.durable_freelist);
         pager.pending.extend(old_chain);
-        let total = pager.free.len() + pager.pending.len();
+        let total = pager.free.len() + pager.pending.len() + pager.held.len();
         let k = total.div_ceil(FREELIST_IDS_PER_PAGE);
         let mut chain = Vec::with_capacity(k);
         for _ in 0..k {
-            // From `free` or past the high-water mark, never from `pending`.
+            // From `free` or past the high-water mark, never from `pending` or `held`.
             chain.push(pager.alloc()?);
         }
-        let mut ids: Vec<u64> = pager.free.iter().copied().chain(pager.pending.iter().copied()).collect();
+        let mut ids: Vec<u64> =
+            pager.free.iter().chain(pager.pending.iter()).chain(pager.held.iter()).copied().collect();
         ids.sort_unstable();
         freelist::write(pager, &chain, &ids);
 
@@ -450,8 +454,11 @@ impl Heap {
         meta::write_meta(pager.raw_mut(slot), &m);
         pager.storage.flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
 
-        // The new checkpoint stands: pending pages are now unreferenced by any durable state.
-        pager.free.extend(pager.pending.drain(..));
+        // The new checkpoint stands. Pages only the previous-but-one checkpoint referenced are
+        // free; pages only the previous one references are held until the next checkpoint.
+        let held = std::mem::take(&mut pager.held);
+        pager.free.extend(held);
+        pager.held = std::mem::take(&mut pager.pending);
         pager.fresh.clear_all();
         pager.durable_freelist = chain;
         self.durable = m;
@@ -463,8 +470,11 @@ impl Heap {
     pub fn compact(&mut self) -> Result<CompactStats> {
         self.usable()?;
         let before = self.pager.storage.len();
-        self.changed = true;
-        self.checkpoint()?;
+        // Two checkpoints: the first turns pending pages into held ones, the second frees them.
+        for _ in 0..2 {
+            self.changed = true;
+            self.checkpoint()?;
+        }
         // After compaction the used pages would fit below `limit`; move every page above it.
         let used = self.pager.page_count - self.pager.free.len() as u64;
         let limit = used.max(FIRST_DATA_PAGE);
@@ -477,8 +487,10 @@ impl Heap {
                 Err(e) => return self.poison(e),
             }
         }
-        self.changed = true;
-        self.checkpoint()?;
+        for _ in 0..2 {
+            self.changed = true;
+            self.checkpoint()?;
+        }
         // Cut the tail of free pages off the high-water mark.
         let mut count = self.pager.page_count;
         while count > FIRST_DATA_PAGE && self.pager.free.contains(&(count - 1)) {
@@ -577,7 +589,7 @@ impl Heap {
             depth: self.tree.depth,
             page_count: self.pager.page_count,
             free_pages: self.pager.free.len() as u64,
-            pending_pages: self.pager.pending.len() as u64,
+            pending_pages: (self.pager.pending.len() + self.pager.held.len()) as u64,
             file_bytes: self.pager.storage.len(),
             epoch: self.durable.epoch,
         }

@@ -110,7 +110,12 @@ impl<'a> Node<'a> {
         }
         let count = get_u16(p, OFF_COUNT) as usize;
         let cell_start = get_u16(p, OFF_CELL_START) as usize;
-        if count > COUNT_MAX || HEADER_BYTES + count * SLOT_BYTES > cell_start || cell_start > PAGE {
+        let frag = get_u16(p, OFF_FRAG) as usize;
+        if count > COUNT_MAX
+            || HEADER_BYTES + count * SLOT_BYTES > cell_start
+            || cell_start > PAGE
+            || frag > PAGE - cell_start
+        {
             return corrupt(id, "node header out of range");
         }
         Ok(Node { id, p, count, leaf, level })

@@ -136,7 +136,9 @@ impl LogSegment for FileSegment {
         let mut len = self.len.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = (&self.file).write_all(bytes) {
             // A partial record would read as corruption in the middle of the log later.
-            self.file.set_len(*len)?;
+            if let Err(cut) = self.file.set_len(*len) {
+                return Err(io::Error::other(format!("{e}; cutting the partial record back failed: {cut}")));
+            }
             return Err(e);
         }
         *len += bytes.len() as u64;
@@ -406,12 +408,19 @@ impl OpLog {
         let lsn = self.next_lsn;
         self.buf.clear();
         encode_record(&mut self.buf, lsn, batch.as_bytes());
-        self.shared.segment().append(&self.buf).map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-                Error::DiskFull { wanted_bytes: self.buf.len() as u64 }
-            }
-            _ => Error::Io(e),
-        })?;
+        if let Err(e) = self.shared.segment().append(&self.buf) {
+            return Err(match e.raw_os_error() {
+                // The partial record was cut back: the log is intact and usable.
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+                    Error::DiskFull { wanted_bytes: self.buf.len() as u64 }
+                }
+                _ => {
+                    // The log's tail is unknown: fail closed.
+                    self.shared.gc.fail(format!("op log append failed: {e}"));
+                    Error::Io(e)
+                }
+            });
+        }
         self.next_lsn += 1;
         self.shared.gc.record_written(lsn);
         if self.policy == FsyncPolicy::Never {

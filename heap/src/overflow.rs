@@ -53,6 +53,9 @@ pub(crate) fn walk<'a>(
     len: u32,
     mut visit: impl FnMut(u64, &'a [u8]) -> Result<()>,
 ) -> Result<()> {
+    if len as u64 > crate::limits::VALUE_BYTES_MAX as u64 || len == 0 {
+        return corrupt(first, "overflow value length out of range");
+    }
     let n = pages_for(len as usize);
     let mut id = first;
     let mut left = len as usize;

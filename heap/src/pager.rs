@@ -2,8 +2,12 @@
 //!
 //! Three sets partition the pages a heap does not currently reach from its tree:
 //! - `free`: reusable now; no durable checkpoint references them.
-//! - `pending`: freed since the last checkpoint but still referenced by the durable checkpoint;
-//!   reusable only after the next checkpoint completes.
+//! - `pending`: freed since the last checkpoint but still referenced by the durable checkpoint.
+//! - `held`: referenced only by the *older* of the two durable checkpoints (the one the other meta
+//!   page names). Held back one more checkpoint so that, if the newest meta page is ever
+//!   unreadable, open can fall back to the older checkpoint and find its pages intact.
+//!
+//! At each completed checkpoint: `free += held; held = pending; pending = []`.
 //! - `durable_freelist`: the pages that hold the durable checkpoint's free list.
 //!
 //! `fresh` marks pages allocated since the last checkpoint: the only pages that may be written in
@@ -34,6 +38,7 @@ pub(crate) struct Pager {
     pub(crate) max_pages: u64,
     pub(crate) free: BTreeSet<u64>,
     pub(crate) pending: Vec<u64>,
+    pub(crate) held: Vec<u64>,
     pub(crate) durable_freelist: Vec<u64>,
     pub(crate) fresh: PageBits,
     /// Pages whose checksum has been verified since open (or that we wrote). A benign cache:
@@ -49,6 +54,7 @@ impl Pager {
             max_pages,
             free: BTreeSet::new(),
             pending: Vec::new(),
+            held: Vec::new(),
             durable_freelist: Vec::new(),
             fresh: PageBits::default(),
             verified: Vec::new(),
@@ -89,7 +95,10 @@ impl Pager {
         if id < FIRST_DATA_PAGE || id >= self.page_count {
             return corrupt(id, "page pointer outside the file");
         }
-        let p = self.raw(id);
+        let at = id as usize * PAGE;
+        let Some(p) = self.storage.bytes().get(at..at + PAGE) else {
+            return Err(Error::Poisoned(format!("page {id} is not mapped (a failed grow or truncate)")));
+        };
         if !self.is_verified(id) {
             page::verify(id, p)?;
             self.mark_verified(id);
