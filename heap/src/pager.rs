@@ -79,12 +79,6 @@ impl Pager {
         }
     }
 
-    /// Raw bytes of any page inside the file, unchecked (meta pages, integrity check).
-    pub(crate) fn raw(&self, id: u64) -> &[u8] {
-        let at = id as usize * PAGE;
-        &self.storage.bytes()[at..at + PAGE]
-    }
-
     pub(crate) fn raw_mut(&mut self, id: u64) -> &mut [u8] {
         let at = id as usize * PAGE;
         &mut self.storage.bytes_mut()[at..at + PAGE]
