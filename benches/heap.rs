@@ -14,9 +14,13 @@
 //! `cargo test --benches`). `HEAPGRID_BENCH_DIR` sets where the files go (default: `bench-tmp` in
 //! the cargo target directory, so on the build's disk and never on a tmpfs `/tmp`).
 //!
-//! Durability is equal: each heapgrid batch is `Heap::apply` + `Heap::checkpoint` (msync of the
-//! dirty pages, then the meta page), each redb batch is one write transaction committed with
-//! redb's default durability (`Durability::Immediate`, fsync).
+//! Durability is equal: every batch is on disk when its call returns. The heapgrid column is
+//! `Heap::apply` + `Heap::checkpoint` per batch (msync of the dirty pages, then the meta page) with
+//! the op log off (`HeapOptions::op_log = false`): with a checkpoint per batch a log would only
+//! add a write, a segment rotation and its fsyncs. redb commits one write transaction per batch
+//! with its default durability (`Durability::Immediate`). An extra row measures the op-log
+//! configuration: `FsyncPolicy::Always`, `Durability::wait` per batch (one log fsync), and a
+//! checkpoint every `LOG_CHECKPOINT_EVERY` batches. Open times are given for both configurations.
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -25,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};
-use heapgrid::heap::{Heap, HeapOptions, PAGE_SIZE, WriteBatch};
+use heapgrid::heap::{FsyncPolicy, Heap, HeapOptions, PAGE_SIZE, WriteBatch};
 use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -39,9 +43,23 @@ const KEYS_TEST: usize = 10_000;
 const OPENS: u32 = 20;
 /// Full scans averaged per store (after one warm-up scan).
 const SCANS: u32 = 3;
+/// Rounds of N random gets per store; the median round is reported.
+const GET_ROUNDS: u32 = 3;
 /// Gets measured with redb's slower "one read transaction per get" pattern.
 const REDB_TXN_GETS: usize = 200_000;
+/// Batches between checkpoints in the op-log configuration (100k keys, about 12 MB of log).
+const LOG_CHECKPOINT_EVERY: usize = 100;
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+
+/// The checkpoint-per-batch configuration: durability comes from the checkpoint alone.
+fn opts_checkpointed() -> HeapOptions {
+    HeapOptions { op_log: false, ..HeapOptions::default() }
+}
+
+/// The op-log configuration: each batch durable through one log fsync.
+fn opts_logged() -> HeapOptions {
+    HeapOptions { op_log: true, fsync: FsyncPolicy::Always, ..HeapOptions::default() }
+}
 
 type Key = [u8; KEY_BYTES];
 type Value = [u8; VALUE_BYTES];
@@ -113,12 +131,7 @@ impl Data {
         let mut random_order: Vec<u32> = (0..n as u32).collect();
         rng.shuffle(&mut random_order);
         let probes = (0..n).map(|_| rng.below(n) as u32).collect();
-        Data {
-            keys,
-            values,
-            random_order,
-            probes,
-        }
+        Data { keys, values, random_order, probes }
     }
 
     fn sequential_order(&self) -> Vec<u32> {
@@ -129,9 +142,24 @@ impl Data {
 // ---------------------------------------------------------------------------------------------
 // Loads
 
-fn load_heapgrid(path: &Path, data: &Data, order: &[u32]) -> Res<(Heap, Duration)> {
+/// How long a load took, and the part of it spent making batches durable (heapgrid's
+/// `checkpoint`, redb's `commit`).
+#[derive(Clone, Copy)]
+struct LoadTime {
+    total: Duration,
+    durable: Duration,
+}
+
+impl LoadTime {
+    fn durable_share(&self) -> f64 {
+        self.durable.as_secs_f64() / self.total.as_secs_f64()
+    }
+}
+
+fn load_heapgrid(path: &Path, data: &Data, order: &[u32]) -> Res<(Heap, LoadTime)> {
     let t = Instant::now();
-    let mut heap = Heap::open(path, HeapOptions::default())?;
+    let mut durable = Duration::ZERO;
+    let mut heap = Heap::open(path, opts_checkpointed())?;
     let mut batch = WriteBatch::new();
     for chunk in order.chunks(BATCH) {
         batch.clear();
@@ -139,15 +167,47 @@ fn load_heapgrid(path: &Path, data: &Data, order: &[u32]) -> Res<(Heap, Duration
             batch.put(&data.keys[i as usize], &data.values[i as usize])?;
         }
         heap.apply(&batch)?;
+        let c = Instant::now();
         heap.checkpoint()?;
+        durable += c.elapsed();
     }
-    let took = t.elapsed();
+    let total = t.elapsed();
     assert_eq!(heap.len(), order.len() as u64);
-    Ok((heap, took))
+    Ok((heap, LoadTime { total, durable }))
 }
 
-fn load_redb(path: &Path, data: &Data, order: &[u32]) -> Res<(Database, Duration)> {
+/// Op-log configuration: each batch is acknowledged after `Durability::wait` (an fsync of the
+/// log); pages are checkpointed every `LOG_CHECKPOINT_EVERY` batches and once at the end.
+fn load_heapgrid_logged(path: &Path, data: &Data, order: &[u32]) -> Res<(Heap, LoadTime)> {
     let t = Instant::now();
+    let mut durable = Duration::ZERO;
+    let mut heap = Heap::open(path, opts_logged())?;
+    let sync = heap.durability().ok_or("op log missing")?;
+    let mut batch = WriteBatch::new();
+    for (b, chunk) in order.chunks(BATCH).enumerate() {
+        batch.clear();
+        for &i in chunk {
+            batch.put(&data.keys[i as usize], &data.values[i as usize])?;
+        }
+        let lsn = heap.apply(&batch)?;
+        let c = Instant::now();
+        sync.wait(lsn)?;
+        if (b + 1) % LOG_CHECKPOINT_EVERY == 0 {
+            heap.checkpoint()?;
+        }
+        durable += c.elapsed();
+    }
+    let c = Instant::now();
+    heap.checkpoint()?;
+    durable += c.elapsed();
+    let total = t.elapsed();
+    assert_eq!(heap.len(), order.len() as u64);
+    Ok((heap, LoadTime { total, durable }))
+}
+
+fn load_redb(path: &Path, data: &Data, order: &[u32]) -> Res<(Database, LoadTime)> {
+    let t = Instant::now();
+    let mut durable = Duration::ZERO;
     let db = Database::create(path)?;
     for chunk in order.chunks(BATCH) {
         let txn = db.begin_write()?;
@@ -157,24 +217,20 @@ fn load_redb(path: &Path, data: &Data, order: &[u32]) -> Res<(Database, Duration
                 table.insert(&data.keys[i as usize][..], &data.values[i as usize][..])?;
             }
         }
+        let c = Instant::now();
         txn.commit()?;
+        durable += c.elapsed();
     }
-    let took = t.elapsed();
-    assert_eq!(
-        db.begin_read()?.open_table(TABLE)?.len()?,
-        order.len() as u64
-    );
-    Ok((db, took))
+    let total = t.elapsed();
+    assert_eq!(db.begin_read()?.open_table(TABLE)?.len()?, order.len() as u64);
+    Ok((db, LoadTime { total, durable }))
 }
 
 fn load_btree(data: &Data, order: &[u32]) -> (BTreeMap<Vec<u8>, Vec<u8>>, Duration) {
     let t = Instant::now();
     let mut map = BTreeMap::new();
     for &i in order {
-        map.insert(
-            data.keys[i as usize].to_vec(),
-            data.values[i as usize].to_vec(),
-        );
+        map.insert(data.keys[i as usize].to_vec(), data.values[i as usize].to_vec());
     }
     let took = t.elapsed();
     assert_eq!(map.len(), order.len());
@@ -188,10 +244,7 @@ fn gets_heapgrid(heap: &Heap, data: &Data, probes: &[u32]) -> Res<Duration> {
     let t = Instant::now();
     let mut bytes = 0usize;
     for &i in probes {
-        bytes += heap
-            .get_ref(&data.keys[i as usize])?
-            .ok_or("missing")?
-            .len();
+        bytes += heap.get_ref(&data.keys[i as usize])?.ok_or("missing")?.len();
     }
     let took = t.elapsed();
     assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
@@ -205,11 +258,7 @@ fn gets_redb(db: &Database, data: &Data, probes: &[u32]) -> Res<Duration> {
     let table = txn.open_table(TABLE)?;
     let mut bytes = 0usize;
     for &i in probes {
-        bytes += table
-            .get(&data.keys[i as usize][..])?
-            .ok_or("missing")?
-            .value()
-            .len();
+        bytes += table.get(&data.keys[i as usize][..])?.ok_or("missing")?.value().len();
     }
     let took = t.elapsed();
     assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
@@ -223,11 +272,7 @@ fn gets_redb_txn_each(db: &Database, data: &Data, probes: &[u32]) -> Res<Duratio
     for &i in probes {
         let txn = db.begin_read()?;
         let table = txn.open_table(TABLE)?;
-        bytes += table
-            .get(&data.keys[i as usize][..])?
-            .ok_or("missing")?
-            .value()
-            .len();
+        bytes += table.get(&data.keys[i as usize][..])?.ok_or("missing")?.value().len();
     }
     let took = t.elapsed();
     assert_eq!(black_box(bytes), probes.len() * VALUE_BYTES);
@@ -254,10 +299,7 @@ fn scan_heapgrid(heap: &Heap, n: usize) -> Res<Duration> {
         bytes += k.len() + v.len();
     }
     let took = t.elapsed();
-    assert_eq!(
-        (count, black_box(bytes)),
-        (n, n * (KEY_BYTES + VALUE_BYTES))
-    );
+    assert_eq!((count, black_box(bytes)), (n, n * (KEY_BYTES + VALUE_BYTES)));
     Ok(took)
 }
 
@@ -272,10 +314,7 @@ fn scan_redb(db: &Database, n: usize) -> Res<Duration> {
         bytes += k.value().len() + v.value().len();
     }
     let took = t.elapsed();
-    assert_eq!(
-        (count, black_box(bytes)),
-        (n, n * (KEY_BYTES + VALUE_BYTES))
-    );
+    assert_eq!((count, black_box(bytes)), (n, n * (KEY_BYTES + VALUE_BYTES)));
     Ok(took)
 }
 
@@ -287,28 +326,37 @@ fn scan_btree(map: &BTreeMap<Vec<u8>, Vec<u8>>, n: usize) -> Duration {
         bytes += k.len() + v.len();
     }
     let took = t.elapsed();
-    assert_eq!(
-        (count, black_box(bytes)),
-        (n, n * (KEY_BYTES + VALUE_BYTES))
-    );
+    assert_eq!((count, black_box(bytes)), (n, n * (KEY_BYTES + VALUE_BYTES)));
     took
 }
 
 /// Average, minimum and maximum time of `Heap::open` of the closed heap at `path`.
-fn open_times_heapgrid(path: &Path) -> Res<(Duration, Duration, Duration)> {
+fn open_times_heapgrid(path: &Path, opts: &HeapOptions) -> Res<OpenTimes> {
     let mut times = Vec::new();
+    let mut stats = None;
     for _ in 0..OPENS {
         let t = Instant::now();
-        let heap = Heap::open(path, HeapOptions::default())?;
+        let heap = Heap::open(path, opts.clone())?;
         times.push(t.elapsed());
-        black_box(heap.len());
+        stats = Some(heap.stats());
         // Dropped before the next open: the heap holds an exclusive lock on its file.
         drop(heap);
     }
     let sum: Duration = times.iter().sum();
     let min = *times.iter().min().ok_or("no opens")?;
     let max = *times.iter().max().ok_or("no opens")?;
-    Ok((sum / OPENS, min, max))
+    let st = stats.ok_or("no opens")?;
+    Ok(OpenTimes { avg: sum / OPENS, min, max, page_count: st.page_count, free_pages: st.free_pages })
+}
+
+#[derive(Clone, Copy)]
+struct OpenTimes {
+    avg: Duration,
+    min: Duration,
+    max: Duration,
+    /// Pages of the opened heap, and how many of them the free list (read at open) names.
+    page_count: u64,
+    free_pages: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,32 +406,83 @@ struct Stores {
 // ---------------------------------------------------------------------------------------------
 // The one-shot comparison
 
+/// Space figures of one store after a load.
+#[derive(Clone, Copy, Default)]
+struct Space {
+    /// heapgrid: `HeapStats::file_bytes`; redb: the file's length.
+    file_bytes: u64,
+    /// heapgrid: `page_count * PAGE_SIZE` (0 for redb).
+    page_bytes: u64,
+}
+
 struct Report {
     n: usize,
     dir: PathBuf,
     fs: String,
-    // Throughputs in operations per second.
+    // Throughputs in operations per second: [heapgrid, redb, BTreeMap].
     seq_put: [f64; 3],
     rand_put: [f64; 3],
+    // Share of the load time spent in checkpoint / commit: [heapgrid, redb].
+    seq_durable: [f64; 2],
+    rand_durable: [f64; 2],
     get: [f64; 3],
     get_redb_txn_each: f64,
     scan: [f64; 3],
     first_scan: [f64; 2],
-    hg_file_bytes: u64,
-    hg_page_bytes: u64,
+    // Space: [heapgrid, redb].
+    seq_space: [Space; 2],
+    rand_space: [Space; 2],
+    compacted: [Space; 2],
     hg_stats: String,
-    hg_compacted_bytes: u64,
-    redb_file_bytes: u64,
-    redb_compacted_bytes: u64,
-    open_1m: (Duration, Duration, Duration),
-    open_100k: (Duration, Duration, Duration),
-    open_100k_keys: usize,
+    hg_compact: String,
+    hg_compacted_stats: String,
+    // Op-log configuration: puts in keys/s, share of time in wait + checkpoint, space.
+    seq_put_log: f64,
+    rand_put_log: f64,
+    seq_durable_log: f64,
+    rand_durable_log: f64,
+    rand_space_log: Space,
+    log_bytes: u64,
+    // Open times: op log off, then default options (op log on).
+    open_big: OpenTimes,
+    open_small: OpenTimes,
+    open_big_log: OpenTimes,
+    open_big_log_pages: OpenTimes,
+    open_small_log: OpenTimes,
+    small_keys: usize,
     redb_open: Duration,
     total: Duration,
 }
 
 fn per_sec(ops: usize, d: Duration) -> f64 {
     ops as f64 / d.as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn heap_space(heap: &Heap) -> Space {
+    let st = heap.stats();
+    Space { file_bytes: st.file_bytes, page_bytes: st.page_count * PAGE_SIZE as u64 }
+}
+
+fn file_space(path: &Path) -> Res<Space> {
+    Ok(Space { file_bytes: std::fs::metadata(path)?.len(), page_bytes: 0 })
+}
+
+/// Bytes of the op-log segments of the heap file `heap` (named `<heap file>.log.<lsn>`).
+fn log_bytes(heap: &Path) -> Res<u64> {
+    let prefix = format!("{}.log.", heap.file_name().ok_or("no file name")?.to_string_lossy());
+    let mut total = 0;
+    for e in std::fs::read_dir(heap.parent().ok_or("no parent")?)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
 }
 
 fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
@@ -394,15 +493,23 @@ fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
 
     // 1. Sequential batched puts (each store built from empty, then dropped).
     eprintln!("compare: sequential load of {n} keys");
-    let (heap, hg) = load_heapgrid(&dir.join("seq.heap"), data, &seq)?;
+    let (seq_path_h, seq_path_r) = (dir.join("seq.heap"), dir.join("seq.redb"));
+    let (heap, hg) = load_heapgrid(&seq_path_h, data, &seq)?;
+    let hg_seq_space = heap_space(&heap);
     heap.close()?;
-    let (db, rd) = load_redb(&dir.join("seq.redb"), data, &seq)?;
+    let (db, rd) = load_redb(&seq_path_r, data, &seq)?;
     drop(db);
+    let seq_space = [hg_seq_space, file_space(&seq_path_r)?];
     let (map, bt) = load_btree(data, &seq);
     drop(map);
-    let seq_put = [per_sec(n, hg), per_sec(n, rd), per_sec(n, bt)];
-    std::fs::remove_file(dir.join("seq.heap"))?;
-    std::fs::remove_file(dir.join("seq.redb"))?;
+    let seq_put = [per_sec(n, hg.total), per_sec(n, rd.total), per_sec(n, bt)];
+    let seq_durable = [hg.durable_share(), rd.durable_share()];
+    std::fs::remove_file(&seq_path_h)?;
+    std::fs::remove_file(&seq_path_r)?;
+    let seq_log_path = dir.join("seq_log.heap");
+    let (heap, hgl) = load_heapgrid_logged(&seq_log_path, data, &seq)?;
+    heap.close()?;
+    let (seq_put_log, seq_durable_log) = (per_sec(n, hgl.total), hgl.durable_share());
 
     // 2. Random-order batched puts; these stores serve every later measurement.
     eprintln!("compare: random-order load of {n} keys");
@@ -411,38 +518,47 @@ fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
     let (heap, hg) = load_heapgrid(&heap_path, data, rand)?;
     let (db, rd) = load_redb(&redb_path, data, rand)?;
     let (map, bt) = load_btree(data, rand);
-    let rand_put = [per_sec(n, hg), per_sec(n, rd), per_sec(n, bt)];
+    let rand_put = [per_sec(n, hg.total), per_sec(n, rd.total), per_sec(n, bt)];
+    let rand_durable = [hg.durable_share(), rd.durable_share()];
 
     // 5. Space after the random load.
-    let st = heap.stats();
-    let hg_file_bytes = st.file_bytes;
-    let hg_page_bytes = st.page_count * PAGE_SIZE as u64;
-    let hg_stats = format!("{st:?}");
+    let hg_rand_space = heap_space(&heap);
+    let hg_stats = format!("{:?}", heap.stats());
     heap.close()?;
     drop(db);
-    let redb_file_bytes = std::fs::metadata(&redb_path)?.len();
+    let rand_space = [hg_rand_space, file_space(&redb_path)?];
+    let rand_log_path = dir.join("rand_log.heap");
+    let (heap, hgl) = load_heapgrid_logged(&rand_log_path, data, rand)?;
+    let (rand_put_log, rand_durable_log) = (per_sec(n, hgl.total), hgl.durable_share());
+    let rand_space_log = heap_space(&heap);
+    heap.close()?;
+    let log_bytes = log_bytes(&rand_log_path)?;
 
     // 6. Open times of the closed heaps; redb's for reference.
     eprintln!("compare: open times");
-    let open_1m = open_times_heapgrid(&heap_path)?;
-    let small = (n / 10).max(1);
+    let open_big = open_times_heapgrid(&heap_path, &opts_checkpointed())?;
+    let open_big_log = open_times_heapgrid(&rand_log_path, &HeapOptions::default())?;
+    // The same heap without its log: separates page-side cost (free list) from log-side cost.
+    let open_big_log_pages = open_times_heapgrid(&rand_log_path, &opts_checkpointed())?;
+    let small_keys = (n / 10).max(1);
     let small_path = dir.join("small.heap");
-    let (small_heap, _) = load_heapgrid(&small_path, data, &rand[..small])?;
+    let (small_heap, _) = load_heapgrid(&small_path, data, &rand[..small_keys])?;
     small_heap.close()?;
-    let open_100k = open_times_heapgrid(&small_path)?;
-    std::fs::remove_file(&small_path)?;
+    let open_small = open_times_heapgrid(&small_path, &opts_checkpointed())?;
+    let small_log_path = dir.join("small_log.heap");
+    let (small_heap, _) = load_heapgrid_logged(&small_log_path, data, &rand[..small_keys])?;
+    small_heap.close()?;
+    let open_small_log = open_times_heapgrid(&small_log_path, &HeapOptions::default())?;
     let t = Instant::now();
     let db = Database::open(&redb_path)?;
     let redb_open = t.elapsed();
 
     // 3 and 4. Reads on the reopened stores. The first scan after open is timed on its own: it
-    // verifies heapgrid's page checksums and fills redb's cache; later reads are warm.
+    // verifies heapgrid's page checksums and fills redb's cache; later reads are warm. Stores
+    // take turns within each round so drift on the machine hits all of them alike.
     eprintln!("compare: scans and gets");
-    let heap = Heap::open(&heap_path, HeapOptions::default())?;
-    let first_scan = [
-        per_sec(n, scan_heapgrid(&heap, n)?),
-        per_sec(n, scan_redb(&db, n)?),
-    ];
+    let heap = Heap::open(&heap_path, opts_checkpointed())?;
+    let first_scan = [per_sec(n, scan_heapgrid(&heap, n)?), per_sec(n, scan_redb(&db, n)?)];
     scan_btree(&map, n);
     let mut scan_t = [Duration::ZERO; 3];
     for _ in 0..SCANS {
@@ -450,31 +566,36 @@ fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
         scan_t[1] += scan_redb(&db, n)?;
         scan_t[2] += scan_btree(&map, n);
     }
-    let scans = n * SCANS as usize;
-    let scan = scan_t.map(|d| per_sec(scans, d));
+    let scan = scan_t.map(|d| per_sec(n * SCANS as usize, d));
     let probes = &data.probes;
-    let get = [
-        per_sec(probes.len(), gets_heapgrid(&heap, data, probes)?),
-        per_sec(probes.len(), gets_redb(&db, data, probes)?),
-        per_sec(probes.len(), gets_btree(&map, data, probes)?),
-    ];
-    let few = &probes[..REDB_TXN_GETS.min(probes.len())];
+    let g = probes.len();
+    let mut rounds: [Vec<f64>; 3] = Default::default();
+    for _ in 0..GET_ROUNDS {
+        rounds[0].push(per_sec(g, gets_heapgrid(&heap, data, probes)?));
+        rounds[1].push(per_sec(g, gets_redb(&db, data, probes)?));
+        rounds[2].push(per_sec(g, gets_btree(&map, data, probes)?));
+    }
+    let get = rounds.map(median);
+    let few = &probes[..REDB_TXN_GETS.min(g)];
     let get_redb_txn_each = per_sec(few.len(), gets_redb_txn_each(&db, data, few)?);
 
-    // Compaction last (it rewrites both files), in copies so the micro benchmarks get the
+    // Compaction last (it rewrites both files), on copies so the micro benchmarks get the
     // stores exactly as loaded.
     eprintln!("compare: compaction");
     let heap_copy = dir.join("compact.heap");
     let redb_copy = dir.join("compact.redb");
     std::fs::copy(&heap_path, &heap_copy)?;
     std::fs::copy(&redb_path, &redb_copy)?;
-    let mut h = Heap::open(&heap_copy, HeapOptions::default())?;
-    let hg_compacted_bytes = h.compact()?.file_bytes_after;
+    let mut h = Heap::open(&heap_copy, opts_checkpointed())?;
+    let cs = h.compact()?;
+    let hg_compact = format!("{cs:?}");
+    let hg_compacted = heap_space(&h);
+    let hg_compacted_stats = format!("{:?}", h.stats());
     h.close()?;
     let mut d = Database::open(&redb_copy)?;
     while d.compact()? {}
     drop(d);
-    let redb_compacted_bytes = std::fs::metadata(&redb_copy)?.len();
+    let compacted = [hg_compacted, file_space(&redb_copy)?];
     std::fs::remove_file(&heap_copy)?;
     std::fs::remove_file(&redb_copy)?;
 
@@ -484,19 +605,30 @@ fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
         fs: fs_type(dir),
         seq_put,
         rand_put,
+        seq_durable,
+        rand_durable,
         get,
         get_redb_txn_each,
         scan,
         first_scan,
-        hg_file_bytes,
-        hg_page_bytes,
+        seq_space,
+        rand_space,
+        compacted,
         hg_stats,
-        hg_compacted_bytes,
-        redb_file_bytes,
-        redb_compacted_bytes,
-        open_1m,
-        open_100k,
-        open_100k_keys: small,
+        hg_compact,
+        hg_compacted_stats,
+        seq_put_log,
+        rand_put_log,
+        seq_durable_log,
+        rand_durable_log,
+        rand_space_log,
+        log_bytes,
+        open_big,
+        open_small,
+        open_big_log,
+        open_big_log_pages,
+        open_small_log,
+        small_keys,
         redb_open,
         total: t_all.elapsed(),
     };
@@ -504,11 +636,7 @@ fn compare(data: &Data, dir: &Path) -> Res<(Report, Stores)> {
 }
 
 fn fmt_rate(r: f64) -> String {
-    if r >= 1e6 {
-        format!("{:.2} M/s", r / 1e6)
-    } else {
-        format!("{:.1} k/s", r / 1e3)
-    }
+    if r >= 1e6 { format!("{:.2} M/s", r / 1e6) } else { format!("{:.1} k/s", r / 1e3) }
 }
 
 fn ms(d: Duration) -> String {
@@ -519,18 +647,31 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
 }
 
+fn fmt_keys(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn fmt_open(o: &OpenTimes) -> String {
+    format!("{} ({} / {})", ms(o.avg), ms(o.min), ms(o.max))
+}
+
+fn fmt_open_pages(o: &OpenTimes) -> String {
+    format!("{} pages, {} free", o.page_count, o.free_pages)
+}
+
 impl Report {
     fn print(&self) {
         let n = self.n as f64;
-        let keys = if self.n == KEYS_DEFAULT {
-            "1M".to_string()
-        } else {
-            self.n.to_string()
-        };
+        let per_key = |b: u64| b as f64 / n;
+        let keys = fmt_keys(self.n);
+        let small = fmt_keys(self.small_keys);
         println!();
         println!(
-            "## heapgrid heap vs redb vs BTreeMap: {} keys of {KEY_BYTES} B, values of {VALUE_BYTES} B",
-            self.n
+            "## heapgrid heap vs redb vs BTreeMap: {keys} keys of {KEY_BYTES} B, values of {VALUE_BYTES} B"
         );
         println!("files in {} ({})", self.dir.display(), self.fs);
         println!();
@@ -548,88 +689,136 @@ impl Report {
                 r[0] / r[2]
             );
         };
-        row("sequential put, batches of 1000 (keys/s)", self.seq_put);
-        row("random-order put, batches of 1000 (keys/s)", self.rand_put);
-        row("random get (gets/s)", self.get);
-        println!(
-            "| random get, redb read txn per get (gets/s) | {} | {} | | {:.2}x | |",
+        let row2 = |name: &str, hg: String, rd: String, ratio: f64| {
+            println!("| {name} | {hg} | {rd} | | {ratio:.2}x | |");
+        };
+        let row1 = |name: &str, hg: String| println!("| {name} | {hg} | | | | |");
+        row("sequential put, batch = apply + checkpoint (keys/s)", self.seq_put);
+        row("random-order put, batch = apply + checkpoint (keys/s)", self.rand_put);
+        let log = format!("op log Always, checkpoint every {LOG_CHECKPOINT_EVERY} batches");
+        row(&format!("sequential put, {log} (keys/s)"), [self.seq_put_log, self.seq_put[1], self.seq_put[2]]);
+        row(
+            &format!("random-order put, {log} (keys/s)"),
+            [self.rand_put_log, self.rand_put[1], self.rand_put[2]],
+        );
+        row(&format!("random get (gets/s, median of {GET_ROUNDS} rounds)"), self.get);
+        row2(
+            "random get vs redb with a read txn per get (gets/s)",
             fmt_rate(self.get[0]),
             fmt_rate(self.get_redb_txn_each),
-            self.get[0] / self.get_redb_txn_each
+            self.get[0] / self.get_redb_txn_each,
         );
-        row("full scan in key order, warm (keys/s)", self.scan);
-        println!(
-            "| first full scan after open (keys/s) | {} | {} | | {:.2}x | |",
+        row(&format!("full scan in key order, warm (keys/s, {SCANS} scans)"), self.scan);
+        row2(
+            "first full scan after open (keys/s)",
             fmt_rate(self.first_scan[0]),
             fmt_rate(self.first_scan[1]),
-            self.first_scan[0] / self.first_scan[1]
+            self.first_scan[0] / self.first_scan[1],
+        );
+        let bytes_row = |name: &str, h: u64, r: u64| {
+            row2(name, format!("{:.1}", per_key(h)), format!("{:.1}", per_key(r)), h as f64 / r as f64);
+        };
+        let [h, r] = self.rand_space;
+        bytes_row("file bytes / key after random load", h.file_bytes, r.file_bytes);
+        row1("page_count x 4096 / key after random load", format!("{:.1}", per_key(h.page_bytes)));
+        let [h, r] = self.seq_space;
+        bytes_row("file bytes / key after sequential load", h.file_bytes, r.file_bytes);
+        row1("page_count x 4096 / key after sequential load", format!("{:.1}", per_key(h.page_bytes)));
+        let [h, r] = self.compacted;
+        bytes_row("file bytes / key after compacting the random load", h.file_bytes, r.file_bytes);
+        let h = self.rand_space_log;
+        row1(
+            "op-log config, random load: file bytes / key; page_count x 4096 / key; log bytes / key",
+            format!(
+                "{:.1}; {:.1}; {:.1}",
+                per_key(h.file_bytes),
+                per_key(h.page_bytes),
+                per_key(self.log_bytes)
+            ),
         );
         println!(
-            "| file bytes per key after random load | {:.1} | {:.1} | | {:.2}x | |",
-            self.hg_file_bytes as f64 / n,
-            self.redb_file_bytes as f64 / n,
-            self.hg_file_bytes as f64 / self.redb_file_bytes as f64
-        );
-        println!(
-            "| page_count x 4096 per key after random load | {:.1} | | | | |",
-            self.hg_page_bytes as f64 / n
-        );
-        println!(
-            "| file bytes per key after compaction | {:.1} | {:.1} | | {:.2}x | |",
-            self.hg_compacted_bytes as f64 / n,
-            self.redb_compacted_bytes as f64 / n,
-            self.hg_compacted_bytes as f64 / self.redb_compacted_bytes as f64
-        );
-        println!(
-            "| open, {} keys (avg of {OPENS}; min / max) | {} ({} / {}) | {} (one open) | | | |",
-            self.n,
-            ms(self.open_1m.0),
-            ms(self.open_1m.1),
-            ms(self.open_1m.2),
+            "| open, {keys} keys, op log off (avg of {OPENS}; min / max) | {} | {} (one open) | | | |",
+            fmt_open(&self.open_big),
             ms(self.redb_open)
         );
-        println!(
-            "| open, {} keys (avg of {OPENS}; min / max) | {} ({} / {}) | | | | |",
-            self.open_100k_keys,
-            ms(self.open_100k.0),
-            ms(self.open_100k.1),
-            ms(self.open_100k.2)
+        row1(
+            &format!("open, {small} keys, op log off (avg of {OPENS}; min / max)"),
+            fmt_open(&self.open_small),
+        );
+        row1(
+            &format!("open, {keys} keys, default options = op log on (avg of {OPENS}; min / max)"),
+            fmt_open(&self.open_big_log),
+        );
+        row1(
+            &format!("open, {small} keys, default options = op log on (avg of {OPENS}; min / max)"),
+            fmt_open(&self.open_small_log),
+        );
+        row1(
+            &format!(
+                "open, {keys} keys, that op-log heap opened with op log off (avg of {OPENS}; min / max)"
+            ),
+            fmt_open(&self.open_big_log_pages),
         );
         println!();
+        let pct = |x: f64| format!("{:.0}%", x * 100.0);
+        println!(
+            "share of load time making batches durable: checkpoint per batch (heapgrid) / commit (redb): \
+             sequential {} / {}, random-order {} / {}; op-log config (wait + checkpoints): sequential {}, \
+             random-order {}",
+            pct(self.seq_durable[0]),
+            pct(self.seq_durable[1]),
+            pct(self.rand_durable[0]),
+            pct(self.rand_durable[1]),
+            pct(self.seq_durable_log),
+            pct(self.rand_durable_log)
+        );
+        println!(
+            "heaps opened: op log off {keys}: {}, {small}: {}; op log on {keys}: {}, {small}: {} \
+             (op-log segments kept: {} bytes for {keys})",
+            fmt_open_pages(&self.open_big),
+            fmt_open_pages(&self.open_small),
+            fmt_open_pages(&self.open_big_log),
+            fmt_open_pages(&self.open_small_log),
+            self.log_bytes
+        );
         println!("heapgrid stats after the random load: {}", self.hg_stats);
+        println!("heapgrid compaction of a copy: {}", self.hg_compact);
+        println!("heapgrid stats after that compaction: {}", self.hg_compacted_stats);
         println!();
         println!("Goals:");
         let get_ratio = self.get[0] / self.get[1];
+        println!("- random get >= 1.0x redb: {get_ratio:.2}x -> {}", verdict(get_ratio >= 1.0));
+        let (sr, rr) = (self.seq_put[0] / self.seq_put[1], self.rand_put[0] / self.rand_put[1]);
         println!(
-            "- random get >= 1.0x redb: {get_ratio:.2}x -> {}",
-            verdict(get_ratio >= 1.0)
-        );
-        let (sr, rr) = (
-            self.seq_put[0] / self.seq_put[1],
-            self.rand_put[0] / self.rand_put[1],
-        );
-        println!(
-            "- batched put >= 2x redb: sequential {sr:.2}x -> {}, random-order {rr:.2}x -> {}",
+            "- batched put >= 2x redb, checkpoint per batch: sequential {sr:.2}x -> {}, random-order {rr:.2}x -> {}",
             verdict(sr >= 2.0),
             verdict(rr >= 2.0)
         );
-        let (fb, pb) = (self.hg_file_bytes as f64 / n, self.hg_page_bytes as f64 / n);
+        let (sr, rr) = (self.seq_put_log / self.seq_put[1], self.rand_put_log / self.rand_put[1]);
         println!(
-            "- file bytes per key <= 140: file_bytes {fb:.1} -> {}, page_count x 4096 {pb:.1} -> {}",
+            "- batched put >= 2x redb, op-log config: sequential {sr:.2}x -> {}, random-order {rr:.2}x -> {}",
+            verdict(sr >= 2.0),
+            verdict(rr >= 2.0)
+        );
+        let [h, _] = self.rand_space;
+        let (fb, pb) = (per_key(h.file_bytes), per_key(h.page_bytes));
+        println!(
+            "- file bytes per key <= 140 (random load): file_bytes {fb:.1} -> {}, page_count x 4096 {pb:.1} -> {}",
             verdict(fb <= 140.0),
             verdict(pb <= 140.0)
         );
-        let (big, small) = (self.open_1m.0, self.open_100k.0);
-        println!(
-            "- open <= 50 ms: {} -> {}; flat in size: {} keys {} vs {} keys {} ({:.2}x)",
-            ms(big),
-            verdict(big <= Duration::from_millis(50)),
-            self.n,
-            ms(big),
-            self.open_100k_keys,
-            ms(small),
-            big.as_secs_f64() / small.as_secs_f64()
-        );
+        for (what, big, small_t) in [
+            ("op log off", self.open_big.avg, self.open_small.avg),
+            ("default options", self.open_big_log.avg, self.open_small_log.avg),
+        ] {
+            println!(
+                "- open <= 50 ms and flat ({what}): {keys} keys {} -> {}; {small} keys {}; ratio {:.2}x",
+                ms(big),
+                verdict(big <= Duration::from_millis(50)),
+                ms(small_t),
+                big.as_secs_f64() / small_t.as_secs_f64()
+            );
+        }
         println!("comparison took {:.1} s", self.total.as_secs_f64());
     }
 }

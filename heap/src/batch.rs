@@ -126,6 +126,13 @@ impl WriteBatch {
 
     /// Decodes and validates an encoded batch (from the op log or the network).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() as u64 > BATCH_BYTES_MAX {
+            return Err(Error::LimitExceeded {
+                what: "batch bytes",
+                got: bytes.len() as u64,
+                max: BATCH_BYTES_MAX,
+            });
+        }
         let mut ops = 0u32;
         for op in decode(bytes) {
             match op? {

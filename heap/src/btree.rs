@@ -203,7 +203,13 @@ fn split_and_insert(
         match path.pop() {
             None => {
                 // The root split: grow the tree by one level.
-                assert!(t.depth < TREE_DEPTH_MAX, "tree depth limit reached");
+                if t.depth >= TREE_DEPTH_MAX {
+                    return Err(crate::error::Error::LimitExceeded {
+                        what: "tree depth",
+                        got: t.depth as u64 + 1,
+                        max: TREE_DEPTH_MAX as u64,
+                    });
+                }
                 let root = pager.alloc()?;
                 node::build(pager.page_mut(root), false, level as u8, page, [up.as_slice()]);
                 t.root = root;

@@ -116,7 +116,10 @@ impl GroupCommit {
                 st.syncing = true;
                 let target = st.written;
                 drop(st);
+                // If `f` panics, the guard fails the group so no follower waits forever.
+                let mut guard = LeaderGuard { gc: self, armed: true };
                 let r = f();
+                guard.armed = false;
                 st = self.lock();
                 st.syncing = false;
                 st.syncs += 1;
@@ -128,6 +131,24 @@ impl GroupCommit {
                 continue;
             }
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// Fails the group if a leader's sync panics, so followers wake with an error.
+struct LeaderGuard<'a> {
+    gc: &'a GroupCommit,
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.gc.lock();
+            st.syncing = false;
+            st.failed.get_or_insert_with(|| "op log sync panicked".to_string());
+            drop(st);
+            self.gc.cond.notify_all();
         }
     }
 }
@@ -173,6 +194,16 @@ mod tests {
         }
         assert_eq!(gc.durable(), 1600);
         assert!(gc.syncs() < 1600, "syncs were shared: {}", gc.syncs());
+    }
+
+    #[test]
+    fn panicking_sync_fails_the_group_instead_of_hanging() {
+        let gc = Arc::new(GroupCommit::new(0));
+        gc.record_written(1);
+        let g2 = gc.clone();
+        let r = std::thread::spawn(move || g2.wait_durable(1, || panic!("sync exploded"))).join();
+        assert!(r.is_err(), "the leader's panic propagates to its own thread");
+        assert!(matches!(gc.wait_durable(1, || Ok(())), Err(Error::Poisoned(_))));
     }
 
     #[test]

@@ -169,7 +169,11 @@ impl Heap {
             match meta::read_meta(slot, p, heap_id, file_pages) {
                 Ok(m) if best.is_none_or(|b| m.epoch > b.epoch) => best = Some(m),
                 Ok(_) => {}
-                Err(e) => first_err = first_err.or(Some(e)),
+                // Report damage over "not ours": a never-written slot reads as bad magic.
+                Err(e) if first_err.as_ref().is_none_or(|f: &Error| !f.is_corruption()) => {
+                    first_err = Some(e)
+                }
+                Err(_) => {}
             }
         }
         let Some(m) = best else {
@@ -296,7 +300,8 @@ impl Heap {
     }
 
     /// Commits every operation of `batch`, in order, as one unit: first appended to the op log
-    /// (if any) with write(2), then applied. Returns the batch's LSN (0 without an op log). Under
+    /// (if any) with write(2), then applied. Returns the batch's LSN (without an op log: the last
+    /// LSN, unchanged). Under
     /// `FsyncPolicy::Always` the caller acknowledges only after `durability().wait(lsn)`.
     pub fn apply(&mut self, batch: &WriteBatch) -> Result<u64> {
         self.usable()?;
@@ -649,19 +654,28 @@ fn init_storage(storage: &mut dyn Storage, heap_id: u64) -> Result<()> {
     storage.sync_len()
 }
 
-/// Creates a new heap file atomically: written and synced under a temporary name, then renamed.
+/// Creates a new heap file atomically: written and synced under a unique temporary name, then
+/// hard-linked into place, which fails if another process created the file first (then we simply
+/// open theirs).
 fn create_file(path: &Path) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".creating");
+    tmp.push(format!(".creating.{}.{:x}", std::process::id(), new_heap_id()));
     let tmp = std::path::PathBuf::from(tmp);
+    let r = (|| {
+        {
+            let mut s = FileStorage::open(&tmp)?;
+            init_storage(&mut s, new_heap_id())?;
+        }
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::Io(e)),
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(dir)
+    })();
     let _ = std::fs::remove_file(&tmp);
-    {
-        let mut s = FileStorage::open(&tmp)?;
-        init_storage(&mut s, new_heap_id())?;
-    }
-    std::fs::rename(&tmp, path)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    sync_dir(dir)
+    r
 }
 
 /// A double-ended iterator over a key range. Yields `(key, value)`; keys are borrowed from the

@@ -12,6 +12,7 @@
 mod batch;
 mod btree;
 mod check;
+pub mod commit_queue;
 mod error;
 mod freelist;
 pub mod group_commit;
@@ -23,6 +24,7 @@ pub mod oplog;
 mod overflow;
 mod page;
 mod pager;
+mod shared;
 pub mod storage;
 pub mod sync;
 
@@ -33,3 +35,4 @@ pub use heap::{CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityRepor
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;
 pub use oplog::{Durability, FsyncPolicy, ReplayReport};
+pub use shared::SharedHeap;

@@ -17,8 +17,9 @@ pub const VALUE_BYTES_MAX: u32 = 32 * 1024 * 1024;
 pub const BATCH_OPS_MAX: u32 = 1 << 20;
 /// Encoded bytes of one write batch (keys + values + framing).
 pub const BATCH_BYTES_MAX: u64 = 256 * 1024 * 1024;
-/// Height of the B+tree. With keys of at most `KEY_BYTES_MAX` a branch holds at least 7
-/// children, so 16 levels are far more than any file can need; a deeper tree is corruption.
+/// Height of the B+tree. Every node holds at least four cells (`CELL_BYTES_MAX` is a quarter of
+/// a page), so a branch has at least 4 children after a split; 4^16 leaves are far more than
+/// `FILE_BYTES_MAX` can hold, so a deeper tree is corruption.
 pub const TREE_DEPTH_MAX: u32 = 16;
-/// Default cap on one heap file; `HeapOptions::max_file_bytes` may lower it.
+/// Default cap on one heap file (`HeapOptions::max_file_bytes` sets another).
 pub const FILE_BYTES_MAX: u64 = 1 << 40;

@@ -98,16 +98,20 @@ fn check_common(page_id: u64, p: &[u8], want: PageKind) -> Result<u64> {
     if p.len() < PAGE || p[OFF_MAGIC..OFF_MAGIC + 8] != MAGIC {
         return Err(Error::Format("bad magic".into()));
     }
-    // Magic present: from here on a mismatch is damage, not a foreign file.
-    let kind = page::verify(page_id, p)?;
+    // Magic present. Another format version or page size is `Format` whether or not our checksum
+    // matches (another version may checksum differently); with ours, a bad checksum is damage.
     let version = get_u32(p, OFF_VERSION);
-    if version != FORMAT_VERSION {
-        return Err(Error::Format(format!("format version {version}, this build reads {FORMAT_VERSION}")));
-    }
     let ps = get_u32(p, OFF_PAGE_SIZE);
-    if ps != PAGE_SIZE {
-        return Err(Error::Format(format!("page size {ps}, this build uses {PAGE_SIZE}")));
-    }
+    let kind = match page::verify(page_id, p) {
+        Ok(kind) if version == FORMAT_VERSION && ps == PAGE_SIZE => kind,
+        Err(e) if version == FORMAT_VERSION && ps == PAGE_SIZE => return Err(e),
+        _ if version != FORMAT_VERSION => {
+            return Err(Error::Format(format!(
+                "format version {version}, this build reads {FORMAT_VERSION}"
+            )));
+        }
+        _ => return Err(Error::Format(format!("page size {ps}, this build uses {PAGE_SIZE}"))),
+    };
     if kind != want {
         return corrupt(page_id, "wrong page kind");
     }
