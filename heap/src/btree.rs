@@ -529,6 +529,19 @@ impl<'a> Cursor<'a> {
         self.settle_backward(i)
     }
 
+    /// The leaf page and index the cursor is at (two cursors at one entry compare equal).
+    pub(crate) fn position(&self) -> (u64, usize) {
+        let &(n, i) = self.leaf().expect("valid cursor");
+        (n.id, i)
+    }
+
+    /// Key and value at the cursor, decoded from one cell.
+    pub(crate) fn entry(&self) -> Result<(&'a [u8], LeafValue<'a>)> {
+        let &(n, i) = self.leaf().expect("valid cursor");
+        let c = n.cell(i)?;
+        Ok((leaf_cell_key(c), leaf_cell_value(c)))
+    }
+
     pub(crate) fn key(&self) -> Result<&'a [u8]> {
         let &(n, i) = self.leaf().expect("valid cursor");
         n.key(i)

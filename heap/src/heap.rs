@@ -29,6 +29,8 @@ use std::sync::Arc;
 /// Most pages a batch reserves up front. A batch whose worst case is larger reserves this much;
 /// if the disk then fills mid-batch the heap is poisoned rather than half-applied.
 const BATCH_RESERVE_PAGES_MAX: u64 = 1024;
+/// Compaction stops after this many rounds of moving pages down.
+const COMPACT_ROUNDS_MAX: u32 = 4;
 /// Above this many separate dirty runs a checkpoint flushes the whole data area in one call.
 const FLUSH_RUNS_MAX: usize = 256;
 
@@ -373,7 +375,14 @@ impl Heap {
                 .and_then(|_| back.seek_upper(as_bytes(range.end_bound())))
                 .err();
         }
-        Range { pager: &self.pager, front, back, pending_err, done: false }
+        let mut done = false;
+        if pending_err.is_none() && front.is_valid() && back.is_valid() {
+            match (front.key(), back.key()) {
+                (Ok(f), Ok(b)) => done = f > b,
+                (Err(e), _) | (_, Err(e)) => pending_err = Some(e),
+            }
+        }
+        Range { pager: &self.pager, front, back, pending_err, done }
     }
 
     /// All entries in key order.
@@ -471,56 +480,97 @@ impl Heap {
         Ok(())
     }
 
-    /// Checkpoints, then moves pages down into free space and shrinks the file.
+    /// Checkpoints, then moves pages down into free space and shrinks the file. Runs in rounds:
+    /// each round frees everything freeable (two checkpoints), cuts free pages off the end of the
+    /// file, and copies the pages above the new target size into free pages below it.
     pub fn compact(&mut self) -> Result<CompactStats> {
         self.usable()?;
         let before = self.pager.storage.len();
-        // Two checkpoints: the first turns pending pages into held ones, the second frees them.
-        for _ in 0..2 {
-            self.changed = true;
-            self.checkpoint()?;
-        }
-        // After compaction the used pages would fit below `limit`; move every page above it.
-        let used = self.pager.page_count - self.pager.free.len() as u64;
-        let limit = used.max(FIRST_DATA_PAGE);
         let mut moved = 0;
-        if self.tree.root != 0 {
-            // Each moved page needs one new page; free space below `limit` is at least that.
-            self.pager.reserve(self.pager.page_count.saturating_sub(limit) + 1)?;
-            match self.relocate(self.tree.root, self.tree.depth - 1, limit, &mut moved) {
+        for _round in 0..COMPACT_ROUNDS_MAX {
+            self.settle()?;
+            self.cut_tail()?;
+            if self.tree.root == 0 {
+                break;
+            }
+            // Moving a page rewrites its parent, so every branch page may need a fresh copy too:
+            // leave room for them below the target.
+            let used = self.pager.page_count - self.pager.free.len() as u64;
+            let limit = used + self.branch_pages()? + self.tree.depth as u64 + 1;
+            if limit >= self.pager.page_count {
+                break;
+            }
+            let mut round = 0;
+            self.pager.reserve(self.pager.page_count - limit + self.branch_pages()? + 1)?;
+            match self.relocate(self.tree.root, self.tree.depth - 1, limit, &mut round) {
                 Ok(root) => self.tree.root = root,
                 Err(e) => return self.poison(e),
             }
-        }
-        for _ in 0..2 {
-            self.changed = true;
-            self.checkpoint()?;
-        }
-        // Cut the tail of free pages off the high-water mark.
-        let mut count = self.pager.page_count;
-        while count > FIRST_DATA_PAGE && self.pager.free.contains(&(count - 1)) {
-            count -= 1;
-            self.pager.free.remove(&count);
-        }
-        if count < self.pager.page_count {
-            self.pager.page_count = count;
-            self.changed = true;
-            self.checkpoint()?;
-            // The meta page on disk no longer names the cut pages: drop them from the file.
-            let r = self
-                .pager
-                .storage
-                .truncate(self.pager.page_count * PAGE_SIZE as u64)
-                .and_then(|_| self.pager.storage.sync_len());
-            if let Err(e) = r {
-                return self.poison(e);
+            moved += round;
+            if round == 0 {
+                break;
             }
         }
+        self.settle()?;
+        self.cut_tail()?;
         Ok(CompactStats {
             pages_moved: moved,
             file_bytes_before: before,
             file_bytes_after: self.pager.storage.len(),
         })
+    }
+
+    /// Two checkpoints: the first turns pending pages into held ones, the second frees them.
+    fn settle(&mut self) -> Result<()> {
+        for _ in 0..2 {
+            self.changed = true;
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the free pages at the end of the file off the high-water mark, checkpoints so no meta
+    /// page names them, then shrinks the file.
+    fn cut_tail(&mut self) -> Result<()> {
+        let mut count = self.pager.page_count;
+        while count > FIRST_DATA_PAGE && self.pager.free.contains(&(count - 1)) {
+            count -= 1;
+            self.pager.free.remove(&count);
+        }
+        if count == self.pager.page_count {
+            return Ok(());
+        }
+        self.pager.page_count = count;
+        self.changed = true;
+        self.checkpoint()?;
+        let r = self
+            .pager
+            .storage
+            .truncate(self.pager.page_count * PAGE_SIZE as u64)
+            .and_then(|_| self.pager.storage.sync_len());
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.poison(e),
+        }
+    }
+
+    /// Branch pages in the tree (a walk of every level above the leaves).
+    fn branch_pages(&self) -> Result<u64> {
+        if self.tree.depth < 2 {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut stack = vec![(self.tree.root, self.tree.depth - 1)];
+        while let Some((id, level)) = stack.pop() {
+            let node = btree::node_at(&self.pager, id, level)?;
+            n += 1;
+            if level >= 2 {
+                for i in 0..=node.count() {
+                    stack.push((node.child(i)?, level - 1));
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Copies every page of the subtree at `id` that lies at or above `limit` to a lower page.
@@ -701,13 +751,14 @@ impl<'a> Range<'a> {
             return None;
         }
         let r = (|| {
-            let (fk, bk) = (self.front.key()?, self.back.key()?);
-            if fk > bk {
-                return Ok(None);
-            }
+            // The two ends meet at one entry: yield it, then stop. (Keys were compared once at
+            // construction, so an empty range never gets here.)
+            let last = self.front.position() == self.back.position();
             let c = if forward { &mut self.front } else { &mut self.back };
-            let (k, v) = (c.key()?, c.value()?);
-            if forward {
+            let (k, v) = c.entry()?;
+            if last {
+                self.done = true;
+            } else if forward {
                 c.next()?
             } else {
                 c.prev()?

@@ -187,3 +187,66 @@ fn grow_deep_then_empty_and_compact() {
     let h = open(&disk);
     assert!(h.is_empty());
 }
+
+/// A heap loaded in random order, then mostly deleted, shrinks under compaction although its
+/// remaining pages are scattered over the whole file.
+#[test]
+fn compact_after_random_deletes_shrinks_the_file() {
+    let disk = SimDisk::new();
+    let mut h = open(&disk);
+    let n = 40_000u64;
+    let key = |i: u64| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes();
+    let mut b = WriteBatch::new();
+    for i in 0..n {
+        b.put(&key(i), &[3u8; 100]).unwrap();
+        if b.len() == 1000 {
+            h.apply(&b).unwrap();
+            h.checkpoint().unwrap();
+            b.clear();
+        }
+    }
+    for i in (0..n).filter(|i| i % 5 != 0) {
+        assert!(h.delete(&key(i)).unwrap());
+    }
+    h.checkpoint().unwrap();
+    let before = h.stats();
+    let s = h.compact().unwrap();
+    let after = h.stats();
+    assert!(
+        after.page_count * 2 < before.page_count,
+        "compaction kept {} of {} pages ({s:?})",
+        after.page_count,
+        before.page_count
+    );
+    assert!(s.file_bytes_after < s.file_bytes_before / 2, "{s:?}");
+    h.check_integrity().unwrap();
+    assert_eq!(h.len(), n / 5);
+    drop(h);
+    let h = open(&disk);
+    assert_eq!(h.len(), n / 5);
+    assert!(h.iter().all(|e| e.unwrap().1.as_ref() == [3u8; 100]));
+}
+
+/// Compacting a heap with little free space never makes it bigger (moving a page rewrites its
+/// parents, which must not spill past the end).
+#[test]
+fn compact_never_grows_the_file() {
+    let disk = SimDisk::new();
+    let mut h = open(&disk);
+    let key = |i: u64| (i.wrapping_mul(0x2545_F491_4F6C_DD1D)).to_be_bytes();
+    let mut b = WriteBatch::new();
+    for i in 0..60_000u64 {
+        b.put(&key(i), &[5u8; 100]).unwrap();
+        if b.len() == 1000 {
+            h.apply(&b).unwrap();
+            h.checkpoint().unwrap();
+            b.clear();
+        }
+    }
+    h.checkpoint().unwrap();
+    let before = h.stats();
+    h.compact().unwrap();
+    let after = h.stats();
+    assert!(after.page_count <= before.page_count, "compaction grew the heap: {before:?} -> {after:?}");
+    h.check_integrity().unwrap();
+}
