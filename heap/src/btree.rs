@@ -546,9 +546,4 @@ impl<'a> Cursor<'a> {
         let &(n, i) = self.leaf().expect("valid cursor");
         n.key(i)
     }
-
-    pub(crate) fn value(&self) -> Result<LeafValue<'a>> {
-        let &(n, i) = self.leaf().expect("valid cursor");
-        n.value(i)
-    }
 }
