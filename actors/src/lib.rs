@@ -7,3 +7,11 @@
 //! Invariant: depends on `heapgrid-heap`, never on the `heapgrid` crate.
 
 pub use heapgrid_heap as heap;
+
+pub mod key;
+pub mod table;
+pub mod value;
+
+pub use key::Key;
+pub use table::{Expect, OpResult, TableError, TableOp, TableShard, Versioned, WriteOp, WriteResult};
+pub use value::{PathSeg, Update, Value, ValueError};
