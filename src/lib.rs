@@ -1,10 +1,19 @@
-//! heapgrid: an actor-based in-memory data grid whose data lives in a persistent, memory-mapped
-//! paged heap.
+//! heapgrid: an actor-based data grid whose data lives in a persistent, memory-mapped paged heap.
 //!
-//! This crate is the public face: today it re-exports the persistent heap (`heap`); the embedded
-//! `Grid`, the network `Client`, the wire protocol and the server join it as the actor layer
-//! lands (see ARCHITECTURE.md).
+//! This crate is the public face: the embedded `Grid` and its `Table` handles (`grid`), the
+//! value model re-exported from `heapgrid-actors`, and the persistent heap (`heap`). The network
+//! `Client`, the wire protocol and the server join it next (see ARCHITECTURE.md).
 //!
 //! Invariant: this crate depends on `heapgrid-actors` and `heapgrid-heap`, never the reverse.
 
+pub mod grid;
+
+pub use grid::{CasOutcome, Grid, Result, Table, TableBackend};
+pub use heapgrid_actors::grid::{FsyncSetting, GridOptions, TableDef, TableOptions};
+pub use heapgrid_actors::restart::RestartPolicy;
+pub use heapgrid_actors::{Expect, GridError, Key, PathSeg, Update, Value, Versioned, WriteOp, WriteResult};
 pub use heapgrid_heap as heap;
+pub use heapgrid_heap::FsyncPolicy;
+
+/// The grid's error type.
+pub type Error = GridError;

@@ -8,10 +8,16 @@
 
 pub use heapgrid_heap as heap;
 
+pub mod error;
+pub mod grid;
 pub mod key;
+pub mod restart;
+pub mod shard;
+pub mod supervisor;
 pub mod table;
 pub mod value;
 
+pub use error::GridError;
 pub use key::Key;
 pub use table::{Expect, OpResult, TableError, TableOp, TableShard, Versioned, WriteOp, WriteResult};
 pub use value::{PathSeg, Update, Value, ValueError};

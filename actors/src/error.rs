@@ -1,0 +1,62 @@
+//! `GridError`: what the actor layer and its clients see. Typed, cloneable (it crosses actor and
+//! network boundaries), and specific about whether a write may have applied.
+
+use serde::{Deserialize, Serialize};
+
+use crate::table::TableError;
+
+/// Every way a grid operation can fail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum GridError {
+    #[error("no such table: {0}")]
+    NoSuchTable(String),
+    #[error("table already exists: {0}")]
+    TableExists(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("compare-and-set {index} in the batch did not match; nothing was written")]
+    CasFailed { index: usize },
+    #[error("{what} is {got}, the limit is {max}")]
+    LimitExceeded { what: String, got: u64, max: u64 },
+    #[error("value error: {0}")]
+    Value(String),
+    #[error("data corrupted: {0}")]
+    Corrupted(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The shard failed and was restarted too often; it refuses requests until the grid reopens.
+    #[error("table {table} shard {shard} has failed: {reason}")]
+    ShardFailed { table: String, shard: u32, reason: String },
+    /// The request could not be answered (the shard died while handling it, or is restarting).
+    /// A write may or may not have been applied.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("grid is closed")]
+    Closed,
+}
+
+impl From<TableError> for GridError {
+    fn from(e: TableError) -> Self {
+        match e {
+            TableError::Key(k) => GridError::Invalid(k.to_string()),
+            TableError::Value(v) => GridError::Value(v.to_string()),
+            TableError::Heap(h) => h.into(),
+            TableError::CasFailed { index } => GridError::CasFailed { index },
+            TableError::LimitExceeded { what, got, max } => {
+                GridError::LimitExceeded { what: what.into(), got, max }
+            }
+            e @ TableError::Corrupted { .. } => GridError::Corrupted(e.to_string()),
+        }
+    }
+}
+
+impl From<heapgrid_heap::Error> for GridError {
+    fn from(e: heapgrid_heap::Error) -> Self {
+        use heapgrid_heap::Error as H;
+        match e {
+            H::Corrupted { .. } | H::Format(_) => GridError::Corrupted(e.to_string()),
+            H::LimitExceeded { what, got, max } => GridError::LimitExceeded { what: what.into(), got, max },
+            e => GridError::Storage(e.to_string()),
+        }
+    }
+}

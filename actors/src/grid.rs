@@ -1,0 +1,577 @@
+//! `GridCore`: the running grid inside one process. It owns the data directory (an exclusive
+//! lock file), the persisted catalogue of tables, and the supervisor tree:
+//!
+//! ```text
+//! RootSupervisor ── TableSupervisor (one per table) ── ShardActor (one per shard, owns a heap)
+//!                └─ Checkpointer (checkpoints every running shard on a schedule)
+//! ```
+//!
+//! Feeds, queues and lock actors will hang under the root next to the table supervisors; paging
+//! and replica fan-out will be siblings of the checkpointer.
+//!
+//! Layout of the data directory:
+//!
+//! ```text
+//! <dir>/LOCK                          exclusive flock while a grid has it open
+//! <dir>/catalog.heap (+ .log.*)       table name -> TableDef (JSON as a Value), fsync always
+//! <dir>/tables/<name>/shard-NNNN.heap one heap (and its op log) per shard
+//! ```
+//!
+//! Invariant: a table is in the catalogue (durably) before its supervisor starts, and removed
+//! from it before its files are deleted.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use heapgrid_heap::{FsyncPolicy, Heap, HeapOptions};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::error::GridError;
+use crate::key::Key;
+use crate::restart::RestartPolicy;
+use crate::shard::ShardMsg;
+use crate::supervisor::{ShardSlot, SlotState, TableSupArgs, TableSupMsg, TableSupervisor};
+use crate::table::{OpResult, TableOp};
+use crate::value::Value;
+
+/// Most shards per table.
+pub const TABLE_SHARDS_MAX: u32 = 256;
+/// Longest table name.
+pub const TABLE_NAME_BYTES_MAX: usize = 64;
+/// How long a caller waits for a restarting shard before giving up.
+const SHARD_RESTART_WAIT: Duration = Duration::from_secs(5);
+
+/// A fsync policy as stored in the catalogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FsyncSetting {
+    Always,
+    EveryMs(u32),
+    Never,
+}
+
+impl From<FsyncSetting> for FsyncPolicy {
+    fn from(f: FsyncSetting) -> Self {
+        match f {
+            FsyncSetting::Always => FsyncPolicy::Always,
+            FsyncSetting::EveryMs(ms) => FsyncPolicy::EveryMs(ms),
+            FsyncSetting::Never => FsyncPolicy::Never,
+        }
+    }
+}
+
+impl From<FsyncPolicy> for FsyncSetting {
+    fn from(f: FsyncPolicy) -> Self {
+        match f {
+            FsyncPolicy::Always => FsyncSetting::Always,
+            FsyncPolicy::EveryMs(ms) => FsyncSetting::EveryMs(ms),
+            FsyncPolicy::Never => FsyncSetting::Never,
+        }
+    }
+}
+
+/// Options of a whole grid.
+#[derive(Clone, Debug)]
+pub struct GridOptions {
+    /// Default fsync policy of new tables.
+    pub fsync: FsyncPolicy,
+    /// How often the checkpointer checkpoints every shard.
+    pub checkpoint_interval_ms: u64,
+    /// Restart intensity of shard actors.
+    pub restart: RestartPolicy,
+}
+
+impl Default for GridOptions {
+    fn default() -> Self {
+        GridOptions {
+            fsync: FsyncPolicy::default(),
+            checkpoint_interval_ms: 1000,
+            restart: RestartPolicy::default(),
+        }
+    }
+}
+
+/// Options of one table, fixed at creation.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TableOptions {
+    /// Shards (by key hash); 0 means 1.
+    pub shards: u32,
+    /// fsync policy; `None` takes the grid's default.
+    pub fsync: Option<FsyncSetting>,
+}
+
+/// A table as recorded in the catalogue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableDef {
+    pub name: String,
+    pub shards: u32,
+    pub fsync: FsyncSetting,
+}
+
+/// One table of a running grid: its definition and where its shards are.
+pub struct TableRuntime {
+    pub def: TableDef,
+    slots: Arc<Vec<ShardSlot>>,
+}
+
+fn merge_entries(mut parts: Vec<Vec<(Key, crate::table::Versioned)>>, limit: u32, reverse: bool) -> OpResult {
+    let mut all: Vec<_> = parts.drain(..).flatten().collect();
+    all.sort_by(|a, b| if reverse { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
+    all.truncate(limit as usize);
+    OpResult::Entries(all)
+}
+
+impl TableRuntime {
+    /// Runs `op` on shard `i`: waits out a restart (bounded), never hangs on a dead actor. A
+    /// message that could not even be enqueued (the actor had already died) was not delivered, so
+    /// it is retried once the supervisor has replaced the actor.
+    async fn call_shard(&self, i: u32, mut op: TableOp) -> Result<OpResult, GridError> {
+        let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
+        loop {
+            let restarting = match self.slots[i as usize].get() {
+                SlotState::Running(actor) => match actor.call(|reply| ShardMsg::Op(op, reply), None).await {
+                    Ok(ractor::rpc::CallResult::Success(r)) => return r,
+                    Ok(_) => {
+                        return Err(GridError::Unavailable(format!(
+                            "shard {i} of {} did not answer",
+                            self.def.name
+                        )));
+                    }
+                    Err(ractor::MessagingErr::SendErr(ShardMsg::Op(back, _))) => {
+                        op = back;
+                        true
+                    }
+                    Err(e) => {
+                        return Err(GridError::Unavailable(format!(
+                            "shard {i} of {} stopped while handling the request (a write may or may not have applied): {e}",
+                            self.def.name
+                        )));
+                    }
+                },
+                SlotState::Starting => true,
+                SlotState::Failed(reason) => {
+                    return Err(GridError::ShardFailed { table: self.def.name.clone(), shard: i, reason });
+                }
+                SlotState::Stopped => return Err(GridError::Closed),
+            };
+            debug_assert!(restarting);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GridError::Unavailable(format!("shard {i} of {} is restarting", self.def.name)));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn shard_of(&self, key: &Key) -> u32 {
+        key.shard(self.def.shards)
+    }
+
+    /// Executes `op`, routing by key; counts and scans over several shards are merged in key
+    /// order. A batch must stay within one shard (it is one op-log record of that shard).
+    pub async fn execute(&self, op: TableOp) -> Result<OpResult, GridError> {
+        if self.def.shards == 1 {
+            return self.call_shard(0, op).await;
+        }
+        match &op {
+            TableOp::Get { key } | TableOp::Contains { key } => {
+                let s = self.shard_of(key);
+                self.call_shard(s, op).await
+            }
+            TableOp::Write(w) => {
+                let s = self.shard_of(w.key());
+                self.call_shard(s, op).await
+            }
+            TableOp::Batch(ws) => {
+                let shards: std::collections::BTreeSet<u32> =
+                    ws.iter().map(|w| self.shard_of(w.key())).collect();
+                match shards.len() {
+                    0 => Ok(OpResult::Written { lsn: 0, results: vec![] }),
+                    1 => self.call_shard(*shards.first().expect("one shard"), op).await,
+                    _ => Err(GridError::Invalid(format!(
+                        "a batch on sharded table {} must stay within one shard (its keys span {})",
+                        self.def.name,
+                        shards.len()
+                    ))),
+                }
+            }
+            TableOp::Count => {
+                let mut total = 0;
+                for s in 0..self.def.shards {
+                    match self.call_shard(s, TableOp::Count).await? {
+                        OpResult::Count(n) => total += n,
+                        r => return Err(GridError::Corrupted(format!("count answered {r:?}"))),
+                    }
+                }
+                Ok(OpResult::Count(total))
+            }
+            TableOp::Scan { limit, reverse, .. } | TableOp::Prefix { limit, reverse, .. } => {
+                let (limit, reverse) = (*limit, *reverse);
+                let mut parts = Vec::with_capacity(self.def.shards as usize);
+                for s in 0..self.def.shards {
+                    match self.call_shard(s, op.clone()).await? {
+                        OpResult::Entries(e) => parts.push(e),
+                        r => return Err(GridError::Corrupted(format!("scan answered {r:?}"))),
+                    }
+                }
+                Ok(merge_entries(parts, limit, reverse))
+            }
+        }
+    }
+
+    /// Test hook: makes shard `i` panic inside its handler.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, i: u32) {
+        if let SlotState::Running(a) = self.slots[i as usize].get() {
+            let _ = a.cast(ShardMsg::InjectPanic);
+        }
+    }
+
+    /// The id of shard `i`'s current actor, if it has one (changes on every restart).
+    pub fn shard_actor(&self, i: u32) -> Option<ractor::ActorId> {
+        match self.slots[i as usize].get() {
+            SlotState::Running(a) => Some(a.get_id()),
+            _ => None,
+        }
+    }
+
+    /// Whether shard `i` has a live actor (test and health checks).
+    pub fn shard_running(&self, i: u32) -> bool {
+        match self.slots[i as usize].get() {
+            SlotState::Running(a) => a.get_status() == ractor::ActorStatus::Running,
+            _ => false,
+        }
+    }
+}
+
+type Registry = Arc<RwLock<HashMap<String, Arc<TableRuntime>>>>;
+
+/// Messages of the root supervisor.
+enum RootMsg {
+    StartTable(TableDef, Arc<Vec<ShardSlot>>, RpcReplyPort<Result<(), GridError>>),
+    StopTable(String, RpcReplyPort<Result<(), GridError>>),
+    Shutdown(RpcReplyPort<Result<(), GridError>>),
+}
+
+struct RootArgs {
+    dir: PathBuf,
+    opts: GridOptions,
+    registry: Registry,
+}
+
+/// A table supervisor under the root, with what it takes to start it again.
+struct ChildTable {
+    sup: ActorRef<TableSupMsg>,
+    def: TableDef,
+    slots: Arc<Vec<ShardSlot>>,
+}
+
+struct RootState {
+    args: RootArgs,
+    tables: HashMap<String, ChildTable>,
+}
+
+struct RootSupervisor;
+
+fn table_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join("tables").join(name)
+}
+
+impl RootSupervisor {
+    async fn start_table(
+        myself: &ActorRef<RootMsg>,
+        st: &mut RootState,
+        def: TableDef,
+        slots: Arc<Vec<ShardSlot>>,
+    ) -> Result<(), GridError> {
+        let heap = HeapOptions { fsync: def.fsync.into(), ..HeapOptions::default() };
+        let args = TableSupArgs {
+            table: def.name.clone(),
+            dir: table_dir(&st.args.dir, &def.name),
+            heap,
+            policy: st.args.opts.restart,
+            slots: slots.clone(),
+        };
+        let (sup, _) = TableSupervisor::spawn_linked(None, TableSupervisor, args, myself.get_cell())
+            .await
+            .map_err(|e| GridError::Storage(format!("could not start table {}: {e}", def.name)))?;
+        st.tables.insert(def.name.clone(), ChildTable { sup, def, slots });
+        Ok(())
+    }
+
+    async fn stop_table(st: &mut RootState, name: &str) -> Result<(), GridError> {
+        let Some(ChildTable { sup, .. }) = st.tables.remove(name) else { return Ok(()) };
+        let r = match sup.call(TableSupMsg::Shutdown, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(GridError::Unavailable(format!("table {name} did not shut down cleanly"))),
+        };
+        let _ = sup.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+        r
+    }
+}
+
+impl Actor for RootSupervisor {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        args: RootArgs,
+    ) -> Result<RootState, ActorProcessingErr> {
+        let interval = Duration::from_millis(args.opts.checkpoint_interval_ms.max(1));
+        let registry = args.registry.clone();
+        Checkpointer::spawn_linked(None, Checkpointer, (registry, interval), myself.get_cell()).await?;
+        Ok(RootState { args, tables: HashMap::new() })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RootMsg>,
+        msg: RootMsg,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::StartTable(def, slots, reply) => {
+                let r = Self::start_table(&myself, st, def, slots).await;
+                let _ = reply.send(r);
+            }
+            RootMsg::StopTable(name, reply) => {
+                let r = Self::stop_table(st, &name).await;
+                let _ = reply.send(r);
+            }
+            RootMsg::Shutdown(reply) => {
+                let names: Vec<String> = st.tables.keys().cloned().collect();
+                let mut result = Ok(());
+                for name in names {
+                    result = result.and(Self::stop_table(st, &name).await);
+                }
+                let _ = reply.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RootMsg>,
+        evt: SupervisionEvent,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A table supervisor that dies is started again over the same slots: its shards reopen
+        // their heaps (the shards' own restart limits still apply inside it).
+        if let SupervisionEvent::ActorFailed(cell, _) = evt {
+            let dead =
+                st.tables.iter().find(|(_, c)| c.sup.get_id() == cell.get_id()).map(|(n, _)| n.clone());
+            if let Some(name) = dead
+                && let Some(ChildTable { def, slots, .. }) = st.tables.remove(&name)
+            {
+                let _ = Self::start_table(&myself, st, def, slots).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints every running shard every interval (fire and forget: a shard checkpoints between
+/// its messages).
+struct Checkpointer;
+
+enum CheckpointerMsg {
+    Tick,
+}
+
+impl Actor for Checkpointer {
+    type Msg = CheckpointerMsg;
+    type State = Registry;
+    type Arguments = (Registry, Duration);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CheckpointerMsg>,
+        (registry, every): (Registry, Duration),
+    ) -> Result<Registry, ActorProcessingErr> {
+        myself.send_interval(every, || CheckpointerMsg::Tick);
+        Ok(registry)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<CheckpointerMsg>,
+        _msg: CheckpointerMsg,
+        registry: &mut Registry,
+    ) -> Result<(), ActorProcessingErr> {
+        let tables: Vec<Arc<TableRuntime>> =
+            registry.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for t in tables {
+            for slot in t.slots.iter() {
+                if let SlotState::Running(a) = slot.get() {
+                    let _ = a.cast(ShardMsg::Checkpoint(None));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running grid.
+pub struct GridCore {
+    dir: PathBuf,
+    opts: GridOptions,
+    root: ActorRef<RootMsg>,
+    registry: Registry,
+    catalog: Mutex<Option<Heap>>,
+    _lock: File,
+}
+
+fn lock_dir(dir: &Path) -> Result<File, GridError> {
+    std::fs::create_dir_all(dir).map_err(|e| GridError::Storage(format!("{}: {e}", dir.display())))?;
+    let f = File::create(dir.join("LOCK")).map_err(|e| GridError::Storage(e.to_string()))?;
+    f.try_lock().map_err(|e| {
+        GridError::Storage(format!("data directory {} is in use by another process: {e}", dir.display()))
+    })?;
+    Ok(f)
+}
+
+fn valid_name(name: &str) -> Result<(), GridError> {
+    let ok = !name.is_empty()
+        && name.len() <= TABLE_NAME_BYTES_MAX
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(GridError::Invalid(format!(
+            "table name {name:?}: use 1 to {TABLE_NAME_BYTES_MAX} ASCII letters, digits, '_' or '-'"
+        )))
+    }
+}
+
+impl GridCore {
+    /// Opens (creating if needed) the grid in `dir` and starts every catalogued table.
+    pub async fn open(dir: impl AsRef<Path>, opts: GridOptions) -> Result<Arc<GridCore>, GridError> {
+        let dir = dir.as_ref().to_path_buf();
+        let lock = lock_dir(&dir)?;
+        let catalog_opts = HeapOptions { fsync: FsyncPolicy::Always, ..HeapOptions::default() };
+        let catalog = Heap::open(dir.join("catalog.heap"), catalog_opts)?;
+        let mut defs = Vec::new();
+        for e in catalog.iter() {
+            let (_, v) = e?;
+            let value = Value::decode(&v).map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
+            defs.push(
+                value.to_serde::<TableDef>().map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?,
+            );
+        }
+        let registry: Registry = Arc::default();
+        let args = RootArgs { dir: dir.clone(), opts: opts.clone(), registry: registry.clone() };
+        let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
+            .await
+            .map_err(|e| GridError::Storage(format!("could not start the grid: {e}")))?;
+        let core =
+            Arc::new(GridCore { dir, opts, root, registry, catalog: Mutex::new(Some(catalog)), _lock: lock });
+        for def in defs {
+            core.start(def).await?;
+        }
+        Ok(core)
+    }
+
+    async fn start(&self, def: TableDef) -> Result<Arc<TableRuntime>, GridError> {
+        let slots: Arc<Vec<ShardSlot>> = Arc::new((0..def.shards).map(|_| ShardSlot::new()).collect());
+        let rt = Arc::new(TableRuntime { def: def.clone(), slots: slots.clone() });
+        match self.root.call(|p| RootMsg::StartTable(def.clone(), slots, p), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => return Err(GridError::Closed),
+        }
+        self.registry.write().unwrap_or_else(|e| e.into_inner()).insert(def.name.clone(), rt.clone());
+        Ok(rt)
+    }
+
+    fn catalog<R>(&self, f: impl FnOnce(&mut Heap) -> Result<R, GridError>) -> Result<R, GridError> {
+        let mut guard = self.catalog.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_mut() {
+            Some(h) => f(h),
+            None => Err(GridError::Closed),
+        }
+    }
+
+    /// Creates a table (durably recorded) and starts its shards.
+    pub async fn create_table(&self, name: &str, opts: TableOptions) -> Result<Arc<TableRuntime>, GridError> {
+        valid_name(name)?;
+        let shards = opts.shards.max(1);
+        if shards > TABLE_SHARDS_MAX {
+            return Err(GridError::LimitExceeded {
+                what: "shards".into(),
+                got: shards as u64,
+                max: TABLE_SHARDS_MAX as u64,
+            });
+        }
+        let def = TableDef { name: name.into(), shards, fsync: opts.fsync.unwrap_or(self.opts.fsync.into()) };
+        self.catalog(|h| {
+            if h.contains(name.as_bytes())? {
+                return Err(GridError::TableExists(name.into()));
+            }
+            let v = Value::from_serde(&def)
+                .and_then(|v| v.encode())
+                .map_err(|e| GridError::Value(e.to_string()))?;
+            let lsn = h.apply(heapgrid_heap::WriteBatch::new().put(name.as_bytes(), &v)?)?;
+            if let Some(d) = h.durability() {
+                d.wait(lsn)?;
+            }
+            Ok(())
+        })?;
+        self.start(def).await
+    }
+
+    /// Stops a table, removes it from the catalogue, then deletes its files.
+    pub async fn drop_table(&self, name: &str) -> Result<(), GridError> {
+        if self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(name).is_none() {
+            return Err(GridError::NoSuchTable(name.into()));
+        }
+        match self.root.call(|p| RootMsg::StopTable(name.into(), p), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => return Err(GridError::Closed),
+        }
+        self.catalog(|h| {
+            let lsn = h.apply(heapgrid_heap::WriteBatch::new().delete(name.as_bytes())?)?;
+            if let Some(d) = h.durability() {
+                d.wait(lsn)?;
+            }
+            Ok(())
+        })?;
+        std::fs::remove_dir_all(table_dir(&self.dir, name)).map_err(|e| GridError::Storage(e.to_string()))
+    }
+
+    /// Every table, by name.
+    pub fn list_tables(&self) -> Vec<TableDef> {
+        let mut v: Vec<TableDef> =
+            self.registry.read().unwrap_or_else(|e| e.into_inner()).values().map(|t| t.def.clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A running table.
+    pub fn table(&self, name: &str) -> Result<Arc<TableRuntime>, GridError> {
+        self.registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GridError::NoSuchTable(name.into()))
+    }
+
+    /// Checkpoints and stops every shard, then the tree, then closes the catalogue.
+    pub async fn close(&self) -> Result<(), GridError> {
+        let r = match self.root.call(RootMsg::Shutdown, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(GridError::Closed),
+        };
+        let _ = self.root.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+        self.registry.write().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(h) = self.catalog.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.close()?;
+        }
+        r
+    }
+}

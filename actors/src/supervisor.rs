@@ -1,0 +1,198 @@
+//! The table supervisor: one per table, parent of the table's shard actors. One-for-one
+//! restarts with an intensity limit (`RestartPolicy`, default 5 in 10 s); past it the shard's slot
+//! is marked failed and every request to it gets `GridError::ShardFailed`.
+//!
+//! Callers find shard actors through `ShardSlot`s shared with the supervisor: `Starting` while a
+//! shard (re)opens its heap, `Running` with its actor, `Failed` with the reason, `Stopped` after
+//! shutdown. ractor has no restart strategies of its own; this is the small one we need.
+//!
+//! Invariant: only the supervisor writes slots; a slot is `Running` only with a live actor's ref
+//! (a dead one is noticed by the caller's send failing, then by the supervisor's event).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use heapgrid_heap::HeapOptions;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::error::GridError;
+use crate::restart::{Decision, RestartPolicy, RestartTracker};
+use crate::shard::{ShardActor, ShardArgs, ShardMsg};
+
+/// How long a checkpoint or stop of one shard may take at shutdown.
+const SHUTDOWN_SHARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where callers find one shard.
+#[derive(Clone)]
+pub enum SlotState {
+    Starting,
+    Running(ActorRef<ShardMsg>),
+    Failed(String),
+    Stopped,
+}
+
+/// A shard's slot, shared between its supervisor (writer) and callers (readers).
+pub struct ShardSlot(RwLock<SlotState>);
+
+impl ShardSlot {
+    pub fn new() -> Self {
+        ShardSlot(RwLock::new(SlotState::Starting))
+    }
+    pub fn get(&self) -> SlotState {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set(&self, s: SlotState) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+impl Default for ShardSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What a table supervisor is started with.
+pub struct TableSupArgs {
+    pub table: String,
+    pub dir: PathBuf,
+    pub heap: HeapOptions,
+    pub policy: RestartPolicy,
+    pub slots: Arc<Vec<ShardSlot>>,
+}
+
+/// Messages of a table supervisor.
+pub enum TableSupMsg {
+    /// Checkpoint every running shard, then stop them all.
+    Shutdown(RpcReplyPort<Result<(), GridError>>),
+}
+
+pub struct TableSupState {
+    args: TableSupArgs,
+    children: HashMap<ActorId, usize>,
+    trackers: Vec<RestartTracker>,
+    started: Instant,
+    stopping: bool,
+}
+
+/// The table supervisor actor.
+pub struct TableSupervisor;
+
+/// The heap file of shard `i`.
+pub fn shard_path(dir: &std::path::Path, i: usize) -> PathBuf {
+    dir.join(format!("shard-{i:04}.heap"))
+}
+
+async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
+    st.args.slots[i].set(SlotState::Starting);
+    let args = ShardArgs { path: shard_path(&st.args.dir, i), heap: st.args.heap.clone() };
+    match ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await {
+        Ok((actor, _)) => {
+            st.children.insert(actor.get_id(), i);
+            st.args.slots[i].set(SlotState::Running(actor));
+        }
+        Err(e) => st.args.slots[i].set(SlotState::Failed(format!("could not open shard: {e}"))),
+    }
+}
+
+impl TableSupervisor {
+    async fn on_child_down(
+        &self,
+        myself: &ActorRef<TableSupMsg>,
+        st: &mut TableSupState,
+        id: ActorId,
+        why: String,
+    ) {
+        let Some(i) = st.children.remove(&id) else { return };
+        if st.stopping {
+            st.args.slots[i].set(SlotState::Stopped);
+            return;
+        }
+        let now_ms = st.started.elapsed().as_millis() as u64;
+        match st.trackers[i].on_failure(st.args.policy, now_ms) {
+            Decision::Restart => spawn_shard(myself, st, i).await,
+            Decision::GiveUp => st.args.slots[i].set(SlotState::Failed(format!(
+                "restarted {} times within {} ms; last failure: {why}",
+                st.args.policy.max_restarts, st.args.policy.window_ms
+            ))),
+        }
+    }
+}
+
+impl Actor for TableSupervisor {
+    type Msg = TableSupMsg;
+    type State = TableSupState;
+    type Arguments = TableSupArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TableSupMsg>,
+        args: TableSupArgs,
+    ) -> Result<TableSupState, ActorProcessingErr> {
+        let n = args.slots.len();
+        let mut st = TableSupState {
+            args,
+            children: HashMap::new(),
+            trackers: vec![RestartTracker::default(); n],
+            started: Instant::now(),
+            stopping: false,
+        };
+        for i in 0..n {
+            spawn_shard(&myself, &mut st, i).await;
+        }
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<TableSupMsg>,
+        msg: TableSupMsg,
+        st: &mut TableSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TableSupMsg::Shutdown(reply) => {
+                st.stopping = true;
+                let mut result = Ok(());
+                for slot in st.args.slots.iter() {
+                    if let SlotState::Running(actor) = slot.get() {
+                        let r =
+                            actor.call(|p| ShardMsg::Checkpoint(Some(p)), Some(SHUTDOWN_SHARD_TIMEOUT)).await;
+                        match r {
+                            Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
+                            Ok(ractor::rpc::CallResult::Success(Err(e))) => result = result.and(Err(e)),
+                            Ok(_) | Err(_) => {
+                                result =
+                                    result.and(Err(GridError::Unavailable("shard did not checkpoint".into())))
+                            }
+                        }
+                        let _ = actor.stop_and_wait(None, Some(SHUTDOWN_SHARD_TIMEOUT)).await;
+                    }
+                    slot.set(SlotState::Stopped);
+                }
+                let _ = reply.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<TableSupMsg>,
+        evt: SupervisionEvent,
+        st: &mut TableSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                self.on_child_down(&myself, st, cell.get_id(), err.to_string()).await;
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                let why = reason.unwrap_or_else(|| "stopped".into());
+                self.on_child_down(&myself, st, cell.get_id(), why).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

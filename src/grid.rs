@@ -1,0 +1,286 @@
+//! The embedded API: `Grid` (a grid in this process) and `Table` (a handle to one table).
+//!
+//! `Table` talks to a `TableBackend`: in-process it is the table's runtime (messages to its shard
+//! actors); the network client will provide another backend with the same methods, so code
+//! written against `Table` runs over either transport unchanged.
+
+use std::future::Future;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use heapgrid_actors::grid::{GridCore, GridOptions, TableDef, TableOptions, TableRuntime};
+use heapgrid_actors::table::SCAN_LIMIT_MAX;
+use heapgrid_actors::{
+    Expect, GridError, Key, OpResult, PathSeg, TableOp, Update, Value, Versioned, WriteOp, WriteResult,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Result alias of the public API.
+pub type Result<T, E = GridError> = std::result::Result<T, E>;
+
+/// A boxed future, as backends return them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Executes table operations: in-process, or (later) over the network.
+pub trait TableBackend: Send + Sync + 'static {
+    fn execute(&self, op: TableOp) -> BoxFuture<'_, Result<OpResult>>;
+}
+
+impl TableBackend for TableRuntime {
+    fn execute(&self, op: TableOp) -> BoxFuture<'_, Result<OpResult>> {
+        Box::pin(TableRuntime::execute(self, op))
+    }
+}
+
+/// A grid running inside this process.
+pub struct Grid {
+    core: Arc<GridCore>,
+}
+
+impl Grid {
+    /// Opens (creating if needed) the grid stored in `dir`; every table starts and recovers.
+    pub async fn open(dir: impl AsRef<Path>, opts: GridOptions) -> Result<Grid> {
+        Ok(Grid { core: GridCore::open(dir, opts).await? })
+    }
+
+    /// Creates a table.
+    pub async fn create_table(&self, name: &str, opts: TableOptions) -> Result<Table> {
+        let rt = self.core.create_table(name, opts).await?;
+        Ok(Table::over(rt))
+    }
+
+    /// A handle to an existing table.
+    pub fn table(&self, name: &str) -> Result<Table> {
+        Ok(Table::over(self.core.table(name)?))
+    }
+
+    /// Drops a table and deletes its data.
+    pub async fn drop_table(&self, name: &str) -> Result<()> {
+        self.core.drop_table(name).await
+    }
+
+    /// Every table.
+    pub fn tables(&self) -> Vec<TableDef> {
+        self.core.list_tables()
+    }
+
+    /// The running core (for the server and tests).
+    pub fn core(&self) -> &Arc<GridCore> {
+        &self.core
+    }
+
+    /// Checkpoints every shard and stops the grid.
+    pub async fn close(self) -> Result<()> {
+        self.core.close().await
+    }
+}
+
+/// Outcome of a compare-and-set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CasOutcome {
+    pub ok: bool,
+    /// The state the comparison saw.
+    pub current: Option<Versioned>,
+}
+
+fn unexpected(r: OpResult) -> GridError {
+    GridError::Corrupted(format!("unexpected answer {r:?}"))
+}
+
+fn to_value<T: Serialize + ?Sized>(v: &T) -> Result<Value> {
+    Value::from_serde(v).map_err(|e| GridError::Value(e.to_string()))
+}
+
+/// A handle to one table; cheap to clone and to share between tasks.
+#[derive(Clone)]
+pub struct Table {
+    backend: Arc<dyn TableBackend>,
+}
+
+impl Table {
+    /// A handle over any backend.
+    pub fn over(backend: Arc<dyn TableBackend>) -> Table {
+        Table { backend }
+    }
+
+    /// Runs a raw operation.
+    pub async fn execute(&self, op: TableOp) -> Result<OpResult> {
+        self.backend.execute(op).await
+    }
+
+    async fn write1(&self, op: WriteOp) -> Result<WriteResult> {
+        match self.execute(TableOp::Write(op)).await? {
+            OpResult::Written { mut results, .. } if results.len() == 1 => Ok(results.remove(0)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The value and version stored under `key`.
+    pub async fn get_versioned(&self, key: impl Into<Key>) -> Result<Option<Versioned>> {
+        match self.execute(TableOp::Get { key: key.into() }).await? {
+            OpResult::Value(v) => Ok(v),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The value stored under `key`.
+    pub async fn get_value(&self, key: impl Into<Key>) -> Result<Option<Value>> {
+        Ok(self.get_versioned(key).await?.map(|v| v.value))
+    }
+
+    /// The value under `key`, converted to `T`.
+    pub async fn get<T: DeserializeOwned>(&self, key: impl Into<Key>) -> Result<Option<T>> {
+        match self.get_value(key).await? {
+            Some(v) => Ok(Some(v.to_serde().map_err(|e| GridError::Value(e.to_string()))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `value` (any serde type) under `key`; returns the key's new version.
+    pub async fn put<T: Serialize + ?Sized>(&self, key: impl Into<Key>, value: &T) -> Result<u64> {
+        self.put_value(key, to_value(value)?).await
+    }
+
+    /// Stores a `Value`; returns the key's new version.
+    pub async fn put_value(&self, key: impl Into<Key>, value: Value) -> Result<u64> {
+        match self.write1(WriteOp::Put { key: key.into(), value }).await? {
+            WriteResult::Put { version } => Ok(version),
+            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Key>) -> Result<bool> {
+        match self.write1(WriteOp::Delete { key: key.into() }).await? {
+            WriteResult::Deleted { existed } => Ok(existed),
+            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Whether `key` is present.
+    pub async fn contains(&self, key: impl Into<Key>) -> Result<bool> {
+        match self.execute(TableOp::Contains { key: key.into() }).await? {
+            OpResult::Bool(b) => Ok(b),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Number of keys.
+    pub async fn count(&self) -> Result<u64> {
+        match self.execute(TableOp::Count).await? {
+            OpResult::Count(n) => Ok(n),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Writes `new` (deletes, if `None`) only if the key's state matches `expect`.
+    pub async fn cas(&self, key: impl Into<Key>, expect: Expect, new: Option<Value>) -> Result<CasOutcome> {
+        match self.write1(WriteOp::Cas { key: key.into(), expect, new }).await? {
+            WriteResult::Cas { ok, current } => Ok(CasOutcome { ok, current }),
+            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Changes one path inside the stored document without shipping it; returns the value now
+    /// at the path.
+    pub async fn update(&self, key: impl Into<Key>, path: Vec<PathSeg>, update: Update) -> Result<Value> {
+        match self.write1(WriteOp::Update { key: key.into(), path, update }).await? {
+            WriteResult::Updated { value, .. } => Ok(value),
+            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Adds `by` to the integer at `path` (a missing field counts as 0); returns the new value.
+    pub async fn increment(&self, key: impl Into<Key>, path: Vec<PathSeg>, by: i64) -> Result<i64> {
+        match self.update(key, path, Update::Increment(Value::Int(by))).await? {
+            Value::Int(n) => Ok(n),
+            v => Err(GridError::Value(format!("incremented value is not an integer: {v:?}"))),
+        }
+    }
+
+    /// Applies writes atomically (one op-log record). On a sharded table every key must map to
+    /// the same shard.
+    pub async fn batch(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteResult>> {
+        match self.execute(TableOp::Batch(ops)).await? {
+            OpResult::Written { results, .. } => Ok(results),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Up to `limit` entries in `range`, ascending (or descending with `reverse`).
+    pub async fn scan_page(
+        &self,
+        range: impl RangeBounds<Key>,
+        limit: u32,
+        reverse: bool,
+    ) -> Result<Vec<(Key, Value)>> {
+        let op = TableOp::Scan {
+            start: range.start_bound().cloned(),
+            end: range.end_bound().cloned(),
+            limit,
+            reverse,
+        };
+        match self.execute(op).await? {
+            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Up to `limit` entries whose string keys start with `prefix`.
+    pub async fn prefix(&self, prefix: &str, limit: u32, reverse: bool) -> Result<Vec<(Key, Value)>> {
+        match self.execute(TableOp::Prefix { prefix: prefix.into(), limit, reverse }).await? {
+            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Every entry in `range` as an async stream, fetched in pages of `page` entries. Each page
+    /// is consistent on its own; the stream as a whole is not a snapshot.
+    pub fn scan(
+        &self,
+        range: impl RangeBounds<Key>,
+        page: u32,
+        reverse: bool,
+    ) -> impl Stream<Item = Result<(Key, Value)>> + Send + 'static {
+        let page = page.clamp(1, SCAN_LIMIT_MAX);
+        let table = self.clone();
+        let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
+        let state = (table, start, end, Vec::<(Key, Value)>::new().into_iter(), false);
+        futures_util::stream::unfold(state, move |(table, start, end, mut buf, done)| async move {
+            if let Some(item) = buf.next() {
+                return Some((Ok(item), (table, start, end, buf, done)));
+            }
+            if done {
+                return None;
+            }
+            match table.scan_page((start.clone(), end.clone()), page, reverse).await {
+                Err(e) => Some((Err(e), (table, start, end, buf, true))),
+                Ok(entries) => {
+                    let done = (entries.len() as u32) < page;
+                    let (mut start, mut end) = (start, end);
+                    if let Some((last, _)) = entries.last() {
+                        // Continue after the last key seen, in the scan's direction.
+                        if reverse {
+                            end = Bound::Excluded(last.clone());
+                        } else {
+                            start = Bound::Excluded(last.clone());
+                        }
+                    }
+                    let mut buf = entries.into_iter();
+                    let item = buf.next()?;
+                    Some((Ok(item), (table, start, end, buf, done)))
+                }
+            }
+        })
+    }
+}
+
+/// Shorthand for a path: `path!["friends", 3]`.
+#[macro_export]
+macro_rules! path {
+    ($($seg:expr),* $(,)?) => { vec![$($crate::PathSeg::from($seg)),*] };
+}

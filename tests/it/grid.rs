@@ -1,0 +1,256 @@
+//! The embedded `Grid` through its public API: a model test against a `BTreeMap` on a sharded
+//! table, restarts of the whole grid, panics injected into shard actors (restart = recovery),
+//! crash loops ending in the failed state, and concurrent increments.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use heapgrid::{
+    Expect, FsyncSetting, Grid, GridError, GridOptions, Key, RestartPolicy, TableOptions, Update, Value,
+    WriteOp, path,
+};
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+fn opts() -> GridOptions {
+    GridOptions { checkpoint_interval_ms: 50, ..GridOptions::default() }
+}
+
+/// Waits until shard `shard` runs an actor other than `before` (a restart happened).
+async fn wait_restarted(grid: &Grid, table: &str, shard: u32, before: Option<ractor::ActorId>) {
+    let rt = grid.core().table(table).unwrap();
+    for _ in 0..2000 {
+        let now = rt.shard_actor(shard);
+        if rt.shard_running(shard) && now.is_some() && now != before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("shard {shard} of {table} did not come back");
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(i64, i64),
+    Delete(i64),
+    Incr(i64),
+    Get(i64),
+    Scan(i64, i64, bool),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let k = 0i64..60;
+    prop_oneof![
+        6 => (k.clone(), any::<i64>()).prop_map(|(k, v)| Op::Put(k, v)),
+        2 => k.clone().prop_map(Op::Delete),
+        2 => k.clone().prop_map(Op::Incr),
+        3 => k.clone().prop_map(Op::Get),
+        1 => (k.clone(), k, any::<bool>()).prop_map(|(a, b, r)| Op::Scan(a, b, r)),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+async fn run_model(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let mut t =
+        grid.create_table("m", TableOptions { shards: 3, fsync: Some(FsyncSetting::Never) }).await.unwrap();
+    let mut model: BTreeMap<i64, i64> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::Put(k, v) => {
+                t.put(k, &v).await.unwrap();
+                model.insert(k, v);
+            }
+            Op::Delete(k) => assert_eq!(t.delete(k).await.unwrap(), model.remove(&k).is_some()),
+            Op::Incr(k) => {
+                let r = t.update(k, vec![], Update::Increment(Value::Int(1))).await;
+                match model.get_mut(&k) {
+                    Some(v) if *v < i64::MAX => {
+                        *v += 1;
+                        assert_eq!(r.unwrap(), Value::Int(*v));
+                    }
+                    _ => assert!(r.is_err()),
+                }
+            }
+            Op::Get(k) => assert_eq!(t.get::<i64>(k).await.unwrap(), model.get(&k).copied()),
+            Op::Scan(a, b, rev) => {
+                let (lo, hi) = (a.min(b), a.max(b));
+                let got: Vec<(Key, Value)> =
+                    t.scan(Key::Int(lo)..Key::Int(hi), 4, rev).map(|r| r.unwrap()).collect().await;
+                let mut want: Vec<(Key, Value)> =
+                    model.range(lo..hi).map(|(&k, &v)| (Key::Int(k), Value::Int(v))).collect();
+                if rev {
+                    want.reverse();
+                }
+                assert_eq!(got, want);
+            }
+            Op::Reopen => {
+                grid.close().await.unwrap();
+                grid = Grid::open(dir.path(), opts()).await.unwrap();
+                t = grid.table("m").unwrap();
+            }
+        }
+    }
+    assert_eq!(t.count().await.unwrap(), model.len() as u64);
+    grid.close().await.unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #[test]
+    fn grid_matches_a_btreemap(ops in prop::collection::vec(op(), 1..80)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run_model(ops));
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+struct User {
+    name: String,
+    visits: i64,
+    friends: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_values_partial_updates_and_restart_keep_acknowledged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let users = grid
+        .create_table("users", TableOptions { shards: 2, fsync: Some(FsyncSetting::Always) })
+        .await
+        .unwrap();
+    let bob = User { name: "bob".into(), visits: 0, friends: vec!["amy".into()] };
+    users.put("bob", &bob).await.unwrap();
+    assert_eq!(users.increment("bob", path!["visits"], 5).await.unwrap(), 5);
+    users.update("bob", path!["friends"], Update::Append(Value::Str("cy".into()))).await.unwrap();
+    let cas = users.cas("ann", Expect::Absent, Some(Value::Int(1))).await.unwrap();
+    assert!(cas.ok);
+    assert!(!users.cas("ann", Expect::Absent, Some(Value::Int(2))).await.unwrap().ok);
+    assert!(matches!(
+        grid.create_table("users", TableOptions::default()).await,
+        Err(GridError::TableExists(_))
+    ));
+    assert!(matches!(
+        grid.create_table("bad name!", TableOptions::default()).await,
+        Err(GridError::Invalid(_))
+    ));
+    // A second grid on the same directory is refused while this one runs.
+    assert!(Grid::open(dir.path(), opts()).await.is_err());
+    grid.close().await.unwrap();
+
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let users = grid.table("users").unwrap();
+    let got: User = users.get("bob").await.unwrap().unwrap();
+    assert_eq!(got, User { visits: 5, friends: vec!["amy".into(), "cy".into()], ..bob });
+    assert_eq!(users.get_value("ann").await.unwrap(), Some(Value::Int(1)));
+    assert_eq!(grid.tables().len(), 1);
+    grid.drop_table("users").await.unwrap();
+    assert!(grid.table("users").is_err());
+    grid.close().await.unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    assert!(grid.tables().is_empty(), "a dropped table stays dropped");
+    grid.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_shard_restarts_and_recovers_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let t =
+        grid.create_table("t", TableOptions { shards: 1, fsync: Some(FsyncSetting::Never) }).await.unwrap();
+    for i in 0..500i64 {
+        t.put(i, &format!("v{i}")).await.unwrap();
+    }
+    let before = grid.core().table("t").unwrap().shard_actor(0);
+    grid.core().table("t").unwrap().inject_panic(0);
+    // A request racing with the crash gets an answer or an error, never a hang.
+    let r = tokio::time::timeout(Duration::from_secs(10), t.get::<String>(7i64)).await.expect("request hung");
+    assert!(matches!(r, Ok(Some(_)) | Err(GridError::Unavailable(_))), "{r:?}");
+    wait_restarted(&grid, "t", 0, before).await;
+    for i in 0..500i64 {
+        assert_eq!(t.get::<String>(i).await.unwrap(), Some(format!("v{i}")), "key {i} lost in the restart");
+    }
+    t.put(1000i64, &"after").await.unwrap();
+    assert_eq!(t.count().await.unwrap(), 501);
+    grid.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_ends_in_the_failed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = GridOptions { restart: RestartPolicy { max_restarts: 3, window_ms: 60_000 }, ..opts() };
+    let grid = Grid::open(dir.path(), o).await.unwrap();
+    let t = grid.create_table("t", TableOptions::default()).await.unwrap();
+    t.put("k", &1).await.unwrap();
+    let rt = grid.core().table("t").unwrap();
+    for _ in 0..3 {
+        let before = rt.shard_actor(0);
+        rt.inject_panic(0);
+        wait_restarted(&grid, "t", 0, before).await;
+    }
+    rt.inject_panic(0);
+    let mut failed = None;
+    let mut last = None;
+    for _ in 0..2000 {
+        match t.get::<i64>("k").await {
+            Err(e @ GridError::ShardFailed { .. }) => {
+                failed = Some(e);
+                break;
+            }
+            other => {
+                last = Some(format!("{other:?}"));
+                tokio::time::sleep(Duration::from_millis(1)).await
+            }
+        }
+    }
+    let e = failed.unwrap_or_else(|| panic!("shard never reported failure; last answer {last:?}"));
+    assert!(e.to_string().contains("restarted 3 times"), "{e}");
+    grid.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_increments_give_the_models_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let t = grid
+        .create_table("c", TableOptions { shards: 4, fsync: Some(FsyncSetting::EveryMs(10)) })
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    t.increment("counter", path!["n"], 1).await.unwrap();
+                    t.increment(i % 7, path!["n"], 2).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(t.get_value("counter").await.unwrap().unwrap().at(&["n".into()]), Some(&Value::Int(2000)));
+    let mut total = 0;
+    for k in 0..7i64 {
+        if let Some(Value::Int(n)) = t.get_value(k).await.unwrap().unwrap().at(&["n".into()]) {
+            total += n;
+        }
+    }
+    assert_eq!(total, 100 * 20 * 2);
+    let b = t
+        .batch(vec![
+            WriteOp::Put { key: "x".into(), value: Value::Int(1) },
+            WriteOp::Delete { key: "y".into() },
+        ])
+        .await;
+    // "x" and "y" may land on different shards: then the batch is refused, never half-applied.
+    match b {
+        Ok(r) => assert_eq!(r.len(), 2),
+        Err(e) => assert!(matches!(e, GridError::Invalid(_)), "{e}"),
+    }
+    grid.close().await.unwrap();
+}
