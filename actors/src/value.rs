@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Nesting depth of lists and maps (the top value is depth 0).
 pub const VALUE_DEPTH_MAX: usize = 64;
-/// Bytes of one encoded value: what a heap value may hold.
-pub const VALUE_ENCODED_BYTES_MAX: usize = heapgrid_heap::limits::VALUE_BYTES_MAX as usize;
+/// Bytes of one encoded value: what a heap value may hold after a table's 8-byte record header.
+pub const VALUE_ENCODED_BYTES_MAX: usize = heapgrid_heap::limits::VALUE_BYTES_MAX as usize - 8;
 /// Version byte in front of every stored value.
 pub const VALUE_FORMAT_VERSION: u8 = 1;
 
@@ -39,7 +39,9 @@ pub enum Value {
     Int(i64),
     Float(f64),
     Str(String),
-    Bytes(Vec<u8>),
+    /// Serialized as one byte string (`serde_bytes`); in postcard that is the same bytes as a
+    /// sequence of u8, only far faster to produce.
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     List(Vec<Value>),
     Map(IndexMap<String, Value>),
 }
@@ -485,6 +487,48 @@ mod tests {
         }
         evil.push(TAG_NULL as u8);
         assert_eq!(Value::decode(&evil), Err(ValueError::TooDeep));
+    }
+
+    #[test]
+    fn size_limit_at_and_one_past() {
+        // A Bytes value encodes as version + tag + length varint (4 bytes here) + payload.
+        let at = VALUE_ENCODED_BYTES_MAX - 6;
+        let v = Value::Bytes(vec![7; at]);
+        assert_eq!(v.encode().unwrap().len(), VALUE_ENCODED_BYTES_MAX);
+        let over = Value::Bytes(vec![7; at + 1]);
+        assert!(matches!(over.encode(), Err(ValueError::TooLarge { .. })));
+    }
+
+    fn arb_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            (-1e12f64..1e12).prop_map(Value::Float),
+            "\\PC{0,12}".prop_map(Value::Str),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(Value::Bytes),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
+                prop::collection::vec(("[a-z]{1,6}", inner), 0..6)
+                    .prop_map(|kv| Value::Map(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stored_and_json_forms_roundtrip(v in arb_value()) {
+            proptest::prop_assert_eq!(Value::decode(&v.encode().unwrap()).unwrap(), v.clone());
+            proptest::prop_assert_eq!(Value::from_json(&v.to_json()).unwrap(), v);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = Value::decode(&bytes);
+        }
     }
 
     #[test]
