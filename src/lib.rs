@@ -4,6 +4,20 @@
 //! value model re-exported from `heapgrid-actors`, and the persistent heap (`heap`). The network
 //! `Client`, the wire protocol and the server join it next (see ARCHITECTURE.md).
 //!
+//! ```no_run
+//! use heapgrid::{Grid, GridOptions, TableOptions, path};
+//!
+//! async fn example() -> heapgrid::Result<()> {
+//!     let grid = Grid::open("./heapgrid-data", GridOptions::default()).await?;
+//!     let users = grid.create_table("users", TableOptions { shards: 4, ..Default::default() }).await?;
+//!     users.put("bob", &serde_json::json!({"name": "bob", "visits": 0})).await?;
+//!     users.increment("bob", path!["visits"], 1).await?; // no read-modify-write round trip
+//!     let bob: Option<serde_json::Value> = users.get("bob").await?;
+//!     println!("{bob:?}");
+//!     grid.close().await
+//! }
+//! ```
+//!
 //! Invariant: this crate depends on `heapgrid-actors` and `heapgrid-heap`, never the reverse.
 
 pub mod grid;
