@@ -6,10 +6,7 @@
 //! runs the writer loop instead of the parent.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use heapgrid::heap::{Heap, HeapOptions, WriteBatch};
@@ -68,55 +65,26 @@ fn kill9_during_checkpoints_leaves_a_checkpointed_state() {
         child(Path::new(&dir));
     }
     let dir = tempfile::tempdir().unwrap();
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("kill9 seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let (seed, mut next) = crate::child::seeded("kill9");
     let mut model = BTreeMap::new();
     let mut model_at = 0u64;
     let mut reported = 0u64;
-    let exe = std::env::current_exe().unwrap();
     for round in 0..25 {
-        let mut child = Command::new(&exe)
-            .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(c) = line.trim().parse::<u64>()
-                    && tx.send(c).is_err()
-                {
-                    break;
-                }
-            }
-        });
+        let child = crate::child::spawn(TEST_NAME, &[(CHILD_ENV, dir.path().display().to_string())]);
         // Let it complete a few checkpoints, then kill at a random moment.
         let want = 1 + next() % 4;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut seen = 0;
         while seen < want && Instant::now() < deadline {
-            if let Ok(c) = rx.recv_timeout(Duration::from_millis(100)) {
+            if let Some(c) = child.line(Duration::from_millis(100)).and_then(|l| l.trim().parse::<u64>().ok())
+            {
                 reported = reported.max(c);
                 seen += 1;
             }
         }
         assert!(seen > 0, "round {round}: child made no progress (seed {seed})");
         std::thread::sleep(Duration::from_micros(next() % 20_000));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
-        while let Ok(c) = rx.try_recv() {
+        for c in child.kill().iter().filter_map(|l| l.trim().parse::<u64>().ok()) {
             reported = reported.max(c);
         }
 

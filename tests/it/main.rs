@@ -1,6 +1,7 @@
 //! heapgrid's integration tests, linked into one binary: they run the real API (and, as the
 //! server lands, the real binary) and crash real processes.
 
+mod child;
 mod grid;
 mod heap_kill9;
 mod oplog_kill9;

@@ -4,10 +4,9 @@
 //! keys, so nothing may be half-applied; `check_integrity` must pass.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use heapgrid::heap::{FsyncPolicy, Heap, HeapOptions, WriteBatch};
@@ -62,57 +61,36 @@ fn kill9_under_concurrent_commits_loses_no_ack() {
         let r = std::env::var(ROUND_ENV).unwrap().parse().unwrap();
         child(Path::new(&dir), &p, r);
     }
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("oplog kill9 seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
+    let (seed, mut next) = crate::child::seeded("oplog kill9");
+    let parse = |line: &str| {
+        let mut it = line.split(' ').map(|x| x.parse::<u64>());
+        match (it.next(), it.next()) {
+            (Some(Ok(t)), Some(Ok(s))) => Some((t as u32, s)),
+            _ => None,
+        }
     };
-    let exe = std::env::current_exe().unwrap();
     for policy_name in ["always", "every", "never"] {
         let dir = tempfile::tempdir().unwrap();
         let mut acked: BTreeSet<(u32, u32, u64)> = BTreeSet::new();
         for round in 0..10u32 {
-            let mut child = Command::new(&exe)
-                .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-                .env(DIR_ENV, dir.path())
-                .env(POLICY_ENV, policy_name)
-                .env(ROUND_ENV, round.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let out = child.stdout.take().unwrap();
-            let (tx, rx) = mpsc::channel();
-            let reader = std::thread::spawn(move || {
-                for line in BufReader::new(out).lines() {
-                    let Ok(line) = line else { break };
-                    let mut it = line.split(' ').map(|x| x.parse::<u64>());
-                    if let (Some(Ok(t)), Some(Ok(s))) = (it.next(), it.next())
-                        && tx.send((t as u32, s)).is_err()
-                    {
-                        break;
-                    }
-                }
-            });
+            let envs = [
+                (DIR_ENV, dir.path().display().to_string()),
+                (POLICY_ENV, policy_name.to_string()),
+                (ROUND_ENV, round.to_string()),
+            ];
+            let child = crate::child::spawn(TEST_NAME, &envs);
             let want = 20 + next() % 500;
             let deadline = Instant::now() + Duration::from_secs(60);
             let mut seen = 0;
             while seen < want && Instant::now() < deadline {
-                if let Ok((t, s)) = rx.recv_timeout(Duration::from_millis(100)) {
+                if let Some((t, s)) = child.line(Duration::from_millis(100)).as_deref().and_then(parse) {
                     acked.insert((round, t, s));
                     seen += 1;
                 }
             }
             assert!(seen > 0, "{policy_name} round {round}: no commit acknowledged (seed {seed})");
             std::thread::sleep(Duration::from_micros(next() % 30_000));
-            child.kill().unwrap();
-            child.wait().unwrap();
-            reader.join().unwrap();
-            while let Ok((t, s)) = rx.try_recv() {
+            for (t, s) in child.kill().iter().filter_map(|l| parse(l)) {
                 acked.insert((round, t, s));
             }
 
