@@ -20,8 +20,13 @@
 //!
 //! Invariant: this crate depends on `heapgrid-actors` and `heapgrid-heap`, never the reverse.
 
+pub mod auth;
+pub mod client;
 pub mod grid;
+pub mod protocol;
+pub mod server;
 
+pub use client::{Client, ClientOptions};
 pub use grid::{CasOutcome, Grid, Result, Table, TableBackend};
 pub use heapgrid_actors::grid::{FsyncSetting, GridOptions, TableDef, TableOptions};
 pub use heapgrid_actors::restart::RestartPolicy;

@@ -33,6 +33,15 @@ pub enum GridError {
     Unavailable(String),
     #[error("grid is closed")]
     Closed,
+    /// The connection's token was missing or unknown.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token lacks a permission for a collection.
+    #[error("permission denied: {permission} on {collection}")]
+    PermissionDenied { collection: String, permission: String },
+    /// A protocol violation by the peer (malformed frame, wrong version).
+    #[error("protocol error: {0}")]
+    Protocol(String),
 }
 
 impl From<TableError> for GridError {

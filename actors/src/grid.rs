@@ -95,7 +95,7 @@ impl Default for GridOptions {
 }
 
 /// Options of one table, fixed at creation.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableOptions {
     /// Shards (by key hash); 0 means 1.
     pub shards: u32,

@@ -21,12 +21,18 @@ use tokio::sync::mpsc;
 use crate::error::GridError;
 use crate::table::{OpResult, TableOp, TableShard};
 
+/// How long a (re)starting shard waits for the previous holder of its heap's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Messages a shard actor handles.
 pub enum ShardMsg {
     /// Execute one operation.
     Op(TableOp, RpcReplyPort<Result<OpResult, GridError>>),
     /// Checkpoint the heap (replies if a port is given).
     Checkpoint(Option<RpcReplyPort<Result<(), GridError>>>),
+    /// Checkpoint and close the heap (releasing its file lock) before the actor is stopped;
+    /// later operations get `GridError::Closed`.
+    Close(RpcReplyPort<Result<(), GridError>>),
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
@@ -43,7 +49,8 @@ type Waiting = (u64, Result<OpResult, GridError>, RpcReplyPort<Result<OpResult, 
 
 /// The shard's state: its table and, under `Always`, the queue of replies awaiting an fsync.
 pub struct ShardState {
-    table: TableShard,
+    /// `None` once closed.
+    table: Option<TableShard>,
     durable_tx: Option<mpsc::UnboundedSender<Waiting>>,
 }
 
@@ -63,12 +70,22 @@ impl Actor for ShardActor {
         if let Some(dir) = args.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let heap = Heap::open(&args.path, args.heap.clone())?;
+        // After a crash the previous incarnation's state (and its file lock) may still be being
+        // dropped while we start: wait for it briefly rather than fail the restart.
+        let started = tokio::time::Instant::now();
+        let heap = loop {
+            match Heap::open(&args.path, args.heap.clone()) {
+                Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                r => break r?,
+            }
+        };
         let durable_tx = match (args.heap.fsync, heap.durability()) {
             (FsyncPolicy::Always, Some(d)) => Some(spawn_durable_replies(d)),
             _ => None,
         };
-        Ok(ShardState { table: TableShard::new(heap), durable_tx })
+        Ok(ShardState { table: Some(TableShard::new(heap)), durable_tx })
     }
 
     async fn handle(
@@ -79,7 +96,11 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Op(op, reply) => {
-                let r = state.table.execute(&op).map_err(GridError::from);
+                let Some(table) = state.table.as_mut() else {
+                    let _ = reply.send(Err(GridError::Closed));
+                    return Ok(());
+                };
+                let r = table.execute(&op).map_err(GridError::from);
                 let lsn = match &r {
                     Ok(OpResult::Written { lsn, .. }) if *lsn > 0 => *lsn,
                     _ => 0,
@@ -97,10 +118,21 @@ impl Actor for ShardActor {
                 }
             }
             ShardMsg::Checkpoint(reply) => {
-                let r = state.table.heap_mut().checkpoint().map_err(GridError::from);
+                let r = match state.table.as_mut() {
+                    Some(t) => t.heap_mut().checkpoint().map_err(GridError::from),
+                    None => Err(GridError::Closed),
+                };
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
                 }
+            }
+            ShardMsg::Close(reply) => {
+                let r = match state.table.take() {
+                    Some(t) => t.into_heap().close().map_err(GridError::from),
+                    None => Ok(()),
+                };
+                state.durable_tx = None;
+                let _ = reply.send(r);
             }
             ShardMsg::InjectPanic => panic!("injected panic (test hook)"),
         }

@@ -65,7 +65,7 @@ pub struct TableSupArgs {
 
 /// Messages of a table supervisor.
 pub enum TableSupMsg {
-    /// Checkpoint every running shard, then stop them all.
+    /// Close (checkpoint and release) every running shard, then stop them all.
     Shutdown(RpcReplyPort<Result<(), GridError>>),
 }
 

@@ -42,8 +42,37 @@ pub enum Value {
     /// Serialized as one byte string (`serde_bytes`); in postcard that is the same bytes as a
     /// sequence of u8, only far faster to produce.
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
-    List(Vec<Value>),
-    Map(IndexMap<String, Value>),
+    List(#[serde(deserialize_with = "de_nested")] Vec<Value>),
+    Map(#[serde(deserialize_with = "de_nested")] IndexMap<String, Value>),
+}
+
+thread_local! {
+    /// Nesting depth of the `Value` being deserialized on this thread.
+    static DE_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Deserializes a list or map one level deeper, refusing to go past `VALUE_DEPTH_MAX`: a value
+/// arriving from the network (inside any message) cannot make deserialization overflow the stack.
+fn de_nested<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            DE_DEPTH.with(|c| c.set(c.get().saturating_sub(1)));
+        }
+    }
+    let depth = DE_DEPTH.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let _leave = Leave;
+    if depth > VALUE_DEPTH_MAX {
+        return Err(serde::de::Error::custom(format!("value nests deeper than {VALUE_DEPTH_MAX} levels")));
+    }
+    T::deserialize(d)
 }
 
 /// Why a value could not be decoded, converted or updated.
@@ -480,6 +509,13 @@ mod tests {
         assert_eq!(Value::decode(&bytes).unwrap(), v);
         let deeper = Value::List(vec![v]);
         assert_eq!(deeper.encode(), Err(ValueError::TooDeep));
+        // The same through plain postcard (as inside a network message): refused, no overflow.
+        let mut raw = Vec::new();
+        for _ in 0..100_000 {
+            raw.extend_from_slice(&[TAG_LIST as u8, 1]);
+        }
+        raw.push(TAG_NULL as u8);
+        assert!(postcard::from_bytes::<Value>(&raw).is_err());
         // A hand-made encoding nested far too deep is refused before postcard recurses.
         let mut evil = vec![VALUE_FORMAT_VERSION];
         for _ in 0..100_000 {

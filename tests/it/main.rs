@@ -5,4 +5,5 @@ mod child;
 mod grid;
 mod heap_kill9;
 mod oplog_kill9;
+mod server;
 mod tidy;

@@ -1,0 +1,251 @@
+//! The network client: `Client::connect(addr)` gives the same `Table` handles as the embedded
+//! `Grid`. One TCP connection carries many tasks' requests at once (pipelined, matched by id);
+//! if it breaks, the requests in flight fail with `GridError::Unavailable` and the next request
+//! reconnects with exponential backoff.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use heapgrid_actors::grid::{TableDef, TableOptions};
+use heapgrid_actors::{GridError, OpResult, TableOp};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::grid::{BoxFuture, Table, TableBackend};
+use crate::protocol::{
+    self, Hello, HelloReply, MAGIC, PROTOCOL_VERSION, Request, RequestBody, Response, ResponseBody,
+};
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Auth token, if the server wants one.
+    pub token: Option<String>,
+    /// How long one request may take, from sending to its response.
+    pub request_timeout: Duration,
+    /// How many times a request tries to (re)connect before failing.
+    pub connect_attempts: u32,
+    /// First backoff between connection attempts; doubles up to one second.
+    pub backoff: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            token: None,
+            request_timeout: Duration::from_secs(30),
+            connect_attempts: 5,
+            backoff: Duration::from_millis(20),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ResponseBody, GridError>>>>>;
+
+/// One live connection: a writer queue and the map of requests awaiting responses.
+struct Conn {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+}
+
+impl Conn {
+    fn is_alive(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+struct Inner {
+    addr: SocketAddr,
+    opts: ClientOptions,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+/// A connection to a heapgrid server; cheap to clone and share between tasks.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+fn fail_all(pending: &Pending, why: &str) {
+    let waiting: Vec<_> = pending.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+    for (_, tx) in waiting {
+        let _ = tx.send(Err(GridError::Unavailable(why.into())));
+    }
+}
+
+async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>, GridError> {
+    let sock =
+        TcpStream::connect(addr).await.map_err(|e| GridError::Unavailable(format!("connect {addr}: {e}")))?;
+    let _ = sock.set_nodelay(true);
+    let (mut rd, mut wr) = sock.into_split();
+    let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION, token };
+    protocol::write_msg(&mut wr, &hello).await.map_err(|e| GridError::Unavailable(e.to_string()))?;
+    let mut buf = Vec::new();
+    protocol::read_frame(&mut rd, &mut buf)
+        .await
+        .map_err(|e| GridError::Unavailable(format!("handshake: {e}")))?;
+    match protocol::decode::<HelloReply>(&buf).map_err(|e| GridError::Protocol(e.to_string()))? {
+        HelloReply::Welcome { .. } => {}
+        HelloReply::Refused { error } => return Err(error),
+    }
+    let pending: Pending = Arc::default();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let p = pending.clone();
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let why = loop {
+            if let Err(e) = protocol::read_frame(&mut rd, &mut buf).await {
+                break format!("connection lost: {e}");
+            }
+            let resp: Response = match protocol::decode(&buf) {
+                Ok(r) => r,
+                Err(e) => break format!("undecodable response: {e}"),
+            };
+            if resp.id == 0 {
+                break format!("server closed the connection: {:?}", resp.result.err());
+            }
+            if let Some(waiter) = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&resp.id) {
+                let _ = waiter.send(resp.result);
+            }
+        };
+        fail_all(&p, &why);
+    });
+    Ok(Arc::new(Conn { tx, pending }))
+}
+
+impl Client {
+    /// Connects (with backoff) and performs the handshake.
+    pub async fn connect(addr: SocketAddr) -> Result<Client, GridError> {
+        Client::connect_with(addr, ClientOptions::default()).await
+    }
+
+    /// Connects with options (token, timeouts, backoff).
+    pub async fn connect_with(addr: SocketAddr, opts: ClientOptions) -> Result<Client, GridError> {
+        let c = Client {
+            inner: Arc::new(Inner {
+                addr,
+                opts,
+                conn: tokio::sync::Mutex::new(None),
+                next_id: AtomicU64::new(1),
+            }),
+        };
+        c.conn().await?;
+        Ok(c)
+    }
+
+    /// The live connection, reconnecting if needed.
+    async fn conn(&self) -> Result<Arc<Conn>, GridError> {
+        let mut guard = self.inner.conn.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| c.is_alive()) {
+            return Ok(c.clone());
+        }
+        let mut backoff = self.inner.opts.backoff;
+        let mut last = GridError::Unavailable("no connection attempt".into());
+        for attempt in 0..self.inner.opts.connect_attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            match open_conn(self.inner.addr, self.inner.opts.token.clone()).await {
+                Ok(c) => {
+                    *guard = Some(c.clone());
+                    return Ok(c);
+                }
+                // A refusal (bad token, wrong version) will not change by retrying.
+                Err(e @ (GridError::Unauthenticated(_) | GridError::Protocol(_))) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn request(&self, body: RequestBody) -> Result<ResponseBody, GridError> {
+        let conn = self.conn().await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = protocol::encode(&Request { id, body }).map_err(|e| GridError::Invalid(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        if conn.tx.send(frame).is_err() {
+            conn.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            return Err(GridError::Unavailable("connection lost before sending".into()));
+        }
+        match tokio::time::timeout(self.inner.opts.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(GridError::Unavailable("connection lost".into())),
+            Err(_) => {
+                conn.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                Err(GridError::Unavailable(format!(
+                    "no response within {:?} (a write may or may not have applied)",
+                    self.inner.opts.request_timeout
+                )))
+            }
+        }
+    }
+
+    /// Round trip without touching data.
+    pub async fn ping(&self) -> Result<(), GridError> {
+        match self.request(RequestBody::Ping).await? {
+            ResponseBody::Pong => Ok(()),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Tables this token may read.
+    pub async fn tables(&self) -> Result<Vec<TableDef>, GridError> {
+        match self.request(RequestBody::ListTables).await? {
+            ResponseBody::Tables(t) => Ok(t),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Creates a table (needs `admin` on it).
+    pub async fn create_table(&self, name: &str, options: TableOptions) -> Result<Table, GridError> {
+        match self.request(RequestBody::CreateTable { name: name.into(), options }).await? {
+            ResponseBody::Done => Ok(self.table(name)),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Drops a table (needs `admin` on it).
+    pub async fn drop_table(&self, name: &str) -> Result<(), GridError> {
+        match self.request(RequestBody::DropTable { name: name.into() }).await? {
+            ResponseBody::Done => Ok(()),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// A handle to a table on the server: the same `Table` type as the embedded grid's.
+    pub fn table(&self, name: &str) -> Table {
+        Table::over(Arc::new(RemoteTable { client: self.clone(), name: name.into() }))
+    }
+}
+
+struct RemoteTable {
+    client: Client,
+    name: String,
+}
+
+impl TableBackend for RemoteTable {
+    fn execute(&self, op: TableOp) -> BoxFuture<'_, Result<OpResult, GridError>> {
+        Box::pin(async move {
+            match self.client.request(RequestBody::Table { table: self.name.clone(), op }).await? {
+                ResponseBody::Op(r) => Ok(r),
+                r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+            }
+        })
+    }
+}
