@@ -44,6 +44,9 @@ impl Default for ClientOptions {
     }
 }
 
+/// Socket read buffer, and the most request bytes gathered into one write.
+const IO_BUFFER_BYTES: usize = 64 * 1024;
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ResponseBody, GridError>>>>>;
 
 /// One live connection: a writer queue and the map of requests awaiting responses.
@@ -82,7 +85,8 @@ async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>,
     let sock =
         TcpStream::connect(addr).await.map_err(|e| GridError::Unavailable(format!("connect {addr}: {e}")))?;
     let _ = sock.set_nodelay(true);
-    let (mut rd, mut wr) = sock.into_split();
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = tokio::io::BufReader::with_capacity(IO_BUFFER_BYTES, rd);
     let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION, token };
     protocol::write_msg(&mut wr, &hello).await.map_err(|e| GridError::Unavailable(e.to_string()))?;
     let mut buf = Vec::new();
@@ -96,8 +100,18 @@ async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>,
     let pending: Pending = Arc::default();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
+        let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
         while let Some(frame) = rx.recv().await {
-            if wr.write_all(&frame).await.is_err() {
+            // Gather every request that is ready into one write (pipelining).
+            out.clear();
+            out.extend_from_slice(&frame);
+            while out.len() < IO_BUFFER_BYTES {
+                match rx.try_recv() {
+                    Ok(more) => out.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&out).await.is_err() {
                 break;
             }
         }

@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod client;
 pub mod grid;
+pub mod loadgen;
 pub mod protocol;
 pub mod server;
 

@@ -35,6 +35,47 @@ enum Cmd {
     },
     /// Checks every heap under a data directory (offline; the server must not be running).
     Check { dir: PathBuf },
+    /// Load generator against a server: ops/s and latency percentiles.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Table to use (created if missing).
+    #[arg(long, default_value = "bench")]
+    table: String,
+    /// Shards of the table if it is created.
+    #[arg(long, default_value_t = 2)]
+    shards: u32,
+    /// fsync policy of the table if it is created: always, never or every:MS.
+    #[arg(long)]
+    fsync: Option<String>,
+    /// TCP connections.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    /// Key space (keys 0..N).
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Share of gets, in percent (the rest are puts).
+    #[arg(long, default_value_t = 50)]
+    reads: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Put every key once before measuring.
+    #[arg(long)]
+    preload: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +145,7 @@ fn main() -> ExitCode {
         Cmd::Shell(c) => rt.block_on(shell(c)),
         Cmd::Eval { client, command } => rt.block_on(eval(client, command)),
         Cmd::Check { dir } => check(&dir),
+        Cmd::Bench(b) => rt.block_on(bench(b)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,8 +191,7 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
         }
     };
     // Tests and scripts read this line to learn the port (with --listen 127.0.0.1:0).
-    println!("heapgrid listening on {}", server.local_addr());
-    std::io::stdout().flush()?;
+    emit(&format!("heapgrid listening on {}", server.local_addr()))?;
     tracing::info!(addr = %server.local_addr(), trusted, "listening");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -168,6 +209,14 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
 async fn connect(c: &ClientArgs) -> Result<Client, AnyErr> {
     let opts = ClientOptions { token: c.token.clone(), ..ClientOptions::default() };
     Ok(Client::connect_with(c.addr, opts).await?)
+}
+
+/// Writes a line to stdout; a closed stdout is an error, not a panic.
+fn emit(line: &str) -> Result<(), AnyErr> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
 }
 
 fn parse_key(s: &str) -> Key {
@@ -232,34 +281,96 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
 async fn eval(c: ClientArgs, command: Vec<String>) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
     let out = run_command(&client, &command).await?;
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    emit(&serde_json::to_string_pretty(&out)?)?;
     Ok(())
 }
 
 async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
-    let stdin = std::io::stdin();
-    let interactive = std::io::IsTerminal::is_terminal(&stdin);
-    let mut line = String::new();
-    loop {
-        if interactive {
-            print!("heapgrid> ");
-            std::io::stdout().flush()?;
-        }
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
-        match words.first().map(String::as_str) {
-            None => continue,
-            Some("quit" | "exit") => return Ok(()),
-            _ => match run_command(&client, &words).await {
-                Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-                Err(e) => println!("{}", serde_json::json!({ "error": e.to_string() })),
-            },
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        // Piped input: one command per line, no prompt.
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if std::io::stdin().lock().read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            if !shell_line(&client, &line).await? {
+                return Ok(());
+            }
         }
     }
+    // Interactive: line editing and history (kept in ~/.heapgrid_history).
+    let mut editor = rustyline::DefaultEditor::new()?;
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".heapgrid_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    loop {
+        match editor.readline("heapgrid> ") {
+            Ok(line) => {
+                let _ = editor.add_history_entry(line.as_str());
+                if !shell_line(&client, &line).await? {
+                    break;
+                }
+            }
+            Err(rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
+}
+
+/// Runs one shell line; false to quit.
+async fn shell_line(client: &Client, line: &str) -> Result<bool, AnyErr> {
+    let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+    match words.first().map(String::as_str) {
+        None => {}
+        Some("quit" | "exit") => return Ok(false),
+        _ => match run_command(client, &words).await {
+            Ok(v) => emit(&serde_json::to_string_pretty(&v)?)?,
+            Err(e) => emit(&serde_json::json!({ "error": e.to_string() }).to_string())?,
+        },
+    }
+    Ok(true)
+}
+
+async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
+    let fsync = b.fsync.as_deref().map(parse_fsync).transpose()?.map(heapgrid::FsyncSetting::from);
+    let spec = heapgrid::loadgen::LoadSpec {
+        addr: b.client.addr,
+        token: b.client.token.clone(),
+        table: b.table,
+        shards: b.shards,
+        fsync,
+        connections: b.connections.max(1),
+        pipeline: b.pipeline.max(1),
+        keys: b.keys,
+        value_bytes: b.value_bytes,
+        reads_percent: b.reads.min(100),
+        duration: std::time::Duration::from_secs_f64(b.seconds.max(0.01)),
+        preload: b.preload,
+    };
+    let r = heapgrid::loadgen::run(spec).await?;
+    if b.json {
+        emit(&serde_json::to_string(&r)?)?;
+    } else {
+        emit(&format!(
+            "{} ops in {:.2} s: {:.0} ops/s, latency p50 {} us, p99 {} us, p99.9 {} us, max {} us, {} errors",
+            r.ops,
+            r.seconds,
+            r.ops_per_sec,
+            r.latency_us_p50,
+            r.latency_us_p99,
+            r.latency_us_p999,
+            r.latency_us_max,
+            r.errors
+        ))?;
+    }
+    Ok(())
 }
 
 /// Every `*.heap` file under `dir`.
@@ -287,12 +398,15 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
         let r = Heap::open(f, HeapOptions { op_log: false, ..HeapOptions::default() })
             .and_then(|h| h.check_integrity());
         match r {
-            Ok(rep) => {
-                println!("ok       {} ({} entries, {} tree pages)", f.display(), rep.entries, rep.tree_pages)
-            }
+            Ok(rep) => emit(&format!(
+                "ok       {} ({} entries, {} tree pages)",
+                f.display(),
+                rep.entries,
+                rep.tree_pages
+            ))?,
             Err(e) => {
                 bad += 1;
-                println!("CORRUPT  {}: {e}", f.display());
+                emit(&format!("CORRUPT  {}: {e}", f.display()))?;
             }
         }
     }

@@ -32,6 +32,8 @@ use crate::protocol::{
 
 /// Default requests in flight per connection.
 pub const INFLIGHT_MAX_DEFAULT: usize = 256;
+/// Socket read buffer, and the most response bytes gathered into one write.
+const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// How long a new connection has to send its `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -117,7 +119,7 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-async fn handshake(rd: &mut tokio::net::tcp::OwnedReadHalf, auth: &Auth) -> Result<Principal, GridError> {
+async fn handshake<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, auth: &Auth) -> Result<Principal, GridError> {
     let mut buf = Vec::new();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(rd, &mut buf)).await {
         Err(_) => return Err(GridError::Protocol("no hello within the handshake timeout".into())),
@@ -144,7 +146,9 @@ async fn connection(
     inflight: usize,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (mut rd, mut wr) = sock.into_split();
+    let (rd, mut wr) = sock.into_split();
+    // Buffered reads: one syscall serves many pipelined frames.
+    let mut rd = tokio::io::BufReader::with_capacity(IO_BUFFER_BYTES, rd);
     let who = match handshake(&mut rd, &auth).await {
         Ok(p) => p,
         Err(error) => {
@@ -163,18 +167,18 @@ async fn connection(
     // The writer owns the socket's write half; responses arrive in completion order.
     let (tx, mut rx) = mpsc::channel::<Response>(inflight);
     let writer = tokio::spawn(async move {
+        let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
         while let Some(resp) = rx.recv().await {
-            let frame = match protocol::encode(&resp) {
-                Ok(f) => f,
-                Err(e) => match protocol::encode(&Response {
-                    id: resp.id,
-                    result: Err(GridError::Protocol(e.to_string())),
-                }) {
-                    Ok(f) => f,
-                    Err(_) => continue,
-                },
-            };
-            if wr.write_all(&frame).await.is_err() {
+            // Gather every response that is ready into one write.
+            out.clear();
+            append_response(&mut out, &resp);
+            while out.len() < IO_BUFFER_BYTES {
+                match rx.try_recv() {
+                    Ok(more) => append_response(&mut out, &more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&out).await.is_err() {
                 break;
             }
         }
@@ -211,6 +215,16 @@ async fn connection(
     let _ = permits.acquire_many(inflight as u32).await;
     drop(tx);
     let _ = writer.await;
+}
+
+/// Appends one response frame (or, if it cannot be encoded, an error frame for its id).
+fn append_response(out: &mut Vec<u8>, resp: &Response) {
+    let frame = protocol::encode(resp).or_else(|e| {
+        protocol::encode(&Response { id: resp.id, result: Err(GridError::Protocol(e.to_string())) })
+    });
+    if let Ok(f) = frame {
+        out.extend_from_slice(&f);
+    }
 }
 
 async fn handle(grid: &GridCore, who: &Principal, body: RequestBody) -> Result<ResponseBody, GridError> {

@@ -276,3 +276,64 @@ async fn malformed_input_ends_only_its_own_connection() {
     }
     assert_eq!(t.get::<i64>("k").await.unwrap(), Some(1), "the well-behaved client is unaffected");
 }
+
+fn cli(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn eval_shell_and_bench_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let addr = server.addr.to_string();
+    let a = addr.as_str();
+    assert!(cli(&["eval", "--addr", a, "create", "t", "2"], None).0);
+    assert!(cli(&["eval", "--addr", a, "put", "t", "bob", r#"{"visits": 2}"#], None).0);
+    let (ok, out) = cli(&["eval", "--addr", a, "get", "t", "bob"], None);
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap(), serde_json::json!({"visits": 2}));
+    let (ok, out) = cli(&["eval", "--addr", a, "get", "nope", "x"], None);
+    assert!(!ok && out.contains("no such table"), "{out}");
+    let (ok, out) = cli(&["shell", "--addr", a], Some("count t\nbogus\nscan t\n"));
+    assert!(ok, "{out}");
+    assert!(out.starts_with("1\n"), "{out}");
+    assert!(out.contains("\"error\"") && out.contains("\"bob\""), "{out}");
+    let (ok, out) = cli(
+        &[
+            "bench",
+            "--addr",
+            a,
+            "--table",
+            "b",
+            "--connections",
+            "4",
+            "--pipeline",
+            "2",
+            "--keys",
+            "100",
+            "--seconds",
+            "0.3",
+            "--json",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(report["ops"].as_u64().unwrap() > 0 && report["errors"].as_u64() == Some(0), "{report}");
+}

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Side-by-side: `heapgrid bench` against `heapgrid serve`, and `redis-benchmark` against
+# `redis-server`, with the same parameters, in one run on this machine. Prints a markdown table
+# with ratios (heapgrid / Redis). Installs Debian's redis-server and redis-tools if missing.
+#
+#   bash benches/compare-redis.sh            # default: 1M key space, 100-byte values, 50 clients
+#   SECONDS_PER_CASE=10 KEYS=1000000 bash benches/compare-redis.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KEYS="${KEYS:-1000000}"
+VALUE="${VALUE:-100}"
+CLIENTS="${CLIENTS:-50}"
+SECS="${SECONDS_PER_CASE:-5}"
+# redis-benchmark counts requests, heapgrid bench counts seconds: size redis' runs to about SECS.
+REQS="${REQS:-300000}"
+
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
+fi
+cargo build --release --quiet
+HG=target/release/heapgrid
+work="$(mktemp -d "${TMPDIR:-/var/tmp}/hg-vs-redis.XXXXXX")"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start_redis() { # $1 = appendfsync setting or "off"
+  local port; port=$(free_port)
+  local aof="no"; [ "$1" != "off" ] && aof="yes"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly "$aof" --appendfsync "${1/off/everysec}" \
+    --dir "$work" --daemonize no >/dev/null 2>&1 &
+  pids+=($!); REDIS_PID=$!; REDIS_PORT=$port
+  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && return; sleep 0.05; done
+  echo "redis did not start" >&2; exit 1
+}
+
+start_heapgrid() { # $1 = default fsync policy
+  local dir="$work/hg-$RANDOM"
+  "$HG" serve --listen 127.0.0.1:0 --data "$dir" --fsync "$1" > "$work/hg.out" 2>/dev/null &
+  pids+=($!); HG_PID=$!; HG_DIR=$dir
+  for _ in $(seq 200); do grep -q "listening on" "$work/hg.out" 2>/dev/null && break; sleep 0.05; done
+  HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg.out")
+}
+
+redis_rps() { # $1 = test (set|get), $2 = pipeline
+  redis-benchmark -p "$REDIS_PORT" -t "$1" -n "$REQS" -c "$CLIENTS" -P "$2" -d "$VALUE" -r "$KEYS" --csv -q 2>/dev/null |
+    awk -F, 'NR>1 {gsub(/"/,"",$2); print $2; exit}'
+}
+
+hg_rps() { # $1 = reads percent, $2 = pipeline
+  "$HG" bench --addr "$HG_ADDR" --connections "$CLIENTS" --pipeline "$2" --keys "$KEYS" --value-bytes "$VALUE" \
+    --reads "$1" --seconds "$SECS" --json | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %d" % (r["ops_per_sec"], r["latency_us_p99"]))'
+}
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+
+echo "## heapgrid vs Redis, $(date -u +%FT%TZ), $(nproc) cores, ${CLIENTS} clients, ${VALUE}-byte values, ${KEYS} key space"
+echo
+echo "| case | heapgrid ops/s (p99 us) | Redis ops/s | heapgrid / Redis |"
+echo "|---|---:|---:|---:|"
+
+start_redis off
+start_heapgrid every:1000
+# Preload both so GETs hit.
+"$HG" bench --addr "$HG_ADDR" --connections "$CLIENTS" --keys "$KEYS" --value-bytes "$VALUE" --reads 0 --seconds 0.01 --preload >/dev/null
+redis-benchmark -p "$REDIS_PORT" -t set -n "$KEYS" -c "$CLIENTS" -P 16 -d "$VALUE" -r "$KEYS" -q >/dev/null 2>&1 || true
+for p in 1 16; do
+  for t in set get; do
+    reads=0; [ "$t" = get ] && reads=100
+    read -r hg p99 < <(hg_rps "$reads" "$p")
+    rd=$(redis_rps "$t" "$p")
+    echo "| ${t^^}, pipeline $p | $hg ($p99) | $rd | $(ratio "$hg" "$rd") |"
+  done
+done
+# Memory per key after the preload.
+hg_rss=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$HG_PID/status")
+rd_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2+0}')
+rd_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
+echo "| memory per key after ${KEYS} keys (heapgrid RSS; Redis used_memory) | $((hg_rss / KEYS)) B | $((rd_mem / rd_keys)) B | $(ratio "$((hg_rss / KEYS))" "$((rd_mem / rd_keys))") |"
+
+# Restart holding the keys: time until the first request is answered.
+kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
+t0=$(date +%s%N)
+"$HG" serve --listen 127.0.0.1:0 --data "$HG_DIR" > "$work/hg.out" 2>/dev/null &
+pids+=($!); HG_PID=$!
+for _ in $(seq 2000); do grep -q "listening on" "$work/hg.out" 2>/dev/null && break; sleep 0.005; done
+HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg.out")
+"$HG" eval --addr "$HG_ADDR" count bench >/dev/null
+t1=$(date +%s%N)
+echo "| restart holding ${KEYS} keys to first answer (heapgrid: process start to first reply) | $(( (t1 - t0) / 1000000 )) ms | | |"
+kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
+kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
+
+# Durable SET: fsync always vs appendfsync always.
+start_redis always
+start_heapgrid always
+read -r hg p99 < <(hg_rps 0 1)
+rd=$(redis_rps set 1)
+echo "| durable SET (fsync always / appendfsync always), pipeline 1 | $hg ($p99) | $rd | $(ratio "$hg" "$rd") |"
