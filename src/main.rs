@@ -133,7 +133,15 @@ type AnyErr = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // HEAPGRID_THREADS=1 runs everything on one thread (no cross-thread wake-ups at all).
+    let threads =
+        std::env::var("HEAPGRID_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0);
+    let built = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("heapgrid: cannot start the runtime: {e}");

@@ -2,9 +2,8 @@
 //! version, token), then serves pipelined requests concurrently up to a per-connection in-flight
 //! limit, writing responses as they complete.
 //!
-//! Backpressure: a connection's reader takes a permit before reading each request; with
-//! `inflight_max` requests running it stops reading, so a fast client fills its socket buffer
-//! instead of the server's memory.
+//! Backpressure: with `inflight_max` requests of a connection running, the server stops reading
+//! that socket, so a fast client fills its socket buffer instead of the server's memory.
 //!
 //! Graceful shutdown (`Server::shutdown`): stop accepting, let every connection finish the
 //! requests it has read (no new ones are read), flush their responses, then return; the caller
@@ -17,11 +16,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use heapgrid_actors::GridError;
 use heapgrid_actors::grid::GridCore;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
@@ -119,14 +120,73 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
-async fn handshake<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, auth: &Auth) -> Result<Principal, GridError> {
-    let mut buf = Vec::new();
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, protocol::read_frame(rd, &mut buf)).await {
+/// A connection's input: bytes read so far, split into frames as they complete. Reading with
+/// `read_buf` into a buffer that outlives the read makes it safe to abandon a read midway (in a
+/// `select!`): nothing already received is lost.
+struct Input {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+    /// Start of the unparsed bytes in `buf`.
+    at: usize,
+}
+
+impl Input {
+    /// The next complete frame's payload already buffered, if any.
+    fn frame(&mut self) -> Option<Result<Vec<u8>, FrameError>> {
+        let avail = &self.buf[self.at..];
+        if avail.len() < 4 {
+            return None;
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes"));
+        if len > protocol::FRAME_BYTES_MAX {
+            return Some(Err(FrameError::TooLarge(len)));
+        }
+        if avail.len() < 4 + len as usize {
+            return None;
+        }
+        let payload = avail[4..4 + len as usize].to_vec();
+        self.at += 4 + len as usize;
+        Some(Ok(payload))
+    }
+
+    /// Reads more bytes (cancel-safe). `Ok(false)` at end of stream.
+    async fn fill(&mut self) -> Result<bool, FrameError> {
+        if self.at > 0 && self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+        } else if self.at > IO_BUFFER_BYTES {
+            self.buf.drain(..self.at);
+            self.at = 0;
+        }
+        self.buf.reserve(IO_BUFFER_BYTES);
+        let n = self.rd.read_buf(&mut self.buf).await?;
+        Ok(n > 0)
+    }
+
+    /// The next frame, reading as needed; `Closed` at a clean end of stream.
+    async fn next(&mut self) -> Result<Vec<u8>, FrameError> {
+        loop {
+            if let Some(f) = self.frame() {
+                return f;
+            }
+            if !self.fill().await? {
+                return Err(if self.at == self.buf.len() {
+                    FrameError::Closed
+                } else {
+                    FrameError::Malformed("truncated frame".into())
+                });
+            }
+        }
+    }
+}
+
+async fn handshake(input: &mut Input, auth: &Auth) -> Result<Principal, GridError> {
+    let payload = match tokio::time::timeout(HANDSHAKE_TIMEOUT, input.next()).await {
         Err(_) => return Err(GridError::Protocol("no hello within the handshake timeout".into())),
         Ok(Err(e)) => return Err(GridError::Protocol(e.to_string())),
-        Ok(Ok(())) => {}
-    }
-    let hello: Hello = protocol::decode(&buf).map_err(|e| GridError::Protocol(format!("hello: {e}")))?;
+        Ok(Ok(p)) => p,
+    };
+    let hello: Hello = protocol::decode(&payload).map_err(|e| GridError::Protocol(format!("hello: {e}")))?;
     if hello.magic != MAGIC {
         return Err(GridError::Protocol("not a heapgrid client (bad magic)".into()));
     }
@@ -139,6 +199,11 @@ async fn handshake<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, auth: &Auth) -> 
     auth.login(hello.token.as_deref())
 }
 
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
+/// One connection. Its requests run as futures polled by this one task (no task per request,
+/// no writer task): a shard's reply wakes this task, which gathers every finished response into
+/// one write.
 async fn connection(
     sock: TcpStream,
     grid: Arc<GridCore>,
@@ -147,10 +212,9 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let (rd, mut wr) = sock.into_split();
-    // Buffered reads: one syscall serves many pipelined frames.
-    let mut rd = tokio::io::BufReader::with_capacity(IO_BUFFER_BYTES, rd);
-    let who = match handshake(&mut rd, &auth).await {
-        Ok(p) => p,
+    let mut input = Input { rd, buf: Vec::with_capacity(IO_BUFFER_BYTES), at: 0 };
+    let who = match handshake(&mut input, &auth).await {
+        Ok(p) => Arc::new(p),
         Err(error) => {
             let _ = protocol::write_msg(&mut wr, &HelloReply::Refused { error }).await;
             let _ = wr.shutdown().await;
@@ -164,57 +228,73 @@ async fn connection(
     if protocol::write_msg(&mut wr, &welcome).await.is_err() {
         return;
     }
-    // The writer owns the socket's write half; responses arrive in completion order.
-    let (tx, mut rx) = mpsc::channel::<Response>(inflight);
-    let writer = tokio::spawn(async move {
-        let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
-        while let Some(resp) = rx.recv().await {
-            // Gather every response that is ready into one write.
-            out.clear();
-            append_response(&mut out, &resp);
-            while out.len() < IO_BUFFER_BYTES {
-                match rx.try_recv() {
-                    Ok(more) => append_response(&mut out, &more),
-                    Err(_) => break,
+    let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
+    let mut reading = true;
+    loop {
+        // Start every complete request already buffered, up to the in-flight limit.
+        while reading && running.len() < inflight {
+            match input.frame() {
+                None => break,
+                Some(Ok(payload)) => match protocol::decode::<Request>(&payload) {
+                    Ok(req) => {
+                        let (grid, who) = (grid.clone(), who.clone());
+                        running.push(Box::pin(async move {
+                            Response { id: req.id, result: handle(&grid, &who, req.body).await }
+                        }));
+                    }
+                    Err(e) => {
+                        append_response(
+                            &mut out,
+                            &Response { id: 0, result: Err(GridError::Protocol(e.to_string())) },
+                        );
+                        reading = false;
+                    }
+                },
+                Some(Err(e)) => {
+                    append_response(
+                        &mut out,
+                        &Response { id: 0, result: Err(GridError::Protocol(e.to_string())) },
+                    );
+                    reading = false;
                 }
             }
-            if wr.write_all(&out).await.is_err() {
-                break;
-            }
         }
-        let _ = wr.shutdown().await;
-    });
-    let permits = Arc::new(Semaphore::new(inflight));
-    let who = Arc::new(who);
-    let mut buf = Vec::new();
-    loop {
-        let permit = tokio::select! {
-            _ = stop.changed() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let read = tokio::select! {
-            _ = stop.changed() => break,
-            r = protocol::read_frame(&mut rd, &mut buf) => r,
-        };
-        let req: Request = match read.and_then(|_| protocol::decode(&buf)) {
-            Ok(r) => r,
-            Err(FrameError::Closed) => break,
-            Err(e) => {
-                let _ = tx.send(Response { id: 0, result: Err(GridError::Protocol(e.to_string())) }).await;
-                break;
+        if !out.is_empty() && (running.is_empty() || out.len() >= IO_BUFFER_BYTES) {
+            if wr.write_all(&out).await.is_err() {
+                return;
             }
-        };
-        let (grid, who, tx) = (grid.clone(), who.clone(), tx.clone());
-        tokio::spawn(async move {
-            let result = handle(&grid, &who, req.body).await;
-            let _ = tx.send(Response { id: req.id, result }).await;
-            drop(permit);
-        });
+            out.clear();
+        }
+        if !reading && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            done = running.next(), if !running.is_empty() => {
+                if let Some(resp) = done {
+                    append_response(&mut out, &resp);
+                    // Gather whatever else has finished, then write once.
+                    while let Some(Some(resp)) = running.next().now_or_never() {
+                        append_response(&mut out, &resp);
+                    }
+                    if wr.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                }
+            }
+            more = input.fill(), if reading && running.len() < inflight => match more {
+                Ok(true) => {}
+                Ok(false) => {
+                    // End of stream: finish what was read (a truncated frame is just dropped).
+                    reading = false;
+                }
+                Err(_) => reading = false,
+            },
+            _ = stop.changed(), if reading => reading = false,
+        }
     }
-    // Let the requests already read finish (each holds a permit), then close.
-    let _ = permits.acquire_many(inflight as u32).await;
-    drop(tx);
-    let _ = writer.await;
+    let _ = wr.shutdown().await;
 }
 
 /// Appends one response frame (or, if it cannot be encoded, an error frame for its id).
