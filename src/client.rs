@@ -44,10 +44,14 @@ impl Default for ClientOptions {
     }
 }
 
+/// Longest a connection attempt (TCP connect + handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Socket read buffer, and the most request bytes gathered into one write.
 const IO_BUFFER_BYTES: usize = 64 * 1024;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ResponseBody, GridError>>>>>;
+/// Requests awaiting responses; `None` once the connection's reader has ended, so a request can
+/// never be registered on a dead connection after its waiters were failed.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<ResponseBody, GridError>>>>>>;
 
 /// One live connection: a writer queue and the map of requests awaiting responses.
 struct Conn {
@@ -56,8 +60,9 @@ struct Conn {
 }
 
 impl Conn {
+    /// False once the reader ended (it closes `pending`) or the writer did.
     fn is_alive(&self) -> bool {
-        !self.tx.is_closed()
+        !self.tx.is_closed() && self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
 
@@ -75,7 +80,7 @@ pub struct Client {
 }
 
 fn fail_all(pending: &Pending, why: &str) {
-    let waiting: Vec<_> = pending.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+    let waiting = pending.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
     for (_, tx) in waiting {
         let _ = tx.send(Err(GridError::Unavailable(why.into())));
     }
@@ -97,9 +102,9 @@ async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>,
         HelloReply::Welcome { .. } => {}
         HelloReply::Refused { error } => return Err(error),
     }
-    let pending: Pending = Arc::default();
+    let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
         while let Some(frame) = rx.recv().await {
             // Gather every request that is ready into one write (pipelining).
@@ -131,11 +136,14 @@ async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>,
             if resp.id == 0 {
                 break format!("server closed the connection: {:?}", resp.result.err());
             }
-            if let Some(waiter) = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&resp.id) {
+            let waiter =
+                p.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|m| m.remove(&resp.id));
+            if let Some(waiter) = waiter {
                 let _ = waiter.send(resp.result);
             }
         };
         fail_all(&p, &why);
+        writer.abort();
     });
     Ok(Arc::new(Conn { tx, pending }))
 }
@@ -173,7 +181,15 @@ impl Client {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            match open_conn(self.inner.addr, self.inner.opts.token.clone()).await {
+            let opened = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                open_conn(self.inner.addr, self.inner.opts.token.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(GridError::Unavailable(format!("connecting to {} timed out", self.inner.addr)))
+            });
+            match opened {
                 Ok(c) => {
                     *guard = Some(c.clone());
                     return Ok(c);
@@ -192,16 +208,23 @@ impl Client {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = protocol::encode(&Request { id, body }).map_err(|e| GridError::Invalid(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        conn.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        match conn.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(m) => m.insert(id, tx),
+            None => return Err(GridError::Unavailable("connection lost before sending".into())),
+        };
         if conn.tx.send(frame).is_err() {
-            conn.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            if let Some(m) = conn.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                m.remove(&id);
+            }
             return Err(GridError::Unavailable("connection lost before sending".into()));
         }
         match tokio::time::timeout(self.inner.opts.request_timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(GridError::Unavailable("connection lost".into())),
             Err(_) => {
-                conn.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                if let Some(m) = conn.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    m.remove(&id);
+                }
                 Err(GridError::Unavailable(format!(
                     "no response within {:?} (a write may or may not have applied)",
                     self.inner.opts.request_timeout

@@ -1,7 +1,7 @@
 //! The embedded API: `Grid` (a grid in this process) and `Table` (a handle to one table).
 //!
 //! `Table` talks to a `TableBackend`: in-process it is the table's runtime (messages to its shard
-//! actors); the network client will provide another backend with the same methods, so code
+//! actors); the network `Client` provides another backend with the same methods, so code
 //! written against `Table` runs over either transport unchanged.
 
 use std::future::Future;
@@ -194,12 +194,10 @@ impl Table {
         }
     }
 
-    /// Adds `by` to the integer at `path` (a missing field counts as 0); returns the new value.
-    pub async fn increment(&self, key: impl Into<Key>, path: Vec<PathSeg>, by: i64) -> Result<i64> {
-        match self.update(key, path, Update::Increment(Value::Int(by))).await? {
-            Value::Int(n) => Ok(n),
-            v => Err(GridError::Value(format!("incremented value is not an integer: {v:?}"))),
-        }
+    /// Adds `by` to the number at `path` (a missing field counts as 0); returns the new value
+    /// (an int, or a float if the field held a float).
+    pub async fn increment(&self, key: impl Into<Key>, path: Vec<PathSeg>, by: i64) -> Result<Value> {
+        self.update(key, path, Update::Increment(Value::Int(by))).await
     }
 
     /// Applies writes atomically (one op-log record). On a sharded table every key must map to

@@ -1,8 +1,9 @@
 //! heapgrid: an actor-based data grid whose data lives in a persistent, memory-mapped paged heap.
 //!
 //! This crate is the public face: the embedded `Grid` and its `Table` handles (`grid`), the
-//! value model re-exported from `heapgrid-actors`, and the persistent heap (`heap`). The network
-//! `Client`, the wire protocol and the server join it next (see ARCHITECTURE.md).
+//! network `Client` with the same handles (`client`), the wire protocol, the server and its auth,
+//! the load generator, the value model re-exported from `heapgrid-actors`, and the persistent
+//! heap (`heap`). See ARCHITECTURE.md.
 //!
 //! ```no_run
 //! use heapgrid::{Grid, GridOptions, TableOptions, path};

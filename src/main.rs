@@ -395,6 +395,11 @@ fn heaps(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 fn check(dir: &Path) -> Result<(), AnyErr> {
+    // Refuse while a server has the directory (its heaps would read as locked, not corrupt).
+    if let Ok(lock) = std::fs::File::open(dir.join("LOCK")) {
+        lock.try_lock()
+            .map_err(|_| format!("{} is in use by a running server; stop it first", dir.display()))?;
+    }
     let mut files = Vec::new();
     heaps(dir, &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
     if files.is_empty() {

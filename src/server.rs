@@ -35,6 +35,11 @@ use crate::protocol::{
 pub const INFLIGHT_MAX_DEFAULT: usize = 256;
 /// Socket read buffer, and the most response bytes gathered into one write.
 const IO_BUFFER_BYTES: usize = 64 * 1024;
+/// Largest `Hello` (it carries only a token).
+const HELLO_BYTES_MAX: u32 = 4096;
+/// A client that does not read its responses for this long is disconnected (so shutdown and
+/// memory cannot be held hostage by it).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new connection has to send its `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -154,6 +159,8 @@ impl Input {
         if self.at > 0 && self.at == self.buf.len() {
             self.buf.clear();
             self.at = 0;
+            // Give back what a large frame needed.
+            self.buf.shrink_to(IO_BUFFER_BYTES);
         } else if self.at > IO_BUFFER_BYTES {
             self.buf.drain(..self.at);
             self.at = 0;
@@ -163,9 +170,18 @@ impl Input {
         Ok(n > 0)
     }
 
-    /// The next frame, reading as needed; `Closed` at a clean end of stream.
-    async fn next(&mut self) -> Result<Vec<u8>, FrameError> {
+    /// The length prefix of the next frame, if buffered.
+    fn peek_len(&self) -> Option<u32> {
+        let avail = &self.buf[self.at..];
+        (avail.len() >= 4).then(|| u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")))
+    }
+
+    /// The next frame of at most `max` bytes, reading as needed; `Closed` at a clean end.
+    async fn next_limited(&mut self, max: u32) -> Result<Vec<u8>, FrameError> {
         loop {
+            if let Some(len) = self.peek_len().filter(|&l| l > max) {
+                return Err(FrameError::TooLarge(len));
+            }
             if let Some(f) = self.frame() {
                 return f;
             }
@@ -181,7 +197,10 @@ impl Input {
 }
 
 async fn handshake(input: &mut Input, auth: &Auth) -> Result<Principal, GridError> {
-    let payload = match tokio::time::timeout(HANDSHAKE_TIMEOUT, input.next()).await {
+    if let Some(len) = input.peek_len().filter(|&l| l > HELLO_BYTES_MAX) {
+        return Err(GridError::Protocol(format!("hello of {len} bytes is over {HELLO_BYTES_MAX}")));
+    }
+    let payload = match tokio::time::timeout(HANDSHAKE_TIMEOUT, input.next_limited(HELLO_BYTES_MAX)).await {
         Err(_) => return Err(GridError::Protocol("no hello within the handshake timeout".into())),
         Ok(Err(e)) => return Err(GridError::Protocol(e.to_string())),
         Ok(Ok(p)) => p,
@@ -237,6 +256,16 @@ async fn connection(
             match input.frame() {
                 None => break,
                 Some(Ok(payload)) => match protocol::decode::<Request>(&payload) {
+                    Ok(req) if req.id == 0 => {
+                        append_response(
+                            &mut out,
+                            &Response {
+                                id: 0,
+                                result: Err(GridError::Protocol("request id 0 is reserved".into())),
+                            },
+                        );
+                        reading = false;
+                    }
                     Ok(req) => {
                         let (grid, who) = (grid.clone(), who.clone());
                         running.push(Box::pin(async move {
@@ -261,7 +290,7 @@ async fn connection(
             }
         }
         if !out.is_empty() && (running.is_empty() || out.len() >= IO_BUFFER_BYTES) {
-            if wr.write_all(&out).await.is_err() {
+            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                 return;
             }
             out.clear();
@@ -277,7 +306,7 @@ async fn connection(
                     while let Some(Some(resp)) = running.next().now_or_never() {
                         append_response(&mut out, &resp);
                     }
-                    if wr.write_all(&out).await.is_err() {
+                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                         return;
                     }
                     out.clear();
@@ -307,25 +336,38 @@ fn append_response(out: &mut Vec<u8>, resp: &Response) {
     }
 }
 
-async fn handle(grid: &GridCore, who: &Principal, body: RequestBody) -> Result<ResponseBody, GridError> {
+async fn detached<F>(f: F) -> Result<ResponseBody, GridError>
+where
+    F: std::future::Future<Output = Result<ResponseBody, GridError>> + Send + 'static,
+{
+    tokio::spawn(f).await.unwrap_or_else(|e| Err(GridError::Unavailable(format!("admin task failed: {e}"))))
+}
+
+async fn handle(grid: &Arc<GridCore>, who: &Principal, body: RequestBody) -> Result<ResponseBody, GridError> {
     match body {
         RequestBody::Ping => Ok(ResponseBody::Pong),
         RequestBody::ListTables => Ok(ResponseBody::Tables(
             grid.list_tables().into_iter().filter(|t| who.allows(&t.name, Permission::Read)).collect(),
         )),
+        // Catalogue changes run as their own tasks: a connection that goes away cannot cancel
+        // them halfway (between the catalogue and the running tables).
         RequestBody::CreateTable { name, options } => {
             who.require(&name, Permission::Admin)?;
-            grid.create_table(&name, options).await?;
-            Ok(ResponseBody::Done)
+            let grid = grid.clone();
+            detached(async move { grid.create_table(&name, options).await.map(|_| ResponseBody::Done) }).await
         }
         RequestBody::DropTable { name } => {
             who.require(&name, Permission::Admin)?;
-            grid.drop_table(&name).await?;
-            Ok(ResponseBody::Done)
+            let grid = grid.clone();
+            detached(async move { grid.drop_table(&name).await.map(|_| ResponseBody::Done) }).await
         }
         RequestBody::Table { table, op } => {
-            let need = if op.is_write() { Permission::Write } else { Permission::Read };
-            who.require(&table, need)?;
+            // Write results carry data (CAS `current`, updated values, existence), so a write
+            // needs read as well.
+            who.require(&table, Permission::Read)?;
+            if op.is_write() {
+                who.require(&table, Permission::Write)?;
+            }
             Ok(ResponseBody::Op(grid.table(&table)?.execute(op).await?))
         }
     }

@@ -109,6 +109,32 @@ pub struct TableDef {
     pub name: String,
     pub shards: u32,
     pub fsync: FsyncSetting,
+    /// This incarnation's directory under `<dir>/tables/`: unique per creation, so a table
+    /// dropped and created again never sees (or deletes) the other one's files.
+    pub dir: String,
+}
+
+impl TableDef {
+    /// Checks a definition read from the catalogue (untrusted bytes).
+    fn validate(&self) -> Result<(), GridError> {
+        valid_name(&self.name)?;
+        let dir_ok = self.dir.starts_with(&self.name)
+            && self.dir.len() <= TABLE_NAME_BYTES_MAX + 17
+            && self.dir.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !(1..=TABLE_SHARDS_MAX).contains(&self.shards) || !dir_ok {
+            return Err(GridError::Corrupted(format!("catalogue entry for {:?} is invalid", self.name)));
+        }
+        Ok(())
+    }
+}
+
+/// A directory name no earlier incarnation of `name` used.
+fn incarnation_dir(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    format!("{name}-{:016x}", nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(48))
 }
 
 /// One table of a running grid: its definition and where its shards are.
@@ -275,8 +301,8 @@ struct RootState {
 
 struct RootSupervisor;
 
-fn table_dir(dir: &Path, name: &str) -> PathBuf {
-    dir.join("tables").join(name)
+fn table_dir(dir: &Path, def: &TableDef) -> PathBuf {
+    dir.join("tables").join(&def.dir)
 }
 
 impl RootSupervisor {
@@ -289,7 +315,7 @@ impl RootSupervisor {
         let heap = HeapOptions { fsync: def.fsync.into(), ..HeapOptions::default() };
         let args = TableSupArgs {
             table: def.name.clone(),
-            dir: table_dir(&st.args.dir, &def.name),
+            dir: table_dir(&st.args.dir, &def),
             heap,
             policy: st.args.opts.restart,
             slots: slots.clone(),
@@ -430,10 +456,21 @@ pub struct GridCore {
 fn lock_dir(dir: &Path) -> Result<File, GridError> {
     std::fs::create_dir_all(dir).map_err(|e| GridError::Storage(format!("{}: {e}", dir.display())))?;
     let f = File::create(dir.join("LOCK")).map_err(|e| GridError::Storage(e.to_string()))?;
-    f.try_lock().map_err(|e| {
-        GridError::Storage(format!("data directory {} is in use by another process: {e}", dir.display()))
-    })?;
-    Ok(f)
+    // A lock held only by a descriptor copy in a process being spawned elsewhere (between fork
+    // and exec) is released within moments: retry briefly before calling the directory busy.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                return Err(GridError::Storage(format!(
+                    "data directory {} is in use by another process: {e}",
+                    dir.display()
+                )));
+            }
+        }
+    }
 }
 
 fn valid_name(name: &str) -> Result<(), GridError> {
@@ -455,14 +492,33 @@ impl GridCore {
         let dir = dir.as_ref().to_path_buf();
         let lock = lock_dir(&dir)?;
         let catalog_opts = HeapOptions { fsync: FsyncPolicy::Always, ..HeapOptions::default() };
-        let catalog = Heap::open(dir.join("catalog.heap"), catalog_opts)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let catalog = loop {
+            // Same brief wait as for LOCK: a spawning process may still hold a descriptor copy.
+            match Heap::open(dir.join("catalog.heap"), catalog_opts.clone()) {
+                Err(heapgrid_heap::Error::Locked(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                r => break r?,
+            }
+        };
         let mut defs = Vec::new();
         for e in catalog.iter() {
             let (_, v) = e?;
             let value = Value::decode(&v).map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
-            defs.push(
-                value.to_serde::<TableDef>().map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?,
-            );
+            let def =
+                value.to_serde::<TableDef>().map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
+            def.validate()?;
+            defs.push(def);
+        }
+        // Directories no catalogue entry names are left by a drop that did not finish: remove.
+        if let Ok(entries) = std::fs::read_dir(dir.join("tables")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !defs.iter().any(|d| d.dir == name) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         let registry: Registry = Arc::default();
         let args = RootArgs { dir: dir.clone(), opts: opts.clone(), registry: registry.clone() };
@@ -472,7 +528,11 @@ impl GridCore {
         let core =
             Arc::new(GridCore { dir, opts, root, registry, catalog: Mutex::new(Some(catalog)), _lock: lock });
         for def in defs {
-            core.start(def).await?;
+            if let Err(e) = core.start(def).await {
+                // Stop what did start, so no heap stays open (and locked) behind a failed open.
+                let _ = core.close().await;
+                return Err(e);
+            }
         }
         Ok(core)
     }
@@ -507,7 +567,12 @@ impl GridCore {
                 max: TABLE_SHARDS_MAX as u64,
             });
         }
-        let def = TableDef { name: name.into(), shards, fsync: opts.fsync.unwrap_or(self.opts.fsync.into()) };
+        let def = TableDef {
+            name: name.into(),
+            shards,
+            fsync: opts.fsync.unwrap_or(self.opts.fsync.into()),
+            dir: incarnation_dir(name),
+        };
         self.catalog(|h| {
             if h.contains(name.as_bytes())? {
                 return Err(GridError::TableExists(name.into()));
@@ -526,9 +591,9 @@ impl GridCore {
 
     /// Stops a table, removes it from the catalogue, then deletes its files.
     pub async fn drop_table(&self, name: &str) -> Result<(), GridError> {
-        if self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(name).is_none() {
+        let Some(rt) = self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(name) else {
             return Err(GridError::NoSuchTable(name.into()));
-        }
+        };
         match self.root.call(|p| RootMsg::StopTable(name.into(), p), None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r?,
             _ => return Err(GridError::Closed),
@@ -540,7 +605,8 @@ impl GridCore {
             }
             Ok(())
         })?;
-        std::fs::remove_dir_all(table_dir(&self.dir, name)).map_err(|e| GridError::Storage(e.to_string()))
+        // A crash before this line leaves an orphan directory, removed at the next open.
+        std::fs::remove_dir_all(table_dir(&self.dir, &rt.def)).map_err(|e| GridError::Storage(e.to_string()))
     }
 
     /// Every table, by name.

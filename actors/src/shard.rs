@@ -105,6 +105,12 @@ impl Actor for ShardActor {
                     Ok(OpResult::Written { lsn, .. }) if *lsn > 0 => *lsn,
                     _ => 0,
                 };
+                // A heap that failed closed (fsync error, corrupt page met mid-write) is recovered by
+                // a restart: answer this request, then fail so the supervisor reopens it.
+                if let Some(why) = table.heap().poisoned().map(str::to_string) {
+                    let _ = reply.send(r);
+                    return Err(format!("heap failed closed: {why}").into());
+                }
                 match (&state.durable_tx, lsn) {
                     (Some(tx), lsn) if lsn > 0 => {
                         if let Err(mpsc::error::SendError((_, r, reply))) = tx.send((lsn, r, reply)) {
@@ -118,12 +124,17 @@ impl Actor for ShardActor {
                 }
             }
             ShardMsg::Checkpoint(reply) => {
+                // A checkpoint flushes and fsyncs: let the runtime move other tasks off this worker.
                 let r = match state.table.as_mut() {
-                    Some(t) => t.heap_mut().checkpoint().map_err(GridError::from),
+                    Some(t) => blocking(|| t.heap_mut().checkpoint()).map_err(GridError::from),
                     None => Err(GridError::Closed),
                 };
+                let poisoned = state.table.as_ref().and_then(|t| t.heap().poisoned().map(str::to_string));
                 if let Some(reply) = reply {
                     let _ = reply.send(r);
+                }
+                if let Some(why) = poisoned {
+                    return Err(format!("heap failed closed: {why}").into());
                 }
             }
             ShardMsg::Close(reply) => {
@@ -137,6 +148,15 @@ impl Actor for ShardActor {
             ShardMsg::InjectPanic => panic!("injected panic (test hook)"),
         }
         Ok(())
+    }
+}
+
+/// Runs blocking work (a checkpoint's flushes) so the runtime can move other tasks off this
+/// worker; on a current-thread runtime there is nowhere to move them, so it just runs.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -300,7 +300,13 @@ impl TableShard {
                 Some(v) => v.clone(),
                 None => self.read(op.key())?,
             };
-            let next_version = current.as_ref().map_or(1, |c| c.version + 1);
+            let next_version = match &current {
+                None => 1,
+                Some(c) => c.version.checked_add(1).ok_or_else(|| TableError::Corrupted {
+                    key: op.key().to_string(),
+                    why: "version counter at its maximum".into(),
+                })?,
+            };
             let (new, result) = match op {
                 WriteOp::Put { value, .. } => (
                     Some(Versioned { version: next_version, value: value.clone() }),

@@ -31,7 +31,12 @@ pub const VALUE_ENCODED_BYTES_MAX: usize = heapgrid_heap::limits::VALUE_BYTES_MA
 pub const VALUE_FORMAT_VERSION: u8 = 1;
 
 /// A document: see the module docs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+///
+/// Serde: in binary formats (postcard) a `Value` is its tagged enum (`Repr` below); in
+/// human-readable formats (JSON) it is the natural JSON form, so `Table::put(k, &value)` and
+/// `get::<Value>` round-trip. Deserializing counts nodes against a per-decode budget
+/// (`with_node_budget`), so a small message cannot expand into gigabytes of tiny values.
+#[derive(Clone, Debug, PartialEq, Default)]
 pub enum Value {
     #[default]
     Null,
@@ -41,9 +46,75 @@ pub enum Value {
     Str(String),
     /// Serialized as one byte string (`serde_bytes`); in postcard that is the same bytes as a
     /// sequence of u8, only far faster to produce.
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    Map(IndexMap<String, Value>),
+}
+
+/// The binary representation (variant order is the postcard tag: never reorder).
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "Value")]
+enum Repr {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     List(#[serde(deserialize_with = "de_nested")] Vec<Value>),
     Map(#[serde(deserialize_with = "de_nested")] IndexMap<String, Value>),
+}
+
+#[derive(Serialize)]
+#[serde(rename = "Value")]
+enum ReprRef<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    Bytes(#[serde(with = "serde_bytes")] &'a [u8]),
+    List(&'a [Value]),
+    Map(&'a IndexMap<String, Value>),
+}
+
+impl Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            return self.to_json().serialize(s);
+        }
+        match self {
+            Value::Null => ReprRef::Null,
+            Value::Bool(b) => ReprRef::Bool(*b),
+            Value::Int(i) => ReprRef::Int(*i),
+            Value::Float(f) => ReprRef::Float(*f),
+            Value::Str(x) => ReprRef::Str(x),
+            Value::Bytes(b) => ReprRef::Bytes(b),
+            Value::List(l) => ReprRef::List(l),
+            Value::Map(m) => ReprRef::Map(m),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let j = serde_json::Value::deserialize(d)?;
+            return Value::from_json(&j).map_err(serde::de::Error::custom);
+        }
+        take_node().map_err(serde::de::Error::custom)?;
+        Ok(match Repr::deserialize(d)? {
+            Repr::Null => Value::Null,
+            Repr::Bool(b) => Value::Bool(b),
+            Repr::Int(i) => Value::Int(i),
+            Repr::Float(f) => Value::Float(f),
+            Repr::Str(s) => Value::Str(s),
+            Repr::Bytes(b) => Value::Bytes(b),
+            Repr::List(l) => Value::List(l),
+            Repr::Map(m) => Value::Map(m),
+        })
+    }
 }
 
 thread_local! {
@@ -73,6 +144,42 @@ where
         return Err(serde::de::Error::custom(format!("value nests deeper than {VALUE_DEPTH_MAX} levels")));
     }
     T::deserialize(d)
+}
+
+/// Most `Value` nodes one decode may produce (a node costs ~40 bytes in memory).
+pub const VALUE_NODES_MAX: u64 = 4_000_000;
+
+thread_local! {
+    /// Nodes the current decode may still produce (`None`: no decode in progress).
+    static NODES_LEFT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+fn take_node() -> Result<(), String> {
+    NODES_LEFT.with(|c| match c.get() {
+        Some(0) => Err(format!("message holds more than {VALUE_NODES_MAX} values")),
+        Some(n) => {
+            c.set(Some(n - 1));
+            Ok(())
+        }
+        None => Ok(()),
+    })
+}
+
+/// Runs a decode with a budget of `VALUE_NODES_MAX` value nodes (nested calls share it).
+pub fn with_node_budget<R>(f: impl FnOnce() -> R) -> R {
+    let outer = NODES_LEFT.with(|c| c.get());
+    if outer.is_some() {
+        return f();
+    }
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            NODES_LEFT.with(|c| c.set(None));
+        }
+    }
+    NODES_LEFT.with(|c| c.set(Some(VALUE_NODES_MAX)));
+    let _reset = Reset;
+    f()
 }
 
 /// Why a value could not be decoded, converted or updated.
@@ -124,7 +231,7 @@ impl Value {
             return Err(ValueError::Malformed(format!("value format version {version}")));
         }
         scan(body)?;
-        postcard::from_bytes(body).map_err(|e| ValueError::Malformed(e.to_string()))
+        with_node_budget(|| postcard::from_bytes(body)).map_err(|e| ValueError::Malformed(e.to_string()))
     }
 
     /// Nesting depth (0 for a scalar).
@@ -565,6 +672,30 @@ mod tests {
         fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
             let _ = Value::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn a_small_message_cannot_expand_past_the_node_budget() {
+        // A list of 5M nulls is 10 MB of postcard but ~200 MB in memory: refused.
+        let n = VALUE_NODES_MAX as usize + 1;
+        let mut raw = vec![TAG_LIST as u8];
+        let mut len = n as u64;
+        while len >= 0x80 {
+            raw.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        raw.push(len as u8);
+        raw.resize(raw.len() + n, TAG_NULL as u8);
+        let r = with_node_budget(|| postcard::from_bytes::<Value>(&raw));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn json_form_is_natural() {
+        let v = Value::from_json(&serde_json::json!({"a": [1, "x"]})).unwrap();
+        assert_eq!(serde_json::to_value(&v).unwrap(), serde_json::json!({"a": [1, "x"]}));
+        assert_eq!(serde_json::from_value::<Value>(serde_json::json!({"a": [1, "x"]})).unwrap(), v);
+        assert_eq!(Value::from_serde(&Value::Int(1)).unwrap(), Value::Int(1));
     }
 
     #[test]

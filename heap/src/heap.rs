@@ -198,6 +198,11 @@ impl Heap {
         })
     }
 
+    /// Why the heap refuses work, if an earlier failure poisoned it (reopening recovers).
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
     /// What recovery replayed from the op log when this heap was opened.
     pub fn replay_report(&self) -> ReplayReport {
         self.replay

@@ -124,7 +124,7 @@ async fn typed_values_partial_updates_and_restart_keep_acknowledged_writes() {
         .unwrap();
     let bob = User { name: "bob".into(), visits: 0, friends: vec!["amy".into()] };
     users.put("bob", &bob).await.unwrap();
-    assert_eq!(users.increment("bob", path!["visits"], 5).await.unwrap(), 5);
+    assert_eq!(users.increment("bob", path!["visits"], 5).await.unwrap(), Value::Int(5));
     users.update("bob", path!["friends"], Update::Append(Value::Str("cy".into()))).await.unwrap();
     let cas = users.cas("ann", Expect::Absent, Some(Value::Int(1))).await.unwrap();
     assert!(cas.ok);
@@ -149,6 +149,17 @@ async fn typed_values_partial_updates_and_restart_keep_acknowledged_writes() {
     assert_eq!(grid.tables().len(), 1);
     grid.drop_table("users").await.unwrap();
     assert!(grid.table("users").is_err());
+    // A table created again under the same name starts empty: the old incarnation's files are
+    // neither reused nor able to delete the new one's.
+    let again = grid.create_table("users", TableOptions { shards: 3, fsync: None }).await.unwrap();
+    assert_eq!(again.count().await.unwrap(), 0);
+    again.put("new", &1).await.unwrap();
+    grid.close().await.unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let again = grid.table("users").unwrap();
+    assert_eq!(again.count().await.unwrap(), 1);
+    assert_eq!(again.get::<i64>("new").await.unwrap(), Some(1));
+    grid.drop_table("users").await.unwrap();
     grid.close().await.unwrap();
     let grid = Grid::open(dir.path(), opts()).await.unwrap();
     assert!(grid.tables().is_empty(), "a dropped table stays dropped");

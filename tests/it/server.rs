@@ -22,8 +22,12 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
+        Server::start_at(dir, "127.0.0.1:0", extra)
+    }
+
+    fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", listen, "--data"])
             .arg(dir)
             .args(extra)
             .stdout(Stdio::piped())
@@ -64,7 +68,7 @@ async fn client_speaks_the_same_table_api_and_survives_kill9() {
     client.ping().await.unwrap();
     let users = client.create_table("users", TableOptions { shards: 4, fsync: None }).await.unwrap();
     users.put("bob", &serde_json::json!({"name": "bob", "visits": 1})).await.unwrap();
-    assert_eq!(users.increment("bob", heapgrid::path!["visits"], 2).await.unwrap(), 3);
+    assert_eq!(users.increment("bob", heapgrid::path!["visits"], 2).await.unwrap(), Value::Int(3));
     let bob: serde_json::Value = users.get("bob").await.unwrap().unwrap();
     assert_eq!(bob["visits"], 3);
     assert!(matches!(client.table("nope").get_value("x").await, Err(GridError::NoSuchTable(_))));
@@ -92,11 +96,11 @@ async fn client_speaks_the_same_table_api_and_survives_kill9() {
     let streamed: Vec<_> = users.scan(Key::Int(0)..Key::Int(1_000_000), 64, false).collect().await;
     assert_eq!(streamed.len(), 1000);
 
+    let addr = server.addr.to_string();
     server.kill9();
-    // The client notices, and reconnects once the server is back on the same directory.
-    let server = Server::start(dir.path(), &[]);
-    let client = Client::connect(server.addr).await.unwrap();
-    let users = client.table("users");
+    // The same client notices, and reconnects once the server is back (same address, same data).
+    assert!(users.get_value(0i64).await.is_err(), "a dead server cannot answer");
+    let server = Server::start_at(dir.path(), &addr, &[]);
     for k in acked {
         assert_eq!(users.get_value(k).await.unwrap(), Some(Value::Int(k)), "acknowledged key {k} lost");
     }
@@ -117,7 +121,8 @@ async fn auth_matrix() {
             "tokens": [
                 {"token": "root", "permissions": {"*": ["admin"]}},
                 {"token": "writer", "permissions": {"users": ["read", "write"]}},
-                {"token": "reader", "permissions": {"users": ["read"], "log*": ["read"]}}
+                {"token": "reader", "permissions": {"users": ["read"], "log*": ["read"]}},
+                {"token": "blind", "permissions": {"users": ["write"]}}
             ]
         })
         .to_string(),
@@ -156,6 +161,17 @@ async fn auth_matrix() {
     assert_eq!(reader.table("users").get::<i64>("bob").await.unwrap(), Some(1));
     let names: Vec<String> = reader.tables().await.unwrap().into_iter().map(|t| t.name).collect();
     assert_eq!(names, vec!["users"], "a reader lists only what it may read");
+    assert!(matches!(reader.drop_table("users").await, Err(GridError::PermissionDenied { .. })));
+    root.create_table("logs", TableOptions::default()).await.unwrap();
+    assert_eq!(reader.table("logs").get_value("x").await.unwrap(), None, "log* covers logs");
+
+    // Write without read: refused, since write results (CAS `current`) would reveal data.
+    let blind = as_(Some("blind")).await.unwrap();
+    let cas = blind.table("users").cas("bob", heapgrid::Expect::Absent, None).await;
+    assert!(
+        matches!(cas, Err(GridError::PermissionDenied { ref permission, .. }) if permission == "read"),
+        "{cas:?}"
+    );
     drop(server);
 
     // Trusted mode (no tokens) refuses to listen beyond loopback.
@@ -226,6 +242,12 @@ async fn malformed_input_ends_only_its_own_connection() {
     let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     s.write_all(&[5, 0, 0, 0, 1, 2, 3, 4, 5]).await.unwrap();
     let mut buf = Vec::new();
+    protocol::read_frame(&mut s, &mut buf).await.unwrap();
+    assert!(matches!(protocol::decode::<HelloReply>(&buf).unwrap(), HelloReply::Refused { .. }));
+
+    // An oversized hello: refused without reading it.
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&(30u32 << 20).to_le_bytes()).await.unwrap();
     protocol::read_frame(&mut s, &mut buf).await.unwrap();
     assert!(matches!(protocol::decode::<HelloReply>(&buf).unwrap(), HelloReply::Refused { .. }));
 
