@@ -2,11 +2,12 @@
 //! messages strictly in order.
 //!
 //! The actor struct is empty; `pre_start` opens the heap, which replays the op log, so a
-//! supervisor restart *is* recovery. Writes are applied and logged inside `handle`; under
-//! `FsyncPolicy::Always` the reply goes to the shard's durable-reply task instead, which drains
-//! every reply waiting, makes the highest LSN durable with one fsync, then answers them all
-//! (group commit with task wake-ups, not thread hand-offs). Under the other policies the reply is
-//! sent at once (the record was written with write(2)).
+//! supervisor restart *is* recovery. Writes are applied inside `handle` with their op-log
+//! records queued in memory; after the first write of a group the actor sends itself `Flush`,
+//! which arrives after everything already in the mailbox and writes all queued records with one
+//! write(2). Then, under `FsyncPolicy::Always`, the replies go to the shard's durable-reply task,
+//! which makes the highest LSN durable with one fsync and answers them all (group commit with
+//! task wake-ups, not thread hand-offs); under the other policies they are sent at once.
 //!
 //! Invariant: a reply is sent for a write only after its record is durable under the policy.
 //! Invariant: if the actor dies, every reply port it held is dropped, so every caller gets an
@@ -33,6 +34,10 @@ pub enum ShardMsg {
     /// Checkpoint and close the heap (releasing its file lock) before the actor is stopped;
     /// later operations get `GridError::Closed`.
     Close(RpcReplyPort<Result<(), GridError>>),
+    /// Write the op-log records queued since the last flush (one write(2)) and answer their
+    /// requests. The actor sends it to itself after the first write of a group, so it arrives
+    /// after every message already queued: one syscall per drained mailbox.
+    Flush,
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
@@ -52,6 +57,43 @@ pub struct ShardState {
     /// `None` once closed.
     table: Option<TableShard>,
     durable_tx: Option<mpsc::UnboundedSender<Waiting>>,
+    /// Writes applied whose op-log records are queued, with their replies (sent after `Flush`).
+    unflushed: Vec<Waiting>,
+    flush_scheduled: bool,
+}
+
+impl ShardState {
+    /// Writes the queued op-log records, then answers (or, under `Always`, hands to the
+    /// durable-reply task) every request they belong to. On failure every one of them gets the
+    /// error, and the caller fails the actor: the heap is poisoned and a restart recovers it.
+    fn flush(&mut self) -> Result<(), ActorProcessingErr> {
+        self.flush_scheduled = false;
+        let r = match self.table.as_mut() {
+            Some(t) => t.heap_mut().flush_log().map_err(GridError::from),
+            None => Ok(()),
+        };
+        let waiting = std::mem::take(&mut self.unflushed);
+        if let Err(e) = r {
+            for (_, _, reply) in waiting {
+                let _ = reply.send(Err(GridError::Unavailable(format!("write not logged: {e}"))));
+            }
+            return Err(format!("op log write failed: {e}").into());
+        }
+        for (lsn, r, reply) in waiting {
+            match &self.durable_tx {
+                Some(tx) => {
+                    if let Err(mpsc::error::SendError((_, r, reply))) = tx.send((lsn, r, reply)) {
+                        let _ =
+                            reply.send(r.and(Err(GridError::Unavailable("durable-reply task ended".into()))));
+                    }
+                }
+                None => {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The shard actor (empty: everything lives in `ShardState`).
@@ -85,12 +127,14 @@ impl Actor for ShardActor {
             (FsyncPolicy::Always, Some(d)) => Some(spawn_durable_replies(d)),
             _ => None,
         };
-        Ok(ShardState { table: Some(TableShard::new(heap)), durable_tx })
+        let mut table = TableShard::new(heap);
+        table.set_deferred_log(true);
+        Ok(ShardState { table: Some(table), durable_tx, unflushed: Vec::new(), flush_scheduled: false })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<ShardMsg>,
+        myself: ActorRef<ShardMsg>,
         msg: ShardMsg,
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
@@ -111,18 +155,20 @@ impl Actor for ShardActor {
                     let _ = reply.send(r);
                     return Err(format!("heap failed closed: {why}").into());
                 }
-                match (&state.durable_tx, lsn) {
-                    (Some(tx), lsn) if lsn > 0 => {
-                        if let Err(mpsc::error::SendError((_, r, reply))) = tx.send((lsn, r, reply)) {
-                            let _ = reply
-                                .send(r.and(Err(GridError::Unavailable("durable-reply task ended".into()))));
+                if lsn > 0 {
+                    // Answered after the group's op-log write (`Flush`).
+                    state.unflushed.push((lsn, r, reply));
+                    if !state.flush_scheduled {
+                        state.flush_scheduled = true;
+                        if myself.cast(ShardMsg::Flush).is_err() {
+                            state.flush()?;
                         }
                     }
-                    _ => {
-                        let _ = reply.send(r);
-                    }
+                } else {
+                    let _ = reply.send(r);
                 }
             }
+            ShardMsg::Flush => state.flush()?,
             ShardMsg::Checkpoint(reply) => {
                 // A checkpoint flushes and fsyncs: let the runtime move other tasks off this worker.
                 let r = match state.table.as_mut() {
@@ -138,6 +184,7 @@ impl Actor for ShardActor {
                 }
             }
             ShardMsg::Close(reply) => {
+                state.flush()?;
                 let r = match state.table.take() {
                     Some(t) => t.into_heap().close().map_err(GridError::from),
                     None => Ok(()),

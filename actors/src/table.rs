@@ -195,11 +195,18 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 /// One shard of a table: a heap plus the typed operations on it.
 pub struct TableShard {
     heap: Heap,
+    deferred_log: bool,
 }
 
 impl TableShard {
     pub fn new(heap: Heap) -> Self {
-        TableShard { heap }
+        TableShard { heap, deferred_log: false }
+    }
+
+    /// With `true`, writes only queue their op-log records (`Heap::apply_deferred`); the owner
+    /// must call `heap_mut().flush_log()` before acknowledging any of them.
+    pub fn set_deferred_log(&mut self, on: bool) {
+        self.deferred_log = on;
     }
 
     pub fn heap(&self) -> &Heap {
@@ -353,7 +360,8 @@ impl TableShard {
             overlay.insert(k, new);
             results.push(result);
         }
-        let lsn = self.heap.apply(&batch)?;
+        let lsn =
+            if self.deferred_log { self.heap.apply_deferred(&batch)? } else { self.heap.apply(&batch)? };
         Ok(OpResult::Written { lsn, results })
     }
 }

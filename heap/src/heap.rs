@@ -324,6 +324,38 @@ impl Heap {
         Ok(lsn)
     }
 
+    /// Like `apply`, but the op-log record is only queued in memory: one `flush_log` then writes
+    /// every queued record with a single write(2) (an owner draining a mailbox of writes pays one
+    /// syscall for all of them). Nothing applied this way may be acknowledged before `flush_log`
+    /// returns `Ok`. Without an op log this is `apply`.
+    pub fn apply_deferred(&mut self, batch: &WriteBatch) -> Result<u64> {
+        self.usable()?;
+        self.reserve_for(batch)?;
+        let lsn = match self.log.as_mut() {
+            Some(log) => log.append_deferred(batch)?,
+            None => self.applied_lsn,
+        };
+        if let Err(e) = self.apply_reserved(batch) {
+            return self.poison(e);
+        }
+        self.applied_lsn = lsn;
+        Ok(lsn)
+    }
+
+    /// Writes every record queued by `apply_deferred`. On failure the heap is poisoned: those
+    /// batches are applied in memory but have no log record (reopening recovers without them).
+    pub fn flush_log(&mut self) -> Result<()> {
+        self.usable()?;
+        let r = match self.log.as_mut() {
+            Some(log) => log.flush(),
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => self.poison(e),
+        }
+    }
+
     fn reserve_for(&mut self, batch: &WriteBatch) -> Result<()> {
         let worst: u64 = batch
             .iter()

@@ -301,6 +301,8 @@ pub(crate) struct OpLog {
     shared: Arc<Shared>,
     next_lsn: u64,
     buf: Vec<u8>,
+    /// Records queued by `append_deferred`, not yet written.
+    deferred: Vec<u8>,
     _flusher: Option<Flusher>,
 }
 
@@ -396,14 +398,24 @@ impl OpLog {
             FsyncPolicy::EveryMs(ms) => Some(spawn_flusher(shared.clone(), ms)),
             _ => None,
         };
-        let log =
-            OpLog { dir, heap_id, policy, segments, shared, next_lsn, buf: Vec::new(), _flusher: flusher };
+        let log = OpLog {
+            dir,
+            heap_id,
+            policy,
+            segments,
+            shared,
+            next_lsn,
+            buf: Vec::new(),
+            deferred: Vec::new(),
+            _flusher: flusher,
+        };
         Ok((log, report))
     }
 
     /// Writes `batch` as the next record with write(2) and returns its LSN. On error nothing was
     /// logged.
     pub(crate) fn append(&mut self, batch: &WriteBatch) -> Result<u64> {
+        self.flush()?;
         self.shared.gc.check()?;
         let lsn = self.next_lsn;
         self.buf.clear();
@@ -422,11 +434,41 @@ impl OpLog {
             });
         }
         self.next_lsn += 1;
+        self.written(lsn);
+        Ok(lsn)
+    }
+
+    fn written(&self, lsn: u64) {
         self.shared.gc.record_written(lsn);
         if self.policy == FsyncPolicy::Never {
             self.shared.gc.mark_durable(lsn);
         }
+    }
+
+    /// Queues `batch` as the next record in memory and returns its LSN; `flush` writes every
+    /// queued record with one write(2). Nothing queued may be acknowledged before `flush`.
+    pub(crate) fn append_deferred(&mut self, batch: &WriteBatch) -> Result<u64> {
+        self.shared.gc.check()?;
+        let lsn = self.next_lsn;
+        encode_record(&mut self.deferred, lsn, batch.as_bytes());
+        self.next_lsn += 1;
         Ok(lsn)
+    }
+
+    /// Writes the queued records. On error the group is failed: those records' batches were
+    /// already applied in memory, so the heap must fail closed.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.shared.segment().append(&self.deferred) {
+            self.shared.gc.fail(format!("op log append failed: {e}"));
+            self.deferred.clear();
+            return Err(Error::Io(e));
+        }
+        self.deferred.clear();
+        self.written(self.next_lsn - 1);
+        Ok(())
     }
 
     pub(crate) fn last_lsn(&self) -> u64 {
@@ -440,6 +482,7 @@ impl OpLog {
     /// Before a checkpoint: fsync the current segment and start a new one, so the checkpoint's
     /// records are sealed in older segments.
     pub(crate) fn rotate(&mut self) -> Result<()> {
+        self.flush()?;
         let current_first = *self.segments.last().expect("a log has a segment");
         if self.next_lsn == current_first {
             return Ok(());

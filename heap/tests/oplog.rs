@@ -255,3 +255,47 @@ fn older_meta_plus_log_recovers_everything() {
         assert!(contents(&h) == model, "seed {seed}");
     }
 }
+
+/// Deferred records: one write for many batches; nothing of them survives without `flush_log`,
+/// everything does with it, and a failed flush fails the heap closed.
+#[test]
+fn deferred_records_are_written_by_flush_only() {
+    let (disk, log) = (SimDisk::new(), SimLogDir::new());
+    let mut h = open(&disk, &log, FsyncPolicy::Never).unwrap();
+    let mut model = Model::new();
+    for i in 0..5u32 {
+        h.apply(&batch(i, &mut model)).unwrap();
+    }
+    let logged = model.clone();
+    let mut scratch = model.clone();
+    for i in 5..8u32 {
+        h.apply_deferred(&batch(i, &mut scratch)).unwrap();
+    }
+    assert!(contents(&h) == scratch, "deferred batches are applied in memory at once");
+    drop(h); // a crash before the flush: those batches were never acknowledged
+    disk.crash(2, PAGE_SIZE as usize);
+    let mut h = open(&disk, &log, FsyncPolicy::Never).unwrap();
+    assert!(contents(&h) == logged);
+    let segments_before = log.segments();
+    for i in 8..11u32 {
+        h.apply_deferred(&batch(i, &mut model)).unwrap();
+    }
+    h.flush_log().unwrap();
+    assert_eq!(log.segments(), segments_before);
+    drop(h);
+    disk.crash(3, PAGE_SIZE as usize);
+    let mut h = open(&disk, &log, FsyncPolicy::Never).unwrap();
+    assert!(contents(&h) == model, "flushed deferred batches survive");
+    let mut scratch = model.clone();
+    h.apply_deferred(&batch(20, &mut scratch)).unwrap();
+    log.set_space_left(Some(0));
+    assert!(h.flush_log().is_err());
+    assert!(
+        matches!(h.get(b"k0000"), Err(Error::Poisoned(_))),
+        "an unlogged applied batch fails the heap closed"
+    );
+    drop(h);
+    log.set_space_left(None);
+    let h = open(&disk, &log, FsyncPolicy::Never).unwrap();
+    assert!(contents(&h) == model);
+}
