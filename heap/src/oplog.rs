@@ -322,6 +322,15 @@ impl OpLog {
         let mut tail_len = None;
         for (i, &first) in segments.iter().enumerate() {
             let last_segment = i + 1 == segments.len();
+            // A segment whose records all lie at or below the checkpoint holds nothing to replay
+            // (it is kept only for a fallback to the older checkpoint): do not read it.
+            if let Some(&next) = segments.get(i + 1)
+                && next <= checkpoint_lsn + 1
+            {
+                expected = Some(next);
+                report.last_lsn = report.last_lsn.max(next - 1);
+                continue;
+            }
             let seg = dir.read(first)?;
             let hdr = segment_header(heap_id, first);
             if seg.len() < SEGMENT_HEADER_BYTES || seg[..SEGMENT_HEADER_BYTES] != hdr {
