@@ -308,20 +308,10 @@ impl Heap {
 
     /// Commits every operation of `batch`, in order, as one unit: first appended to the op log
     /// (if any) with write(2), then applied. Returns the batch's LSN (without an op log: the last
-    /// LSN, unchanged). Under
-    /// `FsyncPolicy::Always` the caller acknowledges only after `durability().wait(lsn)`.
+    /// LSN, unchanged). Under `FsyncPolicy::Always` the caller acknowledges only after
+    /// `durability().wait(lsn)`.
     pub fn apply(&mut self, batch: &WriteBatch) -> Result<u64> {
-        self.usable()?;
-        self.reserve_for(batch)?;
-        let lsn = match self.log.as_mut() {
-            Some(log) => log.append(batch)?,
-            None => self.applied_lsn,
-        };
-        if let Err(e) = self.apply_reserved(batch) {
-            return self.poison(e);
-        }
-        self.applied_lsn = lsn;
-        Ok(lsn)
+        self.commit(batch, false)
     }
 
     /// Like `apply`, but the op-log record is only queued in memory: one `flush_log` then writes
@@ -329,10 +319,15 @@ impl Heap {
     /// syscall for all of them). Nothing applied this way may be acknowledged before `flush_log`
     /// returns `Ok`. Without an op log this is `apply`.
     pub fn apply_deferred(&mut self, batch: &WriteBatch) -> Result<u64> {
+        self.commit(batch, true)
+    }
+
+    fn commit(&mut self, batch: &WriteBatch, deferred: bool) -> Result<u64> {
         self.usable()?;
         self.reserve_for(batch)?;
         let lsn = match self.log.as_mut() {
-            Some(log) => log.append_deferred(batch)?,
+            Some(log) if deferred => log.append_deferred(batch)?,
+            Some(log) => log.append(batch)?,
             None => self.applied_lsn,
         };
         if let Err(e) = self.apply_reserved(batch) {
