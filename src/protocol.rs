@@ -159,6 +159,45 @@ mod tests {
         assert!(decode::<Request>(&trailing).is_err(), "trailing bytes are malformed");
     }
 
+    /// Bytes derived by hand from docs/protocol.md: a client written from the doc produces these.
+    #[test]
+    fn golden_bytes_match_the_spec() {
+        use std::ops::Bound;
+        let req = Request {
+            id: 1,
+            body: RequestBody::Table {
+                table: "t".into(),
+                op: TableOp::Scan {
+                    start: Bound::Included(Key::Int(1)),
+                    end: Bound::Unbounded,
+                    limit: 2,
+                    reverse: true,
+                },
+            },
+        };
+        // id 1 | Table (4) | "t" | Scan (3) | Included (1) Int (0) zigzag(1)=2 | Unbounded (0) | 2 | true
+        let want = [1, 4, 1, b't', 3, 1, 0, 2, 0, 2, 1];
+        assert_eq!(&encode(&req).unwrap()[4..], &want);
+        let hello = Hello { magic: MAGIC, version: 1, token: Some("k".into()) };
+        assert_eq!(&encode(&hello).unwrap()[4..], &[b'H', b'G', b'R', b'D', 1, 1, 1, b'k']);
+        let resp = Response { id: 300, result: Ok(ResponseBody::Op(OpResult::Count(5))) };
+        // id 300 = varint [0xac, 0x02] | Ok (0) | Op (3) | Count (2) | 5
+        assert_eq!(&encode(&resp).unwrap()[4..], &[0xac, 0x02, 0, 3, 2, 5]);
+        let v = Value::Map(
+            [("a".to_string(), Value::List(vec![Value::Bool(true), Value::Null]))].into_iter().collect(),
+        );
+        let put = Request {
+            id: 2,
+            body: RequestBody::Table {
+                table: "t".into(),
+                op: TableOp::Write(WriteOp::Put { key: Key::from("k"), value: v }),
+            },
+        };
+        // ... Write (5) | Put (0) | Str (1) "k" | Map (7) 1 "a" List (6) 2 Bool (1) 1 Null (0)
+        let want = [2, 4, 1, b't', 5, 0, 1, 1, b'k', 7, 1, 1, b'a', 6, 2, 1, 1, 0];
+        assert_eq!(&encode(&put).unwrap()[4..], &want);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
         /// The decoder meets random bytes: an error or a message, never a panic.
