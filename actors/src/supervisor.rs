@@ -67,7 +67,13 @@ pub struct TableSupArgs {
 pub enum TableSupMsg {
     /// Close (checkpoint and release) every running shard, then stop them all.
     Shutdown(RpcReplyPort<Result<(), GridError>>),
+    /// Try again to start shard `i`, whose last start failed.
+    Retry(usize),
 }
+
+/// Pause before starting a shard again after its start failed (a transient error such as a
+/// lock still held or too many open files gets a moment to clear).
+const START_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 pub struct TableSupState {
     args: TableSupArgs,
@@ -85,6 +91,8 @@ pub fn shard_path(dir: &std::path::Path, i: usize) -> PathBuf {
     dir.join(format!("shard-{i:04}.heap"))
 }
 
+/// Starts shard `i`. A failed start counts against the shard's restart limit like a crash: it
+/// is retried after `START_RETRY_DELAY` until the limit marks the shard failed.
 async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
     st.args.slots[i].set(SlotState::Starting);
     let args = ShardArgs { path: shard_path(&st.args.dir, i), heap: st.args.heap.clone() };
@@ -93,7 +101,16 @@ async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: 
             st.children.insert(actor.get_id(), i);
             st.args.slots[i].set(SlotState::Running(actor));
         }
-        Err(e) => st.args.slots[i].set(SlotState::Failed(format!("could not open shard: {e}"))),
+        Err(e) => {
+            let why = format!("could not open shard: {e}");
+            let now_ms = st.started.elapsed().as_millis() as u64;
+            match st.trackers[i].on_failure(st.args.policy, now_ms) {
+                Decision::Restart if !st.stopping => {
+                    myself.send_after(START_RETRY_DELAY, move || TableSupMsg::Retry(i));
+                }
+                _ => st.args.slots[i].set(SlotState::Failed(why)),
+            }
+        }
     }
 }
 
@@ -147,11 +164,16 @@ impl Actor for TableSupervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<TableSupMsg>,
+        myself: ActorRef<TableSupMsg>,
         msg: TableSupMsg,
         st: &mut TableSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            TableSupMsg::Retry(i) => {
+                if !st.stopping && matches!(st.args.slots[i].get(), SlotState::Starting) {
+                    spawn_shard(&myself, st, i).await;
+                }
+            }
             TableSupMsg::Shutdown(reply) => {
                 st.stopping = true;
                 let mut result = Ok(());

@@ -267,3 +267,40 @@ async fn concurrent_increments_give_the_models_result() {
     }
     grid.close().await.unwrap();
 }
+
+/// A shard whose heap cannot be opened is retried within its restart limit, then reported
+/// failed with the reason; the grid itself opens and other tables work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_cannot_open_ends_failed_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let bad = grid.create_table("bad", TableOptions::default()).await.unwrap();
+    bad.put("k", &1).await.unwrap();
+    let good = grid.create_table("good", TableOptions::default()).await.unwrap();
+    good.put("k", &2).await.unwrap();
+    grid.close().await.unwrap();
+    // Damage the header page of bad's only shard.
+    let tables = dir.path().join("tables");
+    let shard_dir = std::fs::read_dir(&tables)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("bad-"))
+        .unwrap()
+        .path();
+    let heap = shard_dir.join("shard-0000.heap");
+    let mut bytes = std::fs::read(&heap).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(&heap, bytes).unwrap();
+
+    let o = GridOptions { restart: RestartPolicy { max_restarts: 3, window_ms: 60_000 }, ..opts() };
+    let grid = Grid::open(dir.path(), o).await.unwrap();
+    let r = grid.table("bad").unwrap().get::<i64>("k").await;
+    match r {
+        Err(GridError::ShardFailed { reason, .. }) => {
+            assert!(reason.contains("could not open shard"), "{reason}")
+        }
+        r => panic!("expected ShardFailed, got {r:?}"),
+    }
+    assert_eq!(grid.table("good").unwrap().get::<i64>("k").await.unwrap(), Some(2));
+    grid.close().await.unwrap();
+}
