@@ -162,8 +162,10 @@ impl TableRuntime {
     /// it is retried once the supervisor has replaced the actor.
     async fn call_shard(&self, i: u32, mut op: TableOp) -> Result<OpResult, GridError> {
         let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
+        let slot = &self.slots[i as usize];
         loop {
-            let restarting = match self.slots[i as usize].get() {
+            let seen = slot.version();
+            let restarting = match slot.get() {
                 SlotState::Running(actor) => match actor.call(|reply| ShardMsg::Op(op, reply), None).await {
                     Ok(ractor::rpc::CallResult::Success(r)) => return r,
                     Ok(_) => {
@@ -193,7 +195,7 @@ impl TableRuntime {
             if tokio::time::Instant::now() >= deadline {
                 return Err(GridError::Unavailable(format!("shard {i} of {} is restarting", self.def.name)));
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            slot.wait_change(seen, deadline).await;
         }
     }
 

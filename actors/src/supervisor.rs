@@ -33,18 +33,44 @@ pub enum SlotState {
     Stopped,
 }
 
-/// A shard's slot, shared between its supervisor (writer) and callers (readers).
-pub struct ShardSlot(RwLock<SlotState>);
+/// A shard's slot, shared between its supervisor (writer) and callers (readers). Callers that
+/// find it `Starting` wait for the next change (`wait_change`) instead of polling.
+pub struct ShardSlot {
+    state: RwLock<SlotState>,
+    version: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
 
 impl ShardSlot {
     pub fn new() -> Self {
-        ShardSlot(RwLock::new(SlotState::Starting))
+        ShardSlot {
+            state: RwLock::new(SlotState::Starting),
+            version: std::sync::atomic::AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        }
     }
     pub fn get(&self) -> SlotState {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// Bumped on every change.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
     fn set(&self, s: SlotState) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = s;
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = s;
+        self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+    /// Waits until the slot changes after version `seen`, or until `deadline`.
+    pub async fn wait_change(&self, seen: u64, deadline: tokio::time::Instant) {
+        let notified = self.changed.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a change between the check and the await wakes us.
+        notified.as_mut().enable();
+        if self.version() != seen {
+            return;
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
     }
 }
 
