@@ -86,7 +86,8 @@ struct ServeArgs {
     /// Data directory.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms, inflight_max, tokens).
+    /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms, inflight_max,
+    /// connections_max, tokens).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Default fsync policy of new tables: always, never or every:MS.
@@ -113,6 +114,7 @@ struct ConfigFile {
     fsync: Option<String>,
     checkpoint_interval_ms: Option<u64>,
     inflight_max: Option<usize>,
+    connections_max: Option<usize>,
     #[serde(default)]
     tokens: Vec<TokenConfig>,
 }
@@ -188,6 +190,7 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
     let cfg = ServerConfig {
         listen,
         inflight_max: file.inflight_max.unwrap_or(INFLIGHT_MAX_DEFAULT),
+        connections_max: file.connections_max.unwrap_or(heapgrid::server::CONNECTIONS_MAX_DEFAULT),
         tokens: file.tokens,
     };
     let trusted = cfg.tokens.is_empty();

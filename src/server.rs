@@ -31,6 +31,8 @@ use crate::protocol::{
     ResponseBody,
 };
 
+/// Default cap on connections served at once.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// Default requests in flight per connection.
 pub const INFLIGHT_MAX_DEFAULT: usize = 256;
 /// Socket read buffer, and the most response bytes gathered into one write.
@@ -48,6 +50,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub inflight_max: usize,
+    /// Connections served at once; more are refused with an error.
+    pub connections_max: usize,
     pub tokens: Vec<TokenConfig>,
 }
 
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: ([127, 0, 0, 1], 7070).into(),
             inflight_max: INFLIGHT_MAX_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
             tokens: Vec::new(),
         }
     }
@@ -71,6 +76,11 @@ pub struct Server {
 impl Server {
     /// Binds and starts serving `grid`.
     pub async fn start(grid: Arc<GridCore>, cfg: ServerConfig) -> Result<Server, GridError> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = cfg.tokens.iter().find(|t| !seen.insert(t.token.as_str())) {
+            let shown: String = dup.token.chars().take(4).collect();
+            return Err(GridError::Invalid(format!("token {shown}... is configured twice")));
+        }
         let auth = Arc::new(Auth::new(&cfg.tokens));
         if auth.is_trusted() && !cfg.listen.ip().is_loopback() {
             return Err(GridError::Invalid(format!(
@@ -84,7 +94,8 @@ impl Server {
         let local_addr = listener.local_addr().map_err(|e| GridError::Storage(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
         let inflight = cfg.inflight_max.max(1);
-        let task = tokio::spawn(accept_loop(listener, grid, auth, inflight, stop_rx));
+        let task =
+            tokio::spawn(accept_loop(listener, grid, auth, inflight, cfg.connections_max.max(1), stop_rx));
         Ok(Server { local_addr, stop, task })
     }
 
@@ -104,6 +115,7 @@ async fn accept_loop(
     grid: Arc<GridCore>,
     auth: Arc<Auth>,
     inflight: usize,
+    connections_max: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -111,7 +123,15 @@ async fn accept_loop(
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((sock, _peer)) => {
+                Ok((mut sock, _peer)) => {
+                    if conns.len() >= connections_max {
+                        // Refuse with a reason the client can show, without reading anything.
+                        let error = GridError::Unavailable(format!("server is at its limit of {connections_max} connections"));
+                        tokio::spawn(async move {
+                            let _ = protocol::write_msg(&mut sock, &HelloReply::Refused { error }).await;
+                        });
+                        continue;
+                    }
                     let _ = sock.set_nodelay(true);
                     conns.spawn(connection(sock, grid.clone(), auth.clone(), inflight, stop.clone()));
                 }

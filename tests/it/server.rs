@@ -174,6 +174,21 @@ async fn auth_matrix() {
     );
     drop(server);
 
+    // A token configured twice is refused at start.
+    let dup = dir.path().join("dup.json");
+    std::fs::write(
+        &dup,
+        serde_json::json!({"tokens": [{"token": "x", "permissions": {}}, {"token": "x", "permissions": {}}]})
+            .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", dup.to_str().unwrap(), "--data"])
+        .arg(dir.path().join("dupdata"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("twice"));
+
     // Trusted mode (no tokens) refuses to listen beyond loopback.
     let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
         .args(["serve", "--listen", "0.0.0.0:0", "--data"])
@@ -182,6 +197,25 @@ async fn auth_matrix() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.json");
+    std::fs::write(&config, serde_json::json!({"connections_max": 2}).to_string()).unwrap();
+    let server = Server::start(&dir.path().join("d"), &["--config", config.to_str().unwrap()]);
+    let a = Client::connect(server.addr).await.unwrap();
+    let b = Client::connect(server.addr).await.unwrap();
+    let opts = ClientOptions { connect_attempts: 1, ..ClientOptions::default() };
+    let third = Client::connect_with(server.addr, opts).await;
+    assert!(
+        matches!(third, Err(GridError::Unavailable(ref m)) if m.contains("limit")),
+        "{}",
+        third.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+    a.ping().await.unwrap();
+    b.ping().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
