@@ -64,33 +64,6 @@ fn opts_logged() -> HeapOptions {
 type Key = [u8; KEY_BYTES];
 type Value = [u8; VALUE_BYTES];
 
-/// splitmix64: a small, good, dependency-free generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let w = self.next().to_le_bytes();
-            chunk.copy_from_slice(&w[..chunk.len()]);
-        }
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
 /// The data set: `keys` are sorted ascending and unique; `values[i]` belongs to `keys[i]`.
 struct Data {
     keys: Vec<Key>,
@@ -103,7 +76,7 @@ struct Data {
 
 impl Data {
     fn new(n: usize, seed: u64) -> Data {
-        let mut rng = Rng(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
         let mut keys: Vec<Key> = (0..n)
             .map(|_| {
                 let mut k = [0u8; KEY_BYTES];
@@ -130,7 +103,7 @@ impl Data {
             .collect();
         let mut random_order: Vec<u32> = (0..n as u32).collect();
         rng.shuffle(&mut random_order);
-        let probes = (0..n).map(|_| rng.below(n) as u32).collect();
+        let probes = (0..n).map(|_| rng.usize(..n) as u32).collect();
         Data { keys, values, random_order, probes }
     }
 
@@ -865,7 +838,7 @@ fn micro(c: &mut Criterion, data: &Data, stores: &mut Stores) {
     let mut g = c.benchmark_group("random_put_batch_1000");
     g.throughput(Throughput::Elements(BATCH as u64));
     g.sampling_mode(SamplingMode::Flat);
-    let mut rng = Rng(0x05EE_D0FB_A7C4);
+    let mut rng = fastrand::Rng::with_seed(0x05EE_D0FB_A7C4);
     let value = data.values[0];
     let mut fresh_keys = move |out: &mut Vec<Key>| {
         out.clear();

@@ -45,13 +45,6 @@ pub struct LoadReport {
     pub latency_us_max: u64,
 }
 
-fn next(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
-
 /// Runs the load and returns the report.
 pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
     let opts = ClientOptions { token: spec.token.clone(), ..ClientOptions::default() };
@@ -90,10 +83,10 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
             tasks.spawn(async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
                 let (mut ops, mut errors) = (0u64, 0u64);
-                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ((c as u64) << 20 | p as u64);
+                let mut rng = fastrand::Rng::with_seed((c as u64) << 20 | p as u64);
                 while Instant::now() < deadline {
-                    let k = (next(&mut x) % keys) as i64;
-                    let read = (next(&mut x) % 100) < reads as u64;
+                    let k = rng.u64(..keys) as i64;
+                    let read = rng.u32(..100) < reads;
                     let t0 = Instant::now();
                     let r = if read {
                         t.get_value(k).await.map(|_| ())

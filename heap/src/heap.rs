@@ -60,6 +60,8 @@ pub struct HeapStats {
     /// Pages in use (the high-water mark), including header and meta pages.
     pub page_count: u64,
     pub free_pages: u64,
+    /// Freed pages not yet reusable: freed since the last checkpoint (pending) or referenced only
+    /// by the older durable checkpoint (held).
     pub pending_pages: u64,
     pub file_bytes: u64,
     pub epoch: u64,
@@ -73,6 +75,7 @@ pub struct IntegrityReport {
     pub overflow_pages: u64,
     pub freelist_pages: u64,
     pub free_pages: u64,
+    /// Pending plus held pages (see `HeapStats::pending_pages`).
     pub pending_pages: u64,
 }
 

@@ -62,11 +62,6 @@ impl SharedHeap {
         f(&mut self.lock())
     }
 
-    /// Commit rounds so far: commits per round is the combining factor.
-    pub fn rounds(&self) -> u64 {
-        self.queue.rounds()
-    }
-
     /// The heap back.
     pub fn into_inner(self) -> Heap {
         self.heap.into_inner().unwrap_or_else(|e| e.into_inner())

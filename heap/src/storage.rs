@@ -219,7 +219,7 @@ impl SimDisk {
         let Some(live) = st.last_live.take() else {
             return (0, 0, 0);
         };
-        let mut rng = SplitMix(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
         let mut out = st.durable.clone();
         if out.len() < live.len() {
             out.resize(live.len(), 0);
@@ -230,7 +230,7 @@ impl SimDisk {
             if out[at..at + chunk.len()] == *chunk {
                 continue;
             }
-            match rng.next() % 3 {
+            match rng.u8(0..3) {
                 0 => old += 1,
                 1 => {
                     out[at..at + chunk.len()].copy_from_slice(chunk);
@@ -238,7 +238,7 @@ impl SimDisk {
                 }
                 _ => {
                     for (s, sector) in chunk.chunks(SIM_SECTOR_BYTES).enumerate() {
-                        if rng.next().is_multiple_of(2) {
+                        if rng.bool() {
                             let o = at + s * SIM_SECTOR_BYTES;
                             out[o..o + sector.len()].copy_from_slice(sector);
                         }
@@ -249,18 +249,6 @@ impl SimDisk {
         }
         st.durable = out;
         (old, new, torn)
-    }
-}
-
-/// A small deterministic generator for fault choices (not for anything security-related).
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 }
 

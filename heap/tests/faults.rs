@@ -189,15 +189,12 @@ fn flipped_bytes_are_detected_never_wrong_data() {
     h.close().unwrap();
     let image = disk.durable();
     let mut detected = 0;
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = fastrand::Rng::with_seed(0x2545_f491_4f6c_dd1d);
     for trial in 0..600 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let page = if trial < pages { trial } else { (rng % pages as u64) as usize };
-        let off = (rng >> 20) as usize % PAGE_SIZE as usize;
+        let page = if trial < pages { trial } else { rng.usize(..pages) };
+        let off = rng.usize(..PAGE_SIZE as usize);
         let mut bad = image.clone();
-        bad[page * PAGE_SIZE as usize + off] ^= 1 << (rng % 8);
+        bad[page * PAGE_SIZE as usize + off] ^= 1 << rng.u8(..8);
         let d = SimDisk::new();
         d.set_durable(bad);
         let outcome = std::panic::catch_unwind(|| {

@@ -53,17 +53,12 @@ impl Child {
     }
 }
 
-/// A seed from the clock (printed, so a failure can be replayed) and an xorshift generator.
+/// A seed from the clock (printed, so a failure can be replayed) and a generator seeded with it.
 pub fn seeded(label: &str) -> (u64, impl FnMut() -> u64) {
     let seed = std::env::var("HEAPGRID_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
     eprintln!("{label} seed {seed} (set HEAPGRID_TEST_SEED to replay)");
-    let mut x = seed | 1;
-    (seed, move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    })
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (seed, move || rng.u64(..))
 }

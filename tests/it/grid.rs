@@ -254,17 +254,20 @@ async fn concurrent_increments_give_the_models_result() {
         }
     }
     assert_eq!(total, 100 * 20 * 2);
-    let b = t
-        .batch(vec![
-            WriteOp::Put { key: "x".into(), value: Value::Int(1) },
-            WriteOp::Delete { key: "y".into() },
-        ])
-        .await;
-    // "x" and "y" may land on different shards: then the batch is refused, never half-applied.
-    match b {
-        Ok(r) => assert_eq!(r.len(), 2),
-        Err(e) => assert!(matches!(e, GridError::Invalid(_)), "{e}"),
-    }
+    // A batch within one shard applies whole; one spanning shards is refused and applies
+    // nothing. Pick the keys so both cases always run (placement is deterministic).
+    let keys: Vec<Key> = (0..64).map(|i| Key::Str(format!("b{i}"))).collect();
+    let a = &keys[0];
+    let same = keys.iter().skip(1).find(|k| k.shard(4) == a.shard(4)).unwrap();
+    let other = keys.iter().find(|k| k.shard(4) != a.shard(4)).unwrap();
+    let put = |k: &Key| WriteOp::Put { key: k.clone(), value: Value::Int(7) };
+    let r = t.batch(vec![put(a), WriteOp::Delete { key: same.clone() }]).await.unwrap();
+    assert_eq!(r.len(), 2);
+    assert!(t.contains(a.clone()).await.unwrap());
+    let refused = t.batch(vec![put(same), put(other)]).await;
+    assert!(matches!(refused, Err(GridError::Invalid(_))), "{refused:?}");
+    assert!(!t.contains(same.clone()).await.unwrap(), "a refused batch left a write behind");
+    assert!(!t.contains(other.clone()).await.unwrap(), "a refused batch left a write behind");
     grid.close().await.unwrap();
 }
 
