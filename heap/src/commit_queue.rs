@@ -3,7 +3,7 @@
 //! own result.
 //!
 //! Why: with a plain mutex around the heap, every commit under contention is a park/unpark of a
-//! thread (7–65 µs on the target machines), and a group commit can only gather the commits that
+//! thread (7–65 µs on the target machines, per the tables issue), and a group commit can only gather the commits that
 //! made it through the mutex during one fsync. Combining makes the mutex hand-offs disappear: a
 //! submitter pushes its item and either leads (no leader active) or sleeps on its own slot until
 //! its result is there, so each commit costs one wake-up and each round one fsync.

@@ -7,7 +7,7 @@
 //! sync that fails fails closed: every present and future waiter gets the error.
 //!
 //! Leader/follower rather than a flusher thread because on the target machines a thread hand-off
-//! costs 7–65 µs, more than the fsync of a small record on a fast device.
+//! costs 7–65 µs (the tables issue's figure), more than the fsync of a small record on a fast device.
 //!
 //! Invariant: `wait_durable(lsn)` returns `Ok(d)` only after a sync that began after `lsn` was
 //! written has completed, and then `d >= lsn` (no early ack).
