@@ -42,6 +42,10 @@ pub enum GridError {
     /// A protocol violation by the peer (malformed frame, wrong version).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A snippet failed (syntax, name, type, value, `fail`, or a budget), with its position.
+    /// Nothing it would have written was written.
+    #[error("snippet {0}")]
+    Snippet(crate::snippet::SnippetFailure),
 }
 
 impl From<TableError> for GridError {

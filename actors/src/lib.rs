@@ -13,6 +13,7 @@ pub mod grid;
 pub mod key;
 pub mod restart;
 pub mod shard;
+pub mod snippet;
 pub mod supervisor;
 pub mod table;
 pub mod value;

@@ -1,0 +1,558 @@
+//! `Engine`: the environment snippets compile against, the compile cache, and running a
+//! compiled snippet under its budgets.
+//!
+//! The environment is a frozen Starlark module holding one `collection` value per table and
+//! the public functions of every stored-procedure module. It is rebuilt (new generation) when
+//! tables or procedures change; cached compilations of an older generation are recompiled on use.
+//!
+//! A snippet compiles to a frozen function `snippet_main` (see `source.rs`), so a cached snippet
+//! costs only a call: about 1 µs of overhead against about 9 µs to parse and compile again.
+//! The cache is keyed by the full source text (a hash picks the bucket; equality decides).
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use starlark::codemap::FileSpanRef;
+use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
+use starlark::eval::{BeforeStmtFunc, BeforeStmtFuncDyn, Evaluator};
+use starlark::syntax::{AstModule, Dialect};
+use starlark::values::OwnedFrozenValue;
+use starlark_syntax::syntax::ast::StmtP;
+
+use super::convert::{RefPath, Shaper};
+use super::session::{self, Orig, Session, Stop, Store};
+use super::source::{self, Mapped};
+use super::types::{Collection, builtins};
+use super::{Budget, Limits, SnippetErrorKind, SnippetFailure};
+use crate::error::GridError;
+use crate::key::Key;
+use crate::value::{PathSeg, Value};
+
+/// Most snippets kept compiled; past it the cache starts over.
+pub const COMPILE_CACHE_ENTRIES: usize = 4096;
+/// Longest snippet source accepted.
+pub const SNIPPET_SOURCE_BYTES_MAX: usize = 256 << 10;
+const FILE: &str = "snippet";
+
+fn dialect() -> Dialect {
+    Dialect {
+        enable_def: true,
+        enable_lambda: true,
+        enable_load: false,
+        enable_keyword_only_arguments: true,
+        enable_top_level_stmt: true,
+        enable_f_strings: true,
+        ..Dialect::Extended
+    }
+}
+
+fn globals() -> Globals {
+    use LibraryExtension as L;
+    GlobalsBuilder::extended_by(&[
+        L::StructType,
+        L::RecordType,
+        L::EnumType,
+        L::NamespaceType,
+        L::Map,
+        L::Filter,
+        L::Partial,
+        L::Json,
+        L::Typing,
+        L::SetType,
+    ])
+    .with(builtins)
+    .build()
+}
+
+/// One write a snippet leaves: a new value, or `None` for a deletion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnippetWrite {
+    pub collection: String,
+    pub key: Key,
+    pub value: Option<Value>,
+}
+
+/// What a successful run returns: the shaped result and the writes to commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub value: Value,
+    pub writes: Vec<SnippetWrite>,
+    /// Statements executed (the deterministic part of the steps budget).
+    pub steps: u64,
+}
+
+struct Env {
+    generation: u64,
+    module: FrozenModule,
+    collections: BTreeSet<String>,
+}
+
+/// A compiled snippet, ready to run (shareable between threads).
+pub struct Compiled {
+    generation: u64,
+    func: OwnedFrozenValue,
+    /// Wrapped-source offset → offset in what the client sent.
+    origin: Vec<u32>,
+    source: Arc<str>,
+    /// Collections the source names (a superset of those it touches).
+    pub collections: Vec<String>,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled").field("collections", &self.collections).finish_non_exhaustive()
+    }
+}
+
+struct State {
+    collections: BTreeSet<String>,
+    procedures: BTreeMap<String, String>,
+    env: Arc<Env>,
+}
+
+/// The snippet engine of one grid.
+pub struct Engine {
+    globals: Globals,
+    state: RwLock<State>,
+    cache: Mutex<HashMap<Arc<str>, Arc<Compiled>>>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine::new()
+    }
+}
+
+fn failure(kind: SnippetErrorKind, src: &str, offset: Option<usize>, message: impl Into<String>) -> GridError {
+    let (line, col) = offset.map_or((0, 0), |o| source::line_col(src, o));
+    GridError::Snippet(SnippetFailure { kind, line, col, message: message.into() })
+}
+
+/// Classifies a Starlark error and finds where it happened in the client's source.
+fn map_error(e: &starlark::Error, src: &str, origin: &[u32], fallback: Option<usize>) -> GridError {
+    use starlark_syntax::error::ErrorKind as K;
+    let (mut kind, message) = match e.kind() {
+        K::Parser(a) => (SnippetErrorKind::Syntax, a.to_string()),
+        K::Scope(a) => (SnippetErrorKind::Name, a.to_string()),
+        K::Function(a) => (SnippetErrorKind::Type, a.to_string()),
+        K::Fail(a) => (SnippetErrorKind::Fail, a.to_string()),
+        K::StackOverflow(a) => (SnippetErrorKind::Budget(Budget::CallDepth), a.to_string()),
+        K::Value(a) | K::Native(a) | K::Other(a) | K::Freeze(a) | K::Internal(a) => match a.downcast_ref::<Stop>()
+        {
+            Some(s) => (s.kind, s.message.clone()),
+            None => {
+                let m = a.to_string();
+                let lower = m.to_lowercase();
+                let k = if m.contains("ticks has been exceeded") {
+                    SnippetErrorKind::Budget(Budget::Steps)
+                } else if m.contains("Evaluation cancelled") {
+                    SnippetErrorKind::Budget(Budget::WallTime)
+                } else if lower.contains("heap") && lower.contains("limit") {
+                    SnippetErrorKind::Budget(Budget::Memory)
+                } else if lower.contains("type") {
+                    SnippetErrorKind::Type
+                } else {
+                    SnippetErrorKind::Value
+                };
+                let m = match k {
+                    SnippetErrorKind::Budget(Budget::Steps) => {
+                        "the snippet ran past its step budget (statements, calls and loop iterations)".into()
+                    }
+                    SnippetErrorKind::Budget(Budget::WallTime) => "the snippet ran past its wall-time budget".into(),
+                    _ => m,
+                };
+                (k, m)
+            }
+        },
+        other => (SnippetErrorKind::Value, other.to_string()),
+    };
+    if message.starts_with("Variable `") && message.contains("not found") {
+        kind = SnippetErrorKind::Name;
+    }
+    let in_snippet = |fs: &starlark::codemap::FileSpan| fs.filename() == FILE;
+    let at = e
+        .span()
+        .filter(|s| in_snippet(s))
+        .map(|s| s.span.begin().get() as usize)
+        .or_else(|| {
+            e.call_stack()
+                .clone()
+                .into_frames()
+                .into_iter()
+                .rev()
+                .filter_map(|f| f.location)
+                .find(|l| in_snippet(l))
+                .map(|l| l.span.begin().get() as usize)
+        })
+        .or(fallback);
+    let offset = at.map(|o| origin.get(o).copied().unwrap_or(src.len() as u32) as usize);
+    let message = message.lines().next().unwrap_or("").to_string();
+    failure(kind, src, offset, message)
+}
+
+/// Counts statements, checks the memory budget before each and the deadline every 64.
+struct Guard {
+    steps: u64,
+    steps_max: u64,
+    memory_max: u64,
+    deadline: Instant,
+    last: Rc<Cell<Option<u32>>>,
+    counted: Rc<Cell<u64>>,
+}
+
+impl<'e> BeforeStmtFuncDyn<'e> for Guard {
+    fn call<'v>(&mut self, span: FileSpanRef, _continued: bool, eval: &mut Evaluator<'v, '_, 'e>) -> starlark::Result<()> {
+        self.steps += 1;
+        self.counted.set(self.steps);
+        if span.filename() == FILE {
+            self.last.set(Some(span.span.begin().get()));
+        }
+        if self.steps > self.steps_max {
+            return Err(session::stop(
+                SnippetErrorKind::Budget(Budget::Steps),
+                format!("the snippet ran more than {} steps", self.steps_max),
+            ));
+        }
+        let used = eval.heap().allocated_bytes() as u64;
+        if used > self.memory_max {
+            return Err(session::stop(
+                SnippetErrorKind::Budget(Budget::Memory),
+                format!("the snippet uses {used} bytes; the memory budget is {}", self.memory_max),
+            ));
+        }
+        if self.steps % 64 == 0 && Instant::now() > self.deadline {
+            return Err(session::stop(
+                SnippetErrorKind::Budget(Budget::WallTime),
+                "the snippet ran past its wall-time budget",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        let env = Arc::new(Engine::build_env(0, &BTreeSet::new(), &BTreeMap::new()).expect("empty environment"));
+        Engine {
+            globals: globals(),
+            state: RwLock::new(State { collections: BTreeSet::new(), procedures: BTreeMap::new(), env }),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn build_env(
+        generation: u64,
+        collections: &BTreeSet<String>,
+        procedures: &BTreeMap<String, String>,
+    ) -> Result<Env, GridError> {
+        let globals = globals();
+        // Each procedure module sees the collections; the environment sees both.
+        let base = Module::with_temp_heap(|m| {
+            for c in collections {
+                m.set(c, m.heap().alloc(Collection { name: c.clone() }));
+            }
+            m.freeze()
+        })
+        .map_err(|e| GridError::Invalid(format!("snippet environment: {e:?}")))?;
+        let mut modules = Vec::new();
+        let mut defined: BTreeMap<String, String> = BTreeMap::new();
+        for (name, src) in procedures {
+            let fail = |e: &starlark::Error| {
+                let g = map_error(e, src, &(0..=src.len() as u32).collect::<Vec<_>>(), None);
+                match g {
+                    GridError::Snippet(mut f) => {
+                        f.message = format!("procedure module {name}: {}", f.message);
+                        GridError::Snippet(f)
+                    }
+                    g => g,
+                }
+            };
+            let ast = AstModule::parse(name, src.clone(), &dialect()).map_err(|e| fail(&e))?;
+            let frozen = Module::with_temp_heap(|m| {
+                m.import_public_symbols(&base);
+                {
+                    let mut eval = Evaluator::new(&m);
+                    eval.eval_module(ast, &globals).map_err(|e| fail(&e))?;
+                }
+                m.freeze().map_err(|e| GridError::Invalid(format!("procedure module {name}: {e:?}")))
+            })?;
+            for n in frozen.names() {
+                let n = n.as_str().to_string();
+                if n.starts_with('_') || collections.contains(&n) {
+                    continue;
+                }
+                if let Some(other) = defined.insert(n.clone(), name.clone()) {
+                    return Err(GridError::Invalid(format!(
+                        "procedure `{n}` is defined by both module {other} and module {name}"
+                    )));
+                }
+            }
+            modules.push(frozen);
+        }
+        // Set, not imported: imported names are private to the importer, and snippets import
+        // this module's public names in turn.
+        let module = Module::with_temp_heap(|m| {
+            for c in collections {
+                m.set(c, m.heap().alloc(Collection { name: c.clone() }));
+            }
+            for p in &modules {
+                for n in p.names() {
+                    let n = n.as_str();
+                    if n.starts_with('_') || collections.contains(n) {
+                        continue;
+                    }
+                    let Ok(v) = p.get(n) else { continue };
+                    // SAFETY: `m`'s frozen heap takes a reference to the procedure module's
+                    // heap, which keeps the value alive as long as the environment.
+                    m.set(n, unsafe { v.owned_frozen_value(m.frozen_heap()) }.to_value());
+                }
+            }
+            m.freeze()
+        })
+        .map_err(|e| GridError::Invalid(format!("snippet environment: {e:?}")))?;
+        Ok(Env { generation, module, collections: collections.clone() })
+    }
+
+    fn rebuild(&self, st: &mut State) -> Result<(), GridError> {
+        let generation = st.env.generation + 1;
+        st.env = Arc::new(Engine::build_env(generation, &st.collections, &st.procedures)?);
+        Ok(())
+    }
+
+    /// Sets the collections snippets see (called when tables are created or dropped).
+    pub fn set_collections(&self, names: impl IntoIterator<Item = String>) {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let names: BTreeSet<String> = names.into_iter().collect();
+        if names == st.collections {
+            return;
+        }
+        let old = std::mem::replace(&mut st.collections, names);
+        // Adding a collection only shadows a procedure of the same name; dropping one can make a
+        // procedure that uses it fail to compile: then the old environment stays, and a snippet
+        // touching the dropped collection gets `NoSuchTable` from the store.
+        if self.rebuild(&mut st).is_err() {
+            st.collections = old;
+        }
+    }
+
+    /// Registers (or replaces) a module of stored procedures; checked by compiling it.
+    pub fn set_procedures(&self, module: &str, src: &str) -> Result<(), GridError> {
+        if src.len() > SNIPPET_SOURCE_BYTES_MAX {
+            return Err(GridError::LimitExceeded {
+                what: "procedure source bytes".into(),
+                got: src.len() as u64,
+                max: SNIPPET_SOURCE_BYTES_MAX as u64,
+            });
+        }
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let old = st.procedures.insert(module.to_string(), src.to_string());
+        if let Err(e) = self.rebuild(&mut st) {
+            match old {
+                Some(o) => st.procedures.insert(module.to_string(), o),
+                None => st.procedures.remove(module),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a module of stored procedures (whether it existed).
+    pub fn remove_procedures(&self, module: &str) -> bool {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let existed = st.procedures.remove(module).is_some();
+        if existed {
+            let _ = self.rebuild(&mut st);
+        }
+        existed
+    }
+
+    /// The registered procedure modules and their sources.
+    pub fn procedures(&self) -> BTreeMap<String, String> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).procedures.clone()
+    }
+
+    /// Compiles `src`, or returns the cached compilation of the same text.
+    pub fn compile(&self, src: &str) -> Result<Arc<Compiled>, GridError> {
+        let env = self.state.read().unwrap_or_else(|e| e.into_inner()).env.clone();
+        if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(src)
+            && c.generation == env.generation
+        {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(self.compile_uncached(src, &env)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= COMPILE_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(c.source.clone(), c.clone());
+        Ok(c)
+    }
+
+    fn compile_uncached(&self, src: &str, env: &Env) -> Result<Compiled, GridError> {
+        if src.len() > SNIPPET_SOURCE_BYTES_MAX {
+            return Err(GridError::LimitExceeded {
+                what: "snippet source bytes".into(),
+                got: src.len() as u64,
+                max: SNIPPET_SOURCE_BYTES_MAX as u64,
+            });
+        }
+        let a = source::rewrite_statements(src)
+            .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
+        let a_origin: Vec<u32> = a.origin.clone();
+        let ast = AstModule::parse(FILE, a.text.clone(), &dialect()).map_err(|e| map_error(&e, src, &a_origin, None))?;
+        let last = match &ast.statement().node {
+            StmtP::Statements(v) => v.last(),
+            _ => Some(ast.statement()),
+        };
+        let return_at = last.and_then(|s| match &s.node {
+            StmtP::Expression(_) => Some(s.span.begin().get() as usize),
+            _ => None,
+        });
+        let b: Mapped = source::wrap(&a.text, return_at);
+        let origin = b.then(&a);
+        let mut ast = AstModule::parse(FILE, b.text.clone(), &dialect()).map_err(|e| map_error(&e, src, &origin, None))?;
+        ast.replace_binary_operators(&HashMap::from([("*".to_string(), "__mul__".to_string())]));
+        let frozen = Module::with_temp_heap(|m| {
+            m.import_public_symbols(&env.module);
+            {
+                let mut eval = Evaluator::new(&m);
+                eval.eval_module(ast, &self.globals).map_err(|e| map_error(&e, src, &origin, None))?;
+            }
+            m.freeze().map_err(|e| GridError::Invalid(format!("snippet: {e:?}")))
+        })?;
+        let func = frozen.get("snippet_main").map_err(|e| GridError::Invalid(format!("snippet: {e}")))?;
+        let collections =
+            source::identifiers(src).into_iter().filter(|n| env.collections.contains(n)).collect();
+        Ok(Compiled { generation: env.generation, func, origin, source: src.into(), collections })
+    }
+}
+
+impl Compiled {
+    /// Runs the snippet against `store` under `limits`. Writes nothing: the outcome carries the
+    /// writes for the caller to commit.
+    pub fn run(&self, store: &mut dyn Store, limits: &Limits) -> Result<Outcome, GridError> {
+        let deadline = Instant::now() + Duration::from_millis(limits.wall_ms);
+        let last: Rc<Cell<Option<u32>>> = Rc::default();
+        let counted: Rc<Cell<u64>> = Rc::default();
+        let src = &*self.source;
+        Module::with_temp_heap(|m| {
+            // SAFETY: the value is a function of the frozen module `self.func` keeps alive; the
+            // module's frozen heap takes a reference to that heap, and no value outlives `m`.
+            let f = unsafe { self.func.owned_frozen_value(m.frozen_heap()) }.to_value();
+            let mut session = Session::new(store, limits.memory_bytes);
+            let r = {
+                let mut eval = Evaluator::new(&m);
+                eval.disable_gc();
+                let setup = |r: anyhow::Result<()>| r.map_err(|e| GridError::Invalid(e.to_string()));
+                setup(eval.set_max_callstack_size(limits.call_depth as usize))?;
+                setup(eval.set_max_tick_count(limits.steps))?;
+                setup(eval.set_max_heap_size(limits.memory_bytes as usize))?;
+                eval.set_check_cancelled(Box::new(move || Instant::now() > deadline));
+                eval.before_stmt_for_dap(BeforeStmtFunc::from_dyn(Box::new(Guard {
+                    steps: 0,
+                    steps_max: limits.steps,
+                    memory_max: limits.memory_bytes,
+                    deadline,
+                    last: last.clone(),
+                    counted: counted.clone(),
+                })));
+                let _entered = session::enter(&mut session);
+                eval.eval_function(f, &[], &[])
+            };
+            let fallback = last.get().map(|o| o as usize);
+            if let Some(e) = session.abort.take() {
+                return Err(e);
+            }
+            let v = r.map_err(|e| map_error(&e, src, &self.origin, fallback))?;
+            let writes = session.writes(limits.writes).map_err(|e| map_error(&e, src, &self.origin, None))?;
+            // Documents read from collections are answered with `$ref`s when too big.
+            let mut origins = HashMap::new();
+            for ((c, k), d) in &session.docs {
+                if let (Some(live), true) = (d.live, matches!(d.orig, Orig::Present(_) | Orig::Exists | Orig::Unknown)) {
+                    origins.insert(
+                        live.identity(),
+                        RefPath { collection: session.coll_name(*c).to_string(), key: k.clone(), path: vec![] },
+                    );
+                }
+            }
+            let mut shaper = Shaper {
+                depth_max: limits.result_depth,
+                items_max: limits.result_items,
+                bytes_max: limits.result_bytes,
+                bytes: 0,
+            };
+            let value = match shaper.shape_starlark(v, &origins, None, 0) {
+                Ok(Ok(v)) => v,
+                Ok(Err(why)) => return Err(failure(SnippetErrorKind::Value, src, None, format!("result: {why}"))),
+                Err(too_big) => {
+                    return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
+                }
+            };
+            let writes = writes
+                .into_iter()
+                .map(|(collection, key, value)| SnippetWrite { collection, key, value })
+                .collect();
+            Ok(Outcome { value, writes, steps: counted.get() })
+        })
+    }
+}
+
+/// Resolves a `$ref` path against a stored document and returns entries `offset..offset+limit`
+/// of the list or map there (the whole value if it is a scalar), shaped with `limits`.
+pub fn fetch(store: &mut dyn Store, r: &str, offset: u32, limit: u32, limits: &Limits) -> Result<Value, GridError> {
+    let at = super::convert::parse_ref(r).map_err(GridError::Invalid)?;
+    let doc = store
+        .get(&at.collection, &at.key)?
+        .ok_or_else(|| GridError::Invalid(format!("{r}: key {} not found in {}", at.key, at.collection)))?;
+    let mut v = &doc;
+    let mut resolved = Vec::with_capacity(at.path.len());
+    for seg in &at.path {
+        let s = match seg {
+            PathSeg::Key(s) => s.clone(),
+            PathSeg::Index(i) => i.to_string(),
+        };
+        let s = &s;
+        v = match v {
+            Value::Map(m) => {
+                resolved.push(PathSeg::Key(s.clone()));
+                m.get(s)
+            }
+            Value::List(l) => {
+                let i: i64 = s.parse().map_err(|_| GridError::Invalid(format!("{r}: {s:?} is not a list index")))?;
+                resolved.push(PathSeg::Index(i));
+                usize::try_from(i).ok().and_then(|i| l.get(i))
+            }
+            _ => None,
+        }
+        .ok_or_else(|| GridError::Invalid(format!("{r}: nothing at {s:?}")))?;
+    }
+    let place = RefPath { collection: at.collection, key: at.key, path: resolved };
+    let mut shaper =
+        Shaper { depth_max: limits.result_depth, items_max: limits.result_items, bytes_max: limits.result_bytes, bytes: 0 };
+    let too_big = |e: super::convert::TooBig| failure(SnippetErrorKind::Budget(Budget::ResultSize), r, None, e.0);
+    let (o, n) = (offset as usize, limit as usize);
+    match v {
+        Value::List(l) => {
+            let mut out = Vec::new();
+            for (i, x) in l.iter().enumerate().skip(o).take(n) {
+                let mut p = place.clone();
+                p.path.push(PathSeg::Index(i as i64));
+                out.push(shaper.shape_value(x, &p, 1).map_err(too_big)?);
+            }
+            Ok(Value::List(out))
+        }
+        Value::Map(m) => {
+            let mut out = indexmap::IndexMap::new();
+            for (k, x) in m.iter().skip(o).take(n) {
+                let mut p = place.clone();
+                p.path.push(PathSeg::Key(k.clone()));
+                out.insert(k.clone(), shaper.shape_value(x, &p, 1).map_err(too_big)?);
+            }
+            Ok(Value::Map(out))
+        }
+        x => Ok(x.clone()),
+    }
+}

@@ -1,0 +1,189 @@
+//! Snippets: short Starlark programs run next to the data, answering with a `Value` (JSON out).
+//!
+//! Pieces:
+//! - `source.rs`: the text rewrites (`del`, `*=`) and the wrapping of a program into one function;
+//! - `engine.rs`: `Engine`, the environment (collection handles and stored procedures, frozen),
+//!   the compile cache keyed by source text, and `Engine::run` with its budgets;
+//! - `session.rs`: the per-run state: the documents a snippet read or wrote (so nested mutation
+//!   persists), the `Store` it reads through, and the writes it leaves;
+//! - `types.rs`: the Starlark side: the `collection` type and the `__del__`/`__mul__` builtins;
+//! - `convert.rs`: `Value` ↔ Starlark values, and result shaping (`{"$ref": ..., "len": N}`).
+//!
+//! Semantics (docs/snippets.md has the user's version):
+//! - A snippet never writes while it runs. Reads go through a `Store`; writes (assignments,
+//!   `del`, in-place changes of documents it read) are kept in the session and returned as the
+//!   outcome's writes, in the order the keys were first touched. The caller commits them: inside a
+//!   shard actor as one batch (one op-log record); from the grid, one batch per shard.
+//! - A snippet that fails, or exceeds a budget, returns an error and no writes.
+//! - No clock, no randomness, no I/O: the same snippet on the same data gives the same result and
+//!   the same writes. The wall-time budget is the one exception, and it only ever fails a run.
+
+pub mod engine;
+pub mod source;
+
+mod convert;
+mod session;
+mod types;
+
+use serde::{Deserialize, Serialize};
+
+pub use convert::{RefPath, parse_ref};
+pub use engine::{Compiled, Engine, Outcome, SnippetWrite};
+pub use session::{ScanQuery, Store};
+
+/// Budgets of one run. Each exceeded budget fails the run with `SnippetErrorKind::Budget`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Statements executed plus function calls and loop iterations (deterministic).
+    pub steps: u64,
+    /// Bytes of the snippet's Starlark heap (checked before every statement, and before a
+    /// repetition such as `'a' * n` allocates).
+    pub memory_bytes: u64,
+    /// Nested calls.
+    pub call_depth: u32,
+    /// Bytes of the encoded result.
+    pub result_bytes: u64,
+    /// Wall-clock milliseconds: the last resort against a slow native call.
+    pub wall_ms: u64,
+    /// Keys written.
+    pub writes: u32,
+    /// Nesting depth of the result; deeper stored values come back as `$ref`s.
+    pub result_depth: u32,
+    /// Entries of one list or map in the result; longer stored ones come back as `$ref`s.
+    pub result_items: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            steps: 1_000_000,
+            memory_bytes: 64 << 20,
+            call_depth: 64,
+            result_bytes: 4 << 20,
+            wall_ms: 2_000,
+            writes: crate::table::TABLE_BATCH_OPS_MAX as u32,
+            result_depth: 16,
+            result_items: 1_000,
+        }
+    }
+}
+
+impl Limits {
+    /// The largest budgets a server grants when none are configured.
+    pub fn server_max() -> Limits {
+        Limits {
+            steps: 100_000_000,
+            memory_bytes: 1 << 30,
+            call_depth: 200,
+            result_bytes: 32 << 20,
+            wall_ms: 30_000,
+            writes: crate::table::TABLE_BATCH_OPS_MAX as u32,
+            result_depth: crate::value::VALUE_DEPTH_MAX as u32,
+            result_items: 100_000,
+        }
+    }
+
+    /// `self` (the defaults) with the request's overrides, each capped by `max`.
+    pub fn with_overrides(&self, o: &LimitOverrides, max: &Limits) -> Limits {
+        Limits {
+            steps: o.steps.unwrap_or(self.steps).clamp(1, max.steps),
+            memory_bytes: o.memory_bytes.unwrap_or(self.memory_bytes).clamp(1, max.memory_bytes),
+            call_depth: o.call_depth.unwrap_or(self.call_depth).clamp(1, max.call_depth),
+            result_bytes: o.result_bytes.unwrap_or(self.result_bytes).clamp(1, max.result_bytes),
+            wall_ms: o.wall_ms.unwrap_or(self.wall_ms).clamp(1, max.wall_ms),
+            writes: o.writes.unwrap_or(self.writes).min(max.writes),
+            result_depth: o.result_depth.unwrap_or(self.result_depth).clamp(1, max.result_depth),
+            result_items: o.result_items.unwrap_or(self.result_items).clamp(1, max.result_items),
+        }
+    }
+}
+
+/// Per-request budget overrides (absent: the server's default). Capped by the server's maximums.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitOverrides {
+    pub steps: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub call_depth: Option<u32>,
+    pub result_bytes: Option<u64>,
+    pub wall_ms: Option<u64>,
+    pub writes: Option<u32>,
+    pub result_depth: Option<u32>,
+    pub result_items: Option<u32>,
+}
+
+/// A budget, by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Budget {
+    Steps,
+    Memory,
+    CallDepth,
+    ResultSize,
+    WallTime,
+    Writes,
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Budget::Steps => "steps",
+            Budget::Memory => "memory",
+            Budget::CallDepth => "call depth",
+            Budget::ResultSize => "result size",
+            Budget::WallTime => "wall time",
+            Budget::Writes => "writes",
+        })
+    }
+}
+
+/// What kind of mistake stopped a snippet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnippetErrorKind {
+    /// The program does not parse.
+    Syntax,
+    /// A name that is neither defined, a builtin, a collection nor a procedure.
+    Name,
+    /// An operation on the wrong type, or a call with the wrong arguments.
+    Type,
+    /// A bad value: a missing key, an index out of range, a value that cannot be stored.
+    Value,
+    /// The snippet called `fail(...)`.
+    Fail,
+    /// A budget ran out.
+    Budget(Budget),
+}
+
+impl std::fmt::Display for SnippetErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnippetErrorKind::Syntax => f.write_str("syntax error"),
+            SnippetErrorKind::Name => f.write_str("name error"),
+            SnippetErrorKind::Type => f.write_str("type error"),
+            SnippetErrorKind::Value => f.write_str("value error"),
+            SnippetErrorKind::Fail => f.write_str("fail"),
+            SnippetErrorKind::Budget(b) => write!(f, "{b} budget exceeded"),
+        }
+    }
+}
+
+/// A snippet's error, with where it happened in the source the client sent (1-based line and
+/// column; 0 when the position is unknown).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnippetFailure {
+    pub kind: SnippetErrorKind,
+    pub line: u32,
+    pub col: u32,
+    pub message: String,
+}
+
+impl std::fmt::Display for SnippetFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line > 0 {
+            write!(f, "{} at line {}, column {}: {}", self.kind, self.line, self.col, self.message)
+        } else {
+            write!(f, "{}: {}", self.kind, self.message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

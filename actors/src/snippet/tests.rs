@@ -1,0 +1,290 @@
+//! Engine tests over an in-memory `Store` (a `BTreeMap` per collection).
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::error::GridError;
+use crate::key::Key;
+use crate::value::Value;
+
+#[derive(Default, Clone, Debug, PartialEq)]
+struct Mem {
+    colls: BTreeMap<String, BTreeMap<Key, Value>>,
+    reads: u64,
+}
+
+impl Store for Mem {
+    fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
+        self.reads += 1;
+        let c = self.colls.get(coll).ok_or_else(|| GridError::NoSuchTable(coll.into()))?;
+        Ok(c.get(key).cloned())
+    }
+    fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
+        Ok(self.get(coll, key)?.is_some())
+    }
+    fn count(&mut self, coll: &str) -> Result<u64, GridError> {
+        Ok(self.colls.get(coll).map_or(0, |c| c.len() as u64))
+    }
+    fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+        let c = self.colls.get(coll).ok_or_else(|| GridError::NoSuchTable(coll.into()))?;
+        let it = c.iter().filter(|(k, _)| q.matches(k)).map(|(k, v)| (k.clone(), v.clone()));
+        Ok(if q.reverse { it.rev().take(q.limit as usize).collect() } else { it.take(q.limit as usize).collect() })
+    }
+}
+
+impl Mem {
+    fn apply(&mut self, o: &Outcome) {
+        for w in &o.writes {
+            let c = self.colls.entry(w.collection.clone()).or_default();
+            match &w.value {
+                Some(v) => {
+                    c.insert(w.key.clone(), v.clone());
+                }
+                None => {
+                    c.remove(&w.key);
+                }
+            }
+        }
+    }
+}
+
+fn json(s: &str) -> Value {
+    Value::from_json(&serde_json::from_str(s).unwrap()).unwrap()
+}
+
+fn setup() -> (Engine, Mem) {
+    let e = Engine::new();
+    e.set_collections(["users".to_string(), "queues".to_string()]);
+    let mut m = Mem::default();
+    m.colls.entry("users".into()).or_default().insert("bob".into(), json(r#"{"name":"Bob","visits":1}"#));
+    m.colls.entry("queues".into()).or_default();
+    (e, m)
+}
+
+/// Test budgets: the defaults but 100k steps, so the step budget (not wall time) stops loops
+/// even in an unoptimised build.
+fn limits() -> Limits {
+    Limits { steps: 100_000, wall_ms: 60_000, ..Limits::default() }
+}
+
+fn run(e: &Engine, m: &mut Mem, src: &str) -> Result<Outcome, GridError> {
+    let c = e.compile(src)?;
+    let o = c.run(m, &limits())?;
+    m.apply(&o);
+    Ok(o)
+}
+
+fn fail_kind(r: Result<Outcome, GridError>) -> SnippetFailure {
+    match r {
+        Err(GridError::Snippet(f)) => f,
+        r => panic!("expected a snippet error, got {r:?}"),
+    }
+}
+
+#[test]
+fn reads_and_nested_mutation_persist() {
+    let (e, mut m) = setup();
+    let o = run(&e, &mut m, "users['bob']").unwrap();
+    assert_eq!(o.value, json(r#"{"name":"Bob","visits":1}"#));
+    assert!(o.writes.is_empty(), "a read writes nothing: {:?}", o.writes);
+    let o = run(&e, &mut m, "users['bob']['visits'] += 1\nusers['bob']['visits']").unwrap();
+    assert_eq!(o.value, Value::Int(2));
+    assert_eq!(o.writes.len(), 1);
+    assert_eq!(m.colls["users"][&Key::from("bob")], json(r#"{"name":"Bob","visits":2}"#));
+    // get / in / len / del
+    let o = run(&e, &mut m, "[users.get('nobody', 7), 'bob' in users, 'x' in users, len(users)]").unwrap();
+    assert_eq!(o.value, json("[7, true, false, 1]"));
+    run(&e, &mut m, "users['amy'] = {'visits': 0}\ndel users['bob']").unwrap();
+    assert_eq!(m.colls["users"].keys().cloned().collect::<Vec<_>>(), vec![Key::from("amy")]);
+    let o = run(&e, &mut m, "users[1] = 'one'\nusers.setdefault('z', []).append(3)\nlen(users)").unwrap();
+    assert_eq!(o.value, Value::Int(3));
+    assert_eq!(m.colls["users"][&Key::from("z")], json("[3]"));
+}
+
+#[test]
+fn list_as_a_queue() {
+    let (e, mut m) = setup();
+    run(&e, &mut m, "queues['jobs'] = []").unwrap();
+    for i in 0..3 {
+        run(&e, &mut m, &format!("queues['jobs'].append({{'job': {i}}})")).unwrap();
+    }
+    let pop = "q = queues['jobs']\nq.pop(0) if q else None";
+    assert_eq!(run(&e, &mut m, pop).unwrap().value, json(r#"{"job":0}"#));
+    assert_eq!(run(&e, &mut m, pop).unwrap().value, json(r#"{"job":1}"#));
+    assert_eq!(m.colls["queues"][&Key::from("jobs")], json(r#"[{"job":2}]"#));
+}
+
+#[test]
+fn loops_functions_scans() {
+    let (e, mut m) = setup();
+    let src = r#"
+def key(i):
+    return "k%s%d" % ("0" if i < 10 else "", i)
+
+for i in range(20):
+    users[key(i)] = {"n": i, "sq": i * i}
+total = 0
+for k, doc in users.scan(prefix="k0", limit=5, reverse=True):
+    total += doc["n"]
+    doc["seen"] = True
+[total, len(users), users.keys(prefix="k1")]
+"#;
+    let o = run(&e, &mut m, src).unwrap();
+    assert_eq!(o.value, json(r#"[35, 21, ["k10","k11","k12","k13","k14","k15","k16","k17","k18","k19"]]"#));
+    assert_eq!(m.colls["users"][&Key::from("k09")], json(r#"{"n":9,"sq":81,"seen":true}"#));
+    assert_eq!(m.colls["users"][&Key::from("k04")], json(r#"{"n":4,"sq":16}"#));
+}
+
+#[test]
+fn errors_carry_kind_and_position() {
+    let (e, mut m) = setup();
+    let f = fail_kind(run(&e, &mut m, "x = 1\ny = [1,\n"));
+    assert_eq!(f.kind, SnippetErrorKind::Syntax, "{f}");
+    let f = fail_kind(run(&e, &mut m, "x = 1\n  nosuch + 1"));
+    assert_eq!(f.kind, SnippetErrorKind::Syntax, "{f}");
+    let f = fail_kind(run(&e, &mut m, "x = 1\ny = nosuch + 1"));
+    assert_eq!((f.kind, f.line, f.col), (SnippetErrorKind::Name, 2, 5), "{f}");
+    let f = fail_kind(run(&e, &mut m, "x = 1\ny = 'a' + 1"));
+    assert_eq!((f.kind, f.line), (SnippetErrorKind::Type, 2), "{f}");
+    let f = fail_kind(run(&e, &mut m, "users['amy'] = 1\nusers['nobody']"));
+    assert_eq!((f.kind, f.line, f.col), (SnippetErrorKind::Value, 2, 1), "{f}");
+    assert!(!m.colls["users"].contains_key(&Key::from("amy")), "a failed snippet leaves no trace");
+    let f = fail_kind(run(&e, &mut m, "fail('nope')"));
+    assert_eq!(f.kind, SnippetErrorKind::Fail, "{f}");
+    let f = fail_kind(run(&e, &mut m, "del users['nobody']"));
+    assert_eq!((f.kind, f.line), (SnippetErrorKind::Value, 1), "{f}");
+    let f = fail_kind(run(&e, &mut m, "users['f'] = lambda: 1"));
+    assert_eq!(f.kind, SnippetErrorKind::Value, "{f}");
+}
+
+#[test]
+fn budgets_stop_runs_without_writes() {
+    let (e, mut m) = setup();
+    let before = m.clone();
+    let f = fail_kind(run(&e, &mut m, "users['x'] = 1\nfor i in range(1000000000):\n    pass"));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
+    assert_eq!(f.line, 2, "the loop: {f}");
+    let f = fail_kind(run(&e, &mut m, "users['x'] = 1\n[i for i in range(1000000000)]"));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
+    let f = fail_kind(run(&e, &mut m, "users['x'] = 1\nx = 'a'\nfor i in range(64):\n    x = x + x\nlen(x)"));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
+    let f = fail_kind(run(&e, &mut m, "x = [0] * 2000000000"));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
+    let f = fail_kind(run(&e, &mut m, "x = 'ab'\nx *= 1500000000"));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
+    let f = fail_kind(run(&e, &mut m, "def f(n):\n    return [f(n)]\nf(1)"));
+    // Starlark forbids recursion outright; either way it is stopped.
+    assert!(matches!(f.kind, SnippetErrorKind::Budget(Budget::CallDepth) | SnippetErrorKind::Value), "{f}");
+    let f = fail_kind(run(&e, &mut m, "[i for i in range(50000)]"));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::ResultSize), "{f}");
+    assert_eq!(m, { let mut b = before.clone(); b.reads = m.reads; b });
+    // Overrides are capped by the server's maximums.
+    let l = Limits::default().with_overrides(
+        &LimitOverrides { steps: Some(u64::MAX), ..Default::default() },
+        &Limits::server_max(),
+    );
+    assert_eq!(l.steps, Limits::server_max().steps);
+    let c = e.compile("for i in range(100):\n    pass").unwrap();
+    let tight = Limits { steps: 10, ..Limits::default() };
+    assert!(matches!(c.run(&mut m, &tight), Err(GridError::Snippet(SnippetFailure { kind: SnippetErrorKind::Budget(Budget::Steps), .. }))));
+}
+
+#[test]
+fn wall_time_budget() {
+    let (e, mut m) = setup();
+    let c = e.compile("x = 0\nfor i in range(100000000):\n    x += 1").unwrap();
+    let l = Limits { wall_ms: 20, steps: u64::MAX / 2, ..Limits::default() };
+    let f = match c.run(&mut m, &l) {
+        Err(GridError::Snippet(f)) => f,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::WallTime), "{f}");
+}
+
+#[test]
+fn big_stored_documents_come_back_as_refs() {
+    let (e, mut m) = setup();
+    run(&e, &mut m, "users['bob']['friends'] = ['f%d' % i for i in range(1200)]").unwrap();
+    let o = run(&e, &mut m, "users['bob']").unwrap();
+    assert_eq!(o.value, json(r#"{"name":"Bob","visits":1,"friends":{"$ref":"users/bob/friends","len":1200}}"#));
+    let got = engine::fetch(&mut m, "users/bob/friends", 1198, 10, &Limits::default()).unwrap();
+    assert_eq!(got, json(r#"["f1198","f1199"]"#));
+    let got = engine::fetch(&mut m, "users/bob/friends/3", 0, 10, &Limits::default()).unwrap();
+    assert_eq!(got, json(r#""f3""#));
+}
+
+#[test]
+fn compiled_snippets_are_cached_and_recompiled_when_collections_change() {
+    let (e, mut m) = setup();
+    let a = e.compile("users['bob']").unwrap();
+    let b = e.compile("users['bob']").unwrap();
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+    assert_eq!(a.collections, vec!["users".to_string()]);
+    let f = e.compile("orders['x']").unwrap_err();
+    assert!(matches!(f, GridError::Snippet(SnippetFailure { kind: SnippetErrorKind::Name, .. })), "{f}");
+    e.set_collections(["users".to_string(), "queues".to_string(), "orders".to_string()]);
+    m.colls.entry("orders".into()).or_default().insert("x".into(), Value::Int(5));
+    assert_eq!(run(&e, &mut m, "orders['x']").unwrap().value, Value::Int(5));
+    let c = e.compile("users['bob']").unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&a, &c), "a new environment recompiles");
+}
+
+#[test]
+fn stored_procedures() {
+    let (e, mut m) = setup();
+    e.set_procedures("social", "def visit(who):\n    users[who]['visits'] += 1\n    return users[who]['visits']\n")
+        .unwrap();
+    assert_eq!(run(&e, &mut m, "visit('bob')\nvisit('bob')").unwrap().value, Value::Int(3));
+    assert!(e.set_procedures("bad", "def x(:\n").is_err());
+    assert!(e.set_procedures("dup", "def visit():\n    pass\n").is_err());
+    assert!(e.remove_procedures("social"));
+    assert!(e.compile("visit('bob')").is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random sequences of snippet writes against a `BTreeMap` model; the same sequence on two
+    /// fresh engines gives the same contents.
+    #[test]
+    fn snippets_match_a_model(ops in prop::collection::vec((0u8..4, 0u8..6, -5i64..5), 1..40)) {
+        let (e1, mut m1) = setup();
+        let (e2, mut m2) = setup();
+        let mut model: BTreeMap<Key, Value> = m1.colls["users"].clone();
+        for (op, k, v) in ops {
+            let key = format!("k{k}");
+            let src = match op {
+                0 => format!("users['{key}'] = {{'v': {v}}}"),
+                1 => format!("users.delete('{key}')"),
+                2 => format!("d = users.get('{key}')\nif d != None:\n    d['v'] = d['v'] + {v}"),
+                _ => format!("users.setdefault('{key}', {{'v': 0}})['v'] *= 2"),
+            };
+            let r1 = run(&e1, &mut m1, &src);
+            let r2 = run(&e2, &mut m2, &src);
+            prop_assert_eq!(&r1, &r2);
+            r1.unwrap();
+            let kk = Key::from(key.as_str());
+            match op {
+                0 => { model.insert(kk, json(&format!(r#"{{"v":{v}}}"#))); }
+                1 => { model.remove(&kk); }
+                2 => {
+                    if let Some(Value::Map(d)) = model.get_mut(&kk) {
+                        let n = match d["v"] { Value::Int(n) => n, _ => unreachable!() };
+                        d.insert("v".into(), Value::Int(n + v));
+                    }
+                }
+                _ => {
+                    let d = model.entry(kk).or_insert_with(|| json(r#"{"v":0}"#));
+                    if let Value::Map(d) = d {
+                        let n = match d["v"] { Value::Int(n) => n, _ => unreachable!() };
+                        d.insert("v".into(), Value::Int(n * 2));
+                    }
+                }
+            }
+            prop_assert_eq!(&m1.colls["users"], &model);
+        }
+        prop_assert_eq!(&m1.colls, &m2.colls);
+    }
+}
