@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use heapgrid_actors::grid::{TableDef, TableOptions};
-use heapgrid_actors::{GridError, OpResult, TableOp};
+use heapgrid_actors::snippet::LimitOverrides;
+use heapgrid_actors::{GridError, OpResult, TableOp, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -260,6 +261,43 @@ impl Client {
     /// Drops a table (needs `admin` on it).
     pub async fn drop_table(&self, name: &str) -> Result<(), GridError> {
         match self.request(RequestBody::DropTable { name: name.into() }).await? {
+            ResponseBody::Done => Ok(()),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Runs a grid-scoped snippet (see `Grid::eval`).
+    pub async fn eval(&self, src: &str) -> Result<Value, GridError> {
+        self.eval_with(src, LimitOverrides::default()).await
+    }
+
+    /// `eval` with budget overrides (capped by the server's maximums).
+    pub async fn eval_with(&self, src: &str, limits: LimitOverrides) -> Result<Value, GridError> {
+        match self.request(RequestBody::Eval { src: src.into(), limits }).await? {
+            ResponseBody::Value(v) => Ok(v),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Entries `offset..offset+limit` of the value a `$ref` names.
+    pub async fn fetch(&self, reference: &str, offset: u32, limit: u32) -> Result<Value, GridError> {
+        match self.request(RequestBody::Fetch { reference: reference.into(), offset, limit }).await? {
+            ResponseBody::Value(v) => Ok(v),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Stores (or replaces) a module of procedures snippets can call.
+    pub async fn put_procedures(&self, module: &str, src: &str) -> Result<(), GridError> {
+        match self.request(RequestBody::PutProcedures { module: module.into(), src: src.into() }).await? {
+            ResponseBody::Done => Ok(()),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Removes a module of procedures.
+    pub async fn drop_procedures(&self, module: &str) -> Result<(), GridError> {
+        match self.request(RequestBody::DropProcedures { module: module.into() }).await? {
             ResponseBody::Done => Ok(()),
             r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
         }

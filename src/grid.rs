@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 use heapgrid_actors::grid::{GridCore, GridOptions, TableDef, TableOptions, TableRuntime};
+use heapgrid_actors::snippet::LimitOverrides;
 use heapgrid_actors::table::SCAN_LIMIT_MAX;
 use heapgrid_actors::{
     Expect, GridError, Key, OpResult, PathSeg, TableOp, Update, Value, Versioned, WriteOp, WriteResult,
@@ -68,6 +69,34 @@ impl Grid {
         self.core.list_tables()
     }
 
+    /// Runs a grid-scoped snippet and returns its (shaped) result. Each collection operation in it
+    /// is atomic on its own; its writes are applied at the end, one atomic batch per shard, shard
+    /// after shard: the snippet as a whole is not a transaction (docs/snippets.md). For an atomic
+    /// read-modify-write use `Table::eval` / `Table::eval_on` (inside one shard).
+    pub async fn eval(&self, src: &str) -> Result<Value> {
+        self.eval_with(src, LimitOverrides::default()).await
+    }
+
+    /// `eval` with budget overrides (capped by the grid's maximums).
+    pub async fn eval_with(&self, src: &str, limits: LimitOverrides) -> Result<Value> {
+        self.core.eval(src, &limits, Arc::new(|_: &str, _: bool| Ok(()))).await
+    }
+
+    /// Entries `offset..offset+limit` of the value a `$ref` from a snippet result names.
+    pub async fn fetch(&self, reference: &str, offset: u32, limit: u32) -> Result<Value> {
+        self.core.fetch(reference, offset, limit, Arc::new(|_: &str, _: bool| Ok(()))).await
+    }
+
+    /// Stores (or replaces) a module of procedures snippets can call; it is compiled first.
+    pub fn put_procedures(&self, module: &str, src: &str) -> Result<()> {
+        self.core.put_procedures(module, src)
+    }
+
+    /// Removes a module of procedures.
+    pub fn drop_procedures(&self, module: &str) -> Result<bool> {
+        self.core.drop_procedures(module)
+    }
+
     /// The running core (for the server and tests).
     pub fn core(&self) -> &Arc<GridCore> {
         &self.core
@@ -110,6 +139,25 @@ impl Table {
     /// Runs a raw operation.
     pub async fn execute(&self, op: TableOp) -> Result<OpResult> {
         self.backend.execute(op).await
+    }
+
+    /// Runs a collection-scoped snippet inside this (single-shard) table's actor: atomic and
+    /// isolated from every other request to it; its writes are one op-log batch, or none.
+    pub async fn eval(&self, src: &str) -> Result<Value> {
+        self.eval_at(None, src, LimitOverrides::default()).await
+    }
+
+    /// Like `eval`, in the shard that owns `key` (required on a sharded table).
+    pub async fn eval_on(&self, key: impl Into<Key>, src: &str) -> Result<Value> {
+        self.eval_at(Some(key.into()), src, LimitOverrides::default()).await
+    }
+
+    /// `eval` with an optional routing key and budget overrides.
+    pub async fn eval_at(&self, key: Option<Key>, src: &str, limits: LimitOverrides) -> Result<Value> {
+        match self.execute(TableOp::Eval { src: src.into(), key, limits, read_only: false }).await? {
+            OpResult::Snippet(v) => Ok(v),
+            r => Err(unexpected(r)),
+        }
     }
 
     async fn write1(&self, op: WriteOp) -> Result<WriteResult> {

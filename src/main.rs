@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 use heapgrid::auth::TokenConfig;
 use heapgrid::heap::{Heap, HeapOptions};
 use heapgrid::server::{INFLIGHT_MAX_DEFAULT, Server, ServerConfig};
-use heapgrid::{Client, ClientOptions, FsyncPolicy, Grid, GridOptions, Key, TableOptions, Value};
+use heapgrid::{
+    Client, ClientOptions, FsyncPolicy, Grid, GridOptions, Key, LimitOverrides, Limits, TableOptions, Value,
+};
 use serde::Deserialize;
 
 #[derive(Parser)]
@@ -26,11 +28,12 @@ enum Cmd {
     Serve(ServeArgs),
     /// Reads commands from standard input and runs them against a server (JSON out).
     Shell(ClientArgs),
-    /// Runs one command against a server, e.g. `heapgrid eval get users bob`.
+    /// Runs a snippet against a server, e.g. `heapgrid eval "users['bob']"` (`-` reads it from
+    /// standard input), or one command, e.g. `heapgrid eval get users bob`. JSON out.
     Eval {
         #[command(flatten)]
         client: ClientArgs,
-        /// The command and its arguments.
+        /// The snippet, or a command and its arguments.
         command: Vec<String>,
     },
     /// Checks every heap under a data directory (offline; the server must not be running).
@@ -93,6 +96,10 @@ struct ServeArgs {
     /// Default fsync policy of new tables: always, never or every:MS.
     #[arg(long)]
     fsync: Option<String>,
+    /// A module of stored procedures (Starlark `def`s) to load at start; its name is the file
+    /// stem. Repeatable.
+    #[arg(long)]
+    procedures: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +124,13 @@ struct ConfigFile {
     connections_max: Option<usize>,
     #[serde(default)]
     tokens: Vec<TokenConfig>,
+    /// Procedure modules loaded at start (as `--procedures`).
+    #[serde(default)]
+    procedures: Vec<PathBuf>,
+    /// Snippet budgets of a request that sets none (each absent field keeps the built-in).
+    snippet_limits: Option<LimitOverrides>,
+    /// The most budget a request may ask for.
+    snippet_max: Option<LimitOverrides>,
 }
 
 fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -185,8 +199,31 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
     if let Some(ms) = file.checkpoint_interval_ms {
         gopts.checkpoint_interval_ms = ms;
     }
+    let builtin_max = Limits::server_max();
+    if let Some(m) = &file.snippet_max {
+        gopts.snippet_max = builtin_max.with_overrides(m, &builtin_max);
+    }
+    if let Some(l) = &file.snippet_limits {
+        gopts.snippet_limits = Limits::default().with_overrides(l, &gopts.snippet_max);
+    }
     let grid = Grid::open(&data, gopts).await?;
     tracing::info!(data = %data.display(), tables = grid.tables().len(), "grid opened");
+    for p in a.procedures.iter().chain(&file.procedures) {
+        let loaded =
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())).and_then(|src| {
+                let module = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                grid.core()
+                    .snippets()
+                    .engine
+                    .set_procedures(&module, &src)
+                    .map_err(|e| format!("{}: {e}", p.display()))
+            });
+        if let Err(e) = loaded {
+            grid.close().await?;
+            return Err(e.into());
+        }
+        tracing::info!(file = %p.display(), "procedures loaded");
+    }
     let cfg = ServerConfig {
         listen,
         inflight_max: file.inflight_max.unwrap_or(INFLIGHT_MAX_DEFAULT),
@@ -245,7 +282,8 @@ fn key_json(k: &Key) -> serde_json::Value {
 async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Value, AnyErr> {
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     let usage = "commands: tables | create T [SHARDS] | drop T | get T K | put T K JSON | del T K | \
-                 count T | scan T [PREFIX] [LIMIT] | ping";
+                 count T | scan T [PREFIX] [LIMIT] | fetch REF [OFFSET] [LIMIT] | \
+                 procedures put NAME FILE | procedures drop NAME | ping; anything else is a snippet";
     Ok(match w.as_slice() {
         ["ping"] => {
             client.ping().await?;
@@ -285,28 +323,69 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
                     .collect(),
             )
         }
+        ["fetch", r, rest @ ..] => {
+            let offset = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(0);
+            let limit = rest.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+            client.fetch(r, offset, limit).await?.to_json()
+        }
+        ["procedures", "put", module, file] => {
+            let src = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+            client.put_procedures(module, &src).await?;
+            "stored".into()
+        }
+        ["procedures", "drop", module] => {
+            client.drop_procedures(module).await?;
+            "dropped".into()
+        }
         _ => return Err(usage.into()),
     })
 }
 
+/// First words that make a line a command rather than a snippet.
+const COMMANDS: &[&str] =
+    &["ping", "tables", "create", "drop", "get", "put", "del", "count", "scan", "fetch", "procedures"];
+
+fn is_command(words: &[String]) -> bool {
+    words.first().is_some_and(|w| COMMANDS.contains(&w.as_str()))
+}
+
+async fn run_snippet(client: &Client, src: &str) -> Result<serde_json::Value, AnyErr> {
+    Ok(client.eval(src).await?.to_json())
+}
+
 async fn eval(c: ClientArgs, command: Vec<String>) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
-    let out = run_command(&client, &command).await?;
+    let out = if is_command(&command) {
+        run_command(&client, &command).await?
+    } else {
+        let src = if command == ["-"] {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+            s
+        } else {
+            command.join(" ")
+        };
+        run_snippet(&client, &src).await?
+    };
     emit(&serde_json::to_string_pretty(&out)?)?;
     Ok(())
 }
 
 async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
+    let mut pending = String::new();
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         // Piped input: one command per line, no prompt.
         let mut line = String::new();
         loop {
             line.clear();
             if std::io::stdin().lock().read_line(&mut line)? == 0 {
+                if !pending.is_empty() {
+                    shell_line(&client, &mut pending, "").await?;
+                }
                 return Ok(());
             }
-            if !shell_line(&client, &line).await? {
+            if !shell_line(&client, &mut pending, &line).await? {
                 return Ok(());
             }
         }
@@ -318,10 +397,11 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
         let _ = editor.load_history(h);
     }
     loop {
-        match editor.readline("heapgrid> ") {
+        let prompt = if pending.is_empty() { "heapgrid> " } else { "...       " };
+        match editor.readline(prompt) {
             Ok(line) => {
                 let _ = editor.add_history_entry(line.as_str());
-                if !shell_line(&client, &line).await? {
+                if !shell_line(&client, &mut pending, &line).await? {
                     break;
                 }
             }
@@ -335,18 +415,35 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
     Ok(())
 }
 
-/// Runs one shell line; false to quit.
-async fn shell_line(client: &Client, line: &str) -> Result<bool, AnyErr> {
+/// Runs one shell line; false to quit. A line ending in `:` opens a multi-line snippet, which
+/// an empty line ends.
+async fn shell_line(client: &Client, pending: &mut String, line: &str) -> Result<bool, AnyErr> {
+    let line = line.trim_end_matches(['\n', '\r']);
+    if !pending.is_empty() || line.trim_end().ends_with(':') {
+        if !line.trim().is_empty() {
+            pending.push_str(line);
+            pending.push('\n');
+            return Ok(true);
+        }
+        let src = std::mem::take(pending);
+        report(run_snippet(client, &src).await)?;
+        return Ok(true);
+    }
     let words: Vec<String> = line.split_whitespace().map(String::from).collect();
     match words.first().map(String::as_str) {
         None => {}
         Some("quit" | "exit") => return Ok(false),
-        _ => match run_command(client, &words).await {
-            Ok(v) => emit(&serde_json::to_string_pretty(&v)?)?,
-            Err(e) => emit(&serde_json::json!({ "error": e.to_string() }).to_string())?,
-        },
+        _ if is_command(&words) => report(run_command(client, &words).await)?,
+        _ => report(run_snippet(client, line).await)?,
     }
     Ok(true)
+}
+
+fn report(r: Result<serde_json::Value, AnyErr>) -> Result<(), AnyErr> {
+    match r {
+        Ok(v) => emit(&serde_json::to_string_pretty(&v)?),
+        Err(e) => emit(&serde_json::json!({ "error": e.to_string() }).to_string()),
+    }
 }
 
 async fn bench(b: BenchArgs) -> Result<(), AnyErr> {

@@ -13,7 +13,8 @@
 //! Invariant: the enums below only ever gain variants at the end (postcard tags are indices).
 
 use heapgrid_actors::grid::{TableDef, TableOptions};
-use heapgrid_actors::{GridError, OpResult, TableOp};
+use heapgrid_actors::snippet::LimitOverrides;
+use heapgrid_actors::{GridError, OpResult, TableOp, Value};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -52,9 +53,38 @@ pub struct Request {
 pub enum RequestBody {
     Ping,
     ListTables,
-    CreateTable { name: String, options: TableOptions },
-    DropTable { name: String },
-    Table { table: String, op: TableOp },
+    CreateTable {
+        name: String,
+        options: TableOptions,
+    },
+    DropTable {
+        name: String,
+    },
+    Table {
+        table: String,
+        op: TableOp,
+    },
+    /// A grid-scoped snippet (needs `eval` and `read` on every collection it touches, and
+    /// `write` on those it writes).
+    Eval {
+        src: String,
+        limits: LimitOverrides,
+    },
+    /// Entries `offset..offset+limit` of the value at a `$ref` path from a snippet result.
+    Fetch {
+        reference: String,
+        offset: u32,
+        limit: u32,
+    },
+    /// Stores (or replaces) a module of procedures (needs `admin` on `procedures`).
+    PutProcedures {
+        module: String,
+        src: String,
+    },
+    /// Removes a module of procedures (needs `admin` on `procedures`).
+    DropProcedures {
+        module: String,
+    },
 }
 
 /// One response.
@@ -70,6 +100,8 @@ pub enum ResponseBody {
     Tables(Vec<TableDef>),
     Done,
     Op(OpResult),
+    /// A snippet's result, or a fetched value.
+    Value(Value),
 }
 
 /// Why a frame could not be read.

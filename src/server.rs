@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use heapgrid_actors::GridError;
-use heapgrid_actors::grid::GridCore;
+use heapgrid_actors::grid::{AccessCheck, GridCore};
+use heapgrid_actors::{GridError, TableOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -363,6 +363,9 @@ where
     tokio::spawn(f).await.unwrap_or_else(|e| Err(GridError::Unavailable(format!("admin task failed: {e}"))))
 }
 
+/// The name permissions use for stored procedures.
+pub const PROCEDURES: &str = "procedures";
+
 async fn handle(grid: &Arc<GridCore>, who: &Principal, body: RequestBody) -> Result<ResponseBody, GridError> {
     match body {
         RequestBody::Ping => Ok(ResponseBody::Pong),
@@ -381,14 +384,45 @@ async fn handle(grid: &Arc<GridCore>, who: &Principal, body: RequestBody) -> Res
             let grid = grid.clone();
             detached(async move { grid.drop_table(&name).await.map(|_| ResponseBody::Done) }).await
         }
-        RequestBody::Table { table, op } => {
+        RequestBody::Table { table, mut op } => {
             // Write results carry data (CAS `current`, updated values, existence), so a write
             // needs read as well.
             who.require(&table, Permission::Read)?;
             if op.is_write() {
                 who.require(&table, Permission::Write)?;
             }
+            if let TableOp::Eval { read_only, .. } = &mut op {
+                who.require(&table, Permission::Eval)?;
+                *read_only |= !who.allows(&table, Permission::Write);
+            }
             Ok(ResponseBody::Op(grid.table(&table)?.execute(op).await?))
+        }
+        RequestBody::Eval { src, limits } => {
+            let who = who.clone();
+            let access: AccessCheck = Arc::new(move |coll: &str, write: bool| {
+                who.require(coll, Permission::Eval)?;
+                who.require(coll, Permission::Read)?;
+                if write {
+                    who.require(coll, Permission::Write)?;
+                }
+                Ok(())
+            });
+            Ok(ResponseBody::Value(grid.eval(&src, &limits, access).await?))
+        }
+        RequestBody::Fetch { reference, offset, limit } => {
+            let who = who.clone();
+            let access: AccessCheck = Arc::new(move |coll: &str, _| who.require(coll, Permission::Read));
+            Ok(ResponseBody::Value(grid.fetch(&reference, offset, limit, access).await?))
+        }
+        RequestBody::PutProcedures { module, src } => {
+            who.require(PROCEDURES, Permission::Admin)?;
+            grid.put_procedures(&module, &src)?;
+            Ok(ResponseBody::Done)
+        }
+        RequestBody::DropProcedures { module } => {
+            who.require(PROCEDURES, Permission::Admin)?;
+            grid.drop_procedures(&module)?;
+            Ok(ResponseBody::Done)
         }
     }
 }

@@ -59,6 +59,7 @@ impl From<TableError> for GridError {
                 GridError::LimitExceeded { what: what.into(), got, max }
             }
             e @ TableError::Corrupted { .. } => GridError::Corrupted(e.to_string()),
+            TableError::Unsupported(m) => GridError::Invalid(m.into()),
         }
     }
 }

@@ -34,9 +34,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::GridError;
 use crate::key::Key;
 use crate::restart::RestartPolicy;
-use crate::shard::ShardMsg;
+use crate::shard::{EvalJob, ShardMsg, scan_op};
+use crate::snippet::{Compiled, Engine, LimitOverrides, Limits, ScanQuery, Store};
 use crate::supervisor::{ShardSlot, SlotState, TableSupArgs, TableSupMsg, TableSupervisor};
-use crate::table::{OpResult, TableOp};
+use crate::table::{OpResult, TableOp, WriteOp};
 use crate::value::Value;
 
 /// Most shards per table.
@@ -92,6 +93,10 @@ pub struct GridOptions {
     pub checkpoint_interval_ms: u64,
     /// Restart intensity of shard actors.
     pub restart: RestartPolicy,
+    /// Budgets of a snippet that asks for none.
+    pub snippet_limits: Limits,
+    /// The most budget a snippet may ask for.
+    pub snippet_max: Limits,
 }
 
 impl Default for GridOptions {
@@ -100,6 +105,8 @@ impl Default for GridOptions {
             fsync: FsyncPolicy::default(),
             checkpoint_interval_ms: CHECKPOINT_INTERVAL_MS_DEFAULT,
             restart: RestartPolicy::default(),
+            snippet_limits: Limits::default(),
+            snippet_max: Limits::server_max(),
         }
     }
 }
@@ -151,6 +158,31 @@ fn incarnation_dir(name: &str) -> String {
 pub struct TableRuntime {
     pub def: TableDef,
     slots: Arc<Vec<ShardSlot>>,
+    snippets: Arc<Snippets>,
+}
+
+/// What a message to a shard carries.
+enum Call {
+    Op(TableOp),
+    Eval(Box<EvalJob>),
+}
+
+impl Call {
+    fn into_msg(self, reply: RpcReplyPort<Result<OpResult, GridError>>) -> ShardMsg {
+        match self {
+            Call::Op(op) => ShardMsg::Op(op, reply),
+            Call::Eval(job) => ShardMsg::Eval(job, reply),
+        }
+    }
+}
+
+/// The grid's snippet engine and budgets.
+pub struct Snippets {
+    pub engine: Engine,
+    /// Budgets of a request that sets none.
+    pub defaults: Limits,
+    /// The most a request may ask for.
+    pub max: Limits,
 }
 
 fn merge_entries(mut parts: Vec<Vec<(Key, crate::table::Versioned)>>, limit: u32, reverse: bool) -> OpResult {
@@ -164,13 +196,17 @@ impl TableRuntime {
     /// Runs `op` on shard `i`: waits out a restart (bounded), never hangs on a dead actor. A
     /// message that could not even be enqueued (the actor had already died) was not delivered, so
     /// it is retried once the supervisor has replaced the actor.
-    async fn call_shard(&self, i: u32, mut op: TableOp) -> Result<OpResult, GridError> {
+    async fn call_shard(&self, i: u32, op: TableOp) -> Result<OpResult, GridError> {
+        self.call(i, Call::Op(op)).await
+    }
+
+    async fn call(&self, i: u32, mut op: Call) -> Result<OpResult, GridError> {
         let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
         let slot = &self.slots[i as usize];
         loop {
             let seen = slot.version();
             let restarting = match slot.get() {
-                SlotState::Running(actor) => match actor.call(|reply| ShardMsg::Op(op, reply), None).await {
+                SlotState::Running(actor) => match actor.call(|reply| op.into_msg(reply), None).await {
                     Ok(ractor::rpc::CallResult::Success(r)) => return r,
                     Ok(_) => {
                         return Err(GridError::Unavailable(format!(
@@ -179,7 +215,11 @@ impl TableRuntime {
                         )));
                     }
                     Err(ractor::MessagingErr::SendErr(ShardMsg::Op(back, _))) => {
-                        op = back;
+                        op = Call::Op(back);
+                        true
+                    }
+                    Err(ractor::MessagingErr::SendErr(ShardMsg::Eval(back, _))) => {
+                        op = Call::Eval(back);
                         true
                     }
                     Err(e) => {
@@ -203,6 +243,25 @@ impl TableRuntime {
         }
     }
 
+    /// Runs a compiled snippet inside shard `shard` (collection scope).
+    pub async fn eval_in(
+        &self,
+        shard: u32,
+        compiled: Arc<Compiled>,
+        limits: Limits,
+        read_only: bool,
+    ) -> Result<OpResult, GridError> {
+        let job = EvalJob {
+            compiled,
+            limits,
+            read_only,
+            table: self.def.name.clone(),
+            shard,
+            shards: self.def.shards,
+        };
+        self.call(shard, Call::Eval(Box::new(job))).await
+    }
+
     fn shard_of(&self, key: &Key) -> u32 {
         key.shard(self.def.shards)
     }
@@ -210,10 +269,27 @@ impl TableRuntime {
     /// Executes `op`, routing by key; counts and scans over several shards are merged in key
     /// order. A batch must stay within one shard (it is one op-log record of that shard).
     pub async fn execute(&self, op: TableOp) -> Result<OpResult, GridError> {
+        if let TableOp::Eval { src, key, limits, read_only } = &op {
+            let shard = match key {
+                Some(k) => self.shard_of(k),
+                None if self.def.shards == 1 => 0,
+                None => {
+                    return Err(GridError::Invalid(format!(
+                        "a snippet on sharded table {} needs a routing key (it runs in that key's shard)",
+                        self.def.name
+                    )));
+                }
+            };
+            let compiled = self.snippets.engine.compile(src)?;
+            let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
+            return self.eval_in(shard, compiled, limits, *read_only).await;
+        }
         if self.def.shards == 1 {
             return self.call_shard(0, op).await;
         }
         match &op {
+            // Routed (and returned) above.
+            TableOp::Eval { .. } => Err(GridError::Invalid("snippet routing".into())),
             TableOp::Get { key } | TableOp::Contains { key } => {
                 let s = self.shard_of(key);
                 self.call_shard(s, op).await
@@ -462,7 +538,87 @@ pub struct GridCore {
     root: ActorRef<RootMsg>,
     registry: Registry,
     catalog: Mutex<Option<Heap>>,
+    snippets: Arc<Snippets>,
     _lock: File,
+}
+
+/// Catalogue keys of stored-procedure modules start with this (no table name contains '/').
+const PROC_PREFIX: &str = "proc/";
+
+/// Who may do what in a grid-scoped snippet: called before each collection it reads and,
+/// at the end, for each collection it writes (`write` true).
+pub type AccessCheck = Arc<dyn Fn(&str, bool) -> Result<(), GridError> + Send + Sync>;
+
+/// A grid-scoped snippet's view: every table, one message per operation, from a blocking thread.
+struct GridStore {
+    core: Arc<GridCore>,
+    handle: tokio::runtime::Handle,
+    access: AccessCheck,
+}
+
+impl GridStore {
+    fn run(&mut self, coll: &str, op: TableOp) -> Result<OpResult, GridError> {
+        (self.access)(coll, false)?;
+        let t = self.core.table(coll)?;
+        self.handle.block_on(t.execute(op))
+    }
+}
+
+impl Store for GridStore {
+    fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
+        match self.run(coll, TableOp::Get { key: key.clone() })? {
+            OpResult::Value(v) => Ok(v.map(|v| v.value)),
+            r => Err(GridError::Corrupted(format!("get answered {r:?}"))),
+        }
+    }
+
+    fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
+        match self.run(coll, TableOp::Contains { key: key.clone() })? {
+            OpResult::Bool(b) => Ok(b),
+            r => Err(GridError::Corrupted(format!("contains answered {r:?}"))),
+        }
+    }
+
+    fn count(&mut self, coll: &str) -> Result<u64, GridError> {
+        match self.run(coll, TableOp::Count)? {
+            OpResult::Count(n) => Ok(n),
+            r => Err(GridError::Corrupted(format!("count answered {r:?}"))),
+        }
+    }
+
+    fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+        match self.run(coll, scan_op(q))? {
+            OpResult::Entries(e) => {
+                let mut v: Vec<_> =
+                    e.into_iter().map(|(k, v)| (k, v.value)).filter(|(k, _)| q.matches(k)).collect();
+                v.truncate(q.limit as usize);
+                Ok(v)
+            }
+            r => Err(GridError::Corrupted(format!("scan answered {r:?}"))),
+        }
+    }
+}
+
+/// A store holding one already-read document (for `fetch`).
+struct OneDoc {
+    coll: String,
+    key: Key,
+    doc: Option<Value>,
+}
+
+impl Store for OneDoc {
+    fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
+        Ok(if coll == self.coll && *key == self.key { self.doc.clone() } else { None })
+    }
+    fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
+        Ok(self.get(coll, key)?.is_some())
+    }
+    fn count(&mut self, _: &str) -> Result<u64, GridError> {
+        Err(GridError::Invalid("fetch reads one document".into()))
+    }
+    fn scan(&mut self, _: &str, _: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+        Err(GridError::Invalid("fetch reads one document".into()))
+    }
 }
 
 async fn lock_dir(dir: &Path) -> Result<File, GridError> {
@@ -517,8 +673,21 @@ impl GridCore {
             }
         };
         let mut defs = Vec::new();
+        let mut procs = Vec::new();
         for e in catalog.iter() {
-            let (_, v) = e?;
+            let (k, v) = e?;
+            if let Some(name) = k.strip_prefix(PROC_PREFIX.as_bytes()) {
+                let src = match Value::decode(&v) {
+                    Ok(Value::Str(s)) => s,
+                    _ => {
+                        return Err(GridError::Corrupted(
+                            "catalogue: procedure entry is not a string".into(),
+                        ));
+                    }
+                };
+                procs.push((String::from_utf8_lossy(name).into_owned(), src));
+                continue;
+            }
             let value = Value::decode(&v).map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
             let def =
                 value.to_serde::<TableDef>().map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
@@ -539,8 +708,26 @@ impl GridCore {
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
             .map_err(|e| GridError::Storage(format!("could not start the grid: {e}")))?;
-        let core =
-            Arc::new(GridCore { dir, opts, root, registry, catalog: Mutex::new(Some(catalog)), _lock: lock });
+        let snippets = Arc::new(Snippets {
+            engine: Engine::new(),
+            defaults: opts.snippet_limits.clone(),
+            max: opts.snippet_max.clone(),
+        });
+        snippets.engine.set_collections(defs.iter().map(|d| d.name.clone()));
+        for (name, src) in procs {
+            // A stored module that no longer compiles (it used a dropped table) is skipped, not
+            // fatal: snippets calling it get a name error.
+            let _ = snippets.engine.set_procedures(&name, &src);
+        }
+        let core = Arc::new(GridCore {
+            dir,
+            opts,
+            root,
+            registry,
+            catalog: Mutex::new(Some(catalog)),
+            snippets,
+            _lock: lock,
+        });
         for def in defs {
             if let Err(e) = core.start(def).await {
                 // Stop what did start, so no heap stays open (and locked) behind a failed open.
@@ -553,12 +740,17 @@ impl GridCore {
 
     async fn start(&self, def: TableDef) -> Result<Arc<TableRuntime>, GridError> {
         let slots: Arc<Vec<ShardSlot>> = Arc::new((0..def.shards).map(|_| ShardSlot::new()).collect());
-        let rt = Arc::new(TableRuntime { def: def.clone(), slots: slots.clone() });
+        let rt = Arc::new(TableRuntime {
+            def: def.clone(),
+            slots: slots.clone(),
+            snippets: self.snippets.clone(),
+        });
         match self.root.call(|p| RootMsg::StartTable(def.clone(), slots, p), None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r?,
             _ => return Err(GridError::Closed),
         }
         self.registry.write().unwrap_or_else(|e| e.into_inner()).insert(def.name.clone(), rt.clone());
+        self.refresh_collections();
         Ok(rt)
     }
 
@@ -608,6 +800,7 @@ impl GridCore {
         let Some(rt) = self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(name) else {
             return Err(GridError::NoSuchTable(name.into()));
         };
+        self.refresh_collections();
         match self.root.call(|p| RootMsg::StopTable(name.into(), p), None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r?,
             _ => return Err(GridError::Closed),
@@ -621,6 +814,117 @@ impl GridCore {
         })?;
         // A crash before this line leaves an orphan directory, removed at the next open.
         std::fs::remove_dir_all(table_dir(&self.dir, &rt.def)).map_err(|e| GridError::Storage(e.to_string()))
+    }
+
+    fn refresh_collections(&self) {
+        let names: Vec<String> =
+            self.registry.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        self.snippets.engine.set_collections(names);
+    }
+
+    /// The snippet engine and budgets.
+    pub fn snippets(&self) -> &Arc<Snippets> {
+        &self.snippets
+    }
+
+    /// Runs a grid-scoped snippet. Each collection operation in it is one message to the owning
+    /// shard and atomic on its own; its writes are applied at the end, one batch per shard, shard
+    /// after shard: the snippet as a whole is not a transaction. A snippet that names one
+    /// single-shard table runs inside that shard instead (atomic and isolated).
+    pub async fn eval(
+        self: &Arc<Self>,
+        src: &str,
+        limits: &LimitOverrides,
+        access: AccessCheck,
+    ) -> Result<Value, GridError> {
+        let compiled = self.snippets.engine.compile(src)?;
+        let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
+        if let [only] = compiled.collections.as_slice()
+            && let Ok(t) = self.table(only)
+            && t.def.shards == 1
+        {
+            access(only, false)?;
+            let read_only = access(only, true).is_err();
+            return match t.eval_in(0, compiled, limits, read_only).await? {
+                OpResult::Snippet(v) => Ok(v),
+                r => Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
+            };
+        }
+        let core = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let check = access.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut store = GridStore { core, handle, access: check };
+            compiled.run(&mut store, &limits)
+        })
+        .await
+        .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
+        // Group the writes by (table, shard), keeping first-touch order inside each group.
+        let mut groups: Vec<((String, u32), Vec<WriteOp>)> = Vec::new();
+        for w in outcome.writes {
+            access(&w.collection, true)?;
+            let t = self.table(&w.collection)?;
+            let at = (w.collection.clone(), w.key.shard(t.def.shards));
+            let op = match w.value {
+                Some(value) => WriteOp::Put { key: w.key, value },
+                None => WriteOp::Delete { key: w.key },
+            };
+            match groups.iter_mut().find(|(g, _)| *g == at) {
+                Some((_, ops)) => ops.push(op),
+                None => groups.push((at, vec![op])),
+            }
+        }
+        for ((table, _), ops) in groups {
+            self.table(&table)?.execute(TableOp::Batch(ops)).await?;
+        }
+        Ok(outcome.value)
+    }
+
+    /// The value at a `$ref` path from a snippet result: entries `offset..offset+limit` of the
+    /// list or map there (or the scalar), shaped with the default budgets.
+    pub async fn fetch(
+        &self,
+        r: &str,
+        offset: u32,
+        limit: u32,
+        access: AccessCheck,
+    ) -> Result<Value, GridError> {
+        let at = crate::snippet::parse_ref(r).map_err(GridError::Invalid)?;
+        access(&at.collection, false)?;
+        let doc = match self.table(&at.collection)?.execute(TableOp::Get { key: at.key.clone() }).await? {
+            OpResult::Value(v) => v.map(|v| v.value),
+            r => return Err(GridError::Corrupted(format!("get answered {r:?}"))),
+        };
+        let mut store = OneDoc { coll: at.collection, key: at.key, doc };
+        crate::snippet::engine::fetch(&mut store, r, offset, limit, &self.snippets.defaults)
+    }
+
+    /// Stores (or replaces) a module of procedures: compiled first, then recorded durably.
+    pub fn put_procedures(&self, module: &str, src: &str) -> Result<(), GridError> {
+        valid_name(module)?;
+        self.snippets.engine.set_procedures(module, src)?;
+        let key = format!("{PROC_PREFIX}{module}");
+        let v = Value::Str(src.to_string()).encode().map_err(|e| GridError::Value(e.to_string()))?;
+        self.catalog(|h| {
+            let lsn = h.apply(heapgrid_heap::WriteBatch::new().put(key.as_bytes(), &v)?)?;
+            if let Some(d) = h.durability() {
+                d.wait(lsn)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes a stored module of procedures.
+    pub fn drop_procedures(&self, module: &str) -> Result<bool, GridError> {
+        let key = format!("{PROC_PREFIX}{module}");
+        self.catalog(|h| {
+            let lsn = h.apply(heapgrid_heap::WriteBatch::new().delete(key.as_bytes())?)?;
+            if let Some(d) = h.durability() {
+                d.wait(lsn)?;
+            }
+            Ok(())
+        })?;
+        Ok(self.snippets.engine.remove_procedures(module))
     }
 
     /// Every table, by name.

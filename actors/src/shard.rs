@@ -19,8 +19,13 @@ use heapgrid_heap::{Durability, FsyncPolicy, Heap, HeapOptions};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
 use crate::error::GridError;
-use crate::table::{OpResult, TableOp, TableShard};
+use crate::key::Key;
+use crate::snippet::{Compiled, Limits, ScanQuery, Store};
+use crate::table::{OpResult, TableOp, TableShard, WriteOp};
+use crate::value::Value;
 
 /// How long a (re)starting shard waits for the previous holder of its heap's lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -29,6 +34,8 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 pub enum ShardMsg {
     /// Execute one operation.
     Op(TableOp, RpcReplyPort<Result<OpResult, GridError>>),
+    /// Run a collection-scoped snippet (compiled by the caller).
+    Eval(Box<EvalJob>, RpcReplyPort<Result<OpResult, GridError>>),
     /// Checkpoint the heap (replies if a port is given).
     Checkpoint(Option<RpcReplyPort<Result<(), GridError>>>),
     /// Checkpoint and close the heap (releasing its file lock) before the actor is stopped;
@@ -44,6 +51,147 @@ pub enum ShardMsg {
 }
 
 /// What a shard actor is started with.
+/// A snippet for one shard: what to run, under which budgets, and where it is.
+pub struct EvalJob {
+    pub compiled: Arc<Compiled>,
+    pub limits: Limits,
+    pub read_only: bool,
+    pub table: String,
+    pub shard: u32,
+    pub shards: u32,
+}
+
+/// A collection-scoped snippet's view: this shard of this table, nothing else.
+struct ShardStore<'a> {
+    table: &'a mut TableShard,
+    job: &'a EvalJob,
+}
+
+impl ShardStore<'_> {
+    fn own(&self, coll: &str) -> Result<(), GridError> {
+        if coll != self.job.table {
+            return Err(GridError::Invalid(format!(
+                "a snippet scoped to {} cannot use {coll}; run it grid-scoped (grid.eval)",
+                self.job.table
+            )));
+        }
+        Ok(())
+    }
+
+    fn own_key(&self, coll: &str, key: &Key) -> Result<(), GridError> {
+        self.own(coll)?;
+        let s = key.shard(self.job.shards);
+        if s != self.job.shard {
+            return Err(GridError::Invalid(format!(
+                "key {key} of {coll} lives in shard {s}; this snippet runs in shard {} (route it by that key)",
+                self.job.shard
+            )));
+        }
+        Ok(())
+    }
+
+    fn whole_table(&self, coll: &str, what: &str) -> Result<(), GridError> {
+        self.own(coll)?;
+        if self.job.shards > 1 {
+            return Err(GridError::Invalid(format!(
+                "{what} of sharded table {coll} needs every shard; a collection-scoped snippet sees one (use grid.eval)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, op: TableOp) -> Result<OpResult, GridError> {
+        self.table.execute(&op).map_err(GridError::from)
+    }
+}
+
+impl Store for ShardStore<'_> {
+    fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
+        self.own_key(coll, key)?;
+        match self.run(TableOp::Get { key: key.clone() })? {
+            OpResult::Value(v) => Ok(v.map(|v| v.value)),
+            r => Err(GridError::Corrupted(format!("get answered {r:?}"))),
+        }
+    }
+
+    fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
+        self.own_key(coll, key)?;
+        match self.run(TableOp::Contains { key: key.clone() })? {
+            OpResult::Bool(b) => Ok(b),
+            r => Err(GridError::Corrupted(format!("contains answered {r:?}"))),
+        }
+    }
+
+    fn count(&mut self, coll: &str) -> Result<u64, GridError> {
+        self.whole_table(coll, "len()")?;
+        match self.run(TableOp::Count)? {
+            OpResult::Count(n) => Ok(n),
+            r => Err(GridError::Corrupted(format!("count answered {r:?}"))),
+        }
+    }
+
+    fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+        self.whole_table(coll, "a scan")?;
+        match self.run(scan_op(q))? {
+            OpResult::Entries(e) => {
+                Ok(e.into_iter().map(|(k, v)| (k, v.value)).filter(|(k, _)| q.matches(k)).collect())
+            }
+            r => Err(GridError::Corrupted(format!("scan answered {r:?}"))),
+        }
+    }
+}
+
+/// The table operation behind a snippet's scan (its results still need `ScanQuery::matches`).
+pub fn scan_op(q: &ScanQuery) -> TableOp {
+    use std::ops::Bound;
+    match &q.prefix {
+        Some(p) if q.start.is_none() && q.end.is_none() => {
+            TableOp::Prefix { prefix: p.clone(), limit: q.limit, reverse: q.reverse }
+        }
+        Some(p) => TableOp::Scan {
+            // Both bounds narrowed to the prefix; `matches` applies the rest.
+            start: Bound::Included(
+                q.start.clone().filter(|s| *s > Key::Str(p.clone())).unwrap_or(Key::Str(p.clone())),
+            ),
+            end: q.end.clone().map_or(Bound::Unbounded, Bound::Excluded),
+            limit: crate::table::SCAN_LIMIT_MAX,
+            reverse: q.reverse,
+        },
+        None => TableOp::Scan {
+            start: q.start.clone().map_or(Bound::Unbounded, Bound::Included),
+            end: q.end.clone().map_or(Bound::Unbounded, Bound::Excluded),
+            limit: q.limit,
+            reverse: q.reverse,
+        },
+    }
+}
+
+/// Runs a snippet in the shard: its writes become one batch (one op-log record), or nothing.
+fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<OpResult, GridError> {
+    let outcome = job.compiled.run(&mut ShardStore { table, job }, &job.limits)?;
+    if outcome.writes.is_empty() {
+        return Ok(OpResult::Snippet(outcome.value));
+    }
+    if job.read_only {
+        return Err(GridError::PermissionDenied {
+            collection: job.table.clone(),
+            permission: "write".into(),
+        });
+    }
+    let ops = outcome
+        .writes
+        .into_iter()
+        .map(|w| match w.value {
+            Some(value) => WriteOp::Put { key: w.key, value },
+            None => WriteOp::Delete { key: w.key },
+        })
+        .collect();
+    match table.execute(&TableOp::Batch(ops)).map_err(GridError::from)? {
+        OpResult::Written { lsn, .. } => Ok(OpResult::SnippetWritten { value: outcome.value, lsn }),
+        r => Err(GridError::Corrupted(format!("batch answered {r:?}"))),
+    }
+}
+
 #[derive(Clone)]
 pub struct ShardArgs {
     pub path: PathBuf,
@@ -139,15 +287,25 @@ impl Actor for ShardActor {
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMsg::Op(op, reply) => {
+            ShardMsg::Op(..) | ShardMsg::Eval(..) => {
                 let Some(table) = state.table.as_mut() else {
-                    let _ = reply.send(Err(GridError::Closed));
+                    match msg {
+                        ShardMsg::Op(_, reply) | ShardMsg::Eval(_, reply) => {
+                            let _ = reply.send(Err(GridError::Closed));
+                        }
+                        _ => {}
+                    }
                     return Ok(());
                 };
-                let r = table.execute(&op).map_err(GridError::from);
-                let lsn = match &r {
-                    Ok(OpResult::Written { lsn, .. }) if *lsn > 0 => *lsn,
-                    _ => 0,
+                let (r, reply) = match msg {
+                    ShardMsg::Op(op, reply) => (table.execute(&op).map_err(GridError::from), reply),
+                    ShardMsg::Eval(job, reply) => (run_snippet(table, &job), reply),
+                    _ => return Ok(()),
+                };
+                let (r, lsn) = match r {
+                    Ok(OpResult::Written { lsn, results }) => (Ok(OpResult::Written { lsn, results }), lsn),
+                    Ok(OpResult::SnippetWritten { value, lsn }) => (Ok(OpResult::Snippet(value)), lsn),
+                    r => (r, 0),
                 };
                 // A heap that failed closed (fsync error, corrupt page met mid-write) is recovered by
                 // a restart: answer this request, then fail so the supervisor reopens it.

@@ -109,6 +109,15 @@ pub enum TableOp {
     Write(WriteOp),
     /// Writes applied together, as one op-log record.
     Batch(Vec<WriteOp>),
+    /// A collection-scoped snippet, run inside the shard actor that owns `key` (required on a
+    /// sharded table): atomic and isolated; its writes are one batch. `read_only` refuses any
+    /// write (the server sets it for tokens without write permission).
+    Eval {
+        src: String,
+        key: Option<Key>,
+        limits: crate::snippet::LimitOverrides,
+        read_only: bool,
+    },
 }
 
 impl TableOp {
@@ -143,6 +152,15 @@ pub enum OpResult {
         lsn: u64,
         results: Vec<WriteResult>,
     },
+    /// A snippet's (shaped) result.
+    Snippet(Value),
+    /// Inside the shard actor only: a snippet's result and the op-log record of its writes
+    /// (answered to callers as `Snippet` once the record is durable).
+    #[doc(hidden)]
+    SnippetWritten {
+        value: Value,
+        lsn: u64,
+    },
 }
 
 /// Why a table operation failed.
@@ -160,6 +178,8 @@ pub enum TableError {
     LimitExceeded { what: &'static str, got: u64, max: u64 },
     #[error("stored record for key {key} is corrupt: {why}")]
     Corrupted { key: String, why: String },
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 fn encode_record(version: u64, value: &Value) -> Result<Vec<u8>, TableError> {
@@ -256,6 +276,9 @@ impl TableShard {
             }
             TableOp::Write(w) => self.write(std::slice::from_ref(w), true),
             TableOp::Batch(ws) => self.write(ws, false),
+            TableOp::Eval { .. } => {
+                Err(TableError::Unsupported("snippets run in the shard actor, not in TableShard"))
+            }
         }
     }
 

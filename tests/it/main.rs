@@ -6,4 +6,5 @@ mod grid;
 mod heap_kill9;
 mod oplog_kill9;
 mod server;
+mod snippets;
 mod tidy;

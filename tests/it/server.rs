@@ -15,13 +15,13 @@ use heapgrid::{Client, ClientOptions, GridError, Key, TableOptions, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A `heapgrid serve` process.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Server {
-    fn start(dir: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Server {
         Server::start_at(dir, "127.0.0.1:0", extra)
     }
 
@@ -41,7 +41,7 @@ impl Server {
         Server { addr: addr.parse().unwrap(), child }
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
@@ -328,7 +328,7 @@ async fn malformed_input_ends_only_its_own_connection() {
     assert_eq!(t.get::<i64>("k").await.unwrap(), Some(1), "the well-behaved client is unaffected");
 }
 
-fn cli(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+pub(crate) fn cli(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
         .args(args)

@@ -238,7 +238,10 @@ impl Shaper {
                 p
             })
         };
-        if let Some(l) = ListRef::from_value(v).map(|l| l.content()).or_else(|| TupleRef::from_value(v).map(|t| t.content())) {
+        if let Some(l) = ListRef::from_value(v)
+            .map(|l| l.content())
+            .or_else(|| TupleRef::from_value(v).map(|t| t.content()))
+        {
             if self.too_deep_or_long(depth, l.len()) {
                 return match &at {
                     Some(p) => self.reference(p, l.len()).map(Ok),
@@ -307,7 +310,11 @@ impl Shaper {
                 }
                 let mut out = Vec::with_capacity(l.len());
                 for (i, x) in l.iter().enumerate() {
-                    out.push(self.shape_value(x, &child(crate::value::PathSeg::Index(i as i64)), depth + 1)?);
+                    out.push(self.shape_value(
+                        x,
+                        &child(crate::value::PathSeg::Index(i as i64)),
+                        depth + 1,
+                    )?);
                 }
                 self.add(2)?;
                 Ok(Value::List(out))
@@ -357,8 +364,12 @@ mod tests {
             assert_eq!(parse_ref(&r.to_string()).unwrap(), r, "{r}");
         }
         assert_eq!(
-            RefPath { collection: "users".into(), key: "bob".into(), path: vec![PathSeg::Key("friends".into())] }
-                .to_string(),
+            RefPath {
+                collection: "users".into(),
+                key: "bob".into(),
+                path: vec![PathSeg::Key("friends".into())]
+            }
+            .to_string(),
             "users/bob/friends"
         );
         assert!(parse_ref("users").is_err());

@@ -19,7 +19,7 @@ use starlark::codemap::FileSpanRef;
 use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
 use starlark::eval::{BeforeStmtFunc, BeforeStmtFuncDyn, Evaluator};
 use starlark::syntax::{AstModule, Dialect};
-use starlark::values::OwnedFrozenValue;
+use starlark::values::{OwnedFrozenValue, ValueLike};
 use starlark_syntax::syntax::ast::StmtP;
 
 use super::convert::{RefPath, Shaper};
@@ -126,7 +126,12 @@ impl Default for Engine {
     }
 }
 
-fn failure(kind: SnippetErrorKind, src: &str, offset: Option<usize>, message: impl Into<String>) -> GridError {
+fn failure(
+    kind: SnippetErrorKind,
+    src: &str,
+    offset: Option<usize>,
+    message: impl Into<String>,
+) -> GridError {
     let (line, col) = offset.map_or((0, 0), |o| source::line_col(src, o));
     GridError::Snippet(SnippetFailure { kind, line, col, message: message.into() })
 }
@@ -140,7 +145,8 @@ fn map_error(e: &starlark::Error, src: &str, origin: &[u32], fallback: Option<us
         K::Function(a) => (SnippetErrorKind::Type, a.to_string()),
         K::Fail(a) => (SnippetErrorKind::Fail, a.to_string()),
         K::StackOverflow(a) => (SnippetErrorKind::Budget(Budget::CallDepth), a.to_string()),
-        K::Value(a) | K::Native(a) | K::Other(a) | K::Freeze(a) | K::Internal(a) => match a.downcast_ref::<Stop>()
+        K::Value(a) | K::Native(a) | K::Other(a) | K::Freeze(a) | K::Internal(a) => match a
+            .downcast_ref::<Stop>()
         {
             Some(s) => (s.kind, s.message.clone()),
             None => {
@@ -161,7 +167,9 @@ fn map_error(e: &starlark::Error, src: &str, origin: &[u32], fallback: Option<us
                     SnippetErrorKind::Budget(Budget::Steps) => {
                         "the snippet ran past its step budget (statements, calls and loop iterations)".into()
                     }
-                    SnippetErrorKind::Budget(Budget::WallTime) => "the snippet ran past its wall-time budget".into(),
+                    SnippetErrorKind::Budget(Budget::WallTime) => {
+                        "the snippet ran past its wall-time budget".into()
+                    }
                     _ => m,
                 };
                 (k, m)
@@ -204,7 +212,12 @@ struct Guard {
 }
 
 impl<'e> BeforeStmtFuncDyn<'e> for Guard {
-    fn call<'v>(&mut self, span: FileSpanRef, _continued: bool, eval: &mut Evaluator<'v, '_, 'e>) -> starlark::Result<()> {
+    fn call<'v>(
+        &mut self,
+        span: FileSpanRef,
+        _continued: bool,
+        eval: &mut Evaluator<'v, '_, 'e>,
+    ) -> starlark::Result<()> {
         self.steps += 1;
         self.counted.set(self.steps);
         if span.filename() == FILE {
@@ -223,7 +236,7 @@ impl<'e> BeforeStmtFuncDyn<'e> for Guard {
                 format!("the snippet uses {used} bytes; the memory budget is {}", self.memory_max),
             ));
         }
-        if self.steps % 64 == 0 && Instant::now() > self.deadline {
+        if self.steps.is_multiple_of(64) && Instant::now() > self.deadline {
             return Err(session::stop(
                 SnippetErrorKind::Budget(Budget::WallTime),
                 "the snippet ran past its wall-time budget",
@@ -233,9 +246,15 @@ impl<'e> BeforeStmtFuncDyn<'e> for Guard {
     }
 }
 
+/// Whether a module's public `name` is a collection handle (not a procedure).
+fn is_collection(m: &FrozenModule, name: &str) -> bool {
+    m.get(name).is_ok_and(|v| v.value().downcast_ref::<Collection>().is_some())
+}
+
 impl Engine {
     pub fn new() -> Engine {
-        let env = Arc::new(Engine::build_env(0, &BTreeSet::new(), &BTreeMap::new()).expect("empty environment"));
+        let env =
+            Arc::new(Engine::build_env(0, &BTreeSet::new(), &BTreeMap::new()).expect("empty environment"));
         Engine {
             globals: globals(),
             state: RwLock::new(State { collections: BTreeSet::new(), procedures: BTreeMap::new(), env }),
@@ -271,8 +290,19 @@ impl Engine {
                 }
             };
             let ast = AstModule::parse(name, src.clone(), &dialect()).map_err(|e| fail(&e))?;
+            // A procedure may name a table that does not exist yet: a name used like a collection
+            // (`t[k]`, `t.get(k)`) that is not a builtin starts as a collection handle (a missing
+            // table is then `NoSuchTable` when the procedure runs, not a failure to load it).
+            let builtin: BTreeSet<&str> = globals.iter().map(|(n, _)| n).collect();
+            let free: Vec<String> = source::subscripted_identifiers(src)
+                .into_iter()
+                .filter(|n| !builtin.contains(n.as_str()) && !collections.contains(n))
+                .collect();
             let frozen = Module::with_temp_heap(|m| {
                 m.import_public_symbols(&base);
+                for n in &free {
+                    m.set(n, m.heap().alloc(Collection { name: n.clone() }));
+                }
                 {
                     let mut eval = Evaluator::new(&m);
                     eval.eval_module(ast, &globals).map_err(|e| fail(&e))?;
@@ -281,7 +311,7 @@ impl Engine {
             })?;
             for n in frozen.names() {
                 let n = n.as_str().to_string();
-                if n.starts_with('_') || collections.contains(&n) {
+                if n.starts_with('_') || collections.contains(&n) || is_collection(&frozen, &n) {
                     continue;
                 }
                 if let Some(other) = defined.insert(n.clone(), name.clone()) {
@@ -301,7 +331,7 @@ impl Engine {
             for p in &modules {
                 for n in p.names() {
                     let n = n.as_str();
-                    if n.starts_with('_') || collections.contains(n) {
+                    if n.starts_with('_') || collections.contains(n) || is_collection(p, n) {
                         continue;
                     }
                     let Ok(v) = p.get(n) else { continue };
@@ -402,7 +432,8 @@ impl Engine {
         let a = source::rewrite_statements(src)
             .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
         let a_origin: Vec<u32> = a.origin.clone();
-        let ast = AstModule::parse(FILE, a.text.clone(), &dialect()).map_err(|e| map_error(&e, src, &a_origin, None))?;
+        let ast = AstModule::parse(FILE, a.text.clone(), &dialect())
+            .map_err(|e| map_error(&e, src, &a_origin, None))?;
         let last = match &ast.statement().node {
             StmtP::Statements(v) => v.last(),
             _ => Some(ast.statement()),
@@ -413,7 +444,8 @@ impl Engine {
         });
         let b: Mapped = source::wrap(&a.text, return_at);
         let origin = b.then(&a);
-        let mut ast = AstModule::parse(FILE, b.text.clone(), &dialect()).map_err(|e| map_error(&e, src, &origin, None))?;
+        let mut ast = AstModule::parse(FILE, b.text.clone(), &dialect())
+            .map_err(|e| map_error(&e, src, &origin, None))?;
         ast.replace_binary_operators(&HashMap::from([("*".to_string(), "__mul__".to_string())]));
         let frozen = Module::with_temp_heap(|m| {
             m.import_public_symbols(&env.module);
@@ -471,10 +503,16 @@ impl Compiled {
             // Documents read from collections are answered with `$ref`s when too big.
             let mut origins = HashMap::new();
             for ((c, k), d) in &session.docs {
-                if let (Some(live), true) = (d.live, matches!(d.orig, Orig::Present(_) | Orig::Exists | Orig::Unknown)) {
+                if let (Some(live), true) =
+                    (d.live, matches!(d.orig, Orig::Present(_) | Orig::Exists | Orig::Unknown))
+                {
                     origins.insert(
                         live.identity(),
-                        RefPath { collection: session.coll_name(*c).to_string(), key: k.clone(), path: vec![] },
+                        RefPath {
+                            collection: session.coll_name(*c).to_string(),
+                            key: k.clone(),
+                            path: vec![],
+                        },
                     );
                 }
             }
@@ -486,7 +524,9 @@ impl Compiled {
             };
             let value = match shaper.shape_starlark(v, &origins, None, 0) {
                 Ok(Ok(v)) => v,
-                Ok(Err(why)) => return Err(failure(SnippetErrorKind::Value, src, None, format!("result: {why}"))),
+                Ok(Err(why)) => {
+                    return Err(failure(SnippetErrorKind::Value, src, None, format!("result: {why}")));
+                }
                 Err(too_big) => {
                     return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
                 }
@@ -502,7 +542,13 @@ impl Compiled {
 
 /// Resolves a `$ref` path against a stored document and returns entries `offset..offset+limit`
 /// of the list or map there (the whole value if it is a scalar), shaped with `limits`.
-pub fn fetch(store: &mut dyn Store, r: &str, offset: u32, limit: u32, limits: &Limits) -> Result<Value, GridError> {
+pub fn fetch(
+    store: &mut dyn Store,
+    r: &str,
+    offset: u32,
+    limit: u32,
+    limits: &Limits,
+) -> Result<Value, GridError> {
     let at = super::convert::parse_ref(r).map_err(GridError::Invalid)?;
     let doc = store
         .get(&at.collection, &at.key)?
@@ -521,7 +567,8 @@ pub fn fetch(store: &mut dyn Store, r: &str, offset: u32, limit: u32, limits: &L
                 m.get(s)
             }
             Value::List(l) => {
-                let i: i64 = s.parse().map_err(|_| GridError::Invalid(format!("{r}: {s:?} is not a list index")))?;
+                let i: i64 =
+                    s.parse().map_err(|_| GridError::Invalid(format!("{r}: {s:?} is not a list index")))?;
                 resolved.push(PathSeg::Index(i));
                 usize::try_from(i).ok().and_then(|i| l.get(i))
             }
@@ -530,9 +577,14 @@ pub fn fetch(store: &mut dyn Store, r: &str, offset: u32, limit: u32, limits: &L
         .ok_or_else(|| GridError::Invalid(format!("{r}: nothing at {s:?}")))?;
     }
     let place = RefPath { collection: at.collection, key: at.key, path: resolved };
-    let mut shaper =
-        Shaper { depth_max: limits.result_depth, items_max: limits.result_items, bytes_max: limits.result_bytes, bytes: 0 };
-    let too_big = |e: super::convert::TooBig| failure(SnippetErrorKind::Budget(Budget::ResultSize), r, None, e.0);
+    let mut shaper = Shaper {
+        depth_max: limits.result_depth,
+        items_max: limits.result_items,
+        bytes_max: limits.result_bytes,
+        bytes: 0,
+    };
+    let too_big =
+        |e: super::convert::TooBig| failure(SnippetErrorKind::Budget(Budget::ResultSize), r, None, e.0);
     let (o, n) = (offset as usize, limit as usize);
     match v {
         Value::List(l) => {

@@ -144,7 +144,12 @@ impl<'s, 'v> Session<'s, 'v> {
     }
 
     /// `t[k]` (`None` if absent).
-    pub(crate) fn get(&mut self, name: &str, key: Key, heap: Heap<'v>) -> starlark::Result<Option<SValue<'v>>> {
+    pub(crate) fn get(
+        &mut self,
+        name: &str,
+        key: Key,
+        heap: Heap<'v>,
+    ) -> starlark::Result<Option<SValue<'v>>> {
         let c = self.coll(name);
         if let Some(d) = self.docs.get(&(c, key.clone())) {
             return Ok(d.live);
@@ -327,7 +332,9 @@ impl Drop for Entered {
 
 /// Runs `f` on the current session. `'v` must be the lifetime of the heap of the running
 /// evaluator, which is what every caller (a native function given that heap's values) has.
-pub(crate) fn with<'v, R>(f: impl for<'s> FnOnce(&mut Session<'s, 'v>) -> starlark::Result<R>) -> starlark::Result<R> {
+pub(crate) fn with<'v, R>(
+    f: impl for<'s> FnOnce(&mut Session<'s, 'v>) -> starlark::Result<R>,
+) -> starlark::Result<R> {
     // Taken out while in use: a re-entrant call finds no session instead of a second `&mut`.
     let p = CURRENT.with(|c| c.replace(std::ptr::null_mut()));
     if p.is_null() {

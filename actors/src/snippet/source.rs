@@ -92,9 +92,8 @@ fn regions(src: &str) -> Vec<(Tok, usize, usize)> {
             continue;
         }
         // A string starts at a quote, possibly after a one- or two-letter prefix (r, b, f, rb, br).
-        let prefix_ok = |start: usize| {
-            start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_')
-        };
+        let prefix_ok =
+            |start: usize| start == 0 || !(b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
         let mut q = i;
         while q < b.len() && q - i < 2 && matches!(b[q], b'r' | b'R' | b'b' | b'B' | b'f' | b'F') {
             q += 1;
@@ -249,8 +248,8 @@ fn last_start(src: &str, pos: usize) -> usize {
         if tok != Tok::Code {
             continue;
         }
-        for i in s..e {
-            match b[i] {
+        for (i, &c) in b.iter().enumerate().take(e).skip(s) {
+            match c {
                 b'(' | b'[' | b'{' => depth += 1,
                 b')' | b']' | b'}' => depth = (depth - 1).max(0),
                 b'\n' | b';' if depth == 0 => start = i + 1,
@@ -276,8 +275,8 @@ fn split_top(src: &str, s: usize, e: usize, sep: u8) -> Vec<(usize, usize)> {
         if tok != Tok::Code || re <= s {
             continue;
         }
-        for i in rs.max(s)..re {
-            match b[i] {
+        for (i, &c) in b.iter().enumerate().take(re).skip(rs.max(s)) {
+            match c {
                 b'(' | b'[' | b'{' => depth += 1,
                 b')' | b']' | b'}' => depth -= 1,
                 c if c == sep && depth == 0 => {
@@ -316,10 +315,10 @@ fn split_index_target(src: &str, s: usize, e: usize) -> Option<((usize, usize), 
         if tok != Tok::Code || re <= s {
             continue;
         }
-        for i in rs.max(s)..re {
-            match b[i] {
+        for (i, &c) in b.iter().enumerate().take(re).skip(rs.max(s)) {
+            match c {
                 b'(' | b'[' | b'{' => {
-                    if depth == 0 && b[i] == b'[' {
+                    if depth == 0 && c == b'[' {
                         open = Some(i);
                     }
                     depth += 1;
@@ -404,7 +403,7 @@ pub fn wrap(src: &str, return_at: Option<usize>) -> Mapped {
     let mut out = Mapped::default();
     out.push_new("def snippet_main():\n", 0);
     let mut line_start = 0;
-    for (i, _) in src.match_indices('\n').map(|(i, s)| (i, s)).chain(std::iter::once((src.len(), ""))) {
+    for (i, _) in src.match_indices('\n').chain(std::iter::once((src.len(), ""))) {
         let end = if i < src.len() { i + 1 } else { i };
         if line_start >= end && i == src.len() {
             break;
@@ -432,6 +431,17 @@ pub fn wrap(src: &str, return_at: Option<usize>) -> Mapped {
 
 /// Every identifier in the code of `src` (not in strings or comments).
 pub fn identifiers(src: &str) -> std::collections::BTreeSet<String> {
+    identifiers_where(src, |_| true)
+}
+
+/// Identifiers used like a collection: followed by `[` or `.` (`users[k]`, `users.get(k)`).
+pub fn subscripted_identifiers(src: &str) -> std::collections::BTreeSet<String> {
+    identifiers_where(src, |rest| {
+        matches!(rest.trim_start_matches([' ', '\t']).as_bytes().first(), Some(b'[' | b'.'))
+    })
+}
+
+fn identifiers_where(src: &str, keep: impl Fn(&str) -> bool) -> std::collections::BTreeSet<String> {
     let b = src.as_bytes();
     let mut out = std::collections::BTreeSet::new();
     for (tok, s, e) in regions(src) {
@@ -445,7 +455,10 @@ pub fn identifiers(src: &str) -> std::collections::BTreeSet<String> {
                 while i < e && is_ident(b[i]) {
                     i += 1;
                 }
-                out.insert(src[w0..i].to_string());
+                let before_dot = w0 > 0 && b[w0 - 1] == b'.';
+                if !before_dot && keep(&src[i..]) {
+                    out.insert(src[w0..i].to_string());
+                }
             } else if b[i].is_ascii_digit() {
                 while i < e && is_ident(b[i]) {
                     i += 1;
@@ -497,7 +510,10 @@ mod tests {
     #[test]
     fn mul_assign() {
         assert_eq!(rw("x *= 3"), "x = __mul__(x, (3))");
-        assert_eq!(rw("for i in r:\n    s[i] *= n + 1\n"), "for i in r:\n    s[i] = __mul__(s[i], (n + 1))\n");
+        assert_eq!(
+            rw("for i in r:\n    s[i] *= n + 1\n"),
+            "for i in r:\n    s[i] = __mul__(s[i], (n + 1))\n"
+        );
         assert_eq!(rw("x **= 2"), "x **= 2");
         assert_eq!(rw("f(a='*=')"), "f(a='*=')");
     }

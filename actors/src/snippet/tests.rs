@@ -30,7 +30,11 @@ impl Store for Mem {
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
         let c = self.colls.get(coll).ok_or_else(|| GridError::NoSuchTable(coll.into()))?;
         let it = c.iter().filter(|(k, _)| q.matches(k)).map(|(k, v)| (k.clone(), v.clone()));
-        Ok(if q.reverse { it.rev().take(q.limit as usize).collect() } else { it.take(q.limit as usize).collect() })
+        Ok(if q.reverse {
+            it.rev().take(q.limit as usize).collect()
+        } else {
+            it.take(q.limit as usize).collect()
+        })
     }
 }
 
@@ -179,7 +183,11 @@ fn budgets_stop_runs_without_writes() {
     assert!(matches!(f.kind, SnippetErrorKind::Budget(Budget::CallDepth) | SnippetErrorKind::Value), "{f}");
     let f = fail_kind(run(&e, &mut m, "[i for i in range(50000)]"));
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::ResultSize), "{f}");
-    assert_eq!(m, { let mut b = before.clone(); b.reads = m.reads; b });
+    assert_eq!(m, {
+        let mut b = before.clone();
+        b.reads = m.reads;
+        b
+    });
     // Overrides are capped by the server's maximums.
     let l = Limits::default().with_overrides(
         &LimitOverrides { steps: Some(u64::MAX), ..Default::default() },
@@ -188,7 +196,10 @@ fn budgets_stop_runs_without_writes() {
     assert_eq!(l.steps, Limits::server_max().steps);
     let c = e.compile("for i in range(100):\n    pass").unwrap();
     let tight = Limits { steps: 10, ..Limits::default() };
-    assert!(matches!(c.run(&mut m, &tight), Err(GridError::Snippet(SnippetFailure { kind: SnippetErrorKind::Budget(Budget::Steps), .. }))));
+    assert!(matches!(
+        c.run(&mut m, &tight),
+        Err(GridError::Snippet(SnippetFailure { kind: SnippetErrorKind::Budget(Budget::Steps), .. }))
+    ));
 }
 
 #[test]
@@ -208,7 +219,10 @@ fn big_stored_documents_come_back_as_refs() {
     let (e, mut m) = setup();
     run(&e, &mut m, "users['bob']['friends'] = ['f%d' % i for i in range(1200)]").unwrap();
     let o = run(&e, &mut m, "users['bob']").unwrap();
-    assert_eq!(o.value, json(r#"{"name":"Bob","visits":1,"friends":{"$ref":"users/bob/friends","len":1200}}"#));
+    assert_eq!(
+        o.value,
+        json(r#"{"name":"Bob","visits":1,"friends":{"$ref":"users/bob/friends","len":1200}}"#)
+    );
     let got = engine::fetch(&mut m, "users/bob/friends", 1198, 10, &Limits::default()).unwrap();
     assert_eq!(got, json(r#"["f1198","f1199"]"#));
     let got = engine::fetch(&mut m, "users/bob/friends/3", 0, 10, &Limits::default()).unwrap();
@@ -234,8 +248,11 @@ fn compiled_snippets_are_cached_and_recompiled_when_collections_change() {
 #[test]
 fn stored_procedures() {
     let (e, mut m) = setup();
-    e.set_procedures("social", "def visit(who):\n    users[who]['visits'] += 1\n    return users[who]['visits']\n")
-        .unwrap();
+    e.set_procedures(
+        "social",
+        "def visit(who):\n    users[who]['visits'] += 1\n    return users[who]['visits']\n",
+    )
+    .unwrap();
     assert_eq!(run(&e, &mut m, "visit('bob')\nvisit('bob')").unwrap().value, Value::Int(3));
     assert!(e.set_procedures("bad", "def x(:\n").is_err());
     assert!(e.set_procedures("dup", "def visit():\n    pass\n").is_err());
@@ -287,4 +304,18 @@ proptest! {
         }
         prop_assert_eq!(&m1.colls, &m2.colls);
     }
+}
+
+#[test]
+fn procedures_may_name_tables_that_do_not_exist_yet() {
+    let e = Engine::new();
+    e.set_procedures(
+        "social",
+        "def visit(who):\n    users[who]['visits'] += 1\n    return users[who]['visits']\n",
+    )
+    .unwrap();
+    e.set_collections(["users".to_string()]);
+    let mut m = Mem::default();
+    m.colls.entry("users".into()).or_default().insert("bob".into(), json(r#"{"visits":1}"#));
+    assert_eq!(run(&e, &mut m, "visit('bob')").unwrap().value, Value::Int(2));
 }

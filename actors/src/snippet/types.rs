@@ -43,10 +43,7 @@ pub(crate) fn key_of(v: Value) -> starlark::Result<Key> {
     if let Ok(Some(i)) = i64::unpack_value(v) {
         return Ok(Key::Int(i));
     }
-    Err(stop(
-        SnippetErrorKind::Type,
-        format!("a collection key is an int or a string, not {}", v.get_type()),
-    ))
+    Err(stop(SnippetErrorKind::Type, format!("a collection key is an int or a string, not {}", v.get_type())))
 }
 
 fn missing(coll: &str, key: &Key) -> starlark::Error {
@@ -72,7 +69,8 @@ impl<'v> StarlarkValue<'v> for Collection {
 
     fn length(&self) -> starlark::Result<i32> {
         let n = session::with(|s| s.count(&self.name))?;
-        i32::try_from(n).map_err(|_| value_error(format!("{} holds {n} keys, more than len() reports", self.name)))
+        i32::try_from(n)
+            .map_err(|_| value_error(format!("{} holds {n} keys, more than len() reports", self.name)))
     }
 
     fn get_methods() -> Option<&'static Methods> {
@@ -252,9 +250,8 @@ pub(crate) fn builtins(builder: &mut GlobalsBuilder) {
                 return Err(stop(SnippetErrorKind::Type, "list indices must be ints"));
             }
             // `list.pop(i)`: the list's own bounds check and error.
-            let pop = target
-                .get_attr("pop", eval.heap())?
-                .ok_or_else(|| value_error("list has no pop method"))?;
+            let pop =
+                target.get_attr("pop", eval.heap())?.ok_or_else(|| value_error("list has no pop method"))?;
             eval.eval_function(pop, &[index], &[])?;
             return Ok(NoneType);
         }
