@@ -268,12 +268,18 @@ impl Client {
 
     /// Runs a grid-scoped snippet (see `Grid::eval`).
     pub async fn eval(&self, src: &str) -> Result<Value, GridError> {
-        self.eval_with(src, LimitOverrides::default()).await
+        self.eval_with(src, Value::Null, LimitOverrides::default()).await
     }
 
-    /// `eval` with budget overrides (capped by the server's maximums).
-    pub async fn eval_with(&self, src: &str, limits: LimitOverrides) -> Result<Value, GridError> {
-        match self.request(RequestBody::Eval { src: src.into(), limits }).await? {
+    /// `eval` with arguments (the snippet's `args`) and budget overrides (capped by the
+    /// server's maximums).
+    pub async fn eval_with(
+        &self,
+        src: &str,
+        args: Value,
+        limits: LimitOverrides,
+    ) -> Result<Value, GridError> {
+        match self.request(RequestBody::Eval { src: src.into(), args, limits }).await? {
             ResponseBody::Value(v) => Ok(v),
             r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
         }

@@ -15,7 +15,8 @@ use heapgrid_actors::grid::{GridCore, GridOptions, TableDef, TableOptions, Table
 use heapgrid_actors::snippet::LimitOverrides;
 use heapgrid_actors::table::SCAN_LIMIT_MAX;
 use heapgrid_actors::{
-    Expect, GridError, Key, OpResult, PathSeg, TableOp, Update, Value, Versioned, WriteOp, WriteResult,
+    EvalRequest, Expect, GridError, Key, OpResult, PathSeg, TableOp, Update, Value, Versioned, WriteOp,
+    WriteResult,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -74,12 +75,13 @@ impl Grid {
     /// after shard: the snippet as a whole is not a transaction (docs/snippets.md). For an atomic
     /// read-modify-write use `Table::eval` / `Table::eval_on` (inside one shard).
     pub async fn eval(&self, src: &str) -> Result<Value> {
-        self.eval_with(src, LimitOverrides::default()).await
+        self.eval_with(src, Value::Null, LimitOverrides::default()).await
     }
 
-    /// `eval` with budget overrides (capped by the grid's maximums).
-    pub async fn eval_with(&self, src: &str, limits: LimitOverrides) -> Result<Value> {
-        self.core.eval(src, &limits, Arc::new(|_: &str, _: bool| Ok(()))).await
+    /// `eval` with arguments (the snippet's `args`) and budget overrides (capped by the grid's
+    /// maximums).
+    pub async fn eval_with(&self, src: &str, args: Value, limits: LimitOverrides) -> Result<Value> {
+        self.core.eval(src, args, &limits, Arc::new(|_: &str, _: bool| Ok(()))).await
     }
 
     /// Entries `offset..offset+limit` of the value a `$ref` from a snippet result names.
@@ -144,17 +146,25 @@ impl Table {
     /// Runs a collection-scoped snippet inside this (single-shard) table's actor: atomic and
     /// isolated from every other request to it; its writes are one op-log batch, or none.
     pub async fn eval(&self, src: &str) -> Result<Value> {
-        self.eval_at(None, src, LimitOverrides::default()).await
+        self.eval_at(None, src, Value::Null, LimitOverrides::default()).await
     }
 
     /// Like `eval`, in the shard that owns `key` (required on a sharded table).
     pub async fn eval_on(&self, key: impl Into<Key>, src: &str) -> Result<Value> {
-        self.eval_at(Some(key.into()), src, LimitOverrides::default()).await
+        self.eval_at(Some(key.into()), src, Value::Null, LimitOverrides::default()).await
     }
 
-    /// `eval` with an optional routing key and budget overrides.
-    pub async fn eval_at(&self, key: Option<Key>, src: &str, limits: LimitOverrides) -> Result<Value> {
-        match self.execute(TableOp::Eval { src: src.into(), key, limits, read_only: false }).await? {
+    /// `eval` with an optional routing key (the snippet's `key`), arguments (`args`) and budget
+    /// overrides.
+    pub async fn eval_at(
+        &self,
+        key: Option<Key>,
+        src: &str,
+        args: Value,
+        limits: LimitOverrides,
+    ) -> Result<Value> {
+        let req = EvalRequest { src: src.into(), key, args, limits, read_only: false };
+        match self.execute(TableOp::Eval(Box::new(req))).await? {
             OpResult::Snippet(v) => Ok(v),
             r => Err(unexpected(r)),
         }

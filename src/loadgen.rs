@@ -1,7 +1,8 @@
 //! `heapgrid bench`: a load generator against a running server. Opens `connections` TCP
 //! connections, keeps `pipeline` requests in flight on each, picks keys uniformly from
-//! `0..keys`, issues gets or puts (`reads_percent` gets) of `value_bytes`-byte values for
-//! `seconds`, and reports throughput and latency percentiles from an HDR histogram.
+//! `0..keys`, issues gets or puts (`reads_percent` gets) of `value_bytes`-byte values, or runs a
+//! snippet per request (`eval`), for `seconds`, and reports throughput and latency percentiles
+//! from an HDR histogram.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,6 +31,18 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Put every key once before measuring (so gets hit).
     pub preload: bool,
+    /// Run this snippet per request instead of gets and puts.
+    pub eval: Option<EvalLoad>,
+}
+
+/// A snippet load: the source sees the request's key as `key` (collection scope, routed by it)
+/// or as `args` (grid scope).
+#[derive(Clone, Debug)]
+pub struct EvalLoad {
+    pub src: String,
+    pub grid_scope: bool,
+    /// Make every request's source unique (a trailing comment), so none hits the compile cache.
+    pub uncached: bool,
 }
 
 /// What came out.
@@ -79,6 +92,7 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
         for p in 0..spec.pipeline.max(1) {
             let t = client.table(&spec.table);
             let value = value.clone();
+            let (client, eval) = (client.clone(), spec.eval.clone());
             let (keys, reads) = (spec.keys.max(1), spec.reads_percent);
             tasks.spawn(async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -88,7 +102,18 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
                     let k = rng.u64(..keys) as i64;
                     let read = rng.u32(..100) < reads;
                     let t0 = Instant::now();
-                    let r = if read {
+                    let r = if let Some(e) = &eval {
+                        let src = if e.uncached {
+                            std::borrow::Cow::Owned(format!("{}\n# {c}.{p}.{ops}.{errors}", e.src))
+                        } else {
+                            std::borrow::Cow::Borrowed(e.src.as_str())
+                        };
+                        if e.grid_scope {
+                            client.eval_with(&src, Value::Int(k), Default::default()).await.map(|_| ())
+                        } else {
+                            t.eval_at(Some(k.into()), &src, Value::Null, Default::default()).await.map(|_| ())
+                        }
+                    } else if read {
                         t.get_value(k).await.map(|_| ())
                     } else {
                         t.put_value(k, value.clone()).await.map(|_| ())

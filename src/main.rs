@@ -76,6 +76,16 @@ struct BenchArgs {
     /// Put every key once before measuring.
     #[arg(long)]
     preload: bool,
+    /// Run this snippet per request instead of gets and puts; it sees the request's key as
+    /// `key` (collection scope, the default) or `args` (with --grid-scope).
+    #[arg(long)]
+    eval: Option<String>,
+    /// Run the snippet grid-scoped.
+    #[arg(long)]
+    grid_scope: bool,
+    /// Make every snippet's source unique, so none is served from the compile cache.
+    #[arg(long)]
+    uncached: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -345,8 +355,13 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
 const COMMANDS: &[&str] =
     &["ping", "tables", "create", "drop", "get", "put", "del", "count", "scan", "fetch", "procedures"];
 
+/// A command: a command word followed by plain words (`del users bob`), not code
+/// (`del users['bob']`, `count = len(users)`).
 fn is_command(words: &[String]) -> bool {
+    let plain = |w: &String| !w.contains(['[', '(', '=', '.', ':']) || w.starts_with(['{', '['].as_ref());
     words.first().is_some_and(|w| COMMANDS.contains(&w.as_str()))
+        && words.get(1).is_none_or(|w| !w.contains(['[', '(', '=', '.', ':']))
+        && words.iter().skip(1).take(2).all(plain)
 }
 
 async fn run_snippet(client: &Client, src: &str) -> Result<serde_json::Value, AnyErr> {
@@ -461,6 +476,11 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
         reads_percent: b.reads.min(100),
         duration: std::time::Duration::from_secs_f64(b.seconds.max(0.01)),
         preload: b.preload,
+        eval: b.eval.map(|src| heapgrid::loadgen::EvalLoad {
+            src,
+            grid_scope: b.grid_scope,
+            uncached: b.uncached,
+        }),
     };
     let r = heapgrid::loadgen::run(spec).await?;
     if b.json {

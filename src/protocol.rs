@@ -68,6 +68,8 @@ pub enum RequestBody {
     /// `write` on those it writes).
     Eval {
         src: String,
+        /// The snippet's `args` variable.
+        args: Value,
         limits: LimitOverrides,
     },
     /// Entries `offset..offset+limit` of the value at a `$ref` path from a snippet result.

@@ -391,13 +391,13 @@ async fn handle(grid: &Arc<GridCore>, who: &Principal, body: RequestBody) -> Res
             if op.is_write() {
                 who.require(&table, Permission::Write)?;
             }
-            if let TableOp::Eval { read_only, .. } = &mut op {
+            if let TableOp::Eval(req) = &mut op {
                 who.require(&table, Permission::Eval)?;
-                *read_only |= !who.allows(&table, Permission::Write);
+                req.read_only |= !who.allows(&table, Permission::Write);
             }
             Ok(ResponseBody::Op(grid.table(&table)?.execute(op).await?))
         }
-        RequestBody::Eval { src, limits } => {
+        RequestBody::Eval { src, args, limits } => {
             let who = who.clone();
             let access: AccessCheck = Arc::new(move |coll: &str, write: bool| {
                 who.require(coll, Permission::Eval)?;
@@ -407,7 +407,7 @@ async fn handle(grid: &Arc<GridCore>, who: &Principal, body: RequestBody) -> Res
                 }
                 Ok(())
             });
-            Ok(ResponseBody::Value(grid.eval(&src, &limits, access).await?))
+            Ok(ResponseBody::Value(grid.eval(&src, args, &limits, access).await?))
         }
         RequestBody::Fetch { reference, offset, limit } => {
             let who = who.clone();

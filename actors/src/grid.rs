@@ -250,9 +250,13 @@ impl TableRuntime {
         compiled: Arc<Compiled>,
         limits: Limits,
         read_only: bool,
+        key: Option<Key>,
+        args: Value,
     ) -> Result<OpResult, GridError> {
         let job = EvalJob {
             compiled,
+            key,
+            args,
             limits,
             read_only,
             table: self.def.name.clone(),
@@ -269,7 +273,8 @@ impl TableRuntime {
     /// Executes `op`, routing by key; counts and scans over several shards are merged in key
     /// order. A batch must stay within one shard (it is one op-log record of that shard).
     pub async fn execute(&self, op: TableOp) -> Result<OpResult, GridError> {
-        if let TableOp::Eval { src, key, limits, read_only } = &op {
+        if let TableOp::Eval(req) = &op {
+            let crate::table::EvalRequest { src, key, args, limits, read_only } = &**req;
             let shard = match key {
                 Some(k) => self.shard_of(k),
                 None if self.def.shards == 1 => 0,
@@ -282,14 +287,14 @@ impl TableRuntime {
             };
             let compiled = self.snippets.engine.compile(src)?;
             let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
-            return self.eval_in(shard, compiled, limits, *read_only).await;
+            return self.eval_in(shard, compiled, limits, *read_only, key.clone(), args.clone()).await;
         }
         if self.def.shards == 1 {
             return self.call_shard(0, op).await;
         }
         match &op {
             // Routed (and returned) above.
-            TableOp::Eval { .. } => Err(GridError::Invalid("snippet routing".into())),
+            TableOp::Eval(_) => Err(GridError::Invalid("snippet routing".into())),
             TableOp::Get { key } | TableOp::Contains { key } => {
                 let s = self.shard_of(key);
                 self.call_shard(s, op).await
@@ -565,6 +570,12 @@ impl GridStore {
 }
 
 impl Store for GridStore {
+    fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
+        (self.access)(coll, true)?;
+        self.core.table(coll)?;
+        key.encode().map(|_| ()).map_err(|e| GridError::Invalid(e.to_string()))
+    }
+
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
         match self.run(coll, TableOp::Get { key: key.clone() })? {
             OpResult::Value(v) => Ok(v.map(|v| v.value)),
@@ -607,6 +618,9 @@ struct OneDoc {
 }
 
 impl Store for OneDoc {
+    fn check_write(&mut self, _: &str, _: &Key) -> Result<(), GridError> {
+        Err(GridError::Invalid("fetch reads one document".into()))
+    }
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
         Ok(if coll == self.coll && *key == self.key { self.doc.clone() } else { None })
     }
@@ -834,18 +848,20 @@ impl GridCore {
     pub async fn eval(
         self: &Arc<Self>,
         src: &str,
+        args: Value,
         limits: &LimitOverrides,
         access: AccessCheck,
     ) -> Result<Value, GridError> {
         let compiled = self.snippets.engine.compile(src)?;
         let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
         if let [only] = compiled.collections.as_slice()
+            && !compiled.calls_procedures
             && let Ok(t) = self.table(only)
             && t.def.shards == 1
         {
             access(only, false)?;
             let read_only = access(only, true).is_err();
-            return match t.eval_in(0, compiled, limits, read_only).await? {
+            return match t.eval_in(0, compiled, limits, read_only, None, args).await? {
                 OpResult::Snippet(v) => Ok(v),
                 r => Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
             };
@@ -855,14 +871,20 @@ impl GridCore {
         let check = access.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let mut store = GridStore { core, handle, access: check };
-            compiled.run(&mut store, &limits)
+            compiled.run(&mut store, &limits, None, &args)
         })
         .await
         .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
         // Group the writes by (table, shard), keeping first-touch order inside each group.
         let mut groups: Vec<((String, u32), Vec<WriteOp>)> = Vec::new();
-        for w in outcome.writes {
+        // Everything that can be refused is checked before the first batch is applied.
+        for w in &outcome.writes {
             access(&w.collection, true)?;
+            if let Some(v) = &w.value {
+                v.encode().map_err(|e| GridError::Value(format!("{}[{}]: {e}", w.collection, w.key)))?;
+            }
+        }
+        for w in outcome.writes {
             let t = self.table(&w.collection)?;
             let at = (w.collection.clone(), w.key.shard(t.def.shards));
             let op = match w.value {

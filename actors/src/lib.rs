@@ -20,5 +20,7 @@ pub mod value;
 
 pub use error::GridError;
 pub use key::Key;
-pub use table::{Expect, OpResult, TableError, TableOp, TableShard, Versioned, WriteOp, WriteResult};
+pub use table::{
+    EvalRequest, Expect, OpResult, TableError, TableOp, TableShard, Versioned, WriteOp, WriteResult,
+};
 pub use value::{PathSeg, Update, Value, ValueError};

@@ -54,6 +54,9 @@ pub enum ShardMsg {
 /// A snippet for one shard: what to run, under which budgets, and where it is.
 pub struct EvalJob {
     pub compiled: Arc<Compiled>,
+    /// The routing key (the snippet's `key`) and arguments (`args`).
+    pub key: Option<Key>,
+    pub args: Value,
     pub limits: Limits,
     pub read_only: bool,
     pub table: String,
@@ -106,6 +109,11 @@ impl ShardStore<'_> {
 }
 
 impl Store for ShardStore<'_> {
+    fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
+        self.own_key(coll, key)?;
+        key.encode().map(|_| ()).map_err(|e| GridError::Invalid(e.to_string()))
+    }
+
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
         self.own_key(coll, key)?;
         match self.run(TableOp::Get { key: key.clone() })? {
@@ -141,6 +149,19 @@ impl Store for ShardStore<'_> {
     }
 }
 
+/// The smallest string greater than every string starting with `p` (`None`: there is none).
+fn str_successor(p: &str) -> Option<String> {
+    let mut chars: Vec<char> = p.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(n) = next {
+            chars.push(n);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 /// The table operation behind a snippet's scan (its results still need `ScanQuery::matches`).
 pub fn scan_op(q: &ScanQuery) -> TableOp {
     use std::ops::Bound;
@@ -148,15 +169,17 @@ pub fn scan_op(q: &ScanQuery) -> TableOp {
         Some(p) if q.start.is_none() && q.end.is_none() => {
             TableOp::Prefix { prefix: p.clone(), limit: q.limit, reverse: q.reverse }
         }
-        Some(p) => TableOp::Scan {
-            // Both bounds narrowed to the prefix; `matches` applies the rest.
-            start: Bound::Included(
-                q.start.clone().filter(|s| *s > Key::Str(p.clone())).unwrap_or(Key::Str(p.clone())),
-            ),
-            end: q.end.clone().map_or(Bound::Unbounded, Bound::Excluded),
-            limit: crate::table::SCAN_LIMIT_MAX,
-            reverse: q.reverse,
-        },
+        Some(p) => {
+            // The keys with prefix `p` are exactly [p, successor(p)): narrow both bounds to them.
+            let lo = Key::Str(p.clone());
+            let start = q.start.clone().filter(|s| *s > lo).unwrap_or(lo);
+            let end = match (q.end.clone(), str_successor(p).map(Key::Str)) {
+                (Some(e), Some(s)) => Bound::Excluded(e.min(s)),
+                (Some(e), None) | (None, Some(e)) => Bound::Excluded(e),
+                (None, None) => Bound::Unbounded,
+            };
+            TableOp::Scan { start: Bound::Included(start), end, limit: q.limit, reverse: q.reverse }
+        }
         None => TableOp::Scan {
             start: q.start.clone().map_or(Bound::Unbounded, Bound::Included),
             end: q.end.clone().map_or(Bound::Unbounded, Bound::Excluded),
@@ -168,7 +191,8 @@ pub fn scan_op(q: &ScanQuery) -> TableOp {
 
 /// Runs a snippet in the shard: its writes become one batch (one op-log record), or nothing.
 fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<OpResult, GridError> {
-    let outcome = job.compiled.run(&mut ShardStore { table, job }, &job.limits)?;
+    let outcome =
+        job.compiled.run(&mut ShardStore { table, job }, &job.limits, job.key.as_ref(), &job.args)?;
     if outcome.writes.is_empty() {
         return Ok(OpResult::Snippet(outcome.value));
     }
@@ -177,6 +201,15 @@ fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<OpResult, GridEr
             collection: job.table.clone(),
             permission: "write".into(),
         });
+    }
+    // Every write was checked at its assignment; checked again here, where it is committed.
+    if let Some(w) =
+        outcome.writes.iter().find(|w| w.collection != job.table || w.key.shard(job.shards) != job.shard)
+    {
+        return Err(GridError::Invalid(format!(
+            "a snippet in shard {} of {} cannot write {}[{}]",
+            job.shard, job.table, w.collection, w.key
+        )));
     }
     let ops = outcome
         .writes

@@ -109,15 +109,8 @@ pub enum TableOp {
     Write(WriteOp),
     /// Writes applied together, as one op-log record.
     Batch(Vec<WriteOp>),
-    /// A collection-scoped snippet, run inside the shard actor that owns `key` (required on a
-    /// sharded table): atomic and isolated; its writes are one batch. `read_only` refuses any
-    /// write (the server sets it for tokens without write permission).
-    Eval {
-        src: String,
-        key: Option<Key>,
-        limits: crate::snippet::LimitOverrides,
-        read_only: bool,
-    },
+    /// A collection-scoped snippet, run inside the shard actor that owns its `key`.
+    Eval(Box<EvalRequest>),
 }
 
 impl TableOp {
@@ -125,6 +118,20 @@ impl TableOp {
     pub fn is_write(&self) -> bool {
         matches!(self, TableOp::Write(_) | TableOp::Batch(_))
     }
+}
+
+/// A collection-scoped snippet: run inside the shard actor that owns `key` (required on a
+/// sharded table): atomic and isolated; its writes are one batch. `read_only` refuses any write
+/// (the server sets it for tokens without write permission).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRequest {
+    pub src: String,
+    /// The routing key; the snippet's `key` variable.
+    pub key: Option<Key>,
+    /// The snippet's `args` variable.
+    pub args: Value,
+    pub limits: crate::snippet::LimitOverrides,
+    pub read_only: bool,
 }
 
 /// The result of one write.
@@ -276,7 +283,7 @@ impl TableShard {
             }
             TableOp::Write(w) => self.write(std::slice::from_ref(w), true),
             TableOp::Batch(ws) => self.write(ws, false),
-            TableOp::Eval { .. } => {
+            TableOp::Eval(_) => {
                 Err(TableError::Unsupported("snippets run in the shard actor, not in TableShard"))
             }
         }

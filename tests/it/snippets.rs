@@ -149,15 +149,21 @@ async fn budgets_stop_snippets_and_leave_nothing_behind() {
     let s = Server::start(dir.path(), &[]);
     let c = client(&s).await;
     let users = c.create_table("users", TableOptions::default()).await.unwrap();
-    // 100k steps: the step budget, not wall time, ends these loops even in a debug build.
-    let steps = || heapgrid::LimitOverrides { steps: Some(100_000), ..Default::default() };
+    // 10k steps and 30 s: the step budget, not wall time, ends these loops even in a debug build
+    // on a busy machine.
+    let steps =
+        || heapgrid::LimitOverrides { steps: Some(10_000), wall_ms: Some(30_000), ..Default::default() };
     let f = failure(
-        c.eval_with("users['x'] = 1\nfor i in range(1000000000):\n    users['y'] = i", steps()).await,
+        c.eval_with("users['x'] = 1\nfor i in range(1000000000):\n    users['y'] = i", Value::Null, steps())
+            .await,
     );
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
     assert!((2..=3).contains(&f.line), "in the loop: {f}");
-    let f =
-        failure(users.eval_at(None, "users['x'] = 1\nfor i in range(1000000000):\n    pass", steps()).await);
+    let f = failure(
+        users
+            .eval_at(None, "users['x'] = 1\nfor i in range(1000000000):\n    pass", Value::Null, steps())
+            .await,
+    );
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
     let f = failure(c.eval("users['x'] = 1\ns = 'a'\nfor i in range(64):\n    s = s + s\nlen(s)").await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
@@ -166,7 +172,7 @@ async fn budgets_stop_snippets_and_leave_nothing_behind() {
     let f = failure(c.eval("[i for i in range(100000)]").await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::ResultSize), "{f}");
     let tight = heapgrid::LimitOverrides { steps: Some(50), ..Default::default() };
-    let f = failure(c.eval_with("users['x'] = 1\nfor i in range(100):\n    pass", tight).await);
+    let f = failure(c.eval_with("users['x'] = 1\nfor i in range(100):\n    pass", Value::Null, tight).await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
     assert_eq!(users.count().await.unwrap(), 0, "no write of a stopped snippet is left");
     c.ping().await.unwrap();
@@ -231,7 +237,10 @@ async fn procedures_permissions_and_sharded_tables() {
     users.put_value("bob", json(r#"{"visits": 0}"#)).await.unwrap();
     assert_eq!(root.eval("visit('bob')\nvisit('bob')").await.unwrap(), Value::Int(2));
     // Collection-scoped on a sharded table: routed by key, and limited to that key's shard.
-    assert_eq!(users.eval_on("bob", "visit('bob')").await.unwrap(), Value::Int(3));
+    assert_eq!(users.eval_on("bob", "visit(key)").await.unwrap(), Value::Int(3));
+    let who = json(r#"{"who": "bob"}"#);
+    let v = root.eval_with("users[args['who']]['visits']", who, Default::default()).await.unwrap();
+    assert_eq!(v, Value::Int(3));
     assert!(matches!(users.eval("users['bob']").await, Err(GridError::Invalid(_))));
     // Stored procedures survive a restart.
     root.put_procedures(

@@ -21,7 +21,7 @@ use starlark::values::tuple::TupleRef;
 use starlark::values::{Heap, UnpackValue, Value as SValue, ValueIdentity, ValueLike};
 
 use crate::key::Key;
-use crate::value::{VALUE_DEPTH_MAX, Value};
+use crate::value::{VALUE_DEPTH_MAX, VALUE_NODES_MAX, Value};
 
 pub(crate) fn to_starlark<'v>(v: &Value, heap: Heap<'v>) -> SValue<'v> {
     match v {
@@ -43,14 +43,20 @@ pub(crate) fn to_starlark<'v>(v: &Value, heap: Heap<'v>) -> SValue<'v> {
     }
 }
 
-/// A Starlark value as a storable `Value` (error: why not).
+/// A Starlark value as a storable `Value` (error: why not). At most `VALUE_NODES_MAX` nodes, so a
+/// value that shares one list many times over (`l = [l, l]` repeated) cannot expand without bound.
 pub(crate) fn to_value(v: SValue) -> Result<Value, String> {
-    to_value_at(v, 0)
+    let mut nodes = 0u64;
+    to_value_at(v, 0, &mut nodes)
 }
 
-fn to_value_at(v: SValue, depth: usize) -> Result<Value, String> {
+fn to_value_at(v: SValue, depth: usize, nodes: &mut u64) -> Result<Value, String> {
     if depth > VALUE_DEPTH_MAX {
         return Err(format!("value nests deeper than {VALUE_DEPTH_MAX} levels (or contains itself)"));
+    }
+    *nodes += 1;
+    if *nodes > VALUE_NODES_MAX {
+        return Err(format!("value has more than {VALUE_NODES_MAX} elements"));
     }
     if v.is_none() {
         return Ok(Value::Null);
@@ -74,10 +80,10 @@ fn to_value_at(v: SValue, depth: usize) -> Result<Value, String> {
         return Ok(Value::Bytes(b.as_bytes().to_vec()));
     }
     if let Some(l) = ListRef::from_value(v) {
-        return l.iter().map(|x| to_value_at(x, depth + 1)).collect::<Result<_, _>>().map(Value::List);
+        return l.iter().map(|x| to_value_at(x, depth + 1, nodes)).collect::<Result<_, _>>().map(Value::List);
     }
     if let Some(t) = TupleRef::from_value(v) {
-        return t.iter().map(|x| to_value_at(x, depth + 1)).collect::<Result<_, _>>().map(Value::List);
+        return t.iter().map(|x| to_value_at(x, depth + 1, nodes)).collect::<Result<_, _>>().map(Value::List);
     }
     if let Some(d) = DictRef::from_value(v) {
         let mut m = IndexMap::with_capacity(d.len());
@@ -85,7 +91,7 @@ fn to_value_at(v: SValue, depth: usize) -> Result<Value, String> {
             let Some(k) = k.unpack_str() else {
                 return Err(format!("a stored map's keys are strings, not {}", k.get_type()));
             };
-            m.insert(k.to_string(), to_value_at(x, depth + 1)?);
+            m.insert(k.to_string(), to_value_at(x, depth + 1, nodes)?);
         }
         return Ok(Value::Map(m));
     }

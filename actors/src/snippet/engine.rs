@@ -31,8 +31,10 @@ use crate::error::GridError;
 use crate::key::Key;
 use crate::value::{PathSeg, Value};
 
-/// Most snippets kept compiled; past it the cache starts over.
+/// Most snippets kept compiled, and most source bytes among them; past either the cache starts
+/// over.
 pub const COMPILE_CACHE_ENTRIES: usize = 4096;
+pub const COMPILE_CACHE_BYTES: usize = 32 << 20;
 /// Longest snippet source accepted.
 pub const SNIPPET_SOURCE_BYTES_MAX: usize = 256 << 10;
 const FILE: &str = "snippet";
@@ -88,6 +90,7 @@ struct Env {
     generation: u64,
     module: FrozenModule,
     collections: BTreeSet<String>,
+    procedures: BTreeSet<String>,
 }
 
 /// A compiled snippet, ready to run (shareable between threads).
@@ -97,8 +100,10 @@ pub struct Compiled {
     /// Wrapped-source offset → offset in what the client sent.
     origin: Vec<u32>,
     source: Arc<str>,
-    /// Collections the source names (a superset of those it touches).
+    /// Collections the source names (a superset of those it touches directly).
     pub collections: Vec<String>,
+    /// Whether the source names a stored procedure (which may touch other collections).
+    pub calls_procedures: bool,
 }
 
 impl std::fmt::Debug for Compiled {
@@ -117,7 +122,13 @@ struct State {
 pub struct Engine {
     globals: Globals,
     state: RwLock<State>,
-    cache: Mutex<HashMap<Arc<str>, Arc<Compiled>>>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    map: HashMap<Arc<str>, Arc<Compiled>>,
+    bytes: usize,
 }
 
 impl Default for Engine {
@@ -151,14 +162,20 @@ fn map_error(e: &starlark::Error, src: &str, origin: &[u32], fallback: Option<us
             Some(s) => (s.kind, s.message.clone()),
             None => {
                 let m = a.to_string();
-                let lower = m.to_lowercase();
-                let k = if m.contains("ticks has been exceeded") {
+                // Starlark's own messages (its error enum is private); never substrings that user
+                // text (a key, a string) could supply.
+                let k = if m.starts_with("Execution duration limit of ") {
                     SnippetErrorKind::Budget(Budget::Steps)
-                } else if m.contains("Evaluation cancelled") {
+                } else if m == "Evaluation cancelled" {
                     SnippetErrorKind::Budget(Budget::WallTime)
-                } else if lower.contains("heap") && lower.contains("limit") {
+                } else if m.starts_with("Heap memory limit of ") {
                     SnippetErrorKind::Budget(Budget::Memory)
-                } else if lower.contains("type") {
+                } else if m.starts_with("Operation `")
+                    || m.starts_with("Type of parameter")
+                    || m.starts_with("Expected type")
+                    || m.starts_with("Value of type")
+                    || m.starts_with("Expected value of type")
+                {
                     SnippetErrorKind::Type
                 } else {
                     SnippetErrorKind::Value
@@ -201,7 +218,13 @@ fn map_error(e: &starlark::Error, src: &str, origin: &[u32], fallback: Option<us
     failure(kind, src, offset, message)
 }
 
-/// Counts statements, checks the memory budget before each and the deadline every 64.
+/// The instant `ms` from now (far in the future if that overflows).
+fn deadline_after(ms: u64) -> Instant {
+    let now = Instant::now();
+    now.checked_add(Duration::from_millis(ms)).unwrap_or(now + Duration::from_secs(86_400 * 365))
+}
+
+/// Counts statements; checks the memory budget and the deadline before each.
 struct Guard {
     steps: u64,
     steps_max: u64,
@@ -236,7 +259,7 @@ impl<'e> BeforeStmtFuncDyn<'e> for Guard {
                 format!("the snippet uses {used} bytes; the memory budget is {}", self.memory_max),
             ));
         }
-        if self.steps.is_multiple_of(64) && Instant::now() > self.deadline {
+        if Instant::now() > self.deadline {
             return Err(session::stop(
                 SnippetErrorKind::Budget(Budget::WallTime),
                 "the snippet ran past its wall-time budget",
@@ -253,19 +276,23 @@ fn is_collection(m: &FrozenModule, name: &str) -> bool {
 
 impl Engine {
     pub fn new() -> Engine {
-        let env =
-            Arc::new(Engine::build_env(0, &BTreeSet::new(), &BTreeMap::new()).expect("empty environment"));
+        let env = Arc::new(
+            Engine::build_env(0, &BTreeSet::new(), &BTreeMap::new(), true).expect("empty environment"),
+        );
         Engine {
             globals: globals(),
             state: RwLock::new(State { collections: BTreeSet::new(), procedures: BTreeMap::new(), env }),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
+    /// Builds the environment. `strict`: a procedure module that does not load is an error
+    /// (registering it); otherwise it is left out (a table it names was dropped).
     fn build_env(
         generation: u64,
         collections: &BTreeSet<String>,
         procedures: &BTreeMap<String, String>,
+        strict: bool,
     ) -> Result<Env, GridError> {
         let globals = globals();
         // Each procedure module sees the collections; the environment sees both.
@@ -279,48 +306,16 @@ impl Engine {
         let mut modules = Vec::new();
         let mut defined: BTreeMap<String, String> = BTreeMap::new();
         for (name, src) in procedures {
-            let fail = |e: &starlark::Error| {
-                let g = map_error(e, src, &(0..=src.len() as u32).collect::<Vec<_>>(), None);
-                match g {
-                    GridError::Snippet(mut f) => {
-                        f.message = format!("procedure module {name}: {}", f.message);
-                        GridError::Snippet(f)
+            match Engine::load_module(&globals, &base, collections, name, src, &defined) {
+                Ok((frozen, names)) => {
+                    for n in names {
+                        defined.insert(n, name.clone());
                     }
-                    g => g,
+                    modules.push(frozen);
                 }
-            };
-            let ast = AstModule::parse(name, src.clone(), &dialect()).map_err(|e| fail(&e))?;
-            // A procedure may name a table that does not exist yet: a name used like a collection
-            // (`t[k]`, `t.get(k)`) that is not a builtin starts as a collection handle (a missing
-            // table is then `NoSuchTable` when the procedure runs, not a failure to load it).
-            let builtin: BTreeSet<&str> = globals.iter().map(|(n, _)| n).collect();
-            let free: Vec<String> = source::subscripted_identifiers(src)
-                .into_iter()
-                .filter(|n| !builtin.contains(n.as_str()) && !collections.contains(n))
-                .collect();
-            let frozen = Module::with_temp_heap(|m| {
-                m.import_public_symbols(&base);
-                for n in &free {
-                    m.set(n, m.heap().alloc(Collection { name: n.clone() }));
-                }
-                {
-                    let mut eval = Evaluator::new(&m);
-                    eval.eval_module(ast, &globals).map_err(|e| fail(&e))?;
-                }
-                m.freeze().map_err(|e| GridError::Invalid(format!("procedure module {name}: {e:?}")))
-            })?;
-            for n in frozen.names() {
-                let n = n.as_str().to_string();
-                if n.starts_with('_') || collections.contains(&n) || is_collection(&frozen, &n) {
-                    continue;
-                }
-                if let Some(other) = defined.insert(n.clone(), name.clone()) {
-                    return Err(GridError::Invalid(format!(
-                        "procedure `{n}` is defined by both module {other} and module {name}"
-                    )));
-                }
+                Err(e) if strict => return Err(e),
+                Err(_) => {}
             }
-            modules.push(frozen);
         }
         // Set, not imported: imported names are private to the importer, and snippets import
         // this module's public names in turn.
@@ -343,12 +338,99 @@ impl Engine {
             m.freeze()
         })
         .map_err(|e| GridError::Invalid(format!("snippet environment: {e:?}")))?;
-        Ok(Env { generation, module, collections: collections.clone() })
+        Ok(Env {
+            generation,
+            module,
+            collections: collections.clone(),
+            procedures: defined.into_keys().collect(),
+        })
     }
 
-    fn rebuild(&self, st: &mut State) -> Result<(), GridError> {
+    /// Loads one procedure module under the default budgets: the module and its public function
+    /// names (refusing names that are builtins, snippet variables, or another module's).
+    fn load_module(
+        globals: &Globals,
+        base: &FrozenModule,
+        collections: &BTreeSet<String>,
+        name: &str,
+        src: &str,
+        defined: &BTreeMap<String, String>,
+    ) -> Result<(FrozenModule, Vec<String>), GridError> {
+        let file = format!("procedures/{name}");
+        let identity: Vec<u32> = (0..=src.len() as u32).collect();
+        let fail = |e: &starlark::Error| match map_error(e, src, &identity, None) {
+            GridError::Snippet(mut f) => {
+                f.message = format!("procedure module {name}: {}", f.message);
+                GridError::Snippet(f)
+            }
+            g => g,
+        };
+        source::check_complexity(src).map_err(|e| {
+            failure(
+                SnippetErrorKind::Syntax,
+                src,
+                Some(e.offset),
+                format!("procedure module {name}: {}", e.message),
+            )
+        })?;
+        let mut ast = AstModule::parse(&file, src.to_string(), &dialect()).map_err(|e| fail(&e))?;
+        ast.replace_binary_operators(&HashMap::from([("*".to_string(), "__mul__".to_string())]));
+        // A procedure may name a table that does not exist yet: a name used like a collection
+        // (`t[k]`, `t.get(k)`) that is not a builtin starts as a collection handle (a missing
+        // table is then `NoSuchTable` when the procedure runs, not a failure to load it).
+        let builtin: BTreeSet<&str> = globals.iter().map(|(n, _)| n).collect();
+        let free: Vec<String> = source::subscripted_identifiers(src)
+            .into_iter()
+            .filter(|n| !builtin.contains(n.as_str()) && !collections.contains(n))
+            .collect();
+        let limits = Limits::default();
+        let frozen = Module::with_temp_heap(|m| {
+            m.import_public_symbols(base);
+            for n in &free {
+                m.set(n, m.heap().alloc(Collection { name: n.clone() }));
+            }
+            {
+                // The module's top-level code runs once per load, under the default budgets.
+                let mut eval = Evaluator::new(&m);
+                let setup = |r: anyhow::Result<()>| r.map_err(|e| GridError::Invalid(e.to_string()));
+                setup(eval.set_max_tick_count(limits.steps))?;
+                setup(eval.set_max_heap_size(limits.memory_bytes as usize))?;
+                eval.before_stmt_for_dap(BeforeStmtFunc::from_dyn(Box::new(Guard {
+                    steps: 0,
+                    steps_max: limits.steps,
+                    memory_max: limits.memory_bytes,
+                    deadline: deadline_after(limits.wall_ms),
+                    last: Rc::default(),
+                    counted: Rc::default(),
+                })));
+                eval.eval_module(ast, globals).map_err(|e| fail(&e))?;
+            }
+            m.freeze().map_err(|e| GridError::Invalid(format!("procedure module {name}: {e:?}")))
+        })?;
+        let mut names = Vec::new();
+        for n in frozen.names() {
+            let n = n.as_str().to_string();
+            if n.starts_with('_') || collections.contains(&n) || is_collection(&frozen, &n) {
+                continue;
+            }
+            if builtin.contains(n.as_str()) || n == "key" || n == "args" {
+                return Err(GridError::Invalid(format!(
+                    "procedure module {name}: `{n}` is a builtin or a snippet variable; choose another name"
+                )));
+            }
+            if let Some(other) = defined.get(&n) {
+                return Err(GridError::Invalid(format!(
+                    "procedure `{n}` is defined by both module {other} and module {name}"
+                )));
+            }
+            names.push(n);
+        }
+        Ok((frozen, names))
+    }
+
+    fn rebuild(&self, st: &mut State, strict: bool) -> Result<(), GridError> {
         let generation = st.env.generation + 1;
-        st.env = Arc::new(Engine::build_env(generation, &st.collections, &st.procedures)?);
+        st.env = Arc::new(Engine::build_env(generation, &st.collections, &st.procedures, strict)?);
         Ok(())
     }
 
@@ -360,10 +442,10 @@ impl Engine {
             return;
         }
         let old = std::mem::replace(&mut st.collections, names);
-        // Adding a collection only shadows a procedure of the same name; dropping one can make a
-        // procedure that uses it fail to compile: then the old environment stays, and a snippet
-        // touching the dropped collection gets `NoSuchTable` from the store.
-        if self.rebuild(&mut st).is_err() {
+        // Not strict: a procedure module that no longer loads (it named a dropped table other than
+        // through `t[...]`/`t.`) is left out until it is replaced; snippets calling it get a name
+        // error. The build itself only fails on an internal error: keep the old environment.
+        if self.rebuild(&mut st, false).is_err() {
             st.collections = old;
         }
     }
@@ -379,7 +461,7 @@ impl Engine {
         }
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let old = st.procedures.insert(module.to_string(), src.to_string());
-        if let Err(e) = self.rebuild(&mut st) {
+        if let Err(e) = self.rebuild(&mut st, true) {
             match old {
                 Some(o) => st.procedures.insert(module.to_string(), o),
                 None => st.procedures.remove(module),
@@ -394,7 +476,7 @@ impl Engine {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let existed = st.procedures.remove(module).is_some();
         if existed {
-            let _ = self.rebuild(&mut st);
+            let _ = self.rebuild(&mut st, false);
         }
         existed
     }
@@ -407,17 +489,21 @@ impl Engine {
     /// Compiles `src`, or returns the cached compilation of the same text.
     pub fn compile(&self, src: &str) -> Result<Arc<Compiled>, GridError> {
         let env = self.state.read().unwrap_or_else(|e| e.into_inner()).env.clone();
-        if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(src)
+        if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(src)
             && c.generation == env.generation
         {
             return Ok(c.clone());
         }
         let c = Arc::new(self.compile_uncached(src, &env)?);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= COMPILE_CACHE_ENTRIES {
-            cache.clear();
+        if cache.map.len() >= COMPILE_CACHE_ENTRIES || cache.bytes + src.len() > COMPILE_CACHE_BYTES {
+            cache.map.clear();
+            cache.bytes = 0;
         }
-        cache.insert(c.source.clone(), c.clone());
+        if let Some(old) = cache.map.insert(c.source.clone(), c.clone()) {
+            cache.bytes -= old.source.len();
+        }
+        cache.bytes += src.len();
         Ok(c)
     }
 
@@ -429,6 +515,8 @@ impl Engine {
                 max: SNIPPET_SOURCE_BYTES_MAX as u64,
             });
         }
+        source::check_complexity(src)
+            .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
         let a = source::rewrite_statements(src)
             .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
         let a_origin: Vec<u32> = a.origin.clone();
@@ -456,17 +544,33 @@ impl Engine {
             m.freeze().map_err(|e| GridError::Invalid(format!("snippet: {e:?}")))
         })?;
         let func = frozen.get("snippet_main").map_err(|e| GridError::Invalid(format!("snippet: {e}")))?;
-        let collections =
-            source::identifiers(src).into_iter().filter(|n| env.collections.contains(n)).collect();
-        Ok(Compiled { generation: env.generation, func, origin, source: src.into(), collections })
+        let names = source::identifiers(src);
+        let collections = names.iter().filter(|n| env.collections.contains(*n)).cloned().collect();
+        let calls_procedures = names.iter().any(|n| env.procedures.contains(n));
+        Ok(Compiled {
+            generation: env.generation,
+            func,
+            origin,
+            source: src.into(),
+            collections,
+            calls_procedures,
+        })
     }
 }
 
 impl Compiled {
     /// Runs the snippet against `store` under `limits`. Writes nothing: the outcome carries the
     /// writes for the caller to commit.
-    pub fn run(&self, store: &mut dyn Store, limits: &Limits) -> Result<Outcome, GridError> {
-        let deadline = Instant::now() + Duration::from_millis(limits.wall_ms);
+    /// `key` (the routing key of a collection-scoped run) and `args` (the request's arguments)
+    /// are the snippet's `key` and `args` variables.
+    pub fn run(
+        &self,
+        store: &mut dyn Store,
+        limits: &Limits,
+        key: Option<&Key>,
+        args: &Value,
+    ) -> Result<Outcome, GridError> {
+        let deadline = deadline_after(limits.wall_ms);
         let last: Rc<Cell<Option<u32>>> = Rc::default();
         let counted: Rc<Cell<u64>> = Rc::default();
         let src = &*self.source;
@@ -491,8 +595,14 @@ impl Compiled {
                     last: last.clone(),
                     counted: counted.clone(),
                 })));
+                let heap = m.heap();
+                let key = key.map_or(starlark::values::Value::new_none(), |k| match k {
+                    Key::Int(i) => heap.alloc(*i),
+                    Key::Str(s) => heap.alloc(s.as_str()),
+                });
+                let args = super::convert::to_starlark(args, heap);
                 let _entered = session::enter(&mut session);
-                eval.eval_function(f, &[], &[])
+                eval.eval_function(f, &[key, args], &[])
             };
             let fallback = last.get().map(|o| o as usize);
             if let Some(e) = session.abort.take() {

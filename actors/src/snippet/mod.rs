@@ -86,14 +86,14 @@ impl Limits {
     /// `self` (the defaults) with the request's overrides, each capped by `max`.
     pub fn with_overrides(&self, o: &LimitOverrides, max: &Limits) -> Limits {
         Limits {
-            steps: o.steps.unwrap_or(self.steps).clamp(1, max.steps),
-            memory_bytes: o.memory_bytes.unwrap_or(self.memory_bytes).clamp(1, max.memory_bytes),
-            call_depth: o.call_depth.unwrap_or(self.call_depth).clamp(1, max.call_depth),
-            result_bytes: o.result_bytes.unwrap_or(self.result_bytes).clamp(1, max.result_bytes),
-            wall_ms: o.wall_ms.unwrap_or(self.wall_ms).clamp(1, max.wall_ms),
+            steps: o.steps.unwrap_or(self.steps).clamp(1, max.steps.max(1)),
+            memory_bytes: o.memory_bytes.unwrap_or(self.memory_bytes).clamp(1, max.memory_bytes.max(1)),
+            call_depth: o.call_depth.unwrap_or(self.call_depth).clamp(1, max.call_depth.max(1)),
+            result_bytes: o.result_bytes.unwrap_or(self.result_bytes).clamp(1, max.result_bytes.max(1)),
+            wall_ms: o.wall_ms.unwrap_or(self.wall_ms).clamp(1, max.wall_ms.max(1)),
             writes: o.writes.unwrap_or(self.writes).min(max.writes),
-            result_depth: o.result_depth.unwrap_or(self.result_depth).clamp(1, max.result_depth),
-            result_items: o.result_items.unwrap_or(self.result_items).clamp(1, max.result_items),
+            result_depth: o.result_depth.unwrap_or(self.result_depth).clamp(1, max.result_depth.max(1)),
+            result_items: o.result_items.unwrap_or(self.result_items).clamp(1, max.result_items.max(1)),
         }
     }
 }

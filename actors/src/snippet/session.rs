@@ -53,6 +53,9 @@ pub trait Store {
     fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError>;
     fn count(&mut self, coll: &str) -> Result<u64, GridError>;
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError>;
+    /// Whether the run may write `key` of `coll` (checked at the assignment, so a refusal has
+    /// the snippet's position; the caller still checks every write before committing).
+    fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError>;
 }
 
 /// What the store held for a touched key before the run.
@@ -70,6 +73,14 @@ pub(crate) struct Doc<'v> {
     /// `None`: deleted (or read as absent).
     pub live: Option<SValue<'v>>,
     pub orig: Orig,
+    /// Assigned or deleted in this run (else only read, and maybe changed in place).
+    pub assigned: bool,
+}
+
+/// Values that cannot change in place: a document read as one of these and never assigned is
+/// unchanged, with no need to convert it back and compare.
+fn immutable(v: SValue) -> bool {
+    matches!(v.get_type(), "string" | "int" | "float" | "bool" | "NoneType" | "bytes")
 }
 
 /// An error a native function raises to stop the run with a specific kind.
@@ -158,11 +169,11 @@ impl<'s, 'v> Session<'s, 'v> {
         match got {
             Some(v) => {
                 let sv = convert::to_starlark(&v, heap);
-                self.touch(c, &key, Doc { live: Some(sv), orig: Orig::Present(v) });
+                self.touch(c, &key, Doc { live: Some(sv), orig: Orig::Present(v), assigned: false });
                 Ok(Some(sv))
             }
             None => {
-                self.touch(c, &key, Doc { live: None, orig: Orig::Absent });
+                self.touch(c, &key, Doc { live: None, orig: Orig::Absent, assigned: false });
                 Ok(None)
             }
         }
@@ -173,10 +184,14 @@ impl<'s, 'v> Session<'s, 'v> {
         // Refuse what cannot be stored now, where the assignment is (the final value is checked
         // again at the end, after any later in-place change).
         convert::to_value(v).map_err(value_error)?;
+        self.store.check_write(name, &key).map_err(|e| self.fail(e))?;
         let c = self.coll(name);
         match self.docs.get_mut(&(c, key.clone())) {
-            Some(d) => d.live = Some(v),
-            None => self.touch(c, &key, Doc { live: Some(v), orig: Orig::Unknown }),
+            Some(d) => {
+                d.live = Some(v);
+                d.assigned = true;
+            }
+            None => self.touch(c, &key, Doc { live: Some(v), orig: Orig::Unknown, assigned: true }),
         }
         Ok(())
     }
@@ -198,16 +213,18 @@ impl<'s, 'v> Session<'s, 'v> {
 
     /// `del t[k]` / `t.delete(k)`: whether the key existed.
     pub(crate) fn delete(&mut self, name: &str, key: Key) -> starlark::Result<bool> {
+        self.store.check_write(name, &key).map_err(|e| self.fail(e))?;
         let c = self.coll(name);
         if !self.docs.contains_key(&(c, key.clone())) {
             let e = self.store.contains(name, &key).map_err(|e| self.fail(e))?;
             let orig = if e { Orig::Exists } else { Orig::Absent };
-            self.touch(c, &key, Doc { live: None, orig });
+            self.touch(c, &key, Doc { live: None, orig, assigned: true });
             return Ok(e);
         }
         let d = self.docs.get_mut(&(c, key.clone())).expect("present");
         let existed = d.live.is_some();
         d.live = None;
+        d.assigned = true;
         Ok(existed)
     }
 
@@ -258,7 +275,7 @@ impl<'s, 'v> Session<'s, 'v> {
                 }
                 None => {
                     let sv = convert::to_starlark(&v, heap);
-                    self.touch(c, &k, Doc { live: Some(sv), orig: Orig::Present(v) });
+                    self.touch(c, &k, Doc { live: Some(sv), orig: Orig::Present(v), assigned: false });
                     out.push((k, sv));
                 }
             }
@@ -288,11 +305,14 @@ impl<'s, 'v> Session<'s, 'v> {
             let w = match (&d.live, &d.orig) {
                 (None, Orig::Absent) => continue,
                 (None, _) => None,
+                (Some(v), Orig::Present(_)) if !d.assigned && immutable(*v) => continue,
                 (Some(v), orig) => {
                     let val = convert::to_value(*v).map_err(|m| {
                         value_error(format!("{}[{k}] cannot be stored: {m}", self.coll_name(*c)))
                     })?;
-                    if *orig == Orig::Present(val.clone()) {
+                    if let Orig::Present(o) = orig
+                        && same(o, &val)
+                    {
                         continue;
                     }
                     Some(val)
@@ -310,21 +330,37 @@ impl<'s, 'v> Session<'s, 'v> {
     }
 }
 
+/// Exact equality for "did the run change this document": floats by bits (NaN equals itself),
+/// maps in order (reordering keys is a change, as it changes what is stored).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
+        (Value::List(x), Value::List(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y)),
+        (Value::Map(x), Value::Map(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|((kx, vx), (ky, vy))| kx == ky && same(vx, vy))
+        }
+        (a, b) => a == b,
+    }
+}
+
 thread_local! {
     static CURRENT: Cell<*mut ()> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Makes `s` this thread's current session until the guard drops.
-pub(crate) struct Entered {
+/// Makes `s` this thread's current session until the guard drops. The guard borrows the session,
+/// so the session outlives it; forgetting the guard would leave the pointer set, so the guard is
+/// only created by `Compiled::run`, which drops it before the session.
+pub(crate) struct Entered<'a> {
     prev: *mut (),
+    _session: std::marker::PhantomData<&'a mut ()>,
 }
 
-pub(crate) fn enter(s: &mut Session<'_, '_>) -> Entered {
+pub(crate) fn enter<'a>(s: &'a mut Session<'_, '_>) -> Entered<'a> {
     let p = s as *mut Session<'_, '_> as *mut ();
-    Entered { prev: CURRENT.with(|c| c.replace(p)) }
+    Entered { prev: CURRENT.with(|c| c.replace(p)), _session: std::marker::PhantomData }
 }
 
-impl Drop for Entered {
+impl Drop for Entered<'_> {
     fn drop(&mut self) {
         CURRENT.with(|c| c.set(self.prev));
     }

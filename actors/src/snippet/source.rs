@@ -8,7 +8,7 @@
 //! ```text
 //! del a[i], b[j]        →  __del__(a, i); __del__(b, j)     (Starlark has no `del`)
 //! x[k] *= n             →  x[k] = __mul__(x[k], (n))        (repetition is size-checked)
-//! <program>             →  def snippet_main():
+//! <program>             →  def snippet_main(key = None, args = None):
 //!                           ␠<every line, one space deeper, except lines inside a string>
 //!                           ␠return <last statement, if it is an expression>
 //! ```
@@ -98,7 +98,7 @@ fn regions(src: &str) -> Vec<(Tok, usize, usize)> {
         while q < b.len() && q - i < 2 && matches!(b[q], b'r' | b'R' | b'b' | b'B' | b'f' | b'F') {
             q += 1;
         }
-        if q < b.len() && (b[q] == b'\'' || b[q] == b'"') && prefix_ok(i) {
+        if q < b.len() && (b[q] == b'\'' || b[q] == b'"') && (q == i || prefix_ok(i)) {
             let quote = b[q];
             let triple = q + 2 < b.len() && b[q + 1] == quote && b[q + 2] == quote;
             let mut j = if triple { q + 3 } else { q + 1 };
@@ -108,7 +108,8 @@ fn regions(src: &str) -> Vec<(Tok, usize, usize)> {
                 }
                 // Even in a raw string a backslash keeps the next quote inside the string.
                 if b[j] == b'\\' {
-                    j += 2;
+                    // Skip the backslash and the whole (possibly multi-byte) character after it.
+                    j += 1 + b.get(j + 1).map_or(0, |&c| utf8_width(c));
                     continue;
                 }
                 if triple {
@@ -161,19 +162,42 @@ enum StmtKind {
     MulAssign(usize),
 }
 
+/// Bytes of the UTF-8 character whose first byte is `lead`.
+fn utf8_width(lead: u8) -> usize {
+    match lead {
+        0..0xc0 => 1,
+        0xc0..0xe0 => 2,
+        0xe0..0xf0 => 3,
+        _ => 4,
+    }
+}
+
 fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
-/// Finds statements to rewrite by walking code regions with bracket depth.
-fn find_statements(src: &str, regs: &[(Tok, usize, usize)]) -> Vec<Stmt> {
+type Regions = [(Tok, usize, usize)];
+
+/// The code regions overlapping `s..e`, clipped to it (regions are sorted and disjoint).
+fn code_in(regs: &Regions, s: usize, e: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let first = regs.partition_point(|r| r.2 <= s);
+    regs[first..]
+        .iter()
+        .take_while(move |r| r.1 < e)
+        .filter(|r| r.0 == Tok::Code)
+        .map(move |r| (r.1.max(s), r.2.min(e)))
+}
+
+/// Finds statements to rewrite by walking code regions with bracket depth. A backslash before a
+/// line break joins the lines, as in Python.
+fn find_statements(src: &str, regs: &Regions) -> Vec<Stmt> {
     let b = src.as_bytes();
     let mut out = Vec::new();
     let mut depth: i32 = 0;
     // True where a simple statement may begin: the start, after a top-level line break, `;` or `:`.
     let mut at_start = true;
+    let mut stmt_start = 0;
     let mut current: Option<Stmt> = None;
-    let mut continued = false;
     for &(tok, s, e) in regs {
         if tok == Tok::Str {
             at_start = false;
@@ -184,9 +208,12 @@ fn find_statements(src: &str, regs: &[(Tok, usize, usize)]) -> Vec<Stmt> {
         let mut i = s;
         while i < e {
             let c = b[i];
-            if c == b'\\' && i + 1 < e && b[i + 1] == b'\n' {
-                continued = true;
+            if c == b'\\' && b.get(i + 1) == Some(&b'\n') {
                 i += 2;
+                continue;
+            }
+            if c == b'\\' && b.get(i + 1) == Some(&b'\r') && b.get(i + 2) == Some(&b'\n') {
+                i += 3;
                 continue;
             }
             if is_ident(c) {
@@ -203,29 +230,27 @@ fn find_statements(src: &str, regs: &[(Tok, usize, usize)]) -> Vec<Stmt> {
             match c {
                 b'(' | b'[' | b'{' => depth += 1,
                 b')' | b']' | b'}' => depth = (depth - 1).max(0),
-                b'\n' | b';' if depth == 0 && !continued => {
-                    if let Some(mut st) = current.take() {
+                b'\n' | b';' | b':' if depth == 0 => {
+                    if c != b':'
+                        && let Some(mut st) = current.take()
+                    {
                         st.end = i;
                         out.push(st);
+                    }
+                    if current.is_none() {
+                        at_start = true;
+                        stmt_start = i + 1;
                     }
                 }
                 b'*' if depth == 0
                     && current.is_none()
-                    && i + 1 < e
-                    && b[i + 1] == b'='
+                    && b.get(i + 1) == Some(&b'=')
                     && (i == 0 || b[i - 1] != b'*') =>
                 {
-                    current = Some(Stmt { start: last_start(src, i), end: e, kind: StmtKind::MulAssign(i) });
+                    current = Some(Stmt { start: stmt_start, end: e, kind: StmtKind::MulAssign(i) });
                 }
-                _ => {}
-            }
-            if c == b'\n' || c == b';' || c == b':' {
-                at_start = depth == 0 && !(c == b'\n' && continued) || at_start;
-            } else if !c.is_ascii_whitespace() {
-                at_start = false;
-            }
-            if c == b'\n' {
-                continued = false;
+                c if c.is_ascii_whitespace() => {}
+                _ => at_start = false,
             }
             i += 1;
         }
@@ -237,45 +262,14 @@ fn find_statements(src: &str, regs: &[(Tok, usize, usize)]) -> Vec<Stmt> {
     out
 }
 
-/// Start of the simple statement containing `pos`: after the last top-level newline, `;` or `:`
-/// before it (strings and brackets between are skipped by scanning code regions again).
-fn last_start(src: &str, pos: usize) -> usize {
-    let regs = regions(&src[..pos]);
-    let b = src.as_bytes();
-    let mut depth = 0i32;
-    let mut start = 0;
-    for (tok, s, e) in regs {
-        if tok != Tok::Code {
-            continue;
-        }
-        for (i, &c) in b.iter().enumerate().take(e).skip(s) {
-            match c {
-                b'(' | b'[' | b'{' => depth += 1,
-                b')' | b']' | b'}' => depth = (depth - 1).max(0),
-                b'\n' | b';' if depth == 0 => start = i + 1,
-                b':' if depth == 0 => start = i + 1,
-                _ => {}
-            }
-        }
-    }
-    // Skip leading blanks.
-    while start < pos && (b[start] == b' ' || b[start] == b'\t') {
-        start += 1;
-    }
-    start
-}
-
-/// Splits `s..e` of `src` at top-level commas (outside brackets and strings).
-fn split_top(src: &str, s: usize, e: usize, sep: u8) -> Vec<(usize, usize)> {
+/// Splits `s..e` of `src` at top-level `sep` (outside brackets and strings).
+fn split_top(src: &str, regs: &Regions, s: usize, e: usize, sep: u8) -> Vec<(usize, usize)> {
     let b = src.as_bytes();
     let mut parts = Vec::new();
     let mut depth = 0i32;
     let mut from = s;
-    for (tok, rs, re) in regions(&src[..e]) {
-        if tok != Tok::Code || re <= s {
-            continue;
-        }
-        for (i, &c) in b.iter().enumerate().take(re).skip(rs.max(s)) {
+    for (rs, re) in code_in(regs, s, e) {
+        for (i, &c) in b.iter().enumerate().take(re).skip(rs) {
             match c {
                 b'(' | b'[' | b'{' => depth += 1,
                 b')' | b']' | b'}' => depth -= 1,
@@ -302,20 +296,42 @@ fn trim(src: &str, mut s: usize, mut e: usize) -> (usize, usize) {
     (s, e)
 }
 
+/// Where a trailing comment of the statement `s..e` starts (a comment at bracket depth 0), or `e`.
+fn before_trailing_comment(regs: &Regions, src: &str, s: usize, e: usize) -> usize {
+    let b = src.as_bytes();
+    let mut depth = 0i32;
+    let first = regs.partition_point(|r| r.2 <= s);
+    for &(tok, rs, re) in regs[first..].iter().take_while(|r| r.1 < e) {
+        match tok {
+            Tok::Comment if depth <= 0 => return rs.max(s),
+            Tok::Code => {
+                for &c in &b[rs.max(s)..re.min(e)] {
+                    match c {
+                        b'(' | b'[' | b'{' => depth += 1,
+                        b')' | b']' | b'}' => depth -= 1,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    e
+}
+
 /// For a target `X[Y]`, the ranges of `X` and `Y`.
-fn split_index_target(src: &str, s: usize, e: usize) -> Option<((usize, usize), (usize, usize))> {
+type Target = ((usize, usize), (usize, usize));
+
+fn split_index_target(src: &str, regs: &Regions, s: usize, e: usize) -> Option<Target> {
     let b = src.as_bytes();
     if e <= s || b[e - 1] != b']' {
         return None;
     }
-    // Find the `[` matching the final `]`, scanning code only.
+    // The `[` that the final `]` closes: the last top-level `[`.
     let mut depth = 0i32;
     let mut open = None;
-    for (tok, rs, re) in regions(&src[..e]) {
-        if tok != Tok::Code || re <= s {
-            continue;
-        }
-        for (i, &c) in b.iter().enumerate().take(re).skip(rs.max(s)) {
+    for (rs, re) in code_in(regs, s, e) {
+        for (i, &c) in b.iter().enumerate().take(re).skip(rs) {
             match c {
                 b'(' | b'[' | b'{' => {
                     if depth == 0 && c == b'[' {
@@ -329,7 +345,7 @@ fn split_index_target(src: &str, s: usize, e: usize) -> Option<((usize, usize), 
         }
     }
     let open = open?;
-    if open == s {
+    if open <= s || open + 1 > e - 1 {
         return None;
     }
     Some(((s, open), (open + 1, e - 1)))
@@ -342,26 +358,26 @@ pub fn rewrite_statements(src: &str) -> Result<Mapped, RewriteError> {
     let mut out = Mapped::default();
     let mut at = 0;
     for st in stmts {
-        // Trailing comment or blanks stay outside the rewritten text.
+        // A trailing comment and blanks stay outside the rewritten text.
         let (s, e) = trim(src, st.start, st.end);
-        let e = match regions(&src[..e]).iter().rev().find(|r| r.0 == Tok::Comment && r.1 >= s) {
-            Some(r) => trim(src, s, r.1).1,
-            None => e,
-        };
+        let e = trim(src, s, before_trailing_comment(&regs, src, s, e)).1;
+        if s < at || s > e {
+            return Err(RewriteError { offset: s, message: "statement cannot be rewritten".into() });
+        }
         out.push_input(src, at, s);
         match st.kind {
             StmtKind::Del => {
-                let body = s + 3;
-                let targets = split_top(src, body, e, b',');
+                let body = (s + 3).min(e);
+                let targets = split_top(src, &regs, body, e, b',');
                 for (n, (ts, te)) in targets.into_iter().enumerate() {
                     let (ts, te) = trim(src, ts, te);
-                    let Some(((xs, xe), (ys, ye))) = split_index_target(src, ts, te) else {
+                    let Some(((xs, xe), (ys, ye))) = split_index_target(src, &regs, ts, te) else {
                         return Err(RewriteError {
                             offset: ts,
                             message: "`del` takes index targets such as `t[k]` or `d['a']`".into(),
                         });
                     };
-                    if split_top(src, ys, ye, b':').len() > 1 {
+                    if split_top(src, &regs, ys, ye, b':').len() > 1 {
                         return Err(RewriteError {
                             offset: ys,
                             message: "`del` of a slice is not supported; use a loop of pops".into(),
@@ -378,11 +394,18 @@ pub fn rewrite_statements(src: &str) -> Result<Mapped, RewriteError> {
                 }
             }
             StmtKind::MulAssign(op) => {
+                if op < s || op + 2 > e {
+                    return Err(RewriteError {
+                        offset: op,
+                        message: "`*=` needs a target and a value".into(),
+                    });
+                }
                 let (ls, le) = trim(src, s, op);
                 let (rs, re) = trim(src, op + 2, e);
-                out.push_input(src, ls, le);
-                out.push_new(" = __mul__(", op);
-                out.push_input(src, ls, le);
+                // The target and what follows it up to `*=` (blanks, a continued line) stay as is.
+                out.push_input(src, ls, op);
+                out.push_new(if op > le { "= __mul__(" } else { " = __mul__(" }, op);
+                push_on_one_line(&mut out, src, &regs, ls, le)?;
                 out.push_new(", (", rs);
                 out.push_input(src, rs, re);
                 out.push_new("))", re);
@@ -394,20 +417,63 @@ pub fn rewrite_statements(src: &str) -> Result<Mapped, RewriteError> {
     Ok(out.finish(src.len()))
 }
 
-/// Wraps a program into `def snippet_main():`, one space deeper, with `return ` inserted at
-/// `return_at` (the start of the last top-level expression statement, if any).
-pub fn wrap(src: &str, return_at: Option<usize>) -> Mapped {
-    let regs = regions(src);
-    // Offsets of line starts that fall inside a string literal: those lines keep their text.
-    let inside_string = |pos: usize| regs.iter().any(|&(t, s, e)| t == Tok::Str && s < pos && pos < e);
-    let mut out = Mapped::default();
-    out.push_new("def snippet_main():\n", 0);
-    let mut line_start = 0;
-    for (i, _) in src.match_indices('\n').chain(std::iter::once((src.len(), ""))) {
-        let end = if i < src.len() { i + 1 } else { i };
-        if line_start >= end && i == src.len() {
-            break;
+/// Pushes `s..e` again (a duplicated `*=` target) without its line breaks and comments, so the
+/// rewrite adds no line.
+fn push_on_one_line(
+    out: &mut Mapped,
+    src: &str,
+    regs: &Regions,
+    s: usize,
+    e: usize,
+) -> Result<(), RewriteError> {
+    let b = src.as_bytes();
+    let first = regs.partition_point(|r| r.2 <= s);
+    for &(tok, rs, re) in regs[first..].iter().take_while(|r| r.1 < e) {
+        let (rs, re) = (rs.max(s), re.min(e));
+        match tok {
+            Tok::Comment => {}
+            Tok::Str if src[rs..re].contains('\n') => {
+                return Err(RewriteError {
+                    offset: rs,
+                    message: "a `*=` target with a multi-line string; write `x = x * n`".into(),
+                });
+            }
+            Tok::Str => out.push_input(src, rs, re),
+            Tok::Code => {
+                for i in rs..re {
+                    if matches!(b[i], b'\n' | b'\r')
+                        || (b[i] == b'\\' && matches!(b.get(i + 1), Some(b'\n' | b'\r')))
+                    {
+                        out.push_new(" ", i);
+                    } else if b[i] < 0x80 {
+                        out.push_input(src, i, i + 1);
+                    } else if src.is_char_boundary(i) {
+                        let w = utf8_width(b[i]).min(re - i);
+                        out.push_input(src, i, i + w);
+                    }
+                }
+            }
         }
+    }
+    Ok(())
+}
+
+/// Wraps a program into `def snippet_main(key = None, args = None):`, one space deeper, with
+/// `return ` inserted at `return_at` (the start of the last top-level expression statement).
+pub fn wrap(src: &str, return_at: Option<usize>) -> Mapped {
+    let return_at = return_at.map(|r| floor_char_boundary(src, r.min(src.len())));
+    let regs = regions(src);
+    // String regions in order: a line starting strictly inside one keeps its text.
+    let strings: Vec<(usize, usize)> = regs.iter().filter(|r| r.0 == Tok::Str).map(|r| (r.1, r.2)).collect();
+    let inside_string = |pos: usize| {
+        let i = strings.partition_point(|&(_, e)| e <= pos);
+        strings.get(i).is_some_and(|&(s, e)| s < pos && pos < e)
+    };
+    let mut out = Mapped::default();
+    out.push_new("def snippet_main(key = None, args = None):\n", 0);
+    let mut line_start = 0;
+    while line_start < src.len() {
+        let end = src[line_start..].find('\n').map_or(src.len(), |n| line_start + n + 1);
         if !inside_string(line_start) {
             out.push_new(" ", line_start);
         }
@@ -427,6 +493,63 @@ pub fn wrap(src: &str, return_at: Option<usize>) -> Mapped {
     // A body of only comments or blank lines still needs a statement.
     out.push_new(" pass\n", src.len());
     out.finish(src.len())
+}
+
+/// Most bracket nesting, and most operators in one statement: the parser and compiler recurse
+/// on expression depth, so a source past these is refused before it is parsed.
+pub const NESTING_MAX: u32 = 100;
+pub const STATEMENT_OPERATORS_MAX: u32 = 2_000;
+
+/// Refuses sources whose expressions are deep enough to exhaust the compiler's stack.
+pub fn check_complexity(src: &str) -> Result<(), RewriteError> {
+    let b = src.as_bytes();
+    let (mut depth, mut ops) = (0u32, 0u32);
+    for (tok, s, e) in regions(src) {
+        if tok != Tok::Code {
+            continue;
+        }
+        let mut i = s;
+        while i < e {
+            let c = b[i];
+            if is_ident(c) {
+                let w0 = i;
+                while i < e && is_ident(b[i]) {
+                    i += 1;
+                }
+                if matches!(&src[w0..i], "and" | "or" | "not" | "if" | "else" | "lambda" | "for" | "in") {
+                    ops += 1;
+                }
+            } else {
+                match c {
+                    b'(' | b'[' | b'{' => {
+                        depth += 1;
+                        ops += 1;
+                    }
+                    b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+                    b'\n' | b';' if depth == 0 => ops = 0,
+                    b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|' | b'^'
+                    | b'~' | b'.' | b',' => ops += 1,
+                    _ => {}
+                }
+                i += 1;
+            }
+            if depth > NESTING_MAX {
+                return Err(RewriteError {
+                    offset: i.min(src.len()),
+                    message: format!("brackets nest deeper than {NESTING_MAX} levels"),
+                });
+            }
+            if ops > STATEMENT_OPERATORS_MAX {
+                return Err(RewriteError {
+                    offset: i.min(src.len()),
+                    message: format!(
+                        "a statement has more than {STATEMENT_OPERATORS_MAX} operators; split it"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every identifier in the code of `src` (not in strings or comments).
@@ -519,10 +642,64 @@ mod tests {
     }
 
     #[test]
+    fn odd_input_never_panics() {
+        for src in [
+            "a[0 #\n] *= 2",
+            "d[\n  'k'  # key\n] *= 2",
+            "x *= f(1,  # c\n 2)",
+            "x = 1 + \\\n2\ndel d['a']",
+            "x *= 1 + \\\n2\ny = 5",
+            "*=",
+            "del",
+            "del []",
+            "del [1]",
+            "x *=",
+            "'unterminated",
+            "\"\"\"open",
+            "é *= 2 # ü",
+            "x = 1 if c else'''a\nb'''",
+            "\\",
+            "del a[1],",
+            "a;del b[1];c *= 2\r\n",
+        ] {
+            if let Ok(m) = rewrite_statements(src) {
+                let _ = wrap(&m.text, Some(0));
+                let _ = wrap(&m.text, Some(m.text.len()));
+            }
+            let _ = line_col(src, src.len() + 5);
+        }
+        assert_eq!(rw("x = 1 + \\\n2\ndel d['a']"), "x = 1 + \\\n2\n__del__(d, 'a')");
+        assert_eq!(rw("x *= 1 + \\\n2\ny = 5"), "x = __mul__(x, (1 + \\\n2))\ny = 5");
+        assert_eq!(rw("x *= f(1,  # c\n 2)"), "x = __mul__(x, (f(1,  # c\n 2)))");
+        assert_eq!(rw("a[0 #\n] *= 2"), "a[0 #\n] = __mul__(a[0  ], (2))");
+        let w = wrap("x = 1 if c else'''a\nb'''", None);
+        assert!(w.text.contains("'''a\nb'''"), "{}", w.text);
+    }
+
+    proptest::proptest! {
+        /// Any mix of the tricky pieces is rewritten or refused, never a panic, and a rewrite keeps
+        /// every line break.
+        #[test]
+        fn rewriting_never_panics(parts in proptest::collection::vec(proptest::sample::select(vec![
+            "del ", "*=", "#", "'", "\"", "'''", "\\", "\n", "\r\n", "[", "]", "(", ")", ":", ";", ",",
+            " ", "a", "é", "x[1]", "d['k']", "*", "=", "1",
+        ]), 0..40)) {
+            let src: String = parts.concat();
+            if let Ok(m) = rewrite_statements(&src) {
+                proptest::prop_assert_eq!(m.text.matches('\n').count(), src.matches('\n').count());
+                proptest::prop_assert_eq!(m.origin.len(), m.text.len() + 1);
+                let w = wrap(&m.text, Some(m.text.len() / 2));
+                proptest::prop_assert_eq!(w.origin.len(), w.text.len() + 1);
+            }
+            let _ = line_col(&src, src.len() / 2);
+        }
+    }
+
+    #[test]
     fn wrapping_keeps_strings_and_maps_back() {
         let src = "x = '''a\nb'''\nx";
         let w = wrap(src, Some(src.len() - 1));
-        assert_eq!(w.text, "def snippet_main():\n x = '''a\nb'''\n return x\n pass\n");
+        assert_eq!(w.text, "def snippet_main(key = None, args = None):\n x = '''a\nb'''\n return x\n pass\n");
         // The `x` of `return x` maps back to the last byte of the input.
         let p = w.text.find("return x").unwrap() + 7;
         assert_eq!(w.input_offset(p), src.len() - 1);

@@ -27,6 +27,9 @@ impl Store for Mem {
     fn count(&mut self, coll: &str) -> Result<u64, GridError> {
         Ok(self.colls.get(coll).map_or(0, |c| c.len() as u64))
     }
+    fn check_write(&mut self, coll: &str, _: &Key) -> Result<(), GridError> {
+        self.colls.get(coll).map(|_| ()).ok_or_else(|| GridError::NoSuchTable(coll.into()))
+    }
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
         let c = self.colls.get(coll).ok_or_else(|| GridError::NoSuchTable(coll.into()))?;
         let it = c.iter().filter(|(k, _)| q.matches(k)).map(|(k, v)| (k.clone(), v.clone()));
@@ -75,7 +78,7 @@ fn limits() -> Limits {
 
 fn run(e: &Engine, m: &mut Mem, src: &str) -> Result<Outcome, GridError> {
     let c = e.compile(src)?;
-    let o = c.run(m, &limits())?;
+    let o = c.run(m, &limits(), None, &Value::Null)?;
     m.apply(&o);
     Ok(o)
 }
@@ -197,7 +200,7 @@ fn budgets_stop_runs_without_writes() {
     let c = e.compile("for i in range(100):\n    pass").unwrap();
     let tight = Limits { steps: 10, ..Limits::default() };
     assert!(matches!(
-        c.run(&mut m, &tight),
+        c.run(&mut m, &tight, None, &Value::Null),
         Err(GridError::Snippet(SnippetFailure { kind: SnippetErrorKind::Budget(Budget::Steps), .. }))
     ));
 }
@@ -207,7 +210,7 @@ fn wall_time_budget() {
     let (e, mut m) = setup();
     let c = e.compile("x = 0\nfor i in range(100000000):\n    x += 1").unwrap();
     let l = Limits { wall_ms: 20, steps: u64::MAX / 2, ..Limits::default() };
-    let f = match c.run(&mut m, &l) {
+    let f = match c.run(&mut m, &l, None, &Value::Null) {
         Err(GridError::Snippet(f)) => f,
         r => panic!("{r:?}"),
     };
@@ -318,4 +321,73 @@ fn procedures_may_name_tables_that_do_not_exist_yet() {
     let mut m = Mem::default();
     m.colls.entry("users".into()).or_default().insert("bob".into(), json(r#"{"visits":1}"#));
     assert_eq!(run(&e, &mut m, "visit('bob')").unwrap().value, Value::Int(2));
+}
+
+#[test]
+fn writes_nan_and_key_order() {
+    let (e, mut m) = setup();
+    m.colls.get_mut("users").unwrap().insert("f".into(), json(r#"{"a": 1, "b": 2}"#));
+    m.colls
+        .get_mut("users")
+        .unwrap()
+        .insert("n".into(), Value::Map([("x".to_string(), Value::Float(f64::NAN))].into_iter().collect()));
+    // Reading a document holding NaN is not a write.
+    assert!(run(&e, &mut m, "users['n']['x'] != 0").unwrap().writes.is_empty());
+    // Reordering a map's keys is a change.
+    let o = run(&e, &mut m, "d = users['f']\nv = d.pop('a')\nd['a'] = v").unwrap();
+    assert_eq!(o.writes.len(), 1);
+    let order: Vec<String> = match &m.colls["users"][&Key::from("f")] {
+        Value::Map(m) => m.keys().cloned().collect(),
+        v => panic!("{v:?}"),
+    };
+    assert_eq!(order, ["b", "a"]);
+}
+
+#[test]
+fn exponential_values_and_deep_sources_are_refused() {
+    let (e, mut m) = setup();
+    let f = fail_kind(run(&e, &mut m, "l = [0]\nfor i in range(40):\n    l = [l, l]\nusers['x'] = l"));
+    assert_eq!(f.kind, SnippetErrorKind::Value, "{f}");
+    let deep = format!("x = {}1{}", "(".repeat(500), ")".repeat(500));
+    assert_eq!(fail_kind(run(&e, &mut m, &deep)).kind, SnippetErrorKind::Syntax);
+    let long = format!("x = {}1", "1+".repeat(100_000));
+    assert_eq!(fail_kind(run(&e, &mut m, &long)).kind, SnippetErrorKind::Syntax);
+    let neg = format!("x = {}1", "-".repeat(100_000));
+    assert_eq!(fail_kind(run(&e, &mut m, &neg)).kind, SnippetErrorKind::Syntax);
+    // A procedure's `*` is guarded too, and its top-level code has budgets.
+    e.set_procedures("pad", "def pad(s, n):\n    return s + ' ' * n\n").unwrap();
+    let f = fail_kind(run(&e, &mut m, "pad('', 1 << 40)"));
+    assert!(matches!(f.kind, SnippetErrorKind::Budget(Budget::Memory) | SnippetErrorKind::Value), "{f}");
+    assert!(e.set_procedures("spin", "for i in range(1000000000):\n    pass\n").is_err());
+    assert!(e.set_procedures("shadow", "def len(x):\n    return 0\n").is_err());
+}
+
+#[test]
+fn writes_outside_the_store_scope_are_refused_where_they_happen() {
+    struct OnlyUsers(Mem);
+    impl Store for OnlyUsers {
+        fn get(&mut self, c: &str, k: &Key) -> Result<Option<Value>, GridError> {
+            self.0.get(c, k)
+        }
+        fn contains(&mut self, c: &str, k: &Key) -> Result<bool, GridError> {
+            self.0.contains(c, k)
+        }
+        fn count(&mut self, c: &str) -> Result<u64, GridError> {
+            self.0.count(c)
+        }
+        fn scan(&mut self, c: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+            self.0.scan(c, q)
+        }
+        fn check_write(&mut self, c: &str, _: &Key) -> Result<(), GridError> {
+            if c == "users" { Ok(()) } else { Err(GridError::Invalid(format!("cannot write {c}"))) }
+        }
+    }
+    let (e, m) = setup();
+    let mut s = OnlyUsers(m);
+    let c = e.compile("users['a'] = 1\nqueues['x'] = 1").unwrap();
+    let f = match c.run(&mut s, &limits(), None, &Value::Null) {
+        Err(GridError::Snippet(f)) => f,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!((f.kind, f.line), (SnippetErrorKind::Value, 2), "{f}");
 }
