@@ -12,10 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KEYS="${KEYS:-1000000}"
-VALUE="${VALUE:-100}"
-CLIENTS="${CLIENTS:-50}"
-SECS="${SECONDS_PER_CASE:-5}"
 REQS="${REQS:-200000}"
 ROUNDS="${ROUNDS:-3}"
 

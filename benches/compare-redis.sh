@@ -8,10 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-KEYS="${KEYS:-1000000}"
-VALUE="${VALUE:-100}"
-CLIENTS="${CLIENTS:-50}"
-SECS="${SECONDS_PER_CASE:-5}"
 # redis-benchmark counts requests, heapgrid bench counts seconds: size redis' runs to about SECS.
 REQS="${REQS:-300000}"
 

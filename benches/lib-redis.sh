@@ -1,5 +1,10 @@
-# Shared by compare-redis.sh and compare-redis-eval.sh: installs Redis if missing, builds
-# heapgrid, and starts and stops both servers. Source it from the repository root.
+# Shared by compare-redis.sh and compare-redis-eval.sh: the common parameters, installs Redis if
+# missing, builds heapgrid, and starts and stops both servers. Source it from the repository root.
+
+KEYS="${KEYS:-1000000}"
+VALUE="${VALUE:-100}"
+CLIENTS="${CLIENTS:-50}"
+SECS="${SECONDS_PER_CASE:-5}"
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools

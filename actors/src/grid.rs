@@ -657,6 +657,15 @@ async fn lock_dir(dir: &Path) -> Result<File, GridError> {
     }
 }
 
+/// Applies a catalogue batch and waits until it is durable (the catalogue is fsync-always).
+fn durable_apply(h: &mut Heap, batch: &heapgrid_heap::WriteBatch) -> Result<(), GridError> {
+    let lsn = h.apply(batch)?;
+    if let Some(d) = h.durability() {
+        d.wait(lsn)?;
+    }
+    Ok(())
+}
+
 fn valid_name(name: &str) -> Result<(), GridError> {
     let ok = !name.is_empty()
         && name.len() <= TABLE_NAME_BYTES_MAX
@@ -800,11 +809,7 @@ impl GridCore {
             let v = Value::from_serde(&def)
                 .and_then(|v| v.encode())
                 .map_err(|e| GridError::Value(e.to_string()))?;
-            let lsn = h.apply(heapgrid_heap::WriteBatch::new().put(name.as_bytes(), &v)?)?;
-            if let Some(d) = h.durability() {
-                d.wait(lsn)?;
-            }
-            Ok(())
+            durable_apply(h, heapgrid_heap::WriteBatch::new().put(name.as_bytes(), &v)?)
         })?;
         self.start(def).await
     }
@@ -819,13 +824,7 @@ impl GridCore {
             Ok(ractor::rpc::CallResult::Success(r)) => r?,
             _ => return Err(GridError::Closed),
         }
-        self.catalog(|h| {
-            let lsn = h.apply(heapgrid_heap::WriteBatch::new().delete(name.as_bytes())?)?;
-            if let Some(d) = h.durability() {
-                d.wait(lsn)?;
-            }
-            Ok(())
-        })?;
+        self.catalog(|h| durable_apply(h, heapgrid_heap::WriteBatch::new().delete(name.as_bytes())?))?;
         // A crash before this line leaves an orphan directory, removed at the next open.
         std::fs::remove_dir_all(table_dir(&self.dir, &rt.def)).map_err(|e| GridError::Storage(e.to_string()))
     }
@@ -927,25 +926,13 @@ impl GridCore {
         self.snippets.engine.set_procedures(module, src)?;
         let key = format!("{PROC_PREFIX}{module}");
         let v = Value::Str(src.to_string()).encode().map_err(|e| GridError::Value(e.to_string()))?;
-        self.catalog(|h| {
-            let lsn = h.apply(heapgrid_heap::WriteBatch::new().put(key.as_bytes(), &v)?)?;
-            if let Some(d) = h.durability() {
-                d.wait(lsn)?;
-            }
-            Ok(())
-        })
+        self.catalog(|h| durable_apply(h, heapgrid_heap::WriteBatch::new().put(key.as_bytes(), &v)?))
     }
 
     /// Removes a stored module of procedures.
     pub fn drop_procedures(&self, module: &str) -> Result<bool, GridError> {
         let key = format!("{PROC_PREFIX}{module}");
-        self.catalog(|h| {
-            let lsn = h.apply(heapgrid_heap::WriteBatch::new().delete(key.as_bytes())?)?;
-            if let Some(d) = h.durability() {
-                d.wait(lsn)?;
-            }
-            Ok(())
-        })?;
+        self.catalog(|h| durable_apply(h, heapgrid_heap::WriteBatch::new().delete(key.as_bytes())?))?;
         Ok(self.snippets.engine.remove_procedures(module))
     }
 

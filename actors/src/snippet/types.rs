@@ -103,6 +103,21 @@ fn scan_query<'v>(
     })
 }
 
+/// The entries `scan` and `keys` list.
+fn scan_entries<'v>(
+    this: Value<'v>,
+    prefix: Option<&str>,
+    start: Option<Value<'v>>,
+    end: Option<Value<'v>>,
+    limit: i32,
+    reverse: bool,
+    heap: Heap<'v>,
+) -> starlark::Result<Vec<(Key, Value<'v>)>> {
+    let c = self::this(this)?;
+    let q = scan_query(prefix, start, end, limit, reverse)?;
+    session::with(|s| s.scan(&c.name, &q, heap))
+}
+
 fn key_value<'v>(k: &Key, heap: Heap<'v>) -> Value<'v> {
     match k {
         Key::Int(i) => heap.alloc(*i),
@@ -178,9 +193,7 @@ fn collection_methods(builder: &mut MethodsBuilder) {
         #[starlark(require = named, default = false)] reverse: bool,
         heap: Heap<'v>,
     ) -> starlark::Result<Vec<Value<'v>>> {
-        let c = self::this(this)?;
-        let q = scan_query(prefix, start, end, limit, reverse)?;
-        let entries = session::with(|s| s.scan(&c.name, &q, heap))?;
+        let entries = scan_entries(this, prefix, start, end, limit, reverse, heap)?;
         Ok(entries.into_iter().map(|(k, v)| heap.alloc((key_value(&k, heap), v))).collect())
     }
 
@@ -194,9 +207,7 @@ fn collection_methods(builder: &mut MethodsBuilder) {
         #[starlark(require = named, default = false)] reverse: bool,
         heap: Heap<'v>,
     ) -> starlark::Result<Vec<Value<'v>>> {
-        let c = self::this(this)?;
-        let q = scan_query(prefix, start, end, limit, reverse)?;
-        let entries = session::with(|s| s.scan(&c.name, &q, heap))?;
+        let entries = scan_entries(this, prefix, start, end, limit, reverse, heap)?;
         Ok(entries.into_iter().map(|(k, _)| key_value(&k, heap)).collect())
     }
 
