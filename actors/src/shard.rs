@@ -27,6 +27,9 @@ use crate::snippet::{Compiled, Limits, ScanQuery, Store};
 use crate::table::{OpResult, TableOp, TableShard, WriteOp};
 use crate::value::Value;
 
+/// A snippet whose previous run took longer than this runs under `block_in_place`.
+const SLOW_SNIPPET_US: u64 = 1_000;
+
 /// How long a (re)starting shard waits for the previous holder of its heap's lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -332,6 +335,11 @@ impl Actor for ShardActor {
                 };
                 let (r, reply) = match msg {
                     ShardMsg::Op(op, reply) => (table.execute(&op).map_err(GridError::from), reply),
+                    // A snippet whose last run took over 1 ms runs under `block_in_place`, so the
+                    // runtime moves other tasks off this worker meanwhile; quick ones run inline.
+                    ShardMsg::Eval(job, reply) if job.compiled.last_run_us() > SLOW_SNIPPET_US => {
+                        (blocking(|| run_snippet(table, &job)), reply)
+                    }
                     ShardMsg::Eval(job, reply) => (run_snippet(table, &job), reply),
                     _ => return Ok(()),
                 };

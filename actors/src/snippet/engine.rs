@@ -104,6 +104,9 @@ pub struct Compiled {
     pub collections: Vec<String>,
     /// Whether the source names a stored procedure (which may touch other collections).
     pub calls_procedures: bool,
+    /// Microseconds its latest run took (0: never run); callers use it to decide whether to run
+    /// it where it may block a thread for long.
+    last_run_us: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Compiled {
@@ -554,6 +557,7 @@ impl Engine {
             source: src.into(),
             collections,
             calls_procedures,
+            last_run_us: Default::default(),
         })
     }
 }
@@ -564,6 +568,25 @@ impl Compiled {
     /// `key` (the routing key of a collection-scoped run) and `args` (the request's arguments)
     /// are the snippet's `key` and `args` variables.
     pub fn run(
+        &self,
+        store: &mut dyn Store,
+        limits: &Limits,
+        key: Option<&Key>,
+        args: &Value,
+    ) -> Result<Outcome, GridError> {
+        let started = Instant::now();
+        let r = self.run_timed(store, limits, key, args);
+        let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.last_run_us.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// How long the latest run took, in microseconds (0 if it never ran).
+    pub fn last_run_us(&self) -> u64 {
+        self.last_run_us.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn run_timed(
         &self,
         store: &mut dyn Store,
         limits: &Limits,
