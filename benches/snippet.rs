@@ -52,6 +52,15 @@ fn main() {
     let limits = Limits::default();
     let key = |i: u64| Key::Int((i.wrapping_mul(2654435761) % keys) as i64);
 
+    // `HEAPGRID_BENCH_CASE=uncached` runs only the compile-per-request case (for profiling).
+    if std::env::var("HEAPGRID_BENCH_CASE").as_deref() == Ok("uncached") {
+        let ns = per_op(iters, |i| {
+            let c = engine.compile(&format!("t[key]\n# {i}")).unwrap();
+            std::hint::black_box(c.run(&mut store, &limits, Some(&key(i)), &Value::Null).unwrap());
+        });
+        println!("compiled per request: {ns:.0} ns/op");
+        return;
+    }
     let direct = per_op(iters, |i| {
         std::hint::black_box(store.get("t", &key(i)).unwrap());
     });

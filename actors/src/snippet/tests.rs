@@ -391,3 +391,61 @@ fn writes_outside_the_store_scope_are_refused_where_they_happen() {
     };
     assert_eq!((f.kind, f.line), (SnippetErrorKind::Value, 2), "{f}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Random programs made of snippet fragments compile or fail with an error, and run or fail
+    /// with an error: never a panic. A failed run writes nothing.
+    #[test]
+    fn random_programs_never_panic(parts in prop::collection::vec(prop::sample::select(vec![
+        "users['a']", "users[1]", "del ", "*=", "+=", "[", "]", "(", ")", "{", "}", "'", "\"", "'''",
+        "\n", "    ", ":", ",", ";", "=", "==", "*", "+", "-", "%", "1", "2.5", "None", "True", "x", "y",
+        "for x in range(3):", "if x:", "def f(a):", "return ", "lambda a: a", "len(users)",
+        "users.scan(prefix='a')", "users.get('a', 0)", "users.setdefault('b', [])", "users.pop('a', 0)",
+        ".append(1)", "é", "#", "\\", "fail('x')", "key", "args", "struct(a=1)", "json.encode(x)",
+        "[0] * 3", "'ab' * 2", "{'k': [1]}", "x[0]", "d['k']", "del x[0]", "del users['a']",
+    ]), 0..30)) {
+        let src: String = parts.concat();
+        let (e, mut m) = setup();
+        let before = m.colls.clone();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match e.compile(&src) {
+                Ok(c) => c.run(&mut m, &limits(), Some(&Key::from("a")), &Value::Null).map(|_| ()),
+                Err(e) => Err(e),
+            }
+        }));
+        prop_assert!(r.is_ok(), "panicked on {:?}", src);
+        if let Ok(Err(_)) = r {
+            prop_assert_eq!(&m.colls, &before);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Random sequences of valid statements: they run (or fail cleanly, leaving nothing), and the
+    /// same sequence gives the same outcome twice.
+    #[test]
+    fn random_statement_sequences(stmts in prop::collection::vec(prop::sample::select(vec![
+        "x = users.get('a', {})", "x['n'] = x.get('n', 0) + 1", "users['a'] = x", "del users['a']",
+        "users['b'] = [1, 2]", "users['b'].append(3)", "users['b'] *= 2", "y = users.keys(limit=5)",
+        "z = [v for k, v in users.scan()]", "users.delete('c')", "users['c'] = {'d': {'e': [1]}}",
+        "users['c']['d']['e'].append(len(users))", "del users['c']['d']", "w = 'a' in users",
+        "users.pop('b', None)", "q = users.setdefault('q', [])", "q.append(1)", "q.pop(0) if q else None",
+        "users[7] = 1.5", "users[7] = users.get(7, 0) + 1", "fail('stop')", "users['nope']",
+    ]), 1..12)) {
+        let src = stmts.join("\n");
+        let (e, mut m1) = setup();
+        let (_, mut m2) = setup();
+        let before = m1.colls.clone();
+        let r1 = e.compile(&src).and_then(|c| c.run(&mut m1, &limits(), None, &Value::Null));
+        let r2 = e.compile(&src).and_then(|c| c.run(&mut m2, &limits(), None, &Value::Null));
+        prop_assert_eq!(&r1, &r2);
+        match r1 {
+            Ok(o) => m1.apply(&o),
+            Err(_) => prop_assert_eq!(&m1.colls, &before),
+        }
+    }
+}
