@@ -1,8 +1,6 @@
-//! heapgrid-actors: the actor layer. It will own values, table/feed/queue/lock shard actors
-//! (ractor), snippets and the supervisor tree, each shard actor owning one `heapgrid_heap::Heap`.
-//!
-//! Empty until the tables issue lands; it exists now so the workspace's dependency direction
-//! (heapgrid → heapgrid-actors → heapgrid-heap) is fixed from the start.
+//! heapgrid-actors: the actor layer. It owns the value model, the table shard actors (ractor),
+//! each owning one `heapgrid_heap::Heap`, the supervisor tree, the catalogue and the snippet
+//! engine; feed, queue and lock actors will join them.
 //!
 //! Invariant: depends on `heapgrid-heap`, never on the `heapgrid` crate.
 
