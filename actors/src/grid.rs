@@ -252,11 +252,13 @@ impl TableRuntime {
         read_only: bool,
         key: Option<Key>,
         args: Value,
+        out_of_scope: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Result<OpResult, GridError> {
         let job = EvalJob {
             compiled,
             key,
             args,
+            out_of_scope,
             limits,
             read_only,
             table: self.def.name.clone(),
@@ -287,7 +289,7 @@ impl TableRuntime {
             };
             let compiled = self.snippets.engine.compile(src)?;
             let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
-            return self.eval_in(shard, compiled, limits, *read_only, key.clone(), args.clone()).await;
+            return self.eval_in(shard, compiled, limits, *read_only, key.clone(), args.clone(), None).await;
         }
         if self.def.shards == 1 {
             return self.call_shard(0, op).await;
@@ -842,8 +844,8 @@ impl GridCore {
 
     /// Runs a grid-scoped snippet. Each collection operation in it is one message to the owning
     /// shard and atomic on its own; its writes are applied at the end, one batch per shard, shard
-    /// after shard: the snippet as a whole is not a transaction. A snippet that names one
-    /// single-shard table runs inside that shard instead (atomic and isolated).
+    /// after shard: the snippet as a whole is not a transaction. A snippet that names one table
+    /// (and no procedure) is first tried inside one of its shards (atomic and isolated there).
     pub async fn eval(
         self: &Arc<Self>,
         src: &str,
@@ -856,14 +858,39 @@ impl GridCore {
         if let [only] = compiled.collections.as_slice()
             && !compiled.calls_procedures
             && let Ok(t) = self.table(only)
-            && t.def.shards == 1
         {
             access(only, false)?;
             let read_only = access(only, true).is_err();
-            return match t.eval_in(0, compiled, limits, read_only, None, args).await? {
-                OpResult::Snippet(v) => Ok(v),
-                r => Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
+            if t.def.shards == 1 {
+                return match t.eval_in(0, compiled, limits, read_only, None, args, None).await? {
+                    OpResult::Snippet(v) => Ok(v),
+                    r => Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
+                };
+            }
+            // Several shards: first try the shard that `args` names when it is a key (else shard
+            // 0). A snippet that stays in that shard is answered from there (atomically); one
+            // that reaches outside it stops with no effect and runs grid-scoped below.
+            let guess = match &args {
+                Value::Int(i) => Key::Int(*i).shard(t.def.shards),
+                Value::Str(s) => Key::Str(s.clone()).shard(t.def.shards),
+                _ => 0,
             };
+            let missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let tried = t.eval_in(
+                guess,
+                compiled.clone(),
+                limits.clone(),
+                read_only,
+                None,
+                args.clone(),
+                Some(missed.clone()),
+            );
+            match tried.await {
+                Ok(OpResult::Snippet(v)) => return Ok(v),
+                Ok(r) => return Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
+                Err(e) if !missed.load(std::sync::atomic::Ordering::Relaxed) => return Err(e),
+                Err(_) => {}
+            }
         }
         let core = self.clone();
         let handle = tokio::runtime::Handle::current();

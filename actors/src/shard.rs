@@ -65,6 +65,10 @@ pub struct EvalJob {
     pub table: String,
     pub shard: u32,
     pub shards: u32,
+    /// Set when the snippet reached outside this shard (another table, another shard's key, a
+    /// whole-table operation): the run then failed with no effect, and a caller that was only
+    /// trying this shard runs it grid-scoped instead.
+    pub out_of_scope: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A collection-scoped snippet's view: this shard of this table, nothing else.
@@ -74,9 +78,16 @@ struct ShardStore<'a> {
 }
 
 impl ShardStore<'_> {
+    fn refuse(&self, e: GridError) -> Result<(), GridError> {
+        if let Some(flag) = &self.job.out_of_scope {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(e)
+    }
+
     fn own(&self, coll: &str) -> Result<(), GridError> {
         if coll != self.job.table {
-            return Err(GridError::Invalid(format!(
+            return self.refuse(GridError::Invalid(format!(
                 "a snippet scoped to {} cannot use {coll}; run it grid-scoped (grid.eval)",
                 self.job.table
             )));
@@ -88,7 +99,7 @@ impl ShardStore<'_> {
         self.own(coll)?;
         let s = key.shard(self.job.shards);
         if s != self.job.shard {
-            return Err(GridError::Invalid(format!(
+            return self.refuse(GridError::Invalid(format!(
                 "key {key} of {coll} lives in shard {s}; this snippet runs in shard {} (route it by that key)",
                 self.job.shard
             )));
@@ -99,7 +110,7 @@ impl ShardStore<'_> {
     fn whole_table(&self, coll: &str, what: &str) -> Result<(), GridError> {
         self.own(coll)?;
         if self.job.shards > 1 {
-            return Err(GridError::Invalid(format!(
+            return self.refuse(GridError::Invalid(format!(
                 "{what} of sharded table {coll} needs every shard; a collection-scoped snippet sees one (use grid.eval)"
             )));
         }

@@ -297,6 +297,18 @@ log['n'] += 1
     assert_eq!(grid.eval(transfer).await.unwrap(), json("[4, 6, 2]"));
     let t = grid.table("accounts").unwrap();
     assert_eq!(t.get_value("b").await.unwrap(), Some(json(r#"{"balance": 6}"#)));
+    // One sharded table: tried in the shard `args` names, grid-scoped when it reaches further.
+    grid.create_table("kv", TableOptions { shards: 4, fsync: None }).await.unwrap();
+    for i in 0..20 {
+        grid.eval_with("kv[args] = {'n': args}", Value::Int(i), Default::default()).await.unwrap();
+    }
+    let all = grid.eval("[kv[i]['n'] for i in range(20)]").await.unwrap();
+    assert_eq!(all, Value::List((0..20).map(Value::Int).collect()));
+    let v = grid.eval_with("kv[args]['n'] += 100\nkv[args]['n']", Value::Int(3), Default::default());
+    assert_eq!(v.await.unwrap(), Value::Int(103));
+    let v = grid.eval_with("kv[args]['n'] + kv[args + 1]['n'] + len(kv)", Value::Int(5), Default::default());
+    assert_eq!(v.await.unwrap(), Value::Int(5 + 6 + 20));
+    assert_eq!(grid.table("kv").unwrap().get_value(3).await.unwrap(), Some(json(r#"{"n": 103}"#)));
     // A snippet slower than 1 ms runs under `block_in_place` from its second run on: same answer,
     // and a concurrent read is answered too.
     let slow = "n = 0
