@@ -243,28 +243,25 @@ impl TableRuntime {
         }
     }
 
-    /// Runs a compiled snippet inside shard `shard` (collection scope).
-    pub async fn eval_in(
-        &self,
-        shard: u32,
-        compiled: Arc<Compiled>,
-        limits: Limits,
-        read_only: bool,
-        key: Option<Key>,
-        args: Value,
-        out_of_scope: Option<Arc<std::sync::atomic::AtomicBool>>,
-    ) -> Result<OpResult, GridError> {
-        let job = EvalJob {
+    /// A job running `compiled` in shard `shard` of this table, with no key, no arguments,
+    /// writes allowed, and no fallback flag (set the public fields to change them).
+    pub fn eval_job(&self, shard: u32, compiled: Arc<Compiled>, limits: Limits) -> EvalJob {
+        EvalJob {
             compiled,
-            key,
-            args,
-            out_of_scope,
+            key: None,
+            args: Value::Null,
             limits,
-            read_only,
+            read_only: false,
             table: self.def.name.clone(),
             shard,
             shards: self.def.shards,
-        };
+            out_of_scope: None,
+        }
+    }
+
+    /// Runs a snippet job in its shard (collection scope).
+    pub async fn eval_in(&self, job: EvalJob) -> Result<OpResult, GridError> {
+        let shard = job.shard;
         self.call(shard, Call::Eval(Box::new(job))).await
     }
 
@@ -289,7 +286,13 @@ impl TableRuntime {
             };
             let compiled = self.snippets.engine.compile(src)?;
             let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
-            return self.eval_in(shard, compiled, limits, *read_only, key.clone(), args.clone(), None).await;
+            let job = EvalJob {
+                key: key.clone(),
+                args: args.clone(),
+                read_only: *read_only,
+                ..self.eval_job(shard, compiled, limits)
+            };
+            return self.eval_in(job).await;
         }
         if self.def.shards == 1 {
             return self.call_shard(0, op).await;
@@ -862,7 +865,8 @@ impl GridCore {
             access(only, false)?;
             let read_only = access(only, true).is_err();
             if t.def.shards == 1 {
-                return match t.eval_in(0, compiled, limits, read_only, None, args, None).await? {
+                let job = EvalJob { args, read_only, ..t.eval_job(0, compiled, limits) };
+                return match t.eval_in(job).await? {
                     OpResult::Snippet(v) => Ok(v),
                     r => Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
                 };
@@ -876,16 +880,13 @@ impl GridCore {
                 _ => 0,
             };
             let missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let tried = t.eval_in(
-                guess,
-                compiled.clone(),
-                limits.clone(),
+            let job = EvalJob {
+                args: args.clone(),
                 read_only,
-                None,
-                args.clone(),
-                Some(missed.clone()),
-            );
-            match tried.await {
+                out_of_scope: Some(missed.clone()),
+                ..t.eval_job(guess, compiled.clone(), limits.clone())
+            };
+            match t.eval_in(job).await {
                 Ok(OpResult::Snippet(v)) => return Ok(v),
                 Ok(r) => return Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
                 Err(e) if !missed.load(std::sync::atomic::Ordering::Relaxed) => return Err(e),
