@@ -82,8 +82,6 @@ pub struct SnippetWrite {
 pub struct Outcome {
     pub value: Value,
     pub writes: Vec<SnippetWrite>,
-    /// Statements executed (the deterministic part of the steps budget).
-    pub steps: u64,
 }
 
 struct Env {
@@ -234,7 +232,6 @@ struct Guard {
     memory_max: u64,
     deadline: Instant,
     last: Rc<Cell<Option<u32>>>,
-    counted: Rc<Cell<u64>>,
 }
 
 impl<'e> BeforeStmtFuncDyn<'e> for Guard {
@@ -245,7 +242,6 @@ impl<'e> BeforeStmtFuncDyn<'e> for Guard {
         eval: &mut Evaluator<'v, '_, 'e>,
     ) -> starlark::Result<()> {
         self.steps += 1;
-        self.counted.set(self.steps);
         if span.filename() == FILE {
             self.last.set(Some(span.span.begin().get()));
         }
@@ -404,7 +400,6 @@ impl Engine {
                     memory_max: limits.memory_bytes,
                     deadline: deadline_after(limits.wall_ms),
                     last: Rc::default(),
-                    counted: Rc::default(),
                 })));
                 eval.eval_module(ast, globals).map_err(|e| fail(&e))?;
             }
@@ -575,29 +570,10 @@ impl Compiled {
         args: &Value,
     ) -> Result<Outcome, GridError> {
         let started = Instant::now();
-        let r = self.run_timed(store, limits, key, args);
-        let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
-        self.last_run_us.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
-        r
-    }
-
-    /// How long the latest run took, in microseconds (0 if it never ran).
-    pub fn last_run_us(&self) -> u64 {
-        self.last_run_us.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn run_timed(
-        &self,
-        store: &mut dyn Store,
-        limits: &Limits,
-        key: Option<&Key>,
-        args: &Value,
-    ) -> Result<Outcome, GridError> {
         let deadline = deadline_after(limits.wall_ms);
         let last: Rc<Cell<Option<u32>>> = Rc::default();
-        let counted: Rc<Cell<u64>> = Rc::default();
         let src = &*self.source;
-        Module::with_temp_heap(|m| {
+        let r = Module::with_temp_heap(|m| {
             // SAFETY: the value is a function of the frozen module `self.func` keeps alive; the
             // module's frozen heap takes a reference to that heap, and no value outlives `m`.
             let f = unsafe { self.func.owned_frozen_value(m.frozen_heap()) }.to_value();
@@ -616,7 +592,6 @@ impl Compiled {
                     memory_max: limits.memory_bytes,
                     deadline,
                     last: last.clone(),
-                    counted: counted.clone(),
                 })));
                 let heap = m.heap();
                 let key = key.map_or(starlark::values::Value::new_none(), |k| match k {
@@ -668,8 +643,16 @@ impl Compiled {
                 .into_iter()
                 .map(|(collection, key, value)| SnippetWrite { collection, key, value })
                 .collect();
-            Ok(Outcome { value, writes, steps: counted.get() })
-        })
+            Ok(Outcome { value, writes })
+        });
+        let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
+        self.last_run_us.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// How long the latest run took, in microseconds (0 if it never ran).
+    pub fn last_run_us(&self) -> u64 {
+        self.last_run_us.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

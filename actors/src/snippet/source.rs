@@ -228,7 +228,10 @@ fn find_statements(src: &str, regs: &Regions) -> Vec<Stmt> {
                 continue;
             }
             match c {
-                b'(' | b'[' | b'{' => depth += 1,
+                b'(' | b'[' | b'{' => {
+                    depth += 1;
+                    at_start = false;
+                }
                 b')' | b']' | b'}' => depth = (depth - 1).max(0),
                 b'\n' | b';' | b':' if depth == 0 => {
                     if c != b':'
@@ -414,6 +417,11 @@ pub fn rewrite_statements(src: &str) -> Result<Mapped, RewriteError> {
         at = e;
     }
     out.push_input(src, at, src.len());
+    // Line numbers must survive the rewrite (errors point at the client's lines): a statement
+    // that would lose a line break (a `del` continued over lines) is refused instead.
+    if out.text.matches('\n').count() != src.matches('\n').count() {
+        return Err(RewriteError { offset: 0, message: "write each `del` statement on one line".into() });
+    }
     Ok(out.finish(src.len()))
 }
 
