@@ -604,39 +604,9 @@ impl Store for GridStore {
 
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
         match self.run(coll, scan_op(q))? {
-            OpResult::Entries(e) => {
-                let mut v: Vec<_> =
-                    e.into_iter().map(|(k, v)| (k, v.value)).filter(|(k, _)| q.matches(k)).collect();
-                v.truncate(q.limit as usize);
-                Ok(v)
-            }
+            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
             r => Err(GridError::Corrupted(format!("scan answered {r:?}"))),
         }
-    }
-}
-
-/// A store holding one already-read document (for `fetch`).
-struct OneDoc {
-    coll: String,
-    key: Key,
-    doc: Option<Value>,
-}
-
-impl Store for OneDoc {
-    fn check_write(&mut self, _: &str, _: &Key) -> Result<(), GridError> {
-        Err(GridError::Invalid("fetch reads one document".into()))
-    }
-    fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
-        Ok(if coll == self.coll && *key == self.key { self.doc.clone() } else { None })
-    }
-    fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
-        Ok(self.get(coll, key)?.is_some())
-    }
-    fn count(&mut self, _: &str) -> Result<u64, GridError> {
-        Err(GridError::Invalid("fetch reads one document".into()))
-    }
-    fn scan(&mut self, _: &str, _: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
-        Err(GridError::Invalid("fetch reads one document".into()))
     }
 }
 
@@ -944,8 +914,7 @@ impl GridCore {
             OpResult::Value(v) => v.map(|v| v.value),
             r => return Err(GridError::Corrupted(format!("get answered {r:?}"))),
         };
-        let mut store = OneDoc { coll: at.collection, key: at.key, doc };
-        crate::snippet::engine::fetch(&mut store, r, offset, limit, &self.snippets.defaults)
+        crate::snippet::engine::fetch(at, r, doc, offset, limit, &self.snippets.defaults)
     }
 
     /// Stores (or replaces) a module of procedures: compiled first, then recorded durably.

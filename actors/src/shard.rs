@@ -155,9 +155,7 @@ impl Store for ShardStore<'_> {
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
         self.whole_table(coll, "a scan")?;
         match self.run(scan_op(q))? {
-            OpResult::Entries(e) => {
-                Ok(e.into_iter().map(|(k, v)| (k, v.value)).filter(|(k, _)| q.matches(k)).collect())
-            }
+            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
             r => Err(GridError::Corrupted(format!("scan answered {r:?}"))),
         }
     }
@@ -176,7 +174,8 @@ fn str_successor(p: &str) -> Option<String> {
     None
 }
 
-/// The table operation behind a snippet's scan (its results still need `ScanQuery::matches`).
+/// The table operation behind a snippet's scan: exactly the keys `ScanQuery::matches`, at most
+/// `limit` of them, in its order.
 pub fn scan_op(q: &ScanQuery) -> TableOp {
     use std::ops::Bound;
     match &q.prefix {
@@ -204,11 +203,12 @@ pub fn scan_op(q: &ScanQuery) -> TableOp {
 }
 
 /// Runs a snippet in the shard: its writes become one batch (one op-log record), or nothing.
-fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<OpResult, GridError> {
+/// Returns the result and the batch's LSN (0 if it wrote nothing).
+fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<(OpResult, u64), GridError> {
     let outcome =
         job.compiled.run(&mut ShardStore { table, job }, &job.limits, job.key.as_ref(), &job.args)?;
     if outcome.writes.is_empty() {
-        return Ok(OpResult::Snippet(outcome.value));
+        return Ok((OpResult::Snippet(outcome.value), 0));
     }
     if job.read_only {
         return Err(GridError::PermissionDenied {
@@ -234,7 +234,7 @@ fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<OpResult, GridEr
         })
         .collect();
     match table.execute(&TableOp::Batch(ops)).map_err(GridError::from)? {
-        OpResult::Written { lsn, .. } => Ok(OpResult::SnippetWritten { value: outcome.value, lsn }),
+        OpResult::Written { lsn, .. } => Ok((OpResult::Snippet(outcome.value), lsn)),
         r => Err(GridError::Corrupted(format!("batch answered {r:?}"))),
     }
 }
@@ -344,8 +344,15 @@ impl Actor for ShardActor {
                     }
                     return Ok(());
                 };
+                // Each answer with the LSN of what it wrote (0: nothing to wait for).
                 let (r, reply) = match msg {
-                    ShardMsg::Op(op, reply) => (table.execute(&op).map_err(GridError::from), reply),
+                    ShardMsg::Op(op, reply) => (
+                        table.execute(&op).map_err(GridError::from).map(|r| {
+                            let lsn = if let OpResult::Written { lsn, .. } = &r { *lsn } else { 0 };
+                            (r, lsn)
+                        }),
+                        reply,
+                    ),
                     // A snippet whose last run took over 1 ms runs under `block_in_place`, so the
                     // runtime moves other tasks off this worker meanwhile; quick ones run inline.
                     ShardMsg::Eval(job, reply) if job.compiled.last_run_us() > SLOW_SNIPPET_US => {
@@ -355,9 +362,8 @@ impl Actor for ShardActor {
                     _ => return Ok(()),
                 };
                 let (r, lsn) = match r {
-                    Ok(OpResult::Written { lsn, results }) => (Ok(OpResult::Written { lsn, results }), lsn),
-                    Ok(OpResult::SnippetWritten { value, lsn }) => (Ok(OpResult::Snippet(value)), lsn),
-                    r => (r, 0),
+                    Ok((r, lsn)) => (Ok(r), lsn),
+                    Err(e) => (Err(e), 0),
                 };
                 // A heap that failed closed (fsync error, corrupt page met mid-write) is recovered by
                 // a restart: answer this request, then fail so the supervisor reopens it.
@@ -445,4 +451,46 @@ fn spawn_durable_replies(durability: Durability) -> mpsc::UnboundedSender<Waitin
         }
     });
     tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// `scan_op` selects exactly the keys `ScanQuery::matches`, so its results need no filter.
+        #[test]
+        fn scan_op_selects_exactly_the_matching_keys(
+            keys in prop::collection::btree_set("[ab]{0,3}", 0..20),
+            prefix in prop::option::of("[ab]{0,2}"),
+            start in prop::option::of("[ab]{0,3}"),
+            end in prop::option::of("[ab]{0,3}"),
+            reverse in any::<bool>(),
+        ) {
+            let q = ScanQuery {
+                prefix,
+                start: start.map(Key::Str),
+                end: end.map(Key::Str),
+                limit: crate::table::SCAN_LIMIT_MAX,
+                reverse,
+            };
+            let h = heapgrid_heap::Heap::open_storage(
+                Box::new(heapgrid_heap::storage::SimDisk::new().storage()) as Box<dyn heapgrid_heap::storage::Storage>,
+                HeapOptions::default(),
+            ).unwrap();
+            let mut t = TableShard::new(h);
+            let puts = keys.iter().map(|k| WriteOp::Put { key: Key::Str(k.clone()), value: Value::Null }).collect();
+            t.execute(&TableOp::Batch(puts)).unwrap();
+            let got: Vec<Key> = match t.execute(&scan_op(&q)).unwrap() {
+                OpResult::Entries(e) => e.into_iter().map(|(k, _)| k).collect(),
+                r => panic!("{r:?}"),
+            };
+            let mut want: Vec<Key> = keys.iter().map(|k| Key::Str(k.clone())).filter(|k| q.matches(k)).collect();
+            if reverse {
+                want.reverse();
+            }
+            prop_assert_eq!(got, want);
+        }
+    }
 }

@@ -161,13 +161,6 @@ pub enum OpResult {
     },
     /// A snippet's (shaped) result.
     Snippet(Value),
-    /// Inside the shard actor only: a snippet's result and the op-log record of its writes
-    /// (answered to callers as `Snippet` once the record is durable).
-    #[doc(hidden)]
-    SnippetWritten {
-        value: Value,
-        lsn: u64,
-    },
 }
 
 /// Why a table operation failed.

@@ -6,7 +6,8 @@
 //! tables or procedures change; cached compilations of an older generation are recompiled on use.
 //!
 //! A snippet compiles to a frozen function `snippet_main` (see `source.rs`), so a cached snippet
-//! costs only a call: about 1 µs of overhead against about 9 µs to parse and compile again.
+//! costs only a call: `benches/snippet.rs` measured about 1.5 µs over the read it does, against
+//! about 30 µs more to rewrite, parse twice, compile and freeze it again.
 //! The cache is keyed by the full source text (a hash picks the bucket; equality decides).
 
 use std::cell::Cell;
@@ -276,7 +277,8 @@ fn is_collection(m: &FrozenModule, name: &str) -> bool {
 impl Engine {
     pub fn new() -> Engine {
         let env = Arc::new(
-            Engine::build_env(0, &BTreeSet::new(), &BTreeMap::new(), true).expect("empty environment"),
+            Engine::build_env(&globals(), 0, &BTreeSet::new(), &BTreeMap::new(), true)
+                .expect("empty environment"),
         );
         Engine {
             globals: globals(),
@@ -288,12 +290,12 @@ impl Engine {
     /// Builds the environment. `strict`: a procedure module that does not load is an error
     /// (registering it); otherwise it is left out (a table it names was dropped).
     fn build_env(
+        globals: &Globals,
         generation: u64,
         collections: &BTreeSet<String>,
         procedures: &BTreeMap<String, String>,
         strict: bool,
     ) -> Result<Env, GridError> {
-        let globals = globals();
         // Each procedure module sees the collections; the environment sees both.
         let base = Module::with_temp_heap(|m| {
             for c in collections {
@@ -305,7 +307,7 @@ impl Engine {
         let mut modules = Vec::new();
         let mut defined: BTreeMap<String, String> = BTreeMap::new();
         for (name, src) in procedures {
-            match Engine::load_module(&globals, &base, collections, name, src, &defined) {
+            match Engine::load_module(globals, &base, collections, name, src, &defined) {
                 Ok((frozen, names)) => {
                     for n in names {
                         defined.insert(n, name.clone());
@@ -428,7 +430,8 @@ impl Engine {
 
     fn rebuild(&self, st: &mut State, strict: bool) -> Result<(), GridError> {
         let generation = st.env.generation + 1;
-        st.env = Arc::new(Engine::build_env(generation, &st.collections, &st.procedures, strict)?);
+        st.env =
+            Arc::new(Engine::build_env(&self.globals, generation, &st.collections, &st.procedures, strict)?);
         Ok(())
     }
 
@@ -477,11 +480,6 @@ impl Engine {
             let _ = self.rebuild(&mut st, false);
         }
         existed
-    }
-
-    /// The registered procedure modules and their sources.
-    pub fn procedures(&self) -> BTreeMap<String, String> {
-        self.state.read().unwrap_or_else(|e| e.into_inner()).procedures.clone()
     }
 
     /// Compiles `src`, or returns the cached compilation of the same text.
@@ -656,19 +654,19 @@ impl Compiled {
     }
 }
 
-/// Resolves a `$ref` path against a stored document and returns entries `offset..offset+limit`
-/// of the list or map there (the whole value if it is a scalar), shaped with `limits`.
+/// Resolves the `$ref` path `at` (`r` as the client wrote it) against the stored document `doc`
+/// of its collection and key, and returns entries `offset..offset+limit` of the list or map there
+/// (the whole value if it is a scalar), shaped with `limits`.
 pub fn fetch(
-    store: &mut dyn Store,
+    at: RefPath,
     r: &str,
+    doc: Option<Value>,
     offset: u32,
     limit: u32,
     limits: &Limits,
 ) -> Result<Value, GridError> {
-    let at = super::convert::parse_ref(r).map_err(GridError::Invalid)?;
-    let doc = store
-        .get(&at.collection, &at.key)?
-        .ok_or_else(|| GridError::Invalid(format!("{r}: key {} not found in {}", at.key, at.collection)))?;
+    let doc =
+        doc.ok_or_else(|| GridError::Invalid(format!("{r}: key {} not found in {}", at.key, at.collection)))?;
     let mut v = &doc;
     let mut resolved = Vec::with_capacity(at.path.len());
     for seg in &at.path {
