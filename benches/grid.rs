@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use heapgrid::heap::{FsyncPolicy, Heap, HeapOptions};
 use heapgrid::{FsyncSetting, Grid, GridOptions, Key, TableOptions, Value, WriteOp};
-use heapgrid_actors::{TableOp, TableShard};
+use heapgrid_actors::TableShard;
 
 const KEYS: i64 = 100_000;
 
@@ -69,7 +69,7 @@ fn direct(secs: f64, write: bool) -> Row {
     .unwrap();
     let mut t = TableShard::new(heap);
     for i in 0..KEYS {
-        t.execute(&TableOp::Write(WriteOp::Put { key: Key::Int(i), value: Value::Int(i) })).unwrap();
+        t.write_one(&WriteOp::Put { key: Key::Int(i), value: Value::Int(i) }).unwrap();
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).unwrap();
     let (start, sw) = (Instant::now(), ctx_switches());
@@ -78,12 +78,13 @@ fn direct(secs: f64, write: bool) -> Row {
         for _ in 0..1000 {
             let k = Key::Int((n.wrapping_mul(7919) % KEYS as u64) as i64);
             let t0 = Instant::now();
-            let op = if write {
-                TableOp::Write(WriteOp::Put { key: k, value: Value::Int(n as i64) })
+            if write {
+                std::hint::black_box(
+                    t.write_one(&WriteOp::Put { key: k, value: Value::Int(n as i64) }).unwrap(),
+                );
             } else {
-                TableOp::Get { key: k }
-            };
-            std::hint::black_box(t.execute(&op).unwrap());
+                std::hint::black_box(t.get(&k).unwrap());
+            }
             hist.record(t0.elapsed().as_nanos().max(1000) as u64 / 1000).unwrap();
             n += 1;
         }

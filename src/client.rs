@@ -9,16 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use heapgrid_actors::grid::{TableDef, TableOptions};
+use heapgrid_actors::grid::{TableInfo, TableOptions};
 use heapgrid_actors::snippet::LimitOverrides;
-use heapgrid_actors::{GridError, OpResult, TableOp, Value};
+use heapgrid_actors::{EvalRequest, GridError, Key, ScanRange, Value, Versioned, WriteOp, WriteResult};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::grid::{BoxFuture, Table, TableBackend};
 use crate::protocol::{
-    self, Hello, HelloReply, MAGIC, PROTOCOL_VERSION, Request, RequestBody, Response, ResponseBody,
+    self, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response, ResponseBody,
+    TableOp,
 };
 
 /// Client settings.
@@ -70,7 +71,10 @@ impl Conn {
 struct Inner {
     addr: SocketAddr,
     opts: ClientOptions,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// The live connection; read on every request under a short std lock (no await inside).
+    conn: Mutex<Option<Arc<Conn>>>,
+    /// Held only while (re)connecting, so one task connects and the others wait for it.
+    connecting: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
 }
 
@@ -161,7 +165,8 @@ impl Client {
             inner: Arc::new(Inner {
                 addr,
                 opts,
-                conn: tokio::sync::Mutex::new(None),
+                conn: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
                 next_id: AtomicU64::new(1),
             }),
         };
@@ -169,11 +174,19 @@ impl Client {
         Ok(c)
     }
 
+    fn live_conn(&self) -> Option<Arc<Conn>> {
+        self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()).as_ref().filter(|c| c.is_alive()).cloned()
+    }
+
     /// The live connection, reconnecting if needed.
     async fn conn(&self) -> Result<Arc<Conn>, GridError> {
-        let mut guard = self.inner.conn.lock().await;
-        if let Some(c) = guard.as_ref().filter(|c| c.is_alive()) {
-            return Ok(c.clone());
+        if let Some(c) = self.live_conn() {
+            return Ok(c);
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        // Another task may have connected while this one waited.
+        if let Some(c) = self.live_conn() {
+            return Ok(c);
         }
         let mut backoff = self.inner.opts.backoff;
         let mut last = GridError::Unavailable("no connection attempt".into());
@@ -192,7 +205,7 @@ impl Client {
             });
             match opened {
                 Ok(c) => {
-                    *guard = Some(c.clone());
+                    *self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
                     return Ok(c);
                 }
                 // A refusal (bad token, wrong version) will not change by retrying.
@@ -243,7 +256,7 @@ impl Client {
     }
 
     /// Tables this token may read.
-    pub async fn tables(&self) -> Result<Vec<TableDef>, GridError> {
+    pub async fn tables(&self) -> Result<Vec<TableInfo>, GridError> {
         match self.request(RequestBody::ListTables).await? {
             ResponseBody::Tables(t) => Ok(t),
             r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
@@ -320,12 +333,85 @@ struct RemoteTable {
     name: String,
 }
 
+impl RemoteTable {
+    async fn op(&self, op: TableOp) -> Result<OpResult, GridError> {
+        match self.client.request(RequestBody::Table { table: self.name.clone(), op }).await? {
+            ResponseBody::Op(r) => Ok(r),
+            r => Err(GridError::Protocol(format!("a table operation was answered with {r:?}"))),
+        }
+    }
+}
+
+/// The server answered with another kind of result than the operation calls for.
+fn unexpected(r: OpResult) -> GridError {
+    GridError::Protocol(format!("unexpected answer {r:?}"))
+}
+
+fn one_result(r: OpResult) -> Result<WriteResult, GridError> {
+    match r {
+        OpResult::Written { mut results, .. } if results.len() == 1 => Ok(results.remove(0)),
+        r => Err(unexpected(r)),
+    }
+}
+
 impl TableBackend for RemoteTable {
-    fn execute(&self, op: TableOp) -> BoxFuture<'_, Result<OpResult, GridError>> {
+    fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>, GridError>> {
         Box::pin(async move {
-            match self.client.request(RequestBody::Table { table: self.name.clone(), op }).await? {
-                ResponseBody::Op(r) => Ok(r),
-                r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+            match self.op(TableOp::Get { key }).await? {
+                OpResult::Value(v) => Ok(v),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn contains(&self, key: Key) -> BoxFuture<'_, Result<bool, GridError>> {
+        Box::pin(async move {
+            match self.op(TableOp::Contains { key }).await? {
+                OpResult::Bool(b) => Ok(b),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn count(&self) -> BoxFuture<'_, Result<u64, GridError>> {
+        Box::pin(async move {
+            match self.op(TableOp::Count).await? {
+                OpResult::Count(n) => Ok(n),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn scan(&self, range: ScanRange) -> BoxFuture<'_, Result<Vec<(Key, Versioned)>, GridError>> {
+        Box::pin(async move {
+            let ScanRange { start, end, limit, reverse } = range;
+            match self.op(TableOp::Scan { start, end, limit, reverse }).await? {
+                OpResult::Entries(e) => Ok(e),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn write(&self, op: WriteOp) -> BoxFuture<'_, Result<WriteResult, GridError>> {
+        Box::pin(async move { one_result(self.op(TableOp::Write(op)).await?) })
+    }
+
+    fn batch(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<WriteResult>, GridError>> {
+        Box::pin(async move {
+            match self.op(TableOp::Batch(ops)).await? {
+                OpResult::Written { results, .. } => Ok(results),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn eval(&self, req: EvalRequest) -> BoxFuture<'_, Result<Value, GridError>> {
+        Box::pin(async move {
+            let EvalRequest { src, key, args, limits, read_only } = req;
+            let req = protocol::EvalRequest { src, key, args, limits, read_only };
+            match self.op(TableOp::Eval(req)).await? {
+                OpResult::Snippet(v) => Ok(v),
+                r => Err(unexpected(r)),
             }
         })
     }

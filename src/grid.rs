@@ -11,12 +11,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
-use heapgrid_actors::grid::{GridCore, GridOptions, TableDef, TableOptions, TableRuntime};
+use heapgrid_actors::grid::{GridCore, GridOptions, TableInfo, TableOptions, TableRuntime};
+use heapgrid_actors::limits::SCAN_LIMIT_MAX;
 use heapgrid_actors::snippet::LimitOverrides;
-use heapgrid_actors::table::SCAN_LIMIT_MAX;
 use heapgrid_actors::{
-    EvalRequest, Expect, GridError, Key, OpResult, PathSeg, TableOp, Update, Value, Versioned, WriteOp,
-    WriteResult,
+    EvalRequest, Expect, GridError, Key, PathSeg, ScanRange, Update, Value, Versioned, WriteOp, WriteResult,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -27,14 +26,39 @@ pub type Result<T, E = GridError> = std::result::Result<T, E>;
 /// A boxed future, as backends return them.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Executes table operations: in-process, or (later) over the network.
+/// Executes a table's typed operations: in-process (the table's runtime), or over the network
+/// (the `Client`'s remote table).
 pub trait TableBackend: Send + Sync + 'static {
-    fn execute(&self, op: TableOp) -> BoxFuture<'_, Result<OpResult>>;
+    fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>>>;
+    fn contains(&self, key: Key) -> BoxFuture<'_, Result<bool>>;
+    fn count(&self) -> BoxFuture<'_, Result<u64>>;
+    fn scan(&self, range: ScanRange) -> BoxFuture<'_, Result<Vec<(Key, Versioned)>>>;
+    fn write(&self, op: WriteOp) -> BoxFuture<'_, Result<WriteResult>>;
+    fn batch(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<WriteResult>>>;
+    fn eval(&self, req: EvalRequest) -> BoxFuture<'_, Result<Value>>;
 }
 
 impl TableBackend for TableRuntime {
-    fn execute(&self, op: TableOp) -> BoxFuture<'_, Result<OpResult>> {
-        Box::pin(TableRuntime::execute(self, op))
+    fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>>> {
+        Box::pin(TableRuntime::get(self, key))
+    }
+    fn contains(&self, key: Key) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(TableRuntime::contains(self, key))
+    }
+    fn count(&self) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(TableRuntime::count(self))
+    }
+    fn scan(&self, range: ScanRange) -> BoxFuture<'_, Result<Vec<(Key, Versioned)>>> {
+        Box::pin(TableRuntime::scan(self, range))
+    }
+    fn write(&self, op: WriteOp) -> BoxFuture<'_, Result<WriteResult>> {
+        Box::pin(async move { Ok(TableRuntime::write(self, op).await?.1) })
+    }
+    fn batch(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<WriteResult>>> {
+        Box::pin(async move { Ok(TableRuntime::batch(self, ops).await?.results) })
+    }
+    fn eval(&self, req: EvalRequest) -> BoxFuture<'_, Result<Value>> {
+        Box::pin(TableRuntime::eval(self, req))
     }
 }
 
@@ -66,7 +90,7 @@ impl Grid {
     }
 
     /// Every table.
-    pub fn tables(&self) -> Vec<TableDef> {
+    pub fn tables(&self) -> Vec<TableInfo> {
         self.core.list_tables()
     }
 
@@ -118,8 +142,10 @@ pub struct CasOutcome {
     pub current: Option<Versioned>,
 }
 
-fn unexpected(r: OpResult) -> GridError {
-    GridError::Corrupted(format!("unexpected answer {r:?}"))
+/// A write answered with the result of another kind of write: only a misbehaving server (or
+/// backend) can do that.
+fn mismatch(r: WriteResult) -> GridError {
+    GridError::Protocol(format!("a write was answered with {r:?}"))
 }
 
 fn to_value<T: Serialize + ?Sized>(v: &T) -> Result<Value> {
@@ -136,11 +162,6 @@ impl Table {
     /// A handle over any backend.
     pub fn over(backend: Arc<dyn TableBackend>) -> Table {
         Table { backend }
-    }
-
-    /// Runs a raw operation.
-    pub async fn execute(&self, op: TableOp) -> Result<OpResult> {
-        self.backend.execute(op).await
     }
 
     /// Runs a collection-scoped snippet inside this (single-shard) table's actor: atomic and
@@ -163,26 +184,12 @@ impl Table {
         args: Value,
         limits: LimitOverrides,
     ) -> Result<Value> {
-        let req = EvalRequest { src: src.into(), key, args, limits, read_only: false };
-        match self.execute(TableOp::Eval(Box::new(req))).await? {
-            OpResult::Snippet(v) => Ok(v),
-            r => Err(unexpected(r)),
-        }
-    }
-
-    async fn write1(&self, op: WriteOp) -> Result<WriteResult> {
-        match self.execute(TableOp::Write(op)).await? {
-            OpResult::Written { mut results, .. } if results.len() == 1 => Ok(results.remove(0)),
-            r => Err(unexpected(r)),
-        }
+        self.backend.eval(EvalRequest { src: src.into(), key, args, limits, read_only: false }).await
     }
 
     /// The value and version stored under `key`.
     pub async fn get_versioned(&self, key: impl Into<Key>) -> Result<Option<Versioned>> {
-        match self.execute(TableOp::Get { key: key.into() }).await? {
-            OpResult::Value(v) => Ok(v),
-            r => Err(unexpected(r)),
-        }
+        self.backend.get(key.into()).await
     }
 
     /// The value stored under `key`.
@@ -205,50 +212,44 @@ impl Table {
 
     /// Stores a `Value`; returns the key's new version.
     pub async fn put_value(&self, key: impl Into<Key>, value: Value) -> Result<u64> {
-        match self.write1(WriteOp::Put { key: key.into(), value }).await? {
+        match self.backend.write(WriteOp::Put { key: key.into(), value }).await? {
             WriteResult::Put { version } => Ok(version),
-            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+            r => Err(mismatch(r)),
         }
     }
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Key>) -> Result<bool> {
-        match self.write1(WriteOp::Delete { key: key.into() }).await? {
+        match self.backend.write(WriteOp::Delete { key: key.into() }).await? {
             WriteResult::Deleted { existed } => Ok(existed),
-            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+            r => Err(mismatch(r)),
         }
     }
 
     /// Whether `key` is present.
     pub async fn contains(&self, key: impl Into<Key>) -> Result<bool> {
-        match self.execute(TableOp::Contains { key: key.into() }).await? {
-            OpResult::Bool(b) => Ok(b),
-            r => Err(unexpected(r)),
-        }
+        self.backend.contains(key.into()).await
     }
 
     /// Number of keys.
     pub async fn count(&self) -> Result<u64> {
-        match self.execute(TableOp::Count).await? {
-            OpResult::Count(n) => Ok(n),
-            r => Err(unexpected(r)),
-        }
+        self.backend.count().await
     }
 
     /// Writes `new` (deletes, if `None`) only if the key's state matches `expect`.
     pub async fn cas(&self, key: impl Into<Key>, expect: Expect, new: Option<Value>) -> Result<CasOutcome> {
-        match self.write1(WriteOp::Cas { key: key.into(), expect, new }).await? {
+        match self.backend.write(WriteOp::Cas { key: key.into(), expect, new }).await? {
             WriteResult::Cas { ok, current } => Ok(CasOutcome { ok, current }),
-            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+            r => Err(mismatch(r)),
         }
     }
 
     /// Changes one path inside the stored document without shipping it; returns the value now
     /// at the path.
     pub async fn update(&self, key: impl Into<Key>, path: Vec<PathSeg>, update: Update) -> Result<Value> {
-        match self.write1(WriteOp::Update { key: key.into(), path, update }).await? {
+        match self.backend.write(WriteOp::Update { key: key.into(), path, update }).await? {
             WriteResult::Updated { value, .. } => Ok(value),
-            r => Err(GridError::Corrupted(format!("unexpected {r:?}"))),
+            r => Err(mismatch(r)),
         }
     }
 
@@ -261,10 +262,7 @@ impl Table {
     /// Applies writes atomically (one op-log record). On a sharded table every key must map to
     /// the same shard.
     pub async fn batch(&self, ops: Vec<WriteOp>) -> Result<Vec<WriteResult>> {
-        match self.execute(TableOp::Batch(ops)).await? {
-            OpResult::Written { results, .. } => Ok(results),
-            r => Err(unexpected(r)),
-        }
+        self.backend.batch(ops).await
     }
 
     /// Up to `limit` entries in `range`, ascending (or descending with `reverse`).
@@ -274,24 +272,19 @@ impl Table {
         limit: u32,
         reverse: bool,
     ) -> Result<Vec<(Key, Value)>> {
-        let op = TableOp::Scan {
+        let range = ScanRange {
             start: range.start_bound().cloned(),
             end: range.end_bound().cloned(),
             limit,
             reverse,
         };
-        match self.execute(op).await? {
-            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
-            r => Err(unexpected(r)),
-        }
+        Ok(self.backend.scan(range).await?.into_iter().map(|(k, v)| (k, v.value)).collect())
     }
 
     /// Up to `limit` entries whose string keys start with `prefix`.
     pub async fn prefix(&self, prefix: &str, limit: u32, reverse: bool) -> Result<Vec<(Key, Value)>> {
-        match self.execute(TableOp::Prefix { prefix: prefix.into(), limit, reverse }).await? {
-            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
-            r => Err(unexpected(r)),
-        }
+        let entries = self.backend.scan(ScanRange::prefix(prefix, limit, reverse)).await?;
+        Ok(entries.into_iter().map(|(k, v)| (k, v.value)).collect())
     }
 
     /// Every entry in `range` as an async stream, fetched in pages of `page` entries. Each page

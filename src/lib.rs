@@ -30,10 +30,12 @@ pub mod server;
 
 pub use client::{Client, ClientOptions};
 pub use grid::{CasOutcome, Grid, Result, Table, TableBackend};
-pub use heapgrid_actors::grid::{FsyncSetting, GridOptions, TableDef, TableOptions};
+pub use heapgrid_actors::grid::{FsyncSetting, GridOptions, TableInfo, TableOptions};
 pub use heapgrid_actors::restart::RestartPolicy;
 pub use heapgrid_actors::snippet::{Budget, LimitOverrides, Limits, SnippetErrorKind, SnippetFailure};
-pub use heapgrid_actors::{Expect, GridError, Key, PathSeg, Update, Value, Versioned, WriteOp, WriteResult};
+pub use heapgrid_actors::{
+    Expect, GridError, Key, PathSeg, ScanRange, Update, Value, Versioned, WriteOp, WriteResult, Written,
+};
 pub use heapgrid_heap as heap;
 pub use heapgrid_heap::FsyncPolicy;
 

@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use heapgrid_actors::grid::{AccessCheck, GridCore};
-use heapgrid_actors::{GridError, TableOp};
+use heapgrid_actors::grid::{AccessCheck, GridCore, TableRuntime};
+use heapgrid_actors::limits::PIPELINE_OPS_MAX;
+use heapgrid_actors::table::actor::{PipelineOp, PipelineReply};
+use heapgrid_actors::{GridError, Key, ScanRange, Value, Versioned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -27,8 +29,8 @@ use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
 use crate::protocol::{
-    self, FrameError, Hello, HelloReply, MAGIC, PROTOCOL_VERSION, Request, RequestBody, Response,
-    ResponseBody,
+    self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
+    ResponseBody, TableOp,
 };
 
 /// Default cap on connections served at once.
@@ -238,11 +240,15 @@ async fn handshake(input: &mut Input, auth: &Auth) -> Result<Principal, GridErro
     auth.login(hello.token.as_deref())
 }
 
-type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+/// What a connection waits on: the responses of a round (already encoded) or of one request
+/// that runs on its own, with how many requests it answers.
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, usize)> + Send>>;
 
-/// One connection. Its requests run as futures polled by this one task (no task per request,
-/// no writer task): a shard's reply wakes this task, which gathers every finished response into
-/// one write.
+/// One connection. Every complete request a read brings is decoded at once: table operations
+/// form a `Round` (one `Pipeline` message per shard, one buffer of responses), the rest
+/// (catalogue changes, grid-scoped snippets, fetches) run as futures of their own. All of them
+/// are polled by this one task (no task per request, no writer task), and every response that
+/// is ready is written with one write.
 async fn connection(
     sock: TcpStream,
     grid: Arc<GridCore>,
@@ -268,46 +274,39 @@ async fn connection(
         return;
     }
     let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
+    // Requests read and not yet answered.
+    let mut open = 0usize;
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        while reading && running.len() < inflight {
-            match input.frame() {
-                None => break,
-                Some(Ok(payload)) => match protocol::decode::<Request>(&payload) {
-                    Ok(req) if req.id == 0 => {
-                        append_response(
-                            &mut out,
-                            &Response {
-                                id: 0,
-                                result: Err(GridError::Protocol("request id 0 is reserved".into())),
-                            },
-                        );
-                        reading = false;
-                    }
-                    Ok(req) => {
-                        let (grid, who) = (grid.clone(), who.clone());
-                        running.push(Box::pin(async move {
-                            Response { id: req.id, result: handle(&grid, &who, req.body).await }
-                        }));
-                    }
-                    Err(e) => {
-                        append_response(
-                            &mut out,
-                            &Response { id: 0, result: Err(GridError::Protocol(e.to_string())) },
-                        );
-                        reading = false;
+        let mut round = Round::default();
+        while reading && open < inflight {
+            let Some(frame) = input.frame() else { break };
+            let req = frame.and_then(|payload| protocol::decode::<Request>(&payload));
+            match req {
+                Ok(req) if req.id == 0 => {
+                    let e = GridError::Protocol("request id 0 is reserved".into());
+                    protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
+                    reading = false;
+                }
+                Ok(req) => match round.add(&grid, &who, req, &mut out) {
+                    Taken::Answered => {}
+                    Taken::InRound => open += 1,
+                    Taken::Alone(f) => {
+                        open += 1;
+                        running.push(f);
                     }
                 },
-                Some(Err(e)) => {
-                    append_response(
-                        &mut out,
-                        &Response { id: 0, result: Err(GridError::Protocol(e.to_string())) },
-                    );
+                Err(e) => {
+                    let e = GridError::Protocol(e.to_string());
+                    protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
                     reading = false;
                 }
             }
+        }
+        if round.requests > 0 {
+            running.push(round.dispatch());
         }
         if !out.is_empty() && (running.is_empty() || out.len() >= IO_BUFFER_BYTES) {
             if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
@@ -320,19 +319,24 @@ async fn connection(
         }
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
-                if let Some(resp) = done {
-                    append_response(&mut out, &resp);
+                if let Some((bytes, n)) = done {
+                    out.extend_from_slice(&bytes);
+                    open -= n;
                     // Gather whatever else has finished, then write once.
-                    while let Some(Some(resp)) = running.next().now_or_never() {
-                        append_response(&mut out, &resp);
+                    while let Some(Some((bytes, n))) = running.next().now_or_never() {
+                        out.extend_from_slice(&bytes);
+                        open -= n;
                     }
                     if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                         return;
                     }
                     out.clear();
+                    if out.capacity() > 4 * IO_BUFFER_BYTES {
+                        out.shrink_to(IO_BUFFER_BYTES);
+                    }
                 }
             }
-            more = input.fill(), if reading && running.len() < inflight => match more {
+            more = input.fill(), if reading && open < inflight => match more {
                 Ok(true) => {}
                 Ok(false) => {
                     // End of stream: finish what was read (a truncated frame is just dropped).
@@ -346,16 +350,283 @@ async fn connection(
     let _ = wr.shutdown().await;
 }
 
-/// Appends one response frame (or, if it cannot be encoded, an error frame for its id).
-fn append_response(out: &mut Vec<u8>, resp: &Response) {
-    let frame = protocol::encode(resp).or_else(|e| {
-        protocol::encode(&Response { id: resp.id, result: Err(GridError::Protocol(e.to_string())) })
-    });
-    if let Ok(f) = frame {
-        out.extend_from_slice(&f);
-    }
+/// How a round builds one request's response from its shards' replies.
+enum Slot {
+    /// One reply, at `pos` in group `group`.
+    One { id: u64, group: usize, pos: usize },
+    /// A count over several shards: the sum of their replies.
+    Count { id: u64, parts: Vec<(usize, usize)> },
+    /// A scan over several shards: their entries merged in key order.
+    Scan { id: u64, parts: Vec<(usize, usize)>, limit: u32, reverse: bool },
 }
 
+/// The table operations of one read: grouped by shard, one `Pipeline` message per shard, their
+/// responses encoded into one buffer in request order. Requests to one shard keep the order in
+/// which they arrived: they are in one message, or in messages sent in turn.
+#[derive(Default)]
+struct Round {
+    /// Tables named in this round, resolved once.
+    tables: Vec<Arc<TableRuntime>>,
+    /// (table index, shard, operations).
+    groups: Vec<(usize, u32, Vec<PipelineOp>)>,
+    slots: Vec<Slot>,
+    /// Requests this round answers (through `slots`).
+    requests: usize,
+}
+
+/// What became of a request a round was given.
+enum Taken {
+    /// Answered at once (refused, or needing no shard).
+    Answered,
+    /// Joined the round.
+    InRound,
+    /// Runs on its own (not a table operation).
+    Alone(Pending),
+}
+
+impl Round {
+    /// Takes one request: into the round (a table operation), answered at once into `out`
+    /// (refused, or needing no shard), or as a future of its own.
+    fn add(&mut self, grid: &Arc<GridCore>, who: &Arc<Principal>, req: Request, out: &mut Vec<u8>) -> Taken {
+        let id = req.id;
+        let (grid, who) = (grid.clone(), who.clone());
+        let (table, op) = match req.body {
+            RequestBody::Table { table, op } => (table, op),
+            RequestBody::Ping => {
+                protocol::append_response(out, &Response { id, result: Ok(ResponseBody::Pong) });
+                return Taken::Answered;
+            }
+            RequestBody::ListTables => {
+                let tables = grid.list_tables().into_iter().filter(|t| who.allows(&t.name, Permission::Read));
+                let result = Ok(ResponseBody::Tables(tables.collect()));
+                protocol::append_response(out, &Response { id, result });
+                return Taken::Answered;
+            }
+            // Catalogue changes run as their own tasks: a connection that goes away cannot cancel
+            // them halfway (between the catalogue and the running tables).
+            RequestBody::CreateTable { name, options } => {
+                return alone(id, async move {
+                    who.require(&name, Permission::Admin)?;
+                    detached(
+                        async move { grid.create_table(&name, options).await.map(|_| ResponseBody::Done) },
+                    )
+                    .await
+                });
+            }
+            RequestBody::DropTable { name } => {
+                return alone(id, async move {
+                    who.require(&name, Permission::Admin)?;
+                    detached(async move { grid.drop_table(&name).await.map(|_| ResponseBody::Done) }).await
+                });
+            }
+            RequestBody::Eval { src, args, limits } => {
+                let access: AccessCheck = Arc::new(move |coll: &str, write: bool| {
+                    who.require(coll, Permission::Eval)?;
+                    who.require(coll, Permission::Read)?;
+                    if write {
+                        who.require(coll, Permission::Write)?;
+                    }
+                    Ok(())
+                });
+                return alone(id, async move {
+                    Ok(ResponseBody::Value(grid.eval(&src, args, &limits, access).await?))
+                });
+            }
+            RequestBody::Fetch { reference, offset, limit } => {
+                let access: AccessCheck = Arc::new(move |coll: &str, _| who.require(coll, Permission::Read));
+                return alone(id, async move {
+                    Ok(ResponseBody::Value(grid.fetch(&reference, offset, limit, access).await?))
+                });
+            }
+            RequestBody::PutProcedures { module, src } => {
+                return alone(id, async move {
+                    who.require(PROCEDURES, Permission::Admin)?;
+                    grid.put_procedures(&module, &src)?;
+                    Ok(ResponseBody::Done)
+                });
+            }
+            RequestBody::DropProcedures { module } => {
+                return alone(id, async move {
+                    who.require(PROCEDURES, Permission::Admin)?;
+                    grid.drop_procedures(&module)?;
+                    Ok(ResponseBody::Done)
+                });
+            }
+        };
+        match self.plan(&grid, &who, id, &table, op) {
+            Ok(None) => {
+                self.requests += 1;
+                Taken::InRound
+            }
+            Ok(Some(body)) => {
+                protocol::append_response(out, &Response { id, result: Ok(body) });
+                Taken::Answered
+            }
+            Err(e) => {
+                protocol::append_response(out, &Response { id, result: Err(e) });
+                Taken::Answered
+            }
+        }
+    }
+
+    /// The operations of table `t`'s shard `shard` that a new one joins.
+    fn group(&mut self, t: usize, shard: u32) -> (usize, &mut Vec<PipelineOp>) {
+        // Only the newest group of a shard may grow: a full one is followed by a new one, sent
+        // after it, so order is kept.
+        let at = self.groups.iter().rposition(|(gt, gs, _)| *gt == t && *gs == shard);
+        let at = match at {
+            Some(i) if self.groups[i].2.len() < PIPELINE_OPS_MAX => i,
+            _ => {
+                self.groups.push((t, shard, Vec::new()));
+                self.groups.len() - 1
+            }
+        };
+        (at, &mut self.groups[at].2)
+    }
+
+    fn push(&mut self, t: usize, shard: u32, op: PipelineOp) -> (usize, usize) {
+        let (g, ops) = self.group(t, shard);
+        ops.push(op);
+        (g, ops.len() - 1)
+    }
+
+    fn table(&mut self, grid: &GridCore, name: &str) -> Result<usize, GridError> {
+        if let Some(i) = self.tables.iter().position(|t| t.def.name == name) {
+            return Ok(i);
+        }
+        self.tables.push(grid.table(name)?);
+        Ok(self.tables.len() - 1)
+    }
+
+    /// Adds `op` to the groups of the shards it needs; `Some` is an answer that needs none.
+    fn plan(
+        &mut self,
+        grid: &GridCore,
+        who: &Principal,
+        id: u64,
+        table: &str,
+        op: TableOp,
+    ) -> Result<Option<ResponseBody>, GridError> {
+        // Write results carry data (CAS `current`, updated values, existence), so a write needs
+        // read as well.
+        who.require(table, Permission::Read)?;
+        if op.is_write() {
+            who.require(table, Permission::Write)?;
+        }
+        let t = self.table(grid, table)?;
+        let rt = self.tables[t].clone();
+        let shards = rt.def.shards;
+        let one = |round: &mut Round, shard: u32, op: PipelineOp| {
+            let (group, pos) = round.push(t, shard, op);
+            round.slots.push(Slot::One { id, group, pos });
+        };
+        match op {
+            TableOp::Get { key } => one(self, rt.shard_of(&key), PipelineOp::Get(key)),
+            TableOp::Contains { key } => one(self, rt.shard_of(&key), PipelineOp::Contains(key)),
+            TableOp::Write(w) => one(self, rt.shard_of(w.key()), PipelineOp::Write(w)),
+            TableOp::Batch(ws) => match rt.batch_shard(&ws)? {
+                Some(shard) => one(self, shard, PipelineOp::Batch(ws)),
+                // Nothing to write: no shard to ask.
+                None => return Ok(Some(ResponseBody::Op(OpResult::Written { lsn: 0, results: Vec::new() }))),
+            },
+            TableOp::Eval(req) => {
+                who.require(table, Permission::Eval)?;
+                let mut req: heapgrid_actors::EvalRequest = req.into();
+                req.read_only |= !who.allows(table, Permission::Write);
+                let job = rt.prepare_eval(req)?;
+                one(self, job.shard, PipelineOp::Eval(Box::new(job)));
+            }
+            TableOp::Count if shards == 1 => one(self, 0, PipelineOp::Count),
+            TableOp::Count => {
+                let parts = (0..shards).map(|s| self.push(t, s, PipelineOp::Count)).collect();
+                self.slots.push(Slot::Count { id, parts });
+            }
+            TableOp::Scan { start, end, limit, reverse } => {
+                self.scan(t, shards, id, ScanRange { start, end, limit, reverse });
+            }
+            TableOp::Prefix { prefix, limit, reverse } => {
+                self.scan(t, shards, id, ScanRange::prefix(&prefix, limit, reverse));
+            }
+        }
+        Ok(None)
+    }
+
+    fn scan(&mut self, t: usize, shards: u32, id: u64, range: ScanRange) {
+        let (limit, reverse) = (range.limit, range.reverse);
+        if shards == 1 {
+            let (group, pos) = self.push(t, 0, PipelineOp::Scan(range));
+            self.slots.push(Slot::One { id, group, pos });
+            return;
+        }
+        let parts = (0..shards).map(|s| self.push(t, s, PipelineOp::Scan(range.clone()))).collect();
+        self.slots.push(Slot::Scan { id, parts, limit, reverse });
+    }
+
+    /// Sends one message per group (now, in order) and returns the future of the round's
+    /// encoded responses.
+    fn dispatch(self) -> Pending {
+        let Round { tables, groups, slots, requests, .. } = self;
+        let calls: Vec<_> =
+            groups.into_iter().map(|(t, shard, ops)| tables[t].pipeline(shard, ops)).collect();
+        Box::pin(async move {
+            let mut replies: Vec<Vec<Option<Result<PipelineReply, GridError>>>> =
+                futures_util::future::join_all(calls)
+                    .await
+                    .into_iter()
+                    .map(|g| g.into_iter().map(Some).collect())
+                    .collect();
+            let mut take = |(g, p): (usize, usize)| {
+                replies[g][p].take().unwrap_or_else(|| Err(GridError::Unavailable("reply missing".into())))
+            };
+            let mut out = Vec::new();
+            for slot in slots {
+                match slot {
+                    Slot::One { id, group, pos } => match take((group, pos)) {
+                        Ok(PipelineReply::Record(r)) => {
+                            protocol::append_get_response(&mut out, id, r.as_ref())
+                        }
+                        r => protocol::append_response(
+                            &mut out,
+                            &Response { id, result: r.and_then(wire_result) },
+                        ),
+                    },
+                    Slot::Count { id, parts } => {
+                        let mut total = Ok(0u64);
+                        for part in parts {
+                            total = match (total, take(part)) {
+                                (Ok(n), Ok(PipelineReply::Count(c))) => Ok(n + c),
+                                (Err(e), _) | (_, Err(e)) => Err(e),
+                                (Ok(_), Ok(r)) => Err(mismatch(&r)),
+                            };
+                        }
+                        let result = total.map(|n| ResponseBody::Op(OpResult::Count(n)));
+                        protocol::append_response(&mut out, &Response { id, result });
+                    }
+                    Slot::Scan { id, parts, limit, reverse } => {
+                        let mut all = Ok(Vec::new());
+                        for part in parts {
+                            all = match (all, take(part)) {
+                                (Ok(mut v), Ok(PipelineReply::Entries(e))) => {
+                                    v.extend(e);
+                                    Ok(v)
+                                }
+                                (Err(e), _) | (_, Err(e)) => Err(e),
+                                (Ok(_), Ok(r)) => Err(mismatch(&r)),
+                            };
+                        }
+                        let result = all.map(|mut v: Vec<(Key, Versioned)>| {
+                            v.sort_by(|a, b| if reverse { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
+                            v.truncate(limit as usize);
+                            ResponseBody::Op(OpResult::Entries(v))
+                        });
+                        protocol::append_response(&mut out, &Response { id, result });
+                    }
+                }
+            }
+            (out, requests)
+        })
+    }
+}
 async fn detached<F>(f: F) -> Result<ResponseBody, GridError>
 where
     F: std::future::Future<Output = Result<ResponseBody, GridError>> + Send + 'static,
@@ -363,66 +634,42 @@ where
     tokio::spawn(f).await.unwrap_or_else(|e| Err(GridError::Unavailable(format!("admin task failed: {e}"))))
 }
 
+/// A request that runs as a future of its own, answering one response.
+fn alone<F>(id: u64, f: F) -> Taken
+where
+    F: std::future::Future<Output = Result<ResponseBody, GridError>> + Send + 'static,
+{
+    Taken::Alone(Box::pin(async move {
+        let mut bytes = Vec::new();
+        protocol::append_response(&mut bytes, &Response { id, result: f.await });
+        (bytes, 1)
+    }))
+}
+
+/// A shard's reply as the wire's answer. A `Record` is normally written by
+/// `append_get_response` straight from its bytes; here it is decoded.
+fn wire_result(r: PipelineReply) -> Result<ResponseBody, GridError> {
+    Ok(ResponseBody::Op(match r {
+        PipelineReply::Record(r) => OpResult::Value(
+            r.map(|r| {
+                Value::decode(&r.value)
+                    .map(|value| Versioned { version: r.version, value })
+                    .map_err(|e| GridError::Corrupted(format!("stored value: {e}")))
+            })
+            .transpose()?,
+        ),
+        PipelineReply::Bool(b) => OpResult::Bool(b),
+        PipelineReply::Count(n) => OpResult::Count(n),
+        PipelineReply::Entries(e) => OpResult::Entries(e),
+        PipelineReply::Written(w) => OpResult::Written { lsn: w.lsn, results: w.results },
+        PipelineReply::Snippet(v) => OpResult::Snippet(v),
+    }))
+}
+
+/// A shard answered a merged request with another kind of reply (a bug, not a user error).
+fn mismatch(r: &PipelineReply) -> GridError {
+    GridError::Corrupted(format!("a shard answered a merged request with {r:?}"))
+}
+
 /// The name permissions use for stored procedures.
 pub const PROCEDURES: &str = "procedures";
-
-async fn handle(grid: &Arc<GridCore>, who: &Principal, body: RequestBody) -> Result<ResponseBody, GridError> {
-    match body {
-        RequestBody::Ping => Ok(ResponseBody::Pong),
-        RequestBody::ListTables => Ok(ResponseBody::Tables(
-            grid.list_tables().into_iter().filter(|t| who.allows(&t.name, Permission::Read)).collect(),
-        )),
-        // Catalogue changes run as their own tasks: a connection that goes away cannot cancel
-        // them halfway (between the catalogue and the running tables).
-        RequestBody::CreateTable { name, options } => {
-            who.require(&name, Permission::Admin)?;
-            let grid = grid.clone();
-            detached(async move { grid.create_table(&name, options).await.map(|_| ResponseBody::Done) }).await
-        }
-        RequestBody::DropTable { name } => {
-            who.require(&name, Permission::Admin)?;
-            let grid = grid.clone();
-            detached(async move { grid.drop_table(&name).await.map(|_| ResponseBody::Done) }).await
-        }
-        RequestBody::Table { table, mut op } => {
-            // Write results carry data (CAS `current`, updated values, existence), so a write
-            // needs read as well.
-            who.require(&table, Permission::Read)?;
-            if op.is_write() {
-                who.require(&table, Permission::Write)?;
-            }
-            if let TableOp::Eval(req) = &mut op {
-                who.require(&table, Permission::Eval)?;
-                req.read_only |= !who.allows(&table, Permission::Write);
-            }
-            Ok(ResponseBody::Op(grid.table(&table)?.execute(op).await?))
-        }
-        RequestBody::Eval { src, args, limits } => {
-            let who = who.clone();
-            let access: AccessCheck = Arc::new(move |coll: &str, write: bool| {
-                who.require(coll, Permission::Eval)?;
-                who.require(coll, Permission::Read)?;
-                if write {
-                    who.require(coll, Permission::Write)?;
-                }
-                Ok(())
-            });
-            Ok(ResponseBody::Value(grid.eval(&src, args, &limits, access).await?))
-        }
-        RequestBody::Fetch { reference, offset, limit } => {
-            let who = who.clone();
-            let access: AccessCheck = Arc::new(move |coll: &str, _| who.require(coll, Permission::Read));
-            Ok(ResponseBody::Value(grid.fetch(&reference, offset, limit, access).await?))
-        }
-        RequestBody::PutProcedures { module, src } => {
-            who.require(PROCEDURES, Permission::Admin)?;
-            grid.put_procedures(&module, &src)?;
-            Ok(ResponseBody::Done)
-        }
-        RequestBody::DropProcedures { module } => {
-            who.require(PROCEDURES, Permission::Admin)?;
-            grid.drop_procedures(&module)?;
-            Ok(ResponseBody::Done)
-        }
-    }
-}

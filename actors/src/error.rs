@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::table::TableError;
 
-/// Every way a grid operation can fail.
+/// Every way a grid operation can fail. On the wire as it is (protocol version 1): variants
+/// are append-only, pinned by the golden-bytes test in src/protocol.rs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum GridError {
     #[error("no such table: {0}")]
@@ -15,7 +16,7 @@ pub enum GridError {
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("compare-and-set {index} in the batch did not match; nothing was written")]
-    CasFailed { index: usize },
+    CasFailed { index: u64 },
     #[error("{what} is {got}, the limit is {max}")]
     LimitExceeded { what: String, got: u64, max: u64 },
     #[error("value error: {0}")]
@@ -59,7 +60,6 @@ impl From<TableError> for GridError {
                 GridError::LimitExceeded { what: what.into(), got, max }
             }
             e @ TableError::Corrupted { .. } => GridError::Corrupted(e.to_string()),
-            TableError::Unsupported(m) => GridError::Invalid(m.into()),
         }
     }
 }

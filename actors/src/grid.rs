@@ -29,51 +29,19 @@ use std::time::Duration;
 
 use heapgrid_heap::{FsyncPolicy, Heap, HeapOptions};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use serde::{Deserialize, Serialize};
 
 use crate::error::GridError;
 use crate::key::Key;
+use crate::limits::TABLE_SHARDS_MAX;
 use crate::restart::RestartPolicy;
-use crate::shard::{EvalJob, ShardMsg, scan_op};
-use crate::snippet::{Compiled, Engine, LimitOverrides, Limits, ScanQuery, Store};
-use crate::supervisor::{ShardSlot, SlotState, TableSupArgs, TableSupMsg, TableSupervisor};
-use crate::table::{OpResult, TableOp, WriteOp};
+use crate::snippet::{Engine, LimitOverrides, Limits, ScanQuery, Snippets, Store};
+use crate::table::WriteOp;
+use crate::table::actor::{EvalJob, ShardMsg, scan_range};
+pub use crate::table::def::{FsyncSetting, TableDef, TableInfo, TableOptions};
+use crate::table::def::{incarnation_dir, valid_name};
+pub use crate::table::runtime::TableRuntime;
+use crate::table::supervisor::{ShardSlot, SlotState, TableSupArgs, TableSupMsg, TableSupervisor};
 use crate::value::Value;
-
-/// Most shards per table.
-pub const TABLE_SHARDS_MAX: u32 = 256;
-/// Longest table name.
-pub const TABLE_NAME_BYTES_MAX: usize = 64;
-/// How long a caller waits for a restarting shard before giving up.
-const SHARD_RESTART_WAIT: Duration = Duration::from_secs(5);
-
-/// A fsync policy as stored in the catalogue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FsyncSetting {
-    Always,
-    EveryMs(u32),
-    Never,
-}
-
-impl From<FsyncSetting> for FsyncPolicy {
-    fn from(f: FsyncSetting) -> Self {
-        match f {
-            FsyncSetting::Always => FsyncPolicy::Always,
-            FsyncSetting::EveryMs(ms) => FsyncPolicy::EveryMs(ms),
-            FsyncSetting::Never => FsyncPolicy::Never,
-        }
-    }
-}
-
-impl From<FsyncPolicy> for FsyncSetting {
-    fn from(f: FsyncPolicy) -> Self {
-        match f {
-            FsyncPolicy::Always => FsyncSetting::Always,
-            FsyncPolicy::EveryMs(ms) => FsyncSetting::EveryMs(ms),
-            FsyncPolicy::Never => FsyncSetting::Never,
-        }
-    }
-}
 
 /// Default time between checkpoints. The op log makes writes durable; checkpoints only bound
 /// how much log a restart after a crash replays. Frequent checkpoints cost a lot under random
@@ -107,265 +75,6 @@ impl Default for GridOptions {
             restart: RestartPolicy::default(),
             snippet_limits: Limits::default(),
             snippet_max: Limits::server_max(),
-        }
-    }
-}
-
-/// Options of one table, fixed at creation.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableOptions {
-    /// Shards (by key hash); 0 means 1.
-    pub shards: u32,
-    /// fsync policy; `None` takes the grid's default.
-    pub fsync: Option<FsyncSetting>,
-}
-
-/// A table as recorded in the catalogue.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableDef {
-    pub name: String,
-    pub shards: u32,
-    pub fsync: FsyncSetting,
-    /// This incarnation's directory under `<dir>/tables/`: unique per creation, so a table
-    /// dropped and created again never sees (or deletes) the other one's files.
-    pub dir: String,
-}
-
-impl TableDef {
-    /// Checks a definition read from the catalogue (untrusted bytes).
-    fn validate(&self) -> Result<(), GridError> {
-        valid_name(&self.name)?;
-        let dir_ok = self.dir.starts_with(&self.name)
-            && self.dir.len() <= TABLE_NAME_BYTES_MAX + 17
-            && self.dir.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !(1..=TABLE_SHARDS_MAX).contains(&self.shards) || !dir_ok {
-            return Err(GridError::Corrupted(format!("catalogue entry for {:?} is invalid", self.name)));
-        }
-        Ok(())
-    }
-}
-
-/// A directory name no earlier incarnation of `name` used.
-fn incarnation_dir(name: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    format!("{name}-{:016x}", nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(48))
-}
-
-/// One table of a running grid: its definition and where its shards are.
-pub struct TableRuntime {
-    pub def: TableDef,
-    slots: Arc<Vec<ShardSlot>>,
-    snippets: Arc<Snippets>,
-}
-
-/// What a message to a shard carries.
-enum Call {
-    Op(TableOp),
-    Eval(Box<EvalJob>),
-}
-
-impl Call {
-    fn into_msg(self, reply: RpcReplyPort<Result<OpResult, GridError>>) -> ShardMsg {
-        match self {
-            Call::Op(op) => ShardMsg::Op(op, reply),
-            Call::Eval(job) => ShardMsg::Eval(job, reply),
-        }
-    }
-}
-
-/// The grid's snippet engine and budgets.
-pub struct Snippets {
-    pub engine: Engine,
-    /// Budgets of a request that sets none.
-    pub defaults: Limits,
-    /// The most a request may ask for.
-    pub max: Limits,
-}
-
-fn merge_entries(mut parts: Vec<Vec<(Key, crate::table::Versioned)>>, limit: u32, reverse: bool) -> OpResult {
-    let mut all: Vec<_> = parts.drain(..).flatten().collect();
-    all.sort_by(|a, b| if reverse { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
-    all.truncate(limit as usize);
-    OpResult::Entries(all)
-}
-
-impl TableRuntime {
-    /// Runs `op` on shard `i`: waits out a restart (bounded), never hangs on a dead actor. A
-    /// message that could not even be enqueued (the actor had already died) was not delivered, so
-    /// it is retried once the supervisor has replaced the actor.
-    async fn call_shard(&self, i: u32, op: TableOp) -> Result<OpResult, GridError> {
-        self.call(i, Call::Op(op)).await
-    }
-
-    async fn call(&self, i: u32, mut op: Call) -> Result<OpResult, GridError> {
-        let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
-        let slot = &self.slots[i as usize];
-        loop {
-            let seen = slot.version();
-            let restarting = match slot.get() {
-                SlotState::Running(actor) => match actor.call(|reply| op.into_msg(reply), None).await {
-                    Ok(ractor::rpc::CallResult::Success(r)) => return r,
-                    Ok(_) => {
-                        return Err(GridError::Unavailable(format!(
-                            "shard {i} of {} did not answer",
-                            self.def.name
-                        )));
-                    }
-                    Err(ractor::MessagingErr::SendErr(ShardMsg::Op(back, _))) => {
-                        op = Call::Op(back);
-                        true
-                    }
-                    Err(ractor::MessagingErr::SendErr(ShardMsg::Eval(back, _))) => {
-                        op = Call::Eval(back);
-                        true
-                    }
-                    Err(e) => {
-                        return Err(GridError::Unavailable(format!(
-                            "shard {i} of {} stopped while handling the request (a write may or may not have applied): {e}",
-                            self.def.name
-                        )));
-                    }
-                },
-                SlotState::Starting => true,
-                SlotState::Failed(reason) => {
-                    return Err(GridError::ShardFailed { table: self.def.name.clone(), shard: i, reason });
-                }
-                SlotState::Stopped => return Err(GridError::Closed),
-            };
-            debug_assert!(restarting);
-            if tokio::time::Instant::now() >= deadline {
-                return Err(GridError::Unavailable(format!("shard {i} of {} is restarting", self.def.name)));
-            }
-            slot.wait_change(seen, deadline).await;
-        }
-    }
-
-    /// A job running `compiled` in shard `shard` of this table, with no key, no arguments,
-    /// writes allowed, and no fallback flag (set the public fields to change them).
-    pub fn eval_job(&self, shard: u32, compiled: Arc<Compiled>, limits: Limits) -> EvalJob {
-        EvalJob {
-            compiled,
-            key: None,
-            args: Value::Null,
-            limits,
-            read_only: false,
-            table: self.def.name.clone(),
-            shard,
-            shards: self.def.shards,
-            out_of_scope: None,
-        }
-    }
-
-    /// Runs a snippet job in its shard (collection scope).
-    pub async fn eval_in(&self, job: EvalJob) -> Result<OpResult, GridError> {
-        let shard = job.shard;
-        self.call(shard, Call::Eval(Box::new(job))).await
-    }
-
-    fn shard_of(&self, key: &Key) -> u32 {
-        key.shard(self.def.shards)
-    }
-
-    /// Executes `op`, routing by key; counts and scans over several shards are merged in key
-    /// order. A batch must stay within one shard (it is one op-log record of that shard).
-    pub async fn execute(&self, op: TableOp) -> Result<OpResult, GridError> {
-        if let TableOp::Eval(req) = &op {
-            let crate::table::EvalRequest { src, key, args, limits, read_only } = &**req;
-            let shard = match key {
-                Some(k) => self.shard_of(k),
-                None if self.def.shards == 1 => 0,
-                None => {
-                    return Err(GridError::Invalid(format!(
-                        "a snippet on sharded table {} needs a routing key (it runs in that key's shard)",
-                        self.def.name
-                    )));
-                }
-            };
-            let compiled = self.snippets.engine.compile(src)?;
-            let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
-            let job = EvalJob {
-                key: key.clone(),
-                args: args.clone(),
-                read_only: *read_only,
-                ..self.eval_job(shard, compiled, limits)
-            };
-            return self.eval_in(job).await;
-        }
-        if self.def.shards == 1 {
-            return self.call_shard(0, op).await;
-        }
-        match &op {
-            // Routed (and returned) above.
-            TableOp::Eval(_) => Err(GridError::Invalid("snippet routing".into())),
-            TableOp::Get { key } | TableOp::Contains { key } => {
-                let s = self.shard_of(key);
-                self.call_shard(s, op).await
-            }
-            TableOp::Write(w) => {
-                let s = self.shard_of(w.key());
-                self.call_shard(s, op).await
-            }
-            TableOp::Batch(ws) => {
-                let shards: std::collections::BTreeSet<u32> =
-                    ws.iter().map(|w| self.shard_of(w.key())).collect();
-                match shards.len() {
-                    0 => Ok(OpResult::Written { lsn: 0, results: vec![] }),
-                    1 => self.call_shard(*shards.first().expect("one shard"), op).await,
-                    _ => Err(GridError::Invalid(format!(
-                        "a batch on sharded table {} must stay within one shard (its keys span {})",
-                        self.def.name,
-                        shards.len()
-                    ))),
-                }
-            }
-            TableOp::Count => {
-                let mut total = 0;
-                for s in 0..self.def.shards {
-                    match self.call_shard(s, TableOp::Count).await? {
-                        OpResult::Count(n) => total += n,
-                        r => return Err(GridError::Corrupted(format!("count answered {r:?}"))),
-                    }
-                }
-                Ok(OpResult::Count(total))
-            }
-            TableOp::Scan { limit, reverse, .. } | TableOp::Prefix { limit, reverse, .. } => {
-                let (limit, reverse) = (*limit, *reverse);
-                let mut parts = Vec::with_capacity(self.def.shards as usize);
-                for s in 0..self.def.shards {
-                    match self.call_shard(s, op.clone()).await? {
-                        OpResult::Entries(e) => parts.push(e),
-                        r => return Err(GridError::Corrupted(format!("scan answered {r:?}"))),
-                    }
-                }
-                Ok(merge_entries(parts, limit, reverse))
-            }
-        }
-    }
-
-    /// Test hook: makes shard `i` panic inside its handler.
-    #[doc(hidden)]
-    pub fn inject_panic(&self, i: u32) {
-        if let SlotState::Running(a) = self.slots[i as usize].get() {
-            let _ = a.cast(ShardMsg::InjectPanic);
-        }
-    }
-
-    /// The id of shard `i`'s current actor, if it has one (changes on every restart).
-    pub fn shard_actor(&self, i: u32) -> Option<ractor::ActorId> {
-        match self.slots[i as usize].get() {
-            SlotState::Running(a) => Some(a.get_id()),
-            _ => None,
-        }
-    }
-
-    /// Whether shard `i` has a live actor (test and health checks).
-    pub fn shard_running(&self, i: u32) -> bool {
-        match self.slots[i as usize].get() {
-            SlotState::Running(a) => a.get_status() == ractor::ActorStatus::Running,
-            _ => false,
         }
     }
 }
@@ -531,7 +240,7 @@ impl Actor for Checkpointer {
         let tables: Vec<Arc<TableRuntime>> =
             registry.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for t in tables {
-            for slot in t.slots.iter() {
+            for slot in t.slots() {
                 if let SlotState::Running(a) = slot.get() {
                     let _ = a.cast(ShardMsg::Checkpoint(None));
                 }
@@ -567,10 +276,10 @@ struct GridStore {
 }
 
 impl GridStore {
-    fn run(&mut self, coll: &str, op: TableOp) -> Result<OpResult, GridError> {
+    /// The table `coll`, after the access check.
+    fn table(&self, coll: &str) -> Result<Arc<TableRuntime>, GridError> {
         (self.access)(coll, false)?;
-        let t = self.core.table(coll)?;
-        self.handle.block_on(t.execute(op))
+        self.core.table(coll)
     }
 }
 
@@ -582,31 +291,24 @@ impl Store for GridStore {
     }
 
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
-        match self.run(coll, TableOp::Get { key: key.clone() })? {
-            OpResult::Value(v) => Ok(v.map(|v| v.value)),
-            r => Err(GridError::Corrupted(format!("get answered {r:?}"))),
-        }
+        let t = self.table(coll)?;
+        Ok(self.handle.block_on(t.get(key.clone()))?.map(|v| v.value))
     }
 
     fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
-        match self.run(coll, TableOp::Contains { key: key.clone() })? {
-            OpResult::Bool(b) => Ok(b),
-            r => Err(GridError::Corrupted(format!("contains answered {r:?}"))),
-        }
+        let t = self.table(coll)?;
+        self.handle.block_on(t.contains(key.clone()))
     }
 
     fn count(&mut self, coll: &str) -> Result<u64, GridError> {
-        match self.run(coll, TableOp::Count)? {
-            OpResult::Count(n) => Ok(n),
-            r => Err(GridError::Corrupted(format!("count answered {r:?}"))),
-        }
+        let t = self.table(coll)?;
+        self.handle.block_on(t.count())
     }
 
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
-        match self.run(coll, scan_op(q))? {
-            OpResult::Entries(e) => Ok(e.into_iter().map(|(k, v)| (k, v.value)).collect()),
-            r => Err(GridError::Corrupted(format!("scan answered {r:?}"))),
-        }
+        let t = self.table(coll)?;
+        let entries = self.handle.block_on(t.scan(scan_range(q)))?;
+        Ok(entries.into_iter().map(|(k, v)| (k, v.value)).collect())
     }
 }
 
@@ -639,19 +341,6 @@ fn durable_apply(h: &mut Heap, batch: &heapgrid_heap::WriteBatch) -> Result<(), 
         d.wait(lsn)?;
     }
     Ok(())
-}
-
-fn valid_name(name: &str) -> Result<(), GridError> {
-    let ok = !name.is_empty()
-        && name.len() <= TABLE_NAME_BYTES_MAX
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(GridError::Invalid(format!(
-            "table name {name:?}: use 1 to {TABLE_NAME_BYTES_MAX} ASCII letters, digits, '_' or '-'"
-        )))
-    }
 }
 
 impl GridCore {
@@ -738,11 +427,7 @@ impl GridCore {
 
     async fn start(&self, def: TableDef) -> Result<Arc<TableRuntime>, GridError> {
         let slots: Arc<Vec<ShardSlot>> = Arc::new((0..def.shards).map(|_| ShardSlot::new()).collect());
-        let rt = Arc::new(TableRuntime {
-            def: def.clone(),
-            slots: slots.clone(),
-            snippets: self.snippets.clone(),
-        });
+        let rt = Arc::new(TableRuntime::new(def.clone(), slots.clone(), self.snippets.clone()));
         match self.root.call(|p| RootMsg::StartTable(def.clone(), slots, p), None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r?,
             _ => return Err(GridError::Closed),
@@ -836,10 +521,7 @@ impl GridCore {
             let read_only = access(only, true).is_err();
             if t.def.shards == 1 {
                 let job = EvalJob { args, read_only, ..t.eval_job(0, compiled, limits) };
-                return match t.eval_in(job).await? {
-                    OpResult::Snippet(v) => Ok(v),
-                    r => Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
-                };
+                return t.eval_in(job).await;
             }
             // Several shards: first try the shard that `args` names when it is a key (else shard
             // 0). A snippet that stays in that shard is answered from there (atomically); one
@@ -857,8 +539,7 @@ impl GridCore {
                 ..t.eval_job(guess, compiled.clone(), limits.clone())
             };
             match t.eval_in(job).await {
-                Ok(OpResult::Snippet(v)) => return Ok(v),
-                Ok(r) => return Err(GridError::Corrupted(format!("snippet answered {r:?}"))),
+                Ok(v) => return Ok(v),
                 Err(e) if !missed.load(std::sync::atomic::Ordering::Relaxed) => return Err(e),
                 Err(_) => {}
             }
@@ -894,7 +575,7 @@ impl GridCore {
             }
         }
         for ((table, _), ops) in groups {
-            self.table(&table)?.execute(TableOp::Batch(ops)).await?;
+            self.table(&table)?.batch(ops).await?;
         }
         Ok(outcome.value)
     }
@@ -910,10 +591,7 @@ impl GridCore {
     ) -> Result<Value, GridError> {
         let at = crate::snippet::parse_ref(r).map_err(GridError::Invalid)?;
         access(&at.collection, false)?;
-        let doc = match self.table(&at.collection)?.execute(TableOp::Get { key: at.key.clone() }).await? {
-            OpResult::Value(v) => v.map(|v| v.value),
-            r => return Err(GridError::Corrupted(format!("get answered {r:?}"))),
-        };
+        let doc = self.table(&at.collection)?.get(at.key.clone()).await?.map(|v| v.value);
         crate::snippet::engine::fetch(at, r, doc, offset, limit, &self.snippets.defaults)
     }
 
@@ -934,9 +612,9 @@ impl GridCore {
     }
 
     /// Every table, by name.
-    pub fn list_tables(&self) -> Vec<TableDef> {
-        let mut v: Vec<TableDef> =
-            self.registry.read().unwrap_or_else(|e| e.into_inner()).values().map(|t| t.def.clone()).collect();
+    pub fn list_tables(&self) -> Vec<TableInfo> {
+        let mut v: Vec<TableInfo> =
+            self.registry.read().unwrap_or_else(|e| e.into_inner()).values().map(|t| t.def.info()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }

@@ -90,6 +90,20 @@ impl Key {
     }
 }
 
+/// The smallest string greater than every string starting with `p` (`None`: there is none,
+/// as for the empty string or one made only of U+10FFFF).
+pub fn str_successor(p: &str) -> Option<String> {
+    let mut chars: Vec<char> = p.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(n) = next {
+            chars.push(n);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 /// A string key over the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("key is {bytes} bytes, the limit is {KEY_STR_BYTES_MAX}")]

@@ -9,16 +9,14 @@ pub use heapgrid_heap as heap;
 pub mod error;
 pub mod grid;
 pub mod key;
+pub mod limits;
 pub mod restart;
-pub mod shard;
 pub mod snippet;
-pub mod supervisor;
 pub mod table;
 pub mod value;
 
 pub use error::GridError;
 pub use key::Key;
-pub use table::{
-    EvalRequest, Expect, OpResult, TableError, TableOp, TableShard, Versioned, WriteOp, WriteResult,
-};
+pub use table::runtime::EvalRequest;
+pub use table::{Expect, ScanRange, TableError, TableShard, Versioned, WriteOp, WriteResult, Written};
 pub use value::{PathSeg, Update, Value, ValueError};

@@ -245,7 +245,7 @@ async fn two_hundred_concurrent_connections() {
     assert_eq!(admin.table("t").count().await.unwrap(), 2000);
 }
 
-async fn raw_hello(addr: SocketAddr) -> tokio::net::TcpStream {
+pub(crate) async fn raw_hello(addr: SocketAddr) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION, token: None };
     protocol::write_msg(&mut s, &hello).await.unwrap();

@@ -61,7 +61,7 @@ impl Default for Limits {
             call_depth: 64,
             result_bytes: 4 << 20,
             wall_ms: 2_000,
-            writes: crate::table::TABLE_BATCH_OPS_MAX as u32,
+            writes: crate::limits::TABLE_BATCH_OPS_MAX as u32,
             result_depth: 16,
             result_items: 1_000,
         }
@@ -77,7 +77,7 @@ impl Limits {
             call_depth: 200,
             result_bytes: 32 << 20,
             wall_ms: 30_000,
-            writes: crate::table::TABLE_BATCH_OPS_MAX as u32,
+            writes: crate::limits::TABLE_BATCH_OPS_MAX as u32,
             result_depth: crate::value::VALUE_DEPTH_MAX as u32,
             result_items: 100_000,
         }
@@ -96,6 +96,15 @@ impl Limits {
             result_items: o.result_items.unwrap_or(self.result_items).clamp(1, max.result_items.max(1)),
         }
     }
+}
+
+/// A grid's snippet engine and budgets.
+pub struct Snippets {
+    pub engine: engine::Engine,
+    /// Budgets of a request that sets none.
+    pub defaults: Limits,
+    /// The most a request may ask for.
+    pub max: Limits,
 }
 
 /// Per-request budget overrides (absent: the server's default). Capped by the server's maximums.

@@ -263,7 +263,7 @@ impl<'s, 'v> Session<'s, 'v> {
             self.order.iter().filter(|(cc, k)| *cc == c && q.matches(k)).map(|(_, k)| k.clone()).collect();
         // Ask for enough that hiding this run's deletions still leaves `limit`.
         let mut wide = q.clone();
-        wide.limit = q.limit.saturating_add(mine.len() as u32).min(crate::table::SCAN_LIMIT_MAX);
+        wide.limit = q.limit.saturating_add(mine.len() as u32).min(crate::limits::SCAN_LIMIT_MAX);
         let stored = self.store.scan(name, &wide).map_err(|e| self.fail(e))?;
         let mut out: Vec<(Key, SValue<'v>)> = Vec::with_capacity(stored.len() + mine.len());
         for (k, v) in stored {

@@ -90,7 +90,7 @@ fn scan_query<'v>(
     limit: i32,
     reverse: bool,
 ) -> starlark::Result<ScanQuery> {
-    let max = crate::table::SCAN_LIMIT_MAX as i32;
+    let max = crate::limits::SCAN_LIMIT_MAX as i32;
     if !(0..=max).contains(&limit) {
         return Err(value_error(format!("scan limit {limit} is outside 0..={max}")));
     }

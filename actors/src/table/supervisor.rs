@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use heapgrid_heap::HeapOptions;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use super::actor::{ShardActor, ShardArgs, ShardMsg};
 use crate::error::GridError;
 use crate::restart::{Decision, RestartPolicy, RestartTracker};
-use crate::shard::{ShardActor, ShardArgs, ShardMsg};
 
 /// How long a checkpoint or stop of one shard may take at shutdown.
 const SHUTDOWN_SHARD_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,630 @@
+//! The table shard actor: a thin wrapper that owns one `TableShard` (one heap) and executes its
+//! messages strictly in order. Each message is typed and carries a typed reply port; a
+//! `Pipeline` carries several requests of one connection at once (one hop for all of them).
+//!
+//! The actor struct is empty; `pre_start` opens the heap, which replays the op log, so a
+//! supervisor restart *is* recovery. Writes are applied inside `handle` with their op-log
+//! records queued in memory; after the first write of a group the actor sends itself `Flush`,
+//! which arrives after everything already in the mailbox and writes all queued records with one
+//! write(2). Then, under `FsyncPolicy::Always`, the replies go to the shard's durable-reply task,
+//! which makes the highest LSN durable with one fsync and answers them all (group commit with
+//! task wake-ups, not thread hand-offs); under the other policies they are sent at once.
+//!
+//! Invariant: a reply is sent for a write only after its record is durable under the policy.
+//! Invariant: a read is answered only once every write it could see is as durable as a write's
+//! acknowledgement requires: after the group's op-log write, and under `Always` after its fsync.
+//! So no reader ever sees a write that a crash could then lose without its writer having been
+//! told so.
+//! Invariant: if the actor dies, every reply port it held is dropped, so every caller gets an
+//! error instead of waiting forever.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use heapgrid_heap::{Durability, FsyncPolicy, Heap, HeapOptions};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+
+use super::{ScanRange, TableShard, Versioned, WriteOp, WriteResult, Written};
+use crate::error::GridError;
+use crate::key::Key;
+use crate::snippet::{Compiled, Limits, ScanQuery, Store};
+use crate::value::Value;
+
+/// A snippet whose previous run took longer than this runs under `block_in_place`.
+const SLOW_SNIPPET_US: u64 = 1_000;
+
+/// How long a (re)starting shard waits for the previous holder of its heap's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+type Reply<T> = RpcReplyPort<Result<T, GridError>>;
+
+/// One request inside a `Pipeline`.
+pub enum PipelineOp {
+    /// Answered with `PipelineReply::Record`: the stored bytes, not decoded.
+    Get(Key),
+    Contains(Key),
+    Count,
+    Scan(ScanRange),
+    Write(WriteOp),
+    Batch(Vec<WriteOp>),
+    Eval(Box<EvalJob>),
+}
+
+/// A stored record copied out of the heap: its version and `Value::encode` bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawVersioned {
+    pub version: u64,
+    pub value: Vec<u8>,
+}
+
+/// The answer to one `PipelineOp`, in the same position.
+#[derive(Debug)]
+pub enum PipelineReply {
+    Record(Option<RawVersioned>),
+    Bool(bool),
+    Count(u64),
+    Entries(Vec<(Key, Versioned)>),
+    Written(Written),
+    Snippet(Value),
+}
+
+/// Messages a shard actor handles.
+pub enum ShardMsg {
+    Get(Key, Reply<Option<Versioned>>),
+    Contains(Key, Reply<bool>),
+    Count(Reply<u64>),
+    Scan(ScanRange, Reply<Vec<(Key, Versioned)>>),
+    /// One write; the reply carries its LSN (0 if it wrote nothing) and result.
+    Write(WriteOp, Reply<(u64, WriteResult)>),
+    /// Writes applied together as one op-log record.
+    Batch(Vec<WriteOp>, Reply<Written>),
+    /// Run a collection-scoped snippet (compiled by the caller).
+    Eval(Box<EvalJob>, Reply<Value>),
+    /// Several requests, executed in order and answered together, one result per request.
+    Pipeline(Vec<PipelineOp>, RpcReplyPort<Vec<Result<PipelineReply, GridError>>>),
+    /// Checkpoint the heap (replies if a port is given).
+    Checkpoint(Option<Reply<()>>),
+    /// Checkpoint and close the heap (releasing its file lock) before the actor is stopped;
+    /// later operations get `GridError::Closed`.
+    Close(Reply<()>),
+    /// Write the op-log records queued since the last flush (one write(2)) and answer their
+    /// requests. The actor sends it to itself after the first write of a group, so it arrives
+    /// after every message already queued: one syscall per drained mailbox.
+    Flush,
+    /// Test hook: panic inside the handler, as a bug would.
+    #[doc(hidden)]
+    InjectPanic,
+}
+
+/// A snippet for one shard: what to run, under which budgets, and where it is.
+pub struct EvalJob {
+    pub compiled: Arc<Compiled>,
+    /// The routing key (the snippet's `key`) and arguments (`args`).
+    pub key: Option<Key>,
+    pub args: Value,
+    pub limits: Limits,
+    pub read_only: bool,
+    pub table: String,
+    pub shard: u32,
+    pub shards: u32,
+    /// Set when the snippet reached outside this shard (another table, another shard's key, a
+    /// whole-table operation): the run then failed with no effect, and a caller that was only
+    /// trying this shard runs it grid-scoped instead.
+    pub out_of_scope: Option<Arc<AtomicBool>>,
+}
+
+/// A collection-scoped snippet's view: this shard of this table, nothing else.
+struct ShardStore<'a> {
+    table: &'a mut TableShard,
+    job: &'a EvalJob,
+}
+
+impl ShardStore<'_> {
+    fn refuse(&self, e: GridError) -> Result<(), GridError> {
+        if let Some(flag) = &self.job.out_of_scope {
+            flag.store(true, Ordering::Relaxed);
+        }
+        Err(e)
+    }
+
+    fn own(&self, coll: &str) -> Result<(), GridError> {
+        if coll != self.job.table {
+            return self.refuse(GridError::Invalid(format!(
+                "a snippet scoped to {} cannot use {coll}; run it grid-scoped (grid.eval)",
+                self.job.table
+            )));
+        }
+        Ok(())
+    }
+
+    fn own_key(&self, coll: &str, key: &Key) -> Result<(), GridError> {
+        self.own(coll)?;
+        let s = key.shard(self.job.shards);
+        if s != self.job.shard {
+            return self.refuse(GridError::Invalid(format!(
+                "key {key} of {coll} lives in shard {s}; this snippet runs in shard {} (route it by that key)",
+                self.job.shard
+            )));
+        }
+        Ok(())
+    }
+
+    fn whole_table(&self, coll: &str, what: &str) -> Result<(), GridError> {
+        self.own(coll)?;
+        if self.job.shards > 1 {
+            return self.refuse(GridError::Invalid(format!(
+                "{what} of sharded table {coll} needs every shard; a collection-scoped snippet sees one (use grid.eval)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Store for ShardStore<'_> {
+    fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
+        self.own_key(coll, key)?;
+        key.encode().map(|_| ()).map_err(|e| GridError::Invalid(e.to_string()))
+    }
+
+    fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
+        self.own_key(coll, key)?;
+        Ok(self.table.get(key)?.map(|v| v.value))
+    }
+
+    fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
+        self.own_key(coll, key)?;
+        Ok(self.table.contains(key)?)
+    }
+
+    fn count(&mut self, coll: &str) -> Result<u64, GridError> {
+        self.whole_table(coll, "len()")?;
+        Ok(self.table.count())
+    }
+
+    fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+        self.whole_table(coll, "a scan")?;
+        Ok(self.table.scan(&scan_range(q))?.into_iter().map(|(k, v)| (k, v.value)).collect())
+    }
+}
+
+/// The range behind a snippet's scan: exactly the keys `ScanQuery::matches`, at most `limit` of
+/// them, in its order.
+pub fn scan_range(q: &ScanQuery) -> ScanRange {
+    use std::ops::Bound;
+    match &q.prefix {
+        Some(p) if q.start.is_none() && q.end.is_none() => ScanRange::prefix(p, q.limit, q.reverse),
+        Some(p) => {
+            // The keys with prefix `p` are exactly [p, successor(p)): narrow both bounds to them.
+            let lo = Key::Str(p.clone());
+            let start = q.start.clone().filter(|s| *s > lo).unwrap_or(lo);
+            let end = match (q.end.clone(), crate::key::str_successor(p).map(Key::Str)) {
+                (Some(e), Some(s)) => Bound::Excluded(e.min(s)),
+                (Some(e), None) | (None, Some(e)) => Bound::Excluded(e),
+                (None, None) => Bound::Unbounded,
+            };
+            ScanRange { start: Bound::Included(start), end, limit: q.limit, reverse: q.reverse }
+        }
+        None => ScanRange {
+            start: q.start.clone().map_or(Bound::Unbounded, Bound::Included),
+            end: q.end.clone().map_or(Bound::Unbounded, Bound::Excluded),
+            limit: q.limit,
+            reverse: q.reverse,
+        },
+    }
+}
+
+/// Runs a snippet in the shard: its writes become one batch (one op-log record), or nothing.
+/// Returns the result and the batch's LSN (0 if it wrote nothing).
+fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), GridError> {
+    let outcome =
+        job.compiled.run(&mut ShardStore { table, job }, &job.limits, job.key.as_ref(), &job.args)?;
+    if outcome.writes.is_empty() {
+        return Ok((outcome.value, 0));
+    }
+    if job.read_only {
+        return Err(GridError::PermissionDenied {
+            collection: job.table.clone(),
+            permission: "write".into(),
+        });
+    }
+    // Every write was checked at its assignment; checked again here, where it is committed.
+    if let Some(w) =
+        outcome.writes.iter().find(|w| w.collection != job.table || w.key.shard(job.shards) != job.shard)
+    {
+        return Err(GridError::Invalid(format!(
+            "a snippet in shard {} of {} cannot write {}[{}]",
+            job.shard, job.table, w.collection, w.key
+        )));
+    }
+    let ops: Vec<WriteOp> = outcome
+        .writes
+        .into_iter()
+        .map(|w| match w.value {
+            Some(value) => WriteOp::Put { key: w.key, value },
+            None => WriteOp::Delete { key: w.key },
+        })
+        .collect();
+    let written = table.write(&ops)?;
+    Ok((outcome.value, written.lsn))
+}
+
+/// Runs a snippet job, under `block_in_place` when its last run was slow.
+fn eval(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), GridError> {
+    // A snippet whose last run took over 1 ms runs under `block_in_place`, so the runtime moves
+    // other tasks off this worker meanwhile; quick ones run inline.
+    if job.compiled.last_run_us() > SLOW_SNIPPET_US {
+        blocking(|| run_snippet(table, job))
+    } else {
+        run_snippet(table, job)
+    }
+}
+
+/// Executes one pipelined request; returns its reply and the LSN it wrote (0: none).
+fn execute(table: &mut TableShard, op: PipelineOp) -> (Result<PipelineReply, GridError>, u64) {
+    let read = |r: Result<PipelineReply, crate::table::TableError>| (r.map_err(GridError::from), 0);
+    match op {
+        PipelineOp::Get(key) => read(table.get_raw(&key).map(|r| {
+            PipelineReply::Record(r.map(|r| RawVersioned { version: r.version, value: r.value.into_owned() }))
+        })),
+        PipelineOp::Contains(key) => read(table.contains(&key).map(PipelineReply::Bool)),
+        PipelineOp::Count => (Ok(PipelineReply::Count(table.count())), 0),
+        PipelineOp::Scan(range) => read(table.scan(&range).map(PipelineReply::Entries)),
+        PipelineOp::Write(op) => match table.write_one(&op) {
+            Ok((lsn, r)) => (Ok(PipelineReply::Written(Written { lsn, results: vec![r] })), lsn),
+            Err(e) => (Err(e.into()), 0),
+        },
+        PipelineOp::Batch(ops) => match table.write(&ops) {
+            Ok(w) => {
+                let lsn = w.lsn;
+                (Ok(PipelineReply::Written(w)), lsn)
+            }
+            Err(e) => (Err(e.into()), 0),
+        },
+        PipelineOp::Eval(job) => match eval(table, &job) {
+            Ok((v, lsn)) => (Ok(PipelineReply::Snippet(v)), lsn),
+            Err(e) => (Err(e), 0),
+        },
+    }
+}
+
+#[derive(Clone)]
+pub struct ShardArgs {
+    pub path: PathBuf,
+    pub heap: HeapOptions,
+}
+
+/// A reply held until the op log is written (and, under `Always`, synced) up to `lsn`. `answer`
+/// sends it, or, given an error, sends that instead.
+struct Deferred {
+    lsn: u64,
+    answer: Answer,
+}
+
+/// Sends a held reply, or the given error instead.
+type Answer = Box<dyn FnOnce(Option<&GridError>) + Send>;
+
+fn deferred<T: Send + 'static>(lsn: u64, port: Reply<T>, r: Result<T, GridError>) -> Deferred {
+    Deferred {
+        lsn,
+        answer: Box::new(move |err| {
+            let _ = port.send(match err {
+                None => r,
+                Some(e) => Err(e.clone()),
+            });
+        }),
+    }
+}
+
+/// The shard's state: its table and the replies waiting for the op log.
+pub struct ShardState {
+    /// `None` once closed.
+    table: Option<TableShard>,
+    /// Under `Always`: the durable-reply task and the handle it syncs through.
+    durable: Option<(mpsc::UnboundedSender<Deferred>, Durability)>,
+    /// Replies of requests whose writes (or whose view of others' writes) have op-log records
+    /// still queued in memory: sent after `Flush`.
+    unflushed: Vec<Deferred>,
+    flush_scheduled: bool,
+}
+
+impl ShardState {
+    /// Writes the queued op-log records, then answers (or, under `Always`, hands to the
+    /// durable-reply task) every request they belong to. On failure every one of them gets the
+    /// error, and the caller fails the actor: the heap is poisoned and a restart recovers it.
+    fn flush(&mut self) -> Result<(), ActorProcessingErr> {
+        self.flush_scheduled = false;
+        let r = match self.table.as_mut() {
+            Some(t) => t.heap_mut().flush_log().map_err(GridError::from),
+            None => Ok(()),
+        };
+        let waiting = std::mem::take(&mut self.unflushed);
+        if let Err(e) = r {
+            let e = GridError::Unavailable(format!("write not logged: {e}"));
+            for d in waiting {
+                (d.answer)(Some(&e));
+            }
+            return Err(format!("op log write failed: {e}").into());
+        }
+        for d in waiting {
+            self.release(d);
+        }
+        Ok(())
+    }
+
+    /// Sends a reply whose op-log records are written: at once, or under `Always` through the
+    /// durable-reply task once they are synced.
+    fn release(&self, d: Deferred) {
+        match &self.durable {
+            Some((tx, durability)) if d.lsn > durability.durable_lsn() => {
+                if let Err(mpsc::error::SendError(d)) = tx.send(d) {
+                    (d.answer)(Some(&GridError::Unavailable("durable-reply task ended".into())));
+                }
+            }
+            _ => (d.answer)(None),
+        }
+    }
+
+    /// Answers a request now or once what it wrote or saw is as durable as a write's
+    /// acknowledgement: `wrote` is the LSN it wrote (0: none).
+    fn answer(&mut self, myself: &ActorRef<ShardMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+        let last = self.table.as_ref().map_or(0, |t| t.heap().last_lsn());
+        if wrote == 0 && !self.flush_scheduled {
+            // A read (or a write that changed nothing): it saw only written records; under
+            // `Always` it waits for them to be synced.
+            self.release(d(last));
+            return;
+        }
+        self.unflushed.push(d(last.max(wrote)));
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            if myself.cast(ShardMsg::Flush).is_err() {
+                // Only while stopping; the flush below answers everything queued.
+                let _ = self.flush();
+            }
+        }
+    }
+}
+
+/// The shard actor (empty: everything lives in `ShardState`).
+pub struct ShardActor;
+
+impl Actor for ShardActor {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        args: ShardArgs,
+    ) -> Result<ShardState, ActorProcessingErr> {
+        if let Some(dir) = args.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // After a crash the previous incarnation's state (and its file lock) may still be being
+        // dropped while we start: wait for it briefly rather than fail the restart.
+        let started = tokio::time::Instant::now();
+        let heap = loop {
+            match Heap::open(&args.path, args.heap.clone()) {
+                Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                r => break r?,
+            }
+        };
+        let durable = match (args.heap.fsync, heap.durability()) {
+            (FsyncPolicy::Always, Some(d)) => Some((spawn_durable_replies(d.clone()), d)),
+            _ => None,
+        };
+        let mut table = TableShard::new(heap);
+        table.set_deferred_log(true);
+        Ok(ShardState { table: Some(table), durable, unflushed: Vec::new(), flush_scheduled: false })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        let msg = match msg {
+            ShardMsg::Flush => return state.flush(),
+            ShardMsg::Checkpoint(reply) => {
+                // A checkpoint flushes and fsyncs: let the runtime move other tasks off this worker.
+                let r = match state.table.as_mut() {
+                    Some(t) => blocking(|| t.heap_mut().checkpoint()).map_err(GridError::from),
+                    None => Err(GridError::Closed),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+                return fail_if_poisoned(state);
+            }
+            ShardMsg::Close(reply) => {
+                state.flush()?;
+                let r = match state.table.take() {
+                    Some(t) => t.into_heap().close().map_err(GridError::from),
+                    None => Ok(()),
+                };
+                state.durable = None;
+                let _ = reply.send(r);
+                return Ok(());
+            }
+            ShardMsg::InjectPanic => panic!("injected panic (test hook)"),
+            msg => msg,
+        };
+        let Some(table) = state.table.as_mut() else {
+            refuse_closed(msg);
+            return Ok(());
+        };
+        match msg {
+            ShardMsg::Get(key, reply) => {
+                let r = table.get(&key).map_err(GridError::from);
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Contains(key, reply) => {
+                let r = table.contains(&key).map_err(GridError::from);
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Count(reply) => {
+                let r = Ok(table.count());
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Scan(range, reply) => {
+                let r = table.scan(&range).map_err(GridError::from);
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Write(op, reply) => {
+                let r = table.write_one(&op).map_err(GridError::from);
+                let wrote = r.as_ref().map_or(0, |(lsn, _)| *lsn);
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Batch(ops, reply) => {
+                let r = table.write(&ops).map_err(GridError::from);
+                let wrote = r.as_ref().map_or(0, |w| w.lsn);
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Eval(job, reply) => {
+                let (r, wrote) = match eval(table, &job) {
+                    Ok((v, lsn)) => (Ok(v), lsn),
+                    Err(e) => (Err(e), 0),
+                };
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
+            }
+            ShardMsg::Pipeline(ops, reply) => {
+                let mut results = Vec::with_capacity(ops.len());
+                let mut wrote = 0;
+                for op in ops {
+                    let (r, lsn) = execute(table, op);
+                    wrote = wrote.max(lsn);
+                    results.push(r);
+                }
+                state.answer(&myself, wrote, |lsn| Deferred {
+                    lsn,
+                    answer: Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            None => results,
+                            Some(e) => results.into_iter().map(|_| Err(e.clone())).collect(),
+                        });
+                    }),
+                });
+            }
+            ShardMsg::Flush | ShardMsg::Checkpoint(_) | ShardMsg::Close(_) | ShardMsg::InjectPanic => {}
+        }
+        // A heap that failed closed (fsync error, corrupt page met mid-write) is recovered by a
+        // restart: the request was answered (or its reply dropped, which is an error to its
+        // caller); fail so the supervisor reopens it.
+        fail_if_poisoned(state)
+    }
+}
+
+fn fail_if_poisoned(state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+    match state.table.as_ref().and_then(|t| t.heap().poisoned().map(str::to_string)) {
+        Some(why) => {
+            // Whatever waits for the op log would wait for a heap that is gone.
+            let e = GridError::Unavailable(format!("heap failed closed: {why}"));
+            for d in std::mem::take(&mut state.unflushed) {
+                (d.answer)(Some(&e));
+            }
+            Err(format!("heap failed closed: {why}").into())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Answers a request that arrived after `Close`.
+fn refuse_closed(msg: ShardMsg) {
+    fn closed<T>() -> Result<T, GridError> {
+        Err(GridError::Closed)
+    }
+    match msg {
+        ShardMsg::Get(_, r) => drop(r.send(closed())),
+        ShardMsg::Contains(_, r) => drop(r.send(closed())),
+        ShardMsg::Count(r) => drop(r.send(closed())),
+        ShardMsg::Scan(_, r) => drop(r.send(closed())),
+        ShardMsg::Write(_, r) => drop(r.send(closed())),
+        ShardMsg::Batch(_, r) => drop(r.send(closed())),
+        ShardMsg::Eval(_, r) => drop(r.send(closed())),
+        ShardMsg::Pipeline(ops, r) => drop(r.send(ops.iter().map(|_| closed()).collect())),
+        ShardMsg::Checkpoint(Some(r)) | ShardMsg::Close(r) => drop(r.send(closed())),
+        ShardMsg::Checkpoint(None) | ShardMsg::Flush | ShardMsg::InjectPanic => {}
+    }
+}
+
+/// Runs blocking work (a checkpoint's flushes) so the runtime can move other tasks off this
+/// worker; on a current-thread runtime there is nowhere to move them, so it just runs.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// The durable-reply task of a shard under `FsyncPolicy::Always`: one fsync per drained group.
+fn spawn_durable_replies(durability: Durability) -> mpsc::UnboundedSender<Deferred> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Deferred>();
+    tokio::spawn(async move {
+        let mut group = Vec::new();
+        while let Some(first) = rx.recv().await {
+            group.push(first);
+            while let Ok(more) = rx.try_recv() {
+                group.push(more);
+            }
+            let upto = group.iter().map(|d| d.lsn).max().unwrap_or(0);
+            let d = durability.clone();
+            let synced = tokio::task::spawn_blocking(move || d.wait(upto)).await;
+            let err = match synced {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => {
+                    Some(GridError::Unavailable(format!("write not durable: {}", GridError::from(e))))
+                }
+                Err(e) => Some(GridError::Unavailable(format!("write not durable: fsync task failed: {e}"))),
+            };
+            for d in group.drain(..) {
+                (d.answer)(err.as_ref());
+            }
+        }
+    });
+    tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// `scan_range` selects exactly the keys `ScanQuery::matches`, so its results need no filter.
+        #[test]
+        fn scan_range_selects_exactly_the_matching_keys(
+            keys in prop::collection::btree_set("[ab]{0,3}", 0..20),
+            prefix in prop::option::of("[ab]{0,2}"),
+            start in prop::option::of("[ab]{0,3}"),
+            end in prop::option::of("[ab]{0,3}"),
+            reverse in any::<bool>(),
+        ) {
+            let q = ScanQuery {
+                prefix,
+                start: start.map(Key::Str),
+                end: end.map(Key::Str),
+                limit: crate::limits::SCAN_LIMIT_MAX,
+                reverse,
+            };
+            let h = heapgrid_heap::Heap::open_storage(
+                Box::new(heapgrid_heap::storage::SimDisk::new().storage()) as Box<dyn heapgrid_heap::storage::Storage>,
+                HeapOptions::default(),
+            ).unwrap();
+            let mut t = TableShard::new(h);
+            let puts: Vec<WriteOp> = keys.iter().map(|k| WriteOp::Put { key: Key::Str(k.clone()), value: Value::Null }).collect();
+            t.write(&puts).unwrap();
+            let got: Vec<Key> = t.scan(&scan_range(&q)).unwrap().into_iter().map(|(k, _)| k).collect();
+            let mut want: Vec<Key> = keys.iter().map(|k| Key::Str(k.clone())).filter(|k| q.matches(k)).collect();
+            if reverse {
+                want.reverse();
+            }
+            prop_assert_eq!(got, want);
+        }
+    }
+}

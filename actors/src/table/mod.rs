@@ -1,0 +1,553 @@
+//! Tables: the pure state machine of one table shard (`TableShard`, this module), its actor
+//! (`actor`), its supervisor (`supervisor`) and the routing of a table's requests to its shards
+//! (`runtime`).
+//!
+//! `TableShard` has one typed method per operation: `get`, `get_raw`, `contains`, `count`,
+//! `scan`, `write_one` and `write`. It is synchronous and knows nothing of actors or the wire.
+//!
+//! Stored record (the heap value of each key):
+//!
+//! ```text
+//! u64 LE   version: 1 for a new key, +1 on every write of that key (compare-and-set can use it)
+//! ..       Value::encode (version byte + postcard)
+//! ```
+//!
+//! Invariant: every `write_one` and every `write` is one `WriteBatch` and so one op-log record:
+//! it applies completely or not at all. A batch whose operation fails (a compare-and-set that
+//! does not match, an update of the wrong type) changes nothing.
+//! Invariant: execution is deterministic: the same operations in the same order on the same
+//! state give the same state and results (no clock, no randomness), so replicas can replay them.
+//! Invariant: a put or a delete reads only the stored version of its key, never the old value.
+
+pub mod actor;
+pub mod def;
+pub mod runtime;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::ops::Bound;
+
+use heapgrid_heap::{Heap, WriteBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::key::{Key, KeyTooLong};
+use crate::value::{PathSeg, Update, Value, ValueError};
+
+pub use crate::limits::{SCAN_LIMIT_MAX, TABLE_BATCH_OPS_MAX};
+/// Bytes of the record header in front of each stored value.
+const RECORD_HEADER_BYTES: usize = 8;
+
+// The types below travel on the wire (protocol version 1) as they are: their variants are
+// append-only and their fields fixed (pinned by the golden-bytes test in src/protocol.rs).
+
+/// A stored value with its per-key version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Versioned {
+    pub version: u64,
+    pub value: Value,
+}
+
+/// What a compare-and-set expects to find. On the wire: append-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Expect {
+    /// The key must be absent.
+    Absent,
+    /// The key must hold exactly this value.
+    Value(Value),
+    /// The key must be at this version.
+    Version(u64),
+}
+
+/// One write. On the wire: append-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WriteOp {
+    Put {
+        key: Key,
+        value: Value,
+    },
+    Delete {
+        key: Key,
+    },
+    /// Writes `new` (or deletes, if `None`) only if the current state matches `expect`.
+    Cas {
+        key: Key,
+        expect: Expect,
+        new: Option<Value>,
+    },
+    /// Changes a path inside the stored document; a missing key starts as an empty map.
+    Update {
+        key: Key,
+        path: Vec<PathSeg>,
+        update: Update,
+    },
+}
+
+impl WriteOp {
+    pub fn key(&self) -> &Key {
+        match self {
+            WriteOp::Put { key, .. }
+            | WriteOp::Delete { key }
+            | WriteOp::Cas { key, .. }
+            | WriteOp::Update { key, .. } => key,
+        }
+    }
+}
+
+/// The result of one write. On the wire: append-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WriteResult {
+    /// The new version.
+    Put { version: u64 },
+    /// Whether the key existed.
+    Deleted { existed: bool },
+    /// Whether the swap happened, and the state it compared against.
+    Cas { ok: bool, current: Option<Versioned> },
+    /// The value now at the updated path, and the document's new version.
+    Updated { value: Value, version: u64 },
+}
+
+/// What a write committed: its op-log record (`lsn`, 0 if nothing was written) and one result
+/// per operation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Written {
+    pub lsn: u64,
+    pub results: Vec<WriteResult>,
+}
+
+/// Keys in `[start, end]` per the bounds, at most `limit` entries, descending if `reverse`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanRange {
+    pub start: Bound<Key>,
+    pub end: Bound<Key>,
+    pub limit: u32,
+    pub reverse: bool,
+}
+
+impl ScanRange {
+    /// Exactly the string keys starting with `prefix`.
+    pub fn prefix(prefix: &str, limit: u32, reverse: bool) -> ScanRange {
+        let end = match crate::key::str_successor(prefix) {
+            Some(s) => Bound::Excluded(Key::Str(s)),
+            // Every string from `prefix` on starts with it only when there is no successor,
+            // i.e. the prefix is all U+10FFFF: bound by the end of the string keys.
+            None => Bound::Unbounded,
+        };
+        ScanRange { start: Bound::Included(Key::Str(prefix.to_string())), end, limit, reverse }
+    }
+}
+
+/// A stored record, borrowed from the heap where it is inline.
+pub struct RawRecord<'a> {
+    pub version: u64,
+    /// `Value::encode` output: the value format version byte, then postcard.
+    pub value: std::borrow::Cow<'a, [u8]>,
+}
+
+/// Why a table operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(transparent)]
+    Key(#[from] KeyTooLong),
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    #[error(transparent)]
+    Heap(#[from] heapgrid_heap::Error),
+    #[error("compare-and-set {index} in the batch did not match; nothing was written")]
+    CasFailed { index: u64 },
+    #[error("{what} is {got}, the limit is {max}")]
+    LimitExceeded { what: &'static str, got: u64, max: u64 },
+    #[error("stored record for key {key} is corrupt: {why}")]
+    Corrupted { key: String, why: String },
+}
+
+fn encode_record(version: u64, value: &Value) -> Result<Vec<u8>, TableError> {
+    let v = value.encode()?;
+    let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + v.len());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&v);
+    Ok(out)
+}
+
+fn corrupt(key: &[u8], why: String) -> TableError {
+    TableError::Corrupted { key: String::from_utf8_lossy(key).into(), why }
+}
+
+fn record_version(key: &[u8], bytes: &[u8]) -> Result<u64, TableError> {
+    match bytes.first_chunk::<RECORD_HEADER_BYTES>() {
+        Some(h) => Ok(u64::from_le_bytes(*h)),
+        None => Err(corrupt(key, "record shorter than its header".into())),
+    }
+}
+
+fn decode_record(key: &[u8], bytes: &[u8]) -> Result<Versioned, TableError> {
+    let version = record_version(key, bytes)?;
+    let value = Value::decode(&bytes[RECORD_HEADER_BYTES..]).map_err(|e| corrupt(key, e.to_string()))?;
+    Ok(Versioned { version, value })
+}
+
+fn next_version(key: &Key, current: Option<u64>) -> Result<u64, TableError> {
+    match current {
+        None => Ok(1),
+        Some(v) => v.checked_add(1).ok_or_else(|| TableError::Corrupted {
+            key: key.to_string(),
+            why: "version counter at its maximum".into(),
+        }),
+    }
+}
+
+fn encode_bound(b: &Bound<Key>) -> Result<Bound<Vec<u8>>, TableError> {
+    Ok(match b {
+        Bound::Included(k) => Bound::Included(k.encode()?),
+        Bound::Excluded(k) => Bound::Excluded(k.encode()?),
+        Bound::Unbounded => Bound::Unbounded,
+    })
+}
+
+/// What a lone compare-and-set that does not match answers: a result, not an error.
+enum Mismatch {
+    /// In a batch: the whole batch fails.
+    Fails,
+    /// Alone: `ok: false` with the state it compared against.
+    Answers,
+}
+
+/// One shard of a table: a heap plus the typed operations on it.
+pub struct TableShard {
+    heap: Heap,
+    deferred_log: bool,
+}
+
+impl TableShard {
+    pub fn new(heap: Heap) -> Self {
+        TableShard { heap, deferred_log: false }
+    }
+
+    /// With `true`, writes only queue their op-log records (`Heap::apply_deferred`); the owner
+    /// must call `heap_mut().flush_log()` before acknowledging any of them.
+    pub fn set_deferred_log(&mut self, on: bool) {
+        self.deferred_log = on;
+    }
+
+    pub fn heap(&self) -> &Heap {
+        &self.heap
+    }
+
+    pub fn heap_mut(&mut self) -> &mut Heap {
+        &mut self.heap
+    }
+
+    pub fn into_heap(self) -> Heap {
+        self.heap
+    }
+
+    /// The value and version stored under `key`.
+    pub fn get(&self, key: &Key) -> Result<Option<Versioned>, TableError> {
+        let k = key.encode()?;
+        match self.heap.get_ref(&k)? {
+            Some(bytes) => Ok(Some(decode_record(&k, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored record under `key` without decoding its value (for callers that pass the
+    /// encoded value on, such as the server's reply to a get).
+    pub fn get_raw(&self, key: &Key) -> Result<Option<RawRecord<'_>>, TableError> {
+        let k = key.encode()?;
+        let Some(bytes) = self.heap.get_ref(&k)? else { return Ok(None) };
+        let version = record_version(&k, &bytes)?;
+        let value = match bytes {
+            std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[RECORD_HEADER_BYTES..]),
+            std::borrow::Cow::Owned(mut b) => {
+                b.drain(..RECORD_HEADER_BYTES);
+                std::borrow::Cow::Owned(b)
+            }
+        };
+        Ok(Some(RawRecord { version, value }))
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, key: &Key) -> Result<bool, TableError> {
+        Ok(self.heap.contains(&key.encode()?)?)
+    }
+
+    /// Number of keys in this shard.
+    pub fn count(&self) -> u64 {
+        self.heap.len()
+    }
+
+    /// Entries in `range`, in key order (descending if `range.reverse`).
+    pub fn scan(&self, range: &ScanRange) -> Result<Vec<(Key, Versioned)>, TableError> {
+        if range.limit > SCAN_LIMIT_MAX {
+            return Err(TableError::LimitExceeded {
+                what: "scan limit",
+                got: range.limit as u64,
+                max: SCAN_LIMIT_MAX as u64,
+            });
+        }
+        let bounds = (encode_bound(&range.start)?, encode_bound(&range.end)?);
+        // An empty or inverted range has no entries (the heap's range would refuse it).
+        if let (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) = &bounds
+            && (s > e || (s == e && !matches!(bounds, (Bound::Included(_), Bound::Included(_)))))
+        {
+            return Ok(Vec::new());
+        }
+        let iter = self.heap.range::<Vec<u8>, _>(bounds);
+        let iter: Box<dyn Iterator<Item = _>> =
+            if range.reverse { Box::new(iter.rev()) } else { Box::new(iter) };
+        let mut out = Vec::new();
+        for e in iter.take(range.limit as usize) {
+            let (k, v) = e?;
+            let key = Key::decode(k).ok_or_else(|| corrupt(k, "undecodable key".into()))?;
+            out.push((key, decode_record(k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Applies one write as one op-log record. A compare-and-set that does not match is a
+    /// result (`ok: false`, nothing written, `lsn` 0), not an error.
+    pub fn write_one(&mut self, op: &WriteOp) -> Result<(u64, WriteResult), TableError> {
+        let k = op.key().encode()?;
+        let mut batch = WriteBatch::new();
+        let (result, wrote) = self.plan(op, &k, None, Mismatch::Answers, &mut batch, 0)?;
+        if !wrote {
+            return Ok((0, result));
+        }
+        Ok((self.commit(&batch)?, result))
+    }
+
+    /// Applies writes together, as one op-log record: each sees the ones before it; if any
+    /// fails (a compare-and-set that does not match included) nothing is written.
+    pub fn write(&mut self, ops: &[WriteOp]) -> Result<Written, TableError> {
+        if ops.len() > TABLE_BATCH_OPS_MAX {
+            return Err(TableError::LimitExceeded {
+                what: "batch operations",
+                got: ops.len() as u64,
+                max: TABLE_BATCH_OPS_MAX as u64,
+            });
+        }
+        if ops.is_empty() {
+            return Ok(Written { lsn: 0, results: Vec::new() });
+        }
+        // Read-your-writes inside the batch: the record each touched key will hold.
+        let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        let mut batch = WriteBatch::new();
+        let mut results = Vec::with_capacity(ops.len());
+        for (index, op) in ops.iter().enumerate() {
+            let k = op.key().encode()?;
+            let (result, _) =
+                self.plan(op, &k, Some(&mut overlay), Mismatch::Fails, &mut batch, index as u64)?;
+            results.push(result);
+        }
+        Ok(Written { lsn: self.commit(&batch)?, results })
+    }
+
+    fn commit(&mut self, batch: &WriteBatch) -> Result<u64, TableError> {
+        Ok(if self.deferred_log { self.heap.apply_deferred(batch)? } else { self.heap.apply(batch)? })
+    }
+
+    /// Adds `op` to `batch` against the current state (plus `overlay`, the batch's own earlier
+    /// writes); returns its result and whether it writes.
+    fn plan(
+        &self,
+        op: &WriteOp,
+        k: &[u8],
+        overlay: Option<&mut HashMap<Vec<u8>, Option<Vec<u8>>>>,
+        mismatch: Mismatch,
+        batch: &mut WriteBatch,
+        index: u64,
+    ) -> Result<(WriteResult, bool), TableError> {
+        let pending = overlay.as_deref().and_then(|o| o.get(k));
+        let stored = match pending {
+            Some(_) => None,
+            None => self.heap.get_ref(k)?,
+        };
+        let current_bytes: Option<&[u8]> = match pending {
+            Some(p) => p.as_deref(),
+            None => stored.as_deref(),
+        };
+        let current_version = current_bytes.map(|b| record_version(k, b)).transpose()?;
+        let next = next_version(op.key(), current_version)?;
+        let (record, result) = match op {
+            WriteOp::Put { value, .. } => {
+                (Some(encode_record(next, value)?), WriteResult::Put { version: next })
+            }
+            WriteOp::Delete { .. } => (None, WriteResult::Deleted { existed: current_bytes.is_some() }),
+            WriteOp::Cas { expect, new, .. } => {
+                let current = current_bytes.map(|b| decode_record(k, b)).transpose()?;
+                let ok = match (expect, &current) {
+                    (Expect::Absent, None) => true,
+                    (Expect::Value(v), Some(c)) => *v == c.value,
+                    (Expect::Version(n), Some(c)) => *n == c.version,
+                    _ => false,
+                };
+                if !ok {
+                    return match mismatch {
+                        Mismatch::Answers => Ok((WriteResult::Cas { ok: false, current }, false)),
+                        Mismatch::Fails => Err(TableError::CasFailed { index }),
+                    };
+                }
+                let record = new.as_ref().map(|v| encode_record(next, v)).transpose()?;
+                (record, WriteResult::Cas { ok: true, current })
+            }
+            WriteOp::Update { path, update, .. } => {
+                let mut doc = match current_bytes {
+                    Some(b) => decode_record(k, b)?.value,
+                    None => Value::Map(Default::default()),
+                };
+                let at = doc.update(path, update)?;
+                (Some(encode_record(next, &doc)?), WriteResult::Updated { value: at, version: next })
+            }
+        };
+        match &record {
+            Some(r) => batch.put(k, r)?,
+            None => batch.delete(k)?,
+        };
+        if let Some(o) = overlay {
+            o.insert(k.to_vec(), record);
+        }
+        Ok((result, true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use heapgrid_heap::HeapOptions;
+    use heapgrid_heap::storage::{SimDisk, Storage};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn shard() -> TableShard {
+        let h = Heap::open_storage(
+            Box::new(SimDisk::new().storage()) as Box<dyn Storage>,
+            HeapOptions::default(),
+        )
+        .unwrap();
+        TableShard::new(h)
+    }
+
+    fn put(k: &str, v: i64) -> WriteOp {
+        WriteOp::Put { key: k.into(), value: Value::Int(v) }
+    }
+
+    #[test]
+    fn versions_cas_and_atomic_batches() {
+        let mut s = shard();
+        s.write_one(&put("a", 1)).unwrap();
+        s.write_one(&put("a", 2)).unwrap();
+        assert_eq!(s.get(&"a".into()).unwrap(), Some(Versioned { version: 2, value: Value::Int(2) }));
+        let raw = s.get_raw(&"a".into()).unwrap().unwrap();
+        assert_eq!((raw.version, Value::decode(&raw.value).unwrap()), (2, Value::Int(2)));
+        let cas = |expect, new| WriteOp::Cas { key: "a".into(), expect, new };
+        let (lsn, r) = s.write_one(&cas(Expect::Version(1), Some(Value::Int(9)))).unwrap();
+        assert_eq!(lsn, 0, "a mismatch writes nothing");
+        assert!(matches!(r, WriteResult::Cas { ok: false, .. }));
+        s.write_one(&cas(Expect::Value(Value::Int(2)), Some(Value::Int(3)))).unwrap();
+        // A batch with a failing CAS writes nothing, not even its earlier puts.
+        let b = [put("b", 1), WriteOp::Cas { key: "a".into(), expect: Expect::Absent, new: None }];
+        assert!(matches!(s.write(&b), Err(TableError::CasFailed { index: 1 })));
+        assert!(!s.contains(&"b".into()).unwrap());
+        // Read-your-writes inside a batch, for versions and values.
+        let b = [
+            put("c", 1),
+            WriteOp::Update { key: "c".into(), path: vec![], update: Update::Increment(Value::Int(4)) },
+            WriteOp::Cas { key: "c".into(), expect: Expect::Version(2), new: Some(Value::Int(7)) },
+        ];
+        let w = s.write(&b).unwrap();
+        assert_eq!(w.results[0], WriteResult::Put { version: 1 });
+        assert_eq!(s.get(&"c".into()).unwrap(), Some(Versioned { version: 3, value: Value::Int(7) }));
+        assert_eq!(s.write(&[]).unwrap(), Written { lsn: 0, results: vec![] });
+    }
+
+    #[test]
+    fn partial_update_of_a_document() {
+        let mut s = shard();
+        let op = |path: Vec<PathSeg>, update| WriteOp::Update { key: "bob".into(), path, update };
+        s.write_one(&op(vec!["visits".into()], Update::Increment(Value::Int(1)))).unwrap();
+        s.write_one(&op(vec!["visits".into()], Update::Increment(Value::Int(1)))).unwrap();
+        s.write_one(&op(vec!["friends".into()], Update::Append(Value::Str("amy".into())))).unwrap();
+        let v = s.get(&"bob".into()).unwrap().unwrap();
+        assert_eq!(v.value.to_json(), serde_json::json!({"visits": 2, "friends": ["amy"]}));
+        // A type error leaves the document as it was.
+        assert!(s.write_one(&op(vec!["friends".into()], Update::Increment(Value::Int(1)))).is_err());
+        assert_eq!(s.get(&"bob".into()).unwrap(), Some(v));
+    }
+
+    #[test]
+    fn scans_and_prefixes_with_limits() {
+        let mut s = shard();
+        for k in ["user:a", "user:b", "user:c", "usez", "other"] {
+            s.write_one(&put(k, 1)).unwrap();
+        }
+        s.write_one(&WriteOp::Put { key: Key::Int(-5), value: Value::Null }).unwrap();
+        let keys = |e: Vec<(Key, Versioned)>| e.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        let p = s.scan(&ScanRange::prefix("user:", 10, true)).unwrap();
+        assert_eq!(keys(p), vec![Key::from("user:c"), "user:b".into(), "user:a".into()]);
+        let all = ScanRange { start: Bound::Unbounded, end: Bound::Unbounded, limit: 2, reverse: false };
+        assert_eq!(keys(s.scan(&all).unwrap()), vec![Key::Int(-5), "other".into()]);
+        let inverted = ScanRange {
+            start: Bound::Included("z".into()),
+            end: Bound::Excluded("a".into()),
+            limit: 10,
+            reverse: false,
+        };
+        assert!(s.scan(&inverted).unwrap().is_empty());
+        let at = ScanRange { limit: SCAN_LIMIT_MAX, ..all.clone() };
+        assert!(s.scan(&at).is_ok());
+        let over = ScanRange { limit: SCAN_LIMIT_MAX + 1, ..all };
+        assert!(matches!(s.scan(&over), Err(TableError::LimitExceeded { .. })));
+        let too_many = vec![put("x", 1); TABLE_BATCH_OPS_MAX + 1];
+        assert!(matches!(s.write(&too_many), Err(TableError::LimitExceeded { .. })));
+        assert!(s.write(&too_many[..TABLE_BATCH_OPS_MAX]).is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn shard_matches_a_btreemap(ops in prop::collection::vec((0u8..5, 0i64..30, any::<i32>()), 1..150)) {
+            let mut s = shard();
+            let mut model: BTreeMap<i64, (u64, i64)> = BTreeMap::new();
+            for (kind, k, v) in ops {
+                let key = Key::Int(k);
+                match kind {
+                    0 => {
+                        s.write_one(&WriteOp::Put { key, value: Value::Int(v as i64) }).unwrap();
+                        let ver = model.get(&k).map_or(1, |e| e.0 + 1);
+                        model.insert(k, (ver, v as i64));
+                    }
+                    1 => {
+                        let (_, r) = s.write_one(&WriteOp::Delete { key }).unwrap();
+                        prop_assert_eq!(r, WriteResult::Deleted { existed: model.remove(&k).is_some() });
+                    }
+                    2 => {
+                        let op = WriteOp::Update { key, path: vec![], update: Update::Increment(Value::Int(1)) };
+                        let r = s.write_one(&op);
+                        match model.get(&k).copied() {
+                            Some((ver, n)) => { r.unwrap(); model.insert(k, (ver + 1, n + 1)); }
+                            // A missing key starts as an empty map: incrementing it is a type error.
+                            None => prop_assert!(r.is_err()),
+                        }
+                    }
+                    3 => {
+                        // Two writes of one key in one batch: the second sees the first.
+                        let b = [
+                            WriteOp::Put { key: key.clone(), value: Value::Int(v as i64) },
+                            WriteOp::Put { key, value: Value::Int(v as i64 + 1) },
+                        ];
+                        s.write(&b).unwrap();
+                        let ver = model.get(&k).map_or(2, |e| e.0 + 2);
+                        model.insert(k, (ver, v as i64 + 1));
+                    }
+                    _ => {
+                        let want = model.get(&k).map(|&(version, n)| Versioned { version, value: Value::Int(n) });
+                        prop_assert_eq!(s.get(&key).unwrap(), want);
+                    }
+                }
+            }
+            let all = ScanRange { start: Bound::Unbounded, end: Bound::Unbounded, limit: 1000, reverse: false };
+            let want: Vec<(Key, Versioned)> = model.iter().map(|(&k, &(version, n))| (Key::Int(k), Versioned { version, value: Value::Int(n) })).collect();
+            prop_assert_eq!(s.scan(&all).unwrap(), want);
+            prop_assert_eq!(s.count(), model.len() as u64);
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! `TableRuntime`: one running table as its callers see it: its definition and where its
+//! shards are. It routes each typed request to the shard that owns the key (one message, one
+//! typed reply), fans counts and scans out over every shard and merges them in key order, and
+//! sends a connection's pipelined requests to a shard as one `Pipeline` message.
+//!
+//! Invariant: a message that could not be delivered (the actor had already died) is retried
+//! once the supervisor has replaced the actor, within `SHARD_RESTART_WAIT`; a message that was
+//! delivered is never sent twice (its writes may have applied).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ractor::{MessagingErr, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::actor::{EvalJob, PipelineOp, PipelineReply, ShardMsg};
+use super::def::TableDef;
+use super::supervisor::{ShardSlot, SlotState};
+use super::{ScanRange, Versioned, WriteOp, WriteResult, Written};
+use crate::error::GridError;
+use crate::key::Key;
+use crate::snippet::{Compiled, LimitOverrides, Limits, Snippets};
+use crate::value::Value;
+
+/// How long a caller waits for a restarting shard before giving up.
+const SHARD_RESTART_WAIT: Duration = Duration::from_secs(5);
+
+/// A collection-scoped snippet: run inside the shard actor that owns `key` (required on a
+/// sharded table): atomic and isolated; its writes are one batch. `read_only` refuses any write
+/// (the server sets it for tokens without write permission).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRequest {
+    pub src: String,
+    /// The routing key; the snippet's `key` variable.
+    pub key: Option<Key>,
+    /// The snippet's `args` variable.
+    pub args: Value,
+    pub limits: LimitOverrides,
+    pub read_only: bool,
+}
+
+/// The replies of one pipeline message, in request order.
+pub type PipelineReplies = Vec<Result<PipelineReply, GridError>>;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// One table of a running grid: its definition and where its shards are.
+pub struct TableRuntime {
+    pub def: TableDef,
+    slots: Arc<Vec<ShardSlot>>,
+    snippets: Arc<Snippets>,
+    /// Messages sent to this table's shards (a test hook and a metric).
+    messages: AtomicU64,
+}
+
+/// Entries of several shards, merged in key order (descending if `reverse`), at most `limit`.
+fn merge_entries(parts: Vec<Vec<(Key, Versioned)>>, limit: u32, reverse: bool) -> Vec<(Key, Versioned)> {
+    let mut all: Vec<_> = parts.into_iter().flatten().collect();
+    all.sort_by(|a, b| if reverse { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
+    all.truncate(limit as usize);
+    all
+}
+
+fn lost(table: &str, shard: u32) -> GridError {
+    GridError::Unavailable(format!(
+        "shard {shard} of {table} stopped while handling the request (a write may or may not have applied)"
+    ))
+}
+
+impl TableRuntime {
+    pub fn new(def: TableDef, slots: Arc<Vec<ShardSlot>>, snippets: Arc<Snippets>) -> TableRuntime {
+        TableRuntime { def, slots, snippets, messages: AtomicU64::new(0) }
+    }
+
+    pub(crate) fn slots(&self) -> &[ShardSlot] {
+        &self.slots
+    }
+
+    /// The shard that owns `key`.
+    pub fn shard_of(&self, key: &Key) -> u32 {
+        key.shard(self.def.shards)
+    }
+
+    /// Messages sent to this table's shards so far.
+    pub fn shard_messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
+
+    /// Sends `payload` to shard `i` and waits for its reply: waits out a restart (bounded),
+    /// never hangs on a dead actor. `unwrap` takes the payload back out of a message that
+    /// could not be delivered, to send it to the replacement.
+    async fn call<P, R>(
+        &self,
+        i: u32,
+        payload: P,
+        wrap: fn(P, RpcReplyPort<R>) -> ShardMsg,
+        unwrap: fn(ShardMsg) -> Option<P>,
+    ) -> Result<R, GridError> {
+        let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
+        let slot = &self.slots[i as usize];
+        let mut payload = payload;
+        loop {
+            let seen = slot.version();
+            match slot.get() {
+                SlotState::Running(actor) => {
+                    let (tx, rx) = oneshot::channel();
+                    self.messages.fetch_add(1, Ordering::Relaxed);
+                    match actor.send_message(wrap(payload, tx.into())) {
+                        Ok(()) => return rx.await.map_err(|_| lost(&self.def.name, i)),
+                        Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
+                            Some(back) => payload = back,
+                            None => return Err(lost(&self.def.name, i)),
+                        },
+                        Err(_) => return Err(lost(&self.def.name, i)),
+                    }
+                }
+                SlotState::Starting => {}
+                SlotState::Failed(reason) => {
+                    return Err(GridError::ShardFailed { table: self.def.name.clone(), shard: i, reason });
+                }
+                SlotState::Stopped => return Err(GridError::Closed),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GridError::Unavailable(format!("shard {i} of {} is restarting", self.def.name)));
+            }
+            slot.wait_change(seen, deadline).await;
+        }
+    }
+
+    /// The value and version under `key`.
+    pub async fn get(&self, key: Key) -> Result<Option<Versioned>, GridError> {
+        let i = self.shard_of(&key);
+        self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
+    }
+
+    /// Whether `key` is present.
+    pub async fn contains(&self, key: Key) -> Result<bool, GridError> {
+        let i = self.shard_of(&key);
+        self.call(
+            i,
+            key,
+            ShardMsg::Contains,
+            |m| if let ShardMsg::Contains(k, _) = m { Some(k) } else { None },
+        )
+        .await?
+    }
+
+    /// Keys in the whole table (the sum over its shards).
+    pub async fn count(&self) -> Result<u64, GridError> {
+        let mut total = 0;
+        for i in 0..self.def.shards {
+            total += self
+                .call(i, (), |(), r| ShardMsg::Count(r), |m| matches!(m, ShardMsg::Count(_)).then_some(()))
+                .await??;
+        }
+        Ok(total)
+    }
+
+    /// Entries in `range` over every shard, merged in key order.
+    pub async fn scan(&self, range: ScanRange) -> Result<Vec<(Key, Versioned)>, GridError> {
+        let (limit, reverse) = (range.limit, range.reverse);
+        let mut parts = Vec::with_capacity(self.def.shards as usize);
+        for i in 0..self.def.shards {
+            let r = self
+                .call(i, range.clone(), ShardMsg::Scan, |m| {
+                    if let ShardMsg::Scan(r, _) = m { Some(r) } else { None }
+                })
+                .await??;
+            parts.push(r);
+        }
+        if parts.len() == 1 {
+            return Ok(parts.pop().unwrap_or_default());
+        }
+        Ok(merge_entries(parts, limit, reverse))
+    }
+
+    /// One write; returns its LSN (0 if it wrote nothing) and result.
+    pub async fn write(&self, op: WriteOp) -> Result<(u64, WriteResult), GridError> {
+        let i = self.shard_of(op.key());
+        self.call(i, op, ShardMsg::Write, |m| if let ShardMsg::Write(op, _) = m { Some(op) } else { None })
+            .await?
+    }
+
+    /// The shard every write of a batch belongs to (a batch is one op-log record of one shard).
+    pub fn batch_shard(&self, ops: &[WriteOp]) -> Result<Option<u32>, GridError> {
+        let mut shard = None;
+        for op in ops {
+            let s = self.shard_of(op.key());
+            match shard {
+                None => shard = Some(s),
+                Some(t) if t == s => {}
+                Some(_) => {
+                    return Err(GridError::Invalid(format!(
+                        "a batch on sharded table {} must stay within one shard",
+                        self.def.name
+                    )));
+                }
+            }
+        }
+        Ok(shard)
+    }
+
+    /// Writes applied together as one op-log record; every key must map to one shard.
+    pub async fn batch(&self, ops: Vec<WriteOp>) -> Result<Written, GridError> {
+        let Some(i) = self.batch_shard(&ops)? else {
+            return Ok(Written { lsn: 0, results: Vec::new() });
+        };
+        self.call(i, ops, ShardMsg::Batch, |m| if let ShardMsg::Batch(ops, _) = m { Some(ops) } else { None })
+            .await?
+    }
+
+    /// A job running `compiled` in shard `shard` of this table, with no key, no arguments,
+    /// writes allowed, and no fallback flag (set the public fields to change them).
+    pub fn eval_job(&self, shard: u32, compiled: Arc<Compiled>, limits: Limits) -> EvalJob {
+        EvalJob {
+            compiled,
+            key: None,
+            args: Value::Null,
+            limits,
+            read_only: false,
+            table: self.def.name.clone(),
+            shard,
+            shards: self.def.shards,
+            out_of_scope: None,
+        }
+    }
+
+    /// Compiles a collection-scoped snippet into a job for the shard its key routes to.
+    pub fn prepare_eval(&self, req: EvalRequest) -> Result<EvalJob, GridError> {
+        let shard = match &req.key {
+            Some(k) => self.shard_of(k),
+            None if self.def.shards == 1 => 0,
+            None => {
+                return Err(GridError::Invalid(format!(
+                    "a snippet on sharded table {} needs a routing key (it runs in that key's shard)",
+                    self.def.name
+                )));
+            }
+        };
+        let compiled = self.snippets.engine.compile(&req.src)?;
+        let limits = self.snippets.defaults.with_overrides(&req.limits, &self.snippets.max);
+        Ok(EvalJob {
+            key: req.key,
+            args: req.args,
+            read_only: req.read_only,
+            ..self.eval_job(shard, compiled, limits)
+        })
+    }
+
+    /// Runs a collection-scoped snippet in the shard its key routes to.
+    pub async fn eval(&self, req: EvalRequest) -> Result<Value, GridError> {
+        let job = self.prepare_eval(req)?;
+        self.eval_in(job).await
+    }
+
+    /// Runs a snippet job in its shard (collection scope).
+    pub async fn eval_in(&self, job: EvalJob) -> Result<Value, GridError> {
+        let i = job.shard;
+        self.call(
+            i,
+            Box::new(job),
+            ShardMsg::Eval,
+            |m| if let ShardMsg::Eval(j, _) = m { Some(j) } else { None },
+        )
+        .await?
+    }
+
+    /// Sends `ops` to shard `i` as one message, now if the shard is running (so messages sent
+    /// in turn reach its mailbox in that order), else once it is; the future gives one reply
+    /// per op, in order.
+    pub fn pipeline(self: &Arc<Self>, i: u32, ops: Vec<PipelineOp>) -> BoxFuture<PipelineReplies> {
+        debug_assert!(ops.len() <= crate::limits::PIPELINE_OPS_MAX);
+        let n = ops.len();
+        let mut ops = ops;
+        if let SlotState::Running(actor) = self.slots[i as usize].get() {
+            let (tx, rx) = oneshot::channel();
+            self.messages.fetch_add(1, Ordering::Relaxed);
+            match actor.send_message(ShardMsg::Pipeline(ops, tx.into())) {
+                Ok(()) => {
+                    let me = self.clone();
+                    return Box::pin(async move {
+                        rx.await.unwrap_or_else(|_| (0..n).map(|_| Err(lost(&me.def.name, i))).collect())
+                    });
+                }
+                Err(MessagingErr::SendErr(ShardMsg::Pipeline(back, _))) => ops = back,
+                Err(_) => {
+                    let e = lost(&self.def.name, i);
+                    return Box::pin(async move { (0..n).map(|_| Err(e.clone())).collect() });
+                }
+            }
+        }
+        // Starting, restarting or failed: wait (bounded) for the shard, as single calls do.
+        let me = self.clone();
+        Box::pin(async move {
+            let unwrap = |m| if let ShardMsg::Pipeline(ops, _) = m { Some(ops) } else { None };
+            match me.call(i, ops, ShardMsg::Pipeline, unwrap).await {
+                Ok(replies) => replies,
+                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+            }
+        })
+    }
+
+    /// Test hook: makes shard `i` panic inside its handler.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, i: u32) {
+        if let SlotState::Running(a) = self.slots[i as usize].get() {
+            let _ = a.cast(ShardMsg::InjectPanic);
+        }
+    }
+
+    /// The id of shard `i`'s current actor, if it has one (changes on every restart).
+    pub fn shard_actor(&self, i: u32) -> Option<ractor::ActorId> {
+        match self.slots[i as usize].get() {
+            SlotState::Running(a) => Some(a.get_id()),
+            _ => None,
+        }
+    }
+
+    /// Whether shard `i` has a live actor (test and health checks).
+    pub fn shard_running(&self, i: u32) -> bool {
+        match self.slots[i as usize].get() {
+            SlotState::Running(a) => a.get_status() == ractor::ActorStatus::Running,
+            _ => false,
+        }
+    }
+}
