@@ -1,58 +1,118 @@
 #!/usr/bin/env bash
 # Side-by-side: `heapgrid bench` against `heapgrid serve`, and `redis-benchmark` against
-# `redis-server`, with the same parameters, in one run on this machine. Prints a markdown table
-# with ratios (heapgrid / Redis). Installs Debian's redis-server and redis-tools if missing.
+# `redis-server`, with the same parameters, in one run on this machine. For every case and
+# server it records throughput, p99 latency, the server's CPU per request (from
+# /proc/<pid>/stat, which a co-located load generator cannot distort) and the load generator's
+# own CPU per request (benches/measure.py), and prints markdown tables with heapgrid / Redis
+# ratios. Installs Debian's redis-server and redis-tools if missing.
 #
 #   bash benches/compare-redis.sh            # default: 1M key space, 100-byte values, 50 clients
 #   SECONDS_PER_CASE=10 KEYS=1000000 bash benches/compare-redis.sh
+#   HG_BEFORE=/path/to/old/heapgrid bash benches/compare-redis.sh   # also measure another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# redis-benchmark counts requests, heapgrid bench counts seconds: size redis' runs to about SECS.
+# redis-benchmark counts requests, heapgrid bench counts seconds: size Redis' runs to about SECS.
 REQS="${REQS:-300000}"
+REQS_DURABLE="${REQS_DURABLE:-50000}"
 
 source benches/lib-redis.sh
 
+results="$work/results.jsonl"
+measure() { # $1 = label, $2 = case, $3 = server pid, then measure.py's arguments
+  local label=$1 case=$2 pid=$3; shift 3
+  python3 benches/measure.py --pid "$pid" "$@" |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); r["server"]=sys.argv[1]; r["case"]=sys.argv[2]; print(json.dumps(r))' \
+      "$label" "$case" >> "$results"
+}
+
+hg_case() { # $1 = label, $2 = binary, $3 = case, $4 = reads percent, $5 = pipeline
+  measure "$1" "$3" "$HG_PID" --kind heapgrid -- "$2" bench --addr "$HG_ADDR" --connections "$CLIENTS" \
+    --pipeline "$5" --keys "$KEYS" --value-bytes "$VALUE" --reads "$4" --seconds "$SECS" --json
+}
+
+redis_case() { # $1 = case, $2 = test (set|get), $3 = pipeline, $4 = requests
+  measure redis "$1" "$REDIS_PID" --kind redis --requests "$4" -- redis-benchmark -p "$REDIS_PORT" -t "$2" \
+    -n "$4" -c "$CLIENTS" -P "$3" -d "$VALUE" -r "$KEYS" --csv
+}
+
+cases=("SET, 1 in flight|0|1" "GET, 1 in flight|100|1" "SET, 16 in flight|0|16" "GET, 16 in flight|100|16")
+
+# Every heapgrid build to measure: the current one, and HG_BEFORE if given.
+builds=("heapgrid|$HG")
+[ -n "${HG_BEFORE:-}" ] && builds+=("heapgrid-before|$HG_BEFORE")
+
 echo "## heapgrid vs Redis, $(date -u +%FT%TZ), $(nproc) cores, ${CLIENTS} clients, ${VALUE}-byte values, ${KEYS} key space"
 echo
-echo "| case | heapgrid ops/s (p99 us) | Redis ops/s | heapgrid / Redis |"
-echo "|---|---:|---:|---:|"
 
 start_redis off
-start_heapgrid every:1000
-# Preload both so GETs hit.
-"$HG" bench --addr "$HG_ADDR" --connections "$CLIENTS" --keys "$KEYS" --value-bytes "$VALUE" --reads 0 --seconds 0.01 --preload >/dev/null
 redis-benchmark -p "$REDIS_PORT" -t set -n "$KEYS" -c "$CLIENTS" -P 16 -d "$VALUE" -r "$KEYS" -q >/dev/null 2>&1 || true
-for p in 1 16; do
-  for t in set get; do
-    reads=0; [ "$t" = get ] && reads=100
-    read -r hg p99 < <(hg_rps "$reads" "$p")
-    rd=$(redis_rps "$t" "$p")
-    echo "| ${t^^}, pipeline $p | $hg ($p99) | $rd | $(ratio "$hg" "$rd") |"
-  done
+for c in "${cases[@]}"; do
+  IFS='|' read -r name reads p <<< "$c"
+  t=set; [ "$reads" = 100 ] && t=get
+  redis_case "$name" "$t" "$p" "$REQS"
 done
-# Memory per key after the preload.
-hg_rss=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$HG_PID/status")
 rd_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2+0}')
 rd_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
-echo "| memory per key after ${KEYS} keys (heapgrid RSS; Redis used_memory) | $((hg_rss / KEYS)) B | $((rd_mem / rd_keys)) B | $(ratio "$((hg_rss / KEYS))" "$((rd_mem / rd_keys))") |"
-
-# Restart holding the keys: time until the first request is answered.
-kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
-t0=$(date +%s%N)
-"$HG" serve --listen 127.0.0.1:0 --data "$HG_DIR" > "$work/hg.out" 2>/dev/null &
-pids+=($!); HG_PID=$!
-for _ in $(seq 2000); do grep -q "listening on" "$work/hg.out" 2>/dev/null && break; sleep 0.005; done
-HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg.out")
-"$HG" eval --addr "$HG_ADDR" count bench >/dev/null
-t1=$(date +%s%N)
-echo "| restart holding ${KEYS} keys to first answer (heapgrid: process start to first reply) | $(( (t1 - t0) / 1000000 )) ms | | |"
-kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
 kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
+
+for b in "${builds[@]}"; do
+  IFS='|' read -r label bin <<< "$b"
+  HG_SAVED=$HG; HG=$bin
+  start_heapgrid every:1000
+  # Preload so GETs hit.
+  "$HG" bench --addr "$HG_ADDR" --connections "$CLIENTS" --keys "$KEYS" --value-bytes "$VALUE" --reads 0 \
+    --seconds 0.01 --preload >/dev/null
+  for c in "${cases[@]}"; do
+    IFS='|' read -r name reads p <<< "$c"
+    hg_case "$label" "$HG" "$name" "$reads" "$p"
+  done
+  if [ "$label" = heapgrid ]; then
+    hg_rss=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$HG_PID/status")
+    # Restart holding the keys: time until the first request is answered.
+    kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
+    t0=$(date +%s%N)
+    "$HG" serve --listen 127.0.0.1:0 --data "$HG_DIR" > "$work/hg.out" 2>/dev/null &
+    pids+=($!); HG_PID=$!
+    for _ in $(seq 2000); do grep -q "listening on" "$work/hg.out" 2>/dev/null && break; sleep 0.005; done
+    HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg.out")
+    "$HG" eval --addr "$HG_ADDR" count bench >/dev/null
+    restart_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  fi
+  kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
+  HG=$HG_SAVED
+done
 
 # Durable SET: fsync always vs appendfsync always.
 start_redis always
-start_heapgrid always
-read -r hg p99 < <(hg_rps 0 1)
-rd=$(redis_rps set 1)
-echo "| durable SET (fsync always / appendfsync always), pipeline 1 | $hg ($p99) | $rd | $(ratio "$hg" "$rd") |"
+for p in 1 16; do redis_case "durable SET, $p in flight" set "$p" "$REQS_DURABLE"; done
+kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
+for b in "${builds[@]}"; do
+  IFS='|' read -r label bin <<< "$b"
+  start_heapgrid always
+  for p in 1 16; do hg_case "$label" "$bin" "durable SET, $p in flight" 0 "$p"; done
+  kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
+done
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {(r["server"], r["case"]): r for r in rows}
+cases = list(dict.fromkeys(r["case"] for r in rows))
+builds = [s for s in dict.fromkeys(r["server"] for r in rows) if s != "redis"]
+def f(x, d=1): return f"{x:.{d}f}"
+print("| case | server | ops/s | p99 us | server CPU us/req | load generator CPU us/req | ops/s vs Redis | server CPU vs Redis |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+for c in cases:
+    rd = by.get(("redis", c))
+    for s in builds + ["redis"]:
+        r = by.get((s, c))
+        if not r:
+            continue
+        tp = f(r["ops_per_sec"] / rd["ops_per_sec"], 2) + "x" if rd and s != "redis" else ""
+        cpu = f(r["server_cpu_us_per_op"] / rd["server_cpu_us_per_op"], 2) + "x" if rd and s != "redis" else ""
+        print(f"| {c} | {s} | {r['ops_per_sec']:.0f} | {r['p99_us']} | {f(r['server_cpu_us_per_op'], 2)} | {f(r['client_cpu_us_per_op'], 2)} | {tp} | {cpu} |")
+PY
+echo
+echo "| memory per key after ${KEYS} keys (heapgrid RSS; Redis used_memory) | $((hg_rss / KEYS)) B | $((rd_mem / rd_keys)) B | $(ratio "$((hg_rss / KEYS))" "$((rd_mem / rd_keys))") |"
+echo "| restart holding ${KEYS} keys to first answer (heapgrid: process start to first reply) | ${restart_ms} ms | | |"

@@ -9,8 +9,10 @@ SECS="${SECONDS_PER_CASE:-5}"
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
-cargo build --release --quiet
-HG=target/release/heapgrid
+if [ -z "${HG:-}" ]; then
+  cargo build --release --quiet
+  HG="${CARGO_TARGET_DIR:-target}/release/heapgrid"
+fi
 work="$(mktemp -d "${TMPDIR:-/var/tmp}/hg-vs-redis.XXXXXX")"
 pids=()
 cleanup() {

@@ -12,6 +12,7 @@
 //! Invariant: a connection's failure (malformed frame, oversized frame, failed handshake, a peer
 //! that disconnects mid-request) ends that connection only.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,10 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use heapgrid_actors::grid::{AccessCheck, GridCore, TableRuntime};
+use heapgrid_actors::heap::Snapshot;
 use heapgrid_actors::limits::PIPELINE_OPS_MAX;
-use heapgrid_actors::table::actor::{PipelineOp, PipelineReply};
+use heapgrid_actors::table::actor::{PipelineOp, PipelineReply, RawVersioned};
+use heapgrid_actors::table::read;
 use heapgrid_actors::{GridError, Key, ScanRange, Value, Versioned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -240,9 +243,19 @@ async fn handshake(input: &mut Input, auth: &Auth) -> Result<Principal, GridErro
     auth.login(hello.token.as_deref())
 }
 
-/// What a connection waits on: the responses of a round (already encoded) or of one request
-/// that runs on its own, with how many requests it answers.
-type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, usize)> + Send>>;
+/// What a connection waits on: the responses of a round or of one request that runs on its own.
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>>;
+
+/// Encoded responses, how many requests they answer, and the shards written to (whose
+/// in-flight count drops).
+struct Done {
+    bytes: Vec<u8>,
+    requests: usize,
+    wrote: Vec<ShardKey>,
+}
+
+/// A shard of a table by name.
+type ShardKey = (String, u32);
 
 /// One connection. Every complete request a read brings is decoded at once: table operations
 /// form a `Round` (one `Pipeline` message per shard, one buffer of responses), the rest
@@ -276,11 +289,15 @@ async fn connection(
     let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
     // Requests read and not yet answered.
     let mut open = 0usize;
+    // Writes (and collection-scoped snippets) of this connection in flight, per shard: a read of
+    // such a shard goes to its actor, behind them; a read of any other is served from the
+    // shard's published snapshot at once.
+    let mut writing: HashMap<ShardKey, u32> = HashMap::new();
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::default();
+        let mut round = Round::new(&writing);
         while reading && open < inflight {
             let Some(frame) = input.frame() else { break };
             let req = frame.and_then(|payload| protocol::decode::<Request>(&payload));
@@ -306,7 +323,11 @@ async fn connection(
             }
         }
         if round.requests > 0 {
-            running.push(round.dispatch());
+            let (pending, wrote) = round.dispatch();
+            for k in wrote {
+                *writing.entry(k).or_insert(0) += 1;
+            }
+            running.push(pending);
         }
         if !out.is_empty() && (running.is_empty() || out.len() >= IO_BUFFER_BYTES) {
             if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
@@ -319,13 +340,11 @@ async fn connection(
         }
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
-                if let Some((bytes, n)) = done {
-                    out.extend_from_slice(&bytes);
-                    open -= n;
+                if let Some(d) = done {
+                    finish(d, &mut out, &mut open, &mut writing);
                     // Gather whatever else has finished, then write once.
-                    while let Some(Some((bytes, n))) = running.next().now_or_never() {
-                        out.extend_from_slice(&bytes);
-                        open -= n;
+                    while let Some(Some(d)) = running.next().now_or_never() {
+                        finish(d, &mut out, &mut open, &mut writing);
                     }
                     if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                         return;
@@ -350,6 +369,20 @@ async fn connection(
     let _ = wr.shutdown().await;
 }
 
+/// Takes a finished round or request into the connection's output and counts.
+fn finish(d: Done, out: &mut Vec<u8>, open: &mut usize, writing: &mut HashMap<ShardKey, u32>) {
+    out.extend_from_slice(&d.bytes);
+    *open -= d.requests;
+    for k in d.wrote {
+        if let Some(n) = writing.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                writing.remove(&k);
+            }
+        }
+    }
+}
+
 /// How a round builds one request's response from its shards' replies.
 enum Slot {
     /// One reply, at `pos` in group `group`.
@@ -363,8 +396,11 @@ enum Slot {
 /// The table operations of one read: grouped by shard, one `Pipeline` message per shard, their
 /// responses encoded into one buffer in request order. Requests to one shard keep the order in
 /// which they arrived: they are in one message, or in messages sent in turn.
-#[derive(Default)]
-struct Round {
+struct Round<'c> {
+    /// The connection's writes in flight from earlier rounds.
+    writing: &'c HashMap<ShardKey, u32>,
+    /// Shards this round writes to (by table index).
+    wrote: Vec<(usize, u32)>,
     /// Tables named in this round, resolved once.
     tables: Vec<Arc<TableRuntime>>,
     /// (table index, shard, operations).
@@ -384,7 +420,18 @@ enum Taken {
     Alone(Pending),
 }
 
-impl Round {
+impl<'c> Round<'c> {
+    fn new(writing: &'c HashMap<ShardKey, u32>) -> Round<'c> {
+        Round {
+            writing,
+            wrote: Vec::new(),
+            tables: Vec::new(),
+            groups: Vec::new(),
+            slots: Vec::new(),
+            requests: 0,
+        }
+    }
+
     /// Takes one request: into the round (a table operation), answered at once into `out`
     /// (refused, or needing no shard), or as a future of its own.
     fn add(&mut self, grid: &Arc<GridCore>, who: &Arc<Principal>, req: Request, out: &mut Vec<u8>) -> Taken {
@@ -453,15 +500,12 @@ impl Round {
                 });
             }
         };
-        match self.plan(&grid, &who, id, &table, op) {
-            Ok(None) => {
+        match self.plan(&grid, &who, id, &table, op, out) {
+            Ok(true) => {
                 self.requests += 1;
                 Taken::InRound
             }
-            Ok(Some(body)) => {
-                protocol::append_response(out, &Response { id, result: Ok(body) });
-                Taken::Answered
-            }
+            Ok(false) => Taken::Answered,
             Err(e) => {
                 protocol::append_response(out, &Response { id, result: Err(e) });
                 Taken::Answered
@@ -498,7 +542,21 @@ impl Round {
         Ok(self.tables.len() - 1)
     }
 
-    /// Adds `op` to the groups of the shards it needs; `Some` is an answer that needs none.
+    /// Whether this connection has a write in flight to shard `shard` of table `t` (earlier in
+    /// this round or in an unanswered earlier one).
+    fn writes_to(&self, t: usize, shard: u32) -> bool {
+        self.wrote.contains(&(t, shard))
+            || self.writing.contains_key(&(self.tables[t].def.name.clone(), shard))
+    }
+
+    /// The snapshot a read of shard `shard` of table `t` may use now: none while this
+    /// connection has a write in flight there (the read must follow it).
+    fn snapshot(&self, t: usize, shard: u32) -> Option<Arc<Snapshot>> {
+        if self.writes_to(t, shard) { None } else { self.tables[t].snapshot(shard) }
+    }
+
+    /// Adds `op` to the groups of the shards it needs (`Ok(true)`), or answers it into `out`
+    /// at once (`Ok(false)`): from snapshots, or needing no shard.
     fn plan(
         &mut self,
         grid: &GridCore,
@@ -506,7 +564,8 @@ impl Round {
         id: u64,
         table: &str,
         op: TableOp,
-    ) -> Result<Option<ResponseBody>, GridError> {
+        out: &mut Vec<u8>,
+    ) -> Result<bool, GridError> {
         // Write results carry data (CAS `current`, updated values, existence), so a write needs
         // read as well.
         who.require(table, Permission::Read)?;
@@ -520,55 +579,120 @@ impl Round {
             let (group, pos) = round.push(t, shard, op);
             round.slots.push(Slot::One { id, group, pos });
         };
+        let answer = |out: &mut Vec<u8>, result: Result<OpResult, GridError>| {
+            protocol::append_response(out, &Response { id, result: result.map(ResponseBody::Op) });
+            Ok(false)
+        };
         match op {
-            TableOp::Get { key } => one(self, rt.shard_of(&key), PipelineOp::Get(key)),
-            TableOp::Contains { key } => one(self, rt.shard_of(&key), PipelineOp::Contains(key)),
-            TableOp::Write(w) => one(self, rt.shard_of(w.key()), PipelineOp::Write(w)),
+            TableOp::Get { key } => {
+                let shard = rt.shard_of(&key);
+                match self.snapshot(t, shard) {
+                    Some(s) => {
+                        let r = read::get_raw(&*s, &key)?;
+                        let r = r.map(|r| RawVersioned { version: r.version, value: r.value.into_owned() });
+                        protocol::append_get_response(out, id, r.as_ref());
+                        return Ok(false);
+                    }
+                    None => one(self, shard, PipelineOp::Get(key)),
+                }
+            }
+            TableOp::Contains { key } => {
+                let shard = rt.shard_of(&key);
+                match self.snapshot(t, shard) {
+                    Some(s) => {
+                        return answer(
+                            out,
+                            read::contains(&*s, &key).map(OpResult::Bool).map_err(Into::into),
+                        );
+                    }
+                    None => one(self, shard, PipelineOp::Contains(key)),
+                }
+            }
+            TableOp::Write(w) => {
+                let shard = rt.shard_of(w.key());
+                self.wrote.push((t, shard));
+                one(self, shard, PipelineOp::Write(w));
+            }
             TableOp::Batch(ws) => match rt.batch_shard(&ws)? {
-                Some(shard) => one(self, shard, PipelineOp::Batch(ws)),
+                Some(shard) => {
+                    self.wrote.push((t, shard));
+                    one(self, shard, PipelineOp::Batch(ws));
+                }
                 // Nothing to write: no shard to ask.
-                None => return Ok(Some(ResponseBody::Op(OpResult::Written { lsn: 0, results: Vec::new() }))),
+                None => return answer(out, Ok(OpResult::Written { lsn: 0, results: Vec::new() })),
             },
             TableOp::Eval(req) => {
                 who.require(table, Permission::Eval)?;
                 let mut req: heapgrid_actors::EvalRequest = req.into();
                 req.read_only |= !who.allows(table, Permission::Write);
                 let job = rt.prepare_eval(req)?;
+                // A snippet may write: later reads of its shard follow it.
+                self.wrote.push((t, job.shard));
                 one(self, job.shard, PipelineOp::Eval(Box::new(job)));
             }
-            TableOp::Count if shards == 1 => one(self, 0, PipelineOp::Count),
             TableOp::Count => {
-                let parts = (0..shards).map(|s| self.push(t, s, PipelineOp::Count)).collect();
-                self.slots.push(Slot::Count { id, parts });
+                let snaps: Option<Vec<_>> = (0..shards).map(|s| self.snapshot(t, s)).collect();
+                if let Some(snaps) = snaps {
+                    return answer(out, Ok(OpResult::Count(snaps.iter().map(|s| read::count(&**s)).sum())));
+                }
+                if shards == 1 {
+                    one(self, 0, PipelineOp::Count);
+                } else {
+                    let parts = (0..shards).map(|s| self.push(t, s, PipelineOp::Count)).collect();
+                    self.slots.push(Slot::Count { id, parts });
+                }
             }
             TableOp::Scan { start, end, limit, reverse } => {
-                self.scan(t, shards, id, ScanRange { start, end, limit, reverse });
+                return self.scan(t, shards, id, ScanRange { start, end, limit, reverse }, out);
             }
             TableOp::Prefix { prefix, limit, reverse } => {
-                self.scan(t, shards, id, ScanRange::prefix(&prefix, limit, reverse));
+                return self.scan(t, shards, id, ScanRange::prefix(&prefix, limit, reverse), out);
             }
         }
-        Ok(None)
+        Ok(true)
     }
 
-    fn scan(&mut self, t: usize, shards: u32, id: u64, range: ScanRange) {
+    fn scan(
+        &mut self,
+        t: usize,
+        shards: u32,
+        id: u64,
+        range: ScanRange,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, GridError> {
         let (limit, reverse) = (range.limit, range.reverse);
+        let snaps: Option<Vec<_>> = (0..shards).map(|s| self.snapshot(t, s)).collect();
+        if let Some(snaps) = snaps {
+            let mut parts = Vec::with_capacity(snaps.len());
+            for s in &snaps {
+                parts.push(read::scan(&**s, &range)?);
+            }
+            let entries = merge(parts, limit, reverse);
+            protocol::append_response(
+                out,
+                &Response { id, result: Ok(ResponseBody::Op(OpResult::Entries(entries))) },
+            );
+            return Ok(false);
+        }
         if shards == 1 {
             let (group, pos) = self.push(t, 0, PipelineOp::Scan(range));
             self.slots.push(Slot::One { id, group, pos });
-            return;
+            return Ok(true);
         }
         let parts = (0..shards).map(|s| self.push(t, s, PipelineOp::Scan(range.clone()))).collect();
         self.slots.push(Slot::Scan { id, parts, limit, reverse });
+        Ok(true)
     }
 
     /// Sends one message per group (now, in order) and returns the future of the round's
     /// encoded responses.
-    fn dispatch(self) -> Pending {
-        let Round { tables, groups, slots, requests, .. } = self;
+    fn dispatch(self) -> (Pending, Vec<ShardKey>) {
+        let Round { tables, groups, slots, requests, wrote, .. } = self;
+        let wrote: Vec<ShardKey> = wrote.into_iter().map(|(t, s)| (tables[t].def.name.clone(), s)).collect();
+        let wrote2 = wrote.clone();
         let calls: Vec<_> =
             groups.into_iter().map(|(t, shard, ops)| tables[t].pipeline(shard, ops)).collect();
-        Box::pin(async move {
+        let pending = Box::pin(async move {
             let mut replies: Vec<Vec<Option<Result<PipelineReply, GridError>>>> =
                 futures_util::future::join_all(calls)
                     .await
@@ -614,17 +738,15 @@ impl Round {
                                 (Ok(_), Ok(r)) => Err(mismatch(&r)),
                             };
                         }
-                        let result = all.map(|mut v: Vec<(Key, Versioned)>| {
-                            v.sort_by(|a, b| if reverse { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
-                            v.truncate(limit as usize);
-                            ResponseBody::Op(OpResult::Entries(v))
-                        });
+                        let result =
+                            all.map(|v| ResponseBody::Op(OpResult::Entries(merge([v], limit, reverse))));
                         protocol::append_response(&mut out, &Response { id, result });
                     }
                 }
             }
-            (out, requests)
-        })
+            Done { bytes: out, requests, wrote: wrote2 }
+        });
+        (pending, wrote)
     }
 }
 async fn detached<F>(f: F) -> Result<ResponseBody, GridError>
@@ -642,7 +764,7 @@ where
     Taken::Alone(Box::pin(async move {
         let mut bytes = Vec::new();
         protocol::append_response(&mut bytes, &Response { id, result: f.await });
-        (bytes, 1)
+        Done { bytes, requests: 1, wrote: Vec::new() }
     }))
 }
 
@@ -664,6 +786,18 @@ fn wire_result(r: PipelineReply) -> Result<ResponseBody, GridError> {
         PipelineReply::Written(w) => OpResult::Written { lsn: w.lsn, results: w.results },
         PipelineReply::Snippet(v) => OpResult::Snippet(v),
     }))
+}
+
+/// Entries of several shards in key order (descending if `reverse`), at most `limit`.
+fn merge(
+    parts: impl IntoIterator<Item = Vec<(Key, Versioned)>>,
+    limit: u32,
+    reverse: bool,
+) -> Vec<(Key, Versioned)> {
+    let mut all: Vec<(Key, Versioned)> = parts.into_iter().flatten().collect();
+    all.sort_by(|a, b| if reverse { b.0.cmp(&a.0) } else { a.0.cmp(&b.0) });
+    all.truncate(limit as usize);
+    all
 }
 
 /// A shard answered a merged request with another kind of reply (a bug, not a user error).

@@ -21,6 +21,7 @@ use crate::node::{
 };
 use crate::overflow;
 use crate::pager::Pager;
+use crate::snapshot::Pages;
 
 /// The tree's root as kept in memory and in the meta page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,7 +32,7 @@ pub(crate) struct TreeRoot {
 }
 
 /// Reads node `id`, which must sit at `level`.
-pub(crate) fn node_at(pager: &Pager, id: u64, level: u32) -> Result<Node<'_>> {
+pub(crate) fn node_at(pager: &dyn Pages, id: u64, level: u32) -> Result<Node<'_>> {
     let n = Node::parse(id, pager.page(id)?)?;
     if n.level() as u32 != level {
         return corrupt(id, "node level does not match its place in the tree");
@@ -40,7 +41,7 @@ pub(crate) fn node_at(pager: &Pager, id: u64, level: u32) -> Result<Node<'_>> {
 }
 
 /// The leaf that may hold `key`.
-fn find_leaf<'a>(pager: &'a Pager, t: &TreeRoot, key: &[u8]) -> Result<Option<Node<'a>>> {
+fn find_leaf<'a>(pager: &'a dyn Pages, t: &TreeRoot, key: &[u8]) -> Result<Option<Node<'a>>> {
     if t.root == 0 {
         return Ok(None);
     }
@@ -57,7 +58,7 @@ fn find_leaf<'a>(pager: &'a Pager, t: &TreeRoot, key: &[u8]) -> Result<Option<No
 }
 
 /// Looks `key` up.
-pub(crate) fn get<'a>(pager: &'a Pager, t: &TreeRoot, key: &[u8]) -> Result<Option<LeafValue<'a>>> {
+pub(crate) fn get<'a>(pager: &'a dyn Pages, t: &TreeRoot, key: &[u8]) -> Result<Option<LeafValue<'a>>> {
     let Some(leaf) = find_leaf(pager, t, key)? else {
         return Ok(None);
     };
@@ -68,7 +69,7 @@ pub(crate) fn get<'a>(pager: &'a Pager, t: &TreeRoot, key: &[u8]) -> Result<Opti
 }
 
 /// Materialises a leaf value.
-pub(crate) fn load<'a>(pager: &'a Pager, v: LeafValue<'a>) -> Result<Cow<'a, [u8]>> {
+pub(crate) fn load<'a>(pager: &'a dyn Pages, v: LeafValue<'a>) -> Result<Cow<'a, [u8]>> {
     match v {
         LeafValue::Inline(b) => Ok(Cow::Borrowed(b)),
         LeafValue::Overflow { first, len } => Ok(Cow::Owned(overflow::read(pager, first, len)?)),
@@ -353,7 +354,7 @@ fn rebalance(pager: &mut Pager, t: &mut TreeRoot, path: &mut Vec<(u64, usize)>, 
 /// A position in the tree: the root-to-leaf path of `(node, index)`. At a branch the index is
 /// the child taken; at the leaf it is the entry.
 pub(crate) struct Cursor<'a> {
-    pager: &'a Pager,
+    pager: &'a dyn Pages,
     t: TreeRoot,
     stack: Vec<(Node<'a>, usize)>,
     valid: bool,
@@ -365,7 +366,7 @@ enum Edge {
 }
 
 impl<'a> Cursor<'a> {
-    pub(crate) fn new(pager: &'a Pager, t: TreeRoot) -> Self {
+    pub(crate) fn new(pager: &'a dyn Pages, t: TreeRoot) -> Self {
         Cursor { pager, t, stack: Vec::with_capacity(t.depth as usize), valid: false }
     }
 

@@ -28,7 +28,7 @@ impl<'a> Walk<'a> {
             return corrupt(id, "page reachable twice");
         }
         self.seen.set(id);
-        if !self.pager.is_fresh(id) {
+        if !self.pager.writable.get(id) {
             page::verify(id, p)?;
         }
         Ok(p)
@@ -91,7 +91,8 @@ pub(crate) fn check(pager: &Pager, tree: &TreeRoot) -> Result<IntegrityReport> {
         w.visit(id)?;
         w.report.freelist_pages += 1;
     }
-    for &id in pager.free.iter().chain(pager.pending.iter()).chain(pager.held.iter()) {
+    let retired = pager.retired.iter().map(|(_, id)| id);
+    for &id in pager.free.iter().chain(pager.pending.iter()).chain(pager.held.iter()).chain(retired) {
         if id < FIRST_DATA_PAGE || id >= pager.page_count {
             return corrupt(id, "free page outside the file");
         }
@@ -101,7 +102,7 @@ pub(crate) fn check(pager: &Pager, tree: &TreeRoot) -> Result<IntegrityReport> {
         w.seen.set(id);
     }
     w.report.free_pages = pager.free.len() as u64;
-    w.report.pending_pages = (pager.pending.len() + pager.held.len()) as u64;
+    w.report.pending_pages = (pager.pending.len() + pager.held.len() + pager.retired.len()) as u64;
     let accounted = w.seen.count();
     let expected = pager.page_count - FIRST_DATA_PAGE;
     if accounted != expected {

@@ -23,6 +23,7 @@ use crate::meta::{self, FIRST_DATA_PAGE, HEADER_PAGE, Meta};
 use crate::oplog::{Durability, FileLogDir, FsyncPolicy, LogDir, OpLog, ReplayReport};
 use crate::page;
 use crate::pager::Pager;
+use crate::snapshot::{Pages, Snapshot};
 use crate::storage::{FileStorage, Storage, sync_dir};
 use std::sync::Arc;
 
@@ -152,7 +153,10 @@ impl Heap {
         if file_pages < FIRST_DATA_PAGE {
             return Err(Error::Format("file shorter than a heap header".into()));
         }
-        let bytes = storage.bytes();
+        let region = storage.region();
+        let Some(bytes) = region.bytes(0, FIRST_DATA_PAGE as usize * PAGE) else {
+            return Err(Error::Format("file shorter than a heap header".into()));
+        };
         let header = &bytes[..PAGE];
         let heap_id = match meta::read_header(header) {
             Ok(id) => id,
@@ -386,6 +390,25 @@ impl Heap {
         Ok(())
     }
 
+    /// Captures the tree as it stands (every batch applied so far, up to `last_lsn`) as a
+    /// snapshot other threads can read while this heap goes on writing. The pages it reaches
+    /// are sealed now and never written or reused while it lives; retired pages no live
+    /// snapshot reaches any more are reclaimed.
+    pub fn capture(&mut self) -> Result<Snapshot> {
+        self.usable()?;
+        let generation = self.pager.capture();
+        let pin = crate::snapshot::Registry::pin(&self.pager.registry, generation);
+        self.pager.reclaim();
+        Ok(Snapshot {
+            region: self.pager.region(),
+            verified: self.pager.verified.clone(),
+            page_count: self.pager.page_count,
+            tree: self.tree,
+            lsn: self.last_lsn(),
+            pin,
+        })
+    }
+
     /// LSN recorded by the last durable checkpoint.
     pub fn checkpoint_lsn(&self) -> u64 {
         self.durable.checkpoint_lsn
@@ -401,23 +424,12 @@ impl Heap {
                 Bound::Unbounded => Bound::Unbounded,
             }
         }
-        let mut front = Cursor::new(&self.pager, self.tree);
-        let mut back = Cursor::new(&self.pager, self.tree);
-        let mut pending_err = self.usable().err();
-        if pending_err.is_none() {
-            pending_err = front
-                .seek_lower(as_bytes(range.start_bound()))
-                .and_then(|_| back.seek_upper(as_bytes(range.end_bound())))
-                .err();
-        }
-        let mut done = false;
-        if pending_err.is_none() && front.is_valid() && back.is_valid() {
-            match (front.key(), back.key()) {
-                (Ok(f), Ok(b)) => done = f > b,
-                (Err(e), _) | (_, Err(e)) => pending_err = Some(e),
+        match self.usable() {
+            Ok(()) => {
+                Range::new(&self.pager, self.tree, as_bytes(range.start_bound()), as_bytes(range.end_bound()))
             }
+            Err(e) => Range::failed(&self.pager, self.tree, e),
         }
-        Range { pager: &self.pager, front, back, pending_err, done }
     }
 
     /// All entries in key order.
@@ -436,6 +448,7 @@ impl Heap {
         let listed = self.pager.free.len()
             + self.pager.pending.len()
             + self.pager.held.len()
+            + self.pager.retired.len()
             + self.pager.durable_freelist.len();
         self.pager.reserve((listed.div_ceil(FREELIST_IDS_PER_PAGE) + 1) as u64)?;
         let previous_lsn = self.durable.checkpoint_lsn;
@@ -458,23 +471,33 @@ impl Heap {
         // The durable free list's own pages are free once the next checkpoint stands.
         let old_chain = std::mem::take(&mut pager.durable_freelist);
         pager.pending.extend(old_chain);
-        let total = pager.free.len() + pager.pending.len() + pager.held.len();
+        let total = pager.free.len() + pager.pending.len() + pager.held.len() + pager.retired.len();
         let k = total.div_ceil(FREELIST_IDS_PER_PAGE);
         let mut chain = Vec::with_capacity(k);
         for _ in 0..k {
-            // From `free` or past the high-water mark, never from `pending` or `held`.
+            // From `free` or past the high-water mark, never from `pending`, `held` or `retired`.
             chain.push(pager.alloc()?);
         }
-        let mut ids: Vec<u64> =
-            pager.free.iter().chain(pager.pending.iter()).chain(pager.held.iter()).copied().collect();
+        // Retired pages are free to a reopened heap (it has no snapshots).
+        let mut ids: Vec<u64> = pager
+            .free
+            .iter()
+            .chain(pager.pending.iter())
+            .chain(pager.held.iter())
+            .chain(pager.retired.iter().map(|(_, id)| id))
+            .copied()
+            .collect();
         ids.sort_unstable();
         freelist::write(pager, &chain, &ids);
 
-        // Seal and flush every page written since the last checkpoint.
-        let dirty: Vec<u64> = pager.fresh.iter().collect();
-        for &id in &dirty {
+        // Seal every page written since the last capture (captured ones are sealed already and
+        // may be read by snapshots: they are not touched), then flush every page written since
+        // the last checkpoint.
+        let unsealed: Vec<u64> = pager.writable.iter().collect();
+        for id in unsealed {
             page::seal(pager.raw_mut(id));
         }
+        let dirty: Vec<u64> = pager.fresh.iter().collect();
         let runs = coalesce(&dirty);
         if runs.len() > FLUSH_RUNS_MAX {
             let start = FIRST_DATA_PAGE * PAGE_SIZE as u64;
@@ -504,11 +527,15 @@ impl Heap {
         pager.storage.flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
 
         // The new checkpoint stands. Pages only the previous-but-one checkpoint referenced are
-        // free; pages only the previous one references are held until the next checkpoint.
+        // free once no snapshot can reach them; pages only the previous one references are held
+        // until the next checkpoint.
         let held = std::mem::take(&mut pager.held);
-        pager.free.extend(held);
+        let tag = pager.captured;
+        pager.retired.extend(held.into_iter().map(|id| (tag, id)));
         pager.held = std::mem::take(&mut pager.pending);
         pager.fresh.clear_all();
+        pager.writable.clear_all();
+        pager.reclaim();
         pager.durable_freelist = chain;
         self.durable = m;
         self.changed = false;
@@ -578,11 +605,7 @@ impl Heap {
         self.pager.page_count = count;
         self.changed = true;
         self.checkpoint()?;
-        let r = self
-            .pager
-            .storage
-            .truncate(self.pager.page_count * PAGE_SIZE as u64)
-            .and_then(|_| self.pager.storage.sync_len());
+        let r = self.pager.truncate().and_then(|_| self.pager.storage.sync_len());
         match r {
             Ok(()) => Ok(()),
             Err(e) => self.poison(e),
@@ -679,7 +702,8 @@ impl Heap {
             depth: self.tree.depth,
             page_count: self.pager.page_count,
             free_pages: self.pager.free.len() as u64,
-            pending_pages: (self.pager.pending.len() + self.pager.held.len()) as u64,
+            pending_pages: (self.pager.pending.len() + self.pager.held.len() + self.pager.retired.len())
+                as u64,
             file_bytes: self.pager.storage.len(),
             epoch: self.durable.epoch,
         }
@@ -720,7 +744,7 @@ fn new_heap_id() -> u64 {
 /// Writes the header and the first meta page into an empty storage and flushes them.
 fn init_storage(storage: &mut dyn Storage, heap_id: u64) -> Result<()> {
     storage.grow(FIRST_DATA_PAGE * PAGE_SIZE as u64)?;
-    let bytes = storage.bytes_mut();
+    let bytes = storage.bytes_mut(0, FIRST_DATA_PAGE as usize * PAGE);
     meta::write_header(&mut bytes[..PAGE], heap_id);
     let m = Meta {
         heap_id,
@@ -766,7 +790,7 @@ fn create_file(path: &Path) -> Result<()> {
 /// A double-ended iterator over a key range. Yields `(key, value)`; keys are borrowed from the
 /// map, values too unless they live in an overflow chain.
 pub struct Range<'a> {
-    pager: &'a Pager,
+    pager: &'a dyn Pages,
     front: Cursor<'a>,
     back: Cursor<'a>,
     pending_err: Option<Error>,
@@ -777,6 +801,32 @@ pub struct Range<'a> {
 pub type Entry<'a> = (&'a [u8], Cow<'a, [u8]>);
 
 impl<'a> Range<'a> {
+    /// The entries of `pages`' tree `tree` between the bounds.
+    pub(crate) fn new(
+        pages: &'a dyn Pages,
+        tree: TreeRoot,
+        start: Bound<&[u8]>,
+        end: Bound<&[u8]>,
+    ) -> Range<'a> {
+        let mut front = Cursor::new(pages, tree);
+        let mut back = Cursor::new(pages, tree);
+        let mut pending_err = front.seek_lower(start).and_then(|_| back.seek_upper(end)).err();
+        let mut done = false;
+        if pending_err.is_none() && front.is_valid() && back.is_valid() {
+            match (front.key(), back.key()) {
+                (Ok(f), Ok(b)) => done = f > b,
+                (Err(e), _) | (_, Err(e)) => pending_err = Some(e),
+            }
+        }
+        Range { pager: pages, front, back, pending_err, done }
+    }
+
+    /// A range that yields `e` and ends.
+    fn failed(pages: &'a dyn Pages, tree: TreeRoot, e: Error) -> Range<'a> {
+        let (front, back) = (Cursor::new(pages, tree), Cursor::new(pages, tree));
+        Range { pager: pages, front, back, pending_err: Some(e), done: false }
+    }
+
     fn step(&mut self, forward: bool) -> Option<Result<Entry<'a>>> {
         if let Some(e) = self.pending_err.take() {
             self.done = true;

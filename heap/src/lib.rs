@@ -25,6 +25,7 @@ mod overflow;
 mod page;
 mod pager;
 mod shared;
+pub mod snapshot;
 pub mod storage;
 pub mod sync;
 
@@ -36,3 +37,4 @@ pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;
 pub use oplog::{Durability, FsyncPolicy, ReplayReport};
 pub use shared::SharedHeap;
+pub use snapshot::{Published, Registry, Snapshot};

@@ -16,6 +16,7 @@ use crate::error::{Result, corrupt};
 use crate::limits::PAGE;
 use crate::page::{HEADER_BYTES, OFF_KIND, OFF_LINK, OFF_USED, PageKind, get_u32, get_u64, put_u32, put_u64};
 use crate::pager::Pager;
+use crate::snapshot::Pages;
 
 /// Payload bytes per overflow page.
 pub(crate) const OVERFLOW_DATA_BYTES: usize = PAGE - HEADER_BYTES;
@@ -48,7 +49,7 @@ pub(crate) fn write(pager: &mut Pager, data: &[u8]) -> Result<u64> {
 
 /// Visits the pages of a chain in order with their payloads, validating every link.
 pub(crate) fn walk<'a>(
-    pager: &'a Pager,
+    pager: &'a dyn Pages,
     first: u64,
     len: u32,
     mut visit: impl FnMut(u64, &'a [u8]) -> Result<()>,
@@ -81,7 +82,7 @@ pub(crate) fn walk<'a>(
 }
 
 /// Reads a whole chain.
-pub(crate) fn read(pager: &Pager, first: u64, len: u32) -> Result<Vec<u8>> {
+pub(crate) fn read(pager: &dyn Pages, first: u64, len: u32) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(len as usize);
     walk(pager, first, len, |_, d| {
         out.extend_from_slice(d);

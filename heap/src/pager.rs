@@ -1,30 +1,38 @@
 //! Page access and allocation over a `Storage`: the copy-on-write discipline lives here.
 //!
-//! Three sets partition the pages a heap does not currently reach from its tree:
-//! - `free`: reusable now; no durable checkpoint references them.
+//! Sets of pages the heap does not currently reach from its tree:
+//! - `free`: reusable now: no durable checkpoint references them and no live snapshot can reach
+//!   them.
 //! - `pending`: freed since the last checkpoint but still referenced by the durable checkpoint.
 //! - `held`: referenced only by the *older* of the two durable checkpoints (the one the other meta
 //!   page names). Held back one more checkpoint so that, if the newest meta page is ever
 //!   unreadable, open can fall back to the older checkpoint and find its pages intact.
+//! - `retired`: no checkpoint needs them any more, but a snapshot captured before they were
+//!   released may still read them; each carries the newest captured generation at its release,
+//!   and becomes free once the `Registry` has no generation at or below it (`reclaim`).
 //!
-//! At each completed checkpoint: `free += held; held = pending; pending = []`.
+//! At each completed checkpoint: `retired += held; held = pending; pending = []`, then `reclaim`.
 //! - `durable_freelist`: the pages that hold the durable checkpoint's free list.
 //!
-//! `fresh` marks pages allocated since the last checkpoint: the only pages that may be written in
-//! place. Every other page belongs to the durable checkpoint and is copied on first write (`cow`).
+//! `fresh` marks pages allocated since the last checkpoint (the dirty pages a checkpoint flushes).
+//! `writable` marks pages allocated since the last checkpoint *and* the last capture: the only
+//! pages that may be written in place. Every other page belongs to the durable checkpoint or to
+//! a snapshot and is copied on first write (`cow`). Without snapshots, `writable == fresh`.
 //!
 //! Invariant: a page referenced by the durable meta is never written before the next meta is durable.
+//! Invariant: a page a live snapshot can reach is never written and never handed out.
 //! Invariant: pages are only handed out from `free` or past the high-water mark `page_count`.
-//! Invariant: `free` pages and reachable pages never overlap (checked by `check_integrity`).
+//! Invariant: `writable` ⊆ `fresh`; `free`, `pending`, `held`, `retired` and reachable pages never
+//! overlap (checked by `check_integrity`).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use crate::error::{Error, Result, corrupt};
+use crate::error::{Error, Result};
 use crate::limits::{PAGE, PAGE_SIZE};
-use crate::meta::FIRST_DATA_PAGE;
-use crate::page::{self, PageBits};
-use crate::storage::Storage;
+use crate::page::PageBits;
+use crate::snapshot::{Pages, Registry, Verified, read_page};
+use crate::storage::{Region, Storage};
 
 /// Smallest step the file grows by.
 const GROW_BYTES_MIN: u64 = 256 * 1024;
@@ -33,85 +41,89 @@ const GROW_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 pub(crate) struct Pager {
     pub(crate) storage: Box<dyn Storage>,
+    /// The storage as mapped now (refreshed after every grow and truncate).
+    region: Arc<Region>,
     /// Pages in use, including the header and meta pages (the high-water mark).
     pub(crate) page_count: u64,
     pub(crate) max_pages: u64,
     pub(crate) free: BTreeSet<u64>,
     pub(crate) pending: Vec<u64>,
     pub(crate) held: Vec<u64>,
+    /// (generation tag, page): see the module doc.
+    pub(crate) retired: Vec<(u64, u64)>,
     pub(crate) durable_freelist: Vec<u64>,
     pub(crate) fresh: PageBits,
-    /// Pages whose checksum has been verified since open (or that we wrote). A benign cache:
-    /// setting a bit twice is harmless, so relaxed std atomics suffice and reads stay `&self`.
-    verified: Vec<AtomicU64>,
+    pub(crate) writable: PageBits,
+    /// The newest captured generation (0: none yet).
+    pub(crate) captured: u64,
+    pub(crate) registry: crate::sync::Arc<Registry>,
+    /// Shared with every snapshot; replaced by a grown copy that shares its chunks.
+    pub(crate) verified: Arc<Verified>,
+}
+
+impl Pages for Pager {
+    fn page(&self, id: u64) -> Result<&[u8]> {
+        read_page(&self.region, &self.verified, self.page_count, id)
+    }
 }
 
 impl Pager {
     pub(crate) fn new(storage: Box<dyn Storage>, page_count: u64, max_pages: u64) -> Self {
+        let region = storage.region();
         let mut p = Pager {
             storage,
+            region,
             page_count,
             max_pages,
             free: BTreeSet::new(),
             pending: Vec::new(),
             held: Vec::new(),
+            retired: Vec::new(),
             durable_freelist: Vec::new(),
             fresh: PageBits::default(),
-            verified: Vec::new(),
+            writable: PageBits::default(),
+            captured: 0,
+            registry: crate::sync::Arc::new(Registry::new()),
+            verified: Arc::new(Verified::empty()),
         };
         p.size_verified();
         p
     }
 
+    /// Refreshes the mapping and the verified set after the storage changed size.
     fn size_verified(&mut self) {
-        let words = (self.storage.len() / PAGE_SIZE as u64).div_ceil(64) as usize;
-        self.verified.resize_with(words, || AtomicU64::new(0));
-    }
-
-    fn is_verified(&self, id: u64) -> bool {
-        let w = (id / 64) as usize;
-        w < self.verified.len() && self.verified[w].load(Ordering::Relaxed) & (1 << (id % 64)) != 0
-    }
-
-    fn mark_verified(&self, id: u64) {
-        if let Some(w) = self.verified.get((id / 64) as usize) {
-            w.fetch_or(1 << (id % 64), Ordering::Relaxed);
+        self.region = self.storage.region();
+        let pages = self.storage.len() / PAGE_SIZE as u64;
+        if !self.verified.covers(pages) {
+            self.verified = Arc::new(self.verified.grown(pages));
         }
     }
 
-    pub(crate) fn raw_mut(&mut self, id: u64) -> &mut [u8] {
-        let at = id as usize * PAGE;
-        &mut self.storage.bytes_mut()[at..at + PAGE]
+    /// The mapping readers of a capture taken now use.
+    pub(crate) fn region(&self) -> Arc<Region> {
+        self.region.clone()
     }
 
     /// A data page, bounds-checked, its checksum verified on first access since open.
     pub(crate) fn page(&self, id: u64) -> Result<&[u8]> {
-        if id < FIRST_DATA_PAGE || id >= self.page_count {
-            return corrupt(id, "page pointer outside the file");
-        }
-        let at = id as usize * PAGE;
-        let Some(p) = self.storage.bytes().get(at..at + PAGE) else {
-            return Err(Error::Poisoned(format!("page {id} is not mapped (a failed grow or truncate)")));
-        };
-        if !self.is_verified(id) {
-            page::verify(id, p)?;
-            self.mark_verified(id);
-        }
-        Ok(p)
+        Pages::page(self, id)
     }
 
-    pub(crate) fn is_fresh(&self, id: u64) -> bool {
-        self.fresh.get(id)
+    pub(crate) fn raw_mut(&mut self, id: u64) -> &mut [u8] {
+        self.storage.bytes_mut(id * PAGE_SIZE as u64, PAGE)
     }
 
-    /// A page allocated since the last checkpoint, for writing in place.
+    /// A page allocated since the last checkpoint and capture, for writing in place.
     pub(crate) fn page_mut(&mut self, id: u64) -> &mut [u8] {
-        assert!(self.fresh.get(id), "writing page {id}, which belongs to the durable checkpoint");
+        assert!(self.writable.get(id), "writing page {id}, which a checkpoint or a snapshot may still read");
         self.raw_mut(id)
     }
 
     /// Makes sure `n` more pages can be allocated without growing the file mid-operation.
     pub(crate) fn reserve(&mut self, n: u64) -> Result<()> {
+        if (self.free.len() as u64) < n && !self.retired.is_empty() {
+            self.reclaim();
+        }
         let from_free = self.free.len() as u64;
         let new_pages = n.saturating_sub(from_free);
         let want = self.page_count + new_pages;
@@ -137,6 +149,13 @@ impl Pager {
         Ok(())
     }
 
+    /// Shrinks the storage to `page_count` pages (the pages cut are free: no reader reaches them).
+    pub(crate) fn truncate(&mut self) -> Result<()> {
+        self.storage.truncate(self.page_count * PAGE_SIZE as u64)?;
+        self.size_verified();
+        Ok(())
+    }
+
     /// Allocates a page: the lowest free page, else a new one past the high-water mark.
     pub(crate) fn alloc(&mut self) -> Result<u64> {
         let id = match self.free.pop_first() {
@@ -150,33 +169,64 @@ impl Pager {
                 self.page_count - 1
             }
         };
+        debug_assert!(!self.fresh.get(id), "page {id} handed out twice");
         self.fresh.set(id);
-        self.mark_verified(id);
+        self.writable.set(id);
+        self.verified.set(id);
         Ok(id)
     }
 
     /// Releases a page the tree no longer reaches.
     pub(crate) fn release(&mut self, id: u64) {
-        debug_assert!(id >= FIRST_DATA_PAGE && id < self.page_count);
-        if self.fresh.get(id) {
-            // Never durable: nobody can need its old contents.
+        assert!(id >= crate::meta::FIRST_DATA_PAGE && id < self.page_count, "releasing page {id}");
+        if self.writable.get(id) {
+            // Never durable and never captured: nobody can need its old contents.
+            self.writable.clear(id);
             self.fresh.clear(id);
             self.free.insert(id);
+        } else if self.fresh.get(id) {
+            // Not durable, but a snapshot may reach it.
+            self.fresh.clear(id);
+            self.retired.push((self.captured, id));
         } else {
             self.pending.push(id);
         }
     }
 
-    /// Returns a page that may be written: `id` itself if fresh, else a fresh copy of it (the
+    /// Moves every retired page no live snapshot can reach into `free`.
+    pub(crate) fn reclaim(&mut self) {
+        let oldest = self.registry.oldest();
+        let free = &mut self.free;
+        self.retired.retain(|&(tag, id)| {
+            let reusable = oldest.is_none_or(|o| o > tag);
+            if reusable {
+                free.insert(id);
+            }
+            !reusable
+        });
+    }
+
+    /// Seals every page written since the last capture and makes it read-only: after this, the
+    /// tree as it stands can be read by a snapshot of generation `captured + 1`. Returns it.
+    pub(crate) fn capture(&mut self) -> u64 {
+        let ids: Vec<u64> = self.writable.iter().collect();
+        for id in ids {
+            crate::page::seal(self.raw_mut(id));
+        }
+        self.writable.clear_all();
+        self.captured += 1;
+        self.captured
+    }
+
+    /// Returns a page that may be written: `id` itself if writable, else a fresh copy of it (the
     /// original is released once the copy exists).
     pub(crate) fn cow(&mut self, id: u64) -> Result<u64> {
-        if self.fresh.get(id) {
+        if self.writable.get(id) {
             return Ok(id);
         }
         self.page(id)?;
         let new = self.alloc()?;
-        let bytes = self.storage.bytes_mut();
-        bytes.copy_within(id as usize * PAGE..(id as usize + 1) * PAGE, new as usize * PAGE);
+        self.storage.copy(id * PAGE_SIZE as u64, new * PAGE_SIZE as u64, PAGE);
         self.release(id);
         Ok(new)
     }

@@ -7,19 +7,27 @@
 //! produces what a power cut could leave: every page written since its last flush comes back old,
 //! new, or torn at 512-byte sector granularity. It can also inject disk-full and fsync errors.
 //!
+//! Readers on other threads (heap snapshots) see the bytes through a `Region`: the image as it
+//! is mapped now, kept mapped for as long as the `Region` lives even after a `grow` maps it
+//! anew (and, for a file, keeping the file and its lock open). The single writer changes bytes
+//! only through `Storage::bytes_mut` and `copy`, which hand out exactly the bytes asked for, never
+//! a reference to the whole image, so a writer and readers of *other* pages never alias.
+//!
 //! Invariant: after `flush(off, len)` returns `Ok`, those bytes survive a crash.
 //! Invariant: a failed `flush` leaves the durable state unknown; callers poison themselves.
+//! Invariant: nobody writes bytes a live `Region` reader may read (the heap guarantees it for
+//! every page a snapshot can reach); that is what makes `Region::bytes` sound.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
 
-/// Where a heap's pages live. The heap reads and writes `bytes()`/`bytes_mut()` directly.
+/// Where a heap's pages live.
 pub trait Storage: Send + Sync {
     /// Bytes currently reserved and mapped.
     fn len(&self) -> u64;
@@ -27,10 +35,12 @@ pub trait Storage: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The whole mapped image.
-    fn bytes(&self) -> &[u8];
-    /// The whole mapped image, writable.
-    fn bytes_mut(&mut self) -> &mut [u8];
+    /// The image as mapped now, for reading (also from other threads).
+    fn region(&self) -> Arc<Region>;
+    /// `len` bytes at `offset`, writable. Panics past the end (a bug: callers reserve first).
+    fn bytes_mut(&mut self, offset: u64, len: usize) -> &mut [u8];
+    /// Copies `len` bytes from `from` to `to` (ranges that do not overlap).
+    fn copy(&mut self, from: u64, to: u64, len: usize);
     /// Reserves space up to `new_len` bytes and maps it. Never shrinks.
     fn grow(&mut self, new_len: u64) -> Result<()>;
     /// Shrinks the file to `new_len` bytes (compaction). Bytes past it are gone.
@@ -41,10 +51,74 @@ pub trait Storage: Send + Sync {
     fn sync_len(&mut self) -> Result<()>;
 }
 
+/// A mapped image of a storage's bytes, readable from any thread while it lives.
+pub struct Region {
+    ptr: *mut u8,
+    len: usize,
+    /// Keeps the memory mapped (and a file open and locked) while the region lives.
+    _owner: Option<Arc<dyn Send + Sync>>,
+}
+
+// SAFETY: a `Region` is a pointer to memory kept alive by `_owner`; the module invariant (no
+// writes to bytes a reader may read) is what makes sharing it sound.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn empty() -> Region {
+        Region { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, _owner: None }
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// True when nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `len` bytes at `offset`, or `None` past the end.
+    pub fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let end = (offset as usize).checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: in bounds of a live mapping; nobody writes these bytes while a reader can
+        // read them (module invariant).
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.add(offset as usize), len) })
+    }
+
+    /// Where `len` bytes at `offset` start, for writing; panics past the end (callers reserve
+    /// first). Turning it into a slice is the single writer's business (`Storage::bytes_mut`).
+    fn write_ptr(&self, offset: u64, len: usize) -> *mut u8 {
+        let end = (offset as usize).checked_add(len).expect("range overflows");
+        assert!(end <= self.len, "write of {len} bytes at {offset} past the mapped {} bytes", self.len);
+        // SAFETY: in bounds of the mapping.
+        unsafe { self.ptr.add(offset as usize) }
+    }
+
+    fn copy(&self, from: u64, to: u64, len: usize) {
+        let (f, t) = (from as usize, to as usize);
+        assert!(f.max(t) + len <= self.len && (f + len <= t || t + len <= f), "bad copy");
+        // SAFETY: both ranges in bounds and disjoint; single writer as for `bytes_mut`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(f), self.ptr.add(t), len) }
+    }
+}
+
+/// A file's mapping together with the file, so the file (and its lock) outlives every reader.
+struct FileMap {
+    map: MmapRaw,
+    _file: Arc<File>,
+}
+
 /// One heap file, memory-mapped.
 pub struct FileStorage {
-    file: File,
-    map: Option<MmapMut>,
+    file: Arc<File>,
+    map: Option<Arc<FileMap>>,
+    region: Arc<Region>,
     len: u64,
 }
 
@@ -60,18 +134,26 @@ impl FileStorage {
             return Err(Error::Locked(format!("{}: {err}", path.display())));
         }
         let len = file.metadata()?.len();
-        let mut s = FileStorage { file, map: None, len };
+        let mut s = FileStorage { file: Arc::new(file), map: None, region: Arc::new(Region::empty()), len };
         s.remap()?;
         Ok(s)
     }
 
+    /// Maps the file's current length anew. Readers of the previous mapping keep it.
     fn remap(&mut self) -> Result<()> {
         self.map = None;
+        self.region = Arc::new(Region::empty());
         if self.len > 0 {
-            // SAFETY: the file is ours alone (exclusive flock) and its blocks are reserved, so the
-            // mapping is never truncated under us and stores cannot fault for lack of space.
-            let map = unsafe { MmapOptions::new().len(self.len as usize).map_mut(&self.file)? };
-            self.map = Some(map);
+            // The file is ours alone (exclusive flock) and its blocks are reserved, so stores
+            // cannot fault for lack of space; `truncate` only cuts pages no reader can reach.
+            let map = MmapOptions::new().len(self.len as usize).map_raw(&*self.file)?;
+            let fm = Arc::new(FileMap { map, _file: self.file.clone() });
+            self.region = Arc::new(Region {
+                ptr: fm.map.as_mut_ptr(),
+                len: self.len as usize,
+                _owner: Some(fm.clone()),
+            });
+            self.map = Some(fm);
         }
         Ok(())
     }
@@ -81,11 +163,17 @@ impl Storage for FileStorage {
     fn len(&self) -> u64 {
         self.len
     }
-    fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+    fn region(&self) -> Arc<Region> {
+        self.region.clone()
     }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.map.as_deref_mut().unwrap_or(&mut [])
+    fn bytes_mut(&mut self, offset: u64, len: usize) -> &mut [u8] {
+        let p = self.region.write_ptr(offset, len);
+        // SAFETY: in bounds; `&mut self` makes us the single writer and ties the slice to this
+        // borrow; readers never read bytes the heap writes (module invariant).
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
+    fn copy(&mut self, from: u64, to: u64, len: usize) {
+        self.region.copy(from, to, len)
     }
     fn grow(&mut self, new_len: u64) -> Result<()> {
         if new_len <= self.len {
@@ -116,13 +204,14 @@ impl Storage for FileStorage {
             return Ok(());
         }
         self.map = None;
+        self.region = Arc::new(Region::empty());
         self.file.set_len(new_len)?;
         self.len = new_len;
         self.remap()
     }
     fn flush(&mut self, offset: u64, len: u64) -> Result<()> {
-        if let Some(map) = &self.map {
-            map.flush_range(offset as usize, len as usize)?;
+        if let Some(fm) = &self.map {
+            fm.map.flush_range(offset as usize, len as usize)?;
         }
         Ok(())
     }
@@ -182,7 +271,7 @@ impl SimDisk {
     /// A storage over this disk whose live image starts as the durable image.
     pub fn storage(&self) -> SimStorage {
         let live = self.lock().durable.clone();
-        SimStorage { live, disk: self.clone() }
+        SimStorage::with_image(live, self.clone())
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, SimDiskState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -252,30 +341,82 @@ impl SimDisk {
     }
 }
 
+/// A heap-allocated image that stays allocated while any `Region` of it lives.
+struct SimBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: owned memory; access follows the module invariant.
+unsafe impl Send for SimBuf {}
+// SAFETY: as above.
+unsafe impl Sync for SimBuf {}
+
+impl SimBuf {
+    fn new(bytes: Vec<u8>) -> Arc<SimBuf> {
+        let b = bytes.into_boxed_slice();
+        let len = b.len();
+        Arc::new(SimBuf { ptr: Box::into_raw(b).cast::<u8>(), len })
+    }
+}
+
+impl Drop for SimBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` came from `Box::into_raw` of a boxed slice of exactly `len` bytes.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
 /// Storage over a `SimDisk`: writes go to a private live image until flushed.
 pub struct SimStorage {
-    live: Vec<u8>,
+    live: Arc<Region>,
     disk: SimDisk,
+}
+
+impl SimStorage {
+    fn with_image(bytes: Vec<u8>, disk: SimDisk) -> SimStorage {
+        let mut s = SimStorage { live: Arc::new(Region::empty()), disk };
+        let buf = SimBuf::new(bytes);
+        s.live = Arc::new(Region { ptr: buf.ptr, len: buf.len, _owner: Some(buf) });
+        s
+    }
+
+    fn image(&self) -> Vec<u8> {
+        self.live.bytes(0, self.live.len).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    /// Replaces the live image with a copy resized to `len` (readers keep the old one).
+    fn resize(&mut self, len: usize) {
+        let mut img = self.image();
+        img.resize(len, 0);
+        let buf = SimBuf::new(img);
+        self.live = Arc::new(Region { ptr: buf.ptr, len: buf.len, _owner: Some(buf) });
+    }
 }
 
 impl Drop for SimStorage {
     fn drop(&mut self) {
-        self.disk.lock().last_live = Some(std::mem::take(&mut self.live));
+        self.disk.lock().last_live = Some(self.image());
     }
 }
 
 impl Storage for SimStorage {
     fn len(&self) -> u64 {
-        self.live.len() as u64
+        self.live.len()
     }
-    fn bytes(&self) -> &[u8] {
-        &self.live
+    fn region(&self) -> Arc<Region> {
+        self.live.clone()
     }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.live
+    fn bytes_mut(&mut self, offset: u64, len: usize) -> &mut [u8] {
+        let p = self.live.write_ptr(offset, len);
+        // SAFETY: as for `FileStorage::bytes_mut`.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
+    fn copy(&mut self, from: u64, to: u64, len: usize) {
+        self.live.copy(from, to, len)
     }
     fn grow(&mut self, new_len: u64) -> Result<()> {
-        let cur = self.live.len() as u64;
+        let cur = self.live.len();
         if new_len <= cur {
             return Ok(());
         }
@@ -287,12 +428,12 @@ impl Storage for SimStorage {
             st.space_left = Some(left - (new_len - cur));
         }
         drop(st);
-        self.live.resize(new_len as usize, 0);
+        self.resize(new_len as usize);
         Ok(())
     }
     fn truncate(&mut self, new_len: u64) -> Result<()> {
-        if new_len < self.live.len() as u64 {
-            self.live.truncate(new_len as usize);
+        if new_len < self.live.len() {
+            self.resize(new_len as usize);
             let mut st = self.disk.lock();
             st.durable.truncate(new_len as usize);
         }
@@ -314,7 +455,8 @@ impl Storage for SimStorage {
         if st.durable.len() < end {
             st.durable.resize(end, 0);
         }
-        st.durable[offset as usize..end].copy_from_slice(&self.live[offset as usize..end]);
+        let live = self.live.bytes(offset, len as usize).expect("flush within the image");
+        st.durable[offset as usize..end].copy_from_slice(live);
         Ok(())
     }
     fn sync_len(&mut self) -> Result<()> {
@@ -322,7 +464,7 @@ impl Storage for SimStorage {
         if st.fail_flush {
             return Err(Error::Io(std::io::Error::other("injected fsync failure")));
         }
-        let n = self.live.len();
+        let n = self.live.len() as usize;
         if st.durable.len() < n {
             st.durable.resize(n, 0);
         }
@@ -339,9 +481,9 @@ mod tests {
         let disk = SimDisk::new();
         let mut s = disk.storage();
         s.grow(4 * 4096).unwrap();
-        s.bytes_mut()[..4096].fill(1);
+        s.bytes_mut(0, 4096).fill(1);
         s.flush(0, 4096).unwrap();
-        s.bytes_mut()[4096..8192].fill(2);
+        s.bytes_mut(4096, 4096).fill(2);
         drop(s);
         let (old, new, torn) = disk.crash(7, 4096);
         assert_eq!(old + new + torn, 1);
@@ -366,12 +508,20 @@ mod tests {
         let path = dir.path().join("f");
         let mut s = FileStorage::open(&path).unwrap();
         s.grow(3 * 4096).unwrap();
-        s.bytes_mut()[5] = 9;
+        s.bytes_mut(5, 1)[0] = 9;
+        let before = s.region();
+        s.grow(4 * 4096).unwrap();
+        // A region taken before the grow still reads the same bytes.
+        assert_eq!(before.bytes(5, 1), Some(&[9u8][..]));
+        assert_eq!(before.bytes(3 * 4096, 1), None);
         s.flush(0, 4096).unwrap();
         assert!(matches!(FileStorage::open(&path), Err(Error::Locked(_))));
         drop(s);
+        // A live region keeps the file (and its lock) open.
+        assert!(matches!(FileStorage::open(&path), Err(Error::Locked(_))));
+        drop(before);
         let s2 = FileStorage::open(&path).unwrap();
-        assert_eq!(s2.len(), 3 * 4096);
-        assert_eq!(s2.bytes()[5], 9);
+        assert_eq!(s2.len(), 4 * 4096);
+        assert_eq!(s2.region().bytes(5, 1), Some(&[9u8][..]));
     }
 }

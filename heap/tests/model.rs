@@ -1,13 +1,16 @@
 //! Model-based tests: random operation sequences applied to a `Heap` and to a `BTreeMap`,
 //! compared after every step. `Crash` drops the heap without a checkpoint and tears every
 //! unflushed page of the simulated disk; the heap must then equal the model as of the last
-//! checkpoint. `check_integrity` runs after every reopen.
+//! checkpoint. `check_integrity` runs after every reopen. `Capture` takes a snapshot (kept with a
+//! copy of the model as of that step, up to `SNAPSHOTS_KEPT`), `ReadOld` reads a kept snapshot
+//! in full and compares it with its model, whatever the heap did since (writes, checkpoints,
+//! compaction, reopen, crash), and `DropOld` lets one go.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use heapgrid_heap::storage::{SimDisk, Storage};
-use heapgrid_heap::{Heap, HeapOptions, WriteBatch};
+use heapgrid_heap::{Heap, HeapOptions, Snapshot, WriteBatch};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -21,7 +24,13 @@ enum Op {
     Reopen,
     Crash(u64),
     Compact,
+    Capture,
+    ReadOld(usize),
+    DropOld(usize),
 }
+
+/// Most snapshots the model keeps at once.
+const SNAPSHOTS_KEPT: usize = 4;
 
 fn key(k: u16) -> Vec<u8> {
     // Mostly short keys, some long ones, so nodes hold very different cell counts.
@@ -49,6 +58,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         2 => any::<u64>().prop_map(Op::Crash),
         1 => Just(Op::Compact),
+        4 => Just(Op::Capture),
+        4 => (0..SNAPSHOTS_KEPT).prop_map(Op::ReadOld),
+        2 => (0..SNAPSHOTS_KEPT).prop_map(Op::DropOld),
     ]
 }
 
@@ -66,9 +78,26 @@ fn assert_same(h: &Heap, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
     assert!(got == want, "contents differ from the model");
 }
 
+type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// A snapshot equals the model as of its capture: every entry, the count, and point reads.
+fn assert_snapshot(s: &Snapshot, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    assert_eq!(s.len(), model.len() as u64);
+    let got: Vec<(Vec<u8>, Vec<u8>)> =
+        s.range::<[u8], _>(..).map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())).unwrap()).collect();
+    let want: Vec<(Vec<u8>, Vec<u8>)> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert!(got == want, "snapshot {} differs from the model as of its capture", s.generation());
+    for k in (0..400u16).step_by(37) {
+        assert_eq!(s.get_ref(&key(k)).unwrap().map(|v| v.into_owned()), model.get(&key(k)).cloned());
+        assert_eq!(s.contains(&key(k)).unwrap(), model.contains_key(&key(k)));
+    }
+    s.verify_pages().unwrap();
+}
+
 fn run(ops: Vec<Op>) {
     let disk = SimDisk::new();
     let mut h = Some(open(&disk));
+    let mut snaps: Vec<(Snapshot, Model)> = Vec::new();
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut durable = model.clone();
     for (step, op) in ops.into_iter().enumerate() {
@@ -138,8 +167,30 @@ fn run(ops: Vec<Op>) {
                 durable = model.clone();
                 heap.check_integrity().unwrap();
             }
+            Op::Capture => {
+                let s = heap.capture().unwrap();
+                assert_snapshot(&s, &model);
+                if snaps.len() == SNAPSHOTS_KEPT {
+                    snaps.remove(0);
+                }
+                snaps.push((s, model.clone()));
+                heap.check_integrity().unwrap();
+            }
+            Op::ReadOld(i) => {
+                if let Some((s, m)) = snaps.get(i) {
+                    assert_snapshot(s, m);
+                }
+            }
+            Op::DropOld(i) => {
+                if i < snaps.len() {
+                    snaps.remove(i);
+                }
+            }
         }
         assert_same(h.as_ref().unwrap(), &model);
+    }
+    for (s, m) in &snaps {
+        assert_snapshot(s, m);
     }
     let heap = h.unwrap();
     heap.check_integrity().unwrap();

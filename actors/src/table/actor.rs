@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use heapgrid_heap::{Durability, FsyncPolicy, Heap, HeapOptions};
+use heapgrid_heap::{Durability, FsyncPolicy, Heap, HeapOptions, Published, Snapshot};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 
@@ -93,6 +93,9 @@ pub enum ShardMsg {
     /// requests. The actor sends it to itself after the first write of a group, so it arrives
     /// after every message already queued: one syscall per drained mailbox.
     Flush,
+    /// From the durable-reply task (`Always`): these groups are synced; publish their newest
+    /// snapshot, then answer them.
+    Durable(Vec<Group>),
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
@@ -293,11 +296,32 @@ fn execute(table: &mut TableShard, op: PipelineOp) -> (Result<PipelineReply, Gri
 pub struct ShardArgs {
     pub path: PathBuf,
     pub heap: HeapOptions,
+    /// Where this shard publishes its read snapshots (shared with the table's callers).
+    pub published: Arc<Published<Snapshot>>,
+}
+
+/// Replies waiting for an fsync (under `Always`), with the snapshot to publish once it is done.
+pub struct Group {
+    snapshot: Option<Arc<Snapshot>>,
+    replies: Vec<Deferred>,
+    /// The LSN the fsync must cover.
+    upto: u64,
+}
+
+/// Withdraws the shard's published snapshot when its state is dropped (the actor stopped or
+/// died), before the heap is closed: readers then ask the actor's successor, and no snapshot of
+/// this incarnation outlives it in the cell.
+struct Unpublish(Arc<Published<Snapshot>>);
+
+impl Drop for Unpublish {
+    fn drop(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// A reply held until the op log is written (and, under `Always`, synced) up to `lsn`. `answer`
 /// sends it, or, given an error, sends that instead.
-struct Deferred {
+pub struct Deferred {
     lsn: u64,
     answer: Answer,
 }
@@ -319,10 +343,13 @@ fn deferred<T: Send + 'static>(lsn: u64, port: Reply<T>, r: Result<T, GridError>
 
 /// The shard's state: its table and the replies waiting for the op log.
 pub struct ShardState {
+    /// First, so it is dropped (and the snapshot withdrawn) before the heap closes.
+    _unpublish: Unpublish,
+    published: Arc<Published<Snapshot>>,
     /// `None` once closed.
     table: Option<TableShard>,
     /// Under `Always`: the durable-reply task and the handle it syncs through.
-    durable: Option<(mpsc::UnboundedSender<Deferred>, Durability)>,
+    durable: Option<(mpsc::UnboundedSender<Group>, Durability)>,
     /// Replies of requests whose writes (or whose view of others' writes) have op-log records
     /// still queued in memory: sent after `Flush`.
     unflushed: Vec<Deferred>,
@@ -340,17 +367,59 @@ impl ShardState {
             None => Ok(()),
         };
         let waiting = std::mem::take(&mut self.unflushed);
-        if let Err(e) = r {
-            let e = GridError::Unavailable(format!("write not logged: {e}"));
-            for d in waiting {
-                (d.answer)(Some(&e));
+        // Everything applied so far is logged: capture it for readers.
+        let snapshot = r.and_then(|_| match self.table.as_mut() {
+            Some(t) => t.heap_mut().capture().map(|s| Some(Arc::new(s))).map_err(GridError::from),
+            None => Ok(None),
+        });
+        let snapshot = match snapshot {
+            Ok(s) => s,
+            Err(e) => {
+                let e = GridError::Unavailable(format!("write not logged: {e}"));
+                for d in waiting {
+                    (d.answer)(Some(&e));
+                }
+                return Err(format!("op log write failed: {e}").into());
             }
-            return Err(format!("op log write failed: {e}").into());
-        }
-        for d in waiting {
-            self.release(d);
+        };
+        match &self.durable {
+            Some((tx, _)) => {
+                // Published and answered once synced (`ShardMsg::Durable`).
+                let upto = waiting
+                    .iter()
+                    .map(|d| d.lsn)
+                    .chain(snapshot.as_ref().map(|s| s.lsn()))
+                    .max()
+                    .unwrap_or(0);
+                if let Err(mpsc::error::SendError(g)) = tx.send(Group { snapshot, replies: waiting, upto }) {
+                    let e = GridError::Unavailable("durable-reply task ended".into());
+                    for d in g.replies {
+                        (d.answer)(Some(&e));
+                    }
+                }
+            }
+            None => {
+                if let Some(s) = snapshot {
+                    self.published.publish(s);
+                }
+                for d in waiting {
+                    (d.answer)(None);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Synced groups: publish the newest snapshot among them, then answer every reply.
+    fn durable(&mut self, groups: Vec<Group>) {
+        if let Some(s) = groups.iter().rev().find_map(|g| g.snapshot.clone()) {
+            self.published.publish(s);
+        }
+        for g in groups {
+            for d in g.replies {
+                (d.answer)(None);
+            }
+        }
     }
 
     /// Sends a reply whose op-log records are written: at once, or under `Always` through the
@@ -358,8 +427,13 @@ impl ShardState {
     fn release(&self, d: Deferred) {
         match &self.durable {
             Some((tx, durability)) if d.lsn > durability.durable_lsn() => {
-                if let Err(mpsc::error::SendError(d)) = tx.send(d) {
-                    (d.answer)(Some(&GridError::Unavailable("durable-reply task ended".into())));
+                let upto = d.lsn;
+                if let Err(mpsc::error::SendError(g)) =
+                    tx.send(Group { snapshot: None, replies: vec![d], upto })
+                {
+                    for d in g.replies {
+                        (d.answer)(Some(&GridError::Unavailable("durable-reply task ended".into())));
+                    }
                 }
             }
             _ => (d.answer)(None),
@@ -397,7 +471,7 @@ impl Actor for ShardActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ShardMsg>,
+        myself: ActorRef<ShardMsg>,
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
         if let Some(dir) = args.path.parent() {
@@ -415,12 +489,22 @@ impl Actor for ShardActor {
             }
         };
         let durable = match (args.heap.fsync, heap.durability()) {
-            (FsyncPolicy::Always, Some(d)) => Some((spawn_durable_replies(d.clone()), d)),
+            (FsyncPolicy::Always, Some(d)) => Some((spawn_durable_replies(d.clone(), myself), d)),
             _ => None,
         };
+        let mut heap = heap;
+        // What recovery rebuilt is what readers see first.
+        args.published.publish(Arc::new(heap.capture()?));
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
-        Ok(ShardState { table: Some(table), durable, unflushed: Vec::new(), flush_scheduled: false })
+        Ok(ShardState {
+            _unpublish: Unpublish(args.published.clone()),
+            published: args.published,
+            table: Some(table),
+            durable,
+            unflushed: Vec::new(),
+            flush_scheduled: false,
+        })
     }
 
     async fn handle(
@@ -431,6 +515,10 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         let msg = match msg {
             ShardMsg::Flush => return state.flush(),
+            ShardMsg::Durable(groups) => {
+                state.durable(groups);
+                return Ok(());
+            }
             ShardMsg::Checkpoint(reply) => {
                 // A checkpoint flushes and fsyncs: let the runtime move other tasks off this worker.
                 let r = match state.table.as_mut() {
@@ -511,7 +599,11 @@ impl Actor for ShardActor {
                     }),
                 });
             }
-            ShardMsg::Flush | ShardMsg::Checkpoint(_) | ShardMsg::Close(_) | ShardMsg::InjectPanic => {}
+            ShardMsg::Flush
+            | ShardMsg::Durable(_)
+            | ShardMsg::Checkpoint(_)
+            | ShardMsg::Close(_)
+            | ShardMsg::InjectPanic => {}
         }
         // A heap that failed closed (fsync error, corrupt page met mid-write) is recovered by a
         // restart: the request was answered (or its reply dropped, which is an error to its
@@ -549,6 +641,11 @@ fn refuse_closed(msg: ShardMsg) {
         ShardMsg::Eval(_, r) => drop(r.send(closed())),
         ShardMsg::Pipeline(ops, r) => drop(r.send(ops.iter().map(|_| closed()).collect())),
         ShardMsg::Checkpoint(Some(r)) | ShardMsg::Close(r) => drop(r.send(closed())),
+        ShardMsg::Durable(groups) => {
+            for d in groups.into_iter().flat_map(|g| g.replies) {
+                (d.answer)(Some(&GridError::Closed));
+            }
+        }
         ShardMsg::Checkpoint(None) | ShardMsg::Flush | ShardMsg::InjectPanic => {}
     }
 }
@@ -562,17 +659,19 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// The durable-reply task of a shard under `FsyncPolicy::Always`: one fsync per drained group.
-fn spawn_durable_replies(durability: Durability) -> mpsc::UnboundedSender<Deferred> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Deferred>();
+/// The durable-reply task of a shard under `FsyncPolicy::Always`: one fsync per drained batch
+/// of groups, then the groups go back to the actor, which publishes and answers (it is the only
+/// publisher, so nothing is published after it stopped).
+fn spawn_durable_replies(durability: Durability, actor: ActorRef<ShardMsg>) -> mpsc::UnboundedSender<Group> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Group>();
     tokio::spawn(async move {
-        let mut group = Vec::new();
+        let mut groups = Vec::new();
         while let Some(first) = rx.recv().await {
-            group.push(first);
+            groups.push(first);
             while let Ok(more) = rx.try_recv() {
-                group.push(more);
+                groups.push(more);
             }
-            let upto = group.iter().map(|d| d.lsn).max().unwrap_or(0);
+            let upto = groups.iter().map(|g| g.upto).max().unwrap_or(0);
             let d = durability.clone();
             let synced = tokio::task::spawn_blocking(move || d.wait(upto)).await;
             let err = match synced {
@@ -582,8 +681,16 @@ fn spawn_durable_replies(durability: Durability) -> mpsc::UnboundedSender<Deferr
                 }
                 Err(e) => Some(GridError::Unavailable(format!("write not durable: fsync task failed: {e}"))),
             };
-            for d in group.drain(..) {
-                (d.answer)(err.as_ref());
+            match err {
+                None => {
+                    // A stopped actor drops the groups: their callers get an error.
+                    let _ = actor.send_message(ShardMsg::Durable(std::mem::take(&mut groups)));
+                }
+                Some(e) => {
+                    for d in groups.drain(..).flat_map(|g| g.replies) {
+                        (d.answer)(Some(&e));
+                    }
+                }
             }
         }
     });

@@ -27,7 +27,7 @@ pub mod supervisor;
 use std::collections::HashMap;
 use std::ops::Bound;
 
-use heapgrid_heap::{Heap, WriteBatch};
+use heapgrid_heap::{Heap, Snapshot, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::key::{Key, KeyTooLong};
@@ -203,6 +203,116 @@ fn encode_bound(b: &Bound<Key>) -> Result<Bound<Vec<u8>>, TableError> {
     })
 }
 
+/// What table reads run against: the shard's live heap (inside its actor) or a published
+/// snapshot of it (on any thread).
+pub trait Source {
+    fn get_ref(&self, key: &[u8]) -> heapgrid_heap::Result<Option<std::borrow::Cow<'_, [u8]>>>;
+    fn contains(&self, key: &[u8]) -> heapgrid_heap::Result<bool>;
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn range(&self, bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>)) -> heapgrid_heap::Range<'_>;
+}
+
+impl Source for Heap {
+    fn get_ref(&self, key: &[u8]) -> heapgrid_heap::Result<Option<std::borrow::Cow<'_, [u8]>>> {
+        Heap::get_ref(self, key)
+    }
+    fn contains(&self, key: &[u8]) -> heapgrid_heap::Result<bool> {
+        Heap::contains(self, key)
+    }
+    fn len(&self) -> u64 {
+        Heap::len(self)
+    }
+    fn range(&self, bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>)) -> heapgrid_heap::Range<'_> {
+        Heap::range::<Vec<u8>, _>(self, bounds)
+    }
+}
+
+impl Source for Snapshot {
+    fn get_ref(&self, key: &[u8]) -> heapgrid_heap::Result<Option<std::borrow::Cow<'_, [u8]>>> {
+        Snapshot::get_ref(self, key)
+    }
+    fn contains(&self, key: &[u8]) -> heapgrid_heap::Result<bool> {
+        Snapshot::contains(self, key)
+    }
+    fn len(&self) -> u64 {
+        Snapshot::len(self)
+    }
+    fn range(&self, bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>)) -> heapgrid_heap::Range<'_> {
+        Snapshot::range::<Vec<u8>, _>(self, bounds)
+    }
+}
+
+/// The typed reads of a table shard, over its heap or a snapshot of it.
+pub mod read {
+    use super::*;
+
+    /// The value and version stored under `key`.
+    pub fn get(s: &impl Source, key: &Key) -> Result<Option<Versioned>, TableError> {
+        let k = key.encode()?;
+        match s.get_ref(&k)? {
+            Some(bytes) => Ok(Some(decode_record(&k, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored record under `key` without decoding its value (for callers that pass the
+    /// encoded value on, such as the server's reply to a get).
+    pub fn get_raw<'a>(s: &'a impl Source, key: &Key) -> Result<Option<RawRecord<'a>>, TableError> {
+        let k = key.encode()?;
+        let Some(bytes) = s.get_ref(&k)? else { return Ok(None) };
+        let version = record_version(&k, &bytes)?;
+        let value = match bytes {
+            std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[RECORD_HEADER_BYTES..]),
+            std::borrow::Cow::Owned(mut b) => {
+                b.drain(..RECORD_HEADER_BYTES);
+                std::borrow::Cow::Owned(b)
+            }
+        };
+        Ok(Some(RawRecord { version, value }))
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(s: &impl Source, key: &Key) -> Result<bool, TableError> {
+        Ok(s.contains(&key.encode()?)?)
+    }
+
+    /// Number of keys.
+    pub fn count(s: &impl Source) -> u64 {
+        s.len()
+    }
+
+    /// Entries in `range`, in key order (descending if `range.reverse`).
+    pub fn scan(s: &impl Source, range: &ScanRange) -> Result<Vec<(Key, Versioned)>, TableError> {
+        if range.limit > SCAN_LIMIT_MAX {
+            return Err(TableError::LimitExceeded {
+                what: "scan limit",
+                got: range.limit as u64,
+                max: SCAN_LIMIT_MAX as u64,
+            });
+        }
+        let bounds = (encode_bound(&range.start)?, encode_bound(&range.end)?);
+        // An empty or inverted range has no entries.
+        if let (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) = &bounds
+            && (a > b || (a == b && !matches!(bounds, (Bound::Included(_), Bound::Included(_)))))
+        {
+            return Ok(Vec::new());
+        }
+        let iter = s.range(bounds);
+        let iter: Box<dyn Iterator<Item = _>> =
+            if range.reverse { Box::new(iter.rev()) } else { Box::new(iter) };
+        let mut out = Vec::new();
+        for e in iter.take(range.limit as usize) {
+            let (k, v) = e?;
+            let key = Key::decode(k).ok_or_else(|| corrupt(k, "undecodable key".into()))?;
+            out.push((key, decode_record(k, &v)?));
+        }
+        Ok(out)
+    }
+}
+
 /// What a lone compare-and-set that does not match answers: a result, not an error.
 enum Mismatch {
     /// In a batch: the whole batch fails.
@@ -242,65 +352,27 @@ impl TableShard {
 
     /// The value and version stored under `key`.
     pub fn get(&self, key: &Key) -> Result<Option<Versioned>, TableError> {
-        let k = key.encode()?;
-        match self.heap.get_ref(&k)? {
-            Some(bytes) => Ok(Some(decode_record(&k, &bytes)?)),
-            None => Ok(None),
-        }
+        read::get(&self.heap, key)
     }
 
-    /// The stored record under `key` without decoding its value (for callers that pass the
-    /// encoded value on, such as the server's reply to a get).
+    /// The stored record under `key`, not decoded.
     pub fn get_raw(&self, key: &Key) -> Result<Option<RawRecord<'_>>, TableError> {
-        let k = key.encode()?;
-        let Some(bytes) = self.heap.get_ref(&k)? else { return Ok(None) };
-        let version = record_version(&k, &bytes)?;
-        let value = match bytes {
-            std::borrow::Cow::Borrowed(b) => std::borrow::Cow::Borrowed(&b[RECORD_HEADER_BYTES..]),
-            std::borrow::Cow::Owned(mut b) => {
-                b.drain(..RECORD_HEADER_BYTES);
-                std::borrow::Cow::Owned(b)
-            }
-        };
-        Ok(Some(RawRecord { version, value }))
+        read::get_raw(&self.heap, key)
     }
 
     /// Whether `key` is present.
     pub fn contains(&self, key: &Key) -> Result<bool, TableError> {
-        Ok(self.heap.contains(&key.encode()?)?)
+        read::contains(&self.heap, key)
     }
 
     /// Number of keys in this shard.
     pub fn count(&self) -> u64 {
-        self.heap.len()
+        read::count(&self.heap)
     }
 
     /// Entries in `range`, in key order (descending if `range.reverse`).
     pub fn scan(&self, range: &ScanRange) -> Result<Vec<(Key, Versioned)>, TableError> {
-        if range.limit > SCAN_LIMIT_MAX {
-            return Err(TableError::LimitExceeded {
-                what: "scan limit",
-                got: range.limit as u64,
-                max: SCAN_LIMIT_MAX as u64,
-            });
-        }
-        let bounds = (encode_bound(&range.start)?, encode_bound(&range.end)?);
-        // An empty or inverted range has no entries (the heap's range would refuse it).
-        if let (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) = &bounds
-            && (s > e || (s == e && !matches!(bounds, (Bound::Included(_), Bound::Included(_)))))
-        {
-            return Ok(Vec::new());
-        }
-        let iter = self.heap.range::<Vec<u8>, _>(bounds);
-        let iter: Box<dyn Iterator<Item = _>> =
-            if range.reverse { Box::new(iter.rev()) } else { Box::new(iter) };
-        let mut out = Vec::new();
-        for e in iter.take(range.limit as usize) {
-            let (k, v) = e?;
-            let key = Key::decode(k).ok_or_else(|| corrupt(k, "undecodable key".into()))?;
-            out.push((key, decode_record(k, &v)?));
-        }
-        Ok(out)
+        read::scan(&self.heap, range)
     }
 
     /// Applies one write as one op-log record. A compare-and-set that does not match is a

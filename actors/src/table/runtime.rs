@@ -20,11 +20,12 @@ use tokio::sync::oneshot;
 use super::actor::{EvalJob, PipelineOp, PipelineReply, ShardMsg};
 use super::def::TableDef;
 use super::supervisor::{ShardSlot, SlotState};
-use super::{ScanRange, Versioned, WriteOp, WriteResult, Written};
+use super::{ScanRange, Versioned, WriteOp, WriteResult, Written, read};
 use crate::error::GridError;
 use crate::key::Key;
 use crate::snippet::{Compiled, LimitOverrides, Limits, Snippets};
 use crate::value::Value;
+use heapgrid_heap::Snapshot;
 
 /// How long a caller waits for a restarting shard before giving up.
 const SHARD_RESTART_WAIT: Duration = Duration::from_secs(5);
@@ -86,6 +87,11 @@ impl TableRuntime {
         key.shard(self.def.shards)
     }
 
+    /// Shard `i`'s newest published read snapshot (`None` while it is not running).
+    pub fn snapshot(&self, i: u32) -> Option<Arc<Snapshot>> {
+        self.slots[i as usize].published.load()
+    }
+
     /// Messages sent to this table's shards so far.
     pub fn shard_messages(&self) -> u64 {
         self.messages.load(Ordering::Relaxed)
@@ -132,31 +138,37 @@ impl TableRuntime {
         }
     }
 
-    /// The value and version under `key`.
+    /// The value and version under `key`: from the shard's published snapshot, without a
+    /// message; from the actor only while none is published (the shard is starting).
     pub async fn get(&self, key: Key) -> Result<Option<Versioned>, GridError> {
         let i = self.shard_of(&key);
+        if let Some(s) = self.snapshot(i) {
+            return Ok(read::get(&*s, &key)?);
+        }
         self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
     }
 
-    /// Whether `key` is present.
+    /// Whether `key` is present (snapshot first, as `get`).
     pub async fn contains(&self, key: Key) -> Result<bool, GridError> {
         let i = self.shard_of(&key);
-        self.call(
-            i,
-            key,
-            ShardMsg::Contains,
-            |m| if let ShardMsg::Contains(k, _) = m { Some(k) } else { None },
-        )
-        .await?
+        if let Some(s) = self.snapshot(i) {
+            return Ok(read::contains(&*s, &key)?);
+        }
+        let unwrap = |m| if let ShardMsg::Contains(k, _) = m { Some(k) } else { None };
+        self.call(i, key, ShardMsg::Contains, unwrap).await?
     }
 
     /// Keys in the whole table (the sum over its shards).
     pub async fn count(&self) -> Result<u64, GridError> {
         let mut total = 0;
         for i in 0..self.def.shards {
-            total += self
-                .call(i, (), |(), r| ShardMsg::Count(r), |m| matches!(m, ShardMsg::Count(_)).then_some(()))
-                .await??;
+            total += match self.snapshot(i) {
+                Some(s) => read::count(&*s),
+                None => {
+                    let unwrap = |m| matches!(m, ShardMsg::Count(_)).then_some(());
+                    self.call(i, (), |(), r| ShardMsg::Count(r), unwrap).await??
+                }
+            };
         }
         Ok(total)
     }
@@ -166,11 +178,13 @@ impl TableRuntime {
         let (limit, reverse) = (range.limit, range.reverse);
         let mut parts = Vec::with_capacity(self.def.shards as usize);
         for i in 0..self.def.shards {
-            let r = self
-                .call(i, range.clone(), ShardMsg::Scan, |m| {
-                    if let ShardMsg::Scan(r, _) = m { Some(r) } else { None }
-                })
-                .await??;
+            let r = match self.snapshot(i) {
+                Some(s) => read::scan(&*s, &range)?,
+                None => {
+                    let unwrap = |m| if let ShardMsg::Scan(r, _) = m { Some(r) } else { None };
+                    self.call(i, range.clone(), ShardMsg::Scan, unwrap).await??
+                }
+            };
             parts.push(r);
         }
         if parts.len() == 1 {

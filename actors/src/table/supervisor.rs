@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use heapgrid_heap::HeapOptions;
+use heapgrid_heap::{HeapOptions, Published, Snapshot};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::actor::{ShardActor, ShardArgs, ShardMsg};
@@ -37,6 +37,8 @@ pub enum SlotState {
 /// find it `Starting` wait for the next change (`wait_change`) instead of polling.
 pub struct ShardSlot {
     state: RwLock<SlotState>,
+    /// The running shard's newest read snapshot (empty while it is not running).
+    pub published: Arc<Published<Snapshot>>,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
@@ -45,6 +47,7 @@ impl ShardSlot {
     pub fn new() -> Self {
         ShardSlot {
             state: RwLock::new(SlotState::Starting),
+            published: Arc::new(Published::new()),
             version: std::sync::atomic::AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
@@ -121,7 +124,11 @@ pub fn shard_path(dir: &std::path::Path, i: usize) -> PathBuf {
 /// is retried after `START_RETRY_DELAY` until the limit marks the shard failed.
 async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
     st.args.slots[i].set(SlotState::Starting);
-    let args = ShardArgs { path: shard_path(&st.args.dir, i), heap: st.args.heap.clone() };
+    let args = ShardArgs {
+        path: shard_path(&st.args.dir, i),
+        heap: st.args.heap.clone(),
+        published: st.args.slots[i].published.clone(),
+    };
     match ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {
             st.children.insert(actor.get_id(), i);
