@@ -242,6 +242,23 @@ pub fn append_get_response(out: &mut Vec<u8>, id: u64, record: Option<&RawVersio
     append_response(out, &Response { id, result });
 }
 
+/// Appends `msg` as one frame to `out`.
+pub fn append_msg<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    if let Err(e) = postcard::to_extend(msg, Append(out)) {
+        out.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
+    let len = out.len() - start - 4;
+    if len > FRAME_BYTES_MAX as usize {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(len as u32));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
 /// Appends one response frame to `out` (or, if it cannot be encoded, an error frame for its id).
 pub fn append_response(out: &mut Vec<u8>, resp: &Response) {
     let start = out.len();
