@@ -26,9 +26,11 @@ measure() { # $1 = label, $2 = case, $3 = server pid, then measure.py's argument
       "$label" "$case" >> "$results"
 }
 
-hg_case() { # $1 = label, $2 = binary, $3 = case, $4 = reads percent, $5 = pipeline
-  measure "$1" "$3" "$HG_PID" --kind heapgrid -- "$2" bench --addr "$HG_ADDR" --connections "$CLIENTS" \
-    --pipeline "$5" --keys "$KEYS" --value-bytes "$VALUE" --reads "$4" --seconds "$SECS" --json
+# Every heapgrid build is driven by the current build's load generator, so only the server differs.
+LOADGEN="$HG"
+hg_case() { # $1 = label, $2 = case, $3 = reads percent, $4 = pipeline
+  measure "$1" "$2" "$HG_PID" --kind heapgrid -- "$LOADGEN" bench --addr "$HG_ADDR" --connections "$CLIENTS" \
+    --pipeline "$4" --keys "$KEYS" --value-bytes "$VALUE" --reads "$3" --seconds "$SECS" --json
 }
 
 redis_case() { # $1 = case, $2 = test (set|get), $3 = pipeline, $4 = requests
@@ -61,11 +63,11 @@ for b in "${builds[@]}"; do
   HG_SAVED=$HG; HG=$bin
   start_heapgrid every:1000
   # Preload so GETs hit.
-  "$HG" bench --addr "$HG_ADDR" --connections "$CLIENTS" --keys "$KEYS" --value-bytes "$VALUE" --reads 0 \
+  "$LOADGEN" bench --addr "$HG_ADDR" --connections "$CLIENTS" --keys "$KEYS" --value-bytes "$VALUE" --reads 0 \
     --seconds 0.01 --preload >/dev/null
   for c in "${cases[@]}"; do
     IFS='|' read -r name reads p <<< "$c"
-    hg_case "$label" "$HG" "$name" "$reads" "$p"
+    hg_case "$label" "$name" "$reads" "$p"
   done
   if [ "$label" = heapgrid ]; then
     hg_rss=$(awk '/VmRSS/ {print $2 * 1024}' "/proc/$HG_PID/status")
@@ -76,7 +78,7 @@ for b in "${builds[@]}"; do
     pids+=($!); HG_PID=$!
     for _ in $(seq 2000); do grep -q "listening on" "$work/hg.out" 2>/dev/null && break; sleep 0.005; done
     HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg.out")
-    "$HG" eval --addr "$HG_ADDR" count bench >/dev/null
+    "$LOADGEN" eval --addr "$HG_ADDR" count bench >/dev/null
     restart_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   fi
   kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
@@ -89,8 +91,10 @@ for p in 1 16; do redis_case "durable SET, $p in flight" set "$p" "$REQS_DURABLE
 kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
 for b in "${builds[@]}"; do
   IFS='|' read -r label bin <<< "$b"
+  HG_SAVED=$HG; HG=$bin
   start_heapgrid always
-  for p in 1 16; do hg_case "$label" "$bin" "durable SET, $p in flight" 0 "$p"; done
+  HG=$HG_SAVED
+  for p in 1 16; do hg_case "$label" "durable SET, $p in flight" 0 "$p"; done
   kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
 done
 

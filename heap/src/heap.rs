@@ -24,7 +24,7 @@ use crate::oplog::{Durability, FileLogDir, FsyncPolicy, LogDir, OpLog, ReplayRep
 use crate::page;
 use crate::pager::Pager;
 use crate::snapshot::{Pages, Snapshot};
-use crate::storage::{FileStorage, Storage, sync_dir};
+use crate::storage::{FileStorage, Flusher, Storage, sync_dir};
 use std::sync::Arc;
 
 /// Most pages a batch reserves up front. A batch whose worst case is larger reserves this much;
@@ -97,6 +97,8 @@ pub struct Heap {
     /// LSN the next checkpoint records (set by the op log).
     applied_lsn: u64,
     changed: bool,
+    /// A checkpoint was begun and not finished (`finish_checkpoint`).
+    checkpoint_in_flight: bool,
     poisoned: Option<String>,
     log: Option<OpLog>,
     replay: ReplayReport,
@@ -199,6 +201,7 @@ impl Heap {
             durable: m,
             applied_lsn: m.checkpoint_lsn,
             changed: false,
+            checkpoint_in_flight: false,
             poisoned: None,
             log: None,
             replay: ReplayReport::default(),
@@ -438,11 +441,31 @@ impl Heap {
     }
 
     /// Makes every applied write durable. Crash-safe at every step: the previous checkpoint
-    /// stays valid until the new meta page is on disk.
+    /// stays valid until the new meta page is on disk. The same as `begin_checkpoint`, running
+    /// the job on this thread, and `finish_checkpoint`.
     pub fn checkpoint(&mut self) -> Result<()> {
+        match self.begin_checkpoint()? {
+            Some(job) => {
+                let r = job.run();
+                self.finish_checkpoint(job, r)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a checkpoint of every batch applied so far, without writing back any page: seals
+    /// the pages written since the last capture (from now on they are copied on write), writes
+    /// the new free list, and prepares the meta page. The returned job flushes the pages and
+    /// writes the meta page; it may run on another thread while this heap goes on applying
+    /// batches (none of which it flushes or names). `None`: nothing changed since the last
+    /// checkpoint. Only one checkpoint is in flight at a time.
+    pub fn begin_checkpoint(&mut self) -> Result<Option<CheckpointJob>> {
         self.usable()?;
+        if self.checkpoint_in_flight {
+            return Err(Error::Poisoned("a checkpoint is already in flight".into()));
+        }
         if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn {
-            return Ok(());
+            return Ok(None);
         }
         // Reserve room for the free list before changing anything, so a full disk is a plain error.
         let listed = self.pager.free.len()
@@ -456,17 +479,16 @@ impl Heap {
             Some(log) => log.rotate(),
             None => Ok(()),
         };
-        if let Err(e) = r.and_then(|_| self.checkpoint_inner()) {
-            return self.poison(e);
+        match r.and_then(|_| self.prepare_checkpoint(previous_lsn)) {
+            Ok(job) => {
+                self.checkpoint_in_flight = true;
+                Ok(Some(job))
+            }
+            Err(e) => self.poison(e),
         }
-        // Keep the log back to the previous checkpoint: open may fall back to it.
-        if let Some(log) = self.log.as_mut() {
-            log.retire(previous_lsn)?;
-        }
-        Ok(())
     }
 
-    fn checkpoint_inner(&mut self) -> Result<()> {
+    fn prepare_checkpoint(&mut self, previous_lsn: u64) -> Result<CheckpointJob> {
         let pager = &mut self.pager;
         // The durable free list's own pages are free once the next checkpoint stands.
         let old_chain = std::mem::take(&mut pager.durable_freelist);
@@ -491,26 +513,25 @@ impl Heap {
         freelist::write(pager, &chain, &ids);
 
         // Seal every page written since the last capture (captured ones are sealed already and
-        // may be read by snapshots: they are not touched), then flush every page written since
-        // the last checkpoint.
+        // may be read by snapshots: they are not touched); none is writable from now on, so
+        // nothing changes the pages this checkpoint names while it is written back.
         let unsealed: Vec<u64> = pager.writable.iter().collect();
         for id in unsealed {
             page::seal(pager.raw_mut(id));
         }
+        pager.writable.clear_all();
+        // Every page written since the last checkpoint is flushed; they belong to this one now
+        // (a write copies them, a release sends them to pending).
         let dirty: Vec<u64> = pager.fresh.iter().collect();
-        let runs = coalesce(&dirty);
+        pager.fresh.clear_all();
+        let mut runs: Vec<(u64, u64)> = coalesce(&dirty)
+            .into_iter()
+            .map(|(first, n)| (first * PAGE_SIZE as u64, n * PAGE_SIZE as u64))
+            .collect();
         if runs.len() > FLUSH_RUNS_MAX {
             let start = FIRST_DATA_PAGE * PAGE_SIZE as u64;
-            pager.storage.flush(start, pager.page_count * PAGE_SIZE as u64 - start)?;
-        } else {
-            for (first, n) in runs {
-                pager.storage.flush(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64)?;
-            }
+            runs = vec![(start, pager.page_count * PAGE_SIZE as u64 - start)];
         }
-        if pager.page_count > self.durable.page_count {
-            pager.storage.sync_len()?;
-        }
-
         let m = Meta {
             heap_id: self.durable.heap_id,
             epoch: self.durable.epoch + 1,
@@ -522,24 +543,52 @@ impl Heap {
             entry_count: self.tree.len,
             checkpoint_lsn: self.applied_lsn,
         };
-        let slot = Meta::slot(m.epoch);
-        meta::write_meta(pager.raw_mut(slot), &m);
-        pager.storage.flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)?;
+        let mut meta_page = vec![0u8; PAGE];
+        meta::write_meta(&mut meta_page, &m);
+        // Pages freed before now are referenced by the durable checkpoint only; the ones freed
+        // while this one is in flight may be referenced by this one too (`finish_checkpoint`).
+        let pending_at_start = pager.pending.len();
+        pager.durable_freelist = chain;
+        self.changed = false;
+        Ok(CheckpointJob {
+            flusher: pager.storage.flusher(),
+            runs,
+            sync_len: pager.page_count > self.durable.page_count,
+            meta: m,
+            meta_page,
+            previous_lsn,
+            pending_at_start,
+        })
+    }
 
-        // The new checkpoint stands. Pages only the previous-but-one checkpoint referenced are
-        // free once no snapshot can reach them; pages only the previous one references are held
-        // until the next checkpoint.
+    /// Completes a checkpoint whose job ran with result `r`: the new checkpoint stands (or, on
+    /// an error, the heap is poisoned: the state of the page cache is unknown). Pages only the
+    /// previous-but-one checkpoint referenced are retired (free once no snapshot can reach
+    /// them); pages only the previous one references are held until the next checkpoint.
+    pub fn finish_checkpoint(&mut self, job: CheckpointJob, r: Result<()>) -> Result<()> {
+        assert!(self.checkpoint_in_flight, "finish_checkpoint without a checkpoint in flight");
+        self.checkpoint_in_flight = false;
+        if let Err(e) = r {
+            return self.poison(e);
+        }
+        assert_eq!(job.meta.epoch, self.durable.epoch + 1, "checkpoints finish in order");
+        let pager = &mut self.pager;
         let held = std::mem::take(&mut pager.held);
         let tag = pager.captured;
         pager.retired.extend(held.into_iter().map(|id| (tag, id)));
-        pager.held = std::mem::take(&mut pager.pending);
-        pager.fresh.clear_all();
-        pager.writable.clear_all();
+        pager.held = pager.pending.drain(..job.pending_at_start).collect();
         pager.reclaim();
-        pager.durable_freelist = chain;
-        self.durable = m;
-        self.changed = false;
+        self.durable = job.meta;
+        // Keep the log back to the previous checkpoint: open may fall back to it.
+        if let Some(log) = self.log.as_mut() {
+            log.retire(job.previous_lsn)?;
+        }
         Ok(())
+    }
+
+    /// Whether a checkpoint was begun and not finished.
+    pub fn checkpoint_in_flight(&self) -> bool {
+        self.checkpoint_in_flight
     }
 
     /// Checkpoints, then moves pages down into free space and shrinks the file. Runs in rounds:
@@ -785,6 +834,41 @@ fn create_file(path: &Path) -> Result<()> {
     })();
     let _ = std::fs::remove_file(&tmp);
     r
+}
+
+/// The part of a checkpoint that writes back: flush the pages it names, sync the file length
+/// if it grew, then write and flush the meta page. Runs on any thread; `Heap::finish_checkpoint`
+/// takes its result.
+pub struct CheckpointJob {
+    flusher: Arc<dyn Flusher>,
+    /// Byte ranges to flush.
+    runs: Vec<(u64, u64)>,
+    sync_len: bool,
+    meta: Meta,
+    meta_page: Vec<u8>,
+    previous_lsn: u64,
+    /// How many of the pending pages were pending when the checkpoint began.
+    pending_at_start: usize,
+}
+
+impl CheckpointJob {
+    /// Writes the checkpoint back. Crash-safe at every step: the meta page goes last.
+    pub fn run(&self) -> Result<()> {
+        for &(offset, len) in &self.runs {
+            self.flusher.flush(offset, len)?;
+        }
+        if self.sync_len {
+            self.flusher.sync_len()?;
+        }
+        let slot = Meta::slot(self.meta.epoch);
+        self.flusher.write(slot * PAGE_SIZE as u64, &self.meta_page);
+        self.flusher.flush(slot * PAGE_SIZE as u64, PAGE_SIZE as u64)
+    }
+
+    /// Bytes of pages this checkpoint writes back.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.1).sum()
+    }
 }
 
 /// A double-ended iterator over a key range. Yields `(key, value)`; keys are borrowed from the

@@ -32,7 +32,7 @@ pub mod sync;
 pub use batch::{BatchOp, WriteBatch};
 pub use error::{Error, Result};
 pub use group_commit::GroupCommit;
-pub use heap::{CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport, Range};
+pub use heap::{CheckpointJob, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport, Range};
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;
 pub use oplog::{Durability, FsyncPolicy, ReplayReport};

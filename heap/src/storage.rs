@@ -49,6 +49,20 @@ pub trait Storage: Send + Sync {
     fn flush(&mut self, offset: u64, len: u64) -> Result<()>;
     /// Makes the file's length durable (after a grow or truncate).
     fn sync_len(&mut self) -> Result<()>;
+    /// A handle that flushes, syncs the length and writes meta pages from another thread (a
+    /// checkpoint in the background), while the owner goes on writing other pages.
+    fn flusher(&self) -> Arc<dyn Flusher>;
+}
+
+/// Flushes a storage from another thread. Only for bytes the owner does not write meanwhile:
+/// pages frozen by a capture, and meta pages (which only checkpoints write).
+pub trait Flusher: Send + Sync {
+    /// Makes `len` bytes at `offset` durable.
+    fn flush(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes the storage's length durable.
+    fn sync_len(&self) -> Result<()>;
+    /// Writes `bytes` at `offset` (a meta page nobody else writes), not yet durable.
+    fn write(&self, offset: u64, bytes: &[u8]);
 }
 
 /// A mapped image of a storage's bytes, readable from any thread while it lives.
@@ -219,6 +233,36 @@ impl Storage for FileStorage {
         self.file.sync_all()?;
         Ok(())
     }
+    fn flusher(&self) -> Arc<dyn Flusher> {
+        Arc::new(FileFlusher { map: self.map.clone(), region: self.region.clone(), file: self.file.clone() })
+    }
+}
+
+/// `FileStorage`'s background flusher: the mapping of when it was made (every mapping of the
+/// file shares its pages, so flushing through an older one flushes the same file pages).
+struct FileFlusher {
+    map: Option<Arc<FileMap>>,
+    region: Arc<Region>,
+    file: Arc<File>,
+}
+
+impl Flusher for FileFlusher {
+    fn flush(&self, offset: u64, len: u64) -> Result<()> {
+        if let Some(fm) = &self.map {
+            fm.map.flush_range(offset as usize, len as usize)?;
+        }
+        Ok(())
+    }
+    fn sync_len(&self) -> Result<()> {
+        self.file.sync_all()?;
+        Ok(())
+    }
+    fn write(&self, offset: u64, bytes: &[u8]) {
+        let p = self.region.write_ptr(offset, bytes.len());
+        // SAFETY: in bounds; these bytes (a meta page) are written by no one else and read by no
+        // reader (module invariant).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) }
+    }
 }
 
 fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
@@ -369,34 +413,105 @@ impl Drop for SimBuf {
 
 /// Storage over a `SimDisk`: writes go to a private live image until flushed.
 pub struct SimStorage {
+    /// The live image (the same as `shared.live`, kept here for the owner's writes).
     live: Arc<Region>,
+    shared: Arc<SimShared>,
     disk: SimDisk,
+}
+
+/// What a `SimStorage` shares with its background flushers: the current live image. Replacing
+/// it (a grow) and a flusher's meta write or flush hold the lock, so neither sees the other
+/// half done.
+struct SimShared {
+    live: Mutex<Arc<Region>>,
+}
+
+fn image_of(r: &Region) -> Vec<u8> {
+    r.bytes(0, r.len).map(<[u8]>::to_vec).unwrap_or_default()
+}
+
+fn sim_region(bytes: Vec<u8>) -> Arc<Region> {
+    let buf = SimBuf::new(bytes);
+    Arc::new(Region { ptr: buf.ptr, len: buf.len, _owner: Some(buf) })
 }
 
 impl SimStorage {
     fn with_image(bytes: Vec<u8>, disk: SimDisk) -> SimStorage {
-        let mut s = SimStorage { live: Arc::new(Region::empty()), disk };
-        let buf = SimBuf::new(bytes);
-        s.live = Arc::new(Region { ptr: buf.ptr, len: buf.len, _owner: Some(buf) });
-        s
-    }
-
-    fn image(&self) -> Vec<u8> {
-        self.live.bytes(0, self.live.len).map(<[u8]>::to_vec).unwrap_or_default()
+        let live = sim_region(bytes);
+        let shared = Arc::new(SimShared { live: Mutex::new(live.clone()) });
+        SimStorage { live, shared, disk }
     }
 
     /// Replaces the live image with a copy resized to `len` (readers keep the old one).
     fn resize(&mut self, len: usize) {
-        let mut img = self.image();
+        let mut cur = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut img = image_of(&cur);
         img.resize(len, 0);
-        let buf = SimBuf::new(img);
-        self.live = Arc::new(Region { ptr: buf.ptr, len: buf.len, _owner: Some(buf) });
+        *cur = sim_region(img);
+        self.live = cur.clone();
     }
 }
 
 impl Drop for SimStorage {
     fn drop(&mut self) {
-        self.disk.lock().last_live = Some(self.image());
+        let img = image_of(&self.shared.live.lock().unwrap_or_else(|e| e.into_inner()));
+        self.disk.lock().last_live = Some(img);
+    }
+}
+
+/// Copies `len` live bytes at `offset` to the durable image, failing as the disk is told to.
+fn sim_flush(disk: &SimDisk, live: &Region, offset: u64, len: u64) -> Result<()> {
+    let mut st = disk.lock();
+    if st.flushes_left == Some(0) {
+        st.fail_flush = true;
+    }
+    if st.fail_flush {
+        return Err(Error::Io(std::io::Error::other("injected fsync failure")));
+    }
+    if let Some(n) = st.flushes_left.as_mut() {
+        *n -= 1;
+    }
+    st.flushes += 1;
+    let end = (offset + len) as usize;
+    if st.durable.len() < end {
+        st.durable.resize(end, 0);
+    }
+    let bytes = live.bytes(offset, len as usize).expect("flush within the image");
+    st.durable[offset as usize..end].copy_from_slice(bytes);
+    Ok(())
+}
+
+fn sim_sync_len(disk: &SimDisk, n: usize) -> Result<()> {
+    let mut st = disk.lock();
+    if st.fail_flush {
+        return Err(Error::Io(std::io::Error::other("injected fsync failure")));
+    }
+    if st.durable.len() < n {
+        st.durable.resize(n, 0);
+    }
+    Ok(())
+}
+
+/// `SimStorage`'s background flusher.
+struct SimFlusher {
+    shared: Arc<SimShared>,
+    disk: SimDisk,
+}
+
+impl Flusher for SimFlusher {
+    fn flush(&self, offset: u64, len: u64) -> Result<()> {
+        let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        sim_flush(&self.disk, &live, offset, len)
+    }
+    fn sync_len(&self) -> Result<()> {
+        let n = self.shared.live.lock().unwrap_or_else(|e| e.into_inner()).len;
+        sim_sync_len(&self.disk, n)
+    }
+    fn write(&self, offset: u64, bytes: &[u8]) {
+        let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        let p = live.write_ptr(offset, bytes.len());
+        // SAFETY: in bounds; a meta page nobody else writes; the lock keeps the image current.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) }
     }
 }
 
@@ -440,35 +555,13 @@ impl Storage for SimStorage {
         Ok(())
     }
     fn flush(&mut self, offset: u64, len: u64) -> Result<()> {
-        let mut st = self.disk.lock();
-        if st.flushes_left == Some(0) {
-            st.fail_flush = true;
-        }
-        if st.fail_flush {
-            return Err(Error::Io(std::io::Error::other("injected fsync failure")));
-        }
-        if let Some(n) = st.flushes_left.as_mut() {
-            *n -= 1;
-        }
-        st.flushes += 1;
-        let end = (offset + len) as usize;
-        if st.durable.len() < end {
-            st.durable.resize(end, 0);
-        }
-        let live = self.live.bytes(offset, len as usize).expect("flush within the image");
-        st.durable[offset as usize..end].copy_from_slice(live);
-        Ok(())
+        sim_flush(&self.disk, &self.live, offset, len)
     }
     fn sync_len(&mut self) -> Result<()> {
-        let mut st = self.disk.lock();
-        if st.fail_flush {
-            return Err(Error::Io(std::io::Error::other("injected fsync failure")));
-        }
-        let n = self.live.len() as usize;
-        if st.durable.len() < n {
-            st.durable.resize(n, 0);
-        }
-        Ok(())
+        sim_sync_len(&self.disk, self.live.len)
+    }
+    fn flusher(&self) -> Arc<dyn Flusher> {
+        Arc::new(SimFlusher { shared: self.shared.clone(), disk: self.disk.clone() })
     }
 }
 

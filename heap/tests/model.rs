@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use heapgrid_heap::storage::{SimDisk, Storage};
-use heapgrid_heap::{Heap, HeapOptions, Snapshot, WriteBatch};
+use heapgrid_heap::{CheckpointJob, Heap, HeapOptions, Snapshot, WriteBatch};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -27,6 +27,11 @@ enum Op {
     Capture,
     ReadOld(usize),
     DropOld(usize),
+    /// Begin a checkpoint whose write-back runs later (`CheckpointRun`, `CheckpointEnd`) while
+    /// writes go on.
+    CheckpointBegin,
+    CheckpointRun,
+    CheckpointEnd,
 }
 
 /// Most snapshots the model keeps at once.
@@ -61,6 +66,9 @@ fn op() -> impl Strategy<Value = Op> {
         4 => Just(Op::Capture),
         4 => (0..SNAPSHOTS_KEPT).prop_map(Op::ReadOld),
         2 => (0..SNAPSHOTS_KEPT).prop_map(Op::DropOld),
+        2 => Just(Op::CheckpointBegin),
+        1 => Just(Op::CheckpointRun),
+        2 => Just(Op::CheckpointEnd),
     ]
 }
 
@@ -98,11 +106,24 @@ fn run(ops: Vec<Op>) {
     let disk = SimDisk::new();
     let mut h = Some(open(&disk));
     let mut snaps: Vec<(Snapshot, Model)> = Vec::new();
+    // A checkpoint in flight: its job, the model as of its begin, and whether it ran.
+    let mut in_flight: Option<(CheckpointJob, Model, bool)> = None;
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut durable = model.clone();
     for (step, op) in ops.into_iter().enumerate() {
         let heap = h.as_mut().unwrap();
         let salt = step as u64;
+        // Everything but writes, reads, captures and a crash needs the checkpoint in flight ended.
+        let ends_checkpoint =
+            matches!(op, Op::Checkpoint | Op::Reopen | Op::Compact | Op::CheckpointEnd | Op::CheckpointBegin);
+        if ends_checkpoint && let Some((job, at_begin, ran)) = in_flight.take() {
+            if !ran {
+                job.run().unwrap();
+            }
+            heap.finish_checkpoint(job, Ok(())).unwrap();
+            durable = at_begin;
+            heap.check_integrity().unwrap();
+        }
         match op {
             Op::Put(k, l) => {
                 let v = value(k, l, salt);
@@ -157,6 +178,10 @@ fn run(ops: Vec<Op>) {
                 h = Some(open(&disk));
             }
             Op::Crash(seed) => {
+                // A write-back that ran made its checkpoint durable; one that did not, did not.
+                if let Some((_, at_begin, true)) = in_flight.take() {
+                    durable = at_begin;
+                }
                 drop(h.take());
                 disk.crash(seed, heapgrid_heap::PAGE_SIZE as usize);
                 model = durable.clone();
@@ -186,13 +211,33 @@ fn run(ops: Vec<Op>) {
                     snaps.remove(i);
                 }
             }
+            Op::CheckpointBegin => {
+                if let Some(job) = heap.begin_checkpoint().unwrap() {
+                    assert!(heap.begin_checkpoint().is_err(), "two checkpoints in flight");
+                    in_flight = Some((job, model.clone(), false));
+                    heap.check_integrity().unwrap();
+                }
+            }
+            Op::CheckpointRun => {
+                if let Some((job, _, ran)) = in_flight.as_mut()
+                    && !*ran
+                {
+                    job.run().unwrap();
+                    *ran = true;
+                }
+            }
+            Op::CheckpointEnd => {}
         }
         assert_same(h.as_ref().unwrap(), &model);
     }
     for (s, m) in &snaps {
         assert_snapshot(s, m);
     }
-    let heap = h.unwrap();
+    let mut heap = h.unwrap();
+    if let Some((job, _, _)) = in_flight {
+        let r = job.run();
+        heap.finish_checkpoint(job, r).unwrap();
+    }
     heap.check_integrity().unwrap();
 }
 

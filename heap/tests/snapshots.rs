@@ -1,7 +1,9 @@
 //! Readers on other threads against a writer that keeps rewriting: every snapshot a reader
 //! loads is whole (each batch rewrote every key with one round number, so a snapshot shows one
 //! round everywhere), its values intact, and every page it reaches passes its checksum, while
-//! the writer copies, frees, reuses pages, checkpoints, grows the file and compacts.
+//! the writer copies, frees, reuses pages, checkpoints (in the foreground, and in the background
+//! with a write-back thread while it goes on writing), grows the file and compacts. At the end
+//! the heap reopens to its last round.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,9 +50,10 @@ fn check(s: &Snapshot) -> u64 {
 fn readers_see_whole_intact_snapshots_while_the_writer_rewrites() {
     let dir = tempfile::tempdir().unwrap();
     let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
-    let mut heap = Heap::open(dir.path().join("h.heap"), opts).unwrap();
+    let mut heap = Heap::open(dir.path().join("h.heap"), opts.clone()).unwrap();
     let published = Arc::new(Published::<Snapshot>::new());
     let stop = Arc::new(AtomicBool::new(false));
+    let mut writeback = None;
     let readers: Vec<_> = (0..3)
         .map(|_| {
             let (published, stop) = (published.clone(), stop.clone());
@@ -85,6 +88,22 @@ fn readers_see_whole_intact_snapshots_while_the_writer_rewrites() {
         }
         heap.apply(&b).unwrap();
         published.publish(Arc::new(heap.capture().unwrap()));
+        // Background checkpoints: begun at round 3 (mod 20), written back on another thread,
+        // finished at round 13, with ten rounds of writes in between.
+        if r % 20 == 3 {
+            let job = heap.begin_checkpoint().unwrap().expect("changes to checkpoint");
+            writeback = Some(std::thread::spawn(move || {
+                let r = job.run();
+                (job, r)
+            }));
+        }
+        if r % 20 == 13
+            && let Some(t) = writeback.take()
+        {
+            let (job, res) = t.join().unwrap();
+            heap.finish_checkpoint(job, res).unwrap();
+            heap.check_integrity().unwrap();
+        }
         if r % 20 == 19 {
             heap.checkpoint().unwrap();
         }
@@ -92,6 +111,7 @@ fn readers_see_whole_intact_snapshots_while_the_writer_rewrites() {
             heap.compact().unwrap();
         }
     }
+    assert!(writeback.is_none());
     stop.store(true, Ordering::Relaxed);
     let seen: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
     assert!(seen > 0, "no reader loaded a snapshot");
@@ -102,4 +122,13 @@ fn readers_see_whole_intact_snapshots_while_the_writer_rewrites() {
     heap.check_integrity().unwrap();
     let s = heap.capture().unwrap();
     assert_eq!(check(&s), s.generation());
+    drop(s);
+    // Reopened (checkpoint plus op log), the heap holds the last round.
+    heap.close().unwrap();
+    let mut heap = Heap::open(dir.path().join("h.heap"), opts).unwrap();
+    heap.check_integrity().unwrap();
+    let s = heap.capture().unwrap();
+    check(&s);
+    let (_, v) = s.range::<[u8], _>(..).next().unwrap().unwrap();
+    assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), ROUNDS - 1);
 }

@@ -139,7 +139,8 @@ async fn a_pipelined_get_sees_the_set_before_it() {
 }
 
 /// Under fsync `always`, readers are answered only once what they saw is durable: after a
-/// `kill -9`, every value any reader saw (and every acknowledged write) is still there.
+/// `kill -9`, every value any reader saw (and every acknowledged write) is still there. The
+/// server checkpoints every 20 ms, so kills also land inside background checkpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reader_sees_a_write_that_kill9_then_loses() {
     let seed = std::env::var("HEAPGRID_TEST_SEED")
@@ -149,8 +150,12 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
     eprintln!("HEAPGRID_TEST_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"checkpoint_interval_ms": 20}"#).unwrap();
+    let config = config.to_str().unwrap();
     for attempt in 0..3 {
-        let server = Server::start(dir.path(), &["--fsync", "always"]);
+        let server = Server::start(&data, &["--fsync", "always", "--config", config]);
         let addr = server.addr;
         let admin = Client::connect(addr).await.unwrap();
         if attempt == 0 {
@@ -196,7 +201,7 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
         for t in tasks {
             t.await.unwrap();
         }
-        let server = Server::start(dir.path(), &[]);
+        let server = Server::start(&data, &[]);
         let t = Client::connect(server.addr).await.unwrap().table("t");
         for k in 0..4i64 {
             let now = t.get::<i64>(k).await.unwrap().unwrap_or(i64::MIN);

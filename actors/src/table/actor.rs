@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use heapgrid_heap::{Durability, FsyncPolicy, Heap, HeapOptions, Published, Snapshot};
+use heapgrid_heap::{CheckpointJob, Durability, FsyncPolicy, Heap, HeapOptions, Published, Snapshot};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
 
@@ -96,6 +96,8 @@ pub enum ShardMsg {
     /// From the durable-reply task (`Always`): these groups are synced; publish their newest
     /// snapshot, then answer them.
     Durable(Vec<Group>),
+    /// The background checkpoint's write-back ended: finish it.
+    CheckpointDone,
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
@@ -354,6 +356,8 @@ pub struct ShardState {
     /// still queued in memory: sent after `Flush`.
     unflushed: Vec<Deferred>,
     flush_scheduled: bool,
+    /// The write-back of a checkpoint begun by this actor, running on the blocking pool.
+    checkpoint_task: Option<tokio::task::JoinHandle<(CheckpointJob, heapgrid_heap::Result<()>)>>,
 }
 
 impl ShardState {
@@ -406,6 +410,19 @@ impl ShardState {
                     (d.answer)(None);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Waits for the checkpoint in flight, if any, and finishes it. A failed write-back poisons
+    /// the heap (which `fail_if_poisoned` turns into a restart); a write-back task that panicked
+    /// fails the actor at once, so the supervisor reopens the heap.
+    async fn finish_checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(task) = self.checkpoint_task.take() else { return Ok(()) };
+        let (job, r) = task.await.map_err(|e| format!("checkpoint write-back task failed: {e}"))?;
+        if let Some(t) = self.table.as_mut() {
+            // An error here has poisoned the heap; the caller checks.
+            let _ = t.heap_mut().finish_checkpoint(job, r);
         }
         Ok(())
     }
@@ -504,6 +521,7 @@ impl Actor for ShardActor {
             durable,
             unflushed: Vec::new(),
             flush_scheduled: false,
+            checkpoint_task: None,
         })
     }
 
@@ -519,18 +537,39 @@ impl Actor for ShardActor {
                 state.durable(groups);
                 return Ok(());
             }
-            ShardMsg::Checkpoint(reply) => {
-                // A checkpoint flushes and fsyncs: let the runtime move other tasks off this worker.
+            ShardMsg::Checkpoint(None) => {
+                // The periodic one: begun here, written back on the blocking pool while this
+                // actor goes on serving; skipped while the previous one is still in flight.
+                if state.checkpoint_task.is_none()
+                    && let Some(t) = state.table.as_mut()
+                    && let Some(job) = t.heap_mut().begin_checkpoint()?
+                {
+                    let me = myself.clone();
+                    state.checkpoint_task = Some(tokio::task::spawn_blocking(move || {
+                        let r = job.run();
+                        let _ = me.cast(ShardMsg::CheckpointDone);
+                        (job, r)
+                    }));
+                }
+                return fail_if_poisoned(state);
+            }
+            ShardMsg::CheckpointDone => {
+                state.finish_checkpoint().await?;
+                return fail_if_poisoned(state);
+            }
+            ShardMsg::Checkpoint(Some(reply)) => {
+                // Everything applied so far, durable when this answers: after any in-flight
+                // checkpoint, one more on this thread (letting the runtime move other tasks off).
+                state.finish_checkpoint().await?;
                 let r = match state.table.as_mut() {
                     Some(t) => blocking(|| t.heap_mut().checkpoint()).map_err(GridError::from),
                     None => Err(GridError::Closed),
                 };
-                if let Some(reply) = reply {
-                    let _ = reply.send(r);
-                }
+                let _ = reply.send(r);
                 return fail_if_poisoned(state);
             }
             ShardMsg::Close(reply) => {
+                state.finish_checkpoint().await?;
                 state.flush()?;
                 let r = match state.table.take() {
                     Some(t) => t.into_heap().close().map_err(GridError::from),
@@ -601,6 +640,7 @@ impl Actor for ShardActor {
             }
             ShardMsg::Flush
             | ShardMsg::Durable(_)
+            | ShardMsg::CheckpointDone
             | ShardMsg::Checkpoint(_)
             | ShardMsg::Close(_)
             | ShardMsg::InjectPanic => {}
@@ -646,7 +686,7 @@ fn refuse_closed(msg: ShardMsg) {
                 (d.answer)(Some(&GridError::Closed));
             }
         }
-        ShardMsg::Checkpoint(None) | ShardMsg::Flush | ShardMsg::InjectPanic => {}
+        ShardMsg::Checkpoint(None) | ShardMsg::CheckpointDone | ShardMsg::Flush | ShardMsg::InjectPanic => {}
     }
 }
 
