@@ -75,7 +75,10 @@ async fn sixteen_pipelined_gets_to_four_shards_are_at_most_four_messages() {
         let got = responses(&mut s, 16 + writes as usize).await;
         let sent = rt.shard_messages() - before;
         assert!(sent <= 4, "16 gets (after {writes} writes) to 4 shards took {sent} shard messages");
-        if writes == 0 {
+        // After the first round (whose gets found the shards' snapshots older than the puts
+        // above and went to the actors, which then captured fresh ones), gets with no write of
+        // their own connection before them are served from snapshots.
+        if writes == 0 && round > 0 {
             assert_eq!(sent, 0, "gets with no write before them are served from snapshots");
         }
         for i in 0..16u64 {

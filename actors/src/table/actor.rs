@@ -299,7 +299,35 @@ pub struct ShardArgs {
     pub path: PathBuf,
     pub heap: HeapOptions,
     /// Where this shard publishes its read snapshots (shared with the table's callers).
-    pub published: Arc<Published<Snapshot>>,
+    pub view: Arc<ReadView>,
+}
+
+/// What readers on other tasks see of a shard: its newest published snapshot, and the highest
+/// LSN acknowledged to a writer. A snapshot older than that is stale (a caller that saw its
+/// write acknowledged must read it back), and the read goes to the actor instead.
+///
+/// Snapshots are captured only while someone reads: after a group commit when a read went to
+/// the actor since the last capture, or at once when such a read finds nothing to flush. A
+/// write-only load therefore pays no capture (no sealing, and pages stay writable until the next
+/// checkpoint); a mixed load pays at most one per group.
+#[derive(Default)]
+pub struct ReadView {
+    published: Published<Snapshot>,
+    acked: std::sync::atomic::AtomicU64,
+}
+
+impl ReadView {
+    /// The published snapshot, if it holds every acknowledged write.
+    pub fn fresh(&self) -> Option<Arc<Snapshot>> {
+        let need = self.acked.load(Ordering::Acquire);
+        self.published.load().filter(|s| s.lsn() >= need)
+    }
+
+    /// Called before writes up to `lsn` are answered (after a newer snapshot, if any, is
+    /// published).
+    fn acknowledge(&self, lsn: u64) {
+        self.acked.fetch_max(lsn, Ordering::AcqRel);
+    }
 }
 
 /// Replies waiting for an fsync (under `Always`), with the snapshot to publish once it is done.
@@ -313,11 +341,11 @@ pub struct Group {
 /// Withdraws the shard's published snapshot when its state is dropped (the actor stopped or
 /// died), before the heap is closed: readers then ask the actor's successor, and no snapshot of
 /// this incarnation outlives it in the cell.
-struct Unpublish(Arc<Published<Snapshot>>);
+struct Unpublish(Arc<ReadView>);
 
 impl Drop for Unpublish {
     fn drop(&mut self) {
-        self.0.clear();
+        self.0.published.clear();
     }
 }
 
@@ -347,7 +375,9 @@ fn deferred<T: Send + 'static>(lsn: u64, port: Reply<T>, r: Result<T, GridError>
 pub struct ShardState {
     /// First, so it is dropped (and the snapshot withdrawn) before the heap closes.
     _unpublish: Unpublish,
-    published: Arc<Published<Snapshot>>,
+    view: Arc<ReadView>,
+    /// A read came to the actor since the last capture: capture at the next chance.
+    readers: bool,
     /// `None` once closed.
     table: Option<TableShard>,
     /// Under `Always`: the durable-reply task and the handle it syncs through.
@@ -371,10 +401,11 @@ impl ShardState {
             None => Ok(()),
         };
         let waiting = std::mem::take(&mut self.unflushed);
-        // Everything applied so far is logged: capture it for readers.
+        // Everything applied so far is logged: capture it for readers, if any.
+        let readers = std::mem::take(&mut self.readers);
         let snapshot = r.and_then(|_| match self.table.as_mut() {
-            Some(t) => t.heap_mut().capture().map(|s| Some(Arc::new(s))).map_err(GridError::from),
-            None => Ok(None),
+            Some(t) if readers => t.heap_mut().capture().map(|s| Some(Arc::new(s))).map_err(GridError::from),
+            _ => Ok(None),
         });
         let snapshot = match snapshot {
             Ok(s) => s,
@@ -404,14 +435,34 @@ impl ShardState {
             }
             None => {
                 if let Some(s) = snapshot {
-                    self.published.publish(s);
+                    self.view.published.publish(s);
                 }
+                let written = waiting.iter().map(|d| d.lsn).max().unwrap_or(0);
+                self.view.acknowledge(written);
                 for d in waiting {
                     (d.answer)(None);
                 }
             }
         }
         Ok(())
+    }
+
+    /// A read came to the actor: make the next readers' snapshot fresh. Now, if nothing waits
+    /// for the op log (and under `Always`, everything applied is synced); else at the next flush.
+    fn read_seen(&mut self) {
+        self.readers = true;
+        if self.flush_scheduled {
+            return;
+        }
+        let Some(t) = self.table.as_mut() else { return };
+        let synced = match &self.durable {
+            Some((_, d)) => d.durable_lsn() >= t.heap().last_lsn(),
+            None => true,
+        };
+        if synced && let Ok(s) = t.heap_mut().capture() {
+            self.view.published.publish(Arc::new(s));
+            self.readers = false;
+        }
     }
 
     /// Waits for the checkpoint in flight, if any, and finishes it. A failed write-back poisons
@@ -430,8 +481,9 @@ impl ShardState {
     /// Synced groups: publish the newest snapshot among them, then answer every reply.
     fn durable(&mut self, groups: Vec<Group>) {
         if let Some(s) = groups.iter().rev().find_map(|g| g.snapshot.clone()) {
-            self.published.publish(s);
+            self.view.published.publish(s);
         }
+        self.view.acknowledge(groups.iter().map(|g| g.upto).max().unwrap_or(0));
         for g in groups {
             for d in g.replies {
                 (d.answer)(None);
@@ -511,12 +563,13 @@ impl Actor for ShardActor {
         };
         let mut heap = heap;
         // What recovery rebuilt is what readers see first.
-        args.published.publish(Arc::new(heap.capture()?));
+        args.view.published.publish(Arc::new(heap.capture()?));
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
         Ok(ShardState {
-            _unpublish: Unpublish(args.published.clone()),
-            published: args.published,
+            _unpublish: Unpublish(args.view.clone()),
+            view: args.view,
+            readers: false,
             table: Some(table),
             durable,
             unflushed: Vec::new(),
@@ -589,18 +642,22 @@ impl Actor for ShardActor {
         match msg {
             ShardMsg::Get(key, reply) => {
                 let r = table.get(&key).map_err(GridError::from);
+                state.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Contains(key, reply) => {
                 let r = table.contains(&key).map_err(GridError::from);
+                state.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Count(reply) => {
                 let r = Ok(table.count());
+                state.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Scan(range, reply) => {
                 let r = table.scan(&range).map_err(GridError::from);
+                state.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Write(op, reply) => {
@@ -622,11 +679,21 @@ impl Actor for ShardActor {
             }
             ShardMsg::Pipeline(ops, reply) => {
                 let mut results = Vec::with_capacity(ops.len());
-                let mut wrote = 0;
+                let (mut wrote, mut read) = (0, false);
                 for op in ops {
+                    read |= matches!(
+                        op,
+                        PipelineOp::Get(_)
+                            | PipelineOp::Contains(_)
+                            | PipelineOp::Count
+                            | PipelineOp::Scan(_)
+                    );
                     let (r, lsn) = execute(table, op);
                     wrote = wrote.max(lsn);
                     results.push(r);
+                }
+                if read {
+                    state.read_seen();
                 }
                 state.answer(&myself, wrote, |lsn| Deferred {
                     lsn,

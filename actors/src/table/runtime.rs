@@ -87,9 +87,10 @@ impl TableRuntime {
         key.shard(self.def.shards)
     }
 
-    /// Shard `i`'s newest published read snapshot (`None` while it is not running).
+    /// Shard `i`'s published read snapshot if it holds every write acknowledged so far (`None`
+    /// while it is stale or the shard is not running: then reads go to the actor).
     pub fn snapshot(&self, i: u32) -> Option<Arc<Snapshot>> {
-        self.slots[i as usize].published.load()
+        self.slots[i as usize].view.fresh()
     }
 
     /// Messages sent to this table's shards so far.

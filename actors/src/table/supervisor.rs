@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use heapgrid_heap::{HeapOptions, Published, Snapshot};
+use heapgrid_heap::HeapOptions;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use super::actor::{ShardActor, ShardArgs, ShardMsg};
+use super::actor::{ReadView, ShardActor, ShardArgs, ShardMsg};
 use crate::error::GridError;
 use crate::restart::{Decision, RestartPolicy, RestartTracker};
 
@@ -37,8 +37,8 @@ pub enum SlotState {
 /// find it `Starting` wait for the next change (`wait_change`) instead of polling.
 pub struct ShardSlot {
     state: RwLock<SlotState>,
-    /// The running shard's newest read snapshot (empty while it is not running).
-    pub published: Arc<Published<Snapshot>>,
+    /// What readers see of the running shard (no snapshot while it is not running).
+    pub view: Arc<ReadView>,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
@@ -47,7 +47,7 @@ impl ShardSlot {
     pub fn new() -> Self {
         ShardSlot {
             state: RwLock::new(SlotState::Starting),
-            published: Arc::new(Published::new()),
+            view: Arc::new(ReadView::default()),
             version: std::sync::atomic::AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
@@ -127,7 +127,7 @@ async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: 
     let args = ShardArgs {
         path: shard_path(&st.args.dir, i),
         heap: st.args.heap.clone(),
-        published: st.args.slots[i].published.clone(),
+        view: st.args.slots[i].view.clone(),
     };
     match ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {
