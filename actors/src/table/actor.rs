@@ -324,9 +324,13 @@ impl ReadView {
     }
 
     /// Called before writes up to `lsn` are answered (after a newer snapshot, if any, is
-    /// published).
+    /// published). A published snapshot this makes stale is withdrawn: nobody may read it any
+    /// more, and while it lived the pages it reaches could not be reused.
     fn acknowledge(&self, lsn: u64) {
-        self.acked.fetch_max(lsn, Ordering::AcqRel);
+        let before = self.acked.fetch_max(lsn, Ordering::AcqRel);
+        if lsn > before && self.published.load().is_some_and(|s| s.lsn() < lsn) {
+            self.published.clear();
+        }
     }
 }
 
