@@ -32,7 +32,7 @@ pub(crate) struct TreeRoot {
 }
 
 /// Reads node `id`, which must sit at `level`.
-pub(crate) fn node_at(pager: &dyn Pages, id: u64, level: u32) -> Result<Node<'_>> {
+pub(crate) fn node_at<P: Pages + ?Sized>(pager: &P, id: u64, level: u32) -> Result<Node<'_>> {
     let n = Node::parse(id, pager.page(id)?)?;
     if n.level() as u32 != level {
         return corrupt(id, "node level does not match its place in the tree");
@@ -41,7 +41,7 @@ pub(crate) fn node_at(pager: &dyn Pages, id: u64, level: u32) -> Result<Node<'_>
 }
 
 /// The leaf that may hold `key`.
-fn find_leaf<'a>(pager: &'a dyn Pages, t: &TreeRoot, key: &[u8]) -> Result<Option<Node<'a>>> {
+fn find_leaf<'a, P: Pages + ?Sized>(pager: &'a P, t: &TreeRoot, key: &[u8]) -> Result<Option<Node<'a>>> {
     if t.root == 0 {
         return Ok(None);
     }
@@ -58,7 +58,11 @@ fn find_leaf<'a>(pager: &'a dyn Pages, t: &TreeRoot, key: &[u8]) -> Result<Optio
 }
 
 /// Looks `key` up.
-pub(crate) fn get<'a>(pager: &'a dyn Pages, t: &TreeRoot, key: &[u8]) -> Result<Option<LeafValue<'a>>> {
+pub(crate) fn get<'a, P: Pages + ?Sized>(
+    pager: &'a P,
+    t: &TreeRoot,
+    key: &[u8],
+) -> Result<Option<LeafValue<'a>>> {
     let Some(leaf) = find_leaf(pager, t, key)? else {
         return Ok(None);
     };
@@ -69,7 +73,7 @@ pub(crate) fn get<'a>(pager: &'a dyn Pages, t: &TreeRoot, key: &[u8]) -> Result<
 }
 
 /// Materialises a leaf value.
-pub(crate) fn load<'a>(pager: &'a dyn Pages, v: LeafValue<'a>) -> Result<Cow<'a, [u8]>> {
+pub(crate) fn load<'a, P: Pages + ?Sized>(pager: &'a P, v: LeafValue<'a>) -> Result<Cow<'a, [u8]>> {
     match v {
         LeafValue::Inline(b) => Ok(Cow::Borrowed(b)),
         LeafValue::Overflow { first, len } => Ok(Cow::Owned(overflow::read(pager, first, len)?)),

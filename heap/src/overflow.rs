@@ -48,8 +48,8 @@ pub(crate) fn write(pager: &mut Pager, data: &[u8]) -> Result<u64> {
 }
 
 /// Visits the pages of a chain in order with their payloads, validating every link.
-pub(crate) fn walk<'a>(
-    pager: &'a dyn Pages,
+pub(crate) fn walk<'a, P: Pages + ?Sized>(
+    pager: &'a P,
     first: u64,
     len: u32,
     mut visit: impl FnMut(u64, &'a [u8]) -> Result<()>,
@@ -82,7 +82,7 @@ pub(crate) fn walk<'a>(
 }
 
 /// Reads a whole chain.
-pub(crate) fn read(pager: &dyn Pages, first: u64, len: u32) -> Result<Vec<u8>> {
+pub(crate) fn read<P: Pages + ?Sized>(pager: &P, first: u64, len: u32) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(len as usize);
     walk(pager, first, len, |_, d| {
         out.extend_from_slice(d);
