@@ -35,8 +35,10 @@ use crate::value::Value;
 /// A snippet whose previous run took longer than this runs under `block_in_place`.
 const SLOW_SNIPPET_US: u64 = 1_000;
 
-/// How long a (re)starting shard waits for the previous holder of its heap's lock.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a (re)starting shard waits for the previous holder of its heap's lock: the
+/// previous incarnation's state being dropped, readers finishing with its snapshots, or its
+/// checkpoint write-back (a file's lock is held while any of them can still touch the file).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
