@@ -252,7 +252,8 @@ async fn restarts_under_load_with_snapshot_readers_and_background_checkpoints() 
     for r in readers {
         r.await.unwrap();
     }
-    for (k, v) in acked.lock().unwrap().clone() {
+    let acked = acked.lock().unwrap().clone();
+    for (k, v) in acked {
         let now = t.get::<i64>(k).await.unwrap().unwrap();
         assert!(now >= v, "key {k}: acknowledged {v}, now {now}");
     }
