@@ -115,8 +115,8 @@ fn cow_path(pager: &mut Pager, t: &mut TreeRoot, key: &[u8]) -> Result<(Vec<(u64
     }
 }
 
-/// Inserts or replaces `key`. Returns true if it replaced an existing value.
-pub(crate) fn insert(pager: &mut Pager, t: &mut TreeRoot, key: &[u8], value: &[u8]) -> Result<bool> {
+/// The leaf cell for `key` and `value`, writing an overflow chain first if it is not inline.
+fn make_cell(pager: &mut Pager, key: &[u8], value: &[u8]) -> Result<Vec<u8>> {
     let mut cell = Vec::with_capacity(node::LEAF_CELL_HEADER + key.len() + value.len().min(PAGE));
     if value_inline(key.len(), value.len()) {
         encode_leaf_cell(&mut cell, key, LeafValue::Inline(value));
@@ -124,15 +124,62 @@ pub(crate) fn insert(pager: &mut Pager, t: &mut TreeRoot, key: &[u8], value: &[u
         let first = overflow::write(pager, value)?;
         encode_leaf_cell(&mut cell, key, LeafValue::Overflow { first, len: value.len() as u32 });
     }
+    Ok(cell)
+}
 
+/// Inserts or replaces `key`. Returns true if it replaced an existing value.
+pub(crate) fn insert(pager: &mut Pager, t: &mut TreeRoot, key: &[u8], value: &[u8]) -> Result<bool> {
+    let cell = make_cell(pager, key, value)?;
     if t.root == 0 {
         let id = pager.alloc()?;
         node::build(pager.page_mut(id), true, 0, 0, [cell.as_slice()]);
         *t = TreeRoot { root: id, depth: 1, len: 1 };
         return Ok(false);
     }
-
     let (path, leaf) = cow_path(pager, t, key)?;
+    place(pager, t, path, leaf, key, &cell)
+}
+
+/// Sets `key` to what `f` computes from its current value (`None`: absent), descending the tree
+/// once: the path is copied, `f` sees the old value, then the leaf changes. `f` returning
+/// `Ok(None)` leaves the key as it was (the copied path holds the same contents). `Ok(Some(r))`
+/// says whether a value was replaced; `Ok(None)`, that `f` declined.
+pub(crate) fn upsert(
+    pager: &mut Pager,
+    t: &mut TreeRoot,
+    key: &[u8],
+    f: impl FnOnce(Option<&[u8]>) -> Result<Option<Vec<u8>>>,
+) -> Result<Option<bool>> {
+    if t.root == 0 {
+        let Some(value) = f(None)? else { return Ok(None) };
+        return insert(pager, t, key, &value).map(Some);
+    }
+    let (path, leaf) = cow_path(pager, t, key)?;
+    let value = {
+        let n = Node::parse(leaf, pager.page(leaf)?)?;
+        match n.search(key)? {
+            Ok(i) => {
+                let old = load(&*pager, n.value(i)?)?;
+                f(Some(&old))?
+            }
+            Err(_) => f(None)?,
+        }
+    };
+    let Some(value) = value else { return Ok(None) };
+    let cell = make_cell(pager, key, &value)?;
+    place(pager, t, path, leaf, key, &cell).map(Some)
+}
+
+/// Puts `cell` (for `key`) into the copied leaf `leaf` at the end of `path`: replacing the
+/// key's cell or inserting one, splitting up the path as needed.
+fn place(
+    pager: &mut Pager,
+    t: &mut TreeRoot,
+    path: Vec<(u64, usize)>,
+    leaf: u64,
+    key: &[u8],
+    cell: &[u8],
+) -> Result<bool> {
     let n = Node::parse(leaf, pager.page(leaf)?)?;
     let (idx, replaced) = match n.search(key)? {
         Ok(i) => {
@@ -142,7 +189,7 @@ pub(crate) fn insert(pager: &mut Pager, t: &mut TreeRoot, key: &[u8], value: &[u
                 overflow::release(pager, first, len)?;
             }
             if old_len == cell.len() {
-                node::overwrite_cell(pager.page_mut(leaf), i, &cell);
+                node::overwrite_cell(pager.page_mut(leaf), i, cell);
                 return Ok(true);
             }
             node::remove_cell(pager.page_mut(leaf), i, old_len);
@@ -153,10 +200,10 @@ pub(crate) fn insert(pager: &mut Pager, t: &mut TreeRoot, key: &[u8], value: &[u
     if !replaced {
         t.len += 1;
     }
-    if node::insert_cell(pager.page_mut(leaf), idx, &cell) {
+    if node::insert_cell(pager.page_mut(leaf), idx, cell) {
         return Ok(replaced);
     }
-    split_and_insert(pager, t, path, leaf, idx, &cell)?;
+    split_and_insert(pager, t, path, leaf, idx, cell)?;
     Ok(replaced)
 }
 

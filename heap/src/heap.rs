@@ -347,6 +347,68 @@ impl Heap {
         Ok(lsn)
     }
 
+    /// Sets `key` to what `f` computes from its current value (`None`: absent) as a
+    /// one-operation batch (one op-log record, queued as by `apply_deferred` when `deferred`),
+    /// descending the tree once. `value_len_max` bounds the new value (its pages are reserved
+    /// first). Returns the batch's LSN. An error from `f`, or a value over `value_len_max` or the
+    /// limits, changes nothing (the path it copied holds the same contents); a failure after the
+    /// record is queued poisons the heap, as for `apply`.
+    pub fn upsert<E: From<Error>>(
+        &mut self,
+        key: &[u8],
+        value_len_max: usize,
+        deferred: bool,
+        f: impl FnOnce(Option<&[u8]>) -> std::result::Result<Vec<u8>, E>,
+    ) -> std::result::Result<u64, E> {
+        self.usable()?;
+        check_key(key)?;
+        let worst = btree::put_pages_max(&self.tree, value_len_max).min(BATCH_RESERVE_PAGES_MAX);
+        self.pager.reserve(worst)?;
+        let mut declined: Option<E> = None;
+        let mut lsn = self.applied_lsn;
+        let log = &mut self.log;
+        let r = btree::upsert(&mut self.pager, &mut self.tree, key, |old| {
+            let new = match f(old) {
+                Ok(v) => v,
+                Err(e) => {
+                    declined = Some(e);
+                    return Ok(None);
+                }
+            };
+            if let Err(e) = check_value(&new) {
+                declined = Some(e.into());
+                return Ok(None);
+            }
+            assert!(
+                new.len() <= value_len_max,
+                "upsert value of {} bytes over its bound {value_len_max}",
+                new.len()
+            );
+            let mut b = WriteBatch::new();
+            b.put(key, &new)?;
+            lsn = match log.as_mut() {
+                Some(l) if deferred => l.append_deferred(&b)?,
+                Some(l) => l.append(&b)?,
+                None => lsn,
+            };
+            Ok(Some(new))
+        });
+        match r {
+            Ok(Some(_)) => {
+                self.changed = true;
+                self.applied_lsn = lsn;
+                Ok(lsn)
+            }
+            Ok(None) => {
+                // The path may have been copied: the tree in memory moved to the copies.
+                self.changed = true;
+                Err(declined
+                    .unwrap_or_else(|| Error::Poisoned("upsert declined without a reason".into()).into()))
+            }
+            Err(e) => Err(self.poison::<()>(e).unwrap_err().into()),
+        }
+    }
+
     /// Writes every record queued by `apply_deferred`. On failure the heap is poisoned: those
     /// batches are applied in memory but have no log record (reopening recovers without them).
     pub fn flush_log(&mut self) -> Result<()> {

@@ -16,6 +16,8 @@ use proptest::prelude::*;
 #[derive(Clone, Debug)]
 enum Op {
     Put(u16, usize),
+    /// `Heap::upsert`: the new value records the old one's length; `true`: `f` declines.
+    Upsert(u16, usize, bool),
     Delete(u16),
     Get(u16),
     Batch(Vec<(u16, Option<usize>)>),
@@ -55,6 +57,7 @@ fn op() -> impl Strategy<Value = Op> {
     let len = prop_oneof![8 => 0usize..200, 1 => 900usize..1100, 1 => 3000usize..20000];
     prop_oneof![
         30 => (k.clone(), len.clone()).prop_map(|(k, l)| Op::Put(k, l)),
+        10 => (k.clone(), len.clone(), prop::bool::weighted(0.2)).prop_map(|(k, l, d)| Op::Upsert(k, l, d)),
         12 => k.clone().prop_map(Op::Delete),
         6 => k.clone().prop_map(Op::Get),
         6 => prop::collection::vec((k.clone(), prop::option::of(len)), 1..40).prop_map(Op::Batch),
@@ -129,6 +132,25 @@ fn run(ops: Vec<Op>) {
                 let v = value(k, l, salt);
                 heap.put(&key(k), &v).unwrap();
                 model.insert(key(k), v);
+            }
+            Op::Upsert(k, l, decline) => {
+                let want_old = model.get(&key(k)).cloned();
+                let mut v = value(k, l, salt);
+                let r = heap.upsert(&key(k), v.len() + 8, false, |old| {
+                    assert_eq!(old.map(<[u8]>::to_vec), want_old, "upsert saw another old value");
+                    if decline {
+                        return Err(heapgrid_heap::Error::Format("declined".into()));
+                    }
+                    v.extend_from_slice(&(old.map_or(0, <[u8]>::len) as u64).to_le_bytes());
+                    Ok(v.clone())
+                });
+                match (decline, r) {
+                    (true, Err(_)) => {}
+                    (false, Ok(_)) => {
+                        model.insert(key(k), v);
+                    }
+                    (d, r) => panic!("upsert (decline {d}) gave {r:?}"),
+                }
             }
             Op::Delete(k) => {
                 assert_eq!(heap.delete(&key(k)).unwrap(), model.remove(&key(k)).is_some());

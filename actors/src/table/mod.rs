@@ -379,6 +379,22 @@ impl TableShard {
     /// result (`ok: false`, nothing written, `lsn` 0), not an error.
     pub fn write_one(&mut self, op: &WriteOp) -> Result<(u64, WriteResult), TableError> {
         let k = op.key().encode()?;
+        if let WriteOp::Put { key, value } = op {
+            // The common case, with one descent: the stored version is read where the new
+            // record is written.
+            let encoded = value.encode()?;
+            let len = RECORD_HEADER_BYTES + encoded.len();
+            let mut version = 0;
+            let lsn = self.heap.upsert(&k, len, self.deferred_log, |old| {
+                let current = old.map(|b| record_version(&k, b)).transpose()?;
+                version = next_version(key, current)?;
+                let mut rec = Vec::with_capacity(len);
+                rec.extend_from_slice(&version.to_le_bytes());
+                rec.extend_from_slice(&encoded);
+                Ok::<_, TableError>(rec)
+            })?;
+            return Ok((lsn, WriteResult::Put { version }));
+        }
         let mut batch = WriteBatch::new();
         let (result, wrote) = self.plan(op, &k, None, Mismatch::Answers, &mut batch, 0)?;
         if !wrote {
