@@ -599,9 +599,11 @@ impl Actor for ShardActor {
             ShardMsg::Checkpoint(None) => {
                 // The periodic one: begun here, written back on the blocking pool while this
                 // actor goes on serving; skipped while the previous one is still in flight.
+                // An error that did not poison the heap (a full disk while reserving the free
+                // list) leaves it serving; the next tick tries again.
                 if state.checkpoint_task.is_none()
                     && let Some(t) = state.table.as_mut()
-                    && let Some(job) = t.heap_mut().begin_checkpoint()?
+                    && let Ok(Some(job)) = t.heap_mut().begin_checkpoint()
                 {
                     let me = myself.clone();
                     state.checkpoint_task = Some(tokio::task::spawn_blocking(move || {
