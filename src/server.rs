@@ -329,7 +329,9 @@ async fn connection(
             }
             running.push(pending);
         }
-        if !out.is_empty() && (running.is_empty() || out.len() >= IO_BUFFER_BYTES) {
+        // What was answered at once (snapshot reads, refusals) goes out now, in one write,
+        // rather than waiting behind the shards' replies.
+        if !out.is_empty() {
             if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                 return;
             }
