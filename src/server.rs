@@ -3,7 +3,10 @@
 //! limit, writing responses as they complete.
 //!
 //! Backpressure: with `inflight_max` requests of a connection running, the server stops reading
-//! that socket, so a fast client fills its socket buffer instead of the server's memory.
+//! that socket, so a fast client fills its socket buffer instead of the server's memory; requests
+//! answered at once (snapshot reads) stop the decoding when the output buffer holds
+//! `IO_BUFFER_BYTES`, which is then written (with a client that does not read, the write times
+//! out and the connection ends) before more is decoded.
 //!
 //! Graceful shutdown (`Server::shutdown`): stop accepting, let every connection finish the
 //! requests it has read (no new ones are read), flush their responses, then return; the caller
@@ -195,6 +198,15 @@ impl Input {
         Ok(n > 0)
     }
 
+    /// Whether a complete frame (or a length over the limit, an error to report) is buffered.
+    fn has_frame(&self) -> bool {
+        match self.peek_len() {
+            Some(len) if len > protocol::FRAME_BYTES_MAX => true,
+            Some(len) => self.buf.len() - self.at >= 4 + len as usize,
+            None => false,
+        }
+    }
+
     /// The length prefix of the next frame, if buffered.
     fn peek_len(&self) -> Option<u32> {
         let avail = &self.buf[self.at..];
@@ -298,7 +310,9 @@ async fn connection(
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
         let mut round = Round::new(&writing);
-        while reading && open < inflight {
+        // Answers given at once count against the output buffer, not the in-flight limit: stop
+        // decoding when it is full, write it, then go on with what is buffered.
+        while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
             let Some(frame) = input.frame() else { break };
             let req = frame.and_then(|payload| protocol::decode::<Request>(&payload));
             match req {
@@ -339,6 +353,10 @@ async fn connection(
         }
         if !reading && running.is_empty() {
             break;
+        }
+        if reading && open < inflight && input.has_frame() {
+            // Stopped on a full output buffer with requests still buffered.
+            continue;
         }
         tokio::select! {
             done = running.next(), if !running.is_empty() => {

@@ -228,6 +228,12 @@ impl Heap {
         self.log.as_ref().map_or(self.applied_lsn, OpLog::last_lsn)
     }
 
+    /// Whether batches were applied whose op-log records are queued and not yet written
+    /// (`apply_deferred` before `flush_log`): a capture now would show them.
+    pub fn has_unlogged(&self) -> bool {
+        self.log.as_ref().is_some_and(OpLog::has_deferred)
+    }
+
     /// Op-log segment files currently kept.
     pub fn log_segments(&self) -> usize {
         self.log.as_ref().map_or(0, OpLog::segment_count)

@@ -480,6 +480,11 @@ impl OpLog {
         Ok(())
     }
 
+    /// Whether records are queued (`append_deferred`) and not yet written.
+    pub(crate) fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
     pub(crate) fn last_lsn(&self) -> u64 {
         self.next_lsn - 1
     }

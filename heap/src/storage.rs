@@ -55,7 +55,10 @@ pub trait Storage: Send + Sync {
 }
 
 /// Flushes a storage from another thread. Only for bytes the owner does not write meanwhile:
-/// pages frozen by a capture, and meta pages (which only checkpoints write).
+/// pages frozen by a capture, and meta pages (which only checkpoints write). A checkpoint of
+/// many scattered pages flushes the whole data area at once: harmless for a file (msync reads
+/// nothing in user space), but `SimStorage`'s flusher copies bytes, so its jobs run on the
+/// owner's thread (as the tests do).
 pub trait Flusher: Send + Sync {
     /// Makes `len` bytes at `offset` durable.
     fn flush(&self, offset: u64, len: u64) -> Result<()>;

@@ -90,6 +90,44 @@ async fn sixteen_pipelined_gets_to_four_shards_are_at_most_four_messages() {
     grid.close().await.unwrap();
 }
 
+/// Many pipelined gets of a large value, answered from the snapshot: the server writes its
+/// output buffer whenever it fills and goes on with what is buffered (no stall, nothing lost),
+/// instead of decoding everything the socket holds into memory first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_gets_of_a_large_value_are_all_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grid, server) = in_process(dir.path()).await;
+    let t = grid.create_table("t", TableOptions { shards: 1, fsync: None }).await.unwrap();
+    let big = Value::Bytes(vec![7u8; 100_000]);
+    t.put_value("big", big.clone()).await.unwrap();
+    t.get_value("big").await.unwrap(); // a read through the actor makes the snapshot fresh
+    let mut s = raw_hello(server.local_addr()).await;
+    let n = 200u64;
+    let mut bytes = Vec::new();
+    for id in 1..=n {
+        bytes.extend(frame(id, "t", TableOp::Get { key: Key::from("big") }));
+    }
+    // Write and read concurrently: the responses (20 MB) are far more than socket buffers hold.
+    let (mut rd, mut wr) = s.split();
+    let send = async move { wr.write_all(&bytes).await.unwrap() };
+    let recv = async move {
+        let mut got = 0;
+        let mut buf = Vec::new();
+        while got < n {
+            tokio::time::timeout(Duration::from_secs(20), protocol::read_frame(&mut rd, &mut buf))
+                .await
+                .expect("server stalled")
+                .unwrap();
+            let r: Response = protocol::decode(&buf).unwrap();
+            assert_eq!(value_of(&r), Some(big.clone()));
+            got += 1;
+        }
+    };
+    tokio::join!(send, recv);
+    server.shutdown().await;
+    grid.close().await.unwrap();
+}
+
 /// `SET k v2` then `GET k` pipelined on one connection always returns v2: across many shards,
 /// many keys, and while other connections write to the same table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,9 +179,11 @@ async fn a_pipelined_get_sees_the_set_before_it() {
     grid.close().await.unwrap();
 }
 
-/// Under fsync `always`, readers are answered only once what they saw is durable: after a
-/// `kill -9`, every value any reader saw (and every acknowledged write) is still there. The
-/// server checkpoints every 20 ms, so kills also land inside background checkpoints.
+/// Readers are answered only once what they saw is as durable as an acknowledgement: after a
+/// `kill -9`, every value any reader saw (and every acknowledged write) is still there, under
+/// fsync `always` and `never`. Readers run on their own connections and on the writers' (so a
+/// read and a write share a pipeline), and the server checkpoints every 20 ms, so kills also land
+/// inside background checkpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reader_sees_a_write_that_kill9_then_loses() {
     let seed = std::env::var("HEAPGRID_TEST_SEED")
@@ -157,21 +197,42 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
     let config = dir.path().join("config.json");
     std::fs::write(&config, r#"{"checkpoint_interval_ms": 20}"#).unwrap();
     let config = config.to_str().unwrap();
-    for attempt in 0..3 {
-        let server = Server::start(&data, &["--fsync", "always", "--config", config]);
+    for attempt in 0..4 {
+        let policy = if attempt % 2 == 0 { "always" } else { "never" };
+        let server = Server::start(&data, &["--fsync", policy, "--config", config]);
         let addr = server.addr;
         let admin = Client::connect(addr).await.unwrap();
-        if attempt == 0 {
-            admin.create_table("t", TableOptions { shards: 2, fsync: None }).await.unwrap();
+        // A table per policy: its fsync setting is fixed at creation.
+        let table = format!("t-{policy}");
+        if attempt < 2 {
+            admin.create_table(&table, TableOptions { shards: 2, fsync: None }).await.unwrap();
         }
         // Per key: the highest value acknowledged to a writer, and the highest any reader saw.
         let acked: Arc<Mutex<HashMap<i64, i64>>> = Arc::default();
         let seen: Arc<Mutex<HashMap<i64, i64>>> = Arc::default();
         let mut tasks = Vec::new();
+        let readers_on = |t: heapgrid::Table, seen: Arc<Mutex<HashMap<i64, i64>>>| async move {
+            loop {
+                for k in 0..4i64 {
+                    match t.get::<i64>(k).await {
+                        Ok(Some(n)) => {
+                            let mut s = seen.lock().unwrap();
+                            let e = s.entry(k).or_insert(n);
+                            *e = (*e).max(n);
+                        }
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        };
         for w in 0..4i64 {
             let acked = acked.clone();
+            let c = Client::connect(addr).await.unwrap();
+            tasks.push(tokio::spawn(readers_on(c.table(&table), seen.clone())));
+            let table = table.clone();
             tasks.push(tokio::spawn(async move {
-                let t = Client::connect(addr).await.unwrap().table("t");
+                let t = c.table(&table);
                 for n in (attempt as i64 * 1_000_000).. {
                     if t.put(w, &n).await.is_err() {
                         return;
@@ -181,23 +242,8 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
             }));
         }
         for _ in 0..4 {
-            let seen = seen.clone();
-            tasks.push(tokio::spawn(async move {
-                let t = Client::connect(addr).await.unwrap().table("t");
-                loop {
-                    for k in 0..4i64 {
-                        match t.get::<i64>(k).await {
-                            Ok(Some(n)) => {
-                                let mut s = seen.lock().unwrap();
-                                let e = s.entry(k).or_insert(n);
-                                *e = (*e).max(n);
-                            }
-                            Ok(None) => {}
-                            Err(_) => return,
-                        }
-                    }
-                }
-            }));
+            let t = Client::connect(addr).await.unwrap().table(&table);
+            tasks.push(tokio::spawn(readers_on(t, seen.clone())));
         }
         tokio::time::sleep(Duration::from_millis(200 + rng.u64(0..400))).await;
         server.kill9();
@@ -205,7 +251,7 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
             t.await.unwrap();
         }
         let server = Server::start(&data, &[]);
-        let t = Client::connect(server.addr).await.unwrap().table("t");
+        let t = Client::connect(server.addr).await.unwrap().table(&table);
         for k in 0..4i64 {
             let now = t.get::<i64>(k).await.unwrap().unwrap_or(i64::MIN);
             if let Some(&a) = acked.lock().unwrap().get(&k) {

@@ -457,10 +457,11 @@ impl ShardState {
     /// for the op log (and under `Always`, everything applied is synced); else at the next flush.
     fn read_seen(&mut self) {
         self.readers = true;
-        if self.flush_scheduled {
+        let Some(t) = self.table.as_mut() else { return };
+        // Never a snapshot holding a write whose record is not yet written.
+        if self.flush_scheduled || t.heap().has_unlogged() {
             return;
         }
-        let Some(t) = self.table.as_mut() else { return };
         let synced = match &self.durable {
             Some((_, d)) => d.durable_lsn() >= t.heap().last_lsn(),
             None => true,
@@ -511,7 +512,12 @@ impl ShardState {
                     }
                 }
             }
-            _ => (d.answer)(None),
+            _ => {
+                // What this reply saw may be newer than the published snapshot (under `Always`
+                // it became durable just now): later reads must not see less.
+                self.view.acknowledge(d.lsn);
+                (d.answer)(None)
+            }
         }
     }
 
@@ -632,6 +638,9 @@ impl Actor for ShardActor {
             ShardMsg::Close(reply) => {
                 state.finish_checkpoint().await?;
                 state.flush()?;
+                // Readers go to the actor (and get `Closed`) from now on; the snapshot's file
+                // handle no longer holds the heap's lock.
+                state.view.published.clear();
                 let r = match state.table.take() {
                     Some(t) => t.into_heap().close().map_err(GridError::from),
                     None => Ok(()),
@@ -700,9 +709,6 @@ impl Actor for ShardActor {
                     wrote = wrote.max(lsn);
                     results.push(r);
                 }
-                if read {
-                    state.read_seen();
-                }
                 state.answer(&myself, wrote, |lsn| Deferred {
                     lsn,
                     answer: Box::new(move |err| {
@@ -712,6 +718,10 @@ impl Actor for ShardActor {
                         });
                     }),
                 });
+                // After `answer`, which schedules the flush of what this pipeline wrote.
+                if read {
+                    state.read_seen();
+                }
             }
             ShardMsg::Flush
             | ShardMsg::Durable(_)

@@ -17,7 +17,8 @@
 //! does not match, an update of the wrong type) changes nothing.
 //! Invariant: execution is deterministic: the same operations in the same order on the same
 //! state give the same state and results (no clock, no randomness), so replicas can replay them.
-//! Invariant: a put or a delete reads only the stored version of its key, never the old value.
+//! A put descends the tree once (`Heap::upsert`): the stored version is read where the new record
+//! is written. Values are never cloned to be written.
 
 pub mod actor;
 pub mod def;
