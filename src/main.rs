@@ -100,7 +100,8 @@ struct ServeArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms, inflight_max,
-    /// connections_max, tokens).
+    /// connections_max, buffer_budget_bytes, frame_deadline_ms, tokens, procedures,
+    /// snippet_limits, snippet_max).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Default fsync policy of new tables: always, never or every:MS.
@@ -132,6 +133,10 @@ struct ConfigFile {
     checkpoint_interval_ms: Option<u64>,
     inflight_max: Option<usize>,
     connections_max: Option<usize>,
+    /// Node-wide bytes of connection input buffers (large frames arriving), beyond 128 KiB each.
+    buffer_budget_bytes: Option<u64>,
+    /// Milliseconds a started frame has to arrive whole.
+    frame_deadline_ms: Option<u64>,
     #[serde(default)]
     tokens: Vec<TokenConfig>,
     /// Procedure modules loaded at start (as `--procedures`).
@@ -239,6 +244,12 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
         inflight_max: file.inflight_max.unwrap_or(INFLIGHT_MAX_DEFAULT),
         connections_max: file.connections_max.unwrap_or(heapgrid::server::CONNECTIONS_MAX_DEFAULT),
         tokens: file.tokens,
+        buffer_budget_bytes: file
+            .buffer_budget_bytes
+            .unwrap_or(heapgrid::server::BUFFER_BUDGET_BYTES_DEFAULT),
+        frame_deadline: file
+            .frame_deadline_ms
+            .map_or(heapgrid::server::FRAME_DEADLINE_DEFAULT, std::time::Duration::from_millis),
     };
     let trusted = cfg.tokens.is_empty();
     let server = match Server::start(grid.core().clone(), cfg).await {

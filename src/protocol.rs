@@ -309,6 +309,14 @@ pub enum FrameError {
     Malformed(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The server's node-wide budget for connection buffers is spent (many large frames at once).
+    #[error(
+        "the server's buffer budget of {budget_bytes} bytes is exhausted; send smaller frames or retry later"
+    )]
+    OverBudget { budget_bytes: u64 },
+    /// A frame was started and not finished in time.
+    #[error("a frame was not completed within {0:?}")]
+    Deadline(std::time::Duration),
 }
 
 /// Reads one frame's payload.

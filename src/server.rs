@@ -52,6 +52,54 @@ const HELLO_BYTES_MAX: u32 = 4096;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new connection has to send its `Hello`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default node-wide budget for connection buffers beyond each connection's own allowance.
+pub const BUFFER_BUDGET_BYTES_DEFAULT: u64 = 1 << 30;
+/// What a connection's input buffer may hold without drawing on the node-wide budget.
+const CONN_BASE_BYTES: usize = 2 * IO_BUFFER_BYTES;
+/// Default time a started frame has to arrive whole.
+pub const FRAME_DEADLINE_DEFAULT: Duration = Duration::from_secs(30);
+
+/// The node-wide budget for buffered input: every connection's buffer beyond `CONN_BASE_BYTES`
+/// (a large frame arriving) is drawn from it, and given back when the frame is consumed. A
+/// connection that cannot draw is closed with a reason, so many large half-sent frames cannot
+/// take the server's memory.
+pub struct BufferBudget {
+    used: std::sync::atomic::AtomicU64,
+    max: u64,
+}
+
+impl BufferBudget {
+    pub fn new(max: u64) -> BufferBudget {
+        BufferBudget { used: std::sync::atomic::AtomicU64::new(0), max }
+    }
+
+    /// Bytes drawn now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&t| t <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        let before = self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        assert!(before >= n, "buffer budget: gave back {n} of {before}");
+    }
+}
+
+/// What every connection of a server is held to.
+#[derive(Clone)]
+struct ConnLimits {
+    inflight: usize,
+    budget: Arc<BufferBudget>,
+    frame_deadline: Duration,
+}
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -61,6 +109,10 @@ pub struct ServerConfig {
     /// Connections served at once; more are refused with an error.
     pub connections_max: usize,
     pub tokens: Vec<TokenConfig>,
+    /// Node-wide bytes of connection input buffers beyond each connection's 128 KiB.
+    pub buffer_budget_bytes: u64,
+    /// A frame that has started must arrive whole within this.
+    pub frame_deadline: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +122,8 @@ impl Default for ServerConfig {
             inflight_max: INFLIGHT_MAX_DEFAULT,
             connections_max: CONNECTIONS_MAX_DEFAULT,
             tokens: Vec::new(),
+            buffer_budget_bytes: BUFFER_BUDGET_BYTES_DEFAULT,
+            frame_deadline: FRAME_DEADLINE_DEFAULT,
         }
     }
 }
@@ -79,6 +133,7 @@ pub struct Server {
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    budget: Arc<BufferBudget>,
 }
 
 impl Server {
@@ -101,14 +156,24 @@ impl Server {
             .map_err(|e| GridError::Storage(format!("bind {}: {e}", cfg.listen)))?;
         let local_addr = listener.local_addr().map_err(|e| GridError::Storage(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
-        let inflight = cfg.inflight_max.max(1);
+        let budget = Arc::new(BufferBudget::new(cfg.buffer_budget_bytes));
+        let limits = ConnLimits {
+            inflight: cfg.inflight_max.max(1),
+            budget: budget.clone(),
+            frame_deadline: cfg.frame_deadline,
+        };
         let task =
-            tokio::spawn(accept_loop(listener, grid, auth, inflight, cfg.connections_max.max(1), stop_rx));
-        Ok(Server { local_addr, stop, task })
+            tokio::spawn(accept_loop(listener, grid, auth, limits, cfg.connections_max.max(1), stop_rx));
+        Ok(Server { local_addr, stop, task, budget })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Bytes of connection buffers drawn from the node-wide budget now.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.budget.used()
     }
 
     /// Stops accepting, finishes in-flight requests on every connection, then returns.
@@ -122,7 +187,7 @@ async fn accept_loop(
     listener: TcpListener,
     grid: Arc<GridCore>,
     auth: Arc<Auth>,
-    inflight: usize,
+    limits: ConnLimits,
     connections_max: usize,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -141,7 +206,7 @@ async fn accept_loop(
                         continue;
                     }
                     let _ = sock.set_nodelay(true);
-                    conns.spawn(connection(sock, grid.clone(), auth.clone(), inflight, stop.clone()));
+                    conns.spawn(connection(sock, grid.clone(), auth.clone(), limits.clone(), stop.clone()));
                 }
                 // Out of descriptors and the like: back off briefly instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -161,6 +226,17 @@ struct Input {
     buf: Vec<u8>,
     /// Start of the unparsed bytes in `buf`.
     at: usize,
+    budget: Arc<BufferBudget>,
+    /// Bytes of `buf`'s capacity drawn from `budget`.
+    held: u64,
+    /// When the frame now partly buffered started arriving.
+    partial_since: Option<tokio::time::Instant>,
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        self.budget.give(self.held);
+    }
 }
 
 impl Input {
@@ -194,8 +270,38 @@ impl Input {
             self.at = 0;
         }
         self.buf.reserve(IO_BUFFER_BYTES);
+        self.account()?;
         let n = self.rd.read_buf(&mut self.buf).await?;
+        self.account()?;
         Ok(n > 0)
+    }
+
+    /// Notes when the frame now partly buffered (if any) was first seen incomplete.
+    fn track_partial(&mut self) {
+        if self.buf.len() > self.at && !self.has_frame() {
+            self.partial_since.get_or_insert_with(tokio::time::Instant::now);
+        } else {
+            self.partial_since = None;
+        }
+    }
+
+    /// Draws the buffer's capacity beyond `CONN_BASE_BYTES` from the budget, or gives back what
+    /// it no longer needs. Over budget: the buffer is released and the connection must end.
+    fn account(&mut self) -> Result<(), FrameError> {
+        let extra = self.buf.capacity().saturating_sub(CONN_BASE_BYTES) as u64;
+        if extra > self.held {
+            if !self.budget.take(extra - self.held) {
+                self.buf = Vec::new();
+                self.at = 0;
+                self.budget.give(self.held);
+                self.held = 0;
+                return Err(FrameError::OverBudget { budget_bytes: self.budget.max });
+            }
+        } else {
+            self.budget.give(self.held - extra);
+        }
+        self.held = extra;
+        Ok(())
     }
 
     /// Whether a complete frame (or a length over the limit, an error to report) is buffered.
@@ -278,11 +384,19 @@ async fn connection(
     sock: TcpStream,
     grid: Arc<GridCore>,
     auth: Arc<Auth>,
-    inflight: usize,
+    limits: ConnLimits,
     mut stop: watch::Receiver<bool>,
 ) {
     let (rd, mut wr) = sock.into_split();
-    let mut input = Input { rd, buf: Vec::with_capacity(IO_BUFFER_BYTES), at: 0 };
+    let inflight = limits.inflight;
+    let mut input = Input {
+        rd,
+        buf: Vec::with_capacity(IO_BUFFER_BYTES),
+        at: 0,
+        budget: limits.budget.clone(),
+        held: 0,
+        partial_since: None,
+    };
     let who = match handshake(&mut input, &auth).await {
         Ok(p) => Arc::new(p),
         Err(error) => {
@@ -358,6 +472,14 @@ async fn connection(
             // Stopped on a full output buffer with requests still buffered.
             continue;
         }
+        // A frame that started arriving must be whole by then (timed only while this connection
+        // is being read: under backpressure the clock restarts).
+        if open < inflight {
+            input.track_partial();
+        } else {
+            input.partial_since = None;
+        }
+        let frame_due = input.partial_since.map(|t| t + limits.frame_deadline);
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
                 if let Some(d) = done {
@@ -381,8 +503,19 @@ async fn connection(
                     // End of stream: finish what was read (a truncated frame is just dropped).
                     reading = false;
                 }
-                Err(_) => reading = false,
+                Err(e) => {
+                    // Say why (over budget, say); the peer may be gone, so this may go nowhere.
+                    let e = GridError::Unavailable(e.to_string());
+                    protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
+                    reading = false;
+                }
             },
+            _ = tokio::time::sleep_until(frame_due.unwrap_or_else(tokio::time::Instant::now)),
+                if reading && open < inflight && frame_due.is_some() => {
+                let e = GridError::Protocol(FrameError::Deadline(limits.frame_deadline).to_string());
+                protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
+                reading = false;
+            }
             _ = stop.changed(), if reading => reading = false,
         }
     }

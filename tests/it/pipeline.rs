@@ -264,3 +264,111 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
         server.kill9();
     }
 }
+
+async fn with_limits(dir: &std::path::Path, budget: u64, deadline: Duration) -> (Grid, InProcess) {
+    let grid = Grid::open(dir, GridOptions::default()).await.unwrap();
+    let cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        buffer_budget_bytes: budget,
+        frame_deadline: deadline,
+        ..ServerConfig::default()
+    };
+    let server = InProcess::start(grid.core().clone(), cfg).await.unwrap();
+    (grid, server)
+}
+
+/// Connections that each send half of a large frame draw on one node-wide budget: past it they
+/// are closed with a reason, other clients are still served, and the budget is given back when
+/// the connections go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_large_frames_share_one_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 4 << 20;
+    let (grid, server) = with_limits(dir.path(), budget, Duration::from_secs(60)).await;
+    grid.create_table("t", TableOptions::default()).await.unwrap().put("k", &1).await.unwrap();
+    let mut conns = Vec::new();
+    let mut refused = 0;
+    for _ in 0..12 {
+        let mut s = raw_hello(server.local_addr()).await;
+        // A 30 MiB frame, of which 1 MiB is sent.
+        let mut bytes = (30u32 << 20).to_le_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(0u8, 1 << 20));
+        if s.write_all(&bytes).await.is_err() {
+            refused += 1;
+            continue;
+        }
+        conns.push(s);
+    }
+    // Poll the connections until enough were refused (those within the budget never answer).
+    let mut pending: Vec<_> = conns.into_iter().map(Some).collect();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while refused < 6 && std::time::Instant::now() < until {
+        for slot in pending.iter_mut() {
+            let Some(s) = slot.as_mut() else { continue };
+            let mut buf = Vec::new();
+            match tokio::time::timeout(Duration::from_millis(20), protocol::read_frame(s, &mut buf)).await {
+                Ok(Ok(())) => {
+                    let r: Response = protocol::decode(&buf).unwrap();
+                    assert_eq!(r.id, 0);
+                    let why = format!("{:?}", r.result);
+                    assert!(why.contains("budget"), "{why}");
+                    refused += 1;
+                    *slot = None;
+                }
+                Ok(Err(_)) => {
+                    refused += 1;
+                    *slot = None;
+                }
+                Err(_) => {} // still waiting for the rest of its frame
+            }
+        }
+        assert!(server.buffered_bytes() <= budget, "{} bytes drawn of {budget}", server.buffered_bytes());
+    }
+    assert!(refused >= 6, "12 MiB of half frames against a 4 MiB budget: only {refused} refused");
+    let conns: Vec<_> = pending.into_iter().flatten().collect();
+    // Everyone else is served meanwhile.
+    let c = Client::connect(server.local_addr()).await.unwrap();
+    assert_eq!(c.table("t").get::<i64>("k").await.unwrap(), Some(1));
+    drop(conns);
+    for _ in 0..100 {
+        if server.buffered_bytes() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.buffered_bytes(), 0, "the budget was not given back");
+    drop(c);
+    server.shutdown().await;
+    grid.close().await.unwrap();
+}
+
+/// A frame that starts and does not finish within the deadline ends its connection, with a
+/// reason; a frame that finishes in time is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_left_half_sent_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grid, server) = with_limits(dir.path(), 1 << 30, Duration::from_millis(300)).await;
+    grid.create_table("t", TableOptions::default()).await.unwrap();
+    let mut s = raw_hello(server.local_addr()).await;
+    let whole = frame(1, "t", TableOp::Count);
+    // Sent in two parts, 100 ms apart: in time.
+    s.write_all(&whole[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&whole[5..]).await.unwrap();
+    let got = responses(&mut s, 1).await;
+    assert!(matches!(got[&1].result, Ok(ResponseBody::Op(OpResult::Count(0)))), "{:?}", got[&1]);
+    // Half a frame, then nothing.
+    s.write_all(&whole[..5]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), protocol::read_frame(&mut s, &mut buf))
+        .await
+        .expect("the server kept waiting for the frame")
+        .unwrap();
+    let r: Response = protocol::decode(&buf).unwrap();
+    assert_eq!(r.id, 0);
+    assert!(format!("{:?}", r.result).contains("not completed"), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_millis(250), "closed after {:?}", started.elapsed());
+    server.shutdown().await;
+    grid.close().await.unwrap();
+}
