@@ -538,15 +538,25 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
     }
     let mut bad = 0;
     for f in &files {
-        // No op-log replay: nothing is written; this checks the last checkpoint on disk.
-        let r = Heap::open(f, HeapOptions { op_log: false, ..HeapOptions::default() })
-            .and_then(|h| h.check_integrity());
+        // No op-log replay: nothing is written; this checks the last checkpoint on disk, then
+        // reads (without applying) the op log it names.
+        let r = Heap::open(f, HeapOptions { op_log: false, ..HeapOptions::default() }).and_then(|h| {
+            let rep = h.check_integrity()?;
+            let log = h.verify_log(&heapgrid::heap::oplog::FileLogDir::for_heap(f))?;
+            Ok((rep, log))
+        });
         match r {
-            Ok(rep) => emit(&format!(
-                "ok       {} ({} entries, {} tree pages)",
+            Ok((rep, log)) => emit(&format!(
+                "ok       {} ({} entries, {} tree pages; op log: {} records after the checkpoint{})",
                 f.display(),
                 rep.entries,
-                rep.tree_pages
+                rep.tree_pages,
+                log.records_replayed,
+                if log.torn_tail_bytes > 0 {
+                    format!(", a torn tail of {} bytes", log.torn_tail_bytes)
+                } else {
+                    String::new()
+                }
             ))?,
             Err(e) => {
                 bad += 1;

@@ -135,6 +135,7 @@ impl Heap {
                 heap.durable.heap_id,
                 opts.fsync,
                 heap.durable.checkpoint_lsn,
+                heap.durable.log_segment,
                 |lsn, batch| {
                     heap.apply_batch(batch)?;
                     heap.applied_lsn = lsn;
@@ -143,6 +144,12 @@ impl Heap {
             )?;
             heap.log = Some(log);
             heap.replay = report;
+            if heap.durable.log_segment == 0 {
+                // A new heap (or one from before the field): checkpoint now, so the meta names
+                // the segment its records go to, and its loss can be detected at every open.
+                heap.changed = true;
+                heap.checkpoint()?;
+            }
         }
         Ok(heap)
     }
@@ -232,6 +239,12 @@ impl Heap {
     /// (`apply_deferred` before `flush_log`): a capture now would show them.
     pub fn has_unlogged(&self) -> bool {
         self.log.as_ref().is_some_and(OpLog::has_deferred)
+    }
+
+    /// Checks this heap's op log in `dir` without changing it (see `oplog::verify`): for a heap
+    /// opened without its log, as `heapgrid check` does.
+    pub fn verify_log(&self, dir: &dyn LogDir) -> Result<ReplayReport> {
+        crate::oplog::verify(dir, self.durable.heap_id, self.durable.checkpoint_lsn, self.durable.log_segment)
     }
 
     /// Op-log segment files currently kept.
@@ -610,6 +623,8 @@ impl Heap {
             freelist_count: ids.len() as u64,
             entry_count: self.tree.len,
             checkpoint_lsn: self.applied_lsn,
+            // The log was just rotated: the records after this checkpoint start there.
+            log_segment: self.log.as_ref().map_or(0, OpLog::current_first),
         };
         let mut meta_page = vec![0u8; PAGE];
         meta::write_meta(&mut meta_page, &m);
@@ -873,6 +888,7 @@ fn init_storage(storage: &mut dyn Storage, heap_id: u64) -> Result<()> {
         freelist_count: 0,
         entry_count: 0,
         checkpoint_lsn: 0,
+        log_segment: 0,
     };
     let slot = Meta::slot(1) as usize;
     meta::write_meta(&mut bytes[slot * PAGE..(slot + 1) * PAGE], &m);

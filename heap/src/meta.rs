@@ -31,6 +31,9 @@
 //!     72    8 freelist_count: page ids recorded in the free list
 //!     80    8 entry_count: keys in the B+tree
 //!     88    8 checkpoint_lsn: highest op-log LSN whose effects this checkpoint contains
+//!     96    8 log_segment: first LSN of the op-log segment that must exist for this checkpoint
+//!             (its records follow checkpoint_lsn); 0 = the heap keeps no op log, or the
+//!             checkpoint predates the field
 //! ```
 
 use crate::error::{Error, Result, corrupt};
@@ -57,6 +60,7 @@ const OFF_FREELIST_HEAD: usize = 64;
 const OFF_FREELIST_COUNT: usize = 72;
 const OFF_ENTRY_COUNT: usize = 80;
 const OFF_CHECKPOINT_LSN: usize = 88;
+const OFF_LOG_SEGMENT: usize = 96;
 
 /// Contents of a meta page: the root of one durable checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub struct Meta {
     pub freelist_count: u64,
     pub entry_count: u64,
     pub checkpoint_lsn: u64,
+    /// First LSN of the op-log segment this checkpoint's successors are logged in (0: none).
+    pub log_segment: u64,
 }
 
 impl Meta {
@@ -134,6 +140,7 @@ pub(crate) fn write_meta(p: &mut [u8], m: &Meta) {
     put_u64(p, OFF_FREELIST_COUNT, m.freelist_count);
     put_u64(p, OFF_ENTRY_COUNT, m.entry_count);
     put_u64(p, OFF_CHECKPOINT_LSN, m.checkpoint_lsn);
+    put_u64(p, OFF_LOG_SEGMENT, m.log_segment);
     page::seal(p);
 }
 
@@ -150,6 +157,7 @@ pub(crate) fn read_meta(page_id: u64, p: &[u8], heap_id: u64, file_pages: u64) -
         freelist_count: get_u64(p, OFF_FREELIST_COUNT),
         entry_count: get_u64(p, OFF_ENTRY_COUNT),
         checkpoint_lsn: get_u64(p, OFF_CHECKPOINT_LSN),
+        log_segment: get_u64(p, OFF_LOG_SEGMENT),
     };
     if m.heap_id != heap_id {
         return corrupt(page_id, "meta belongs to another heap");
@@ -163,6 +171,9 @@ pub(crate) fn read_meta(page_id: u64, p: &[u8], heap_id: u64, file_pages: u64) -
     let in_range = |pg: u64| pg == 0 || (pg >= FIRST_DATA_PAGE && pg < m.page_count);
     if !in_range(m.root) || !in_range(m.freelist_head) {
         return corrupt(page_id, "root or free list outside the file");
+    }
+    if m.log_segment != 0 && m.log_segment > m.checkpoint_lsn.saturating_add(1) {
+        return corrupt(page_id, "op-log segment named past the checkpoint");
     }
     if m.depth > TREE_DEPTH_MAX || (m.root == 0) != (m.depth == 0) {
         return corrupt(page_id, "tree depth inconsistent");
@@ -188,6 +199,7 @@ mod tests {
             freelist_count: 0,
             entry_count: 99,
             checkpoint_lsn: 12,
+            log_segment: 13,
         }
     }
 

@@ -308,80 +308,17 @@ pub(crate) struct OpLog {
 
 impl OpLog {
     /// Opens the log and replays every record above `checkpoint_lsn` through `apply`.
+    /// `expected_segment` (0: none) is the segment the checkpoint names: its loss is corruption.
     pub(crate) fn open(
         dir: Arc<dyn LogDir>,
         heap_id: u64,
         policy: FsyncPolicy,
         checkpoint_lsn: u64,
-        mut apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
+        expected_segment: u64,
+        apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
     ) -> Result<(OpLog, ReplayReport)> {
-        let mut segments = dir.list()?;
-        segments.sort_unstable();
-        let mut report = ReplayReport { last_lsn: checkpoint_lsn, ..ReplayReport::default() };
-        let mut expected = None::<u64>;
-        let mut tail_len = None;
-        for (i, &first) in segments.iter().enumerate() {
-            let last_segment = i + 1 == segments.len();
-            // A segment whose records all lie at or below the checkpoint holds nothing to replay
-            // (it is kept only for a fallback to the older checkpoint): do not read it.
-            if let Some(&next) = segments.get(i + 1)
-                && next <= checkpoint_lsn + 1
-            {
-                expected = Some(next);
-                report.last_lsn = report.last_lsn.max(next - 1);
-                continue;
-            }
-            let seg = dir.read(first)?;
-            let hdr = segment_header(heap_id, first);
-            if seg.len() < SEGMENT_HEADER_BYTES || seg[..SEGMENT_HEADER_BYTES] != hdr {
-                if last_segment && seg.len() < SEGMENT_HEADER_BYTES && hdr.starts_with(&seg) {
-                    // Crashed while creating the segment: it holds nothing.
-                    tail_len = Some(0);
-                    break;
-                }
-                return Err(log_corrupt(first, "bad segment header".into()));
-            }
-            // Gaps below the checkpoint are harmless (those records are in the heap already).
-            if first > checkpoint_lsn + 1 && expected != Some(first) {
-                return Err(log_corrupt(
-                    first,
-                    format!("records between {checkpoint_lsn} and {first} are missing"),
-                ));
-            }
-            let mut lsn = first;
-            let mut pos = SEGMENT_HEADER_BYTES;
-            while pos < seg.len() {
-                let Some((rec_lsn, payload, len)) = record_at(&seg, pos) else {
-                    if !last_segment || valid_record_after(&seg, pos, lsn.saturating_sub(1)) {
-                        return Err(log_corrupt(
-                            first,
-                            format!("bad record at byte {pos} before valid ones"),
-                        ));
-                    }
-                    report.torn_tail_bytes = (seg.len() - pos) as u64;
-                    break;
-                };
-                if rec_lsn != lsn {
-                    return Err(log_corrupt(
-                        first,
-                        format!("record at byte {pos} has LSN {rec_lsn}, expected {lsn}"),
-                    ));
-                }
-                if lsn > checkpoint_lsn {
-                    let batch = WriteBatch::from_bytes(payload)
-                        .map_err(|e| log_corrupt(first, format!("record {lsn}: {e}")))?;
-                    apply(lsn, &batch)?;
-                    report.records_replayed += 1;
-                }
-                report.last_lsn = report.last_lsn.max(lsn);
-                lsn += 1;
-                pos += len;
-            }
-            expected = Some(lsn);
-            if last_segment {
-                tail_len = Some(pos.min(seg.len()) as u64);
-            }
-        }
+        let Scan { mut segments, report, expected, tail_len } =
+            scan(&*dir, heap_id, checkpoint_lsn, expected_segment, apply)?;
         let next_lsn = report.last_lsn + 1;
         let current = match (segments.last(), tail_len) {
             (Some(&first), Some(len)) if len >= SEGMENT_HEADER_BYTES as u64 && expected == Some(next_lsn) => {
@@ -521,9 +458,125 @@ impl OpLog {
         Ok(())
     }
 
+    /// First LSN of the segment being appended to.
+    pub(crate) fn current_first(&self) -> u64 {
+        *self.segments.last().expect("a log has a segment")
+    }
+
     pub(crate) fn segment_count(&self) -> usize {
         self.segments.len()
     }
+}
+
+/// What reading a log's segments found.
+struct Scan {
+    /// First LSNs of the segments, ascending.
+    segments: Vec<u64>,
+    report: ReplayReport,
+    /// The LSN the next record must have.
+    expected: Option<u64>,
+    /// Valid bytes of the last segment (`None`: it was not read).
+    tail_len: Option<u64>,
+}
+
+/// Reads every segment whose records may lie above `checkpoint_lsn`, checking headers, record
+/// checksums and LSN order, and hands each record above the checkpoint to `apply`. Changes
+/// nothing on disk.
+fn scan(
+    dir: &dyn LogDir,
+    heap_id: u64,
+    checkpoint_lsn: u64,
+    expected_segment: u64,
+    mut apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
+) -> Result<Scan> {
+    let mut segments = dir.list()?;
+    segments.sort_unstable();
+    if expected_segment != 0 && !segments.contains(&expected_segment) {
+        return Err(log_corrupt(
+            expected_segment,
+            format!("the segment checkpoint LSN {checkpoint_lsn} names is missing: its records may be lost"),
+        ));
+    }
+    let mut report = ReplayReport { last_lsn: checkpoint_lsn, ..ReplayReport::default() };
+    let mut expected = None::<u64>;
+    let mut tail_len = None;
+    for (i, &first) in segments.iter().enumerate() {
+        let last_segment = i + 1 == segments.len();
+        // A segment whose records all lie at or below the checkpoint holds nothing to replay
+        // (it is kept only for a fallback to the older checkpoint): do not read it.
+        if let Some(&next) = segments.get(i + 1)
+            && next <= checkpoint_lsn + 1
+        {
+            expected = Some(next);
+            report.last_lsn = report.last_lsn.max(next - 1);
+            continue;
+        }
+        let seg = dir.read(first)?;
+        let hdr = segment_header(heap_id, first);
+        if seg.len() < SEGMENT_HEADER_BYTES || seg[..SEGMENT_HEADER_BYTES] != hdr {
+            // A segment a checkpoint names had its header synced before the checkpoint.
+            if last_segment
+                && seg.len() < SEGMENT_HEADER_BYTES
+                && hdr.starts_with(&seg)
+                && first != expected_segment
+            {
+                // Crashed while creating the segment: it holds nothing.
+                tail_len = Some(0);
+                break;
+            }
+            return Err(log_corrupt(first, "bad segment header".into()));
+        }
+        // Gaps below the checkpoint are harmless (those records are in the heap already).
+        if first > checkpoint_lsn + 1 && expected != Some(first) {
+            return Err(log_corrupt(
+                first,
+                format!("records between {checkpoint_lsn} and {first} are missing"),
+            ));
+        }
+        let mut lsn = first;
+        let mut pos = SEGMENT_HEADER_BYTES;
+        while pos < seg.len() {
+            let Some((rec_lsn, payload, len)) = record_at(&seg, pos) else {
+                if !last_segment || valid_record_after(&seg, pos, lsn.saturating_sub(1)) {
+                    return Err(log_corrupt(first, format!("bad record at byte {pos} before valid ones")));
+                }
+                report.torn_tail_bytes = (seg.len() - pos) as u64;
+                break;
+            };
+            if rec_lsn != lsn {
+                return Err(log_corrupt(
+                    first,
+                    format!("record at byte {pos} has LSN {rec_lsn}, expected {lsn}"),
+                ));
+            }
+            if lsn > checkpoint_lsn {
+                let batch = WriteBatch::from_bytes(payload)
+                    .map_err(|e| log_corrupt(first, format!("record {lsn}: {e}")))?;
+                apply(lsn, &batch)?;
+                report.records_replayed += 1;
+            }
+            report.last_lsn = report.last_lsn.max(lsn);
+            lsn += 1;
+            pos += len;
+        }
+        expected = Some(lsn);
+        if last_segment {
+            tail_len = Some(pos.min(seg.len()) as u64);
+        }
+    }
+    Ok(Scan { segments, report, expected, tail_len })
+}
+
+/// Checks a heap's op log without changing it (for `heapgrid check`): the segment the
+/// checkpoint names exists, every header and record checksum is valid, LSNs follow each other,
+/// and every record above the checkpoint decodes. A torn tail is reported, not an error.
+pub fn verify(
+    dir: &dyn LogDir,
+    heap_id: u64,
+    checkpoint_lsn: u64,
+    expected_segment: u64,
+) -> Result<ReplayReport> {
+    Ok(scan(dir, heap_id, checkpoint_lsn, expected_segment, |_, _| Ok(()))?.report)
 }
 
 fn spawn_flusher(shared: Arc<Shared>, ms: u32) -> Flusher {

@@ -5,6 +5,7 @@ mod child;
 mod grid;
 mod heap_kill9;
 mod oplog_kill9;
+mod oplog_loss;
 mod pipeline;
 mod server;
 mod snippets;
