@@ -1,7 +1,7 @@
-//! Embedded grid benchmark: gets and puts through the shard actors with 1, 16 and 256 concurrent
-//! tasks, against calling the table state machine (`TableShard`) directly on one thread (the
-//! actor overhead), the effect of batching, and OS context switches per request (how many
-//! thread hand-offs a request costs).
+//! Embedded grid benchmark: gets (snapshot reads on the caller's task) and puts (through the shard
+//! actors) with 1, 16 and 256 concurrent tasks, against calling the table state machine
+//! (`TableShard`) directly on one thread, the effect of batching, and OS context switches per
+//! request (how many thread hand-offs a request costs).
 //!
 //! Run: `cargo bench --bench grid` (`HEAPGRID_BENCH_SECS` sets the time per case).
 

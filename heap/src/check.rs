@@ -1,9 +1,10 @@
 //! The integrity checker: walks every page the heap references and verifies it.
 //!
-//! Checks: checksums of every page not written since the last checkpoint; node kinds, levels and
-//! cell bounds; strictly ascending keys inside nodes and within the separator bounds of their
-//! parents; overflow chain lengths; the entry count; and that tree pages, overflow pages, the
-//! durable free list's pages, free, pending and held pages partition `FIRST_DATA_PAGE..page_count`
+//! Checks: checksums of every page that is sealed (not writable: not written since the last
+//! capture or checkpoint); node kinds, levels and cell bounds; strictly ascending keys inside
+//! nodes and within the separator bounds of their parents; overflow chain lengths; the entry
+//! count; and that tree pages, overflow pages, the durable free list's pages, free, pending, held
+//! and retired pages partition `FIRST_DATA_PAGE..page_count`
 //! with no page reached twice. Every walk is bounded by the tree depth and the page count.
 
 use crate::btree::{TreeRoot, node_at};

@@ -1,14 +1,16 @@
 //! `Heap`: one persistent, memory-mapped B+tree of byte keys to byte values.
 //!
 //! Lifecycle: `open` maps the file, validates the header and the newest valid meta page, and
-//! loads that checkpoint's free list; nothing else is read. Writes (`put`, `delete`, `apply`)
-//! change fresh pages only; `checkpoint` seals and flushes them, then writes the other meta page.
-//! A crash at any instant therefore leaves the file exactly at the last completed checkpoint.
+//! loads that checkpoint's free list; nothing else is read. Writes (`put`, `delete`, `apply`,
+//! `upsert`) change writable pages only (others are copied first); `capture` seals them for a
+//! read snapshot; a checkpoint (`begin_checkpoint`, its job, `finish_checkpoint`) seals and
+//! flushes them, then writes the other meta page. A crash at any instant therefore leaves the file
+//! exactly at the last completed checkpoint.
 //!
 //! Invariant: a batch either applies completely or the heap is poisoned (it refuses all work until
 //! reopened, which recovers the last checkpoint); callers never observe half a batch.
 //! Invariant: `check_integrity` finds every page in exactly one of: reachable from the tree,
-//! holding the durable free list, free, pending, or held (see `pager`).
+//! holding the durable free list, free, pending, held, or retired (see `pager`).
 
 use std::borrow::Cow;
 use std::ops::{Bound, RangeBounds};

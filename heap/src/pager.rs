@@ -11,7 +11,8 @@
 //!   released may still read them; each carries the newest captured generation at its release,
 //!   and becomes free once the `Registry` has no generation at or below it (`reclaim`).
 //!
-//! At each completed checkpoint: `retired += held; held = pending; pending = []`, then `reclaim`.
+//! At each completed checkpoint: `retired += held; held = pending as of its begin` (pages released
+//! while it was in flight stay pending), then `reclaim`.
 //! - `durable_freelist`: the pages that hold the durable checkpoint's free list.
 //!
 //! `fresh` marks pages allocated since the last checkpoint (the dirty pages a checkpoint flushes).

@@ -6,9 +6,10 @@
 //! supervisor restart *is* recovery. Writes are applied inside `handle` with their op-log
 //! records queued in memory; after the first write of a group the actor sends itself `Flush`,
 //! which arrives after everything already in the mailbox and writes all queued records with one
-//! write(2). Then, under `FsyncPolicy::Always`, the replies go to the shard's durable-reply task,
-//! which makes the highest LSN durable with one fsync and answers them all (group commit with
-//! task wake-ups, not thread hand-offs); under the other policies they are sent at once.
+//! write(2). Then, under `FsyncPolicy::Always`, the group goes to the shard's durable-reply task,
+//! which makes its highest LSN durable with one fsync on the blocking pool and hands it back
+//! (`ShardMsg::Durable`); the actor publishes the group's snapshot, raises the acknowledged LSN
+//! and answers. Under the other policies that happens at the `Flush`.
 //!
 //! Invariant: a reply is sent for a write only after its record is durable under the policy.
 //! Invariant: a read is answered only once every write it could see is as durable as a write's
