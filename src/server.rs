@@ -375,6 +375,36 @@ struct Done {
 /// A shard of a table by name.
 type ShardKey = (String, u32);
 
+/// A connection's writes in flight, per table and shard (at most its in-flight limit of them).
+/// Looked up by `&str` on every read, so a read allocates nothing to ask.
+#[derive(Default)]
+struct Writing {
+    tables: HashMap<String, HashMap<u32, u32>>,
+}
+
+impl Writing {
+    fn add(&mut self, (table, shard): ShardKey) {
+        *self.tables.entry(table).or_default().entry(shard).or_insert(0) += 1;
+    }
+
+    fn remove(&mut self, (table, shard): &ShardKey) {
+        let Some(shards) = self.tables.get_mut(table.as_str()) else { return };
+        if let Some(n) = shards.get_mut(shard) {
+            *n -= 1;
+            if *n == 0 {
+                shards.remove(shard);
+            }
+        }
+        if shards.is_empty() {
+            self.tables.remove(table.as_str());
+        }
+    }
+
+    fn contains(&self, table: &str, shard: u32) -> bool {
+        !self.tables.is_empty() && self.tables.get(table).is_some_and(|s| s.contains_key(&shard))
+    }
+}
+
 /// One connection. Every complete request a read brings is decoded at once: table operations
 /// form a `Round` (one `Pipeline` message per shard, one buffer of responses), the rest
 /// (catalogue changes, grid-scoped snippets, fetches) run as futures of their own. All of them
@@ -418,7 +448,7 @@ async fn connection(
     // Writes (and collection-scoped snippets) of this connection in flight, per shard: a read of
     // such a shard goes to its actor, behind them; a read of any other is served from the
     // shard's published snapshot at once.
-    let mut writing: HashMap<ShardKey, u32> = HashMap::new();
+    let mut writing = Writing::default();
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut reading = true;
     loop {
@@ -453,7 +483,7 @@ async fn connection(
         if round.requests > 0 {
             let (pending, wrote) = round.dispatch();
             for k in wrote {
-                *writing.entry(k).or_insert(0) += 1;
+                writing.add(k);
             }
             running.push(pending);
         }
@@ -523,16 +553,11 @@ async fn connection(
 }
 
 /// Takes a finished round or request into the connection's output and counts.
-fn finish(d: Done, out: &mut Vec<u8>, open: &mut usize, writing: &mut HashMap<ShardKey, u32>) {
+fn finish(d: Done, out: &mut Vec<u8>, open: &mut usize, writing: &mut Writing) {
     out.extend_from_slice(&d.bytes);
     *open -= d.requests;
-    for k in d.wrote {
-        if let Some(n) = writing.get_mut(&k) {
-            *n -= 1;
-            if *n == 0 {
-                writing.remove(&k);
-            }
-        }
+    for k in &d.wrote {
+        writing.remove(k);
     }
 }
 
@@ -551,7 +576,7 @@ enum Slot {
 /// which they arrived: they are in one message, or in messages sent in turn.
 struct Round<'c> {
     /// The connection's writes in flight from earlier rounds.
-    writing: &'c HashMap<ShardKey, u32>,
+    writing: &'c Writing,
     /// Shards this round writes to (by table index).
     wrote: Vec<(usize, u32)>,
     /// Tables named in this round, resolved once.
@@ -574,7 +599,7 @@ enum Taken {
 }
 
 impl<'c> Round<'c> {
-    fn new(writing: &'c HashMap<ShardKey, u32>) -> Round<'c> {
+    fn new(writing: &'c Writing) -> Round<'c> {
         Round {
             writing,
             wrote: Vec::new(),
@@ -698,8 +723,7 @@ impl<'c> Round<'c> {
     /// Whether this connection has a write in flight to shard `shard` of table `t` (earlier in
     /// this round or in an unanswered earlier one).
     fn writes_to(&self, t: usize, shard: u32) -> bool {
-        self.wrote.contains(&(t, shard))
-            || self.writing.contains_key(&(self.tables[t].def.name.clone(), shard))
+        self.wrote.contains(&(t, shard)) || self.writing.contains(&self.tables[t].def.name, shard)
     }
 
     /// The snapshot a read of shard `shard` of table `t` may use now: none while this

@@ -39,8 +39,13 @@ fn value_of(r: &Response) -> Option<Value> {
 }
 
 async fn in_process(dir: &std::path::Path) -> (Grid, InProcess) {
+    start_with(dir, ServerConfig::default()).await
+}
+
+/// A grid in `dir` served in this process on a free port with `cfg`'s other settings.
+async fn start_with(dir: &std::path::Path, cfg: ServerConfig) -> (Grid, InProcess) {
     let grid = Grid::open(dir, GridOptions::default()).await.unwrap();
-    let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let cfg = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..cfg };
     let server = InProcess::start(grid.core().clone(), cfg).await.unwrap();
     (grid, server)
 }
@@ -266,15 +271,9 @@ async fn no_reader_sees_a_write_that_kill9_then_loses() {
 }
 
 async fn with_limits(dir: &std::path::Path, budget: u64, deadline: Duration) -> (Grid, InProcess) {
-    let grid = Grid::open(dir, GridOptions::default()).await.unwrap();
-    let cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        buffer_budget_bytes: budget,
-        frame_deadline: deadline,
-        ..ServerConfig::default()
-    };
-    let server = InProcess::start(grid.core().clone(), cfg).await.unwrap();
-    (grid, server)
+    let cfg =
+        ServerConfig { buffer_budget_bytes: budget, frame_deadline: deadline, ..ServerConfig::default() };
+    start_with(dir, cfg).await
 }
 
 /// Connections that each send half of a large frame draw on one node-wide budget: past it they
