@@ -789,6 +789,9 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 /// of groups, then the groups go back to the actor, which publishes and answers (it is the only
 /// publisher, so nothing is published after it stopped).
 fn spawn_durable_replies(durability: Durability, actor: ActorRef<ShardMsg>) -> mpsc::UnboundedSender<Group> {
+    // Not bounded here: each group holds the replies of requests already in the shard's mailbox
+    // (one group per `Flush`, plus reads released under `Always`), so what bounds the mailbox
+    // (the connections' in-flight limits; ractor's mailbox itself is unbounded) bounds this.
     let (tx, mut rx) = mpsc::unbounded_channel::<Group>();
     tokio::spawn(async move {
         let mut groups = Vec::new();
