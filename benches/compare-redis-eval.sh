@@ -7,7 +7,9 @@
 # `-- __rand_int__` trick), so each one is compiled. Each case runs ROUNDS times, alternating the
 # two servers; the table reports medians. Prints markdown with ratios (heapgrid / Redis).
 #
-#   bash benches/compare-redis-eval.sh
+#   bash benches/compare-redis-eval.sh                                    # sandboxed snippets
+#   HG_SERVE_FLAGS=--trusted-snippets bash benches/compare-redis-eval.sh  # in-process snippets
+# It also prints the sandbox workers' resident memory at the end (0 when trusted).
 #   SECONDS_PER_CASE=5 KEYS=1000000 ROUNDS=3 bash benches/compare-redis-eval.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,3 +83,11 @@ for c in "${cases[@]}"; do
   hg=$(median "${hgs[@]}"); rd=$(median "${rds[@]}")
   echo "| $name | $hg (${hgs[*]}) | $rd (${rds[*]}) | $(ratio "$hg" "$rd") |"
 done
+workers_rss=0
+for p in /proc/[0-9]*; do
+  [ "$(awk '{print $4}' "$p/stat" 2>/dev/null)" = "$HG_PID" ] || continue
+  grep -q heapgrid-worker "$p/comm" 2>/dev/null || continue
+  workers_rss=$((workers_rss + $(awk '/VmRSS/ {print $2 * 1024}' "$p/status")))
+done
+echo
+echo "sandbox workers' resident memory after the run: $workers_rss bytes (server ${HG_SERVE_FLAGS:-sandboxed})"

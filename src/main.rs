@@ -101,16 +101,20 @@ struct ServeArgs {
     data: Option<PathBuf>,
     /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms, inflight_max,
     /// connections_max, buffer_budget_bytes, frame_deadline_ms, tokens, procedures,
-    /// snippet_limits, snippet_max).
+    /// snippet_limits, snippet_max, snippet_sandbox, snippet_workers).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Default fsync policy of new tables: always, never or every:MS.
     #[arg(long)]
     fsync: Option<String>,
-    /// A module of stored procedures (Starlark `def`s) to load at start; its name is the file
-    /// stem. Repeatable.
+    /// A module of stored procedures (Python `def`s and classes) to load at start; its name is
+    /// the file stem. Repeatable.
     #[arg(long)]
     procedures: Vec<PathBuf>,
+    /// Run snippets in this process instead of sandbox worker processes: only when every client
+    /// with `eval` permission is trusted.
+    #[arg(long)]
+    trusted_snippets: bool,
 }
 
 #[derive(clap::Args)]
@@ -146,6 +150,10 @@ struct ConfigFile {
     snippet_limits: Option<LimitOverrides>,
     /// The most budget a request may ask for.
     snippet_max: Option<LimitOverrides>,
+    /// Run snippets in sandbox worker processes (default true; false is `--trusted-snippets`).
+    snippet_sandbox: Option<bool>,
+    /// Most sandbox workers (snippets running at once); default: 2 × cores.
+    snippet_workers: Option<usize>,
 }
 
 fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -220,6 +228,15 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
     }
     if let Some(l) = &file.snippet_limits {
         gopts.snippet_limits = Limits::default().with_overrides(l, &gopts.snippet_max);
+    }
+    if !a.trusted_snippets && file.snippet_sandbox.unwrap_or(true) {
+        let exe = heapgrid_actors::snippet::worker::WorkerPool::default_exe().ok_or(
+            "the snippet sandbox needs the heapgrid-worker binary next to heapgrid (or pass --trusted-snippets)",
+        )?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = file.snippet_workers.unwrap_or(2 * cores).max(1);
+        tracing::info!(worker = %exe.display(), workers, "snippets run in sandbox workers");
+        gopts.snippet_sandbox = Some(heapgrid_actors::grid::SandboxOptions { exe, workers });
     }
     let grid = Grid::open(&data, gopts).await?;
     tracing::info!(data = %data.display(), tables = grid.tables().len(), "grid opened");

@@ -501,8 +501,9 @@ mod tests {
             WriteOp::Delete { key: k() },
             WriteOp::Cas { key: k(), expect: Expect::Absent, new: None },
             WriteOp::Update { key: k(), path: vec![], update: Update::Remove },
+            WriteOp::Check { key: k(), expect: Expect::Absent },
         ];
-        assert_eq!(writes.iter().map(tag).collect::<Vec<_>>(), (0..4).collect::<Vec<u8>>());
+        assert_eq!(writes.iter().map(tag).collect::<Vec<_>>(), (0..5).collect::<Vec<u8>>());
         let expects = [Expect::Absent, Expect::Value(v()), Expect::Version(0)];
         assert_eq!(expects.iter().map(tag).collect::<Vec<_>>(), (0..3).collect::<Vec<u8>>());
         let updates = [Update::Set(v()), Update::Increment(v()), Update::Append(v()), Update::Remove];
@@ -513,8 +514,9 @@ mod tests {
             WriteResult::Deleted { existed: false },
             WriteResult::Cas { ok: false, current: None },
             WriteResult::Updated { value: v(), version: 0 },
+            WriteResult::Checked,
         ];
-        assert_eq!(wresults.iter().map(tag).collect::<Vec<_>>(), (0..4).collect::<Vec<u8>>());
+        assert_eq!(wresults.iter().map(tag).collect::<Vec<_>>(), (0..5).collect::<Vec<u8>>());
         assert_eq!([tag(&Key::Int(0)), tag(&Key::Str(s()))], [0, 1]);
         let values = [
             Value::Null,
@@ -572,8 +574,10 @@ mod tests {
             GridError::PermissionDenied { collection: s(), permission: s() },
             GridError::Protocol(s()),
             GridError::Snippet(failure),
+            GridError::WorkerDied(s()),
+            GridError::Conflict { attempts: 1 },
         ];
-        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..15).collect::<Vec<u8>>());
+        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..17).collect::<Vec<u8>>());
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

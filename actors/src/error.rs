@@ -47,6 +47,14 @@ pub enum GridError {
     /// Nothing it would have written was written.
     #[error("snippet {0}")]
     Snippet(crate::snippet::SnippetFailure),
+    /// The sandbox worker running a snippet died (killed, crashed) before it finished; nothing
+    /// the snippet would have written was written. The pool replaces the worker.
+    #[error("snippet worker died: {0}")]
+    WorkerDied(String),
+    /// A grid-scoped snippet kept meeting concurrent changes to what it read and gave up after
+    /// `attempts` runs; nothing it would have written was written.
+    #[error("snippet conflicted with concurrent writes {attempts} times; nothing was written")]
+    Conflict { attempts: u32 },
 }
 
 impl From<TableError> for GridError {

@@ -65,6 +65,18 @@ pub struct GridOptions {
     pub snippet_limits: Limits,
     /// The most budget a snippet may ask for.
     pub snippet_max: Limits,
+    /// Where snippets run: `None` in this process (trusted code: the embedded default), or in a
+    /// pool of sandbox worker processes.
+    pub snippet_sandbox: Option<SandboxOptions>,
+}
+
+/// The snippet sandbox: worker processes running the `heapgrid-worker` binary.
+#[derive(Clone, Debug)]
+pub struct SandboxOptions {
+    /// The worker executable.
+    pub exe: PathBuf,
+    /// Most workers (runs at once).
+    pub workers: usize,
 }
 
 impl Default for GridOptions {
@@ -75,6 +87,7 @@ impl Default for GridOptions {
             restart: RestartPolicy::default(),
             snippet_limits: Limits::default(),
             snippet_max: Limits::server_max(),
+            snippet_sandbox: None,
         }
     }
 }
@@ -258,8 +271,21 @@ pub struct GridCore {
     registry: Registry,
     catalog: Mutex<Option<Heap>>,
     snippets: Arc<Snippets>,
+    /// Grid-scoped snippets that conflicted once commit under one of these (chosen by the first
+    /// shard they write), so that contenders on the same data take turns instead of retrying
+    /// against each other without end.
+    commit_stripes: Vec<tokio::sync::Mutex<()>>,
     _lock: File,
 }
+
+/// One shard's part of a grid-scoped commit: (table, shard) and its operations.
+type ShardOps = ((String, u32), Vec<WriteOp>);
+
+/// Runs of a grid-scoped snippet before it answers `Conflict`.
+pub const SNIPPET_ATTEMPTS_MAX: u32 = 32;
+/// Conflicted runs before a snippet commits under its stripe.
+const OPTIMISTIC_ATTEMPTS: u32 = 2;
+const COMMIT_STRIPES: usize = 64;
 
 /// Catalogue keys of stored-procedure modules start with this (no table name contains '/').
 const PROC_PREFIX: &str = "proc/";
@@ -269,10 +295,15 @@ const PROC_PREFIX: &str = "proc/";
 pub type AccessCheck = Arc<dyn Fn(&str, bool) -> Result<(), GridError> + Send + Sync>;
 
 /// A grid-scoped snippet's view: every table, one message per operation, from a blocking thread.
+/// Records the version of every key it reads (0: absent), for the optimistic commit.
 struct GridStore {
     core: Arc<GridCore>,
     handle: tokio::runtime::Handle,
     access: AccessCheck,
+    /// Read from the shard actors rather than published snapshots (a retry after a conflict:
+    /// a snapshot may not yet show the write it lost to).
+    fresh: bool,
+    versions: HashMap<(String, Key), u64>,
 }
 
 impl GridStore {
@@ -292,12 +323,17 @@ impl Store for GridStore {
 
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
         let t = self.table(coll)?;
-        Ok(self.handle.block_on(t.get(key.clone()))?.map(|v| v.value))
+        let v = if self.fresh {
+            self.handle.block_on(t.get_fresh(key.clone()))?
+        } else {
+            self.handle.block_on(t.get(key.clone()))?
+        };
+        self.versions.entry((coll.to_string(), key.clone())).or_insert(v.as_ref().map_or(0, |v| v.version));
+        Ok(v.map(|v| v.value))
     }
 
     fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError> {
-        let t = self.table(coll)?;
-        self.handle.block_on(t.contains(key.clone()))
+        Ok(self.get(coll, key)?.is_some())
     }
 
     fn count(&mut self, coll: &str) -> Result<u64, GridError> {
@@ -308,7 +344,13 @@ impl Store for GridStore {
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
         let t = self.table(coll)?;
         let entries = self.handle.block_on(t.scan(scan_range(q)))?;
-        Ok(entries.into_iter().map(|(k, v)| (k, v.value)).collect())
+        Ok(entries
+            .into_iter()
+            .map(|(k, v)| {
+                self.versions.entry((coll.to_string(), k.clone())).or_insert(v.version);
+                (k, v.value)
+            })
+            .collect())
     }
 }
 
@@ -400,6 +442,10 @@ impl GridCore {
             defaults: opts.snippet_limits.clone(),
             max: opts.snippet_max.clone(),
         });
+        if let Some(sb) = &opts.snippet_sandbox {
+            let pool = crate::snippet::worker::WorkerPool::new(sb.exe.clone(), sb.workers);
+            snippets.engine.set_runner(crate::snippet::Runner::Workers(Arc::new(pool)));
+        }
         snippets.engine.set_collections(defs.iter().map(|d| d.name.clone()));
         for (name, src) in procs {
             // A stored module that no longer compiles (it used a dropped table) is skipped, not
@@ -413,6 +459,7 @@ impl GridCore {
             registry,
             catalog: Mutex::new(Some(catalog)),
             snippets,
+            commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             _lock: lock,
         });
         for def in defs {
@@ -544,40 +591,117 @@ impl GridCore {
                 Err(_) => {}
             }
         }
-        let core = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        let check = access.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut store = GridStore { core, handle, access: check };
-            compiled.run(&mut store, &limits, None, &args)
-        })
-        .await
-        .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
-        // Group the writes by (table, shard), keeping first-touch order inside each group.
-        let mut groups: Vec<((String, u32), Vec<WriteOp>)> = Vec::new();
-        // Everything that can be refused is checked before the first batch is applied.
+        let mut stripe = None;
+        for attempt in 1..=SNIPPET_ATTEMPTS_MAX {
+            let core = self.clone();
+            let handle = tokio::runtime::Handle::current();
+            let check = access.clone();
+            let (c, l, a) = (compiled.clone(), limits.clone(), args.clone());
+            let fresh = attempt > 1;
+            let (outcome, versions) = tokio::task::spawn_blocking(move || {
+                let mut store = GridStore { core, handle, access: check, fresh, versions: HashMap::new() };
+                let r = c.run(&mut store, &l, None, &a);
+                r.map(|o| (o, store.versions))
+            })
+            .await
+            .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
+            let groups = self.commit_groups(&outcome, &versions, &access)?;
+            if attempt > OPTIMISTIC_ATTEMPTS && stripe.is_none() {
+                // Take turns with the other contenders on this data.
+                let first = groups.first().map_or(0, |((t, i), _)| {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (t, i).hash(&mut h);
+                    h.finish() as usize
+                });
+                stripe = Some(self.commit_stripes[first % COMMIT_STRIPES].lock().await);
+            }
+            match self.commit(groups).await {
+                Ok(()) => return Ok(outcome.value),
+                Err(GridError::CasFailed { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(GridError::Conflict { attempts: SNIPPET_ATTEMPTS_MAX })
+    }
+
+    /// A grid-scoped outcome as batches per (table, shard), in (table, shard) order: each key it
+    /// read is checked at the version it saw (`Check`, or a `Cas` where it also writes), keys it
+    /// wrote blind are written as they are. Refused before anything is applied if the snippet may
+    /// not write a table or a value cannot be stored.
+    fn commit_groups(
+        &self,
+        outcome: &crate::snippet::Outcome,
+        versions: &HashMap<(String, Key), u64>,
+        access: &AccessCheck,
+    ) -> Result<Vec<ShardOps>, GridError> {
+        use crate::table::Expect;
+        let mut groups: std::collections::BTreeMap<(String, u32), Vec<WriteOp>> = Default::default();
+        let mut written = std::collections::HashSet::new();
         for w in &outcome.writes {
             access(&w.collection, true)?;
             if let Some(v) = &w.value {
                 v.encode().map_err(|e| GridError::Value(format!("{}[{}]: {e}", w.collection, w.key)))?;
             }
-        }
-        for w in outcome.writes {
             let t = self.table(&w.collection)?;
             let at = (w.collection.clone(), w.key.shard(t.def.shards));
-            let op = match w.value {
-                Some(value) => WriteOp::Put { key: w.key, value },
-                None => WriteOp::Delete { key: w.key },
+            let expect = versions.get(&(w.collection.clone(), w.key.clone())).map(|&v| match v {
+                0 => Expect::Absent,
+                v => Expect::Version(v),
+            });
+            let op = match (expect, &w.value) {
+                (Some(expect), v) => WriteOp::Cas { key: w.key.clone(), expect, new: v.clone() },
+                (None, Some(value)) => WriteOp::Put { key: w.key.clone(), value: value.clone() },
+                (None, None) => WriteOp::Delete { key: w.key.clone() },
             };
-            match groups.iter_mut().find(|(g, _)| *g == at) {
-                Some((_, ops)) => ops.push(op),
-                None => groups.push((at, vec![op])),
+            written.insert((w.collection.clone(), w.key.clone()));
+            groups.entry(at).or_default().push(op);
+        }
+        // Reads only matter to a snippet that writes (a read-only one answered from what it saw).
+        if !groups.is_empty() {
+            for ((coll, key), &v) in versions {
+                if written.contains(&(coll.clone(), key.clone())) {
+                    continue;
+                }
+                let t = self.table(coll)?;
+                let expect = if v == 0 { Expect::Absent } else { Expect::Version(v) };
+                groups
+                    .entry((coll.clone(), key.shard(t.def.shards)))
+                    .or_default()
+                    .push(WriteOp::Check { key: key.clone(), expect });
             }
         }
-        for ((table, _), ops) in groups {
-            self.table(&table)?.batch(ops).await?;
+        Ok(groups.into_iter().collect())
+    }
+
+    /// Applies `groups` all or nothing: one batch for one shard; over several, each shard is
+    /// prepared (validated, then held) in (table, shard) order, and applied only when all are.
+    /// `CasFailed`: something read changed; nothing was applied.
+    async fn commit(&self, groups: Vec<ShardOps>) -> Result<(), GridError> {
+        match groups.len() {
+            0 => Ok(()),
+            1 => {
+                let ((table, _), ops) = groups.into_iter().next().expect("one");
+                self.table(&table)?.batch(ops).await.map(|_| ())
+            }
+            _ => {
+                let mut held = Vec::with_capacity(groups.len());
+                for ((table, shard), ops) in groups {
+                    // On an error the senders held so far are dropped: those shards let go.
+                    held.push(self.table(&table)?.prepare(shard, ops).await?);
+                }
+                let mut done = Vec::with_capacity(held.len());
+                for (decide, d) in held {
+                    let _ = decide.send(true);
+                    done.push(d);
+                }
+                for d in done {
+                    d.await
+                        .map_err(|_| GridError::Unavailable("a shard stopped while committing".into()))??;
+                }
+                Ok(())
+            }
         }
-        Ok(outcome.value)
     }
 
     /// The value at a `$ref` path from a snippet result: entries `offset..offset+limit` of the

@@ -8,5 +8,6 @@ mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;
 mod server;
+mod snippet_sandbox;
 mod snippets;
 mod tidy;

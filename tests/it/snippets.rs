@@ -51,7 +51,7 @@ def score(doc):
     return doc["visits"] * 10 + len(doc["tags"])
 
 for i in range(5):
-    users["u%d" % i] = {"visits": i, "tags": []}
+    users[f"u{i}"] = {"visits": i, "tags": []}
 out = {}
 for k, doc in users.scan(prefix="u"):
     out[k] = score(doc)
@@ -69,7 +69,7 @@ out
     assert_eq!((f.kind, f.line), (SnippetErrorKind::Value, 2), "{f}");
     assert!(!users.contains("zed").await.unwrap(), "a failed snippet leaves no trace");
     // Big stored values come back as references the client fetches by path.
-    c.eval("users['bob']['friends'] = ['f%d' % i for i in range(1200)]").await.unwrap();
+    c.eval("users['bob']['friends'] = [f'f{i}' for i in range(1200)]").await.unwrap();
     let bob = c.eval("users['bob']").await.unwrap();
     assert_eq!(bob.to_json()["friends"], serde_json::json!({"$ref": "users/bob/friends", "len": 1200}));
     assert_eq!(c.fetch("users/bob/friends", 1199, 5).await.unwrap(), json(r#"["f1199"]"#));
@@ -152,22 +152,19 @@ async fn budgets_stop_snippets_and_leave_nothing_behind() {
     let s = Server::start(dir.path(), &[]);
     let c = client(&s).await;
     let users = c.create_table("users", TableOptions::default()).await.unwrap();
-    // 10k steps and 30 s: the step budget, not wall time, ends these loops even in a debug build
-    // on a busy machine.
-    let steps =
-        || heapgrid::LimitOverrides { steps: Some(10_000), wall_ms: Some(30_000), ..Default::default() };
+    // Runs in the server's sandbox workers: wall time, memory and reads are budgets.
+    let wall = || heapgrid::LimitOverrides { wall_ms: Some(300), ..Default::default() };
     let f = failure(
-        c.eval_with("users['x'] = 1\nfor i in range(1000000000):\n    users['y'] = i", Value::Null, steps())
+        c.eval_with("users['x'] = 1\nfor i in range(1000000000):\n    users['y'] = i", Value::Null, wall())
             .await,
     );
-    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
-    assert!((2..=3).contains(&f.line), "in the loop: {f}");
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::WallTime), "{f}");
     let f = failure(
         users
-            .eval_at(None, "users['x'] = 1\nfor i in range(1000000000):\n    pass", Value::Null, steps())
+            .eval_at(None, "users['x'] = 1\nfor i in range(1000000000):\n    pass", Value::Null, wall())
             .await,
     );
-    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::WallTime), "{f}");
     let f = failure(c.eval("users['x'] = 1\ns = 'a'\nfor i in range(64):\n    s = s + s\nlen(s)").await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
     let f = failure(c.eval("users['x'] = [0] * 1000000000").await);
@@ -175,7 +172,8 @@ async fn budgets_stop_snippets_and_leave_nothing_behind() {
     let f = failure(c.eval("[i for i in range(100000)]").await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::ResultSize), "{f}");
     let tight = heapgrid::LimitOverrides { steps: Some(50), ..Default::default() };
-    let f = failure(c.eval_with("users['x'] = 1\nfor i in range(100):\n    pass", Value::Null, tight).await);
+    let f =
+        failure(c.eval_with("users['x'] = 1\n[users.get(i) for i in range(100)]", Value::Null, tight).await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Steps), "{f}");
     assert_eq!(users.count().await.unwrap(), 0, "no write of a stopped snippet is left");
     c.ping().await.unwrap();
@@ -210,7 +208,7 @@ async fn the_same_snippets_on_two_fresh_grids_give_the_same_contents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn procedures_permissions_and_sharded_tables() {
     let dir = tempfile::tempdir().unwrap();
-    let procs = dir.path().join("social.star");
+    let procs = dir.path().join("social.py");
     std::fs::write(
         &procs,
         "def visit(who):\n    users[who]['visits'] += 1\n    return users[who]['visits']\n",

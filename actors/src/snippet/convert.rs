@@ -1,6 +1,6 @@
-//! `Value` ↔ Starlark values, and result shaping.
+//! `Value` ↔ Python values (`MontyObject`, the engine's boundary type), and result shaping.
 //!
-//! Mapping: null ↔ None, bool, int (i64; a larger Starlark int cannot be stored), float, string,
+//! Mapping: null ↔ None, bool, int (i64; a larger Python int cannot be stored), float, string,
 //! bytes, list (a tuple is stored as a list), map ↔ dict with string keys (insertion order kept).
 //!
 //! Result shaping: past `result_depth` levels, or for a list or map longer than `result_items`,
@@ -10,47 +10,74 @@
 //! (`~0` for `~`, `~1` for `/`), an int table key written `#42` (a string key starting with `#`
 //! escapes it as `~2`), list positions as decimal indices.
 
-use std::collections::HashMap;
-
 use indexmap::IndexMap;
-use starlark::values::dict::{AllocDict, DictRef};
-use starlark::values::float::StarlarkFloat;
-use starlark::values::list::{AllocList, ListRef};
-use starlark::values::none::NoneType;
-use starlark::values::tuple::TupleRef;
-use starlark::values::{Heap, UnpackValue, Value as SValue, ValueIdentity, ValueLike};
+use monty_types::{DictPairs, MontyObject};
 
 use crate::key::Key;
 use crate::value::{VALUE_DEPTH_MAX, VALUE_NODES_MAX, Value};
 
-pub(crate) fn to_starlark<'v>(v: &Value, heap: Heap<'v>) -> SValue<'v> {
+pub(crate) fn to_monty(v: &Value) -> MontyObject {
     match v {
-        Value::Null => SValue::new_none(),
-        Value::Bool(b) => SValue::new_bool(*b),
-        Value::Int(i) => heap.alloc(*i),
-        Value::Float(f) => heap.alloc(StarlarkFloat(*f)),
-        Value::Str(s) => heap.alloc(s.as_str()),
-        Value::Bytes(b) => heap.alloc(b.as_slice()),
-        Value::List(l) => {
-            let items: Vec<SValue<'v>> = l.iter().map(|x| to_starlark(x, heap)).collect();
-            heap.alloc(AllocList(items))
-        }
-        Value::Map(m) => {
-            let items: Vec<(SValue<'v>, SValue<'v>)> =
-                m.iter().map(|(k, x)| (heap.alloc(k.as_str()), to_starlark(x, heap))).collect();
-            heap.alloc(AllocDict(items))
+        Value::Null => MontyObject::None,
+        Value::Bool(b) => MontyObject::Bool(*b),
+        Value::Int(i) => MontyObject::Int(*i),
+        Value::Float(f) => MontyObject::Float(*f),
+        Value::Str(s) => MontyObject::String(s.clone()),
+        Value::Bytes(b) => MontyObject::Bytes(b.clone()),
+        Value::List(l) => MontyObject::List(l.iter().map(to_monty).collect()),
+        Value::Map(m) => MontyObject::Dict(DictPairs::from(
+            m.iter().map(|(k, x)| (MontyObject::String(k.clone()), to_monty(x))).collect::<Vec<_>>(),
+        )),
+    }
+}
+
+pub(crate) fn key_to_monty(k: &Key) -> MontyObject {
+    match k {
+        Key::Int(i) => MontyObject::Int(*i),
+        Key::Str(s) => MontyObject::String(s.clone()),
+    }
+}
+
+pub(crate) fn key_of(v: &MontyObject) -> Option<Key> {
+    match v {
+        MontyObject::Int(i) => Some(Key::Int(*i)),
+        MontyObject::String(s) => Some(Key::Str(s.clone())),
+        _ => None,
+    }
+}
+
+/// A Python type's name, for messages.
+pub(crate) fn type_name(v: &MontyObject) -> String {
+    match v {
+        MontyObject::None => "NoneType".into(),
+        MontyObject::Bool(_) => "bool".into(),
+        MontyObject::Int(_) | MontyObject::BigInt(_) => "int".into(),
+        MontyObject::Float(_) => "float".into(),
+        MontyObject::String(_) => "str".into(),
+        MontyObject::Bytes(_) => "bytes".into(),
+        MontyObject::List(_) => "list".into(),
+        MontyObject::Tuple(_) | MontyObject::NamedTuple { .. } => "tuple".into(),
+        MontyObject::Dict(_) => "dict".into(),
+        MontyObject::Set(_) => "set".into(),
+        MontyObject::FrozenSet(_) => "frozenset".into(),
+        MontyObject::Function { .. } | MontyObject::BuiltinFunction(_) => "function".into(),
+        MontyObject::ClassInstance(_) => "object".into(),
+        MontyObject::Type(_) => "type".into(),
+        other => {
+            let d = format!("{other:?}");
+            d.split(['(', ' ', '{']).next().unwrap_or("value").to_lowercase()
         }
     }
 }
 
-/// A Starlark value as a storable `Value` (error: why not). At most `VALUE_NODES_MAX` nodes, so a
-/// value that shares one list many times over (`l = [l, l]` repeated) cannot expand without bound.
-pub(crate) fn to_value(v: SValue) -> Result<Value, String> {
+/// A Python value as a storable `Value` (error: why not). At most `VALUE_NODES_MAX` nodes and
+/// `VALUE_DEPTH_MAX` levels.
+pub(crate) fn to_value(v: &MontyObject) -> Result<Value, String> {
     let mut nodes = 0u64;
     to_value_at(v, 0, &mut nodes)
 }
 
-fn to_value_at(v: SValue, depth: usize, nodes: &mut u64) -> Result<Value, String> {
+fn to_value_at(v: &MontyObject, depth: usize, nodes: &mut u64) -> Result<Value, String> {
     if depth > VALUE_DEPTH_MAX {
         return Err(format!("value nests deeper than {VALUE_DEPTH_MAX} levels (or contains itself)"));
     }
@@ -58,47 +85,31 @@ fn to_value_at(v: SValue, depth: usize, nodes: &mut u64) -> Result<Value, String
     if *nodes > VALUE_NODES_MAX {
         return Err(format!("value has more than {VALUE_NODES_MAX} elements"));
     }
-    if v.is_none() {
-        return Ok(Value::Null);
-    }
-    if let Some(b) = v.unpack_bool() {
-        return Ok(Value::Bool(b));
-    }
-    if let Some(s) = v.unpack_str() {
-        return Ok(Value::Str(s.to_string()));
-    }
-    if v.get_type() == "int" {
-        return match i64::unpack_value(v) {
-            Ok(Some(i)) => Ok(Value::Int(i)),
-            _ => Err(format!("integer {} does not fit in 64 bits", v.to_repr())),
-        };
-    }
-    if let Some(f) = v.downcast_ref::<StarlarkFloat>() {
-        return Ok(Value::Float(f.0));
-    }
-    if let Some(b) = v.downcast_ref::<starlark::values::bytes::StarlarkBytes>() {
-        return Ok(Value::Bytes(b.as_bytes().to_vec()));
-    }
-    if let Some(l) = ListRef::from_value(v) {
-        return l.iter().map(|x| to_value_at(x, depth + 1, nodes)).collect::<Result<_, _>>().map(Value::List);
-    }
-    if let Some(t) = TupleRef::from_value(v) {
-        return t.iter().map(|x| to_value_at(x, depth + 1, nodes)).collect::<Result<_, _>>().map(Value::List);
-    }
-    if let Some(d) = DictRef::from_value(v) {
-        let mut m = IndexMap::with_capacity(d.len());
-        for (k, x) in d.iter() {
-            let Some(k) = k.unpack_str() else {
-                return Err(format!("a stored map's keys are strings, not {}", k.get_type()));
-            };
-            m.insert(k.to_string(), to_value_at(x, depth + 1, nodes)?);
+    Ok(match v {
+        MontyObject::None => Value::Null,
+        MontyObject::Bool(b) => Value::Bool(*b),
+        MontyObject::Int(i) => Value::Int(*i),
+        MontyObject::BigInt(b) => return Err(format!("integer {b} does not fit in 64 bits")),
+        MontyObject::Float(f) => Value::Float(*f),
+        MontyObject::String(s) => Value::Str(s.clone()),
+        MontyObject::Bytes(b) => Value::Bytes(b.clone()),
+        MontyObject::List(l) | MontyObject::Tuple(l) => {
+            Value::List(l.iter().map(|x| to_value_at(x, depth + 1, nodes)).collect::<Result<_, _>>()?)
         }
-        return Ok(Value::Map(m));
-    }
-    Err(format!("a {} cannot be stored or returned", v.get_type()))
+        MontyObject::Dict(d) => {
+            let mut m = IndexMap::new();
+            for (k, x) in d {
+                let MontyObject::String(k) = k else {
+                    return Err(format!("a stored map's keys are strings, not {}", type_name(k)));
+                };
+                m.insert(k.clone(), to_value_at(x, depth + 1, nodes)?);
+            }
+            Value::Map(m)
+        }
+        other => return Err(format!("a {} cannot be stored or returned", type_name(other))),
+    })
 }
 
-/// Where a stored value lives: collection, key, then map keys and list indices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefPath {
     pub collection: String,
@@ -228,15 +239,17 @@ impl Shaper {
         }
     }
 
-    /// Shapes a Starlark result; `origins` maps documents read from collections to their place.
-    pub(crate) fn shape_starlark(
+    /// Shapes a run's result. `refs`: the positions in it (list index, dict entry index) that
+    /// are stored documents, and where they are stored.
+    pub(crate) fn shape_result(
         &mut self,
-        v: SValue,
-        origins: &HashMap<ValueIdentity, RefPath>,
+        v: &MontyObject,
+        refs: &[(Vec<usize>, RefPath)],
+        pos: &mut Vec<usize>,
         at: Option<RefPath>,
         depth: u32,
     ) -> Result<Result<Value, String>, TooBig> {
-        let at = origins.get(&v.identity()).cloned().or(at);
+        let at = refs.iter().find(|(p, _)| p == pos).map(|(_, r)| r.clone()).or(at);
         let child = |at: &Option<RefPath>, seg: crate::value::PathSeg| {
             at.as_ref().map(|p| {
                 let mut p = p.clone();
@@ -244,65 +257,66 @@ impl Shaper {
                 p
             })
         };
-        if let Some(l) = ListRef::from_value(v)
-            .map(|l| l.content())
-            .or_else(|| TupleRef::from_value(v).map(|t| t.content()))
-        {
-            if self.too_deep_or_long(depth, l.len()) {
-                return match &at {
-                    Some(p) => self.reference(p, l.len()).map(Ok),
-                    None => Err(self.refuse(depth, l.len())),
-                };
-            }
-            let mut out = Vec::with_capacity(l.len());
-            for (i, x) in l.iter().enumerate() {
-                let c = child(&at, crate::value::PathSeg::Index(i as i64));
-                match self.shape_starlark(*x, origins, c, depth + 1)? {
-                    Ok(v) => out.push(v),
-                    Err(e) => return Ok(Err(e)),
+        match v {
+            MontyObject::List(l) | MontyObject::Tuple(l) => {
+                if self.too_deep_or_long(depth, l.len()) {
+                    return match &at {
+                        Some(p) => self.reference(p, l.len()).map(Ok),
+                        None => Err(self.refuse(depth, l.len())),
+                    };
                 }
-            }
-            self.add(2)?;
-            return Ok(Ok(Value::List(out)));
-        }
-        if let Some(d) = DictRef::from_value(v) {
-            if self.too_deep_or_long(depth, d.len()) {
-                return match &at {
-                    Some(p) => self.reference(p, d.len()).map(Ok),
-                    None => Err(self.refuse(depth, d.len())),
-                };
-            }
-            let mut m = IndexMap::with_capacity(d.len());
-            for (k, x) in d.iter() {
-                let Some(k) = k.unpack_str() else {
-                    return Ok(Err(format!("a result map's keys are strings, not {}", k.get_type())));
-                };
-                let c = child(&at, crate::value::PathSeg::Key(k.to_string()));
-                match self.shape_starlark(x, origins, c, depth + 1)? {
-                    Ok(v) => {
-                        self.add(k.len() as u64 + 4)?;
-                        m.insert(k.to_string(), v);
+                let mut out = Vec::with_capacity(l.len());
+                for (i, x) in l.iter().enumerate() {
+                    let c = child(&at, crate::value::PathSeg::Index(i as i64));
+                    pos.push(i);
+                    let r = self.shape_result(x, refs, pos, c, depth + 1);
+                    pos.pop();
+                    match r? {
+                        Ok(v) => out.push(v),
+                        Err(e) => return Ok(Err(e)),
                     }
-                    Err(e) => return Ok(Err(e)),
                 }
+                self.add(2)?;
+                Ok(Ok(Value::List(out)))
             }
-            self.add(2)?;
-            return Ok(Ok(Value::Map(m)));
-        }
-        if v.downcast_ref::<NoneType>().is_some() {
-            self.add(4)?;
-            return Ok(Ok(Value::Null));
-        }
-        match to_value(v) {
-            Ok(x) => {
-                self.add(scalar_bytes(&x))?;
-                Ok(Ok(x))
+            MontyObject::Dict(d) => {
+                let n = d.into_iter().count();
+                if self.too_deep_or_long(depth, n) {
+                    return match &at {
+                        Some(p) => self.reference(p, n).map(Ok),
+                        None => Err(self.refuse(depth, n)),
+                    };
+                }
+                let mut m = IndexMap::with_capacity(n);
+                for (i, (k, x)) in d.into_iter().enumerate() {
+                    let MontyObject::String(k) = k else {
+                        return Ok(Err(format!("a result map's keys are strings, not {}", type_name(k))));
+                    };
+                    let c = child(&at, crate::value::PathSeg::Key(k.clone()));
+                    pos.push(i);
+                    let r = self.shape_result(x, refs, pos, c, depth + 1);
+                    pos.pop();
+                    match r? {
+                        Ok(v) => {
+                            self.add(k.len() as u64 + 4)?;
+                            m.insert(k.clone(), v);
+                        }
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                self.add(2)?;
+                Ok(Ok(Value::Map(m)))
             }
-            Err(e) => Ok(Err(e)),
+            v => match to_value(v) {
+                Ok(x) => {
+                    self.add(scalar_bytes(&x))?;
+                    Ok(Ok(x))
+                }
+                Err(e) => Ok(Err(e)),
+            },
         }
     }
 
-    /// Shapes a stored value (a fetch), `at` being its place.
     pub(crate) fn shape_value(&mut self, v: &Value, at: &RefPath, depth: u32) -> Result<Value, TooBig> {
         let child = |seg: crate::value::PathSeg| {
             let mut p = at.clone();

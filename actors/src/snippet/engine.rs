@@ -1,32 +1,23 @@
-//! `Engine`: the environment snippets compile against, the compile cache, and running a
-//! compiled snippet under its budgets.
+//! `Engine`: what snippets compile against (the tables and the stored procedures), the compile
+//! cache, and the host side of a run (`Compiled::run`): answering a program's reads from a
+//! `Store`, turning the documents it touched into writes, and shaping its answer.
 //!
-//! The environment is a frozen Starlark module holding one `collection` value per table and
-//! the public functions of every stored-procedure module. It is rebuilt (new generation) when
-//! tables or procedures change; cached compilations of an older generation are recompiled on use.
-//!
-//! A snippet compiles to a frozen function `snippet_main` (see `source.rs`), so a cached snippet
-//! costs only a call: `benches/snippet.rs` measured about 1.5 µs over the read it does, against
-//! about 30 µs more to rewrite, parse twice, compile and freeze it again.
-//! The cache is keyed by the full source text (a hash picks the bucket; equality decides).
+//! A program is `prelude.py` + the procedure modules (when the snippet names a procedure) + the
+//! snippet, each rewritten by `rewrite.rs`. It is cached by the snippet's text and the
+//! environment's generation (tables or procedures changed: recompiled on next use).
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::rc::Rc;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use starlark::codemap::FileSpanRef;
-use starlark::environment::{FrozenModule, Globals, GlobalsBuilder, LibraryExtension, Module};
-use starlark::eval::{BeforeStmtFunc, BeforeStmtFuncDyn, Evaluator};
-use starlark::syntax::{AstModule, Dialect};
-use starlark::values::{OwnedFrozenValue, ValueLike};
-use starlark_syntax::syntax::ast::StmtP;
+use monty_types::{ExcType, MontyException, MontyObject};
 
-use super::convert::{RefPath, Shaper};
-use super::session::{self, Orig, Session, Stop, Store};
-use super::source::{self, Mapped};
-use super::types::{Collection, builtins};
+use super::convert::{self, RefPath, Shaper};
+use super::rewrite::{self, RewriteError};
+use super::session::{ScanQuery, Store};
+use super::source;
+use super::vm::{Answer, EngineLimits, InProcess, Program, Step, Vm, VmError};
+use super::worker::WorkerPool;
 use super::{Budget, Limits, SnippetErrorKind, SnippetFailure};
 use crate::error::GridError;
 use crate::key::Key;
@@ -38,37 +29,8 @@ pub const COMPILE_CACHE_ENTRIES: usize = 4096;
 pub const COMPILE_CACHE_BYTES: usize = 32 << 20;
 /// Longest snippet source accepted.
 pub const SNIPPET_SOURCE_BYTES_MAX: usize = 256 << 10;
-const FILE: &str = "snippet";
 
-fn dialect() -> Dialect {
-    Dialect {
-        enable_def: true,
-        enable_lambda: true,
-        enable_load: false,
-        enable_keyword_only_arguments: true,
-        enable_top_level_stmt: true,
-        enable_f_strings: true,
-        ..Dialect::Extended
-    }
-}
-
-fn globals() -> Globals {
-    use LibraryExtension as L;
-    GlobalsBuilder::extended_by(&[
-        L::StructType,
-        L::RecordType,
-        L::EnumType,
-        L::NamespaceType,
-        L::Map,
-        L::Filter,
-        L::Partial,
-        L::Json,
-        L::Typing,
-        L::SetType,
-    ])
-    .with(builtins)
-    .build()
-}
+const PRELUDE: &str = include_str!("prelude.py");
 
 /// One write a snippet leaves: a new value, or `None` for a deletion.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,28 +45,48 @@ pub struct SnippetWrite {
 pub struct Outcome {
     pub value: Value,
     pub writes: Vec<SnippetWrite>,
+    /// Every key the run read, with what it found (`None`: absent), for optimistic commits.
+    pub reads: Vec<(String, Key, Option<Value>)>,
+}
+
+/// Where runs happen.
+#[derive(Clone)]
+pub enum Runner {
+    /// In this process (trusted code only).
+    InProcess,
+    /// In the sandbox worker processes of this pool.
+    Workers(Arc<WorkerPool>),
+}
+
+struct ProcModule {
+    src: String,
 }
 
 struct Env {
     generation: u64,
-    module: FrozenModule,
     collections: BTreeSet<String>,
+    /// Rewritten procedure modules, concatenated (empty without procedures).
+    procedures_text: String,
+    /// Public procedure names.
     procedures: BTreeSet<String>,
 }
 
 /// A compiled snippet, ready to run (shareable between threads).
 pub struct Compiled {
     generation: u64,
-    func: OwnedFrozenValue,
-    /// Wrapped-source offset → offset in what the client sent.
+    program: Arc<Program>,
+    runner: Runner,
+    /// Byte offset of the snippet's own text in the program, and its line (0-based).
+    snippet_at: usize,
+    snippet_line: u32,
+    /// Snippet-text offset → offset in what the client sent.
     origin: Vec<u32>,
     source: Arc<str>,
-    /// Collections the source names (a superset of those it touches directly).
+    /// Collections the source uses.
     pub collections: Vec<String>,
     /// Whether the source names a stored procedure (which may touch other collections).
     pub calls_procedures: bool,
-    /// Microseconds its latest run took (0: never run); callers use it to decide whether to run
-    /// it where it may block a thread for long.
+    /// Microseconds its latest run took (0: never run).
     last_run_us: std::sync::atomic::AtomicU64,
 }
 
@@ -116,13 +98,13 @@ impl std::fmt::Debug for Compiled {
 
 struct State {
     collections: BTreeSet<String>,
-    procedures: BTreeMap<String, String>,
+    procedures: BTreeMap<String, ProcModule>,
     env: Arc<Env>,
+    runner: Runner,
 }
 
 /// The snippet engine of one grid.
 pub struct Engine {
-    globals: Globals,
     state: RwLock<State>,
     cache: Mutex<Cache>,
 }
@@ -149,289 +131,144 @@ fn failure(
     GridError::Snippet(SnippetFailure { kind, line, col, message: message.into() })
 }
 
-/// Classifies a Starlark error and finds where it happened in the client's source.
-fn map_error(e: &starlark::Error, src: &str, origin: &[u32], fallback: Option<usize>) -> GridError {
-    use starlark_syntax::error::ErrorKind as K;
-    let (mut kind, message) = match e.kind() {
-        K::Parser(a) => (SnippetErrorKind::Syntax, a.to_string()),
-        K::Scope(a) => (SnippetErrorKind::Name, a.to_string()),
-        K::Function(a) => (SnippetErrorKind::Type, a.to_string()),
-        K::Fail(a) => (SnippetErrorKind::Fail, a.to_string()),
-        K::StackOverflow(a) => (SnippetErrorKind::Budget(Budget::CallDepth), a.to_string()),
-        K::Value(a) | K::Native(a) | K::Other(a) | K::Freeze(a) | K::Internal(a) => match a
-            .downcast_ref::<Stop>()
-        {
-            Some(s) => (s.kind, s.message.clone()),
-            None => {
-                let m = a.to_string();
-                // Starlark's own messages (its error enum is private); never substrings that user
-                // text (a key, a string) could supply.
-                let k = if m.starts_with("Execution duration limit of ") {
-                    SnippetErrorKind::Budget(Budget::Steps)
-                } else if m == "Evaluation cancelled" {
-                    SnippetErrorKind::Budget(Budget::WallTime)
-                } else if m.starts_with("Heap memory limit of ") {
-                    SnippetErrorKind::Budget(Budget::Memory)
-                } else if m.starts_with("Operation `")
-                    || m.starts_with("Type of parameter")
-                    || m.starts_with("Expected type")
-                    || m.starts_with("Value of type")
-                    || m.starts_with("Expected value of type")
-                {
-                    SnippetErrorKind::Type
-                } else {
-                    SnippetErrorKind::Value
-                };
-                let m = match k {
-                    SnippetErrorKind::Budget(Budget::Steps) => {
-                        "the snippet ran past its step budget (statements, calls and loop iterations)".into()
-                    }
-                    SnippetErrorKind::Budget(Budget::WallTime) => {
-                        "the snippet ran past its wall-time budget".into()
-                    }
-                    _ => m,
-                };
-                (k, m)
-            }
-        },
-        other => (SnippetErrorKind::Value, other.to_string()),
-    };
-    if message.starts_with("Variable `") && message.contains("not found") {
-        kind = SnippetErrorKind::Name;
-    }
-    let in_snippet = |fs: &starlark::codemap::FileSpan| fs.filename() == FILE;
-    let at = e
-        .span()
-        .filter(|s| in_snippet(s))
-        .map(|s| s.span.begin().get() as usize)
-        .or_else(|| {
-            e.call_stack()
-                .clone()
-                .into_frames()
-                .into_iter()
-                .rev()
-                .filter_map(|f| f.location)
-                .find(|l| in_snippet(l))
-                .map(|l| l.span.begin().get() as usize)
-        })
-        .or(fallback);
-    let offset = at.map(|o| origin.get(o).copied().unwrap_or(src.len() as u32) as usize);
-    let message = message.lines().next().unwrap_or("").to_string();
-    failure(kind, src, offset, message)
-}
-
-/// The instant `ms` from now (far in the future if that overflows).
-fn deadline_after(ms: u64) -> Instant {
-    let now = Instant::now();
-    now.checked_add(Duration::from_millis(ms)).unwrap_or(now + Duration::from_secs(86_400 * 365))
-}
-
-/// Counts statements; checks the memory budget and the deadline before each.
-struct Guard {
-    steps: u64,
-    steps_max: u64,
-    memory_max: u64,
-    deadline: Instant,
-    last: Rc<Cell<Option<u32>>>,
-}
-
-impl<'e> BeforeStmtFuncDyn<'e> for Guard {
-    fn call<'v>(
-        &mut self,
-        span: FileSpanRef,
-        _continued: bool,
-        eval: &mut Evaluator<'v, '_, 'e>,
-    ) -> starlark::Result<()> {
-        self.steps += 1;
-        if span.filename() == FILE {
-            self.last.set(Some(span.span.begin().get()));
-        }
-        if self.steps > self.steps_max {
-            return Err(session::stop(
-                SnippetErrorKind::Budget(Budget::Steps),
-                format!("the snippet ran more than {} steps", self.steps_max),
-            ));
-        }
-        let used = eval.heap().allocated_bytes() as u64;
-        if used > self.memory_max {
-            return Err(session::stop(
-                SnippetErrorKind::Budget(Budget::Memory),
-                format!("the snippet uses {used} bytes; the memory budget is {}", self.memory_max),
-            ));
-        }
-        if Instant::now() > self.deadline {
-            return Err(session::stop(
-                SnippetErrorKind::Budget(Budget::WallTime),
-                "the snippet ran past its wall-time budget",
-            ));
-        }
-        Ok(())
+fn kind_of(t: ExcType) -> SnippetErrorKind {
+    use ExcType as E;
+    match t {
+        E::SyntaxError | E::NotImplementedError => SnippetErrorKind::Syntax,
+        E::NameError | E::UnboundLocalError => SnippetErrorKind::Name,
+        E::TypeError | E::AttributeError => SnippetErrorKind::Type,
+        E::MemoryError => SnippetErrorKind::Budget(Budget::Memory),
+        E::TimeoutError => SnippetErrorKind::Budget(Budget::WallTime),
+        E::RecursionError => SnippetErrorKind::Budget(Budget::CallDepth),
+        E::Exception | E::AssertionError => SnippetErrorKind::Fail,
+        _ => SnippetErrorKind::Value,
     }
 }
 
-/// Whether a module's public `name` is a collection handle (not a procedure).
-fn is_collection(m: &FrozenModule, name: &str) -> bool {
-    m.get(name).is_ok_and(|v| v.value().downcast_ref::<Collection>().is_some())
+/// The byte offset of 1-based `line`, `column` (characters) in `text`.
+fn offset_of(text: &str, line: u32, column: u32) -> Option<usize> {
+    let mut at = 0usize;
+    for _ in 1..line {
+        at += text[at..].find('\n')? + 1;
+    }
+    let rest = &text[at..];
+    let col = rest.char_indices().nth(column.saturating_sub(1) as usize).map_or(rest.len(), |(i, _)| i);
+    Some(at + col)
+}
+
+fn rewrite_error(src: &str, e: RewriteError, what: &str) -> GridError {
+    failure(SnippetErrorKind::Syntax, src, Some(e.offset), format!("{what}{}", e.message))
 }
 
 impl Engine {
     pub fn new() -> Engine {
-        let env = Arc::new(
-            Engine::build_env(&globals(), 0, &BTreeSet::new(), &BTreeMap::new(), true)
-                .expect("empty environment"),
-        );
+        let env = Arc::new(Env {
+            generation: 0,
+            collections: BTreeSet::new(),
+            procedures_text: String::new(),
+            procedures: BTreeSet::new(),
+        });
         Engine {
-            globals: globals(),
-            state: RwLock::new(State { collections: BTreeSet::new(), procedures: BTreeMap::new(), env }),
+            state: RwLock::new(State {
+                collections: BTreeSet::new(),
+                procedures: BTreeMap::new(),
+                env,
+                runner: Runner::InProcess,
+            }),
             cache: Mutex::new(Cache::default()),
         }
     }
 
-    /// Builds the environment. `strict`: a procedure module that does not load is an error
-    /// (registering it); otherwise it is left out (a table it names was dropped).
+    /// Runs snippets compiled from now on with `runner` (the cache starts over).
+    pub fn set_runner(&self, runner: Runner) {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        st.runner = runner;
+        let _ = self.rebuild(&mut st, false);
+    }
+
+    /// The sandbox pool, when runs go to workers.
+    pub fn pool(&self) -> Option<Arc<WorkerPool>> {
+        match &self.state.read().unwrap_or_else(|e| e.into_inner()).runner {
+            Runner::Workers(p) => Some(p.clone()),
+            Runner::InProcess => None,
+        }
+    }
+
+    /// Builds the environment: every procedure module rewritten against the tables. `strict`:
+    /// a module that does not rewrite or compile is an error (registering it), else left out.
     fn build_env(
-        globals: &Globals,
         generation: u64,
         collections: &BTreeSet<String>,
-        procedures: &BTreeMap<String, String>,
+        procedures: &BTreeMap<String, ProcModule>,
         strict: bool,
     ) -> Result<Env, GridError> {
-        // Each procedure module sees the collections; the environment sees both.
-        let base = Module::with_temp_heap(|m| {
-            for c in collections {
-                m.set(c, m.heap().alloc(Collection { name: c.clone() }));
-            }
-            m.freeze()
-        })
-        .map_err(|e| GridError::Invalid(format!("snippet environment: {e:?}")))?;
-        let mut modules = Vec::new();
-        let mut defined: BTreeMap<String, String> = BTreeMap::new();
-        for (name, src) in procedures {
-            match Engine::load_module(globals, &base, collections, name, src, &defined) {
-                Ok((frozen, names)) => {
-                    for n in names {
-                        defined.insert(n, name.clone());
+        let mut text = String::new();
+        let mut names = BTreeSet::new();
+        let mut owner: BTreeMap<String, String> = BTreeMap::new();
+        for (module, m) in procedures {
+            let what = format!("procedure module {module}: ");
+            let r = source::check_complexity(&m.src)
+                .map_err(|e| failure(SnippetErrorKind::Syntax, &m.src, Some(e.offset), format!("{what}{}", e.message)))
+                .and_then(|()| rewrite::rewrite(&m.src, collections, false).map_err(|e| rewrite_error(&m.src, e, &what)))
+                .and_then(|r| {
+                    if let Some(at) = r.top_level_code {
+                        return Err(failure(
+                            SnippetErrorKind::Syntax,
+                            &m.src,
+                            Some(at),
+                            format!("{what}a procedure module holds definitions (def, class, assignments, imports), not statements to run"),
+                        ));
                     }
-                    modules.push(frozen);
+                    for n in &r.top_level {
+                        if n.starts_with("_hg") || BUILTINS.contains(&n.as_str()) {
+                            return Err(GridError::Invalid(format!(
+                                "{what}`{n}` is a builtin or reserved for snippets; choose another name"
+                            )));
+                        }
+                        if let Some(other) = owner.get(n) {
+                            return Err(GridError::Invalid(format!(
+                                "procedure `{n}` is defined by both module {other} and module {module}"
+                            )));
+                        }
+                    }
+                    if strict {
+                        // Checked by compiling it after the prelude (admin code: in process).
+                        let t = format!("{PRELUDE}\n{}\n_hg_end(None)\n", r.text);
+                        Program::compile(&t).map_err(|e| {
+                            GridError::Snippet(SnippetFailure {
+                                kind: SnippetErrorKind::Syntax,
+                                line: e.traceback().last().map_or(0, |f| {
+                                    f.start.line.saturating_sub(PRELUDE.lines().count() as u32 + 1)
+                                }),
+                                col: e.traceback().last().map_or(0, |f| f.start.column),
+                                message: format!("{what}{}", e.message().unwrap_or("does not compile")),
+                            })
+                        })?;
+                    }
+                    Ok(r)
+                });
+            match r {
+                Ok(r) => {
+                    for n in &r.top_level {
+                        owner.insert(n.clone(), module.clone());
+                        if !n.starts_with('_') {
+                            names.insert(n.clone());
+                        }
+                    }
+                    text.push_str(&format!("# procedure module {module}\n"));
+                    text.push_str(&r.text);
+                    text.push('\n');
                 }
                 Err(e) if strict => return Err(e),
                 Err(_) => {}
             }
         }
-        // Set, not imported: imported names are private to the importer, and snippets import
-        // this module's public names in turn.
-        let module = Module::with_temp_heap(|m| {
-            for c in collections {
-                m.set(c, m.heap().alloc(Collection { name: c.clone() }));
-            }
-            for p in &modules {
-                for n in p.names() {
-                    let n = n.as_str();
-                    if n.starts_with('_') || collections.contains(n) || is_collection(p, n) {
-                        continue;
-                    }
-                    let Ok(v) = p.get(n) else { continue };
-                    // SAFETY: `m`'s frozen heap takes a reference to the procedure module's
-                    // heap, which keeps the value alive as long as the environment.
-                    m.set(n, unsafe { v.owned_frozen_value(m.frozen_heap()) }.to_value());
-                }
-            }
-            m.freeze()
-        })
-        .map_err(|e| GridError::Invalid(format!("snippet environment: {e:?}")))?;
-        Ok(Env {
-            generation,
-            module,
-            collections: collections.clone(),
-            procedures: defined.into_keys().collect(),
-        })
-    }
-
-    /// Loads one procedure module under the default budgets: the module and its public function
-    /// names (refusing names that are builtins, snippet variables, or another module's).
-    fn load_module(
-        globals: &Globals,
-        base: &FrozenModule,
-        collections: &BTreeSet<String>,
-        name: &str,
-        src: &str,
-        defined: &BTreeMap<String, String>,
-    ) -> Result<(FrozenModule, Vec<String>), GridError> {
-        let file = format!("procedures/{name}");
-        let identity: Vec<u32> = (0..=src.len() as u32).collect();
-        let fail = |e: &starlark::Error| match map_error(e, src, &identity, None) {
-            GridError::Snippet(mut f) => {
-                f.message = format!("procedure module {name}: {}", f.message);
-                GridError::Snippet(f)
-            }
-            g => g,
-        };
-        source::check_complexity(src).map_err(|e| {
-            failure(
-                SnippetErrorKind::Syntax,
-                src,
-                Some(e.offset),
-                format!("procedure module {name}: {}", e.message),
-            )
-        })?;
-        let mut ast = AstModule::parse(&file, src.to_string(), &dialect()).map_err(|e| fail(&e))?;
-        ast.replace_binary_operators(&HashMap::from([("*".to_string(), "__mul__".to_string())]));
-        // A procedure may name a table that does not exist yet: a name used like a collection
-        // (`t[k]`, `t.get(k)`) that is not a builtin starts as a collection handle (a missing
-        // table is then `NoSuchTable` when the procedure runs, not a failure to load it).
-        let builtin: BTreeSet<&str> = globals.iter().map(|(n, _)| n).collect();
-        let free: Vec<String> = source::subscripted_identifiers(src)
-            .into_iter()
-            .filter(|n| !builtin.contains(n.as_str()) && !collections.contains(n))
-            .collect();
-        let limits = Limits::default();
-        let frozen = Module::with_temp_heap(|m| {
-            m.import_public_symbols(base);
-            for n in &free {
-                m.set(n, m.heap().alloc(Collection { name: n.clone() }));
-            }
-            {
-                // The module's top-level code runs once per load, under the default budgets.
-                let mut eval = Evaluator::new(&m);
-                let setup = |r: anyhow::Result<()>| r.map_err(|e| GridError::Invalid(e.to_string()));
-                setup(eval.set_max_tick_count(limits.steps))?;
-                setup(eval.set_max_heap_size(limits.memory_bytes as usize))?;
-                eval.before_stmt_for_dap(BeforeStmtFunc::from_dyn(Box::new(Guard {
-                    steps: 0,
-                    steps_max: limits.steps,
-                    memory_max: limits.memory_bytes,
-                    deadline: deadline_after(limits.wall_ms),
-                    last: Rc::default(),
-                })));
-                eval.eval_module(ast, globals).map_err(|e| fail(&e))?;
-            }
-            m.freeze().map_err(|e| GridError::Invalid(format!("procedure module {name}: {e:?}")))
-        })?;
-        let mut names = Vec::new();
-        for n in frozen.names() {
-            let n = n.as_str().to_string();
-            if n.starts_with('_') || collections.contains(&n) || is_collection(&frozen, &n) {
-                continue;
-            }
-            if builtin.contains(n.as_str()) || n == "key" || n == "args" {
-                return Err(GridError::Invalid(format!(
-                    "procedure module {name}: `{n}` is a builtin or a snippet variable; choose another name"
-                )));
-            }
-            if let Some(other) = defined.get(&n) {
-                return Err(GridError::Invalid(format!(
-                    "procedure `{n}` is defined by both module {other} and module {name}"
-                )));
-            }
-            names.push(n);
-        }
-        Ok((frozen, names))
+        Ok(Env { generation, collections: collections.clone(), procedures_text: text, procedures: names })
     }
 
     fn rebuild(&self, st: &mut State, strict: bool) -> Result<(), GridError> {
         let generation = st.env.generation + 1;
-        st.env =
-            Arc::new(Engine::build_env(&self.globals, generation, &st.collections, &st.procedures, strict)?);
+        st.env = Arc::new(Engine::build_env(generation, &st.collections, &st.procedures, strict)?);
         Ok(())
     }
 
@@ -443,9 +280,6 @@ impl Engine {
             return;
         }
         let old = std::mem::replace(&mut st.collections, names);
-        // Not strict: a procedure module that no longer loads (it named a dropped table other than
-        // through `t[...]`/`t.`) is left out until it is replaced; snippets calling it get a name
-        // error. The build itself only fails on an internal error: keep the old environment.
         if self.rebuild(&mut st, false).is_err() {
             st.collections = old;
         }
@@ -461,12 +295,13 @@ impl Engine {
             });
         }
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let old = st.procedures.insert(module.to_string(), src.to_string());
+        let old = st.procedures.insert(module.to_string(), ProcModule { src: src.to_string() });
         if let Err(e) = self.rebuild(&mut st, true) {
             match old {
                 Some(o) => st.procedures.insert(module.to_string(), o),
                 None => st.procedures.remove(module),
             };
+            let _ = self.rebuild(&mut st, false);
             return Err(e);
         }
         Ok(())
@@ -484,13 +319,16 @@ impl Engine {
 
     /// Compiles `src`, or returns the cached compilation of the same text.
     pub fn compile(&self, src: &str) -> Result<Arc<Compiled>, GridError> {
-        let env = self.state.read().unwrap_or_else(|e| e.into_inner()).env.clone();
+        let (env, runner) = {
+            let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+            (st.env.clone(), st.runner.clone())
+        };
         if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(src)
             && c.generation == env.generation
         {
             return Ok(c.clone());
         }
-        let c = Arc::new(self.compile_uncached(src, &env)?);
+        let c = Arc::new(Engine::compile_uncached(src, &env, runner)?);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.map.len() >= COMPILE_CACHE_ENTRIES || cache.bytes + src.len() > COMPILE_CACHE_BYTES {
             cache.map.clear();
@@ -503,7 +341,7 @@ impl Engine {
         Ok(c)
     }
 
-    fn compile_uncached(&self, src: &str, env: &Env) -> Result<Compiled, GridError> {
+    fn compile_uncached(src: &str, env: &Env, runner: Runner) -> Result<Compiled, GridError> {
         if src.len() > SNIPPET_SOURCE_BYTES_MAX {
             return Err(GridError::LimitExceeded {
                 what: "snippet source bytes".into(),
@@ -513,53 +351,284 @@ impl Engine {
         }
         source::check_complexity(src)
             .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
-        let a = source::rewrite_statements(src)
-            .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
-        let a_origin: Vec<u32> = a.origin.clone();
-        let ast = AstModule::parse(FILE, a.text.clone(), &dialect())
-            .map_err(|e| map_error(&e, src, &a_origin, None))?;
-        let last = match &ast.statement().node {
-            StmtP::Statements(v) => v.last(),
-            _ => Some(ast.statement()),
-        };
-        let return_at = last.and_then(|s| match &s.node {
-            StmtP::Expression(_) => Some(s.span.begin().get() as usize),
-            _ => None,
-        });
-        let b: Mapped = source::wrap(&a.text, return_at);
-        let origin = b.then(&a);
-        let mut ast = AstModule::parse(FILE, b.text.clone(), &dialect())
-            .map_err(|e| map_error(&e, src, &origin, None))?;
-        ast.replace_binary_operators(&HashMap::from([("*".to_string(), "__mul__".to_string())]));
-        let frozen = Module::with_temp_heap(|m| {
-            m.import_public_symbols(&env.module);
-            {
-                let mut eval = Evaluator::new(&m);
-                eval.eval_module(ast, &self.globals).map_err(|e| map_error(&e, src, &origin, None))?;
-            }
-            m.freeze().map_err(|e| GridError::Invalid(format!("snippet: {e:?}")))
-        })?;
-        let func = frozen.get("snippet_main").map_err(|e| GridError::Invalid(format!("snippet: {e}")))?;
-        let names = source::identifiers(src);
-        let collections = names.iter().filter(|n| env.collections.contains(*n)).cloned().collect();
-        let calls_procedures = names.iter().any(|n| env.procedures.contains(n));
-        Ok(Compiled {
+        let r = rewrite::rewrite(src, &env.collections, true).map_err(|e| rewrite_error(src, e, ""))?;
+        let calls_procedures = r.names.iter().any(|n| env.procedures.contains(n));
+        let mut text = String::with_capacity(PRELUDE.len() + r.text.len() + 64);
+        text.push_str(PRELUDE);
+        text.push('\n');
+        if calls_procedures {
+            text.push_str(&env.procedures_text);
+        }
+        let snippet_at = text.len();
+        let snippet_line = text.matches('\n').count() as u32;
+        text.push_str(&r.text);
+        let program = Arc::new(Program::new(text));
+        let c = Compiled {
             generation: env.generation,
-            func,
-            origin,
+            program,
+            runner,
+            snippet_at,
+            snippet_line,
+            origin: r.origin,
             source: src.into(),
-            collections,
+            collections: r.collections.into_iter().collect(),
             calls_procedures,
             last_run_us: Default::default(),
-        })
+        };
+        if let Runner::InProcess = c.runner {
+            // Trusted: compile here, now, so a syntax error is reported at compile time.
+            if let Err(e) =
+                c.program.compiled.get_or_init(|| Program::compile(&c.program.text).map(Mutex::new))
+            {
+                return Err(c.exception(e.clone()));
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// Equal as stored: floats by their bits, so a document holding NaN that a run only read is
+/// not a change.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
+        (Value::List(x), Value::List(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q)),
+        (Value::Map(x), Value::Map(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|((k1, v1), (k2, v2))| k1 == k2 && same(v1, v2))
+        }
+        (x, y) => x == y,
+    }
+}
+
+/// Names a procedure may not take: Python builtins a snippet relies on.
+const BUILTINS: &[&str] = &[
+    "abs",
+    "all",
+    "any",
+    "bin",
+    "bool",
+    "bytes",
+    "chr",
+    "dict",
+    "divmod",
+    "enumerate",
+    "filter",
+    "float",
+    "getattr",
+    "hasattr",
+    "hash",
+    "hex",
+    "id",
+    "int",
+    "isinstance",
+    "iter",
+    "len",
+    "list",
+    "map",
+    "max",
+    "min",
+    "next",
+    "oct",
+    "open",
+    "ord",
+    "pow",
+    "print",
+    "range",
+    "repr",
+    "reversed",
+    "round",
+    "set",
+    "setattr",
+    "sorted",
+    "str",
+    "sum",
+    "tuple",
+    "type",
+    "zip",
+    "fail",
+    "key",
+    "args",
+];
+
+/// The host side of one run: what it read, and the budgets of its reads.
+struct Host<'s> {
+    store: &'s mut dyn Store,
+    reads: HashMap<(String, Key), Option<Value>>,
+    read_order: Vec<(String, Key)>,
+    calls: u64,
+    calls_max: u64,
+}
+
+enum HostError {
+    /// Raised in the program.
+    Raise(ExcType, String),
+    /// Ends the run with this error (an infrastructure failure, a permission).
+    Grid(GridError),
+}
+
+impl From<GridError> for HostError {
+    fn from(e: GridError) -> Self {
+        HostError::Grid(e)
+    }
+}
+
+fn str_arg(args: &[MontyObject], i: usize) -> Result<&str, HostError> {
+    match args.get(i) {
+        Some(MontyObject::String(s)) => Ok(s),
+        _ => Err(HostError::Raise(ExcType::TypeError, "a collection name is a string".into())),
+    }
+}
+
+fn key_arg(args: &[MontyObject], i: usize) -> Result<Key, HostError> {
+    args.get(i)
+        .and_then(convert::key_of)
+        .ok_or_else(|| HostError::Raise(ExcType::TypeError, "a collection key is an int or a string".into()))
+}
+
+fn opt_key_arg(args: &[MontyObject], i: usize) -> Result<Option<Key>, HostError> {
+    match args.get(i) {
+        None | Some(MontyObject::None) => Ok(None),
+        _ => key_arg(args, i).map(Some),
+    }
+}
+
+fn int_arg(args: &[MontyObject], i: usize) -> Result<i64, HostError> {
+    match args.get(i) {
+        Some(MontyObject::Int(n)) => Ok(*n),
+        _ => Err(HostError::Raise(ExcType::TypeError, "expected an int".into())),
+    }
+}
+
+impl Host<'_> {
+    fn note(&mut self, coll: &str, key: &Key, v: Option<Value>) {
+        let k = (coll.to_string(), key.clone());
+        if !self.reads.contains_key(&k) {
+            self.read_order.push(k.clone());
+            self.reads.insert(k, v);
+        }
+    }
+
+    fn call(&mut self, name: &str, args: &[MontyObject]) -> Result<MontyObject, HostError> {
+        self.calls += 1;
+        if self.calls > self.calls_max {
+            return Err(HostError::Grid(GridError::Snippet(SnippetFailure {
+                kind: SnippetErrorKind::Budget(Budget::Steps),
+                line: 0,
+                col: 0,
+                message: format!("the snippet read the grid more than {} times", self.calls_max),
+            })));
+        }
+        match name {
+            "_hg_read" => {
+                let (c, k) = (str_arg(args, 0)?, key_arg(args, 1)?);
+                let v = self.store.get(c, &k)?;
+                let out = match &v {
+                    Some(v) => MontyObject::Tuple(vec![MontyObject::Bool(true), convert::to_monty(v)]),
+                    None => MontyObject::Tuple(vec![MontyObject::Bool(false), MontyObject::None]),
+                };
+                self.note(c, &k, v);
+                Ok(out)
+            }
+            "_hg_contains" => {
+                let (c, k) = (str_arg(args, 0)?, key_arg(args, 1)?);
+                Ok(MontyObject::Bool(self.store.contains(c, &k)?))
+            }
+            "_hg_count" => {
+                let c = str_arg(args, 0)?;
+                let mut n = self.store.count(c)? as i64;
+                if let Some(MontyObject::List(changes)) = args.get(1) {
+                    for ch in changes {
+                        let MontyObject::List(pair) = ch else { continue };
+                        let (Some(k), Some(MontyObject::Bool(live))) =
+                            (pair.first().and_then(convert::key_of), pair.get(1))
+                        else {
+                            continue;
+                        };
+                        let existed = match self.reads.get(&(c.to_string(), k.clone())) {
+                            Some(v) => v.is_some(),
+                            None => self.store.contains(c, &k)?,
+                        };
+                        n += i64::from(*live && !existed) - i64::from(!*live && existed);
+                    }
+                }
+                Ok(MontyObject::Int(n))
+            }
+            "_hg_scan" => {
+                let c = str_arg(args, 0)?;
+                let prefix = match args.get(1) {
+                    Some(MontyObject::String(s)) => Some(s.clone()),
+                    Some(MontyObject::None) | None => None,
+                    _ => {
+                        return Err(HostError::Raise(ExcType::TypeError, "a scan prefix is a string".into()));
+                    }
+                };
+                let (start, end) = (opt_key_arg(args, 2)?, opt_key_arg(args, 3)?);
+                let (limit, extra) = (int_arg(args, 4)?, int_arg(args, 5)?);
+                let reverse = matches!(args.get(6), Some(MontyObject::Bool(true)));
+                let max = crate::limits::SCAN_LIMIT_MAX as i64;
+                if !(0..=max).contains(&limit) {
+                    return Err(HostError::Raise(
+                        ExcType::ValueError,
+                        format!("scan limit {limit} is outside 0..={max}"),
+                    ));
+                }
+                let q = ScanQuery { prefix, start, end, limit: (limit + extra).min(max) as u32, reverse };
+                let entries = self.store.scan(c, &q)?;
+                let mut out = Vec::with_capacity(entries.len());
+                for (k, v) in entries {
+                    out.push(MontyObject::Tuple(vec![convert::key_to_monty(&k), convert::to_monty(&v)]));
+                    self.note(c, &k, Some(v));
+                }
+                Ok(MontyObject::List(out))
+            }
+            other => Err(HostError::Raise(ExcType::NameError, format!("name '{other}' is not defined"))),
+        }
     }
 }
 
 impl Compiled {
+    /// Maps an exception to a failure at its place in the client's source.
+    fn exception(&self, e: MontyException) -> GridError {
+        let kind = kind_of(e.exc_type());
+        let mut message = e.message().unwrap_or("").lines().next().unwrap_or("").to_string();
+        if message.is_empty() {
+            message = format!("{:?}", e.exc_type());
+        } else if matches!(kind, SnippetErrorKind::Value) {
+            message = format!("{:?}: {message}", e.exc_type());
+        }
+        let snippet_text = &self.program.text[self.snippet_at..];
+        let at = e
+            .traceback()
+            .iter()
+            .rev()
+            .filter(|f| f.start.line > self.snippet_line)
+            .find_map(|f| offset_of(snippet_text, f.start.line - self.snippet_line, f.start.column))
+            .map(|o| self.origin.get(o).copied().unwrap_or(self.source.len() as u32) as usize);
+        failure(kind, &self.source, at, message)
+    }
+
+    fn vm_error(&self, e: VmError, limits: &Limits) -> GridError {
+        match e {
+            VmError::Exception(e) => self.exception(e),
+            VmError::Deadline => failure(
+                SnippetErrorKind::Budget(Budget::WallTime),
+                &self.source,
+                None,
+                format!("the snippet ran past its wall-time budget of {} ms", limits.wall_ms),
+            ),
+            VmError::OutOfMemory => failure(
+                SnippetErrorKind::Budget(Budget::Memory),
+                &self.source,
+                None,
+                format!("the snippet used more than its memory budget of {} bytes", limits.memory_bytes),
+            ),
+            VmError::Died(why) => GridError::WorkerDied(why),
+        }
+    }
+
     /// Runs the snippet against `store` under `limits`. Writes nothing: the outcome carries the
-    /// writes for the caller to commit.
-    /// `key` (the routing key of a collection-scoped run) and `args` (the request's arguments)
-    /// are the snippet's `key` and `args` variables.
+    /// writes for the caller to commit. `key` (the routing key of a collection-scoped run) and
+    /// `args` (the request's arguments) are the snippet's `key` and `args` variables.
     pub fn run(
         &self,
         store: &mut dyn Store,
@@ -568,84 +637,153 @@ impl Compiled {
         args: &Value,
     ) -> Result<Outcome, GridError> {
         let started = Instant::now();
-        let deadline = deadline_after(limits.wall_ms);
-        let last: Rc<Cell<Option<u32>>> = Rc::default();
-        let src = &*self.source;
-        let r = Module::with_temp_heap(|m| {
-            // SAFETY: the value is a function of the frozen module `self.func` keeps alive; the
-            // module's frozen heap takes a reference to that heap, and no value outlives `m`.
-            let f = unsafe { self.func.owned_frozen_value(m.frozen_heap()) }.to_value();
-            let mut session = Session::new(store, limits.memory_bytes);
-            let r = {
-                let mut eval = Evaluator::new(&m);
-                eval.disable_gc();
-                let setup = |r: anyhow::Result<()>| r.map_err(|e| GridError::Invalid(e.to_string()));
-                setup(eval.set_max_callstack_size(limits.call_depth as usize))?;
-                setup(eval.set_max_tick_count(limits.steps))?;
-                setup(eval.set_max_heap_size(limits.memory_bytes as usize))?;
-                eval.set_check_cancelled(Box::new(move || Instant::now() > deadline));
-                eval.before_stmt_for_dap(BeforeStmtFunc::from_dyn(Box::new(Guard {
-                    steps: 0,
-                    steps_max: limits.steps,
-                    memory_max: limits.memory_bytes,
-                    deadline,
-                    last: last.clone(),
-                })));
-                let heap = m.heap();
-                let key = key.map_or(starlark::values::Value::new_none(), |k| match k {
-                    Key::Int(i) => heap.alloc(*i),
-                    Key::Str(s) => heap.alloc(s.as_str()),
-                });
-                let args = super::convert::to_starlark(args, heap);
-                let _entered = session::enter(&mut session);
-                eval.eval_function(f, &[key, args], &[])
-            };
-            let fallback = last.get().map(|o| o as usize);
-            if let Some(e) = session.abort.take() {
-                return Err(e);
-            }
-            let v = r.map_err(|e| map_error(&e, src, &self.origin, fallback))?;
-            let writes = session.writes(limits.writes).map_err(|e| map_error(&e, src, &self.origin, None))?;
-            // Documents read from collections are answered with `$ref`s when too big.
-            let mut origins = HashMap::new();
-            for ((c, k), d) in &session.docs {
-                if let (Some(live), true) =
-                    (d.live, matches!(d.orig, Orig::Present(_) | Orig::Exists | Orig::Unknown))
-                {
-                    origins.insert(
-                        live.identity(),
-                        RefPath {
-                            collection: session.coll_name(*c).to_string(),
-                            key: k.clone(),
-                            path: vec![],
-                        },
-                    );
-                }
-            }
-            let mut shaper = Shaper {
-                depth_max: limits.result_depth,
-                items_max: limits.result_items,
-                bytes_max: limits.result_bytes,
-                bytes: 0,
-            };
-            let value = match shaper.shape_starlark(v, &origins, None, 0) {
-                Ok(Ok(v)) => v,
-                Ok(Err(why)) => {
-                    return Err(failure(SnippetErrorKind::Value, src, None, format!("result: {why}")));
-                }
-                Err(too_big) => {
-                    return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
-                }
-            };
-            let writes = writes
-                .into_iter()
-                .map(|(collection, key, value)| SnippetWrite { collection, key, value })
-                .collect();
-            Ok(Outcome { value, writes })
-        });
+        let r = self.run_inner(store, limits, key, args);
         let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
         self.last_run_us.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
         r
+    }
+
+    fn run_inner(
+        &self,
+        store: &mut dyn Store,
+        limits: &Limits,
+        key: Option<&Key>,
+        args: &Value,
+    ) -> Result<Outcome, GridError> {
+        let mut vm: Box<dyn Vm> = match &self.runner {
+            Runner::InProcess => Box::<InProcess>::default(),
+            Runner::Workers(pool) => Box::new(pool.vm()),
+        };
+        let engine_limits = EngineLimits {
+            wall_ms: limits.wall_ms,
+            memory_bytes: limits.memory_bytes,
+            call_depth: limits.call_depth,
+        };
+        let inputs = vec![key.map_or(MontyObject::None, convert::key_to_monty), convert::to_monty(args)];
+        let mut host =
+            Host { store, reads: HashMap::new(), read_order: Vec::new(), calls: 0, calls_max: limits.steps };
+        let mut step =
+            vm.start(&self.program, inputs, &engine_limits).map_err(|e| self.vm_error(e, limits))?;
+        loop {
+            match step {
+                Step::Call { name, args } => {
+                    let a = match host.call(&name, &args) {
+                        Ok(v) => Answer::Value(v),
+                        Err(HostError::Raise(t, m)) => Answer::Raise(t, m),
+                        Err(HostError::Grid(e)) => return Err(e),
+                    };
+                    step = vm.resume(a).map_err(|e| self.vm_error(e, limits))?;
+                }
+                Step::Done { args } => return self.finish(host, args, limits),
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        host: Host<'_>,
+        mut args: Vec<MontyObject>,
+        limits: &Limits,
+    ) -> Result<Outcome, GridError> {
+        let src = &*self.source;
+        let bad = |m: &str| GridError::Invalid(format!("snippet ended oddly: {m}"));
+        if args.len() != 3 {
+            return Err(bad("arguments"));
+        }
+        let refs_obj = args.pop().unwrap_or(MontyObject::None);
+        let docs = args.pop().unwrap_or(MontyObject::None);
+        let result = args.pop().unwrap_or(MontyObject::None);
+        let MontyObject::Dict(docs) = docs else { return Err(bad("documents")) };
+        let mut writes = Vec::new();
+        for (t, cell) in &docs {
+            let (MontyObject::Tuple(t), MontyObject::List(cell)) = (t, cell) else { return Err(bad("cell")) };
+            let (Some(MontyObject::String(coll)), Some(key)) =
+                (t.first(), t.get(1).and_then(convert::key_of))
+            else {
+                return Err(bad("cell key"));
+            };
+            let (Some(MontyObject::Bool(live)), Some(v)) = (cell.first(), cell.get(1)) else {
+                return Err(bad("cell value"));
+            };
+            let orig = host.reads.get(&(coll.clone(), key.clone()));
+            let value = if *live {
+                let v = convert::to_value(v).map_err(|why| {
+                    failure(SnippetErrorKind::Value, src, None, format!("{coll}[{key}]: {why}"))
+                })?;
+                if let Some(Some(o)) = orig
+                    && same(o, &v)
+                {
+                    continue;
+                }
+                Some(v)
+            } else {
+                if let Some(None) = orig {
+                    continue;
+                }
+                None
+            };
+            writes.push(SnippetWrite { collection: coll.clone(), key, value });
+        }
+        if writes.len() > limits.writes as usize {
+            return Err(failure(
+                SnippetErrorKind::Budget(Budget::Writes),
+                src,
+                None,
+                format!("the snippet writes {} keys; the budget is {}", writes.len(), limits.writes),
+            ));
+        }
+        for w in &writes {
+            host.store.check_write(&w.collection, &w.key)?;
+        }
+        // Which parts of the answer are stored documents: `$ref`s when too big.
+        let mut refs = Vec::new();
+        if let MontyObject::List(rs) = refs_obj {
+            for r in rs {
+                let MontyObject::Tuple(r) = r else { continue };
+                let (Some(MontyObject::List(pos)), Some(MontyObject::Tuple(t))) = (r.first(), r.get(1))
+                else {
+                    continue;
+                };
+                let (Some(MontyObject::String(c)), Some(k)) = (t.first(), t.get(1).and_then(convert::key_of))
+                else {
+                    continue;
+                };
+                let pos: Vec<usize> = pos
+                    .iter()
+                    .filter_map(|p| if let MontyObject::Int(i) = p { Some(*i as usize) } else { None })
+                    .collect();
+                // Only documents as stored (not changed by this run) can be fetched by path.
+                let unchanged = !writes.iter().any(|w| &w.collection == c && w.key == k);
+                if unchanged {
+                    refs.push((pos, RefPath { collection: c.clone(), key: k, path: vec![] }));
+                }
+            }
+        }
+        let mut shaper = Shaper {
+            depth_max: limits.result_depth,
+            items_max: limits.result_items,
+            bytes_max: limits.result_bytes,
+            bytes: 0,
+        };
+        let value = match shaper.shape_result(&result, &refs, &mut Vec::new(), None, 0) {
+            Ok(Ok(v)) => v,
+            Ok(Err(why)) => {
+                return Err(failure(SnippetErrorKind::Value, src, None, format!("result: {why}")));
+            }
+            Err(too_big) => {
+                return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
+            }
+        };
+        let mut reads_map = host.reads;
+        let reads = host
+            .read_order
+            .into_iter()
+            .map(|(c, k)| {
+                let v = reads_map.remove(&(c.clone(), k.clone())).flatten();
+                (c, k, v)
+            })
+            .collect();
+        Ok(Outcome { value, writes, reads })
     }
 
     /// How long the latest run took, in microseconds (0 if it never ran).

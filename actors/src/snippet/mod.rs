@@ -1,49 +1,55 @@
-//! Snippets: short Starlark programs run next to the data, answering with a `Value` (JSON out).
+//! Snippets: short Python programs run next to the data, answering with a `Value` (JSON out).
+//! The interpreter is Monty (pydantic's Python interpreter in Rust), behind heapgrid's own
+//! boundary (`vm.rs`).
 //!
 //! Pieces:
-//! - `source.rs`: the text rewrites (`del`, `*=`) and the wrapping of a program into one function;
-//! - `engine.rs`: `Engine`, the environment (collection handles and stored procedures, frozen),
-//!   the compile cache keyed by source text, and `Engine::run` with its budgets;
-//! - `session.rs`: the per-run state: the documents a snippet read or wrote (so nested mutation
-//!   persists), the `Store` it reads through, and the writes it leaves;
-//! - `types.rs`: the Starlark side: the `collection` type and the `__del__`/`__mul__` builtins;
-//! - `convert.rs`: `Value` ↔ Starlark values, and result shaping (`{"$ref": ..., "len": N}`).
+//! - `source.rs`: checks on the source before it is parsed (nesting bounds), and positions;
+//! - `rewrite.rs`: collection syntax (`users[k]`, `del users[k]`, `k in users`, `len(users)`)
+//!   turned into calls of the prelude, on the parsed program;
+//! - `prelude.py`: the Python side: the run's document cells and the `_HgCollection` type;
+//! - `engine.rs`: `Engine` (tables and procedures, the compile cache) and `Compiled::run`, the
+//!   host side of a run: reads answered from a `Store`, writes computed at the end;
+//! - `vm.rs`: the `Vm` trait and `InProcess` (trusted code);
+//! - `worker.rs`: the sandbox: worker processes, their protocol and pool;
+//! - `session.rs`: the `Store` trait; `convert.rs`: `Value` ↔ Python values, result shaping.
 //!
 //! Semantics (docs/snippets.md has the user's version):
-//! - A snippet never writes while it runs. Reads go through a `Store`; writes (assignments,
-//!   `del`, in-place changes of documents it read) are kept in the session and returned as the
-//!   outcome's writes, in the order the keys were first touched. The caller commits them: inside a
-//!   shard actor as one batch (one op-log record); from the grid, one batch per shard.
-//! - A snippet that fails, or exceeds a budget, returns an error and no writes.
+//! - A snippet never writes while it runs. Reads go through a `Store`; the documents it touched
+//!   come back at the end and the host turns every change into a write, in the order the keys
+//!   were first touched. The caller commits them: inside a shard actor as one batch (one op-log
+//!   record); from the grid, optimistically (versions of what it read checked at commit).
+//! - A snippet that fails, exceeds a budget, or whose worker dies returns an error and no writes.
 //! - No clock, no randomness, no I/O: the same snippet on the same data gives the same result and
 //!   the same writes. The wall-time budget is the one exception, and it only ever fails a run.
 
 pub mod engine;
+pub mod rewrite;
 pub mod source;
+pub mod vm;
+pub mod worker;
 
 mod convert;
 mod session;
-mod types;
 
 use serde::{Deserialize, Serialize};
 
 pub use convert::{RefPath, parse_ref};
-pub use engine::{Compiled, Engine, Outcome, SnippetWrite};
+pub use engine::{Compiled, Engine, Outcome, Runner, SnippetWrite};
 pub use session::{ScanQuery, Store};
 
 /// Budgets of one run. Each exceeded budget fails the run with `SnippetErrorKind::Budget`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    /// Statements executed plus function calls and loop iterations (deterministic).
+    /// Reads of the grid (host calls) one run may make. The interpreter has no per-statement
+    /// counter: wall time and memory bound the rest.
     pub steps: u64,
-    /// Bytes of the snippet's Starlark heap (checked before every statement, and before a
-    /// repetition such as `'a' * n` allocates).
+    /// Bytes the run may allocate (in a sandbox worker: a hard ceiling on the process).
     pub memory_bytes: u64,
     /// Nested calls.
     pub call_depth: u32,
     /// Bytes of the encoded result.
     pub result_bytes: u64,
-    /// Wall-clock milliseconds: the last resort against a slow native call.
+    /// Wall-clock milliseconds (in a sandbox worker: enforced by killing it).
     pub wall_ms: u64,
     /// Keys written.
     pub writes: u32,
@@ -155,7 +161,7 @@ pub enum SnippetErrorKind {
     Type,
     /// A bad value: a missing key, an index out of range, a value that cannot be stored.
     Value,
-    /// The snippet called `fail(...)`.
+    /// The snippet called `fail(...)`, raised `Exception`, or an `assert` failed.
     Fail,
     /// A budget ran out.
     Budget(Budget),

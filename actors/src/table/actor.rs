@@ -85,6 +85,10 @@ pub enum ShardMsg {
     Batch(Vec<WriteOp>, Reply<Written>),
     /// Run a collection-scoped snippet (compiled by the caller).
     Eval(Box<EvalJob>, Reply<Value>),
+    /// One shard's part of a commit over several shards: validate `ops`, answer `ready`, then
+    /// hold this shard (no other message is handled) until the coordinator decides, at most
+    /// `PREPARE_HOLD_MAX`; on `true` apply them as one batch and answer `done`.
+    Prepare(Box<Prepare>),
     /// Several requests, executed in order and answered together, one result per request.
     Pipeline(Vec<PipelineOp>, RpcReplyPort<Vec<Result<PipelineReply, GridError>>>),
     /// Checkpoint the heap (replies if a port is given).
@@ -104,6 +108,18 @@ pub enum ShardMsg {
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
+}
+
+/// Longest a prepared shard waits for its coordinator's decision before it lets go (applying
+/// nothing).
+pub const PREPARE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// See `ShardMsg::Prepare`.
+pub struct Prepare {
+    pub ops: Vec<WriteOp>,
+    pub ready: Reply<()>,
+    pub decide: tokio::sync::oneshot::Receiver<bool>,
+    pub done: Reply<Written>,
 }
 
 /// A snippet for one shard: what to run, under which budgets, and where it is.
@@ -695,6 +711,22 @@ impl Actor for ShardActor {
                 };
                 state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
             }
+            ShardMsg::Prepare(p) => {
+                let Prepare { ops, ready, decide, done } = *p;
+                if let Err(e) = table.validate(&ops) {
+                    let _ = ready.send(Err(e.into()));
+                    return fail_if_poisoned(state);
+                }
+                if ready.send(Ok(())).is_err() {
+                    return Ok(());
+                }
+                // Held: this shard handles nothing else until the decision (or the bound).
+                if let Ok(Ok(true)) = tokio::time::timeout(PREPARE_HOLD_MAX, decide).await {
+                    let r = table.write(&ops).map_err(GridError::from);
+                    let wrote = r.as_ref().map_or(0, |w| w.lsn);
+                    state.answer(&myself, wrote, |lsn| deferred(lsn, done, r));
+                }
+            }
             ShardMsg::Pipeline(ops, reply) => {
                 let mut results = Vec::with_capacity(ops.len());
                 let (mut wrote, mut read) = (0, false);
@@ -765,6 +797,7 @@ fn refuse_closed(msg: ShardMsg) {
         ShardMsg::Write(_, r) => drop(r.send(closed())),
         ShardMsg::Batch(_, r) => drop(r.send(closed())),
         ShardMsg::Eval(_, r) => drop(r.send(closed())),
+        ShardMsg::Prepare(p) => drop(p.ready.send(closed())),
         ShardMsg::Pipeline(ops, r) => drop(r.send(ops.iter().map(|_| closed()).collect())),
         ShardMsg::Checkpoint(Some(r)) | ShardMsg::Close(r) => drop(r.send(closed())),
         ShardMsg::Durable(groups) => {

@@ -81,6 +81,12 @@ pub enum WriteOp {
         path: Vec<PathSeg>,
         update: Update,
     },
+    /// Writes nothing; in a batch, fails it (`CasFailed`) unless the current state matches
+    /// `expect`. How an optimistic commit checks what it read without writing it.
+    Check {
+        key: Key,
+        expect: Expect,
+    },
 }
 
 impl WriteOp {
@@ -89,7 +95,8 @@ impl WriteOp {
             WriteOp::Put { key, .. }
             | WriteOp::Delete { key }
             | WriteOp::Cas { key, .. }
-            | WriteOp::Update { key, .. } => key,
+            | WriteOp::Update { key, .. }
+            | WriteOp::Check { key, .. } => key,
         }
     }
 }
@@ -105,6 +112,8 @@ pub enum WriteResult {
     Cas { ok: bool, current: Option<Versioned> },
     /// The value now at the updated path, and the document's new version.
     Updated { value: Value, version: u64 },
+    /// A `Check` held.
+    Checked,
 }
 
 /// What a write committed: its op-log record (`lsn`, 0 if nothing was written) and one result
@@ -427,7 +436,27 @@ impl TableShard {
                 self.plan(op, &k, Some(&mut overlay), Mismatch::Fails, &mut batch, index as u64)?;
             results.push(result);
         }
-        Ok(Written { lsn: self.commit(&batch)?, results })
+        // A batch of checks only writes nothing: no record.
+        let lsn = if batch.is_empty() { 0 } else { self.commit(&batch)? };
+        Ok(Written { lsn, results })
+    }
+
+    /// Whether `write(ops)` would succeed now, without writing anything.
+    pub fn validate(&self, ops: &[WriteOp]) -> Result<(), TableError> {
+        if ops.len() > TABLE_BATCH_OPS_MAX {
+            return Err(TableError::LimitExceeded {
+                what: "batch operations",
+                got: ops.len() as u64,
+                max: TABLE_BATCH_OPS_MAX as u64,
+            });
+        }
+        let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        let mut scratch = WriteBatch::new();
+        for (index, op) in ops.iter().enumerate() {
+            let k = op.key().encode()?;
+            self.plan(op, &k, Some(&mut overlay), Mismatch::Fails, &mut scratch, index as u64)?;
+        }
+        Ok(())
     }
 
     fn commit(&mut self, batch: &WriteBatch) -> Result<u64, TableError> {
@@ -456,6 +485,17 @@ impl TableShard {
         };
         let current_version = current_bytes.map(|b| record_version(k, b)).transpose()?;
         let next = next_version(op.key(), current_version)?;
+        if let WriteOp::Check { expect, .. } = op {
+            let current = current_bytes.map(|b| decode_record(k, b)).transpose()?;
+            return if expect_holds(expect, current.as_ref()) {
+                Ok((WriteResult::Checked, false))
+            } else {
+                match mismatch {
+                    Mismatch::Answers => Ok((WriteResult::Cas { ok: false, current }, false)),
+                    Mismatch::Fails => Err(TableError::CasFailed { index }),
+                }
+            };
+        }
         let (record, result) = match op {
             WriteOp::Put { value, .. } => {
                 (Some(encode_record(next, value)?), WriteResult::Put { version: next })
@@ -463,13 +503,7 @@ impl TableShard {
             WriteOp::Delete { .. } => (None, WriteResult::Deleted { existed: current_bytes.is_some() }),
             WriteOp::Cas { expect, new, .. } => {
                 let current = current_bytes.map(|b| decode_record(k, b)).transpose()?;
-                let ok = match (expect, &current) {
-                    (Expect::Absent, None) => true,
-                    (Expect::Value(v), Some(c)) => *v == c.value,
-                    (Expect::Version(n), Some(c)) => *n == c.version,
-                    _ => false,
-                };
-                if !ok {
+                if !expect_holds(expect, current.as_ref()) {
                     return match mismatch {
                         Mismatch::Answers => Ok((WriteResult::Cas { ok: false, current }, false)),
                         Mismatch::Fails => Err(TableError::CasFailed { index }),
@@ -478,6 +512,7 @@ impl TableShard {
                 let record = new.as_ref().map(|v| encode_record(next, v)).transpose()?;
                 (record, WriteResult::Cas { ok: true, current })
             }
+            WriteOp::Check { .. } => unreachable!("answered above"),
             WriteOp::Update { path, update, .. } => {
                 let mut doc = match current_bytes {
                     Some(b) => decode_record(k, b)?.value,
@@ -495,6 +530,16 @@ impl TableShard {
             o.insert(k.to_vec(), record);
         }
         Ok((result, true))
+    }
+}
+
+/// Whether the stored state `current` matches `expect`.
+fn expect_holds(expect: &Expect, current: Option<&Versioned>) -> bool {
+    match (expect, current) {
+        (Expect::Absent, None) => true,
+        (Expect::Value(v), Some(c)) => *v == c.value,
+        (Expect::Version(n), Some(c)) => *n == c.version,
+        _ => false,
     }
 }
 

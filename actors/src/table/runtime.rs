@@ -149,6 +149,44 @@ impl TableRuntime {
         self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
     }
 
+    /// The value and version under `key`, from the shard actor itself: everything it applied,
+    /// even before it is published (answered once durable). For optimistic retries.
+    pub async fn get_fresh(&self, key: Key) -> Result<Option<Versioned>, GridError> {
+        let i = self.shard_of(&key);
+        self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
+    }
+
+    /// Prepares shard `shard` to apply `ops` (see `ShardMsg::Prepare`): once this returns `Ok`
+    /// the shard is held until `decide` is sent (or dropped: nothing applied), and `done`
+    /// answers the applied batch.
+    pub async fn prepare(
+        &self,
+        shard: u32,
+        ops: Vec<WriteOp>,
+    ) -> Result<(oneshot::Sender<bool>, oneshot::Receiver<Result<Written, GridError>>), GridError> {
+        let (decide_tx, decide_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let slot = &self.slots[shard as usize];
+        let SlotState::Running(actor) = slot.get() else {
+            return Err(GridError::Unavailable(format!("shard {shard} of {} is not running", self.def.name)));
+        };
+        let p = crate::table::actor::Prepare {
+            ops,
+            ready: ready_tx.into(),
+            decide: decide_rx,
+            done: done_tx.into(),
+        };
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        actor
+            .send_message(ShardMsg::Prepare(Box::new(p)))
+            .map_err(|_| GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name)))?;
+        ready_rx
+            .await
+            .map_err(|_| GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name)))??;
+        Ok((decide_tx, done_rx))
+    }
+
     /// Whether `key` is present (snapshot first, as `get`).
     pub async fn contains(&self, key: Key) -> Result<bool, GridError> {
         let i = self.shard_of(&key);
