@@ -353,12 +353,11 @@ impl Engine {
             .map_err(|e| failure(SnippetErrorKind::Syntax, src, Some(e.offset), e.message))?;
         let r = rewrite::rewrite(src, &env.collections, true).map_err(|e| rewrite_error(src, e, ""))?;
         let calls_procedures = r.names.iter().any(|n| env.procedures.contains(n));
-        let mut text = String::with_capacity(PRELUDE.len() + r.text.len() + 64);
-        text.push_str(PRELUDE);
+        let procedures = if calls_procedures { env.procedures_text.as_str() } else { "" };
+        let uses_fail = r.names.contains("fail") || procedures.contains("fail(");
+        let mut text = prelude_for(&[&r.text, procedures], uses_fail);
         text.push('\n');
-        if calls_procedures {
-            text.push_str(&env.procedures_text);
-        }
+        text.push_str(procedures);
         let snippet_at = text.len();
         let snippet_line = text.matches('\n').count() as u32;
         text.push_str(&r.text);
@@ -385,6 +384,30 @@ impl Engine {
         }
         Ok(c)
     }
+}
+
+/// The prelude sections a program needs (see prelude.py): `core`, and each other section whose
+/// marker (`_hg_del(`, ...) appears in one of `texts`; `fail` when the program names it.
+fn prelude_for(texts: &[&str], uses_fail: bool) -> String {
+    let mut out = String::with_capacity(PRELUDE.len());
+    let uses = |m: &str| texts.iter().any(|t| t.contains(m));
+    // The header before the first section is comments only.
+    for section in PRELUDE.split("\n# == ").skip(1) {
+        let (marker, _) = section.split_once('\n').unwrap_or((section, ""));
+        let keep = match marker {
+            "core" => true,
+            "fail" => uses_fail,
+            // A collection object's `__len__` calls `_hg_len`.
+            "_hg_len(" => uses("_hg_len(") || uses("_hg_coll("),
+            m => uses(m),
+        };
+        if keep {
+            out.push_str("# == ");
+            out.push_str(section);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Equal as stored: floats by their bits, so a document holding NaN that a run only read is
@@ -784,6 +807,11 @@ impl Compiled {
             })
             .collect();
         Ok(Outcome { value, writes, reads })
+    }
+
+    /// Whether runs go to a sandbox worker process.
+    pub fn sandboxed(&self) -> bool {
+        matches!(self.runner, Runner::Workers(_))
     }
 
     /// How long the latest run took, in microseconds (0 if it never ran).

@@ -7,7 +7,13 @@
 # `_hg_read`, `_hg_contains`, `_hg_count`, `_hg_scan` (reads) and `_hg_done` (the end): the
 # run writes nothing; the host compares the final cells with what it served and commits the
 # difference.
+#
+# Sections start at `# == NAME`: `core` is always in a program; the others only when the program
+# uses them (`_hg_del(` ... in its rewritten text, `fail` by name): compiling and running the
+# whole prelude would cost every snippet (measured: 280 µs to compile, 10 µs to run, against
+# 3 µs and 1.4 µs for a bare read).
 
+# == core
 _hg_docs = {}
 
 
@@ -39,6 +45,7 @@ def _hg_set(c, k, v):
     _hg_docs[(c, k)] = [True, v]
 
 
+# == _hg_del(
 def _hg_del(c, k):
     cell = _hg_cell(c, k)
     if not cell[0]:
@@ -47,6 +54,7 @@ def _hg_del(c, k):
     cell[1] = None
 
 
+# == _hg_has(
 def _hg_has(c, k):
     _hg_key(c, k)
     t = (c, k)
@@ -55,10 +63,12 @@ def _hg_has(c, k):
     return _hg_contains(c, k)
 
 
+# == _hg_len(
 def _hg_len(c):
     return _hg_count(c, [[t[1], cell[0]] for t, cell in _hg_docs.items() if t[0] == c])
 
 
+# == _hg_aug(
 def _hg_aug(c, k, op, v):
     d = _hg_get(c, k)
     if op == '+':
@@ -90,6 +100,7 @@ def _hg_aug(c, k, op, v):
     _hg_set(c, k, d)
 
 
+# == _hg_coll(
 def _hg_order(k):
     if type(k) is int:
         return (0, k, '')
@@ -178,10 +189,12 @@ def _hg_coll(c):
     return _HgCollection(c)
 
 
+# == fail
 def fail(message):
     raise Exception(str(message))
 
 
+# == core
 def _hg_end(r):
     # Which parts of the result are stored documents (by identity), for `$ref` shaping.
     ids = {}

@@ -276,9 +276,10 @@ fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), Gr
 
 /// Runs a snippet job, under `block_in_place` when its last run was slow.
 fn eval(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), GridError> {
-    // A snippet whose last run took over 1 ms runs under `block_in_place`, so the runtime moves
-    // other tasks off this worker meanwhile; quick ones run inline.
-    if job.compiled.last_run_us() > SLOW_SNIPPET_US {
+    // A snippet in a sandbox worker (this thread waits on another process, up to the wall
+    // budget), or whose last run in process took over 1 ms, runs under `block_in_place`, so the
+    // runtime moves other tasks off this worker meanwhile; quick in-process ones run inline.
+    if job.compiled.sandboxed() || job.compiled.last_run_us() > SLOW_SNIPPET_US {
         blocking(|| run_snippet(table, job))
     } else {
         run_snippet(table, job)

@@ -594,6 +594,33 @@ mod tests {
     }
 
     #[test]
+    fn checks_fail_batches_and_validate_writes_nothing() {
+        let mut s = shard();
+        s.write_one(&put("a", 1)).unwrap();
+        let check = |k: &str, expect| WriteOp::Check { key: k.into(), expect };
+        // Checks that hold: the batch applies, and a batch of checks alone logs nothing.
+        let w = s.write(&[check("a", Expect::Version(1)), check("z", Expect::Absent), put("b", 2)]).unwrap();
+        assert_eq!(w.results[0], WriteResult::Checked);
+        assert!(s.contains(&"b".into()).unwrap());
+        assert_eq!(s.write(&[check("a", Expect::Version(1))]).unwrap().results, vec![WriteResult::Checked]);
+        // A check that fails fails the batch: nothing of it is written.
+        let b = [put("c", 3), check("a", Expect::Version(7))];
+        assert!(matches!(s.write(&b), Err(TableError::CasFailed { index: 1 })));
+        assert!(!s.contains(&"c".into()).unwrap());
+        // A check sees the batch's own earlier writes.
+        s.write(&[put("d", 1), check("d", Expect::Version(1))]).unwrap();
+        // validate answers as write would, and writes nothing.
+        assert!(matches!(s.validate(&b), Err(TableError::CasFailed { index: 1 })));
+        s.validate(&[put("e", 1), check("a", Expect::Version(1))]).unwrap();
+        assert!(!s.contains(&"e".into()).unwrap());
+        // Alone, a failed check answers like a failed compare-and-set.
+        assert!(matches!(
+            s.write_one(&check("a", Expect::Absent)).unwrap(),
+            (0, WriteResult::Cas { ok: false, .. })
+        ));
+    }
+
+    #[test]
     fn partial_update_of_a_document() {
         let mut s = shard();
         let op = |path: Vec<PathSeg>, update| WriteOp::Update { key: "bob".into(), path, update };
