@@ -82,6 +82,8 @@ pub struct Compiled {
     /// Snippet-text offset → offset in what the client sent.
     origin: Vec<u32>,
     source: Arc<str>,
+    /// Documents read before the start (see `rewrite::Prefetch`).
+    prefetch: Vec<(String, rewrite::Prefetch)>,
     /// Collections the source uses.
     pub collections: Vec<String>,
     /// Whether the source names a stored procedure (which may touch other collections).
@@ -369,6 +371,7 @@ impl Engine {
             snippet_at,
             snippet_line,
             origin: r.origin,
+            prefetch: r.prefetch.into_iter().collect(),
             source: src.into(),
             collections: r.collections.into_iter().collect(),
             calls_procedures,
@@ -531,6 +534,46 @@ impl Host<'_> {
         }
     }
 
+    /// Reads the documents the program reads by the request's key before it starts: the
+    /// `_hg_pre` input. A read that fails is left to the program (it meets the error where it
+    /// reads, as it would have).
+    fn prefetch(
+        &mut self,
+        wanted: &[(String, rewrite::Prefetch)],
+        key: Option<&Key>,
+        args: &Value,
+    ) -> MontyObject {
+        let mut pairs = Vec::new();
+        for (c, which) in wanted {
+            let k = match which {
+                rewrite::Prefetch::Key => key.cloned(),
+                rewrite::Prefetch::Args => match args {
+                    Value::Int(i) => Some(Key::Int(*i)),
+                    Value::Str(s) => Some(Key::Str(s.clone())),
+                    _ => None,
+                },
+            };
+            let Some(k) = k else { continue };
+            if self.reads.contains_key(&(c.clone(), k.clone())) {
+                continue;
+            }
+            let Ok(v) = self.store.get(c, &k) else { continue };
+            let cell = match &v {
+                Some(v) => MontyObject::List(vec![MontyObject::Bool(true), convert::to_monty(v)]),
+                None => MontyObject::List(vec![MontyObject::Bool(false), MontyObject::None]),
+            };
+            pairs.push((
+                MontyObject::Tuple(vec![MontyObject::String(c.clone()), convert::key_to_monty(&k)]),
+                cell,
+            ));
+            self.note(c, &k, v);
+        }
+        if pairs.is_empty() {
+            return MontyObject::None;
+        }
+        MontyObject::Dict(monty_types::DictPairs::from(pairs))
+    }
+
     fn call(&mut self, name: &str, args: &[MontyObject]) -> Result<MontyObject, HostError> {
         self.calls += 1;
         if self.calls > self.calls_max {
@@ -682,9 +725,10 @@ impl Compiled {
             memory_bytes: limits.memory_bytes,
             call_depth: limits.call_depth,
         };
-        let inputs = vec![key.map_or(MontyObject::None, convert::key_to_monty), convert::to_monty(args)];
         let mut host =
             Host { store, reads: HashMap::new(), read_order: Vec::new(), calls: 0, calls_max: limits.steps };
+        let pre = host.prefetch(&self.prefetch, key, args);
+        let inputs = vec![key.map_or(MontyObject::None, convert::key_to_monty), convert::to_monty(args), pre];
         let mut step =
             vm.start(&self.program, inputs, &engine_limits).map_err(|e| self.vm_error(e, limits))?;
         loop {

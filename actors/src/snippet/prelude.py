@@ -14,7 +14,7 @@
 # 3 µs and 1.4 µs for a bare read).
 
 # == core
-_hg_docs = {}
+_hg_docs = {} if _hg_pre is None else _hg_pre
 
 
 def _hg_key(c, k):

@@ -42,6 +42,9 @@ pub struct Rewritten {
     pub top_level: BTreeSet<String>,
     /// Every name the program reads (to tell which procedures it may call).
     pub names: BTreeSet<String>,
+    /// Documents the program reads by the request's own key: `c[key]`, `c[args]` (also as the
+    /// target of `op=`), with `key`/`args` never rebound. The host reads them before the start.
+    pub prefetch: BTreeSet<(String, Prefetch)>,
     /// Where the first top-level statement that is not a definition is (a procedure module may
     /// only define: `def`, `class`, assignments, imports, docstrings, `pass`).
     pub top_level_code: Option<usize>,
@@ -54,6 +57,13 @@ pub struct RewriteError {
     pub message: String,
     /// A parse error (else a construct the rewrite refuses).
     pub syntax: bool,
+}
+
+/// Which request value names a prefetched document's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Prefetch {
+    Key,
+    Args,
 }
 
 struct Edit {
@@ -116,6 +126,9 @@ struct Rewriter<'a> {
     used: BTreeSet<String>,
     names: BTreeSet<String>,
     error: Option<RewriteError>,
+    /// Which of `key` and `args` the program never rebinds.
+    stable: (bool, bool),
+    prefetch: BTreeSet<(String, Prefetch)>,
 }
 
 impl<'a> Rewriter<'a> {
@@ -141,6 +154,18 @@ impl<'a> Rewriter<'a> {
         match e {
             Expr::Subscript(s) => self.coll_of(&s.value).map(|c| (c, &*s.slice)),
             _ => None,
+        }
+    }
+
+    /// Notes a read of `c[slice]` when the slice is the request's `key` or `args`.
+    fn note_read(&mut self, c: &str, slice: &Expr) {
+        if let Expr::Name(n) = slice {
+            let which = match n.id.as_str() {
+                "key" if self.stable.0 => Prefetch::Key,
+                "args" if self.stable.1 => Prefetch::Args,
+                _ => return,
+            };
+            self.prefetch.insert((c.to_string(), which));
         }
     }
 
@@ -184,6 +209,7 @@ impl<'a> Visitor<'a> for Rewriter<'a> {
             Stmt::AugAssign(a) if self.coll_subscript(&a.target).is_some() => {
                 let (c, slice) = self.coll_subscript(&a.target).expect("checked");
                 self.used.insert(c.to_string());
+                self.note_read(c, slice);
                 let t = &a.target;
                 self.edit(t.start().to_usize(), slice.start().to_usize(), format!("_hg_aug({}, ", q(c)));
                 self.edit(
@@ -236,6 +262,7 @@ impl<'a> Visitor<'a> for Rewriter<'a> {
                     );
                 }
                 self.used.insert(c.to_string());
+                self.note_read(c, &s.slice);
                 self.edit(expr.start().to_usize(), s.slice.start().to_usize(), format!("_hg_get({}, ", q(c)));
                 self.edit(s.slice.end().to_usize(), expr.end().to_usize(), ")");
                 self.visit_expr(&s.slice);
@@ -277,6 +304,17 @@ impl<'a> Visitor<'a> for Rewriter<'a> {
                 let c = self.coll_of(&call.arguments.args[0]).expect("checked");
                 self.used.insert(c.to_string());
                 self.edit(expr.start().to_usize(), expr.end().to_usize(), format!("_hg_len({})", q(c)));
+            }
+            Expr::Call(call) => {
+                // `c.get(key)`, `c.setdefault(args, ...)`, ...: reads by the request's key.
+                if let Expr::Attribute(a) = &*call.func
+                    && let Some(c) = self.coll_of(&a.value)
+                    && matches!(a.attr.as_str(), "get" | "setdefault" | "pop" | "delete")
+                    && let Some(first) = call.arguments.args.first()
+                {
+                    self.note_read(c, first);
+                }
+                visitor::walk_expr(self, expr)
             }
             _ => visitor::walk_expr(self, expr),
         }
@@ -334,8 +372,16 @@ pub fn rewrite(src: &str, collections: &BTreeSet<String>, snippet: bool) -> Resu
             ) && !matches!(s, Stmt::Expr(e) if e.value.is_string_literal_expr())
         })
         .map(|s| s.start().to_usize());
-    let mut rw =
-        Rewriter { colls, edits: Vec::new(), used: BTreeSet::new(), names: BTreeSet::new(), error: None };
+    let stable = (!binder.bound.contains("key"), !binder.bound.contains("args"));
+    let mut rw = Rewriter {
+        colls,
+        edits: Vec::new(),
+        used: BTreeSet::new(),
+        names: BTreeSet::new(),
+        error: None,
+        stable,
+        prefetch: BTreeSet::new(),
+    };
     let last_expr = match body.last() {
         Some(Stmt::Expr(e)) if snippet => Some((e.value.start().to_usize(), e.value.end().to_usize())),
         _ => None,
@@ -380,7 +426,15 @@ pub fn rewrite(src: &str, collections: &BTreeSet<String>, snippet: bool) -> Resu
         text.push_str(tail);
         origin.extend(std::iter::repeat_n(src.len() as u32, tail.len()));
     }
-    Ok(Rewritten { text, origin, collections: rw.used, top_level, names: rw.names, top_level_code })
+    Ok(Rewritten {
+        text,
+        origin,
+        collections: rw.used,
+        top_level,
+        names: rw.names,
+        top_level_code,
+        prefetch: rw.prefetch,
+    })
 }
 
 #[cfg(test)]
@@ -410,6 +464,17 @@ mod tests {
     fn bound_names_are_not_collections() {
         assert_eq!(rw("users = [1]\nusers[0]"), "users = [1]\n_hg_end(users[0])");
         assert_eq!(rw("def f(t):\n    return t[0]\nf([3])"), "def f(t):\n    return t[0]\n_hg_end(f([3]))");
+    }
+
+    #[test]
+    fn reads_by_the_request_key_are_prefetched() {
+        let colls: BTreeSet<String> = ["users"].iter().map(|s| s.to_string()).collect();
+        let p = |src: &str| rewrite(src, &colls, true).unwrap().prefetch.into_iter().collect::<Vec<_>>();
+        assert_eq!(p("users[key]['n'] += 1"), [("users".to_string(), Prefetch::Key)]);
+        assert_eq!(p("users[args] += 1"), [("users".to_string(), Prefetch::Args)]);
+        assert!(p("users[key + 'x']").is_empty());
+        assert_eq!(p("users.get(key, 0) + 1"), [("users".to_string(), Prefetch::Key)]);
+        assert!(p("key = 'b'\nusers[key]").is_empty(), "a rebound key is not the request's");
     }
 
     #[test]

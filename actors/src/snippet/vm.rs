@@ -29,8 +29,10 @@ use serde::{Deserialize, Serialize};
 pub const HOST_PREFIX: &str = "_hg_";
 /// The host function that ends a run.
 pub const DONE: &str = "_hg_done";
-/// The inputs every program is compiled with.
-pub const INPUTS: [&str; 2] = ["key", "args"];
+/// The inputs every program is compiled with: the snippet's `key` and `args`, and `_hg_pre`, the
+/// documents the host read before the start (`{(collection, key): [found, value]}` or None), so
+/// that the common first read costs no suspension (no round trip to a sandbox worker).
+pub const INPUTS: [&str; 3] = ["key", "args", "_hg_pre"];
 /// The program's file name in tracebacks.
 pub const FILE: &str = "snippet.py";
 
