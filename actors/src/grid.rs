@@ -271,9 +271,11 @@ pub struct GridCore {
     registry: Registry,
     catalog: Mutex<Option<Heap>>,
     snippets: Arc<Snippets>,
-    /// Grid-scoped snippets that conflicted once commit under one of these (chosen by the first
+    /// Grid-scoped snippets that conflicted twice commit under one of these (chosen by the first
     /// shard they write), so that contenders on the same data take turns instead of retrying
-    /// against each other without end.
+    /// against each other without end. A holder keeps it for at most its remaining runs, each
+    /// bounded by its wall budget and its commit by `PREPARE_HOLD_MAX`; waiters are bounded by
+    /// the grid-scoped snippets in flight (connections × their in-flight limit).
     commit_stripes: Vec<tokio::sync::Mutex<()>>,
     _lock: File,
 }
@@ -605,7 +607,8 @@ impl GridCore {
             })
             .await
             .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
-            let groups = self.commit_groups(&outcome, &versions, &access)?;
+            let crate::snippet::Outcome { value, writes } = outcome;
+            let groups = self.commit_groups(writes, &versions)?;
             if attempt > OPTIMISTIC_ATTEMPTS && stripe.is_none() {
                 // Take turns with the other contenders on this data.
                 let first = groups.first().map_or(0, |((t, i), _)| {
@@ -617,7 +620,7 @@ impl GridCore {
                 stripe = Some(self.commit_stripes[first % COMMIT_STRIPES].lock().await);
             }
             match self.commit(groups).await {
-                Ok(()) => return Ok(outcome.value),
+                Ok(()) => return Ok(value),
                 Err(GridError::CasFailed { .. }) => continue,
                 Err(e) => return Err(e),
             }
@@ -627,34 +630,30 @@ impl GridCore {
 
     /// A grid-scoped outcome as batches per (table, shard), in (table, shard) order: each key it
     /// read is checked at the version it saw (`Check`, or a `Cas` where it also writes), keys it
-    /// wrote blind are written as they are. Refused before anything is applied if the snippet may
-    /// not write a table or a value cannot be stored.
+    /// wrote blind are written as they are. The write permission and each key were checked when
+    /// the run ended (`GridStore::check_write`); a value that cannot be stored fails its shard's
+    /// batch or prepare, and with it the whole commit.
     fn commit_groups(
         &self,
-        outcome: &crate::snippet::Outcome,
+        writes: Vec<crate::snippet::SnippetWrite>,
         versions: &HashMap<(String, Key), u64>,
-        access: &AccessCheck,
     ) -> Result<Vec<ShardOps>, GridError> {
         use crate::table::Expect;
         let mut groups: std::collections::BTreeMap<(String, u32), Vec<WriteOp>> = Default::default();
         let mut written = std::collections::HashSet::new();
-        for w in &outcome.writes {
-            access(&w.collection, true)?;
-            if let Some(v) = &w.value {
-                v.encode().map_err(|e| GridError::Value(format!("{}[{}]: {e}", w.collection, w.key)))?;
-            }
+        for w in writes {
             let t = self.table(&w.collection)?;
             let at = (w.collection.clone(), w.key.shard(t.def.shards));
             let expect = versions.get(&(w.collection.clone(), w.key.clone())).map(|&v| match v {
                 0 => Expect::Absent,
                 v => Expect::Version(v),
             });
-            let op = match (expect, &w.value) {
-                (Some(expect), v) => WriteOp::Cas { key: w.key.clone(), expect, new: v.clone() },
-                (None, Some(value)) => WriteOp::Put { key: w.key.clone(), value: value.clone() },
-                (None, None) => WriteOp::Delete { key: w.key.clone() },
+            written.insert((w.collection, w.key.clone()));
+            let op = match (expect, w.value) {
+                (Some(expect), new) => WriteOp::Cas { key: w.key, expect, new },
+                (None, Some(value)) => WriteOp::Put { key: w.key, value },
+                (None, None) => WriteOp::Delete { key: w.key },
             };
-            written.insert((w.collection.clone(), w.key.clone()));
             groups.entry(at).or_default().push(op);
         }
         // Reads only matter to a snippet that writes (a read-only one answered from what it saw).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use heapgrid::{Budget, Client, GridError, Key, LimitOverrides, SnippetErrorKind, TableOptions, Value};
+use heapgrid::{Client, GridError, Key, LimitOverrides, SnippetErrorKind, TableOptions, Value};
 
 use crate::server::Server;
 
@@ -207,5 +207,4 @@ async fn concurrent_increments_lose_nothing_in_either_scope() {
     assert_eq!(n(other.get_value(k.as_str()).await.unwrap().unwrap()), 2_000);
     let f = c.eval("four['nope']").await;
     assert!(matches!(&f, Err(GridError::Snippet(x)) if x.kind == SnippetErrorKind::Value), "{f:?}");
-    let _ = Budget::Steps;
 }

@@ -45,8 +45,6 @@ pub struct SnippetWrite {
 pub struct Outcome {
     pub value: Value,
     pub writes: Vec<SnippetWrite>,
-    /// Every key the run read, with what it found (`None`: absent), for optimistic commits.
-    pub reads: Vec<(String, Key, Option<Value>)>,
 }
 
 /// Where runs happen.
@@ -186,14 +184,6 @@ impl Engine {
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         st.runner = runner;
         let _ = self.rebuild(&mut st, false);
-    }
-
-    /// The sandbox pool, when runs go to workers.
-    pub fn pool(&self) -> Option<Arc<WorkerPool>> {
-        match &self.state.read().unwrap_or_else(|e| e.into_inner()).runner {
-            Runner::Workers(p) => Some(p.clone()),
-            Runner::InProcess => None,
-        }
     }
 
     /// Builds the environment: every procedure module rewritten against the tables. `strict`:
@@ -480,7 +470,6 @@ const BUILTINS: &[&str] = &[
 struct Host<'s> {
     store: &'s mut dyn Store,
     reads: HashMap<(String, Key), Option<Value>>,
-    read_order: Vec<(String, Key)>,
     calls: u64,
     calls_max: u64,
 }
@@ -528,10 +517,7 @@ fn int_arg(args: &[MontyObject], i: usize) -> Result<i64, HostError> {
 impl Host<'_> {
     fn note(&mut self, coll: &str, key: &Key, v: Option<Value>) {
         let k = (coll.to_string(), key.clone());
-        if !self.reads.contains_key(&k) {
-            self.read_order.push(k.clone());
-            self.reads.insert(k, v);
-        }
+        self.reads.entry(k).or_insert(v);
     }
 
     /// Reads the documents the program reads by the request's key before it starts: the
@@ -725,8 +711,7 @@ impl Compiled {
             memory_bytes: limits.memory_bytes,
             call_depth: limits.call_depth,
         };
-        let mut host =
-            Host { store, reads: HashMap::new(), read_order: Vec::new(), calls: 0, calls_max: limits.steps };
+        let mut host = Host { store, reads: HashMap::new(), calls: 0, calls_max: limits.steps };
         let pre = host.prefetch(&self.prefetch, key, args);
         let inputs = vec![key.map_or(MontyObject::None, convert::key_to_monty), convert::to_monty(args), pre];
         let mut step =
@@ -841,16 +826,7 @@ impl Compiled {
                 return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
             }
         };
-        let mut reads_map = host.reads;
-        let reads = host
-            .read_order
-            .into_iter()
-            .map(|(c, k)| {
-                let v = reads_map.remove(&(c.clone(), k.clone())).flatten();
-                (c, k, v)
-            })
-            .collect();
-        Ok(Outcome { value, writes, reads })
+        Ok(Outcome { value, writes })
     }
 
     /// Whether runs go to a sandbox worker process.

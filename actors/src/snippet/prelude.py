@@ -196,6 +196,11 @@ def fail(message):
 
 # == core
 def _hg_end(r):
+    t = type(r)
+    if t is not list and t is not tuple and t is not dict:
+        # A scalar is never answered with a `$ref`: no identity scan.
+        _hg_done(r, _hg_docs, [])
+        return
     # Which parts of the result are stored documents (by identity), for `$ref` shaping.
     ids = {}
     for t, cell in _hg_docs.items():

@@ -35,7 +35,7 @@ pub trait Store {
     fn contains(&mut self, coll: &str, key: &Key) -> Result<bool, GridError>;
     fn count(&mut self, coll: &str) -> Result<u64, GridError>;
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError>;
-    /// Whether the run may write `key` of `coll` (checked at the assignment, so a refusal has
-    /// the snippet's position; the caller still checks every write before committing).
+    /// Whether the run may write `key` of `coll`: asked for every write when the run ends,
+    /// before its outcome is returned (a refusal fails the run, with no position).
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError>;
 }

@@ -83,7 +83,9 @@ pub trait Vm {
     fn resume(&mut self, answer: Answer) -> Result<Step, VmError>;
 }
 
-/// A rewritten program (prelude, procedures, snippet), identified by a hash of its text.
+/// A rewritten program (prelude, procedures, snippet). Its id is unique in this process (a
+/// counter, not a hash of the text: a worker runs whatever its cache holds under an id, so two
+/// texts must never share one).
 #[derive(Debug)]
 pub struct Program {
     pub id: u64,
@@ -95,10 +97,9 @@ pub struct Program {
 
 impl Program {
     pub fn new(text: String) -> Program {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        text.hash(&mut h);
-        Program { id: h.finish(), text: text.into(), compiled: Default::default() }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Program { id, text: text.into(), compiled: Default::default() }
     }
 
     pub fn compile(text: &str) -> Result<MontyRun, MontyException> {

@@ -23,7 +23,6 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,8 +71,12 @@ fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::Resul
     if len > FRAME_MAX {
         return Err(std::io::Error::other(format!("frame of {len} bytes is over {FRAME_MAX}")));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Grown as the bytes arrive, not allocated to the declared length up front.
+    let mut body = Vec::new();
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     postcard::from_bytes(&body).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
@@ -151,7 +154,8 @@ struct Worker {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
-    /// Programs this worker has compiled.
+    /// Programs this worker has been sent (it may have dropped some since: it then answers
+    /// `NeedText`). At most `WORKER_PROGRAMS_MAX`; past that it starts over.
     known: std::collections::HashSet<u64>,
 }
 
@@ -162,21 +166,12 @@ impl Worker {
     }
 }
 
-/// Counters of a pool, for stats and tests.
-#[derive(Debug, Default)]
-pub struct PoolStats {
-    pub started: AtomicU64,
-    pub died: AtomicU64,
-    pub runs: AtomicU64,
-}
-
 /// The node's sandbox worker processes.
 pub struct WorkerPool {
     exe: PathBuf,
     max: usize,
     state: Mutex<PoolState>,
     freed: Condvar,
-    pub stats: PoolStats,
 }
 
 struct PoolState {
@@ -192,7 +187,6 @@ impl WorkerPool {
             max: max.max(1),
             state: Mutex::new(PoolState { idle: Vec::new(), live: 0 }),
             freed: Condvar::new(),
-            stats: PoolStats::default(),
         }
     }
 
@@ -204,11 +198,6 @@ impl WorkerPool {
         candidates.into_iter().find(|p| p.is_file())
     }
 
-    /// Process ids of the live idle workers (for tests and stats).
-    pub fn idle_pids(&self) -> Vec<u32> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).idle.iter().map(|w| w.child.id()).collect()
-    }
-
     fn spawn(&self) -> Result<Worker, VmError> {
         let mut child = Command::new(&self.exe)
             .stdin(Stdio::piped())
@@ -216,7 +205,6 @@ impl WorkerPool {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| VmError::Died(format!("cannot start snippet worker {}: {e}", self.exe.display())))?;
-        self.stats.started.fetch_add(1, Ordering::Relaxed);
         let stdin = child.stdin.take().ok_or_else(|| VmError::Died("worker has no stdin".into()))?;
         let stdout = child.stdout.take().ok_or_else(|| VmError::Died("worker has no stdout".into()))?;
         Ok(Worker { child, stdin, stdout, known: Default::default() })
@@ -251,7 +239,6 @@ impl WorkerPool {
 
     fn discard(&self, w: Worker) -> Option<std::process::ExitStatus> {
         let status = w.kill();
-        self.stats.died.fetch_add(1, Ordering::Relaxed);
         self.state.lock().unwrap_or_else(|e| e.into_inner()).live -= 1;
         self.freed.notify_one();
         status
@@ -339,8 +326,9 @@ impl WorkerVm {
         }
     }
 
-    fn step(&mut self) -> Result<Step, VmError> {
-        match self.recv()? {
+    /// The step a worker's message means; the worker goes back to the pool when the run ended.
+    fn step(&mut self, m: FromWorker) -> Result<Step, VmError> {
+        match m {
             FromWorker::Step(s) => {
                 if matches!(s, Step::Done { .. })
                     && let Some(w) = self.worker.take()
@@ -368,57 +356,34 @@ impl Vm for WorkerVm {
         limits: &EngineLimits,
     ) -> Result<Step, VmError> {
         self.deadline = Instant::now() + Duration::from_millis(limits.wall_ms) + DEADLINE_GRACE;
-        let w = self.pool.take(self.deadline)?;
-        self.pool.stats.runs.fetch_add(1, Ordering::Relaxed);
-        let known = w.known.contains(&program.id);
+        let mut w = self.pool.take(self.deadline)?;
+        if w.known.len() >= WORKER_PROGRAMS_MAX {
+            w.known.clear();
+        }
+        let text = w.known.insert(program.id).then(|| program.text.to_string());
         self.worker = Some(w);
-        let text = (!known).then(|| program.text.to_string());
         let mut msg = ToWorker::Run { id: program.id, text, inputs, limits: limits.clone() };
         self.send(&msg)?;
-        if let Some(w) = self.worker.as_mut() {
-            w.known.insert(program.id);
-        }
-        loop {
-            let w = self.worker.as_mut().ok_or_else(|| VmError::Died("no worker".into()))?;
-            if !wait_readable(w.stdout.as_raw_fd(), self.deadline) {
-                return Err(self.died("snippet worker missed its deadline".into(), true));
-            }
-            match read_frame::<FromWorker>(&mut w.stdout) {
-                Ok(FromWorker::NeedText) => {
-                    // The worker forgot it (its cache is bounded): send the text after all.
-                    if let ToWorker::Run { text, .. } = &mut msg {
-                        if text.is_some() {
-                            return Err(self.died("snippet worker refused a program".into(), false));
-                        }
-                        *text = Some(program.text.to_string());
-                    }
+        match self.recv()? {
+            // The worker dropped it (its cache is bounded): send the text after all, once.
+            FromWorker::NeedText => {
+                if let ToWorker::Run { text: text @ None, .. } = &mut msg {
+                    *text = Some(program.text.to_string());
                     self.send(&msg)?;
-                }
-                Ok(FromWorker::Step(s)) => {
-                    if matches!(s, Step::Done { .. })
-                        && let Some(w) = self.worker.take()
-                    {
-                        self.pool.give_back(w);
-                    }
-                    return Ok(s);
-                }
-                Ok(FromWorker::Failed(e)) => {
-                    if let Some(w) = self.worker.take() {
-                        self.pool.give_back(w);
-                    }
-                    return Err(VmError::Exception(e));
-                }
-                Err(e) => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    return Err(self.died(format!("snippet worker died: {e}"), false));
+                    let m = self.recv()?;
+                    self.step(m)
+                } else {
+                    Err(self.died("snippet worker refused a program".into(), false))
                 }
             }
+            m => self.step(m),
         }
     }
 
     fn resume(&mut self, answer: Answer) -> Result<Step, VmError> {
         self.send(&ToWorker::Answer(answer))?;
-        self.step()
+        let m = self.recv()?;
+        self.step(m)
     }
 }
 

@@ -253,15 +253,7 @@ fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), Gr
             permission: "write".into(),
         });
     }
-    // Every write was checked at its assignment; checked again here, where it is committed.
-    if let Some(w) =
-        outcome.writes.iter().find(|w| w.collection != job.table || w.key.shard(job.shards) != job.shard)
-    {
-        return Err(GridError::Invalid(format!(
-            "a snippet in shard {} of {} cannot write {}[{}]",
-            job.shard, job.table, w.collection, w.key
-        )));
-    }
+    // Every write is of this table and shard: `Compiled::run` asked `ShardStore::check_write`.
     let ops: Vec<WriteOp> = outcome
         .writes
         .into_iter()

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ractor::{MessagingErr, RpcReplyPort};
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::actor::{EvalJob, PipelineOp, PipelineReply, ShardMsg};
@@ -33,7 +32,7 @@ const SHARD_RESTART_WAIT: Duration = Duration::from_secs(5);
 /// A collection-scoped snippet: run inside the shard actor that owns `key` (required on a
 /// sharded table): atomic and isolated; its writes are one batch. `read_only` refuses any write
 /// (the server sets it for tokens without write permission).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EvalRequest {
     pub src: String,
     /// The routing key; the snippet's `key` variable.
