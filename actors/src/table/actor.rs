@@ -23,12 +23,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use heapgrid_heap::{CheckpointJob, Durability, FsyncPolicy, Heap, HeapOptions, Published, Snapshot};
+use heapgrid_heap::{Heap, HeapOptions};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::mpsc;
 
 use super::{ScanRange, TableShard, Versioned, WriteOp, WriteResult, Written};
 use crate::error::GridError;
+pub use crate::gate::ReadView;
+use crate::gate::{Deferred, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned};
 use crate::key::Key;
 use crate::snippet::{Compiled, Limits, ScanQuery, Store};
 use crate::value::Value;
@@ -314,241 +315,30 @@ pub struct ShardArgs {
     pub view: Arc<ReadView>,
 }
 
-/// What readers on other tasks see of a shard: its newest published snapshot, and the highest
-/// LSN acknowledged to a writer. A snapshot older than that is stale (a caller that saw its
-/// write acknowledged must read it back), and the read goes to the actor instead.
-///
-/// Snapshots are captured only while someone reads: after a group commit when a read went to
-/// the actor since the last capture, or at once when such a read finds nothing to flush. A
-/// write-only load therefore pays no capture (no sealing, and pages stay writable until the next
-/// checkpoint); a mixed load pays at most one per group.
-#[derive(Default)]
-pub struct ReadView {
-    published: Published<Snapshot>,
-    acked: std::sync::atomic::AtomicU64,
-}
+/// The state of a table shard actor: its table behind the reply gate.
+pub type ShardState = LogGate<TableShard>;
 
-impl ReadView {
-    /// The published snapshot, if it holds every acknowledged write.
-    pub fn fresh(&self) -> Option<Arc<Snapshot>> {
-        let need = self.acked.load(Ordering::Acquire);
-        self.published.load().filter(|s| s.lsn() >= need)
+impl HeapOwner for TableShard {
+    fn heap(&self) -> &Heap {
+        TableShard::heap(self)
     }
-
-    /// Called before writes up to `lsn` are answered (after a newer snapshot, if any, is
-    /// published). A published snapshot this makes stale is withdrawn: nobody may read it any
-    /// more, and while it lived the pages it reaches could not be reused.
-    fn acknowledge(&self, lsn: u64) {
-        let before = self.acked.fetch_max(lsn, Ordering::AcqRel);
-        if lsn > before && self.published.load().is_some_and(|s| s.lsn() < lsn) {
-            self.published.clear();
-        }
+    fn heap_mut(&mut self) -> &mut Heap {
+        TableShard::heap_mut(self)
+    }
+    fn into_heap(self) -> Heap {
+        TableShard::into_heap(self)
     }
 }
 
-/// Replies waiting for an fsync (under `Always`), with the snapshot to publish once it is done.
-pub struct Group {
-    snapshot: Option<Arc<Snapshot>>,
-    replies: Vec<Deferred>,
-    /// The LSN the fsync must cover.
-    upto: u64,
-}
-
-/// Withdraws the shard's published snapshot when its state is dropped (the actor stopped or
-/// died), before the heap is closed: readers then ask the actor's successor, and no snapshot of
-/// this incarnation outlives it in the cell.
-struct Unpublish(Arc<ReadView>);
-
-impl Drop for Unpublish {
-    fn drop(&mut self) {
-        self.0.published.clear();
+impl GateMsg for ShardMsg {
+    fn flush() -> Self {
+        ShardMsg::Flush
     }
-}
-
-/// A reply held until the op log is written (and, under `Always`, synced) up to `lsn`. `answer`
-/// sends it, or, given an error, sends that instead.
-pub struct Deferred {
-    lsn: u64,
-    answer: Answer,
-}
-
-/// Sends a held reply, or the given error instead.
-type Answer = Box<dyn FnOnce(Option<&GridError>) + Send>;
-
-fn deferred<T: Send + 'static>(lsn: u64, port: Reply<T>, r: Result<T, GridError>) -> Deferred {
-    Deferred {
-        lsn,
-        answer: Box::new(move |err| {
-            let _ = port.send(match err {
-                None => r,
-                Some(e) => Err(e.clone()),
-            });
-        }),
+    fn durable(groups: Vec<Group>) -> Self {
+        ShardMsg::Durable(groups)
     }
-}
-
-/// The shard's state: its table and the replies waiting for the op log.
-pub struct ShardState {
-    /// First, so it is dropped (and the snapshot withdrawn) before the heap closes.
-    _unpublish: Unpublish,
-    view: Arc<ReadView>,
-    /// A read came to the actor since the last capture: capture at the next chance.
-    readers: bool,
-    /// `None` once closed.
-    table: Option<TableShard>,
-    /// Under `Always`: the durable-reply task and the handle it syncs through.
-    durable: Option<(mpsc::UnboundedSender<Group>, Durability)>,
-    /// Replies of requests whose writes (or whose view of others' writes) have op-log records
-    /// still queued in memory: sent after `Flush`.
-    unflushed: Vec<Deferred>,
-    flush_scheduled: bool,
-    /// The write-back of a checkpoint begun by this actor, running on the blocking pool.
-    checkpoint_task: Option<tokio::task::JoinHandle<(CheckpointJob, heapgrid_heap::Result<()>)>>,
-}
-
-impl ShardState {
-    /// Writes the queued op-log records, then answers (or, under `Always`, hands to the
-    /// durable-reply task) every request they belong to. On failure every one of them gets the
-    /// error, and the caller fails the actor: the heap is poisoned and a restart recovers it.
-    fn flush(&mut self) -> Result<(), ActorProcessingErr> {
-        self.flush_scheduled = false;
-        let r = match self.table.as_mut() {
-            Some(t) => t.heap_mut().flush_log().map_err(GridError::from),
-            None => Ok(()),
-        };
-        let waiting = std::mem::take(&mut self.unflushed);
-        // Everything applied so far is logged: capture it for readers, if any.
-        let readers = std::mem::take(&mut self.readers);
-        let snapshot = r.and_then(|_| match self.table.as_mut() {
-            Some(t) if readers => t.heap_mut().capture().map(|s| Some(Arc::new(s))).map_err(GridError::from),
-            _ => Ok(None),
-        });
-        let snapshot = match snapshot {
-            Ok(s) => s,
-            Err(e) => {
-                let e = GridError::Unavailable(format!("write not logged: {e}"));
-                for d in waiting {
-                    (d.answer)(Some(&e));
-                }
-                return Err(format!("op log write failed: {e}").into());
-            }
-        };
-        match &self.durable {
-            Some((tx, _)) => {
-                // Published and answered once synced (`ShardMsg::Durable`).
-                let upto = waiting
-                    .iter()
-                    .map(|d| d.lsn)
-                    .chain(snapshot.as_ref().map(|s| s.lsn()))
-                    .max()
-                    .unwrap_or(0);
-                if let Err(mpsc::error::SendError(g)) = tx.send(Group { snapshot, replies: waiting, upto }) {
-                    let e = GridError::Unavailable("durable-reply task ended".into());
-                    for d in g.replies {
-                        (d.answer)(Some(&e));
-                    }
-                }
-            }
-            None => {
-                if let Some(s) = snapshot {
-                    self.view.published.publish(s);
-                }
-                let written = waiting.iter().map(|d| d.lsn).max().unwrap_or(0);
-                self.view.acknowledge(written);
-                for d in waiting {
-                    (d.answer)(None);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A read came to the actor: make the next readers' snapshot fresh. Now, if nothing waits
-    /// for the op log (and under `Always`, everything applied is synced); else at the next flush.
-    fn read_seen(&mut self) {
-        self.readers = true;
-        let Some(t) = self.table.as_mut() else { return };
-        // Never a snapshot holding a write whose record is not yet written.
-        if self.flush_scheduled || t.heap().has_unlogged() {
-            return;
-        }
-        let synced = match &self.durable {
-            Some((_, d)) => d.durable_lsn() >= t.heap().last_lsn(),
-            None => true,
-        };
-        if synced && let Ok(s) = t.heap_mut().capture() {
-            self.view.published.publish(Arc::new(s));
-            self.readers = false;
-        }
-    }
-
-    /// Waits for the checkpoint in flight, if any, and finishes it. A failed write-back poisons
-    /// the heap (which `fail_if_poisoned` turns into a restart); a write-back task that panicked
-    /// fails the actor at once, so the supervisor reopens the heap.
-    async fn finish_checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let Some(task) = self.checkpoint_task.take() else { return Ok(()) };
-        let (job, r) = task.await.map_err(|e| format!("checkpoint write-back task failed: {e}"))?;
-        if let Some(t) = self.table.as_mut() {
-            // An error here has poisoned the heap; the caller checks.
-            let _ = t.heap_mut().finish_checkpoint(job, r);
-        }
-        Ok(())
-    }
-
-    /// Synced groups: publish the newest snapshot among them, then answer every reply.
-    fn durable(&mut self, groups: Vec<Group>) {
-        if let Some(s) = groups.iter().rev().find_map(|g| g.snapshot.clone()) {
-            self.view.published.publish(s);
-        }
-        self.view.acknowledge(groups.iter().map(|g| g.upto).max().unwrap_or(0));
-        for g in groups {
-            for d in g.replies {
-                (d.answer)(None);
-            }
-        }
-    }
-
-    /// Sends a reply whose op-log records are written: at once, or under `Always` through the
-    /// durable-reply task once they are synced.
-    fn release(&self, d: Deferred) {
-        match &self.durable {
-            Some((tx, durability)) if d.lsn > durability.durable_lsn() => {
-                let upto = d.lsn;
-                if let Err(mpsc::error::SendError(g)) =
-                    tx.send(Group { snapshot: None, replies: vec![d], upto })
-                {
-                    for d in g.replies {
-                        (d.answer)(Some(&GridError::Unavailable("durable-reply task ended".into())));
-                    }
-                }
-            }
-            _ => {
-                // What this reply saw may be newer than the published snapshot (under `Always`
-                // it became durable just now): later reads must not see less.
-                self.view.acknowledge(d.lsn);
-                (d.answer)(None)
-            }
-        }
-    }
-
-    /// Answers a request now or once what it wrote or saw is as durable as a write's
-    /// acknowledgement: `wrote` is the LSN it wrote (0: none).
-    fn answer(&mut self, myself: &ActorRef<ShardMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
-        let last = self.table.as_ref().map_or(0, |t| t.heap().last_lsn());
-        if wrote == 0 && !self.flush_scheduled {
-            // A read (or a write that changed nothing): it saw only written records; under
-            // `Always` it waits for them to be synced.
-            self.release(d(last));
-            return;
-        }
-        self.unflushed.push(d(last.max(wrote)));
-        if !self.flush_scheduled {
-            self.flush_scheduled = true;
-            if myself.cast(ShardMsg::Flush).is_err() {
-                // Only while stopping; the flush below answers everything queued.
-                let _ = self.flush();
-            }
-        }
+    fn checkpoint_done() -> Self {
+        ShardMsg::CheckpointDone
     }
 }
 
@@ -579,25 +369,9 @@ impl Actor for ShardActor {
                 r => break r?,
             }
         };
-        let durable = match (args.heap.fsync, heap.durability()) {
-            (FsyncPolicy::Always, Some(d)) => Some((spawn_durable_replies(d.clone(), myself), d)),
-            _ => None,
-        };
-        let mut heap = heap;
-        // What recovery rebuilt is what readers see first.
-        args.view.published.publish(Arc::new(heap.capture()?));
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
-        Ok(ShardState {
-            _unpublish: Unpublish(args.view.clone()),
-            view: args.view,
-            readers: false,
-            table: Some(table),
-            durable,
-            unflushed: Vec::new(),
-            flush_scheduled: false,
-            checkpoint_task: None,
-        })
+        LogGate::new(table, args.heap.fsync, args.view, myself)
     }
 
     async fn handle(
@@ -612,57 +386,25 @@ impl Actor for ShardActor {
                 state.durable(groups);
                 return Ok(());
             }
-            ShardMsg::Checkpoint(None) => {
-                // The periodic one: begun here, written back on the blocking pool while this
-                // actor goes on serving; skipped while the previous one is still in flight.
-                // An error that did not poison the heap (a full disk while reserving the free
-                // list) leaves it serving; the next tick tries again.
-                if state.checkpoint_task.is_none()
-                    && let Some(t) = state.table.as_mut()
-                    && let Ok(Some(job)) = t.heap_mut().begin_checkpoint()
-                {
-                    let me = myself.clone();
-                    state.checkpoint_task = Some(tokio::task::spawn_blocking(move || {
-                        let r = job.run();
-                        let _ = me.cast(ShardMsg::CheckpointDone);
-                        (job, r)
-                    }));
-                }
-                return fail_if_poisoned(state);
-            }
+            ShardMsg::Checkpoint(None) => return state.begin_checkpoint(&myself),
             ShardMsg::CheckpointDone => {
                 state.finish_checkpoint().await?;
                 return fail_if_poisoned(state);
             }
             ShardMsg::Checkpoint(Some(reply)) => {
-                // Everything applied so far, durable when this answers: after any in-flight
-                // checkpoint, one more on this thread (letting the runtime move other tasks off).
-                state.finish_checkpoint().await?;
-                let r = match state.table.as_mut() {
-                    Some(t) => blocking(|| t.heap_mut().checkpoint()).map_err(GridError::from),
-                    None => Err(GridError::Closed),
-                };
+                let r = state.checkpoint_now().await?;
                 let _ = reply.send(r);
-                return fail_if_poisoned(state);
+                return Ok(());
             }
             ShardMsg::Close(reply) => {
-                state.finish_checkpoint().await?;
-                state.flush()?;
-                // Readers go to the actor (and get `Closed`) from now on; the snapshot's file
-                // handle no longer holds the heap's lock.
-                state.view.published.clear();
-                let r = match state.table.take() {
-                    Some(t) => t.into_heap().close().map_err(GridError::from),
-                    None => Ok(()),
-                };
-                state.durable = None;
+                let r = state.close().await?;
                 let _ = reply.send(r);
                 return Ok(());
             }
             ShardMsg::InjectPanic => panic!("injected panic (test hook)"),
             msg => msg,
         };
-        let Some(table) = state.table.as_mut() else {
+        let Some(table) = state.shard.as_mut() else {
             refuse_closed(msg);
             return Ok(());
         };
@@ -763,20 +505,6 @@ impl Actor for ShardActor {
     }
 }
 
-fn fail_if_poisoned(state: &mut ShardState) -> Result<(), ActorProcessingErr> {
-    match state.table.as_ref().and_then(|t| t.heap().poisoned().map(str::to_string)) {
-        Some(why) => {
-            // Whatever waits for the op log would wait for a heap that is gone.
-            let e = GridError::Unavailable(format!("heap failed closed: {why}"));
-            for d in std::mem::take(&mut state.unflushed) {
-                (d.answer)(Some(&e));
-            }
-            Err(format!("heap failed closed: {why}").into())
-        }
-        None => Ok(()),
-    }
-}
-
 /// Answers a request that arrived after `Close`.
 fn refuse_closed(msg: ShardMsg) {
     fn closed<T>() -> Result<T, GridError> {
@@ -800,56 +528,6 @@ fn refuse_closed(msg: ShardMsg) {
         }
         ShardMsg::Checkpoint(None) | ShardMsg::CheckpointDone | ShardMsg::Flush | ShardMsg::InjectPanic => {}
     }
-}
-
-/// Runs blocking work (a checkpoint's flushes) so the runtime can move other tasks off this
-/// worker; on a current-thread runtime there is nowhere to move them, so it just runs.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// The durable-reply task of a shard under `FsyncPolicy::Always`: one fsync per drained batch
-/// of groups, then the groups go back to the actor, which publishes and answers (it is the only
-/// publisher, so nothing is published after it stopped).
-fn spawn_durable_replies(durability: Durability, actor: ActorRef<ShardMsg>) -> mpsc::UnboundedSender<Group> {
-    // Not bounded here: each group holds the replies of requests already in the shard's mailbox
-    // (one group per `Flush`, plus reads released under `Always`), so what bounds the mailbox
-    // (the connections' in-flight limits; ractor's mailbox itself is unbounded) bounds this.
-    let (tx, mut rx) = mpsc::unbounded_channel::<Group>();
-    tokio::spawn(async move {
-        let mut groups = Vec::new();
-        while let Some(first) = rx.recv().await {
-            groups.push(first);
-            while let Ok(more) = rx.try_recv() {
-                groups.push(more);
-            }
-            let upto = groups.iter().map(|g| g.upto).max().unwrap_or(0);
-            let d = durability.clone();
-            let synced = tokio::task::spawn_blocking(move || d.wait(upto)).await;
-            let err = match synced {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => {
-                    Some(GridError::Unavailable(format!("write not durable: {}", GridError::from(e))))
-                }
-                Err(e) => Some(GridError::Unavailable(format!("write not durable: fsync task failed: {e}"))),
-            };
-            match err {
-                None => {
-                    // A stopped actor drops the groups: their callers get an error.
-                    let _ = actor.send_message(ShardMsg::Durable(std::mem::take(&mut groups)));
-                }
-                Some(e) => {
-                    for d in groups.drain(..).flat_map(|g| g.replies) {
-                        (d.answer)(Some(&e));
-                    }
-                }
-            }
-        }
-    });
-    tx
 }
 
 #[cfg(test)]

@@ -25,25 +25,36 @@ use crate::restart::{Decision, RestartPolicy, RestartTracker};
 const SHUTDOWN_SHARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where callers find one shard.
-#[derive(Clone)]
-pub enum SlotState {
+pub enum SlotState<M = ShardMsg> {
     Starting,
-    Running(ActorRef<ShardMsg>),
+    Running(ActorRef<M>),
     Failed(String),
     Stopped,
 }
 
-/// A shard's slot, shared between its supervisor (writer) and callers (readers). Callers that
-/// find it `Starting` wait for the next change (`wait_change`) instead of polling.
-pub struct ShardSlot {
-    state: RwLock<SlotState>,
+impl<M> Clone for SlotState<M> {
+    fn clone(&self) -> Self {
+        match self {
+            SlotState::Starting => SlotState::Starting,
+            SlotState::Running(a) => SlotState::Running(a.clone()),
+            SlotState::Failed(why) => SlotState::Failed(why.clone()),
+            SlotState::Stopped => SlotState::Stopped,
+        }
+    }
+}
+
+/// A shard's slot, shared between its supervisor (writer) and callers (readers): of a table
+/// shard by default, of any shard actor with messages `M` (feed shards). Callers that find it
+/// `Starting` wait for the next change (`wait_change`) instead of polling.
+pub struct ShardSlot<M = ShardMsg> {
+    state: RwLock<SlotState<M>>,
     /// What readers see of the running shard (no snapshot while it is not running).
     pub view: Arc<ReadView>,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
 
-impl ShardSlot {
+impl<M> ShardSlot<M> {
     pub fn new() -> Self {
         ShardSlot {
             state: RwLock::new(SlotState::Starting),
@@ -52,14 +63,14 @@ impl ShardSlot {
             changed: tokio::sync::Notify::new(),
         }
     }
-    pub fn get(&self) -> SlotState {
+    pub fn get(&self) -> SlotState<M> {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
     /// Bumped on every change.
     pub fn version(&self) -> u64 {
         self.version.load(std::sync::atomic::Ordering::Acquire)
     }
-    fn set(&self, s: SlotState) {
+    pub(crate) fn set(&self, s: SlotState<M>) {
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = s;
         self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.changed.notify_waiters();
@@ -77,7 +88,7 @@ impl ShardSlot {
     }
 }
 
-impl Default for ShardSlot {
+impl<M> Default for ShardSlot<M> {
     fn default() -> Self {
         Self::new()
     }

@@ -1,0 +1,421 @@
+//! The reply gate shared by every actor that owns a heap (table shards, feed shards): replies
+//! held until the op-log records they depend on are written (and, under `FsyncPolicy::Always`,
+//! synced), the per-shard durable-reply task, the published read view, and the checkpoint in
+//! flight. The actor around it applies writes with their records queued
+//! (`Heap::apply_deferred`), asks `LogGate::answer` to send each reply, and forwards the two
+//! messages the gate sends itself (`GateMsg::flush`, `GateMsg::durable`) back to it.
+//!
+//! Invariant: a reply is sent for a write only after its record is durable under the policy.
+//! Invariant: a read is answered only once every write it could see is as durable as a write's
+//! acknowledgement requires: after the group's op-log write, and under `Always` after its fsync.
+//! Invariant: if the actor dies, every reply port it held is dropped, so every caller gets an
+//! error instead of waiting forever.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use heapgrid_heap::{CheckpointJob, Durability, FsyncPolicy, Heap, Published, Snapshot};
+use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+
+use crate::error::GridError;
+
+type Reply<T> = RpcReplyPort<Result<T, GridError>>;
+
+/// What owns the heap behind a gate (a table shard, a feed shard).
+pub trait HeapOwner: Send + 'static {
+    fn heap(&self) -> &Heap;
+    fn heap_mut(&mut self) -> &mut Heap;
+    fn into_heap(self) -> Heap;
+}
+
+/// The two messages a gate sends to its own actor.
+pub trait GateMsg: ractor::Message {
+    /// Write the queued op-log records and answer their requests (`LogGate::flush`).
+    fn flush() -> Self;
+    /// Synced groups from the durable-reply task (`LogGate::durable`).
+    fn durable(groups: Vec<Group>) -> Self;
+    /// The background checkpoint's write-back ended (`LogGate::finish_checkpoint`).
+    fn checkpoint_done() -> Self;
+}
+
+/// What readers on other tasks see of a shard: its newest published snapshot, and the highest
+/// LSN acknowledged to a writer. A snapshot older than that is stale (a caller that saw its
+/// write acknowledged must read it back), and the read goes to the actor instead.
+///
+/// Snapshots are captured only while someone reads: after a group commit when a read went to
+/// the actor since the last capture, or at once when such a read finds nothing to flush. A
+/// write-only load therefore pays no capture (no sealing, and pages stay writable until the next
+/// checkpoint); a mixed load pays at most one per group.
+#[derive(Default)]
+pub struct ReadView {
+    published: Published<Snapshot>,
+    acked: std::sync::atomic::AtomicU64,
+}
+
+impl ReadView {
+    /// The published snapshot, if it holds every acknowledged write.
+    pub fn fresh(&self) -> Option<Arc<Snapshot>> {
+        let need = self.acked.load(Ordering::Acquire);
+        self.published.load().filter(|s| s.lsn() >= need)
+    }
+
+    /// Called before writes up to `lsn` are answered (after a newer snapshot, if any, is
+    /// published). A published snapshot this makes stale is withdrawn: nobody may read it any
+    /// more, and while it lived the pages it reaches could not be reused.
+    fn acknowledge(&self, lsn: u64) {
+        let before = self.acked.fetch_max(lsn, Ordering::AcqRel);
+        if lsn > before && self.published.load().is_some_and(|s| s.lsn() < lsn) {
+            self.published.clear();
+        }
+    }
+}
+
+/// Replies waiting for an fsync (under `Always`), with the snapshot to publish once it is done.
+pub struct Group {
+    snapshot: Option<Arc<Snapshot>>,
+    pub replies: Vec<Deferred>,
+    /// The LSN the fsync must cover.
+    upto: u64,
+}
+
+/// Withdraws the shard's published snapshot when its state is dropped (the actor stopped or
+/// died), before the heap is closed: readers then ask the actor's successor, and no snapshot of
+/// this incarnation outlives it in the cell.
+struct Unpublish(Arc<ReadView>);
+
+impl Drop for Unpublish {
+    fn drop(&mut self) {
+        self.0.published.clear();
+    }
+}
+
+/// A reply held until the op log is written (and, under `Always`, synced) up to `lsn`. `answer`
+/// sends it, or, given an error, sends that instead.
+pub struct Deferred {
+    pub lsn: u64,
+    pub answer: Answer,
+}
+
+/// Sends a held reply, or the given error instead.
+pub type Answer = Box<dyn FnOnce(Option<&GridError>) + Send>;
+
+pub fn deferred<T: Send + 'static>(lsn: u64, port: Reply<T>, r: Result<T, GridError>) -> Deferred {
+    Deferred {
+        lsn,
+        answer: Box::new(move |err| {
+            let _ = port.send(match err {
+                None => r,
+                Some(e) => Err(e.clone()),
+            });
+        }),
+    }
+}
+
+/// A shard's heap owner and the replies waiting for its op log.
+pub struct LogGate<S> {
+    /// First, so it is dropped (and the snapshot withdrawn) before the heap closes.
+    _unpublish: Unpublish,
+    view: Arc<ReadView>,
+    /// A read came to the actor since the last capture: capture at the next chance.
+    readers: bool,
+    /// `None` once closed.
+    pub shard: Option<S>,
+    /// Under `Always`: the durable-reply task and the handle it syncs through.
+    durable: Option<(mpsc::UnboundedSender<Group>, Durability)>,
+    /// Replies of requests whose writes (or whose view of others' writes) have op-log records
+    /// still queued in memory: sent after `Flush`.
+    unflushed: Vec<Deferred>,
+    flush_scheduled: bool,
+    /// The write-back of a checkpoint begun by this actor, running on the blocking pool.
+    checkpoint_task: Option<tokio::task::JoinHandle<(CheckpointJob, heapgrid_heap::Result<()>)>>,
+}
+
+impl<S: HeapOwner> LogGate<S> {
+    /// The gate of a shard whose heap was just opened (recovered): publishes what recovery
+    /// rebuilt for readers, and under `Always` starts the durable-reply task.
+    pub fn new<M: GateMsg>(
+        mut shard: S,
+        fsync: FsyncPolicy,
+        view: Arc<ReadView>,
+        myself: ActorRef<M>,
+    ) -> Result<Self, ActorProcessingErr> {
+        let durable = match (fsync, shard.heap().durability()) {
+            (FsyncPolicy::Always, Some(d)) => Some((spawn_durable_replies(d.clone(), myself), d)),
+            _ => None,
+        };
+        view.published.publish(Arc::new(shard.heap_mut().capture()?));
+        Ok(LogGate {
+            _unpublish: Unpublish(view.clone()),
+            view,
+            readers: false,
+            shard: Some(shard),
+            durable,
+            unflushed: Vec::new(),
+            flush_scheduled: false,
+            checkpoint_task: None,
+        })
+    }
+
+    /// The periodic checkpoint: begun here, written back on the blocking pool while the actor
+    /// goes on serving (`GateMsg::checkpoint_done` finishes it); skipped while the previous one
+    /// is still in flight. An error that did not poison the heap (a full disk while reserving
+    /// the free list) leaves it serving; the next tick tries again.
+    pub fn begin_checkpoint<M: GateMsg>(&mut self, myself: &ActorRef<M>) -> Result<(), ActorProcessingErr> {
+        if self.checkpoint_task.is_none()
+            && let Some(t) = self.shard.as_mut()
+            && let Ok(Some(job)) = t.heap_mut().begin_checkpoint()
+        {
+            let me = myself.clone();
+            self.checkpoint_task = Some(tokio::task::spawn_blocking(move || {
+                let r = job.run();
+                let _ = me.cast(M::checkpoint_done());
+                (job, r)
+            }));
+        }
+        fail_if_poisoned(self)
+    }
+
+    /// Everything applied so far, durable when this returns: after any in-flight checkpoint,
+    /// one more on this thread (letting the runtime move other tasks off). The outer error
+    /// fails the actor; the inner one is the caller's answer.
+    pub async fn checkpoint_now(&mut self) -> Result<Result<(), GridError>, ActorProcessingErr> {
+        self.finish_checkpoint().await?;
+        let r = match self.shard.as_mut() {
+            Some(t) => blocking(|| t.heap_mut().checkpoint()).map_err(GridError::from),
+            None => Err(GridError::Closed),
+        };
+        fail_if_poisoned(self)?;
+        Ok(r)
+    }
+
+    /// Checkpoints and closes the heap (releasing its file lock); readers go to the actor (and
+    /// get `Closed`) from now on.
+    pub async fn close(&mut self) -> Result<Result<(), GridError>, ActorProcessingErr> {
+        self.finish_checkpoint().await?;
+        self.flush()?;
+        self.view.published.clear();
+        let r = match self.shard.take() {
+            Some(t) => t.into_heap().close().map_err(GridError::from),
+            None => Ok(()),
+        };
+        self.durable = None;
+        Ok(r)
+    }
+
+    /// Whether records are queued for the op log (a flush is coming).
+    pub fn flush_pending(&self) -> bool {
+        self.flush_scheduled
+    }
+
+    /// Writes the queued op-log records, then answers (or, under `Always`, hands to the
+    /// durable-reply task) every request they belong to. On failure every one of them gets the
+    /// error, and the caller fails the actor: the heap is poisoned and a restart recovers it.
+    pub fn flush(&mut self) -> Result<(), ActorProcessingErr> {
+        self.flush_scheduled = false;
+        let r = match self.shard.as_mut() {
+            Some(t) => t.heap_mut().flush_log().map_err(GridError::from),
+            None => Ok(()),
+        };
+        let waiting = std::mem::take(&mut self.unflushed);
+        // Everything applied so far is logged: capture it for readers, if any.
+        let readers = std::mem::take(&mut self.readers);
+        let snapshot = r.and_then(|_| match self.shard.as_mut() {
+            Some(t) if readers => t.heap_mut().capture().map(|s| Some(Arc::new(s))).map_err(GridError::from),
+            _ => Ok(None),
+        });
+        let snapshot = match snapshot {
+            Ok(s) => s,
+            Err(e) => {
+                let e = GridError::Unavailable(format!("write not logged: {e}"));
+                for d in waiting {
+                    (d.answer)(Some(&e));
+                }
+                return Err(format!("op log write failed: {e}").into());
+            }
+        };
+        match &self.durable {
+            Some((tx, _)) => {
+                // Published and answered once synced (`ShardMsg::Durable`).
+                let upto = waiting
+                    .iter()
+                    .map(|d| d.lsn)
+                    .chain(snapshot.as_ref().map(|s| s.lsn()))
+                    .max()
+                    .unwrap_or(0);
+                if let Err(mpsc::error::SendError(g)) = tx.send(Group { snapshot, replies: waiting, upto }) {
+                    let e = GridError::Unavailable("durable-reply task ended".into());
+                    for d in g.replies {
+                        (d.answer)(Some(&e));
+                    }
+                }
+            }
+            None => {
+                if let Some(s) = snapshot {
+                    self.view.published.publish(s);
+                }
+                let written = waiting.iter().map(|d| d.lsn).max().unwrap_or(0);
+                self.view.acknowledge(written);
+                for d in waiting {
+                    (d.answer)(None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A read came to the actor: make the next readers' snapshot fresh. Now, if nothing waits
+    /// for the op log (and under `Always`, everything applied is synced); else at the next flush.
+    pub fn read_seen(&mut self) {
+        self.readers = true;
+        let Some(t) = self.shard.as_mut() else { return };
+        // Never a snapshot holding a write whose record is not yet written.
+        if self.flush_scheduled || t.heap().has_unlogged() {
+            return;
+        }
+        let synced = match &self.durable {
+            Some((_, d)) => d.durable_lsn() >= t.heap().last_lsn(),
+            None => true,
+        };
+        if synced && let Ok(s) = t.heap_mut().capture() {
+            self.view.published.publish(Arc::new(s));
+            self.readers = false;
+        }
+    }
+
+    /// Waits for the checkpoint in flight, if any, and finishes it. A failed write-back poisons
+    /// the heap (which `fail_if_poisoned` turns into a restart); a write-back task that panicked
+    /// fails the actor at once, so the supervisor reopens the heap.
+    pub async fn finish_checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        let Some(task) = self.checkpoint_task.take() else { return Ok(()) };
+        let (job, r) = task.await.map_err(|e| format!("checkpoint write-back task failed: {e}"))?;
+        if let Some(t) = self.shard.as_mut() {
+            // An error here has poisoned the heap; the caller checks.
+            let _ = t.heap_mut().finish_checkpoint(job, r);
+        }
+        Ok(())
+    }
+
+    /// Synced groups: publish the newest snapshot among them, then answer every reply.
+    pub fn durable(&mut self, groups: Vec<Group>) {
+        if let Some(s) = groups.iter().rev().find_map(|g| g.snapshot.clone()) {
+            self.view.published.publish(s);
+        }
+        self.view.acknowledge(groups.iter().map(|g| g.upto).max().unwrap_or(0));
+        for g in groups {
+            for d in g.replies {
+                (d.answer)(None);
+            }
+        }
+    }
+
+    /// Sends a reply whose op-log records are written: at once, or under `Always` through the
+    /// durable-reply task once they are synced.
+    pub fn release(&self, d: Deferred) {
+        match &self.durable {
+            Some((tx, durability)) if d.lsn > durability.durable_lsn() => {
+                let upto = d.lsn;
+                if let Err(mpsc::error::SendError(g)) =
+                    tx.send(Group { snapshot: None, replies: vec![d], upto })
+                {
+                    for d in g.replies {
+                        (d.answer)(Some(&GridError::Unavailable("durable-reply task ended".into())));
+                    }
+                }
+            }
+            _ => {
+                // What this reply saw may be newer than the published snapshot (under `Always`
+                // it became durable just now): later reads must not see less.
+                self.view.acknowledge(d.lsn);
+                (d.answer)(None)
+            }
+        }
+    }
+
+    /// Answers a request now or once what it wrote or saw is as durable as a write's
+    /// acknowledgement: `wrote` is the LSN it wrote (0: none).
+    pub fn answer<M: GateMsg>(&mut self, myself: &ActorRef<M>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+        let last = self.shard.as_ref().map_or(0, |t| t.heap().last_lsn());
+        if wrote == 0 && !self.flush_scheduled {
+            // A read (or a write that changed nothing): it saw only written records; under
+            // `Always` it waits for them to be synced.
+            self.release(d(last));
+            return;
+        }
+        self.unflushed.push(d(last.max(wrote)));
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            if myself.cast(M::flush()).is_err() {
+                // Only while stopping; the flush below answers everything queued.
+                let _ = self.flush();
+            }
+        }
+    }
+}
+
+
+pub fn fail_if_poisoned<S: HeapOwner>(state: &mut LogGate<S>) -> Result<(), ActorProcessingErr> {
+    match state.shard.as_ref().and_then(|t| t.heap().poisoned().map(str::to_string)) {
+        Some(why) => {
+            // Whatever waits for the op log would wait for a heap that is gone.
+            let e = GridError::Unavailable(format!("heap failed closed: {why}"));
+            for d in std::mem::take(&mut state.unflushed) {
+                (d.answer)(Some(&e));
+            }
+            Err(format!("heap failed closed: {why}").into())
+        }
+        None => Ok(()),
+    }
+}
+
+
+/// Runs blocking work (a checkpoint's flushes) so the runtime can move other tasks off this
+/// worker; on a current-thread runtime there is nowhere to move them, so it just runs.
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// The durable-reply task of a shard under `FsyncPolicy::Always`: one fsync per drained batch
+/// of groups, then the groups go back to the actor, which publishes and answers (it is the only
+/// publisher, so nothing is published after it stopped).
+pub fn spawn_durable_replies<M: GateMsg>(durability: Durability, actor: ActorRef<M>) -> mpsc::UnboundedSender<Group> {
+    // Not bounded here: each group holds the replies of requests already in the shard's mailbox
+    // (one group per `Flush`, plus reads released under `Always`), so what bounds the mailbox
+    // (the connections' in-flight limits; ractor's mailbox itself is unbounded) bounds this.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Group>();
+    tokio::spawn(async move {
+        let mut groups = Vec::new();
+        while let Some(first) = rx.recv().await {
+            groups.push(first);
+            while let Ok(more) = rx.try_recv() {
+                groups.push(more);
+            }
+            let upto = groups.iter().map(|g| g.upto).max().unwrap_or(0);
+            let d = durability.clone();
+            let synced = tokio::task::spawn_blocking(move || d.wait(upto)).await;
+            let err = match synced {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => {
+                    Some(GridError::Unavailable(format!("write not durable: {}", GridError::from(e))))
+                }
+                Err(e) => Some(GridError::Unavailable(format!("write not durable: fsync task failed: {e}"))),
+            };
+            match err {
+                None => {
+                    // A stopped actor drops the groups: their callers get an error.
+                    let _ = actor.send_message(M::durable(std::mem::take(&mut groups)));
+                }
+                Some(e) => {
+                    for d in groups.drain(..).flat_map(|g| g.replies) {
+                        (d.answer)(Some(&e));
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
