@@ -55,6 +55,23 @@ pub enum GridError {
     /// `attempts` runs; nothing it would have written was written.
     #[error("snippet conflicted with concurrent writes {attempts} times; nothing was written")]
     Conflict { attempts: u32 },
+    #[error("no such feed: {0}")]
+    NoSuchFeed(String),
+    /// A feed or table of that name exists (they share one namespace: snippets name both).
+    #[error("a feed or table named {0} exists")]
+    FeedExists(String),
+    /// A caller-supplied feed id that is already taken by a different value ("exists").
+    #[error("feed record {id} exists")]
+    IdExists { id: u64 },
+    /// No feed record with this id ("not_found").
+    #[error("no feed record {id}")]
+    NoSuchRecord { id: u64 },
+    /// Retention dropped records this read or cursor would have returned; the oldest kept id
+    /// is `first_available` (read from `FirstAvailable` to skip to it).
+    #[error("position trimmed by retention; first available id is {first_available}")]
+    Trimmed { first_available: u64 },
+    #[error("no such cursor: {0}")]
+    NoSuchCursor(String),
 }
 
 impl From<TableError> for GridError {

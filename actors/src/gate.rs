@@ -353,7 +353,6 @@ impl<S: HeapOwner> LogGate<S> {
     }
 }
 
-
 pub fn fail_if_poisoned<S: HeapOwner>(state: &mut LogGate<S>) -> Result<(), ActorProcessingErr> {
     match state.shard.as_ref().and_then(|t| t.heap().poisoned().map(str::to_string)) {
         Some(why) => {
@@ -368,7 +367,6 @@ pub fn fail_if_poisoned<S: HeapOwner>(state: &mut LogGate<S>) -> Result<(), Acto
     }
 }
 
-
 /// Runs blocking work (a checkpoint's flushes) so the runtime can move other tasks off this
 /// worker; on a current-thread runtime there is nowhere to move them, so it just runs.
 pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
@@ -381,7 +379,10 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
 /// The durable-reply task of a shard under `FsyncPolicy::Always`: one fsync per drained batch
 /// of groups, then the groups go back to the actor, which publishes and answers (it is the only
 /// publisher, so nothing is published after it stopped).
-pub fn spawn_durable_replies<M: GateMsg>(durability: Durability, actor: ActorRef<M>) -> mpsc::UnboundedSender<Group> {
+pub fn spawn_durable_replies<M: GateMsg>(
+    durability: Durability,
+    actor: ActorRef<M>,
+) -> mpsc::UnboundedSender<Group> {
     // Not bounded here: each group holds the replies of requests already in the shard's mailbox
     // (one group per `Flush`, plus reads released under `Always`), so what bounds the mailbox
     // (the connections' in-flight limits; ractor's mailbox itself is unbounded) bounds this.
@@ -418,4 +419,3 @@ pub fn spawn_durable_replies<M: GateMsg>(durability: Durability, actor: ActorRef
     });
     tx
 }
-

@@ -7,6 +7,7 @@
 pub use heapgrid_heap as heap;
 
 pub mod error;
+pub mod feed;
 pub mod gate;
 pub mod grid;
 pub mod key;
