@@ -94,6 +94,32 @@ impl Grid {
         self.core.list_tables()
     }
 
+    /// Creates a feed (a linked chain of records; see docs/feeds.md).
+    pub async fn create_feed(&self, name: &str, opts: crate::feed::FeedOptions) -> Result<crate::feed::Feed> {
+        Ok(crate::feed::Feed::over(self.core.create_feed(name, opts).await?))
+    }
+
+    /// A handle to an existing feed.
+    pub fn feed(&self, name: &str) -> Result<crate::feed::Feed> {
+        Ok(crate::feed::Feed::over(self.core.feed(name)?))
+    }
+
+    /// Drops a feed and deletes its records.
+    pub async fn drop_feed(&self, name: &str) -> Result<()> {
+        self.core.drop_feed(name).await
+    }
+
+    /// Every feed, with its container.
+    pub async fn feeds(&self) -> Result<Vec<crate::feed::FeedInfo>> {
+        let mut out = Vec::new();
+        for def in self.core.list_feeds() {
+            if let Ok(f) = self.core.feed(&def.name) {
+                out.push(f.info().await?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs a grid-scoped snippet and returns its (shaped) result. Each collection operation in it
     /// is atomic on its own; its writes are applied at the end, one atomic batch per shard, shard
     /// after shard: the snippet as a whole is not a transaction (docs/snippets.md). For an atomic

@@ -23,13 +23,17 @@
 
 pub mod auth;
 pub mod client;
+pub mod feed;
 pub mod grid;
 pub mod loadgen;
 pub mod protocol;
 pub mod server;
 
 pub use client::{Client, ClientOptions};
+pub use feed::{Feed, FeedBackend, Reader, Upgrades};
 pub use grid::{CasOutcome, Grid, Result, Table, TableBackend};
+pub use heapgrid_actors::feed::{CursorInfo, FeedRecord, Pos, ReadResult};
+pub use heapgrid_actors::grid::{FeedInfo, FeedOptions, Retention};
 pub use heapgrid_actors::grid::{FsyncSetting, GridOptions, TableInfo, TableOptions};
 pub use heapgrid_actors::restart::RestartPolicy;
 pub use heapgrid_actors::snippet::{Budget, LimitOverrides, Limits, SnippetErrorKind, SnippetFailure};

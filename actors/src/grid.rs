@@ -31,6 +31,10 @@ use heapgrid_heap::{FsyncPolicy, Heap, HeapOptions};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::error::GridError;
+use crate::feed::actor::FeedMsg;
+pub use crate::feed::def::{FeedDef, FeedInfo, FeedOptions, Retention};
+pub use crate::feed::runtime::FeedRuntime;
+use crate::feed::supervisor::{FeedSupArgs, FeedSupMsg, FeedSupervisor};
 use crate::key::Key;
 use crate::limits::TABLE_SHARDS_MAX;
 use crate::restart::RestartPolicy;
@@ -93,11 +97,14 @@ impl Default for GridOptions {
 }
 
 type Registry = Arc<RwLock<HashMap<String, Arc<TableRuntime>>>>;
+type FeedRegistry = Arc<RwLock<HashMap<String, Arc<FeedRuntime>>>>;
 
 /// Messages of the root supervisor.
 enum RootMsg {
     StartTable(TableDef, Arc<Vec<ShardSlot>>, RpcReplyPort<Result<(), GridError>>),
     StopTable(String, RpcReplyPort<Result<(), GridError>>),
+    StartFeed(FeedDef, Arc<ShardSlot<FeedMsg>>, RpcReplyPort<Result<(), GridError>>),
+    StopFeed(String, RpcReplyPort<Result<(), GridError>>),
     Shutdown(RpcReplyPort<Result<(), GridError>>),
 }
 
@@ -105,6 +112,7 @@ struct RootArgs {
     dir: PathBuf,
     opts: GridOptions,
     registry: Registry,
+    feeds: FeedRegistry,
 }
 
 /// A table supervisor under the root, with what it takes to start it again.
@@ -114,15 +122,27 @@ struct ChildTable {
     slots: Arc<Vec<ShardSlot>>,
 }
 
+/// A feed supervisor under the root, with what it takes to start it again.
+struct ChildFeed {
+    sup: ActorRef<FeedSupMsg>,
+    def: FeedDef,
+    slot: Arc<ShardSlot<FeedMsg>>,
+}
+
 struct RootState {
     args: RootArgs,
     tables: HashMap<String, ChildTable>,
+    feeds: HashMap<String, ChildFeed>,
 }
 
 struct RootSupervisor;
 
 fn table_dir(dir: &Path, def: &TableDef) -> PathBuf {
     dir.join("tables").join(&def.dir)
+}
+
+fn feed_dir(dir: &Path, def: &FeedDef) -> PathBuf {
+    dir.join("feeds").join(&def.dir)
 }
 
 impl RootSupervisor {
@@ -147,6 +167,37 @@ impl RootSupervisor {
         Ok(())
     }
 
+    async fn start_feed(
+        myself: &ActorRef<RootMsg>,
+        st: &mut RootState,
+        def: FeedDef,
+        slot: Arc<ShardSlot<FeedMsg>>,
+    ) -> Result<(), GridError> {
+        let heap = HeapOptions { fsync: def.fsync.into(), ..HeapOptions::default() };
+        let args = FeedSupArgs {
+            def: def.clone(),
+            dir: feed_dir(&st.args.dir, &def),
+            heap,
+            policy: st.args.opts.restart,
+            slot: slot.clone(),
+        };
+        let (sup, _) = FeedSupervisor::spawn_linked(None, FeedSupervisor, args, myself.get_cell())
+            .await
+            .map_err(|e| GridError::Storage(format!("could not start feed {}: {e}", def.name)))?;
+        st.feeds.insert(def.name.clone(), ChildFeed { sup, def, slot });
+        Ok(())
+    }
+
+    async fn stop_feed(st: &mut RootState, name: &str) -> Result<(), GridError> {
+        let Some(ChildFeed { sup, .. }) = st.feeds.remove(name) else { return Ok(()) };
+        let r = match sup.call(FeedSupMsg::Shutdown, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(GridError::Unavailable(format!("feed {name} did not shut down cleanly"))),
+        };
+        let _ = sup.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+        r
+    }
+
     async fn stop_table(st: &mut RootState, name: &str) -> Result<(), GridError> {
         let Some(ChildTable { sup, .. }) = st.tables.remove(name) else { return Ok(()) };
         let r = match sup.call(TableSupMsg::Shutdown, None).await {
@@ -169,9 +220,9 @@ impl Actor for RootSupervisor {
         args: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
         let interval = Duration::from_millis(args.opts.checkpoint_interval_ms.max(1));
-        let registry = args.registry.clone();
-        Checkpointer::spawn_linked(None, Checkpointer, (registry, interval), myself.get_cell()).await?;
-        Ok(RootState { args, tables: HashMap::new() })
+        let registries = (args.registry.clone(), args.feeds.clone());
+        Checkpointer::spawn_linked(None, Checkpointer, (registries, interval), myself.get_cell()).await?;
+        Ok(RootState { args, tables: HashMap::new(), feeds: HashMap::new() })
     }
 
     async fn handle(
@@ -189,9 +240,21 @@ impl Actor for RootSupervisor {
                 let r = Self::stop_table(st, &name).await;
                 let _ = reply.send(r);
             }
+            RootMsg::StartFeed(def, slot, reply) => {
+                let r = Self::start_feed(&myself, st, def, slot).await;
+                let _ = reply.send(r);
+            }
+            RootMsg::StopFeed(name, reply) => {
+                let r = Self::stop_feed(st, &name).await;
+                let _ = reply.send(r);
+            }
             RootMsg::Shutdown(reply) => {
                 let names: Vec<String> = st.tables.keys().cloned().collect();
                 let mut result = Ok(());
+                let feeds: Vec<String> = st.feeds.keys().cloned().collect();
+                for name in feeds {
+                    result = result.and(Self::stop_feed(st, &name).await);
+                }
                 for name in names {
                     result = result.and(Self::stop_table(st, &name).await);
                 }
@@ -217,6 +280,12 @@ impl Actor for RootSupervisor {
             {
                 let _ = Self::start_table(&myself, st, def, slots).await;
             }
+            let dead = st.feeds.iter().find(|(_, c)| c.sup.get_id() == cell.get_id()).map(|(n, _)| n.clone());
+            if let Some(name) = dead
+                && let Some(ChildFeed { def, slot, .. }) = st.feeds.remove(&name)
+            {
+                let _ = Self::start_feed(&myself, st, def, slot).await;
+            }
         }
         Ok(())
     }
@@ -232,24 +301,31 @@ enum CheckpointerMsg {
 
 impl Actor for Checkpointer {
     type Msg = CheckpointerMsg;
-    type State = Registry;
-    type Arguments = (Registry, Duration);
+    type State = (Registry, FeedRegistry);
+    type Arguments = ((Registry, FeedRegistry), Duration);
 
     async fn pre_start(
         &self,
         myself: ActorRef<CheckpointerMsg>,
-        (registry, every): (Registry, Duration),
-    ) -> Result<Registry, ActorProcessingErr> {
+        (registries, every): ((Registry, FeedRegistry), Duration),
+    ) -> Result<(Registry, FeedRegistry), ActorProcessingErr> {
         myself.send_interval(every, || CheckpointerMsg::Tick);
-        Ok(registry)
+        Ok(registries)
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<CheckpointerMsg>,
         _msg: CheckpointerMsg,
-        registry: &mut Registry,
+        (registry, feeds): &mut (Registry, FeedRegistry),
     ) -> Result<(), ActorProcessingErr> {
+        let feeds: Vec<Arc<FeedRuntime>> =
+            feeds.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for f in feeds {
+            if let SlotState::Running(a) = f.slot().get() {
+                let _ = a.cast(FeedMsg::Checkpoint(None));
+            }
+        }
         let tables: Vec<Arc<TableRuntime>> =
             registry.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for t in tables {
@@ -269,6 +345,7 @@ pub struct GridCore {
     opts: GridOptions,
     root: ActorRef<RootMsg>,
     registry: Registry,
+    feeds: FeedRegistry,
     catalog: Mutex<Option<Heap>>,
     snippets: Arc<Snippets>,
     /// Grid-scoped snippets that conflicted twice commit under one of these (chosen by the first
@@ -291,6 +368,8 @@ const COMMIT_STRIPES: usize = 64;
 
 /// Catalogue keys of stored-procedure modules start with this (no table name contains '/').
 const PROC_PREFIX: &str = "proc/";
+/// Catalogue keys of feeds start with this.
+const FEED_PREFIX: &str = "feed/";
 
 /// Who may do what in a grid-scoped snippet: called before each collection it reads and,
 /// at the end, for each collection it writes (`write` true).
@@ -405,8 +484,18 @@ impl GridCore {
         };
         let mut defs = Vec::new();
         let mut procs = Vec::new();
+        let mut feed_defs = Vec::new();
         for e in catalog.iter() {
             let (k, v) = e?;
+            if k.starts_with(FEED_PREFIX.as_bytes()) {
+                let value = Value::decode(&v).map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
+                let def = value
+                    .to_serde::<FeedDef>()
+                    .map_err(|e| GridError::Corrupted(format!("catalogue: {e}")))?;
+                def.validate()?;
+                feed_defs.push(def);
+                continue;
+            }
             if let Some(name) = k.strip_prefix(PROC_PREFIX.as_bytes()) {
                 let src = match Value::decode(&v) {
                     Ok(Value::Str(s)) => s,
@@ -434,8 +523,22 @@ impl GridCore {
                 }
             }
         }
+        if let Ok(entries) = std::fs::read_dir(dir.join("feeds")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !feed_defs.iter().any(|d| d.dir == name) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let registry: Registry = Arc::default();
-        let args = RootArgs { dir: dir.clone(), opts: opts.clone(), registry: registry.clone() };
+        let feeds: FeedRegistry = Arc::default();
+        let args = RootArgs {
+            dir: dir.clone(),
+            opts: opts.clone(),
+            registry: registry.clone(),
+            feeds: feeds.clone(),
+        };
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
             .map_err(|e| GridError::Storage(format!("could not start the grid: {e}")))?;
@@ -459,11 +562,18 @@ impl GridCore {
             opts,
             root,
             registry,
+            feeds,
             catalog: Mutex::new(Some(catalog)),
             snippets,
             commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             _lock: lock,
         });
+        for def in feed_defs {
+            if let Err(e) = core.start_feed(def).await {
+                let _ = core.close().await;
+                return Err(e);
+            }
+        }
         for def in defs {
             if let Err(e) = core.start(def).await {
                 // Stop what did start, so no heap stays open (and locked) behind a failed open.
@@ -484,6 +594,68 @@ impl GridCore {
         self.registry.write().unwrap_or_else(|e| e.into_inner()).insert(def.name.clone(), rt.clone());
         self.refresh_collections();
         Ok(rt)
+    }
+
+    async fn start_feed(&self, def: FeedDef) -> Result<Arc<FeedRuntime>, GridError> {
+        let slot: Arc<ShardSlot<FeedMsg>> = Arc::new(ShardSlot::new());
+        let rt = Arc::new(FeedRuntime::new(def.clone(), slot.clone()));
+        match self.root.call(|p| RootMsg::StartFeed(def.clone(), slot, p), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => return Err(GridError::Closed),
+        }
+        self.feeds.write().unwrap_or_else(|e| e.into_inner()).insert(def.name.clone(), rt.clone());
+        self.refresh_collections();
+        Ok(rt)
+    }
+
+    /// Creates a feed (durably recorded) and starts its shard. Feeds and tables share one
+    /// namespace (snippets name both).
+    pub async fn create_feed(&self, name: &str, opts: FeedOptions) -> Result<Arc<FeedRuntime>, GridError> {
+        let def = FeedDef::new(name, &opts, self.opts.fsync.into(), incarnation_dir(name))?;
+        let key = format!("{FEED_PREFIX}{name}");
+        self.catalog(|h| {
+            if h.contains(name.as_bytes())? || h.contains(key.as_bytes())? {
+                return Err(GridError::FeedExists(name.into()));
+            }
+            let v = Value::from_serde(&def)
+                .and_then(|v| v.encode())
+                .map_err(|e| GridError::Value(e.to_string()))?;
+            durable_apply(h, heapgrid_heap::WriteBatch::new().put(key.as_bytes(), &v)?)
+        })?;
+        self.start_feed(def).await
+    }
+
+    /// Stops a feed, removes it from the catalogue, then deletes its files.
+    pub async fn drop_feed(&self, name: &str) -> Result<(), GridError> {
+        let Some(rt) = self.feeds.write().unwrap_or_else(|e| e.into_inner()).remove(name) else {
+            return Err(GridError::NoSuchFeed(name.into()));
+        };
+        self.refresh_collections();
+        match self.root.call(|p| RootMsg::StopFeed(name.into(), p), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => return Err(GridError::Closed),
+        }
+        let key = format!("{FEED_PREFIX}{name}");
+        self.catalog(|h| durable_apply(h, heapgrid_heap::WriteBatch::new().delete(key.as_bytes())?))?;
+        std::fs::remove_dir_all(feed_dir(&self.dir, &rt.def)).map_err(|e| GridError::Storage(e.to_string()))
+    }
+
+    /// A running feed.
+    pub fn feed(&self, name: &str) -> Result<Arc<FeedRuntime>, GridError> {
+        self.feeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GridError::NoSuchFeed(name.into()))
+    }
+
+    /// Every feed, by name.
+    pub fn list_feeds(&self) -> Vec<FeedDef> {
+        let mut v: Vec<FeedDef> =
+            self.feeds.read().unwrap_or_else(|e| e.into_inner()).values().map(|f| f.def.clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     fn catalog<R>(&self, f: impl FnOnce(&mut Heap) -> Result<R, GridError>) -> Result<R, GridError> {
@@ -512,7 +684,7 @@ impl GridCore {
             dir: incarnation_dir(name),
         };
         self.catalog(|h| {
-            if h.contains(name.as_bytes())? {
+            if h.contains(name.as_bytes())? || h.contains(format!("{FEED_PREFIX}{name}").as_bytes())? {
                 return Err(GridError::TableExists(name.into()));
             }
             let v = Value::from_serde(&def)
@@ -760,6 +932,7 @@ impl GridCore {
         };
         let _ = self.root.stop_and_wait(None, Some(Duration::from_secs(30))).await;
         self.registry.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.feeds.write().unwrap_or_else(|e| e.into_inner()).clear();
         if let Some(h) = self.catalog.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.close()?;
         }

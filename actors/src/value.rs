@@ -572,6 +572,18 @@ impl Value {
     }
 }
 
+/// Plain Rust values as `Value`s (appending `feed.append(42)`, `feed.append("x")`).
+macro_rules! value_from {
+    ($($t:ty => $v:ident $(as $as:ty)?),*) => {$(
+        impl From<$t> for Value {
+            fn from(x: $t) -> Value {
+                Value::$v((x $(as $as)?).into())
+            }
+        }
+    )*};
+}
+value_from!(i64 => Int, i32 => Int as i64, u32 => Int as i64, bool => Bool, f64 => Float, String => Str, &str => Str);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! server lands, the real binary) and crash real processes.
 
 mod child;
+mod feeds;
 mod grid;
 mod heap_kill9;
 mod oplog_kill9;

@@ -34,10 +34,10 @@
 //! drops); a read or cursor positioned below it gets `Trimmed`, never a silent jump.
 //! Invariant: nothing reads the clock: time comes in as `now_ms`.
 
-// pub mod actor;
+pub mod actor;
 pub mod def;
-// pub mod runtime;
-// pub mod supervisor;
+pub mod runtime;
+pub mod supervisor;
 
 use std::ops::Bound;
 
@@ -397,7 +397,7 @@ impl FeedShard {
                 .next_back()
         };
         match e {
-            Some(e) => id_of(&e?.0),
+            Some(e) => id_of(e?.0),
             None => Ok(0),
         }
     }
@@ -481,7 +481,7 @@ impl FeedShard {
                 .take(n as usize)
             {
                 let (k, v) = e?;
-                records.push(self.record(id_of(&k)?, &v)?);
+                records.push(self.record(id_of(k)?, &v)?);
             }
         }
         self.link(&mut records, false)?;
@@ -510,7 +510,7 @@ impl FeedShard {
                 .take(n as usize)
             {
                 let (k, v) = e?;
-                records.push(self.record(id_of(&k)?, &v)?);
+                records.push(self.record(id_of(k)?, &v)?);
             }
         }
         self.link(&mut records, true)?;
@@ -573,7 +573,7 @@ impl FeedShard {
             Some(e) => {
                 let (k, v) = e?;
                 let s = decode::<SealedSegment>("segment", &v)?;
-                Ok((id_of(&k)?, s.last_id, s.version))
+                Ok((id_of(k)?, s.last_id, s.version))
             }
             None => Ok((0, 0, self.meta.version)),
         }
@@ -597,7 +597,8 @@ impl FeedShard {
         Ok(n)
     }
 
-    fn cursor_pos(&self, name: &str) -> Result<Option<u64>, GridError> {
+    /// Cursor `name`'s position, if it exists.
+    pub fn cursor_pos(&self, name: &str) -> Result<Option<u64>, GridError> {
         valid_cursor(name)?;
         match self.heap.get_ref(&cursor_key(name))? {
             Some(b) => Ok(Some(decode::<u64>("cursor", &b)?)),
@@ -675,7 +676,7 @@ impl FeedShard {
                 .range::<[u8], _>((Bound::Included(&lo[..]), Bound::Excluded(&hi[..])))
                 .take(CUT_CHUNK as usize)
             {
-                ids.push(id_of(&e?.0)?);
+                ids.push(id_of(e?.0)?);
             }
             let done = (ids.len() as u64) < CUT_CHUNK;
             // This chunk's ceiling: everything below it is gone after the batch.
@@ -704,7 +705,7 @@ impl FeedShard {
                 .range::<[u8], _>((Bound::Included(&segment_key(0)[..]), Bound::Excluded(&seg_hi[..])))
             {
                 let (k, v) = e?;
-                segs.push((id_of(&k)?, decode::<SealedSegment>("segment", &v)?));
+                segs.push((id_of(k)?, decode::<SealedSegment>("segment", &v)?));
             }
             for (first, s) in segs {
                 batch.delete(&segment_key(first))?;
@@ -743,7 +744,7 @@ impl FeedShard {
                 .rev()
                 .nth(keep as usize - 1);
             match nth {
-                Some(e) => id_of(&e?.0)?,
+                Some(e) => id_of(e?.0)?,
                 None => return Ok((0, 0)),
             }
         };
@@ -830,7 +831,7 @@ impl FeedShard {
             let (k, v) = e?;
             let s = decode::<SealedSegment>("segment", &v)?;
             out.push(SegmentInfo {
-                first_id: id_of(&k)?,
+                first_id: id_of(k)?,
                 last_id: Some(s.last_id),
                 version: s.version,
                 opened_ms: s.opened_ms,
@@ -863,7 +864,7 @@ impl FeedShard {
         let (mut n, mut first, mut last) = (0u64, 0u64, 0u64);
         for e in self.heap.range::<[u8], _>((Bound::Included(&lo[..]), Bound::Included(&hi[..]))) {
             let (k, v) = e?;
-            let id = id_of(&k)?;
+            let id = id_of(k)?;
             Value::decode(&v).map_err(|e| GridError::Corrupted(format!("feed record {id}: {e}")))?;
             if first == 0 {
                 first = id;

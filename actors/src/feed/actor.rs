@@ -1,0 +1,441 @@
+//! The feed shard actor: a thin wrapper that owns one `FeedShard` (one heap) behind the reply
+//! gate (`crate::gate`) and executes its messages strictly in order, like a table shard.
+//!
+//! Tail-follow without polling: a read (or cursor read) with `wait_ms` that finds nothing parks
+//! here as a `Waiter`; the append that gives it something answers it (through the gate, so the
+//! reader never sees a record before its writer is acknowledged), and a timer message answers
+//! it empty at its deadline. Parked waiters are bounded (`FEED_WAITERS_MAX`), and so is their
+//! wait (`FEED_WAIT_MS_MAX`).
+//!
+//! The actor reads the clock (segment open and seal times, retention by age) and hands the time
+//! to the state machine; the op-log records carry the result, so replaying them is
+//! deterministic.
+//!
+//! Invariant: every request is answered (or its port dropped, an error to its caller): parked
+//! waiters are answered at an append, at their deadline, or with `Closed`/the actor's death.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use heapgrid_heap::{Heap, HeapOptions};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::{Appended, CursorInfo, FeedRecord, FeedShard, FeedState, Pos, ReadResult, SegmentPolicy};
+use crate::error::GridError;
+use crate::gate::{GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned};
+use crate::value::Value;
+
+/// Longest a reader may wait for an append.
+pub const FEED_WAIT_MS_MAX: u64 = 300_000;
+/// Most readers parked on one feed at once.
+pub const FEED_WAITERS_MAX: usize = 10_000;
+
+/// How long a (re)starting feed shard waits for the previous holder of its heap's lock.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+type Reply<T> = RpcReplyPort<Result<T, GridError>>;
+
+/// An append: the value, and the caller's id if it chose one.
+pub struct AppendReq {
+    pub value: Value,
+    pub id: Option<u64>,
+}
+
+/// A forward read: after `after`, at most `n`, waiting up to `wait_ms` for a first record.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadReq {
+    pub after: Pos,
+    pub n: u32,
+    pub wait_ms: u64,
+}
+
+/// A cursor read: advance cursor `name` past at most `n` records, waiting up to `wait_ms`.
+pub struct CursorReadReq {
+    pub name: String,
+    pub n: u32,
+    pub wait_ms: u64,
+}
+
+/// Messages a feed shard actor handles.
+pub enum FeedMsg {
+    Append(AppendReq, Reply<Appended>),
+    Get(u64, Reply<Option<FeedRecord>>),
+    Remove(u64, Reply<()>),
+    Read(ReadReq, Reply<ReadResult>),
+    /// Newest first, below the id (`None`: from the top).
+    ReadBack((Option<u64>, u32), Reply<ReadResult>),
+    CursorSet((String, Pos), Reply<CursorInfo>),
+    CursorGet(String, Reply<CursorInfo>),
+    CursorRead(CursorReadReq, Reply<ReadResult>),
+    CursorDelete(String, Reply<bool>),
+    Cursors((), Reply<Vec<CursorInfo>>),
+    /// Keep the newest n records; answers how many were dropped.
+    Trim(u64, Reply<u64>),
+    /// Drop the records below the id; answers how many were dropped.
+    Cut(u64, Reply<u64>),
+    Rotate((), Reply<()>),
+    SetVersion(u32, Reply<()>),
+    State((), Reply<FeedState>),
+    /// Roll by age and apply retention (from the supervisor's tick, or after a segment filled).
+    Maintain,
+    /// A parked waiter's deadline.
+    WaitExpired(u64),
+    Checkpoint(Option<Reply<()>>),
+    Close(Reply<()>),
+    Flush,
+    Durable(Vec<Group>),
+    CheckpointDone,
+    /// Test hook: panic inside the handler, as a bug would.
+    #[doc(hidden)]
+    InjectPanic,
+}
+
+impl GateMsg for FeedMsg {
+    fn flush() -> Self {
+        FeedMsg::Flush
+    }
+    fn durable(groups: Vec<Group>) -> Self {
+        FeedMsg::Durable(groups)
+    }
+    fn checkpoint_done() -> Self {
+        FeedMsg::CheckpointDone
+    }
+}
+
+impl HeapOwner for FeedShard {
+    fn heap(&self) -> &Heap {
+        FeedShard::heap(self)
+    }
+    fn heap_mut(&mut self) -> &mut Heap {
+        FeedShard::heap_mut(self)
+    }
+    fn into_heap(self) -> Heap {
+        FeedShard::into_heap(self)
+    }
+}
+
+#[derive(Clone)]
+pub struct FeedArgs {
+    pub path: PathBuf,
+    pub heap: HeapOptions,
+    pub policy: SegmentPolicy,
+    pub view: Arc<ReadView>,
+}
+
+enum Waiting {
+    Read { after: u64, n: u32, reply: Reply<ReadResult> },
+    Cursor { name: String, n: u32, reply: Reply<ReadResult> },
+}
+
+struct Waiter {
+    id: u64,
+    what: Waiting,
+}
+
+pub struct FeedShardState {
+    gate: LogGate<FeedShard>,
+    waiters: Vec<Waiter>,
+    next_waiter: u64,
+    /// Whether retention or rolling can ever drop or seal anything (else `Maintain` is moot).
+    maintains: bool,
+}
+
+/// Wall-clock milliseconds since the epoch (segment times).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn closed<T>() -> Result<T, GridError> {
+    Err(GridError::Closed)
+}
+
+impl FeedShardState {
+    /// Parks a reader until an append gives it records, or `wait_ms` passes.
+    fn park(&mut self, myself: &ActorRef<FeedMsg>, what: Waiting, wait_ms: u64) {
+        if self.waiters.len() >= FEED_WAITERS_MAX {
+            let e = Err(GridError::LimitExceeded {
+                what: "readers waiting on one feed".into(),
+                got: self.waiters.len() as u64 + 1,
+                max: FEED_WAITERS_MAX as u64,
+            });
+            match what {
+                Waiting::Read { reply, .. } | Waiting::Cursor { reply, .. } => drop(reply.send(e)),
+            }
+            return;
+        }
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        self.waiters.push(Waiter { id, what });
+        myself.send_after(Duration::from_millis(wait_ms.min(FEED_WAIT_MS_MAX)), move || {
+            FeedMsg::WaitExpired(id)
+        });
+    }
+
+    /// After an append: answers every parked reader that now has records.
+    fn wake(&mut self, myself: &ActorRef<FeedMsg>) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let top = self.gate.shard.as_ref().map_or(0, |f| f.top());
+        let waiters = std::mem::take(&mut self.waiters);
+        for w in waiters {
+            let ready = match &w.what {
+                Waiting::Read { after, .. } => *after < top,
+                // A cursor's position may have moved (another reader of the same cursor).
+                Waiting::Cursor { name, .. } => self
+                    .gate
+                    .shard
+                    .as_ref()
+                    .and_then(|f| f.cursor_pos(name).ok().flatten())
+                    .is_none_or(|at| at < top),
+            };
+            if !ready {
+                self.waiters.push(w);
+                continue;
+            }
+            self.serve(myself, w.what);
+        }
+    }
+
+    /// Answers a waiter now with whatever is there (maybe nothing).
+    fn serve(&mut self, myself: &ActorRef<FeedMsg>, what: Waiting) {
+        let Some(f) = self.gate.shard.as_mut() else {
+            match what {
+                Waiting::Read { reply, .. } | Waiting::Cursor { reply, .. } => drop(reply.send(closed())),
+            }
+            return;
+        };
+        match what {
+            Waiting::Read { after, n, reply } => {
+                let r = f.read_after(after, n);
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            Waiting::Cursor { name, n, reply } => {
+                let r = f.cursor_read(&name, n);
+                let wrote = r.as_ref().map_or(0, |(_, l)| *l);
+                self.gate.answer(myself, wrote, |lsn| deferred(lsn, reply, r.map(|(r, _)| r)));
+            }
+        }
+    }
+}
+
+/// The feed shard actor (empty: everything lives in its state).
+pub struct FeedActor;
+
+impl Actor for FeedActor {
+    type Msg = FeedMsg;
+    type State = FeedShardState;
+    type Arguments = FeedArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<FeedMsg>,
+        args: FeedArgs,
+    ) -> Result<FeedShardState, ActorProcessingErr> {
+        if let Some(dir) = args.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let started = tokio::time::Instant::now();
+        let heap = loop {
+            match Heap::open(&args.path, args.heap.clone()) {
+                Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                r => break r?,
+            }
+        };
+        let maintains = args.policy.roll_after_ms.is_some()
+            || args.policy.retention.keep_segments.is_some()
+            || args.policy.retention.max_age_ms.is_some();
+        let mut feed = FeedShard::open(heap, args.policy)?;
+        feed.set_deferred_log(true);
+        let gate = LogGate::new(feed, args.heap.fsync, args.view, myself)?;
+        Ok(FeedShardState { gate, waiters: Vec::new(), next_waiter: 0, maintains })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<FeedMsg>,
+        msg: FeedMsg,
+        state: &mut FeedShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        let gate = &mut state.gate;
+        let msg = match msg {
+            FeedMsg::Flush => return gate.flush(),
+            FeedMsg::Durable(groups) => {
+                gate.durable(groups);
+                return Ok(());
+            }
+            FeedMsg::Checkpoint(None) => return gate.begin_checkpoint(&myself),
+            FeedMsg::CheckpointDone => {
+                gate.finish_checkpoint().await?;
+                return fail_if_poisoned(gate);
+            }
+            FeedMsg::Checkpoint(Some(reply)) => {
+                let r = gate.checkpoint_now().await?;
+                let _ = reply.send(r);
+                return Ok(());
+            }
+            FeedMsg::Close(reply) => {
+                let r = gate.close().await?;
+                for w in std::mem::take(&mut state.waiters) {
+                    match w.what {
+                        Waiting::Read { reply, .. } | Waiting::Cursor { reply, .. } => {
+                            drop(reply.send(closed()))
+                        }
+                    }
+                }
+                let _ = reply.send(r);
+                return Ok(());
+            }
+            FeedMsg::WaitExpired(id) => {
+                if let Some(i) = state.waiters.iter().position(|w| w.id == id) {
+                    let w = state.waiters.swap_remove(i);
+                    state.serve(&myself, w.what);
+                }
+                return fail_if_poisoned(&mut state.gate);
+            }
+            FeedMsg::InjectPanic => panic!("injected panic (test hook)"),
+            msg => msg,
+        };
+        let Some(feed) = gate.shard.as_mut() else {
+            refuse_closed(msg);
+            return Ok(());
+        };
+        match msg {
+            FeedMsg::Append(req, reply) => {
+                let r = feed.append(&req.value, req.id, now_ms());
+                let (wrote, sealed) = r.as_ref().map_or((0, false), |a| (a.lsn, a.sealed));
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
+                if sealed && state.maintains {
+                    let _ = myself.cast(FeedMsg::Maintain);
+                }
+                if wrote != 0 {
+                    state.wake(&myself);
+                }
+            }
+            FeedMsg::Get(id, reply) => {
+                let r = feed.get(id);
+                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            FeedMsg::Remove(id, reply) => {
+                let r = feed.remove(id);
+                let wrote = *r.as_ref().unwrap_or(&0);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
+            }
+            FeedMsg::Read(req, reply) => match feed.resolve(req.after) {
+                Err(e) => drop(reply.send(Err(e))),
+                Ok(after) => {
+                    let r = feed.read_after(after, req.n);
+                    let empty = r.as_ref().is_ok_and(|r| r.records.is_empty());
+                    if empty && req.wait_ms > 0 && req.n > 0 {
+                        state.park(&myself, Waiting::Read { after, n: req.n, reply }, req.wait_ms);
+                    } else {
+                        gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                    }
+                }
+            },
+            FeedMsg::ReadBack((before, n), reply) => {
+                let r = feed.read_back(before, n);
+                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            FeedMsg::CursorSet((name, pos), reply) => {
+                let r = feed.cursor_set(&name, pos);
+                let wrote = r.as_ref().map_or(0, |(_, l)| *l);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(c, _)| c)));
+            }
+            FeedMsg::CursorGet(name, reply) => {
+                let r = feed.cursor_get(&name);
+                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            FeedMsg::CursorRead(req, reply) => {
+                let r = feed.cursor_read(&req.name, req.n);
+                let empty = r.as_ref().is_ok_and(|(r, _)| r.records.is_empty());
+                if empty && req.wait_ms > 0 && req.n > 0 {
+                    state.park(&myself, Waiting::Cursor { name: req.name, n: req.n, reply }, req.wait_ms);
+                } else {
+                    let wrote = r.as_ref().map_or(0, |(_, l)| *l);
+                    gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(r, _)| r)));
+                }
+            }
+            FeedMsg::CursorDelete(name, reply) => {
+                let r = feed.cursor_delete(&name);
+                let wrote = r.as_ref().map_or(0, |(_, l)| *l);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(b, _)| b)));
+            }
+            FeedMsg::Cursors((), reply) => {
+                let r = feed.cursors();
+                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            FeedMsg::Trim(keep, reply) => {
+                let r = feed.trim(keep);
+                let wrote = r.as_ref().map_or(0, |(_, l)| *l);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(d, _)| d)));
+            }
+            FeedMsg::Cut(before, reply) => {
+                let r = feed.cut(before);
+                let wrote = r.as_ref().map_or(0, |(_, l)| *l);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(d, _)| d)));
+            }
+            FeedMsg::Rotate((), reply) => {
+                let r = feed.rotate(now_ms());
+                let wrote = *r.as_ref().unwrap_or(&0);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
+            }
+            FeedMsg::SetVersion(v, reply) => {
+                let r = feed.set_version(v, now_ms());
+                let wrote = *r.as_ref().unwrap_or(&0);
+                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
+            }
+            FeedMsg::State((), reply) => {
+                let r = feed.state();
+                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            FeedMsg::Maintain => {
+                // A failure here (a full disk) leaves the feed as it was; the next tick retries.
+                if let Ok((_, lsn)) = feed.maintain(now_ms())
+                    && lsn != 0
+                {
+                    gate.answer(&myself, lsn, |lsn| crate::gate::Deferred { lsn, answer: Box::new(|_| {}) });
+                }
+            }
+            FeedMsg::Flush
+            | FeedMsg::Durable(_)
+            | FeedMsg::CheckpointDone
+            | FeedMsg::Checkpoint(_)
+            | FeedMsg::Close(_)
+            | FeedMsg::WaitExpired(_)
+            | FeedMsg::InjectPanic => {}
+        }
+        fail_if_poisoned(&mut state.gate)
+    }
+}
+
+/// Answers a request that arrived after `Close`.
+fn refuse_closed(msg: FeedMsg) {
+    match msg {
+        FeedMsg::Append(_, r) => drop(r.send(closed())),
+        FeedMsg::Get(_, r) => drop(r.send(closed())),
+        FeedMsg::Remove(_, r) => drop(r.send(closed())),
+        FeedMsg::Read(_, r) | FeedMsg::ReadBack(_, r) | FeedMsg::CursorRead(_, r) => drop(r.send(closed())),
+        FeedMsg::CursorSet(_, r) | FeedMsg::CursorGet(_, r) => drop(r.send(closed())),
+        FeedMsg::CursorDelete(_, r) => drop(r.send(closed())),
+        FeedMsg::Cursors(_, r) => drop(r.send(closed())),
+        FeedMsg::Trim(_, r) | FeedMsg::Cut(_, r) => drop(r.send(closed())),
+        FeedMsg::Rotate(_, r) | FeedMsg::SetVersion(_, r) => drop(r.send(closed())),
+        FeedMsg::State(_, r) => drop(r.send(closed())),
+        FeedMsg::Checkpoint(Some(r)) | FeedMsg::Close(r) => drop(r.send(closed())),
+        FeedMsg::Durable(groups) => {
+            for d in groups.into_iter().flat_map(|g| g.replies) {
+                (d.answer)(Some(&GridError::Closed));
+            }
+        }
+        FeedMsg::Checkpoint(None)
+        | FeedMsg::CheckpointDone
+        | FeedMsg::Flush
+        | FeedMsg::Maintain
+        | FeedMsg::WaitExpired(_)
+        | FeedMsg::InjectPanic => {}
+    }
+}
