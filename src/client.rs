@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::feed::{Feed, FeedBackend, FeedInfo, FeedOp, FeedOptions, FeedResult};
 use crate::grid::{BoxFuture, Table, TableBackend};
 use crate::protocol::{
     self, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response, ResponseBody,
@@ -322,9 +323,54 @@ impl Client {
         }
     }
 
+    /// Feeds this token may read, with their containers.
+    pub async fn feeds(&self) -> Result<Vec<FeedInfo>, GridError> {
+        match self.request(RequestBody::ListFeeds).await? {
+            ResponseBody::Feeds(f) => Ok(f),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Creates a feed (needs `admin` on its name).
+    pub async fn create_feed(&self, name: &str, options: FeedOptions) -> Result<Feed, GridError> {
+        match self.request(RequestBody::CreateFeed { name: name.into(), options }).await? {
+            ResponseBody::Done => Ok(self.feed(name)),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// Drops a feed (needs `admin` on its name).
+    pub async fn drop_feed(&self, name: &str) -> Result<(), GridError> {
+        match self.request(RequestBody::DropFeed { name: name.into() }).await? {
+            ResponseBody::Done => Ok(()),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// A handle to a feed on the server: the same `Feed` type as the embedded grid's.
+    pub fn feed(&self, name: &str) -> Feed {
+        Feed::over(Arc::new(RemoteFeed { client: self.clone(), name: name.into() }))
+    }
+
     /// A handle to a table on the server: the same `Table` type as the embedded grid's.
     pub fn table(&self, name: &str) -> Table {
         Table::over(Arc::new(RemoteTable { client: self.clone(), name: name.into() }))
+    }
+}
+
+struct RemoteFeed {
+    client: Client,
+    name: String,
+}
+
+impl FeedBackend for RemoteFeed {
+    fn op(&self, op: FeedOp) -> BoxFuture<'_, Result<FeedResult, GridError>> {
+        Box::pin(async move {
+            match self.client.request(RequestBody::Feed { feed: self.name.clone(), op }).await? {
+                ResponseBody::Feed(r) => Ok(r),
+                r => Err(GridError::Protocol(format!("a feed operation was answered with {r:?}"))),
+            }
+        })
     }
 }
 

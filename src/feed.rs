@@ -75,41 +75,40 @@ pub trait FeedBackend: Send + Sync + 'static {
     fn op(&self, op: FeedOp) -> BoxFuture<'_, Result<FeedResult>>;
 }
 
-/// Runs one wire operation on a running feed (the embedded backend and the server).
-pub async fn run_op(rt: &FeedRuntime, op: FeedOp) -> Result<FeedResult> {
-    Ok(match op {
-        FeedOp::Append { value, id } => FeedResult::Appended { id: rt.append(value, id).await?.id },
-        FeedOp::Get { id } => FeedResult::Record(rt.get(id).await?),
-        FeedOp::Remove { id } => {
-            rt.remove(id).await?;
-            FeedResult::Done
-        }
-        FeedOp::Read { after, n, wait_ms } => FeedResult::Records(rt.read(after, n, wait_ms).await?),
-        FeedOp::ReadBack { before, n } => FeedResult::Records(rt.read_back(before, n).await?),
-        FeedOp::CursorSet { name, at } => FeedResult::Cursor(rt.cursor_set(&name, at).await?),
-        FeedOp::CursorGet { name } => FeedResult::Cursor(rt.cursor_get(&name).await?),
+/// Starts one wire operation on a running feed: its message is sent now (so one connection's
+/// operations reach the feed in the order they arrived), and the returned future awaits the
+/// answer. The embedded backend and the server use it.
+pub fn start_op(rt: &FeedRuntime, op: FeedOp) -> BoxFuture<'static, Result<FeedResult>> {
+    fn map<T: Send + 'static>(
+        f: heapgrid_actors::feed::runtime::BoxFuture<Result<T>>,
+        to: impl FnOnce(T) -> FeedResult + Send + 'static,
+    ) -> BoxFuture<'static, Result<FeedResult>> {
+        Box::pin(async move { f.await.map(to) })
+    }
+    match op {
+        FeedOp::Append { value, id } => map(rt.append(value, id), |a| FeedResult::Appended { id: a.id }),
+        FeedOp::Get { id } => map(rt.get(id), FeedResult::Record),
+        FeedOp::Remove { id } => map(rt.remove(id), |_| FeedResult::Done),
+        FeedOp::Read { after, n, wait_ms } => map(rt.read(after, n, wait_ms), FeedResult::Records),
+        FeedOp::ReadBack { before, n } => map(rt.read_back(before, n), FeedResult::Records),
+        FeedOp::CursorSet { name, at } => map(rt.cursor_set(&name, at), FeedResult::Cursor),
+        FeedOp::CursorGet { name } => map(rt.cursor_get(&name), FeedResult::Cursor),
         FeedOp::CursorRead { name, n, wait_ms } => {
-            FeedResult::Records(rt.cursor_read(&name, n, wait_ms).await?)
+            map(rt.cursor_read(&name, n, wait_ms), FeedResult::Records)
         }
-        FeedOp::CursorDelete { name } => FeedResult::Bool(rt.cursor_delete(&name).await?),
-        FeedOp::Cursors => FeedResult::Cursors(rt.cursors().await?),
-        FeedOp::Trim { keep } => FeedResult::Count(rt.trim(keep).await?),
-        FeedOp::Cut { before } => FeedResult::Count(rt.cut(before).await?),
-        FeedOp::Rotate => {
-            rt.rotate().await?;
-            FeedResult::Done
-        }
-        FeedOp::SetVersion { version } => {
-            rt.set_version(version).await?;
-            FeedResult::Done
-        }
-        FeedOp::Info => FeedResult::Info(rt.info().await?),
-    })
+        FeedOp::CursorDelete { name } => map(rt.cursor_delete(&name), FeedResult::Bool),
+        FeedOp::Cursors => map(rt.cursors(), FeedResult::Cursors),
+        FeedOp::Trim { keep } => map(rt.trim(keep), FeedResult::Count),
+        FeedOp::Cut { before } => map(rt.cut(before), FeedResult::Count),
+        FeedOp::Rotate => map(rt.rotate(), |_| FeedResult::Done),
+        FeedOp::SetVersion { version } => map(rt.set_version(version), |_| FeedResult::Done),
+        FeedOp::Info => map(rt.info(), FeedResult::Info),
+    }
 }
 
 impl FeedBackend for FeedRuntime {
     fn op(&self, op: FeedOp) -> BoxFuture<'_, Result<FeedResult>> {
-        Box::pin(run_op(self, op))
+        start_op(self, op)
     }
 }
 

@@ -321,7 +321,12 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     let usage = "commands: tables | create T [SHARDS] | drop T | get T K | put T K JSON | del T K | \
                  count T | scan T [PREFIX] [LIMIT] | fetch REF [OFFSET] [LIMIT] | \
-                 procedures put NAME FILE | procedures drop NAME | ping; anything else is a snippet";
+                 procedures put NAME FILE | procedures drop NAME | ping | feeds | append F JSON | \
+                 tail F [AFTER] [N] | feed create F [SEGMENT_RECORDS] [KEEP_SEGMENTS] | feed drop F | \
+                 feed info F | feed get F ID | feed rm F ID | feed read F [AFTER] [N] | feed back F [N] | \
+                 feed trim F KEEP | feed rotate F | feed version F V | feed cursors F | \
+                 feed cursor F NAME [set AFTER | read N | del]; AFTER is start, end, first or an id; \
+                 anything else is a snippet";
     Ok(match w.as_slice() {
         ["ping"] => {
             client.ping().await?;
@@ -375,13 +380,122 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
             client.drop_procedures(module).await?;
             "dropped".into()
         }
+        ["feeds"] => serde_json::to_value(client.feeds().await?)?,
+        ["append", f, json @ ..] if !json.is_empty() => {
+            let j: serde_json::Value = serde_json::from_str(&json.join(" "))?;
+            serde_json::json!({ "id": client.feed(f).append(Value::from_json(&j)?).await? })
+        }
+        ["feed", "create", f, rest @ ..] => {
+            let segment_records = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(0);
+            let keep_segments = rest.get(1).map(|s| s.parse()).transpose()?;
+            let retention = heapgrid::Retention { keep_segments, max_age_ms: None };
+            client
+                .create_feed(f, heapgrid::FeedOptions { segment_records, retention, ..Default::default() })
+                .await?;
+            "created".into()
+        }
+        ["feed", "drop", f] => {
+            client.drop_feed(f).await?;
+            "dropped".into()
+        }
+        ["feed", "info", f] => serde_json::to_value(client.feed(f).info().await?)?,
+        ["feed", "get", f, id] => {
+            client.feed(f).get(id.parse()?).await?.map_or(serde_json::Value::Null, |r| record_json(&r))
+        }
+        ["feed", "rm", f, id] => {
+            client.feed(f).remove(id.parse()?).await?;
+            "removed".into()
+        }
+        ["feed", "read", f, rest @ ..] => {
+            let after = rest.first().map(|s| parse_pos(s)).transpose()?.unwrap_or(heapgrid::Pos::Start);
+            let n = rest.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100);
+            page_json(&client.feed(f).read(after, n).await?)
+        }
+        ["feed", "back", f, rest @ ..] => {
+            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(100);
+            page_json(&client.feed(f).read_back(None, n).await?)
+        }
+        ["feed", "trim", f, keep] => {
+            serde_json::json!({ "dropped": client.feed(f).trim(keep.parse()?).await? })
+        }
+        ["feed", "rotate", f] => {
+            client.feed(f).rotate().await?;
+            "rotated".into()
+        }
+        ["feed", "version", f, v] => {
+            client.feed(f).set_version(v.parse()?).await?;
+            "set".into()
+        }
+        ["feed", "cursors", f] => serde_json::to_value(client.feed(f).cursors().await?)?,
+        ["feed", "cursor", f, name] => serde_json::to_value(client.feed(f).cursor_get(name).await?)?,
+        ["feed", "cursor", f, name, "set", at] => {
+            serde_json::to_value(client.feed(f).cursor_set(name, parse_pos(at)?).await?)?
+        }
+        ["feed", "cursor", f, name, "read", n] => {
+            page_json(&client.feed(f).cursor_read(name, n.parse()?, 0).await?)
+        }
+        ["feed", "cursor", f, name, "del"] => client.feed(f).cursor_delete(name).await?.into(),
         _ => return Err(usage.into()),
     })
 }
 
+/// A feed position on the command line: `start`, `end`, `first` (the first available) or an id.
+fn parse_pos(s: &str) -> Result<heapgrid::Pos, AnyErr> {
+    Ok(match s {
+        "start" => heapgrid::Pos::Start,
+        "end" => heapgrid::Pos::End,
+        "first" => heapgrid::Pos::FirstAvailable,
+        id => {
+            heapgrid::Pos::After(id.parse().map_err(|_| format!("{id:?} is not start, end, first or an id"))?)
+        }
+    })
+}
+
+fn record_json(r: &heapgrid::FeedRecord) -> serde_json::Value {
+    serde_json::json!({ "id": r.id, "prev": r.prev, "next": r.next, "version": r.version, "value": r.value.to_json() })
+}
+
+fn page_json(p: &heapgrid::ReadResult) -> serde_json::Value {
+    serde_json::json!({ "records": p.records.iter().map(record_json).collect::<Vec<_>>(), "next": p.next })
+}
+
+/// `tail F [AFTER] [N]`: prints each record after AFTER (default: the end, i.e. new ones) as a
+/// JSON line as it is appended, until N were printed (default: until interrupted).
+async fn tail(client: &Client, words: &[String]) -> Result<(), AnyErr> {
+    use futures_util::StreamExt;
+    let feed = words.get(1).ok_or("usage: tail F [AFTER] [N]")?;
+    let after = words.get(2).map(|s| parse_pos(s)).transpose()?.unwrap_or(heapgrid::Pos::End);
+    let n: Option<u64> = words.get(3).map(|s| s.parse()).transpose()?;
+    let mut s = Box::pin(client.feed(feed).follow(after));
+    let mut printed = 0;
+    while n.is_none_or(|n| printed < n) {
+        match s.next().await {
+            Some(r) => emit(&record_json(&r?).to_string())?,
+            None => break,
+        }
+        printed += 1;
+    }
+    Ok(())
+}
+
 /// First words that make a line a command rather than a snippet.
-const COMMANDS: &[&str] =
-    &["ping", "tables", "create", "drop", "get", "put", "del", "count", "scan", "fetch", "procedures"];
+const COMMANDS: &[&str] = &[
+    "ping",
+    "tables",
+    "create",
+    "drop",
+    "get",
+    "put",
+    "del",
+    "count",
+    "scan",
+    "fetch",
+    "procedures",
+    "feeds",
+    "feed",
+    "append",
+    "tail",
+];
 
 /// A command: a command word followed by plain words (`del users bob`), not code
 /// (`del users['bob']`, `count = len(users)`).
@@ -398,6 +512,9 @@ async fn run_snippet(client: &Client, src: &str) -> Result<serde_json::Value, An
 
 async fn eval(c: ClientArgs, command: Vec<String>) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
+    if command.first().is_some_and(|w| w == "tail") && is_command(&command) {
+        return tail(&client, &command).await;
+    }
     let out = if is_command(&command) {
         run_command(&client, &command).await?
     } else {
@@ -476,6 +593,11 @@ async fn shell_line(client: &Client, pending: &mut String, line: &str) -> Result
     match words.first().map(String::as_str) {
         None => {}
         Some("quit" | "exit") => return Ok(false),
+        Some("tail") if is_command(&words) => {
+            if let Err(e) = tail(client, &words).await {
+                emit(&serde_json::json!({ "error": e.to_string() }).to_string())?;
+            }
+        }
         _ if is_command(&words) => report(run_command(client, &words).await)?,
         _ => report(run_snippet(client, line).await)?,
     }

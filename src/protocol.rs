@@ -21,7 +21,8 @@
 
 use std::ops::Bound;
 
-use heapgrid_actors::grid::{TableInfo, TableOptions};
+use crate::feed::{FeedOp, FeedResult};
+use heapgrid_actors::grid::{FeedInfo, FeedOptions, TableInfo, TableOptions};
 use heapgrid_actors::snippet::LimitOverrides;
 use heapgrid_actors::table::actor::RawVersioned;
 use heapgrid_actors::value::VALUE_FORMAT_VERSION;
@@ -98,6 +99,22 @@ pub enum RequestBody {
     DropProcedures {
         module: String,
     },
+    /// Feeds this token may read, with their containers.
+    ListFeeds,
+    /// Creates a feed (needs `admin` on its name).
+    CreateFeed {
+        name: String,
+        options: FeedOptions,
+    },
+    /// Drops a feed and its records (needs `admin` on its name).
+    DropFeed {
+        name: String,
+    },
+    /// An operation on one feed (`read` or `write` on its name, per `FeedOp::writes`).
+    Feed {
+        feed: String,
+        op: FeedOp,
+    },
 }
 
 /// One response.
@@ -116,6 +133,8 @@ pub enum ResponseBody {
     Op(OpResult),
     /// A snippet's result, or a fetched value.
     Value(Value),
+    Feeds(Vec<FeedInfo>),
+    Feed(FeedResult),
 }
 
 /// An operation on one table. Append-only.
@@ -456,8 +475,12 @@ mod tests {
             RequestBody::Fetch { reference: s(), offset: 0, limit: 0 },
             RequestBody::PutProcedures { module: s(), src: s() },
             RequestBody::DropProcedures { module: s() },
+            RequestBody::ListFeeds,
+            RequestBody::CreateFeed { name: s(), options: FeedOptions::default() },
+            RequestBody::DropFeed { name: s() },
+            RequestBody::Feed { feed: s(), op: FeedOp::Info },
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..9).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..13).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -465,8 +488,43 @@ mod tests {
             ResponseBody::Done,
             ResponseBody::Op(OpResult::Count(0)),
             ResponseBody::Value(v()),
+            ResponseBody::Feeds(vec![]),
+            ResponseBody::Feed(FeedResult::Done),
         ];
-        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..5).collect::<Vec<u8>>());
+        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..7).collect::<Vec<u8>>());
+        use heapgrid_actors::feed::{CursorInfo, Pos, ReadResult};
+        let feed_ops = [
+            FeedOp::Append { value: v(), id: None },
+            FeedOp::Get { id: 0 },
+            FeedOp::Remove { id: 0 },
+            FeedOp::Read { after: Pos::Start, n: 0, wait_ms: 0 },
+            FeedOp::ReadBack { before: None, n: 0 },
+            FeedOp::CursorSet { name: s(), at: Pos::End },
+            FeedOp::CursorGet { name: s() },
+            FeedOp::CursorRead { name: s(), n: 0, wait_ms: 0 },
+            FeedOp::CursorDelete { name: s() },
+            FeedOp::Cursors,
+            FeedOp::Trim { keep: 0 },
+            FeedOp::Cut { before: 0 },
+            FeedOp::Rotate,
+            FeedOp::SetVersion { version: 0 },
+            FeedOp::Info,
+        ];
+        assert_eq!(feed_ops.iter().map(tag).collect::<Vec<_>>(), (0..15).collect::<Vec<u8>>());
+        let cursor = CursorInfo { name: s(), position: 0, lag: 0 };
+        let feed_results = [
+            FeedResult::Appended { id: 0 },
+            FeedResult::Record(None),
+            FeedResult::Done,
+            FeedResult::Records(ReadResult { records: vec![], next: 0 }),
+            FeedResult::Cursor(cursor.clone()),
+            FeedResult::Cursors(vec![cursor]),
+            FeedResult::Bool(true),
+            FeedResult::Count(0),
+        ];
+        assert_eq!(feed_results.iter().map(tag).collect::<Vec<_>>(), (0..8).collect::<Vec<u8>>());
+        let positions = [Pos::Start, Pos::End, Pos::After(0), Pos::FirstAvailable];
+        assert_eq!(positions.iter().map(tag).collect::<Vec<_>>(), (0..4).collect::<Vec<u8>>());
         // TableInfo is exactly name, shards, fsync (no internal field leaks onto the wire).
         assert_eq!(postcard::to_allocvec(&info).unwrap(), [0, 1, 2]);
         let eval = EvalRequest {
@@ -576,8 +634,14 @@ mod tests {
             GridError::Snippet(failure),
             GridError::WorkerDied(s()),
             GridError::Conflict { attempts: 1 },
+            GridError::NoSuchFeed(s()),
+            GridError::FeedExists(s()),
+            GridError::IdExists { id: 0 },
+            GridError::NoSuchRecord { id: 0 },
+            GridError::Trimmed { first_available: 0 },
+            GridError::NoSuchCursor(s()),
         ];
-        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..17).collect::<Vec<u8>>());
+        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..23).collect::<Vec<u8>>());
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

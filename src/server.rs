@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
+use crate::feed::start_op;
 use crate::protocol::{
     self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
     ResponseBody, TableOp,
@@ -676,6 +677,42 @@ impl<'c> Round<'c> {
                     grid.drop_procedures(&module)?;
                     Ok(ResponseBody::Done)
                 });
+            }
+            RequestBody::ListFeeds => {
+                return alone(id, async move {
+                    let mut out = Vec::new();
+                    for def in grid.list_feeds() {
+                        if !who.allows(&def.name, Permission::Read) {
+                            continue;
+                        }
+                        if let Ok(f) = grid.feed(&def.name) {
+                            out.push(f.info().await?);
+                        }
+                    }
+                    Ok(ResponseBody::Feeds(out))
+                });
+            }
+            RequestBody::CreateFeed { name, options } => {
+                return alone(id, async move {
+                    who.require(&name, Permission::Admin)?;
+                    detached(
+                        async move { grid.create_feed(&name, options).await.map(|_| ResponseBody::Done) },
+                    )
+                    .await
+                });
+            }
+            RequestBody::DropFeed { name } => {
+                return alone(id, async move {
+                    who.require(&name, Permission::Admin)?;
+                    detached(async move { grid.drop_feed(&name).await.map(|_| ResponseBody::Done) }).await
+                });
+            }
+            RequestBody::Feed { feed, op } => {
+                // Sent to the feed now, so one connection's feed operations keep their order.
+                let need = if op.writes() { Permission::Write } else { Permission::Read };
+                let started =
+                    who.require(&feed, need).and_then(|_| grid.feed(&feed)).map(|f| start_op(&f, op));
+                return alone(id, async move { Ok(ResponseBody::Feed(started?.await?)) });
             }
         };
         match self.plan(&grid, &who, id, &table, op, out) {

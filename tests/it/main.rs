@@ -3,6 +3,7 @@
 
 mod child;
 mod feeds;
+mod feeds_server;
 mod grid;
 mod heap_kill9;
 mod oplog_kill9;

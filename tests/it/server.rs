@@ -25,7 +25,7 @@ impl Server {
         Server::start_at(dir, "127.0.0.1:0", extra)
     }
 
-    fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Server {
+    pub(crate) fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
             .args(["serve", "--listen", listen, "--data"])
             .arg(dir)

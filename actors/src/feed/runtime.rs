@@ -21,6 +21,9 @@ use crate::value::Value;
 /// How long a caller waits for a restarting feed shard before giving up.
 const RESTART_WAIT: Duration = Duration::from_secs(5);
 
+/// A reply on its way: the message is already sent (or the wait for a restart is in it).
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
 /// One feed of a running grid.
 pub struct FeedRuntime {
     pub def: FeedDef,
@@ -48,118 +51,135 @@ impl FeedRuntime {
         &self.slot
     }
 
-    /// Sends `payload` and waits for the reply: waits out a restart (bounded), never hangs on a
-    /// dead actor.
-    async fn call<P, R>(
+    /// Sends `payload` now if the shard is running (so one caller's messages reach the mailbox
+    /// in the order it made the calls), and returns the future of the reply: it waits out a
+    /// restart (bounded), and never hangs on a dead actor.
+    fn call<P: Send + 'static, R: Send + 'static>(
         &self,
         payload: P,
         wrap: fn(P, RpcReplyPort<Result<R, GridError>>) -> FeedMsg,
         unwrap: fn(FeedMsg) -> Option<P>,
-    ) -> Result<R, GridError> {
-        let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+    ) -> BoxFuture<Result<R, GridError>> {
+        let name = self.def.name.clone();
+        let slot = self.slot.clone();
         let mut payload = payload;
-        loop {
-            let seen = self.slot.version();
-            match self.slot.get() {
-                SlotState::Running(actor) => {
-                    let (tx, rx) = oneshot::channel();
-                    match actor.send_message(wrap(payload, tx.into())) {
-                        Ok(()) => return rx.await.map_err(|_| lost(&self.def.name))?,
-                        Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
-                            Some(back) => payload = back,
-                            None => return Err(lost(&self.def.name)),
-                        },
-                        Err(_) => return Err(lost(&self.def.name)),
-                    }
-                }
-                SlotState::Starting => {}
-                SlotState::Failed(reason) => {
-                    return Err(GridError::ShardFailed { table: self.def.name.clone(), shard: 0, reason });
-                }
-                SlotState::Stopped => return Err(GridError::Closed),
+        if let SlotState::Running(actor) = slot.get() {
+            let (tx, rx) = oneshot::channel();
+            match actor.send_message(wrap(payload, tx.into())) {
+                Ok(()) => return Box::pin(async move { rx.await.map_err(|_| lost(&name))? }),
+                Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
+                    Some(back) => payload = back,
+                    None => return Box::pin(async move { Err(lost(&name)) }),
+                },
+                Err(_) => return Box::pin(async move { Err(lost(&name)) }),
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(GridError::Unavailable(format!("feed {} is restarting", self.def.name)));
-            }
-            self.slot.wait_change(seen, deadline).await;
         }
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+            loop {
+                let seen = slot.version();
+                match slot.get() {
+                    SlotState::Running(actor) => {
+                        let (tx, rx) = oneshot::channel();
+                        match actor.send_message(wrap(payload, tx.into())) {
+                            Ok(()) => return rx.await.map_err(|_| lost(&name))?,
+                            Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
+                                Some(back) => payload = back,
+                                None => return Err(lost(&name)),
+                            },
+                            Err(_) => return Err(lost(&name)),
+                        }
+                    }
+                    SlotState::Starting => {}
+                    SlotState::Failed(reason) => {
+                        return Err(GridError::ShardFailed { table: name, shard: 0, reason });
+                    }
+                    SlotState::Stopped => return Err(GridError::Closed),
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(GridError::Unavailable(format!("feed {name} is restarting")));
+                }
+                slot.wait_change(seen, deadline).await;
+            }
+        })
     }
 
     /// Appends `value` at the top; `id` is the caller's (see `FeedShard::append`), else the
     /// next. Answered once durable under the feed's fsync policy.
-    pub async fn append(&self, value: Value, id: Option<u64>) -> Result<Appended, GridError> {
-        self.call(AppendReq { value, id }, FeedMsg::Append, back!(Append)).await
+    pub fn append(&self, value: Value, id: Option<u64>) -> BoxFuture<Result<Appended, GridError>> {
+        self.call(AppendReq { value, id }, FeedMsg::Append, back!(Append))
     }
 
-    pub async fn get(&self, id: u64) -> Result<Option<FeedRecord>, GridError> {
-        self.call(id, FeedMsg::Get, back!(Get)).await
+    pub fn get(&self, id: u64) -> BoxFuture<Result<Option<FeedRecord>, GridError>> {
+        self.call(id, FeedMsg::Get, back!(Get))
     }
 
-    pub async fn remove(&self, id: u64) -> Result<(), GridError> {
-        self.call(id, FeedMsg::Remove, back!(Remove)).await
+    pub fn remove(&self, id: u64) -> BoxFuture<Result<(), GridError>> {
+        self.call(id, FeedMsg::Remove, back!(Remove))
     }
 
     /// At most `n` records after `after`, ascending; with `wait_ms` > 0 and nothing there yet,
     /// waits (parked in the actor, no polling) for an append.
-    pub async fn read(&self, after: Pos, n: u32, wait_ms: u64) -> Result<ReadResult, GridError> {
-        self.call(ReadReq { after, n, wait_ms }, FeedMsg::Read, back!(Read)).await
+    pub fn read(&self, after: Pos, n: u32, wait_ms: u64) -> BoxFuture<Result<ReadResult, GridError>> {
+        self.call(ReadReq { after, n, wait_ms }, FeedMsg::Read, back!(Read))
     }
 
     /// At most `n` records below `before` (`None`: from the top), newest first.
-    pub async fn read_back(&self, before: Option<u64>, n: u32) -> Result<ReadResult, GridError> {
-        self.call((before, n), FeedMsg::ReadBack, back!(ReadBack)).await
+    pub fn read_back(&self, before: Option<u64>, n: u32) -> BoxFuture<Result<ReadResult, GridError>> {
+        self.call((before, n), FeedMsg::ReadBack, back!(ReadBack))
     }
 
-    pub async fn cursor_set(&self, name: &str, at: Pos) -> Result<CursorInfo, GridError> {
-        self.call((name.to_string(), at), FeedMsg::CursorSet, back!(CursorSet)).await
+    pub fn cursor_set(&self, name: &str, at: Pos) -> BoxFuture<Result<CursorInfo, GridError>> {
+        self.call((name.to_string(), at), FeedMsg::CursorSet, back!(CursorSet))
     }
 
-    pub async fn cursor_get(&self, name: &str) -> Result<CursorInfo, GridError> {
-        self.call(name.to_string(), FeedMsg::CursorGet, back!(CursorGet)).await
+    pub fn cursor_get(&self, name: &str) -> BoxFuture<Result<CursorInfo, GridError>> {
+        self.call(name.to_string(), FeedMsg::CursorGet, back!(CursorGet))
     }
 
     /// Reads after cursor `name` and moves it past what it returns, atomically.
-    pub async fn cursor_read(&self, name: &str, n: u32, wait_ms: u64) -> Result<ReadResult, GridError> {
+    pub fn cursor_read(&self, name: &str, n: u32, wait_ms: u64) -> BoxFuture<Result<ReadResult, GridError>> {
         self.call(
             CursorReadReq { name: name.to_string(), n, wait_ms },
             FeedMsg::CursorRead,
             back!(CursorRead),
         )
-        .await
     }
 
-    pub async fn cursor_delete(&self, name: &str) -> Result<bool, GridError> {
-        self.call(name.to_string(), FeedMsg::CursorDelete, back!(CursorDelete)).await
+    pub fn cursor_delete(&self, name: &str) -> BoxFuture<Result<bool, GridError>> {
+        self.call(name.to_string(), FeedMsg::CursorDelete, back!(CursorDelete))
     }
 
-    pub async fn cursors(&self) -> Result<Vec<CursorInfo>, GridError> {
-        self.call((), FeedMsg::Cursors, back!(Cursors)).await
+    pub fn cursors(&self) -> BoxFuture<Result<Vec<CursorInfo>, GridError>> {
+        self.call((), FeedMsg::Cursors, back!(Cursors))
     }
 
     /// Keeps the newest `keep` records; returns how many were dropped.
-    pub async fn trim(&self, keep: u64) -> Result<u64, GridError> {
-        self.call(keep, FeedMsg::Trim, back!(Trim)).await
+    pub fn trim(&self, keep: u64) -> BoxFuture<Result<u64, GridError>> {
+        self.call(keep, FeedMsg::Trim, back!(Trim))
     }
 
     /// Drops every record below `before`; returns how many were dropped.
-    pub async fn cut(&self, before: u64) -> Result<u64, GridError> {
-        self.call(before, FeedMsg::Cut, back!(Cut)).await
+    pub fn cut(&self, before: u64) -> BoxFuture<Result<u64, GridError>> {
+        self.call(before, FeedMsg::Cut, back!(Cut))
     }
 
-    pub async fn rotate(&self) -> Result<(), GridError> {
-        self.call((), FeedMsg::Rotate, back!(Rotate)).await
+    pub fn rotate(&self) -> BoxFuture<Result<(), GridError>> {
+        self.call((), FeedMsg::Rotate, back!(Rotate))
     }
 
-    pub async fn set_version(&self, version: u32) -> Result<(), GridError> {
-        self.call(version, FeedMsg::SetVersion, back!(SetVersion)).await
+    pub fn set_version(&self, version: u32) -> BoxFuture<Result<(), GridError>> {
+        self.call(version, FeedMsg::SetVersion, back!(SetVersion))
     }
 
-    pub async fn state(&self) -> Result<FeedState, GridError> {
-        self.call((), FeedMsg::State, back!(State)).await
+    pub fn state(&self) -> BoxFuture<Result<FeedState, GridError>> {
+        self.call((), FeedMsg::State, back!(State))
     }
 
-    pub async fn info(&self) -> Result<FeedInfo, GridError> {
-        Ok(self.def.info(self.state().await?))
+    pub fn info(&self) -> BoxFuture<Result<FeedInfo, GridError>> {
+        let def = self.def.clone();
+        let state = self.state();
+        Box::pin(async move { Ok(def.info(state.await?)) })
     }
 
     /// Test hook: makes the shard actor panic, as a bug would.
