@@ -393,16 +393,79 @@ impl GridStore {
         (self.access)(coll, false)?;
         self.core.table(coll)
     }
+
+    /// The feed `name` if there is one (after the read check).
+    fn feed(&self, name: &str) -> Result<Option<Arc<FeedRuntime>>, GridError> {
+        match self.core.feed(name) {
+            Ok(f) => {
+                (self.access)(name, false)?;
+                Ok(Some(f))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// A feed record as a snippet sees it.
+fn record_value(r: crate::feed::FeedRecord) -> Value {
+    let mut m = indexmap::IndexMap::new();
+    m.insert("id".to_string(), Value::Int(r.id as i64));
+    m.insert("prev".to_string(), Value::Int(r.prev as i64));
+    m.insert("next".to_string(), Value::Int(r.next as i64));
+    m.insert("version".to_string(), Value::Int(r.version as i64));
+    m.insert("value".to_string(), r.value);
+    Value::Map(m)
 }
 
 impl Store for GridStore {
+    fn feed_read(
+        &mut self,
+        feed: &str,
+        at: Option<u64>,
+        n: u32,
+        back: bool,
+    ) -> Result<Vec<Value>, GridError> {
+        let f = self.feed(feed)?.ok_or_else(|| GridError::NoSuchFeed(feed.into()))?;
+        let page = if back {
+            self.handle.block_on(f.read_back(at, n))?
+        } else {
+            self.handle.block_on(f.read(crate::feed::Pos::After(at.unwrap_or(0)), n, 0))?
+        };
+        Ok(page.records.into_iter().map(record_value).collect())
+    }
+
+    fn feed_state(&mut self, feed: &str) -> Result<Value, GridError> {
+        let f = self.feed(feed)?.ok_or_else(|| GridError::NoSuchFeed(feed.into()))?;
+        let s = self.handle.block_on(f.state())?;
+        let mut m = indexmap::IndexMap::new();
+        for (k, v) in [("top", s.top), ("bottom", s.bottom), ("count", s.count), ("next_id", s.next_id)] {
+            m.insert(k.to_string(), Value::Int(v as i64));
+        }
+        m.insert("version".to_string(), Value::Int(s.version as i64));
+        Ok(Value::Map(m))
+    }
+
+    fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
+        (self.access)(feed, true)?;
+        self.core.feed(feed).map(|_| ())
+    }
+
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
+        if self.core.feed(coll).is_ok() {
+            return Err(GridError::Invalid(format!(
+                "{coll} is a feed: its records are added with {coll}.append(v), not stored by key"
+            )));
+        }
         (self.access)(coll, true)?;
         self.core.table(coll)?;
         key.encode().map(|_| ()).map_err(|e| GridError::Invalid(e.to_string()))
     }
 
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
+        if let Some(f) = self.feed(coll)? {
+            let Key::Int(id) = key else { return Ok(None) };
+            return Ok(self.handle.block_on(f.get((*id).max(0) as u64))?.map(record_value));
+        }
         let t = self.table(coll)?;
         let v = if self.fresh {
             self.handle.block_on(t.get_fresh(key.clone()))?
@@ -418,11 +481,17 @@ impl Store for GridStore {
     }
 
     fn count(&mut self, coll: &str) -> Result<u64, GridError> {
+        if let Some(f) = self.feed(coll)? {
+            return Ok(self.handle.block_on(f.state())?.count);
+        }
         let t = self.table(coll)?;
         self.handle.block_on(t.count())
     }
 
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
+        if self.core.feed(coll).is_ok() {
+            return Err(GridError::Invalid(format!("{coll} is a feed: read it with {coll}.read(after, n)")));
+        }
         let t = self.table(coll)?;
         let entries = self.handle.block_on(t.scan(scan_range(q)))?;
         Ok(entries
@@ -711,8 +780,9 @@ impl GridCore {
     }
 
     fn refresh_collections(&self) {
-        let names: Vec<String> =
+        let mut names: Vec<String> =
             self.registry.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        names.extend(self.feeds.read().unwrap_or_else(|e| e.into_inner()).keys().cloned());
         self.snippets.engine.set_collections(names);
     }
 
@@ -779,7 +849,7 @@ impl GridCore {
             })
             .await
             .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
-            let crate::snippet::Outcome { value, writes } = outcome;
+            let crate::snippet::Outcome { value, writes, feed_writes } = outcome;
             let groups = self.commit_groups(writes, &versions)?;
             if attempt > OPTIMISTIC_ATTEMPTS && stripe.is_none() {
                 // Take turns with the other contenders on this data.
@@ -792,7 +862,20 @@ impl GridCore {
                 stripe = Some(self.commit_stripes[first % COMMIT_STRIPES].lock().await);
             }
             match self.commit(groups).await {
-                Ok(()) => return Ok(value),
+                Ok(()) => {
+                    // Feed changes go after the writes committed, once, in program order.
+                    for w in feed_writes {
+                        match w {
+                            crate::snippet::FeedWrite::Append { feed, value, id } => {
+                                self.feed(&feed)?.append(value, id).await?;
+                            }
+                            crate::snippet::FeedWrite::Remove { feed, id } => {
+                                self.feed(&feed)?.remove(id).await?
+                            }
+                        }
+                    }
+                    return Ok(value);
+                }
                 Err(GridError::CasFailed { .. }) => continue,
                 Err(e) => return Err(e),
             }

@@ -227,3 +227,49 @@ async fn four_writers_and_two_followers_see_every_id_once_in_order() {
     assert_eq!(f.len().await.unwrap(), WRITERS * EACH);
     grid.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snippets_append_read_and_count_a_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Grid::open(dir.path(), opts()).await.unwrap();
+    let f = grid.create_feed("events", FeedOptions::default()).await.unwrap();
+    let users = grid.create_table("users", Default::default()).await.unwrap();
+    users.put("bob", &serde_json::json!({"visits": 0})).await.unwrap();
+    f.append("before").await.unwrap();
+    // A table write and two appends, applied once the run commits; reads see the feed as it was.
+    let v = grid
+        .eval(
+            "users['bob']['visits'] += 1\n\
+             events.append({'user': 'bob', 'visits': users['bob']['visits']})\n\
+             events.append('second')\n\
+             [events.top, events.bottom, len(events)]",
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, Value::from_json(&serde_json::json!([1, 1, 1])).unwrap());
+    let page = f.read(Pos::Start, 10).await.unwrap();
+    let values: Vec<serde_json::Value> = page.records.iter().map(|r| r.value.to_json()).collect();
+    assert_eq!(
+        values,
+        vec![
+            serde_json::json!("before"),
+            serde_json::json!({"user": "bob", "visits": 1}),
+            serde_json::json!("second")
+        ]
+    );
+    // Reading in a snippet: records with their links; backwards from the top.
+    let v = grid.eval("[r['id'] for r in events.read(1, 10)] + [r['prev'] for r in events.read_back(None, 1)] + [events[2]['value']['user']]").await.unwrap();
+    assert_eq!(v, Value::from_json(&serde_json::json!([2, 3, 2, "bob"])).unwrap());
+    // A run that fails appends nothing.
+    let e = grid.eval("events.append('lost')\nfail('no')").await.unwrap_err();
+    assert!(matches!(e, GridError::Snippet(_)), "{e:?}");
+    assert_eq!(f.len().await.unwrap(), 3);
+    // Records are appended, not stored by key; removal goes through remove().
+    assert!(matches!(grid.eval("events[9] = 1").await, Err(GridError::Invalid(_))));
+    grid.eval("events.remove(2)").await.unwrap();
+    assert_eq!(f.get(3).await.unwrap().unwrap().prev, 1);
+    // A snippet scoped to a table cannot reach a feed.
+    assert!(users.eval("events.append(1)").await.is_err());
+    assert_eq!(f.len().await.unwrap(), 2);
+    grid.close().await.unwrap();
+}

@@ -716,7 +716,11 @@ impl FeedShard {
             if let Some(o) = meta.open.as_mut()
                 && o.first_id < upto
             {
-                o.first_id = upto.min(meta.next_id);
+                o.first_id = upto;
+                if o.first_id >= meta.next_id {
+                    // Cut whole: no id left in its range, so no segment (the next append opens one).
+                    meta.open = None;
+                }
             }
             batch.put(META_KEY, &encode(&meta))?;
             lsn = self.apply(&batch, meta)?;
@@ -757,10 +761,13 @@ impl FeedShard {
         let mut meta = self.meta.clone();
         meta.open = None;
         let mut batch = WriteBatch::new();
-        // The open segment's range ends at the highest id issued in it.
-        let last_id = (meta.next_id - 1).max(o.first_id);
-        let s = SealedSegment { last_id, version: o.version, opened_ms: o.opened_ms, sealed_ms: now_ms };
-        batch.put(&segment_key(o.first_id), &encode(&s))?;
+        // The open segment's range ends at the highest id issued in it; one with no id left
+        // in its range (all cut) just closes.
+        let last_id = meta.next_id - 1;
+        if last_id >= o.first_id {
+            let s = SealedSegment { last_id, version: o.version, opened_ms: o.opened_ms, sealed_ms: now_ms };
+            batch.put(&segment_key(o.first_id), &encode(&s))?;
+        }
         batch.put(META_KEY, &encode(&meta))?;
         self.apply(&batch, meta)
     }

@@ -277,7 +277,7 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn feed_matches_a_deque_model(ops in prop::collection::vec(op(), 1..120), seg in 1u64..8, keep in prop::option::of(1u32..4)) {
         let dir = tempfile::tempdir().unwrap();

@@ -40,11 +40,20 @@ pub struct SnippetWrite {
     pub value: Option<Value>,
 }
 
-/// What a successful run returns: the shaped result and the writes to commit.
+/// A feed change a snippet leaves, applied after its writes commit, in program order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FeedWrite {
+    Append { feed: String, value: Value, id: Option<u64> },
+    Remove { feed: String, id: u64 },
+}
+
+/// What a successful run returns: the shaped result, the writes to commit, and the feed
+/// changes to apply after them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Outcome {
     pub value: Value,
     pub writes: Vec<SnippetWrite>,
+    pub feed_writes: Vec<FeedWrite>,
 }
 
 /// Where runs happen.
@@ -633,6 +642,34 @@ impl Host<'_> {
                 }
                 Ok(MontyObject::List(out))
             }
+            "_hg_fread" => {
+                let feed = str_arg(args, 0)?;
+                let at = match args.get(1) {
+                    Some(MontyObject::None) | None => None,
+                    Some(MontyObject::Int(i)) if *i >= 0 => Some(*i as u64),
+                    _ => {
+                        return Err(HostError::Raise(
+                            ExcType::TypeError,
+                            "a feed position is an id (int >= 0)".into(),
+                        ));
+                    }
+                };
+                let n = int_arg(args, 2)?;
+                let max = crate::feed::FEED_READ_MAX as i64;
+                if !(0..=max).contains(&n) {
+                    return Err(HostError::Raise(
+                        ExcType::ValueError,
+                        format!("read count {n} is outside 0..={max}"),
+                    ));
+                }
+                let back = matches!(args.get(3), Some(MontyObject::Bool(true)));
+                let records = self.store.feed_read(feed, at, n as u32, back)?;
+                Ok(MontyObject::List(records.iter().map(convert::to_monty).collect()))
+            }
+            "_hg_fstate" => {
+                let feed = str_arg(args, 0)?;
+                Ok(convert::to_monty(&self.store.feed_state(feed)?))
+            }
             other => Err(HostError::Raise(ExcType::NameError, format!("name '{other}' is not defined"))),
         }
     }
@@ -739,9 +776,10 @@ impl Compiled {
     ) -> Result<Outcome, GridError> {
         let src = &*self.source;
         let bad = |m: &str| GridError::Invalid(format!("snippet ended oddly: {m}"));
-        if args.len() != 3 {
+        if args.len() != 4 {
             return Err(bad("arguments"));
         }
+        let fw = args.pop().unwrap_or(MontyObject::None);
         let refs_obj = args.pop().unwrap_or(MontyObject::None);
         let docs = args.pop().unwrap_or(MontyObject::None);
         let result = args.pop().unwrap_or(MontyObject::None);
@@ -776,16 +814,65 @@ impl Compiled {
             };
             writes.push(SnippetWrite { collection: coll.clone(), key, value });
         }
-        if writes.len() > limits.writes as usize {
+        let mut feed_writes = Vec::new();
+        if let MontyObject::List(fw) = fw {
+            for w in fw {
+                let MontyObject::Tuple(w) = w else { return Err(bad("feed write")) };
+                let (Some(MontyObject::String(feed)), Some(MontyObject::String(what))) =
+                    (w.first(), w.get(1))
+                else {
+                    return Err(bad("feed write"));
+                };
+                let id = match w.get(3) {
+                    Some(MontyObject::Int(i)) if *i > 0 => Some(*i as u64),
+                    Some(MontyObject::None) | None => None,
+                    Some(_) => {
+                        return Err(failure(
+                            SnippetErrorKind::Value,
+                            src,
+                            None,
+                            format!("a record id of {feed} is an int above 0"),
+                        ));
+                    }
+                };
+                feed_writes.push(match (what.as_str(), id) {
+                    ("remove", Some(id)) => FeedWrite::Remove { feed: feed.clone(), id },
+                    ("remove", None) => {
+                        return Err(failure(
+                            SnippetErrorKind::Value,
+                            src,
+                            None,
+                            format!("{feed}.remove needs an id"),
+                        ));
+                    }
+                    _ => {
+                        let v = w.get(2).unwrap_or(&MontyObject::None);
+                        let value = convert::to_value(v).map_err(|why| {
+                            failure(SnippetErrorKind::Value, src, None, format!("{feed}.append: {why}"))
+                        })?;
+                        FeedWrite::Append { feed: feed.clone(), value, id }
+                    }
+                });
+            }
+        }
+        if writes.len() + feed_writes.len() > limits.writes as usize {
             return Err(failure(
                 SnippetErrorKind::Budget(Budget::Writes),
                 src,
                 None,
-                format!("the snippet writes {} keys; the budget is {}", writes.len(), limits.writes),
+                format!(
+                    "the snippet writes {} keys and feed records; the budget is {}",
+                    writes.len() + feed_writes.len(),
+                    limits.writes
+                ),
             ));
         }
         for w in &writes {
             host.store.check_write(&w.collection, &w.key)?;
+        }
+        for w in &feed_writes {
+            let (FeedWrite::Append { feed, .. } | FeedWrite::Remove { feed, .. }) = w;
+            host.store.check_feed_write(feed)?;
         }
         // Which parts of the answer are stored documents: `$ref`s when too big.
         let mut refs = Vec::new();
@@ -826,7 +913,7 @@ impl Compiled {
                 return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
             }
         };
-        Ok(Outcome { value, writes })
+        Ok(Outcome { value, writes, feed_writes })
     }
 
     /// Whether runs go to a sandbox worker process.

@@ -34,7 +34,7 @@ mod session;
 use serde::{Deserialize, Serialize};
 
 pub use convert::{RefPath, parse_ref};
-pub use engine::{Compiled, Engine, Outcome, Runner, SnippetWrite};
+pub use engine::{Compiled, Engine, FeedWrite, Outcome, Runner, SnippetWrite};
 pub use session::{ScanQuery, Store};
 
 /// Budgets of one run. Each exceeded budget fails the run with `SnippetErrorKind::Budget`.

@@ -15,6 +15,8 @@
 
 # == core
 _hg_docs = {} if _hg_pre is None else _hg_pre
+# Feed appends and removals, in program order: applied by the host after the run commits.
+_hg_fw = []
 
 
 def _hg_key(c, k):
@@ -184,9 +186,28 @@ class _HgCollection:
     def __len__(self):
         return _hg_len(self.name)
 
+    # Feeds. Appends and removals are kept until the run ends and applied once it commits, in
+    # order (so a failed or conflicting run appends nothing); reads see the feed as it was.
+    def append(self, v, id=None):
+        _hg_fw.append((self.name, 'append', v, id))
+
+    def remove(self, id):
+        _hg_fw.append((self.name, 'remove', None, id))
+
+    def read(self, after=0, n=100):
+        return _hg_fread(self.name, after, n, False)
+
+    def read_back(self, before=None, n=100):
+        return _hg_fread(self.name, before, n, True)
+
 
 def _hg_coll(c):
     return _HgCollection(c)
+
+
+# == _hg_fattr(
+def _hg_fattr(c, a):
+    return _hg_fstate(c)[a]
 
 
 # == fail
@@ -199,7 +220,7 @@ def _hg_end(r):
     t = type(r)
     if t is not list and t is not tuple and t is not dict:
         # A scalar is never answered with a `$ref`: no identity scan.
-        _hg_done(r, _hg_docs, [])
+        _hg_done(r, _hg_docs, [], _hg_fw)
         return
     # Which parts of the result are stored documents (by identity), for `$ref` shaping.
     ids = {}
@@ -221,4 +242,4 @@ def _hg_end(r):
         for i, x in enumerate(r.values()):
             if id(x) in ids:
                 refs.append(([i], ids[id(x)]))
-    _hg_done(r, _hg_docs, refs)
+    _hg_done(r, _hg_docs, refs, _hg_fw)

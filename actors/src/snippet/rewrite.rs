@@ -246,6 +246,20 @@ impl<'a> Visitor<'a> for Rewriter<'a> {
 
     fn visit_expr(&mut self, expr: &'a Expr) {
         match expr {
+            // A feed's `top`/`bottom`: one host call for the container.
+            Expr::Attribute(at)
+                if matches!(at.ctx, ExprContext::Load)
+                    && matches!(at.attr.as_str(), "top" | "bottom")
+                    && self.coll_of(&at.value).is_some() =>
+            {
+                let c = self.coll_of(&at.value).expect("checked");
+                self.used.insert(c.to_string());
+                self.edit(
+                    expr.start().to_usize(),
+                    expr.end().to_usize(),
+                    format!("_hg_fattr({}, {})", q(c), q(at.attr.as_str())),
+                );
+            }
             Expr::Name(n) if matches!(n.ctx, ExprContext::Load) => {
                 self.names.insert(n.id.to_string());
                 if let Some(c) = self.coll_of(expr) {

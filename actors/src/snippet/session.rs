@@ -38,4 +38,30 @@ pub trait Store {
     /// Whether the run may write `key` of `coll`: asked for every write when the run ends,
     /// before its outcome is returned (a refusal fails the run, with no position).
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError>;
+    /// At most `n` records of feed `feed` after id `at` (from the oldest if `None`), or, if
+    /// `back`, before it (from the newest if `None`), as `{id, prev, next, version, value}`.
+    fn feed_read(
+        &mut self,
+        feed: &str,
+        at: Option<u64>,
+        n: u32,
+        back: bool,
+    ) -> Result<Vec<Value>, GridError> {
+        let _ = (at, n, back);
+        Err(not_a_feed(feed))
+    }
+    /// Feed `feed`'s container: `{top, bottom, count, next_id, version}`.
+    fn feed_state(&mut self, feed: &str) -> Result<Value, GridError> {
+        Err(not_a_feed(feed))
+    }
+    /// Whether the run may append to or remove from feed `feed` (asked when the run ends).
+    fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
+        Err(not_a_feed(feed))
+    }
+}
+
+fn not_a_feed(name: &str) -> GridError {
+    GridError::Invalid(format!(
+        "{name} is not a feed this snippet can use (feeds are used from grid-scoped snippets)"
+    ))
 }

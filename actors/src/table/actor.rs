@@ -188,6 +188,21 @@ impl ShardStore<'_> {
 }
 
 impl Store for ShardStore<'_> {
+    fn feed_read(&mut self, feed: &str, _: Option<u64>, _: u32, _: bool) -> Result<Vec<Value>, GridError> {
+        self.own(feed)?;
+        Err(GridError::Invalid(format!("{feed} is not a feed")))
+    }
+
+    fn feed_state(&mut self, feed: &str) -> Result<Value, GridError> {
+        self.own(feed)?;
+        Err(GridError::Invalid(format!("{feed} is not a feed")))
+    }
+
+    fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
+        self.own(feed)?;
+        Err(GridError::Invalid(format!("{feed} is not a feed")))
+    }
+
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
         self.own_key(coll, key)?;
         key.encode().map(|_| ()).map_err(|e| GridError::Invalid(e.to_string()))
