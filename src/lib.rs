@@ -26,6 +26,7 @@ pub mod client;
 pub mod feed;
 pub mod grid;
 pub mod loadgen;
+pub mod loadgen_feed;
 pub mod protocol;
 pub mod server;
 

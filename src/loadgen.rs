@@ -42,6 +42,14 @@ pub struct LoadSpec {
     pub preload: bool,
     /// Run this snippet per request instead of gets and puts.
     pub eval: Option<EvalLoad>,
+    /// Append to the feed named `table` (created if missing) instead of gets and puts.
+    pub feed: bool,
+    /// With `feed`: instead of appending flat out, append this many records per second from one
+    /// connection while one follower tails the feed, and report append-to-delivery latency.
+    pub follow_rate: Option<u64>,
+    /// With `follow_rate`: run the same follow measurement against Redis at this address
+    /// (`XADD` and `XREAD BLOCK` on stream `table`) instead of heapgrid.
+    pub redis: Option<SocketAddr>,
 }
 
 /// A snippet load: the source sees the request's key as `key` (collection scope, routed by it)
@@ -69,11 +77,26 @@ pub struct LoadReport {
 
 /// Runs the load and returns the report.
 pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
+    if let (Some(rate), Some(redis)) = (spec.follow_rate, spec.redis) {
+        return crate::loadgen_feed::redis_follow(redis, &spec.table, rate, spec.duration).await;
+    }
     let opts = ClientOptions { token: spec.token.clone(), ..ClientOptions::default() };
     let admin = Client::connect_with(spec.addr, opts.clone()).await?;
-    match admin.create_table(&spec.table, TableOptions { shards: spec.shards, fsync: spec.fsync }).await {
-        Ok(_) | Err(GridError::TableExists(_)) => {}
-        Err(e) => return Err(e),
+    if spec.feed {
+        match admin.create_feed(&spec.table, Default::default()).await {
+            Ok(_) | Err(GridError::FeedExists(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(rate) = spec.follow_rate {
+            return crate::loadgen_feed::follow(&admin, spec.addr, opts, &spec.table, rate, spec.duration)
+                .await;
+        }
+    }
+    if !spec.feed {
+        match admin.create_table(&spec.table, TableOptions { shards: spec.shards, fsync: spec.fsync }).await {
+            Ok(_) | Err(GridError::TableExists(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
     let value = Value::Bytes(vec![b'x'; spec.value_bytes]);
     if spec.preload {
@@ -192,12 +215,18 @@ async fn pipelined(
         for _ in 0..pipeline {
             id += 1;
             let key = heapgrid_actors::Key::Int(rng.u64(..keys) as i64);
-            let op = if rng.u32(..100) < spec.reads_percent {
-                TableOp::Get { key }
+            let body = if spec.feed {
+                let op = crate::feed::FeedOp::Append { value: value.clone(), id: None };
+                RequestBody::Feed { feed: spec.table.clone(), op }
             } else {
-                TableOp::Write(heapgrid_actors::WriteOp::Put { key, value: value.clone() })
+                let op = if rng.u32(..100) < spec.reads_percent {
+                    TableOp::Get { key }
+                } else {
+                    TableOp::Write(heapgrid_actors::WriteOp::Put { key, value: value.clone() })
+                };
+                RequestBody::Table { table: spec.table.clone(), op }
             };
-            let req = Request { id, body: RequestBody::Table { table: spec.table.clone(), op } };
+            let req = Request { id, body };
             protocol::append_msg(&mut out, &req).map_err(|e| GridError::Invalid(e.to_string()))?;
         }
         let t0 = Instant::now();

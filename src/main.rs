@@ -83,6 +83,16 @@ struct BenchArgs {
     /// Run the snippet grid-scoped.
     #[arg(long)]
     grid_scope: bool,
+    /// Append to the feed named by --table instead of gets and puts.
+    #[arg(long)]
+    feed: bool,
+    /// With --feed: append this many records per second while one follower tails the feed, and
+    /// report append-to-delivery latency.
+    #[arg(long)]
+    follow_rate: Option<u64>,
+    /// With --follow-rate: measure Redis at this address instead (XADD / XREAD BLOCK).
+    #[arg(long)]
+    redis: Option<std::net::SocketAddr>,
     /// Make every snippet's source unique, so none is served from the compile cache.
     #[arg(long)]
     uncached: bool,
@@ -626,6 +636,9 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
         reads_percent: b.reads.min(100),
         duration: std::time::Duration::from_secs_f64(b.seconds.max(0.01)),
         preload: b.preload,
+        feed: b.feed,
+        follow_rate: b.follow_rate,
+        redis: b.redis,
         eval: b.eval.map(|src| heapgrid::loadgen::EvalLoad {
             src,
             grid_scope: b.grid_scope,
