@@ -34,11 +34,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
-use crate::feed::start_op;
+use crate::feed::{FeedOp, FeedResult, start_op};
 use crate::protocol::{
     self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
     ResponseBody, TableOp,
 };
+use heapgrid_actors::feed::actor::AppendReq;
+use heapgrid_actors::feed::runtime::FeedRuntime;
 
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
@@ -481,6 +483,8 @@ async fn connection(
                 }
             }
         }
+        round.send_appends();
+        running.extend(std::mem::take(&mut round.sent));
         if round.requests > 0 {
             let (pending, wrote) = round.dispatch();
             for k in wrote {
@@ -587,6 +591,12 @@ struct Round<'c> {
     slots: Vec<Slot>,
     /// Requests this round answers (through `slots`).
     requests: usize,
+    /// Consecutive appends to one feed, not yet sent: sent as one message when a request of
+    /// any other kind arrives, or at the end of the round (so a connection's requests reach the
+    /// feed in arrival order).
+    appends: Option<(Arc<FeedRuntime>, Vec<u64>, Vec<AppendReq>)>,
+    /// Sent append batches awaiting their replies.
+    sent: Vec<Pending>,
 }
 
 /// What became of a request a round was given.
@@ -608,13 +618,68 @@ impl<'c> Round<'c> {
             groups: Vec::new(),
             slots: Vec::new(),
             requests: 0,
+            appends: None,
+            sent: Vec::new(),
         }
+    }
+
+    /// Sends the pending appends, if any, as one message.
+    fn send_appends(&mut self) {
+        let Some((feed, ids, mut reqs)) = self.appends.take() else { return };
+        if let [id] = ids.as_slice()
+            && let Some(req) = reqs.pop()
+        {
+            // One append: the plain message (no batch vector either way).
+            let (id, reply) = (*id, feed.append(req.value, req.id));
+            self.sent.push(Box::pin(async move {
+                let mut bytes = Vec::new();
+                let result = reply.await.map(|a| ResponseBody::Feed(FeedResult::Appended { id: a.id }));
+                protocol::append_response(&mut bytes, &Response { id, result });
+                Done { bytes, requests: 1, wrote: Vec::new() }
+            }));
+            return;
+        }
+        let replies = feed.append_many(reqs);
+        self.sent.push(Box::pin(async move {
+            let mut bytes = Vec::new();
+            let n = ids.len();
+            for (id, r) in ids.into_iter().zip(replies.await) {
+                let result = r.map(|a| ResponseBody::Feed(FeedResult::Appended { id: a.id }));
+                protocol::append_response(&mut bytes, &Response { id, result });
+            }
+            Done { bytes, requests: n, wrote: Vec::new() }
+        }));
     }
 
     /// Takes one request: into the round (a table operation), answered at once into `out`
     /// (refused, or needing no shard), or as a future of its own.
     fn add(&mut self, grid: &Arc<GridCore>, who: &Arc<Principal>, req: Request, out: &mut Vec<u8>) -> Taken {
         let id = req.id;
+        let req = match req.body {
+            RequestBody::Feed { feed, op: FeedOp::Append { value, id: at } } => {
+                let same = self.appends.as_ref().is_some_and(|(f, _, _)| f.def.name == feed);
+                if !same {
+                    self.send_appends();
+                    let found = who.require(&feed, Permission::Write).and_then(|_| grid.feed(&feed));
+                    match found {
+                        Ok(f) => self.appends = Some((f, Vec::new(), Vec::new())),
+                        Err(e) => {
+                            protocol::append_response(out, &Response { id, result: Err(e) });
+                            return Taken::Answered;
+                        }
+                    }
+                }
+                if let Some((_, ids, reqs)) = self.appends.as_mut() {
+                    ids.push(id);
+                    reqs.push(AppendReq { value, id: at });
+                }
+                return Taken::InRound;
+            }
+            body => {
+                self.send_appends();
+                Request { id, body }
+            }
+        };
         let (grid, who) = (grid.clone(), who.clone());
         let (table, op) = match req.body {
             RequestBody::Table { table, op } => (table, op),

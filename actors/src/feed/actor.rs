@@ -60,6 +60,8 @@ pub struct CursorReadReq {
 /// Messages a feed shard actor handles.
 pub enum FeedMsg {
     Append(AppendReq, Reply<Appended>),
+    /// Several appends of one connection, each its own op-log record, answered together.
+    Appends(Vec<AppendReq>, Reply<Vec<Result<Appended, GridError>>>),
     Get(u64, Reply<Option<FeedRecord>>),
     Remove(u64, Reply<()>),
     Read(ReadReq, Reply<ReadResult>),
@@ -315,6 +317,36 @@ impl Actor for FeedActor {
                     state.wake(&myself);
                 }
             }
+            FeedMsg::Appends(reqs, reply) => {
+                let now = now_ms();
+                let (mut wrote, mut sealed) = (0, false);
+                let results: Vec<Result<Appended, GridError>> = reqs
+                    .into_iter()
+                    .map(|req| {
+                        let r = feed.append(&req.value, req.id, now);
+                        if let Ok(a) = &r {
+                            wrote = wrote.max(a.lsn);
+                            sealed |= a.sealed;
+                        }
+                        r
+                    })
+                    .collect();
+                gate.answer(&myself, wrote, |lsn| crate::gate::Deferred {
+                    lsn,
+                    answer: Box::new(move |err| {
+                        let _ = reply.send(match err {
+                            None => Ok(results),
+                            Some(e) => Err(e.clone()),
+                        });
+                    }),
+                });
+                if sealed && state.maintains {
+                    let _ = myself.cast(FeedMsg::Maintain);
+                }
+                if wrote != 0 {
+                    state.wake(&myself);
+                }
+            }
             FeedMsg::Get(id, reply) => {
                 let r = feed.get(id);
                 gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
@@ -416,6 +448,7 @@ impl Actor for FeedActor {
 fn refuse_closed(msg: FeedMsg) {
     match msg {
         FeedMsg::Append(_, r) => drop(r.send(closed())),
+        FeedMsg::Appends(_, r) => drop(r.send(closed())),
         FeedMsg::Get(_, r) => drop(r.send(closed())),
         FeedMsg::Remove(_, r) => drop(r.send(closed())),
         FeedMsg::Read(_, r) | FeedMsg::ReadBack(_, r) | FeedMsg::CursorRead(_, r) => drop(r.send(closed())),

@@ -110,6 +110,19 @@ impl FeedRuntime {
         self.call(AppendReq { value, id }, FeedMsg::Append, back!(Append))
     }
 
+    /// Several appends in one message (each its own op-log record, in order), answered
+    /// together: how the server sends one connection's pipelined appends.
+    pub fn append_many(&self, reqs: Vec<AppendReq>) -> BoxFuture<Vec<Result<Appended, GridError>>> {
+        let n = reqs.len();
+        let call = self.call(reqs, FeedMsg::Appends, back!(Appends));
+        Box::pin(async move {
+            match call.await {
+                Ok(v) => v,
+                Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+            }
+        })
+    }
+
     pub fn get(&self, id: u64) -> BoxFuture<Result<Option<FeedRecord>, GridError>> {
         self.call(id, FeedMsg::Get, back!(Get))
     }
