@@ -22,6 +22,32 @@ use crate::error::GridError;
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
+/// How long a (re)starting shard waits for the previous holder of its heap's lock: the
+/// previous incarnation's state being dropped, readers finishing with its snapshots, or its
+/// checkpoint write-back (a file's lock is held while any of them can still touch the file).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens (recovering) a shard's heap at `path`, creating its directory. After a crash the
+/// previous incarnation's state (and its file lock) may still be being dropped while the new one
+/// starts: this waits for it briefly rather than fail the restart.
+pub async fn open_heap(
+    path: &std::path::Path,
+    opts: &heapgrid_heap::HeapOptions,
+) -> Result<Heap, ActorProcessingErr> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let started = tokio::time::Instant::now();
+    loop {
+        match Heap::open(path, opts.clone()) {
+            Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// What owns the heap behind a gate (a table shard, a feed shard).
 pub trait HeapOwner: Send + 'static {
     fn heap(&self) -> &Heap;

@@ -23,16 +23,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{Appended, CursorInfo, FeedRecord, FeedShard, FeedState, Pos, ReadResult, SegmentPolicy};
 use crate::error::GridError;
-use crate::gate::{GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned};
+use crate::gate::{GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned, open_heap};
 use crate::value::Value;
 
 /// Longest a reader may wait for an append.
 pub const FEED_WAIT_MS_MAX: u64 = 300_000;
 /// Most readers parked on one feed at once.
 pub const FEED_WAITERS_MAX: usize = 10_000;
-
-/// How long a (re)starting feed shard waits for the previous holder of its heap's lock.
-const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
@@ -235,18 +232,7 @@ impl Actor for FeedActor {
         myself: ActorRef<FeedMsg>,
         args: FeedArgs,
     ) -> Result<FeedShardState, ActorProcessingErr> {
-        if let Some(dir) = args.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let started = tokio::time::Instant::now();
-        let heap = loop {
-            match Heap::open(&args.path, args.heap.clone()) {
-                Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                r => break r?,
-            }
-        };
+        let heap = open_heap(&args.path, &args.heap).await?;
         let maintains = args.policy.roll_after_ms.is_some()
             || args.policy.retention.keep_segments.is_some()
             || args.policy.retention.max_age_ms.is_some();

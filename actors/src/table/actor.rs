@@ -29,18 +29,15 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use super::{ScanRange, TableShard, Versioned, WriteOp, WriteResult, Written};
 use crate::error::GridError;
 pub use crate::gate::ReadView;
-use crate::gate::{Deferred, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned};
+use crate::gate::{
+    Deferred, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned, open_heap,
+};
 use crate::key::Key;
 use crate::snippet::{Compiled, Limits, ScanQuery, Store};
 use crate::value::Value;
 
 /// A snippet whose previous run took longer than this runs under `block_in_place`.
 const SLOW_SNIPPET_US: u64 = 1_000;
-
-/// How long a (re)starting shard waits for the previous holder of its heap's lock: the
-/// previous incarnation's state being dropped, readers finishing with its snapshots, or its
-/// checkpoint write-back (a file's lock is held while any of them can still touch the file).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
@@ -370,20 +367,7 @@ impl Actor for ShardActor {
         myself: ActorRef<ShardMsg>,
         args: ShardArgs,
     ) -> Result<ShardState, ActorProcessingErr> {
-        if let Some(dir) = args.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        // After a crash the previous incarnation's state (and its file lock) may still be being
-        // dropped while we start: wait for it briefly rather than fail the restart.
-        let started = tokio::time::Instant::now();
-        let heap = loop {
-            match Heap::open(&args.path, args.heap.clone()) {
-                Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                }
-                r => break r?,
-            }
-        };
+        let heap = open_heap(&args.path, &args.heap).await?;
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
         LogGate::new(table, args.heap.fsync, args.view, myself)
