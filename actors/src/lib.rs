@@ -12,6 +12,7 @@ pub mod gate;
 pub mod grid;
 pub mod key;
 pub mod limits;
+pub mod lock;
 pub mod restart;
 pub mod snippet;
 pub mod table;
