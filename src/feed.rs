@@ -40,8 +40,8 @@ pub enum FeedOp {
 }
 
 impl FeedOp {
-    /// Whether the operation changes the feed (needs `write`; the rest need `read`). A cursor
-    /// read moves its cursor, so it writes.
+    /// Whether the operation changes the feed (needs `write`). A cursor read moves its cursor,
+    /// so it writes.
     pub fn writes(&self) -> bool {
         !matches!(
             self,
@@ -51,6 +51,21 @@ impl FeedOp {
                 | FeedOp::CursorGet { .. }
                 | FeedOp::Cursors
                 | FeedOp::Info
+        )
+    }
+
+    /// Whether the answer carries the feed's contents or state (needs `read`): everything but
+    /// the writes that answer only an id, a count or `Done`. A cursor read needs both.
+    pub fn reads(&self) -> bool {
+        !matches!(
+            self,
+            FeedOp::Append { .. }
+                | FeedOp::Remove { .. }
+                | FeedOp::CursorDelete { .. }
+                | FeedOp::Trim { .. }
+                | FeedOp::Cut { .. }
+                | FeedOp::Rotate
+                | FeedOp::SetVersion { .. }
         )
     }
 }

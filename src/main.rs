@@ -692,11 +692,19 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
     for f in &files {
         // No op-log replay: nothing is written; this checks the last checkpoint on disk, then
         // reads (without applying) the op log it names.
-        let r = Heap::open(f, HeapOptions { op_log: false, ..HeapOptions::default() }).and_then(|h| {
-            let rep = h.check_integrity()?;
-            let log = h.verify_log(&heapgrid::heap::oplog::FileLogDir::for_heap(f))?;
-            Ok((rep, log))
-        });
+        let r = Heap::open(f, HeapOptions { op_log: false, ..HeapOptions::default() })
+            .map_err(|e| e.to_string())
+            .and_then(|h| {
+                let rep = h.check_integrity().map_err(|e| e.to_string())?;
+                let log = h
+                    .verify_log(&heapgrid::heap::oplog::FileLogDir::for_heap(f))
+                    .map_err(|e| e.to_string())?;
+                // A feed's heap is also walked as a feed: container, records and segments agree.
+                if f.components().any(|c| c.as_os_str() == "feeds") {
+                    heapgrid_actors::feed::FeedShard::check_heap(h).map_err(|e| e.to_string())?;
+                }
+                Ok((rep, log))
+            });
         match r {
             Ok((rep, log)) => emit(&format!(
                 "ok       {} ({} entries, {} tree pages; op log: {} records after the checkpoint{})",

@@ -521,8 +521,24 @@ mod tests {
             FeedResult::Cursors(vec![cursor]),
             FeedResult::Bool(true),
             FeedResult::Count(0),
+            FeedResult::Info(FeedInfo {
+                name: s(),
+                segment_records: 1,
+                roll_after_ms: None,
+                retention: Default::default(),
+                fsync: FsyncSetting::Never,
+                state: heapgrid_actors::feed::FeedState {
+                    top: 0,
+                    bottom: 0,
+                    count: 0,
+                    next_id: 1,
+                    version: 1,
+                    trimmed_below: 1,
+                    segments: vec![],
+                },
+            }),
         ];
-        assert_eq!(feed_results.iter().map(tag).collect::<Vec<_>>(), (0..8).collect::<Vec<u8>>());
+        assert_eq!(feed_results.iter().map(tag).collect::<Vec<_>>(), (0..9).collect::<Vec<u8>>());
         let positions = [Pos::Start, Pos::End, Pos::After(0), Pos::FirstAvailable];
         assert_eq!(positions.iter().map(tag).collect::<Vec<_>>(), (0..4).collect::<Vec<u8>>());
         // TableInfo is exactly name, shards, fsync (no internal field leaks onto the wire).

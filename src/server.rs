@@ -593,7 +593,7 @@ struct Round<'c> {
     requests: usize,
     /// Consecutive appends to one feed, not yet sent: sent as one message when a request of
     /// any other kind arrives, or at the end of the round (so a connection's requests reach the
-    /// feed in arrival order).
+    /// feed in arrival order). At most the connection's in-flight limit of them.
     appends: Option<(Arc<FeedRuntime>, Vec<u64>, Vec<AppendReq>)>,
     /// Sent append batches awaiting their replies.
     sent: Vec<Pending>,
@@ -625,20 +625,7 @@ impl<'c> Round<'c> {
 
     /// Sends the pending appends, if any, as one message.
     fn send_appends(&mut self) {
-        let Some((feed, ids, mut reqs)) = self.appends.take() else { return };
-        if let [id] = ids.as_slice()
-            && let Some(req) = reqs.pop()
-        {
-            // One append: the plain message (no batch vector either way).
-            let (id, reply) = (*id, feed.append(req.value, req.id));
-            self.sent.push(Box::pin(async move {
-                let mut bytes = Vec::new();
-                let result = reply.await.map(|a| ResponseBody::Feed(FeedResult::Appended { id: a.id }));
-                protocol::append_response(&mut bytes, &Response { id, result });
-                Done { bytes, requests: 1, wrote: Vec::new() }
-            }));
-            return;
-        }
+        let Some((feed, ids, reqs)) = self.appends.take() else { return };
         let replies = feed.append_many(reqs);
         self.sent.push(Box::pin(async move {
             let mut bytes = Vec::new();
@@ -774,9 +761,10 @@ impl<'c> Round<'c> {
             }
             RequestBody::Feed { feed, op } => {
                 // Sent to the feed now, so one connection's feed operations keep their order.
-                let need = if op.writes() { Permission::Write } else { Permission::Read };
-                let started =
-                    who.require(&feed, need).and_then(|_| grid.feed(&feed)).map(|f| start_op(&f, op));
+                // `read` for answers that carry the feed's contents, `write` for changes.
+                let allowed = (if op.reads() { who.require(&feed, Permission::Read) } else { Ok(()) })
+                    .and_then(|_| if op.writes() { who.require(&feed, Permission::Write) } else { Ok(()) });
+                let started = allowed.and_then(|_| grid.feed(&feed)).map(|f| start_op(&f, op));
                 return alone(id, async move { Ok(ResponseBody::Feed(started?.await?)) });
             }
         };

@@ -63,6 +63,22 @@ pub trait GateMsg: ractor::Message {
     fn durable(groups: Vec<Group>) -> Self;
     /// The background checkpoint's write-back ended (`LogGate::finish_checkpoint`).
     fn checkpoint_done() -> Self;
+    /// The message as one the gate handles itself (`LogGate::handle`), or back as it was.
+    fn into_gate(self) -> Result<GateCall, Self>;
+}
+
+/// The messages every heap-owning actor hands to its gate, whatever its own message type.
+pub enum GateCall {
+    /// See `GateMsg::flush`.
+    Flush,
+    /// See `GateMsg::durable`.
+    Durable(Vec<Group>),
+    /// Checkpoint: the periodic one in the background (`None`), or now, answering the port.
+    Checkpoint(Option<Reply<()>>),
+    /// See `GateMsg::checkpoint_done`.
+    CheckpointDone,
+    /// Checkpoint and close the heap (releasing its file lock); later operations get `Closed`.
+    Close(Reply<()>),
 }
 
 /// What readers on other tasks see of a shard: its newest published snapshot, and the highest
@@ -183,11 +199,42 @@ impl<S: HeapOwner> LogGate<S> {
         })
     }
 
+    /// Handles one of the gate's own messages. An error fails the actor (the supervisor then
+    /// reopens the heap: restart is recovery).
+    pub async fn handle<M: GateMsg>(
+        &mut self,
+        myself: &ActorRef<M>,
+        call: GateCall,
+    ) -> Result<(), ActorProcessingErr> {
+        match call {
+            GateCall::Flush => self.flush(),
+            GateCall::Durable(groups) => {
+                self.durable(groups);
+                Ok(())
+            }
+            GateCall::Checkpoint(None) => self.begin_checkpoint(myself),
+            GateCall::CheckpointDone => {
+                self.finish_checkpoint().await?;
+                fail_if_poisoned(self)
+            }
+            GateCall::Checkpoint(Some(reply)) => {
+                let r = self.checkpoint_now().await?;
+                let _ = reply.send(r);
+                Ok(())
+            }
+            GateCall::Close(reply) => {
+                let r = self.close().await?;
+                let _ = reply.send(r);
+                Ok(())
+            }
+        }
+    }
+
     /// The periodic checkpoint: begun here, written back on the blocking pool while the actor
     /// goes on serving (`GateMsg::checkpoint_done` finishes it); skipped while the previous one
     /// is still in flight. An error that did not poison the heap (a full disk while reserving
     /// the free list) leaves it serving; the next tick tries again.
-    pub fn begin_checkpoint<M: GateMsg>(&mut self, myself: &ActorRef<M>) -> Result<(), ActorProcessingErr> {
+    fn begin_checkpoint<M: GateMsg>(&mut self, myself: &ActorRef<M>) -> Result<(), ActorProcessingErr> {
         if self.checkpoint_task.is_none()
             && let Some(t) = self.shard.as_mut()
             && let Ok(Some(job)) = t.heap_mut().begin_checkpoint()
@@ -205,7 +252,7 @@ impl<S: HeapOwner> LogGate<S> {
     /// Everything applied so far, durable when this returns: after any in-flight checkpoint,
     /// one more on this thread (letting the runtime move other tasks off). The outer error
     /// fails the actor; the inner one is the caller's answer.
-    pub async fn checkpoint_now(&mut self) -> Result<Result<(), GridError>, ActorProcessingErr> {
+    async fn checkpoint_now(&mut self) -> Result<Result<(), GridError>, ActorProcessingErr> {
         self.finish_checkpoint().await?;
         let r = match self.shard.as_mut() {
             Some(t) => blocking(|| t.heap_mut().checkpoint()).map_err(GridError::from),
@@ -217,7 +264,7 @@ impl<S: HeapOwner> LogGate<S> {
 
     /// Checkpoints and closes the heap (releasing its file lock); readers go to the actor (and
     /// get `Closed`) from now on.
-    pub async fn close(&mut self) -> Result<Result<(), GridError>, ActorProcessingErr> {
+    async fn close(&mut self) -> Result<Result<(), GridError>, ActorProcessingErr> {
         self.finish_checkpoint().await?;
         self.flush()?;
         self.view.published.clear();
@@ -227,11 +274,6 @@ impl<S: HeapOwner> LogGate<S> {
         };
         self.durable = None;
         Ok(r)
-    }
-
-    /// Whether records are queued for the op log (a flush is coming).
-    pub fn flush_pending(&self) -> bool {
-        self.flush_scheduled
     }
 
     /// Writes the queued op-log records, then answers (or, under `Always`, hands to the

@@ -1,24 +1,27 @@
 //! `GridCore`: the running grid inside one process. It owns the data directory (an exclusive
-//! lock file), the persisted catalogue of tables, and the supervisor tree:
+//! lock file), the persisted catalogue of tables and feeds, and the supervisor tree:
 //!
 //! ```text
 //! RootSupervisor ── TableSupervisor (one per table) ── ShardActor (one per shard, owns a heap)
-//!                └─ Checkpointer (checkpoints every running shard on a schedule)
+//!                ├─ FeedSupervisor (one per feed) ── FeedActor (owns the feed's heap)
+//!                └─ Checkpointer (checkpoints every running table and feed shard on a schedule)
 //! ```
 //!
-//! Feeds, queues and lock actors will hang under the root next to the table supervisors; paging
-//! and replica fan-out will be siblings of the checkpointer.
+//! Queues and lock actors will hang under the root next to them; paging and replica fan-out
+//! will be siblings of the checkpointer.
 //!
 //! Layout of the data directory:
 //!
 //! ```text
 //! <dir>/LOCK                          exclusive flock while a grid has it open
-//! <dir>/catalog.heap (+ .log.*)       table name -> TableDef (JSON as a Value), fsync always
+//! <dir>/catalog.heap (+ .log.*)       table name -> TableDef, "feed/" name -> FeedDef,
+//!                                     "proc/" module -> source (Values), fsync always
 //! <dir>/tables/<name>-<id>/shard-NNNN.heap   one heap (and its op log) per shard; <id> is
 //!                                          unique per creation (see `TableDef::dir`)
+//! <dir>/feeds/<name>-<id>/shard-0000.heap    a feed's heap (docs/format.md, feed shards)
 //! ```
 //!
-//! Invariant: a table is in the catalogue (durably) before its supervisor starts, and removed
+//! Invariant: a table or feed is in the catalogue (durably) before its supervisor starts, and removed
 //! from it before its files are deleted.
 
 use std::collections::HashMap;
@@ -387,21 +390,39 @@ struct GridStore {
     versions: HashMap<(String, Key), u64>,
 }
 
+/// A collection a grid-scoped snippet names: tables and feeds share one namespace.
+enum Collection {
+    Table(Arc<TableRuntime>),
+    Feed(Arc<FeedRuntime>),
+}
+
 impl GridStore {
-    /// The table `coll`, after the access check.
-    fn table(&self, coll: &str) -> Result<Arc<TableRuntime>, GridError> {
+    /// The collection `coll`, after the read check: a table (the common case, one lookup), else
+    /// a feed, else `NoSuchTable`.
+    fn collection(&self, coll: &str) -> Result<Collection, GridError> {
         (self.access)(coll, false)?;
-        self.core.table(coll)
+        match self.core.table(coll) {
+            Ok(t) => Ok(Collection::Table(t)),
+            Err(e) => self.core.feed(coll).map(Collection::Feed).map_err(|_| e),
+        }
     }
 
-    /// The feed `name` if there is one (after the read check).
-    fn feed(&self, name: &str) -> Result<Option<Arc<FeedRuntime>>, GridError> {
-        match self.core.feed(name) {
-            Ok(f) => {
-                (self.access)(name, false)?;
-                Ok(Some(f))
+    /// The table `coll`, after the read check; a feed there is refused with `feed_use`.
+    fn table(&self, coll: &str, feed_use: impl FnOnce() -> String) -> Result<Arc<TableRuntime>, GridError> {
+        match self.collection(coll)? {
+            Collection::Table(t) => Ok(t),
+            Collection::Feed(_) => Err(GridError::Invalid(format!("{coll} is a feed: {}", feed_use()))),
+        }
+    }
+
+    /// The feed `name`, after the read check.
+    fn feed(&self, name: &str) -> Result<Arc<FeedRuntime>, GridError> {
+        match self.collection(name) {
+            Ok(Collection::Feed(f)) => Ok(f),
+            Ok(Collection::Table(_)) | Err(GridError::NoSuchTable(_)) => {
+                Err(GridError::NoSuchFeed(name.into()))
             }
-            Err(_) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }
@@ -425,7 +446,7 @@ impl Store for GridStore {
         n: u32,
         back: bool,
     ) -> Result<Vec<Value>, GridError> {
-        let f = self.feed(feed)?.ok_or_else(|| GridError::NoSuchFeed(feed.into()))?;
+        let f = self.feed(feed)?;
         let page = if back {
             self.handle.block_on(f.read_back(at, n))?
         } else {
@@ -435,7 +456,7 @@ impl Store for GridStore {
     }
 
     fn feed_state(&mut self, feed: &str) -> Result<Value, GridError> {
-        let f = self.feed(feed)?.ok_or_else(|| GridError::NoSuchFeed(feed.into()))?;
+        let f = self.feed(feed)?;
         let s = self.handle.block_on(f.state())?;
         let mut m = indexmap::IndexMap::new();
         for (k, v) in [("top", s.top), ("bottom", s.bottom), ("count", s.count), ("next_id", s.next_id)] {
@@ -451,22 +472,19 @@ impl Store for GridStore {
     }
 
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
-        if self.core.feed(coll).is_ok() {
-            return Err(GridError::Invalid(format!(
-                "{coll} is a feed: its records are added with {coll}.append(v), not stored by key"
-            )));
-        }
+        self.table(coll, || format!("its records are added with {coll}.append(v), not stored by key"))?;
         (self.access)(coll, true)?;
-        self.core.table(coll)?;
         key.encode().map(|_| ()).map_err(|e| GridError::Invalid(e.to_string()))
     }
 
     fn get(&mut self, coll: &str, key: &Key) -> Result<Option<Value>, GridError> {
-        if let Some(f) = self.feed(coll)? {
-            let Key::Int(id) = key else { return Ok(None) };
-            return Ok(self.handle.block_on(f.get((*id).max(0) as u64))?.map(record_value));
-        }
-        let t = self.table(coll)?;
+        let t = match self.collection(coll)? {
+            Collection::Table(t) => t,
+            Collection::Feed(f) => {
+                let Key::Int(id) = key else { return Ok(None) };
+                return Ok(self.handle.block_on(f.get((*id).max(0) as u64))?.map(record_value));
+            }
+        };
         let v = if self.fresh {
             self.handle.block_on(t.get_fresh(key.clone()))?
         } else {
@@ -481,18 +499,14 @@ impl Store for GridStore {
     }
 
     fn count(&mut self, coll: &str) -> Result<u64, GridError> {
-        if let Some(f) = self.feed(coll)? {
-            return Ok(self.handle.block_on(f.state())?.count);
+        match self.collection(coll)? {
+            Collection::Table(t) => self.handle.block_on(t.count()),
+            Collection::Feed(f) => Ok(self.handle.block_on(f.state())?.count),
         }
-        let t = self.table(coll)?;
-        self.handle.block_on(t.count())
     }
 
     fn scan(&mut self, coll: &str, q: &ScanQuery) -> Result<Vec<(Key, Value)>, GridError> {
-        if self.core.feed(coll).is_ok() {
-            return Err(GridError::Invalid(format!("{coll} is a feed: read it with {coll}.read(after, n)")));
-        }
-        let t = self.table(coll)?;
+        let t = self.table(coll, || format!("read it with {coll}.read(after, n)"))?;
         let entries = self.handle.block_on(t.scan(scan_range(q)))?;
         Ok(entries
             .into_iter()

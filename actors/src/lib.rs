@@ -1,6 +1,7 @@
 //! heapgrid-actors: the actor layer. It owns the value model, the table shard actors (ractor),
 //! each owning one `heapgrid_heap::Heap`, the supervisor tree, the catalogue and the snippet
-//! engine; feed, queue and lock actors will join them.
+//! engine, feeds (state machine, shard actor, supervisor), and the lock state machines; queue
+//! and lock actors will join them.
 //!
 //! Invariant: depends on `heapgrid-heap`, never on the `heapgrid` crate.
 

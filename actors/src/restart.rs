@@ -15,6 +15,16 @@ pub struct RestartPolicy {
     pub window_ms: u64,
 }
 
+impl RestartPolicy {
+    /// Why a child is given up on: its last failure, past this policy's limit.
+    pub fn gave_up(&self, last_failure: &str) -> String {
+        format!(
+            "restarted {} times within {} ms; last failure: {last_failure}",
+            self.max_restarts, self.window_ms
+        )
+    }
+}
+
 impl Default for RestartPolicy {
     fn default() -> Self {
         RestartPolicy { max_restarts: RESTARTS_MAX, window_ms: RESTART_WINDOW_MS }

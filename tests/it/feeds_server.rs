@@ -108,7 +108,12 @@ async fn kill9_during_appends_loses_nothing_acknowledged() {
         // The cursor resumes where its last acknowledged move left it.
         assert_eq!(events.cursor_get("c").await.unwrap().position, cursor_at, "round {round}");
     }
-    drop(server);
+    // Offline, `heapgrid check` walks the feed's heap as a feed too.
+    assert!(server.terminate().success());
+    let check =
+        std::process::Command::new(env!("CARGO_BIN_EXE_heapgrid")).arg("check").arg(&data).output().unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && out.contains("feeds"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +125,8 @@ async fn follow_over_tcp_permissions_and_cli() {
         serde_json::json!({
             "tokens": [
                 {"token": "root", "permissions": {"*": ["admin", "read", "write"]}},
-                {"token": "reader", "permissions": {"log*": ["read"]}}
+                {"token": "reader", "permissions": {"log*": ["read"]}},
+                {"token": "blind", "permissions": {"logs": ["write"]}}
             ]
         })
         .to_string(),
@@ -167,6 +173,14 @@ async fn follow_over_tcp_permissions_and_cli() {
     ));
     assert!(matches!(
         reader.create_feed("logs2", FeedOptions::default()).await,
+        Err(GridError::PermissionDenied { .. })
+    ));
+    // Write-only: appending yes; anything whose answer carries records or state no.
+    let blind = as_("blind").await.unwrap();
+    blind.feed("logs").append(99).await.unwrap();
+    assert!(matches!(blind.feed("logs").read(Pos::Start, 1).await, Err(GridError::PermissionDenied { .. })));
+    assert!(matches!(
+        blind.feed("logs").cursor_read("c", 1, 0).await,
         Err(GridError::PermissionDenied { .. })
     ));
     let listed: Vec<String> = reader.feeds().await.unwrap().into_iter().map(|f| f.name).collect();

@@ -23,7 +23,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{Appended, CursorInfo, FeedRecord, FeedShard, FeedState, Pos, ReadResult, SegmentPolicy};
 use crate::error::GridError;
-use crate::gate::{GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned, open_heap};
+use crate::gate::{
+    GateCall, GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned, open_heap,
+};
 use crate::value::Value;
 
 /// Longest a reader may wait for an append.
@@ -100,6 +102,16 @@ impl GateMsg for FeedMsg {
     fn checkpoint_done() -> Self {
         FeedMsg::CheckpointDone
     }
+    fn into_gate(self) -> Result<GateCall, Self> {
+        match self {
+            FeedMsg::Flush => Ok(GateCall::Flush),
+            FeedMsg::Durable(groups) => Ok(GateCall::Durable(groups)),
+            FeedMsg::Checkpoint(reply) => Ok(GateCall::Checkpoint(reply)),
+            FeedMsg::CheckpointDone => Ok(GateCall::CheckpointDone),
+            FeedMsg::Close(reply) => Ok(GateCall::Close(reply)),
+            msg => Err(msg),
+        }
+    }
 }
 
 impl HeapOwner for FeedShard {
@@ -130,6 +142,9 @@ enum Waiting {
 struct Waiter {
     id: u64,
     what: Waiting,
+    /// The deadline's timer task, aborted when an append answers the waiter first (so a
+    /// follower re-parking after every record leaves no sleeping tasks behind).
+    timer: tokio::task::AbortHandle,
 }
 
 pub struct FeedShardState {
@@ -165,10 +180,9 @@ impl FeedShardState {
         }
         let id = self.next_waiter;
         self.next_waiter += 1;
-        self.waiters.push(Waiter { id, what });
-        myself.send_after(Duration::from_millis(wait_ms.min(FEED_WAIT_MS_MAX)), move || {
-            FeedMsg::WaitExpired(id)
-        });
+        let wait = Duration::from_millis(wait_ms.min(FEED_WAIT_MS_MAX));
+        let timer = myself.send_after(wait, move || FeedMsg::WaitExpired(id)).abort_handle();
+        self.waiters.push(Waiter { id, what, timer });
     }
 
     /// After an append: answers every parked reader that now has records.
@@ -193,6 +207,7 @@ impl FeedShardState {
                 self.waiters.push(w);
                 continue;
             }
+            w.timer.abort();
             self.serve(myself, w.what);
         }
     }
@@ -248,35 +263,21 @@ impl Actor for FeedActor {
         msg: FeedMsg,
         state: &mut FeedShardState,
     ) -> Result<(), ActorProcessingErr> {
-        let gate = &mut state.gate;
-        let msg = match msg {
-            FeedMsg::Flush => return gate.flush(),
-            FeedMsg::Durable(groups) => {
-                gate.durable(groups);
-                return Ok(());
-            }
-            FeedMsg::Checkpoint(None) => return gate.begin_checkpoint(&myself),
-            FeedMsg::CheckpointDone => {
-                gate.finish_checkpoint().await?;
-                return fail_if_poisoned(gate);
-            }
-            FeedMsg::Checkpoint(Some(reply)) => {
-                let r = gate.checkpoint_now().await?;
-                let _ = reply.send(r);
-                return Ok(());
-            }
-            FeedMsg::Close(reply) => {
-                let r = gate.close().await?;
-                for w in std::mem::take(&mut state.waiters) {
-                    match w.what {
-                        Waiting::Read { reply, .. } | Waiting::Cursor { reply, .. } => {
-                            drop(reply.send(closed()))
-                        }
+        let msg = match msg.into_gate() {
+            Ok(call) => {
+                let closing = matches!(call, GateCall::Close(_));
+                state.gate.handle(&myself, call).await?;
+                if closing {
+                    for w in std::mem::take(&mut state.waiters) {
+                        w.timer.abort();
+                        state.serve(&myself, w.what);
                     }
                 }
-                let _ = reply.send(r);
                 return Ok(());
             }
+            Err(msg) => msg,
+        };
+        let msg = match msg {
             FeedMsg::WaitExpired(id) => {
                 if let Some(i) = state.waiters.iter().position(|w| w.id == id) {
                     let w = state.waiters.swap_remove(i);
@@ -287,6 +288,7 @@ impl Actor for FeedActor {
             FeedMsg::InjectPanic => panic!("injected panic (test hook)"),
             msg => msg,
         };
+        let gate = &mut state.gate;
         let Some(feed) = gate.shard.as_mut() else {
             refuse_closed(msg);
             return Ok(());
@@ -444,13 +446,10 @@ fn refuse_closed(msg: FeedMsg) {
         FeedMsg::Trim(_, r) | FeedMsg::Cut(_, r) => drop(r.send(closed())),
         FeedMsg::Rotate(_, r) | FeedMsg::SetVersion(_, r) => drop(r.send(closed())),
         FeedMsg::State(_, r) => drop(r.send(closed())),
-        FeedMsg::Checkpoint(Some(r)) | FeedMsg::Close(r) => drop(r.send(closed())),
-        FeedMsg::Durable(groups) => {
-            for d in groups.into_iter().flat_map(|g| g.replies) {
-                (d.answer)(Some(&GridError::Closed));
-            }
-        }
-        FeedMsg::Checkpoint(None)
+        // The gate's own messages never get here (`GateMsg::into_gate`).
+        FeedMsg::Checkpoint(_)
+        | FeedMsg::Close(_)
+        | FeedMsg::Durable(_)
         | FeedMsg::CheckpointDone
         | FeedMsg::Flush
         | FeedMsg::Maintain

@@ -206,6 +206,10 @@ fn decode<T: for<'a> Deserialize<'a>>(what: &str, bytes: &[u8]) -> Result<T, Gri
     }
 }
 
+fn decode_value(id: u64, bytes: &[u8]) -> Result<Value, GridError> {
+    Value::decode(bytes).map_err(|e| GridError::Corrupted(format!("feed record {id}: {e}")))
+}
+
 fn valid_cursor(name: &str) -> Result<(), GridError> {
     if name.is_empty() || name.len() > CURSOR_NAME_BYTES_MAX {
         return Err(GridError::Invalid(format!("cursor name: use 1 to {CURSOR_NAME_BYTES_MAX} bytes")));
@@ -371,14 +375,12 @@ impl FeedShard {
     /// The record `id` with its neighbours, found without walking the chain.
     pub fn get(&self, id: u64) -> Result<Option<FeedRecord>, GridError> {
         let Some(bytes) = self.heap.get_ref(&record_key(id))? else { return Ok(None) };
-        let value =
-            Value::decode(&bytes).map_err(|e| GridError::Corrupted(format!("feed record {id}: {e}")))?;
         Ok(Some(FeedRecord {
             id,
             prev: self.neighbour(id, false)?,
             next: self.neighbour(id, true)?,
-            version: self.version_of(id)?,
-            value,
+            version: self.segment_span(id)?.2,
+            value: decode_value(id, &bytes)?,
         }))
     }
 
@@ -399,28 +401,6 @@ impl FeedShard {
         match e {
             Some(e) => id_of(e?.0),
             None => Ok(0),
-        }
-    }
-
-    /// The schema version of the segment holding `id`: the open one, or the sealed segment
-    /// whose range holds it (the greatest first id at or below `id`: a B+tree descent).
-    fn version_of(&self, id: u64) -> Result<u32, GridError> {
-        if let Some(o) = &self.meta.open
-            && id >= o.first_id
-        {
-            return Ok(o.version);
-        }
-        let found = self
-            .heap
-            .range::<[u8], _>((Bound::Included(&segment_key(0)[..]), Bound::Included(&segment_key(id)[..])))
-            .next_back();
-        match found {
-            Some(e) => {
-                let (_, v) = e?;
-                Ok(decode::<SealedSegment>("segment", &v)?.version)
-            }
-            // Below every segment: only a record from before segments were tracked; none exist.
-            None => Ok(self.meta.version),
         }
     }
 
@@ -470,21 +450,7 @@ impl FeedShard {
 
     /// At most `n` records with ids above `after`, ascending.
     pub fn read_after(&self, after: u64, n: u32) -> Result<ReadResult, GridError> {
-        check_n(n)?;
-        let mut records = Vec::new();
-        if n > 0 && after < u64::MAX {
-            let lo = record_key(after + 1);
-            let hi = record_key(u64::MAX);
-            for e in self
-                .heap
-                .range::<[u8], _>((Bound::Included(&lo[..]), Bound::Included(&hi[..])))
-                .take(n as usize)
-            {
-                let (k, v) = e?;
-                records.push(self.record(id_of(k)?, &v)?);
-            }
-        }
-        self.link(&mut records, false)?;
+        let records = self.records(after.saturating_add(1), u64::MAX, n, false)?;
         let next = records.last().map_or(after, |r| r.id);
         Ok(ReadResult { records, next })
     }
@@ -497,31 +463,29 @@ impl FeedShard {
 
     /// At most `n` records with ids below `before` (`None`: from the top), newest first.
     pub fn read_back(&self, before: Option<u64>, n: u32) -> Result<ReadResult, GridError> {
-        check_n(n)?;
         let before = before.unwrap_or(u64::MAX);
-        let mut records = Vec::new();
-        if n > 0 && before > 0 {
-            let lo = record_key(0);
-            let hi = record_key(before);
-            for e in self
-                .heap
-                .range::<[u8], _>((Bound::Included(&lo[..]), Bound::Excluded(&hi[..])))
-                .rev()
-                .take(n as usize)
-            {
-                let (k, v) = e?;
-                records.push(self.record(id_of(k)?, &v)?);
-            }
-        }
-        self.link(&mut records, true)?;
+        let records = self.records(0, before, n, true)?;
         let next = records.last().map_or(before, |r| r.id);
         Ok(ReadResult { records, next })
     }
 
-    fn record(&self, id: u64, bytes: &[u8]) -> Result<FeedRecord, GridError> {
-        let value =
-            Value::decode(bytes).map_err(|e| GridError::Corrupted(format!("feed record {id}: {e}")))?;
-        Ok(FeedRecord { id, prev: 0, next: 0, version: 0, value })
+    /// At most `n` records with ids in `[lo, hi)` (ascending, or descending if `back`), linked.
+    fn records(&self, lo: u64, hi: u64, n: u32, back: bool) -> Result<Vec<FeedRecord>, GridError> {
+        check_n(n)?;
+        let mut records = Vec::new();
+        if n > 0 && lo < hi {
+            let (lo, hi) = (record_key(lo), record_key(hi));
+            let range = self.heap.range::<[u8], _>((Bound::Included(&lo[..]), Bound::Excluded(&hi[..])));
+            let entries: Box<dyn Iterator<Item = _>> =
+                if back { Box::new(range.rev()) } else { Box::new(range) };
+            for e in entries.take(n as usize) {
+                let (k, v) = e?;
+                let id = id_of(k)?;
+                records.push(FeedRecord { id, prev: 0, next: 0, version: 0, value: decode_value(id, &v)? });
+            }
+        }
+        self.link(&mut records, back)?;
+        Ok(records)
     }
 
     /// Fills `prev`, `next` and `version` of consecutive records (ascending, or descending if
@@ -861,6 +825,14 @@ impl FeedShard {
         })
     }
 
+    /// `check` of the feed in `heap` (as `heapgrid check` finds it on disk).
+    pub fn check_heap(heap: Heap) -> Result<(), GridError> {
+        // The segment policy only steers appends and retention; a check needs none of it.
+        let policy =
+            SegmentPolicy { segment_records: 1, roll_after_ms: None, retention: Retention::default() };
+        FeedShard::open(heap, policy)?.check()
+    }
+
     /// Walks the whole feed and checks the container against it: `count` records, `top` and
     /// `bottom` the ends, ids below `next_id` and not below `trimmed_below`, segments ordered
     /// and not overlapping. The debug checker behind the tests (and `heapgrid check`).
@@ -872,7 +844,7 @@ impl FeedShard {
         for e in self.heap.range::<[u8], _>((Bound::Included(&lo[..]), Bound::Included(&hi[..]))) {
             let (k, v) = e?;
             let id = id_of(k)?;
-            Value::decode(&v).map_err(|e| GridError::Corrupted(format!("feed record {id}: {e}")))?;
+            decode_value(id, &v)?;
             if first == 0 {
                 first = id;
             }

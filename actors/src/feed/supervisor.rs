@@ -17,7 +17,7 @@ use super::actor::{FeedActor, FeedArgs, FeedMsg};
 use super::def::FeedDef;
 use crate::error::GridError;
 use crate::restart::{Decision, RestartPolicy, RestartTracker};
-use crate::table::supervisor::{ShardSlot, SlotState};
+use crate::table::supervisor::{ShardSlot, SlotState, child_down};
 
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const START_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -107,10 +107,7 @@ impl FeedSupervisor {
         let now_ms = st.started.elapsed().as_millis() as u64;
         match st.tracker.on_failure(st.args.policy, now_ms) {
             Decision::Restart => spawn_shard(myself, st).await,
-            Decision::GiveUp => st.args.slot.set(SlotState::Failed(format!(
-                "restarted {} times within {} ms; last failure: {why}",
-                st.args.policy.max_restarts, st.args.policy.window_ms
-            ))),
+            Decision::GiveUp => st.args.slot.set(SlotState::Failed(st.args.policy.gave_up(&why))),
         }
     }
 }
@@ -179,15 +176,8 @@ impl Actor for FeedSupervisor {
         evt: SupervisionEvent,
         st: &mut FeedSupState,
     ) -> Result<(), ActorProcessingErr> {
-        match evt {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                Self::on_child_down(&myself, st, cell.get_id(), err.to_string()).await;
-            }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let why = reason.unwrap_or_else(|| "stopped".into());
-                Self::on_child_down(&myself, st, cell.get_id(), why).await;
-            }
-            _ => {}
+        if let Some((id, why)) = child_down(evt) {
+            Self::on_child_down(&myself, st, id, why).await;
         }
         Ok(())
     }

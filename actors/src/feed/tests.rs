@@ -387,3 +387,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_checker_finds_a_record_the_container_does_not_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = open(dir.path(), &policy(10, None));
+    f.append(&int(1), None, 0).unwrap();
+    f.check().unwrap();
+    // A record written behind the container's back (as a lost container write would leave).
+    let stray = Value::Int(2).encode().unwrap();
+    f.heap_mut().put(&record_key(2), &stray).unwrap();
+    assert!(matches!(f.check(), Err(GridError::Corrupted(_))));
+    drop(f);
+    let heap = Heap::open(dir.path().join("f.heap"), opts()).unwrap();
+    assert!(matches!(FeedShard::check_heap(heap), Err(GridError::Corrupted(_))));
+}

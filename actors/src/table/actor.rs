@@ -30,7 +30,7 @@ use super::{ScanRange, TableShard, Versioned, WriteOp, WriteResult, Written};
 use crate::error::GridError;
 pub use crate::gate::ReadView;
 use crate::gate::{
-    Deferred, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned, open_heap,
+    Deferred, GateCall, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned, open_heap,
 };
 use crate::key::Key;
 use crate::snippet::{Compiled, Limits, ScanQuery, Store};
@@ -352,6 +352,16 @@ impl GateMsg for ShardMsg {
     fn checkpoint_done() -> Self {
         ShardMsg::CheckpointDone
     }
+    fn into_gate(self) -> Result<GateCall, Self> {
+        match self {
+            ShardMsg::Flush => Ok(GateCall::Flush),
+            ShardMsg::Durable(groups) => Ok(GateCall::Durable(groups)),
+            ShardMsg::Checkpoint(reply) => Ok(GateCall::Checkpoint(reply)),
+            ShardMsg::CheckpointDone => Ok(GateCall::CheckpointDone),
+            ShardMsg::Close(reply) => Ok(GateCall::Close(reply)),
+            msg => Err(msg),
+        }
+    }
 }
 
 /// The shard actor (empty: everything lives in `ShardState`).
@@ -379,29 +389,10 @@ impl Actor for ShardActor {
         msg: ShardMsg,
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
-        let msg = match msg {
-            ShardMsg::Flush => return state.flush(),
-            ShardMsg::Durable(groups) => {
-                state.durable(groups);
-                return Ok(());
-            }
-            ShardMsg::Checkpoint(None) => return state.begin_checkpoint(&myself),
-            ShardMsg::CheckpointDone => {
-                state.finish_checkpoint().await?;
-                return fail_if_poisoned(state);
-            }
-            ShardMsg::Checkpoint(Some(reply)) => {
-                let r = state.checkpoint_now().await?;
-                let _ = reply.send(r);
-                return Ok(());
-            }
-            ShardMsg::Close(reply) => {
-                let r = state.close().await?;
-                let _ = reply.send(r);
-                return Ok(());
-            }
-            ShardMsg::InjectPanic => panic!("injected panic (test hook)"),
-            msg => msg,
+        let msg = match msg.into_gate() {
+            Ok(call) => return state.handle(&myself, call).await,
+            Err(ShardMsg::InjectPanic) => panic!("injected panic (test hook)"),
+            Err(msg) => msg,
         };
         let Some(table) = state.shard.as_mut() else {
             refuse_closed(msg);
@@ -490,6 +481,7 @@ impl Actor for ShardActor {
                     state.read_seen();
                 }
             }
+            // Handled above, by the gate or as the test hook.
             ShardMsg::Flush
             | ShardMsg::Durable(_)
             | ShardMsg::CheckpointDone
@@ -519,13 +511,13 @@ fn refuse_closed(msg: ShardMsg) {
         ShardMsg::Eval(_, r) => drop(r.send(closed())),
         ShardMsg::Prepare(p) => drop(p.ready.send(closed())),
         ShardMsg::Pipeline(ops, r) => drop(r.send(ops.iter().map(|_| closed()).collect())),
-        ShardMsg::Checkpoint(Some(r)) | ShardMsg::Close(r) => drop(r.send(closed())),
-        ShardMsg::Durable(groups) => {
-            for d in groups.into_iter().flat_map(|g| g.replies) {
-                (d.answer)(Some(&GridError::Closed));
-            }
-        }
-        ShardMsg::Checkpoint(None) | ShardMsg::CheckpointDone | ShardMsg::Flush | ShardMsg::InjectPanic => {}
+        // The gate's own messages never get here (`GateMsg::into_gate`).
+        ShardMsg::Checkpoint(_)
+        | ShardMsg::Close(_)
+        | ShardMsg::Durable(_)
+        | ShardMsg::CheckpointDone
+        | ShardMsg::Flush
+        | ShardMsg::InjectPanic => {}
     }
 }
 

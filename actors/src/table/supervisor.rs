@@ -94,6 +94,18 @@ impl<M> Default for ShardSlot<M> {
     }
 }
 
+/// The child a supervision event reports down (failed or stopped), and why; `None` for other
+/// events. Shared by the table and feed supervisors.
+pub(crate) fn child_down(evt: SupervisionEvent) -> Option<(ActorId, String)> {
+    match evt {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell.get_id(), err.to_string())),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => {
+            Some((cell.get_id(), reason.unwrap_or_else(|| "stopped".into())))
+        }
+        _ => None,
+    }
+}
+
 /// What a table supervisor is started with.
 pub struct TableSupArgs {
     pub table: String,
@@ -174,10 +186,7 @@ impl TableSupervisor {
         let now_ms = st.started.elapsed().as_millis() as u64;
         match st.trackers[i].on_failure(st.args.policy, now_ms) {
             Decision::Restart => spawn_shard(myself, st, i).await,
-            Decision::GiveUp => st.args.slots[i].set(SlotState::Failed(format!(
-                "restarted {} times within {} ms; last failure: {why}",
-                st.args.policy.max_restarts, st.args.policy.window_ms
-            ))),
+            Decision::GiveUp => st.args.slots[i].set(SlotState::Failed(st.args.policy.gave_up(&why))),
         }
     }
 }
@@ -249,15 +258,8 @@ impl Actor for TableSupervisor {
         evt: SupervisionEvent,
         st: &mut TableSupState,
     ) -> Result<(), ActorProcessingErr> {
-        match evt {
-            SupervisionEvent::ActorFailed(cell, err) => {
-                self.on_child_down(&myself, st, cell.get_id(), err.to_string()).await;
-            }
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let why = reason.unwrap_or_else(|| "stopped".into());
-                self.on_child_down(&myself, st, cell.get_id(), why).await;
-            }
-            _ => {}
+        if let Some((id, why)) = child_down(evt) {
+            self.on_child_down(&myself, st, id, why).await;
         }
         Ok(())
     }
