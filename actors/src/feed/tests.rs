@@ -354,17 +354,25 @@ proptest! {
                     m.version = v as u32;
                 }
                 Op::Maintain => {
+                    // Keep-k retention drops the oldest whole segments until k remain (the
+                    // newest k, unchanged); everything below the oldest kept one is gone.
+                    let before = f.segments().unwrap();
                     f.maintain(0).unwrap();
-                    // Which records retention dropped depends on segment layout: take the
-                    // feed's word for the cut, then check the model's tail is what remains.
                     let s = f.state().unwrap();
-                    while m.chain.front().is_some_and(|r| r.0 < s.trimmed_below) {
-                        m.chain.pop_front();
-                    }
                     prop_assert!(s.trimmed_below >= m.trimmed_below);
-                    m.trimmed_below = s.trimmed_below;
+                    let mut want = before.clone();
                     if let Some(k) = keep {
-                        prop_assert!(f.segments().unwrap().len() <= k as usize);
+                        want.truncate(k as usize);
+                    }
+                    prop_assert_eq!(&s.segments, &want);
+                    if want.len() < before.len() {
+                        let cut = want.last().map_or(m.next_id, |seg| seg.first_id);
+                        // The dropped segments' ids are all below `cut`, and only theirs.
+                        prop_assert_eq!(s.trimmed_below, before[want.len()].last_id.unwrap() + 1);
+                        m.chain.retain(|r| r.0 >= cut);
+                        m.trimmed_below = s.trimmed_below;
+                    } else {
+                        prop_assert_eq!(s.trimmed_below, m.trimmed_below);
                     }
                 }
                 Op::Reopen => {
