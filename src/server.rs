@@ -625,7 +625,23 @@ impl<'c> Round<'c> {
 
     /// Sends the pending appends, if any, as one message.
     fn send_appends(&mut self) {
-        let Some((feed, ids, reqs)) = self.appends.take() else { return };
+        let Some((feed, ids, mut reqs)) = self.appends.take() else { return };
+        // A lone append goes as the plain `Append` message: measured with compare-redis-feeds.sh
+        // at 1 in flight, through `Appends` it cost 13.7-14.4 µs of server CPU per append, this
+        // way 11.4-11.7 µs (0.81-0.88x against 0.94-1.05x Redis XADD, two runs each). Why the
+        // batch message costs that much more for one append is not understood yet.
+        if let [id] = ids.as_slice()
+            && let Some(req) = reqs.pop()
+        {
+            let (id, reply) = (*id, feed.append(req.value, req.id));
+            self.sent.push(Box::pin(async move {
+                let mut bytes = Vec::new();
+                let result = reply.await.map(|a| ResponseBody::Feed(FeedResult::Appended { id: a.id }));
+                protocol::append_response(&mut bytes, &Response { id, result });
+                Done { bytes, requests: 1, wrote: Vec::new() }
+            }));
+            return;
+        }
         let replies = feed.append_many(reqs);
         self.sent.push(Box::pin(async move {
             let mut bytes = Vec::new();
