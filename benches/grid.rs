@@ -138,7 +138,10 @@ async fn grid_case_on(grid: &Grid, table: &str, tasks: usize, secs: f64, mode: &
                                 .collect::<Vec<_>>();
                             let shard0: Vec<WriteOp> = ops
                                 .into_iter()
-                                .filter(|o| o.key().shard(4) == Key::Str(format!("b{}:0", base)).shard(4))
+                                .filter(|o| {
+                                    o.key().map(|k| k.shard(4))
+                                        == Some(Key::Str(format!("b{}:0", base)).shard(4))
+                                })
                                 .collect();
                             n += shard0.len() as u64;
                             t.batch(shard0).await.unwrap();

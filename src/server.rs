@@ -892,7 +892,7 @@ impl<'c> Round<'c> {
                 }
             }
             TableOp::Write(w) => {
-                let shard = rt.shard_of(w.key());
+                let shard = w.key().map_or(0, |k| rt.shard_of(k));
                 self.wrote.push((t, shard));
                 one(self, shard, PipelineOp::Write(w));
             }

@@ -72,6 +72,16 @@ pub enum GridError {
     Trimmed { first_available: u64 },
     #[error("no such cursor: {0}")]
     NoSuchCursor(String),
+    /// A fenced write whose fence is not the current grant of its lock (or the lock is no longer
+    /// held): nothing of the request was applied. `current` is the fence now, if held.
+    #[error("fence {presented} of lock {lock} is stale (current: {current:?}); nothing was written")]
+    StaleFence { lock: String, presented: u64, current: Option<u64> },
+    /// A release or renew with a fence that is not the holder's (`current`: the holder's now).
+    #[error("not the holder of lock {lock} (current fence: {current:?})")]
+    NotHolder { lock: String, current: Option<u64> },
+    /// The session is closed, expired, or its secret did not match.
+    #[error("session {session} has expired or does not exist")]
+    SessionExpired { session: u64 },
 }
 
 impl From<TableError> for GridError {
@@ -85,6 +95,7 @@ impl From<TableError> for GridError {
                 GridError::LimitExceeded { what: what.into(), got, max }
             }
             e @ TableError::Corrupted { .. } => GridError::Corrupted(e.to_string()),
+            TableError::StaleFence(s) => s.into(),
         }
     }
 }
@@ -97,5 +108,11 @@ impl From<heapgrid_heap::Error> for GridError {
             H::LimitExceeded { what, got, max } => GridError::LimitExceeded { what: what.into(), got, max },
             e => GridError::Storage(e.to_string()),
         }
+    }
+}
+
+impl From<crate::lock::fence::Stale> for GridError {
+    fn from(s: crate::lock::fence::Stale) -> Self {
+        GridError::StaleFence { lock: s.lock, presented: s.presented, current: s.current }
     }
 }

@@ -40,6 +40,8 @@ pub use crate::feed::runtime::FeedRuntime;
 use crate::feed::supervisor::{FeedSupArgs, FeedSupMsg, FeedSupervisor};
 use crate::key::Key;
 use crate::limits::TABLE_SHARDS_MAX;
+use crate::lock::actor::LockMsg;
+use crate::lock::supervisor::{LockSupArgs, LockSupMsg, LockSupervisor, Locks};
 use crate::restart::RestartPolicy;
 use crate::snippet::{Engine, LimitOverrides, Limits, ScanQuery, Snippets, Store};
 use crate::table::WriteOp;
@@ -116,6 +118,7 @@ struct RootArgs {
     opts: GridOptions,
     registry: Registry,
     feeds: FeedRegistry,
+    locks: Arc<Locks>,
 }
 
 /// A table supervisor under the root, with what it takes to start it again.
@@ -136,6 +139,7 @@ struct RootState {
     args: RootArgs,
     tables: HashMap<String, ChildTable>,
     feeds: HashMap<String, ChildFeed>,
+    lock_sup: Option<ActorRef<LockSupMsg>>,
 }
 
 struct RootSupervisor;
@@ -162,6 +166,7 @@ impl RootSupervisor {
             heap,
             policy: st.args.opts.restart,
             slots: slots.clone(),
+            fences: st.args.locks.fences.clone(),
         };
         let (sup, _) = TableSupervisor::spawn_linked(None, TableSupervisor, args, myself.get_cell())
             .await
@@ -201,6 +206,30 @@ impl RootSupervisor {
         r
     }
 
+    /// Starts the lock supervisor (and through it the lock service).
+    async fn start_locks(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+        let args = LockSupArgs {
+            dir: st.args.dir.clone(),
+            heap: HeapOptions { fsync: st.args.opts.fsync, ..HeapOptions::default() },
+            policy: st.args.opts.restart,
+            slot: st.args.locks.slot().clone(),
+            fences: st.args.locks.fences.clone(),
+        };
+        let (sup, _) = LockSupervisor::spawn_linked(None, LockSupervisor, args, myself.get_cell()).await?;
+        st.lock_sup = Some(sup);
+        Ok(())
+    }
+
+    async fn stop_locks(st: &mut RootState) -> Result<(), GridError> {
+        let Some(sup) = st.lock_sup.take() else { return Ok(()) };
+        let r = match sup.call(LockSupMsg::Shutdown, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(GridError::Unavailable("the lock service did not shut down cleanly".into())),
+        };
+        let _ = sup.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+        r
+    }
+
     async fn stop_table(st: &mut RootState, name: &str) -> Result<(), GridError> {
         let Some(ChildTable { sup, .. }) = st.tables.remove(name) else { return Ok(()) };
         let r = match sup.call(TableSupMsg::Shutdown, None).await {
@@ -223,9 +252,11 @@ impl Actor for RootSupervisor {
         args: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
         let interval = Duration::from_millis(args.opts.checkpoint_interval_ms.max(1));
-        let registries = (args.registry.clone(), args.feeds.clone());
+        let registries = (args.registry.clone(), args.feeds.clone(), args.locks.clone());
         Checkpointer::spawn_linked(None, Checkpointer, (registries, interval), myself.get_cell()).await?;
-        Ok(RootState { args, tables: HashMap::new(), feeds: HashMap::new() })
+        let mut st = RootState { args, tables: HashMap::new(), feeds: HashMap::new(), lock_sup: None };
+        Self::start_locks(&myself, &mut st).await?;
+        Ok(st)
     }
 
     async fn handle(
@@ -261,6 +292,7 @@ impl Actor for RootSupervisor {
                 for name in names {
                     result = result.and(Self::stop_table(st, &name).await);
                 }
+                result = result.and(Self::stop_locks(st).await);
                 let _ = reply.send(result);
             }
         }
@@ -289,6 +321,10 @@ impl Actor for RootSupervisor {
             {
                 let _ = Self::start_feed(&myself, st, def, slot).await;
             }
+            if st.lock_sup.as_ref().is_some_and(|s| s.get_id() == cell.get_id()) {
+                st.lock_sup = None;
+                let _ = Self::start_locks(&myself, st).await;
+            }
         }
         Ok(())
     }
@@ -304,14 +340,14 @@ enum CheckpointerMsg {
 
 impl Actor for Checkpointer {
     type Msg = CheckpointerMsg;
-    type State = (Registry, FeedRegistry);
-    type Arguments = ((Registry, FeedRegistry), Duration);
+    type State = (Registry, FeedRegistry, Arc<Locks>);
+    type Arguments = ((Registry, FeedRegistry, Arc<Locks>), Duration);
 
     async fn pre_start(
         &self,
         myself: ActorRef<CheckpointerMsg>,
-        (registries, every): ((Registry, FeedRegistry), Duration),
-    ) -> Result<(Registry, FeedRegistry), ActorProcessingErr> {
+        (registries, every): ((Registry, FeedRegistry, Arc<Locks>), Duration),
+    ) -> Result<(Registry, FeedRegistry, Arc<Locks>), ActorProcessingErr> {
         myself.send_interval(every, || CheckpointerMsg::Tick);
         Ok(registries)
     }
@@ -320,8 +356,11 @@ impl Actor for Checkpointer {
         &self,
         _myself: ActorRef<CheckpointerMsg>,
         _msg: CheckpointerMsg,
-        (registry, feeds): &mut (Registry, FeedRegistry),
+        (registry, feeds, locks): &mut (Registry, FeedRegistry, Arc<Locks>),
     ) -> Result<(), ActorProcessingErr> {
+        if let SlotState::Running(a) = locks.slot().get() {
+            let _ = a.cast(LockMsg::Checkpoint(None));
+        }
         let feeds: Vec<Arc<FeedRuntime>> =
             feeds.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for f in feeds {
@@ -349,6 +388,7 @@ pub struct GridCore {
     root: ActorRef<RootMsg>,
     registry: Registry,
     feeds: FeedRegistry,
+    locks: Arc<Locks>,
     catalog: Mutex<Option<Heap>>,
     snippets: Arc<Snippets>,
     /// Grid-scoped snippets that conflicted twice commit under one of these (chosen by the first
@@ -616,11 +656,13 @@ impl GridCore {
         }
         let registry: Registry = Arc::default();
         let feeds: FeedRegistry = Arc::default();
+        let locks = Arc::new(Locks::new(Arc::new(ShardSlot::new()), Arc::default()));
         let args = RootArgs {
             dir: dir.clone(),
             opts: opts.clone(),
             registry: registry.clone(),
             feeds: feeds.clone(),
+            locks: locks.clone(),
         };
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
@@ -646,6 +688,7 @@ impl GridCore {
             root,
             registry,
             feeds,
+            locks,
             catalog: Mutex::new(Some(catalog)),
             snippets,
             commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -1019,6 +1062,11 @@ impl GridCore {
             .get(name)
             .cloned()
             .ok_or_else(|| GridError::NoSuchTable(name.into()))
+    }
+
+    /// The node's lock service (sessions, locks, semaphores) and its fence table.
+    pub fn locks(&self) -> &Arc<Locks> {
+        &self.locks
     }
 
     /// Checkpoints and stops every shard, then the tree, then closes the catalogue.

@@ -3,7 +3,7 @@
 //! `--cfg loom` would also switch tokio's internals and break its net and fs, hence our own cfg.)
 
 #[cfg(not(heapgrid_loom))]
-pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, atomic};
+pub use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, atomic};
 
 #[cfg(heapgrid_loom)]
-pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard, atomic};
+pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, atomic};

@@ -6,34 +6,21 @@
 //! delivered is never sent twice (its writes may have applied).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use ractor::{MessagingErr, RpcReplyPort};
-use tokio::sync::oneshot;
+use ractor::RpcReplyPort;
 
 use super::actor::{AppendReq, CursorReadReq, FeedMsg, ReadReq};
 use super::def::{FeedDef, FeedInfo};
 use super::{Appended, CursorInfo, FeedRecord, FeedState, Pos, ReadResult};
 use crate::error::GridError;
-use crate::table::supervisor::{ShardSlot, SlotState};
+pub use crate::table::supervisor::BoxFuture;
+use crate::table::supervisor::{ShardSlot, SlotState, slot_call};
 use crate::value::Value;
-
-/// How long a caller waits for a restarting feed shard before giving up.
-const RESTART_WAIT: Duration = Duration::from_secs(5);
-
-/// A reply on its way: the message is already sent (or the wait for a restart is in it).
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
 /// One feed of a running grid.
 pub struct FeedRuntime {
     pub def: FeedDef,
     slot: Arc<ShardSlot<FeedMsg>>,
-}
-
-fn lost(feed: &str) -> GridError {
-    GridError::Unavailable(format!(
-        "feed {feed} stopped while handling the request (a write may or may not have applied)"
-    ))
 }
 
 macro_rules! back {
@@ -51,57 +38,14 @@ impl FeedRuntime {
         &self.slot
     }
 
-    /// Sends `payload` now if the shard is running (so one caller's messages reach the mailbox
-    /// in the order it made the calls), and returns the future of the reply: it waits out a
-    /// restart (bounded), and never hangs on a dead actor.
+    /// Sends `payload` to the feed's shard (`slot_call`).
     fn call<P: Send + 'static, R: Send + 'static>(
         &self,
         payload: P,
         wrap: fn(P, RpcReplyPort<Result<R, GridError>>) -> FeedMsg,
         unwrap: fn(FeedMsg) -> Option<P>,
     ) -> BoxFuture<Result<R, GridError>> {
-        let name = self.def.name.clone();
-        let slot = self.slot.clone();
-        let mut payload = payload;
-        if let SlotState::Running(actor) = slot.get() {
-            let (tx, rx) = oneshot::channel();
-            match actor.send_message(wrap(payload, tx.into())) {
-                Ok(()) => return Box::pin(async move { rx.await.map_err(|_| lost(&name))? }),
-                Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
-                    Some(back) => payload = back,
-                    None => return Box::pin(async move { Err(lost(&name)) }),
-                },
-                Err(_) => return Box::pin(async move { Err(lost(&name)) }),
-            }
-        }
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + RESTART_WAIT;
-            loop {
-                let seen = slot.version();
-                match slot.get() {
-                    SlotState::Running(actor) => {
-                        let (tx, rx) = oneshot::channel();
-                        match actor.send_message(wrap(payload, tx.into())) {
-                            Ok(()) => return rx.await.map_err(|_| lost(&name))?,
-                            Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
-                                Some(back) => payload = back,
-                                None => return Err(lost(&name)),
-                            },
-                            Err(_) => return Err(lost(&name)),
-                        }
-                    }
-                    SlotState::Starting => {}
-                    SlotState::Failed(reason) => {
-                        return Err(GridError::ShardFailed { table: name, shard: 0, reason });
-                    }
-                    SlotState::Stopped => return Err(GridError::Closed),
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(GridError::Unavailable(format!("feed {name} is restarting")));
-                }
-                slot.wait_change(seen, deadline).await;
-            }
-        })
+        slot_call(self.slot.clone(), &self.def.name, "feed", payload, wrap, unwrap)
     }
 
     /// Appends `value` at the top; `id` is the caller's (see `FeedShard::append`), else the

@@ -15,6 +15,12 @@
 //! Invariant: a semaphore's granted permits never exceed its size.
 //! Invariant: nothing here reads a clock.
 
+pub mod actor;
+pub mod fence;
+pub mod ops;
+pub mod store;
+pub mod supervisor;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// A session's id.
@@ -86,6 +92,39 @@ impl Sessions {
         }
     }
 
+    /// The table as stored: `last_id` issued so far, and the sessions recorded, each alive for
+    /// one ttl from `now_ms` (a restart: only a reattach keeps them longer).
+    pub fn restore(
+        last_id: SessionId,
+        sessions: impl IntoIterator<Item = (SessionId, u64, u64)>,
+        now_ms: u64,
+    ) -> Sessions {
+        let live = sessions
+            .into_iter()
+            .map(|(id, secret, ttl_ms)| (id, Session { secret, ttl_ms, expires_at_ms: now_ms + ttl_ms }))
+            .collect();
+        Sessions { live, next_id: last_id }
+    }
+
+    /// The last id issued.
+    pub fn last_id(&self) -> SessionId {
+        self.next_id
+    }
+
+    /// `(secret, ttl_ms, expires_at_ms)` of a live (or not yet swept) session.
+    pub fn get(&self, id: SessionId) -> Option<(u64, u64, u64)> {
+        self.live.get(&id).map(|s| (s.secret, s.ttl_ms, s.expires_at_ms))
+    }
+
+    /// Sessions not yet closed or swept.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
     /// Whether the session is alive at `now_ms`.
     pub fn alive(&self, id: SessionId, now_ms: u64) -> bool {
         self.live.get(&id).is_some_and(|s| s.expires_at_ms > now_ms)
@@ -97,6 +136,7 @@ impl Sessions {
     }
 
     /// Removes and returns every session expired at `now_ms` (their grants must be released).
+    /// O(sessions): the service calls it once per tick.
     pub fn expire(&mut self, now_ms: u64) -> Vec<SessionId> {
         let dead: Vec<SessionId> =
             self.live.iter().filter(|(_, s)| s.expires_at_ms <= now_ms).map(|(id, _)| *id).collect();
@@ -151,6 +191,37 @@ impl Lock {
     /// A lock whose fences continue above `last_fence` (as persisted).
     pub fn resume(last_fence: u64) -> Lock {
         Lock { last_fence, ..Lock::default() }
+    }
+
+    /// A lock as stored: its last fence, and the holder recorded (restored with depth 1 and no
+    /// lease: after a restart it lasts as long as its session).
+    pub fn restore(last_fence: u64, holder: Option<(SessionId, u64)>) -> Lock {
+        let holder = holder.map(|(session, fence)| Grant { session, fence, lease_until_ms: None, depth: 1 });
+        Lock { last_fence, holder, ..Lock::default() }
+    }
+
+    /// No holder and nobody waiting: the lock can leave memory (its last fence is stored).
+    pub fn is_idle(&self, now_ms: u64) -> bool {
+        self.holder.is_none() && self.waiters.is_empty() && now_ms >= self.delayed_until_ms
+    }
+
+    /// Until when an expiry holds the lock back (`lock_delay_ms`).
+    pub fn delayed_until_ms(&self) -> u64 {
+        self.delayed_until_ms
+    }
+
+    /// Drops queued waiters `dead` says are gone (their connection closed): called before a
+    /// grant, so the lock never goes to one.
+    pub fn drop_waiters(&mut self, dead: impl Fn(&Waiter) -> bool) -> Vec<u64> {
+        let mut gone = Vec::new();
+        self.waiters.retain(|w| {
+            let d = dead(w);
+            if d {
+                gone.push(w.waiter);
+            }
+            !d
+        });
+        gone
     }
 
     pub fn holder(&self) -> Option<Grant> {
@@ -245,6 +316,25 @@ impl Lock {
         }
     }
 
+    /// The session ended (`expired`: by its ttl, which starts the lock delay; else closed, a
+    /// release): if it holds the lock, whatever its depth, the lock goes to the next live waiter.
+    pub fn revoke(
+        &mut self,
+        session: SessionId,
+        expired: bool,
+        now_ms: u64,
+        alive: impl Fn(SessionId) -> bool,
+    ) -> Option<(u64, Grant)> {
+        if self.holder.is_some_and(|h| h.session == session) {
+            self.holder = None;
+            if expired {
+                self.delayed_until_ms = now_ms + self.lock_delay_ms;
+            }
+        }
+        self.waiters.retain(|w| w.session != session);
+        self.grant_next(now_ms, alive)
+    }
+
     /// Time passes: a holder whose lease ended or whose session died loses the lock (starting
     /// the lock delay, if any); then, if the lock is free and not delayed, the first live waiter
     /// gets it (dead waiters ahead of it are dropped). Returns the new grant with its waiter id.
@@ -282,6 +372,36 @@ pub struct Semaphore {
 impl Semaphore {
     pub fn new(size: u32) -> Semaphore {
         Semaphore { size, held: HashMap::new(), waiters: VecDeque::new() }
+    }
+
+    /// A semaphore as stored: its size and the permits each session holds.
+    pub fn restore(size: u32, held: impl IntoIterator<Item = (SessionId, u32)>) -> Semaphore {
+        Semaphore { size, held: held.into_iter().filter(|h| h.1 > 0).collect(), waiters: VecDeque::new() }
+    }
+
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Permits held, by session, in session order.
+    pub fn holders(&self) -> Vec<(SessionId, u32)> {
+        let mut h: Vec<_> = self.held.iter().map(|(s, n)| (*s, *n)).collect();
+        h.sort_unstable();
+        h
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Drops queued waiters whose callers are gone; then grants those now at the head.
+    pub fn drop_waiters(&mut self, mut dead: impl FnMut(u64) -> bool) {
+        self.waiters.retain(|w| !dead(w.0));
+    }
+
+    /// Grants waiters now at the head of the queue (after a drop or an expiry).
+    pub fn grant(&mut self, alive: impl Fn(SessionId) -> bool) -> Vec<u64> {
+        self.grant_waiters(alive)
     }
 
     /// Permits granted now.

@@ -325,6 +325,8 @@ pub struct ShardArgs {
     pub heap: HeapOptions,
     /// Where this shard publishes its read snapshots (shared with the table's callers).
     pub view: Arc<ReadView>,
+    /// Where fenced writes are checked.
+    pub fences: Arc<crate::lock::fence::FenceTable>,
 }
 
 /// The state of a table shard actor: its table behind the reply gate.
@@ -380,6 +382,7 @@ impl Actor for ShardActor {
         let heap = open_heap(&args.path, &args.heap).await?;
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
+        table.set_fences(args.fences);
         LogGate::new(table, args.heap.fsync, args.view, myself)
     }
 

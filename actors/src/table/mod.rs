@@ -32,6 +32,7 @@ use heapgrid_heap::{Heap, Snapshot, WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::key::{Key, KeyTooLong};
+use crate::lock::fence::FenceTable;
 use crate::value::{PathSeg, Update, Value, ValueError};
 
 pub use crate::limits::{SCAN_LIMIT_MAX, TABLE_BATCH_OPS_MAX};
@@ -87,16 +88,24 @@ pub enum WriteOp {
         key: Key,
         expect: Expect,
     },
+    /// Writes nothing; fails the whole batch (`StaleFence`) unless `fence` is the current grant
+    /// of `lock` and the lock is held (docs/locks.md). Keyless: it goes with the batch's shard.
+    Fence {
+        lock: String,
+        fence: u64,
+    },
 }
 
 impl WriteOp {
-    pub fn key(&self) -> &Key {
+    /// The key written or checked (`None` for a `Fence`).
+    pub fn key(&self) -> Option<&Key> {
         match self {
             WriteOp::Put { key, .. }
             | WriteOp::Delete { key }
             | WriteOp::Cas { key, .. }
             | WriteOp::Update { key, .. }
-            | WriteOp::Check { key, .. } => key,
+            | WriteOp::Check { key, .. } => Some(key),
+            WriteOp::Fence { .. } => None,
         }
     }
 }
@@ -112,7 +121,7 @@ pub enum WriteResult {
     Cas { ok: bool, current: Option<Versioned> },
     /// The value now at the updated path, and the document's new version.
     Updated { value: Value, version: u64 },
-    /// A `Check` held.
+    /// A `Check` held (or a `Fence` was current).
     Checked,
 }
 
@@ -168,6 +177,8 @@ pub enum TableError {
     LimitExceeded { what: &'static str, got: u64, max: u64 },
     #[error("stored record for key {key} is corrupt: {why}")]
     Corrupted { key: String, why: String },
+    #[error("fence {} of lock {} is stale; nothing was written", .0.presented, .0.lock)]
+    StaleFence(crate::lock::fence::Stale),
 }
 
 fn encode_record(version: u64, value: &Value) -> Result<Vec<u8>, TableError> {
@@ -335,11 +346,30 @@ enum Mismatch {
 pub struct TableShard {
     heap: Heap,
     deferred_log: bool,
+    /// Where fenced writes are checked (none: every fence is stale).
+    fences: Option<std::sync::Arc<FenceTable>>,
 }
 
 impl TableShard {
     pub fn new(heap: Heap) -> Self {
-        TableShard { heap, deferred_log: false }
+        TableShard { heap, deferred_log: false, fences: None }
+    }
+
+    /// Checks `WriteOp::Fence`s against `fences` (the node's lock service publishes there).
+    pub fn set_fences(&mut self, fences: std::sync::Arc<FenceTable>) {
+        self.fences = Some(fences);
+    }
+
+    /// Whether the fence `fence` of `lock` may guard a write now.
+    pub fn check_fence(&self, lock: &str, fence: u64) -> Result<(), TableError> {
+        match &self.fences {
+            Some(t) => t.check(lock, fence).map_err(TableError::StaleFence),
+            None => Err(TableError::StaleFence(crate::lock::fence::Stale {
+                lock: lock.to_string(),
+                presented: fence,
+                current: None,
+            })),
+        }
     }
 
     /// With `true`, writes only queue their op-log records (`Heap::apply_deferred`); the owner
@@ -388,7 +418,13 @@ impl TableShard {
     /// Applies one write as one op-log record. A compare-and-set that does not match is a
     /// result (`ok: false`, nothing written, `lsn` 0), not an error.
     pub fn write_one(&mut self, op: &WriteOp) -> Result<(u64, WriteResult), TableError> {
-        let k = op.key().encode()?;
+        let Some(key) = op.key() else {
+            if let WriteOp::Fence { lock, fence } = op {
+                self.check_fence(lock, *fence)?;
+            }
+            return Ok((0, WriteResult::Checked));
+        };
+        let k = key.encode()?;
         if let WriteOp::Put { key, value } = op {
             // The common case, with one descent: the stored version is read where the new
             // record is written.
@@ -430,8 +466,13 @@ impl TableShard {
         let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         let mut batch = WriteBatch::new();
         let mut results = Vec::with_capacity(ops.len());
+        self.check_fences(ops)?;
         for (index, op) in ops.iter().enumerate() {
-            let k = op.key().encode()?;
+            let Some(key) = op.key() else {
+                results.push(WriteResult::Checked);
+                continue;
+            };
+            let k = key.encode()?;
             let (result, _) =
                 self.plan(op, &k, Some(&mut overlay), Mismatch::Fails, &mut batch, index as u64)?;
             results.push(result);
@@ -452,9 +493,22 @@ impl TableShard {
         }
         let mut overlay: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         let mut scratch = WriteBatch::new();
+        self.check_fences(ops)?;
         for (index, op) in ops.iter().enumerate() {
-            let k = op.key().encode()?;
+            let Some(k) = op.key() else { continue };
+            let k = k.encode()?;
             self.plan(op, &k, Some(&mut overlay), Mismatch::Fails, &mut scratch, index as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Every `Fence` of a batch, checked before anything is planned: one stale fence and the
+    /// batch applies nothing.
+    fn check_fences(&self, ops: &[WriteOp]) -> Result<(), TableError> {
+        for op in ops {
+            if let WriteOp::Fence { lock, fence } = op {
+                self.check_fence(lock, *fence)?;
+            }
         }
         Ok(())
     }
@@ -484,7 +538,10 @@ impl TableShard {
             None => stored.as_deref(),
         };
         let current_version = current_bytes.map(|b| record_version(k, b)).transpose()?;
-        let next = next_version(op.key(), current_version)?;
+        let Some(key) = op.key() else {
+            return Ok((WriteResult::Checked, false));
+        };
+        let next = next_version(key, current_version)?;
         if let WriteOp::Check { expect, .. } = op {
             let current = current_bytes.map(|b| decode_record(k, b)).transpose()?;
             return if expect_holds(expect, current.as_ref()) {
@@ -512,7 +569,7 @@ impl TableShard {
                 let record = new.as_ref().map(|v| encode_record(next, v)).transpose()?;
                 (record, WriteResult::Cas { ok: true, current })
             }
-            WriteOp::Check { .. } => unreachable!("answered above"),
+            WriteOp::Check { .. } | WriteOp::Fence { .. } => unreachable!("answered above"),
             WriteOp::Update { path, update, .. } => {
                 let mut doc = match current_bytes {
                     Some(b) => decode_record(k, b)?.value,

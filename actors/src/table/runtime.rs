@@ -233,16 +233,19 @@ impl TableRuntime {
 
     /// One write; returns its LSN (0 if it wrote nothing) and result.
     pub async fn write(&self, op: WriteOp) -> Result<(u64, WriteResult), GridError> {
-        let i = self.shard_of(op.key());
+        // A lone fence writes nothing: shard 0 checks it.
+        let i = op.key().map_or(0, |k| self.shard_of(k));
         self.call(i, op, ShardMsg::Write, |m| if let ShardMsg::Write(op, _) = m { Some(op) } else { None })
             .await?
     }
 
     /// The shard every write of a batch belongs to (a batch is one op-log record of one shard).
+    /// Fences go with the batch's shard; a batch of fences only is checked by shard 0.
     pub fn batch_shard(&self, ops: &[WriteOp]) -> Result<Option<u32>, GridError> {
         let mut shard = None;
         for op in ops {
-            let s = self.shard_of(op.key());
+            let Some(key) = op.key() else { continue };
+            let s = self.shard_of(key);
             match shard {
                 None => shard = Some(s),
                 Some(t) if t == s => {}
@@ -253,6 +256,9 @@ impl TableRuntime {
                     )));
                 }
             }
+        }
+        if shard.is_none() && !ops.is_empty() {
+            return Ok(Some(0));
         }
         Ok(shard)
     }

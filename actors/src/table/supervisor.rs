@@ -94,6 +94,75 @@ impl<M> Default for ShardSlot<M> {
     }
 }
 
+/// How long a caller waits for a restarting shard (feed, lock service) before giving up.
+const RESTART_WAIT: Duration = Duration::from_secs(5);
+
+/// A reply on its way: the message is already sent (or the wait for a restart is in it).
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// Sends `payload` to the actor in `slot` now if it is running (so one caller's messages reach
+/// the mailbox in the order it made the calls), and returns the future of the reply: it waits
+/// out a restart (within `RESTART_WAIT`), and never hangs on a dead actor. A message that could
+/// not be delivered is retried on the successor; one that was delivered is never sent twice
+/// (its writes may have applied). `kind` and `name` say what the slot holds, for errors.
+pub fn slot_call<M: ractor::Message, P: Send + 'static, R: Send + 'static>(
+    slot: Arc<ShardSlot<M>>,
+    name: &str,
+    kind: &'static str,
+    payload: P,
+    wrap: fn(P, ractor::RpcReplyPort<Result<R, GridError>>) -> M,
+    unwrap: fn(M) -> Option<P>,
+) -> BoxFuture<Result<R, GridError>> {
+    use ractor::MessagingErr;
+    use tokio::sync::oneshot;
+    let name = name.to_string();
+    let lost = move |name: &str| {
+        GridError::Unavailable(format!(
+            "{kind} {name} stopped while handling the request (a write may or may not have applied)"
+        ))
+    };
+    let mut payload = payload;
+    if let SlotState::Running(actor) = slot.get() {
+        let (tx, rx) = oneshot::channel();
+        match actor.send_message(wrap(payload, tx.into())) {
+            Ok(()) => return Box::pin(async move { rx.await.map_err(|_| lost(&name))? }),
+            Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
+                Some(back) => payload = back,
+                None => return Box::pin(async move { Err(lost(&name)) }),
+            },
+            Err(_) => return Box::pin(async move { Err(lost(&name)) }),
+        }
+    }
+    Box::pin(async move {
+        let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+        loop {
+            let seen = slot.version();
+            match slot.get() {
+                SlotState::Running(actor) => {
+                    let (tx, rx) = oneshot::channel();
+                    match actor.send_message(wrap(payload, tx.into())) {
+                        Ok(()) => return rx.await.map_err(|_| lost(&name))?,
+                        Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
+                            Some(back) => payload = back,
+                            None => return Err(lost(&name)),
+                        },
+                        Err(_) => return Err(lost(&name)),
+                    }
+                }
+                SlotState::Starting => {}
+                SlotState::Failed(reason) => {
+                    return Err(GridError::ShardFailed { table: name, shard: 0, reason });
+                }
+                SlotState::Stopped => return Err(GridError::Closed),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GridError::Unavailable(format!("{kind} {name} is restarting")));
+            }
+            slot.wait_change(seen, deadline).await;
+        }
+    })
+}
+
 /// The child a supervision event reports down (failed or stopped), and why; `None` for other
 /// events. Shared by the table and feed supervisors.
 pub(crate) fn child_down(evt: SupervisionEvent) -> Option<(ActorId, String)> {
@@ -113,6 +182,8 @@ pub struct TableSupArgs {
     pub heap: HeapOptions,
     pub policy: RestartPolicy,
     pub slots: Arc<Vec<ShardSlot>>,
+    /// Where the shards check fenced writes.
+    pub fences: Arc<crate::lock::fence::FenceTable>,
 }
 
 /// Messages of a table supervisor.
@@ -151,6 +222,7 @@ async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: 
         path: shard_path(&st.args.dir, i),
         heap: st.args.heap.clone(),
         view: st.args.slots[i].view.clone(),
+        fences: st.args.fences.clone(),
     };
     match ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {

@@ -1,0 +1,781 @@
+//! The lock service actor: the node's sessions, locks and semaphores (the pure state machines of
+//! `lock`), over the lock heap (`store`), behind the reply gate (`gate`). It handles its
+//! messages strictly in order, so every grant, release and expiry has one place in time.
+//!
+//! One actor holds every lock of the node (a lock shard; a lock is a record in its heap and, while
+//! held or waited for, an entry in memory). A separate actor per lock would put one more hop on
+//! every grant (to the heap's owner, to persist it), for state this small; the lock shard is the
+//! unit of ordering and persistence instead (ARCHITECTURE.md, "lock").
+//!
+//! - A grant or a release is one op-log record, and its answer waits for it (the gate); the new
+//!   state is published to the fence table *before* anything is answered (`fence.rs`).
+//! - Time is the actor's monotonic clock (`tokio::time::Instant`, so tests can pause it): a tick
+//!   every `TICK` expires sessions, leases and lock delays; a waiter's wait has its own timer.
+//! - A queued waiter whose caller is gone (its reply port closed: the connection dropped) or
+//!   whose session ended is skipped at grant time.
+//!
+//! Invariant: the fence table shows each lock's current grant (held) or last fence (not held).
+//! Invariant: no reply to a grant is sent before the grant's record is durable per the policy.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use heapgrid_heap::HeapOptions;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::fence::{FenceCell, FenceTable};
+use super::ops::{Holder, LockOp, LockResult, LockStatus, SemStatus};
+use super::store::{Change, LockRec, LockStore, SemRec, SessionRec, fence_floor};
+use super::{
+    Acquired, Grant, Lock, LockError, SESSION_TTL_MS_DEFAULT, SESSION_TTL_MS_MAX, Semaphore, SessionId,
+    Sessions, Waiter,
+};
+use crate::error::GridError;
+use crate::gate::{GateCall, GateMsg, Group, HeapOwner, LogGate, deferred, fail_if_poisoned, open_heap};
+
+type Reply<T> = RpcReplyPort<Result<T, GridError>>;
+
+/// How often sessions, leases and lock delays are checked: a lock frees within one tick of its
+/// deadline.
+pub const TICK: Duration = Duration::from_millis(20);
+/// Longest wait of one acquire.
+pub const LOCK_WAIT_MS_MAX: u64 = 300_000;
+/// Most waiters queued on one lock or semaphore.
+pub const LOCK_WAITERS_MAX: usize = 10_000;
+/// Longest lock or semaphore name, in bytes.
+pub const LOCK_NAME_BYTES_MAX: usize = 512;
+/// Most reentrant acquires a lock may allow.
+pub const REENTRY_MAX: u32 = 1_000;
+
+pub enum LockMsg {
+    Call(LockOp, Reply<LockResult>),
+    /// A waiter's wait ended.
+    WaitOver(u64),
+    Tick,
+    /// Runs the heap's debug checker (`LockStore::check`).
+    Check(Reply<()>),
+    Flush,
+    Durable(Vec<Group>),
+    Checkpoint(Option<Reply<()>>),
+    CheckpointDone,
+    Close(Reply<()>),
+    #[doc(hidden)]
+    InjectPanic,
+}
+
+impl GateMsg for LockMsg {
+    fn flush() -> Self {
+        LockMsg::Flush
+    }
+    fn durable(groups: Vec<Group>) -> Self {
+        LockMsg::Durable(groups)
+    }
+    fn checkpoint_done() -> Self {
+        LockMsg::CheckpointDone
+    }
+    fn into_gate(self) -> Result<GateCall, Self> {
+        match self {
+            LockMsg::Flush => Ok(GateCall::Flush),
+            LockMsg::Durable(g) => Ok(GateCall::Durable(g)),
+            LockMsg::Checkpoint(r) => Ok(GateCall::Checkpoint(r)),
+            LockMsg::CheckpointDone => Ok(GateCall::CheckpointDone),
+            LockMsg::Close(r) => Ok(GateCall::Close(r)),
+            m => Err(m),
+        }
+    }
+}
+
+impl HeapOwner for LockStore {
+    fn heap(&self) -> &heapgrid_heap::Heap {
+        LockStore::heap(self)
+    }
+    fn heap_mut(&mut self) -> &mut heapgrid_heap::Heap {
+        LockStore::heap_mut(self)
+    }
+    fn into_heap(self) -> heapgrid_heap::Heap {
+        LockStore::into_heap(self)
+    }
+}
+
+#[derive(Clone)]
+pub struct LockArgs {
+    pub path: PathBuf,
+    pub heap: HeapOptions,
+    pub fences: Arc<FenceTable>,
+    pub view: Arc<crate::gate::ReadView>,
+}
+
+/// A lock in memory (held, waited for, or in its lock delay).
+struct Active {
+    lock: Lock,
+    cell: Arc<FenceCell>,
+}
+
+/// What a queued waiter waits for.
+enum Wants {
+    Lock(String),
+    Sem(String),
+}
+
+struct Pending {
+    session: SessionId,
+    wants: Wants,
+    port: Reply<LockResult>,
+    timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<LockMsg>>>>,
+}
+
+pub struct LockState {
+    gate: LogGate<LockStore>,
+    origin: tokio::time::Instant,
+    epoch: u64,
+    sessions: Sessions,
+    locks: HashMap<String, Active>,
+    sems: HashMap<String, Semaphore>,
+    pending: HashMap<u64, Pending>,
+    next_waiter: u64,
+    fences: Arc<FenceTable>,
+}
+
+/// A random 64-bit secret from the OS.
+fn secret() -> Result<u64, GridError> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| GridError::Storage(format!("no randomness for a session secret: {e}")))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn from_lock_error(lock: &str, session: SessionId, e: LockError) -> GridError {
+    match e {
+        LockError::NotHolder { current } => GridError::NotHolder { lock: lock.to_string(), current },
+        LockError::SessionExpired => GridError::SessionExpired { session },
+        LockError::BadTtl { ttl_ms } => GridError::Invalid(format!(
+            "session ttl {ttl_ms} ms is outside [{}, {}] ms",
+            super::SESSION_TTL_MS_MIN,
+            SESSION_TTL_MS_MAX
+        )),
+        LockError::ReentryLimit => {
+            GridError::LimitExceeded { what: format!("reentrant acquires of lock {lock}"), got: 0, max: 0 }
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), GridError> {
+    if name.is_empty() || name.len() > LOCK_NAME_BYTES_MAX {
+        return Err(GridError::Invalid(format!(
+            "a lock or semaphore name is 1 to {LOCK_NAME_BYTES_MAX} bytes (got {})",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+impl LockState {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn store(&mut self) -> Result<&mut LockStore, GridError> {
+        self.gate.shard.as_mut().ok_or(GridError::Closed)
+    }
+
+    /// The lock `name` in memory, loaded from its record if it was idle.
+    fn activate(&mut self, name: &str) -> Result<&mut Active, GridError> {
+        if !self.locks.contains_key(name) {
+            let rec = self.store()?.lock_rec(name)?;
+            let mut lock = Lock::resume(rec.last_fence.max(fence_floor(self.epoch)));
+            lock.reentry_max = rec.reentry_max;
+            lock.lock_delay_ms = rec.lock_delay_ms;
+            let cell = self.fences.cell(name);
+            self.locks.insert(name.to_string(), Active { lock, cell });
+        }
+        Ok(self.locks.get_mut(name).expect("inserted above"))
+    }
+
+    /// The record of `name` as it is now, written as one op-log record; the fence table shows
+    /// the new state before this returns. Returns the LSN.
+    fn persist_lock(&mut self, name: &str) -> Result<u64, GridError> {
+        let Some(a) = self.locks.get(name) else { return Ok(0) };
+        let holder = a.lock.holder();
+        let rec = LockRec {
+            last_fence: a.lock.last_fence(),
+            holder: holder.map(|h| (h.session, h.fence)),
+            reentry_max: a.lock.reentry_max,
+            lock_delay_ms: a.lock.lock_delay_ms,
+        };
+        a.cell.publish(holder.map_or(rec.last_fence, |h| h.fence), holder.is_some());
+        let mut c = Change::default();
+        c.lock(name, &rec)?;
+        self.store()?.commit(&c)
+    }
+
+    fn persist_sem(&mut self, name: &str) -> Result<u64, GridError> {
+        let Some(s) = self.sems.get(name) else { return Ok(0) };
+        let rec = SemRec { size: s.size(), held: s.holders() };
+        let mut c = Change::default();
+        c.sem(name, &rec)?;
+        self.store()?.commit(&c)
+    }
+
+    /// How long grant `g` lasts from now: its lease or its session, whichever ends first.
+    fn expires_in(&self, g: &Grant, now: u64) -> u64 {
+        let session_end = self.sessions.get(g.session).map_or(now, |s| s.2);
+        g.lease_until_ms.map_or(session_end, |l| l.min(session_end)).saturating_sub(now)
+    }
+
+    /// Drops queued waiters of `name` whose callers are gone (so a grant never goes to one).
+    fn prune(&mut self, name: &str) {
+        let pending = &self.pending;
+        let gone = |w: u64| pending.get(&w).is_none_or(|p| p.port.is_closed());
+        let mut dropped = Vec::new();
+        if let Some(a) = self.locks.get_mut(name) {
+            dropped = a.lock.drop_waiters(|w| gone(w.waiter));
+        }
+        if let Some(s) = self.sems.get_mut(name) {
+            s.drop_waiters(|w| {
+                let g = gone(w);
+                if g {
+                    dropped.push(w);
+                }
+                g
+            });
+        }
+        for w in dropped {
+            if let Some(p) = self.pending.remove(&w)
+                && let Some(t) = p.timer
+            {
+                t.abort();
+            }
+        }
+    }
+
+    /// Answers the waiter a lock change granted (through the gate, after `lsn`).
+    fn hand_over(&mut self, myself: &ActorRef<LockMsg>, granted: Option<(u64, Grant)>, lsn: u64) {
+        let Some((waiter, g)) = granted else { return };
+        let Some(p) = self.pending.remove(&waiter) else { return };
+        if let Some(t) = p.timer {
+            t.abort();
+        }
+        let now = self.now_ms();
+        let r = Ok(LockResult::Granted { fence: g.fence, expires_in_ms: self.expires_in(&g, now) });
+        self.gate.answer(myself, lsn, |lsn| deferred(lsn, p.port, r));
+    }
+
+    /// Answers the semaphore waiters `granted`.
+    fn hand_permits(&mut self, myself: &ActorRef<LockMsg>, sem: &str, granted: Vec<u64>, lsn: u64) {
+        for waiter in granted {
+            let Some(p) = self.pending.remove(&waiter) else { continue };
+            if let Some(t) = p.timer {
+                t.abort();
+            }
+            let held = self.sems.get(sem).map_or(0, |s| s.held_by(p.session));
+            self.gate.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(LockResult::Permits { held })));
+        }
+    }
+
+    /// A session ended: its locks and permits go to the next live waiters, its queued requests
+    /// are answered `SessionExpired`, and its record is deleted.
+    fn end_session(
+        &mut self,
+        myself: &ActorRef<LockMsg>,
+        session: SessionId,
+        expired: bool,
+    ) -> Result<(), GridError> {
+        let now = self.now_ms();
+        let names: Vec<String> = self
+            .locks
+            .iter()
+            .filter(|(_, a)| {
+                a.lock.holder().is_some_and(|h| h.session == session)
+                    || a.lock.waiters().any(|w| w.session == session)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let waits: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| p.session == session).map(|(w, _)| *w).collect();
+        for w in waits {
+            if let Some(p) = self.pending.remove(&w) {
+                if let Some(t) = p.timer {
+                    t.abort();
+                }
+                let _ = p.port.send(Err(GridError::SessionExpired { session }));
+            }
+        }
+        for name in names {
+            self.prune(&name);
+            let sessions = &self.sessions;
+            let Some(a) = self.locks.get_mut(&name) else { continue };
+            let granted = a.lock.revoke(session, expired, now, |s| sessions.alive(s, now));
+            let lsn = self.persist_lock(&name)?;
+            self.hand_over(myself, granted, lsn);
+        }
+        let sem_names: Vec<String> =
+            self.sems.iter().filter(|(_, s)| s.held_by(session) > 0).map(|(n, _)| n.clone()).collect();
+        for name in sem_names {
+            self.prune(&name);
+            let sessions = &self.sessions;
+            let Some(s) = self.sems.get_mut(&name) else { continue };
+            let granted = s.session_gone(session, |x| sessions.alive(x, now));
+            let lsn = self.persist_sem(&name)?;
+            self.hand_permits(myself, &name, granted, lsn);
+        }
+        let mut c = Change::default();
+        c.session_gone(session)?;
+        self.store()?.commit(&c)?;
+        Ok(())
+    }
+
+    /// The tick: expired sessions end, expired leases and lock delays move their locks on, idle
+    /// locks leave memory.
+    fn tick(&mut self, myself: &ActorRef<LockMsg>) -> Result<(), GridError> {
+        let now = self.now_ms();
+        for s in self.sessions.expire(now) {
+            self.end_session(myself, s, true)?;
+        }
+        let due: Vec<String> = self
+            .locks
+            .iter()
+            .filter(|(_, a)| {
+                a.lock.holder().is_some_and(|h| h.lease_until_ms.is_some_and(|t| t <= now))
+                    || (a.lock.holder().is_none()
+                        && a.lock.waiters().next().is_some()
+                        && a.lock.delayed_until_ms() <= now)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.prune(&name);
+            let sessions = &self.sessions;
+            let Some(a) = self.locks.get_mut(&name) else { continue };
+            let before = a.lock.holder();
+            let granted = a.lock.tick(now, |s| sessions.alive(s, now));
+            if before != a.lock.holder() || granted.is_some() {
+                let lsn = self.persist_lock(&name)?;
+                self.hand_over(myself, granted, lsn);
+            }
+        }
+        self.locks.retain(|_, a| !a.lock.is_idle(now));
+        Ok(())
+    }
+
+    fn touch(&mut self, session: SessionId) -> Result<(), GridError> {
+        let now = self.now_ms();
+        self.sessions.touch(session, now).map_err(|_| GridError::SessionExpired { session })
+    }
+
+    fn status(&self, name: &str, a: &Active, now: u64) -> LockStatus {
+        LockStatus {
+            lock: name.to_string(),
+            holder: a.lock.holder().map(|h| Holder {
+                session: h.session,
+                fence: h.fence,
+                expires_in_ms: self.expires_in(&h, now),
+            }),
+            last_fence: a.lock.last_fence(),
+            waiters: a.lock.waiters().count() as u32,
+            reentry_max: a.lock.reentry_max,
+            lock_delay_ms: a.lock.lock_delay_ms,
+        }
+    }
+
+    fn sem_status(name: &str, s: &Semaphore) -> SemStatus {
+        SemStatus {
+            sem: name.to_string(),
+            size: s.size(),
+            in_use: s.in_use(),
+            waiters: s.waiting() as u32,
+            holders: s.holders(),
+        }
+    }
+
+    /// Queues a waiter with its wait timer.
+    fn park(&mut self, myself: &ActorRef<LockMsg>, waiter: u64, p: Pending, wait_ms: u64) {
+        let mut p = p;
+        p.timer = Some(myself.send_after(Duration::from_millis(wait_ms), move || LockMsg::WaitOver(waiter)));
+        self.pending.insert(waiter, p);
+    }
+
+    fn call(
+        &mut self,
+        myself: &ActorRef<LockMsg>,
+        op: LockOp,
+        reply: Reply<LockResult>,
+    ) -> Result<(), GridError> {
+        if let Some(s) = op.session()
+            && !matches!(op, LockOp::Reattach { .. } | LockOp::Release { .. } | LockOp::Close { .. })
+            && let Err(e) = self.touch(s)
+        {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        if let Some(n) = op.name()
+            && let Err(e) = check_name(n)
+        {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        let now = self.now_ms();
+        let done = |r: Result<LockResult, GridError>| r;
+        match op {
+            LockOp::Open { ttl_ms } => {
+                let ttl_ms = ttl_ms.unwrap_or(SESSION_TTL_MS_DEFAULT);
+                let secret = secret()?;
+                let r = self.sessions.open(ttl_ms, secret, now);
+                let (r, lsn) = match r {
+                    Ok(session) => {
+                        let mut c = Change::default();
+                        c.session(session, &SessionRec { secret, ttl_ms })?.last_session(session)?;
+                        let lsn = self.store()?.commit(&c)?;
+                        (Ok(LockResult::Session { session, secret, ttl_ms }), lsn)
+                    }
+                    Err(e) => (Err(from_lock_error("", 0, e)), 0),
+                };
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+            }
+            LockOp::Reattach { session, secret } => {
+                let r = match self.sessions.reattach(session, secret, now) {
+                    Ok(()) => {
+                        let (_, ttl_ms, _) = self.sessions.get(session).unwrap_or_default();
+                        Ok(LockResult::Session { session, secret, ttl_ms })
+                    }
+                    Err(_) => Err(GridError::SessionExpired { session }),
+                };
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, done(r)));
+            }
+            LockOp::Heartbeat { .. } => {
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Done)))
+            }
+            LockOp::Close { session } => {
+                let r = if self.sessions.close(session) {
+                    self.end_session(myself, session, false)?;
+                    Ok(LockResult::Done)
+                } else {
+                    Err(GridError::SessionExpired { session })
+                };
+                let lsn = self.store()?.heap().last_lsn();
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+            }
+            LockOp::Acquire { lock, session, wait_ms, lease_ms } => {
+                if wait_ms > LOCK_WAIT_MS_MAX || lease_ms.is_some_and(|l| l == 0 || l > SESSION_TTL_MS_MAX) {
+                    let _ = reply.send(Err(GridError::Invalid(format!(
+                        "wait_ms is at most {LOCK_WAIT_MS_MAX} and lease_ms 1..={SESSION_TTL_MS_MAX}"
+                    ))));
+                    return Ok(());
+                }
+                self.prune(&lock);
+                let waiter = self.next_waiter;
+                self.next_waiter += 1;
+                let a = self.activate(&lock)?;
+                if let Some(h) = a.lock.holder()
+                    && h.session == session
+                    && a.lock.reentry_max == 0
+                {
+                    let e = GridError::Invalid(format!(
+                        "session {session} already holds lock {lock} (fence {}); the lock is not reentrant",
+                        h.fence
+                    ));
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                if a.lock.waiters().count() >= LOCK_WAITERS_MAX {
+                    let _ = reply.send(Err(GridError::LimitExceeded {
+                        what: format!("waiters on lock {lock}"),
+                        got: LOCK_WAITERS_MAX as u64 + 1,
+                        max: LOCK_WAITERS_MAX as u64,
+                    }));
+                    return Ok(());
+                }
+                match a.lock.acquire(Waiter { waiter, session, lease_ms }, now) {
+                    Ok(Acquired::Granted(g)) => {
+                        let lsn = if g.depth == 1 { self.persist_lock(&lock)? } else { 0 };
+                        let r = Ok(LockResult::Granted {
+                            fence: g.fence,
+                            expires_in_ms: self.expires_in(&g, now),
+                        });
+                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+                    }
+                    Ok(Acquired::Queued) if wait_ms == 0 => {
+                        a.lock.cancel(waiter);
+                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Timeout)));
+                    }
+                    Ok(Acquired::Queued) => {
+                        let p = Pending { session, wants: Wants::Lock(lock), port: reply, timer: None };
+                        self.park(myself, waiter, p, wait_ms);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(from_lock_error(&lock, session, e)));
+                    }
+                }
+            }
+            LockOp::Release { lock, session, fence } => {
+                self.prune(&lock);
+                self.activate(&lock)?;
+                let (locks, sessions) = (&mut self.locks, &self.sessions);
+                let a = locks.get_mut(&lock).expect("activated above");
+                match a.lock.release(session, fence, now, |s| sessions.alive(s, now)) {
+                    Ok(granted) => {
+                        let still = a.lock.holder().is_some_and(|h| h.fence == fence);
+                        let lsn = if still { 0 } else { self.persist_lock(&lock)? };
+                        self.hand_over(myself, granted, lsn);
+                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(LockResult::Done)));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(from_lock_error(&lock, session, e)));
+                    }
+                }
+            }
+            LockOp::Renew { lock, session, fence, lease_ms } => {
+                let a = self.activate(&lock)?;
+                let r = a.lock.renew(session, fence, lease_ms, now);
+                let r = r
+                    .map(|g| LockResult::Granted { fence: g.fence, expires_in_ms: self.expires_in(&g, now) })
+                    .map_err(|e| from_lock_error(&lock, session, e));
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            LockOp::Status { lock } => {
+                let r = match self.locks.get(&lock) {
+                    Some(a) => self.status(&lock, a, now),
+                    None => {
+                        let rec = self.store()?.lock_rec(&lock)?;
+                        LockStatus {
+                            lock,
+                            holder: None,
+                            last_fence: rec.last_fence,
+                            waiters: 0,
+                            reentry_max: rec.reentry_max,
+                            lock_delay_ms: rec.lock_delay_ms,
+                        }
+                    }
+                };
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Status(r))));
+            }
+            LockOp::List => {
+                let mut locks: Vec<LockStatus> =
+                    self.locks.iter().map(|(n, a)| self.status(n, a, now)).collect();
+                locks.sort_by(|a, b| a.lock.cmp(&b.lock));
+                let mut sems: Vec<SemStatus> =
+                    self.sems.iter().map(|(n, s)| Self::sem_status(n, s)).collect();
+                sems.sort_by(|a, b| a.sem.cmp(&b.sem));
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::List { locks, sems })));
+            }
+            LockOp::Configure { lock, reentry_max, lock_delay_ms } => {
+                if reentry_max > REENTRY_MAX || lock_delay_ms > SESSION_TTL_MS_MAX {
+                    let _ = reply.send(Err(GridError::Invalid(format!(
+                        "reentry_max is at most {REENTRY_MAX} and lock_delay_ms at most {SESSION_TTL_MS_MAX}"
+                    ))));
+                    return Ok(());
+                }
+                let a = self.activate(&lock)?;
+                a.lock.reentry_max = reentry_max;
+                a.lock.lock_delay_ms = lock_delay_ms;
+                let lsn = self.persist_lock(&lock)?;
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(LockResult::Done)));
+            }
+            LockOp::SemAcquire { sem, session, size, permits, wait_ms } => {
+                if wait_ms > LOCK_WAIT_MS_MAX || size == 0 || permits == 0 || permits > size {
+                    let _ = reply.send(Err(GridError::Invalid(format!(
+                        "a semaphore needs size ≥ 1 and 1 ≤ permits ≤ size (got {permits} of {size}), wait_ms ≤ {LOCK_WAIT_MS_MAX}"
+                    ))));
+                    return Ok(());
+                }
+                if !self.sems.contains_key(&sem) {
+                    let s = match self.store()?.sem_rec(&sem)? {
+                        Some(rec) => Semaphore::restore(rec.size, rec.held),
+                        None => Semaphore::new(size),
+                    };
+                    self.sems.insert(sem.clone(), s);
+                }
+                self.prune(&sem);
+                let waiter = self.next_waiter;
+                self.next_waiter += 1;
+                let s = self.sems.get_mut(&sem).expect("inserted above");
+                if s.size() != size {
+                    let e =
+                        GridError::Invalid(format!("semaphore {sem} has {} permits, not {size}", s.size()));
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                if s.waiting() >= LOCK_WAITERS_MAX {
+                    let _ = reply.send(Err(GridError::LimitExceeded {
+                        what: format!("waiters on semaphore {sem}"),
+                        got: LOCK_WAITERS_MAX as u64 + 1,
+                        max: LOCK_WAITERS_MAX as u64,
+                    }));
+                    return Ok(());
+                }
+                match s.acquire(waiter, session, permits) {
+                    Some(true) => {
+                        let held = s.held_by(session);
+                        let lsn = self.persist_sem(&sem)?;
+                        self.gate.answer(myself, lsn, |lsn| {
+                            deferred(lsn, reply, Ok(LockResult::Permits { held }))
+                        });
+                    }
+                    Some(false) if wait_ms == 0 => {
+                        s.cancel(waiter);
+                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Timeout)));
+                    }
+                    Some(false) => {
+                        let p = Pending { session, wants: Wants::Sem(sem), port: reply, timer: None };
+                        self.park(myself, waiter, p, wait_ms);
+                    }
+                    None => unreachable!("permits checked against the size above"),
+                }
+            }
+            LockOp::SemRelease { sem, session, permits } => {
+                self.prune(&sem);
+                let sessions = &self.sessions;
+                let r = match self.sems.get_mut(&sem) {
+                    Some(s) if s.held_by(session) >= permits => {
+                        let granted = s.release(session, permits, |x| sessions.alive(x, now));
+                        let held = s.held_by(session);
+                        let lsn = self.persist_sem(&sem)?;
+                        self.hand_permits(myself, &sem, granted, lsn);
+                        Ok((LockResult::Permits { held }, lsn))
+                    }
+                    s => Err(GridError::Invalid(format!(
+                        "session {session} holds {} permits of semaphore {sem}, fewer than {permits}",
+                        s.map_or(0, |s| s.held_by(session))
+                    ))),
+                };
+                let (r, lsn) = match r {
+                    Ok((r, lsn)) => (Ok(r), lsn),
+                    Err(e) => (Err(e), 0),
+                };
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+            }
+            LockOp::SemStatus { sem } => {
+                let r = match self.sems.get(&sem) {
+                    Some(s) => Ok(Self::sem_status(&sem, s)),
+                    None => match self.store()?.sem_rec(&sem)? {
+                        Some(rec) => Ok(Self::sem_status(&sem, &Semaphore::restore(rec.size, rec.held))),
+                        None => Err(GridError::Invalid(format!("no semaphore {sem}"))),
+                    },
+                };
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r.map(LockResult::Sem)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A waiter's wait ended without a grant.
+    fn wait_over(&mut self, myself: &ActorRef<LockMsg>, waiter: u64) {
+        let Some(p) = self.pending.remove(&waiter) else { return };
+        match &p.wants {
+            Wants::Lock(name) => {
+                if let Some(a) = self.locks.get_mut(name) {
+                    a.lock.cancel(waiter);
+                }
+            }
+            Wants::Sem(name) => {
+                if let Some(s) = self.sems.get_mut(name) {
+                    s.cancel(waiter);
+                }
+            }
+        }
+        self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(LockResult::Timeout)));
+    }
+}
+
+/// The lock service actor (empty: everything lives in `LockState`).
+pub struct LockActor;
+
+impl Actor for LockActor {
+    type Msg = LockMsg;
+    type State = LockState;
+    type Arguments = LockArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<LockMsg>,
+        args: LockArgs,
+    ) -> Result<LockState, ActorProcessingErr> {
+        let heap = open_heap(&args.path, &args.heap).await?;
+        let (store, loaded) = LockStore::open(heap)?;
+        let origin = tokio::time::Instant::now();
+        let sessions = Sessions::restore(
+            loaded.last_session,
+            loaded.sessions.iter().map(|(id, r)| (*id, r.secret, r.ttl_ms)),
+            0,
+        );
+        // The previous life's grants are void unless recorded: republish from the records.
+        args.fences.clear();
+        let mut locks = HashMap::new();
+        for (name, rec) in loaded.locks {
+            let cell = args.fences.cell(&name);
+            let holder = rec.holder.filter(|(s, _)| sessions.alive(*s, 0));
+            let fence = holder.map_or(rec.last_fence, |h| h.1);
+            cell.publish(fence.max(cell.load().0), holder.is_some());
+            if holder.is_some() {
+                let mut lock = Lock::restore(rec.last_fence.max(fence_floor(loaded.epoch)), holder);
+                lock.reentry_max = rec.reentry_max;
+                lock.lock_delay_ms = rec.lock_delay_ms;
+                locks.insert(name, Active { lock, cell });
+            }
+        }
+        let sems = loaded
+            .sems
+            .into_iter()
+            .map(|(n, r)| {
+                (n, Semaphore::restore(r.size, r.held.into_iter().filter(|h| sessions.alive(h.0, 0))))
+            })
+            .collect();
+        myself.send_interval(TICK, || LockMsg::Tick);
+        let gate = LogGate::new(store, args.heap.fsync, args.view, myself)?;
+        Ok(LockState {
+            gate,
+            origin,
+            epoch: loaded.epoch,
+            sessions,
+            locks,
+            sems,
+            pending: HashMap::new(),
+            next_waiter: 1,
+            fences: args.fences,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<LockMsg>,
+        msg: LockMsg,
+        st: &mut LockState,
+    ) -> Result<(), ActorProcessingErr> {
+        let msg = match msg.into_gate() {
+            Ok(call) => return st.gate.handle(&myself, call).await,
+            Err(LockMsg::InjectPanic) => panic!("injected panic (test hook)"),
+            Err(m) => m,
+        };
+        if st.gate.shard.is_none() {
+            match msg {
+                LockMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
+                LockMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
+                _ => {}
+            }
+            return Ok(());
+        }
+        let r = match msg {
+            LockMsg::Call(op, reply) => st.call(&myself, op, reply),
+            LockMsg::WaitOver(w) => {
+                st.wait_over(&myself, w);
+                Ok(())
+            }
+            LockMsg::Tick => st.tick(&myself),
+            LockMsg::Check(reply) => {
+                let r = st.store().and_then(|s| s.check());
+                let _ = reply.send(r);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            // A record that could not be written (a full disk) or read: the state in memory may
+            // be ahead of the heap; restart from the heap (recovery) rather than go on.
+            return Err(format!("lock service: {e}").into());
+        }
+        fail_if_poisoned(&mut st.gate)
+    }
+}
