@@ -363,6 +363,42 @@ struct RemoteFeed {
     name: String,
 }
 
+/// The lock service behind a client's connection.
+struct RemoteLocks(Client);
+
+impl crate::lock::LockBackend for RemoteLocks {
+    fn lock_op(
+        &self,
+        op: crate::lock::LockOp,
+    ) -> BoxFuture<'static, Result<crate::lock::LockResult, GridError>> {
+        let client = self.0.clone();
+        Box::pin(async move {
+            match client.request(RequestBody::Lock { op }).await? {
+                ResponseBody::Lock(r) => Ok(r),
+                r => Err(GridError::Protocol(format!("a lock request was answered with {r:?}"))),
+            }
+        })
+    }
+}
+
+impl Client {
+    /// Opens a lock session (`ttl`: default 15 s) with its heartbeat on this connection.
+    pub async fn session(&self, ttl: Option<std::time::Duration>) -> Result<crate::lock::Session, GridError> {
+        crate::lock::Session::open(Arc::new(RemoteLocks(self.clone())), ttl).await
+    }
+
+    /// Takes up a session again with its id and secret (after a reconnect or a server
+    /// restart, within its ttl): its grants are still its own.
+    pub async fn reattach(&self, session: u64, secret: u64) -> Result<crate::lock::Session, GridError> {
+        crate::lock::Session::reattach(Arc::new(RemoteLocks(self.clone())), session, secret).await
+    }
+
+    /// A request to the lock service as it is (the shell's `locks`, tests).
+    pub async fn lock_op(&self, op: crate::lock::LockOp) -> Result<crate::lock::LockResult, GridError> {
+        crate::lock::LockBackend::lock_op(&RemoteLocks(self.clone()), op).await
+    }
+}
+
 impl FeedBackend for RemoteFeed {
     fn op(&self, op: FeedOp) -> BoxFuture<'_, Result<FeedResult, GridError>> {
         Box::pin(async move {

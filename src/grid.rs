@@ -154,6 +154,24 @@ impl Grid {
         &self.core
     }
 
+    /// Opens a lock session (`ttl`: default 15 s) with its heartbeat.
+    pub async fn session(&self, ttl: Option<std::time::Duration>) -> Result<crate::lock::Session> {
+        crate::lock::Session::open(self.core.locks().clone(), ttl).await
+    }
+
+    /// Takes up a session again with its id and secret (after a restart, within its ttl).
+    pub async fn reattach(&self, session: u64, secret: u64) -> Result<crate::lock::Session> {
+        crate::lock::Session::reattach(self.core.locks().clone(), session, secret).await
+    }
+
+    /// Every lock held or waited for, and every semaphore.
+    pub async fn locks(&self) -> Result<(Vec<crate::lock::LockStatus>, Vec<crate::lock::SemStatus>)> {
+        match self.core.locks().call(crate::lock::LockOp::List).await? {
+            crate::lock::LockResult::List { locks, sems } => Ok((locks, sems)),
+            r => Err(GridError::Protocol(format!("a lock list was answered with {r:?}"))),
+        }
+    }
+
     /// Checkpoints every shard and stops the grid.
     pub async fn close(self) -> Result<()> {
         self.core.close().await

@@ -27,6 +27,7 @@ pub mod feed;
 pub mod grid;
 pub mod loadgen;
 pub mod loadgen_feed;
+pub mod lock;
 pub mod protocol;
 pub mod server;
 
@@ -43,6 +44,7 @@ pub use heapgrid_actors::{
 };
 pub use heapgrid_heap as heap;
 pub use heapgrid_heap::FsyncPolicy;
+pub use lock::{Fenced, Lock, LockBackend, LockGuard, Permits, Semaphore, Session};
 
 /// The grid's error type.
 pub type Error = GridError;

@@ -23,6 +23,7 @@ use std::ops::Bound;
 
 use crate::feed::{FeedOp, FeedResult};
 use heapgrid_actors::grid::{FeedInfo, FeedOptions, TableInfo, TableOptions};
+use heapgrid_actors::lock::ops::{LockOp, LockResult};
 use heapgrid_actors::snippet::LimitOverrides;
 use heapgrid_actors::table::actor::RawVersioned;
 use heapgrid_actors::value::VALUE_FORMAT_VERSION;
@@ -115,6 +116,10 @@ pub enum RequestBody {
         feed: String,
         op: FeedOp,
     },
+    /// A request to the lock service (docs/locks.md; permissions there).
+    Lock {
+        op: LockOp,
+    },
 }
 
 /// One response.
@@ -135,6 +140,7 @@ pub enum ResponseBody {
     Value(Value),
     Feeds(Vec<FeedInfo>),
     Feed(FeedResult),
+    Lock(LockResult),
 }
 
 /// An operation on one table. Append-only.

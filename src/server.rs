@@ -41,6 +41,7 @@ use crate::protocol::{
 };
 use heapgrid_actors::feed::actor::AppendReq;
 use heapgrid_actors::feed::runtime::FeedRuntime;
+use heapgrid_actors::lock::ops::{LockOp, LockResult};
 
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
@@ -452,11 +453,13 @@ async fn connection(
     // such a shard goes to its actor, behind them; a read of any other is served from the
     // shard's published snapshot at once.
     let mut writing = Writing::default();
+    // Lock sessions this connection opened or reattached: the only ones it may act in.
+    let sessions = ConnSessions::default();
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing);
+        let mut round = Round::new(&writing, &sessions);
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -579,9 +582,25 @@ enum Slot {
 /// The table operations of one read: grouped by shard, one `Pipeline` message per shard, their
 /// responses encoded into one buffer in request order. Requests to one shard keep the order in
 /// which they arrived: they are in one message, or in messages sent in turn.
+/// The lock sessions a connection proved it owns (opened, or reattached with the secret).
+type ConnSessions = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+
+/// Whether `who` may make lock request `op`: `write` on the lock's (or semaphore's) name to
+/// take, give back or configure it, `read` to see its status; session requests need a login
+/// only (the session is checked against the connection's own).
+fn lock_allowed(who: &Principal, op: &LockOp) -> Result<(), GridError> {
+    match (op, op.name()) {
+        (LockOp::Status { .. } | LockOp::SemStatus { .. }, Some(n)) => who.require(n, Permission::Read),
+        (_, Some(n)) => who.require(n, Permission::Write),
+        (_, None) => Ok(()),
+    }
+}
+
 struct Round<'c> {
     /// The connection's writes in flight from earlier rounds.
     writing: &'c Writing,
+    /// The connection's lock sessions.
+    sessions: &'c ConnSessions,
     /// Shards this round writes to (by table index).
     wrote: Vec<(usize, u32)>,
     /// Tables named in this round, resolved once.
@@ -610,9 +629,10 @@ enum Taken {
 }
 
 impl<'c> Round<'c> {
-    fn new(writing: &'c Writing) -> Round<'c> {
+    fn new(writing: &'c Writing, sessions: &'c ConnSessions) -> Round<'c> {
         Round {
             writing,
+            sessions,
             wrote: Vec::new(),
             tables: Vec::new(),
             groups: Vec::new(),
@@ -773,6 +793,52 @@ impl<'c> Round<'c> {
                 return alone(id, async move {
                     who.require(&name, Permission::Admin)?;
                     detached(async move { grid.drop_feed(&name).await.map(|_| ResponseBody::Done) }).await
+                });
+            }
+            RequestBody::Lock { op } => {
+                // Sent now, so one connection's lock requests keep their order.
+                let owned = match op.session() {
+                    Some(s) if !matches!(op, LockOp::Reattach { .. }) => {
+                        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains(&s)
+                    }
+                    _ => true,
+                };
+                let started = lock_allowed(&who, &op).and_then(|_| {
+                    if owned {
+                        Ok(grid.locks().call(op.clone()))
+                    } else {
+                        Err(GridError::PermissionDenied {
+                            collection: format!("session {}", op.session().unwrap_or(0)),
+                            permission: "owner (open it, or reattach it with its secret, on this connection)"
+                                .into(),
+                        })
+                    }
+                });
+                let sessions = self.sessions.clone();
+                return alone(id, async move {
+                    let r = started?.await?;
+                    let mut own = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                    match (&op, &r) {
+                        (_, LockResult::Session { session, .. }) => {
+                            own.insert(*session);
+                        }
+                        (LockOp::Close { session }, _) => {
+                            own.remove(session);
+                        }
+                        _ => {}
+                    }
+                    drop(own);
+                    let r = match r {
+                        LockResult::List { locks, sems } => LockResult::List {
+                            locks: locks
+                                .into_iter()
+                                .filter(|l| who.allows(&l.lock, Permission::Read))
+                                .collect(),
+                            sems: sems.into_iter().filter(|s| who.allows(&s.sem, Permission::Read)).collect(),
+                        },
+                        r => r,
+                    };
+                    Ok(ResponseBody::Lock(r))
                 });
             }
             RequestBody::Feed { feed, op } => {

@@ -6,6 +6,7 @@ mod feeds;
 mod feeds_server;
 mod grid;
 mod heap_kill9;
+mod locks;
 mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;

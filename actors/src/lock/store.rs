@@ -157,7 +157,7 @@ impl LockStore {
                     let name = String::from_utf8(name.to_vec()).map_err(|e| corrupt("semaphore name", e))?;
                     loaded.sems.push((name, decode("semaphore", &v)?));
                 }
-                _ => return Err(corrupt("key", String::from_utf8_lossy(&k))),
+                _ => return Err(corrupt("key", String::from_utf8_lossy(k))),
             }
         }
         if !heap.is_empty() || heap.last_lsn() > 0 {
