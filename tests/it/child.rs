@@ -42,6 +42,11 @@ impl Child {
         self.lines.recv_timeout(timeout).ok()
     }
 
+    /// The child's process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`, then every line printed before the kill that was not read yet.
     pub fn kill(mut self) -> Vec<String> {
         self.child.kill().unwrap();

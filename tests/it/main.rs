@@ -7,6 +7,7 @@ mod feeds_server;
 mod grid;
 mod heap_kill9;
 mod locks;
+mod locks_server;
 mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;
