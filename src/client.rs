@@ -299,6 +299,22 @@ impl Client {
         }
     }
 
+    /// A grid-scoped snippet whose writes are fenced by `guards` (see `Grid::eval_fenced`).
+    pub async fn eval_fenced(
+        &self,
+        src: &str,
+        args: Value,
+        guards: &[&crate::lock::LockGuard],
+    ) -> Result<Value, GridError> {
+        let fences = guards.iter().map(|g| (g.lock_name().to_string(), g.fence())).collect();
+        let body =
+            RequestBody::EvalFenced { src: src.into(), args, limits: LimitOverrides::default(), fences };
+        match self.request(body).await? {
+            ResponseBody::Value(v) => Ok(v),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
     /// Entries `offset..offset+limit` of the value a `$ref` names.
     pub async fn fetch(&self, reference: &str, offset: u32, limit: u32) -> Result<Value, GridError> {
         match self.request(RequestBody::Fetch { reference: reference.into(), offset, limit }).await? {

@@ -134,6 +134,20 @@ impl Grid {
         self.core.eval(src, args, &limits, Arc::new(|_: &str, _: bool| Ok(()))).await
     }
 
+    /// A grid-scoped snippet whose writes are fenced by `guards`: one stale fence and the run
+    /// writes nothing (`StaleFence`). Inside, `lock_held(name, fence)` tests a fence.
+    pub async fn eval_fenced(
+        &self,
+        src: &str,
+        args: Value,
+        guards: &[&crate::lock::LockGuard],
+    ) -> Result<Value> {
+        let fences: Vec<(String, u64)> =
+            guards.iter().map(|g| (g.lock_name().to_string(), g.fence())).collect();
+        let limits = LimitOverrides::default();
+        self.core.eval_fenced(src, args, &limits, Arc::new(|_: &str, _: bool| Ok(())), &fences).await
+    }
+
     /// Entries `offset..offset+limit` of the value a `$ref` from a snippet result names.
     pub async fn fetch(&self, reference: &str, offset: u32, limit: u32) -> Result<Value> {
         self.core.fetch(reference, offset, limit, Arc::new(|_: &str, _: bool| Ok(()))).await

@@ -120,6 +120,14 @@ pub enum RequestBody {
     Lock {
         op: LockOp,
     },
+    /// A grid-scoped snippet whose writes are fenced: every `(lock, fence)` is checked at its
+    /// commit, with its writes (permissions as `Eval`).
+    EvalFenced {
+        src: String,
+        args: Value,
+        limits: LimitOverrides,
+        fences: Vec<(String, u64)>,
+    },
 }
 
 /// One response.
@@ -485,8 +493,15 @@ mod tests {
             RequestBody::CreateFeed { name: s(), options: FeedOptions::default() },
             RequestBody::DropFeed { name: s() },
             RequestBody::Feed { feed: s(), op: FeedOp::Info },
+            RequestBody::Lock { op: LockOp::List },
+            RequestBody::EvalFenced {
+                src: s(),
+                args: v(),
+                limits: LimitOverrides::default(),
+                fences: vec![],
+            },
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..13).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..15).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -496,8 +511,48 @@ mod tests {
             ResponseBody::Value(v()),
             ResponseBody::Feeds(vec![]),
             ResponseBody::Feed(FeedResult::Done),
+            ResponseBody::Lock(LockResult::Done),
         ];
-        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..7).collect::<Vec<u8>>());
+        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..8).collect::<Vec<u8>>());
+        let lock_ops = [
+            LockOp::Open { ttl_ms: None },
+            LockOp::Reattach { session: 0, secret: 0 },
+            LockOp::Heartbeat { session: 0 },
+            LockOp::Close { session: 0 },
+            LockOp::Acquire { lock: s(), session: 0, wait_ms: 0, lease_ms: None },
+            LockOp::Release { lock: s(), session: 0, fence: 0 },
+            LockOp::Renew { lock: s(), session: 0, fence: 0, lease_ms: None },
+            LockOp::Status { lock: s() },
+            LockOp::List,
+            LockOp::Configure { lock: s(), reentry_max: 0, lock_delay_ms: 0 },
+            LockOp::SemAcquire { sem: s(), session: 0, size: 1, permits: 1, wait_ms: 0 },
+            LockOp::SemRelease { sem: s(), session: 0, permits: 1 },
+            LockOp::SemStatus { sem: s() },
+        ];
+        assert_eq!(lock_ops.iter().map(tag).collect::<Vec<_>>(), (0..13).collect::<Vec<u8>>());
+        use heapgrid_actors::lock::ops::{LockStatus, SemStatus};
+        let status = LockStatus {
+            lock: s(),
+            holder: None,
+            last_fence: 0,
+            waiters: 0,
+            reentry_max: 0,
+            lock_delay_ms: 0,
+        };
+        let sem = SemStatus { sem: s(), size: 1, in_use: 0, waiters: 0, holders: vec![] };
+        let lock_results = [
+            LockResult::Session { session: 0, secret: 0, ttl_ms: 0 },
+            LockResult::Done,
+            LockResult::Granted { fence: 0, expires_in_ms: 0 },
+            LockResult::Timeout,
+            LockResult::Status(status.clone()),
+            LockResult::List { locks: vec![status.clone()], sems: vec![sem.clone()] },
+            LockResult::Permits { held: 0 },
+            LockResult::Sem(sem),
+        ];
+        assert_eq!(lock_results.iter().map(tag).collect::<Vec<_>>(), (0..8).collect::<Vec<u8>>());
+        // LockStatus is exactly lock, holder, last_fence, waiters, reentry_max, lock_delay_ms.
+        assert_eq!(postcard::to_allocvec(&status).unwrap(), [0, 0, 0, 0, 0, 0]);
         use heapgrid_actors::feed::{CursorInfo, Pos, ReadResult};
         let feed_ops = [
             FeedOp::Append { value: v(), id: None },
@@ -582,8 +637,9 @@ mod tests {
             WriteOp::Cas { key: k(), expect: Expect::Absent, new: None },
             WriteOp::Update { key: k(), path: vec![], update: Update::Remove },
             WriteOp::Check { key: k(), expect: Expect::Absent },
+            WriteOp::Fence { lock: s(), fence: 0 },
         ];
-        assert_eq!(writes.iter().map(tag).collect::<Vec<_>>(), (0..5).collect::<Vec<u8>>());
+        assert_eq!(writes.iter().map(tag).collect::<Vec<_>>(), (0..6).collect::<Vec<u8>>());
         let expects = [Expect::Absent, Expect::Value(v()), Expect::Version(0)];
         assert_eq!(expects.iter().map(tag).collect::<Vec<_>>(), (0..3).collect::<Vec<u8>>());
         let updates = [Update::Set(v()), Update::Increment(v()), Update::Append(v()), Update::Remove];
@@ -662,8 +718,11 @@ mod tests {
             GridError::NoSuchRecord { id: 0 },
             GridError::Trimmed { first_available: 0 },
             GridError::NoSuchCursor(s()),
+            GridError::StaleFence { lock: s(), presented: 0, current: None },
+            GridError::NotHolder { lock: s(), current: None },
+            GridError::SessionExpired { session: 0 },
         ];
-        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..23).collect::<Vec<u8>>());
+        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..26).collect::<Vec<u8>>());
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

@@ -582,6 +582,19 @@ enum Slot {
 /// The table operations of one read: grouped by shard, one `Pipeline` message per shard, their
 /// responses encoded into one buffer in request order. Requests to one shard keep the order in
 /// which they arrived: they are in one message, or in messages sent in turn.
+/// What a grid-scoped snippet of `who` may touch: `eval` and `read` on every collection it
+/// uses, and `write` on those it writes.
+fn eval_access(who: Arc<Principal>) -> AccessCheck {
+    Arc::new(move |coll: &str, write: bool| {
+        who.require(coll, Permission::Eval)?;
+        who.require(coll, Permission::Read)?;
+        if write {
+            who.require(coll, Permission::Write)?;
+        }
+        Ok(())
+    })
+}
+
 /// The lock sessions a connection proved it owns (opened, or reattached with the secret).
 type ConnSessions = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
 
@@ -733,15 +746,14 @@ impl<'c> Round<'c> {
                     detached(async move { grid.drop_table(&name).await.map(|_| ResponseBody::Done) }).await
                 });
             }
-            RequestBody::Eval { src, args, limits } => {
-                let access: AccessCheck = Arc::new(move |coll: &str, write: bool| {
-                    who.require(coll, Permission::Eval)?;
-                    who.require(coll, Permission::Read)?;
-                    if write {
-                        who.require(coll, Permission::Write)?;
-                    }
-                    Ok(())
+            RequestBody::EvalFenced { src, args, limits, fences } => {
+                let access = eval_access(who);
+                return alone(id, async move {
+                    Ok(ResponseBody::Value(grid.eval_fenced(&src, args, &limits, access, &fences).await?))
                 });
+            }
+            RequestBody::Eval { src, args, limits } => {
+                let access = eval_access(who);
                 return alone(id, async move {
                     Ok(ResponseBody::Value(grid.eval(&src, args, &limits, access).await?))
                 });

@@ -479,6 +479,10 @@ fn record_value(r: crate::feed::FeedRecord) -> Value {
 }
 
 impl Store for GridStore {
+    fn lock_held(&mut self, lock: &str, fence: u64) -> Result<bool, GridError> {
+        Ok(self.core.locks.held(lock, fence))
+    }
+
     fn feed_read(
         &mut self,
         feed: &str,
@@ -859,6 +863,23 @@ impl GridCore {
         limits: &LimitOverrides,
         access: AccessCheck,
     ) -> Result<Value, GridError> {
+        self.eval_fenced(src, args, limits, access, &[]).await
+    }
+
+    /// `eval` whose writes are fenced: each shard it writes checks every `(lock, fence)` at the
+    /// commit, with the writes, and one stale fence fails the run with nothing written
+    /// (`StaleFence`). Feed appends and removals of the run come after the commit and are not
+    /// fenced (docs/locks.md).
+    pub async fn eval_fenced(
+        self: &Arc<Self>,
+        src: &str,
+        args: Value,
+        limits: &LimitOverrides,
+        access: AccessCheck,
+        fences: &[(String, u64)],
+    ) -> Result<Value, GridError> {
+        let fences: Vec<WriteOp> =
+            fences.iter().map(|(lock, fence)| WriteOp::Fence { lock: lock.clone(), fence: *fence }).collect();
         let compiled = self.snippets.engine.compile(src)?;
         let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
         if let [only] = compiled.collections.as_slice()
@@ -868,7 +889,7 @@ impl GridCore {
             access(only, false)?;
             let read_only = access(only, true).is_err();
             if t.def.shards == 1 {
-                let job = EvalJob { args, read_only, ..t.eval_job(0, compiled, limits) };
+                let job = EvalJob { args, read_only, fences, ..t.eval_job(0, compiled, limits) };
                 return t.eval_in(job).await;
             }
             // Several shards: first try the shard that `args` names when it is a key (else shard
@@ -884,6 +905,7 @@ impl GridCore {
                 args: args.clone(),
                 read_only,
                 out_of_scope: Some(missed.clone()),
+                fences: fences.clone(),
                 ..t.eval_job(guess, compiled.clone(), limits.clone())
             };
             match t.eval_in(job).await {
@@ -907,7 +929,10 @@ impl GridCore {
             .await
             .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
             let crate::snippet::Outcome { value, writes, feed_writes } = outcome;
-            let groups = self.commit_groups(writes, &versions)?;
+            let mut groups = self.commit_groups(writes, &versions)?;
+            for (_, ops) in &mut groups {
+                ops.splice(0..0, fences.iter().cloned());
+            }
             if attempt > OPTIMISTIC_ATTEMPTS && stripe.is_none() {
                 // Take turns with the other contenders on this data.
                 let first = groups.first().map_or(0, |((t, i), _)| {

@@ -266,3 +266,37 @@ async fn after_a_restart_fences_rise_a_reattached_holder_keeps_its_lock_and_an_a
     again.close().await.unwrap();
     grid.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_snippet_commits_only_while_its_fences_are_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = heapgrid::Grid::open(dir.path(), GridOptions::default()).await.unwrap();
+    grid.create_table("t", TableOptions::default()).await.unwrap();
+    let wide = grid.create_table("wide", TableOptions { shards: 4, ..Default::default() }).await.unwrap();
+    let s = grid.session(None).await.unwrap();
+    let g = s.lock("l").try_acquire().await.unwrap().unwrap();
+    let fence = Value::from(g.fence() as i64);
+    // One table (its shard's fast path) and two shards of another (a prepared commit).
+    let src = "t['x'] = lock_held('l', args)\nwide['a'] = 1\nwide['b'] = 2\nwide['c'] = 3\nlock_held('l', args + 1)";
+    assert_eq!(grid.eval_fenced(src, fence.clone(), &[&g]).await.unwrap(), Value::Bool(false));
+    assert_eq!(grid.table("t").unwrap().get_value("x").await.unwrap(), Some(Value::Bool(true)));
+    assert_eq!(wide.count().await.unwrap(), 3);
+    assert_eq!(grid.eval_fenced("t['only'] = 1", Value::Null, &[&g]).await.unwrap(), Value::Null);
+    // The lease ends: the same fences now fail every commit, with nothing written.
+    let mut short =
+        s.lock("short").acquire_with(Duration::ZERO, Some(Duration::from_millis(50))).await.unwrap().unwrap();
+    short.renew(Some(Duration::from_millis(50))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for src in ["t['y'] = 1", "wide['d'] = 4\nwide['e'] = 5\nwide['f'] = 6\nwide['g'] = 7"] {
+        match grid.eval_fenced(src, Value::Null, &[&g, &short]).await {
+            Err(GridError::StaleFence { lock, current: None, .. }) => assert_eq!(lock, "short"),
+            r => panic!("{src}: {r:?}"),
+        }
+    }
+    assert!(!grid.table("t").unwrap().contains("y").await.unwrap());
+    assert_eq!(wide.count().await.unwrap(), 3);
+    assert!(short.release().await.is_err(), "the expired grant is not the holder's");
+    g.release().await.unwrap();
+    s.close().await.unwrap();
+    grid.close().await.unwrap();
+}

@@ -471,6 +471,7 @@ const BUILTINS: &[&str] = &[
     "type",
     "zip",
     "fail",
+    "lock_held",
     "key",
     "args",
 ];
@@ -665,6 +666,14 @@ impl Host<'_> {
                 let back = matches!(args.get(3), Some(MontyObject::Bool(true)));
                 let records = self.store.feed_read(feed, at, n as u32, back)?;
                 Ok(MontyObject::List(records.iter().map(convert::to_monty).collect()))
+            }
+            "_hg_lock_held" => {
+                let lock = str_arg(args, 0)?;
+                let fence = int_arg(args, 1)?;
+                if fence < 0 {
+                    return Ok(MontyObject::Bool(false));
+                }
+                Ok(MontyObject::Bool(self.store.lock_held(lock, fence as u64)?))
             }
             "_hg_fstate" => {
                 let feed = str_arg(args, 0)?;

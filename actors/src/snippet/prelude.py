@@ -210,6 +210,13 @@ def _hg_fattr(c, a):
     return _hg_fstate(c)[a]
 
 
+# == lock_held(
+def lock_held(name, fence):
+    # Whether `fence` is the current, held grant of lock `name` (docs/locks.md). A snippet never
+    # waits for a lock; fenced writes (`eval(src, fences)`) are what guard its commit.
+    return _hg_lock_held(name, fence)
+
+
 # == fail
 def fail(message):
     raise Exception(str(message))

@@ -54,6 +54,11 @@ pub trait Store {
     fn feed_state(&mut self, feed: &str) -> Result<Value, GridError> {
         Err(not_a_feed(feed))
     }
+    /// Whether `fence` is the current, held grant of lock `lock` (`lock_held` in a snippet).
+    fn lock_held(&mut self, lock: &str, fence: u64) -> Result<bool, GridError> {
+        let _ = (lock, fence);
+        Err(GridError::Invalid("lock_held is not available here".into()))
+    }
     /// Whether the run may append to or remove from feed `feed` (asked when the run ends).
     fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
         Err(not_a_feed(feed))

@@ -135,6 +135,8 @@ pub struct EvalJob {
     /// whole-table operation): the run then failed with no effect, and a caller that was only
     /// trying this shard runs it grid-scoped instead.
     pub out_of_scope: Option<Arc<AtomicBool>>,
+    /// `WriteOp::Fence`s every write of the run is checked with (at its commit, with it).
+    pub fences: Vec<WriteOp>,
 }
 
 /// A collection-scoped snippet's view: this shard of this table, nothing else.
@@ -198,6 +200,10 @@ impl Store for ShardStore<'_> {
     fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
         self.own(feed)?;
         Err(GridError::Invalid(format!("{feed} is not a feed")))
+    }
+
+    fn lock_held(&mut self, lock: &str, fence: u64) -> Result<bool, GridError> {
+        Ok(self.table.check_fence(lock, fence).is_ok())
     }
 
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
@@ -267,13 +273,15 @@ fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), Gr
         });
     }
     // Every write is of this table and shard: `Compiled::run` asked `ShardStore::check_write`.
-    let ops: Vec<WriteOp> = outcome
-        .writes
-        .into_iter()
-        .map(|w| match w.value {
+    // The run's fences lead the batch: one stale and nothing is written.
+    let ops: Vec<WriteOp> = job
+        .fences
+        .iter()
+        .cloned()
+        .chain(outcome.writes.into_iter().map(|w| match w.value {
             Some(value) => WriteOp::Put { key: w.key, value },
             None => WriteOp::Delete { key: w.key },
-        })
+        }))
         .collect();
     let written = table.write(&ops)?;
     Ok((outcome.value, written.lsn))

@@ -285,6 +285,7 @@ impl TableRuntime {
             shard,
             shards: self.def.shards,
             out_of_scope: None,
+            fences: Vec::new(),
         }
     }
 
