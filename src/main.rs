@@ -391,6 +391,15 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
             "dropped".into()
         }
         ["feeds"] => serde_json::to_value(client.feeds().await?)?,
+        ["locks"] => match client.lock_op(heapgrid::lock::LockOp::List).await? {
+            heapgrid::lock::LockResult::List { locks, sems } => {
+                serde_json::json!({ "locks": serde_json::to_value(locks)?, "semaphores": serde_json::to_value(sems)? })
+            }
+            r => return Err(format!("unexpected answer {r:?}").into()),
+        },
+        ["lock" | "unlock", ..] => {
+            return Err("lock and unlock hold a session: use them in `heapgrid shell`".into());
+        }
         ["append", f, json @ ..] if !json.is_empty() => {
             let j: serde_json::Value = serde_json::from_str(&json.join(" "))?;
             serde_json::json!({ "id": client.feed(f).append(Value::from_json(&j)?).await? })
@@ -505,7 +514,70 @@ const COMMANDS: &[&str] = &[
     "feed",
     "append",
     "tail",
+    "lock",
+    "unlock",
+    "locks",
 ];
+
+/// The shell's lock session (opened by the first `lock`) and the locks it holds. While it holds
+/// any, every snippet the shell runs is fenced by all of them (`eval_fenced`): a lock lost
+/// meanwhile makes the snippet fail with `StaleFence`, writing nothing.
+#[derive(Default)]
+struct ShellLocks {
+    session: Option<heapgrid::Session>,
+    held: std::collections::BTreeMap<String, heapgrid::LockGuard>,
+}
+
+impl ShellLocks {
+    /// `lock NAME [WAIT_SECONDS] [LEASE_SECONDS]`, `unlock NAME`.
+    async fn command(&mut self, client: &Client, words: &[String]) -> Result<serde_json::Value, AnyErr> {
+        let w: Vec<&str> = words.iter().map(String::as_str).collect();
+        match w.as_slice() {
+            ["lock", name, rest @ ..] => {
+                let secs = |i: usize| -> Result<Option<std::time::Duration>, AnyErr> {
+                    Ok(rest
+                        .get(i)
+                        .map(|s| s.parse::<f64>())
+                        .transpose()?
+                        .map(std::time::Duration::from_secs_f64))
+                };
+                let (wait, lease) = (secs(0)?.unwrap_or_default(), secs(1)?);
+                if self.held.contains_key(*name) {
+                    return Err(format!("this shell already holds {name}").into());
+                }
+                if self.session.is_none() {
+                    self.session = Some(client.session(None).await?);
+                }
+                let session = self.session.as_ref().ok_or("no session")?;
+                match session.lock(name).acquire_with(wait, lease).await? {
+                    Some(g) => {
+                        let out = serde_json::json!({
+                            "lock": name, "fence": g.fence(), "session": session.id(),
+                            "expires_in_ms": g.expires_in().as_millis() as u64,
+                        });
+                        self.held.insert(name.to_string(), g);
+                        Ok(out)
+                    }
+                    None => Ok(serde_json::json!({ "lock": name, "timeout": true })),
+                }
+            }
+            ["unlock", name] => {
+                let g = self.held.remove(*name).ok_or_else(|| format!("this shell does not hold {name}"))?;
+                g.release().await?;
+                Ok("released".into())
+            }
+            _ => Err("usage: lock NAME [WAIT_SECONDS] [LEASE_SECONDS] | unlock NAME".into()),
+        }
+    }
+
+    async fn run_snippet(&self, client: &Client, src: &str) -> Result<serde_json::Value, AnyErr> {
+        if self.held.is_empty() {
+            return run_snippet(client, src).await;
+        }
+        let guards: Vec<&heapgrid::LockGuard> = self.held.values().collect();
+        Ok(client.eval_fenced(src, Value::Null, &guards).await?.to_json())
+    }
+}
 
 /// A command: a command word followed by plain words (`del users bob`), not code
 /// (`del users['bob']`, `count = len(users)`).
@@ -544,6 +616,7 @@ async fn eval(c: ClientArgs, command: Vec<String>) -> Result<(), AnyErr> {
 async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
     let mut pending = String::new();
+    let mut locks = ShellLocks::default();
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         // Piped input: one command per line, no prompt.
         let mut line = String::new();
@@ -551,11 +624,11 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
             line.clear();
             if std::io::stdin().lock().read_line(&mut line)? == 0 {
                 if !pending.is_empty() {
-                    shell_line(&client, &mut pending, "").await?;
+                    shell_line(&client, &mut locks, &mut pending, "").await?;
                 }
                 return Ok(());
             }
-            if !shell_line(&client, &mut pending, &line).await? {
+            if !shell_line(&client, &mut locks, &mut pending, &line).await? {
                 return Ok(());
             }
         }
@@ -571,7 +644,7 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
         match editor.readline(prompt) {
             Ok(line) => {
                 let _ = editor.add_history_entry(line.as_str());
-                if !shell_line(&client, &mut pending, &line).await? {
+                if !shell_line(&client, &mut locks, &mut pending, &line).await? {
                     break;
                 }
             }
@@ -587,7 +660,12 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
 
 /// Runs one shell line; false to quit. A line ending in `:` opens a multi-line snippet, which
 /// an empty line ends.
-async fn shell_line(client: &Client, pending: &mut String, line: &str) -> Result<bool, AnyErr> {
+async fn shell_line(
+    client: &Client,
+    locks: &mut ShellLocks,
+    pending: &mut String,
+    line: &str,
+) -> Result<bool, AnyErr> {
     let line = line.trim_end_matches(['\n', '\r']);
     if !pending.is_empty() || line.trim_end().ends_with(':') {
         if !line.trim().is_empty() {
@@ -596,7 +674,7 @@ async fn shell_line(client: &Client, pending: &mut String, line: &str) -> Result
             return Ok(true);
         }
         let src = std::mem::take(pending);
-        report(run_snippet(client, &src).await)?;
+        report(locks.run_snippet(client, &src).await)?;
         return Ok(true);
     }
     let words: Vec<String> = line.split_whitespace().map(String::from).collect();
@@ -608,8 +686,9 @@ async fn shell_line(client: &Client, pending: &mut String, line: &str) -> Result
                 emit(&serde_json::json!({ "error": e.to_string() }).to_string())?;
             }
         }
+        Some("lock" | "unlock") if is_command(&words) => report(locks.command(client, &words).await)?,
         _ if is_command(&words) => report(run_command(client, &words).await)?,
-        _ => report(run_snippet(client, line).await)?,
+        _ => report(locks.run_snippet(client, line).await)?,
     }
     Ok(true)
 }

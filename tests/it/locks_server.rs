@@ -167,3 +167,28 @@ async fn kill9_under_lock_traffic_never_repeats_or_lowers_a_fence() {
         assert!(w[1] > w[0], "fence {} after {} (seed {seed})", w[1], w[0]);
     }
 }
+
+/// The shell's `lock`, `unlock` and `locks`: while it holds a lock, its snippets are fenced by
+/// it (a read-modify-write that another holder's grant would refuse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_locks_fences_its_snippets_and_unlocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let client = Client::connect(server.addr).await.unwrap();
+    client.create_table("t", TableOptions::default()).await.unwrap();
+    let a = server.addr.to_string();
+    let script = "lock counter 5\nt['n'] = lock_held('counter', 1)\nlocks\nunlock counter\nunlock counter\n";
+    let (ok, out) = crate::server::cli(&["shell", "--addr", &a], Some(script));
+    assert!(ok, "{out}");
+    assert!(out.contains("\"fence\": 1"), "{out}");
+    assert!(out.contains("\"lock\": \"counter\""), "{out}");
+    assert!(out.contains("released"), "{out}");
+    assert!(out.contains("does not hold counter"), "{out}");
+    assert_eq!(client.table("t").get_value("n").await.unwrap(), Some(Value::Bool(true)));
+    // One-shot `eval` cannot hold a lock; it can list them.
+    let (ok, out) = crate::server::cli(&["eval", "--addr", &a, "lock", "x"], None);
+    assert!(!ok && out.contains("heapgrid shell"), "{out}");
+    let (ok, out) = crate::server::cli(&["eval", "--addr", &a, "locks"], None);
+    assert!(ok && out.contains("\"locks\""), "{out}");
+    server.terminate();
+}
