@@ -111,6 +111,15 @@ impl Session {
                         flag.store(true, Ordering::Release);
                         return;
                     }
+                    // The client reconnected: the new connection must prove it owns the session.
+                    Err(GridError::PermissionDenied { .. }) => {
+                        if let Err(GridError::SessionExpired { .. }) =
+                            beat.lock_op(LockOp::Reattach { session: id, secret }).await
+                        {
+                            flag.store(true, Ordering::Release);
+                            return;
+                        }
+                    }
                     // A transport error: try again at the next beat (the ttl allows two misses).
                     _ => continue,
                 }
@@ -217,6 +226,19 @@ impl Lock {
             })),
             LockResult::Timeout => Ok(None),
             r => Err(unexpected(r)),
+        }
+    }
+
+    /// A guard for a grant this session already holds with `fence` (after `reattach`, in
+    /// another process or after a restart): no request is made; its release reports
+    /// `NotHolder` if the fence is not the current grant.
+    pub fn adopt(&self, fence: u64) -> LockGuard {
+        LockGuard {
+            session: self.session.clone(),
+            name: self.name.clone(),
+            fence,
+            expires_in: self.session.ttl(),
+            released: false,
         }
     }
 

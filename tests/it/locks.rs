@@ -262,6 +262,9 @@ async fn after_a_restart_fences_rise_a_reattached_holder_keeps_its_lock_and_an_a
     // The kept lock is still held: another session cannot take it.
     assert!(other.lock("kept").try_acquire().await.unwrap().is_none());
     assert!(grid.reattach(kept_id, kept_secret ^ 1).await.is_err(), "a wrong secret is refused");
+    // The reattached session takes its grant up again and releases it.
+    again.lock("kept").adopt(k_fence).release().await.unwrap();
+    assert!(again.lock("kept").status().await.unwrap().holder.is_none());
     other.close().await.unwrap();
     again.close().await.unwrap();
     grid.close().await.unwrap();

@@ -158,7 +158,7 @@ fn from_lock_error(lock: &str, session: SessionId, e: LockError) -> GridError {
             SESSION_TTL_MS_MAX
         )),
         LockError::ReentryLimit => {
-            GridError::LimitExceeded { what: format!("reentrant acquires of lock {lock}"), got: 0, max: 0 }
+            GridError::Invalid(format!("a nested acquire of lock {lock} past its reentry_max"))
         }
     }
 }
@@ -528,6 +528,11 @@ impl LockState {
                 }
             }
             LockOp::Renew { lock, session, fence, lease_ms } => {
+                if lease_ms.is_some_and(|l| l == 0 || l > SESSION_TTL_MS_MAX) {
+                    let _ =
+                        reply.send(Err(GridError::Invalid(format!("lease_ms is 1..={SESSION_TTL_MS_MAX}"))));
+                    return Ok(());
+                }
                 let a = self.activate(&lock)?;
                 let r = a.lock.renew(session, fence, lease_ms, now);
                 let r = r
@@ -702,13 +707,13 @@ impl Actor for LockActor {
             0,
         );
         // The previous life's grants are void unless recorded: republish from the records.
-        args.fences.clear();
+        args.fences.reset();
         let mut locks = HashMap::new();
         for (name, rec) in loaded.locks {
             let cell = args.fences.cell(&name);
             let holder = rec.holder.filter(|(s, _)| sessions.alive(*s, 0));
             let fence = holder.map_or(rec.last_fence, |h| h.1);
-            cell.publish(fence.max(cell.load().0), holder.is_some());
+            cell.publish(fence, holder.is_some());
             if holder.is_some() {
                 let mut lock = Lock::restore(rec.last_fence.max(fence_floor(loaded.epoch)), holder);
                 lock.reentry_max = rec.reentry_max;

@@ -81,13 +81,12 @@ impl FenceTable {
         }
     }
 
-    /// Forgets every cell (a restarted lock service republishes what it recovered).
-    pub fn clear(&self) {
-        let cells = self.cells.read().unwrap_or_else(|e| e.into_inner());
-        for c in cells.values() {
-            let (fence, _) = c.load();
-            c.publish(fence, false);
-        }
+    /// Forgets every cell: a restarted lock service republishes what it recovered, in new
+    /// cells. (A cell may show a grant whose record was never written, and whose reply was
+    /// therefore never sent; the recovered holder's lower fence must become current again.
+    /// Fences issued after the restart are above every earlier one: a new epoch.)
+    pub fn reset(&self) {
+        self.cells.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -107,8 +106,8 @@ mod tests {
         assert_eq!(t.check("l", 1).unwrap_err().current, None);
         c.publish(2, true);
         assert_eq!(t.check("l", 1).unwrap_err().current, Some(2));
-        t.clear();
-        assert_eq!(t.current("l"), (2, false));
+        t.reset();
+        assert_eq!(t.current("l"), (0, false));
         assert!(t.check("other", 2).is_err());
     }
 

@@ -167,7 +167,7 @@ impl LockStore {
             return Err(GridError::LimitExceeded {
                 what: "lock epochs".into(),
                 got: loaded.epoch,
-                max: 1 << 22,
+                max: (1 << (63 - EPOCH_SHIFT)) - 1,
             });
         }
         let mut b = WriteBatch::new();
