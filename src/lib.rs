@@ -27,6 +27,7 @@ pub mod feed;
 pub mod grid;
 pub mod loadgen;
 pub mod loadgen_feed;
+pub mod loadgen_lock;
 pub mod lock;
 pub mod protocol;
 pub mod server;

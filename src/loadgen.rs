@@ -50,6 +50,8 @@ pub struct LoadSpec {
     /// With `follow_rate`: run the same follow measurement against Redis at this address
     /// (`XADD` and `XREAD BLOCK` on stream `table`) instead of heapgrid.
     pub redis: Option<SocketAddr>,
+    /// Acquire + release pairs of locks instead of gets and puts (`redis`: the Redis lock).
+    pub locks: Option<crate::loadgen_lock::LockLoad>,
 }
 
 /// A snippet load: the source sees the request's key as `key` (collection scope, routed by it)
@@ -77,6 +79,9 @@ pub struct LoadReport {
 
 /// Runs the load and returns the report.
 pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
+    if let Some(load) = spec.locks {
+        return crate::loadgen_lock::run(&spec, load).await;
+    }
     if let (Some(rate), Some(redis)) = (spec.follow_rate, spec.redis) {
         return crate::loadgen_feed::redis_follow(redis, &spec.table, rate, spec.duration).await;
     }

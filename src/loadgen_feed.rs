@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::client::Client;
 use crate::loadgen::LoadReport;
 
-fn report(hist: &Histogram<u64>, delivered: u64, errors: u64, seconds: f64) -> LoadReport {
+pub(crate) fn report(hist: &Histogram<u64>, delivered: u64, errors: u64, seconds: f64) -> LoadReport {
     LoadReport {
         ops: delivered,
         errors,
@@ -111,7 +111,7 @@ pub async fn follow(
 }
 
 /// One RESP command.
-fn resp(args: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn resp(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
         out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
@@ -123,13 +123,13 @@ fn resp(args: &[&[u8]]) -> Vec<u8> {
 
 /// A RESP reply, as far as this benchmark needs one.
 #[derive(Debug)]
-enum Reply {
+pub(crate) enum Reply {
     Bulk(Option<Vec<u8>>),
     Array(Option<Vec<Reply>>),
     Other,
 }
 
-async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Reply> {
+pub(crate) async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Reply> {
     let mut line = Vec::new();
     r.read_until(b'\n', &mut line).await?;
     if line.len() < 3 {
@@ -158,7 +158,7 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::R
     })
 }
 
-fn io(e: std::io::Error) -> GridError {
+pub(crate) fn io(e: std::io::Error) -> GridError {
     GridError::Unavailable(format!("redis: {e}"))
 }
 

@@ -90,9 +90,15 @@ struct BenchArgs {
     /// report append-to-delivery latency.
     #[arg(long)]
     follow_rate: Option<u64>,
-    /// With --follow-rate: measure Redis at this address instead (XADD / XREAD BLOCK).
+    /// With --follow-rate: measure Redis at this address instead (XADD / XREAD BLOCK); with
+    /// --locks, the Redis lock (SET NX PX + a Lua compare-and-delete).
     #[arg(long)]
     redis: Option<std::net::SocketAddr>,
+    /// Acquire + release lock pairs instead of gets and puts: `uncontended` (a lock per
+    /// connection) or `contended` (one lock for all: the handoff rate). Lock names start with
+    /// --table.
+    #[arg(long, value_parser = ["uncontended", "contended"])]
+    locks: Option<String>,
     /// Make every snippet's source unique, so none is served from the compile cache.
     #[arg(long)]
     uncached: bool,
@@ -718,6 +724,10 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
         feed: b.feed,
         follow_rate: b.follow_rate,
         redis: b.redis,
+        locks: b.locks.as_deref().map(|l| match l {
+            "contended" => heapgrid::loadgen_lock::LockLoad::Contended,
+            _ => heapgrid::loadgen_lock::LockLoad::Uncontended,
+        }),
         eval: b.eval.map(|src| heapgrid::loadgen::EvalLoad {
             src,
             grid_scope: b.grid_scope,
