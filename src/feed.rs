@@ -22,21 +22,58 @@ use crate::grid::{BoxFuture, Result};
 /// One operation on a feed. On the wire: append-only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum FeedOp {
-    Append { value: Value, id: Option<u64> },
-    Get { id: u64 },
-    Remove { id: u64 },
-    Read { after: Pos, n: u32, wait_ms: u64 },
-    ReadBack { before: Option<u64>, n: u32 },
-    CursorSet { name: String, at: Pos },
-    CursorGet { name: String },
-    CursorRead { name: String, n: u32, wait_ms: u64 },
-    CursorDelete { name: String },
+    Append {
+        value: Value,
+        id: Option<u64>,
+    },
+    Get {
+        id: u64,
+    },
+    Remove {
+        id: u64,
+    },
+    Read {
+        after: Pos,
+        n: u32,
+        wait_ms: u64,
+    },
+    ReadBack {
+        before: Option<u64>,
+        n: u32,
+    },
+    CursorSet {
+        name: String,
+        at: Pos,
+    },
+    CursorGet {
+        name: String,
+    },
+    CursorRead {
+        name: String,
+        n: u32,
+        wait_ms: u64,
+    },
+    CursorDelete {
+        name: String,
+    },
     Cursors,
-    Trim { keep: u64 },
-    Cut { before: u64 },
+    Trim {
+        keep: u64,
+    },
+    Cut {
+        before: u64,
+    },
     Rotate,
-    SetVersion { version: u32 },
+    SetVersion {
+        version: u32,
+    },
     Info,
+    /// `Append`, applied only if every `(lock, fence)` is its lock's current grant.
+    AppendFenced {
+        value: Value,
+        id: Option<u64>,
+        fences: Vec<(String, u64)>,
+    },
 }
 
 impl FeedOp {
@@ -60,6 +97,7 @@ impl FeedOp {
         !matches!(
             self,
             FeedOp::Append { .. }
+                | FeedOp::AppendFenced { .. }
                 | FeedOp::Remove { .. }
                 | FeedOp::CursorDelete { .. }
                 | FeedOp::Trim { .. }
@@ -118,6 +156,9 @@ pub fn start_op(rt: &FeedRuntime, op: FeedOp) -> BoxFuture<'static, Result<FeedR
         FeedOp::Rotate => map(rt.rotate(), |_| FeedResult::Done),
         FeedOp::SetVersion { version } => map(rt.set_version(version), |_| FeedResult::Done),
         FeedOp::Info => map(rt.info(), FeedResult::Info),
+        FeedOp::AppendFenced { value, id, fences } => {
+            map(rt.append_fenced(value, id, fences), |a| FeedResult::Appended { id: a.id })
+        }
     }
 }
 
@@ -172,6 +213,20 @@ impl Feed {
     /// `IdExists`, unless it holds exactly `value`: then this is a successful retry.
     pub async fn append_with_id(&self, id: u64, value: impl Into<Value>) -> Result<u64> {
         self.append_at(Some(id), value.into()).await
+    }
+
+    /// Appends `value` only if every guard's fence is its lock's current grant (else
+    /// `StaleFence`, nothing appended); returns the new id.
+    pub async fn append_fenced(
+        &self,
+        value: impl Into<Value>,
+        guards: &[&crate::lock::LockGuard],
+    ) -> Result<u64> {
+        let fences = guards.iter().map(|g| (g.lock_name().to_string(), g.fence())).collect();
+        match self.op(FeedOp::AppendFenced { value: value.into(), id: None, fences }).await? {
+            FeedResult::Appended { id } => Ok(id),
+            r => Err(unexpected(r)),
+        }
     }
 
     async fn append_at(&self, id: Option<u64>, value: Value) -> Result<u64> {

@@ -570,8 +570,9 @@ mod tests {
             FeedOp::Rotate,
             FeedOp::SetVersion { version: 0 },
             FeedOp::Info,
+            FeedOp::AppendFenced { value: v(), id: None, fences: vec![] },
         ];
-        assert_eq!(feed_ops.iter().map(tag).collect::<Vec<_>>(), (0..15).collect::<Vec<u8>>());
+        assert_eq!(feed_ops.iter().map(tag).collect::<Vec<_>>(), (0..16).collect::<Vec<u8>>());
         let cursor = CursorInfo { name: s(), position: 0, lag: 0 };
         let feed_results = [
             FeedResult::Appended { id: 0 },

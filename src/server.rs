@@ -707,7 +707,7 @@ impl<'c> Round<'c> {
                 }
                 if let Some((_, ids, reqs)) = self.appends.as_mut() {
                     ids.push(id);
-                    reqs.push(AppendReq { value, id: at });
+                    reqs.push(AppendReq::new(value, at));
                 }
                 return Taken::InRound;
             }

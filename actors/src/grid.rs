@@ -188,6 +188,7 @@ impl RootSupervisor {
             heap,
             policy: st.args.opts.restart,
             slot: slot.clone(),
+            fences: st.args.locks.fences.clone(),
         };
         let (sup, _) = FeedSupervisor::spawn_linked(None, FeedSupervisor, args, myself.get_cell())
             .await

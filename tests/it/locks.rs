@@ -303,3 +303,25 @@ async fn a_fenced_snippet_commits_only_while_its_fences_are_current() {
     s.close().await.unwrap();
     grid.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_feed_append_applies_only_while_its_fence_is_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = heapgrid::Grid::open(dir.path(), GridOptions::default()).await.unwrap();
+    let feed = grid.create_feed("events", Default::default()).await.unwrap();
+    let s = grid.session(None).await.unwrap();
+    let g = s.lock("writer").try_acquire().await.unwrap().unwrap();
+    let id = feed.append_fenced("mine", &[&g]).await.unwrap();
+    let lock = s.lock("writer");
+    let stale = lock.adopt(g.fence());
+    g.release().await.unwrap();
+    match feed.append_fenced("late", &[&stale]).await {
+        Err(GridError::StaleFence { lock, current: None, .. }) => assert_eq!(lock, "writer"),
+        r => panic!("a stale fenced append got {r:?}"),
+    }
+    std::mem::forget(stale);
+    assert_eq!(feed.info().await.unwrap().state.count, 1);
+    assert_eq!(feed.get(id).await.unwrap().map(|r| r.value), Some(Value::from("mine")));
+    s.close().await.unwrap();
+    grid.close().await.unwrap();
+}

@@ -39,6 +39,15 @@ type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 pub struct AppendReq {
     pub value: Value,
     pub id: Option<u64>,
+    /// `(lock, fence)` pairs that must all be current for the append to apply (docs/locks.md).
+    pub fences: Vec<(String, u64)>,
+}
+
+impl AppendReq {
+    /// An unfenced append.
+    pub fn new(value: Value, id: Option<u64>) -> AppendReq {
+        AppendReq { value, id, fences: Vec::new() }
+    }
 }
 
 /// A forward read: after `after`, at most `n`, waiting up to `wait_ms` for a first record.
@@ -132,6 +141,8 @@ pub struct FeedArgs {
     pub heap: HeapOptions,
     pub policy: SegmentPolicy,
     pub view: Arc<ReadView>,
+    /// Where fenced appends are checked.
+    pub fences: Arc<crate::lock::fence::FenceTable>,
 }
 
 enum Waiting {
@@ -153,6 +164,21 @@ pub struct FeedShardState {
     next_waiter: u64,
     /// Whether retention or rolling can ever drop or seal anything (else `Maintain` is moot).
     maintains: bool,
+    fences: Arc<crate::lock::fence::FenceTable>,
+}
+
+/// Appends `req` unless one of its fences is stale (then nothing is appended: `StaleFence`).
+/// Checked and applied in one message of the feed's actor, so no grant can change between.
+fn append_fenced(
+    feed: &mut FeedShard,
+    fences: &crate::lock::fence::FenceTable,
+    req: &AppendReq,
+    now: u64,
+) -> Result<Appended, GridError> {
+    for (lock, fence) in &req.fences {
+        fences.check(lock, *fence)?;
+    }
+    feed.append(&req.value, req.id, now)
 }
 
 /// Wall-clock milliseconds since the epoch (segment times).
@@ -254,7 +280,7 @@ impl Actor for FeedActor {
         let mut feed = FeedShard::open(heap, args.policy)?;
         feed.set_deferred_log(true);
         let gate = LogGate::new(feed, args.heap.fsync, args.view, myself)?;
-        Ok(FeedShardState { gate, waiters: Vec::new(), next_waiter: 0, maintains })
+        Ok(FeedShardState { gate, waiters: Vec::new(), next_waiter: 0, maintains, fences: args.fences })
     }
 
     async fn handle(
@@ -295,7 +321,7 @@ impl Actor for FeedActor {
         };
         match msg {
             FeedMsg::Append(req, reply) => {
-                let r = feed.append(&req.value, req.id, now_ms());
+                let r = append_fenced(feed, &state.fences, &req, now_ms());
                 let (wrote, sealed) = r.as_ref().map_or((0, false), |a| (a.lsn, a.sealed));
                 gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
                 if sealed && state.maintains {
@@ -311,7 +337,7 @@ impl Actor for FeedActor {
                 let results: Vec<Result<Appended, GridError>> = reqs
                     .into_iter()
                     .map(|req| {
-                        let r = feed.append(&req.value, req.id, now);
+                        let r = append_fenced(feed, &state.fences, &req, now);
                         if let Ok(a) = &r {
                             wrote = wrote.max(a.lsn);
                             sealed |= a.sealed;

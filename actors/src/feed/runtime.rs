@@ -51,7 +51,18 @@ impl FeedRuntime {
     /// Appends `value` at the top; `id` is the caller's (see `FeedShard::append`), else the
     /// next. Answered once durable under the feed's fsync policy.
     pub fn append(&self, value: Value, id: Option<u64>) -> BoxFuture<Result<Appended, GridError>> {
-        self.call(AppendReq { value, id }, FeedMsg::Append, back!(Append))
+        self.call(AppendReq::new(value, id), FeedMsg::Append, back!(Append))
+    }
+
+    /// `append`, applied only if every `(lock, fence)` is its lock's current grant
+    /// (`StaleFence` otherwise, nothing appended).
+    pub fn append_fenced(
+        &self,
+        value: Value,
+        id: Option<u64>,
+        fences: Vec<(String, u64)>,
+    ) -> BoxFuture<Result<Appended, GridError>> {
+        self.call(AppendReq { value, id, fences }, FeedMsg::Append, back!(Append))
     }
 
     /// Several appends in one message (each its own op-log record, in order), answered

@@ -29,6 +29,8 @@ pub struct FeedSupArgs {
     pub heap: HeapOptions,
     pub policy: RestartPolicy,
     pub slot: Arc<ShardSlot<FeedMsg>>,
+    /// Where fenced appends are checked.
+    pub fences: Arc<crate::lock::fence::FenceTable>,
 }
 
 pub enum FeedSupMsg {
@@ -67,6 +69,7 @@ async fn spawn_shard(myself: &ActorRef<FeedSupMsg>, st: &mut FeedSupState) {
         heap: st.args.heap.clone(),
         policy: st.args.def.policy(),
         view: st.args.slot.view.clone(),
+        fences: st.args.fences.clone(),
     };
     match FeedActor::spawn_linked(None, FeedActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {
