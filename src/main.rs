@@ -789,6 +789,10 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
                     .verify_log(&heapgrid::heap::oplog::FileLogDir::for_heap(f))
                     .map_err(|e| e.to_string())?;
                 // A feed's heap is also walked as a feed: container, records and segments agree.
+                // The lock heap: records decode, holders and permits name stored sessions.
+                if f.components().any(|c| c.as_os_str() == "locks") {
+                    heapgrid_actors::lock::store::check_heap(&h).map_err(|e| e.to_string())?;
+                }
                 if f.components().any(|c| c.as_os_str() == "feeds") {
                     heapgrid_actors::feed::FeedShard::check_heap(h).map_err(|e| e.to_string())?;
                 }

@@ -161,6 +161,9 @@ async fn kill9_under_lock_traffic_never_repeats_or_lowers_a_fence() {
             t.await.unwrap();
         }
     }
+    // The lock heap after a hundred kills walks clean (`heapgrid check` runs its checker).
+    let (ok, out) = crate::server::cli(&["check", dir.path().to_str().unwrap()], None);
+    assert!(ok && out.contains("locks/shard-0000.heap"), "{out}");
     let fences = fences.lock().unwrap();
     assert!(fences.len() > 100, "only {} grants (seed {seed})", fences.len());
     for w in fences.windows(2) {

@@ -218,46 +218,52 @@ impl LockStore {
         self.heap
     }
 
-    /// The debug checker: every record decodes, and every holder and permit names a stored
-    /// session.
+    /// The debug checker (`check_heap` over this store's heap).
     pub fn check(&self) -> Result<(), GridError> {
-        let mut sessions = std::collections::HashSet::new();
-        let mut holders = Vec::new();
-        for e in self.heap.iter() {
-            let (k, v) = e?;
-            match k.first() {
-                Some(b'S') => {
-                    decode::<SessionRec>("session", &v)?;
-                    sessions.insert(u64::from_be_bytes(
-                        k[1..].try_into().map_err(|_| corrupt("session key", "length"))?,
-                    ));
-                }
-                Some(b'L') => {
-                    let r: LockRec = decode("lock", &v)?;
-                    if let Some((s, f)) = r.holder {
-                        if f > r.last_fence {
-                            return Err(corrupt(
-                                "lock",
-                                format!("holder fence {f} above last fence {}", r.last_fence),
-                            ));
-                        }
-                        holders.push(s);
-                    }
-                }
-                Some(b'P') => {
-                    let r: SemRec = decode("semaphore", &v)?;
-                    let used: u64 = r.held.iter().map(|h| u64::from(h.1)).sum();
-                    if used > u64::from(r.size) {
-                        return Err(corrupt("semaphore", format!("{used} permits held of {}", r.size)));
-                    }
-                    holders.extend(r.held.iter().map(|h| h.0));
-                }
-                _ => {}
+        check_heap(&self.heap)
+    }
+}
+
+/// The debug checker of a lock heap (`heapgrid check` runs it): every record decodes, no holder's
+/// fence is above its lock's last fence, no semaphore has more permits out than its size, and
+/// every holder and permit names a stored session.
+pub fn check_heap(heap: &Heap) -> Result<(), GridError> {
+    let mut sessions = std::collections::HashSet::new();
+    let mut holders = Vec::new();
+    for e in heap.iter() {
+        let (k, v) = e?;
+        match k.first() {
+            Some(b'S') => {
+                decode::<SessionRec>("session", &v)?;
+                sessions.insert(u64::from_be_bytes(
+                    k[1..].try_into().map_err(|_| corrupt("session key", "length"))?,
+                ));
             }
+            Some(b'L') => {
+                let r: LockRec = decode("lock", &v)?;
+                if let Some((s, f)) = r.holder {
+                    if f > r.last_fence {
+                        return Err(corrupt(
+                            "lock",
+                            format!("holder fence {f} above last fence {}", r.last_fence),
+                        ));
+                    }
+                    holders.push(s);
+                }
+            }
+            Some(b'P') => {
+                let r: SemRec = decode("semaphore", &v)?;
+                let used: u64 = r.held.iter().map(|h| u64::from(h.1)).sum();
+                if used > u64::from(r.size) {
+                    return Err(corrupt("semaphore", format!("{used} permits held of {}", r.size)));
+                }
+                holders.extend(r.held.iter().map(|h| h.0));
+            }
+            _ => {}
         }
-        match holders.into_iter().find(|s| !sessions.contains(s)) {
-            Some(s) => Err(corrupt("grant", format!("held by session {s}, which is not stored"))),
-            None => Ok(()),
-        }
+    }
+    match holders.into_iter().find(|s| !sessions.contains(s)) {
+        Some(s) => Err(corrupt("grant", format!("held by session {s}, which is not stored"))),
+        None => Ok(()),
     }
 }
