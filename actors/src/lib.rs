@@ -14,6 +14,7 @@ pub mod grid;
 pub mod key;
 pub mod limits;
 pub mod lock;
+pub mod queue;
 pub mod restart;
 pub mod snippet;
 pub mod table;
