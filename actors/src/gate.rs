@@ -67,6 +67,37 @@ pub trait GateMsg: ractor::Message {
     fn into_gate(self) -> Result<GateCall, Self>;
 }
 
+/// Implements `GateMsg` for an actor's message enum that has the gate's five variants under
+/// their usual names: `Flush`, `Durable(Vec<Group>)`, `Checkpoint(Option<Reply<()>>)`,
+/// `CheckpointDone` and `Close(Reply<()>)`.
+macro_rules! impl_gate_msg {
+    ($msg:ident) => {
+        impl $crate::gate::GateMsg for $msg {
+            fn flush() -> Self {
+                $msg::Flush
+            }
+            fn durable(groups: Vec<$crate::gate::Group>) -> Self {
+                $msg::Durable(groups)
+            }
+            fn checkpoint_done() -> Self {
+                $msg::CheckpointDone
+            }
+            fn into_gate(self) -> Result<$crate::gate::GateCall, Self> {
+                use $crate::gate::GateCall;
+                match self {
+                    $msg::Flush => Ok(GateCall::Flush),
+                    $msg::Durable(groups) => Ok(GateCall::Durable(groups)),
+                    $msg::Checkpoint(reply) => Ok(GateCall::Checkpoint(reply)),
+                    $msg::CheckpointDone => Ok(GateCall::CheckpointDone),
+                    $msg::Close(reply) => Ok(GateCall::Close(reply)),
+                    msg => Err(msg),
+                }
+            }
+        }
+    };
+}
+pub(crate) use impl_gate_msg;
+
 /// The messages every heap-owning actor hands to its gate, whatever its own message type.
 pub enum GateCall {
     /// See `GateMsg::flush`.

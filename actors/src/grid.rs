@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! RootSupervisor ── TableSupervisor (one per table) ── ShardActor (one per shard, owns a heap)
-//!                ├─ FeedSupervisor (one per feed) ── FeedActor (owns the feed's heap)
-//!                └─ Checkpointer (checkpoints every running table and feed shard on a schedule)
+//!                ├─ OneChild<FeedChild> (one per feed) ── FeedActor (owns the feed's heap)
+//!                ├─ OneChild<LockChild> ── LockActor (the node's lock service, owns the lock heap)
+//!                └─ Checkpointer (checkpoints every running table, feed and lock heap on a schedule)
 //! ```
 //!
-//! Queues and lock actors will hang under the root next to them; paging and replica fan-out
-//! will be siblings of the checkpointer.
+//! Queues will hang under the root next to them; paging and replica fan-out will be siblings of
+//! the checkpointer.
 //!
 //! Layout of the data directory:
 //!
@@ -19,6 +20,8 @@
 //! <dir>/tables/<name>-<id>/shard-NNNN.heap   one heap (and its op log) per shard; <id> is
 //!                                          unique per creation (see `TableDef::dir`)
 //! <dir>/feeds/<name>-<id>/shard-0000.heap    a feed's heap (docs/format.md, feed shards)
+//! <dir>/locks/shard-0000.heap               the lock heap: sessions, locks, semaphores, the
+//!                                           lock epoch (docs/format.md, the lock heap)
 //! ```
 //!
 //! Invariant: a table or feed is in the catalogue (durably) before its supervisor starts, and removed
@@ -37,13 +40,14 @@ use crate::error::GridError;
 use crate::feed::actor::FeedMsg;
 pub use crate::feed::def::{FeedDef, FeedInfo, FeedOptions, Retention};
 pub use crate::feed::runtime::FeedRuntime;
-use crate::feed::supervisor::{FeedSupArgs, FeedSupMsg, FeedSupervisor};
+use crate::feed::supervisor::FeedChild;
 use crate::key::Key;
 use crate::limits::TABLE_SHARDS_MAX;
 use crate::lock::actor::LockMsg;
-use crate::lock::supervisor::{LockSupArgs, LockSupMsg, LockSupervisor, Locks};
+use crate::lock::supervisor::{LockChild, Locks};
 use crate::restart::RestartPolicy;
 use crate::snippet::{Engine, LimitOverrides, Limits, ScanQuery, Snippets, Store};
+use crate::supervise::{OneChild, OneChildArgs, OneChildMsg, shut_down};
 use crate::table::WriteOp;
 use crate::table::actor::{EvalJob, ShardMsg, scan_range};
 pub use crate::table::def::{FsyncSetting, TableDef, TableInfo, TableOptions};
@@ -130,7 +134,7 @@ struct ChildTable {
 
 /// A feed supervisor under the root, with what it takes to start it again.
 struct ChildFeed {
-    sup: ActorRef<FeedSupMsg>,
+    sup: ActorRef<OneChildMsg>,
     def: FeedDef,
     slot: Arc<ShardSlot<FeedMsg>>,
 }
@@ -139,7 +143,7 @@ struct RootState {
     args: RootArgs,
     tables: HashMap<String, ChildTable>,
     feeds: HashMap<String, ChildFeed>,
-    lock_sup: Option<ActorRef<LockSupMsg>>,
+    lock_sup: Option<ActorRef<OneChildMsg>>,
 }
 
 struct RootSupervisor;
@@ -182,15 +186,14 @@ impl RootSupervisor {
         slot: Arc<ShardSlot<FeedMsg>>,
     ) -> Result<(), GridError> {
         let heap = HeapOptions { fsync: def.fsync.into(), ..HeapOptions::default() };
-        let args = FeedSupArgs {
+        let spec = FeedChild {
             def: def.clone(),
             dir: feed_dir(&st.args.dir, &def),
             heap,
-            policy: st.args.opts.restart,
-            slot: slot.clone(),
             fences: st.args.locks.fences.clone(),
         };
-        let (sup, _) = FeedSupervisor::spawn_linked(None, FeedSupervisor, args, myself.get_cell())
+        let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: slot.clone() };
+        let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell())
             .await
             .map_err(|e| GridError::Storage(format!("could not start feed {}: {e}", def.name)))?;
         st.feeds.insert(def.name.clone(), ChildFeed { sup, def, slot });
@@ -199,46 +202,30 @@ impl RootSupervisor {
 
     async fn stop_feed(st: &mut RootState, name: &str) -> Result<(), GridError> {
         let Some(ChildFeed { sup, .. }) = st.feeds.remove(name) else { return Ok(()) };
-        let r = match sup.call(FeedSupMsg::Shutdown, None).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            _ => Err(GridError::Unavailable(format!("feed {name} did not shut down cleanly"))),
-        };
-        let _ = sup.stop_and_wait(None, Some(Duration::from_secs(30))).await;
-        r
+        shut_down(sup, OneChildMsg::Shutdown, &format!("feed {name}")).await
     }
 
     /// Starts the lock supervisor (and through it the lock service).
     async fn start_locks(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Result<(), ActorProcessingErr> {
-        let args = LockSupArgs {
+        let spec = LockChild {
             dir: st.args.dir.clone(),
             heap: HeapOptions { fsync: st.args.opts.fsync, ..HeapOptions::default() },
-            policy: st.args.opts.restart,
-            slot: st.args.locks.slot().clone(),
             fences: st.args.locks.fences.clone(),
         };
-        let (sup, _) = LockSupervisor::spawn_linked(None, LockSupervisor, args, myself.get_cell()).await?;
+        let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.locks.slot().clone() };
+        let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
         st.lock_sup = Some(sup);
         Ok(())
     }
 
     async fn stop_locks(st: &mut RootState) -> Result<(), GridError> {
         let Some(sup) = st.lock_sup.take() else { return Ok(()) };
-        let r = match sup.call(LockSupMsg::Shutdown, None).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            _ => Err(GridError::Unavailable("the lock service did not shut down cleanly".into())),
-        };
-        let _ = sup.stop_and_wait(None, Some(Duration::from_secs(30))).await;
-        r
+        shut_down(sup, OneChildMsg::Shutdown, "the lock service").await
     }
 
     async fn stop_table(st: &mut RootState, name: &str) -> Result<(), GridError> {
         let Some(ChildTable { sup, .. }) = st.tables.remove(name) else { return Ok(()) };
-        let r = match sup.call(TableSupMsg::Shutdown, None).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            _ => Err(GridError::Unavailable(format!("table {name} did not shut down cleanly"))),
-        };
-        let _ = sup.stop_and_wait(None, Some(Duration::from_secs(30))).await;
-        r
+        shut_down(sup, TableSupMsg::Shutdown, &format!("table {name}")).await
     }
 }
 

@@ -1,7 +1,8 @@
 //! heapgrid-actors: the actor layer. It owns the value model, the table shard actors (ractor),
 //! each owning one `heapgrid_heap::Heap`, the supervisor tree, the catalogue and the snippet
-//! engine, feeds (state machine, shard actor, supervisor), and the lock state machines; queue
-//! and lock actors will join them.
+//! engine, feeds (state machine, shard actor, supervisor), the lock service (sessions, locks,
+//! semaphores, the fence table shards check fenced writes against), and the queue state
+//! machine; queue actors will join them.
 //!
 //! Invariant: depends on `heapgrid-heap`, never on the `heapgrid` crate.
 
@@ -17,6 +18,7 @@ pub mod lock;
 pub mod queue;
 pub mod restart;
 pub mod snippet;
+pub mod supervise;
 pub mod table;
 pub mod value;
 

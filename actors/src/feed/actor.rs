@@ -18,14 +18,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use heapgrid_heap::{Heap, HeapOptions};
+use heapgrid_heap::HeapOptions;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{Appended, CursorInfo, FeedRecord, FeedShard, FeedState, Pos, ReadResult, SegmentPolicy};
 use crate::error::GridError;
-use crate::gate::{
-    GateCall, GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned, open_heap,
-};
+use crate::gate::{GateCall, GateMsg, Group, LogGate, ReadView, deferred, fail_if_poisoned, open_heap};
 use crate::value::Value;
 
 /// Longest a reader may wait for an append.
@@ -101,39 +99,7 @@ pub enum FeedMsg {
     InjectPanic,
 }
 
-impl GateMsg for FeedMsg {
-    fn flush() -> Self {
-        FeedMsg::Flush
-    }
-    fn durable(groups: Vec<Group>) -> Self {
-        FeedMsg::Durable(groups)
-    }
-    fn checkpoint_done() -> Self {
-        FeedMsg::CheckpointDone
-    }
-    fn into_gate(self) -> Result<GateCall, Self> {
-        match self {
-            FeedMsg::Flush => Ok(GateCall::Flush),
-            FeedMsg::Durable(groups) => Ok(GateCall::Durable(groups)),
-            FeedMsg::Checkpoint(reply) => Ok(GateCall::Checkpoint(reply)),
-            FeedMsg::CheckpointDone => Ok(GateCall::CheckpointDone),
-            FeedMsg::Close(reply) => Ok(GateCall::Close(reply)),
-            msg => Err(msg),
-        }
-    }
-}
-
-impl HeapOwner for FeedShard {
-    fn heap(&self) -> &Heap {
-        FeedShard::heap(self)
-    }
-    fn heap_mut(&mut self) -> &mut Heap {
-        FeedShard::heap_mut(self)
-    }
-    fn into_heap(self) -> Heap {
-        FeedShard::into_heap(self)
-    }
-}
+crate::gate::impl_gate_msg!(FeedMsg);
 
 #[derive(Clone)]
 pub struct FeedArgs {

@@ -269,18 +269,6 @@ impl FeedShard {
         self.deferred_log = on;
     }
 
-    pub fn heap(&self) -> &Heap {
-        &self.heap
-    }
-
-    pub fn heap_mut(&mut self) -> &mut Heap {
-        &mut self.heap
-    }
-
-    pub fn into_heap(self) -> Heap {
-        self.heap
-    }
-
     pub fn len(&self) -> u64 {
         self.meta.count
     }
@@ -869,6 +857,18 @@ impl FeedShard {
             }
         }
         Ok(())
+    }
+}
+
+impl crate::gate::HeapOwner for FeedShard {
+    fn heap(&self) -> &Heap {
+        &self.heap
+    }
+    fn heap_mut(&mut self) -> &mut Heap {
+        &mut self.heap
+    }
+    fn into_heap(self) -> Heap {
+        self.heap
     }
 }
 

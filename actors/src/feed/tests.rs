@@ -8,6 +8,7 @@ use heapgrid_heap::{FsyncPolicy, Heap, HeapOptions};
 use proptest::prelude::*;
 
 use super::*;
+use crate::gate::HeapOwner;
 
 fn opts() -> HeapOptions {
     HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() }

@@ -33,7 +33,7 @@ use super::{
     Sessions, Waiter,
 };
 use crate::error::GridError;
-use crate::gate::{GateCall, GateMsg, Group, HeapOwner, LogGate, deferred, fail_if_poisoned, open_heap};
+use crate::gate::{GateMsg, Group, HeapOwner, LogGate, deferred, fail_if_poisoned, open_heap};
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
@@ -65,39 +65,7 @@ pub enum LockMsg {
     InjectPanic,
 }
 
-impl GateMsg for LockMsg {
-    fn flush() -> Self {
-        LockMsg::Flush
-    }
-    fn durable(groups: Vec<Group>) -> Self {
-        LockMsg::Durable(groups)
-    }
-    fn checkpoint_done() -> Self {
-        LockMsg::CheckpointDone
-    }
-    fn into_gate(self) -> Result<GateCall, Self> {
-        match self {
-            LockMsg::Flush => Ok(GateCall::Flush),
-            LockMsg::Durable(g) => Ok(GateCall::Durable(g)),
-            LockMsg::Checkpoint(r) => Ok(GateCall::Checkpoint(r)),
-            LockMsg::CheckpointDone => Ok(GateCall::CheckpointDone),
-            LockMsg::Close(r) => Ok(GateCall::Close(r)),
-            m => Err(m),
-        }
-    }
-}
-
-impl HeapOwner for LockStore {
-    fn heap(&self) -> &heapgrid_heap::Heap {
-        LockStore::heap(self)
-    }
-    fn heap_mut(&mut self) -> &mut heapgrid_heap::Heap {
-        LockStore::heap_mut(self)
-    }
-    fn into_heap(self) -> heapgrid_heap::Heap {
-        LockStore::into_heap(self)
-    }
-}
+crate::gate::impl_gate_msg!(LockMsg);
 
 #[derive(Clone)]
 pub struct LockArgs {

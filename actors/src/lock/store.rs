@@ -208,16 +208,6 @@ impl LockStore {
         Ok(self.heap.apply_deferred(&change.batch)?)
     }
 
-    pub fn heap(&self) -> &Heap {
-        &self.heap
-    }
-    pub fn heap_mut(&mut self) -> &mut Heap {
-        &mut self.heap
-    }
-    pub fn into_heap(self) -> Heap {
-        self.heap
-    }
-
     /// The debug checker (`check_heap` over this store's heap).
     pub fn check(&self) -> Result<(), GridError> {
         check_heap(&self.heap)
@@ -265,5 +255,17 @@ pub fn check_heap(heap: &Heap) -> Result<(), GridError> {
     match holders.into_iter().find(|s| !sessions.contains(s)) {
         Some(s) => Err(corrupt("grant", format!("held by session {s}, which is not stored"))),
         None => Ok(()),
+    }
+}
+
+impl crate::gate::HeapOwner for LockStore {
+    fn heap(&self) -> &Heap {
+        &self.heap
+    }
+    fn heap_mut(&mut self) -> &mut Heap {
+        &mut self.heap
+    }
+    fn into_heap(self) -> Heap {
+        self.heap
     }
 }

@@ -23,15 +23,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use heapgrid_heap::{Heap, HeapOptions};
+use heapgrid_heap::HeapOptions;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{ScanRange, TableShard, Versioned, WriteOp, WriteResult, Written};
 use crate::error::GridError;
 pub use crate::gate::ReadView;
-use crate::gate::{
-    Deferred, GateCall, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned, open_heap,
-};
+use crate::gate::{Deferred, GateMsg, Group, LogGate, blocking, deferred, fail_if_poisoned, open_heap};
 use crate::key::Key;
 use crate::snippet::{Compiled, Limits, ScanQuery, Store};
 use crate::value::Value;
@@ -340,39 +338,7 @@ pub struct ShardArgs {
 /// The state of a table shard actor: its table behind the reply gate.
 pub type ShardState = LogGate<TableShard>;
 
-impl HeapOwner for TableShard {
-    fn heap(&self) -> &Heap {
-        TableShard::heap(self)
-    }
-    fn heap_mut(&mut self) -> &mut Heap {
-        TableShard::heap_mut(self)
-    }
-    fn into_heap(self) -> Heap {
-        TableShard::into_heap(self)
-    }
-}
-
-impl GateMsg for ShardMsg {
-    fn flush() -> Self {
-        ShardMsg::Flush
-    }
-    fn durable(groups: Vec<Group>) -> Self {
-        ShardMsg::Durable(groups)
-    }
-    fn checkpoint_done() -> Self {
-        ShardMsg::CheckpointDone
-    }
-    fn into_gate(self) -> Result<GateCall, Self> {
-        match self {
-            ShardMsg::Flush => Ok(GateCall::Flush),
-            ShardMsg::Durable(groups) => Ok(GateCall::Durable(groups)),
-            ShardMsg::Checkpoint(reply) => Ok(GateCall::Checkpoint(reply)),
-            ShardMsg::CheckpointDone => Ok(GateCall::CheckpointDone),
-            ShardMsg::Close(reply) => Ok(GateCall::Close(reply)),
-            msg => Err(msg),
-        }
-    }
-}
+crate::gate::impl_gate_msg!(ShardMsg);
 
 /// The shard actor (empty: everything lives in `ShardState`).
 pub struct ShardActor;

@@ -378,18 +378,6 @@ impl TableShard {
         self.deferred_log = on;
     }
 
-    pub fn heap(&self) -> &Heap {
-        &self.heap
-    }
-
-    pub fn heap_mut(&mut self) -> &mut Heap {
-        &mut self.heap
-    }
-
-    pub fn into_heap(self) -> Heap {
-        self.heap
-    }
-
     /// The value and version stored under `key`.
     pub fn get(&self, key: &Key) -> Result<Option<Versioned>, TableError> {
         read::get(&self.heap, key)
@@ -597,6 +585,18 @@ fn expect_holds(expect: &Expect, current: Option<&Versioned>) -> bool {
         (Expect::Value(v), Some(c)) => *v == c.value,
         (Expect::Version(n), Some(c)) => *n == c.version,
         _ => false,
+    }
+}
+
+impl crate::gate::HeapOwner for TableShard {
+    fn heap(&self) -> &Heap {
+        &self.heap
+    }
+    fn heap_mut(&mut self) -> &mut Heap {
+        &mut self.heap
+    }
+    fn into_heap(self) -> Heap {
+        self.heap
     }
 }
 

@@ -1,0 +1,206 @@
+//! `OneChild`: the supervisor of one shard actor (a feed's shard, the lock service), generic over
+//! what it supervises (`ChildSpec`). It starts the child, restarts it when it fails (one-for-one,
+//! `RestartPolicy`; past the limit the slot is marked failed with the reason), retries a start
+//! that failed after `START_RETRY_DELAY` (counted like a crash), sends the child its periodic
+//! message if it has one (`ChildSpec::tick`), and on `Shutdown` closes the child (checkpoint and
+//! release of its heap) and stops it. A restart is recovery: the child reopens its heap.
+//!
+//! Table supervisors, which own several shards, keep their own loop (`table::supervisor`).
+//! `shut_down` is the root's one way to stop any of its supervisors.
+//!
+//! Invariant: only the supervisor writes the slot.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::error::GridError;
+use crate::restart::{Decision, RestartPolicy, RestartTracker};
+use crate::table::supervisor::{ShardSlot, SlotState, child_down};
+
+/// How long closing the child at shutdown may take, and stopping a supervisor.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause before a failed start is tried again.
+const START_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+type Reply<T> = RpcReplyPort<Result<T, GridError>>;
+
+/// A message sent every interval.
+pub type Periodic<M> = (Duration, fn() -> M);
+
+/// What a `OneChild` supervises.
+pub trait ChildSpec: Send + Sync + 'static {
+    type Actor: Actor<Msg = Self::Msg, Arguments = Self::Args>;
+    type Msg: ractor::Message;
+    type Args: ractor::State;
+    /// What the child is, for logs and errors ("feed events", "the lock service").
+    fn what(&self) -> String;
+    fn actor(&self) -> Self::Actor;
+    /// The child's start arguments; `slot` is where it is published.
+    fn args(&self, slot: &ShardSlot<Self::Msg>) -> Self::Args;
+    /// The message that checkpoints and closes the child's heap.
+    fn close(reply: Reply<()>) -> Self::Msg;
+    /// A message the supervisor sends the running child every interval, if any.
+    fn tick(&self) -> Option<Periodic<Self::Msg>> {
+        None
+    }
+}
+
+pub struct OneChildArgs<C: ChildSpec> {
+    pub spec: C,
+    pub policy: RestartPolicy,
+    pub slot: Arc<ShardSlot<C::Msg>>,
+}
+
+pub enum OneChildMsg {
+    /// Close (checkpoint and release) the child, then stop it.
+    Shutdown(Reply<()>),
+    Retry,
+    Tick,
+}
+
+pub struct OneChildState<C: ChildSpec> {
+    args: OneChildArgs<C>,
+    child: Option<ractor::ActorId>,
+    tracker: RestartTracker,
+    started: Instant,
+    stopping: bool,
+}
+
+/// The supervisor actor (its state is `OneChildState`).
+pub struct OneChild<C>(PhantomData<fn() -> C>);
+
+impl<C> Default for OneChild<C> {
+    fn default() -> Self {
+        OneChild(PhantomData)
+    }
+}
+
+impl<C: ChildSpec> OneChildState<C> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn spawn_child(&mut self, myself: &ActorRef<OneChildMsg>) {
+        self.args.slot.set(SlotState::Starting);
+        let spec = &self.args.spec;
+        match Actor::spawn_linked(None, spec.actor(), spec.args(&self.args.slot), myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.child = Some(actor.get_id());
+                self.args.slot.set(SlotState::Running(actor));
+            }
+            Err(e) => {
+                let why = format!("could not open {}: {e}", spec.what());
+                tracing::warn!(%why, "start failed");
+                match self.tracker.on_failure(self.args.policy, self.now_ms()) {
+                    Decision::Restart if !self.stopping => {
+                        myself.send_after(START_RETRY_DELAY, || OneChildMsg::Retry);
+                    }
+                    _ => self.args.slot.set(SlotState::Failed(why)),
+                }
+            }
+        }
+    }
+}
+
+impl<C: ChildSpec> Actor for OneChild<C> {
+    type Msg = OneChildMsg;
+    type State = OneChildState<C>;
+    type Arguments = OneChildArgs<C>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<OneChildMsg>,
+        args: OneChildArgs<C>,
+    ) -> Result<OneChildState<C>, ActorProcessingErr> {
+        if let Some((every, _)) = args.spec.tick() {
+            myself.send_interval(every, || OneChildMsg::Tick);
+        }
+        let mut st = OneChildState {
+            args,
+            child: None,
+            tracker: RestartTracker::default(),
+            started: Instant::now(),
+            stopping: false,
+        };
+        st.spawn_child(&myself).await;
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<OneChildMsg>,
+        msg: OneChildMsg,
+        st: &mut OneChildState<C>,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            OneChildMsg::Retry => {
+                if !st.stopping && matches!(st.args.slot.get(), SlotState::Starting) {
+                    st.spawn_child(&myself).await;
+                }
+            }
+            OneChildMsg::Tick => {
+                if let (SlotState::Running(a), Some((_, tick))) = (st.args.slot.get(), st.args.spec.tick()) {
+                    let _ = a.cast(tick());
+                }
+            }
+            OneChildMsg::Shutdown(reply) => {
+                st.stopping = true;
+                let mut result = Ok(());
+                if let SlotState::Running(actor) = st.args.slot.get() {
+                    match actor.call(C::close, Some(SHUTDOWN_TIMEOUT)).await {
+                        Ok(ractor::rpc::CallResult::Success(r)) => result = r,
+                        _ => {
+                            result =
+                                Err(GridError::Unavailable(format!("{} did not close", st.args.spec.what())))
+                        }
+                    }
+                    let _ = actor.stop_and_wait(None, Some(SHUTDOWN_TIMEOUT)).await;
+                }
+                st.args.slot.set(SlotState::Stopped);
+                let _ = reply.send(result);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<OneChildMsg>,
+        evt: SupervisionEvent,
+        st: &mut OneChildState<C>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((id, why)) = child_down(evt) else { return Ok(()) };
+        if st.child != Some(id) {
+            return Ok(());
+        }
+        st.child = None;
+        if st.stopping {
+            st.args.slot.set(SlotState::Stopped);
+            return Ok(());
+        }
+        tracing::warn!(%why, child = %st.args.spec.what(), "child failed; restarting it (recovery)");
+        match st.tracker.on_failure(st.args.policy, st.now_ms()) {
+            Decision::Restart => st.spawn_child(&myself).await,
+            Decision::GiveUp => st.args.slot.set(SlotState::Failed(st.args.policy.gave_up(&why))),
+        }
+        Ok(())
+    }
+}
+
+/// Asks a supervisor to shut its children down (`shutdown` wraps the reply port in its message),
+/// then stops it. `what` names it in the error when it does not answer.
+pub async fn shut_down<M: ractor::Message>(
+    sup: ActorRef<M>,
+    shutdown: fn(Reply<()>) -> M,
+    what: &str,
+) -> Result<(), GridError> {
+    let r = match sup.call(shutdown, None).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => r,
+        _ => Err(GridError::Unavailable(format!("{what} did not shut down cleanly"))),
+    };
+    let _ = sup.stop_and_wait(None, Some(SHUTDOWN_TIMEOUT)).await;
+    r
+}
