@@ -178,7 +178,7 @@ impl Grid {
         crate::lock::Session::reattach(self.core.locks().clone(), session, secret).await
     }
 
-    /// Every lock held or waited for, and every semaphore.
+    /// Every lock held, waited for or in its lock delay, and every semaphore in use.
     pub async fn locks(&self) -> Result<(Vec<crate::lock::LockStatus>, Vec<crate::lock::SemStatus>)> {
         match self.core.locks().call(crate::lock::LockOp::List).await? {
             crate::lock::LockResult::List { locks, sems } => Ok((locks, sems)),

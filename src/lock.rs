@@ -29,6 +29,31 @@ impl LockBackend for Locks {
     }
 }
 
+/// Sends `op` from a `Drop` (best effort: a session's ttl frees everything anyway), when there
+/// is a runtime to send it on.
+fn send_from_drop(backend: &dyn LockBackend, op: LockOp) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let f = backend.lock_op(op);
+        rt.spawn(async move {
+            let _ = f.await;
+        });
+    }
+}
+
+/// Sends `op`, made in session `id`. A server binds a session to the connection that opened or
+/// reattached it; when the Client has reconnected since, the request is refused before it
+/// reaches the lock service (`PermissionDenied` on "session N"): the session is reattached with
+/// its secret on the new connection and the request sent once more.
+async fn in_session(backend: &dyn LockBackend, id: u64, secret: u64, op: LockOp) -> Result<LockResult> {
+    match backend.lock_op(op.clone()).await {
+        Err(GridError::PermissionDenied { collection, .. }) if collection == format!("session {id}") => {
+            backend.lock_op(LockOp::Reattach { session: id, secret }).await?;
+            backend.lock_op(op).await
+        }
+        r => r,
+    }
+}
+
 fn unexpected(r: LockResult) -> GridError {
     GridError::Protocol(format!("a lock request was answered with {r:?}"))
 }
@@ -47,14 +72,8 @@ struct SessionInner {
 impl Drop for SessionInner {
     fn drop(&mut self) {
         self.heartbeat.abort();
-        if !self.closed.load(Ordering::Acquire)
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            // Best effort: the ttl frees everything anyway.
-            let f = self.backend.lock_op(LockOp::Close { session: self.id });
-            rt.spawn(async move {
-                let _ = f.await;
-            });
+        if !self.closed.load(Ordering::Acquire) {
+            send_from_drop(&*self.backend, LockOp::Close { session: self.id });
         }
     }
 }
@@ -106,19 +125,10 @@ impl Session {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match beat.lock_op(LockOp::Heartbeat { session: id }).await {
+                match in_session(&*beat, id, secret, LockOp::Heartbeat { session: id }).await {
                     Err(GridError::SessionExpired { .. }) => {
                         flag.store(true, Ordering::Release);
                         return;
-                    }
-                    // The client reconnected: the new connection must prove it owns the session.
-                    Err(GridError::PermissionDenied { .. }) => {
-                        if let Err(GridError::SessionExpired { .. }) =
-                            beat.lock_op(LockOp::Reattach { session: id, secret }).await
-                        {
-                            flag.store(true, Ordering::Release);
-                            return;
-                        }
                     }
                     // A transport error: try again at the next beat (the ttl allows two misses).
                     _ => continue,
@@ -171,7 +181,7 @@ impl Session {
     }
 
     async fn op(&self, op: LockOp) -> Result<LockResult> {
-        self.inner.backend.lock_op(op).await
+        in_session(&*self.inner.backend, self.inner.id, self.inner.secret, op).await
     }
 
     /// The lock `name`, taken in this session.
@@ -309,26 +319,21 @@ impl LockGuard {
         }
     }
 
+    fn release_op(&self) -> LockOp {
+        LockOp::Release { lock: self.name.clone(), session: self.session.id(), fence: self.fence }
+    }
+
     /// Releases the grant: `NotHolder` if it was lost (expired) meanwhile.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
-        let op = LockOp::Release { lock: self.name.clone(), session: self.session.id(), fence: self.fence };
-        self.session.op(op).await.map(|_| ())
+        self.session.op(self.release_op()).await.map(|_| ())
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if self.released {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let op =
-                LockOp::Release { lock: self.name.clone(), session: self.session.id(), fence: self.fence };
-            let f = self.session.inner.backend.lock_op(op);
-            rt.spawn(async move {
-                let _ = f.await;
-            });
+        if !self.released {
+            send_from_drop(&*self.session.inner.backend, self.release_op());
         }
     }
 }
@@ -395,13 +400,8 @@ impl Permits {
 
 impl Drop for Permits {
     fn drop(&mut self) {
-        if !self.released
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            let f = self.sem.session.inner.backend.lock_op(self.op());
-            rt.spawn(async move {
-                let _ = f.await;
-            });
+        if !self.released {
+            send_from_drop(&*self.sem.session.inner.backend, self.op());
         }
     }
 }

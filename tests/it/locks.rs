@@ -325,3 +325,76 @@ async fn a_fenced_feed_append_applies_only_while_its_fence_is_current() {
     s.close().await.unwrap();
     grid.close().await.unwrap();
 }
+
+/// An idle lock leaves memory (and the fence table) and comes back from its record: its fences
+/// go on rising, and the released grant's fence stays stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_lock_leaves_memory_and_comes_back_with_rising_fences() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = heapgrid::Grid::open(dir.path(), GridOptions::default()).await.unwrap();
+    let t = grid.create_table("t", TableOptions::default()).await.unwrap();
+    let s = grid.session(None).await.unwrap();
+    let g = s.lock("idle").try_acquire().await.unwrap().unwrap();
+    let first = g.fence();
+    g.release().await.unwrap();
+    let mut waited = 0;
+    while grid.locks().await.unwrap().0.iter().any(|l| l.lock == "idle") {
+        assert!(waited < 1000, "the idle lock never left memory");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
+    assert_eq!(s.lock("idle").status().await.unwrap().last_fence, first, "read from its record");
+    assert!(matches!(
+        heapgrid::Fenced::with(&t, &[("idle", first)]).put("k", &1).await,
+        Err(GridError::StaleFence { current: None, .. })
+    ));
+    let g = s.lock("idle").try_acquire().await.unwrap().unwrap();
+    assert!(g.fence() > first);
+    heapgrid::Fenced::with(&t, &[("idle", g.fence())]).put("k", &2).await.unwrap();
+    g.release().await.unwrap();
+    s.close().await.unwrap();
+    grid.close().await.unwrap();
+}
+
+/// Per-lock options through the service: a reentrant lock's nested acquires keep the fence up to
+/// the limit (then `LimitExceeded`) and only the outermost release frees it; a lock delay holds
+/// the lock back after an expiry, not after a release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reentrancy_and_lock_delay_are_per_lock_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = heapgrid::Grid::open(dir.path(), GridOptions::default()).await.unwrap();
+    let a = grid.session(None).await.unwrap();
+    let b = grid.session(None).await.unwrap();
+    let lock = a.lock("r");
+    lock.configure(2, Duration::ZERO).await.unwrap();
+    let g1 = lock.try_acquire().await.unwrap().unwrap();
+    let g2 = lock.try_acquire().await.unwrap().unwrap();
+    let g3 = lock.try_acquire().await.unwrap().unwrap();
+    assert_eq!((g2.fence(), g3.fence()), (g1.fence(), g1.fence()));
+    match lock.try_acquire().await {
+        Err(GridError::LimitExceeded { max: 2, .. }) => {}
+        r => panic!("past the reentry limit: {r:?}"),
+    }
+    g3.release().await.unwrap();
+    g2.release().await.unwrap();
+    assert!(b.lock("r").try_acquire().await.unwrap().is_none(), "still held once");
+    g1.release().await.unwrap();
+    b.lock("r").try_acquire().await.unwrap().unwrap().release().await.unwrap();
+
+    let d = a.lock("d");
+    d.configure(0, Duration::from_millis(400)).await.unwrap();
+    let g = d.acquire_with(Duration::ZERO, Some(Duration::from_millis(50))).await.unwrap().unwrap();
+    let expired_after = std::time::Instant::now() + Duration::from_millis(50);
+    // The lease ends; for the lock delay nobody gets it, then b does.
+    let got = b.lock("d").acquire(Duration::from_secs(5)).await.unwrap().expect("granted after the delay");
+    assert!(
+        std::time::Instant::now() >= expired_after + Duration::from_millis(400 - 40),
+        "granted before the delay ended"
+    );
+    assert!(got.fence() > g.fence());
+    std::mem::forget(g);
+    got.release().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    grid.close().await.unwrap();
+}

@@ -195,3 +195,24 @@ async fn the_shell_locks_fences_its_snippets_and_unlocks() {
     assert!(ok && out.contains("\"locks\""), "{out}");
     server.terminate();
 }
+
+/// A Client that reconnects (here: to a restarted server at the same address) keeps using its
+/// sessions: a request refused on the new connection for want of the session reattaches it with
+/// its secret and is sent again; the holder recorded before the restart is still the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_client_reattaches_its_session_and_keeps_its_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let addr = server.addr.to_string();
+    let client = Client::connect(server.addr).await.unwrap();
+    let s = client.session(Some(Duration::from_secs(30))).await.unwrap();
+    let g = s.lock("l").try_acquire().await.unwrap().unwrap();
+    server.kill9();
+    let server = Server::start_at(dir.path(), &addr, &[]);
+    let st = s.lock("l").status().await.unwrap();
+    assert_eq!(st.holder.map(|h| (h.session, h.fence)), Some((s.id(), g.fence())));
+    g.release().await.unwrap();
+    assert!(s.lock("l").status().await.unwrap().holder.is_none());
+    s.close().await.unwrap();
+    server.terminate();
+}

@@ -48,6 +48,11 @@ pub const LOCK_WAITERS_MAX: usize = 10_000;
 pub const LOCK_NAME_BYTES_MAX: usize = 512;
 /// Most reentrant acquires a lock may allow.
 pub const REENTRY_MAX: u32 = 1_000;
+/// Most sessions open at once on a node.
+pub const LOCK_SESSIONS_MAX: usize = 1_000_000;
+/// Most locks in memory at once (held, waited for, or in a lock delay), and most semaphores
+/// with permits out or waiters. Idle ones live only as records and do not count.
+pub const LOCKS_ACTIVE_MAX: usize = 1_000_000;
 
 pub enum LockMsg {
     Call(LockOp, Reply<LockResult>),
@@ -125,9 +130,18 @@ fn from_lock_error(lock: &str, session: SessionId, e: LockError) -> GridError {
             super::SESSION_TTL_MS_MIN,
             SESSION_TTL_MS_MAX
         )),
+        // Answered where the lock's limit is known (`Acquire`).
         LockError::ReentryLimit => {
-            GridError::Invalid(format!("a nested acquire of lock {lock} past its reentry_max"))
+            GridError::Invalid(format!("a nested acquire of lock {lock} past its limit"))
         }
+    }
+}
+
+fn too_many_active(what: &str) -> GridError {
+    GridError::LimitExceeded {
+        what: format!("{what} in memory (held, waited for, or in a lock delay)"),
+        got: LOCKS_ACTIVE_MAX as u64 + 1,
+        max: LOCKS_ACTIVE_MAX as u64,
     }
 }
 
@@ -325,7 +339,16 @@ impl LockState {
                 self.hand_over(myself, granted, lsn);
             }
         }
-        self.locks.retain(|_, a| !a.lock.is_idle(now));
+        // Idle locks and semaphores leave memory (their records stay), and so do their cells.
+        let fences = &self.fences;
+        self.locks.retain(|name, a| {
+            let idle = a.lock.is_idle(now);
+            if idle {
+                fences.forget(name);
+            }
+            !idle
+        });
+        self.sems.retain(|_, s| !s.is_idle());
         Ok(())
     }
 
@@ -343,7 +366,7 @@ impl LockState {
                 expires_in_ms: self.expires_in(&h, now),
             }),
             last_fence: a.lock.last_fence(),
-            waiters: a.lock.waiters().count() as u32,
+            waiters: a.lock.waiting() as u32,
             reentry_max: a.lock.reentry_max,
             lock_delay_ms: a.lock.lock_delay_ms,
         }
@@ -386,8 +409,24 @@ impl LockState {
             return Ok(());
         }
         let now = self.now_ms();
-        let done = |r: Result<LockResult, GridError>| r;
         match op {
+            LockOp::Open { .. } if self.sessions.len() >= LOCK_SESSIONS_MAX => {
+                let _ = reply.send(Err(GridError::LimitExceeded {
+                    what: "open lock sessions".into(),
+                    got: LOCK_SESSIONS_MAX as u64 + 1,
+                    max: LOCK_SESSIONS_MAX as u64,
+                }));
+            }
+            LockOp::Acquire { ref lock, .. }
+                if !self.locks.contains_key(lock) && self.locks.len() >= LOCKS_ACTIVE_MAX =>
+            {
+                let _ = reply.send(Err(too_many_active("locks")));
+            }
+            LockOp::SemAcquire { ref sem, .. }
+                if !self.sems.contains_key(sem) && self.sems.len() >= LOCKS_ACTIVE_MAX =>
+            {
+                let _ = reply.send(Err(too_many_active("semaphores")));
+            }
             LockOp::Open { ttl_ms } => {
                 let ttl_ms = ttl_ms.unwrap_or(SESSION_TTL_MS_DEFAULT);
                 let secret = secret()?;
@@ -411,7 +450,7 @@ impl LockState {
                     }
                     Err(_) => Err(GridError::SessionExpired { session }),
                 };
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, done(r)));
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
             }
             LockOp::Heartbeat { .. } => {
                 self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Done)))
@@ -448,7 +487,7 @@ impl LockState {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
-                if a.lock.waiters().count() >= LOCK_WAITERS_MAX {
+                if a.lock.waiting() >= LOCK_WAITERS_MAX {
                     let _ = reply.send(Err(GridError::LimitExceeded {
                         what: format!("waiters on lock {lock}"),
                         got: LOCK_WAITERS_MAX as u64 + 1,
@@ -472,6 +511,11 @@ impl LockState {
                     Ok(Acquired::Queued) => {
                         let p = Pending { session, wants: Wants::Lock(lock), port: reply, timer: None };
                         self.park(myself, waiter, p, wait_ms);
+                    }
+                    Err(LockError::ReentryLimit) => {
+                        let max = u64::from(a.lock.reentry_max);
+                        let what = format!("nested acquires of lock {lock} (its reentry_max)");
+                        let _ = reply.send(Err(GridError::LimitExceeded { what, got: max + 1, max }));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(from_lock_error(&lock, session, e)));

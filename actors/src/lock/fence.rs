@@ -81,6 +81,14 @@ impl FenceTable {
         }
     }
 
+    /// Forgets the cell of `lock`, which is not held (the lock service passivates an idle lock):
+    /// a check then finds no cell, which answers as an unheld lock does (stale, no current
+    /// fence), and the next grant starts a new cell. This keeps the table as large as the set of
+    /// locks in memory, not of every lock ever granted.
+    pub fn forget(&self, lock: &str) {
+        self.cells.write().unwrap_or_else(|e| e.into_inner()).remove(lock);
+    }
+
     /// Forgets every cell: a restarted lock service republishes what it recovered, in new
     /// cells. (A cell may show a grant whose record was never written, and whose reply was
     /// therefore never sent; the recovered holder's lower fence must become current again.
@@ -109,6 +117,16 @@ mod tests {
         t.reset();
         assert_eq!(t.current("l"), (0, false));
         assert!(t.check("other", 2).is_err());
+    }
+
+    #[test]
+    fn a_forgotten_cell_reads_as_unheld_and_a_new_one_starts_over() {
+        let t = FenceTable::default();
+        t.cell("l").publish(3, false);
+        t.forget("l");
+        assert_eq!(t.check("l", 3), Err(Stale { lock: "l".into(), presented: 3, current: None }));
+        t.cell("l").publish(4, true);
+        t.check("l", 4).unwrap();
     }
 
     #[test]

@@ -236,6 +236,11 @@ impl Lock {
         self.waiters.iter()
     }
 
+    /// How many wait.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
     fn grant(&mut self, w: Waiter, now_ms: u64) -> Grant {
         self.last_fence += 1;
         let g = Grant {
@@ -392,6 +397,11 @@ impl Semaphore {
 
     pub fn waiting(&self) -> usize {
         self.waiters.len()
+    }
+
+    /// No permits out and nobody waiting: the semaphore can leave memory (its record stays).
+    pub fn is_idle(&self) -> bool {
+        self.held.is_empty() && self.waiters.is_empty()
     }
 
     /// Drops queued waiters whose callers are gone; then grants those now at the head.

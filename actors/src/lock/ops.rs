@@ -49,7 +49,7 @@ pub enum LockOp {
     Status {
         lock: String,
     },
-    /// Every lock held or waited for, and every semaphore.
+    /// Every lock held, waited for or in its lock delay, and every semaphore in use.
     List,
     /// Per-lock options: reentrant acquires (0: off) and the delay after an expiry.
     Configure {
