@@ -72,6 +72,7 @@ async fn sixteen_tasks_fenced_counter_obeys_the_fenced_mutex_rule() {
     let history = history.lock().unwrap().clone();
     assert_eq!(history.len(), 6400);
     check_fenced_mutex(&history);
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -120,6 +121,7 @@ async fn fifty_waiters_are_granted_in_arrival_order_and_an_expired_one_never() {
     }
     let want: Vec<u32> = (1..=50).filter(|&i| i != 7).collect();
     assert_eq!(*order.lock().unwrap(), want);
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -152,6 +154,7 @@ async fn an_abandoned_session_frees_its_lock_at_its_ttl_on_paused_time() {
     assert!(g2.fence() > fence);
     g2.release().await.unwrap();
     b.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -196,6 +199,7 @@ async fn a_batch_with_one_stale_fence_applies_nothing() {
     assert!(t.contains("k3").await.unwrap());
     b2.release().await.unwrap();
     s.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -223,6 +227,7 @@ async fn semaphore_permits_are_bounded_fifo_and_return_when_a_session_closes() {
     assert_eq!((st.in_use, st.holders), (2, vec![(s2.id(), 2)]));
     p2.release().await.unwrap();
     s2.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -267,6 +272,7 @@ async fn after_a_restart_fences_rise_a_reattached_holder_keeps_its_lock_and_an_a
     assert!(again.lock("kept").status().await.unwrap().holder.is_none());
     other.close().await.unwrap();
     again.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -301,6 +307,7 @@ async fn a_fenced_snippet_commits_only_while_its_fences_are_current() {
     assert!(short.release().await.is_err(), "the expired grant is not the holder's");
     g.release().await.unwrap();
     s.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -323,6 +330,7 @@ async fn a_fenced_feed_append_applies_only_while_its_fence_is_current() {
     assert_eq!(feed.info().await.unwrap().state.count, 1);
     assert_eq!(feed.get(id).await.unwrap().map(|r| r.value), Some(Value::from("mine")));
     s.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -353,6 +361,7 @@ async fn an_idle_lock_leaves_memory_and_comes_back_with_rising_fences() {
     heapgrid::Fenced::with(&t, &[("idle", g.fence())]).put("k", &2).await.unwrap();
     g.release().await.unwrap();
     s.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
 
@@ -396,5 +405,6 @@ async fn reentrancy_and_lock_delay_are_per_lock_options() {
     got.release().await.unwrap();
     a.close().await.unwrap();
     b.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }

@@ -10,14 +10,22 @@
 //! - A grant or a release is one op-log record, and its answer waits for it (the gate); the new
 //!   state is published to the fence table *before* anything is answered (`fence.rs`).
 //! - Time is the actor's monotonic clock (`tokio::time::Instant`, so tests can pause it): a tick
-//!   every `TICK` expires sessions, leases and lock delays; a waiter's wait has its own timer.
+//!   every `TICK` expires sessions (indexed by deadline) and the leases and lock delays due
+//!   (`timers`); a waiter's wait has its own timer. A tick costs what is due, not the number of
+//!   sessions or locks.
 //! - A queued waiter whose caller is gone (its reply port closed: the connection dropped) or
 //!   whose session ended is skipped at grant time.
+//! - A session's end finds what it holds in `holdings`/`sem_holdings`, not by a scan.
+//! - A lock or semaphore that becomes idle leaves memory at once (`settle`), its fence cell too;
+//!   it lives on as its record.
 //!
-//! Invariant: the fence table shows each lock's current grant (held) or last fence (not held).
+//! Invariant: the fence table shows each lock in memory's current grant (held) or last fence
+//! (not held); a lock not in memory has no cell (and is not held).
+//! Invariant: memory holds only locks and semaphores in use, and the holding indexes are exactly
+//! their holders (`check_memory`, run with the heap's checker by `LockMsg::Check`).
 //! Invariant: no reply to a grant is sent before the grant's record is durable per the policy.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +92,8 @@ pub struct LockArgs {
 struct Active {
     lock: Lock,
     cell: Arc<FenceCell>,
+    /// The holder as last recorded (`persist_lock`), for `LockState::holdings`.
+    recorded: Option<SessionId>,
 }
 
 /// What a queued waiter waits for.
@@ -109,6 +119,15 @@ pub struct LockState {
     pending: HashMap<u64, Pending>,
     next_waiter: u64,
     fences: Arc<FenceTable>,
+    /// `(time, lock)`: when a lease or a lock delay of that lock ends (an entry may be stale:
+    /// the tick then finds nothing due). The tick looks only at these, not at every lock.
+    timers: BTreeSet<(u64, String)>,
+    /// The locks each session holds, as recorded (kept by `persist_lock`).
+    holdings: HashMap<SessionId, HashSet<String>>,
+    /// The semaphores each session holds permits of, as recorded (kept by `persist_sem`), and
+    /// each semaphore's recorded holders (to update the first without a scan).
+    sem_holdings: HashMap<SessionId, HashSet<String>>,
+    sem_recorded: HashMap<String, Vec<SessionId>>,
 }
 
 /// A random 64-bit secret from the OS.
@@ -172,7 +191,7 @@ impl LockState {
             lock.reentry_max = rec.reentry_max;
             lock.lock_delay_ms = rec.lock_delay_ms;
             let cell = self.fences.cell(name);
-            self.locks.insert(name.to_string(), Active { lock, cell });
+            self.locks.insert(name.to_string(), Active { lock, cell, recorded: None });
         }
         Ok(self.locks.get_mut(name).expect("inserted above"))
     }
@@ -180,8 +199,35 @@ impl LockState {
     /// The record of `name` as it is now, written as one op-log record; the fence table shows
     /// the new state before this returns. Returns the LSN.
     fn persist_lock(&mut self, name: &str) -> Result<u64, GridError> {
-        let Some(a) = self.locks.get(name) else { return Ok(0) };
+        let now = self.now_ms();
+        let Some(a) = self.locks.get_mut(name) else { return Ok(0) };
         let holder = a.lock.holder();
+        let now_held = holder.map(|h| h.session);
+        if a.recorded != now_held {
+            if let Some(s) = a.recorded
+                && let Some(set) = self.holdings.get_mut(&s)
+            {
+                set.remove(name);
+                if set.is_empty() {
+                    self.holdings.remove(&s);
+                }
+            }
+            if let Some(s) = now_held {
+                self.holdings.entry(s).or_default().insert(name.to_string());
+            }
+            a.recorded = now_held;
+        }
+        match holder {
+            Some(h) => {
+                if let Some(t) = h.lease_until_ms {
+                    self.timers.insert((t, name.to_string()));
+                }
+            }
+            None if a.lock.delayed_until_ms() > now => {
+                self.timers.insert((a.lock.delayed_until_ms(), name.to_string()));
+            }
+            None => {}
+        }
         let rec = LockRec {
             last_fence: a.lock.last_fence(),
             holder: holder.map(|h| (h.session, h.fence)),
@@ -197,6 +243,19 @@ impl LockState {
     fn persist_sem(&mut self, name: &str) -> Result<u64, GridError> {
         let Some(s) = self.sems.get(name) else { return Ok(0) };
         let rec = SemRec { size: s.size(), held: s.holders() };
+        let now_held: Vec<SessionId> = rec.held.iter().map(|h| h.0).collect();
+        let before = self.sem_recorded.insert(name.to_string(), now_held.clone()).unwrap_or_default();
+        for s in before.iter().filter(|s| !now_held.contains(s)) {
+            if let Some(set) = self.sem_holdings.get_mut(s) {
+                set.remove(name);
+                if set.is_empty() {
+                    self.sem_holdings.remove(s);
+                }
+            }
+        }
+        for s in now_held {
+            self.sem_holdings.entry(s).or_default().insert(name.to_string());
+        }
         let mut c = Change::default();
         c.sem(name, &rec)?;
         self.store()?.commit(&c)
@@ -267,15 +326,9 @@ impl LockState {
         expired: bool,
     ) -> Result<(), GridError> {
         let now = self.now_ms();
-        let names: Vec<String> = self
-            .locks
-            .iter()
-            .filter(|(_, a)| {
-                a.lock.holder().is_some_and(|h| h.session == session)
-                    || a.lock.waiters().any(|w| w.session == session)
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
+        // What it holds, from the indexes; what it waits for is answered below and skipped at
+        // grant time (its session is no longer alive).
+        let names: Vec<String> = self.holdings.get(&session).into_iter().flatten().cloned().collect();
         let waits: Vec<u64> =
             self.pending.iter().filter(|(_, p)| p.session == session).map(|(w, _)| *w).collect();
         for w in waits {
@@ -293,9 +346,9 @@ impl LockState {
             let granted = a.lock.revoke(session, expired, now, |s| sessions.alive(s, now));
             let lsn = self.persist_lock(&name)?;
             self.hand_over(myself, granted, lsn);
+            self.settle(&name);
         }
-        let sem_names: Vec<String> =
-            self.sems.iter().filter(|(_, s)| s.held_by(session) > 0).map(|(n, _)| n.clone()).collect();
+        let sem_names: Vec<String> = self.sem_holdings.get(&session).into_iter().flatten().cloned().collect();
         for name in sem_names {
             self.prune(&name);
             let sessions = &self.sessions;
@@ -303,6 +356,7 @@ impl LockState {
             let granted = s.session_gone(session, |x| sessions.alive(x, now));
             let lsn = self.persist_sem(&name)?;
             self.hand_permits(myself, &name, granted, lsn);
+            self.settle(&name);
         }
         let mut c = Change::default();
         c.session_gone(session)?;
@@ -317,17 +371,14 @@ impl LockState {
         for s in self.sessions.expire(now) {
             self.end_session(myself, s, true)?;
         }
-        let due: Vec<String> = self
-            .locks
-            .iter()
-            .filter(|(_, a)| {
-                a.lock.holder().is_some_and(|h| h.lease_until_ms.is_some_and(|t| t <= now))
-                    || (a.lock.holder().is_none()
-                        && a.lock.waiters().next().is_some()
-                        && a.lock.delayed_until_ms() <= now)
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
+        let mut due = Vec::new();
+        while let Some((at, _)) = self.timers.first()
+            && *at <= now
+        {
+            let (_, name) = self.timers.pop_first().expect("first exists");
+            due.push(name);
+        }
+        due.dedup();
         for name in due {
             self.prune(&name);
             let sessions = &self.sessions;
@@ -338,18 +389,64 @@ impl LockState {
                 let lsn = self.persist_lock(&name)?;
                 self.hand_over(myself, granted, lsn);
             }
+            self.settle(&name);
         }
-        // Idle locks and semaphores leave memory (their records stay), and so do their cells.
-        let fences = &self.fences;
-        self.locks.retain(|name, a| {
-            let idle = a.lock.is_idle(now);
-            if idle {
-                fences.forget(name);
-            }
-            !idle
-        });
-        self.sems.retain(|_, s| !s.is_idle());
         Ok(())
+    }
+
+    /// The debug checker of what is in memory: every lock and semaphore there is in use (none
+    /// idle: `settle` ran after everything), each lock's fence cell shows its state, and the
+    /// holding indexes are exactly the holders.
+    fn check_memory(&self) -> Result<(), GridError> {
+        let now = self.now_ms();
+        let bad = |why: String| Err(GridError::Corrupted(format!("lock service memory: {why}")));
+        let mut holdings: HashMap<SessionId, HashSet<String>> = HashMap::new();
+        for (name, a) in &self.locks {
+            if a.lock.is_idle(now) && !self.timers.iter().any(|(_, n)| n == name) {
+                return bad(format!("lock {name} is idle but in memory"));
+            }
+            let want = a.lock.holder().map_or((a.lock.last_fence(), false), |h| (h.fence, true));
+            if self.fences.current(name) != want || a.recorded != a.lock.holder().map(|h| h.session) {
+                return bad(format!("lock {name}: cell or record disagrees with {want:?}"));
+            }
+            if let Some(h) = a.lock.holder() {
+                holdings.entry(h.session).or_default().insert(name.clone());
+            }
+        }
+        if holdings != self.holdings {
+            return bad(format!("lock holdings index {:?}, holders {holdings:?}", self.holdings));
+        }
+        let mut sem_holdings: HashMap<SessionId, HashSet<String>> = HashMap::new();
+        for (name, s) in &self.sems {
+            if s.is_idle() {
+                return bad(format!("semaphore {name} is idle but in memory"));
+            }
+            for (session, _) in s.holders() {
+                sem_holdings.entry(session).or_default().insert(name.clone());
+            }
+        }
+        if sem_holdings != self.sem_holdings {
+            return bad(format!(
+                "semaphore holdings index {:?}, holders {sem_holdings:?}",
+                self.sem_holdings
+            ));
+        }
+        Ok(())
+    }
+
+    /// An idle lock or semaphore `name` leaves memory (its record stays), the lock's fence cell
+    /// with it. Called after anything that can leave one idle, so memory holds only locks and
+    /// semaphores in use and no scan is needed.
+    fn settle(&mut self, name: &str) {
+        let now = self.now_ms();
+        if self.locks.get(name).is_some_and(|a| a.lock.is_idle(now)) {
+            self.locks.remove(name);
+            self.fences.forget(name);
+        }
+        if self.sems.get(name).is_some_and(|s| s.is_idle()) {
+            self.sems.remove(name);
+            self.sem_recorded.remove(name);
+        }
     }
 
     fn touch(&mut self, session: SessionId) -> Result<(), GridError> {
@@ -389,7 +486,22 @@ impl LockState {
         self.pending.insert(waiter, p);
     }
 
+    /// One request; then the lock or semaphore it named leaves memory if it is idle now.
     fn call(
+        &mut self,
+        myself: &ActorRef<LockMsg>,
+        op: LockOp,
+        reply: Reply<LockResult>,
+    ) -> Result<(), GridError> {
+        let name = op.name().map(str::to_string);
+        let r = self.serve(myself, op, reply);
+        if let Some(name) = name {
+            self.settle(&name);
+        }
+        r
+    }
+
+    fn serve(
         &mut self,
         myself: &ActorRef<LockMsg>,
         op: LockOp,
@@ -547,6 +659,9 @@ impl LockState {
                 }
                 let a = self.activate(&lock)?;
                 let r = a.lock.renew(session, fence, lease_ms, now);
+                if let Ok(Grant { lease_until_ms: Some(t), .. }) = r {
+                    self.timers.insert((t, lock.clone()));
+                }
                 let r = r
                     .map(|g| LockResult::Granted { fence: g.fence, expires_in_ms: self.expires_in(&g, now) })
                     .map_err(|e| from_lock_error(&lock, session, e));
@@ -694,6 +809,9 @@ impl LockState {
             }
         }
         self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(LockResult::Timeout)));
+        match &p.wants {
+            Wants::Lock(name) | Wants::Sem(name) => self.settle(name),
+        }
     }
 }
 
@@ -720,26 +838,34 @@ impl Actor for LockActor {
         );
         // The previous life's grants are void unless recorded: republish from the records.
         args.fences.reset();
-        let mut locks = HashMap::new();
+        // Only held locks (and semaphores with permits out) come into memory; the others live
+        // as records and get a fence cell when next granted.
+        let (mut locks, mut holdings) = (HashMap::new(), HashMap::<SessionId, HashSet<String>>::new());
         for (name, rec) in loaded.locks {
+            let Some((session, fence)) = rec.holder.filter(|(s, _)| sessions.alive(*s, 0)) else { continue };
             let cell = args.fences.cell(&name);
-            let holder = rec.holder.filter(|(s, _)| sessions.alive(*s, 0));
-            let fence = holder.map_or(rec.last_fence, |h| h.1);
-            cell.publish(fence, holder.is_some());
-            if holder.is_some() {
-                let mut lock = Lock::restore(rec.last_fence.max(fence_floor(loaded.epoch)), holder);
-                lock.reentry_max = rec.reentry_max;
-                lock.lock_delay_ms = rec.lock_delay_ms;
-                locks.insert(name, Active { lock, cell });
-            }
+            cell.publish(fence, true);
+            let mut lock =
+                Lock::restore(rec.last_fence.max(fence_floor(loaded.epoch)), Some((session, fence)));
+            lock.reentry_max = rec.reentry_max;
+            lock.lock_delay_ms = rec.lock_delay_ms;
+            holdings.entry(session).or_default().insert(name.clone());
+            locks.insert(name, Active { lock, cell, recorded: Some(session) });
         }
-        let sems = loaded
-            .sems
-            .into_iter()
-            .map(|(n, r)| {
-                (n, Semaphore::restore(r.size, r.held.into_iter().filter(|h| sessions.alive(h.0, 0))))
-            })
-            .collect();
+        let (mut sems, mut sem_holdings) = (HashMap::new(), HashMap::<SessionId, HashSet<String>>::new());
+        let mut sem_recorded = HashMap::new();
+        for (name, r) in loaded.sems {
+            let s = Semaphore::restore(r.size, r.held.into_iter().filter(|h| sessions.alive(h.0, 0)));
+            if s.is_idle() {
+                continue;
+            }
+            let held: Vec<SessionId> = s.holders().into_iter().map(|h| h.0).collect();
+            for session in &held {
+                sem_holdings.entry(*session).or_default().insert(name.clone());
+            }
+            sem_recorded.insert(name.clone(), held);
+            sems.insert(name, s);
+        }
         myself.send_interval(TICK, || LockMsg::Tick);
         let gate = LogGate::new(store, args.heap.fsync, args.view, myself)?;
         Ok(LockState {
@@ -752,6 +878,10 @@ impl Actor for LockActor {
             pending: HashMap::new(),
             next_waiter: 1,
             fences: args.fences,
+            timers: BTreeSet::new(),
+            holdings,
+            sem_holdings,
+            sem_recorded,
         })
     }
 
@@ -782,7 +912,7 @@ impl Actor for LockActor {
             }
             LockMsg::Tick => st.tick(&myself),
             LockMsg::Check(reply) => {
-                let r = st.store().and_then(|s| s.check());
+                let r = st.store().and_then(|s| s.check()).and_then(|()| st.check_memory());
                 let _ = reply.send(r);
                 Ok(())
             }

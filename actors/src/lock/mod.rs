@@ -21,7 +21,7 @@ pub mod ops;
 pub mod store;
 pub mod supervisor;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// A session's id.
 pub type SessionId = u64;
@@ -54,14 +54,22 @@ struct Session {
     expires_at_ms: u64,
 }
 
-/// The session table: ids are never reused.
+/// The session table: ids are never reused. Deadlines are indexed, so `expire` costs what it
+/// removes, not the number of sessions.
 #[derive(Clone, Debug, Default)]
 pub struct Sessions {
     live: BTreeMap<SessionId, Session>,
+    /// `(expires_at_ms, id)` of every live session.
+    deadlines: BTreeSet<(u64, SessionId)>,
     next_id: SessionId,
 }
 
 impl Sessions {
+    fn insert(&mut self, id: SessionId, s: Session) {
+        self.deadlines.insert((s.expires_at_ms, id));
+        self.live.insert(id, s);
+    }
+
     /// Opens a session; `secret` is chosen by the caller (random, from the actor).
     pub fn open(&mut self, ttl_ms: u64, secret: u64, now_ms: u64) -> Result<SessionId, LockError> {
         if !(SESSION_TTL_MS_MIN..=SESSION_TTL_MS_MAX).contains(&ttl_ms) {
@@ -69,7 +77,7 @@ impl Sessions {
         }
         self.next_id += 1;
         let id = self.next_id;
-        self.live.insert(id, Session { secret, ttl_ms, expires_at_ms: now_ms + ttl_ms });
+        self.insert(id, Session { secret, ttl_ms, expires_at_ms: now_ms + ttl_ms });
         Ok(id)
     }
 
@@ -77,7 +85,9 @@ impl Sessions {
     pub fn touch(&mut self, id: SessionId, now_ms: u64) -> Result<(), LockError> {
         match self.live.get_mut(&id) {
             Some(s) if s.expires_at_ms > now_ms => {
+                self.deadlines.remove(&(s.expires_at_ms, id));
                 s.expires_at_ms = now_ms + s.ttl_ms;
+                self.deadlines.insert((s.expires_at_ms, id));
                 Ok(())
             }
             _ => Err(LockError::SessionExpired),
@@ -99,11 +109,11 @@ impl Sessions {
         sessions: impl IntoIterator<Item = (SessionId, u64, u64)>,
         now_ms: u64,
     ) -> Sessions {
-        let live = sessions
-            .into_iter()
-            .map(|(id, secret, ttl_ms)| (id, Session { secret, ttl_ms, expires_at_ms: now_ms + ttl_ms }))
-            .collect();
-        Sessions { live, next_id: last_id }
+        let mut out = Sessions { next_id: last_id, ..Sessions::default() };
+        for (id, secret, ttl_ms) in sessions {
+            out.insert(id, Session { secret, ttl_ms, expires_at_ms: now_ms + ttl_ms });
+        }
+        out
     }
 
     /// The last id issued.
@@ -132,16 +142,25 @@ impl Sessions {
 
     /// Ends a session; whether it was alive.
     pub fn close(&mut self, id: SessionId) -> bool {
-        self.live.remove(&id).is_some()
+        match self.live.remove(&id) {
+            Some(s) => {
+                self.deadlines.remove(&(s.expires_at_ms, id));
+                true
+            }
+            None => false,
+        }
     }
 
-    /// Removes and returns every session expired at `now_ms` (their grants must be released).
-    /// O(sessions): the service calls it once per tick.
+    /// Removes and returns every session expired at `now_ms` (their grants must be released),
+    /// in deadline order.
     pub fn expire(&mut self, now_ms: u64) -> Vec<SessionId> {
-        let dead: Vec<SessionId> =
-            self.live.iter().filter(|(_, s)| s.expires_at_ms <= now_ms).map(|(id, _)| *id).collect();
-        for id in &dead {
-            self.live.remove(id);
+        let mut dead = Vec::new();
+        while let Some(&(at, id)) = self.deadlines.first()
+            && at <= now_ms
+        {
+            self.deadlines.pop_first();
+            self.live.remove(&id);
+            dead.push(id);
         }
         dead
     }
