@@ -94,6 +94,8 @@ struct Active {
     cell: Arc<FenceCell>,
     /// The holder as last recorded (`persist_lock`), for `LockState::holdings`.
     recorded: Option<SessionId>,
+    /// This lock's entry in `LockState::timers`, if any (one at most).
+    timer: Option<u64>,
 }
 
 /// What a queued waiter waits for.
@@ -119,8 +121,8 @@ pub struct LockState {
     pending: HashMap<u64, Pending>,
     next_waiter: u64,
     fences: Arc<FenceTable>,
-    /// `(time, lock)`: when a lease or a lock delay of that lock ends (an entry may be stale:
-    /// the tick then finds nothing due). The tick looks only at these, not at every lock.
+    /// `(time, lock)`: when the lease or the lock delay of a lock in memory ends, one entry per
+    /// lock at most (`schedule`). The tick looks only at these, not at every lock.
     timers: BTreeSet<(u64, String)>,
     /// The locks each session holds, as recorded (kept by `persist_lock`).
     holdings: HashMap<SessionId, HashSet<String>>,
@@ -191,7 +193,7 @@ impl LockState {
             lock.reentry_max = rec.reentry_max;
             lock.lock_delay_ms = rec.lock_delay_ms;
             let cell = self.fences.cell(name);
-            self.locks.insert(name.to_string(), Active { lock, cell, recorded: None });
+            self.locks.insert(name.to_string(), Active { lock, cell, recorded: None, timer: None });
         }
         Ok(self.locks.get_mut(name).expect("inserted above"))
     }
@@ -217,17 +219,8 @@ impl LockState {
             }
             a.recorded = now_held;
         }
-        match holder {
-            Some(h) => {
-                if let Some(t) = h.lease_until_ms {
-                    self.timers.insert((t, name.to_string()));
-                }
-            }
-            None if a.lock.delayed_until_ms() > now => {
-                self.timers.insert((a.lock.delayed_until_ms(), name.to_string()));
-            }
-            None => {}
-        }
+        self.schedule(name, now);
+        let Some(a) = self.locks.get(name) else { return Ok(0) };
         let rec = LockRec {
             last_fence: a.lock.last_fence(),
             holder: holder.map(|h| (h.session, h.fence)),
@@ -376,6 +369,9 @@ impl LockState {
             && *at <= now
         {
             let (_, name) = self.timers.pop_first().expect("first exists");
+            if let Some(a) = self.locks.get_mut(&name) {
+                a.timer = None;
+            }
             due.push(name);
         }
         due.dedup();
@@ -389,6 +385,7 @@ impl LockState {
                 let lsn = self.persist_lock(&name)?;
                 self.hand_over(myself, granted, lsn);
             }
+            self.schedule(&name, now);
             self.settle(&name);
         }
         Ok(())
@@ -402,7 +399,7 @@ impl LockState {
         let bad = |why: String| Err(GridError::Corrupted(format!("lock service memory: {why}")));
         let mut holdings: HashMap<SessionId, HashSet<String>> = HashMap::new();
         for (name, a) in &self.locks {
-            if a.lock.is_idle(now) && !self.timers.iter().any(|(_, n)| n == name) {
+            if a.lock.is_idle(now) && a.timer.is_none() {
                 return bad(format!("lock {name} is idle but in memory"));
             }
             let want = a.lock.holder().map_or((a.lock.last_fence(), false), |h| (h.fence, true));
@@ -415,6 +412,11 @@ impl LockState {
         }
         if holdings != self.holdings {
             return bad(format!("lock holdings index {:?}, holders {holdings:?}", self.holdings));
+        }
+        let timers: BTreeSet<(u64, String)> =
+            self.locks.iter().filter_map(|(n, a)| a.timer.map(|t| (t, n.clone()))).collect();
+        if timers != self.timers {
+            return bad(format!("{} timers, {} locks with one", self.timers.len(), timers.len()));
         }
         let mut sem_holdings: HashMap<SessionId, HashSet<String>> = HashMap::new();
         for (name, s) in &self.sems {
@@ -434,13 +436,36 @@ impl LockState {
         Ok(())
     }
 
+    /// Keeps the one timer of lock `name`: at its holder's lease end, or at the end of its lock
+    /// delay, or none.
+    fn schedule(&mut self, name: &str, now: u64) {
+        let Some(a) = self.locks.get_mut(name) else { return };
+        let want = match a.lock.holder() {
+            Some(h) => h.lease_until_ms,
+            None => Some(a.lock.delayed_until_ms()).filter(|&t| t > now),
+        };
+        if a.timer != want {
+            if let Some(t) = a.timer {
+                self.timers.remove(&(t, name.to_string()));
+            }
+            if let Some(t) = want {
+                self.timers.insert((t, name.to_string()));
+            }
+            a.timer = want;
+        }
+    }
+
     /// An idle lock or semaphore `name` leaves memory (its record stays), the lock's fence cell
     /// with it. Called after anything that can leave one idle, so memory holds only locks and
     /// semaphores in use and no scan is needed.
     fn settle(&mut self, name: &str) {
         let now = self.now_ms();
-        if self.locks.get(name).is_some_and(|a| a.lock.is_idle(now)) {
-            self.locks.remove(name);
+        if self.locks.get(name).is_some_and(|a| a.lock.is_idle(now))
+            && let Some(a) = self.locks.remove(name)
+        {
+            if let Some(t) = a.timer {
+                self.timers.remove(&(t, name.to_string()));
+            }
             self.fences.forget(name);
         }
         if self.sems.get(name).is_some_and(|s| s.is_idle()) {
@@ -659,9 +684,7 @@ impl LockState {
                 }
                 let a = self.activate(&lock)?;
                 let r = a.lock.renew(session, fence, lease_ms, now);
-                if let Ok(Grant { lease_until_ms: Some(t), .. }) = r {
-                    self.timers.insert((t, lock.clone()));
-                }
+                self.schedule(&lock, now);
                 let r = r
                     .map(|g| LockResult::Granted { fence: g.fence, expires_in_ms: self.expires_in(&g, now) })
                     .map_err(|e| from_lock_error(&lock, session, e));
@@ -850,7 +873,7 @@ impl Actor for LockActor {
             lock.reentry_max = rec.reentry_max;
             lock.lock_delay_ms = rec.lock_delay_ms;
             holdings.entry(session).or_default().insert(name.clone());
-            locks.insert(name, Active { lock, cell, recorded: Some(session) });
+            locks.insert(name, Active { lock, cell, recorded: Some(session), timer: None });
         }
         let (mut sems, mut sem_holdings) = (HashMap::new(), HashMap::<SessionId, HashSet<String>>::new());
         let mut sem_recorded = HashMap::new();
