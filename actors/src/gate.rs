@@ -98,6 +98,24 @@ macro_rules! impl_gate_msg {
 }
 pub(crate) use impl_gate_msg;
 
+/// Implements `HeapOwner` for a state machine whose heap is its field `heap`.
+macro_rules! impl_heap_owner {
+    ($owner:ty) => {
+        impl $crate::gate::HeapOwner for $owner {
+            fn heap(&self) -> &heapgrid_heap::Heap {
+                &self.heap
+            }
+            fn heap_mut(&mut self) -> &mut heapgrid_heap::Heap {
+                &mut self.heap
+            }
+            fn into_heap(self) -> heapgrid_heap::Heap {
+                self.heap
+            }
+        }
+    };
+}
+pub(crate) use impl_heap_owner;
+
 /// The messages every heap-owning actor hands to its gate, whatever its own message type.
 pub enum GateCall {
     /// See `GateMsg::flush`.

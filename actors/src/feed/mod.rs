@@ -860,17 +860,7 @@ impl FeedShard {
     }
 }
 
-impl crate::gate::HeapOwner for FeedShard {
-    fn heap(&self) -> &Heap {
-        &self.heap
-    }
-    fn heap_mut(&mut self) -> &mut Heap {
-        &mut self.heap
-    }
-    fn into_heap(self) -> Heap {
-        self.heap
-    }
-}
+crate::gate::impl_heap_owner!(FeedShard);
 
 #[cfg(test)]
 mod tests;

@@ -258,14 +258,4 @@ pub fn check_heap(heap: &Heap) -> Result<(), GridError> {
     }
 }
 
-impl crate::gate::HeapOwner for LockStore {
-    fn heap(&self) -> &Heap {
-        &self.heap
-    }
-    fn heap_mut(&mut self) -> &mut Heap {
-        &mut self.heap
-    }
-    fn into_heap(self) -> Heap {
-        self.heap
-    }
-}
+crate::gate::impl_heap_owner!(LockStore);

@@ -588,17 +588,7 @@ fn expect_holds(expect: &Expect, current: Option<&Versioned>) -> bool {
     }
 }
 
-impl crate::gate::HeapOwner for TableShard {
-    fn heap(&self) -> &Heap {
-        &self.heap
-    }
-    fn heap_mut(&mut self) -> &mut Heap {
-        &mut self.heap
-    }
-    fn into_heap(self) -> Heap {
-        self.heap
-    }
-}
+crate::gate::impl_heap_owner!(TableShard);
 
 #[cfg(test)]
 mod tests {
