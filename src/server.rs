@@ -595,6 +595,10 @@ fn eval_access(who: Arc<Principal>) -> AccessCheck {
     })
 }
 
+/// Most lock sessions one connection may own (open or reattach) at once. A session leaves the
+/// count when it is closed, or when a request in it learns that it expired.
+pub const CONN_SESSIONS_MAX: usize = 10_000;
+
 /// The lock sessions a connection proved it owns (opened, or reattached with the secret).
 type ConnSessions = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
 
@@ -809,37 +813,53 @@ impl<'c> Round<'c> {
             }
             RequestBody::Lock { op } => {
                 // Sent now, so one connection's lock requests keep their order.
-                let owned = match op.session() {
-                    Some(s) if !matches!(op, LockOp::Reattach { .. }) => {
-                        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains(&s)
-                    }
-                    _ => true,
-                };
-                let started = lock_allowed(&who, &op).and_then(|_| {
-                    if owned {
-                        Ok(grid.locks().call(op.clone()))
-                    } else {
-                        Err(GridError::PermissionDenied {
-                            collection: format!("session {}", op.session().unwrap_or(0)),
+                let session = op.session();
+                let refused = {
+                    let own = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                    match (&op, session) {
+                        (LockOp::Reattach { .. }, _) | (LockOp::Open { .. }, _)
+                            if own.len() >= CONN_SESSIONS_MAX =>
+                        {
+                            Some(GridError::LimitExceeded {
+                                what: "lock sessions owned by one connection".into(),
+                                got: CONN_SESSIONS_MAX as u64 + 1,
+                                max: CONN_SESSIONS_MAX as u64,
+                            })
+                        }
+                        (LockOp::Reattach { .. }, _) | (_, None) => None,
+                        (_, Some(s)) if own.contains(&s) => None,
+                        (_, Some(s)) => Some(GridError::PermissionDenied {
+                            collection: format!("session {s}"),
                             permission: "owner (open it, or reattach it with its secret, on this connection)"
                                 .into(),
-                        })
+                        }),
                     }
+                };
+                let closes = matches!(op, LockOp::Close { .. }).then_some(session).flatten();
+                let started = lock_allowed(&who, &op).and_then(|_| match refused {
+                    Some(e) => Err(e),
+                    None => Ok(grid.locks().call(op)),
                 });
                 let sessions = self.sessions.clone();
                 return alone(id, async move {
-                    let r = started?.await?;
-                    let mut own = sessions.lock().unwrap_or_else(|e| e.into_inner());
-                    match (&op, &r) {
-                        (_, LockResult::Session { session, .. }) => {
-                            own.insert(*session);
+                    let r = started?.await;
+                    {
+                        let mut own = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                        match &r {
+                            Ok(LockResult::Session { session, .. }) => {
+                                own.insert(*session);
+                            }
+                            // A session that ended no longer counts against the connection.
+                            Err(GridError::SessionExpired { session }) => {
+                                own.remove(session);
+                            }
+                            _ => {}
                         }
-                        (LockOp::Close { session }, _) => {
-                            own.remove(session);
+                        if let Some(s) = closes {
+                            own.remove(&s);
                         }
-                        _ => {}
                     }
-                    drop(own);
+                    let r = r?;
                     let r = match r {
                         LockResult::List { locks, sems } => LockResult::List {
                             locks: locks
