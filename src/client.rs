@@ -397,7 +397,35 @@ impl crate::lock::LockBackend for RemoteLocks {
     }
 }
 
+/// The queue service behind a client's connection.
+struct RemoteQueues(Client);
+
+impl crate::queue::QueueBackend for RemoteQueues {
+    fn queue_op(
+        &self,
+        op: crate::queue::QueueOp,
+    ) -> BoxFuture<'static, Result<crate::queue::QueueResult, GridError>> {
+        let client = self.0.clone();
+        Box::pin(async move {
+            match client.request(RequestBody::Queue { op }).await? {
+                ResponseBody::Queue(r) => Ok(r),
+                r => Err(GridError::Protocol(format!("a queue request was answered with {r:?}"))),
+            }
+        })
+    }
+}
+
 impl Client {
+    /// A handle on queue `name` on the server (created with default options on first use).
+    pub fn queue(&self, name: &str) -> crate::queue::Queue {
+        crate::queue::Queue::new(Arc::new(RemoteQueues(self.clone())), name)
+    }
+
+    /// A request to the queue service as it is (the shell, tests).
+    pub async fn queue_op(&self, op: crate::queue::QueueOp) -> Result<crate::queue::QueueResult, GridError> {
+        crate::queue::QueueBackend::queue_op(&RemoteQueues(self.clone()), op).await
+    }
+
     /// Opens a lock session (`ttl`: default 15 s) with its heartbeat on this connection.
     pub async fn session(&self, ttl: Option<std::time::Duration>) -> Result<crate::lock::Session, GridError> {
         crate::lock::Session::open(Arc::new(RemoteLocks(self.clone())), ttl).await

@@ -178,6 +178,19 @@ impl Grid {
         crate::lock::Session::reattach(self.core.locks().clone(), session, secret).await
     }
 
+    /// A handle on queue `name` (created with default options on first use).
+    pub fn queue(&self, name: &str) -> crate::queue::Queue {
+        crate::queue::Queue::new(self.core.queues().clone(), name)
+    }
+
+    /// Every queue in memory (with a record, items or waiters) and its counts.
+    pub async fn queues(&self) -> Result<Vec<(String, crate::queue::QueueLen)>> {
+        match self.core.queues().call(crate::queue::QueueOp::List).await? {
+            crate::queue::QueueResult::List(all) => Ok(all),
+            r => Err(GridError::Protocol(format!("a queue list was answered with {r:?}"))),
+        }
+    }
+
     /// Every lock held, waited for or in its lock delay, and every semaphore in use.
     pub async fn locks(&self) -> Result<(Vec<crate::lock::LockStatus>, Vec<crate::lock::SemStatus>)> {
         match self.core.locks().call(crate::lock::LockOp::List).await? {

@@ -30,6 +30,7 @@ pub mod loadgen_feed;
 pub mod loadgen_lock;
 pub mod lock;
 pub mod protocol;
+pub mod queue;
 pub mod server;
 
 pub use client::{Client, ClientOptions};
@@ -46,6 +47,7 @@ pub use heapgrid_actors::{
 pub use heapgrid_heap as heap;
 pub use heapgrid_heap::FsyncPolicy;
 pub use lock::{Fenced, Lock, LockBackend, LockGuard, Permits, Semaphore, Session};
+pub use queue::{Consumer, Message, Pop, Push, Queue, QueueBackend};
 
 /// The grid's error type.
 pub type Error = GridError;

@@ -288,6 +288,11 @@ impl LockGuard {
         self.fence
     }
 
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn lock_name(&self) -> &str {
         &self.name
     }

@@ -24,6 +24,7 @@ use std::ops::Bound;
 use crate::feed::{FeedOp, FeedResult};
 use heapgrid_actors::grid::{FeedInfo, FeedOptions, TableInfo, TableOptions};
 use heapgrid_actors::lock::ops::{LockOp, LockResult};
+use heapgrid_actors::queue::ops::{QueueOp, QueueResult};
 use heapgrid_actors::snippet::LimitOverrides;
 use heapgrid_actors::table::actor::RawVersioned;
 use heapgrid_actors::value::VALUE_FORMAT_VERSION;
@@ -128,6 +129,11 @@ pub enum RequestBody {
         limits: LimitOverrides,
         fences: Vec<(String, u64)>,
     },
+    /// A request to the queue service (docs/queues.md): `write` on the queue's name to change
+    /// it, `read` to look.
+    Queue {
+        op: QueueOp,
+    },
 }
 
 /// One response.
@@ -149,6 +155,7 @@ pub enum ResponseBody {
     Feeds(Vec<FeedInfo>),
     Feed(FeedResult),
     Lock(LockResult),
+    Queue(QueueResult),
 }
 
 /// An operation on one table. Append-only.
@@ -500,8 +507,9 @@ mod tests {
                 limits: LimitOverrides::default(),
                 fences: vec![],
             },
+            RequestBody::Queue { op: QueueOp::List },
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..15).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..16).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -512,8 +520,53 @@ mod tests {
             ResponseBody::Feeds(vec![]),
             ResponseBody::Feed(FeedResult::Done),
             ResponseBody::Lock(LockResult::Done),
+            ResponseBody::Queue(QueueResult::Done),
         ];
-        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..8).collect::<Vec<u8>>());
+        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..9).collect::<Vec<u8>>());
+        use heapgrid_actors::queue::ops::{Mode, QueueLen, QueueOptions, Receipt};
+        let r = || Receipt { seq: 0, delivery: 0 };
+        let queue_ops = [
+            QueueOp::Push { queue: s(), value: v(), dedup_key: None, delay_ms: 0, fence: None },
+            QueueOp::Pop {
+                queue: s(),
+                n: 0,
+                wait_ms: 0,
+                mode: Mode::Ack,
+                visibility_ms: None,
+                session: None,
+            },
+            QueueOp::Ack { queue: s(), receipt: r() },
+            QueueOp::Nack { queue: s(), receipt: r(), delay_ms: 0 },
+            QueueOp::Extend { queue: s(), receipt: r(), ms: 0 },
+            QueueOp::Peek { queue: s(), n: 0 },
+            QueueOp::Len { queue: s() },
+            QueueOp::Purge { queue: s() },
+            QueueOp::Configure { queue: s(), options: QueueOptions::defaults("q") },
+            QueueOp::List,
+        ];
+        assert_eq!(queue_ops.iter().map(tag).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
+        assert_eq!([Mode::Ack, Mode::Take].iter().map(tag).collect::<Vec<_>>(), [0, 1]);
+        let queue_results = [
+            QueueResult::Pushed { seq: 0, duplicate: false },
+            QueueResult::Delivered(vec![]),
+            QueueResult::Done,
+            QueueResult::Items(vec![]),
+            QueueResult::Len(QueueLen::default()),
+            QueueResult::Purged { items: 0 },
+            QueueResult::List(vec![]),
+        ];
+        assert_eq!(queue_results.iter().map(tag).collect::<Vec<_>>(), (0..7).collect::<Vec<u8>>());
+        // A delivery is exactly seq, receipt (seq, delivery), deliveries, value.
+        let d = heapgrid_actors::queue::ops::Delivery {
+            seq: 1,
+            receipt: Receipt { seq: 1, delivery: 2 },
+            deliveries: 2,
+            value: v(),
+        };
+        assert_eq!(postcard::to_allocvec(&d).unwrap(), [1, 1, 2, 2, 0]);
+        // QueueLen is exactly ready, in_flight, delayed, waiters.
+        let l = QueueLen { ready: 1, in_flight: 2, delayed: 3, waiters: 4 };
+        assert_eq!(postcard::to_allocvec(&l).unwrap(), [1, 2, 3, 4]);
         let lock_ops = [
             LockOp::Open { ttl_ms: None },
             LockOp::Reattach { session: 0, secret: 0 },

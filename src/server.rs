@@ -42,6 +42,7 @@ use crate::protocol::{
 use heapgrid_actors::feed::actor::AppendReq;
 use heapgrid_actors::feed::runtime::FeedRuntime;
 use heapgrid_actors::lock::ops::{LockOp, LockResult};
+use heapgrid_actors::queue::ops::{QueueOp, QueueResult};
 
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
@@ -455,11 +456,14 @@ async fn connection(
     let mut writing = Writing::default();
     // Lock sessions this connection opened or reattached: the only ones it may act in.
     let sessions = ConnSessions::default();
+    // Set when the peer ended its stream: blocked pops and lock waits of this connection are
+    // dropped then (their reply ports close), so nothing is handed to a caller that is gone.
+    let (gone_tx, gone) = watch::channel(false);
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &sessions);
+        let mut round = Round::new(&writing, &sessions, &gone);
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -538,8 +542,10 @@ async fn connection(
             more = input.fill(), if reading && open < inflight => match more {
                 Ok(true) => {}
                 Ok(false) => {
-                    // End of stream: finish what was read (a truncated frame is just dropped).
+                    // End of stream: finish what was read (a truncated frame is just dropped),
+                    // but stop waiting on behalf of a peer that is gone.
                     reading = false;
+                    gone_tx.send_replace(true);
                 }
                 Err(e) => {
                     // Say why (over budget, say); the peer may be gone, so this may go nowhere.
@@ -613,11 +619,34 @@ fn lock_allowed(who: &Principal, op: &LockOp) -> Result<(), GridError> {
     }
 }
 
+/// Whether `who` may make queue request `op`: `write` on the queue's name to change it (a pop
+/// changes it), `read` to look (`peek`, `len`); the list shows only queues it may read.
+fn queue_allowed(who: &Principal, op: &QueueOp) -> Result<(), GridError> {
+    match op.queue() {
+        Some(q) if op.writes() => who.require(q, Permission::Write),
+        Some(q) => who.require(q, Permission::Read),
+        None => Ok(()),
+    }
+}
+
+/// `f`, dropped (its reply port closes, so the service skips it) if the peer goes away first.
+async fn unless_gone<T>(
+    f: impl std::future::Future<Output = Result<T, GridError>>,
+    mut gone: watch::Receiver<bool>,
+) -> Result<T, GridError> {
+    tokio::select! {
+        r = f => r,
+        _ = gone.wait_for(|g| *g) => Err(GridError::Unavailable("the connection ended".into())),
+    }
+}
+
 struct Round<'c> {
     /// The connection's writes in flight from earlier rounds.
     writing: &'c Writing,
     /// The connection's lock sessions.
     sessions: &'c ConnSessions,
+    /// True once the peer ended its stream.
+    gone: &'c watch::Receiver<bool>,
     /// Shards this round writes to (by table index).
     wrote: Vec<(usize, u32)>,
     /// Tables named in this round, resolved once.
@@ -646,10 +675,11 @@ enum Taken {
 }
 
 impl<'c> Round<'c> {
-    fn new(writing: &'c Writing, sessions: &'c ConnSessions) -> Round<'c> {
+    fn new(writing: &'c Writing, sessions: &'c ConnSessions, gone: &'c watch::Receiver<bool>) -> Round<'c> {
         Round {
             writing,
             sessions,
+            gone,
             wrote: Vec::new(),
             tables: Vec::new(),
             groups: Vec::new(),
@@ -836,13 +866,18 @@ impl<'c> Round<'c> {
                     }
                 };
                 let closes = matches!(op, LockOp::Close { .. }).then_some(session).flatten();
+                let waits = matches!(
+                    op,
+                    LockOp::Acquire { wait_ms: 1.., .. } | LockOp::SemAcquire { wait_ms: 1.., .. }
+                );
+                let gone = self.gone.clone();
                 let started = lock_allowed(&who, &op).and_then(|_| match refused {
                     Some(e) => Err(e),
                     None => Ok(grid.locks().call(op)),
                 });
                 let sessions = self.sessions.clone();
                 return alone(id, async move {
-                    let r = started?.await;
+                    let r = if waits { unless_gone(started?, gone).await } else { started?.await };
                     {
                         let mut own = sessions.lock().unwrap_or_else(|e| e.into_inner());
                         match &r {
@@ -871,6 +906,24 @@ impl<'c> Round<'c> {
                         r => r,
                     };
                     Ok(ResponseBody::Lock(r))
+                });
+            }
+            RequestBody::Queue { op } => {
+                // Sent now, so one connection's queue requests keep their order.
+                let allowed = queue_allowed(&who, &op);
+                let waits = matches!(op, QueueOp::Pop { wait_ms: 1.., .. });
+                let started = allowed.map(|_| grid.queues().call(op));
+                let gone = self.gone.clone();
+                return alone(id, async move {
+                    let started = started?;
+                    let r = if waits { unless_gone(started, gone).await? } else { started.await? };
+                    let r = match r {
+                        QueueResult::List(all) => QueueResult::List(
+                            all.into_iter().filter(|(n, _)| who.allows(n, Permission::Read)).collect(),
+                        ),
+                        r => r,
+                    };
+                    Ok(ResponseBody::Queue(r))
                 });
             }
             RequestBody::Feed { feed, op } => {

@@ -82,6 +82,13 @@ pub enum GridError {
     /// The session is closed, expired, or its secret did not match.
     #[error("session {session} has expired or does not exist")]
     SessionExpired { session: u64 },
+    /// A push found the queue at its `max_len`; nothing was added.
+    #[error("queue {queue} is full ({max_len} items); nothing was added")]
+    QueueFull { queue: String, max_len: u64 },
+    /// The receipt is not the item's current delivery (it was acked, redelivered or purged);
+    /// nothing changed.
+    #[error("receipt {seq}/{delivery} of queue {queue} is stale; nothing changed")]
+    StaleReceipt { queue: String, seq: u64, delivery: u32 },
 }
 
 impl From<TableError> for GridError {

@@ -45,6 +45,8 @@ use crate::key::Key;
 use crate::limits::TABLE_SHARDS_MAX;
 use crate::lock::actor::LockMsg;
 use crate::lock::supervisor::{LockChild, Locks};
+use crate::queue::actor::QueueMsg;
+use crate::queue::supervisor::{QueueChild, Queues};
 use crate::restart::RestartPolicy;
 use crate::snippet::{Engine, LimitOverrides, Limits, ScanQuery, Snippets, Store};
 use crate::supervise::{OneChild, OneChildArgs, OneChildMsg, shut_down};
@@ -123,6 +125,7 @@ struct RootArgs {
     registry: Registry,
     feeds: FeedRegistry,
     locks: Arc<Locks>,
+    queues: Arc<Queues>,
 }
 
 /// A table supervisor under the root, with what it takes to start it again.
@@ -144,6 +147,7 @@ struct RootState {
     tables: HashMap<String, ChildTable>,
     feeds: HashMap<String, ChildFeed>,
     lock_sup: Option<ActorRef<OneChildMsg>>,
+    queue_sup: Option<ActorRef<OneChildMsg>>,
 }
 
 struct RootSupervisor;
@@ -211,11 +215,33 @@ impl RootSupervisor {
             dir: st.args.dir.clone(),
             heap: HeapOptions { fsync: st.args.opts.fsync, ..HeapOptions::default() },
             fences: st.args.locks.fences.clone(),
+            ended: {
+                let queues = st.args.queues.clone();
+                Arc::new(move |s| queues.session_ended(s))
+            },
         };
         let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.locks.slot().clone() };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
         st.lock_sup = Some(sup);
         Ok(())
+    }
+
+    /// Starts the queue supervisor (and through it the queue service).
+    async fn start_queues(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+        let spec = QueueChild {
+            dir: st.args.dir.clone(),
+            heap: HeapOptions { fsync: st.args.opts.fsync, ..HeapOptions::default() },
+            fences: st.args.locks.fences.clone(),
+        };
+        let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.queues.slot().clone() };
+        let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
+        st.queue_sup = Some(sup);
+        Ok(())
+    }
+
+    async fn stop_queues(st: &mut RootState) -> Result<(), GridError> {
+        let Some(sup) = st.queue_sup.take() else { return Ok(()) };
+        shut_down(sup, OneChildMsg::Shutdown, "the queue service").await
     }
 
     async fn stop_locks(st: &mut RootState) -> Result<(), GridError> {
@@ -240,10 +266,22 @@ impl Actor for RootSupervisor {
         args: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
         let interval = Duration::from_millis(args.opts.checkpoint_interval_ms.max(1));
-        let registries = (args.registry.clone(), args.feeds.clone(), args.locks.clone());
+        let registries = Registries {
+            tables: args.registry.clone(),
+            feeds: args.feeds.clone(),
+            locks: args.locks.clone(),
+            queues: args.queues.clone(),
+        };
         Checkpointer::spawn_linked(None, Checkpointer, (registries, interval), myself.get_cell()).await?;
-        let mut st = RootState { args, tables: HashMap::new(), feeds: HashMap::new(), lock_sup: None };
+        let mut st = RootState {
+            args,
+            tables: HashMap::new(),
+            feeds: HashMap::new(),
+            lock_sup: None,
+            queue_sup: None,
+        };
         Self::start_locks(&myself, &mut st).await?;
+        Self::start_queues(&myself, &mut st).await?;
         Ok(st)
     }
 
@@ -280,6 +318,7 @@ impl Actor for RootSupervisor {
                 for name in names {
                     result = result.and(Self::stop_table(st, &name).await);
                 }
+                result = result.and(Self::stop_queues(st).await);
                 result = result.and(Self::stop_locks(st).await);
                 let _ = reply.send(result);
             }
@@ -313,6 +352,10 @@ impl Actor for RootSupervisor {
                 st.lock_sup = None;
                 let _ = Self::start_locks(&myself, st).await;
             }
+            if st.queue_sup.as_ref().is_some_and(|s| s.get_id() == cell.get_id()) {
+                st.queue_sup = None;
+                let _ = Self::start_queues(&myself, st).await;
+            }
         }
         Ok(())
     }
@@ -322,20 +365,28 @@ impl Actor for RootSupervisor {
 /// its messages).
 struct Checkpointer;
 
+/// What the checkpointer reaches: every table, feed, the lock and the queue service.
+struct Registries {
+    tables: Registry,
+    feeds: FeedRegistry,
+    locks: Arc<Locks>,
+    queues: Arc<Queues>,
+}
+
 enum CheckpointerMsg {
     Tick,
 }
 
 impl Actor for Checkpointer {
     type Msg = CheckpointerMsg;
-    type State = (Registry, FeedRegistry, Arc<Locks>);
-    type Arguments = ((Registry, FeedRegistry, Arc<Locks>), Duration);
+    type State = Registries;
+    type Arguments = (Registries, Duration);
 
     async fn pre_start(
         &self,
         myself: ActorRef<CheckpointerMsg>,
-        (registries, every): ((Registry, FeedRegistry, Arc<Locks>), Duration),
-    ) -> Result<(Registry, FeedRegistry, Arc<Locks>), ActorProcessingErr> {
+        (registries, every): (Registries, Duration),
+    ) -> Result<Registries, ActorProcessingErr> {
         myself.send_interval(every, || CheckpointerMsg::Tick);
         Ok(registries)
     }
@@ -344,10 +395,13 @@ impl Actor for Checkpointer {
         &self,
         _myself: ActorRef<CheckpointerMsg>,
         _msg: CheckpointerMsg,
-        (registry, feeds, locks): &mut (Registry, FeedRegistry, Arc<Locks>),
+        Registries { tables: registry, feeds, locks, queues }: &mut Registries,
     ) -> Result<(), ActorProcessingErr> {
         if let SlotState::Running(a) = locks.slot().get() {
             let _ = a.cast(LockMsg::Checkpoint(None));
+        }
+        if let SlotState::Running(a) = queues.slot().get() {
+            let _ = a.cast(QueueMsg::Checkpoint(None));
         }
         let feeds: Vec<Arc<FeedRuntime>> =
             feeds.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
@@ -377,6 +431,7 @@ pub struct GridCore {
     registry: Registry,
     feeds: FeedRegistry,
     locks: Arc<Locks>,
+    queues: Arc<Queues>,
     catalog: Mutex<Option<Heap>>,
     snippets: Arc<Snippets>,
     /// Grid-scoped snippets that conflicted twice commit under one of these (chosen by the first
@@ -649,12 +704,14 @@ impl GridCore {
         let registry: Registry = Arc::default();
         let feeds: FeedRegistry = Arc::default();
         let locks = Arc::new(Locks::new(Arc::new(ShardSlot::new()), Arc::default()));
+        let queues = Arc::new(Queues::default());
         let args = RootArgs {
             dir: dir.clone(),
             opts: opts.clone(),
             registry: registry.clone(),
             feeds: feeds.clone(),
             locks: locks.clone(),
+            queues: queues.clone(),
         };
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
@@ -681,6 +738,7 @@ impl GridCore {
             registry,
             feeds,
             locks,
+            queues,
             catalog: Mutex::new(Some(catalog)),
             snippets,
             commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -1080,6 +1138,11 @@ impl GridCore {
     /// The node's lock service (sessions, locks, semaphores) and its fence table.
     pub fn locks(&self) -> &Arc<Locks> {
         &self.locks
+    }
+
+    /// The node's queue service.
+    pub fn queues(&self) -> &Arc<Queues> {
+        &self.queues
     }
 
     /// Checkpoints and stops every shard, then the tree, then closes the catalogue.

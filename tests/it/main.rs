@@ -11,6 +11,7 @@ mod locks_server;
 mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;
+mod queues;
 mod server;
 mod snippet_sandbox;
 mod snippets;

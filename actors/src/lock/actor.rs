@@ -80,12 +80,16 @@ pub enum LockMsg {
 
 crate::gate::impl_gate_msg!(LockMsg);
 
+/// Called with every session that ends (closed or expired), after its grants are released.
+pub type SessionEnded = Arc<dyn Fn(SessionId) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct LockArgs {
     pub path: PathBuf,
     pub heap: HeapOptions,
     pub fences: Arc<FenceTable>,
     pub view: Arc<crate::gate::ReadView>,
+    pub ended: SessionEnded,
 }
 
 /// A lock in memory (held, waited for, or in its lock delay).
@@ -130,6 +134,7 @@ pub struct LockState {
     /// each semaphore's recorded holders (to update the first without a scan).
     sem_holdings: HashMap<SessionId, HashSet<String>>,
     sem_recorded: HashMap<String, Vec<SessionId>>,
+    ended: SessionEnded,
 }
 
 /// A random 64-bit secret from the OS.
@@ -354,6 +359,7 @@ impl LockState {
         let mut c = Change::default();
         c.session_gone(session)?;
         self.store()?.commit(&c)?;
+        (self.ended)(session);
         Ok(())
     }
 
@@ -905,6 +911,7 @@ impl Actor for LockActor {
             holdings,
             sem_holdings,
             sem_recorded,
+            ended: args.ended,
         })
     }
 

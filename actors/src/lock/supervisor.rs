@@ -32,6 +32,8 @@ pub struct LockChild {
     pub dir: PathBuf,
     pub heap: HeapOptions,
     pub fences: Arc<FenceTable>,
+    /// Told of every session that ends (the queue service returns its deliveries).
+    pub ended: super::actor::SessionEnded,
 }
 
 impl ChildSpec for LockChild {
@@ -53,6 +55,7 @@ impl ChildSpec for LockChild {
             heap: self.heap.clone(),
             fences: self.fences.clone(),
             view: slot.view.clone(),
+            ended: self.ended.clone(),
         }
     }
 

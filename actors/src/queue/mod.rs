@@ -1,7 +1,7 @@
 //! Queues (shared QUEUES.md): the pure state machine of one queue. It takes the time (`now_ms`)
 //! as an argument and reads no clock, so it can be tested directly on virtual time and replayed.
-//! The actor that will wrap it, its persistence (items as keyed records of a queue shard's
-//! heap), blocking pops and the surfaces are not built yet (issue 14 is open).
+//! The queue service actor (`actor.rs`) wraps one per queue; `store.rs` is its heap format,
+//! `ops.rs` its wire requests.
 //!
 //! - Items get a `seq` that never repeats. Each item is in exactly one of: ready (delivered in
 //!   seq order; a redelivered item re-enters at its original seq), in flight (a delivery with a
@@ -16,6 +16,11 @@
 //!   leaves the queue as a `DeadLetter` for its dead-letter queue.
 //!
 //! Invariant: ready, in flight and delayed partition the items (`check`).
+
+pub mod actor;
+pub mod ops;
+pub mod store;
+pub mod supervisor;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -52,6 +57,25 @@ pub struct Delivery<V> {
     /// This delivery's number (1 for the first).
     pub deliveries: u32,
     pub value: V,
+}
+
+/// What passing time did (`Queue::tick`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ticked<V> {
+    /// Deliveries whose deadline passed and that went back to ready: `(seq, deliveries)`.
+    pub expired: Vec<(u64, u32)>,
+    /// Items that used up their deliveries.
+    pub dead: Vec<DeadLetter<V>>,
+    /// Items that became ready (expired or delayed ones).
+    pub readied: usize,
+    /// Dedup keys whose window passed.
+    pub forgotten: Vec<String>,
+}
+
+impl<V> Ticked<V> {
+    pub fn is_empty(&self) -> bool {
+        self.expired.is_empty() && self.dead.is_empty() && self.readied == 0 && self.forgotten.is_empty()
+    }
 }
 
 /// An item that used up its deliveries.
@@ -162,9 +186,9 @@ impl<V: Clone> Queue<V> {
         delay_ms: u64,
         now_ms: u64,
     ) -> Result<(u64, bool), QueueError> {
-        self.forget_dedup(now_ms);
         if let Some(k) = dedup_key
-            && let Some(&(seq, _)) = self.dedup.get(k)
+            && let Some(&(seq, until)) = self.dedup.get(k)
+            && until > now_ms
         {
             return Ok((seq, true));
         }
@@ -187,15 +211,70 @@ impl<V: Clone> Queue<V> {
         Ok((seq, false))
     }
 
-    fn forget_dedup(&mut self, now_ms: u64) {
+    /// Forgets the dedup keys whose window passed; returns them.
+    fn forget_dedup(&mut self, now_ms: u64) -> Vec<String> {
+        let mut out = Vec::new();
         while let Some((until, _)) = self.dedup_order.front()
             && *until <= now_ms
         {
             let (until, k) = self.dedup_order.pop_front().expect("front exists");
             if self.dedup.get(&k).is_some_and(|e| e.1 == until) {
                 self.dedup.remove(&k);
+                out.push(k);
             }
         }
+        out
+    }
+
+    /// The seq the next push gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Seqs from here on only (a restart: seqs never repeat).
+    pub fn skip_to(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq);
+    }
+
+    /// Puts back a stored item (a restart): ready, or delayed until `until_ms`, with the
+    /// deliveries it had.
+    pub fn restore(&mut self, seq: u64, value: V, deliveries: u32, until_ms: Option<u64>) {
+        self.remove(seq);
+        self.items.insert(seq, Item { value, deliveries, state: State::Ready });
+        self.ready.insert(seq);
+        if let Some(until_ms) = until_ms {
+            self.set_state(seq, State::Delayed { until_ms });
+        }
+        self.skip_to(seq + 1);
+    }
+
+    /// Puts back a stored dedup key (a restart).
+    pub fn restore_dedup(&mut self, key: String, seq: u64, until_ms: u64) {
+        self.dedup.insert(key.clone(), (seq, until_ms));
+        self.dedup_order.push_back((until_ms, key));
+        self.dedup_order.make_contiguous().sort();
+    }
+
+    /// Deliveries the item has had, if it is here.
+    pub fn deliveries(&self, seq: u64) -> Option<u32> {
+        self.items.get(&seq).map(|i| i.deliveries)
+    }
+
+    /// Whether the item is in flight.
+    pub fn in_flight(&self, seq: u64) -> bool {
+        self.items.get(&seq).is_some_and(|i| matches!(i.state, State::InFlight { .. }))
+    }
+
+    /// When `tick` next has something to do.
+    pub fn next_due(&self) -> Option<u64> {
+        [
+            self.deadlines.first().map(|d| d.0),
+            self.delays.first().map(|d| d.0),
+            self.dedup_order.front().map(|d| d.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Up to `n` ready items, in seq order.
@@ -274,22 +353,28 @@ impl<V: Clone> Queue<V> {
 
     /// Time passes: deliveries past their deadline return to ready (or are dead-lettered),
     /// delayed items whose time came become ready.
-    pub fn tick(&mut self, now_ms: u64) -> Vec<DeadLetter<V>> {
-        let mut dead = Vec::new();
+    pub fn tick(&mut self, now_ms: u64) -> Ticked<V> {
+        let mut t = Ticked { expired: Vec::new(), dead: Vec::new(), readied: 0, forgotten: Vec::new() };
         while let Some(&(deadline, seq)) = self.deadlines.first()
             && deadline <= now_ms
         {
-            if let Some(d) = self.fail(seq, 0, now_ms) {
-                dead.push(d);
+            let deliveries = self.items[&seq].deliveries;
+            match self.fail(seq, 0, now_ms) {
+                Some(d) => t.dead.push(d),
+                None => {
+                    t.expired.push((seq, deliveries));
+                    t.readied += 1;
+                }
             }
         }
         while let Some(&(until, seq)) = self.delays.first()
             && until <= now_ms
         {
             self.set_state(seq, State::Ready);
+            t.readied += 1;
         }
-        self.forget_dedup(now_ms);
-        dead
+        t.forgotten = self.forget_dedup(now_ms);
+        t
     }
 
     /// After a restart: every delivery in flight is ready again, its count kept.
@@ -315,6 +400,16 @@ impl<V: Clone> Queue<V> {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Every item's seq, in order.
+    pub fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.items.keys().copied()
+    }
+
+    /// Removes one item wherever it is (a purge of it, a dead letter moved by the caller).
+    pub fn drop_item(&mut self, seq: u64) -> Option<V> {
+        self.remove(seq).map(|i| i.value)
     }
 
     /// Drops every item; how many.

@@ -20,10 +20,10 @@ fn three_failed_deliveries_move_an_item_to_its_dead_letters() {
     assert_eq!(q.nack(d1.receipt, 0, 1).unwrap(), None);
     let d2 = q.pop(1, PopMode::Ack, 1).remove(0);
     assert_eq!(d2.deliveries, 2);
-    assert!(q.tick(200).is_empty(), "the second expiry returns it to ready");
+    assert!(q.tick(200).dead.is_empty(), "the second expiry returns it to ready");
     let d3 = q.pop(1, PopMode::Ack, 200).remove(0);
     assert_eq!(d3.deliveries, 3);
-    assert_eq!(q.tick(300), vec![DeadLetter { seq, deliveries: 3, value: 7 }]);
+    assert_eq!(q.tick(300).dead, vec![DeadLetter { seq, deliveries: 3, value: 7 }]);
     assert!(q.is_empty());
     q.check().unwrap();
 }
@@ -181,7 +181,7 @@ proptest! {
                 }
                 Op::Advance(dt) => {
                     now += dt;
-                    let mut dead: Vec<u64> = q.tick(now).into_iter().map(|d| d.seq).collect();
+                    let mut dead: Vec<u64> = q.tick(now).dead.into_iter().map(|d| d.seq).collect();
                     dead.sort_unstable();
                     let mut want = Vec::new();
                     let due: Vec<u64> = model.iter().filter(|(_, (_, s))| matches!(s, M::InFlight { deadline, .. } if *deadline <= now)).map(|(s, _)| *s).collect();

@@ -1,0 +1,988 @@
+//! The queue service actor: every queue of the node (the pure `Queue` state machine of each,
+//! holding item metadata only), over the queue heap (`store`, holding the values), behind the
+//! reply gate (`gate`). It handles its messages strictly in order, so every push, delivery, ack
+//! and expiry of a queue has one place in time.
+//!
+//! One actor holds every queue of the node (a queue shard): a queue is a set of records in its
+//! heap and an entry in memory, which is what makes many small queues cheap (DESIGN.md) and lets
+//! a dead letter move to its dead-letter queue in the same op-log record that removes it.
+//!
+//! - Every change is one op-log record, and its answer waits for it (the gate): a push, a
+//!   delivery (its number is written before the item is handed out), an ack, a nack.
+//! - Time is the actor's monotonic clock (`tokio::time::Instant`); records hold wall-clock times,
+//!   converted at load. A tick every `TICK` handles the queues whose next deadline, delay or
+//!   dedup expiry is due (`timers`, one entry per queue), so it costs what is due.
+//! - Blocked pops wait FIFO per queue, each with its own timer. A waiter whose caller is gone (its
+//!   reply port closed: the connection ended) is skipped, never handed an item.
+//! - A delivery made in a lock session returns to ready when the session ends (`SessionEnded`,
+//!   sent by the lock service).
+//! - A queue with no record, no items and no waiters leaves memory after each request.
+//!
+//! Invariant: an item is in memory (its queue's state machine) iff its value record is stored,
+//! and its delivery count in memory is the one recorded (`check_memory` with the heap's checker).
+//! Invariant: no reply to a change is sent before the change's record is durable per the policy.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use heapgrid_heap::HeapOptions;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::ops::{
+    Delivery, Mode, QUEUE_NAME_BYTES_MAX, QueueLen, QueueOp, QueueOptions, QueueResult, Receipt,
+};
+use super::store::{
+    Attempt, Change, DedupRec, HISTORY_MAX, ItemMeta, Outcome, QueueRec, QueueStore, SEQ_BLOCK,
+};
+use super::{PopMode, Queue, QueueConfig, QueueError};
+use crate::error::GridError;
+use crate::gate::{GateMsg, Group, LogGate, deferred, fail_if_poisoned, open_heap};
+use crate::lock::SessionId;
+use crate::lock::fence::FenceTable;
+use crate::value::Value;
+
+type Reply<T> = RpcReplyPort<Result<T, GridError>>;
+
+/// How often due deadlines, delays and dedup expiries are handled: a delivery returns to ready
+/// within one tick of its deadline.
+pub const TICK: Duration = Duration::from_millis(10);
+/// Longest wait of one pop.
+pub const QUEUE_WAIT_MS_MAX: u64 = 60_000;
+/// Most items one pop or peek returns.
+pub const QUEUE_POP_MAX: u32 = 1_000;
+/// Most poppers blocked on one queue.
+pub const QUEUE_WAITERS_MAX: usize = 10_000;
+/// Longest dedup key, in bytes.
+pub const DEDUP_KEY_BYTES_MAX: usize = 200;
+/// Largest item value (encoded), so its dead letter (value + history) always fits a record.
+pub const QUEUE_VALUE_BYTES_MAX: usize = 16 << 20;
+/// Most queues in memory (with a record, items or waiters).
+pub const QUEUES_MAX: usize = 100_000;
+/// Longest visibility, delay, extension or dedup window.
+pub const QUEUE_TIME_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
+/// Most deliveries an item may be configured to get.
+pub const MAX_DELIVERIES_MAX: u32 = 1_000_000;
+/// Items removed per op-log record by a purge.
+const PURGE_CHUNK: usize = 50_000;
+
+pub enum QueueMsg {
+    Call(QueueOp, Reply<QueueResult>),
+    /// A blocked pop's wait ended.
+    WaitOver(u64),
+    Tick,
+    /// A lock session ended: its deliveries return to ready.
+    SessionEnded(SessionId),
+    /// Runs the heap's debug checker and `check_memory`.
+    Check(Reply<()>),
+    Flush,
+    Durable(Vec<Group>),
+    Checkpoint(Option<Reply<()>>),
+    CheckpointDone,
+    Close(Reply<()>),
+    #[doc(hidden)]
+    InjectPanic,
+}
+
+crate::gate::impl_gate_msg!(QueueMsg);
+
+#[derive(Clone)]
+pub struct QueueArgs {
+    pub path: PathBuf,
+    pub heap: HeapOptions,
+    pub fences: Arc<FenceTable>,
+    pub view: Arc<crate::gate::ReadView>,
+}
+
+/// One queue in memory.
+struct Q {
+    q: Queue<()>,
+    rec: QueueRec,
+    /// Whether `rec` is stored.
+    stored: bool,
+    /// Blocked pops, oldest first.
+    waiters: VecDeque<u64>,
+    /// This queue's entry in `QueueState::timers`, if any.
+    timer: Option<u64>,
+    /// Deliveries made in a lock session.
+    sessions: HashMap<u64, SessionId>,
+}
+
+fn config_of(rec: &QueueRec) -> QueueConfig {
+    QueueConfig {
+        max_len: rec.max_len,
+        // Without a dead-letter queue nothing is dead-lettered: redelivered without limit.
+        max_deliveries: if rec.dead_letter.is_some() { rec.max_deliveries } else { u32::MAX },
+        visibility_ms: rec.visibility_ms,
+        dedup_window_ms: rec.dedup_window_ms,
+    }
+}
+
+fn rec_of(o: &QueueOptions, seq_floor: u64) -> QueueRec {
+    QueueRec {
+        max_len: o.max_len,
+        max_deliveries: o.max_deliveries,
+        visibility_ms: o.visibility_ms,
+        dedup_window_ms: o.dedup_window_ms,
+        dead_letter: o.dead_letter.clone(),
+        seq_floor,
+    }
+}
+
+fn options_of(rec: &QueueRec) -> QueueOptions {
+    QueueOptions {
+        max_len: rec.max_len,
+        max_deliveries: rec.max_deliveries,
+        visibility_ms: rec.visibility_ms,
+        dedup_window_ms: rec.dedup_window_ms,
+        dead_letter: rec.dead_letter.clone(),
+    }
+}
+
+impl Q {
+    fn new(rec: QueueRec, stored: bool) -> Q {
+        let mut q = Queue::new(config_of(&rec));
+        q.skip_to(rec.seq_floor.max(1));
+        Q { q, rec, stored, waiters: VecDeque::new(), timer: None, sessions: HashMap::new() }
+    }
+
+    fn len(&self) -> QueueLen {
+        let l = self.q.len();
+        QueueLen {
+            ready: l.ready,
+            in_flight: l.in_flight,
+            delayed: l.delayed,
+            waiters: self.waiters.len() as u64,
+        }
+    }
+}
+
+struct Waiter {
+    queue: String,
+    n: u32,
+    mode: Mode,
+    visibility_ms: Option<u64>,
+    session: Option<SessionId>,
+    port: Reply<QueueResult>,
+    timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<QueueMsg>>>>,
+}
+
+pub struct QueueState {
+    gate: LogGate<QueueStore>,
+    origin: tokio::time::Instant,
+    /// Wall-clock ms at `origin`.
+    wall_origin: u64,
+    queues: HashMap<String, Q>,
+    pending: HashMap<u64, Waiter>,
+    next_waiter: u64,
+    /// `(time, queue)`: when each queue's `tick` next has work, one entry per queue at most.
+    timers: BTreeSet<(u64, String)>,
+    /// The deliveries made in each lock session: `(queue, seq)`.
+    by_session: HashMap<SessionId, HashSet<(String, u64)>>,
+    fences: Arc<FenceTable>,
+}
+
+fn wall_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn invalid(why: String) -> GridError {
+    GridError::Invalid(why)
+}
+
+fn check_name(name: &str) -> Result<(), GridError> {
+    if name.is_empty() || name.len() > QUEUE_NAME_BYTES_MAX {
+        return Err(invalid(format!(
+            "a queue name is 1 to {QUEUE_NAME_BYTES_MAX} bytes (got {})",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_time(what: &str, ms: u64, min: u64) -> Result<(), GridError> {
+    if ms < min || ms > QUEUE_TIME_MS_MAX {
+        return Err(invalid(format!("{what} is {min} to {QUEUE_TIME_MS_MAX} ms (got {ms})")));
+    }
+    Ok(())
+}
+
+fn stale(queue: &str, r: Receipt) -> GridError {
+    GridError::StaleReceipt { queue: queue.to_string(), seq: r.seq, delivery: r.delivery }
+}
+
+fn record(meta: &mut ItemMeta, delivery: u32, outcome: Outcome, at_ms: u64) {
+    meta.history.push(Attempt { delivery, outcome, at_ms });
+    if meta.history.len() > HISTORY_MAX {
+        meta.history.remove(0);
+    }
+}
+
+impl QueueState {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn wall(&self, now: u64) -> u64 {
+        self.wall_origin + now
+    }
+
+    fn store(&mut self) -> Result<&mut QueueStore, GridError> {
+        self.gate.shard.as_mut().ok_or(GridError::Closed)
+    }
+
+    fn store_ref(&self) -> Result<&QueueStore, GridError> {
+        self.gate.shard.as_ref().ok_or(GridError::Closed)
+    }
+
+    /// Queue `name` in memory, with default options if it is new.
+    fn activate(&mut self, name: &str) -> Result<&mut Q, GridError> {
+        if !self.queues.contains_key(name) {
+            if self.queues.len() >= QUEUES_MAX {
+                return Err(GridError::LimitExceeded {
+                    what: "queues in memory (with a record, items or waiters)".into(),
+                    got: QUEUES_MAX as u64 + 1,
+                    max: QUEUES_MAX as u64,
+                });
+            }
+            let q = Q::new(rec_of(&QueueOptions::defaults(name), 1), false);
+            self.queues.insert(name.to_string(), q);
+        }
+        Ok(self.queues.get_mut(name).expect("inserted above"))
+    }
+
+    /// Adds a record of the queue's options to `c` if the next seq needs a new reservation (or
+    /// the queue has no record yet).
+    fn reserve(q: &mut Q, name: &str, c: &mut Change) -> Result<(), GridError> {
+        let next = q.q.next_seq();
+        if !q.stored || next >= q.rec.seq_floor {
+            q.rec.seq_floor = next + SEQ_BLOCK;
+            q.stored = true;
+            c.queue(name, &q.rec)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the one timer entry of queue `name` at its next due time.
+    fn schedule(&mut self, name: &str) {
+        let Some(q) = self.queues.get_mut(name) else { return };
+        let want = q.q.next_due();
+        if q.timer != want {
+            if let Some(t) = q.timer {
+                self.timers.remove(&(t, name.to_string()));
+            }
+            if let Some(t) = want {
+                self.timers.insert((t, name.to_string()));
+            }
+            q.timer = want;
+        }
+    }
+
+    /// Queue `name` leaves memory if nothing keeps it there.
+    fn settle(&mut self, name: &str) {
+        if self.queues.get(name).is_some_and(|q| !q.stored && q.q.is_empty() && q.waiters.is_empty())
+            && let Some(q) = self.queues.remove(name)
+            && let Some(t) = q.timer
+        {
+            self.timers.remove(&(t, name.to_string()));
+        }
+    }
+
+    fn untie(&mut self, name: &str, seq: u64) {
+        if let Some(q) = self.queues.get_mut(name)
+            && let Some(s) = q.sessions.remove(&seq)
+            && let Some(set) = self.by_session.get_mut(&s)
+        {
+            set.remove(&(name.to_string(), seq));
+            if set.is_empty() {
+                self.by_session.remove(&s);
+            }
+        }
+    }
+
+    /// Hands out up to `n` ready items of `name`, recording each delivery in `c`.
+    fn deliver(
+        &mut self,
+        name: &str,
+        n: u32,
+        mode: Mode,
+        visibility_ms: Option<u64>,
+        session: Option<SessionId>,
+        c: &mut Change,
+    ) -> Result<Vec<Delivery>, GridError> {
+        let now = self.now_ms();
+        let Some(q) = self.queues.get_mut(name) else { return Ok(Vec::new()) };
+        let pop_mode = match mode {
+            Mode::Ack => PopMode::Ack,
+            Mode::Take => PopMode::Take,
+        };
+        let ds = q.q.pop(n as usize, pop_mode, now);
+        if let (Mode::Ack, Some(v)) = (mode, visibility_ms) {
+            for d in &ds {
+                q.q.extend(d.receipt, v, now).expect("just delivered");
+            }
+        }
+        let mut out = Vec::with_capacity(ds.len());
+        for d in ds {
+            let store = self.gate.shard.as_ref().ok_or(GridError::Closed)?;
+            let value = store.value(name, d.seq)?;
+            match mode {
+                Mode::Take => {
+                    c.item_gone(name, d.seq)?;
+                }
+                Mode::Ack => {
+                    let mut meta = store.meta(name, d.seq)?;
+                    meta.deliveries = d.deliveries;
+                    meta.delayed_until_ms = None;
+                    c.meta(name, d.seq, &meta)?;
+                    if let Some(s) = session {
+                        let q = self.queues.get_mut(name).expect("delivering from it");
+                        q.sessions.insert(d.seq, s);
+                        self.by_session.entry(s).or_default().insert((name.to_string(), d.seq));
+                    }
+                }
+            }
+            let receipt = Receipt { seq: d.seq, delivery: d.receipt.delivery };
+            out.push(Delivery { seq: d.seq, receipt, deliveries: d.deliveries, value });
+        }
+        Ok(out)
+    }
+
+    /// Moves item `seq` of `from` (already out of its state machine) to `from`'s dead-letter
+    /// queue, as a record of where it came from and its history, in `c`.
+    fn dead_letter(
+        &mut self,
+        from: &str,
+        seq: u64,
+        deliveries: u32,
+        meta: &ItemMeta,
+        c: &mut Change,
+    ) -> Result<Option<String>, GridError> {
+        let value = self.store_ref()?.value(from, seq)?;
+        c.item_gone(from, seq)?;
+        self.untie(from, seq);
+        let Some(dlq) = self.queues.get(from).and_then(|q| q.rec.dead_letter.clone()) else {
+            return Ok(None);
+        };
+        let history = meta
+            .history
+            .iter()
+            .map(|a| {
+                Value::Map(
+                    [
+                        ("delivery".to_string(), Value::Int(i64::from(a.delivery))),
+                        ("outcome".to_string(), Value::Str(a.outcome.name().into())),
+                        ("at_ms".to_string(), Value::Int(a.at_ms as i64)),
+                    ]
+                    .into_iter()
+                    .collect(),
+                )
+            })
+            .collect();
+        let letter = Value::Map(
+            [
+                ("queue".to_string(), Value::Str(from.to_string())),
+                ("seq".to_string(), Value::Int(seq as i64)),
+                ("deliveries".to_string(), Value::Int(i64::from(deliveries))),
+                ("history".to_string(), Value::List(history)),
+                ("value".to_string(), value),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        let bytes = letter.encode().map_err(|e| GridError::Value(e.to_string()))?;
+        let q = self.activate(&dlq)?;
+        // A dead letter is never refused (not even by the dead-letter queue's `max_len`): it
+        // is not the caller's item to lose.
+        let dseq = q.q.next_seq();
+        q.q.restore(dseq, (), 0, None);
+        Self::reserve(q, &dlq, c)?;
+        c.item(&dlq, dseq, &bytes)?;
+        Ok(Some(dlq))
+    }
+
+    /// Answers the blocked pops of `name` while it has ready items, oldest first, skipping
+    /// those whose callers are gone.
+    fn serve_waiters(&mut self, myself: &ActorRef<QueueMsg>, name: &str) -> Result<(), GridError> {
+        loop {
+            let Some(q) = self.queues.get_mut(name) else { return Ok(()) };
+            if q.q.len().ready == 0 {
+                return Ok(());
+            }
+            let Some(w) = q.waiters.pop_front() else { return Ok(()) };
+            let Some(p) = self.pending.remove(&w) else { continue };
+            if let Some(t) = &p.timer {
+                t.abort();
+            }
+            if p.port.is_closed() {
+                continue;
+            }
+            let mut c = Change::default();
+            let ds = self.deliver(name, p.n, p.mode, p.visibility_ms, p.session, &mut c)?;
+            let lsn = self.store()?.commit(&c)?;
+            self.gate.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(ds))));
+        }
+    }
+
+    /// Wakes whoever waits on the queues in `woken`, then reschedules them.
+    fn wake(&mut self, myself: &ActorRef<QueueMsg>, woken: &[String]) -> Result<(), GridError> {
+        for name in woken {
+            self.serve_waiters(myself, name)?;
+            self.schedule(name);
+        }
+        Ok(())
+    }
+
+    /// A failed delivery (nack, expiry, session end) recorded in `c`; the dead-letter queue it
+    /// went to, if it used up its deliveries. `dead` is what the state machine decided.
+    fn failed(
+        &mut self,
+        name: &str,
+        seq: u64,
+        delivery: u32,
+        outcome: Outcome,
+        delay_until: Option<u64>,
+        dead: bool,
+        c: &mut Change,
+    ) -> Result<Option<String>, GridError> {
+        let now = self.now_ms();
+        let at = self.wall(now);
+        let mut meta = self.store_ref()?.meta(name, seq)?;
+        meta.deliveries = delivery;
+        record(&mut meta, delivery, outcome, at);
+        if dead {
+            return self.dead_letter(name, seq, delivery, &meta, c);
+        }
+        self.untie(name, seq);
+        meta.delayed_until_ms = delay_until.map(|t| self.wall(t));
+        c.meta(name, seq, &meta)?;
+        Ok(None)
+    }
+
+    /// The tick: the due queues' deadlines, delays and dedup expiries.
+    fn tick(&mut self, myself: &ActorRef<QueueMsg>) -> Result<(), GridError> {
+        let now = self.now_ms();
+        let mut due = Vec::new();
+        while let Some((at, _)) = self.timers.first()
+            && *at <= now
+        {
+            let (_, name) = self.timers.pop_first().expect("first exists");
+            if let Some(q) = self.queues.get_mut(&name) {
+                q.timer = None;
+            }
+            due.push(name);
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut c = Change::default();
+        let mut woken = Vec::new();
+        for name in &due {
+            let Some(q) = self.queues.get_mut(name) else { continue };
+            let t = q.q.tick(now);
+            for (seq, delivery) in t.expired {
+                self.failed(name, seq, delivery, Outcome::Expired, None, false, &mut c)?;
+            }
+            for d in t.dead {
+                if let Some(dlq) =
+                    self.failed(name, d.seq, d.deliveries, Outcome::Expired, None, true, &mut c)?
+                {
+                    woken.push(dlq);
+                }
+            }
+            for k in t.forgotten {
+                c.dedup_gone(name, &k)?;
+            }
+            if t.readied > 0 {
+                woken.push(name.clone());
+            }
+        }
+        self.store()?.commit(&c)?;
+        self.wake(myself, &woken)?;
+        for name in due {
+            self.schedule(&name);
+            self.settle(&name);
+        }
+        Ok(())
+    }
+
+    /// A lock session ended: its deliveries still in flight return to ready (or to their
+    /// dead-letter queue).
+    fn session_ended(&mut self, myself: &ActorRef<QueueMsg>, session: SessionId) -> Result<(), GridError> {
+        let Some(held) = self.by_session.remove(&session) else { return Ok(()) };
+        let now = self.now_ms();
+        let mut c = Change::default();
+        let mut woken = Vec::new();
+        for (name, seq) in held {
+            let Some(q) = self.queues.get_mut(&name) else { continue };
+            q.sessions.remove(&seq);
+            let Some(delivery) = q.q.deliveries(seq).filter(|_| q.q.in_flight(seq)) else { continue };
+            let dead = q.q.nack(super::Receipt { seq, delivery }, 0, now).expect("in flight").is_some();
+            if let Some(dlq) = self.failed(&name, seq, delivery, Outcome::SessionEnded, None, dead, &mut c)? {
+                woken.push(dlq);
+            }
+            woken.push(name);
+        }
+        self.store()?.commit(&c)?;
+        self.wake(myself, &woken)
+    }
+
+    /// The debug checker of memory against the heap: the same items, the same counts.
+    fn check_memory(&self) -> Result<(), GridError> {
+        let bad = |why: String| Err(GridError::Corrupted(format!("queue service memory: {why}")));
+        let store = self.store_ref()?;
+        for (name, q) in &self.queues {
+            q.q.check().map_err(|e| GridError::Corrupted(format!("queue {name}: {e}")))?;
+            for seq in q.q.seqs() {
+                store.value(name, seq)?;
+                let meta = store.meta(name, seq)?;
+                if Some(meta.deliveries) != q.q.deliveries(seq) {
+                    return bad(format!(
+                        "queue {name} item {seq}: {} deliveries recorded, {:?} in memory",
+                        meta.deliveries,
+                        q.q.deliveries(seq)
+                    ));
+                }
+            }
+            if q.q.next_seq() > q.rec.seq_floor && q.stored {
+                return bad(format!("queue {name}: next seq {} past its reservation", q.q.next_seq()));
+            }
+            for w in &q.waiters {
+                if !self.pending.contains_key(w) {
+                    return bad(format!("queue {name}: waiter {w} is not pending"));
+                }
+            }
+            if !q.waiters.is_empty() && q.q.len().ready > 0 {
+                return bad(format!("queue {name} has ready items and blocked pops"));
+            }
+        }
+        let timers: BTreeSet<(u64, String)> =
+            self.queues.iter().filter_map(|(n, q)| q.timer.map(|t| (t, n.clone()))).collect();
+        if timers != self.timers {
+            return bad(format!("{} timers, {} queues with one", self.timers.len(), timers.len()));
+        }
+        Ok(())
+    }
+
+    fn call(
+        &mut self,
+        myself: &ActorRef<QueueMsg>,
+        op: QueueOp,
+        reply: Reply<QueueResult>,
+    ) -> Result<(), GridError> {
+        let name = op.queue().map(str::to_string);
+        let r = self.serve(myself, op, reply);
+        if let Some(name) = name {
+            self.schedule(&name);
+            self.settle(&name);
+        }
+        r
+    }
+
+    fn serve(
+        &mut self,
+        myself: &ActorRef<QueueMsg>,
+        op: QueueOp,
+        reply: Reply<QueueResult>,
+    ) -> Result<(), GridError> {
+        if let Some(n) = op.queue()
+            && let Err(e) = check_name(n)
+        {
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        let now = self.now_ms();
+        match op {
+            QueueOp::Push { queue, value, dedup_key, delay_ms, fence } => {
+                let checked = (|| {
+                    if let Some((lock, f)) = &fence {
+                        self.fences.check(lock, *f)?;
+                    }
+                    if dedup_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > DEDUP_KEY_BYTES_MAX) {
+                        return Err(invalid(format!("a dedup key is 1 to {DEDUP_KEY_BYTES_MAX} bytes")));
+                    }
+                    if delay_ms > 0 {
+                        check_time("delay_ms", delay_ms, 0)?;
+                    }
+                    let bytes = value.encode().map_err(|e| GridError::Value(e.to_string()))?;
+                    if bytes.len() > QUEUE_VALUE_BYTES_MAX {
+                        return Err(GridError::LimitExceeded {
+                            what: "bytes of a queue item".into(),
+                            got: bytes.len() as u64,
+                            max: QUEUE_VALUE_BYTES_MAX as u64,
+                        });
+                    }
+                    Ok(bytes)
+                })();
+                let bytes = match checked {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                let wall = self.wall(now);
+                let q = match self.activate(&queue) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                match q.q.push((), dedup_key.as_deref(), delay_ms, now) {
+                    Err(QueueError::Full { max_len }) => {
+                        let _ = reply.send(Err(GridError::QueueFull { queue, max_len }));
+                    }
+                    Err(QueueError::StaleReceipt) => unreachable!("a push names no receipt"),
+                    Ok((seq, true)) => {
+                        let r = Ok(QueueResult::Pushed { seq, duplicate: true });
+                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                    }
+                    Ok((seq, false)) => {
+                        let mut c = Change::default();
+                        Self::reserve(q, &queue, &mut c)?;
+                        c.item(&queue, seq, &bytes)?;
+                        if delay_ms > 0 {
+                            let meta =
+                                ItemMeta { delayed_until_ms: Some(wall + delay_ms), ..ItemMeta::default() };
+                            c.meta(&queue, seq, &meta)?;
+                        }
+                        if let Some(k) = &dedup_key {
+                            c.dedup(&queue, k, &DedupRec { seq, until_ms: wall + q.rec.dedup_window_ms })?;
+                        }
+                        let lsn = self.store()?.commit(&c)?;
+                        let r = Ok(QueueResult::Pushed { seq, duplicate: false });
+                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+                        if delay_ms == 0 {
+                            self.serve_waiters(myself, &queue)?;
+                        }
+                    }
+                }
+            }
+            QueueOp::Pop { queue, n, wait_ms, mode, visibility_ms, session } => {
+                let checked = (|| {
+                    if n == 0 || n > QUEUE_POP_MAX {
+                        return Err(invalid(format!("a pop takes 1 to {QUEUE_POP_MAX} items (got {n})")));
+                    }
+                    if wait_ms > QUEUE_WAIT_MS_MAX {
+                        return Err(invalid(format!(
+                            "wait_ms is at most {QUEUE_WAIT_MS_MAX} (got {wait_ms})"
+                        )));
+                    }
+                    if let Some(v) = visibility_ms {
+                        check_time("visibility_ms", v, 1)?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = checked.and_then(|()| self.activate(&queue).map(|_| ())) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                let q = self.queues.get_mut(&queue).expect("activated above");
+                if q.q.len().ready > 0 {
+                    let mut c = Change::default();
+                    let ds = self.deliver(&queue, n, mode, visibility_ms, session, &mut c)?;
+                    let lsn = self.store()?.commit(&c)?;
+                    self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Delivered(ds))));
+                } else if wait_ms == 0 {
+                    self.gate.answer(myself, 0, |lsn| {
+                        deferred(lsn, reply, Ok(QueueResult::Delivered(Vec::new())))
+                    });
+                } else {
+                    if q.waiters.len() >= QUEUE_WAITERS_MAX {
+                        let pending = &self.pending;
+                        q.waiters.retain(|w| pending.get(w).is_some_and(|p| !p.port.is_closed()));
+                    }
+                    if q.waiters.len() >= QUEUE_WAITERS_MAX {
+                        let _ = reply.send(Err(GridError::LimitExceeded {
+                            what: format!("pops blocked on queue {queue}"),
+                            got: QUEUE_WAITERS_MAX as u64 + 1,
+                            max: QUEUE_WAITERS_MAX as u64,
+                        }));
+                        return Ok(());
+                    }
+                    let w = self.next_waiter;
+                    self.next_waiter += 1;
+                    q.waiters.push_back(w);
+                    let timer = Some(
+                        myself.send_after(Duration::from_millis(wait_ms), move || QueueMsg::WaitOver(w)),
+                    );
+                    self.pending
+                        .insert(w, Waiter { queue, n, mode, visibility_ms, session, port: reply, timer });
+                }
+            }
+            QueueOp::Ack { queue, receipt } => {
+                let r = self
+                    .queues
+                    .get_mut(&queue)
+                    .map(|q| q.q.ack(super::Receipt { seq: receipt.seq, delivery: receipt.delivery }));
+                match r {
+                    Some(Ok(())) => {
+                        let mut c = Change::default();
+                        c.item_gone(&queue, receipt.seq)?;
+                        self.untie(&queue, receipt.seq);
+                        let lsn = self.store()?.commit(&c)?;
+                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
+                    }
+                    _ => {
+                        let _ = reply.send(Err(stale(&queue, receipt)));
+                    }
+                }
+            }
+            QueueOp::Nack { queue, receipt, delay_ms } => {
+                if let Err(e) = check_time("delay_ms", delay_ms, 0) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                let r = self.queues.get_mut(&queue).map(|q| {
+                    q.q.nack(super::Receipt { seq: receipt.seq, delivery: receipt.delivery }, delay_ms, now)
+                });
+                match r {
+                    Some(Ok(dead)) => {
+                        let mut c = Change::default();
+                        let until = (delay_ms > 0).then_some(now + delay_ms);
+                        let dlq = self.failed(
+                            &queue,
+                            receipt.seq,
+                            receipt.delivery,
+                            Outcome::Nacked,
+                            until,
+                            dead.is_some(),
+                            &mut c,
+                        )?;
+                        let lsn = self.store()?.commit(&c)?;
+                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
+                        let mut woken: Vec<String> = dlq.into_iter().collect();
+                        woken.push(queue);
+                        self.wake(myself, &woken)?;
+                    }
+                    _ => {
+                        let _ = reply.send(Err(stale(&queue, receipt)));
+                    }
+                }
+            }
+            QueueOp::Extend { queue, receipt, ms } => {
+                if let Err(e) = check_time("ms", ms, 1) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                let r = self.queues.get_mut(&queue).map(|q| {
+                    q.q.extend(super::Receipt { seq: receipt.seq, delivery: receipt.delivery }, ms, now)
+                });
+                let r = match r {
+                    Some(Ok(())) => Ok(QueueResult::Done),
+                    _ => Err(stale(&queue, receipt)),
+                };
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+            }
+            QueueOp::Peek { queue, n } => {
+                if n == 0 || n > QUEUE_POP_MAX {
+                    let _ = reply
+                        .send(Err(invalid(format!("a peek takes 1 to {QUEUE_POP_MAX} items (got {n})"))));
+                    return Ok(());
+                }
+                let seqs: Vec<u64> = self
+                    .queues
+                    .get(&queue)
+                    .map(|q| q.q.peek(n as usize).into_iter().map(|(s, _)| s).collect())
+                    .unwrap_or_default();
+                let store = self.store_ref()?;
+                let mut items = Vec::with_capacity(seqs.len());
+                for seq in seqs {
+                    items.push((seq, store.value(&queue, seq)?));
+                }
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Items(items))));
+            }
+            QueueOp::Len { queue } => {
+                let pending = &self.pending;
+                let l = self.queues.get(&queue).map_or_else(QueueLen::default, |q| QueueLen {
+                    // Blocked pops whose callers are still there.
+                    waiters: q
+                        .waiters
+                        .iter()
+                        .filter(|w| pending.get(w).is_some_and(|p| !p.port.is_closed()))
+                        .count() as u64,
+                    ..q.len()
+                });
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Len(l))));
+            }
+            QueueOp::Purge { queue } => {
+                let seqs: Vec<u64> =
+                    self.queues.get(&queue).map(|q| q.q.seqs().collect()).unwrap_or_default();
+                let mut lsn = 0;
+                for chunk in seqs.chunks(PURGE_CHUNK) {
+                    let mut c = Change::default();
+                    for &seq in chunk {
+                        c.item_gone(&queue, seq)?;
+                        self.untie(&queue, seq);
+                    }
+                    lsn = self.store()?.commit(&c)?;
+                }
+                if let Some(q) = self.queues.get_mut(&queue) {
+                    q.q.purge();
+                }
+                let items = seqs.len() as u64;
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Purged { items })));
+            }
+            QueueOp::Configure { queue, options } => {
+                let checked = (|| {
+                    if options.max_deliveries == 0 || options.max_deliveries > MAX_DELIVERIES_MAX {
+                        return Err(invalid(format!("max_deliveries is 1 to {MAX_DELIVERIES_MAX}")));
+                    }
+                    check_time("visibility_ms", options.visibility_ms, 1)?;
+                    check_time("dedup_window_ms", options.dedup_window_ms, 0)?;
+                    if options.max_len == Some(0) {
+                        return Err(invalid("max_len is at least 1".into()));
+                    }
+                    if let Some(d) = &options.dead_letter {
+                        check_name(d)?;
+                        if *d == queue {
+                            return Err(invalid(format!(
+                                "queue {queue} cannot be its own dead-letter queue"
+                            )));
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = checked.and_then(|()| self.activate(&queue).map(|_| ())) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                let q = self.queues.get_mut(&queue).expect("activated above");
+                let floor = q.rec.seq_floor.max(q.q.next_seq());
+                q.rec = rec_of(&options, floor);
+                q.q.config = config_of(&q.rec);
+                q.stored = true;
+                let mut c = Change::default();
+                c.queue(&queue, &q.rec)?;
+                let lsn = self.store()?.commit(&c)?;
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
+            }
+            QueueOp::List => {
+                let mut all: Vec<(String, QueueLen)> =
+                    self.queues.iter().map(|(n, q)| (n.clone(), q.len())).collect();
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::List(all))));
+            }
+        }
+        Ok(())
+    }
+
+    /// A blocked pop's wait ended with nothing.
+    fn wait_over(&mut self, myself: &ActorRef<QueueMsg>, w: u64) {
+        let Some(p) = self.pending.remove(&w) else { return };
+        if let Some(q) = self.queues.get_mut(&p.queue) {
+            q.waiters.retain(|x| *x != w);
+        }
+        self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(Vec::new()))));
+        self.settle(&p.queue);
+    }
+
+    /// The options of queue `name` (for callers that show them).
+    pub fn options(&self, name: &str) -> QueueOptions {
+        self.queues.get(name).map_or_else(|| QueueOptions::defaults(name), |q| options_of(&q.rec))
+    }
+}
+
+/// The queue service actor (empty: everything lives in `QueueState`).
+pub struct QueueActor;
+
+impl Actor for QueueActor {
+    type Msg = QueueMsg;
+    type State = QueueState;
+    type Arguments = QueueArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<QueueMsg>,
+        args: QueueArgs,
+    ) -> Result<QueueState, ActorProcessingErr> {
+        let heap = open_heap(&args.path, &args.heap).await?;
+        let (store, loaded) = QueueStore::open(heap)?;
+        let origin = tokio::time::Instant::now();
+        let wall_origin = wall_now();
+        let mono = |wall: u64| wall.saturating_sub(wall_origin);
+        let mut queues = HashMap::new();
+        for (name, l) in loaded {
+            let (rec, stored) = match l.rec {
+                Some(r) => (r, true),
+                None => (rec_of(&QueueOptions::defaults(&name), 1), false),
+            };
+            let mut q = Q::new(rec, stored);
+            for item in l.items {
+                // In flight before the restart: ready again, its count kept.
+                let until = item.meta.delayed_until_ms.filter(|&w| w > wall_origin).map(mono);
+                q.q.restore(item.seq, (), item.meta.deliveries, until);
+            }
+            for (k, d) in l.dedup {
+                q.q.restore_dedup(k, d.seq, mono(d.until_ms));
+            }
+            if !q.stored && q.q.next_seq() > 1 {
+                // Items without a record (not written by this code): reserve before any push.
+                q.rec.seq_floor = q.q.next_seq();
+            }
+            queues.insert(name, q);
+        }
+        myself.send_interval(TICK, || QueueMsg::Tick);
+        let gate = LogGate::new(store, args.heap.fsync, args.view, myself)?;
+        let mut st = QueueState {
+            gate,
+            origin,
+            wall_origin,
+            queues,
+            pending: HashMap::new(),
+            next_waiter: 1,
+            timers: BTreeSet::new(),
+            by_session: HashMap::new(),
+            fences: args.fences,
+        };
+        let names: Vec<String> = st.queues.keys().cloned().collect();
+        for n in names {
+            st.schedule(&n);
+        }
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<QueueMsg>,
+        msg: QueueMsg,
+        st: &mut QueueState,
+    ) -> Result<(), ActorProcessingErr> {
+        let msg = match msg.into_gate() {
+            Ok(call) => return st.gate.handle(&myself, call).await,
+            Err(QueueMsg::InjectPanic) => panic!("injected panic (test hook)"),
+            Err(m) => m,
+        };
+        if st.gate.shard.is_none() {
+            match msg {
+                QueueMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
+                QueueMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
+                _ => {}
+            }
+            return Ok(());
+        }
+        let r = match msg {
+            QueueMsg::Call(op, reply) => st.call(&myself, op, reply),
+            QueueMsg::WaitOver(w) => {
+                st.wait_over(&myself, w);
+                Ok(())
+            }
+            QueueMsg::Tick => st.tick(&myself),
+            QueueMsg::SessionEnded(s) => st.session_ended(&myself, s),
+            QueueMsg::Check(reply) => {
+                let r = st.store_ref().and_then(|s| s.check()).and_then(|()| st.check_memory());
+                let _ = reply.send(r);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            // A record that could not be written (a full disk) or read: memory may be ahead of
+            // the heap; restart from the heap (recovery) rather than go on.
+            return Err(format!("queue service: {e}").into());
+        }
+        fail_if_poisoned(&mut st.gate)
+    }
+}
