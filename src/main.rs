@@ -342,6 +342,8 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
                  feed info F | feed get F ID | feed rm F ID | feed read F [AFTER] [N] | feed back F [N] | \
                  feed trim F KEEP | feed rotate F | feed version F V | feed cursors F | \
                  feed cursor F NAME [set AFTER | read N | del]; AFTER is start, end, first or an id; \
+                 push Q JSON | pop Q [N] [WAIT_MS] [take] | ack Q SEQ/DELIVERY | \
+                 nack Q SEQ/DELIVERY [DELAY_MS] | qlen Q | peek Q [N] | purge Q | queues; \
                  anything else is a snippet";
     Ok(match w.as_slice() {
         ["ping"] => {
@@ -401,6 +403,63 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
             heapgrid::lock::LockResult::List { locks, sems } => {
                 serde_json::json!({ "locks": serde_json::to_value(locks)?, "semaphores": serde_json::to_value(sems)? })
             }
+            r => return Err(format!("unexpected answer {r:?}").into()),
+        },
+        ["push", q, json @ ..] if !json.is_empty() => {
+            let j: serde_json::Value = serde_json::from_str(&json.join(" "))?;
+            serde_json::json!({ "seq": client.queue(q).push(&j).await? })
+        }
+        ["pop", q, rest @ ..] => {
+            // pop Q [N] [WAIT_MS] [take]
+            let take = rest.last() == Some(&"take");
+            let rest = if take { &rest[..rest.len() - 1] } else { rest };
+            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(1);
+            let wait =
+                std::time::Duration::from_millis(rest.get(1).map(|s| s.parse()).transpose()?.unwrap_or(0));
+            let mode = if take { heapgrid::queue::Mode::Take } else { heapgrid::queue::Mode::Ack };
+            let ds = client.queue(q).pop_with(heapgrid::Pop { n, wait, mode, ..Default::default() }).await?;
+            serde_json::Value::Array(
+                ds.iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "seq": d.seq,
+                            "receipt": format!("{}/{}", d.receipt.seq, d.receipt.delivery),
+                            "deliveries": d.deliveries,
+                            "value": d.value.to_json(),
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        ["ack", q, receipt] => {
+            client.queue(q).ack(parse_receipt(receipt)?).await?;
+            "acked".into()
+        }
+        ["nack", q, receipt, rest @ ..] => {
+            let delay = rest.first().map(|s| s.parse().map(std::time::Duration::from_millis)).transpose()?;
+            client.queue(q).nack(parse_receipt(receipt)?, delay).await?;
+            "nacked".into()
+        }
+        ["qlen", q] => serde_json::to_value(client.queue(q).len().await?)?,
+        ["peek", q, rest @ ..] => {
+            let n = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(10);
+            serde_json::Value::Array(
+                client
+                    .queue(q)
+                    .peek(n)
+                    .await?
+                    .iter()
+                    .map(|(seq, v)| serde_json::json!({ "seq": seq, "value": v.to_json() }))
+                    .collect(),
+            )
+        }
+        ["purge", q] => serde_json::json!({ "purged": client.queue(q).purge().await? }),
+        ["queues"] => match client.queue_op(heapgrid::queue::QueueOp::List).await? {
+            heapgrid::queue::QueueResult::List(all) => serde_json::Value::Array(
+                all.iter()
+                    .map(|(n, l)| Ok(serde_json::json!({ "queue": n, "len": serde_json::to_value(l)? })))
+                    .collect::<Result<Vec<_>, AnyErr>>()?,
+            ),
             r => return Err(format!("unexpected answer {r:?}").into()),
         },
         ["lock" | "unlock", ..] => {
@@ -464,6 +523,13 @@ async fn run_command(client: &Client, words: &[String]) -> Result<serde_json::Va
     })
 }
 
+/// A receipt as the shell prints it: `SEQ/DELIVERY`.
+fn parse_receipt(s: &str) -> Result<heapgrid::queue::Receipt, AnyErr> {
+    let (seq, delivery) =
+        s.split_once('/').ok_or_else(|| format!("{s:?} is not a receipt (SEQ/DELIVERY)"))?;
+    Ok(heapgrid::queue::Receipt { seq: seq.parse()?, delivery: delivery.parse()? })
+}
+
 /// A feed position on the command line: `start`, `end`, `first` (the first available) or an id.
 fn parse_pos(s: &str) -> Result<heapgrid::Pos, AnyErr> {
     Ok(match s {
@@ -523,7 +589,18 @@ const COMMANDS: &[&str] = &[
     "lock",
     "unlock",
     "locks",
+    "push",
+    "pop",
+    "ack",
+    "nack",
+    "qlen",
+    "peek",
+    "purge",
+    "queues",
 ];
+
+/// Commands whose first argument is a queue name.
+const QUEUE_COMMANDS: &[&str] = &["push", "pop", "ack", "nack", "qlen", "peek", "purge"];
 
 /// The shell's lock session (opened by the first `lock`) and the locks it holds. While it holds
 /// any, every snippet the shell runs is fenced by all of them (`eval_fenced`): a lock lost
@@ -588,9 +665,12 @@ impl ShellLocks {
 /// A command: a command word followed by plain words (`del users bob`), not code
 /// (`del users['bob']`, `count = len(users)`).
 fn is_command(words: &[String]) -> bool {
-    let plain = |w: &String| !w.contains(['[', '(', '=', '.', ':']) || w.starts_with(['{', '['].as_ref());
+    // A queue name may have dots (`mail.dead`); no snippet starts with `push NAME` or the like.
+    let queue = words.first().is_some_and(|w| QUEUE_COMMANDS.contains(&w.as_str()));
+    let name = |w: &String| !w.contains(['[', '(', '=', ':']) && (queue || !w.contains('.'));
+    let plain = |w: &String| name(w) || w.starts_with(['{', '['].as_ref());
     words.first().is_some_and(|w| COMMANDS.contains(&w.as_str()))
-        && words.get(1).is_none_or(|w| !w.contains(['[', '(', '=', '.', ':']))
+        && words.get(1).is_none_or(name)
         && words.iter().skip(1).take(2).all(plain)
 }
 
@@ -792,6 +872,10 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
                 // The lock heap: records decode, holders and permits name stored sessions.
                 if f.components().any(|c| c.as_os_str() == "locks") {
                     heapgrid_actors::lock::store::check_heap(&h).map_err(|e| e.to_string())?;
+                }
+                // The queue heap: records decode, every item and key below its queue's floor.
+                if f.components().any(|c| c.as_os_str() == "queues") {
+                    heapgrid_actors::queue::store::check_heap(&h).map_err(|e| e.to_string())?;
                 }
                 if f.components().any(|c| c.as_os_str() == "feeds") {
                     heapgrid_actors::feed::FeedShard::check_heap(h).map_err(|e| e.to_string())?;

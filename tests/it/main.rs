@@ -12,6 +12,7 @@ mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;
 mod queues;
+mod queues_server;
 mod server;
 mod snippet_sandbox;
 mod snippets;
