@@ -28,6 +28,7 @@ pub mod grid;
 pub mod loadgen;
 pub mod loadgen_feed;
 pub mod loadgen_lock;
+pub mod loadgen_queue;
 pub mod lock;
 pub mod protocol;
 pub mod queue;

@@ -52,6 +52,8 @@ pub struct LoadSpec {
     pub redis: Option<SocketAddr>,
     /// Acquire + release pairs of locks instead of gets and puts (`redis`: the Redis lock).
     pub locks: Option<crate::loadgen_lock::LockLoad>,
+    /// Push + pop (+ ack) cycles on one queue instead (`redis`: LPUSH/BRPOP or the Streams trio).
+    pub queues: Option<crate::loadgen_queue::QueueLoad>,
 }
 
 /// A snippet load: the source sees the request's key as `key` (collection scope, routed by it)
@@ -81,6 +83,9 @@ pub struct LoadReport {
 pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
     if let Some(load) = spec.locks {
         return crate::loadgen_lock::run(&spec, load).await;
+    }
+    if let Some(load) = spec.queues {
+        return crate::loadgen_queue::run(&spec, load).await;
     }
     if let (Some(rate), Some(redis)) = (spec.follow_rate, spec.redis) {
         return crate::loadgen_feed::redis_follow(redis, &spec.table, rate, spec.duration).await;

@@ -91,7 +91,8 @@ struct BenchArgs {
     #[arg(long)]
     follow_rate: Option<u64>,
     /// With --follow-rate: measure Redis at this address instead (XADD / XREAD BLOCK); with
-    /// --locks, the Redis lock (SET NX PX + a Lua compare-and-delete).
+    /// --locks, the Redis lock (SET NX PX + a Lua compare-and-delete); with --queues, Redis
+    /// lists or streams.
     #[arg(long)]
     redis: Option<std::net::SocketAddr>,
     /// Acquire + release lock pairs instead of gets and puts: `uncontended` (a lock per
@@ -99,6 +100,11 @@ struct BenchArgs {
     /// --table.
     #[arg(long, value_parser = ["uncontended", "contended"])]
     locks: Option<String>,
+    /// Push + pop (+ ack) cycles on the queue named by --table, each connection one cycle at a
+    /// time: `take` (take mode; with --redis, LPUSH + BRPOP) or `ack` (ack mode; with --redis,
+    /// XADD + XREADGROUP + XACK). Items are --value-bytes long.
+    #[arg(long, value_parser = ["take", "ack"])]
+    queues: Option<String>,
     /// Make every snippet's source unique, so none is served from the compile cache.
     #[arg(long)]
     uncached: bool,
@@ -807,6 +813,10 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
         locks: b.locks.as_deref().map(|l| match l {
             "contended" => heapgrid::loadgen_lock::LockLoad::Contended,
             _ => heapgrid::loadgen_lock::LockLoad::Uncontended,
+        }),
+        queues: b.queues.as_deref().map(|l| match l {
+            "ack" => heapgrid::loadgen_queue::QueueLoad::Ack,
+            _ => heapgrid::loadgen_queue::QueueLoad::Take,
         }),
         eval: b.eval.map(|src| heapgrid::loadgen::EvalLoad {
             src,

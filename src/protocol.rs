@@ -775,8 +775,10 @@ mod tests {
             GridError::StaleFence { lock: s(), presented: 0, current: None },
             GridError::NotHolder { lock: s(), current: None },
             GridError::SessionExpired { session: 0 },
+            GridError::QueueFull { queue: s(), max_len: 0 },
+            GridError::StaleReceipt { queue: s(), seq: 0, delivery: 0 },
         ];
-        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..26).collect::<Vec<u8>>());
+        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..28).collect::<Vec<u8>>());
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

@@ -248,9 +248,10 @@ impl Consumer {
             if let Some(d) = self.buffered.pop_front() {
                 return Ok(Message { queue: self.queue.clone(), delivery: d });
             }
+            // Well inside a client's request timeout (30 s by default).
             let how = Pop {
                 n: self.n,
-                wait: Duration::from_secs(30),
+                wait: Duration::from_secs(10),
                 mode: Mode::Ack,
                 visibility: Some(self.visibility),
                 session: None,
@@ -260,8 +261,8 @@ impl Consumer {
     }
 
     /// Hands every delivery's value to `handle`, acking it when `handle` succeeds and nacking
-    /// it when it fails, until `handle` or the queue returns an error the caller must see (a
-    /// request error). Never returns `Ok`.
+    /// it when it fails, until a request fails (a late ack, `StaleReceipt`, is not a failure:
+    /// the item was redelivered). Never returns `Ok`.
     pub async fn run<T, F, Fut, E>(&mut self, mut handle: F) -> Result<()>
     where
         T: DeserializeOwned,
@@ -278,9 +279,15 @@ impl Consumer {
                     continue;
                 }
             };
-            match handle(value).await {
-                Ok(()) => m.ack().await?,
-                Err(_) => m.nack(None).await?,
+            let r = match handle(value).await {
+                Ok(()) => m.ack().await,
+                Err(_) => m.nack(None).await,
+            };
+            match r {
+                // Too late: its visibility ended and it was redelivered (to this consumer or
+                // another); the current delivery is untouched.
+                Ok(()) | Err(GridError::StaleReceipt { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
     }

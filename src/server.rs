@@ -42,7 +42,7 @@ use crate::protocol::{
 use heapgrid_actors::feed::actor::AppendReq;
 use heapgrid_actors::feed::runtime::FeedRuntime;
 use heapgrid_actors::lock::ops::{LockOp, LockResult};
-use heapgrid_actors::queue::ops::{QueueOp, QueueResult};
+use heapgrid_actors::queue::ops::{QueueOp, QueueOptions, QueueResult};
 
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
@@ -552,6 +552,7 @@ async fn connection(
                     let e = GridError::Unavailable(e.to_string());
                     protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
                     reading = false;
+                    gone_tx.send_replace(true);
                 }
             },
             _ = tokio::time::sleep_until(frame_due.unwrap_or_else(tokio::time::Instant::now)),
@@ -559,6 +560,7 @@ async fn connection(
                 let e = GridError::Protocol(FrameError::Deadline(limits.frame_deadline).to_string());
                 protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
                 reading = false;
+                gone_tx.send_replace(true);
             }
             _ = stop.changed(), if reading => reading = false,
         }
@@ -619,14 +621,24 @@ fn lock_allowed(who: &Principal, op: &LockOp) -> Result<(), GridError> {
     }
 }
 
-/// Whether `who` may make queue request `op`: `write` on the queue's name to change it (a pop
-/// changes it), `read` to look (`peek`, `len`); the list shows only queues it may read.
+/// Whether `who` may make queue request `op`: `read` on the queue's name to see its items
+/// (`pop`, `peek`, `len`), `write` to change it (`pop` changes it too); `configure` also needs
+/// `write` on the dead-letter queue it names. The list shows only queues it may read.
 fn queue_allowed(who: &Principal, op: &QueueOp) -> Result<(), GridError> {
-    match op.queue() {
-        Some(q) if op.writes() => who.require(q, Permission::Write),
-        Some(q) => who.require(q, Permission::Read),
-        None => Ok(()),
+    let Some(q) = op.queue() else { return Ok(()) };
+    if !matches!(
+        op,
+        QueueOp::Push { .. } | QueueOp::Ack { .. } | QueueOp::Nack { .. } | QueueOp::Extend { .. }
+    ) {
+        who.require(q, Permission::Read)?;
     }
+    if op.writes() {
+        who.require(q, Permission::Write)?;
+    }
+    if let QueueOp::Configure { options: QueueOptions { dead_letter: Some(d), .. }, .. } = op {
+        who.require(d, Permission::Write)?;
+    }
+    Ok(())
 }
 
 /// `f`, dropped (its reply port closes, so the service skips it) if the peer goes away first.
@@ -909,8 +921,20 @@ impl<'c> Round<'c> {
                 });
             }
             RequestBody::Queue { op } => {
-                // Sent now, so one connection's queue requests keep their order.
-                let allowed = queue_allowed(&who, &op);
+                // Sent now, so one connection's queue requests keep their order. A delivery may
+                // be tied only to a lock session this connection owns.
+                let allowed = queue_allowed(&who, &op).and_then(|_| match &op {
+                    QueueOp::Pop { session: Some(s), .. }
+                        if !self.sessions.lock().unwrap_or_else(|e| e.into_inner()).contains(s) =>
+                    {
+                        Err(GridError::PermissionDenied {
+                            collection: format!("session {s}"),
+                            permission: "owner (open it, or reattach it with its secret, on this connection)"
+                                .into(),
+                        })
+                    }
+                    _ => Ok(()),
+                });
                 let waits = matches!(op, QueueOp::Pop { wait_ms: 1.., .. });
                 let started = allowed.map(|_| grid.queues().call(op));
                 let gone = self.gone.clone();

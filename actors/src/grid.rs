@@ -443,6 +443,22 @@ pub struct GridCore {
     _lock: File,
 }
 
+/// The items a grid-scoped run took from queues, given back (nacked, at once) when it is
+/// dropped still holding them: the run failed, conflicted or its commit failed.
+struct GiveBack {
+    core: Arc<GridCore>,
+    taken: Vec<(String, crate::queue::ops::Receipt)>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        for (queue, receipt) in self.taken.drain(..) {
+            // Sent now (the future only waits for the answer, which nobody needs).
+            drop(self.core.queues.call(crate::queue::ops::QueueOp::Nack { queue, receipt, delay_ms: 0 }));
+        }
+    }
+}
+
 /// One shard's part of a grid-scoped commit: (table, shard) and its operations.
 type ShardOps = ((String, u32), Vec<WriteOp>);
 
@@ -471,7 +487,14 @@ struct GridStore {
     /// a snapshot may not yet show the write it lost to).
     fresh: bool,
     versions: HashMap<(String, Key), u64>,
+    /// Items the run took from queues (in ack mode): acked if the run commits, given back if
+    /// not.
+    taken: Vec<(String, crate::queue::ops::Receipt)>,
 }
+
+/// How long an item a snippet took stays in flight before it would return by itself: longer
+/// than any run (its wall budget) and its commit.
+const SNIPPET_TAKE_VISIBILITY_MS: u64 = 300_000;
 
 /// A collection a grid-scoped snippet names: tables and feeds share one namespace.
 enum Collection {
@@ -556,6 +579,63 @@ impl Store for GridStore {
     fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
         (self.access)(feed, true)?;
         self.core.feed(feed).map(|_| ())
+    }
+
+    fn queue_take(&mut self, queue: &str, n: u32) -> Result<Vec<Value>, GridError> {
+        use crate::queue::ops::{Mode, QueueOp, QueueResult};
+        (self.access)(queue, false)?;
+        (self.access)(queue, true)?;
+        let op = QueueOp::Pop {
+            queue: queue.to_string(),
+            n,
+            wait_ms: 0,
+            mode: Mode::Ack,
+            visibility_ms: Some(SNIPPET_TAKE_VISIBILITY_MS),
+            session: None,
+        };
+        match self.handle.block_on(self.core.queues.call(op))? {
+            QueueResult::Delivered(ds) => Ok(ds
+                .into_iter()
+                .map(|d| {
+                    self.taken.push((queue.to_string(), d.receipt));
+                    d.value
+                })
+                .collect()),
+            r => Err(GridError::Protocol(format!("a pop was answered with {r:?}"))),
+        }
+    }
+
+    fn queue_peek(&mut self, queue: &str, n: u32) -> Result<Vec<Value>, GridError> {
+        use crate::queue::ops::{QueueOp, QueueResult};
+        (self.access)(queue, false)?;
+        match self.handle.block_on(self.core.queues.call(QueueOp::Peek { queue: queue.to_string(), n }))? {
+            QueueResult::Items(items) => Ok(items.into_iter().map(|(_, v)| v).collect()),
+            r => Err(GridError::Protocol(format!("a peek was answered with {r:?}"))),
+        }
+    }
+
+    fn queue_len(&mut self, queue: &str) -> Result<Value, GridError> {
+        use crate::queue::ops::{QueueOp, QueueResult};
+        (self.access)(queue, false)?;
+        match self.handle.block_on(self.core.queues.call(QueueOp::Len { queue: queue.to_string() }))? {
+            QueueResult::Len(l) => {
+                let mut m = indexmap::IndexMap::new();
+                for (k, v) in [
+                    ("ready", l.ready),
+                    ("in_flight", l.in_flight),
+                    ("delayed", l.delayed),
+                    ("waiters", l.waiters),
+                ] {
+                    m.insert(k.to_string(), Value::Int(v as i64));
+                }
+                Ok(Value::Map(m))
+            }
+            r => Err(GridError::Protocol(format!("a queue length was answered with {r:?}"))),
+        }
+    }
+
+    fn check_queue_write(&mut self, queue: &str) -> Result<(), GridError> {
+        (self.access)(queue, true)
     }
 
     fn check_write(&mut self, coll: &str, key: &Key) -> Result<(), GridError> {
@@ -930,6 +1010,7 @@ impl GridCore {
         let limits = self.snippets.defaults.with_overrides(limits, &self.snippets.max);
         if let [only] = compiled.collections.as_slice()
             && !compiled.calls_procedures
+            && !compiled.uses_queues
             && let Ok(t) = self.table(only)
         {
             access(only, false)?;
@@ -967,14 +1048,23 @@ impl GridCore {
             let check = access.clone();
             let (c, l, a) = (compiled.clone(), limits.clone(), args.clone());
             let fresh = attempt > 1;
-            let (outcome, versions) = tokio::task::spawn_blocking(move || {
-                let mut store = GridStore { core, handle, access: check, fresh, versions: HashMap::new() };
+            let (outcome, versions, taken) = tokio::task::spawn_blocking(move || {
+                let mut store = GridStore {
+                    core,
+                    handle,
+                    access: check,
+                    fresh,
+                    versions: HashMap::new(),
+                    taken: Vec::new(),
+                };
                 let r = c.run(&mut store, &l, None, &a);
-                r.map(|o| (o, store.versions))
+                (r, store.versions, store.taken)
             })
             .await
-            .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))??;
-            let crate::snippet::Outcome { value, writes, feed_writes } = outcome;
+            .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))?;
+            // Whatever ends this run short of its commit gives back what it took.
+            let mut give_back = GiveBack { core: self.clone(), taken };
+            let crate::snippet::Outcome { value, writes, feed_writes } = outcome?;
             let mut groups = self.commit_groups(writes, &versions)?;
             for (_, ops) in &mut groups {
                 ops.splice(0..0, fences.iter().cloned());
@@ -991,9 +1081,28 @@ impl GridCore {
             }
             match self.commit(groups).await {
                 Ok(()) => {
-                    // Feed changes go after the writes committed, once, in program order.
+                    // What the run took is its own for good.
+                    for (queue, receipt) in std::mem::take(&mut give_back.taken) {
+                        let op = crate::queue::ops::QueueOp::Ack { queue, receipt };
+                        match self.queues.call(op).await {
+                            Ok(_) | Err(GridError::StaleReceipt { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    // Feed changes and queue pushes go after the writes committed, once, in
+                    // program order.
                     for w in feed_writes {
                         match w {
+                            crate::snippet::FeedWrite::Push { queue, value, dedup_key, delay_ms } => {
+                                let op = crate::queue::ops::QueueOp::Push {
+                                    queue,
+                                    value,
+                                    dedup_key,
+                                    delay_ms,
+                                    fence: None,
+                                };
+                                self.queues.call(op).await?;
+                            }
                             crate::snippet::FeedWrite::Append { feed, value, id } => {
                                 self.feed(&feed)?.append(value, id).await?;
                             }

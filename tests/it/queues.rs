@@ -311,3 +311,40 @@ async fn concurrent_producers_and_consumers_ack_every_item_exactly_once() {
     assert_eq!(grid.queue("work").len().await.unwrap(), Default::default());
     grid.core().queues().check().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snippets_push_after_commit_and_take_for_good_only_when_they_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = open(dir.path()).await;
+    let t = grid.create_table("t", heapgrid::TableOptions::default()).await.unwrap();
+    let q = grid.queue("jobs");
+    // Pushes are applied after the commit, in program order.
+    let v = grid
+        .eval("q = queue('jobs')\nq.push({'n': 1})\nq.push({'n': 2}, dedup_key='two')\nt['x'] = 1\nq.len()")
+        .await
+        .unwrap();
+    assert_eq!(v.to_json()["ready"], 0, "nothing is pushed while the run runs");
+    assert_eq!(q.len().await.unwrap().ready, 2);
+    // A failing run pushes nothing and gives back what it took.
+    let e = grid
+        .eval("q = queue('jobs')\nq.push(3)\ngot = q.take(2)\nt['y'] = got\nfail('no')")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, GridError::Snippet(_)), "{e:?}");
+    let l = q.len().await.unwrap();
+    assert_eq!((l.ready, l.in_flight), (2, 0), "given back at once: {l:?}");
+    assert_eq!(t.get_value("y").await.unwrap(), None);
+    // A committing run takes for good, and sees values, peeks and counts.
+    let v = grid.eval("q = queue('jobs')\npeeked = q.peek(1)\ngot = q.take(5)\nt['y'] = got\n[peeked, got, q.len()['ready']]").await.unwrap();
+    let j = v.to_json();
+    assert_eq!(j[0], serde_json::json!([{"n": 1}]));
+    assert_eq!(j[1], serde_json::json!([{"n": 1}, {"n": 2}]));
+    assert_eq!(j[2], 0);
+    assert_eq!(q.len().await.unwrap(), Default::default());
+    assert!(t.get_value("y").await.unwrap().is_some());
+    // Bad input is a typed snippet error.
+    assert!(grid.eval("queue('jobs').take(0)").await.is_err());
+    assert!(grid.eval("queue('jobs').push(1, delay_ms=-5)").await.is_err());
+    grid.core().queues().check().await.unwrap();
+    grid.close().await.unwrap();
+}

@@ -64,6 +64,9 @@ pub const QUEUES_MAX: usize = 100_000;
 pub const QUEUE_TIME_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 /// Most deliveries an item may be configured to get.
 pub const MAX_DELIVERIES_MAX: u32 = 1_000_000;
+/// Bytes of item values one pop hands out at most (the first item always goes): the answer
+/// must fit a frame, and an item handed out must reach its caller.
+pub const QUEUE_POP_BYTES_MAX: usize = 24 << 20;
 /// Items removed per op-log record by a purge.
 const PURGE_CHUNK: usize = 50_000;
 
@@ -252,6 +255,33 @@ impl QueueState {
         Ok(self.queues.get_mut(name).expect("inserted above"))
     }
 
+    /// Dead-letter queue `name` in memory, past `QUEUES_MAX` if need be: a dead letter is never
+    /// refused (it is not the caller's item to lose).
+    fn activate_dead_letters(&mut self, name: &str) -> &mut Q {
+        self.queues
+            .entry(name.to_string())
+            .or_insert_with(|| Q::new(rec_of(&QueueOptions::defaults(name), 1), false))
+    }
+
+    /// How many of the next `n` ready items of `name` one pop hands out: as many as fit
+    /// `QUEUE_POP_BYTES_MAX`, and at least one.
+    fn fitting(&self, name: &str, n: u32) -> Result<u32, GridError> {
+        let Some(q) = self.queues.get(name) else { return Ok(0) };
+        if n <= 1 {
+            return Ok(n);
+        }
+        let store = self.store_ref()?;
+        let (mut bytes, mut k) = (0usize, 0u32);
+        for (seq, ()) in q.q.peek(n as usize) {
+            bytes += store.value_len(name, seq)?;
+            if k > 0 && bytes > QUEUE_POP_BYTES_MAX {
+                break;
+            }
+            k += 1;
+        }
+        Ok(k)
+    }
+
     /// Adds a record of the queue's options to `c` if the next seq needs a new reservation (or
     /// the queue has no record yet).
     fn reserve(q: &mut Q, name: &str, c: &mut Change) -> Result<(), GridError> {
@@ -312,6 +342,7 @@ impl QueueState {
         c: &mut Change,
     ) -> Result<Vec<Delivery>, GridError> {
         let now = self.now_ms();
+        let n = self.fitting(name, n)?;
         let Some(q) = self.queues.get_mut(name) else { return Ok(Vec::new()) };
         let pop_mode = match mode {
             Mode::Ack => PopMode::Ack,
@@ -392,9 +423,8 @@ impl QueueState {
             .collect(),
         );
         let bytes = letter.encode().map_err(|e| GridError::Value(e.to_string()))?;
-        let q = self.activate(&dlq)?;
-        // A dead letter is never refused (not even by the dead-letter queue's `max_len`): it
-        // is not the caller's item to lose.
+        let q = self.activate_dead_letters(&dlq);
+        // Nor by the dead-letter queue's `max_len`.
         let dseq = q.q.next_seq();
         q.q.restore(dseq, (), 0, None);
         Self::reserve(q, &dlq, c)?;
@@ -632,7 +662,8 @@ impl QueueState {
                 };
                 match q.q.push((), dedup_key.as_deref(), delay_ms, now) {
                     Err(QueueError::Full { max_len }) => {
-                        let _ = reply.send(Err(GridError::QueueFull { queue, max_len }));
+                        let r = Err(GridError::QueueFull { queue, max_len });
+                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
                     }
                     Err(QueueError::StaleReceipt) => unreachable!("a push names no receipt"),
                     Ok((seq, true)) => {
@@ -726,7 +757,9 @@ impl QueueState {
                         self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
                     }
                     _ => {
-                        let _ = reply.send(Err(stale(&queue, receipt)));
+                        // Through the gate: what made it stale may not be written yet.
+                        let r = Err(stale(&queue, receipt));
+                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
                     }
                 }
             }
@@ -758,7 +791,9 @@ impl QueueState {
                         self.wake(myself, &woken)?;
                     }
                     _ => {
-                        let _ = reply.send(Err(stale(&queue, receipt)));
+                        // Through the gate: what made it stale may not be written yet.
+                        let r = Err(stale(&queue, receipt));
+                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
                     }
                 }
             }
@@ -795,16 +830,7 @@ impl QueueState {
                 self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Items(items))));
             }
             QueueOp::Len { queue } => {
-                let pending = &self.pending;
-                let l = self.queues.get(&queue).map_or_else(QueueLen::default, |q| QueueLen {
-                    // Blocked pops whose callers are still there.
-                    waiters: q
-                        .waiters
-                        .iter()
-                        .filter(|w| pending.get(w).is_some_and(|p| !p.port.is_closed()))
-                        .count() as u64,
-                    ..q.len()
-                });
+                let l = self.queues.get(&queue).map_or_else(QueueLen::default, |q| self.live_len(q));
                 self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Len(l))));
             }
             QueueOp::Purge { queue } => {
@@ -861,11 +887,44 @@ impl QueueState {
             }
             QueueOp::List => {
                 let mut all: Vec<(String, QueueLen)> =
-                    self.queues.iter().map(|(n, q)| (n.clone(), q.len())).collect();
+                    self.queues.iter().map(|(n, q)| (n.clone(), self.live_len(q))).collect();
                 all.sort_by(|a, b| a.0.cmp(&b.0));
                 self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::List(all))));
             }
         }
+        Ok(())
+    }
+
+    /// The counts of `q`, its blocked pops only those whose callers are still there.
+    fn live_len(&self, q: &Q) -> QueueLen {
+        let live = q.waiters.iter().filter(|w| self.pending.get(w).is_some_and(|p| !p.port.is_closed()));
+        QueueLen { waiters: live.count() as u64, ..q.len() }
+    }
+
+    /// After a restart: an item whose last delivery was its last allowed one, cut off by the
+    /// restart, failed that delivery, and moves to its dead-letter queue (as a nack would have
+    /// moved it), one op-log record for all.
+    fn dead_letter_restarted(&mut self) -> Result<(), GridError> {
+        let mut due = Vec::new();
+        for (name, q) in &self.queues {
+            let max = q.q.config.max_deliveries;
+            due.extend(
+                q.q.seqs()
+                    .filter(|&s| q.q.deliveries(s).is_some_and(|d| d >= max))
+                    .map(|s| (name.clone(), s)),
+            );
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut c = Change::default();
+        for (name, seq) in due {
+            let Some(q) = self.queues.get_mut(&name) else { continue };
+            let delivery = q.q.deliveries(seq).unwrap_or(0);
+            q.q.drop_item(seq);
+            self.failed(&name, seq, delivery, Outcome::Restarted, None, true, &mut c)?;
+        }
+        self.store()?.commit(&c)?;
         Ok(())
     }
 
@@ -937,6 +996,7 @@ impl Actor for QueueActor {
             by_session: HashMap::new(),
             fences: args.fences,
         };
+        st.dead_letter_restarted()?;
         let names: Vec<String> = st.queues.keys().cloned().collect();
         for n in names {
             st.schedule(&n);

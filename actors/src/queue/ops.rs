@@ -86,7 +86,7 @@ pub enum QueueOp {
         queue: String,
         options: QueueOptions,
     },
-    /// Every queue with a record, and its counts.
+    /// Every queue in memory (with a record, items or blocked pops), and its counts.
     List,
 }
 

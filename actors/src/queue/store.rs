@@ -59,6 +59,8 @@ pub enum Outcome {
     Expired,
     /// Its session ended.
     SessionEnded,
+    /// The node restarted while it was in flight.
+    Restarted,
 }
 
 impl Outcome {
@@ -67,6 +69,7 @@ impl Outcome {
             Outcome::Nacked => "nacked",
             Outcome::Expired => "expired",
             Outcome::SessionEnded => "session ended",
+            Outcome::Restarted => "restarted",
         }
     }
 }
@@ -265,6 +268,14 @@ impl QueueStore {
     pub fn raw_value(&self, queue: &str, seq: u64) -> Result<Vec<u8>, GridError> {
         match self.heap.get_ref(&item_key(b'I', queue, seq))? {
             Some(v) => Ok(v.to_vec()),
+            None => Err(corrupt("item", format!("queue {queue} item {seq} has no value"))),
+        }
+    }
+
+    /// The encoded length of an item's value.
+    pub fn value_len(&self, queue: &str, seq: u64) -> Result<usize, GridError> {
+        match self.heap.get_ref(&item_key(b'I', queue, seq))? {
+            Some(v) => Ok(v.len()),
             None => Err(corrupt("item", format!("queue {queue} item {seq} has no value"))),
         }
     }

@@ -43,8 +43,22 @@ pub struct SnippetWrite {
 /// A feed change a snippet leaves, applied after its writes commit, in program order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FeedWrite {
-    Append { feed: String, value: Value, id: Option<u64> },
-    Remove { feed: String, id: u64 },
+    Append {
+        feed: String,
+        value: Value,
+        id: Option<u64>,
+    },
+    Remove {
+        feed: String,
+        id: u64,
+    },
+    /// `queue(q).push(value, dedup_key, delay_ms)`.
+    Push {
+        queue: String,
+        value: Value,
+        dedup_key: Option<String>,
+        delay_ms: u64,
+    },
 }
 
 /// What a successful run returns: the shaped result, the writes to commit, and the feed
@@ -95,6 +109,8 @@ pub struct Compiled {
     pub collections: Vec<String>,
     /// Whether the source names a stored procedure (which may touch other collections).
     pub calls_procedures: bool,
+    /// Whether the source (or a procedure it calls) may use a queue: it runs grid-scoped.
+    pub uses_queues: bool,
     /// Microseconds its latest run took (0: never run).
     last_run_us: std::sync::atomic::AtomicU64,
 }
@@ -356,6 +372,7 @@ impl Engine {
         let calls_procedures = r.names.iter().any(|n| env.procedures.contains(n));
         let procedures = if calls_procedures { env.procedures_text.as_str() } else { "" };
         let uses_fail = r.names.contains("fail") || procedures.contains("fail(");
+        let uses_queues = r.names.contains("queue") || procedures.contains("queue(");
         let mut text = prelude_for(&[&r.text, procedures], uses_fail);
         text.push('\n');
         text.push_str(procedures);
@@ -374,6 +391,7 @@ impl Engine {
             source: src.into(),
             collections: r.collections.into_iter().collect(),
             calls_procedures,
+            uses_queues,
             last_run_us: Default::default(),
         };
         if let Runner::InProcess = c.runner {
@@ -675,6 +693,27 @@ impl Host<'_> {
                 }
                 Ok(MontyObject::Bool(self.store.lock_held(lock, fence as u64)?))
             }
+            "_hg_qtake" | "_hg_qpeek" => {
+                let queue = str_arg(args, 0)?;
+                let n = int_arg(args, 1)?;
+                let max = i64::from(crate::queue::actor::QUEUE_POP_MAX);
+                if !(1..=max).contains(&n) {
+                    return Err(HostError::Raise(
+                        ExcType::ValueError,
+                        format!("count {n} is outside 1..={max}"),
+                    ));
+                }
+                let items = if name == "_hg_qtake" {
+                    self.store.queue_take(queue, n as u32)?
+                } else {
+                    self.store.queue_peek(queue, n as u32)?
+                };
+                Ok(MontyObject::List(items.iter().map(convert::to_monty).collect()))
+            }
+            "_hg_qlen" => {
+                let queue = str_arg(args, 0)?;
+                Ok(convert::to_monty(&self.store.queue_len(queue)?))
+            }
             "_hg_fstate" => {
                 let feed = str_arg(args, 0)?;
                 Ok(convert::to_monty(&self.store.feed_state(feed)?))
@@ -832,6 +871,34 @@ impl Compiled {
                 else {
                     return Err(bad("feed write"));
                 };
+                if what == "qpush" {
+                    let v = w.get(2).unwrap_or(&MontyObject::None);
+                    let value = convert::to_value(v).map_err(|why| {
+                        failure(SnippetErrorKind::Value, src, None, format!("queue {feed}.push: {why}"))
+                    })?;
+                    let opts = match w.get(3) {
+                        Some(MontyObject::List(o)) => o.as_slice(),
+                        _ => &[],
+                    };
+                    let dedup_key = match opts.first() {
+                        Some(MontyObject::String(k)) => Some(k.clone()),
+                        Some(MontyObject::None) | None => None,
+                        Some(_) => {
+                            let why = format!("queue {feed}.push: a dedup_key is a str");
+                            return Err(failure(SnippetErrorKind::Value, src, None, why));
+                        }
+                    };
+                    let delay_ms = match opts.get(1) {
+                        Some(MontyObject::Int(d)) if *d >= 0 => *d as u64,
+                        None => 0,
+                        Some(_) => {
+                            let why = format!("queue {feed}.push: delay_ms is an int >= 0");
+                            return Err(failure(SnippetErrorKind::Value, src, None, why));
+                        }
+                    };
+                    feed_writes.push(FeedWrite::Push { queue: feed.clone(), value, dedup_key, delay_ms });
+                    continue;
+                }
                 let id = match w.get(3) {
                     Some(MontyObject::Int(i)) if *i > 0 => Some(*i as u64),
                     Some(MontyObject::None) | None => None,
@@ -880,8 +947,12 @@ impl Compiled {
             host.store.check_write(&w.collection, &w.key)?;
         }
         for w in &feed_writes {
-            let (FeedWrite::Append { feed, .. } | FeedWrite::Remove { feed, .. }) = w;
-            host.store.check_feed_write(feed)?;
+            match w {
+                FeedWrite::Append { feed, .. } | FeedWrite::Remove { feed, .. } => {
+                    host.store.check_feed_write(feed)?
+                }
+                FeedWrite::Push { queue, .. } => host.store.check_queue_write(queue)?,
+            }
         }
         // Which parts of the answer are stored documents: `$ref`s when too big.
         let mut refs = Vec::new();

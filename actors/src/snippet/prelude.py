@@ -217,6 +217,31 @@ def lock_held(name, fence):
     return _hg_lock_held(name, fence)
 
 
+# == queue(
+class _HgQueue:
+    # A queue (docs/queues.md). Pushes are kept until the run ends and made once it commits, in
+    # order (a failed or conflicting run pushes nothing). `take` hands items out at once, for
+    # good only when the run commits: a run that fails gives them back. A snippet never waits.
+    def __init__(self, name):
+        self.name = name
+
+    def push(self, v, dedup_key=None, delay_ms=0):
+        _hg_fw.append((self.name, 'qpush', v, [dedup_key, delay_ms]))
+
+    def take(self, n=1):
+        return _hg_qtake(self.name, n)
+
+    def peek(self, n=1):
+        return _hg_qpeek(self.name, n)
+
+    def len(self):
+        return _hg_qlen(self.name)
+
+
+def queue(name):
+    return _HgQueue(name)
+
+
 # == fail
 def fail(message):
     raise Exception(str(message))

@@ -63,6 +63,31 @@ pub trait Store {
     fn check_feed_write(&mut self, feed: &str) -> Result<(), GridError> {
         Err(not_a_feed(feed))
     }
+    /// Takes up to `n` ready items of queue `queue` now (`queue(q).take(n)`): handed out for
+    /// good only if the run commits (the caller acks them then, and gives them back if not).
+    fn queue_take(&mut self, queue: &str, n: u32) -> Result<Vec<Value>, GridError> {
+        let _ = n;
+        Err(no_queues(queue))
+    }
+    /// The next `n` ready items of queue `queue`, delivering nothing.
+    fn queue_peek(&mut self, queue: &str, n: u32) -> Result<Vec<Value>, GridError> {
+        let _ = n;
+        Err(no_queues(queue))
+    }
+    /// Queue `queue`'s counts: `{ready, in_flight, delayed, waiters}`.
+    fn queue_len(&mut self, queue: &str) -> Result<Value, GridError> {
+        Err(no_queues(queue))
+    }
+    /// Whether the run may push to queue `queue` (asked when the run ends).
+    fn check_queue_write(&mut self, queue: &str) -> Result<(), GridError> {
+        Err(no_queues(queue))
+    }
+}
+
+fn no_queues(name: &str) -> GridError {
+    GridError::Invalid(format!(
+        "queue {name} cannot be used here (queues are used from grid-scoped snippets)"
+    ))
 }
 
 fn not_a_feed(name: &str) -> GridError {
