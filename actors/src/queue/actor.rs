@@ -161,6 +161,16 @@ impl Q {
     }
 }
 
+/// One failed delivery of item `seq`: its number, how it ended, when it is ready again (none:
+/// now), and whether the state machine dead-lettered it.
+struct Failed {
+    seq: u64,
+    delivery: u32,
+    outcome: Outcome,
+    delay_until: Option<u64>,
+    dead: bool,
+}
+
 struct Waiter {
     queue: String,
     n: u32,
@@ -464,18 +474,10 @@ impl QueueState {
         Ok(())
     }
 
-    /// A failed delivery (nack, expiry, session end) recorded in `c`; the dead-letter queue it
-    /// went to, if it used up its deliveries. `dead` is what the state machine decided.
-    fn failed(
-        &mut self,
-        name: &str,
-        seq: u64,
-        delivery: u32,
-        outcome: Outcome,
-        delay_until: Option<u64>,
-        dead: bool,
-        c: &mut Change,
-    ) -> Result<Option<String>, GridError> {
+    /// A failed delivery (nack, expiry, session end, restart) recorded in `c`; the dead-letter
+    /// queue it went to, if it used up its deliveries.
+    fn failed(&mut self, name: &str, f: Failed, c: &mut Change) -> Result<Option<String>, GridError> {
+        let Failed { seq, delivery, outcome, delay_until, dead } = f;
         let now = self.now_ms();
         let at = self.wall(now);
         let mut meta = self.store_ref()?.meta(name, seq)?;
@@ -512,12 +514,24 @@ impl QueueState {
             let Some(q) = self.queues.get_mut(name) else { continue };
             let t = q.q.tick(now);
             for (seq, delivery) in t.expired {
-                self.failed(name, seq, delivery, Outcome::Expired, None, false, &mut c)?;
+                self.failed(
+                    name,
+                    Failed { seq, delivery, outcome: Outcome::Expired, delay_until: None, dead: false },
+                    &mut c,
+                )?;
             }
             for d in t.dead {
-                if let Some(dlq) =
-                    self.failed(name, d.seq, d.deliveries, Outcome::Expired, None, true, &mut c)?
-                {
+                if let Some(dlq) = self.failed(
+                    name,
+                    Failed {
+                        seq: d.seq,
+                        delivery: d.deliveries,
+                        outcome: Outcome::Expired,
+                        delay_until: None,
+                        dead: true,
+                    },
+                    &mut c,
+                )? {
                     woken.push(dlq);
                 }
             }
@@ -549,7 +563,11 @@ impl QueueState {
             q.sessions.remove(&seq);
             let Some(delivery) = q.q.deliveries(seq).filter(|_| q.q.in_flight(seq)) else { continue };
             let dead = q.q.nack(super::Receipt { seq, delivery }, 0, now).expect("in flight").is_some();
-            if let Some(dlq) = self.failed(&name, seq, delivery, Outcome::SessionEnded, None, dead, &mut c)? {
+            if let Some(dlq) = self.failed(
+                &name,
+                Failed { seq, delivery, outcome: Outcome::SessionEnded, delay_until: None, dead },
+                &mut c,
+            )? {
                 woken.push(dlq);
             }
             woken.push(name);
@@ -777,11 +795,13 @@ impl QueueState {
                         let until = (delay_ms > 0).then_some(now + delay_ms);
                         let dlq = self.failed(
                             &queue,
-                            receipt.seq,
-                            receipt.delivery,
-                            Outcome::Nacked,
-                            until,
-                            dead.is_some(),
+                            Failed {
+                                seq: receipt.seq,
+                                delivery: receipt.delivery,
+                                outcome: Outcome::Nacked,
+                                delay_until: until,
+                                dead: dead.is_some(),
+                            },
                             &mut c,
                         )?;
                         let lsn = self.store()?.commit(&c)?;
@@ -922,7 +942,11 @@ impl QueueState {
             let Some(q) = self.queues.get_mut(&name) else { continue };
             let delivery = q.q.deliveries(seq).unwrap_or(0);
             q.q.drop_item(seq);
-            self.failed(&name, seq, delivery, Outcome::Restarted, None, true, &mut c)?;
+            self.failed(
+                &name,
+                Failed { seq, delivery, outcome: Outcome::Restarted, delay_until: None, dead: true },
+                &mut c,
+            )?;
         }
         self.store()?.commit(&c)?;
         Ok(())

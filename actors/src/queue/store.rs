@@ -197,7 +197,7 @@ fn load(heap: &Heap) -> Result<BTreeMap<String, LoadedQueue>, GridError> {
                 let key = String::from_utf8(key.to_vec()).map_err(|e| corrupt("dedup key", e))?;
                 out.entry(name).or_default().dedup.push((key, decode("dedup", &v)?));
             }
-            _ => return Err(corrupt("key", String::from_utf8_lossy(&k))),
+            _ => return Err(corrupt("key", String::from_utf8_lossy(k))),
         }
     }
     Ok(out)
