@@ -449,6 +449,24 @@ impl<S: HeapOwner> LogGate<S> {
         }
     }
 
+    /// Records were applied that no answer waits for (a timer's expiries, a restart's repairs):
+    /// schedules the flush that writes them, so that nothing answered later is released before
+    /// them. A no-op if the heap's newest record is not above `before` (nothing new).
+    pub fn wrote_since<M: GateMsg>(&mut self, myself: &ActorRef<M>, before: u64) {
+        let last = self.shard.as_ref().map_or(0, |t| t.heap().last_lsn());
+        if last > before && !self.flush_scheduled {
+            self.flush_scheduled = true;
+            if myself.cast(M::flush()).is_err() {
+                let _ = self.flush();
+            }
+        }
+    }
+
+    /// The LSN of the heap's newest record (0 when closed).
+    pub fn last_lsn(&self) -> u64 {
+        self.shard.as_ref().map_or(0, |t| t.heap().last_lsn())
+    }
+
     /// Answers a request now or once what it wrote or saw is as durable as a write's
     /// acknowledgement: `wrote` is the LSN it wrote (0: none).
     pub fn answer<M: GateMsg>(&mut self, myself: &ActorRef<M>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {

@@ -443,8 +443,11 @@ pub struct GridCore {
     _lock: File,
 }
 
-/// The items a grid-scoped run took from queues, given back (nacked, at once) when it is
-/// dropped still holding them: the run failed, conflicted or its commit failed.
+/// The items a grid-scoped run took from queues, given back when it is dropped still holding
+/// them (the run failed, conflicted or its commit failed): ready again at once, their delivery
+/// counts as before the run took them (`Queues::release`), so a retried run does not use up
+/// an item's deliveries. (If the queue service restarted meanwhile, the items are ready
+/// again anyway.)
 struct GiveBack {
     core: Arc<GridCore>,
     taken: Vec<(String, crate::queue::ops::Receipt)>,
@@ -453,8 +456,7 @@ struct GiveBack {
 impl Drop for GiveBack {
     fn drop(&mut self) {
         for (queue, receipt) in self.taken.drain(..) {
-            // Sent now (the future only waits for the answer, which nobody needs).
-            drop(self.core.queues.call(crate::queue::ops::QueueOp::Nack { queue, receipt, delay_ms: 0 }));
+            self.core.queues.release(queue, receipt);
         }
     }
 }
@@ -1081,12 +1083,19 @@ impl GridCore {
             }
             match self.commit(groups).await {
                 Ok(()) => {
-                    // What the run took is its own for good.
+                    // The run committed: every step below is tried, and the first failure is
+                    // reported as one that came after the commit.
+                    let mut after: Option<GridError> = None;
+                    // What the run took is its own for good. A stale receipt means the queue
+                    // service restarted meanwhile and the item is ready again: it will be
+                    // delivered once more (at-least-once).
                     for (queue, receipt) in std::mem::take(&mut give_back.taken) {
                         let op = crate::queue::ops::QueueOp::Ack { queue, receipt };
                         match self.queues.call(op).await {
                             Ok(_) | Err(GridError::StaleReceipt { .. }) => {}
-                            Err(e) => return Err(e),
+                            Err(e) => {
+                                after.get_or_insert(e);
+                            }
                         }
                     }
                     // Feed changes and queue pushes go after the writes committed, once, in
@@ -1101,17 +1110,29 @@ impl GridCore {
                                     delay_ms,
                                     fence: None,
                                 };
-                                self.queues.call(op).await?;
+                                if let Err(e) = self.queues.call(op).await {
+                                    after.get_or_insert(e);
+                                }
                             }
                             crate::snippet::FeedWrite::Append { feed, value, id } => {
-                                self.feed(&feed)?.append(value, id).await?;
+                                if let Err(e) = async { self.feed(&feed)?.append(value, id).await }.await {
+                                    after.get_or_insert(e);
+                                }
                             }
                             crate::snippet::FeedWrite::Remove { feed, id } => {
-                                self.feed(&feed)?.remove(id).await?
+                                if let Err(e) = async { self.feed(&feed)?.remove(id).await }.await {
+                                    after.get_or_insert(e);
+                                }
                             }
                         }
                     }
-                    return Ok(value);
+                    return match after {
+                        None => Ok(value),
+                        Some(e) => Err(GridError::Unavailable(format!(
+                            "the snippet's writes committed, but a feed or queue change after them failed \
+                             (the others were made): {e}"
+                        ))),
+                    };
                 }
                 Err(GridError::CasFailed { .. }) => continue,
                 Err(e) => return Err(e),

@@ -934,6 +934,7 @@ impl Actor for LockActor {
             }
             return Ok(());
         }
+        let before = st.gate.last_lsn();
         let r = match msg {
             LockMsg::Call(op, reply) => st.call(&myself, op, reply),
             LockMsg::WaitOver(w) => {
@@ -953,6 +954,8 @@ impl Actor for LockActor {
             // be ahead of the heap; restart from the heap (recovery) rather than go on.
             return Err(format!("lock service: {e}").into());
         }
+        // Records no answer waits for (expiries, a session's end) are written at the next flush.
+        st.gate.wrote_since(&myself, before);
         fail_if_poisoned(&mut st.gate)
     }
 }

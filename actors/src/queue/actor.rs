@@ -77,6 +77,9 @@ pub enum QueueMsg {
     Tick,
     /// A lock session ended: its deliveries return to ready.
     SessionEnded(SessionId),
+    /// Gives a delivery back uncounted (a snippet's run that took it did not commit): ready at
+    /// its seq, its delivery count as before the pop. Internal: not on the wire.
+    Release(String, Receipt),
     /// Runs the heap's debug checker and `check_memory`.
     Check(Reply<()>),
     Flush,
@@ -219,6 +222,32 @@ fn check_time(what: &str, ms: u64, min: u64) -> Result<(), GridError> {
         return Err(invalid(format!("{what} is {min} to {QUEUE_TIME_MS_MAX} ms (got {ms})")));
     }
     Ok(())
+}
+
+/// What a push must pass before anything changes (also checked at the end of a snippet's run,
+/// so its pushes are not refused after its commit); the value, encoded.
+pub fn check_push(
+    queue: &str,
+    value: &Value,
+    dedup_key: Option<&str>,
+    delay_ms: u64,
+) -> Result<Vec<u8>, GridError> {
+    check_name(queue)?;
+    if dedup_key.is_some_and(|k| k.is_empty() || k.len() > DEDUP_KEY_BYTES_MAX) {
+        return Err(invalid(format!("a dedup key is 1 to {DEDUP_KEY_BYTES_MAX} bytes")));
+    }
+    if delay_ms > 0 {
+        check_time("delay_ms", delay_ms, 0)?;
+    }
+    let bytes = value.encode().map_err(|e| GridError::Value(e.to_string()))?;
+    if bytes.len() > QUEUE_VALUE_BYTES_MAX {
+        return Err(GridError::LimitExceeded {
+            what: "bytes of a queue item".into(),
+            got: bytes.len() as u64,
+            max: QUEUE_VALUE_BYTES_MAX as u64,
+        });
+    }
+    Ok(bytes)
 }
 
 fn stale(queue: &str, r: Receipt) -> GridError {
@@ -534,6 +563,7 @@ impl QueueState {
                 )? {
                     woken.push(dlq);
                 }
+                self.commit_if_large(&mut c)?;
             }
             for k in t.forgotten {
                 c.dedup_gone(name, &k)?;
@@ -571,6 +601,7 @@ impl QueueState {
                 woken.push(dlq);
             }
             woken.push(name);
+            self.commit_if_large(&mut c)?;
         }
         self.store()?.commit(&c)?;
         self.wake(myself, &woken)
@@ -647,21 +678,7 @@ impl QueueState {
                     if let Some((lock, f)) = &fence {
                         self.fences.check(lock, *f)?;
                     }
-                    if dedup_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > DEDUP_KEY_BYTES_MAX) {
-                        return Err(invalid(format!("a dedup key is 1 to {DEDUP_KEY_BYTES_MAX} bytes")));
-                    }
-                    if delay_ms > 0 {
-                        check_time("delay_ms", delay_ms, 0)?;
-                    }
-                    let bytes = value.encode().map_err(|e| GridError::Value(e.to_string()))?;
-                    if bytes.len() > QUEUE_VALUE_BYTES_MAX {
-                        return Err(GridError::LimitExceeded {
-                            what: "bytes of a queue item".into(),
-                            got: bytes.len() as u64,
-                            max: QUEUE_VALUE_BYTES_MAX as u64,
-                        });
-                    }
-                    Ok(bytes)
+                    check_push(&queue, &value, dedup_key.as_deref(), delay_ms)
                 })();
                 let bytes = match checked {
                     Ok(b) => b,
@@ -837,6 +854,8 @@ impl QueueState {
                         .send(Err(invalid(format!("a peek takes 1 to {QUEUE_POP_MAX} items (got {n})"))));
                     return Ok(());
                 }
+                // As much as a pop would hand out (the answer must fit a frame).
+                let n = self.fitting(&queue, n)?;
                 let seqs: Vec<u64> = self
                     .queues
                     .get(&queue)
@@ -947,8 +966,47 @@ impl QueueState {
                 Failed { seq, delivery, outcome: Outcome::Restarted, delay_until: None, dead: true },
                 &mut c,
             )?;
+            self.commit_if_large(&mut c)?;
         }
         self.store()?.commit(&c)?;
+        Ok(())
+    }
+
+    /// Queues loaded with items but no record (not written by this code) get one now, so
+    /// their seqs are reserved before they could leave memory.
+    fn record_orphans(&mut self) -> Result<(), GridError> {
+        let mut c = Change::default();
+        for (name, q) in &mut self.queues {
+            if !q.stored && !q.q.is_empty() {
+                Self::reserve(q, name, &mut c)?;
+            }
+        }
+        self.store()?.commit(&c)?;
+        Ok(())
+    }
+
+    /// Gives a delivery back uncounted (`QueueMsg::Release`); a stale receipt changes nothing.
+    fn release(&mut self, myself: &ActorRef<QueueMsg>, name: &str, r: Receipt) -> Result<(), GridError> {
+        let Some(q) = self.queues.get_mut(name) else { return Ok(()) };
+        if q.q.release(super::Receipt { seq: r.seq, delivery: r.delivery }).is_err() {
+            return Ok(());
+        }
+        self.untie(name, r.seq);
+        let mut meta = self.store_ref()?.meta(name, r.seq)?;
+        meta.deliveries = r.delivery.saturating_sub(1);
+        let mut c = Change::default();
+        c.meta(name, r.seq, &meta)?;
+        self.store()?.commit(&c)?;
+        self.wake(myself, &[name.to_string()])
+    }
+
+    /// Commits `c` now if it has grown large (a batch has limits in ops and bytes; dead letters
+    /// carry whole values), leaving it empty for what follows.
+    fn commit_if_large(&mut self, c: &mut Change) -> Result<(), GridError> {
+        if c.len() >= 10_000 || c.bytes() >= 64 << 20 {
+            self.store()?.commit(c)?;
+            *c = Change::default();
+        }
         Ok(())
     }
 
@@ -1001,6 +1059,7 @@ impl Actor for QueueActor {
             for (k, d) in l.dedup {
                 q.q.restore_dedup(k, d.seq, mono(d.until_ms));
             }
+            q.q.restored();
             if !q.stored && q.q.next_seq() > 1 {
                 // Items without a record (not written by this code): reserve before any push.
                 q.rec.seq_floor = q.q.next_seq();
@@ -1008,7 +1067,7 @@ impl Actor for QueueActor {
             queues.insert(name, q);
         }
         myself.send_interval(TICK, || QueueMsg::Tick);
-        let gate = LogGate::new(store, args.heap.fsync, args.view, myself)?;
+        let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?;
         let mut st = QueueState {
             gate,
             origin,
@@ -1020,7 +1079,10 @@ impl Actor for QueueActor {
             by_session: HashMap::new(),
             fences: args.fences,
         };
+        let before = st.gate.last_lsn();
         st.dead_letter_restarted()?;
+        st.record_orphans()?;
+        st.gate.wrote_since(&myself, before);
         let names: Vec<String> = st.queues.keys().cloned().collect();
         for n in names {
             st.schedule(&n);
@@ -1047,8 +1109,10 @@ impl Actor for QueueActor {
             }
             return Ok(());
         }
+        let before = st.gate.last_lsn();
         let r = match msg {
             QueueMsg::Call(op, reply) => st.call(&myself, op, reply),
+            QueueMsg::Release(queue, receipt) => st.release(&myself, &queue, receipt),
             QueueMsg::WaitOver(w) => {
                 st.wait_over(&myself, w);
                 Ok(())
@@ -1067,6 +1131,9 @@ impl Actor for QueueActor {
             // the heap; restart from the heap (recovery) rather than go on.
             return Err(format!("queue service: {e}").into());
         }
+        // Records no answer waits for (a tick's expiries, a session's end) are written at the
+        // next flush, before anything answered after them.
+        st.gate.wrote_since(&myself, before);
         fail_if_poisoned(&mut st.gate)
     }
 }

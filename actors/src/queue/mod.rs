@@ -249,10 +249,26 @@ impl<V: Clone> Queue<V> {
     }
 
     /// Puts back a stored dedup key (a restart).
+    /// `restored` must follow the last one.
     pub fn restore_dedup(&mut self, key: String, seq: u64, until_ms: u64) {
         self.dedup.insert(key.clone(), (seq, until_ms));
         self.dedup_order.push_back((until_ms, key));
+    }
+
+    /// Ends a restore: the dedup keys in expiry order.
+    pub fn restored(&mut self) {
         self.dedup_order.make_contiguous().sort();
+    }
+
+    /// Gives a delivery back uncounted: ready at its seq, its count as before the delivery
+    /// (the caller never had it: a run that took it did not commit).
+    pub fn release(&mut self, r: Receipt) -> Result<(), QueueError> {
+        self.current(r)?;
+        if let Some(item) = self.items.get_mut(&r.seq) {
+            item.deliveries = item.deliveries.saturating_sub(1);
+        }
+        self.set_state(r.seq, State::Ready);
+        Ok(())
     }
 
     /// Deliveries the item has had, if it is here.

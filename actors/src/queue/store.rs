@@ -207,6 +207,7 @@ fn load(heap: &Heap) -> Result<BTreeMap<String, LoadedQueue>, GridError> {
 #[derive(Default)]
 pub struct Change {
     batch: WriteBatch,
+    bytes: usize,
 }
 
 impl Change {
@@ -219,6 +220,7 @@ impl Change {
     }
     pub fn item(&mut self, queue: &str, seq: u64, value: &[u8]) -> Result<&mut Self, GridError> {
         self.batch.put(&item_key(b'I', queue, seq), value)?;
+        self.bytes += value.len() + queue.len() + 11;
         Ok(self)
     }
     pub fn meta(&mut self, queue: &str, seq: u64, meta: &ItemMeta) -> Result<&mut Self, GridError> {
@@ -241,6 +243,14 @@ impl Change {
     }
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
+    }
+    /// Operations so far.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+    /// Bytes of keys and values so far (about).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 

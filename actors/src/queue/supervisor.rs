@@ -93,6 +93,14 @@ impl Queues {
         }
     }
 
+    /// Gives a delivery back uncounted (a snippet run that took it did not commit). Sent now;
+    /// nothing answers it (a stale receipt changes nothing).
+    pub fn release(&self, queue: String, receipt: super::ops::Receipt) {
+        if let SlotState::Running(a) = self.slot.get() {
+            let _ = a.cast(QueueMsg::Release(queue, receipt));
+        }
+    }
+
     /// Test hook: makes the queue service panic, as a bug would.
     #[doc(hidden)]
     pub fn inject_panic(&self) {

@@ -896,6 +896,18 @@ impl Compiled {
                             return Err(failure(SnippetErrorKind::Value, src, None, why));
                         }
                     };
+                    // Checked now, so a push the queue service would refuse fails the run rather
+                    // than after its commit.
+                    let refused =
+                        crate::queue::actor::check_push(feed, &value, dedup_key.as_deref(), delay_ms);
+                    if let Err(e) = refused {
+                        return Err(failure(
+                            SnippetErrorKind::Value,
+                            src,
+                            None,
+                            format!("queue {feed}.push: {e}"),
+                        ));
+                    }
                     feed_writes.push(FeedWrite::Push { queue: feed.clone(), value, dedup_key, delay_ms });
                     continue;
                 }
