@@ -16,6 +16,7 @@ pub mod key;
 pub mod limits;
 pub mod lock;
 pub mod queue;
+pub mod replication;
 pub mod restart;
 pub mod snippet;
 pub mod supervise;

@@ -1,0 +1,297 @@
+//! The primary of one shard in one epoch: appends records, ships them to its replicas in order,
+//! answers `sync(n)` writes once `n` replicas acked them (or `Indeterminate` at their deadline),
+//! answers replicas aligning their logs, and steps down when a replica knows a newer epoch. It
+//! accepts writes only under a lease (granted by the cluster map, shorter than failure
+//! detection), so an isolated or paused primary stops before a new one starts.
+//!
+//! Invariant: `log` is the tail of the primary's log, contiguous, ending at `last`; every
+//! follower's `acked` ≤ `last`; `waiting` is in lsn order.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{Epoch, EpochHistory, Lsn, NodeId, Pos, Record, ToPrimary, ToReplica};
+
+/// Why a write was not taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteRefused {
+    /// The lease ran out (or was never granted): this node may not be the primary any more.
+    NoLease,
+    /// A replica knows a newer epoch: this node is no longer the primary.
+    SteppedDown { current: Epoch },
+}
+
+/// A write that ended: its token and how.
+pub type Done = (u64, Outcome);
+
+/// How a `sync(n)` write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `n` replicas hold it.
+    Replicated,
+    /// Its deadline passed first: it may or may not survive a failover.
+    Indeterminate,
+}
+
+#[derive(Clone, Debug)]
+struct Follower {
+    /// The last lsn it holds (acked in this epoch).
+    acked: Lsn,
+    /// The next lsn to send.
+    next: Lsn,
+    /// When it last answered.
+    heard_ms: u64,
+    /// When records were last sent to it (for a resend after silence).
+    sent_ms: u64,
+}
+
+/// A write waiting for its replicas.
+#[derive(Clone, Debug)]
+struct Waiting {
+    lsn: Lsn,
+    token: u64,
+    n: usize,
+    deadline_ms: u64,
+}
+
+/// What the primary sends, to whom: a message, or "send it a snapshot" (the caller builds it).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Out<B> {
+    Send(NodeId, ToReplica<B, ()>),
+    /// `NodeId` is behind the retained log: send it `ToReplica::Snapshot` of the state now.
+    Snapshot(NodeId),
+}
+
+pub struct Primary<B> {
+    pub epoch: Epoch,
+    last: Lsn,
+    history: EpochHistory,
+    log: VecDeque<Record<B>>,
+    followers: BTreeMap<NodeId, Follower>,
+    waiting: VecDeque<Waiting>,
+    lease_until_ms: u64,
+    stepped_down: Option<Epoch>,
+    /// Most records kept for replicas behind; older ones are reached by snapshot.
+    pub retain_max: usize,
+    /// Most records in one `Append`.
+    pub batch_max: usize,
+    /// A follower not heard from for this long is sent its records again (from its ack).
+    pub resend_ms: u64,
+}
+
+impl<B: Clone> Primary<B> {
+    /// The primary of `epoch` over a log ending at `last` (with `history` and, of it, the tail
+    /// `log`), shipping to `replicas`. It has no lease yet.
+    pub fn new(
+        epoch: Epoch,
+        last: Lsn,
+        history: EpochHistory,
+        log: VecDeque<Record<B>>,
+        replicas: &[NodeId],
+        now_ms: u64,
+    ) -> Primary<B> {
+        debug_assert!(log.back().is_none_or(|r| r.lsn == last));
+        let followers = replicas
+            .iter()
+            .map(|&id| (id, Follower { acked: 0, next: last + 1, heard_ms: now_ms, sent_ms: 0 }))
+            .collect();
+        Primary {
+            epoch,
+            last,
+            history,
+            log,
+            followers,
+            waiting: VecDeque::new(),
+            lease_until_ms: 0,
+            stepped_down: None,
+            retain_max: 100_000,
+            batch_max: 256,
+            resend_ms: 200,
+        }
+    }
+
+    pub fn pos(&self) -> Pos {
+        Pos { epoch: self.history.epoch_at(self.last).unwrap_or(0), lsn: self.last }
+    }
+
+    pub fn history(&self) -> &EpochHistory {
+        &self.history
+    }
+
+    /// The retained log tail (what a primary stepping down keeps).
+    pub fn log(&self) -> &VecDeque<Record<B>> {
+        &self.log
+    }
+
+    /// Writes are accepted until `until_ms` (the cluster map's lease, counted from when the
+    /// primary asked for it).
+    pub fn grant_lease(&mut self, until_ms: u64) {
+        self.lease_until_ms = self.lease_until_ms.max(until_ms);
+    }
+
+    /// Whether it may accept a write now.
+    pub fn may_write(&self, now_ms: u64) -> bool {
+        self.stepped_down.is_none() && now_ms < self.lease_until_ms
+    }
+
+    /// A newer epoch this primary learned of (it must stop), if any.
+    pub fn stepped_down(&self) -> Option<Epoch> {
+        self.stepped_down
+    }
+
+    /// Appends a write: its lsn. With `n` > 0 the write waits for `n` replicas (`token` names
+    /// it in the `Outcome`s of `on_reply` and `tick`) until `deadline_ms`.
+    pub fn write(
+        &mut self,
+        body: B,
+        n: usize,
+        token: u64,
+        deadline_ms: u64,
+        now_ms: u64,
+    ) -> Result<Lsn, WriteRefused> {
+        if let Some(current) = self.stepped_down {
+            return Err(WriteRefused::SteppedDown { current });
+        }
+        if !self.may_write(now_ms) {
+            return Err(WriteRefused::NoLease);
+        }
+        self.last += 1;
+        self.history.note(self.epoch, self.last);
+        self.log.push_back(Record { epoch: self.epoch, lsn: self.last, body });
+        if n > 0 {
+            self.waiting.push_back(Waiting { lsn: self.last, token, n, deadline_ms });
+        }
+        Ok(self.last)
+    }
+
+    /// What to send now: each follower's unsent records (or a snapshot), and a heartbeat to any
+    /// follower not sent to for `resend_ms`.
+    pub fn outbox(&mut self, now_ms: u64) -> Vec<Out<B>> {
+        let first = self.log.front().map_or(self.last + 1, |r| r.lsn);
+        let mut out = Vec::new();
+        for (&id, f) in &mut self.followers {
+            // Silence: send again from what it acked.
+            if now_ms.saturating_sub(f.heard_ms) >= self.resend_ms
+                && now_ms.saturating_sub(f.sent_ms) >= self.resend_ms
+            {
+                f.next = f.next.min(f.acked + 1);
+            }
+            let due = f.next <= self.last || now_ms.saturating_sub(f.sent_ms) >= self.resend_ms;
+            if !due {
+                continue;
+            }
+            if f.next < first {
+                out.push(Out::Snapshot(id));
+                f.sent_ms = now_ms;
+                // Sent from the snapshot's end on its ack.
+                f.next = self.last + 1;
+                continue;
+            }
+            let from = (f.next - first) as usize;
+            let records: Vec<Record<B>> = self.log.iter().skip(from).take(self.batch_max).cloned().collect();
+            let prev = f.next - 1;
+            f.next += records.len() as u64;
+            f.sent_ms = now_ms;
+            out.push(Out::Send(id, ToReplica::Append { epoch: self.epoch, prev, records }));
+        }
+        out
+    }
+
+    /// A replica's answer: the writes it completed, and a message to send back (to `from`).
+    pub fn on_reply(
+        &mut self,
+        from: NodeId,
+        msg: ToPrimary,
+        now_ms: u64,
+    ) -> (Vec<Done>, Option<ToReplica<B, ()>>) {
+        let Some(f) = self.followers.get_mut(&from) else { return (Vec::new(), None) };
+        f.heard_ms = now_ms;
+        match msg {
+            ToPrimary::Refused { current } if current > self.epoch => {
+                self.stepped_down = Some(current);
+                (Vec::new(), None)
+            }
+            ToPrimary::Refused { .. } => (Vec::new(), None),
+            ToPrimary::Ack { epoch, lsn } if epoch == self.epoch => {
+                let lsn = lsn.min(self.last);
+                f.acked = f.acked.max(lsn);
+                if f.next <= lsn {
+                    f.next = lsn + 1;
+                }
+                (self.complete(now_ms), None)
+            }
+            ToPrimary::Behind { epoch, have } if epoch == self.epoch => {
+                f.next = have + 1;
+                f.acked = f.acked.min(have);
+                (Vec::new(), None)
+            }
+            ToPrimary::EpochEndQuery { epoch, last_epoch } if epoch == self.epoch => {
+                let end = self.history.end_of(last_epoch, self.last);
+                (Vec::new(), Some(ToReplica::EpochEnd { epoch, end }))
+            }
+            // Answers to an older epoch of this node's: stale.
+            _ => (Vec::new(), None),
+        }
+    }
+
+    /// Writes now held by enough replicas, in lsn order — only under the lease: an ack that
+    /// arrives after it may come from a replica that has not yet heard of a newer epoch whose
+    /// primary lacks the record (the record would then be cut), so such writes wait for a
+    /// renewed lease or their deadline (`Indeterminate`). Found by the simulation: a paused
+    /// primary, resumed, resent its last records to a replica that had not yet met the new
+    /// primary, and answered them `Replicated`.
+    fn complete(&mut self, now_ms: u64) -> Vec<(u64, Outcome)> {
+        let mut done = Vec::new();
+        if !self.may_write(now_ms) {
+            return done;
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let w = &self.waiting[i];
+            let have = self.followers.values().filter(|f| f.acked >= w.lsn).count();
+            if have >= w.n {
+                done.push((w.token, Outcome::Replicated));
+                self.waiting.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        self.trim();
+        done
+    }
+
+    /// Time passes: writes held by enough replicas complete (under the lease), writes past their
+    /// deadline are `Indeterminate`.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<(u64, Outcome)> {
+        // Acks that came while the lease had lapsed count once it is renewed.
+        let mut done = self.complete(now_ms);
+        self.waiting.retain(|w| {
+            let late = w.deadline_ms <= now_ms;
+            if late {
+                done.push((w.token, Outcome::Indeterminate));
+            }
+            !late
+        });
+        done
+    }
+
+    /// Drops log records every follower holds, and any beyond `retain_max` (those followers will
+    /// need a snapshot).
+    fn trim(&mut self) {
+        let held = self.followers.values().map(|f| f.acked).min().unwrap_or(self.last);
+        while let Some(r) = self.log.front()
+            && (r.lsn <= held || self.log.len() > self.retain_max)
+        {
+            self.log.pop_front();
+        }
+    }
+
+    /// Trims now (after writes without replicas to ack them).
+    pub fn retain(&mut self) {
+        self.trim();
+    }
+
+    /// Each follower's acked lsn (its lag is `pos().lsn` minus it).
+    pub fn acked(&self) -> Vec<(NodeId, Lsn)> {
+        self.followers.iter().map(|(id, f)| (*id, f.acked)).collect()
+    }
+}

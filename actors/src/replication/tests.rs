@@ -1,0 +1,127 @@
+//! The replication state machines directly: epoch history answers, a replica's alignment
+//! (truncating what a new primary lacks), refusal of an old epoch, `sync(n)` completion and
+//! `Indeterminate`, leases, and a snapshot for a replica behind the retained log.
+
+use std::collections::VecDeque;
+
+use super::primary::{Out, Outcome, Primary, WriteRefused};
+use super::replica::{Action, Replica};
+use super::{EpochHistory, Pos, Record, ToPrimary, ToReplica};
+
+fn rec(epoch: u64, lsn: u64) -> Record<u64> {
+    Record { epoch, lsn, body: lsn * 10 }
+}
+
+#[test]
+fn epoch_history_answers_the_end_of_the_largest_epoch_at_or_below() {
+    let mut h = EpochHistory::default();
+    for (e, l) in [(1, 1), (1, 2), (3, 3), (3, 4), (7, 5)] {
+        h.note(e, l);
+    }
+    assert_eq!(h.end_of(1, 5), Some((1, 2)));
+    assert_eq!(h.end_of(2, 5), Some((1, 2)), "no epoch 2: the largest below");
+    assert_eq!(h.end_of(5, 5), Some((3, 4)));
+    assert_eq!(h.end_of(9, 5), Some((7, 5)));
+    assert_eq!(h.end_of(0, 5), None);
+    assert_eq!(h.epoch_at(4), Some(3));
+    h.truncate_after(3);
+    assert_eq!(h.last_epoch(), Some(3));
+    assert_eq!(h.end_of(9, 3), Some((3, 3)));
+}
+
+#[test]
+fn a_returning_old_primary_truncates_what_the_new_primary_does_not_have() {
+    // The old primary wrote 1..=4 in epoch 1; only 1..=2 reached the new primary (epoch 2),
+    // which then wrote 3..=4 of its own.
+    let mut old = EpochHistory::default();
+    (1..=4).for_each(|l| old.note(1, l));
+    let mut r = Replica::new(1, 4, old);
+    let mut newh = EpochHistory::default();
+    newh.note(1, 1);
+    newh.note(1, 2);
+    newh.note(2, 3);
+    newh.note(2, 4);
+    let append = ToReplica::<u64, ()>::Append { epoch: 2, prev: 4, records: vec![] };
+    let (a, reply) = r.on_message(append);
+    assert!(a.is_empty());
+    assert_eq!(reply, Some(ToPrimary::EpochEndQuery { epoch: 2, last_epoch: 1 }));
+    let end = ToReplica::<u64, ()>::EpochEnd { epoch: 2, end: newh.end_of(1, 4) };
+    let (a, reply) = r.on_message(end);
+    assert_eq!(a, vec![Action::TruncateAfter(2)]);
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 2, lsn: 2 }));
+    // Now it takes epoch 2's records 3 and 4.
+    let append = ToReplica::<u64, ()>::Append { epoch: 2, prev: 2, records: vec![rec(2, 3), rec(2, 4)] };
+    let (a, reply) = r.on_message(append);
+    assert_eq!(a, vec![Action::Apply(rec(2, 3)), Action::Apply(rec(2, 4))]);
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 2, lsn: 4 }));
+    assert_eq!(r.pos(), Pos { epoch: 2, lsn: 4 });
+    // The old primary's records are refused from now on, and it learns why.
+    let stale = ToReplica::<u64, ()>::Append { epoch: 1, prev: 4, records: vec![rec(1, 5)] };
+    assert_eq!(r.on_message(stale).1, Some(ToPrimary::Refused { current: 2 }));
+}
+
+#[test]
+fn a_replica_behind_says_where_it_is_and_ignores_what_it_has() {
+    let mut r = Replica::default();
+    let far = ToReplica::<u64, ()>::Append { epoch: 1, prev: 3, records: vec![rec(1, 4)] };
+    assert_eq!(r.on_message(far).1, Some(ToPrimary::Behind { epoch: 1, have: 0 }));
+    let from_start = ToReplica::<u64, ()>::Append { epoch: 1, prev: 0, records: vec![rec(1, 1), rec(1, 2)] };
+    assert_eq!(r.on_message(from_start.clone()).0.len(), 2);
+    let (again, reply) = r.on_message(from_start);
+    assert!(again.is_empty(), "a resend applies nothing twice");
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 1, lsn: 2 }));
+}
+
+#[test]
+fn sync_writes_complete_on_enough_acks_or_end_indeterminate() {
+    let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2, 3], 0);
+    assert_eq!(p.write(1, 1, 100, 1_000, 0), Err(WriteRefused::NoLease));
+    p.grant_lease(500);
+    assert_eq!(p.write(1, 1, 100, 1_000, 0), Ok(1));
+    assert_eq!(p.write(2, 2, 101, 1_000, 0), Ok(2));
+    let out = p.outbox(1);
+    assert_eq!(out.len(), 2, "both replicas get the records: {out:?}");
+    let (done, _) = p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 2 }, 5);
+    assert_eq!(done, vec![(100, Outcome::Replicated)], "sync(1) done; sync(2) waits");
+    assert_eq!(p.tick(999), vec![]);
+    assert_eq!(p.tick(1_000), vec![(101, Outcome::Indeterminate)]);
+    // No writes past the lease.
+    assert_eq!(p.write(3, 1, 102, 2_000, 500), Err(WriteRefused::NoLease));
+    // A replica that knows a newer epoch makes it step down.
+    p.on_reply(3, ToPrimary::Refused { current: 4 }, 10);
+    assert_eq!(p.stepped_down(), Some(4));
+    p.grant_lease(10_000);
+    assert_eq!(p.write(4, 0, 103, 2_000, 20), Err(WriteRefused::SteppedDown { current: 4 }));
+}
+
+#[test]
+fn a_replica_behind_the_retained_log_gets_a_snapshot() {
+    let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2], 0);
+    p.retain_max = 3;
+    p.grant_lease(1_000);
+    for i in 1..=10 {
+        p.write(i, 0, i, 1_000, 0).unwrap();
+    }
+    p.retain();
+    assert_eq!(p.log().len(), 3);
+    // The replica says it has nothing.
+    p.on_reply(2, ToPrimary::Behind { epoch: 1, have: 0 }, 1);
+    assert_eq!(p.outbox(2), vec![Out::Snapshot(2)]);
+}
+
+#[test]
+fn an_older_snapshot_arriving_late_is_ignored() {
+    let mut r = Replica::default();
+    let snap = |lsn| {
+        let mut h = EpochHistory::default();
+        h.note(1, 1);
+        ToReplica::<u64, u64>::Snapshot { epoch: 1, upto: Pos { epoch: 1, lsn }, history: h, state: lsn }
+    };
+    let (a, reply) = r.on_message(snap(20));
+    assert_eq!(a.len(), 1);
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 1, lsn: 20 }));
+    let (a, reply) = r.on_message(snap(15));
+    assert!(a.is_empty(), "installing it would take back lsns 16..=20, already acked");
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 1, lsn: 20 }));
+    assert_eq!(r.pos().lsn, 20);
+}
