@@ -8,6 +8,7 @@
 
 pub use heapgrid_heap as heap;
 
+pub mod cluster;
 pub mod error;
 pub mod feed;
 pub mod gate;

@@ -97,7 +97,9 @@ pub enum ToReplica<B, S> {
     Append { epoch: Epoch, prev: Lsn, records: Vec<Record<B>> },
     /// The answer to `EpochEndQuery`: the largest epoch at or below the one asked about in the
     /// primary's history, and its last lsn (`None`: the primary has nothing that old).
-    EpochEnd { epoch: Epoch, end: Option<(Epoch, Lsn)> },
+    /// `asked` is the `last_epoch` of the query it answers (a replica ignores an answer to a
+    /// query it no longer has).
+    EpochEnd { epoch: Epoch, asked: Epoch, end: Option<(Epoch, Lsn)> },
     /// The shard's state as of `upto`, for a replica behind the retained log.
     Snapshot { epoch: Epoch, upto: Pos, history: EpochHistory, state: S },
 }
@@ -108,7 +110,7 @@ impl<B> ToReplica<B, ()> {
     pub fn carry<S>(self) -> Option<ToReplica<B, S>> {
         match self {
             ToReplica::Append { epoch, prev, records } => Some(ToReplica::Append { epoch, prev, records }),
-            ToReplica::EpochEnd { epoch, end } => Some(ToReplica::EpochEnd { epoch, end }),
+            ToReplica::EpochEnd { epoch, asked, end } => Some(ToReplica::EpochEnd { epoch, asked, end }),
             ToReplica::Snapshot { .. } => None,
         }
     }

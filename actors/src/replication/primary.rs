@@ -66,6 +66,9 @@ pub struct Primary<B> {
     last: Lsn,
     history: EpochHistory,
     log: VecDeque<Record<B>>,
+    /// Records up to here are durable in this node's own op log: only they are shipped (a
+    /// replica must never hold a record its primary could lose in a crash).
+    durable: Lsn,
     followers: BTreeMap<NodeId, Follower>,
     waiting: VecDeque<Waiting>,
     lease_until_ms: u64,
@@ -99,6 +102,7 @@ impl<B: Clone> Primary<B> {
             last,
             history,
             log,
+            durable: last,
             followers,
             waiting: VecDeque::new(),
             lease_until_ms: 0,
@@ -163,10 +167,16 @@ impl<B: Clone> Primary<B> {
         Ok(self.last)
     }
 
-    /// What to send now: each follower's unsent records (or a snapshot), and a heartbeat to any
-    /// follower not sent to for `resend_ms`.
+    /// This node's own op log holds every record up to `lsn` durably (they may be shipped).
+    pub fn synced(&mut self, lsn: Lsn) {
+        self.durable = self.durable.max(lsn.min(self.last));
+    }
+
+    /// What to send now: each follower's unsent durable records (or a snapshot), and a
+    /// heartbeat to any follower not sent to for `resend_ms`.
     pub fn outbox(&mut self, now_ms: u64) -> Vec<Out<B>> {
         let first = self.log.front().map_or(self.last + 1, |r| r.lsn);
+        let durable = self.durable;
         let mut out = Vec::new();
         for (&id, f) in &mut self.followers {
             // Silence: send again from what it acked.
@@ -175,7 +185,7 @@ impl<B: Clone> Primary<B> {
             {
                 f.next = f.next.min(f.acked + 1);
             }
-            let due = f.next <= self.last || now_ms.saturating_sub(f.sent_ms) >= self.resend_ms;
+            let due = f.next <= durable || now_ms.saturating_sub(f.sent_ms) >= self.resend_ms;
             if !due {
                 continue;
             }
@@ -183,11 +193,12 @@ impl<B: Clone> Primary<B> {
                 out.push(Out::Snapshot(id));
                 f.sent_ms = now_ms;
                 // Sent from the snapshot's end on its ack.
-                f.next = self.last + 1;
+                f.next = durable + 1;
                 continue;
             }
             let from = (f.next - first) as usize;
-            let records: Vec<Record<B>> = self.log.iter().skip(from).take(self.batch_max).cloned().collect();
+            let room = durable.saturating_sub(f.next - 1).min(self.batch_max as u64) as usize;
+            let records: Vec<Record<B>> = self.log.iter().skip(from).take(room).cloned().collect();
             let prev = f.next - 1;
             f.next += records.len() as u64;
             f.sent_ms = now_ms;
@@ -226,7 +237,7 @@ impl<B: Clone> Primary<B> {
             }
             ToPrimary::EpochEndQuery { epoch, last_epoch } if epoch == self.epoch => {
                 let end = self.history.end_of(last_epoch, self.last);
-                (Vec::new(), Some(ToReplica::EpochEnd { epoch, end }))
+                (Vec::new(), Some(ToReplica::EpochEnd { epoch, asked: last_epoch, end }))
             }
             // Answers to an older epoch of this node's: stale.
             _ => (Vec::new(), None),

@@ -27,12 +27,15 @@ pub struct Replica {
     history: EpochHistory,
     /// The log was aligned with `epoch`'s primary.
     aligned: bool,
+    /// The caller made the log durable up to here (`synced`): acks never name more.
+    durable: Lsn,
 }
 
 impl Replica {
     /// A replica over a log ending at `last` with `history` (a restart: not aligned with anyone).
     pub fn new(epoch: Epoch, last: Lsn, history: EpochHistory) -> Replica {
-        Replica { epoch, last, history, aligned: false }
+        // What a restart finds in the log is durable.
+        Replica { epoch, last, history, aligned: false, durable: last }
     }
 
     /// The position of the log's last record.
@@ -48,8 +51,36 @@ impl Replica {
     /// installed): the primary then sends a snapshot and what follows.
     pub fn start_over(&mut self) {
         self.last = 0;
+        self.durable = 0;
         self.history = EpochHistory::default();
         self.aligned = true;
+    }
+
+    /// The caller made its log durable up to `lsn` (its op log synced per its policy): the ack
+    /// to send, if that acks more than before.
+    pub fn synced(&mut self, lsn: Lsn) -> Option<ToPrimary> {
+        let lsn = lsn.min(self.last);
+        if lsn <= self.durable || !self.aligned {
+            self.durable = self.durable.max(lsn);
+            return None;
+        }
+        self.durable = lsn;
+        Some(ToPrimary::Ack { epoch: self.epoch, lsn })
+    }
+
+    fn ack(&self) -> ToPrimary {
+        ToPrimary::Ack { epoch: self.epoch, lsn: self.durable.min(self.last) }
+    }
+
+    /// Cuts the log after `lsn`.
+    fn cut(&mut self, lsn: Lsn) -> Option<Lsn> {
+        if lsn >= self.last {
+            return None;
+        }
+        self.last = lsn;
+        self.durable = self.durable.min(lsn);
+        self.history.truncate_after(lsn);
+        Some(lsn)
     }
 
     /// A newer epoch became known (from the cluster map): the log must be aligned with its
@@ -68,42 +99,59 @@ impl Replica {
     ) -> (Vec<Action<B, S>>, Option<ToPrimary>) {
         match msg {
             ToReplica::Append { epoch, prev, records } => self.on_append(epoch, prev, records),
-            ToReplica::EpochEnd { epoch, end } => {
-                if epoch != self.epoch || self.aligned {
+            ToReplica::EpochEnd { epoch, asked, end } => {
+                if epoch != self.epoch || self.aligned || Some(asked) != self.history.last_epoch() {
+                    // Not an answer to the query outstanding (a late one, or one from before a
+                    // restart): acting on it could cut acked records.
                     return (Vec::new(), None);
                 }
-                // The largest epoch both logs have, and the smaller of its two ends: after it the
-                // logs may differ.
-                let cut = match end {
-                    Some((e, their_end)) => {
-                        let mine = self.history.end_of(e, self.last).map_or(0, |(_, end)| end);
-                        their_end.min(mine).min(self.last)
-                    }
-                    None => 0,
-                };
-                self.aligned = true;
                 let mut actions = Vec::new();
-                if cut < self.last {
-                    self.last = cut;
-                    self.history.truncate_after(cut);
-                    actions.push(Action::TruncateAfter(cut));
+                match end.map(|(e, their_end)| (e, their_end, self.history.end_of(e, self.last))) {
+                    // Both logs have epoch `e`: they agree up to the smaller of its two ends
+                    // (one primary per epoch), and may differ after it.
+                    Some((e, their_end, Some((mine, my_end)))) if mine == e => {
+                        actions.extend(self.cut(their_end.min(my_end)).map(Action::TruncateAfter));
+                        self.aligned = true;
+                    }
+                    // This log lacks epoch `e`: what follows its own largest epoch below `e`
+                    // is in epochs the primary does not have. Cut it and ask again about that
+                    // epoch (Kafka's fetcher does the same).
+                    Some((_, _, Some((mine, my_end)))) => {
+                        actions.extend(self.cut(my_end).map(Action::TruncateAfter));
+                        return (actions, Some(ToPrimary::EpochEndQuery { epoch, last_epoch: mine }));
+                    }
+                    // Nothing in common.
+                    Some((_, _, None)) | None => {
+                        actions.extend(self.cut(0).map(Action::TruncateAfter));
+                        self.aligned = true;
+                    }
                 }
-                (actions, Some(ToPrimary::Ack { epoch, lsn: self.last }))
+                (actions, Some(self.ack()))
             }
             ToReplica::Snapshot { epoch, upto, history, state } => {
                 if epoch < self.epoch {
                     return (Vec::new(), Some(ToPrimary::Refused { current: self.epoch }));
                 }
+                // Not newer than this log: overtaken by a newer snapshot or records (found by the
+                // simulation), or from before a restart. Installing it could take back acked
+                // records: ack, or align first.
                 if epoch == self.epoch && self.aligned && upto.lsn <= self.last {
-                    // An older snapshot overtaken by a newer one (or by records): installing it
-                    // would take back what this replica already acked. Found by the simulation.
-                    return (Vec::new(), Some(ToPrimary::Ack { epoch, lsn: self.last }));
+                    return (Vec::new(), Some(self.ack()));
+                }
+                if epoch == self.epoch
+                    && !self.aligned
+                    && upto.lsn < self.last
+                    && let Some(last_epoch) = self.history.last_epoch()
+                {
+                    return (Vec::new(), Some(ToPrimary::EpochEndQuery { epoch, last_epoch }));
                 }
                 self.epoch = epoch;
                 self.aligned = true;
                 self.last = upto.lsn;
+                // Durable once the caller installed it (`synced`).
+                self.durable = 0;
                 self.history = history;
-                (vec![Action::Install { upto, state }], Some(ToPrimary::Ack { epoch, lsn: self.last }))
+                (vec![Action::Install { upto, state }], None)
             }
         }
     }
@@ -143,6 +191,7 @@ impl Replica {
             self.history.note(r.epoch, r.lsn);
             actions.push(Action::Apply(r));
         }
-        (actions, Some(ToPrimary::Ack { epoch, lsn: self.last }))
+        // What is durable (the caller's `synced` acks the rest once it is).
+        (actions, Some(self.ack()))
     }
 }

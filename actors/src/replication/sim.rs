@@ -1,6 +1,7 @@
 //! A seeded simulation of one shard's replication (shared CLUSTER.md, "Tests"): three nodes
-//! running `Primary` and `Replica`, a failover controller standing in for the Raft-kept cluster
-//! map (heartbeats, leases, epochs), a client writing unique keys, and a network that delays and
+//! running `Primary` and `Replica`, a controller holding the `ClusterMap` and running the
+//! `Detector` (heartbeats, leases, failovers; standing in for the Raft group, which is not
+//! simulated: its commands apply at once), a client writing unique keys, and a network that delays and
 //! drops messages; nodes crash (losing everything not in their log: the log is synced, as under
 //! `always`), restart, and pause (SIGSTOP) past the failure detection. One seed drives it all;
 //! every failure message names the seed (`HEAPGRID_SIM_SEED` replays one).
@@ -18,6 +19,8 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use super::primary::{Out, Outcome, Primary};
 use super::replica::{Action, Replica};
 use super::{Epoch, EpochHistory, Lsn, NodeId, Pos, Record, ToPrimary, ToReplica};
+use crate::cluster::detector::{Detector, Report, Timing};
+use crate::cluster::map::{ClusterMap, MapCmd, Member, Placement, ShardId};
 
 type Body = (u64, u64);
 type State = BTreeMap<u64, u64>;
@@ -49,11 +52,10 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Debug)]
-struct Map {
-    epoch: Epoch,
-    primary: NodeId,
-    replicas: Vec<NodeId>,
+type Map = Placement;
+
+fn shard() -> ShardId {
+    ("t".to_string(), 0)
 }
 
 enum Net {
@@ -70,7 +72,8 @@ enum Ev {
     Tick(NodeId),
     Controller,
     Client,
-    Crash(NodeId),
+    /// Crashes a node (0: the primary then) for some ms (0: a random time).
+    Crash(NodeId, u64),
     Restart(NodeId),
     Pause(NodeId, u64),
 }
@@ -138,10 +141,10 @@ struct Sim {
     payloads: BTreeMap<usize, Ev>,
     next_payload: usize,
     nodes: Vec<Node>,
+    cluster: ClusterMap,
+    detector: Detector,
+    /// The shard's placement (a copy of the map's).
     map: Map,
-    /// When the controller last heard each node, from what it said.
-    heard: BTreeMap<NodeId, (u64, Pos)>,
-    primary_heard_ms: u64,
     /// Replicas a write waits for.
     sync_n: usize,
     next_token: u64,
@@ -157,7 +160,20 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, sync_n: usize) -> Sim {
-        let map = Map { epoch: 1, primary: 1, replicas: vec![2, 3] };
+        let mut cluster = ClusterMap::default();
+        for id in 1..=NODES {
+            let m = Member { id, addr: format!("n{id}"), peer_addr: format!("n{id}:peer") };
+            cluster.apply(MapCmd::Join(m)).expect("a join");
+        }
+        let place = MapCmd::Place { shard: shard(), primary: 1, replicas: vec![2, 3], sync: sync_n as u32 };
+        cluster.apply(place).expect("a placement");
+        let map = cluster.placement(&shard()).expect("placed").clone();
+        let timing = Timing {
+            heartbeat_ms: HEARTBEAT_MS,
+            lease_ms: LEASE_MS,
+            detect_ms: DETECT_MS,
+            max_delay_ms: MAX_DELAY_MS,
+        };
         let nodes = (1..=NODES)
             .map(|id| Node {
                 id,
@@ -180,9 +196,9 @@ impl Sim {
             payloads: BTreeMap::new(),
             next_payload: 0,
             nodes,
+            cluster,
+            detector: Detector::new(timing),
             map,
-            heard: BTreeMap::new(),
-            primary_heard_ms: 0,
             sync_n,
             next_token: 1,
             acked: BTreeMap::new(),
@@ -274,14 +290,14 @@ impl Sim {
                 let next = self.now + 2 + self.rng.below(4);
                 self.at(next, Ev::Client);
             }
-            Ev::Crash(id) => {
+            Ev::Crash(id, down) => {
                 let id = if id == 0 { self.map.primary } else { id };
                 if self.nodes.iter().any(|n| !n.up) {
                     // One node down at a time (with `sync(1)` of two replicas, a second loss
                     // could be the one replica holding an acked write).
                     return;
                 }
-                let down = 200 + self.rng.below(1_500);
+                let down = if down > 0 { down } else { 200 + self.rng.below(1_500) };
                 self.at(self.now + down, Ev::Restart(id));
                 let n = self.node(id);
                 n.up = false;
@@ -289,6 +305,9 @@ impl Sim {
             }
             Ev::Restart(id) => {
                 let n = self.node(id);
+                if n.up {
+                    return;
+                }
                 n.up = true;
                 n.become_replica();
                 let t = self.now + 1;
@@ -360,6 +379,8 @@ impl Sim {
                     return;
                 };
                 let epoch = p.epoch;
+                // The node's log is synced at once (`always`): the record may ship.
+                p.synced(lsn);
                 let record = p.log().back().expect("just written").clone();
                 debug_assert_eq!(record.lsn, lsn);
                 n.history.note(epoch, lsn);
@@ -381,10 +402,10 @@ impl Sim {
             }
             Net::Map(map) => {
                 let n = self.node(id);
-                // A primary that restarted within its epoch takes it up again (its log is
-                // durable; it writes only once the controller grants it a lease).
-                let resume = map.epoch == n.epoch && map.primary == id && matches!(n.role, Role::Replica(_));
-                if map.epoch < n.epoch || (map.epoch == n.epoch && !resume) {
+                // A primary that restarted does not take its epoch up again: the detector moves
+                // the shard on (with a real op log, its unsynced tail may differ from what its
+                // replicas hold).
+                if map.epoch <= n.epoch {
                     return;
                 }
                 n.epoch = map.epoch;
@@ -460,6 +481,14 @@ impl Sim {
                 if let Some(reply) = reply {
                     self.send(Some(from), Net::Prim(id, reply));
                 }
+                // The log is synced at once (`always`): ack it.
+                let n = self.node(id);
+                let last = n.last();
+                if let Role::Replica(r) = &mut n.role
+                    && let Some(ack) = r.synced(last)
+                {
+                    self.send(Some(from), Net::Prim(id, ack));
+                }
             }
             Net::Prim(from, m) => {
                 let n = self.node(id);
@@ -481,13 +510,10 @@ impl Sim {
 
     fn controller_receive(&mut self, msg: Net) {
         let Net::Status { from, pos, epoch, primary, sent_ms } = msg else { return };
-        self.heard.insert(from, (self.now, pos));
-        if primary && from == self.map.primary && epoch == self.map.epoch {
-            self.primary_heard_ms = self.now;
-            // The lease counts from when the primary asked (its own clock), so it ends before
-            // the controller could move on (DETECT_MS > LEASE_MS).
-            let m = Net::Lease { epoch, until_ms: sent_ms + LEASE_MS };
-            self.send(Some(from), m);
+        let report = Report { shard: shard(), pos, primary_of: primary.then_some(epoch) };
+        let leases = self.detector.heartbeat(&self.cluster, from, sent_ms, &[report], self.now);
+        for l in leases {
+            self.send(Some(from), Net::Lease { epoch: l.epoch, until_ms: l.until_ms });
         }
     }
 
@@ -496,35 +522,22 @@ impl Sim {
         for id in 1..=NODES {
             self.send(Some(id), Net::Map(map.clone()));
         }
-        if self.now.saturating_sub(self.primary_heard_ms) <= DETECT_MS {
-            return;
+        for cmd in self.detector.decide(&self.cluster, self.now) {
+            if self.cluster.apply(cmd).is_ok() {
+                self.failovers += 1;
+            }
         }
-        // Failover: only on reports made after anything the old primary could still have sent
-        // (its lease's end plus the network), and from enough replicas that one of them holds
-        // every write `sync_n` replicas acked.
-        let fresh_after = self.primary_heard_ms + LEASE_MS + 2 * MAX_DELAY_MS;
-        let fresh: Vec<(NodeId, Pos)> = map
-            .replicas
-            .iter()
-            .filter_map(|id| self.heard.get(id).filter(|(t, _)| *t > fresh_after).map(|(_, p)| (*id, *p)))
-            .collect();
-        let need = map.replicas.len().saturating_sub(self.sync_n.max(1)) + 1;
-        if fresh.len() < need {
-            return;
-        }
-        let (best, _) = *fresh.iter().max_by_key(|(id, p)| (*p, Reverse(*id))).expect("need ≥ 1");
-        let mut replicas: Vec<NodeId> = (1..=NODES).filter(|&i| i != best).collect();
-        replicas.sort_unstable();
-        self.map = Map { epoch: map.epoch + 1, primary: best, replicas };
-        self.primary_heard_ms = self.now;
-        self.failovers += 1;
+        self.map = self.cluster.placement(&shard()).expect("placed").clone();
     }
 
     /// Schedules faults over `[from, to)`: crashes and pauses, one node at a time.
     fn schedule_faults(&mut self, from: u64, to: u64) {
-        let mut t = from;
+        // First, the primary down long enough to be replaced.
+        self.at(from, Ev::Crash(0, 2_500));
+        let mut t = from + 2_500;
         while t < to {
-            t += 1_500 + self.rng.below(2_500);
+            // Faults may overlap a failover still settling.
+            t += 300 + self.rng.below(2_500);
             // Mostly the primary at that moment (0), as the tests in CLUSTER.md do.
             let id = if self.rng.chance(700) { 0 } else { 1 + self.rng.below(NODES) };
             if self.rng.chance(300) {
@@ -532,7 +545,7 @@ impl Sim {
                 self.at(t, Ev::Pause(id, 3 * DETECT_MS));
                 t += 3 * DETECT_MS;
             } else {
-                self.at(t, Ev::Crash(id));
+                self.at(t, Ev::Crash(id, 0));
                 t += 1_700;
             }
         }

@@ -45,15 +45,19 @@ fn a_returning_old_primary_truncates_what_the_new_primary_does_not_have() {
     let (a, reply) = r.on_message(append);
     assert!(a.is_empty());
     assert_eq!(reply, Some(ToPrimary::EpochEndQuery { epoch: 2, last_epoch: 1 }));
-    let end = ToReplica::<u64, ()>::EpochEnd { epoch: 2, end: newh.end_of(1, 4) };
-    let (a, reply) = r.on_message(end);
+    let end = ToReplica::<u64, ()>::EpochEnd { epoch: 2, asked: 1, end: newh.end_of(1, 4) };
+    let (a, reply) = r.on_message(end.clone());
     assert_eq!(a, vec![Action::TruncateAfter(2)]);
     assert_eq!(reply, Some(ToPrimary::Ack { epoch: 2, lsn: 2 }));
+    // The same answer again (late, duplicated) does nothing.
+    assert_eq!(r.on_message(end), (vec![], None));
     // Now it takes epoch 2's records 3 and 4.
     let append = ToReplica::<u64, ()>::Append { epoch: 2, prev: 2, records: vec![rec(2, 3), rec(2, 4)] };
     let (a, reply) = r.on_message(append);
     assert_eq!(a, vec![Action::Apply(rec(2, 3)), Action::Apply(rec(2, 4))]);
-    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 2, lsn: 4 }));
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 2, lsn: 2 }), "acks name only what is durable");
+    assert_eq!(r.synced(4), Some(ToPrimary::Ack { epoch: 2, lsn: 4 }));
+    assert_eq!(r.synced(4), None);
     assert_eq!(r.pos(), Pos { epoch: 2, lsn: 4 });
     // The old primary's records are refused from now on, and it learns why.
     let stale = ToReplica::<u64, ()>::Append { epoch: 1, prev: 4, records: vec![rec(1, 5)] };
@@ -67,6 +71,7 @@ fn a_replica_behind_says_where_it_is_and_ignores_what_it_has() {
     assert_eq!(r.on_message(far).1, Some(ToPrimary::Behind { epoch: 1, have: 0 }));
     let from_start = ToReplica::<u64, ()>::Append { epoch: 1, prev: 0, records: vec![rec(1, 1), rec(1, 2)] };
     assert_eq!(r.on_message(from_start.clone()).0.len(), 2);
+    r.synced(2);
     let (again, reply) = r.on_message(from_start);
     assert!(again.is_empty(), "a resend applies nothing twice");
     assert_eq!(reply, Some(ToPrimary::Ack { epoch: 1, lsn: 2 }));
@@ -79,7 +84,14 @@ fn sync_writes_complete_on_enough_acks_or_end_indeterminate() {
     p.grant_lease(500);
     assert_eq!(p.write(1, 1, 100, 1_000, 0), Ok(1));
     assert_eq!(p.write(2, 2, 101, 1_000, 0), Ok(2));
-    let out = p.outbox(1);
+    assert!(
+        p.outbox(1)
+            .iter()
+            .all(|o| matches!(o, Out::Send(_, ToReplica::Append { records, .. }) if records.is_empty())),
+        "nothing ships before it is durable here"
+    );
+    p.synced(2);
+    let out = p.outbox(300);
     assert_eq!(out.len(), 2, "both replicas get the records: {out:?}");
     let (done, _) = p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 2 }, 5);
     assert_eq!(done, vec![(100, Outcome::Replicated)], "sync(1) done; sync(2) waits");
@@ -102,6 +114,7 @@ fn a_replica_behind_the_retained_log_gets_a_snapshot() {
     for i in 1..=10 {
         p.write(i, 0, i, 1_000, 0).unwrap();
     }
+    p.synced(10);
     p.retain();
     assert_eq!(p.log().len(), 3);
     // The replica says it has nothing.
@@ -119,9 +132,37 @@ fn an_older_snapshot_arriving_late_is_ignored() {
     };
     let (a, reply) = r.on_message(snap(20));
     assert_eq!(a.len(), 1);
-    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 1, lsn: 20 }));
+    assert_eq!(reply, None, "acked once installed and synced");
+    assert_eq!(r.synced(20), Some(ToPrimary::Ack { epoch: 1, lsn: 20 }));
     let (a, reply) = r.on_message(snap(15));
     assert!(a.is_empty(), "installing it would take back lsns 16..=20, already acked");
     assert_eq!(reply, Some(ToPrimary::Ack { epoch: 1, lsn: 20 }));
     assert_eq!(r.pos().lsn, 20);
+}
+
+#[test]
+fn alignment_asks_again_when_this_log_lacks_the_primarys_epoch() {
+    // A wrote 1..=5 in epoch 1 and (3, 6) in epoch 3; the primary B has epoch 1 up to 3, then
+    // epoch 2 from 4 to 6, and epoch 4 after: A's 4, 5 (epoch 1) and 6 (epoch 3) must go.
+    let mut a = EpochHistory::default();
+    (1..=5).for_each(|l| a.note(1, l));
+    a.note(3, 6);
+    let mut b = EpochHistory::default();
+    (1..=3).for_each(|l| b.note(1, l));
+    (4..=6).for_each(|l| b.note(2, l));
+    b.note(4, 7);
+    let mut r = Replica::new(3, 6, a);
+    let hb = ToReplica::<u64, ()>::Append { epoch: 4, prev: 7, records: vec![] };
+    assert_eq!(r.on_message(hb).1, Some(ToPrimary::EpochEndQuery { epoch: 4, last_epoch: 3 }));
+    // B has no epoch 3: its largest below is 2, ending at 6. A lacks epoch 2: cut after A's
+    // epoch 1 (5) and ask about epoch 1.
+    let answer = ToReplica::<u64, ()>::EpochEnd { epoch: 4, asked: 3, end: b.end_of(3, 7) };
+    let (acts, reply) = r.on_message(answer);
+    assert_eq!(acts, vec![Action::TruncateAfter(5)]);
+    assert_eq!(reply, Some(ToPrimary::EpochEndQuery { epoch: 4, last_epoch: 1 }));
+    let answer = ToReplica::<u64, ()>::EpochEnd { epoch: 4, asked: 1, end: b.end_of(1, 7) };
+    let (acts, reply) = r.on_message(answer);
+    assert_eq!(acts, vec![Action::TruncateAfter(3)]);
+    assert_eq!(reply, Some(ToPrimary::Ack { epoch: 4, lsn: 3 }));
+    assert_eq!(r.pos(), Pos { epoch: 1, lsn: 3 });
 }

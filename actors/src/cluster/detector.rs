@@ -1,0 +1,145 @@
+//! The failure detector the Raft leader runs over the cluster map: nodes' heartbeats carry, for
+//! every shard they hold, their log position and whether they are its primary; the detector
+//! grants primaries their leases and decides failovers (`MapCmd::Failover`, to be committed
+//! through Raft).
+//!
+//! The rules (shared CLUSTER.md, "Failover"):
+//! - A lease runs `lease_ms` from when the primary *sent* the heartbeat, by its own clock, so
+//!   it ends before the detector, counting from when it *heard* that heartbeat, can act
+//!   (`detect_ms` > `lease_ms` + the network's delay). Clocks may differ in offset, not much in
+//!   rate.
+//! - A primary not heard from for `detect_ms` is replaced, but only on positions reported after
+//!   anything it could still have sent under its lease had arrived (`heard + lease_ms +
+//!   2 × max_delay_ms`), and only when enough replicas reported that one of them must hold
+//!   every `sync(n)`-acked write: `replicas − n + 1` of them (any one under `async`). The most
+//!   up-to-date of them (highest `(epoch, lsn)`) takes over.
+//!
+//! Invariant: `primary_heard` counts from the start of the current epoch at the earliest, so a
+//! new primary gets a full `detect_ms` to take up its epoch.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use super::map::{ClusterMap, MapCmd, ShardId};
+use crate::replication::{Epoch, NodeId, Pos};
+
+/// The detector's timings, in ms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub lease_ms: u64,
+    pub detect_ms: u64,
+    /// The longest a message takes, for the purpose of the failover rule.
+    pub max_delay_ms: u64,
+}
+
+impl Default for Timing {
+    /// 3 × 250 ms missed heartbeats detect a failure; leases of 500 ms.
+    fn default() -> Self {
+        Timing { heartbeat_ms: 250, lease_ms: 500, detect_ms: 750, max_delay_ms: 100 }
+    }
+}
+
+impl Timing {
+    /// Whether a lease always ends before the detector may act.
+    pub fn is_safe(&self) -> bool {
+        self.lease_ms + self.max_delay_ms < self.detect_ms
+    }
+}
+
+/// What a node says of one shard it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub shard: ShardId,
+    /// Its log's last record.
+    pub pos: Pos,
+    /// `Some(e)` if it is the shard's primary in epoch `e`.
+    pub primary_of: Option<Epoch>,
+}
+
+/// A lease granted: the primary of `shard` in `epoch` may write until `until_ms` by its clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub shard: ShardId,
+    pub epoch: Epoch,
+    pub until_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Detector {
+    pub timing: Timing,
+    /// Per shard: the epoch and when its primary was last heard (or the epoch began).
+    primary_heard: BTreeMap<ShardId, (Epoch, u64)>,
+    /// Per shard and node: when it last reported, and its position.
+    positions: BTreeMap<(ShardId, NodeId), (u64, Pos)>,
+}
+
+impl Detector {
+    pub fn new(timing: Timing) -> Detector {
+        debug_assert!(timing.is_safe(), "{timing:?}: a lease could outlive detection");
+        Detector { timing, primary_heard: BTreeMap::new(), positions: BTreeMap::new() }
+    }
+
+    /// A heartbeat from `from`, sent at `sent_ms` by its clock and heard at `now_ms`: the leases
+    /// it earns (for the shards it is the primary of, in the map's epoch).
+    pub fn heartbeat(
+        &mut self,
+        map: &ClusterMap,
+        from: NodeId,
+        sent_ms: u64,
+        reports: &[Report],
+        now_ms: u64,
+    ) -> Vec<Lease> {
+        let mut leases = Vec::new();
+        for r in reports {
+            self.positions.insert((r.shard.clone(), from), (now_ms, r.pos));
+            let Some(p) = map.placement(&r.shard) else { continue };
+            if p.primary == from && r.primary_of == Some(p.epoch) {
+                self.primary_heard.insert(r.shard.clone(), (p.epoch, now_ms));
+                leases.push(Lease {
+                    shard: r.shard.clone(),
+                    epoch: p.epoch,
+                    until_ms: sent_ms + self.timing.lease_ms,
+                });
+            }
+        }
+        leases
+    }
+
+    /// The failovers due now.
+    pub fn decide(&mut self, map: &ClusterMap, now_ms: u64) -> Vec<MapCmd> {
+        let t = self.timing;
+        let mut out = Vec::new();
+        for (shard, p) in map.placements() {
+            let heard = match self.primary_heard.get(shard) {
+                Some(&(e, at)) if e == p.epoch => at,
+                _ => {
+                    // A new epoch (or a new detector): its primary gets a full detection time.
+                    self.primary_heard.insert(shard.clone(), (p.epoch, now_ms));
+                    continue;
+                }
+            };
+            if now_ms.saturating_sub(heard) <= t.detect_ms {
+                continue;
+            }
+            let fresh_after = heard + t.lease_ms + 2 * t.max_delay_ms;
+            let fresh: Vec<(NodeId, Pos)> = p
+                .replicas
+                .iter()
+                .filter_map(|&id| {
+                    let &(at, pos) = self.positions.get(&(shard.clone(), id))?;
+                    (at > fresh_after).then_some((id, pos))
+                })
+                .collect();
+            let need = if p.sync == 0 { 1 } else { p.replicas.len() + 1 - p.sync as usize };
+            if fresh.len() < need {
+                continue;
+            }
+            let Some(&(best, _)) = fresh.iter().max_by_key(|(id, pos)| (*pos, Reverse(*id))) else {
+                continue;
+            };
+            out.push(MapCmd::Failover { shard: shard.clone(), from_epoch: p.epoch, primary: best });
+        }
+        out
+    }
+}

@@ -1,0 +1,145 @@
+//! The cluster map: members and shard placements. Changed only by `apply`ing a `MapCmd`,
+//! deterministically, so every copy of the map that applied the same commands in the same order
+//! (the Raft log) is the same map; `version` counts the commands applied.
+//!
+//! Invariant: every placement's primary and replicas are members, all distinct; an epoch only
+//! rises; a `Failover` names the epoch it replaces, so a stale or repeated decision changes
+//! nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::replication::{Epoch, NodeId};
+
+/// A shard of a collection: (collection, shard index).
+pub type ShardId = (String, u32);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    /// Where clients connect.
+    pub addr: String,
+    /// Where other nodes connect.
+    pub peer_addr: String,
+}
+
+/// Where one shard lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub epoch: Epoch,
+    pub primary: NodeId,
+    pub replicas: Vec<NodeId>,
+    /// Replicas a write waits for (`sync(n)`; 0: `async`).
+    pub sync: u32,
+}
+
+/// One change of the map (one Raft log entry).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapCmd {
+    Join(Member),
+    /// Refused while the node holds a placement.
+    Leave(NodeId),
+    /// Places a shard (a new one, or a planned move: the epoch rises).
+    Place {
+        shard: ShardId,
+        primary: NodeId,
+        replicas: Vec<NodeId>,
+        sync: u32,
+    },
+    /// The failure detector's decision: `primary` takes over `shard` from epoch `from_epoch`.
+    Failover {
+        shard: ShardId,
+        from_epoch: Epoch,
+        primary: NodeId,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapError {
+    NoSuchMember(NodeId),
+    NoSuchShard(ShardId),
+    /// The member still holds placements.
+    InUse(NodeId),
+    /// A placement names a node twice, or `sync` exceeds its replicas.
+    BadPlacement(String),
+    /// The decision was about an epoch that has passed (or the new primary is not a replica).
+    Stale {
+        shard: ShardId,
+        epoch: Epoch,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    pub version: u64,
+    members: BTreeMap<NodeId, Member>,
+    shards: BTreeMap<ShardId, Placement>,
+}
+
+impl ClusterMap {
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.members.get(&id)
+    }
+
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values()
+    }
+
+    pub fn placement(&self, shard: &ShardId) -> Option<&Placement> {
+        self.shards.get(shard)
+    }
+
+    pub fn placements(&self) -> impl Iterator<Item = (&ShardId, &Placement)> {
+        self.shards.iter()
+    }
+
+    /// Applies one command; the map changes only on `Ok` (and `version` counts those).
+    pub fn apply(&mut self, cmd: MapCmd) -> Result<(), MapError> {
+        match cmd {
+            MapCmd::Join(m) => {
+                self.members.insert(m.id, m);
+            }
+            MapCmd::Leave(id) => {
+                if !self.members.contains_key(&id) {
+                    return Err(MapError::NoSuchMember(id));
+                }
+                if self.shards.values().any(|p| p.primary == id || p.replicas.contains(&id)) {
+                    return Err(MapError::InUse(id));
+                }
+                self.members.remove(&id);
+            }
+            MapCmd::Place { shard, primary, replicas, sync } => {
+                let mut all = replicas.clone();
+                all.push(primary);
+                if let Some(&id) = all.iter().find(|id| !self.members.contains_key(id)) {
+                    return Err(MapError::NoSuchMember(id));
+                }
+                all.sort_unstable();
+                all.dedup();
+                if all.len() != replicas.len() + 1 || sync as usize > replicas.len() {
+                    return Err(MapError::BadPlacement(format!(
+                        "primary {primary}, replicas {replicas:?}, sync {sync}"
+                    )));
+                }
+                let epoch = self.shards.get(&shard).map_or(1, |p| p.epoch + 1);
+                self.shards.insert(shard, Placement { epoch, primary, replicas, sync });
+            }
+            MapCmd::Failover { shard, from_epoch, primary } => {
+                let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
+                if p.epoch != from_epoch || !p.replicas.contains(&primary) {
+                    let epoch = p.epoch;
+                    return Err(MapError::Stale { shard, epoch });
+                }
+                let old = p.primary;
+                p.replicas.retain(|&r| r != primary);
+                p.replicas.push(old);
+                p.replicas.sort_unstable();
+                p.primary = primary;
+                p.epoch += 1;
+            }
+        }
+        self.version += 1;
+        Ok(())
+    }
+}
