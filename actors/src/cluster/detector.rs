@@ -8,11 +8,12 @@
 //!   it ends before the detector, counting from when it *heard* that heartbeat, can act
 //!   (`detect_ms` > `lease_ms` + the network's delay). Clocks may differ in offset, not much in
 //!   rate.
-//! - A primary not heard from for `detect_ms` is replaced, but only on positions reported after
-//!   anything it could still have sent under its lease had arrived (`heard + lease_ms +
-//!   2 × max_delay_ms`), and only when enough replicas reported that one of them must hold
-//!   every `sync(n)`-acked write: `replicas − n + 1` of them (any one under `async`). The most
-//!   up-to-date of them (highest `(epoch, lsn)`) takes over.
+//! - A primary not heard from for `detect_ms` is replaced by a live replica (one heard since the
+//!   primary fell silent) that is *in sync* under `sync(n)` (any replica under `async`): the
+//!   primary completes a write only once every in-sync replica holds it, so any of them holds
+//!   every completed write, whatever the timing of the reports. Among them the most up-to-date
+//!   (highest `(epoch, lsn)`) takes over. With no live in-sync replica the shard waits (no
+//!   unclean election).
 //!
 //! Invariant: `primary_heard` counts from the start of the current epoch at the earliest, so a
 //! new primary gets a full `detect_ms` to take up its epoch.
@@ -122,22 +123,15 @@ impl Detector {
             if now_ms.saturating_sub(heard) <= t.detect_ms {
                 continue;
             }
-            let fresh_after = heard + t.lease_ms + 2 * t.max_delay_ms;
-            let fresh: Vec<(NodeId, Pos)> = p
-                .replicas
+            let eligible = if p.sync > 0 { &p.in_sync } else { &p.replicas };
+            let live: Vec<(NodeId, Pos)> = eligible
                 .iter()
                 .filter_map(|&id| {
                     let &(at, pos) = self.positions.get(&(shard.clone(), id))?;
-                    (at > fresh_after).then_some((id, pos))
+                    (at > heard).then_some((id, pos))
                 })
                 .collect();
-            let need = if p.sync == 0 { 1 } else { p.replicas.len() + 1 - p.sync as usize };
-            if fresh.len() < need {
-                continue;
-            }
-            let Some(&(best, _)) = fresh.iter().max_by_key(|(id, pos)| (*pos, Reverse(*id))) else {
-                continue;
-            };
+            let Some(&(best, _)) = live.iter().max_by_key(|(id, pos)| (*pos, Reverse(*id))) else { continue };
             out.push(MapCmd::Failover { shard: shard.clone(), from_epoch: p.epoch, primary: best });
         }
         out

@@ -30,7 +30,10 @@ pub struct Placement {
     pub epoch: Epoch,
     pub primary: NodeId,
     pub replicas: Vec<NodeId>,
-    /// Replicas a write waits for (`sync(n)`; 0: `async`).
+    /// The replicas that hold every write the primary completed (its proposals, committed
+    /// here); only they may take over under `sync`.
+    pub in_sync: Vec<NodeId>,
+    /// Replicas a write waits for at least (`sync(n)`; 0: `async`).
     pub sync: u32,
 }
 
@@ -52,6 +55,12 @@ pub enum MapCmd {
         shard: ShardId,
         from_epoch: Epoch,
         primary: NodeId,
+    },
+    /// The primary of `epoch` changes the shard's in-sync replicas.
+    SetInSync {
+        shard: ShardId,
+        epoch: Epoch,
+        in_sync: Vec<NodeId>,
     },
 }
 
@@ -123,11 +132,15 @@ impl ClusterMap {
                     )));
                 }
                 let epoch = self.shards.get(&shard).map_or(1, |p| p.epoch + 1);
-                self.shards.insert(shard, Placement { epoch, primary, replicas, sync });
+                let in_sync = replicas.clone();
+                self.shards.insert(shard, Placement { epoch, primary, replicas, in_sync, sync });
             }
             MapCmd::Failover { shard, from_epoch, primary } => {
                 let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
-                if p.epoch != from_epoch || !p.replicas.contains(&primary) {
+                // Under `sync`, only an in-sync replica holds every completed write.
+                let eligible =
+                    if p.sync > 0 { p.in_sync.contains(&primary) } else { p.replicas.contains(&primary) };
+                if p.epoch != from_epoch || !eligible {
                     let epoch = p.epoch;
                     return Err(MapError::Stale { shard, epoch });
                 }
@@ -135,8 +148,27 @@ impl ClusterMap {
                 p.replicas.retain(|&r| r != primary);
                 p.replicas.push(old);
                 p.replicas.sort_unstable();
+                // The old primary is not in sync (it may hold writes no one else has); it
+                // rejoins once it caught up with the new one.
+                p.in_sync.retain(|&r| r != primary);
                 p.primary = primary;
                 p.epoch += 1;
+            }
+            MapCmd::SetInSync { shard, epoch, mut in_sync } => {
+                let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
+                if p.epoch != epoch {
+                    let epoch = p.epoch;
+                    return Err(MapError::Stale { shard, epoch });
+                }
+                in_sync.sort_unstable();
+                in_sync.dedup();
+                if in_sync.len() < p.sync as usize || in_sync.iter().any(|id| !p.replicas.contains(id)) {
+                    return Err(MapError::BadPlacement(format!(
+                        "in-sync {in_sync:?}: fewer than sync {} or not all replicas",
+                        p.sync
+                    )));
+                }
+                p.in_sync = in_sync;
             }
         }
         self.version += 1;

@@ -54,8 +54,8 @@ fn report(pos: u64, primary_of: Option<u64>) -> Vec<Report> {
 }
 
 #[test]
-fn the_detector_leases_then_fails_over_only_on_fresh_enough_reports() {
-    let map = three_nodes(1);
+fn the_detector_leases_then_fails_over_to_a_live_in_sync_replica() {
+    let mut map = three_nodes(1);
     let t = Timing { heartbeat_ms: 100, lease_ms: 500, detect_ms: 750, max_delay_ms: 20 };
     let mut d = Detector::new(t);
     assert!(d.decide(&map, 0).is_empty(), "the epoch's clock starts");
@@ -63,22 +63,35 @@ fn the_detector_leases_then_fails_over_only_on_fresh_enough_reports() {
     assert_eq!(leases, vec![Lease { shard: shard(), epoch: 1, until_ms: 595 }]);
     // A replica's heartbeat earns no lease.
     assert!(d.heartbeat(&map, 2, 100, &report(9, None), 100).is_empty());
-    // The primary falls silent at 100. Reports before 100 + 500 + 40 do not count.
+    // Node 3 fell out of sync (the primary's proposal, committed).
+    map.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, in_sync: vec![2] }).unwrap();
+    // The primary falls silent at 100; both replicas report after it, node 3 further ahead.
     d.heartbeat(&map, 2, 600, &report(10, None), 600);
     d.heartbeat(&map, 3, 600, &report(12, None), 600);
-    assert!(d.decide(&map, 851).is_empty(), "stale reports only");
-    // With sync(1) of two replicas, both must report.
-    d.heartbeat(&map, 2, 700, &report(10, None), 700);
-    assert!(d.decide(&map, 860).is_empty(), "one fresh report of the two needed");
-    d.heartbeat(&map, 3, 700, &report(12, None), 700);
     assert!(d.decide(&map, 849).is_empty(), "not yet detected");
-    assert_eq!(d.decide(&map, 851), vec![MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 3 }]);
-    // Async: any one fresh report will do.
+    // Only the in-sync replica may take over, however far the other got.
+    assert_eq!(d.decide(&map, 851), vec![MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 2 }]);
+    map.apply(MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 2 }).unwrap();
+    let p = map.placement(&shard()).unwrap();
+    assert_eq!((p.epoch, p.primary, p.in_sync.clone()), (2, 2, vec![]), "the old primary is not in sync");
+    // A failover to a replica out of sync is refused by the map itself.
+    let mut m = three_nodes(1);
+    m.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, in_sync: vec![2] }).unwrap();
+    assert!(matches!(
+        m.apply(MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 3 }),
+        Err(MapError::Stale { .. })
+    ));
+    // With no live in-sync replica, the shard waits.
+    let mut d = Detector::new(t);
+    d.decide(&m, 0);
+    d.heartbeat(&m, 3, 700, &report(12, None), 700);
+    assert!(d.decide(&m, 5_000).is_empty());
+    // Async: any live replica will do.
     let map0 = three_nodes(0);
     let mut d = Detector::new(t);
     d.decide(&map0, 0);
-    d.heartbeat(&map0, 2, 700, &report(10, None), 700);
-    assert_eq!(d.decide(&map0, 800), vec![MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 2 }]);
+    d.heartbeat(&map0, 3, 700, &report(10, None), 700);
+    assert_eq!(d.decide(&map0, 800), vec![MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 3 }]);
 }
 
 async fn next(inbox: &mut Inbox) -> Option<(u64, Vec<u8>)> {

@@ -1,5 +1,7 @@
 //! The primary of one shard in one epoch: appends records, ships them to its replicas in order,
-//! answers `sync(n)` writes once `n` replicas acked them (or `Indeterminate` at their deadline),
+//! answers `sync(n)` writes once `n` replicas and every in-sync replica acked them (or
+//! `Indeterminate` at their deadline), proposes changes of the in-sync set to the cluster map
+//! (a lagging replica leaves it, a caught-up one joins: Kafka's ISR),
 //! answers replicas aligning their logs, and steps down when a replica knows a newer epoch. It
 //! accepts writes only under a lease (granted by the cluster map, shorter than failure
 //! detection), so an isolated or paused primary stops before a new one starts.
@@ -7,7 +9,7 @@
 //! Invariant: `log` is the tail of the primary's log, contiguous, ending at `last`; every
 //! follower's `acked` ≤ `last`; `waiting` is in lsn order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::{Epoch, EpochHistory, Lsn, NodeId, Pos, Record, ToPrimary, ToReplica};
 
@@ -48,6 +50,7 @@ struct Follower {
 #[derive(Clone, Debug)]
 struct Waiting {
     lsn: Lsn,
+    written_ms: u64,
     token: u64,
     n: usize,
     deadline_ms: u64,
@@ -70,6 +73,13 @@ pub struct Primary<B> {
     /// replica must never hold a record its primary could lose in a crash).
     durable: Lsn,
     followers: BTreeMap<NodeId, Follower>,
+    /// The in-sync replicas as the cluster map has them (committed): a write completes only
+    /// once every one of them holds it, so any of them can take over without losing it.
+    isr: BTreeSet<NodeId>,
+    /// A change of `isr` proposed to the map and not yet committed. Additions count at once
+    /// (they must ack too), removals only once committed.
+    proposed: Option<BTreeSet<NodeId>>,
+    proposed_ms: u64,
     waiting: VecDeque<Waiting>,
     lease_until_ms: u64,
     stepped_down: Option<Epoch>,
@@ -79,6 +89,13 @@ pub struct Primary<B> {
     pub batch_max: usize,
     /// A follower not heard from for this long is sent its records again (from its ack).
     pub resend_ms: u64,
+    /// An in-sync replica that has not acked a write this long after it was written is proposed
+    /// for removal from the in-sync set.
+    pub lag_ms: u64,
+    /// The in-sync set never shrinks below this (the shard's `sync(n)`): under it no replica
+    /// could be known to hold every completed write, and a failover would have no candidate.
+    /// A laggard that cannot leave holds writes up until it acks or they end `Indeterminate`.
+    pub min_in_sync: usize,
 }
 
 impl<B: Clone> Primary<B> {
@@ -97,6 +114,8 @@ impl<B: Clone> Primary<B> {
             .iter()
             .map(|&id| (id, Follower { acked: 0, next: last + 1, heard_ms: now_ms, sent_ms: 0 }))
             .collect();
+        // Until the map's in-sync set is known (`set_in_sync`), every replica must ack.
+        let isr = replicas.iter().copied().collect();
         Primary {
             epoch,
             last,
@@ -104,13 +123,70 @@ impl<B: Clone> Primary<B> {
             log,
             durable: last,
             followers,
+            isr,
+            proposed: None,
+            proposed_ms: 0,
             waiting: VecDeque::new(),
             lease_until_ms: 0,
             stepped_down: None,
             retain_max: 100_000,
             batch_max: 256,
             resend_ms: 200,
+            lag_ms: 300,
+            min_in_sync: 0,
         }
+    }
+
+    /// The in-sync set the cluster map committed.
+    pub fn set_in_sync(&mut self, in_sync: &[NodeId]) {
+        let committed: BTreeSet<NodeId> =
+            in_sync.iter().copied().filter(|id| self.followers.contains_key(id)).collect();
+        if self.proposed.as_ref() == Some(&committed) {
+            self.proposed = None;
+        }
+        self.isr = committed;
+    }
+
+    /// Who must hold a write before it completes: the committed in-sync set and any proposed
+    /// additions.
+    fn required(&self) -> BTreeSet<NodeId> {
+        let mut r = self.isr.clone();
+        if let Some(p) = &self.proposed {
+            r.extend(p.iter().copied());
+        }
+        r
+    }
+
+    /// A change of the in-sync set to propose to the map (again every `resend_ms` until it is
+    /// committed), if one is due: in-sync replicas lagging a waiting write by `lag_ms` leave,
+    /// replicas that hold the whole log join.
+    pub fn propose_in_sync(&mut self, now_ms: u64) -> Option<Vec<NodeId>> {
+        let oldest = self.waiting.front().filter(|w| now_ms.saturating_sub(w.written_ms) >= self.lag_ms);
+        let mut want = BTreeSet::new();
+        let mut laggards = Vec::new();
+        for (&id, f) in &self.followers {
+            let lagging = oldest.is_some_and(|w| f.acked < w.lsn);
+            let member = self.isr.contains(&id);
+            if (member && !lagging) || (!member && f.acked >= self.last) {
+                want.insert(id);
+            } else if member {
+                laggards.push(id);
+            }
+        }
+        if want.len() < self.min_in_sync {
+            // Not below the floor: the laggards stay.
+            want.extend(laggards);
+        }
+        if want == self.isr {
+            self.proposed = None;
+            return None;
+        }
+        if self.proposed.as_ref() == Some(&want) && now_ms.saturating_sub(self.proposed_ms) < self.resend_ms {
+            return None;
+        }
+        self.proposed = Some(want.clone());
+        self.proposed_ms = now_ms;
+        Some(want.into_iter().collect())
     }
 
     pub fn pos(&self) -> Pos {
@@ -162,7 +238,7 @@ impl<B: Clone> Primary<B> {
         self.history.note(self.epoch, self.last);
         self.log.push_back(Record { epoch: self.epoch, lsn: self.last, body });
         if n > 0 {
-            self.waiting.push_back(Waiting { lsn: self.last, token, n, deadline_ms });
+            self.waiting.push_back(Waiting { lsn: self.last, written_ms: now_ms, token, n, deadline_ms });
         }
         Ok(self.last)
     }
@@ -244,7 +320,8 @@ impl<B: Clone> Primary<B> {
         }
     }
 
-    /// Writes now held by enough replicas, in lsn order — only under the lease: an ack that
+    /// Writes now held by enough replicas and by every in-sync one, in lsn order — only under
+    /// the lease: an ack that
     /// arrives after it may come from a replica that has not yet heard of a newer epoch whose
     /// primary lacks the record (the record would then be cut), so such writes wait for a
     /// renewed lease or their deadline (`Indeterminate`). Found by the simulation: a paused
@@ -255,11 +332,15 @@ impl<B: Clone> Primary<B> {
         if !self.may_write(now_ms) {
             return done;
         }
+        let required = self.required();
         let mut i = 0;
         while i < self.waiting.len() {
             let w = &self.waiting[i];
-            let have = self.followers.values().filter(|f| f.acked >= w.lsn).count();
-            if have >= w.n {
+            // Every in-sync replica, and at least `n` of them: an ack from a replica out of sync
+            // does not count (a failover could not know to pick it).
+            let all_in_sync =
+                required.iter().all(|id| self.followers.get(id).is_some_and(|f| f.acked >= w.lsn));
+            if required.len() >= w.n && all_in_sync {
                 done.push((w.token, Outcome::Replicated));
                 self.waiting.remove(i);
             } else {

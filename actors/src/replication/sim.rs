@@ -61,10 +61,26 @@ fn shard() -> ShardId {
 enum Net {
     Rep(NodeId, ToReplica<Body, (Pos, State)>),
     Prim(NodeId, ToPrimary),
-    Status { from: NodeId, pos: Pos, epoch: Epoch, primary: bool, sent_ms: u64 },
+    Status {
+        from: NodeId,
+        pos: Pos,
+        epoch: Epoch,
+        primary: bool,
+        sent_ms: u64,
+    },
     Map(Map),
-    Lease { epoch: Epoch, until_ms: u64 },
-    Write { token: u64 },
+    Lease {
+        epoch: Epoch,
+        until_ms: u64,
+    },
+    Write {
+        token: u64,
+    },
+    /// A primary's proposal of the in-sync set.
+    InSync {
+        epoch: Epoch,
+        in_sync: Vec<NodeId>,
+    },
 }
 
 enum Ev {
@@ -79,7 +95,7 @@ enum Ev {
 }
 
 enum Role {
-    Primary(Primary<Body>),
+    Primary(Box<Primary<Body>>),
     Replica(Replica),
 }
 
@@ -128,7 +144,9 @@ impl Node {
         let mut p = Primary::new(map.epoch, self.last(), self.history.clone(), log, &map.replicas, now);
         p.retain_max = 40;
         p.batch_max = 16;
-        self.role = Role::Primary(p);
+        p.set_in_sync(&map.in_sync);
+        p.min_in_sync = map.sync as usize;
+        self.role = Role::Primary(Box::new(p));
     }
 }
 
@@ -325,6 +343,7 @@ impl Sim {
         let now = self.now;
         let mut sends = Vec::new();
         let mut done = Vec::new();
+        let mut proposal = None;
         {
             let n = self.node(id);
             let mut snapshots = Vec::new();
@@ -336,6 +355,9 @@ impl Sim {
                     }
                 }
                 done = p.tick(now);
+                if let Some(in_sync) = p.propose_in_sync(now) {
+                    proposal = Some((p.epoch, in_sync));
+                }
             }
             for (to, epoch) in snapshots {
                 let last = n.last();
@@ -347,6 +369,9 @@ impl Sim {
         }
         for (to, m) in sends {
             self.send(Some(to), Net::Rep(id, m));
+        }
+        if let Some((epoch, in_sync)) = proposal {
+            self.send(None, Net::InSync { epoch, in_sync });
         }
         self.finish(done);
         let n = self.node(id);
@@ -402,10 +427,17 @@ impl Sim {
             }
             Net::Map(map) => {
                 let n = self.node(id);
-                // A primary that restarted does not take its epoch up again: the detector moves
-                // the shard on (with a real op log, its unsynced tail may differ from what its
-                // replicas hold).
-                if map.epoch <= n.epoch {
+                if map.epoch == n.epoch
+                    && let Role::Primary(p) = &mut n.role
+                {
+                    p.set_in_sync(&map.in_sync);
+                }
+                // A primary that restarted takes its epoch up again while the map names it (it
+                // shipped only durable records, so its log still extends every replica's; it
+                // writes again only once the detector grants it a lease). This is what keeps a
+                // shard whose in-sync set is empty available.
+                let resume = map.epoch == n.epoch && map.primary == id && matches!(n.role, Role::Replica(_));
+                if map.epoch < n.epoch || (map.epoch == n.epoch && !resume) {
                     return;
                 }
                 n.epoch = map.epoch;
@@ -504,11 +536,20 @@ impl Sim {
                 }
                 self.finish(done);
             }
-            Net::Status { .. } => {}
+            Net::Status { .. } | Net::InSync { .. } => {}
         }
     }
 
     fn controller_receive(&mut self, msg: Net) {
+        if let Net::InSync { epoch, in_sync } = msg {
+            let cmd = MapCmd::SetInSync { shard: shard(), epoch, in_sync };
+            if self.cluster.apply(cmd).is_ok() {
+                self.map = self.cluster.placement(&shard()).expect("placed").clone();
+                let (map, primary) = (self.map.clone(), self.map.primary);
+                self.send(Some(primary), Net::Map(map));
+            }
+            return;
+        }
         let Net::Status { from, pos, epoch, primary, sent_ms } = msg else { return };
         let report = Report { shard: shard(), pos, primary_of: primary.then_some(epoch) };
         let leases = self.detector.heartbeat(&self.cluster, from, sent_ms, &[report], self.now);
@@ -574,6 +615,13 @@ impl Sim {
                     self.failovers
                 );
             }
+        }
+        for n in self.nodes.iter().filter(|_| std::env::var("HEAPGRID_SIM_DEBUG").is_ok()) {
+            let role = match &n.role {
+                Role::Primary(p) => format!("primary e{} acked {:?}", p.epoch, p.acked()),
+                Role::Replica(r) => format!("replica e{} pos {:?}", r.epoch, r.pos()),
+            };
+            eprintln!("node {} epoch {} last {} {role}; map {:?}", n.id, n.epoch, n.last(), self.map);
         }
         for n in &self.nodes {
             assert!(n.up, "seed {seed}: node {} still down", n.id);

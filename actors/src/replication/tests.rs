@@ -80,6 +80,8 @@ fn a_replica_behind_says_where_it_is_and_ignores_what_it_has() {
 #[test]
 fn sync_writes_complete_on_enough_acks_or_end_indeterminate() {
     let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2, 3], 0);
+    // Replica 3 is out of sync: only the count `n` and replica 2 matter.
+    p.set_in_sync(&[2]);
     assert_eq!(p.write(1, 1, 100, 1_000, 0), Err(WriteRefused::NoLease));
     p.grant_lease(500);
     assert_eq!(p.write(1, 1, 100, 1_000, 0), Ok(1));
@@ -165,4 +167,29 @@ fn alignment_asks_again_when_this_log_lacks_the_primarys_epoch() {
     assert_eq!(acts, vec![Action::TruncateAfter(3)]);
     assert_eq!(reply, Some(ToPrimary::Ack { epoch: 4, lsn: 3 }));
     assert_eq!(r.pos(), Pos { epoch: 1, lsn: 3 });
+}
+
+#[test]
+fn a_write_waits_for_every_in_sync_replica_and_a_laggard_is_proposed_out() {
+    let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2, 3], 0);
+    p.set_in_sync(&[2, 3]);
+    p.grant_lease(10_000);
+    p.write(1, 1, 100, 5_000, 0).unwrap();
+    p.synced(1);
+    let (done, _) = p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 1 }, 10);
+    assert!(done.is_empty(), "sync(1) has its one ack, but in-sync replica 3 has not acked");
+    assert_eq!(p.propose_in_sync(100), None, "not lagging yet");
+    assert_eq!(p.propose_in_sync(300), Some(vec![2]), "3 lags the write by lag_ms");
+    assert!(p.tick(301).is_empty(), "a removal counts only once the map committed it");
+    p.set_in_sync(&[2]);
+    assert_eq!(p.tick(302), vec![(100, Outcome::Replicated)]);
+    // Caught up, 3 is proposed back in, and counts from the proposal on.
+    p.on_reply(3, ToPrimary::Ack { epoch: 1, lsn: 1 }, 400);
+    assert_eq!(p.propose_in_sync(400), Some(vec![2, 3]));
+    p.write(2, 1, 101, 5_000, 410).unwrap();
+    p.synced(2);
+    let (done, _) = p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 2 }, 420);
+    assert!(done.is_empty(), "the proposed member must ack too");
+    let (done, _) = p.on_reply(3, ToPrimary::Ack { epoch: 1, lsn: 2 }, 430);
+    assert_eq!(done, vec![(101, Outcome::Replicated)]);
 }
