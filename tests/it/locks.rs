@@ -408,3 +408,29 @@ async fn reentrancy_and_lock_delay_are_per_lock_options() {
     grid.core().locks().check().await.unwrap();
     grid.close().await.unwrap();
 }
+
+/// Records the lock service writes with no answer waiting (a session's expiry and its release)
+/// are flushed before anything answered after them: under `always`, reads after an expiry are
+/// answered (they used to wait on a record that was never written, and the fsync task failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_is_written_before_later_reads_under_always() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = GridOptions { fsync: FsyncPolicy::Always, ..GridOptions::default() };
+    let grid = heapgrid::Grid::open(dir.path(), opts).await.unwrap();
+    let a = grid.session(Some(Duration::from_secs(1))).await.unwrap();
+    let g = a.lock("l").try_acquire().await.unwrap().unwrap();
+    std::mem::forget(g);
+    a.abandon();
+    let b = grid.session(Some(Duration::from_secs(60))).await.unwrap();
+    let started = std::time::Instant::now();
+    while b.lock("l").status().await.unwrap().holder.is_some() {
+        assert!(started.elapsed() < Duration::from_secs(10), "never freed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..20 {
+        b.lock("l").status().await.unwrap();
+    }
+    b.close().await.unwrap();
+    grid.core().locks().check().await.unwrap();
+    grid.close().await.unwrap();
+}

@@ -44,6 +44,9 @@ struct Follower {
     heard_ms: u64,
     /// When records were last sent to it (for a resend after silence).
     sent_ms: u64,
+    /// A snapshot sent and not yet acked: its end and when it went. Nothing else is sent
+    /// meanwhile (until `snapshot_retry_ms`), so a slow transfer is not answered with more.
+    snapshot: Option<(Lsn, u64)>,
 }
 
 /// A write waiting for its replicas.
@@ -92,6 +95,8 @@ pub struct Primary<B> {
     /// An in-sync replica that has not acked a write this long after it was written is proposed
     /// for removal from the in-sync set.
     pub lag_ms: u64,
+    /// How long a snapshot may go unacked before another is sent.
+    pub snapshot_retry_ms: u64,
     /// The in-sync set never shrinks below this (the shard's `sync(n)`): under it no replica
     /// could be known to hold every completed write, and a failover would have no candidate.
     /// A laggard that cannot leave holds writes up until it acks or they end `Indeterminate`.
@@ -112,7 +117,9 @@ impl<B: Clone> Primary<B> {
         debug_assert!(log.back().is_none_or(|r| r.lsn == last));
         let followers = replicas
             .iter()
-            .map(|&id| (id, Follower { acked: 0, next: last + 1, heard_ms: now_ms, sent_ms: 0 }))
+            .map(|&id| {
+                (id, Follower { acked: 0, next: last + 1, heard_ms: now_ms, sent_ms: 0, snapshot: None })
+            })
             .collect();
         // Until the map's in-sync set is known (`set_in_sync`), every replica must ack.
         let isr = replicas.iter().copied().collect();
@@ -133,6 +140,7 @@ impl<B: Clone> Primary<B> {
             batch_max: 256,
             resend_ms: 200,
             lag_ms: 300,
+            snapshot_retry_ms: 5_000,
             min_in_sync: 0,
         }
     }
@@ -255,6 +263,12 @@ impl<B: Clone> Primary<B> {
         let durable = self.durable;
         let mut out = Vec::new();
         for (&id, f) in &mut self.followers {
+            if let Some((_, sent)) = f.snapshot {
+                if now_ms.saturating_sub(sent) < self.snapshot_retry_ms {
+                    continue;
+                }
+                f.snapshot = None;
+            }
             // Silence: send again from what it acked.
             if now_ms.saturating_sub(f.heard_ms) >= self.resend_ms
                 && now_ms.saturating_sub(f.sent_ms) >= self.resend_ms
@@ -268,6 +282,7 @@ impl<B: Clone> Primary<B> {
             if f.next < first {
                 out.push(Out::Snapshot(id));
                 f.sent_ms = now_ms;
+                f.snapshot = Some((durable, now_ms));
                 // Sent from the snapshot's end on its ack.
                 f.next = durable + 1;
                 continue;
@@ -301,10 +316,19 @@ impl<B: Clone> Primary<B> {
             ToPrimary::Ack { epoch, lsn } if epoch == self.epoch => {
                 let lsn = lsn.min(self.last);
                 f.acked = f.acked.max(lsn);
+                if f.snapshot.is_some_and(|(upto, _)| lsn >= upto) {
+                    f.snapshot = None;
+                }
                 if f.next <= lsn {
                     f.next = lsn + 1;
                 }
                 (self.complete(now_ms), None)
+            }
+            // Sent before the snapshot arrived: it answers that.
+            ToPrimary::Behind { epoch, have }
+                if epoch == self.epoch && f.snapshot.is_some_and(|(upto, _)| have < upto) =>
+            {
+                (Vec::new(), None)
             }
             ToPrimary::Behind { epoch, have } if epoch == self.epoch => {
                 f.next = have + 1;

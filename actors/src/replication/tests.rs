@@ -122,6 +122,16 @@ fn a_replica_behind_the_retained_log_gets_a_snapshot() {
     // The replica says it has nothing.
     p.on_reply(2, ToPrimary::Behind { epoch: 1, have: 0 }, 1);
     assert_eq!(p.outbox(2), vec![Out::Snapshot(2)]);
+    // While it is in flight: no more snapshots, and a `Behind` sent before it arrived is ignored.
+    p.on_reply(2, ToPrimary::Behind { epoch: 1, have: 0 }, 3);
+    assert_eq!(p.outbox(500), vec![], "no snapshot storm");
+    p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 10 }, 600);
+    assert_eq!(p.acked(), vec![(2, 10)]);
+    // Unacked for `snapshot_retry_ms`, it is sent again.
+    p.on_reply(2, ToPrimary::Behind { epoch: 1, have: 0 }, 700);
+    assert_eq!(p.outbox(800), vec![Out::Snapshot(2)]);
+    assert_eq!(p.outbox(900), vec![]);
+    assert_eq!(p.outbox(900 + p.snapshot_retry_ms), vec![Out::Snapshot(2)]);
 }
 
 #[test]
