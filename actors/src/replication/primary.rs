@@ -140,7 +140,7 @@ impl<B: Clone> Primary<B> {
             batch_max: 256,
             resend_ms: 200,
             lag_ms: 300,
-            snapshot_retry_ms: 5_000,
+            snapshot_retry_ms: 1_000,
             min_in_sync: 0,
         }
     }
@@ -316,9 +316,9 @@ impl<B: Clone> Primary<B> {
             ToPrimary::Ack { epoch, lsn } if epoch == self.epoch => {
                 let lsn = lsn.min(self.last);
                 f.acked = f.acked.max(lsn);
-                if f.snapshot.is_some_and(|(upto, _)| lsn >= upto) {
-                    f.snapshot = None;
-                }
+                // Any ack answers the snapshot: installed (up to its end), or not taken (the
+                // replica said where it is instead); either way the normal flow resumes.
+                f.snapshot = None;
                 if f.next <= lsn {
                     f.next = lsn + 1;
                 }
@@ -336,6 +336,7 @@ impl<B: Clone> Primary<B> {
                 (Vec::new(), None)
             }
             ToPrimary::EpochEndQuery { epoch, last_epoch } if epoch == self.epoch => {
+                f.snapshot = None;
                 let end = self.history.end_of(last_epoch, self.last);
                 (Vec::new(), Some(ToReplica::EpochEnd { epoch, asked: last_epoch, end }))
             }
