@@ -543,8 +543,16 @@ mod tests {
             QueueOp::Purge { queue: s() },
             QueueOp::Configure { queue: s(), options: QueueOptions::defaults("q") },
             QueueOp::List,
+            QueueOp::PushWait {
+                queue: s(),
+                value: v(),
+                dedup_key: None,
+                delay_ms: 0,
+                fence: None,
+                wait_ms: 0,
+            },
         ];
-        assert_eq!(queue_ops.iter().map(tag).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
+        assert_eq!(queue_ops.iter().map(tag).collect::<Vec<_>>(), (0..11).collect::<Vec<u8>>());
         assert_eq!([Mode::Ack, Mode::Take].iter().map(tag).collect::<Vec<_>>(), [0, 1]);
         let queue_results = [
             QueueResult::Pushed { seq: 0, duplicate: false },

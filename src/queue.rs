@@ -48,6 +48,9 @@ pub struct Push {
     pub delay: Option<Duration>,
     /// Refused (`StaleFence`, nothing added) unless this is the lock's current grant.
     pub fence: Option<(String, u64)>,
+    /// At the queue's `max_len`, wait this long (at most 60 s) for room instead of answering
+    /// `QueueFull` at once.
+    pub wait: Option<Duration>,
 }
 
 impl Push {
@@ -56,6 +59,10 @@ impl Push {
     }
     pub fn delay(d: Duration) -> Push {
         Push { delay: Some(d), ..Push::default() }
+    }
+    /// Waits up to `d` for room in a full queue.
+    pub fn wait(d: Duration) -> Push {
+        Push { wait: Some(d), ..Push::default() }
     }
     /// Fenced by `guard`'s grant.
     pub fn fenced(mut self, guard: &LockGuard) -> Push {
@@ -119,12 +126,11 @@ impl Queue {
     /// with the same dedup key (then nothing was added).
     pub async fn push_with<T: Serialize + ?Sized>(&self, value: &T, how: Push) -> Result<(u64, bool)> {
         let value = Value::from_serde(value).map_err(|e| GridError::Value(e.to_string()))?;
-        let op = QueueOp::Push {
-            queue: self.name.to_string(),
-            value,
-            dedup_key: how.dedup_key,
-            delay_ms: how.delay.map_or(0, ms),
-            fence: how.fence,
+        let (queue, dedup_key, delay_ms, fence) =
+            (self.name.to_string(), how.dedup_key, how.delay.map_or(0, ms), how.fence);
+        let op = match how.wait {
+            Some(w) => QueueOp::PushWait { queue, value, dedup_key, delay_ms, fence, wait_ms: ms(w) },
+            None => QueueOp::Push { queue, value, dedup_key, delay_ms, fence },
         };
         match self.op(op).await? {
             QueueResult::Pushed { seq, duplicate } => Ok((seq, duplicate)),

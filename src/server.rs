@@ -628,7 +628,11 @@ fn queue_allowed(who: &Principal, op: &QueueOp) -> Result<(), GridError> {
     let Some(q) = op.queue() else { return Ok(()) };
     if !matches!(
         op,
-        QueueOp::Push { .. } | QueueOp::Ack { .. } | QueueOp::Nack { .. } | QueueOp::Extend { .. }
+        QueueOp::Push { .. }
+            | QueueOp::PushWait { .. }
+            | QueueOp::Ack { .. }
+            | QueueOp::Nack { .. }
+            | QueueOp::Extend { .. }
     ) {
         who.require(q, Permission::Read)?;
     }
@@ -935,7 +939,8 @@ impl<'c> Round<'c> {
                     }
                     _ => Ok(()),
                 });
-                let waits = matches!(op, QueueOp::Pop { wait_ms: 1.., .. });
+                let waits =
+                    matches!(op, QueueOp::Pop { wait_ms: 1.., .. } | QueueOp::PushWait { wait_ms: 1.., .. });
                 let started = allowed.map(|_| grid.queues().call(op));
                 let gone = self.gone.clone();
                 return alone(id, async move {

@@ -384,3 +384,40 @@ async fn background_records_are_flushed_before_later_answers_under_always() {
     grid.core().queues().check().await.unwrap();
     grid.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_full_queue_waits_for_room_in_arrival_order_or_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = Arc::new(open(dir.path()).await);
+    let q = grid.queue("small");
+    let mut o = QueueOptions::defaults("small");
+    o.max_len = Some(1);
+    q.configure(o).await.unwrap();
+    q.push(&0).await.unwrap();
+    // Three blocked pushes, in this order.
+    let mut blocked = Vec::new();
+    for i in 1..=3 {
+        let q2 = q.clone();
+        blocked
+            .push(tokio::spawn(async move { q2.push_with(&i, Push::wait(Duration::from_secs(30))).await }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    // A push without a wait does not overtake them.
+    assert!(matches!(q.push(&9).await, Err(GridError::QueueFull { max_len: 1, .. })));
+    // Each take makes room for the next blocked push, in arrival order.
+    for want in 0..=3i64 {
+        let got = q.take(Duration::from_secs(5)).await.unwrap().expect("an item");
+        assert_eq!(got, Value::Int(want));
+    }
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
+    // A wait that ends without room answers QueueFull on time.
+    q.push(&4).await.unwrap();
+    let t = Instant::now();
+    let e = q.push_with(&5, Push::wait(Duration::from_millis(150))).await.unwrap_err();
+    assert!(matches!(e, GridError::QueueFull { .. }), "{e:?}");
+    assert!(t.elapsed() >= Duration::from_millis(150));
+    assert_eq!(q.len().await.unwrap().ready, 1);
+    grid.core().queues().check().await.unwrap();
+}

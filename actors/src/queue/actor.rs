@@ -74,6 +74,8 @@ pub enum QueueMsg {
     Call(QueueOp, Reply<QueueResult>),
     /// A blocked pop's wait ended.
     WaitOver(u64),
+    /// A blocked push's wait ended.
+    PushWaitOver(u64),
     Tick,
     /// A lock session ended: its deliveries return to ready.
     SessionEnded(SessionId),
@@ -109,6 +111,8 @@ struct Q {
     stored: bool,
     /// Blocked pops, oldest first.
     waiters: VecDeque<u64>,
+    /// Pushes waiting for room, oldest first.
+    pushers: VecDeque<u64>,
     /// This queue's entry in `QueueState::timers`, if any.
     timer: Option<u64>,
     /// Deliveries made in a lock session.
@@ -150,7 +154,15 @@ impl Q {
     fn new(rec: QueueRec, stored: bool) -> Q {
         let mut q = Queue::new(config_of(&rec));
         q.skip_to(rec.seq_floor.max(1));
-        Q { q, rec, stored, waiters: VecDeque::new(), timer: None, sessions: HashMap::new() }
+        Q {
+            q,
+            rec,
+            stored,
+            waiters: VecDeque::new(),
+            pushers: VecDeque::new(),
+            timer: None,
+            sessions: HashMap::new(),
+        }
     }
 
     fn len(&self) -> QueueLen {
@@ -174,6 +186,24 @@ struct Failed {
     dead: bool,
 }
 
+/// A push waiting for room.
+struct Pusher {
+    queue: String,
+    bytes: Vec<u8>,
+    dedup_key: Option<String>,
+    delay_ms: u64,
+    port: Reply<QueueResult>,
+    timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<QueueMsg>>>>,
+}
+
+/// What a push did.
+enum Pushed {
+    /// Added (or found by its dedup key); answered.
+    Done,
+    /// The queue is at its `max_len`: nothing was added, the port is handed back.
+    Full { max_len: u64, port: Reply<QueueResult> },
+}
+
 struct Waiter {
     queue: String,
     n: u32,
@@ -191,6 +221,7 @@ pub struct QueueState {
     wall_origin: u64,
     queues: HashMap<String, Q>,
     pending: HashMap<u64, Waiter>,
+    pushing: HashMap<u64, Pusher>,
     next_waiter: u64,
     /// `(time, queue)`: when each queue's `tick` next has work, one entry per queue at most.
     timers: BTreeSet<(u64, String)>,
@@ -350,7 +381,10 @@ impl QueueState {
 
     /// Queue `name` leaves memory if nothing keeps it there.
     fn settle(&mut self, name: &str) {
-        if self.queues.get(name).is_some_and(|q| !q.stored && q.q.is_empty() && q.waiters.is_empty())
+        if self
+            .queues
+            .get(name)
+            .is_some_and(|q| !q.stored && q.q.is_empty() && q.waiters.is_empty() && q.pushers.is_empty())
             && let Some(q) = self.queues.remove(name)
             && let Some(t) = q.timer
         {
@@ -498,6 +532,7 @@ impl QueueState {
     fn wake(&mut self, myself: &ActorRef<QueueMsg>, woken: &[String]) -> Result<(), GridError> {
         for name in woken {
             self.serve_waiters(myself, name)?;
+            self.serve_pushers(myself, name)?;
             self.schedule(name);
         }
         Ok(())
@@ -574,6 +609,10 @@ impl QueueState {
         }
         self.store()?.commit(&c)?;
         self.wake(myself, &woken)?;
+        for name in &due {
+            // Dead letters left: room.
+            self.serve_pushers(myself, name)?;
+        }
         for name in due {
             self.schedule(&name);
             self.settle(&name);
@@ -632,6 +671,11 @@ impl QueueState {
                     return bad(format!("queue {name}: waiter {w} is not pending"));
                 }
             }
+            for w in &q.pushers {
+                if self.pushing.get(w).is_none_or(|p| p.queue != *name) {
+                    return bad(format!("queue {name}: blocked push {w} is not pending"));
+                }
+            }
             if !q.waiters.is_empty() && q.q.len().ready > 0 {
                 return bad(format!("queue {name} has ready items and blocked pops"));
             }
@@ -652,6 +696,11 @@ impl QueueState {
     ) -> Result<(), GridError> {
         let name = op.queue().map(str::to_string);
         let r = self.serve(myself, op, reply);
+        let r = match (&name, r) {
+            // What it did may have made room (an ack, a take, a purge, a larger max_len).
+            (Some(name), Ok(())) => self.serve_pushers(myself, name),
+            (_, r) => r,
+        };
         if let Some(name) = name {
             self.schedule(&name);
             self.settle(&name);
@@ -674,57 +723,15 @@ impl QueueState {
         let now = self.now_ms();
         match op {
             QueueOp::Push { queue, value, dedup_key, delay_ms, fence } => {
-                let checked = (|| {
-                    if let Some((lock, f)) = &fence {
-                        self.fences.check(lock, *f)?;
-                    }
-                    check_push(&queue, &value, dedup_key.as_deref(), delay_ms)
-                })();
-                let bytes = match checked {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return Ok(());
-                    }
-                };
-                let wall = self.wall(now);
-                let q = match self.activate(&queue) {
-                    Ok(q) => q,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return Ok(());
-                    }
-                };
-                match q.q.push((), dedup_key.as_deref(), delay_ms, now) {
-                    Err(QueueError::Full { max_len }) => {
-                        let r = Err(GridError::QueueFull { queue, max_len });
-                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
-                    }
-                    Err(QueueError::StaleReceipt) => unreachable!("a push names no receipt"),
-                    Ok((seq, true)) => {
-                        let r = Ok(QueueResult::Pushed { seq, duplicate: true });
-                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
-                    }
-                    Ok((seq, false)) => {
-                        let mut c = Change::default();
-                        Self::reserve(q, &queue, &mut c)?;
-                        c.item(&queue, seq, &bytes)?;
-                        if delay_ms > 0 {
-                            let meta =
-                                ItemMeta { delayed_until_ms: Some(wall + delay_ms), ..ItemMeta::default() };
-                            c.meta(&queue, seq, &meta)?;
-                        }
-                        if let Some(k) = &dedup_key {
-                            c.dedup(&queue, k, &DedupRec { seq, until_ms: wall + q.rec.dedup_window_ms })?;
-                        }
-                        let lsn = self.store()?.commit(&c)?;
-                        let r = Ok(QueueResult::Pushed { seq, duplicate: false });
-                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
-                        if delay_ms == 0 {
-                            self.serve_waiters(myself, &queue)?;
-                        }
-                    }
+                self.push_or_wait(myself, queue, value, dedup_key, delay_ms, fence, 0, reply)?;
+            }
+            QueueOp::PushWait { queue, value, dedup_key, delay_ms, fence, wait_ms } => {
+                if wait_ms > QUEUE_WAIT_MS_MAX {
+                    let e = invalid(format!("wait_ms is at most {QUEUE_WAIT_MS_MAX} (got {wait_ms})"));
+                    let _ = reply.send(Err(e));
+                    return Ok(());
                 }
+                self.push_or_wait(myself, queue, value, dedup_key, delay_ms, fence, wait_ms, reply)?;
             }
             QueueOp::Pop { queue, n, wait_ms, mode, visibility_ms, session } => {
                 let checked = (|| {
@@ -1010,6 +1017,150 @@ impl QueueState {
         Ok(())
     }
 
+    /// A push: checked, then added now, or (at `max_len`, or behind earlier blocked pushes)
+    /// parked for up to `wait_ms`, or refused `QueueFull`.
+    #[allow(clippy::too_many_arguments)]
+    fn push_or_wait(
+        &mut self,
+        myself: &ActorRef<QueueMsg>,
+        queue: String,
+        value: Value,
+        dedup_key: Option<String>,
+        delay_ms: u64,
+        fence: Option<(String, u64)>,
+        wait_ms: u64,
+        reply: Reply<QueueResult>,
+    ) -> Result<(), GridError> {
+        let checked = (|| {
+            if let Some((lock, f)) = &fence {
+                self.fences.check(lock, *f)?;
+            }
+            check_push(&queue, &value, dedup_key.as_deref(), delay_ms)
+        })();
+        let bytes = match checked.and_then(|b| self.activate(&queue).map(|_| b)) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        // Earlier blocked pushes go first.
+        let behind = self.queues.get(&queue).is_some_and(|q| !q.pushers.is_empty());
+        let full = if behind {
+            let max_len = self.queues.get(&queue).and_then(|q| q.q.config.max_len).unwrap_or(0);
+            Pushed::Full { max_len, port: reply }
+        } else {
+            self.push_now(myself, &queue, &bytes, dedup_key.as_deref(), delay_ms, reply)?
+        };
+        let Pushed::Full { max_len, port } = full else { return Ok(()) };
+        let q = self.queues.get_mut(&queue).expect("activated above");
+        if wait_ms == 0 || q.pushers.len() >= QUEUE_WAITERS_MAX {
+            let r = Err(GridError::QueueFull { queue, max_len });
+            self.gate.answer(myself, 0, |lsn| deferred(lsn, port, r));
+            return Ok(());
+        }
+        let w = self.next_waiter;
+        self.next_waiter += 1;
+        q.pushers.push_back(w);
+        let timer =
+            Some(myself.send_after(Duration::from_millis(wait_ms), move || QueueMsg::PushWaitOver(w)));
+        self.pushing.insert(w, Pusher { queue, bytes, dedup_key, delay_ms, port, timer });
+        Ok(())
+    }
+
+    /// Adds an item now if there is room (answering `port`), or hands `port` back.
+    fn push_now(
+        &mut self,
+        myself: &ActorRef<QueueMsg>,
+        queue: &str,
+        bytes: &[u8],
+        dedup_key: Option<&str>,
+        delay_ms: u64,
+        port: Reply<QueueResult>,
+    ) -> Result<Pushed, GridError> {
+        let now = self.now_ms();
+        let wall = self.wall(now);
+        let Some(q) = self.queues.get_mut(queue) else { return Err(GridError::Closed) };
+        match q.q.push((), dedup_key, delay_ms, now) {
+            Err(QueueError::Full { max_len }) => Ok(Pushed::Full { max_len, port }),
+            Err(QueueError::StaleReceipt) => unreachable!("a push names no receipt"),
+            Ok((seq, true)) => {
+                let r = Ok(QueueResult::Pushed { seq, duplicate: true });
+                self.gate.answer(myself, 0, |lsn| deferred(lsn, port, r));
+                Ok(Pushed::Done)
+            }
+            Ok((seq, false)) => {
+                let mut c = Change::default();
+                Self::reserve(q, queue, &mut c)?;
+                c.item(queue, seq, bytes)?;
+                if delay_ms > 0 {
+                    let meta = ItemMeta { delayed_until_ms: Some(wall + delay_ms), ..ItemMeta::default() };
+                    c.meta(queue, seq, &meta)?;
+                }
+                if let Some(k) = dedup_key {
+                    c.dedup(queue, k, &DedupRec { seq, until_ms: wall + q.rec.dedup_window_ms })?;
+                }
+                let lsn = self.store()?.commit(&c)?;
+                let r = Ok(QueueResult::Pushed { seq, duplicate: false });
+                self.gate.answer(myself, lsn, |lsn| deferred(lsn, port, r));
+                if delay_ms == 0 {
+                    self.serve_waiters(myself, queue)?;
+                }
+                Ok(Pushed::Done)
+            }
+        }
+    }
+
+    /// Serves the blocked pushes of `name` while it has room, oldest first, skipping those whose
+    /// callers are gone.
+    fn serve_pushers(&mut self, myself: &ActorRef<QueueMsg>, name: &str) -> Result<(), GridError> {
+        loop {
+            let Some(&w) = self.queues.get(name).and_then(|q| q.pushers.front()) else { return Ok(()) };
+            let Some(p) = self.pushing.remove(&w) else {
+                if let Some(q) = self.queues.get_mut(name) {
+                    q.pushers.pop_front();
+                }
+                continue;
+            };
+            if p.port.is_closed() {
+                if let Some(t) = &p.timer {
+                    t.abort();
+                }
+                if let Some(q) = self.queues.get_mut(name) {
+                    q.pushers.pop_front();
+                }
+                continue;
+            }
+            match self.push_now(myself, name, &p.bytes, p.dedup_key.as_deref(), p.delay_ms, p.port)? {
+                Pushed::Done => {
+                    if let Some(t) = &p.timer {
+                        t.abort();
+                    }
+                    if let Some(q) = self.queues.get_mut(name) {
+                        q.pushers.pop_front();
+                    }
+                }
+                Pushed::Full { port, .. } => {
+                    // Still no room: it keeps its place.
+                    self.pushing.insert(w, Pusher { port, ..p });
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// A blocked push's wait ended without room.
+    fn push_wait_over(&mut self, myself: &ActorRef<QueueMsg>, w: u64) {
+        let Some(p) = self.pushing.remove(&w) else { return };
+        let max_len = self.queues.get(&p.queue).and_then(|q| q.q.config.max_len).unwrap_or(0);
+        if let Some(q) = self.queues.get_mut(&p.queue) {
+            q.pushers.retain(|x| *x != w);
+        }
+        let r = Err(GridError::QueueFull { queue: p.queue.clone(), max_len });
+        self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, r));
+        self.settle(&p.queue);
+    }
+
     /// A blocked pop's wait ended with nothing.
     fn wait_over(&mut self, myself: &ActorRef<QueueMsg>, w: u64) {
         let Some(p) = self.pending.remove(&w) else { return };
@@ -1074,6 +1225,7 @@ impl Actor for QueueActor {
             wall_origin,
             queues,
             pending: HashMap::new(),
+            pushing: HashMap::new(),
             next_waiter: 1,
             timers: BTreeSet::new(),
             by_session: HashMap::new(),
@@ -1115,6 +1267,10 @@ impl Actor for QueueActor {
             QueueMsg::Release(queue, receipt) => st.release(&myself, &queue, receipt),
             QueueMsg::WaitOver(w) => {
                 st.wait_over(&myself, w);
+                Ok(())
+            }
+            QueueMsg::PushWaitOver(w) => {
+                st.push_wait_over(&myself, w);
                 Ok(())
             }
             QueueMsg::Tick => st.tick(&myself),

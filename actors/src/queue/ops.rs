@@ -88,6 +88,16 @@ pub enum QueueOp {
     },
     /// Every queue in memory (with a record, items or blocked pops), and its counts.
     List,
+    /// `Push`, waiting up to `wait_ms` (≤ 60 s) for room when the queue is at its `max_len`
+    /// (blocked pushes are served in arrival order; `QueueFull` when the wait ends).
+    PushWait {
+        queue: String,
+        value: Value,
+        dedup_key: Option<String>,
+        delay_ms: u64,
+        fence: Option<(String, u64)>,
+        wait_ms: u64,
+    },
 }
 
 impl QueueOp {
@@ -102,7 +112,8 @@ impl QueueOp {
             | QueueOp::Peek { queue, .. }
             | QueueOp::Len { queue }
             | QueueOp::Purge { queue }
-            | QueueOp::Configure { queue, .. } => Some(queue),
+            | QueueOp::Configure { queue, .. }
+            | QueueOp::PushWait { queue, .. } => Some(queue),
             QueueOp::List => None,
         }
     }
