@@ -19,6 +19,7 @@
 //! Invariant: a log's records have strictly increasing lsns with no gap, and non-decreasing
 //! epochs; `EpochHistory` holds the first lsn of every epoch in it.
 
+pub mod endpoint;
 pub mod primary;
 pub mod replica;
 

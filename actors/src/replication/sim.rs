@@ -16,8 +16,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
-use super::primary::{Out, Outcome, Primary};
-use super::replica::{Action, Replica};
+use super::endpoint::{Effect, Endpoint, PrimaryTuning, ShardLog};
+use super::primary::Outcome;
 use super::{Epoch, EpochHistory, Lsn, NodeId, Pos, Record, ToPrimary, ToReplica};
 use crate::cluster::detector::{Detector, Report, Timing};
 use crate::cluster::map::{ClusterMap, MapCmd, Member, Placement, ShardId};
@@ -94,60 +94,60 @@ enum Ev {
     Pause(NodeId, u64),
 }
 
-enum Role {
-    Primary(Box<Primary<Body>>),
-    Replica(Replica),
-}
-
-struct Node {
-    id: NodeId,
-    up: bool,
-    paused_until: u64,
-    /// The durable log: a snapshot's state (and its end), then records after it.
+/// The simulation's shard log: a snapshot's state (and its end), then records after it.
+#[derive(Default)]
+struct SimLog {
     base: (Pos, State),
     tail: Vec<Record<Body>>,
     history: EpochHistory,
-    /// The highest epoch known (durable).
-    epoch: Epoch,
-    role: Role,
-    last_status_ms: u64,
 }
 
-impl Node {
+impl ShardLog for SimLog {
+    type Body = Body;
+    type State = State;
     fn last(&self) -> Lsn {
         self.tail.last().map_or(self.base.0.lsn, |r| r.lsn)
     }
-
-    fn state(&self) -> State {
+    fn history(&self) -> &EpochHistory {
+        &self.history
+    }
+    fn records(&self) -> VecDeque<Record<Body>> {
+        self.tail.iter().cloned().collect()
+    }
+    fn append(&mut self, r: Record<Body>) {
+        self.history.note(r.epoch, r.lsn);
+        self.tail.push(r);
+    }
+    fn truncate_after(&mut self, lsn: Lsn) -> bool {
+        if lsn < self.base.0.lsn {
+            return false;
+        }
+        self.tail.retain(|r| r.lsn <= lsn);
+        self.history.truncate_after(lsn);
+        true
+    }
+    fn install(&mut self, upto: Pos, history: EpochHistory, state: State) {
+        self.base = (upto, state);
+        self.tail.clear();
+        self.history = history;
+    }
+    fn clear(&mut self) {
+        *self = SimLog::default();
+    }
+    fn snapshot(&self) -> State {
         let mut s = self.base.1.clone();
         for r in &self.tail {
             s.insert(r.body.0, r.body.1);
         }
         s
     }
+}
 
-    fn pos(&self) -> Pos {
-        match &self.role {
-            Role::Primary(p) => p.pos(),
-            Role::Replica(r) => r.pos(),
-        }
-    }
-
-    fn become_replica(&mut self) {
-        let mut r = Replica::new(self.epoch, self.last(), self.history.clone());
-        r.saw_epoch(self.epoch);
-        self.role = Role::Replica(r);
-    }
-
-    fn become_primary(&mut self, map: &Map, now: u64) {
-        let log: VecDeque<Record<Body>> = self.tail.iter().cloned().collect();
-        let mut p = Primary::new(map.epoch, self.last(), self.history.clone(), log, &map.replicas, now);
-        p.retain_max = 40;
-        p.batch_max = 16;
-        p.set_in_sync(&map.in_sync);
-        p.min_in_sync = map.sync as usize;
-        self.role = Role::Primary(Box::new(p));
-    }
+struct Node {
+    up: bool,
+    paused_until: u64,
+    ep: Endpoint<SimLog>,
+    last_status_ms: u64,
 }
 
 struct Sim {
@@ -193,16 +193,10 @@ impl Sim {
             max_delay_ms: MAX_DELAY_MS,
         };
         let nodes = (1..=NODES)
-            .map(|id| Node {
-                id,
-                up: true,
-                paused_until: 0,
-                base: (Pos::default(), State::new()),
-                tail: Vec::new(),
-                history: EpochHistory::default(),
-                epoch: 0,
-                role: Role::Replica(Replica::default()),
-                last_status_ms: 0,
+            .map(|id| {
+                let mut ep = Endpoint::new(id, SimLog::default(), 0);
+                ep.tuning = PrimaryTuning { retain_max: 40, batch_max: 16 };
+                Node { up: true, paused_until: 0, ep, last_status_ms: 0 }
             })
             .collect();
         let mut sim = Sim {
@@ -319,7 +313,7 @@ impl Sim {
                 self.at(self.now + down, Ev::Restart(id));
                 let n = self.node(id);
                 n.up = false;
-                n.become_replica();
+                n.ep.restart();
             }
             Ev::Restart(id) => {
                 let n = self.node(id);
@@ -327,7 +321,7 @@ impl Sim {
                     return;
                 }
                 n.up = true;
-                n.become_replica();
+                n.ep.restart();
                 let t = self.now + 1;
                 self.at(t, Ev::Tick(id));
             }
@@ -341,44 +335,25 @@ impl Sim {
 
     fn node_tick(&mut self, id: NodeId) {
         let now = self.now;
-        let mut sends = Vec::new();
-        let mut done = Vec::new();
-        let mut proposal = None;
-        {
-            let n = self.node(id);
-            let mut snapshots = Vec::new();
-            if let Role::Primary(p) = &mut n.role {
-                for o in p.outbox(now) {
-                    match o {
-                        Out::Send(to, m) => sends.push((to, m.carry().expect("not a snapshot"))),
-                        Out::Snapshot(to) => snapshots.push((to, p.epoch)),
-                    }
-                }
-                done = p.tick(now);
-                if let Some(in_sync) = p.propose_in_sync(now) {
-                    proposal = Some((p.epoch, in_sync));
-                }
-            }
-            for (to, epoch) in snapshots {
-                let last = n.last();
-                let upto = Pos { epoch: n.history.epoch_at(last).unwrap_or(0), lsn: last };
-                let m =
-                    ToReplica::Snapshot { epoch, upto, history: n.history.clone(), state: (upto, n.state()) };
-                sends.push((to, m));
-            }
-        }
-        for (to, m) in sends {
-            self.send(Some(to), Net::Rep(id, m));
-        }
-        if let Some((epoch, in_sync)) = proposal {
-            self.send(None, Net::InSync { epoch, in_sync });
-        }
-        self.finish(done);
+        let effects = self.node(id).ep.tick(now);
+        self.dispatch(id, effects);
         let n = self.node(id);
         if now.saturating_sub(n.last_status_ms) >= HEARTBEAT_MS {
             n.last_status_ms = now;
-            let (pos, epoch, primary) = (n.pos(), n.epoch, matches!(n.role, Role::Primary(_)));
+            let (pos, epoch, primary) = (n.ep.pos(), n.ep.epoch, n.ep.is_primary());
             self.send(None, Net::Status { from: id, pos, epoch, primary, sent_ms: now });
+        }
+    }
+
+    /// Carries out an endpoint's effects.
+    fn dispatch(&mut self, id: NodeId, effects: Vec<Effect<Body, (Pos, State)>>) {
+        for e in effects {
+            match e {
+                Effect::ToReplica(to, m) => self.send(Some(to), Net::Rep(id, m)),
+                Effect::ToPrimary(to, m) => self.send(Some(to), Net::Prim(id, m)),
+                Effect::Done(d) => self.finish(vec![d]),
+                Effect::ProposeInSync { epoch, in_sync } => self.send(None, Net::InSync { epoch, in_sync }),
+            }
         }
     }
 
@@ -399,142 +374,30 @@ impl Sim {
             Net::Write { token } => {
                 let sync_n = self.sync_n;
                 let n = self.node(id);
-                let Role::Primary(p) = &mut n.role else { return };
-                let Ok(lsn) = p.write((token, token), sync_n, token, now + WRITE_TIMEOUT_MS, now) else {
+                let Ok((lsn, epoch)) = n.ep.write((token, token), sync_n, token, now + WRITE_TIMEOUT_MS, now)
+                else {
                     return;
                 };
-                let epoch = p.epoch;
                 // The node's log is synced at once (`always`): the record may ship.
-                p.synced(lsn);
-                let record = p.log().back().expect("just written").clone();
-                debug_assert_eq!(record.lsn, lsn);
-                n.history.note(epoch, lsn);
-                n.tail.push(record);
-                if sync_n == 0 {
-                    p.retain();
-                }
+                n.ep.synced(lsn, None);
                 self.accepted.push((now, epoch));
                 if sync_n == 0 {
                     self.acked.insert(token, token);
                 }
             }
-            Net::Lease { epoch, until_ms } => {
-                if let Role::Primary(p) = &mut self.node(id).role
-                    && p.epoch == epoch
-                {
-                    p.grant_lease(until_ms);
-                }
-            }
-            Net::Map(map) => {
-                let n = self.node(id);
-                if map.epoch == n.epoch
-                    && let Role::Primary(p) = &mut n.role
-                {
-                    p.set_in_sync(&map.in_sync);
-                }
-                // A primary that restarted takes its epoch up again while the map names it (it
-                // shipped only durable records, so its log still extends every replica's; it
-                // writes again only once the detector grants it a lease). This is what keeps a
-                // shard whose in-sync set is empty available.
-                let resume = map.epoch == n.epoch && map.primary == id && matches!(n.role, Role::Replica(_));
-                if map.epoch < n.epoch || (map.epoch == n.epoch && !resume) {
-                    return;
-                }
-                n.epoch = map.epoch;
-                if map.primary == id {
-                    n.become_primary(&map, now);
-                } else {
-                    match &mut n.role {
-                        Role::Replica(r) => r.saw_epoch(map.epoch),
-                        Role::Primary(_) => n.become_replica(),
-                    }
-                }
-            }
+            Net::Lease { epoch, until_ms } => self.node(id).ep.on_lease(epoch, until_ms),
+            Net::Map(map) => self.node(id).ep.on_map(&map, now),
             Net::Rep(from, m) => {
                 let n = self.node(id);
-                let epoch_of = match &m {
-                    ToReplica::Append { epoch, .. }
-                    | ToReplica::EpochEnd { epoch, .. }
-                    | ToReplica::Snapshot { epoch, .. } => *epoch,
-                };
-                if let Role::Primary(p) = &n.role {
-                    if epoch_of > p.epoch {
-                        n.epoch = n.epoch.max(epoch_of);
-                        n.become_replica();
-                    } else if epoch_of < p.epoch {
-                        let current = n.epoch.max(p.epoch);
-                        self.send(Some(from), Net::Prim(id, ToPrimary::Refused { current }));
-                        return;
-                    } else {
-                        return;
-                    }
-                }
-                let n = self.node(id);
-                let Role::Replica(r) = &mut n.role else { return };
-                let (actions, reply) = r.on_message(m);
-                n.epoch = n.epoch.max(r.epoch);
-                let mut over = false;
-                for a in actions {
-                    match a {
-                        Action::Apply(rec) => {
-                            assert_eq!(rec.lsn, n.tail.last().map_or(n.base.0.lsn, |r| r.lsn) + 1, "a gap");
-                            n.history.note(rec.epoch, rec.lsn);
-                            n.tail.push(rec);
-                        }
-                        Action::TruncateAfter(lsn) => {
-                            if lsn < n.base.0.lsn {
-                                over = true;
-                            } else {
-                                n.tail.retain(|r| r.lsn <= lsn);
-                                n.history.truncate_after(lsn);
-                            }
-                        }
-                        Action::Install { upto, state } => {
-                            n.base = (upto, state.1);
-                            n.tail.clear();
-                            if let Role::Replica(r) = &n.role {
-                                n.history = r.history().clone();
-                            }
-                        }
-                    }
-                }
-                if over {
-                    // A cut below an installed snapshot cannot be undone here: start over.
-                    n.base = (Pos::default(), State::new());
-                    n.tail.clear();
-                    n.history = EpochHistory::default();
-                    if let Role::Replica(r) = &mut n.role {
-                        r.start_over();
-                    }
-                    let epoch = n.epoch;
-                    self.send(Some(from), Net::Prim(id, ToPrimary::Behind { epoch, have: 0 }));
-                    return;
-                }
-                if let Some(reply) = reply {
-                    self.send(Some(from), Net::Prim(id, reply));
-                }
+                let mut effects = n.ep.on_replica_msg(from, m);
                 // The log is synced at once (`always`): ack it.
-                let n = self.node(id);
-                let last = n.last();
-                if let Role::Replica(r) = &mut n.role
-                    && let Some(ack) = r.synced(last)
-                {
-                    self.send(Some(from), Net::Prim(id, ack));
-                }
+                let last = n.ep.log.last();
+                effects.extend(n.ep.synced(last, Some(from)));
+                self.dispatch(id, effects);
             }
             Net::Prim(from, m) => {
-                let n = self.node(id);
-                let Role::Primary(p) = &mut n.role else { return };
-                let (done, back) = p.on_reply(from, m, now);
-                let down = p.stepped_down();
-                if let Some(current) = down {
-                    n.epoch = n.epoch.max(current);
-                    n.become_replica();
-                }
-                if let Some(b) = back.and_then(ToReplica::carry) {
-                    self.send(Some(from), Net::Rep(id, b));
-                }
-                self.finish(done);
+                let effects = self.node(id).ep.on_primary_msg(from, m, now);
+                self.dispatch(id, effects);
             }
             Net::Status { .. } | Net::InSync { .. } => {}
         }
@@ -604,8 +467,8 @@ impl Sim {
                 w[0].0
             );
         }
-        let primary = &self.nodes[(self.map.primary - 1) as usize];
-        let state = primary.state();
+        let primary = &self.nodes[(self.map.primary - 1) as usize].ep;
+        let state = primary.log.snapshot();
         if self.sync_n > 0 {
             for (k, v) in &self.acked {
                 assert_eq!(
@@ -616,24 +479,12 @@ impl Sim {
                 );
             }
         }
-        for n in self.nodes.iter().filter(|_| std::env::var("HEAPGRID_SIM_DEBUG").is_ok()) {
-            let role = match &n.role {
-                Role::Primary(p) => format!("primary e{} acked {:?}", p.epoch, p.acked()),
-                Role::Replica(r) => format!("replica e{} pos {:?}", r.epoch, r.pos()),
-            };
-            eprintln!("node {} epoch {} last {} {role}; map {:?}", n.id, n.epoch, n.last(), self.map);
-        }
         for n in &self.nodes {
-            assert!(n.up, "seed {seed}: node {} still down", n.id);
-            assert_eq!(
-                n.last(),
-                primary.last(),
-                "seed {seed}: node {} log ends at {}, the primary's at {}",
-                n.id,
-                n.last(),
-                primary.last()
-            );
-            assert!(n.state() == state, "seed {seed}: node {} state differs from the primary's", n.id);
+            let id = n.ep.id;
+            assert!(n.up, "seed {seed}: node {id} still down");
+            let (mine, theirs) = (n.ep.log.last(), primary.log.last());
+            assert_eq!(mine, theirs, "seed {seed}: node {id} log ends at {mine}, the primary's at {theirs}");
+            assert!(n.ep.log.snapshot() == state, "seed {seed}: node {id} state differs from the primary's");
         }
     }
 }
@@ -696,7 +547,7 @@ fn async_replication_converges_and_reports_its_loss() {
     for seed in seeds(&[11, 12]) {
         let sim = simulate(seed, 0, 20_000);
         // Converged, and no two epochs wrote at once; accepted writes may be lost: reported.
-        let state = sim.nodes[(sim.map.primary - 1) as usize].state();
+        let state = sim.nodes[(sim.map.primary - 1) as usize].ep.log.snapshot();
         let lost = sim.acked.keys().filter(|k| !state.contains_key(k)).count();
         eprintln!(
             "seed {seed}: async: {} writes accepted, {lost} lost in {} failovers",
