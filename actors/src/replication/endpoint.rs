@@ -21,6 +21,7 @@ use super::primary::{Done, Out, Primary, WriteRefused};
 use super::replica::{Action, Replica};
 use super::{Epoch, EpochHistory, Lsn, NodeId, Pos, Record, ToPrimary, ToReplica};
 use crate::cluster::map::Placement;
+use crate::error::GridError;
 
 /// A shard's log as replication sees it: records after an optional installed snapshot.
 pub trait ShardLog {
@@ -33,15 +34,16 @@ pub trait ShardLog {
     /// The records kept after the snapshot (what a new primary can ship).
     fn records(&self) -> VecDeque<Record<Self::Body>>;
     /// Appends the next record.
-    fn append(&mut self, r: Record<Self::Body>);
-    /// Cuts the log after `lsn`; false if that is below the installed snapshot (not done).
-    fn truncate_after(&mut self, lsn: Lsn) -> bool;
+    fn append(&mut self, r: Record<Self::Body>) -> Result<(), GridError>;
+    /// Cuts the log after `lsn`; false if it cannot (below an installed snapshot, or a log that
+    /// cannot undo records): the endpoint then starts over from a snapshot.
+    fn truncate_after(&mut self, lsn: Lsn) -> Result<bool, GridError>;
     /// Replaces everything with a snapshot's state.
-    fn install(&mut self, upto: Pos, history: EpochHistory, state: Self::State);
+    fn install(&mut self, upto: Pos, history: EpochHistory, state: Self::State) -> Result<(), GridError>;
     /// Empties the log.
-    fn clear(&mut self);
+    fn clear(&mut self) -> Result<(), GridError>;
     /// The state as of `last()`.
-    fn snapshot(&self) -> Self::State;
+    fn snapshot(&self) -> Result<Self::State, GridError>;
 }
 
 /// What the caller does.
@@ -181,18 +183,21 @@ impl<L: ShardLog> Endpoint<L> {
         token: u64,
         deadline_ms: u64,
         now_ms: u64,
-    ) -> Result<(Lsn, Epoch), WriteRefused> {
+    ) -> Result<Result<(Lsn, Epoch), WriteRefused>, GridError> {
         let Role::Primary(p) = &mut self.role else {
-            return Err(WriteRefused::SteppedDown { current: self.epoch });
+            return Ok(Err(WriteRefused::SteppedDown { current: self.epoch }));
         };
-        let lsn = p.write(body, n, token, deadline_ms, now_ms)?;
+        let lsn = match p.write(body, n, token, deadline_ms, now_ms) {
+            Ok(lsn) => lsn,
+            Err(e) => return Ok(Err(e)),
+        };
         let record = p.log().back().expect("just written").clone();
         if n == 0 {
             p.retain();
         }
         let epoch = p.epoch;
-        self.log.append(record);
-        Ok((lsn, epoch))
+        self.log.append(record)?;
+        Ok(Ok((lsn, epoch)))
     }
 
     /// The log is durable up to `lsn`: a primary may ship it, a replica acks it.
@@ -210,8 +215,9 @@ impl<L: ShardLog> Endpoint<L> {
     }
 
     /// Time passes (as primary: what to ship, writes past their deadline, in-sync proposals).
-    pub fn tick(&mut self, now_ms: u64) -> Effects<L> {
-        let Role::Primary(p) = &mut self.role else { return Vec::new() };
+    /// `Err`: the log could not be read for a snapshot.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Effects<L>, GridError> {
+        let Role::Primary(p) = &mut self.role else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         let mut snapshots = Vec::new();
         for o in p.outbox(now_ms) {
@@ -229,14 +235,18 @@ impl<L: ShardLog> Endpoint<L> {
             let last = self.log.last();
             let history = self.log.history().clone();
             let upto = Pos { epoch: history.epoch_at(last).unwrap_or(0), lsn: last };
-            let state = (upto, self.log.snapshot());
+            let state = (upto, self.log.snapshot()?);
             out.push(Effect::ToReplica(to, ToReplica::Snapshot { epoch, upto, history, state }));
         }
-        out
+        Ok(out)
     }
 
     /// A message from a primary.
-    pub fn on_replica_msg(&mut self, from: NodeId, m: ToReplica<L::Body, (Pos, L::State)>) -> Effects<L> {
+    pub fn on_replica_msg(
+        &mut self,
+        from: NodeId,
+        m: ToReplica<L::Body, (Pos, L::State)>,
+    ) -> Result<Effects<L>, GridError> {
         let epoch_of = match &m {
             ToReplica::Append { epoch, .. }
             | ToReplica::EpochEnd { epoch, .. }
@@ -248,29 +258,29 @@ impl<L: ShardLog> Endpoint<L> {
                 self.become_replica();
             } else if epoch_of < p.epoch {
                 let current = self.epoch.max(p.epoch);
-                return vec![Effect::ToPrimary(from, ToPrimary::Refused { current })];
+                return Ok(vec![Effect::ToPrimary(from, ToPrimary::Refused { current })]);
             } else {
-                return Vec::new();
+                return Ok(Vec::new());
             }
         }
-        let Role::Replica(r) = &mut self.role else { return Vec::new() };
+        let Role::Replica(r) = &mut self.role else { return Ok(Vec::new()) };
         let (actions, reply) = r.on_message(m);
         self.epoch = self.epoch.max(r.epoch);
         for a in actions {
             match a {
                 Action::Apply(rec) => {
                     debug_assert_eq!(rec.lsn, self.log.last() + 1, "a gap");
-                    self.log.append(rec);
+                    self.log.append(rec)?;
                 }
                 Action::TruncateAfter(lsn) => {
-                    if !self.log.truncate_after(lsn) {
-                        // Below the installed snapshot: start over from a new one.
-                        self.log.clear();
+                    if !self.log.truncate_after(lsn)? {
+                        // The log cannot undo it: start over from a snapshot.
+                        self.log.clear()?;
                         if let Role::Replica(r) = &mut self.role {
                             r.start_over();
                         }
                         let epoch = self.epoch;
-                        return vec![Effect::ToPrimary(from, ToPrimary::Behind { epoch, have: 0 })];
+                        return Ok(vec![Effect::ToPrimary(from, ToPrimary::Behind { epoch, have: 0 })]);
                     }
                 }
                 Action::Install { upto, state } => {
@@ -278,11 +288,11 @@ impl<L: ShardLog> Endpoint<L> {
                         Role::Replica(r) => r.history().clone(),
                         Role::Primary(_) => EpochHistory::default(),
                     };
-                    self.log.install(upto, history, state.1);
+                    self.log.install(upto, history, state.1)?;
                 }
             }
         }
-        reply.map(|r| vec![Effect::ToPrimary(from, r)]).unwrap_or_default()
+        Ok(reply.map(|r| vec![Effect::ToPrimary(from, r)]).unwrap_or_default())
     }
 
     /// A message from a replica.

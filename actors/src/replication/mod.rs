@@ -20,6 +20,7 @@
 //! epochs; `EpochHistory` holds the first lsn of every epoch in it.
 
 pub mod endpoint;
+pub mod heap_log;
 pub mod primary;
 pub mod replica;
 

@@ -21,6 +21,7 @@ use super::primary::Outcome;
 use super::{Epoch, EpochHistory, Lsn, NodeId, Pos, Record, ToPrimary, ToReplica};
 use crate::cluster::detector::{Detector, Report, Timing};
 use crate::cluster::map::{ClusterMap, MapCmd, Member, Placement, ShardId};
+use crate::error::GridError;
 
 type Body = (u64, u64);
 type State = BTreeMap<u64, u64>;
@@ -114,32 +115,35 @@ impl ShardLog for SimLog {
     fn records(&self) -> VecDeque<Record<Body>> {
         self.tail.iter().cloned().collect()
     }
-    fn append(&mut self, r: Record<Body>) {
+    fn append(&mut self, r: Record<Body>) -> Result<(), GridError> {
         self.history.note(r.epoch, r.lsn);
         self.tail.push(r);
+        Ok(())
     }
-    fn truncate_after(&mut self, lsn: Lsn) -> bool {
+    fn truncate_after(&mut self, lsn: Lsn) -> Result<bool, GridError> {
         if lsn < self.base.0.lsn {
-            return false;
+            return Ok(false);
         }
         self.tail.retain(|r| r.lsn <= lsn);
         self.history.truncate_after(lsn);
-        true
+        Ok(true)
     }
-    fn install(&mut self, upto: Pos, history: EpochHistory, state: State) {
+    fn install(&mut self, upto: Pos, history: EpochHistory, state: State) -> Result<(), GridError> {
         self.base = (upto, state);
         self.tail.clear();
         self.history = history;
+        Ok(())
     }
-    fn clear(&mut self) {
+    fn clear(&mut self) -> Result<(), GridError> {
         *self = SimLog::default();
+        Ok(())
     }
-    fn snapshot(&self) -> State {
+    fn snapshot(&self) -> Result<State, GridError> {
         let mut s = self.base.1.clone();
         for r in &self.tail {
             s.insert(r.body.0, r.body.1);
         }
-        s
+        Ok(s)
     }
 }
 
@@ -335,7 +339,7 @@ impl Sim {
 
     fn node_tick(&mut self, id: NodeId) {
         let now = self.now;
-        let effects = self.node(id).ep.tick(now);
+        let effects = self.node(id).ep.tick(now).expect("the simulation's log never fails");
         self.dispatch(id, effects);
         let n = self.node(id);
         if now.saturating_sub(n.last_status_ms) >= HEARTBEAT_MS {
@@ -374,7 +378,8 @@ impl Sim {
             Net::Write { token } => {
                 let sync_n = self.sync_n;
                 let n = self.node(id);
-                let Ok((lsn, epoch)) = n.ep.write((token, token), sync_n, token, now + WRITE_TIMEOUT_MS, now)
+                let Ok(Ok((lsn, epoch))) =
+                    n.ep.write((token, token), sync_n, token, now + WRITE_TIMEOUT_MS, now)
                 else {
                     return;
                 };
@@ -389,7 +394,7 @@ impl Sim {
             Net::Map(map) => self.node(id).ep.on_map(&map, now),
             Net::Rep(from, m) => {
                 let n = self.node(id);
-                let mut effects = n.ep.on_replica_msg(from, m);
+                let mut effects = n.ep.on_replica_msg(from, m).expect("the simulation's log never fails");
                 // The log is synced at once (`always`): ack it.
                 let last = n.ep.log.last();
                 effects.extend(n.ep.synced(last, Some(from)));
@@ -468,7 +473,7 @@ impl Sim {
             );
         }
         let primary = &self.nodes[(self.map.primary - 1) as usize].ep;
-        let state = primary.log.snapshot();
+        let state = primary.log.snapshot().expect("in memory");
         if self.sync_n > 0 {
             for (k, v) in &self.acked {
                 assert_eq!(
@@ -484,7 +489,10 @@ impl Sim {
             assert!(n.up, "seed {seed}: node {id} still down");
             let (mine, theirs) = (n.ep.log.last(), primary.log.last());
             assert_eq!(mine, theirs, "seed {seed}: node {id} log ends at {mine}, the primary's at {theirs}");
-            assert!(n.ep.log.snapshot() == state, "seed {seed}: node {id} state differs from the primary's");
+            assert!(
+                n.ep.log.snapshot().expect("in memory") == state,
+                "seed {seed}: node {id} state differs from the primary's"
+            );
         }
     }
 }
@@ -547,7 +555,7 @@ fn async_replication_converges_and_reports_its_loss() {
     for seed in seeds(&[11, 12]) {
         let sim = simulate(seed, 0, 20_000);
         // Converged, and no two epochs wrote at once; accepted writes may be lost: reported.
-        let state = sim.nodes[(sim.map.primary - 1) as usize].ep.log.snapshot();
+        let state = sim.nodes[(sim.map.primary - 1) as usize].ep.log.snapshot().expect("in memory");
         let lost = sim.acked.keys().filter(|k| !state.contains_key(k)).count();
         eprintln!(
             "seed {seed}: async: {} writes accepted, {lost} lost in {} failovers",

@@ -203,3 +203,127 @@ fn a_write_waits_for_every_in_sync_replica_and_a_laggard_is_proposed_out() {
     let (done, _) = p.on_reply(3, ToPrimary::Ack { epoch: 1, lsn: 2 }, 430);
     assert_eq!(done, vec![(101, Outcome::Replicated)]);
 }
+
+mod heap_log {
+    //! Two heaps kept equal by the endpoint over `HeapLog`: messages carried by hand (in order,
+    //! with a replica that misses some, restarts, and falls behind the retained log).
+
+    use std::collections::VecDeque;
+
+    use heapgrid_heap::{Heap, HeapOptions, WriteBatch};
+
+    use crate::cluster::map::Placement;
+    use crate::replication::endpoint::{Effect, Endpoint, PrimaryTuning, ShardLog};
+    use crate::replication::heap_log::HeapLog;
+    use crate::replication::{Pos, ToPrimary, ToReplica};
+
+    type Msg = (u64, u64, Result<ToReplica<Vec<u8>, (Pos, Vec<(Vec<u8>, Vec<u8>)>)>, ToPrimary>);
+
+    fn open(dir: &std::path::Path, id: u64) -> Endpoint<HeapLog> {
+        let path = dir.join(format!("n{id}.heap"));
+        let heap = Heap::open(&path, HeapOptions::default()).unwrap();
+        let log = HeapLog::open(heap, &path).unwrap();
+        let mut ep = Endpoint::new(id, log, 1);
+        ep.tuning = PrimaryTuning { retain_max: 20, batch_max: 8 };
+        ep
+    }
+
+    fn placement() -> Placement {
+        Placement { epoch: 1, primary: 1, replicas: vec![2], in_sync: vec![2], sync: 1 }
+    }
+
+    /// Runs the exchange until quiet; `deliver` says whether a message reaches the replica.
+    fn pump(
+        p: &mut Endpoint<HeapLog>,
+        r: &mut Endpoint<HeapLog>,
+        now: &mut u64,
+        deliver: &mut dyn FnMut(u64) -> bool,
+    ) {
+        let mut queue: VecDeque<Msg> = VecDeque::new();
+        for _ in 0..200 {
+            *now += 50;
+            for e in p.tick(*now).unwrap() {
+                if let Effect::ToReplica(to, m) = e {
+                    queue.push_back((1, to, Ok(m)));
+                }
+            }
+            while let Some((_, to, m)) = queue.pop_front() {
+                match (to, m) {
+                    (2, Ok(m)) => {
+                        if !deliver(*now) {
+                            continue;
+                        }
+                        let mut effects = r.on_replica_msg(1, m).unwrap();
+                        let last = r.log.last();
+                        effects.extend(r.synced(last, Some(1)));
+                        for e in effects {
+                            if let Effect::ToPrimary(to, m) = e {
+                                queue.push_back((2, to, Err(m)));
+                            }
+                        }
+                    }
+                    (1, Err(m)) => {
+                        for e in p.on_primary_msg(2, m, *now) {
+                            if let Effect::ToReplica(to, m) = e {
+                                queue.push_back((1, to, Ok(m)));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if r.log.last() == p.log.last() && *now > 1_000 {
+                return;
+            }
+        }
+    }
+
+    fn write(p: &mut Endpoint<HeapLog>, i: u32, now: u64) {
+        let mut b = WriteBatch::new();
+        b.put(format!("k{i:05}").as_bytes(), &i.to_le_bytes()).unwrap();
+        let (lsn, _) = p.write(b.as_bytes().to_vec(), 0, u64::from(i), now + 10_000, now).unwrap().unwrap();
+        p.synced(lsn, None);
+    }
+
+    fn same(p: &Endpoint<HeapLog>, r: &Endpoint<HeapLog>) {
+        assert_eq!(r.log.last(), p.log.last());
+        assert_eq!(r.log.snapshot().unwrap(), p.log.snapshot().unwrap(), "the heaps differ");
+    }
+
+    #[test]
+    fn a_replica_heap_follows_through_losses_a_restart_and_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut p, mut r) = (open(dir.path(), 1), open(dir.path(), 2));
+        let mut now = 0;
+        p.on_map(&placement(), now);
+        r.on_map(&placement(), now);
+        p.on_lease(1, u64::MAX);
+        for i in 0..15 {
+            write(&mut p, i, now);
+        }
+        // Every third message lost.
+        let mut n = 0;
+        pump(&mut p, &mut r, &mut now, &mut |_| {
+            n += 1;
+            n % 3 != 0
+        });
+        same(&p, &r);
+        // The replica restarts (its heap and sidecar reopened) and more is written.
+        drop(r);
+        let mut r = open(dir.path(), 2);
+        r.on_map(&placement(), now);
+        for i in 15..30 {
+            write(&mut p, i, now);
+        }
+        pump(&mut p, &mut r, &mut now, &mut |_| true);
+        same(&p, &r);
+        // It misses more than the primary retains: a snapshot brings it back.
+        for i in 30..100 {
+            write(&mut p, i, now);
+        }
+        p.tick(now).unwrap();
+        pump(&mut p, &mut r, &mut now, &mut |_| true);
+        same(&p, &r);
+        assert_eq!(r.log.snapshot().unwrap().len(), 100);
+    }
+}
