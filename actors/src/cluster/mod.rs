@@ -8,6 +8,7 @@
 
 pub mod detector;
 pub mod map;
+pub mod node;
 pub mod transport;
 
 #[cfg(test)]

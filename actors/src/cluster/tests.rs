@@ -186,3 +186,109 @@ async fn a_relay_blackholes_drops_and_delays_chosen_links() {
     relay.send(2, b"healed".to_vec());
     assert_eq!(next(&mut b_in).await, Some((1, b"healed".to_vec())));
 }
+
+/// Three real nodes (heaps, endpoints, tasks) and the controller over an in-process network:
+/// `sync(1)` writes, the primary killed, a replica takes over within the detection time, no
+/// acked write is lost, and the old primary, restarted, converges with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_tasks_fail_over_without_losing_acked_writes_and_converge() {
+    use heapgrid_heap::{Heap, HeapOptions, WriteBatch};
+
+    use super::node::{CONTROLLER, ShardNode, start_controller};
+    use crate::replication::heap_log::HeapLog;
+    use crate::replication::primary::Outcome;
+
+    let dir = tempfile::tempdir().unwrap();
+    let net = Arc::new(LocalNet::default());
+    let origin = tokio::time::Instant::now();
+    let timing = Timing { heartbeat_ms: 50, lease_ms: 300, detect_ms: 500, max_delay_ms: 50 };
+    let (ct, cin) = net.join(CONTROLLER);
+    let _controller =
+        start_controller(three_nodes(1), shard(), Detector::new(timing), Arc::new(ct), cin, origin);
+    let start = |id: u64| {
+        let net = net.clone();
+        let path = dir.path().join(format!("n{id}.heap"));
+        async move {
+            let t0 = std::time::Instant::now();
+            let heap = loop {
+                match Heap::open(&path, HeapOptions::default()) {
+                    Ok(h) => break h,
+                    Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await
+                    }
+                    Err(e) => panic!("open {}: {e}", path.display()),
+                }
+            };
+            let log = HeapLog::open(heap, &path).unwrap();
+            let (t, inbox) = net.join(id);
+            ShardNode::start(id, log, 0, Arc::new(t), inbox, origin, timing.heartbeat_ms)
+        }
+    };
+    let mut nodes = vec![None, Some(start(1).await), Some(start(2).await), Some(start(3).await)];
+    let batch = |i: u32| {
+        let mut b = WriteBatch::new();
+        b.put(format!("k{i:04}").as_bytes(), &i.to_le_bytes()).unwrap();
+        b
+    };
+    // Writes to whichever node takes them (the primary), sync(1), until `n` are acked.
+    let mut acked = Vec::new();
+    let mut i = 0u32;
+    let mut write_until = async |nodes: &Vec<Option<ShardNode>>, n: usize, acked: &mut Vec<u32>| {
+        let t0 = std::time::Instant::now();
+        while acked.len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(20), "no primary took writes ({} acked)", acked.len());
+            let mut took = false;
+            for node in nodes.iter().flatten() {
+                if let Ok(o) = node.write(batch(i), 1).await {
+                    took = true;
+                    if o == Outcome::Replicated {
+                        acked.push(i);
+                    }
+                    i += 1;
+                    break;
+                }
+            }
+            if !took {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        t0.elapsed()
+    };
+    write_until(&nodes, 50, &mut acked).await;
+    // Kill the primary.
+    let mut killed = 0;
+    for (id, node) in nodes.iter().enumerate() {
+        if let Some(n) = node
+            && n.read().await.unwrap().1
+        {
+            killed = id;
+        }
+    }
+    assert!(killed > 0, "no primary");
+    nodes[killed] = None;
+    let failover = write_until(&nodes, 100, &mut acked).await;
+    assert!(failover < Duration::from_secs(5), "took writes again after {failover:?}");
+    // The old primary comes back and catches up.
+    nodes[killed] = Some(start(killed as u64).await);
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut states = Vec::new();
+        for n in nodes.iter().flatten() {
+            states.push(n.read().await.unwrap());
+        }
+        let same = states.windows(2).all(|w| w[0].0 == w[1].0 && w[0].2 == w[1].2);
+        if same {
+            let keys: Vec<Vec<u8>> = states[0].2.iter().map(|(k, _)| k.clone()).collect();
+            for a in &acked {
+                assert!(keys.contains(&format!("k{a:04}").into_bytes()), "acked write {a} lost");
+            }
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "did not converge: {:?}",
+            states.iter().map(|s| (s.0, s.1, s.2.len())).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
