@@ -1,4 +1,5 @@
-//! The reply gate shared by every actor that owns a heap (table shards, feed shards): replies
+//! The reply gate shared by every actor that owns a heap (table shards, feed shards, the lock
+//! and queue services): replies
 //! held until the op-log records they depend on are written (and, under `FsyncPolicy::Always`,
 //! synced), the per-shard durable-reply task, the published read view, and the checkpoint in
 //! flight. The actor around it applies writes with their records queued
@@ -8,6 +9,8 @@
 //! Invariant: a reply is sent for a write only after its record is durable under the policy.
 //! Invariant: a read is answered only once every write it could see is as durable as a write's
 //! acknowledgement requires: after the group's op-log write, and under `Always` after its fsync.
+//! That includes records no answer waits for (a timer's expiries): while the heap holds any not
+//! yet written (`Heap::has_unlogged`), `answer` holds every reply for the next flush.
 //! Invariant: if the actor dies, every reply port it held is dropped, so every caller gets an
 //! error instead of waiting forever.
 
@@ -449,34 +452,19 @@ impl<S: HeapOwner> LogGate<S> {
         }
     }
 
-    /// Records were applied that no answer waits for (a timer's expiries, a restart's repairs):
-    /// schedules the flush that writes them, so that nothing answered later is released before
-    /// them. A no-op if the heap's newest record is not above `before` (nothing new).
-    pub fn wrote_since<M: GateMsg>(&mut self, myself: &ActorRef<M>, before: u64) {
-        let last = self.shard.as_ref().map_or(0, |t| t.heap().last_lsn());
-        if last > before && !self.flush_scheduled {
-            self.flush_scheduled = true;
-            if myself.cast(M::flush()).is_err() {
-                let _ = self.flush();
-            }
-        }
-    }
-
-    /// The LSN of the heap's newest record (0 when closed).
-    pub fn last_lsn(&self) -> u64 {
-        self.shard.as_ref().map_or(0, |t| t.heap().last_lsn())
-    }
-
     /// Answers a request now or once what it wrote or saw is as durable as a write's
     /// acknowledgement: `wrote` is the LSN it wrote (0: none).
     pub fn answer<M: GateMsg>(&mut self, myself: &ActorRef<M>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
-        let last = self.shard.as_ref().map_or(0, |t| t.heap().last_lsn());
-        if wrote == 0 && !self.flush_scheduled {
+        let (last, unlogged) =
+            self.shard.as_ref().map_or((0, false), |t| (t.heap().last_lsn(), t.heap().has_unlogged()));
+        if wrote == 0 && !self.flush_scheduled && !unlogged {
             // A read (or a write that changed nothing): it saw only written records; under
             // `Always` it waits for them to be synced.
             self.release(d(last));
             return;
         }
+        // What it wrote, or records queued that no answer waited for (a timer's expiries, a
+        // restart's repairs): answered after the flush that writes them.
         self.unflushed.push(d(last.max(wrote)));
         if !self.flush_scheduled {
             self.flush_scheduled = true;
@@ -486,6 +474,42 @@ impl<S: HeapOwner> LogGate<S> {
             }
         }
     }
+}
+
+/// A service actor over one heap behind a gate (the lock and queue services): what
+/// `handle_gated` needs of it.
+pub trait GatedService: Send + 'static {
+    type Store: HeapOwner;
+    type Msg: GateMsg;
+    /// Names it in the reason of a failure ("the lock service").
+    const WHAT: &'static str;
+    fn gate(&mut self) -> &mut LogGate<Self::Store>;
+    /// Answers a message that asks for an answer `Closed` (the heap is closed).
+    fn refuse(msg: Self::Msg);
+    /// Handles one message. An error means memory may be ahead of the heap (a record that
+    /// could not be written or read): the actor fails, and its restart is recovery.
+    fn serve(&mut self, myself: &ActorRef<Self::Msg>, msg: Self::Msg) -> Result<(), GridError>;
+}
+
+/// The whole `Actor::handle` of a `GatedService`: the gate's own messages to the gate; with the
+/// heap closed, refusals; else `serve`, then a failure if it failed or the heap is poisoned.
+pub async fn handle_gated<T: GatedService>(
+    st: &mut T,
+    myself: &ActorRef<T::Msg>,
+    msg: T::Msg,
+) -> Result<(), ActorProcessingErr> {
+    let msg = match msg.into_gate() {
+        Ok(call) => return st.gate().handle(myself, call).await,
+        Err(m) => m,
+    };
+    if st.gate().shard.is_none() {
+        T::refuse(msg);
+        return Ok(());
+    }
+    if let Err(e) = st.serve(myself, msg) {
+        return Err(format!("{}: {e}", T::WHAT).into());
+    }
+    fail_if_poisoned(st.gate())
 }
 
 pub fn fail_if_poisoned<S: HeapOwner>(state: &mut LogGate<S>) -> Result<(), ActorProcessingErr> {

@@ -41,7 +41,7 @@ use super::{
     Sessions, Waiter,
 };
 use crate::error::GridError;
-use crate::gate::{GateMsg, Group, HeapOwner, LogGate, deferred, fail_if_poisoned, open_heap};
+use crate::gate::{GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
@@ -921,41 +921,42 @@ impl Actor for LockActor {
         msg: LockMsg,
         st: &mut LockState,
     ) -> Result<(), ActorProcessingErr> {
-        let msg = match msg.into_gate() {
-            Ok(call) => return st.gate.handle(&myself, call).await,
-            Err(LockMsg::InjectPanic) => panic!("injected panic (test hook)"),
-            Err(m) => m,
-        };
-        if st.gate.shard.is_none() {
-            match msg {
-                LockMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
-                LockMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
-                _ => {}
-            }
-            return Ok(());
+        handle_gated(st, &myself, msg).await
+    }
+}
+
+impl GatedService for LockState {
+    type Store = LockStore;
+    type Msg = LockMsg;
+    const WHAT: &'static str = "lock service";
+
+    fn gate(&mut self) -> &mut LogGate<LockStore> {
+        &mut self.gate
+    }
+
+    fn refuse(msg: LockMsg) {
+        match msg {
+            LockMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
+            LockMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
+            _ => {}
         }
-        let before = st.gate.last_lsn();
-        let r = match msg {
-            LockMsg::Call(op, reply) => st.call(&myself, op, reply),
+    }
+
+    fn serve(&mut self, myself: &ActorRef<LockMsg>, msg: LockMsg) -> Result<(), GridError> {
+        match msg {
+            LockMsg::Call(op, reply) => self.call(myself, op, reply),
             LockMsg::WaitOver(w) => {
-                st.wait_over(&myself, w);
+                self.wait_over(myself, w);
                 Ok(())
             }
-            LockMsg::Tick => st.tick(&myself),
+            LockMsg::Tick => self.tick(myself),
             LockMsg::Check(reply) => {
-                let r = st.store().and_then(|s| s.check()).and_then(|()| st.check_memory());
+                let r = self.store().and_then(|s| s.check()).and_then(|()| self.check_memory());
                 let _ = reply.send(r);
                 Ok(())
             }
+            LockMsg::InjectPanic => panic!("injected panic (test hook)"),
             _ => Ok(()),
-        };
-        if let Err(e) = r {
-            // A record that could not be written (a full disk) or read: the state in memory may
-            // be ahead of the heap; restart from the heap (recovery) rather than go on.
-            return Err(format!("lock service: {e}").into());
         }
-        // Records no answer waits for (expiries, a session's end) are written at the next flush.
-        st.gate.wrote_since(&myself, before);
-        fail_if_poisoned(&mut st.gate)
     }
 }

@@ -38,7 +38,7 @@ use super::store::{
 };
 use super::{PopMode, Queue, QueueConfig, QueueError};
 use crate::error::GridError;
-use crate::gate::{GateMsg, Group, LogGate, deferred, fail_if_poisoned, open_heap};
+use crate::gate::{GatedService, Group, LogGate, deferred, handle_gated, open_heap};
 use crate::lock::SessionId;
 use crate::lock::fence::FenceTable;
 use crate::value::Value;
@@ -1231,10 +1231,9 @@ impl Actor for QueueActor {
             by_session: HashMap::new(),
             fences: args.fences,
         };
-        let before = st.gate.last_lsn();
+        // Written at the first flush (no answer is released before them).
         st.dead_letter_restarted()?;
         st.record_orphans()?;
-        st.gate.wrote_since(&myself, before);
         let names: Vec<String> = st.queues.keys().cloned().collect();
         for n in names {
             st.schedule(&n);
@@ -1248,48 +1247,48 @@ impl Actor for QueueActor {
         msg: QueueMsg,
         st: &mut QueueState,
     ) -> Result<(), ActorProcessingErr> {
-        let msg = match msg.into_gate() {
-            Ok(call) => return st.gate.handle(&myself, call).await,
-            Err(QueueMsg::InjectPanic) => panic!("injected panic (test hook)"),
-            Err(m) => m,
-        };
-        if st.gate.shard.is_none() {
-            match msg {
-                QueueMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
-                QueueMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
-                _ => {}
-            }
-            return Ok(());
+        handle_gated(st, &myself, msg).await
+    }
+}
+
+impl GatedService for QueueState {
+    type Store = QueueStore;
+    type Msg = QueueMsg;
+    const WHAT: &'static str = "queue service";
+
+    fn gate(&mut self) -> &mut LogGate<QueueStore> {
+        &mut self.gate
+    }
+
+    fn refuse(msg: QueueMsg) {
+        match msg {
+            QueueMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
+            QueueMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
+            _ => {}
         }
-        let before = st.gate.last_lsn();
-        let r = match msg {
-            QueueMsg::Call(op, reply) => st.call(&myself, op, reply),
-            QueueMsg::Release(queue, receipt) => st.release(&myself, &queue, receipt),
+    }
+
+    fn serve(&mut self, myself: &ActorRef<QueueMsg>, msg: QueueMsg) -> Result<(), GridError> {
+        match msg {
+            QueueMsg::Call(op, reply) => self.call(myself, op, reply),
+            QueueMsg::Release(queue, receipt) => self.release(myself, &queue, receipt),
             QueueMsg::WaitOver(w) => {
-                st.wait_over(&myself, w);
+                self.wait_over(myself, w);
                 Ok(())
             }
             QueueMsg::PushWaitOver(w) => {
-                st.push_wait_over(&myself, w);
+                self.push_wait_over(myself, w);
                 Ok(())
             }
-            QueueMsg::Tick => st.tick(&myself),
-            QueueMsg::SessionEnded(s) => st.session_ended(&myself, s),
+            QueueMsg::Tick => self.tick(myself),
+            QueueMsg::SessionEnded(s) => self.session_ended(myself, s),
             QueueMsg::Check(reply) => {
-                let r = st.store_ref().and_then(|s| s.check()).and_then(|()| st.check_memory());
+                let r = self.store_ref().and_then(|s| s.check()).and_then(|()| self.check_memory());
                 let _ = reply.send(r);
                 Ok(())
             }
+            QueueMsg::InjectPanic => panic!("injected panic (test hook)"),
             _ => Ok(()),
-        };
-        if let Err(e) = r {
-            // A record that could not be written (a full disk) or read: memory may be ahead of
-            // the heap; restart from the heap (recovery) rather than go on.
-            return Err(format!("queue service: {e}").into());
         }
-        // Records no answer waits for (a tick's expiries, a session's end) are written at the
-        // next flush, before anything answered after them.
-        st.gate.wrote_since(&myself, before);
-        fail_if_poisoned(&mut st.gate)
     }
 }
