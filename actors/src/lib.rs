@@ -1,8 +1,10 @@
 //! heapgrid-actors: the actor layer. It owns the value model, the table shard actors (ractor),
 //! each owning one `heapgrid_heap::Heap`, the supervisor tree, the catalogue and the snippet
 //! engine, feeds (state machine, shard actor, supervisor), the lock service (sessions, locks,
-//! semaphores, the fence table shards check fenced writes against), and the queue state
-//! machine; queue actors will join them.
+//! semaphores, the fence table shards check fenced writes against), the queue service (state
+//! machine, store, actor), and the cluster's foundations: replication of a shard's op log
+//! (`replication`) and the control plane (`cluster`: map, failure detector, transport), not yet
+//! wired into the shards or the server.
 //!
 //! Invariant: depends on `heapgrid-heap`, never on the `heapgrid` crate.
 
@@ -17,6 +19,7 @@ pub mod key;
 pub mod limits;
 pub mod lock;
 pub mod queue;
+pub mod record;
 pub mod replication;
 pub mod restart;
 pub mod snippet;

@@ -28,10 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use super::SessionId;
 use crate::error::GridError;
+use crate::record;
 
 /// Fences issued in epoch `e` are above `e << EPOCH_SHIFT`.
 pub const EPOCH_SHIFT: u32 = 40;
-const FORMAT: u8 = 1;
 
 const EPOCH_KEY: &[u8] = b"E";
 const NEXT_SESSION_KEY: &[u8] = b"N";
@@ -71,14 +71,11 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> GridError {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, GridError> {
-    postcard::to_extend(v, vec![FORMAT]).map_err(|e| GridError::Invalid(format!("lock record: {e}")))
+    record::encode("lock record", v)
 }
 
 fn decode<T: DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, GridError> {
-    match b.split_first() {
-        Some((&FORMAT, body)) => postcard::from_bytes(body).map_err(|e| corrupt(what, e)),
-        _ => Err(corrupt(what, "unknown record format")),
-    }
+    record::decode(&format!("lock store {what}"), b)
 }
 
 fn u64_of(what: &str, b: &[u8]) -> Result<u64, GridError> {

@@ -30,9 +30,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::GridError;
+use crate::record;
 use crate::value::Value;
 
-const FORMAT: u8 = 1;
 /// Seqs reserved by one write of a queue's record.
 pub const SEQ_BLOCK: u64 = 4096;
 /// Most attempts one item's history keeps (the newest).
@@ -119,14 +119,11 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> GridError {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, GridError> {
-    postcard::to_extend(v, vec![FORMAT]).map_err(|e| GridError::Invalid(format!("queue record: {e}")))
+    record::encode("queue record", v)
 }
 
 fn decode<T: DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, GridError> {
-    match b.split_first() {
-        Some((&FORMAT, body)) => postcard::from_bytes(body).map_err(|e| corrupt(what, e)),
-        _ => Err(corrupt(what, "unknown record format")),
-    }
+    record::decode(&format!("queue store {what}"), b)
 }
 
 /// `prefix` + the queue name, length-prefixed.

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use super::endpoint::ShardLog;
 use super::{EpochHistory, Lsn, Pos, Record};
 use crate::error::GridError;
+use crate::record;
 
-const FORMAT: u8 = 1;
 /// Keys removed per heap commit when the log is emptied.
 const CLEAR_CHUNK: usize = 10_000;
 
@@ -62,17 +62,7 @@ impl HeapLog {
     pub fn open(heap: Heap, heap_path: &Path) -> Result<HeapLog, GridError> {
         let path = sidecar(heap_path);
         let meta = match std::fs::read(&path) {
-            Ok(b) => match b.split_first() {
-                Some((&FORMAT, body)) => postcard::from_bytes(body).map_err(|e| {
-                    GridError::Corrupted(format!("replication sidecar {}: {e}", path.display()))
-                })?,
-                _ => {
-                    return Err(GridError::Corrupted(format!(
-                        "replication sidecar {}: unknown format",
-                        path.display()
-                    )));
-                }
-            },
+            Ok(b) => record::decode(&format!("replication sidecar {}", path.display()), &b)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 ReplMeta { heap_at: heap.last_lsn(), ..ReplMeta::default() }
             }
@@ -93,7 +83,7 @@ impl HeapLog {
     }
 
     fn save(&self) -> Result<(), GridError> {
-        let bytes = postcard::to_extend(&self.meta, vec![FORMAT]).map_err(storage)?;
+        let bytes = record::encode("replication sidecar", &self.meta)?;
         let tmp = self.path.with_extension("repl.tmp");
         let mut f = std::fs::File::create(&tmp).map_err(storage)?;
         f.write_all(&bytes).map_err(storage)?;
