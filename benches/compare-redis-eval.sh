@@ -22,7 +22,6 @@ source benches/lib-redis.sh
 # requests/s from redis-benchmark's CSV (the command name itself may contain commas).
 csv_rps() { python3 -c 'import csv,sys; rows=list(csv.reader(sys.stdin)); print(rows[1][1])'; }
 
-median() { python3 -c 'import sys,statistics; print("%.0f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 hg_eval() { # $1 = table, $2 = snippet, extra flags...
   local table=$1 src=$2; shift 2

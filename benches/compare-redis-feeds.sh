@@ -24,10 +24,6 @@ RATE="${RATE:-10000}"
 source benches/lib-redis.sh
 
 csv_rps() { python3 -c 'import csv,sys; rows=list(csv.reader(sys.stdin)); print(rows[1][1])'; }
-median() { python3 -c 'import sys,statistics; print("%.0f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-clk_tck=$(getconf CLK_TCK)
-us_per_op() { python3 -c "print('%.1f' % (($2 - $1) * 1e6 / $clk_tck / max(1, $3)))"; }
 
 echo "## feeds vs Redis streams, $(date -u +%FT%TZ), $(nproc) cores, ${CLIENTS} clients, ${VALUE}-byte values, median of ${ROUNDS}"
 echo

@@ -20,12 +20,6 @@ LOCK_CLIENTS="${LOCK_CLIENTS:-1}"
 
 source benches/lib-redis.sh
 
-median() { python3 -c 'import sys,statistics; print("%.0f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-median1() { python3 -c 'import sys,statistics; print("%.1f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-clk_tck=$(getconf CLK_TCK)
-us_per_op() { python3 -c "print('%.1f' % (($2 - $1) * 1e6 / $clk_tck / max(1, $3)))"; }
-field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
 
 echo "## locks vs the Redis lock, $(date -u +%FT%TZ), $(nproc) cores, median of ${ROUNDS}"
 echo

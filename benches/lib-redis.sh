@@ -54,3 +54,12 @@ hg_rps() { # $1 = reads percent, $2 = pipeline
 }
 
 ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+
+# Medians of figures, a server's CPU ticks from /proc/<pid>/stat (user + system) and µs per
+# operation between two readings, and a field of a `heapgrid bench --json` report.
+median() { python3 -c 'import sys,statistics; print("%.0f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+median1() { python3 -c 'import sys,statistics; print("%.1f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+clk_tck=$(getconf CLK_TCK)
+us_per_op() { python3 -c "print('%.1f' % (($2 - $1) * 1e6 / $clk_tck / max(1, $3)))"; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }

@@ -34,8 +34,28 @@ pub(crate) fn report(hist: &Histogram<u64>, delivered: u64, errors: u64, seconds
 /// counts them as errors (the server is not keeping up with the rate).
 const PACE_INFLIGHT_MAX: usize = 10_000;
 
-fn new_hist() -> Histogram<u64> {
+/// A latency histogram in µs, 1 µs to 60 s.
+pub(crate) fn new_hist() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+/// One load task's result: its latencies, operations done, and errors.
+pub(crate) type Part = (Histogram<u64>, u64, u64);
+
+/// Waits for every load task and adds up their parts into the report (`start`: when the load
+/// began).
+pub(crate) async fn gather(
+    mut tasks: tokio::task::JoinSet<Result<Part, GridError>>,
+    start: Instant,
+) -> Result<LoadReport, GridError> {
+    let (mut hist, mut ops, mut errors) = (new_hist(), 0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (h, n, e) = r.map_err(|e| GridError::Unavailable(e.to_string()))??;
+        hist.add(&h).map_err(|e| GridError::Unavailable(e.to_string()))?;
+        ops += n;
+        errors += e;
+    }
+    Ok(report(&hist, ops, errors, start.elapsed().as_secs_f64()))
 }
 
 /// Sends `rate` appends per second for `duration` through `append` (given the send stamp),

@@ -16,23 +16,18 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use heapgrid_actors::GridError;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::client::{Client, ClientOptions};
 use crate::loadgen::{LoadReport, LoadSpec};
-use crate::loadgen_feed::{Reply, io, read_reply, report, resp};
+use crate::loadgen_feed::{Part, Reply, gather, io, new_hist, read_reply, resp};
 
 /// Which lock load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LockLoad {
     Uncontended,
     Contended,
-}
-
-fn new_hist() -> Histogram<u64> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
 fn lock_name(spec: &LoadSpec, load: LockLoad, c: usize) -> String {
@@ -60,21 +55,10 @@ pub async fn run(spec: &LoadSpec, load: LockLoad) -> Result<LoadReport, GridErro
             }
         }
     }
-    let (mut hist, mut ops, mut errors) = (new_hist(), 0, 0);
-    while let Some(r) = tasks.join_next().await {
-        let (h, n, e) = r.map_err(|e| GridError::Unavailable(e.to_string()))??;
-        hist.add(&h).map_err(|e| GridError::Unavailable(e.to_string()))?;
-        ops += n;
-        errors += e;
-    }
-    Ok(report(&hist, ops, errors, start.elapsed().as_secs_f64()))
+    gather(tasks, start).await
 }
 
-async fn heapgrid_pairs(
-    client: Client,
-    name: String,
-    deadline: Instant,
-) -> Result<(Histogram<u64>, u64, u64), GridError> {
+async fn heapgrid_pairs(client: Client, name: String, deadline: Instant) -> Result<Part, GridError> {
     let session = client.session(None).await?;
     let lock = session.lock(&name);
     let (mut hist, mut n, mut errors) = (new_hist(), 0, 0);
@@ -96,12 +80,7 @@ async fn heapgrid_pairs(
 const RELEASE_LUA: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
-async fn redis_pairs(
-    addr: SocketAddr,
-    name: String,
-    c: usize,
-    deadline: Instant,
-) -> Result<(Histogram<u64>, u64, u64), GridError> {
+async fn redis_pairs(addr: SocketAddr, name: String, c: usize, deadline: Instant) -> Result<Part, GridError> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     let (rd, mut wr) = stream.into_split();

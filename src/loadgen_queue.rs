@@ -14,13 +14,12 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use heapgrid_actors::GridError;
 use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::client::{Client, ClientOptions};
 use crate::loadgen::{LoadReport, LoadSpec};
-use crate::loadgen_feed::{Reply, io, read_reply, report, resp};
+use crate::loadgen_feed::{Part, Reply, gather, io, new_hist, read_reply, resp};
 use crate::queue::{Mode, Pop};
 
 /// Which queue load.
@@ -29,12 +28,6 @@ pub enum QueueLoad {
     Take,
     Ack,
 }
-
-fn new_hist() -> Histogram<u64> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
-}
-
-type Part = (Histogram<u64>, u64, u64);
 
 /// Runs the queue load against heapgrid, or against Redis when `spec.redis` is set.
 pub async fn run(spec: &LoadSpec, load: QueueLoad) -> Result<LoadReport, GridError> {
@@ -61,14 +54,7 @@ pub async fn run(spec: &LoadSpec, load: QueueLoad) -> Result<LoadReport, GridErr
             }
         }
     }
-    let (mut hist, mut ops, mut errors) = (new_hist(), 0, 0);
-    while let Some(r) = tasks.join_next().await {
-        let (h, n, e) = r.map_err(|e| GridError::Unavailable(e.to_string()))??;
-        hist.add(&h).map_err(|e| GridError::Unavailable(e.to_string()))?;
-        ops += n;
-        errors += e;
-    }
-    Ok(report(&hist, ops, errors, start.elapsed().as_secs_f64()))
+    gather(tasks, start).await
 }
 
 async fn heapgrid_cycles(
