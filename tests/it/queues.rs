@@ -421,3 +421,34 @@ async fn a_push_to_a_full_queue_waits_for_room_in_arrival_order_or_times_out() {
     assert_eq!(q.len().await.unwrap().ready, 1);
     grid.core().queues().check().await.unwrap();
 }
+
+/// The queue service fails (a panic, as a bug would) and its supervisor restarts it: the restart
+/// is recovery, so in-flight items are ready again with their counts and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_queue_service_restarts_and_recovers_its_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = open(dir.path()).await;
+    let q = grid.queue("crashy");
+    for i in 0..3 {
+        q.push(&i).await.unwrap();
+    }
+    let d = q.pop(NO_WAIT).await.unwrap().unwrap();
+    grid.core().queues().inject_panic();
+    // Requests made while it restarts wait it out.
+    let t0 = Instant::now();
+    let l = loop {
+        match q.len().await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!((l.ready, l.in_flight), (3, 0), "in flight before the failure: ready after it");
+    assert!(matches!(q.ack(d.receipt).await, Err(GridError::StaleReceipt { .. })));
+    let again = q.pop(NO_WAIT).await.unwrap().unwrap();
+    assert_eq!((again.seq, again.deliveries), (d.seq, 2));
+    grid.core().queues().check().await.unwrap();
+    grid.close().await.unwrap();
+}

@@ -140,16 +140,6 @@ fn rec_of(o: &QueueOptions, seq_floor: u64) -> QueueRec {
     }
 }
 
-fn options_of(rec: &QueueRec) -> QueueOptions {
-    QueueOptions {
-        max_len: rec.max_len,
-        max_deliveries: rec.max_deliveries,
-        visibility_ms: rec.visibility_ms,
-        dedup_window_ms: rec.dedup_window_ms,
-        dead_letter: rec.dead_letter.clone(),
-    }
-}
-
 impl Q {
     fn new(rec: QueueRec, stored: bool) -> Q {
         let mut q = Queue::new(config_of(&rec));
@@ -1169,11 +1159,6 @@ impl QueueState {
         }
         self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(Vec::new()))));
         self.settle(&p.queue);
-    }
-
-    /// The options of queue `name` (for callers that show them).
-    pub fn options(&self, name: &str) -> QueueOptions {
-        self.queues.get(name).map_or_else(|| QueueOptions::defaults(name), |q| options_of(&q.rec))
     }
 }
 

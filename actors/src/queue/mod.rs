@@ -72,12 +72,6 @@ pub struct Ticked<V> {
     pub forgotten: Vec<String>,
 }
 
-impl<V> Ticked<V> {
-    pub fn is_empty(&self) -> bool {
-        self.expired.is_empty() && self.dead.is_empty() && self.readied == 0 && self.forgotten.is_empty()
-    }
-}
-
 /// An item that used up its deliveries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetter<V> {

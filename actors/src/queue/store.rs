@@ -271,14 +271,6 @@ impl QueueStore {
         }
     }
 
-    /// The stored value of an item, as encoded.
-    pub fn raw_value(&self, queue: &str, seq: u64) -> Result<Vec<u8>, GridError> {
-        match self.heap.get_ref(&item_key(b'I', queue, seq))? {
-            Some(v) => Ok(v.to_vec()),
-            None => Err(corrupt("item", format!("queue {queue} item {seq} has no value"))),
-        }
-    }
-
     /// The encoded length of an item's value.
     pub fn value_len(&self, queue: &str, seq: u64) -> Result<usize, GridError> {
         match self.heap.get_ref(&item_key(b'I', queue, seq))? {

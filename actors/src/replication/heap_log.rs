@@ -78,10 +78,6 @@ impl HeapLog {
         Ok(log)
     }
 
-    pub fn heap(&self) -> &Heap {
-        &self.heap
-    }
-
     fn save(&self) -> Result<(), GridError> {
         let bytes = record::encode("replication sidecar", &self.meta)?;
         let tmp = self.path.with_extension("repl.tmp");
