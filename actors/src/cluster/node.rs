@@ -28,6 +28,11 @@ use crate::replication::{Epoch, Lsn, NodeId, Pos, ToPrimary, ToReplica};
 /// The controller's node id.
 pub const CONTROLLER: NodeId = 0;
 const TICK: Duration = Duration::from_millis(10);
+/// Writes and reads queued for a node's task before `ShardNode::write` waits for room.
+pub const NODE_COMMANDS_MAX: usize = 1024;
+/// How long a `sync(n)` write waits for its replicas before it is `Indeterminate` (this also
+/// bounds the writes waiting in a node's task: at most what arrives in this time).
+pub const WRITE_DEADLINE_MS: u64 = 2_000;
 
 type Snapshot = (Pos, Vec<(Vec<u8>, Vec<u8>)>);
 
@@ -79,7 +84,7 @@ impl ShardNode {
         origin: tokio::time::Instant,
         heartbeat_ms: u64,
     ) -> ShardNode {
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(NODE_COMMANDS_MAX);
         let ep = Endpoint::new(id, log, epoch);
         let task = tokio::spawn(node_loop(ep, transport, inbox, rx, origin, heartbeat_ms));
         ShardNode { tx, task }
@@ -163,7 +168,7 @@ async fn node_loop(
                         let token = next_token;
                         next_token += 1;
                         let at = now();
-                        match ep.write(batch.as_bytes().to_vec(), n, token, at + 2_000, at) {
+                        match ep.write(batch.as_bytes().to_vec(), n, token, at + WRITE_DEADLINE_MS, at) {
                             Ok(Ok((lsn, _))) => {
                                 let e = ep.synced(lsn, None);
                                 if n == 0 {

@@ -41,6 +41,10 @@ pub const FRAME_BYTES_MAX: usize = 64 << 20;
 pub const PEER_QUEUE_MAX: usize = 4096;
 /// Frames queued in a node's inbox before its connections stop being read.
 pub const INBOX_MAX: usize = 16_384;
+/// Inbound connections read at once; more are closed at accept (before their hello).
+pub const INBOUND_MAX: usize = 1024;
+/// Frames a `Relay` holds back for their delay at once; more are dropped (as a lossy link would).
+pub const RELAY_DELAYED_MAX: usize = 65_536;
 const MAGIC: &[u8; 4] = b"HGPR";
 const VERSION: u8 = 1;
 const COOKIE_BYTES_MAX: usize = 1024;
@@ -186,13 +190,23 @@ async fn dial_loop(
 }
 
 async fn accept_loop(listener: TcpListener, cookie: Arc<Vec<u8>>, inbox: mpsc::Sender<(NodeId, Vec<u8>)>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let Ok((s, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        if open.load(std::sync::atomic::Ordering::Relaxed) >= INBOUND_MAX {
+            drop(s);
+            continue;
+        }
         let _ = s.set_nodelay(true);
-        tokio::spawn(read_peer(s, cookie.clone(), inbox.clone()));
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (cookie, inbox, open) = (cookie.clone(), inbox.clone(), open.clone());
+        tokio::spawn(async move {
+            read_peer(s, cookie, inbox).await;
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
     }
 }
 
@@ -244,11 +258,12 @@ pub struct Relay<T: Transport> {
     inner: Arc<T>,
     faults: Mutex<HashMap<NodeId, LinkFault>>,
     rng: Mutex<u64>,
+    delayed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl<T: Transport> Relay<T> {
     pub fn new(inner: Arc<T>, seed: u64) -> Relay<T> {
-        Relay { inner, faults: Mutex::default(), rng: Mutex::new(seed | 1) }
+        Relay { inner, faults: Mutex::default(), rng: Mutex::new(seed | 1), delayed: Arc::default() }
     }
 
     /// Sets the faults of the link to `to` (the default: none).
@@ -274,10 +289,16 @@ impl<T: Transport> Transport for Relay<T> {
         if f.delay_ms == 0 {
             return self.inner.send(to, frame);
         }
-        let inner = self.inner.clone();
+        use std::sync::atomic::Ordering;
+        if self.delayed.load(Ordering::Relaxed) >= RELAY_DELAYED_MAX {
+            return;
+        }
+        self.delayed.fetch_add(1, Ordering::Relaxed);
+        let (inner, delayed) = (self.inner.clone(), self.delayed.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(f.delay_ms)).await;
             inner.send(to, frame);
+            delayed.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -323,23 +323,21 @@ impl QueueState {
             .or_insert_with(|| Q::new(rec_of(&QueueOptions::defaults(name), 1), false))
     }
 
-    /// How many of the next `n` ready items of `name` one pop hands out: as many as fit
-    /// `QUEUE_POP_BYTES_MAX`, and at least one.
-    fn fitting(&self, name: &str, n: u32) -> Result<u32, GridError> {
-        let Some(q) = self.queues.get(name) else { return Ok(0) };
-        if n <= 1 {
-            return Ok(n);
-        }
+    /// The next ready items of `name` one pop or peek hands out, with their values (read once):
+    /// up to `n`, as many as fit `QUEUE_POP_BYTES_MAX`, and at least one.
+    fn next_ready(&self, name: &str, n: u32) -> Result<Vec<(u64, Value)>, GridError> {
+        let Some(q) = self.queues.get(name) else { return Ok(Vec::new()) };
         let store = self.store_ref()?;
-        let (mut bytes, mut k) = (0usize, 0u32);
+        let (mut bytes, mut out) = (0usize, Vec::new());
         for (seq, ()) in q.q.peek(n as usize) {
-            bytes += store.value_len(name, seq)?;
-            if k > 0 && bytes > QUEUE_POP_BYTES_MAX {
+            let (value, len) = store.value_sized(name, seq)?;
+            bytes += len;
+            if !out.is_empty() && bytes > QUEUE_POP_BYTES_MAX {
                 break;
             }
-            k += 1;
+            out.push((seq, value));
         }
-        Ok(k)
+        Ok(out)
     }
 
     /// Adds a record of the queue's options to `c` if the next seq needs a new reservation (or
@@ -405,22 +403,23 @@ impl QueueState {
         c: &mut Change,
     ) -> Result<Vec<Delivery>, GridError> {
         let now = self.now_ms();
-        let n = self.fitting(name, n)?;
+        let values = self.next_ready(name, n)?;
         let Some(q) = self.queues.get_mut(name) else { return Ok(Vec::new()) };
         let pop_mode = match mode {
             Mode::Ack => PopMode::Ack,
             Mode::Take => PopMode::Take,
         };
-        let ds = q.q.pop(n as usize, pop_mode, now);
+        // The same items, in the same (seq) order, as `next_ready` read.
+        let ds = q.q.pop(values.len(), pop_mode, now);
         if let (Mode::Ack, Some(v)) = (mode, visibility_ms) {
             for d in &ds {
                 q.q.extend(d.receipt, v, now).expect("just delivered");
             }
         }
         let mut out = Vec::with_capacity(ds.len());
-        for d in ds {
+        for (d, (seq, value)) in ds.into_iter().zip(values) {
+            debug_assert_eq!(d.seq, seq);
             let store = self.gate.shard.as_ref().ok_or(GridError::Closed)?;
-            let value = store.value(name, d.seq)?;
             match mode {
                 Mode::Take => {
                     c.item_gone(name, d.seq)?;
@@ -852,17 +851,7 @@ impl QueueState {
                     return Ok(());
                 }
                 // As much as a pop would hand out (the answer must fit a frame).
-                let n = self.fitting(&queue, n)?;
-                let seqs: Vec<u64> = self
-                    .queues
-                    .get(&queue)
-                    .map(|q| q.q.peek(n as usize).into_iter().map(|(s, _)| s).collect())
-                    .unwrap_or_default();
-                let store = self.store_ref()?;
-                let mut items = Vec::with_capacity(seqs.len());
-                for seq in seqs {
-                    items.push((seq, store.value(&queue, seq)?));
-                }
+                let items = self.next_ready(&queue, n)?;
                 self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Items(items))));
             }
             QueueOp::Len { queue } => {

@@ -271,10 +271,10 @@ impl QueueStore {
         }
     }
 
-    /// The encoded length of an item's value.
-    pub fn value_len(&self, queue: &str, seq: u64) -> Result<usize, GridError> {
+    /// The stored value of an item and its encoded length.
+    pub fn value_sized(&self, queue: &str, seq: u64) -> Result<(Value, usize), GridError> {
         match self.heap.get_ref(&item_key(b'I', queue, seq))? {
-            Some(v) => Ok(v.len()),
+            Some(v) => Ok((Value::decode(&v).map_err(|e| corrupt("item value", e))?, v.len())),
             None => Err(corrupt("item", format!("queue {queue} item {seq} has no value"))),
         }
     }
