@@ -436,7 +436,7 @@ impl QueueState {
                     }
                 }
             }
-            let receipt = Receipt { seq: d.seq, delivery: d.receipt.delivery };
+            let receipt = d.receipt;
             out.push(Delivery { seq: d.seq, receipt, deliveries: d.deliveries, value });
         }
         Ok(out)
@@ -620,7 +620,7 @@ impl QueueState {
             let Some(q) = self.queues.get_mut(&name) else { continue };
             q.sessions.remove(&seq);
             let Some(delivery) = q.q.deliveries(seq).filter(|_| q.q.in_flight(seq)) else { continue };
-            let dead = q.q.nack(super::Receipt { seq, delivery }, 0, now).expect("in flight").is_some();
+            let dead = q.q.nack(Receipt { seq, delivery }, 0, now).expect("in flight").is_some();
             if let Some(dlq) = self.failed(
                 &name,
                 Failed { seq, delivery, outcome: Outcome::SessionEnded, delay_until: None, dead },
@@ -775,10 +775,7 @@ impl QueueState {
                 }
             }
             QueueOp::Ack { queue, receipt } => {
-                let r = self
-                    .queues
-                    .get_mut(&queue)
-                    .map(|q| q.q.ack(super::Receipt { seq: receipt.seq, delivery: receipt.delivery }));
+                let r = self.queues.get_mut(&queue).map(|q| q.q.ack(receipt));
                 match r {
                     Some(Ok(())) => {
                         let mut c = Change::default();
@@ -799,9 +796,7 @@ impl QueueState {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
-                let r = self.queues.get_mut(&queue).map(|q| {
-                    q.q.nack(super::Receipt { seq: receipt.seq, delivery: receipt.delivery }, delay_ms, now)
-                });
+                let r = self.queues.get_mut(&queue).map(|q| q.q.nack(receipt, delay_ms, now));
                 match r {
                     Some(Ok(dead)) => {
                         let mut c = Change::default();
@@ -835,9 +830,7 @@ impl QueueState {
                     let _ = reply.send(Err(e));
                     return Ok(());
                 }
-                let r = self.queues.get_mut(&queue).map(|q| {
-                    q.q.extend(super::Receipt { seq: receipt.seq, delivery: receipt.delivery }, ms, now)
-                });
+                let r = self.queues.get_mut(&queue).map(|q| q.q.extend(receipt, ms, now));
                 let r = match r {
                     Some(Ok(())) => Ok(QueueResult::Done),
                     _ => Err(stale(&queue, receipt)),
@@ -974,7 +967,7 @@ impl QueueState {
     /// Gives a delivery back uncounted (`QueueMsg::Release`); a stale receipt changes nothing.
     fn release(&mut self, myself: &ActorRef<QueueMsg>, name: &str, r: Receipt) -> Result<(), GridError> {
         let Some(q) = self.queues.get_mut(name) else { return Ok(()) };
-        if q.q.release(super::Receipt { seq: r.seq, delivery: r.delivery }).is_err() {
+        if q.q.release(r).is_err() {
             return Ok(());
         }
         self.untie(name, r.seq);

@@ -43,8 +43,8 @@ impl Default for QueueConfig {
     }
 }
 
-/// Names one delivery of an item.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Names one delivery of an item (also on the wire: `ops.rs` uses this type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Receipt {
     pub seq: u64,
     pub delivery: u32,

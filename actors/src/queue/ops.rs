@@ -20,12 +20,8 @@ pub enum Mode {
     Take,
 }
 
-/// Names one delivery of one item.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Receipt {
-    pub seq: u64,
-    pub delivery: u32,
-}
+/// Names one delivery of one item: `seq`, then `delivery` (the state machine's type).
+pub use super::Receipt;
 
 /// One request to the queue service. Every request names its queue, created with default options
 /// on first use.
