@@ -149,7 +149,9 @@ async fn tcp_reconnects_to_a_restarted_peer() {
             Err(e) => panic!("rebind {addr}: {e}"),
         }
     };
+    let t1 = tokio::time::Instant::now();
     let got = loop {
+        assert!(t1.elapsed() < Duration::from_secs(10), "no frame reached the restarted peer");
         a.send(2, b"two".to_vec());
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), b_in.recv()).await {
             break m;
