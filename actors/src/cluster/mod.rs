@@ -9,6 +9,8 @@
 pub mod detector;
 pub mod map;
 pub mod node;
+pub mod raft;
+pub mod raft_store;
 pub mod transport;
 
 #[cfg(test)]

@@ -294,3 +294,99 @@ async fn three_node_tasks_fail_over_without_losing_acked_writes_and_converge() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+mod raft_group {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::cluster::map::{MapCmd, Member};
+    use crate::cluster::raft::{Admin, ControlNode, RaftTiming};
+    use crate::cluster::transport::{TcpTransport, Transport};
+
+    async fn start(id: u64, listen: SocketAddr, dir: &std::path::Path, join: Vec<String>) -> ControlNode {
+        let (t, inbox) = TcpTransport::bind(id, listen, "cookie").await.unwrap();
+        let me =
+            Member { id, addr: format!("127.0.0.1:{}", 7000 + id), peer_addr: t.local_addr().to_string() };
+        let t: Arc<dyn Transport> = t;
+        ControlNode::start(me, &dir.join(format!("n{id}")), t, inbox, join, RaftTiming::default())
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until `f` holds for the nodes.
+    async fn until(what: &str, nodes: &[&ControlNode], f: impl Fn(&[&ControlNode]) -> bool) {
+        for _ in 0..300 {
+            if f(nodes) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let s: Vec<_> = nodes.iter().map(|n| n.status()).collect();
+        panic!("not within 15 s: {what}; status {s:#?}");
+    }
+
+    fn agreed(nodes: &[&ControlNode], voters: usize) -> bool {
+        let s: Vec<_> = nodes.iter().map(|n| n.status()).collect();
+        let leader = s[0].leader;
+        leader.is_some()
+            && s.iter().all(|x| x.leader == leader && x.voters.len() == voters && x.map == s[0].map)
+            && s[0].map.members().count() == voters
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_nodes_form_a_group_keep_the_map_through_a_leader_loss_and_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let n1 = start(1, any, dir.path(), vec![]).await;
+        // Node 1 forms a group of itself and records itself in the map once it leads.
+        until("node 1 leads and is in the map", &[&n1], |n| agreed(n, 1)).await;
+        let seed = vec![n1.map().member(1).unwrap().peer_addr.clone()];
+        let n2 = start(2, any, dir.path(), seed.clone()).await;
+        let n3 = start(3, any, dir.path(), seed.clone()).await;
+        until("three voters agree", &[&n1, &n2, &n3], |n| agreed(n, 3)).await;
+
+        // A change proposed at a follower reaches the leader and every copy of the map.
+        let leader = n1.status().leader.unwrap();
+        let nodes = [n1, n2, n3];
+        let follower = nodes.iter().find(|n| n.id() != leader).unwrap();
+        let place = MapCmd::Place { shard: ("t".into(), 0), primary: 1, replicas: vec![2, 3], sync: 1 };
+        let v = follower.admin(Admin::Propose(place)).await.unwrap().version;
+        let refs: Vec<&ControlNode> = nodes.iter().collect();
+        until("the placement everywhere", &refs, |n| n.iter().all(|x| x.map().version == v)).await;
+        // A refused command is an error, and changes nothing.
+        let bad = MapCmd::Place { shard: ("t".into(), 1), primary: 9, replicas: vec![], sync: 0 };
+        assert!(follower.admin(Admin::Propose(bad)).await.is_err());
+
+        // The leader stops: the others elect one and the map still takes changes.
+        let [a, b, c] = nodes;
+        let (gone, rest): (Vec<ControlNode>, Vec<ControlNode>) =
+            [a, b, c].into_iter().partition(|n| n.id() == leader);
+        let gone = gone.into_iter().next().unwrap();
+        let gone_addr: SocketAddr = gone.map().member(leader).unwrap().peer_addr.parse().unwrap();
+        let old_term = gone.status().term;
+        gone.shutdown().await;
+        drop(gone);
+        let rest: Vec<&ControlNode> = rest.iter().collect();
+        until("a new leader", &rest, |n| {
+            let s: Vec<_> = n.iter().map(|x| x.status()).collect();
+            s.iter().all(|x| {
+                x.leader.is_some_and(|l| l != leader) && x.leader == s[0].leader && x.term > old_term
+            })
+        })
+        .await;
+        let place =
+            MapCmd::Place { shard: ("t".into(), 1), primary: rest[0].id(), replicas: vec![], sync: 0 };
+        let v = rest[1].admin(Admin::Propose(place)).await.unwrap().version;
+
+        // The old leader restarts from its store and catches up.
+        let back = start(leader, gone_addr, dir.path(), vec![]).await;
+        let mut all = rest.clone();
+        all.push(&back);
+        until("the restarted node catches up", &all, |n| {
+            agreed(n, 3) && n.iter().all(|x| x.map().version >= v)
+        })
+        .await;
+        assert_ne!(back.status().leader, None);
+    }
+}

@@ -53,6 +53,9 @@ const COOKIE_BYTES_MAX: usize = 1024;
 pub trait Transport: Send + Sync + 'static {
     /// Queues `frame` for node `to`. Never blocks; the frame may be lost.
     fn send(&self, to: NodeId, frame: Vec<u8>);
+    /// Node `id` listens at `addr` (a peer address from the cluster map); transports that route
+    /// by id alone ignore it.
+    fn set_address(&self, _id: NodeId, _addr: &str) {}
 }
 
 /// Constant-time comparison (the cookie is a secret).
@@ -115,6 +118,18 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
+    fn set_address(&self, id: NodeId, addr: &str) {
+        use std::net::ToSocketAddrs;
+        match addr.parse::<SocketAddr>() {
+            Ok(a) => self.set_peer(id, a),
+            // A host name: resolved now (later changes need a new address in the map).
+            Err(_) => match addr.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(a)) => self.set_peer(id, a),
+                _ => tracing::warn!(node = id, addr, "a peer address that does not resolve"),
+            },
+        }
+    }
+
     fn send(&self, to: NodeId, frame: Vec<u8>) {
         if frame.len() > FRAME_BYTES_MAX {
             return;
@@ -281,6 +296,10 @@ impl<T: Transport> Relay<T> {
 }
 
 impl<T: Transport> Transport for Relay<T> {
+    fn set_address(&self, id: NodeId, addr: &str) {
+        self.inner.set_address(id, addr);
+    }
+
     fn send(&self, to: NodeId, frame: Vec<u8>) {
         let f = self.faults.lock().unwrap_or_else(|e| e.into_inner()).get(&to).copied().unwrap_or_default();
         if f.blackhole || (f.drop_per_mille > 0 && self.roll() < f.drop_per_mille) {

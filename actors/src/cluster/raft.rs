@@ -1,0 +1,595 @@
+//! The control plane: the cluster map kept by an openraft group (shared CLUSTER.md, "Control
+//! plane"), its RPCs over the node's `Transport`, and `ControlNode`, one node's member of the
+//! group.
+//!
+//! - Every node that listens for peers runs a `ControlNode`: a Raft voter (or a learner while it
+//!   joins) whose state machine is the `ClusterMap` (`raft_store.rs`), so every node holds the
+//!   map and failover has one answer.
+//! - A node started without `--join` initialises a group of itself. A node started with `--join
+//!   ADDR` asks the node at ADDR, which answers from the leader (or names it): the leader adds it
+//!   as a learner, waits until it caught up, makes it a voter, then records it in the map
+//!   (`MapCmd::Join`, with its client address). A restarted node finds its group in its store.
+//! - Changes of the map (`propose`, `join`, `remove`) go to the leader: run locally when this
+//!   node leads, else sent to the leader it knows (a `NotLeader` answer names a newer one).
+//!
+//! Frames: a channel byte (`CONTROL_FRAME`), then postcard `Ctl`: `Call { id, addr, req }` answered
+//! by `Reply { id, rep }` to the caller (the transport labels frames with their sender; `addr`
+//! is where the caller listens, so a node can answer one it did not know). A call not
+//! answered within its time is a network error to openraft, which retries.
+//!
+//! Limits: `CALLS_MAX` calls waiting for answers; `ADMIN_DEADLINE` for a change of the map.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{
+    AnyError, BasicNode, ChangeMembers, Config, Raft, RaftNetwork, RaftNetworkFactory, ServerState,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+
+use super::map::{ClusterMap, MapCmd, Member};
+use super::raft_store::RaftStore;
+use super::transport::{Inbox, Transport};
+use crate::error::GridError;
+use crate::replication::NodeId;
+
+openraft::declare_raft_types!(
+    /// The Raft group of the cluster map.
+    pub MapRaft: D = MapCmd, R = MapReply
+);
+
+/// What applying one command to the map answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapReply {
+    /// The map's version after it.
+    pub version: u64,
+    /// Why the map refused it (unchanged).
+    pub error: Option<String>,
+}
+
+/// The first byte of a control-plane frame (the data plane will use others).
+pub const CONTROL_FRAME: u8 = b'C';
+/// Calls waiting for their answers; more fail at once.
+pub const CALLS_MAX: usize = 4096;
+/// How long a change of the map may take (leader changes and joins included).
+pub const ADMIN_DEADLINE: Duration = Duration::from_secs(20);
+/// How long one forwarded admin request may wait for the leader's answer.
+const ADMIN_CALL: Duration = Duration::from_secs(10);
+/// How often a node checks that the map records it with its current addresses.
+const SELF_CHECK: Duration = Duration::from_millis(500);
+
+/// Ids a joining node gives the nodes it knows only by address (`--join`).
+const SEED_IDS: u64 = 1 << 63;
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Ctl {
+    /// `addr`: where the caller listens for peers (its answer goes there).
+    Call {
+        id: u64,
+        addr: String,
+        req: Req,
+    },
+    Reply {
+        id: u64,
+        rep: Rep,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Req {
+    Append(AppendEntriesRequest<MapRaft>),
+    Vote(VoteRequest<NodeId>),
+    Snapshot(InstallSnapshotRequest<MapRaft>),
+    Admin(Admin),
+}
+
+/// A change of the group or the map, run on the leader.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Admin {
+    /// A command for the map.
+    Propose(MapCmd),
+    /// Make `member` a voter and record it in the map.
+    Join(Member),
+    /// Take node `id` out of the map and the group (refused while it holds placements).
+    Remove(NodeId),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Rep {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    Admin(Result<MapReply, AdminError>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum AdminError {
+    /// Ask the leader instead (id and peer address, if known).
+    NotLeader(Option<(NodeId, String)>),
+    Failed(String),
+}
+
+/// What a node knows of the group and the map.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node answering.
+    pub node: NodeId,
+    /// Leader, Follower, Candidate or Learner.
+    pub role: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// The last Raft log index applied to this node's map.
+    pub applied: u64,
+    pub map: ClusterMap,
+}
+
+/// Calls to other nodes and their pending answers.
+struct Rpc {
+    t: Arc<dyn Transport>,
+    /// This node's peer address, sent with every call.
+    addr: String,
+    next: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Rep>>>,
+}
+
+fn frame(c: &Ctl) -> Option<Vec<u8>> {
+    let mut out = vec![CONTROL_FRAME];
+    postcard::to_io(c, &mut out).ok()?;
+    Some(out)
+}
+
+impl Rpc {
+    async fn call(&self, to: NodeId, req: Req, wait: Duration) -> Result<Rep, String> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.len() >= CALLS_MAX {
+                return Err(format!("{CALLS_MAX} calls already wait for answers"));
+            }
+            p.insert(id, tx);
+        }
+        let Some(bytes) = frame(&Ctl::Call { id, addr: self.addr.clone(), req }) else {
+            self.forget(id);
+            return Err("a call could not be encoded".into());
+        };
+        self.t.send(to, bytes);
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(rep)) => Ok(rep),
+            _ => {
+                self.forget(id);
+                Err(format!("node {to} did not answer within {wait:?}"))
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    fn answered(&self, id: u64, rep: Rep) {
+        if let Some(tx) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            let _ = tx.send(rep);
+        }
+    }
+
+    fn reply(&self, to: NodeId, id: u64, rep: Rep) {
+        if let Some(bytes) = frame(&Ctl::Reply { id, rep }) {
+            self.t.send(to, bytes);
+        }
+    }
+}
+
+/// openraft's network: one `Conn` per target, over the shared `Rpc`.
+pub struct Net {
+    rpc: Arc<Rpc>,
+}
+
+pub struct Conn {
+    target: NodeId,
+    rpc: Arc<Rpc>,
+}
+
+impl RaftNetworkFactory<MapRaft> for Net {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Conn {
+        self.rpc.t.set_address(target, &node.addr);
+        Conn { target, rpc: self.rpc.clone() }
+    }
+}
+
+fn unreached<E: std::error::Error>(why: String) -> RPCError<NodeId, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&AnyError::error(why)))
+}
+
+impl Conn {
+    async fn call(&self, req: Req, option: &RPCOption) -> Result<Rep, String> {
+        self.rpc.call(self.target, req, option.hard_ttl()).await
+    }
+}
+
+impl RaftNetwork<MapRaft> for Conn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<MapRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(Req::Append(rpc), &option).await {
+            Ok(Rep::Append(Ok(r))) => Ok(r),
+            Ok(Rep::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(_) => Err(unreached("a reply of the wrong kind".into())),
+            Err(why) => Err(unreached(why)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<MapRaft>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.call(Req::Snapshot(rpc), &option).await {
+            Ok(Rep::Snapshot(Ok(r))) => Ok(r),
+            Ok(Rep::Snapshot(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(_) => Err(unreached("a reply of the wrong kind".into())),
+            Err(why) => Err(unreached(why)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.call(Req::Vote(rpc), &option).await {
+            Ok(Rep::Vote(Ok(r))) => Ok(r),
+            Ok(Rep::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(_) => Err(unreached("a reply of the wrong kind".into())),
+            Err(why) => Err(unreached(why)),
+        }
+    }
+}
+
+/// Timing of the Raft group.
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000 }
+    }
+}
+
+/// This node's member of the control group.
+pub struct ControlNode {
+    me: Member,
+    raft: Raft<MapRaft>,
+    store: RaftStore,
+    rpc: Arc<Rpc>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ControlNode {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> GridError {
+    GridError::Unavailable(format!("cluster: {e}"))
+}
+
+impl ControlNode {
+    /// Starts node `me` of the group over `transport` (whose frames arrive in `inbox`), with its
+    /// Raft state in `dir`. With no `join`, a node that has no group yet forms one of itself;
+    /// with `join`, it asks those nodes (by peer address) to be added until one accepts.
+    pub async fn start(
+        me: Member,
+        dir: &std::path::Path,
+        transport: Arc<dyn Transport>,
+        inbox: Inbox,
+        join: Vec<String>,
+        timing: RaftTiming,
+    ) -> Result<ControlNode, GridError> {
+        let store = RaftStore::open(dir)?;
+        let config = Config {
+            cluster_name: "heapgrid".into(),
+            heartbeat_interval: timing.heartbeat_ms,
+            election_timeout_min: timing.election_min_ms,
+            election_timeout_max: timing.election_max_ms,
+            ..Config::default()
+        };
+        let config = Arc::new(config.validate().map_err(failed)?);
+        let rpc = Arc::new(Rpc {
+            t: transport,
+            addr: me.peer_addr.clone(),
+            next: AtomicU64::new(1),
+            pending: Mutex::default(),
+        });
+        let (log, machine) = openraft::storage::Adaptor::new(store.clone());
+        let raft = Raft::new(me.id, config, Net { rpc: rpc.clone() }, log, machine).await.map_err(failed)?;
+        // The addresses of the group's members, for the transport.
+        for (id, node) in raft.metrics().borrow().membership_config.nodes() {
+            rpc.t.set_address(*id, &node.addr);
+        }
+        let mut node = ControlNode { me, raft, store, rpc, tasks: Vec::new() };
+        node.tasks.push(tokio::spawn(serve(node.raft.clone(), node.rpc.clone(), inbox)));
+        let initialized = node.raft.is_initialized().await.map_err(failed)?;
+        if !initialized {
+            if join.is_empty() {
+                let mut members = BTreeMap::new();
+                members.insert(node.me.id, BasicNode::new(&node.me.peer_addr));
+                node.raft.initialize(members).await.map_err(failed)?;
+            } else {
+                node.join_through(&join).await?;
+            }
+        }
+        let keep = keep_recorded(node.raft.clone(), node.rpc.clone(), node.store.clone(), node.me.clone());
+        node.tasks.push(tokio::spawn(keep));
+        Ok(node)
+    }
+
+    /// Asks the nodes at `seeds` (peer addresses) to add this one, until one of them (or the
+    /// leader it names) has, or `ADMIN_DEADLINE` passes.
+    async fn join_through(&self, seeds: &[String]) -> Result<(), GridError> {
+        let until = tokio::time::Instant::now() + ADMIN_DEADLINE;
+        let mut tried = 0usize;
+        let mut last;
+        loop {
+            let seed = &seeds[tried % seeds.len()];
+            let seed_id = SEED_IDS + (tried % seeds.len()) as u64;
+            self.rpc.t.set_address(seed_id, seed);
+            match admin_at(&self.rpc, seed_id, Admin::Join(self.me.clone())).await {
+                Ok(r) => return reply_result(r),
+                Err(AdminError::NotLeader(Some((id, addr)))) => {
+                    self.rpc.t.set_address(id, &addr);
+                    match admin_at(&self.rpc, id, Admin::Join(self.me.clone())).await {
+                        Ok(r) => return reply_result(r),
+                        Err(e) => last = format!("{e:?}"),
+                    }
+                }
+                Err(e) => last = format!("{e:?}"),
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(failed(format!("could not join through {seeds:?}: {last}")));
+            }
+            tried += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me.id
+    }
+
+    /// The map as this node last applied it.
+    pub fn map(&self) -> ClusterMap {
+        self.store.map()
+    }
+
+    /// The map's changes as this node applies them.
+    pub fn watch(&self) -> watch::Receiver<ClusterMap> {
+        self.store.watch()
+    }
+
+    /// What this node knows of the group.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shut down",
+        };
+        ClusterStatus {
+            node: self.me.id,
+            role: role.into(),
+            leader: m.current_leader,
+            term: m.current_term,
+            voters,
+            learners,
+            applied: m.last_applied.map_or(0, |l| l.index),
+            map: self.store.map(),
+        }
+    }
+
+    /// Runs `a` on the leader (here, or sent to it), retrying through leader changes until
+    /// `ADMIN_DEADLINE`.
+    pub async fn admin(&self, a: Admin) -> Result<MapReply, GridError> {
+        admin(&self.raft, &self.rpc, self.me.id, a).await.and_then(reply_result_map)
+    }
+
+    /// Stops the Raft node.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+fn reply_result(r: MapReply) -> Result<(), GridError> {
+    reply_result_map(r).map(|_| ())
+}
+
+fn reply_result_map(r: MapReply) -> Result<MapReply, GridError> {
+    match r.error {
+        Some(e) => Err(GridError::Invalid(format!("the cluster map refused it: {e}"))),
+        None => Ok(r),
+    }
+}
+
+async fn admin_at(rpc: &Rpc, to: NodeId, a: Admin) -> Result<MapReply, AdminError> {
+    match rpc.call(to, Req::Admin(a), ADMIN_CALL).await {
+        Ok(Rep::Admin(r)) => r,
+        Ok(_) => Err(AdminError::Failed("a reply of the wrong kind".into())),
+        Err(why) => Err(AdminError::Failed(why)),
+    }
+}
+
+async fn admin(raft: &Raft<MapRaft>, rpc: &Rpc, me: NodeId, a: Admin) -> Result<MapReply, GridError> {
+    let until = tokio::time::Instant::now() + ADMIN_DEADLINE;
+    let mut last;
+    loop {
+        let leader = raft.metrics().borrow().current_leader;
+        let r = match leader {
+            Some(l) if l == me => lead_admin(raft, rpc, a.clone()).await,
+            Some(l) => admin_at(rpc, l, a.clone()).await,
+            None => Err(AdminError::NotLeader(None)),
+        };
+        match r {
+            Ok(r) => return Ok(r),
+            Err(AdminError::NotLeader(Some((id, addr)))) => {
+                rpc.t.set_address(id, &addr);
+                last = format!("node {id} leads");
+            }
+            Err(AdminError::NotLeader(None)) => last = "no leader known".into(),
+            Err(AdminError::Failed(why)) => last = why,
+        }
+        if tokio::time::Instant::now() >= until {
+            return Err(failed(format!("the map could not be changed within {ADMIN_DEADLINE:?}: {last}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> AdminError {
+    match e.forward_to_leader() {
+        Some(f) => AdminError::NotLeader(f.leader_id.zip(f.leader_node.as_ref().map(|n| n.addr.clone()))),
+        None => AdminError::Failed(e.to_string()),
+    }
+}
+
+/// Runs an admin request as the leader (a `NotLeader` if this node is not, or stopped being).
+async fn lead_admin(raft: &Raft<MapRaft>, rpc: &Rpc, a: Admin) -> Result<MapReply, AdminError> {
+    match a {
+        Admin::Propose(cmd) => raft.client_write(cmd).await.map(|r| r.data).map_err(write_error),
+        Admin::Join(member) => {
+            rpc.t.set_address(member.id, &member.peer_addr);
+            let voters: BTreeSet<NodeId> =
+                raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+            if !voters.contains(&member.id) {
+                raft.add_learner(member.id, BasicNode::new(&member.peer_addr), true)
+                    .await
+                    .map_err(write_error)?;
+                let add = ChangeMembers::AddVoterIds(BTreeSet::from([member.id]));
+                raft.change_membership(add, false).await.map_err(write_error)?;
+            }
+            raft.client_write(MapCmd::Join(member)).await.map(|r| r.data).map_err(write_error)
+        }
+        Admin::Remove(id) => {
+            let left = raft.client_write(MapCmd::Leave(id)).await.map(|r| r.data).map_err(write_error)?;
+            if let Some(e) = &left.error
+                && !e.starts_with("NoSuchMember")
+            {
+                return Ok(left);
+            }
+            let m = raft.metrics().borrow().membership_config.membership().clone();
+            if m.voter_ids().any(|v| v == id) {
+                let drop = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+                raft.change_membership(drop, false).await.map_err(write_error)?;
+            } else if m.learner_ids().any(|v| v == id) {
+                let drop = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+                raft.change_membership(drop, false).await.map_err(write_error)?;
+            } else if left.error.is_some() {
+                return Ok(left);
+            }
+            Ok(MapReply { version: left.version, error: None })
+        }
+    }
+}
+
+/// Serves the frames other nodes send: Raft RPCs and admin requests (each on its own task, so a
+/// slow one holds up nothing), and the answers to this node's calls.
+async fn serve(raft: Raft<MapRaft>, rpc: Arc<Rpc>, mut inbox: Inbox) {
+    while let Some((from, bytes)) = inbox.recv().await {
+        let Some((&CONTROL_FRAME, body)) = bytes.split_first() else { continue };
+        let Ok(ctl) = postcard::from_bytes::<Ctl>(body) else {
+            tracing::warn!(from, "an undecodable control frame was dropped");
+            continue;
+        };
+        match ctl {
+            Ctl::Reply { id, rep } => rpc.answered(id, rep),
+            Ctl::Call { id, addr, req } => {
+                rpc.t.set_address(from, &addr);
+                let (raft, rpc) = (raft.clone(), rpc.clone());
+                tokio::spawn(async move {
+                    let rep = match req {
+                        Req::Append(r) => Rep::Append(raft.append_entries(r).await),
+                        Req::Vote(r) => Rep::Vote(raft.vote(r).await),
+                        Req::Snapshot(r) => Rep::Snapshot(raft.install_snapshot(r).await),
+                        Req::Admin(a) => {
+                            let me = raft.metrics().borrow().id;
+                            let leader = raft.metrics().borrow().current_leader;
+                            Rep::Admin(match leader {
+                                Some(l) if l == me => lead_admin(&raft, &rpc, a).await,
+                                Some(l) => {
+                                    let addr = raft
+                                        .metrics()
+                                        .borrow()
+                                        .membership_config
+                                        .membership()
+                                        .get_node(&l)
+                                        .map(|n| n.addr.clone());
+                                    Err(AdminError::NotLeader(addr.map(|a| (l, a))))
+                                }
+                                None => Err(AdminError::NotLeader(None)),
+                            })
+                        }
+                    };
+                    rpc.reply(from, id, rep);
+                });
+            }
+        }
+    }
+}
+
+/// Keeps this node recorded in the map with its current addresses (after it formed a group of
+/// itself, or restarted with new addresses), and the transport told where the group's members
+/// are.
+async fn keep_recorded(raft: Raft<MapRaft>, rpc: Arc<Rpc>, store: RaftStore, me: Member) {
+    let mut metrics = raft.metrics();
+    loop {
+        let (leader, voter) = {
+            let m = metrics.borrow_and_update();
+            for (id, node) in m.membership_config.nodes() {
+                rpc.t.set_address(*id, &node.addr);
+            }
+            (m.current_leader, m.membership_config.membership().voter_ids().any(|v| v == me.id))
+        };
+        if voter && leader.is_some() && store.map().member(me.id) != Some(&me) {
+            let cmd = Admin::Propose(MapCmd::Join(me.clone()));
+            if let Err(e) = admin(&raft, &rpc, me.id, cmd).await {
+                tracing::warn!(node = me.id, "could not record this node in the cluster map: {e}");
+            }
+        }
+        tokio::select! {
+            _ = metrics.changed() => {}
+            _ = tokio::time::sleep(SELF_CHECK) => {}
+        }
+    }
+}
