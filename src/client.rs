@@ -339,6 +339,27 @@ impl Client {
         }
     }
 
+    /// A request about the cluster (docs/cluster.md): `read` on `cluster` to look, `admin` to
+    /// change. A node on its own answers `Invalid`.
+    pub async fn cluster(
+        &self,
+        op: heapgrid_actors::cluster::ops::ClusterOp,
+    ) -> Result<heapgrid_actors::cluster::ops::ClusterResult, GridError> {
+        match self.request(RequestBody::Cluster { op }).await? {
+            ResponseBody::Cluster(c) => Ok(c),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// What the node knows of the cluster: its Raft group and the map.
+    pub async fn cluster_status(&self) -> Result<heapgrid_actors::cluster::raft::ClusterStatus, GridError> {
+        use heapgrid_actors::cluster::ops::{ClusterOp, ClusterResult};
+        match self.cluster(ClusterOp::Status).await? {
+            ClusterResult::Status(s) => Ok(s),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
     /// Feeds this token may read, with their containers.
     pub async fn feeds(&self) -> Result<Vec<FeedInfo>, GridError> {
         match self.request(RequestBody::ListFeeds).await? {

@@ -13,6 +13,7 @@ use heapgrid::server::{INFLIGHT_MAX_DEFAULT, Server, ServerConfig};
 use heapgrid::{
     Client, ClientOptions, FsyncPolicy, Grid, GridOptions, Key, LimitOverrides, Limits, TableOptions, Value,
 };
+use heapgrid_actors::cluster::raft::{ClusterOptions, RaftTiming};
 use serde::Deserialize;
 
 #[derive(Parser)]
@@ -38,8 +39,26 @@ enum Cmd {
     },
     /// Checks every heap under a data directory (offline; the server must not be running).
     Check { dir: PathBuf },
+    /// The cluster a server belongs to: `status`, `add ID PEER_ADDR CLIENT_ADDR`, `remove ID`
+    /// (JSON out).
+    Cluster {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        op: ClusterCmd,
+    },
     /// Load generator against a server: ops/s and latency percentiles.
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, the Raft leader and term, and every shard placement, as the node knows them.
+    Status,
+    /// Makes a node a voter and records it in the map (what `serve --join` does itself).
+    Add { id: u64, peer_addr: String, client_addr: String },
+    /// Takes a node out of the map and the Raft group (refused while it holds placements).
+    Remove { id: u64 },
 }
 
 #[derive(clap::Args)]
@@ -137,6 +156,22 @@ struct ServeArgs {
     /// with `eval` permission is trusted.
     #[arg(long)]
     trusted_snippets: bool,
+    /// This node's id in a cluster (1, 2, ...; needed with --peer-listen).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Where to listen for other nodes of the cluster; without it the node is on its own.
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// The peer address other nodes are told (default: the bound --peer-listen).
+    #[arg(long)]
+    advertise_peer: Option<String>,
+    /// Peer addresses of nodes of a cluster to join (comma-separated); without it a node with
+    /// --peer-listen forms a cluster of itself.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+    /// The secret every node of the cluster presents to the others.
+    #[arg(long, env = "HEAPGRID_CLUSTER_COOKIE", hide_env_values = true)]
+    cluster_cookie: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -176,6 +211,13 @@ struct ConfigFile {
     snippet_sandbox: Option<bool>,
     /// Most sandbox workers (snippets running at once); default: 2 × cores.
     snippet_workers: Option<usize>,
+    /// As `--node-id`, `--peer-listen`, `--advertise-peer`, `--join` and `--cluster-cookie`.
+    node_id: Option<u64>,
+    peer_listen: Option<SocketAddr>,
+    advertise_peer: Option<String>,
+    #[serde(default)]
+    join: Vec<String>,
+    cluster_cookie: Option<String>,
 }
 
 fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -214,6 +256,7 @@ fn main() -> ExitCode {
         Cmd::Shell(c) => rt.block_on(shell(c)),
         Cmd::Eval { client, command } => rt.block_on(eval(client, command)),
         Cmd::Check { dir } => check(&dir),
+        Cmd::Cluster { client, op } => rt.block_on(cluster(client, op)),
         Cmd::Bench(b) => rt.block_on(bench(b)),
     };
     match r {
@@ -260,6 +303,26 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
         tracing::info!(worker = %exe.display(), workers, "snippets run in sandbox workers");
         gopts.snippet_sandbox = Some(heapgrid_actors::grid::SandboxOptions { exe, workers });
     }
+    let cluster = match a.peer_listen.or(file.peer_listen) {
+        None => None,
+        Some(peer_listen) => {
+            let node_id = a.node_id.or(file.node_id).ok_or("--peer-listen needs --node-id")?;
+            let cookie = a.cluster_cookie.or(file.cluster_cookie).ok_or(
+                "--peer-listen needs a cluster cookie (--cluster-cookie or HEAPGRID_CLUSTER_COOKIE): \
+                 the secret every node of the cluster presents",
+            )?;
+            let join = if a.join.is_empty() { file.join } else { a.join };
+            Some(ClusterOptions {
+                node_id,
+                peer_listen,
+                advertise_peer: a.advertise_peer.or(file.advertise_peer),
+                client_addr: String::new(),
+                join,
+                cookie,
+                timing: RaftTiming::default(),
+            })
+        }
+    };
     let grid = Grid::open(&data, gopts).await?;
     tracing::info!(data = %data.display(), tables = grid.tables().len(), "grid opened");
     for p in a.procedures.iter().chain(&file.procedures) {
@@ -298,6 +361,19 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
             return Err(e.into());
         }
     };
+    if let Some(mut c) = cluster {
+        c.client_addr = server.local_addr().to_string();
+        if let Err(e) = grid.core().start_cluster(&c).await {
+            server.shutdown().await;
+            grid.close().await?;
+            return Err(e.into());
+        }
+        if let Some(n) = grid.core().cluster() {
+            tracing::info!(node = c.node_id, peers = n.peer_addr(), join = ?c.join, "cluster node started");
+            // Tests read this line to learn the peer port (with --peer-listen 127.0.0.1:0).
+            emit(&format!("heapgrid peers on {}", n.peer_addr()))?;
+        }
+    }
     // Tests and scripts read this line to learn the port (with --listen 127.0.0.1:0).
     emit(&format!("heapgrid listening on {}", server.local_addr()))?;
     tracing::info!(addr = %server.local_addr(), trusted, "listening");
@@ -312,6 +388,44 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
     grid.close().await?;
     tracing::info!("checkpointed and closed");
     Ok(())
+}
+
+async fn cluster(c: ClientArgs, cmd: ClusterCmd) -> Result<(), AnyErr> {
+    use heapgrid_actors::cluster::map::Member;
+    use heapgrid_actors::cluster::ops::{ClusterOp, ClusterResult};
+    let client = connect(&c).await?;
+    let op = match cmd {
+        ClusterCmd::Status => ClusterOp::Status,
+        ClusterCmd::Add { id, peer_addr, client_addr } => {
+            ClusterOp::Add(Member { id, addr: client_addr, peer_addr })
+        }
+        ClusterCmd::Remove { id } => ClusterOp::Remove { node: id },
+    };
+    let out = match client.cluster(op).await? {
+        ClusterResult::Status(s) => serde_json::to_string_pretty(&status_json(&s))?,
+        ClusterResult::Changed { version } => serde_json::json!({ "version": version }).to_string(),
+    };
+    emit(&out)
+}
+
+/// A cluster status as JSON (the map's shard keys are pairs, which JSON objects cannot key by).
+fn status_json(s: &heapgrid_actors::cluster::raft::ClusterStatus) -> serde_json::Value {
+    let members: Vec<_> = s.map.members().collect();
+    let shards: Vec<_> = s
+        .map
+        .placements()
+        .map(|((coll, shard), p)| {
+            serde_json::json!({
+                "collection": coll, "shard": shard, "epoch": p.epoch, "primary": p.primary,
+                "replicas": p.replicas, "in_sync": p.in_sync, "sync": p.sync,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": s.node, "role": s.role, "leader": s.leader, "term": s.term,
+        "voters": s.voters, "learners": s.learners, "applied": s.applied,
+        "map_version": s.map.version, "members": members, "shards": shards,
+    })
 }
 
 async fn connect(c: &ClientArgs) -> Result<Client, AnyErr> {

@@ -22,6 +22,7 @@
 use std::ops::Bound;
 
 use crate::feed::{FeedOp, FeedResult};
+use heapgrid_actors::cluster::ops::{ClusterOp, ClusterResult};
 use heapgrid_actors::grid::{FeedInfo, FeedOptions, TableInfo, TableOptions};
 use heapgrid_actors::lock::ops::{LockOp, LockResult};
 use heapgrid_actors::queue::ops::{QueueOp, QueueResult};
@@ -134,6 +135,10 @@ pub enum RequestBody {
     Queue {
         op: QueueOp,
     },
+    /// About the cluster (docs/cluster.md): `read` on `cluster` to look, `admin` to change.
+    Cluster {
+        op: ClusterOp,
+    },
 }
 
 /// One response.
@@ -156,6 +161,7 @@ pub enum ResponseBody {
     Feed(FeedResult),
     Lock(LockResult),
     Queue(QueueResult),
+    Cluster(ClusterResult),
 }
 
 /// An operation on one table. Append-only.
@@ -508,8 +514,9 @@ mod tests {
                 fences: vec![],
             },
             RequestBody::Queue { op: QueueOp::List },
+            RequestBody::Cluster { op: ClusterOp::Status },
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..16).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..17).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -521,8 +528,13 @@ mod tests {
             ResponseBody::Feed(FeedResult::Done),
             ResponseBody::Lock(LockResult::Done),
             ResponseBody::Queue(QueueResult::Done),
+            ResponseBody::Cluster(ClusterResult::Changed { version: 0 }),
         ];
-        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..9).collect::<Vec<u8>>());
+        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
+        use heapgrid_actors::cluster::map::Member;
+        let m = Member { id: 0, addr: s(), peer_addr: s() };
+        let cluster_ops = [ClusterOp::Status, ClusterOp::Add(m), ClusterOp::Remove { node: 0 }];
+        assert_eq!(cluster_ops.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2]);
         use heapgrid_actors::queue::ops::{Mode, QueueLen, QueueOptions, Receipt};
         let r = || Receipt { seq: 0, delivery: 0 };
         let queue_ops = [

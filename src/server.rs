@@ -39,6 +39,8 @@ use crate::protocol::{
     self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
     ResponseBody, TableOp,
 };
+use heapgrid_actors::cluster::ops::{CLUSTER, ClusterOp, ClusterResult};
+use heapgrid_actors::cluster::raft::Admin;
 use heapgrid_actors::feed::actor::AppendReq;
 use heapgrid_actors::feed::runtime::FeedRuntime;
 use heapgrid_actors::lock::ops::{LockOp, LockResult};
@@ -953,6 +955,31 @@ impl<'c> Round<'c> {
                         r => r,
                     };
                     Ok(ResponseBody::Queue(r))
+                });
+            }
+            RequestBody::Cluster { op } => {
+                let need = if op.changes() { Permission::Admin } else { Permission::Read };
+                return alone(id, async move {
+                    who.require(CLUSTER, need)?;
+                    let Some(node) = grid.cluster().cloned() else {
+                        return Err(GridError::Invalid(
+                            "this node is not in a cluster (start it with --node-id and --peer-listen)"
+                                .into(),
+                        ));
+                    };
+                    // Its own task: a connection that goes away does not cancel a change halfway.
+                    detached(async move {
+                        Ok(ResponseBody::Cluster(match op {
+                            ClusterOp::Status => ClusterResult::Status(node.status()),
+                            ClusterOp::Add(m) => {
+                                ClusterResult::Changed { version: node.admin(Admin::Join(m)).await?.version }
+                            }
+                            ClusterOp::Remove { node: n } => ClusterResult::Changed {
+                                version: node.admin(Admin::Remove(n)).await?.version,
+                            },
+                        }))
+                    })
+                    .await
                 });
             }
             RequestBody::Feed { feed, op } => {

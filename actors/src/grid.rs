@@ -440,6 +440,8 @@ pub struct GridCore {
     /// bounded by its wall budget and its commit by `PREPARE_HOLD_MAX`; waiters are bounded by
     /// the grid-scoped snippets in flight (connections × their in-flight limit).
     commit_stripes: Vec<tokio::sync::Mutex<()>>,
+    /// This node's member of the cluster's control group, once `start_cluster` ran.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::raft::ControlNode>>,
     _lock: File,
 }
 
@@ -824,6 +826,7 @@ impl GridCore {
             catalog: Mutex::new(Some(catalog)),
             snippets,
             commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            cluster: std::sync::OnceLock::new(),
             _lock: lock,
         });
         for def in feed_defs {
@@ -1275,8 +1278,28 @@ impl GridCore {
         &self.queues
     }
 
+    /// Joins (or forms) the cluster `opts` describes, with the Raft state in `<dir>/cluster`.
+    /// Once per grid.
+    pub async fn start_cluster(&self, opts: &crate::cluster::raft::ClusterOptions) -> Result<(), GridError> {
+        if self.cluster.get().is_some() {
+            return Err(GridError::Invalid("this grid is already in a cluster".into()));
+        }
+        let node = crate::cluster::raft::ControlNode::listen(opts, &self.dir.join("cluster")).await?;
+        self.cluster
+            .set(Arc::new(node))
+            .map_err(|_| GridError::Invalid("this grid is already in a cluster".into()))
+    }
+
+    /// This node's member of the cluster's control group (`None`: a node on its own).
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::raft::ControlNode>> {
+        self.cluster.get()
+    }
+
     /// Checkpoints and stops every shard, then the tree, then closes the catalogue.
     pub async fn close(&self) -> Result<(), GridError> {
+        if let Some(c) = self.cluster.get() {
+            c.shutdown().await;
+        }
         let r = match self.root.call(RootMsg::Shutdown, None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             _ => Err(GridError::Closed),

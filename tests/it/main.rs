@@ -2,6 +2,7 @@
 //! server lands, the real binary) and crash real processes.
 
 mod child;
+mod cluster;
 mod feeds;
 mod feeds_server;
 mod grid;

@@ -41,7 +41,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::map::{ClusterMap, MapCmd, Member};
 use super::raft_store::RaftStore;
-use super::transport::{Inbox, Transport};
+use super::transport::{Inbox, TcpTransport, Transport};
 use crate::error::GridError;
 use crate::replication::NodeId;
 
@@ -267,6 +267,23 @@ impl RaftNetwork<MapRaft> for Conn {
     }
 }
 
+/// How a node takes part in a cluster (`heapgrid serve --node-id --peer-listen --join`).
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub node_id: NodeId,
+    /// Where this node listens for other nodes.
+    pub peer_listen: std::net::SocketAddr,
+    /// The peer address other nodes are told (default: the bound `peer_listen`).
+    pub advertise_peer: Option<String>,
+    /// Where clients reach this node (recorded in the map).
+    pub client_addr: String,
+    /// Peer addresses of nodes of the cluster to join (none: form a cluster of this node).
+    pub join: Vec<String>,
+    /// The secret every node of the cluster presents.
+    pub cookie: String,
+    pub timing: RaftTiming,
+}
+
 /// Timing of the Raft group.
 #[derive(Clone, Copy, Debug)]
 pub struct RaftTiming {
@@ -303,9 +320,21 @@ fn failed(e: impl std::fmt::Display) -> GridError {
 }
 
 impl ControlNode {
+    /// Listens for peers as `opts` says and starts this node's member of the group, with its
+    /// Raft state in `dir` (`<data>/cluster`).
+    pub async fn listen(opts: &ClusterOptions, dir: &std::path::Path) -> Result<ControlNode, GridError> {
+        let (t, inbox) = TcpTransport::bind(opts.node_id, opts.peer_listen, &opts.cookie)
+            .await
+            .map_err(|e| GridError::Storage(format!("peer listener on {}: {e}", opts.peer_listen)))?;
+        let peer_addr = opts.advertise_peer.clone().unwrap_or_else(|| t.local_addr().to_string());
+        let me = Member { id: opts.node_id, addr: opts.client_addr.clone(), peer_addr };
+        ControlNode::start(me, dir, t, inbox, opts.join.clone(), opts.timing).await
+    }
+
     /// Starts node `me` of the group over `transport` (whose frames arrive in `inbox`), with its
     /// Raft state in `dir`. With no `join`, a node that has no group yet forms one of itself;
-    /// with `join`, it asks those nodes (by peer address) to be added until one accepts.
+    /// with `join`, it asks those nodes (by peer address) to add it, in the background, until
+    /// one has (an operator's `cluster add` does the same from the other side).
     pub async fn start(
         me: Member,
         dir: &std::path::Path,
@@ -314,7 +343,10 @@ impl ControlNode {
         join: Vec<String>,
         timing: RaftTiming,
     ) -> Result<ControlNode, GridError> {
-        let store = RaftStore::open(dir)?;
+        if me.id == 0 || me.id >= SEED_IDS {
+            return Err(GridError::Invalid(format!("a node id is 1 to {}", SEED_IDS - 1)));
+        }
+        let store = RaftStore::open(dir, me.id)?;
         let config = Config {
             cluster_name: "heapgrid".into(),
             heartbeat_interval: timing.heartbeat_ms,
@@ -336,7 +368,7 @@ impl ControlNode {
             rpc.t.set_address(*id, &node.addr);
         }
         let mut node = ControlNode { me, raft, store, rpc, tasks: Vec::new() };
-        node.tasks.push(tokio::spawn(serve(node.raft.clone(), node.rpc.clone(), inbox)));
+        node.tasks.push(tokio::spawn(serve(node.raft.clone(), node.rpc.clone(), node.store.clone(), inbox)));
         let initialized = node.raft.is_initialized().await.map_err(failed)?;
         if !initialized {
             if join.is_empty() {
@@ -344,7 +376,7 @@ impl ControlNode {
                 members.insert(node.me.id, BasicNode::new(&node.me.peer_addr));
                 node.raft.initialize(members).await.map_err(failed)?;
             } else {
-                node.join_through(&join).await?;
+                node.tasks.push(tokio::spawn(join_through(node.rpc.clone(), node.me.clone(), join)));
             }
         }
         let keep = keep_recorded(node.raft.clone(), node.rpc.clone(), node.store.clone(), node.me.clone());
@@ -352,37 +384,13 @@ impl ControlNode {
         Ok(node)
     }
 
-    /// Asks the nodes at `seeds` (peer addresses) to add this one, until one of them (or the
-    /// leader it names) has, or `ADMIN_DEADLINE` passes.
-    async fn join_through(&self, seeds: &[String]) -> Result<(), GridError> {
-        let until = tokio::time::Instant::now() + ADMIN_DEADLINE;
-        let mut tried = 0usize;
-        let mut last;
-        loop {
-            let seed = &seeds[tried % seeds.len()];
-            let seed_id = SEED_IDS + (tried % seeds.len()) as u64;
-            self.rpc.t.set_address(seed_id, seed);
-            match admin_at(&self.rpc, seed_id, Admin::Join(self.me.clone())).await {
-                Ok(r) => return reply_result(r),
-                Err(AdminError::NotLeader(Some((id, addr)))) => {
-                    self.rpc.t.set_address(id, &addr);
-                    match admin_at(&self.rpc, id, Admin::Join(self.me.clone())).await {
-                        Ok(r) => return reply_result(r),
-                        Err(e) => last = format!("{e:?}"),
-                    }
-                }
-                Err(e) => last = format!("{e:?}"),
-            }
-            if tokio::time::Instant::now() >= until {
-                return Err(failed(format!("could not join through {seeds:?}: {last}")));
-            }
-            tried += 1;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
     pub fn id(&self) -> NodeId {
         self.me.id
+    }
+
+    /// The peer address other nodes are told.
+    pub fn peer_addr(&self) -> &str {
+        &self.me.peer_addr
     }
 
     /// The map as this node last applied it.
@@ -423,7 +431,7 @@ impl ControlNode {
     /// Runs `a` on the leader (here, or sent to it), retrying through leader changes until
     /// `ADMIN_DEADLINE`.
     pub async fn admin(&self, a: Admin) -> Result<MapReply, GridError> {
-        admin(&self.raft, &self.rpc, self.me.id, a).await.and_then(reply_result_map)
+        admin(&self.raft, &self.rpc, &self.store, self.me.id, a).await.and_then(reply_result_map)
     }
 
     /// Stops the Raft node.
@@ -432,8 +440,38 @@ impl ControlNode {
     }
 }
 
-fn reply_result(r: MapReply) -> Result<(), GridError> {
-    reply_result_map(r).map(|_| ())
+/// Asks the nodes at `seeds` (peer addresses) to add this one, trying them in turn (and the
+/// leader one names) until one has; a refusal by the map ends it.
+async fn join_through(rpc: Arc<Rpc>, me: Member, seeds: Vec<String>) {
+    let mut tried = 0usize;
+    let mut complained = tokio::time::Instant::now();
+    loop {
+        let i = tried % seeds.len();
+        let seed_id = SEED_IDS + i as u64;
+        rpc.t.set_address(seed_id, &seeds[i]);
+        let mut r = admin_at(&rpc, seed_id, Admin::Join(me.clone())).await;
+        if let Err(AdminError::NotLeader(Some((id, addr)))) = &r {
+            rpc.t.set_address(*id, addr);
+            r = admin_at(&rpc, *id, Admin::Join(me.clone())).await;
+        }
+        match r {
+            Ok(MapReply { error: None, version }) => {
+                tracing::info!(node = me.id, version, "joined the cluster");
+                return;
+            }
+            Ok(MapReply { error: Some(e), .. }) => {
+                tracing::error!(node = me.id, "the cluster map refused this node: {e}");
+                return;
+            }
+            Err(e) if complained.elapsed() >= ADMIN_DEADLINE => {
+                complained = tokio::time::Instant::now();
+                tracing::warn!(node = me.id, ?seeds, "still joining the cluster: {e:?}");
+            }
+            Err(_) => {}
+        }
+        tried += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn reply_result_map(r: MapReply) -> Result<MapReply, GridError> {
@@ -451,13 +489,19 @@ async fn admin_at(rpc: &Rpc, to: NodeId, a: Admin) -> Result<MapReply, AdminErro
     }
 }
 
-async fn admin(raft: &Raft<MapRaft>, rpc: &Rpc, me: NodeId, a: Admin) -> Result<MapReply, GridError> {
+async fn admin(
+    raft: &Raft<MapRaft>,
+    rpc: &Rpc,
+    store: &RaftStore,
+    me: NodeId,
+    a: Admin,
+) -> Result<MapReply, GridError> {
     let until = tokio::time::Instant::now() + ADMIN_DEADLINE;
     let mut last;
     loop {
         let leader = raft.metrics().borrow().current_leader;
         let r = match leader {
-            Some(l) if l == me => lead_admin(raft, rpc, a.clone()).await,
+            Some(l) if l == me => lead_admin(raft, rpc, store, a.clone()).await,
             Some(l) => admin_at(rpc, l, a.clone()).await,
             None => Err(AdminError::NotLeader(None)),
         };
@@ -484,9 +528,22 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Adm
     }
 }
 
+fn in_group(raft: &Raft<MapRaft>, id: NodeId) -> bool {
+    raft.metrics().borrow().membership_config.membership().get_node(&id).is_some()
+}
+
 /// Runs an admin request as the leader (a `NotLeader` if this node is not, or stopped being).
-async fn lead_admin(raft: &Raft<MapRaft>, rpc: &Rpc, a: Admin) -> Result<MapReply, AdminError> {
+async fn lead_admin(
+    raft: &Raft<MapRaft>,
+    rpc: &Rpc,
+    store: &RaftStore,
+    a: Admin,
+) -> Result<MapReply, AdminError> {
     match a {
+        Admin::Propose(MapCmd::Join(m)) if !in_group(raft, m.id) => {
+            // A node records itself only while it is in the group (not after its removal).
+            Err(AdminError::Failed(format!("node {} is not in the Raft group", m.id)))
+        }
         Admin::Propose(cmd) => raft.client_write(cmd).await.map(|r| r.data).map_err(write_error),
         Admin::Join(member) => {
             rpc.t.set_address(member.id, &member.peer_addr);
@@ -502,12 +559,12 @@ async fn lead_admin(raft: &Raft<MapRaft>, rpc: &Rpc, a: Admin) -> Result<MapRepl
             raft.client_write(MapCmd::Join(member)).await.map(|r| r.data).map_err(write_error)
         }
         Admin::Remove(id) => {
-            let left = raft.client_write(MapCmd::Leave(id)).await.map(|r| r.data).map_err(write_error)?;
-            if let Some(e) = &left.error
-                && !e.starts_with("NoSuchMember")
-            {
-                return Ok(left);
+            // Refused while it holds placements, before the group changes.
+            let mut probe = store.map();
+            if let Err(e @ super::map::MapError::InUse(_)) = probe.apply(MapCmd::Leave(id)) {
+                return Ok(MapReply { version: probe.version, error: Some(format!("{e:?}")) });
             }
+            // Out of the group first: a node still in it records itself in the map again.
             let m = raft.metrics().borrow().membership_config.membership().clone();
             if m.voter_ids().any(|v| v == id) {
                 let drop = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
@@ -515,17 +572,15 @@ async fn lead_admin(raft: &Raft<MapRaft>, rpc: &Rpc, a: Admin) -> Result<MapRepl
             } else if m.learner_ids().any(|v| v == id) {
                 let drop = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
                 raft.change_membership(drop, false).await.map_err(write_error)?;
-            } else if left.error.is_some() {
-                return Ok(left);
             }
-            Ok(MapReply { version: left.version, error: None })
+            raft.client_write(MapCmd::Leave(id)).await.map(|r| r.data).map_err(write_error)
         }
     }
 }
 
 /// Serves the frames other nodes send: Raft RPCs and admin requests (each on its own task, so a
 /// slow one holds up nothing), and the answers to this node's calls.
-async fn serve(raft: Raft<MapRaft>, rpc: Arc<Rpc>, mut inbox: Inbox) {
+async fn serve(raft: Raft<MapRaft>, rpc: Arc<Rpc>, store: RaftStore, mut inbox: Inbox) {
     while let Some((from, bytes)) = inbox.recv().await {
         let Some((&CONTROL_FRAME, body)) = bytes.split_first() else { continue };
         let Ok(ctl) = postcard::from_bytes::<Ctl>(body) else {
@@ -536,7 +591,7 @@ async fn serve(raft: Raft<MapRaft>, rpc: Arc<Rpc>, mut inbox: Inbox) {
             Ctl::Reply { id, rep } => rpc.answered(id, rep),
             Ctl::Call { id, addr, req } => {
                 rpc.t.set_address(from, &addr);
-                let (raft, rpc) = (raft.clone(), rpc.clone());
+                let (raft, rpc, store) = (raft.clone(), rpc.clone(), store.clone());
                 tokio::spawn(async move {
                     let rep = match req {
                         Req::Append(r) => Rep::Append(raft.append_entries(r).await),
@@ -546,7 +601,7 @@ async fn serve(raft: Raft<MapRaft>, rpc: Arc<Rpc>, mut inbox: Inbox) {
                             let me = raft.metrics().borrow().id;
                             let leader = raft.metrics().borrow().current_leader;
                             Rep::Admin(match leader {
-                                Some(l) if l == me => lead_admin(&raft, &rpc, a).await,
+                                Some(l) if l == me => lead_admin(&raft, &rpc, &store, a).await,
                                 Some(l) => {
                                     let addr = raft
                                         .metrics()
@@ -583,7 +638,7 @@ async fn keep_recorded(raft: Raft<MapRaft>, rpc: Arc<Rpc>, store: RaftStore, me:
         };
         if voter && leader.is_some() && store.map().member(me.id) != Some(&me) {
             let cmd = Admin::Propose(MapCmd::Join(me.clone()));
-            if let Err(e) = admin(&raft, &rpc, me.id, cmd).await {
+            if let Err(e) = admin(&raft, &rpc, &store, me.id, cmd).await {
                 tracing::warn!(node = me.id, "could not record this node in the cluster map: {e}");
             }
         }

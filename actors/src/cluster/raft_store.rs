@@ -3,6 +3,7 @@
 //! the log durable before it goes on).
 //!
 //! Keys (every value is a format byte, then postcard, `record.rs`):
+//! - `"n"` → the node id the store belongs to (another id is refused at open);
 //! - `"v"` → the vote;
 //! - `"c"` → the last committed log id;
 //! - `"p"` → the last purged log id;
@@ -158,11 +159,31 @@ impl Inner {
 }
 
 impl RaftStore {
-    /// Opens (creating) the store in `dir` (a `cluster` directory of the node's data).
-    pub fn open(dir: &Path) -> Result<RaftStore, GridError> {
+    /// Opens (creating) the store of node `node` in `dir` (a `cluster` directory of the node's
+    /// data); a store another node id created is refused.
+    pub fn open(dir: &Path, node: Nid) -> Result<RaftStore, GridError> {
         std::fs::create_dir_all(dir).map_err(|e| GridError::Storage(format!("{}: {e}", dir.display())))?;
         let opts = HeapOptions { fsync: FsyncPolicy::Always, ..HeapOptions::default() };
-        let heap = Heap::open(dir.join("raft.heap"), opts)?;
+        let mut heap = Heap::open(dir.join("raft.heap"), opts)?;
+        match heap.get(b"n")? {
+            Some(b) => {
+                let owner: Nid = record::decode("raft node id", &b)?;
+                if owner != node {
+                    return Err(GridError::Invalid(format!(
+                        "{} holds the cluster state of node {owner}, not node {node}",
+                        dir.display()
+                    )));
+                }
+            }
+            None => {
+                let mut b = WriteBatch::new();
+                b.put(b"n", &record::encode("raft node id", &node)?)?;
+                let lsn = heap.apply(&b)?;
+                if let Some(d) = heap.durability() {
+                    d.wait(lsn)?;
+                }
+            }
+        }
         let machine = match heap.get(b"m")? {
             Some(b) => record::decode("raft state machine", &b)?,
             None => MachineState::default(),

@@ -1,0 +1,206 @@
+//! The control plane on the real binary: one `heapgrid serve` process per node on 127.0.0.1,
+//! a three-node Raft group formed by `--join`, the leader killed with `kill -9` (the map stays
+//! available: a fourth node joins through a survivor), the killed node restarted from its data
+//! directory with a new client address (it catches up and the map records the new address),
+//! `cluster remove`, and the CLI's `cluster status`. Every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use heapgrid::{Client, GridError};
+use heapgrid_actors::cluster::ops::{ClusterOp, ClusterResult};
+use heapgrid_actors::cluster::raft::ClusterStatus;
+
+const COOKIE: &str = "test-cookie";
+
+struct Node {
+    id: u64,
+    child: Child,
+    addr: SocketAddr,
+    peer: String,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(id: u64, dir: &Path, peer_listen: &str, join: Option<&str>) -> Node {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_heapgrid"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--trusted-snippets", "--data"])
+        .arg(dir)
+        .args(["--node-id", &id.to_string(), "--peer-listen", peer_listen])
+        .env("HEAPGRID_CLUSTER_COOKIE", COOKIE);
+    if let Some(j) = join {
+        cmd.args(["--join", j]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut peer, mut addr) = (None, None);
+    for _ in 0..2 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if let Some(p) = line.trim().strip_prefix("heapgrid peers on ") {
+            peer = Some(p.to_string());
+        } else if let Some(a) = line.trim().strip_prefix("heapgrid listening on ") {
+            addr = Some(a.parse().unwrap());
+        } else {
+            panic!("node {id}: unexpected line {line:?}");
+        }
+    }
+    Node { id, child, addr: addr.unwrap(), peer: peer.unwrap(), dir: dir.to_path_buf() }
+}
+
+impl Node {
+    fn kill9(mut self) -> (u64, PathBuf, String) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.id, self.dir.clone(), self.peer.clone())
+    }
+}
+
+async fn status(n: &Node) -> Option<ClusterStatus> {
+    let c = Client::connect(n.addr).await.ok()?;
+    c.cluster_status().await.ok()
+}
+
+/// Polls until every node's status satisfies `f` (given all of them), at most `secs`.
+async fn until(
+    what: &str,
+    nodes: &[&Node],
+    secs: u64,
+    f: impl Fn(&[ClusterStatus]) -> bool,
+) -> Vec<ClusterStatus> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        let mut all = Vec::new();
+        for n in nodes {
+            if let Some(s) = status(n).await {
+                all.push(s);
+            }
+        }
+        if all.len() == nodes.len() && f(&all) {
+            return all;
+        }
+        last = all;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not within {secs} s: {what}; last status {last:#?}");
+}
+
+/// Every node names the same leader, has `voters` voters and the same map of `voters` members.
+fn agree(s: &[ClusterStatus], voters: usize) -> bool {
+    s[0].leader.is_some()
+        && s.iter().all(|x| x.leader == s[0].leader && x.voters.len() == voters && x.map == s[0].map)
+        && s[0].map.members().count() == voters
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_map_survives_the_raft_leader_killed_and_a_restarted_node_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let d = |i: u64| root.path().join(format!("n{i}"));
+    let n1 = start(1, &d(1), "127.0.0.1:0", None);
+    let n2 = start(2, &d(2), "127.0.0.1:0", Some(&n1.peer));
+    let n3 = start(3, &d(3), "127.0.0.1:0", Some(&format!("127.0.0.1:1,{}", n1.peer)));
+    let s = until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
+    let (leader, term) = (s[0].leader.unwrap(), s[0].term);
+
+    // The CLI shows the same.
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["cluster", "--addr", &n2.addr.to_string(), "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["node"], 2);
+    assert_eq!(json["voters"].as_array().unwrap().len(), 3);
+    assert_eq!(json["leader"], leader);
+
+    // kill -9 of the leader: the others elect a new one.
+    let mut nodes = vec![n1, n2, n3];
+    let at = nodes.iter().position(|n| n.id == leader).unwrap();
+    let killed_at = Instant::now();
+    let (dead, dead_dir, dead_peer) = nodes.remove(at).kill9();
+    let rest: Vec<&Node> = nodes.iter().collect();
+    until("a new leader among the survivors", &rest, 20, |s| {
+        s.iter().all(|x| x.leader.is_some_and(|l| l != dead) && x.leader == s[0].leader && x.term > term)
+    })
+    .await;
+    eprintln!("a new Raft leader {} ms after the kill", killed_at.elapsed().as_millis());
+
+    // The map still takes changes: a fourth node joins through a survivor.
+    let n4 = start(4, &d(4), "127.0.0.1:0", Some(&nodes[0].peer));
+    let mut live: Vec<&Node> = nodes.iter().collect();
+    live.push(&n4);
+    until("four voters with one down", &live, 30, |s| agree(s, 4)).await;
+
+    // The killed node restarts from its directory (a new client port): it catches up, and the
+    // map records its new address.
+    let back = start(dead, &dead_dir, &dead_peer, None);
+    let mut all = live.clone();
+    all.push(&back);
+    let s = until("the restarted node catches up", &all, 30, |s| {
+        agree(s, 4) && s[0].map.member(dead).is_some_and(|m| m.addr == back.addr.to_string())
+    })
+    .await;
+    assert!(s.iter().all(|x| x.map.version == s[0].map.version));
+
+    // `cluster remove` takes node 4 out of the group and the map.
+    let c = Client::connect(back.addr).await.unwrap();
+    match c.cluster(ClusterOp::Remove { node: 4 }).await.unwrap() {
+        ClusterResult::Changed { .. } => {}
+        r => panic!("unexpected {r:?}"),
+    }
+    drop(n4);
+    let three: Vec<&Node> = nodes.iter().chain([&back]).collect();
+    until("node 4 removed", &three, 30, |s| agree(s, 3) && s[0].map.member(4).is_none()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_answers_cluster_requests_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::server::Server::start(dir.path(), &[]);
+    let c = Client::connect(server.addr).await.unwrap();
+    match c.cluster_status().await {
+        Err(GridError::Invalid(m)) => assert!(m.contains("not in a cluster"), "{m}"),
+        r => panic!("unexpected {r:?}"),
+    }
+    // A peer listener without a cookie is refused at start, with the reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("other"))
+        .args(["--node-id", "1", "--peer-listen", "127.0.0.1:0"])
+        .env_remove("HEAPGRID_CLUSTER_COOKIE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster cookie"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_keeps_its_node_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = start(1, dir.path(), "127.0.0.1:0", None);
+    until("node 1 leads", &[&n], 20, |s| agree(s, 1)).await;
+    drop(n);
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .args(["--node-id", "2", "--peer-listen", "127.0.0.1:0"])
+        .env("HEAPGRID_CLUSTER_COOKIE", COOKIE)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not node 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
