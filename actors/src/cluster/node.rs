@@ -1,5 +1,5 @@
 //! The replication runtime of one node for one shard, and the controller it reports to, as
-//! tokio tasks over a `Transport`: the node task owns an `Endpoint<HeapLog>` (ticks, frames in,
+//! tokio tasks over a `Transport`: the node task owns an `Endpoint` and its `HeapLog` (ticks, frames in,
 //! effects out, heartbeats, writes from `ShardNode::write`); the controller task owns the
 //! `ClusterMap` and the `Detector` (leases, in-sync changes, failovers) and sends the map to
 //! every member. The controller stands in for the Raft group (issue 15: openraft is not wired
@@ -85,8 +85,8 @@ impl ShardNode {
         heartbeat_ms: u64,
     ) -> ShardNode {
         let (tx, rx) = mpsc::channel(NODE_COMMANDS_MAX);
-        let ep = Endpoint::new(id, log, epoch);
-        let task = tokio::spawn(node_loop(ep, transport, inbox, rx, origin, heartbeat_ms));
+        let ep = Endpoint::new(id, &log, epoch);
+        let task = tokio::spawn(node_loop(ep, log, transport, inbox, rx, origin, heartbeat_ms));
         ShardNode { tx, task }
     }
 
@@ -106,7 +106,8 @@ impl ShardNode {
 }
 
 async fn node_loop(
-    mut ep: Endpoint<HeapLog>,
+    mut ep: Endpoint<Vec<u8>>,
+    mut log: HeapLog,
     t: Arc<dyn Transport>,
     mut inbox: Inbox,
     mut cmds: mpsc::Receiver<Cmd>,
@@ -128,7 +129,7 @@ async fn node_loop(
                     let w = Wire::Status { pos: ep.pos(), epoch: ep.epoch, primary: ep.is_primary(), sent_ms: at };
                     send(&*t, CONTROLLER, &w);
                 }
-                match ep.tick(at) {
+                match ep.tick(&log, at) {
                     Ok(e) => e,
                     Err(_) => return,
                 }
@@ -138,15 +139,15 @@ async fn node_loop(
                 let Ok(w) = postcard::from_bytes::<Wire>(&bytes) else { continue };
                 match w {
                     Wire::Rep(m) => {
-                        let Ok(mut e) = ep.on_replica_msg(from, m) else { return };
+                        let Ok(mut e) = ep.on_replica_msg(&mut log, from, m) else { return };
                         // `HeapLog` applies with write(2) per the heap's policy: acked as written.
-                        let last = ep.log.last();
-                        e.extend(ep.synced(last, Some(from)));
+                        let last = log.last();
+                        e.extend(ep.synced::<HeapLog>(last, Some(from)));
                         e
                     }
-                    Wire::Prim(m) => ep.on_primary_msg(from, m, now()),
+                    Wire::Prim(m) => ep.on_primary_msg(&log, from, m, now()),
                     Wire::Map(p) => {
-                        ep.on_map(&p, now());
+                        ep.on_map(&log, &p, now());
                         Vec::new()
                     }
                     Wire::Lease { epoch, until_ms } => {
@@ -160,17 +161,17 @@ async fn node_loop(
                 let Some(cmd) = cmd else { return };
                 match cmd {
                     Cmd::Read(tx) => {
-                        let state = ep.log.snapshot().unwrap_or_default();
-                        let _ = tx.send((ep.log.last(), ep.is_primary(), state));
+                        let state = log.snapshot().unwrap_or_default();
+                        let _ = tx.send((log.last(), ep.is_primary(), state));
                         Vec::new()
                     }
                     Cmd::Write(batch, n, tx) => {
                         let token = next_token;
                         next_token += 1;
                         let at = now();
-                        match ep.write(batch.as_bytes().to_vec(), n, token, at + WRITE_DEADLINE_MS, at) {
+                        match ep.write(&mut log, batch.as_bytes().to_vec(), n, token, at + WRITE_DEADLINE_MS, at) {
                             Ok(Ok((lsn, _))) => {
-                                let e = ep.synced(lsn, None);
+                                let e = ep.synced::<HeapLog>(lsn, None);
                                 if n == 0 {
                                     let _ = tx.send(Ok(Outcome::Replicated));
                                 } else {

@@ -77,35 +77,32 @@ impl Default for PrimaryTuning {
     }
 }
 
-pub struct Endpoint<L: ShardLog> {
+/// The endpoint of one shard on one node, over records of body `B`. The log is the caller's:
+/// every method that reads or changes it takes it (so the shard's owner keeps its storage and
+/// lends it for each call).
+pub struct Endpoint<B> {
     pub id: NodeId,
-    pub log: L,
     /// The highest epoch known (the caller persists it).
     pub epoch: Epoch,
-    role: Role<L::Body>,
+    role: Role<B>,
     pub tuning: PrimaryTuning,
 }
 
 type Effects<L> = Vec<Effect<<L as ShardLog>::Body, (Pos, <L as ShardLog>::State)>>;
 
-impl<L: ShardLog> Endpoint<L> {
+impl<B: Clone> Endpoint<B> {
     /// Node `id` over `log`, knowing `epoch`: a replica until the map says otherwise (also what
     /// a restart is).
-    pub fn new(id: NodeId, log: L, epoch: Epoch) -> Endpoint<L> {
-        let mut e = Endpoint {
-            id,
-            log,
-            epoch,
-            role: Role::Replica(Replica::default()),
-            tuning: PrimaryTuning::default(),
-        };
-        e.become_replica();
+    pub fn new<L: ShardLog<Body = B>>(id: NodeId, log: &L, epoch: Epoch) -> Endpoint<B> {
+        let mut e =
+            Endpoint { id, epoch, role: Role::Replica(Replica::default()), tuning: PrimaryTuning::default() };
+        e.become_replica(log);
         e
     }
 
     /// A restart: the role is gone; the log and the epoch stay.
-    pub fn restart(&mut self) {
-        self.become_replica();
+    pub fn restart<L: ShardLog<Body = B>>(&mut self, log: &L) {
+        self.become_replica(log);
     }
 
     pub fn is_primary(&self) -> bool {
@@ -120,21 +117,15 @@ impl<L: ShardLog> Endpoint<L> {
         }
     }
 
-    fn become_replica(&mut self) {
-        let mut r = Replica::new(self.epoch, self.log.last(), self.log.history().clone());
+    fn become_replica<L: ShardLog<Body = B>>(&mut self, log: &L) {
+        let mut r = Replica::new(self.epoch, log.last(), log.history().clone());
         r.saw_epoch(self.epoch);
         self.role = Role::Replica(r);
     }
 
-    fn become_primary(&mut self, map: &Placement, now_ms: u64) {
-        let mut p = Primary::new(
-            map.epoch,
-            self.log.last(),
-            self.log.history().clone(),
-            self.log.records(),
-            &map.replicas,
-            now_ms,
-        );
+    fn become_primary<L: ShardLog<Body = B>>(&mut self, log: &L, map: &Placement, now_ms: u64) {
+        let mut p =
+            Primary::new(map.epoch, log.last(), log.history().clone(), log.records(), &map.replicas, now_ms);
         p.retain_max = self.tuning.retain_max;
         p.batch_max = self.tuning.batch_max;
         p.set_in_sync(&map.in_sync);
@@ -143,7 +134,7 @@ impl<L: ShardLog> Endpoint<L> {
     }
 
     /// The map's placement of this shard.
-    pub fn on_map(&mut self, map: &Placement, now_ms: u64) {
+    pub fn on_map<L: ShardLog<Body = B>>(&mut self, log: &L, map: &Placement, now_ms: u64) {
         if map.epoch == self.epoch
             && let Role::Primary(p) = &mut self.role
         {
@@ -156,11 +147,11 @@ impl<L: ShardLog> Endpoint<L> {
         }
         self.epoch = map.epoch;
         if map.primary == self.id {
-            self.become_primary(map, now_ms);
+            self.become_primary(log, map, now_ms);
         } else {
             match &mut self.role {
                 Role::Replica(r) => r.saw_epoch(map.epoch),
-                Role::Primary(_) => self.become_replica(),
+                Role::Primary(_) => self.become_replica(log),
             }
         }
     }
@@ -176,9 +167,10 @@ impl<L: ShardLog> Endpoint<L> {
 
     /// A write (as primary): appended to the log; the caller calls `synced` once it is durable.
     /// Its lsn and epoch.
-    pub fn write(
+    pub fn write<L: ShardLog<Body = B>>(
         &mut self,
-        body: L::Body,
+        log: &mut L,
+        body: B,
         n: usize,
         token: u64,
         deadline_ms: u64,
@@ -196,12 +188,12 @@ impl<L: ShardLog> Endpoint<L> {
             p.retain();
         }
         let epoch = p.epoch;
-        self.log.append(record)?;
+        log.append(record)?;
         Ok(Ok((lsn, epoch)))
     }
 
     /// The log is durable up to `lsn`: a primary may ship it, a replica acks it.
-    pub fn synced(&mut self, lsn: Lsn, primary: Option<NodeId>) -> Effects<L> {
+    pub fn synced<L: ShardLog<Body = B>>(&mut self, lsn: Lsn, primary: Option<NodeId>) -> Effects<L> {
         match &mut self.role {
             Role::Primary(p) => {
                 p.synced(lsn);
@@ -216,7 +208,7 @@ impl<L: ShardLog> Endpoint<L> {
 
     /// Time passes (as primary: what to ship, writes past their deadline, in-sync proposals).
     /// `Err`: the log could not be read for a snapshot.
-    pub fn tick(&mut self, now_ms: u64) -> Result<Effects<L>, GridError> {
+    pub fn tick<L: ShardLog<Body = B>>(&mut self, log: &L, now_ms: u64) -> Result<Effects<L>, GridError> {
         let Role::Primary(p) = &mut self.role else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         let mut snapshots = Vec::new();
@@ -232,20 +224,21 @@ impl<L: ShardLog> Endpoint<L> {
         }
         let epoch = p.epoch;
         for to in snapshots {
-            let last = self.log.last();
-            let history = self.log.history().clone();
+            let last = log.last();
+            let history = log.history().clone();
             let upto = Pos { epoch: history.epoch_at(last).unwrap_or(0), lsn: last };
-            let state = (upto, self.log.snapshot()?);
+            let state = (upto, log.snapshot()?);
             out.push(Effect::ToReplica(to, ToReplica::Snapshot { epoch, upto, history, state }));
         }
         Ok(out)
     }
 
     /// A message from a primary.
-    pub fn on_replica_msg(
+    pub fn on_replica_msg<L: ShardLog<Body = B>>(
         &mut self,
+        log: &mut L,
         from: NodeId,
-        m: ToReplica<L::Body, (Pos, L::State)>,
+        m: ToReplica<B, (Pos, L::State)>,
     ) -> Result<Effects<L>, GridError> {
         let epoch_of = match &m {
             ToReplica::Append { epoch, .. }
@@ -255,7 +248,7 @@ impl<L: ShardLog> Endpoint<L> {
         if let Role::Primary(p) = &self.role {
             if epoch_of > p.epoch {
                 self.epoch = self.epoch.max(epoch_of);
-                self.become_replica();
+                self.become_replica(log);
             } else if epoch_of < p.epoch {
                 let current = self.epoch.max(p.epoch);
                 return Ok(vec![Effect::ToPrimary(from, ToPrimary::Refused { current })]);
@@ -269,13 +262,13 @@ impl<L: ShardLog> Endpoint<L> {
         for a in actions {
             match a {
                 Action::Apply(rec) => {
-                    debug_assert_eq!(rec.lsn, self.log.last() + 1, "a gap");
-                    self.log.append(rec)?;
+                    debug_assert_eq!(rec.lsn, log.last() + 1, "a gap");
+                    log.append(rec)?;
                 }
                 Action::TruncateAfter(lsn) => {
-                    if !self.log.truncate_after(lsn)? {
+                    if !log.truncate_after(lsn)? {
                         // The log cannot undo it: start over from a snapshot.
-                        self.log.clear()?;
+                        log.clear()?;
                         if let Role::Replica(r) = &mut self.role {
                             r.start_over();
                         }
@@ -288,7 +281,7 @@ impl<L: ShardLog> Endpoint<L> {
                         Role::Replica(r) => r.history().clone(),
                         Role::Primary(_) => EpochHistory::default(),
                     };
-                    self.log.install(upto, history, state.1)?;
+                    log.install(upto, history, state.1)?;
                 }
             }
         }
@@ -296,7 +289,13 @@ impl<L: ShardLog> Endpoint<L> {
     }
 
     /// A message from a replica.
-    pub fn on_primary_msg(&mut self, from: NodeId, m: ToPrimary, now_ms: u64) -> Effects<L> {
+    pub fn on_primary_msg<L: ShardLog<Body = B>>(
+        &mut self,
+        log: &L,
+        from: NodeId,
+        m: ToPrimary,
+        now_ms: u64,
+    ) -> Effects<L> {
         let Role::Primary(p) = &mut self.role else { return Vec::new() };
         let (done, back) = p.on_reply(from, m, now_ms);
         let mut out: Effects<L> = done.into_iter().map(Effect::Done).collect();
@@ -305,7 +304,7 @@ impl<L: ShardLog> Endpoint<L> {
         }
         if let Some(current) = p.stepped_down() {
             self.epoch = self.epoch.max(current);
-            self.become_replica();
+            self.become_replica(log);
         }
         out
     }

@@ -150,7 +150,8 @@ impl ShardLog for SimLog {
 struct Node {
     up: bool,
     paused_until: u64,
-    ep: Endpoint<SimLog>,
+    ep: Endpoint<Body>,
+    log: SimLog,
     last_status_ms: u64,
 }
 
@@ -198,9 +199,10 @@ impl Sim {
         };
         let nodes = (1..=NODES)
             .map(|id| {
-                let mut ep = Endpoint::new(id, SimLog::default(), 0);
+                let log = SimLog::default();
+                let mut ep = Endpoint::new(id, &log, 0);
                 ep.tuning = PrimaryTuning { retain_max: 40, batch_max: 16 };
-                Node { up: true, paused_until: 0, ep, last_status_ms: 0 }
+                Node { up: true, paused_until: 0, ep, log, last_status_ms: 0 }
             })
             .collect();
         let mut sim = Sim {
@@ -317,7 +319,7 @@ impl Sim {
                 self.at(self.now + down, Ev::Restart(id));
                 let n = self.node(id);
                 n.up = false;
-                n.ep.restart();
+                n.ep.restart(&n.log);
             }
             Ev::Restart(id) => {
                 let n = self.node(id);
@@ -325,7 +327,7 @@ impl Sim {
                     return;
                 }
                 n.up = true;
-                n.ep.restart();
+                n.ep.restart(&n.log);
                 let t = self.now + 1;
                 self.at(t, Ev::Tick(id));
             }
@@ -339,7 +341,8 @@ impl Sim {
 
     fn node_tick(&mut self, id: NodeId) {
         let now = self.now;
-        let effects = self.node(id).ep.tick(now).expect("the simulation's log never fails");
+        let n = self.node(id);
+        let effects = n.ep.tick(&n.log, now).expect("the simulation's log never fails");
         self.dispatch(id, effects);
         let n = self.node(id);
         if now.saturating_sub(n.last_status_ms) >= HEARTBEAT_MS {
@@ -379,29 +382,34 @@ impl Sim {
                 let sync_n = self.sync_n;
                 let n = self.node(id);
                 let Ok(Ok((lsn, epoch))) =
-                    n.ep.write((token, token), sync_n, token, now + WRITE_TIMEOUT_MS, now)
+                    n.ep.write(&mut n.log, (token, token), sync_n, token, now + WRITE_TIMEOUT_MS, now)
                 else {
                     return;
                 };
                 // The node's log is synced at once (`always`): the record may ship.
-                n.ep.synced(lsn, None);
+                n.ep.synced::<SimLog>(lsn, None);
                 self.accepted.push((now, epoch));
                 if sync_n == 0 {
                     self.acked.insert(token, token);
                 }
             }
             Net::Lease { epoch, until_ms } => self.node(id).ep.on_lease(epoch, until_ms),
-            Net::Map(map) => self.node(id).ep.on_map(&map, now),
+            Net::Map(map) => {
+                let n = self.node(id);
+                n.ep.on_map(&n.log, &map, now)
+            }
             Net::Rep(from, m) => {
                 let n = self.node(id);
-                let mut effects = n.ep.on_replica_msg(from, m).expect("the simulation's log never fails");
+                let mut effects =
+                    n.ep.on_replica_msg(&mut n.log, from, m).expect("the simulation's log never fails");
                 // The log is synced at once (`always`): ack it.
-                let last = n.ep.log.last();
-                effects.extend(n.ep.synced(last, Some(from)));
+                let last = n.log.last();
+                effects.extend(n.ep.synced::<SimLog>(last, Some(from)));
                 self.dispatch(id, effects);
             }
             Net::Prim(from, m) => {
-                let effects = self.node(id).ep.on_primary_msg(from, m, now);
+                let n = self.node(id);
+                let effects = n.ep.on_primary_msg(&n.log, from, m, now);
                 self.dispatch(id, effects);
             }
             Net::Status { .. } | Net::InSync { .. } => {}
@@ -472,7 +480,7 @@ impl Sim {
                 w[0].0
             );
         }
-        let primary = &self.nodes[(self.map.primary - 1) as usize].ep;
+        let primary = &self.nodes[(self.map.primary - 1) as usize];
         let state = primary.log.snapshot().expect("in memory");
         if self.sync_n > 0 {
             for (k, v) in &self.acked {
@@ -487,10 +495,10 @@ impl Sim {
         for n in &self.nodes {
             let id = n.ep.id;
             assert!(n.up, "seed {seed}: node {id} still down");
-            let (mine, theirs) = (n.ep.log.last(), primary.log.last());
+            let (mine, theirs) = (n.log.last(), primary.log.last());
             assert_eq!(mine, theirs, "seed {seed}: node {id} log ends at {mine}, the primary's at {theirs}");
             assert!(
-                n.ep.log.snapshot().expect("in memory") == state,
+                n.log.snapshot().expect("in memory") == state,
                 "seed {seed}: node {id} state differs from the primary's"
             );
         }
@@ -555,7 +563,7 @@ fn async_replication_converges_and_reports_its_loss() {
     for seed in seeds(&[11, 12]) {
         let sim = simulate(seed, 0, 20_000);
         // Converged, and no two epochs wrote at once; accepted writes may be lost: reported.
-        let state = sim.nodes[(sim.map.primary - 1) as usize].ep.log.snapshot().expect("in memory");
+        let state = sim.nodes[(sim.map.primary - 1) as usize].log.snapshot().expect("in memory");
         let lost = sim.acked.keys().filter(|k| !state.contains_key(k)).count();
         eprintln!(
             "seed {seed}: async: {} writes accepted, {lost} lost in {} failovers",

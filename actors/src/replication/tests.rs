@@ -219,13 +219,19 @@ mod heap_log {
 
     type Msg = (u64, u64, Result<ToReplica<Vec<u8>, (Pos, Vec<(Vec<u8>, Vec<u8>)>)>, ToPrimary>);
 
-    fn open(dir: &std::path::Path, id: u64) -> Endpoint<HeapLog> {
+    /// A node: its endpoint and the log it lends it.
+    struct N {
+        ep: Endpoint<Vec<u8>>,
+        log: HeapLog,
+    }
+
+    fn open(dir: &std::path::Path, id: u64) -> N {
         let path = dir.join(format!("n{id}.heap"));
         let heap = Heap::open(&path, HeapOptions::default()).unwrap();
         let log = HeapLog::open(heap, &path).unwrap();
-        let mut ep = Endpoint::new(id, log, 1);
+        let mut ep = Endpoint::new(id, &log, 1);
         ep.tuning = PrimaryTuning { retain_max: 20, batch_max: 8 };
-        ep
+        N { ep, log }
     }
 
     fn placement() -> Placement {
@@ -233,16 +239,11 @@ mod heap_log {
     }
 
     /// Runs the exchange until quiet; `deliver` says whether a message reaches the replica.
-    fn pump(
-        p: &mut Endpoint<HeapLog>,
-        r: &mut Endpoint<HeapLog>,
-        now: &mut u64,
-        deliver: &mut dyn FnMut(u64) -> bool,
-    ) {
+    fn pump(p: &mut N, r: &mut N, now: &mut u64, deliver: &mut dyn FnMut(u64) -> bool) {
         let mut queue: VecDeque<Msg> = VecDeque::new();
         for _ in 0..200 {
             *now += 50;
-            for e in p.tick(*now).unwrap() {
+            for e in p.ep.tick(&p.log, *now).unwrap() {
                 if let Effect::ToReplica(to, m) = e {
                     queue.push_back((1, to, Ok(m)));
                 }
@@ -253,9 +254,9 @@ mod heap_log {
                         if !deliver(*now) {
                             continue;
                         }
-                        let mut effects = r.on_replica_msg(1, m).unwrap();
+                        let mut effects = r.ep.on_replica_msg(&mut r.log, 1, m).unwrap();
                         let last = r.log.last();
-                        effects.extend(r.synced(last, Some(1)));
+                        effects.extend(r.ep.synced::<HeapLog>(last, Some(1)));
                         for e in effects {
                             if let Effect::ToPrimary(to, m) = e {
                                 queue.push_back((2, to, Err(m)));
@@ -263,7 +264,7 @@ mod heap_log {
                         }
                     }
                     (1, Err(m)) => {
-                        for e in p.on_primary_msg(2, m, *now) {
+                        for e in p.ep.on_primary_msg(&p.log, 2, m, *now) {
                             if let Effect::ToReplica(to, m) = e {
                                 queue.push_back((1, to, Ok(m)));
                             }
@@ -278,14 +279,17 @@ mod heap_log {
         }
     }
 
-    fn write(p: &mut Endpoint<HeapLog>, i: u32, now: u64) {
+    fn write(p: &mut N, i: u32, now: u64) {
         let mut b = WriteBatch::new();
         b.put(format!("k{i:05}").as_bytes(), &i.to_le_bytes()).unwrap();
-        let (lsn, _) = p.write(b.as_bytes().to_vec(), 0, u64::from(i), now + 10_000, now).unwrap().unwrap();
-        p.synced(lsn, None);
+        let (lsn, _) =
+            p.ep.write(&mut p.log, b.as_bytes().to_vec(), 0, u64::from(i), now + 10_000, now)
+                .unwrap()
+                .unwrap();
+        p.ep.synced::<HeapLog>(lsn, None);
     }
 
-    fn same(p: &Endpoint<HeapLog>, r: &Endpoint<HeapLog>) {
+    fn same(p: &N, r: &N) {
         assert_eq!(r.log.last(), p.log.last());
         assert_eq!(r.log.snapshot().unwrap(), p.log.snapshot().unwrap(), "the heaps differ");
     }
@@ -295,9 +299,9 @@ mod heap_log {
         let dir = tempfile::tempdir().unwrap();
         let (mut p, mut r) = (open(dir.path(), 1), open(dir.path(), 2));
         let mut now = 0;
-        p.on_map(&placement(), now);
-        r.on_map(&placement(), now);
-        p.on_lease(1, u64::MAX);
+        p.ep.on_map(&p.log, &placement(), now);
+        r.ep.on_map(&r.log, &placement(), now);
+        p.ep.on_lease(1, u64::MAX);
         for i in 0..15 {
             write(&mut p, i, now);
         }
@@ -311,7 +315,7 @@ mod heap_log {
         // The replica restarts (its heap and sidecar reopened) and more is written.
         drop(r);
         let mut r = open(dir.path(), 2);
-        r.on_map(&placement(), now);
+        r.ep.on_map(&r.log, &placement(), now);
         for i in 15..30 {
             write(&mut p, i, now);
         }
@@ -321,7 +325,7 @@ mod heap_log {
         for i in 30..100 {
             write(&mut p, i, now);
         }
-        p.tick(now).unwrap();
+        p.ep.tick(&p.log, now).unwrap();
         pump(&mut p, &mut r, &mut now, &mut |_| true);
         same(&p, &r);
         assert_eq!(r.log.snapshot().unwrap().len(), 100);
