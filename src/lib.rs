@@ -23,6 +23,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod cluster_client;
 pub mod feed;
 pub mod grid;
 pub mod loadgen;
@@ -35,6 +36,7 @@ pub mod queue;
 pub mod server;
 
 pub use client::{Client, ClientOptions};
+pub use cluster_client::ClusterClient;
 pub use feed::{Feed, FeedBackend, Reader, Upgrades};
 pub use grid::{CasOutcome, Grid, Result, Table, TableBackend};
 pub use heapgrid_actors::feed::{CursorInfo, FeedRecord, Pos, ReadResult};

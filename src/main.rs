@@ -172,6 +172,13 @@ struct ServeArgs {
     /// The secret every node of the cluster presents to the others.
     #[arg(long, env = "HEAPGRID_CLUSTER_COOKIE", hide_env_values = true)]
     cluster_cookie: Option<String>,
+    /// Replicas of each shard of a table created in the cluster (default 2; fewer if there are
+    /// fewer other nodes).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Replicas a write to such a table waits for: 0 is `async`, N is `sync(N)` (default 1).
+    #[arg(long)]
+    sync: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -218,6 +225,9 @@ struct ConfigFile {
     #[serde(default)]
     join: Vec<String>,
     cluster_cookie: Option<String>,
+    /// As `--replicas` and `--sync`.
+    replicas: Option<u32>,
+    sync: Option<u32>,
 }
 
 fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -320,6 +330,9 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
                 join,
                 cookie,
                 timing: RaftTiming::default(),
+                replicas: a.replicas.or(file.replicas).unwrap_or(2),
+                sync: a.sync.or(file.sync).unwrap_or(1),
+                detector: heapgrid_actors::cluster::detector::Timing::default(),
             })
         }
     };

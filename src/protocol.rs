@@ -797,8 +797,10 @@ mod tests {
             GridError::SessionExpired { session: 0 },
             GridError::QueueFull { queue: s(), max_len: 0 },
             GridError::StaleReceipt { queue: s(), seq: 0, delivery: 0 },
+            GridError::Indeterminate(s()),
+            GridError::NotPrimary { table: s(), shard: 0, primary: None, addr: None },
         ];
-        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..28).collect::<Vec<u8>>());
+        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..30).collect::<Vec<u8>>());
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

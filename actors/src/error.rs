@@ -89,6 +89,14 @@ pub enum GridError {
     /// nothing changed.
     #[error("receipt {seq}/{delivery} of queue {queue} is stale; nothing changed")]
     StaleReceipt { queue: String, seq: u64, delivery: u32 },
+    /// A replicated write was applied and logged by the primary, but not acknowledged by the
+    /// replicas its `sync(n)` asks for in time: it may survive a failover or not (no rollback).
+    #[error("indeterminate: {0}")]
+    Indeterminate(String),
+    /// This node does not serve this shard now (it is a replica, or no primary is known):
+    /// ask `primary` (its client address in `addr`), after refreshing the cluster map.
+    #[error("shard {shard} of {table} is not served here (primary: {primary:?} at {addr:?})")]
+    NotPrimary { table: String, shard: u32, primary: Option<u64>, addr: Option<String> },
 }
 
 impl From<TableError> for GridError {

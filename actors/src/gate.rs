@@ -145,11 +145,23 @@ pub enum GateCall {
 pub struct ReadView {
     published: Published<Snapshot>,
     acked: std::sync::atomic::AtomicU64,
+    /// Set while the shard is replicated and this node may not serve it (not its primary, or
+    /// without a lease): reads then go to the actor, which refuses them.
+    withheld: std::sync::atomic::AtomicBool,
 }
 
 impl ReadView {
+    /// Whether this node serves the shard's reads from snapshots (a replicated shard: only
+    /// while it is the primary holding a lease; the actor updates it every tick).
+    pub fn set_serving(&self, serving: bool) {
+        self.withheld.store(!serving, Ordering::Release);
+    }
+
     /// The published snapshot, if it holds every acknowledged write.
     pub fn fresh(&self) -> Option<Arc<Snapshot>> {
+        if self.withheld.load(Ordering::Acquire) {
+            return None;
+        }
         let need = self.acked.load(Ordering::Acquire);
         self.published.load().filter(|s| s.lsn() >= need)
     }

@@ -126,7 +126,12 @@ struct RootArgs {
     feeds: FeedRegistry,
     locks: Arc<Locks>,
     queues: Arc<Queues>,
+    /// The node's replication network, once it joined a cluster.
+    cluster: ClusterNet,
 }
+
+/// Where shard actors find the node's replication network (set when it joins a cluster).
+pub type ClusterNet = Arc<std::sync::OnceLock<Arc<crate::replication::shard::ReplNet>>>;
 
 /// A table supervisor under the root, with what it takes to start it again.
 struct ChildTable {
@@ -175,6 +180,7 @@ impl RootSupervisor {
             policy: st.args.opts.restart,
             slots: slots.clone(),
             fences: st.args.locks.fences.clone(),
+            cluster: st.args.cluster.clone(),
         };
         let (sup, _) = TableSupervisor::spawn_linked(None, TableSupervisor, args, myself.get_cell())
             .await
@@ -442,6 +448,11 @@ pub struct GridCore {
     commit_stripes: Vec<tokio::sync::Mutex<()>>,
     /// This node's member of the cluster's control group, once `start_cluster` ran.
     cluster: std::sync::OnceLock<Arc<crate::cluster::raft::ControlNode>>,
+    /// The replication network shard actors use, set with `cluster`.
+    repl_net: ClusterNet,
+    /// Replicas and `sync` of tables created in the cluster.
+    cluster_defaults: std::sync::OnceLock<(u32, u32)>,
+    data_plane: std::sync::OnceLock<crate::cluster::data::DataPlane>,
     _lock: File,
 }
 
@@ -789,6 +800,7 @@ impl GridCore {
         let feeds: FeedRegistry = Arc::default();
         let locks = Arc::new(Locks::new(Arc::new(ShardSlot::new()), Arc::default()));
         let queues = Arc::new(Queues::default());
+        let repl_net: ClusterNet = Arc::default();
         let args = RootArgs {
             dir: dir.clone(),
             opts: opts.clone(),
@@ -796,6 +808,7 @@ impl GridCore {
             feeds: feeds.clone(),
             locks: locks.clone(),
             queues: queues.clone(),
+            cluster: repl_net.clone(),
         };
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
@@ -827,6 +840,9 @@ impl GridCore {
             snippets,
             commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cluster: std::sync::OnceLock::new(),
+            repl_net,
+            cluster_defaults: std::sync::OnceLock::new(),
+            data_plane: std::sync::OnceLock::new(),
             _lock: lock,
         });
         for def in feed_defs {
@@ -927,8 +943,51 @@ impl GridCore {
         }
     }
 
-    /// Creates a table (durably recorded) and starts its shards.
+    /// Creates a table (durably recorded) and starts its shards. In a cluster the table is
+    /// replicated: it is created in the cluster map, which places its shards over the members
+    /// (`ClusterOptions::replicas` replicas each, writes waiting for `sync` of them), and every
+    /// node starts it; this returns once it runs here.
     pub async fn create_table(&self, name: &str, opts: TableOptions) -> Result<Arc<TableRuntime>, GridError> {
+        let Some(c) = self.cluster.get() else { return self.create_table_local(name, opts).await };
+        valid_name(name)?;
+        let shards = opts.shards.max(1);
+        if shards > TABLE_SHARDS_MAX {
+            return Err(GridError::LimitExceeded {
+                what: "shards".into(),
+                got: shards as u64,
+                max: TABLE_SHARDS_MAX as u64,
+            });
+        }
+        let map = c.map();
+        if map.table(name).is_some() || self.feed(name).is_ok() {
+            return Err(GridError::TableExists(name.into()));
+        }
+        let members = map.members().count() as u32;
+        let (replicas, sync) = self.cluster_defaults.get().copied().unwrap_or((0, 0));
+        let replicas = replicas.min(members.saturating_sub(1));
+        let spec = crate::cluster::map::TableSpec { shards, replicas, sync: sync.min(replicas) };
+        let cmd = crate::cluster::map::MapCmd::CreateTable { name: name.into(), spec };
+        c.admin(crate::cluster::raft::Admin::Propose(cmd)).await?;
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(t) = self.table(name) {
+                return Ok(t);
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(GridError::Unavailable(format!(
+                    "table {name} is in the cluster map but did not start here within 10 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Creates a table on this node only (a node on its own, or a table the map placed).
+    pub async fn create_table_local(
+        &self,
+        name: &str,
+        opts: TableOptions,
+    ) -> Result<Arc<TableRuntime>, GridError> {
         valid_name(name)?;
         let shards = opts.shards.max(1);
         if shards > TABLE_SHARDS_MAX {
@@ -956,8 +1015,24 @@ impl GridCore {
         self.start(def).await
     }
 
-    /// Stops a table, removes it from the catalogue, then deletes its files.
+    /// Stops a table, removes it from the catalogue, then deletes its files (in a cluster: on
+    /// every node, through the map).
     pub async fn drop_table(&self, name: &str) -> Result<(), GridError> {
+        if let Some(c) = self.cluster.get()
+            && c.map().table(name).is_some()
+        {
+            let cmd = crate::cluster::map::MapCmd::DropTable(name.into());
+            c.admin(crate::cluster::raft::Admin::Propose(cmd)).await?;
+            return match self.drop_table_local(name).await {
+                Err(GridError::NoSuchTable(_)) => Ok(()),
+                r => r,
+            };
+        }
+        self.drop_table_local(name).await
+    }
+
+    /// Drops a table on this node only.
+    pub async fn drop_table_local(&self, name: &str) -> Result<(), GridError> {
         let Some(rt) = self.registry.write().unwrap_or_else(|e| e.into_inner()).remove(name) else {
             return Err(GridError::NoSuchTable(name.into()));
         };
@@ -1278,16 +1353,42 @@ impl GridCore {
         &self.queues
     }
 
-    /// Joins (or forms) the cluster `opts` describes, with the Raft state in `<dir>/cluster`.
-    /// Once per grid.
-    pub async fn start_cluster(&self, opts: &crate::cluster::raft::ClusterOptions) -> Result<(), GridError> {
+    /// Joins (or forms) the cluster `opts` describes, with the Raft state in `<dir>/cluster`,
+    /// and starts its data plane (replication of the tables the map places). Once per grid.
+    pub async fn start_cluster(
+        self: &Arc<Self>,
+        opts: &crate::cluster::raft::ClusterOptions,
+    ) -> Result<(), GridError> {
+        use crate::replication::shard::ReplNet;
+        let taken = || GridError::Invalid("this grid is already in a cluster".into());
         if self.cluster.get().is_some() {
-            return Err(GridError::Invalid("this grid is already in a cluster".into()));
+            return Err(taken());
         }
-        let node = crate::cluster::raft::ControlNode::listen(opts, &self.dir.join("cluster")).await?;
-        self.cluster
-            .set(Arc::new(node))
-            .map_err(|_| GridError::Invalid("this grid is already in a cluster".into()))
+        let node =
+            Arc::new(crate::cluster::raft::ControlNode::listen(opts, &self.dir.join("cluster")).await?);
+        let inbox = node.take_data_inbox().ok_or_else(taken)?;
+        let (proposals, proposed) = tokio::sync::mpsc::unbounded_channel();
+        let net = Arc::new(ReplNet {
+            me: opts.node_id,
+            transport: node.transport(),
+            map: node.watch(),
+            leader: node.leader(),
+            proposals,
+            origin: std::time::Instant::now(),
+            heartbeat_ms: opts.detector.heartbeat_ms,
+        });
+        let _ = self.cluster_defaults.set((opts.replicas, opts.sync));
+        self.repl_net.set(net.clone()).map_err(|_| taken())?;
+        self.cluster.set(node.clone()).map_err(|_| taken())?;
+        let plane = crate::cluster::data::DataPlane::start(
+            Arc::downgrade(self),
+            node,
+            net,
+            inbox,
+            proposed,
+            opts.detector,
+        );
+        self.data_plane.set(plane).map_err(|_| taken())
     }
 
     /// This node's member of the cluster's control group (`None`: a node on its own).

@@ -104,6 +104,9 @@ pub struct Heap {
     poisoned: Option<String>,
     log: Option<OpLog>,
     replay: ReplayReport,
+    /// When set (`set_tap`), every batch committed from now on, with its LSN (`take_tapped`):
+    /// what replication ships.
+    tapped: Option<Vec<(u64, Vec<u8>)>>,
 }
 
 impl Heap {
@@ -214,6 +217,7 @@ impl Heap {
             poisoned: None,
             log: None,
             replay: ReplayReport::default(),
+            tapped: None,
         })
     }
 
@@ -365,7 +369,21 @@ impl Heap {
             return self.poison(e);
         }
         self.applied_lsn = lsn;
+        if let Some(t) = self.tapped.as_mut() {
+            t.push((lsn, batch.as_bytes().to_vec()));
+        }
         Ok(lsn)
+    }
+
+    /// Starts (or stops, dropping what it held) keeping a copy of every batch committed, with
+    /// its LSN, for `take_tapped`: a replicated shard's primary ships them.
+    pub fn set_tap(&mut self, on: bool) {
+        self.tapped = on.then(Vec::new);
+    }
+
+    /// The batches committed since the last call (oldest first), while the tap is on.
+    pub fn take_tapped(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.tapped.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Sets `key` to what `f` computes from its current value (`None`: absent) as a
@@ -388,6 +406,7 @@ impl Heap {
         let mut declined: Option<E> = None;
         let mut lsn = self.applied_lsn;
         let log = &mut self.log;
+        let tapped = &mut self.tapped;
         let r = btree::upsert(&mut self.pager, &mut self.tree, key, |old| {
             let new = match f(old) {
                 Ok(v) => v,
@@ -412,6 +431,9 @@ impl Heap {
                 Some(l) => l.append(&b)?,
                 None => lsn,
             };
+            if let Some(t) = tapped.as_mut() {
+                t.push((lsn, b.as_bytes().to_vec()));
+            }
             Ok(Some(new))
         });
         match r {

@@ -40,7 +40,19 @@ fn start(id: u64, dir: &Path, peer_listen: &str, join: Option<&str>) -> Node {
     if let Some(j) = join {
         cmd.args(["--join", j]);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // HEAPGRID_TEST_LOGS=DIR keeps each node's log there (`node-ID.log`, appended).
+    let stderr = match std::env::var_os("HEAPGRID_TEST_LOGS") {
+        Some(d) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(&d).join(format!("node-{id}.log")))
+                .unwrap();
+            Stdio::from(f)
+        }
+        None => Stdio::null(),
+    };
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let (mut peer, mut addr) = (None, None);
     for _ in 0..2 {
@@ -202,5 +214,93 @@ async fn a_data_directory_keeps_its_node_id() {
         String::from_utf8_lossy(&out.stderr).contains("not node 2"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// CLUSTER.md's first test, one run (the long series is `scripts/cluster-failover.sh`):
+/// writers put unique keys with `sync(1)` and log every ack; the primary of a shard is killed
+/// with `kill -9`; every acknowledged write is then read back from the new primaries, and the
+/// failover time (first ack on that shard after the kill) is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_sync_writes_survive_kill9_of_their_primary() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use heapgrid::{ClientOptions, ClusterClient, Key, TableOptions};
+
+    let root = tempfile::tempdir().unwrap();
+    let d = |i: u64| root.path().join(format!("n{i}"));
+    let n1 = start(1, &d(1), "127.0.0.1:0", None);
+    let n2 = start(2, &d(2), "127.0.0.1:0", Some(&n1.peer));
+    let n3 = start(3, &d(3), "127.0.0.1:0", Some(&n1.peer));
+    until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
+    let seeds = [n1.addr, n2.addr, n3.addr];
+    let cc = ClusterClient::connect(&seeds, ClientOptions::default()).await.unwrap();
+    let shards = 3;
+    let t = cc.create_table("acks", TableOptions { shards, fsync: None }).await.unwrap();
+    let spec = cc.map().table("acks").cloned().unwrap();
+    assert_eq!((spec.replicas, spec.sync), (2, 1));
+    // Every shard serves (its primary got a lease) before the clock starts.
+    for i in 0..30 {
+        t.put(format!("warm{i}"), &i).await.unwrap();
+    }
+
+    let acked: Arc<Mutex<Vec<(String, u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (t, acked, stop) = (cc.table("acks"), acked.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("w{w}-{i}");
+                if t.put(key.clone(), &i).await.is_ok() {
+                    acked.lock().unwrap().push((key, i, Instant::now()));
+                }
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = cc.map().placement(&("acks".to_string(), 0)).unwrap().primary;
+    let mut nodes = vec![n1, n2, n3];
+    let at = nodes.iter().position(|n| n.id == victim).unwrap();
+    let killed_at = Instant::now();
+    let _ = nodes.remove(at).kill9();
+    eprintln!("killed node {victim} at {:?}", std::time::SystemTime::now());
+    let before = acked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > before, "no write was acknowledged after the kill");
+    let first_after = acked
+        .iter()
+        .filter(|(k, _, at)| *at > killed_at && Key::from(k.as_str()).shard(shards) == 0)
+        .map(|(_, _, at)| at.duration_since(killed_at))
+        .min()
+        .expect("shard 0 never served again after its primary was killed");
+    eprintln!(
+        "failover of shard 0 (primary node {victim} killed): first ack after {} ms; {} writes acked, {before} before the kill",
+        first_after.as_millis(),
+        acked.len()
+    );
+    let placed = cc.map().placement(&("acks".to_string(), 0)).cloned().unwrap();
+    assert_ne!(placed.primary, victim);
+    assert!(placed.epoch > 1);
+    // Every acknowledged write is there.
+    let mut lost = Vec::new();
+    for (k, v, _) in &acked {
+        if t.get::<u64>(k.clone()).await.unwrap() != Some(*v) {
+            lost.push(k.clone());
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
     );
 }

@@ -37,7 +37,7 @@ pub struct Timing {
 impl Default for Timing {
     /// 3 × 250 ms missed heartbeats detect a failure; leases of 500 ms.
     fn default() -> Self {
-        Timing { heartbeat_ms: 250, lease_ms: 500, detect_ms: 750, max_delay_ms: 100 }
+        Timing { heartbeat_ms: 100, lease_ms: 400, detect_ms: 600, max_delay_ms: 100 }
     }
 }
 

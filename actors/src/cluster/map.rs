@@ -62,12 +62,33 @@ pub enum MapCmd {
         epoch: Epoch,
         in_sync: Vec<NodeId>,
     },
+    /// A replicated table: its shards placed over the members (ids in order, shard `i`'s
+    /// primary the `i`-th, its replicas the next ones round the ring), each waiting for `sync`
+    /// replicas per write. Refused if the table exists or there are too few members.
+    CreateTable {
+        name: String,
+        spec: TableSpec,
+    },
+    /// Removes a table and its placements.
+    DropTable(String),
+}
+
+/// A replicated table as the map knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSpec {
+    pub shards: u32,
+    /// Replicas of each shard (besides its primary).
+    pub replicas: u32,
+    /// Replicas a write waits for (0: `async`).
+    pub sync: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapError {
     NoSuchMember(NodeId),
     NoSuchShard(ShardId),
+    TableExists(String),
+    NoSuchTable(String),
     /// The member still holds placements.
     InUse(NodeId),
     /// A placement names a node twice, or `sync` exceeds its replicas.
@@ -84,6 +105,7 @@ pub struct ClusterMap {
     pub version: u64,
     members: BTreeMap<NodeId, Member>,
     shards: BTreeMap<ShardId, Placement>,
+    tables: BTreeMap<String, TableSpec>,
 }
 
 impl ClusterMap {
@@ -101,6 +123,15 @@ impl ClusterMap {
 
     pub fn placements(&self) -> impl Iterator<Item = (&ShardId, &Placement)> {
         self.shards.iter()
+    }
+
+    /// The replicated tables.
+    pub fn tables(&self) -> impl Iterator<Item = (&String, &TableSpec)> {
+        self.tables.iter()
+    }
+
+    pub fn table(&self, name: &str) -> Option<&TableSpec> {
+        self.tables.get(name)
     }
 
     /// Applies one command; the map changes only on `Ok` (and `version` counts those).
@@ -153,6 +184,41 @@ impl ClusterMap {
                 p.in_sync.retain(|&r| r != primary);
                 p.primary = primary;
                 p.epoch += 1;
+            }
+            MapCmd::CreateTable { name, spec } => {
+                if self.tables.contains_key(&name) {
+                    return Err(MapError::TableExists(name));
+                }
+                let ids: Vec<NodeId> = self.members.keys().copied().collect();
+                if spec.shards == 0 || spec.sync > spec.replicas || spec.replicas as usize >= ids.len().max(1)
+                {
+                    return Err(MapError::BadPlacement(format!(
+                        "{} shards, {} replicas, sync {} over {} members",
+                        spec.shards,
+                        spec.replicas,
+                        spec.sync,
+                        ids.len()
+                    )));
+                }
+                for i in 0..spec.shards {
+                    let at = |k: u32| ids[(i as usize + k as usize) % ids.len()];
+                    let replicas: Vec<NodeId> = (1..=spec.replicas).map(at).collect();
+                    let placement = Placement {
+                        epoch: 1,
+                        primary: at(0),
+                        in_sync: replicas.clone(),
+                        replicas,
+                        sync: spec.sync,
+                    };
+                    self.shards.insert((name.clone(), i), placement);
+                }
+                self.tables.insert(name, spec);
+            }
+            MapCmd::DropTable(name) => {
+                if self.tables.remove(&name).is_none() {
+                    return Err(MapError::NoSuchTable(name));
+                }
+                self.shards.retain(|(t, _), _| *t != name);
             }
             MapCmd::SetInSync { shard, epoch, mut in_sync } => {
                 let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };

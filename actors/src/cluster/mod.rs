@@ -8,6 +8,7 @@
 //! of the state machines. Issue 15 is open: shards are not yet placed or replicated by the map,
 //! and the detector does not run in the Raft leader yet.
 
+pub mod data;
 pub mod detector;
 pub mod map;
 pub mod node;

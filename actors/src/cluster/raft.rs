@@ -282,6 +282,12 @@ pub struct ClusterOptions {
     /// The secret every node of the cluster presents.
     pub cookie: String,
     pub timing: RaftTiming,
+    /// Replicas of each shard of a table created in the cluster (fewer if there are fewer
+    /// other members), and how many of them a write waits for (`sync`; 0: `async`).
+    pub replicas: u32,
+    pub sync: u32,
+    /// The failure detector's heartbeats, leases and detection time.
+    pub detector: super::detector::Timing,
 }
 
 /// Timing of the Raft group.
@@ -294,7 +300,7 @@ pub struct RaftTiming {
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000 }
+        RaftTiming { heartbeat_ms: 50, election_min_ms: 150, election_max_ms: 300 }
     }
 }
 
@@ -304,6 +310,9 @@ pub struct ControlNode {
     raft: Raft<MapRaft>,
     store: RaftStore,
     rpc: Arc<Rpc>,
+    /// Frames of the other channels (replication), until the data plane takes them.
+    data: Mutex<Option<Inbox>>,
+    leader: watch::Receiver<Option<NodeId>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -367,8 +376,22 @@ impl ControlNode {
         for (id, node) in raft.metrics().borrow().membership_config.nodes() {
             rpc.t.set_address(*id, &node.addr);
         }
-        let mut node = ControlNode { me, raft, store, rpc, tasks: Vec::new() };
-        node.tasks.push(tokio::spawn(serve(node.raft.clone(), node.rpc.clone(), node.store.clone(), inbox)));
+        let (data_tx, data) = tokio::sync::mpsc::channel(super::transport::INBOX_MAX);
+        let (leader_tx, leader) = watch::channel(None);
+        let mut node =
+            ControlNode { me, raft, store, rpc, data: Mutex::new(Some(data)), leader, tasks: Vec::new() };
+        let serving = serve(node.raft.clone(), node.rpc.clone(), node.store.clone(), inbox, data_tx);
+        node.tasks.push(tokio::spawn(serving));
+        let mut metrics = node.raft.metrics();
+        node.tasks.push(tokio::spawn(async move {
+            loop {
+                let l = metrics.borrow_and_update().current_leader;
+                leader_tx.send_if_modified(|old| std::mem::replace(old, l) != l);
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
         let initialized = node.raft.is_initialized().await.map_err(failed)?;
         if !initialized {
             if join.is_empty() {
@@ -391,6 +414,34 @@ impl ControlNode {
     /// The peer address other nodes are told.
     pub fn peer_addr(&self) -> &str {
         &self.me.peer_addr
+    }
+
+    /// The transport to the other nodes.
+    pub fn transport(&self) -> Arc<dyn Transport> {
+        self.rpc.t.clone()
+    }
+
+    /// The frames other nodes send on channels other than the control plane's (once).
+    pub fn take_data_inbox(&self) -> Option<Inbox> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The Raft leader this node knows, as it changes.
+    pub fn leader(&self) -> watch::Receiver<Option<NodeId>> {
+        self.leader.clone()
+    }
+
+    /// Whether this node leads the group now.
+    pub fn is_leader(&self) -> bool {
+        *self.leader.borrow() == Some(self.me.id)
+    }
+
+    /// Whether this node leads the group and a quorum acknowledged it within `max_ms`: a leader
+    /// cut off from the others still believes it leads until it hears of a newer term, so
+    /// leases are granted only under this (see `data.rs`).
+    pub fn leads_with_quorum(&self, max_ms: u64) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms <= max_ms)
     }
 
     /// The map as this node last applied it.
@@ -580,9 +631,23 @@ async fn lead_admin(
 
 /// Serves the frames other nodes send: Raft RPCs and admin requests (each on its own task, so a
 /// slow one holds up nothing), and the answers to this node's calls.
-async fn serve(raft: Raft<MapRaft>, rpc: Arc<Rpc>, store: RaftStore, mut inbox: Inbox) {
+async fn serve(
+    raft: Raft<MapRaft>,
+    rpc: Arc<Rpc>,
+    store: RaftStore,
+    mut inbox: Inbox,
+    data: tokio::sync::mpsc::Sender<(NodeId, Vec<u8>)>,
+) {
     while let Some((from, bytes)) = inbox.recv().await {
-        let Some((&CONTROL_FRAME, body)) = bytes.split_first() else { continue };
+        let body = match bytes.split_first() {
+            Some((&CONTROL_FRAME, body)) => body,
+            Some(_) => {
+                // Full: dropped (the replication protocol resends).
+                let _ = data.try_send((from, bytes));
+                continue;
+            }
+            None => continue,
+        };
         let Ok(ctl) = postcard::from_bytes::<Ctl>(body) else {
             tracing::warn!(from, "an undecodable control frame was dropped");
             continue;

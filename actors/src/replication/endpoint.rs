@@ -35,6 +35,11 @@ pub trait ShardLog {
     fn records(&self) -> VecDeque<Record<Self::Body>>;
     /// Appends the next record.
     fn append(&mut self, r: Record<Self::Body>) -> Result<(), GridError>;
+    /// The caller's storage applied record `r` itself, as the log's last: keep it as `append`
+    /// would have (a log whose storage never does so refuses it).
+    fn wrote(&mut self, r: Record<Self::Body>) -> Result<(), GridError> {
+        Err(GridError::Invalid(format!("record {}: this log applies records only itself", r.lsn)))
+    }
     /// Cuts the log after `lsn`; false if it cannot (below an installed snapshot, or a log that
     /// cannot undo records): the endpoint then starts over from a snapshot.
     fn truncate_after(&mut self, lsn: Lsn) -> Result<bool, GridError>;
@@ -189,6 +194,47 @@ impl<B: Clone> Endpoint<B> {
         }
         let epoch = p.epoch;
         log.append(record)?;
+        Ok(Ok((lsn, epoch)))
+    }
+
+    /// Whether a write may be made now (as primary, under a lease): checked before a storage
+    /// that applies writes itself applies one (`written`).
+    pub fn may_write(&self, now_ms: u64) -> Result<Epoch, WriteRefused> {
+        match &self.role {
+            Role::Primary(p) if p.may_write(now_ms) => Ok(p.epoch),
+            Role::Primary(p) => match p.stepped_down() {
+                Some(current) => Err(WriteRefused::SteppedDown { current }),
+                None => Err(WriteRefused::NoLease),
+            },
+            Role::Replica(_) => Err(WriteRefused::SteppedDown { current: self.epoch }),
+        }
+    }
+
+    /// A write (as primary) the caller's storage already applied as the log's next record:
+    /// recorded for shipping as `write` would, and kept by the log (`ShardLog::wrote`). The
+    /// caller checked `may_write` first, in the same step.
+    pub fn written<L: ShardLog<Body = B>>(
+        &mut self,
+        log: &mut L,
+        body: B,
+        n: usize,
+        token: u64,
+        deadline_ms: u64,
+        now_ms: u64,
+    ) -> Result<Result<(Lsn, Epoch), WriteRefused>, GridError> {
+        let Role::Primary(p) = &mut self.role else {
+            return Ok(Err(WriteRefused::SteppedDown { current: self.epoch }));
+        };
+        let lsn = match p.write(body, n, token, deadline_ms, now_ms) {
+            Ok(lsn) => lsn,
+            Err(e) => return Ok(Err(e)),
+        };
+        let record = p.log().back().expect("just written").clone();
+        if n == 0 {
+            p.retain();
+        }
+        let epoch = p.epoch;
+        log.wrote(record)?;
         Ok(Ok((lsn, epoch)))
     }
 

@@ -29,8 +29,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use super::{ScanRange, TableShard, Versioned, WriteOp, WriteResult, Written};
 use crate::error::GridError;
 pub use crate::gate::ReadView;
-use crate::gate::{Deferred, GateMsg, Group, LogGate, blocking, deferred, fail_if_poisoned, open_heap};
+use crate::gate::{
+    Deferred, GateMsg, Group, HeapOwner, LogGate, blocking, deferred, fail_if_poisoned, open_heap,
+};
 use crate::key::Key;
+use crate::replication::shard::{ReplWire, ShardRepl};
 use crate::snippet::{Compiled, Limits, ScanQuery, Store};
 use crate::value::Value;
 
@@ -104,6 +107,12 @@ pub enum ShardMsg {
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
+    /// The cluster map placed this shard (a replicated table).
+    Placement(crate::cluster::map::Placement),
+    /// A replication frame from another node.
+    Repl(crate::replication::NodeId, ReplWire),
+    /// The replication tick (`REPL_TICK`).
+    ReplTick,
 }
 
 /// Longest a prepared shard waits for its coordinator's decision before it lets go (applying
@@ -333,10 +342,77 @@ pub struct ShardArgs {
     pub view: Arc<ReadView>,
     /// Where fenced writes are checked.
     pub fences: Arc<crate::lock::fence::FenceTable>,
+    pub table: String,
+    pub shard: u32,
+    /// The node's replication network, once it is in a cluster.
+    pub cluster: crate::grid::ClusterNet,
 }
 
-/// The state of a table shard actor: its table behind the reply gate.
-pub type ShardState = LogGate<TableShard>;
+/// The state of a table shard actor: its table behind the reply gate, and its replication
+/// when the cluster map places it.
+pub struct ShardState {
+    gate: LogGate<TableShard>,
+    repl: Option<Box<ShardRepl>>,
+    args: ShardArgs,
+    /// Replication failed while handling a message: the actor fails after it (restart =
+    /// recovery).
+    failed: Option<String>,
+}
+
+impl ShardState {
+    /// Starts replicating once the map places this shard (and the node is in a cluster).
+    fn replicate(&mut self, myself: &ActorRef<ShardMsg>) -> Result<(), GridError> {
+        let (Some(net), None) = (self.args.cluster.get(), &self.repl) else { return Ok(()) };
+        if net.placement(&self.args.table, self.args.shard).is_none() {
+            return Ok(());
+        }
+        let Some(table) = self.gate.shard.as_mut() else { return Ok(()) };
+        let me = myself.clone();
+        let repl = ShardRepl::open(
+            net.clone(),
+            &self.args.table,
+            self.args.shard,
+            table.heap_mut(),
+            &self.args.path,
+            self.args.heap.fsync,
+            move || me.cast(ShardMsg::ReplTick).is_ok(),
+        )?;
+        self.repl = Some(Box::new(repl));
+        self.args.view.set_serving(false);
+        Ok(())
+    }
+
+    /// Whether a client request may run here now (always, unless the shard is replicated and
+    /// this node is not its primary holding a lease).
+    fn admit(&mut self) -> Result<(), GridError> {
+        match self.repl.as_mut() {
+            Some(r) => r.admit(),
+            None => Ok(()),
+        }
+    }
+
+    /// `state.gate.answer`, holding a replicated write's answer for its replicas too.
+    fn answer(&mut self, myself: &ActorRef<ShardMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+        let token = match (self.repl.as_mut(), self.gate.shard.as_mut()) {
+            (Some(r), Some(t)) => match r.written(t.heap_mut()) {
+                Ok(token) => token,
+                Err(e) => {
+                    tracing::error!(table = %self.args.table, shard = self.args.shard, "replication failed: {e}");
+                    self.failed = Some(e.to_string());
+                    None
+                }
+            },
+            _ => None,
+        };
+        match (token, self.repl.as_ref()) {
+            (Some(t), Some(r)) => {
+                let held = r.hold(t, d(0));
+                self.gate.answer(myself, wrote, move |lsn| Deferred { lsn, answer: held.answer })
+            }
+            _ => self.gate.answer(myself, wrote, d),
+        }
+    }
+}
 
 crate::gate::impl_gate_msg!(ShardMsg);
 
@@ -356,8 +432,11 @@ impl Actor for ShardActor {
         let heap = open_heap(&args.path, &args.heap).await?;
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
-        table.set_fences(args.fences);
-        LogGate::new(table, args.heap.fsync, args.view, myself)
+        table.set_fences(args.fences.clone());
+        let gate = LogGate::new(table, args.heap.fsync, args.view.clone(), myself.clone())?;
+        let mut state = ShardState { gate, repl: None, args, failed: None };
+        state.replicate(&myself)?;
+        Ok(state)
     }
 
     async fn handle(
@@ -367,33 +446,74 @@ impl Actor for ShardActor {
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         let msg = match msg.into_gate() {
-            Ok(call) => return state.handle(&myself, call).await,
+            Ok(call) => {
+                let r = state.gate.handle(&myself, call).await;
+                // What the flush wrote may ship now.
+                if let (Some(repl), Some(t)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.ship(t.heap_mut())?;
+                }
+                return r;
+            }
             Err(ShardMsg::InjectPanic) => panic!("injected panic (test hook)"),
             Err(msg) => msg,
         };
-        let Some(table) = state.shard.as_mut() else {
-            refuse_closed(msg);
+        if state.gate.shard.is_none() {
+            refuse(msg, GridError::Closed);
+            return Ok(());
+        }
+        let msg = match msg {
+            ShardMsg::Placement(p) => {
+                state.replicate(&myself)?;
+                if let (Some(repl), Some(t)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.on_placement(t.heap_mut(), &p);
+                    state.args.view.set_serving(repl.admit().is_ok());
+                }
+                return fail_if_poisoned(&mut state.gate);
+            }
+            ShardMsg::Repl(from, wire) => {
+                state.replicate(&myself)?;
+                if let (Some(repl), Some(t)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.on_frame(t.heap_mut(), from, wire)?;
+                    state.args.view.set_serving(repl.admit().is_ok());
+                }
+                return fail_if_poisoned(&mut state.gate);
+            }
+            ShardMsg::ReplTick => {
+                if let (Some(repl), Some(t)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.tick(t.heap_mut())?;
+                    state.args.view.set_serving(repl.admit().is_ok());
+                }
+                return fail_if_poisoned(&mut state.gate);
+            }
+            msg => msg,
+        };
+        if let Err(e) = state.admit() {
+            refuse(msg, e);
+            return Ok(());
+        }
+        let Some(table) = state.gate.shard.as_mut() else {
+            refuse(msg, GridError::Closed);
             return Ok(());
         };
         match msg {
             ShardMsg::Get(key, reply) => {
                 let r = table.get(&key).map_err(GridError::from);
-                state.read_seen();
+                state.gate.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Contains(key, reply) => {
                 let r = table.contains(&key).map_err(GridError::from);
-                state.read_seen();
+                state.gate.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Count(reply) => {
                 let r = Ok(table.count());
-                state.read_seen();
+                state.gate.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Scan(range, reply) => {
                 let r = table.scan(&range).map_err(GridError::from);
-                state.read_seen();
+                state.gate.read_seen();
                 state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             ShardMsg::Write(op, reply) => {
@@ -417,13 +537,19 @@ impl Actor for ShardActor {
                 let Prepare { ops, ready, decide, done } = *p;
                 if let Err(e) = table.validate(&ops) {
                     let _ = ready.send(Err(e.into()));
-                    return fail_if_poisoned(state);
+                    return fail_if_poisoned(&mut state.gate);
                 }
                 if ready.send(Ok(())).is_err() {
                     return Ok(());
                 }
                 // Held: this shard handles nothing else until the decision (or the bound).
                 if let Ok(Ok(true)) = tokio::time::timeout(PREPARE_HOLD_MAX, decide).await {
+                    // The lease is checked again: the hold may have outlived it.
+                    if let Err(e) = state.admit() {
+                        let _ = done.send(Err(e));
+                        return Ok(());
+                    }
+                    let Some(table) = state.gate.shard.as_mut() else { return Ok(()) };
                     let r = table.write(&ops).map_err(GridError::from);
                     let wrote = r.as_ref().map_or(0, |w| w.lsn);
                     state.answer(&myself, wrote, |lsn| deferred(lsn, done, r));
@@ -455,7 +581,7 @@ impl Actor for ShardActor {
                 });
                 // After `answer`, which schedules the flush of what this pipeline wrote.
                 if read {
-                    state.read_seen();
+                    state.gate.read_seen();
                 }
             }
             // Handled above, by the gate or as the test hook.
@@ -464,37 +590,47 @@ impl Actor for ShardActor {
             | ShardMsg::CheckpointDone
             | ShardMsg::Checkpoint(_)
             | ShardMsg::Close(_)
-            | ShardMsg::InjectPanic => {}
+            | ShardMsg::InjectPanic
+            | ShardMsg::Placement(_)
+            | ShardMsg::Repl(..)
+            | ShardMsg::ReplTick => {}
+        }
+        if let Some(why) = state.failed.take() {
+            return Err(why.into());
         }
         // A heap that failed closed (fsync error, corrupt page met mid-write) is recovered by a
         // restart: the request was answered (or its reply dropped, which is an error to its
         // caller); fail so the supervisor reopens it.
-        fail_if_poisoned(state)
+        fail_if_poisoned(&mut state.gate)
     }
 }
 
-/// Answers a request that arrived after `Close`.
-fn refuse_closed(msg: ShardMsg) {
-    fn closed<T>() -> Result<T, GridError> {
-        Err(GridError::Closed)
+/// Answers a request with `e` instead of running it (closed, or not served here).
+fn refuse(msg: ShardMsg, e: GridError) {
+    let e = &e;
+    fn err<T>(e: &GridError) -> Result<T, GridError> {
+        Err(e.clone())
     }
     match msg {
-        ShardMsg::Get(_, r) => drop(r.send(closed())),
-        ShardMsg::Contains(_, r) => drop(r.send(closed())),
-        ShardMsg::Count(r) => drop(r.send(closed())),
-        ShardMsg::Scan(_, r) => drop(r.send(closed())),
-        ShardMsg::Write(_, r) => drop(r.send(closed())),
-        ShardMsg::Batch(_, r) => drop(r.send(closed())),
-        ShardMsg::Eval(_, r) => drop(r.send(closed())),
-        ShardMsg::Prepare(p) => drop(p.ready.send(closed())),
-        ShardMsg::Pipeline(ops, r) => drop(r.send(ops.iter().map(|_| closed()).collect())),
+        ShardMsg::Get(_, r) => drop(r.send(err(e))),
+        ShardMsg::Contains(_, r) => drop(r.send(err(e))),
+        ShardMsg::Count(r) => drop(r.send(err(e))),
+        ShardMsg::Scan(_, r) => drop(r.send(err(e))),
+        ShardMsg::Write(_, r) => drop(r.send(err(e))),
+        ShardMsg::Batch(_, r) => drop(r.send(err(e))),
+        ShardMsg::Eval(_, r) => drop(r.send(err(e))),
+        ShardMsg::Prepare(p) => drop(p.ready.send(err(e))),
+        ShardMsg::Pipeline(ops, r) => drop(r.send(ops.iter().map(|_| err(e)).collect())),
         // The gate's own messages never get here (`GateMsg::into_gate`).
         ShardMsg::Checkpoint(_)
         | ShardMsg::Close(_)
         | ShardMsg::Durable(_)
         | ShardMsg::CheckpointDone
         | ShardMsg::Flush
-        | ShardMsg::InjectPanic => {}
+        | ShardMsg::InjectPanic
+        | ShardMsg::Placement(_)
+        | ShardMsg::Repl(..)
+        | ShardMsg::ReplTick => {}
     }
 }
 

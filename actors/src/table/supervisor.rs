@@ -184,6 +184,8 @@ pub struct TableSupArgs {
     pub slots: Arc<Vec<ShardSlot>>,
     /// Where the shards check fenced writes.
     pub fences: Arc<crate::lock::fence::FenceTable>,
+    /// The node's replication network, once it is in a cluster.
+    pub cluster: crate::grid::ClusterNet,
 }
 
 /// Messages of a table supervisor.
@@ -223,6 +225,9 @@ async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: 
         heap: st.args.heap.clone(),
         view: st.args.slots[i].view.clone(),
         fences: st.args.fences.clone(),
+        table: st.args.table.clone(),
+        shard: i as u32,
+        cluster: st.args.cluster.clone(),
     };
     match ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await {
         Ok((actor, _)) => {

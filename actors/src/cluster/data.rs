@@ -1,0 +1,220 @@
+//! The data plane of a node in a cluster, as tokio tasks beside its `ControlNode`:
+//!
+//! - `route`: replication frames from other nodes to the shard actor they are for (a position
+//!   report goes to the detector instead);
+//! - `place`: the tables of the map run here (created when the map gains one, dropped when it
+//!   loses one), and every placement change reaches the shard actors at once (they also read
+//!   the map every heartbeat);
+//! - `detect`: on the Raft leader only, the failure detector (`detector.rs`): leases for
+//!   primaries that report, and a failover committed to the map for a shard whose primary went
+//!   silent for `detect_ms` (a new leader starts with a fresh detector, so it waits a whole
+//!   detection time before it replaces anyone);
+//! - `propose`: in-sync set changes primaries ask for, sent to the map.
+//!
+//! Invariant: nothing here writes a shard's data; it only carries frames, placements and map
+//! changes. The shard actors decide what to apply.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::detector::{Detector, Report, Timing};
+use super::map::MapCmd;
+use super::raft::{Admin, ControlNode};
+use super::transport::Inbox;
+use crate::grid::GridCore;
+use crate::replication::NodeId;
+use crate::replication::shard::{REPL_FRAME, ReplFrame, ReplNet, ReplWire};
+use crate::table::actor::ShardMsg;
+use crate::table::def::TableOptions;
+use crate::table::supervisor::SlotState;
+
+/// How often the detector decides.
+const DECIDE_EVERY: Duration = Duration::from_millis(50);
+/// A lease is granted only by a leader that a quorum acknowledged within this. Why it is safe:
+/// the other voters elect a new leader no sooner than `election_max + election_min` after they
+/// last heard from the old one (openraft's leader lease, 300 + 150 ms by default), and the new
+/// leader's detector waits `detect_ms` (600) more before it fails a primary over: a lease the
+/// old leader granted (at most `lease_ms`, 400, counted from the primary's report, sent before
+/// the grant) therefore ends before a new primary is named as long as
+/// `QUORUM_FRESH_MS + lease_ms < leader lease + election_min + detect_ms`: 150 + 400 < 1050.
+const QUORUM_FRESH_MS: u64 = 150;
+/// How often the placements are checked even without a change of the map.
+const PLACE_EVERY: Duration = Duration::from_millis(500);
+
+/// The data plane's tasks; they stop when it is dropped.
+pub struct DataPlane {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl DataPlane {
+    pub fn start(
+        grid: Weak<GridCore>,
+        control: Arc<ControlNode>,
+        net: Arc<ReplNet>,
+        inbox: Inbox,
+        proposals: mpsc::UnboundedReceiver<MapCmd>,
+        timing: Timing,
+    ) -> DataPlane {
+        let (det_tx, det_rx) = mpsc::channel(super::transport::INBOX_MAX);
+        let tasks = vec![
+            tokio::spawn(route(grid.clone(), inbox, det_tx)),
+            tokio::spawn(place(grid, net.clone())),
+            tokio::spawn(detect(control.clone(), net, det_rx, timing)),
+            tokio::spawn(propose(control, proposals)),
+        ];
+        DataPlane { tasks }
+    }
+}
+
+/// The shard actor of `table`'s shard `shard` here, if it runs.
+fn deliver(grid: &GridCore, table: &str, shard: u32, msg: ShardMsg) {
+    let Ok(rt) = grid.table(table) else { return };
+    if let Some(slot) = rt.slots().get(shard as usize)
+        && let SlotState::Running(a) = slot.get()
+    {
+        let _ = a.cast(msg);
+    }
+}
+
+async fn route(grid: Weak<GridCore>, mut inbox: Inbox, detector: mpsc::Sender<(NodeId, ReplFrame)>) {
+    while let Some((from, bytes)) = inbox.recv().await {
+        let Some((&REPL_FRAME, body)) = bytes.split_first() else { continue };
+        let Some(frame) = ReplFrame::decode(body) else {
+            tracing::warn!(from, "an undecodable replication frame was dropped");
+            continue;
+        };
+        if matches!(frame.wire, ReplWire::Status { .. }) {
+            let _ = detector.try_send((from, frame));
+            continue;
+        }
+        let Some(grid) = grid.upgrade() else { return };
+        deliver(&grid, &frame.table, frame.shard, ShardMsg::Repl(from, frame.wire));
+    }
+}
+
+async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
+    let mut map = net.map.clone();
+    let mut known: HashSet<String> = HashSet::new();
+    loop {
+        let (tables, placements) = {
+            let m = map.borrow_and_update();
+            let tables: Vec<(String, u32)> = m.tables().map(|(n, s)| (n.clone(), s.shards)).collect();
+            let placements: Vec<_> = m.placements().map(|(id, p)| (id.clone(), p.clone())).collect();
+            (tables, placements)
+        };
+        let Some(g) = grid.upgrade() else { return };
+        let names: HashSet<String> = tables.iter().map(|(n, _)| n.clone()).collect();
+        for (name, shards) in &tables {
+            if g.table(name).is_err() {
+                let opts = TableOptions { shards: *shards, fsync: None };
+                match g.create_table_local(name, opts).await {
+                    Ok(_) => tracing::info!(table = %name, shards, "replicated table started here"),
+                    Err(e) => tracing::warn!(table = %name, "could not start a replicated table: {e}"),
+                }
+            }
+        }
+        for gone in known.difference(&names) {
+            if g.table(gone).is_ok()
+                && let Err(e) = g.drop_table_local(gone).await
+            {
+                tracing::warn!(table = %gone, "could not drop a table the map dropped: {e}");
+            }
+        }
+        known = names;
+        for ((table, shard), p) in placements {
+            deliver(&g, &table, shard, ShardMsg::Placement(p));
+        }
+        drop(g);
+        tokio::select! {
+            r = map.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(PLACE_EVERY) => {}
+        }
+    }
+}
+
+async fn detect(
+    control: Arc<ControlNode>,
+    net: Arc<ReplNet>,
+    mut reports: mpsc::Receiver<(NodeId, ReplFrame)>,
+    timing: Timing,
+) {
+    let mut detector = Detector::new(timing);
+    let mut leading = false;
+    let mut every = tokio::time::interval(DECIDE_EVERY);
+    // Failovers sent and not yet seen in the map: (shard, epoch they replace).
+    let mut pending: BTreeSet<((String, u32), u64)> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            r = reports.recv() => {
+                let Some((from, frame)) = r else { return };
+                let ReplWire::Status { pos, epoch, primary, sent_ms } = frame.wire else { continue };
+                // Leases only from a leader a quorum heard from lately (see `QUORUM_FRESH_MS`).
+                if !control.leads_with_quorum(QUORUM_FRESH_MS) {
+                    continue;
+                }
+                let shard = (frame.table, frame.shard);
+                let report = Report { shard, pos, primary_of: primary.then_some(epoch) };
+                let leases = {
+                    let map = net.map.borrow();
+                    detector.heartbeat(&map, from, sent_ms, &[report], net.now_ms())
+                };
+                for l in leases {
+                    let lease = ReplWire::Lease { epoch: l.epoch, until_ms: l.until_ms };
+                    if let Some(b) = (ReplFrame { table: l.shard.0, shard: l.shard.1, wire: lease }).encode() {
+                        net.transport.send(from, b);
+                    }
+                }
+            }
+            _ = every.tick() => {
+                let now_leading = control.is_leader();
+                if now_leading != leading {
+                    // A new term of leadership starts from nothing heard.
+                    detector = Detector::new(timing);
+                    pending.clear();
+                    leading = now_leading;
+                }
+                if !leading {
+                    continue;
+                }
+                let cmds = {
+                    let map = net.map.borrow();
+                    pending.retain(|(shard, epoch)| map.placement(shard).is_some_and(|p| p.epoch == *epoch));
+                    detector.decide(&map, net.now_ms())
+                };
+                for cmd in cmds {
+                    let MapCmd::Failover { shard, from_epoch, primary } = &cmd else { continue };
+                    if !pending.insert((shard.clone(), *from_epoch)) {
+                        continue;
+                    }
+                    tracing::warn!(table = %shard.0, shard = shard.1, epoch = from_epoch, new_primary = primary,
+                        "primary silent: failing over");
+                    let c = control.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = c.admin(Admin::Propose(cmd)).await {
+                            tracing::warn!("a failover was not committed: {e}");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn propose(control: Arc<ControlNode>, mut proposals: mpsc::UnboundedReceiver<MapCmd>) {
+    while let Some(cmd) = proposals.recv().await {
+        if let Err(e) = control.admin(Admin::Propose(cmd)).await {
+            tracing::debug!("an in-sync change was not committed: {e}");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! A table shard's replication in a cluster, kept by its shard actor: the `Endpoint` of the
+//! shard on this node and the `ReplState` beside its heap, lent the shard's heap for each call
+//! (`HeapLog::lend`).
+//!
+//! - As primary (the map names this node and the Raft leader's detector granted a lease), every
+//!   client request first checks the lease (`admit`); the heap's tap then hands over each batch
+//!   the request committed (`written`), recorded for shipping; the request's answer is held
+//!   (`hold`) until the gate released it (locally written, and synced under `always`) *and* the
+//!   `sync(n)` replicas acked its last record, or answered `Indeterminate` at the deadline.
+//! - As replica, it refuses client requests (`NotPrimary`, naming the primary) and applies what
+//!   the primary ships, acking what its heap holds (synced first under `always`).
+//! - Records ship once the op log has them (`synced` after each flush and on every tick).
+//! - Every `heartbeat_ms` it reports its position to the Raft leader, which answers a primary
+//!   with a lease (`ReplWire::Lease`).
+//!
+//! Frames: `REPL_FRAME`, then postcard `ReplFrame { table, shard, wire }`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use heapgrid_heap::{FsyncPolicy, Heap};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use super::endpoint::{Effect, Endpoint, ShardLog};
+use super::heap_log::{HeapLog, ReplState};
+use super::primary::{Outcome, WriteRefused};
+use super::{Epoch, NodeId, Pos, ToPrimary, ToReplica};
+use crate::cluster::map::{ClusterMap, MapCmd, Placement};
+use crate::cluster::transport::Transport;
+use crate::error::GridError;
+use crate::gate::{Answer, Deferred};
+
+/// The first byte of a replication frame.
+pub const REPL_FRAME: u8 = b'R';
+/// How long a `sync(n)` write waits for its replicas before it is `Indeterminate`.
+pub const SYNC_DEADLINE_MS: u64 = 2_000;
+/// How often a replicated shard actor ticks (ships, resends, checks deadlines).
+pub const REPL_TICK: Duration = Duration::from_millis(10);
+
+type State = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What travels between the shards of one table shard on different nodes, and to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ReplWire {
+    Rep(ToReplica<Vec<u8>, (Pos, State)>),
+    Prim(ToPrimary),
+    /// A shard's position, to the Raft leader's detector.
+    Status {
+        pos: Pos,
+        epoch: Epoch,
+        primary: bool,
+        sent_ms: u64,
+    },
+    /// The detector's lease for the primary of `epoch`, until `until_ms` of the primary's clock.
+    Lease {
+        epoch: Epoch,
+        until_ms: u64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplFrame {
+    pub table: String,
+    pub shard: u32,
+    pub wire: ReplWire,
+}
+
+impl ReplFrame {
+    pub fn encode(&self) -> Option<Vec<u8>> {
+        let mut out = vec![REPL_FRAME];
+        postcard::to_io(self, &mut out).ok()?;
+        Some(out)
+    }
+
+    /// The frame in `bytes` (after its channel byte).
+    pub fn decode(bytes: &[u8]) -> Option<ReplFrame> {
+        postcard::from_bytes(bytes).ok()
+    }
+}
+
+/// The node's side of replication, shared by its shard actors.
+pub struct ReplNet {
+    pub me: NodeId,
+    pub transport: Arc<dyn Transport>,
+    /// The cluster map as this node applied it.
+    pub map: watch::Receiver<ClusterMap>,
+    /// The Raft leader this node knows (where positions go).
+    pub leader: watch::Receiver<Option<NodeId>>,
+    /// Map changes a primary proposes (in-sync sets).
+    pub proposals: mpsc::UnboundedSender<MapCmd>,
+    pub origin: std::time::Instant,
+    pub heartbeat_ms: u64,
+}
+
+impl ReplNet {
+    pub fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    fn send(&self, to: NodeId, table: &str, shard: u32, wire: ReplWire) {
+        if let Some(b) = (ReplFrame { table: table.to_string(), shard, wire }).encode() {
+            self.transport.send(to, b);
+        }
+    }
+
+    /// The placement of a shard in the map, if the table is replicated.
+    pub fn placement(&self, table: &str, shard: u32) -> Option<Placement> {
+        self.map.borrow().placement(&(table.to_string(), shard)).cloned()
+    }
+}
+
+/// An answer waiting for its local release and its replicas.
+#[derive(Default)]
+struct Join {
+    local: Option<Option<GridError>>,
+    repl: Option<Outcome>,
+    answer: Option<Answer>,
+}
+
+#[derive(Default)]
+struct Joins {
+    waiting: HashMap<u64, Join>,
+}
+
+impl Joins {
+    fn settle(&mut self, token: u64) {
+        let Some(j) = self.waiting.get_mut(&token) else { return };
+        let err = match (&j.local, &j.repl) {
+            (Some(Some(e)), _) => Some(e.clone()),
+            (Some(None), Some(Outcome::Replicated)) => None,
+            (Some(None), Some(Outcome::Indeterminate)) => Some(GridError::Indeterminate(format!(
+                "the write was applied by the primary, but its replicas did not ack it within {SYNC_DEADLINE_MS} ms"
+            ))),
+            _ => return,
+        };
+        if let Some(answer) = j.answer.take() {
+            answer(err.as_ref());
+        }
+        if j.repl.is_some() {
+            self.waiting.remove(&token);
+        }
+    }
+}
+
+/// One table shard's replication on this node.
+pub struct ShardRepl {
+    table: String,
+    shard: u32,
+    net: Arc<ReplNet>,
+    ep: Endpoint<Vec<u8>>,
+    st: ReplState,
+    fsync: FsyncPolicy,
+    sync_n: usize,
+    next_token: u64,
+    joins: Arc<Mutex<Joins>>,
+    last_status_ms: u64,
+    /// The time `admit` checked the lease at: `written` uses the same.
+    admitted_ms: u64,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ShardRepl {
+    fn drop(&mut self) {
+        self.ticker.abort();
+    }
+}
+
+impl ShardRepl {
+    /// Replication of shard `shard` of `table` over `heap` (opened from `heap_path`); `tick`
+    /// sends the actor its periodic message. Starts as a replica until the map says otherwise.
+    pub fn open(
+        net: Arc<ReplNet>,
+        table: &str,
+        shard: u32,
+        heap: &mut Heap,
+        heap_path: &Path,
+        fsync: FsyncPolicy,
+        tick: impl Fn() -> bool + Send + 'static,
+    ) -> Result<ShardRepl, GridError> {
+        let mut st = ReplState::open(heap, heap_path)?;
+        let epoch = st.last_epoch();
+        let ep = Endpoint::new(net.me, &HeapLog::lend(heap, &mut st), epoch);
+        heap.set_tap(true);
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(REPL_TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                if !tick() {
+                    return;
+                }
+            }
+        });
+        Ok(ShardRepl {
+            table: table.to_string(),
+            shard,
+            net,
+            ep,
+            st,
+            fsync,
+            sync_n: 0,
+            next_token: 1,
+            joins: Arc::default(),
+            last_status_ms: 0,
+            admitted_ms: 0,
+            ticker,
+        })
+    }
+
+    /// Whether this node serves the shard (its primary).
+    pub fn serving(&self) -> bool {
+        self.ep.is_primary()
+    }
+
+    fn not_primary(&self) -> GridError {
+        let map = self.net.map.borrow();
+        let primary = map.placement(&(self.table.clone(), self.shard)).map(|p| p.primary);
+        let addr = primary.and_then(|p| map.member(p)).map(|m| m.addr.clone());
+        GridError::NotPrimary { table: self.table.clone(), shard: self.shard, primary, addr }
+    }
+
+    /// Whether a client request may run now: this node is the primary and holds a lease.
+    pub fn admit(&mut self) -> Result<(), GridError> {
+        let now = self.net.now_ms();
+        match self.ep.may_write(now) {
+            Ok(_) => {
+                self.admitted_ms = now;
+                Ok(())
+            }
+            // Not served now (a failover may be under way): nothing ran, so a retry is safe.
+            Err(WriteRefused::NoLease) if self.ep.is_primary() => Err(GridError::NotPrimary {
+                table: self.table.clone(),
+                shard: self.shard,
+                primary: None,
+                addr: None,
+            }),
+            Err(_) => Err(self.not_primary()),
+        }
+    }
+
+    /// Records the batches the request admitted last committed; the token its answer waits on
+    /// (none: nothing written, or `async`).
+    pub fn written(&mut self, heap: &mut Heap) -> Result<Option<u64>, GridError> {
+        let tapped = heap.take_tapped();
+        let count = tapped.len();
+        let mut token = None;
+        let now = self.admitted_ms;
+        for (i, (heap_lsn, body)) in tapped.into_iter().enumerate() {
+            let n = if i + 1 == count { self.sync_n } else { 0 };
+            let t = self.next_token;
+            self.next_token += 1;
+            let want = self.st.lsn_of(heap_lsn);
+            let mut log = HeapLog::lend(heap, &mut self.st);
+            match self.ep.written(&mut log, body, n, t, now + SYNC_DEADLINE_MS, now)? {
+                Ok((lsn, _)) if lsn == want => {}
+                Ok((lsn, _)) => {
+                    return Err(GridError::Corrupted(format!(
+                        "shard {} of {}: record {lsn} is heap commit {heap_lsn} (lsn {want})",
+                        self.shard, self.table
+                    )));
+                }
+                // `admit` checked the same lease at the same time: unreachable but not trusted.
+                Err(e) => {
+                    return Err(GridError::Unavailable(format!(
+                        "shard {} of {}: a write applied without the right to ship it ({e:?})",
+                        self.shard, self.table
+                    )));
+                }
+            }
+            if n > 0 {
+                token = Some(t);
+            }
+        }
+        Ok(token)
+    }
+
+    /// `d`, answered only once its replicas acked `token` too.
+    pub fn hold(&self, token: u64, d: Deferred) -> Deferred {
+        let joins = self.joins.clone();
+        let answer = d.answer;
+        Deferred {
+            lsn: d.lsn,
+            answer: Box::new(move |err| {
+                let mut js = joins.lock().unwrap_or_else(|e| e.into_inner());
+                let j = js.waiting.entry(token).or_default();
+                j.local = Some(err.cloned());
+                j.answer = Some(answer);
+                js.settle(token);
+            }),
+        }
+    }
+
+    fn lend<'a>(heap: &'a mut Heap, st: &'a mut ReplState) -> HeapLog<&'a mut Heap, &'a mut ReplState> {
+        HeapLog::lend(heap, st)
+    }
+
+    /// The op log holds what the heap applied (after a flush, and on ticks): ship it.
+    pub fn synced(&mut self, heap: &mut Heap) {
+        if heap.has_unlogged() {
+            return;
+        }
+        let upto = match (self.fsync, heap.durability()) {
+            (FsyncPolicy::Always, Some(d)) => d.durable_lsn(),
+            _ => heap.last_lsn(),
+        };
+        let lsn = self.st.lsn_of(upto);
+        let e = self.ep.synced::<HeapLog>(lsn, None);
+        self.dispatch(e);
+    }
+
+    /// The periodic work: position to the leader, shipping, resends, deadlines.
+    pub fn tick(&mut self, heap: &mut Heap) -> Result<(), GridError> {
+        let now = self.net.now_ms();
+        if now.saturating_sub(self.last_status_ms) >= self.net.heartbeat_ms {
+            self.last_status_ms = now;
+            let leader = *self.net.leader.borrow();
+            if let Some(l) = leader {
+                let w = ReplWire::Status {
+                    pos: self.ep.pos(),
+                    epoch: self.ep.epoch,
+                    primary: self.ep.is_primary(),
+                    sent_ms: now,
+                };
+                self.net.send(l, &self.table, self.shard, w);
+            }
+            // The map is also read here, so a missed change is caught up.
+            if let Some(p) = self.net.placement(&self.table, self.shard) {
+                self.on_placement(heap, &p);
+            }
+        }
+        self.ship(heap)?;
+        // Between requests the tap holds nothing of this node's own (`written` drains it).
+        heap.take_tapped();
+        Ok(())
+    }
+
+    /// Ships what the op log holds now (and resends, and ends writes past their deadline).
+    pub fn ship(&mut self, heap: &mut Heap) -> Result<(), GridError> {
+        self.synced(heap);
+        let now = self.net.now_ms();
+        let log = Self::lend(heap, &mut self.st);
+        let e = self.ep.tick(&log, now)?;
+        self.dispatch(e);
+        Ok(())
+    }
+
+    /// The map placed the shard.
+    pub fn on_placement(&mut self, heap: &mut Heap, p: &Placement) {
+        let was = self.ep.is_primary();
+        self.sync_n = p.sync as usize;
+        let now = self.net.now_ms();
+        self.ep.on_map(&Self::lend(heap, &mut self.st), p, now);
+        if !was && self.ep.is_primary() {
+            tracing::info!(table = %self.table, shard = self.shard, epoch = self.ep.epoch, "primary of this shard now");
+        }
+        self.stepped(was);
+    }
+
+    /// A frame for this shard from node `from`.
+    pub fn on_frame(&mut self, heap: &mut Heap, from: NodeId, wire: ReplWire) -> Result<(), GridError> {
+        let was = self.ep.is_primary();
+        let now = self.net.now_ms();
+        let effects = match wire {
+            ReplWire::Rep(m) => {
+                let mut log = Self::lend(heap, &mut self.st);
+                let mut e = self.ep.on_replica_msg(&mut log, from, m)?;
+                let last = log.last();
+                if self.fsync == FsyncPolicy::Always
+                    && let Some(d) = heap.durability()
+                {
+                    d.wait(heap.last_lsn())?;
+                }
+                e.extend(self.ep.synced::<HeapLog>(last, Some(from)));
+                e
+            }
+            ReplWire::Prim(m) => self.ep.on_primary_msg(&Self::lend(heap, &mut self.st), from, m, now),
+            ReplWire::Lease { epoch, until_ms } => {
+                let had = self.ep.may_write(now).is_ok();
+                self.ep.on_lease(epoch, until_ms);
+                if !had && self.ep.may_write(now).is_ok() {
+                    tracing::info!(table = %self.table, shard = self.shard, epoch, "serving under a lease");
+                }
+                Vec::new()
+            }
+            ReplWire::Status { .. } => Vec::new(),
+        };
+        self.dispatch(effects);
+        self.stepped(was);
+        // What this applied as a replica is not a write of this node's to ship.
+        heap.take_tapped();
+        Ok(())
+    }
+
+    /// A primary that stepped down answers what waits on its replicas `Indeterminate`.
+    fn stepped(&mut self, was_primary: bool) {
+        if was_primary && !self.ep.is_primary() {
+            tracing::info!(table = %self.table, shard = self.shard, epoch = self.ep.epoch, "no longer the primary");
+            let mut js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+            let tokens: Vec<u64> = js.waiting.keys().copied().collect();
+            for t in tokens {
+                if let Some(j) = js.waiting.get_mut(&t) {
+                    j.repl = Some(Outcome::Indeterminate);
+                }
+                js.settle(t);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, effects: Vec<Effect<Vec<u8>, (Pos, State)>>) {
+        for e in effects {
+            match e {
+                Effect::ToReplica(to, m) => self.net.send(to, &self.table, self.shard, ReplWire::Rep(m)),
+                Effect::ToPrimary(to, m) => self.net.send(to, &self.table, self.shard, ReplWire::Prim(m)),
+                Effect::Done((token, outcome)) => {
+                    let mut js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+                    js.waiting.entry(token).or_default().repl = Some(outcome);
+                    js.settle(token);
+                }
+                Effect::ProposeInSync { epoch, in_sync } => {
+                    let shard = (self.table.clone(), self.shard);
+                    let _ = self.net.proposals.send(MapCmd::SetInSync { shard, epoch, in_sync });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! A client of a cluster: it fetches the cluster map from any node, keeps a connection per
+//! node, and sends each table operation to the primary of its key's shard. A node that does not
+//! serve the shard answers `NotPrimary` (nothing ran): the client refreshes its map and tries
+//! again, as it does when a node cannot be reached at all, until `ROUTE_DEADLINE`. An error
+//! after a request was sent (the connection broke, `Indeterminate`) is returned: the write may
+//! or may not have applied, and only the caller knows whether retrying it is safe.
+//!
+//! Tables are `Table` handles, as with `Client` and `Grid`. `count` and `scan` need every shard
+//! and are not routed yet (`Invalid`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use heapgrid_actors::cluster::map::ClusterMap;
+use heapgrid_actors::table::runtime::EvalRequest;
+use heapgrid_actors::{GridError, Key, ScanRange, Value, Versioned, WriteOp, WriteResult};
+
+use crate::client::{Client, ClientOptions};
+use crate::grid::{Table, TableBackend};
+use crate::protocol::{self, OpResult, RequestBody, ResponseBody, TableOp};
+use heapgrid_actors::grid::TableOptions;
+
+/// How long an operation keeps looking for its shard's primary (a failover takes about a
+/// second).
+pub const ROUTE_DEADLINE: Duration = Duration::from_secs(10);
+/// Pause between tries while no primary answers.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+struct Inner {
+    opts: ClientOptions,
+    seeds: Vec<SocketAddr>,
+    conns: Mutex<HashMap<SocketAddr, Client>>,
+    map: Mutex<ClusterMap>,
+}
+
+/// A client of every node of a cluster.
+#[derive(Clone)]
+pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+impl ClusterClient {
+    /// Connects through any of `seeds` (client addresses) and fetches the map.
+    pub async fn connect(seeds: &[SocketAddr], opts: ClientOptions) -> Result<ClusterClient, GridError> {
+        let opts = ClientOptions { connect_attempts: 1, ..opts };
+        let inner = Inner { opts, seeds: seeds.to_vec(), conns: Mutex::default(), map: Mutex::default() };
+        let c = ClusterClient { inner: Arc::new(inner) };
+        c.refresh().await?;
+        Ok(c)
+    }
+
+    /// The map as last fetched.
+    pub fn map(&self) -> ClusterMap {
+        self.inner.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        let map = self.map();
+        let mut out: Vec<SocketAddr> = map.members().filter_map(|m| m.addr.parse().ok()).collect();
+        out.extend(self.inner.seeds.iter().filter(|s| !out.contains(s)).copied().collect::<Vec<_>>());
+        out
+    }
+
+    async fn client(&self, addr: SocketAddr) -> Result<Client, GridError> {
+        if let Some(c) = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&addr) {
+            return Ok(c.clone());
+        }
+        let c = Client::connect_with(addr, self.inner.opts.clone()).await?;
+        self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, addr: SocketAddr) {
+        self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+    }
+
+    /// Fetches the map from the first node that answers (the newest of those asked wins).
+    pub async fn refresh(&self) -> Result<(), GridError> {
+        let mut last = GridError::Unavailable("no node to ask".into());
+        for addr in self.addrs() {
+            let status = match self.client(addr).await {
+                Ok(c) => c.cluster_status().await,
+                Err(e) => Err(e),
+            };
+            match status {
+                Ok(s) => {
+                    let mut map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.map.version >= map.version {
+                        *map = s.map;
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.forget(addr);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Creates a replicated table (through any node; the map places it).
+    pub async fn create_table(&self, name: &str, options: TableOptions) -> Result<Table, GridError> {
+        let body = RequestBody::CreateTable { name: name.into(), options };
+        self.any(body).await?;
+        self.refresh().await?;
+        Ok(self.table(name))
+    }
+
+    /// Sends a request that any node can answer.
+    async fn any(&self, body: RequestBody) -> Result<ResponseBody, GridError> {
+        let mut last = GridError::Unavailable("no node to ask".into());
+        for addr in self.addrs() {
+            match self.client(addr).await {
+                Ok(c) => return c.request(body).await,
+                Err(e) => {
+                    self.forget(addr);
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// A table of the cluster.
+    pub fn table(&self, name: &str) -> Table {
+        Table::over(Arc::new(ClusterTable { c: self.clone(), name: name.into() }))
+    }
+
+    /// Where the primary of the shard of `key` in `table` is, per the map.
+    fn primary_of(&self, table: &str, key: &Key) -> Option<SocketAddr> {
+        let map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
+        let spec = map.table(table)?;
+        let shard = key.shard(spec.shards);
+        let p = map.placement(&(table.to_string(), shard))?;
+        map.member(p.primary)?.addr.parse().ok()
+    }
+
+    /// Runs `op` on the primary of `key`'s shard, following the map.
+    async fn route(&self, table: &str, key: &Key, op: TableOp) -> Result<OpResult, GridError> {
+        let until = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        let mut last;
+        loop {
+            let addr = match self.primary_of(table, key) {
+                Some(a) => Some(a),
+                None => {
+                    let _ = self.refresh().await;
+                    self.primary_of(table, key)
+                }
+            };
+            match addr {
+                None => last = GridError::NoSuchTable(table.into()),
+                Some(addr) => match self.client(addr).await {
+                    // Not reached: nothing was sent.
+                    Err(e) => {
+                        self.forget(addr);
+                        last = e;
+                    }
+                    Ok(c) => {
+                        match c.request(RequestBody::Table { table: table.into(), op: op.clone() }).await {
+                            Ok(ResponseBody::Op(r)) => return Ok(r),
+                            Ok(r) => {
+                                return Err(GridError::Protocol(format!("a table operation answered {r:?}")));
+                            }
+                            // Refused before it ran: ask again where the primary is.
+                            Err(e @ GridError::NotPrimary { .. }) => last = e,
+                            Err(e) => {
+                                if matches!(e, GridError::Unavailable(_)) {
+                                    self.forget(addr);
+                                }
+                                return Err(e);
+                            }
+                        }
+                    }
+                },
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(last);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+            let _ = self.refresh().await;
+        }
+    }
+}
+
+struct ClusterTable {
+    c: ClusterClient,
+    name: String,
+}
+
+fn unexpected(r: OpResult) -> GridError {
+    GridError::Protocol(format!("unexpected answer {r:?}"))
+}
+
+fn not_routed(what: &str) -> GridError {
+    GridError::Invalid(format!(
+        "{what} over every shard of a cluster table is not supported by ClusterClient yet"
+    ))
+}
+
+impl TableBackend for ClusterTable {
+    fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>, GridError>> {
+        Box::pin(async move {
+            match self.c.route(&self.name, &key.clone(), TableOp::Get { key }).await? {
+                OpResult::Value(v) => Ok(v),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn contains(&self, key: Key) -> BoxFuture<'_, Result<bool, GridError>> {
+        Box::pin(async move {
+            match self.c.route(&self.name, &key.clone(), TableOp::Contains { key }).await? {
+                OpResult::Bool(b) => Ok(b),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn count(&self) -> BoxFuture<'_, Result<u64, GridError>> {
+        Box::pin(async move { Err(not_routed("count")) })
+    }
+
+    fn scan(&self, _: ScanRange) -> BoxFuture<'_, Result<Vec<(Key, Versioned)>, GridError>> {
+        Box::pin(async move { Err(not_routed("scan")) })
+    }
+
+    fn write(&self, op: WriteOp) -> BoxFuture<'_, Result<WriteResult, GridError>> {
+        Box::pin(async move {
+            let Some(key) = op.key().cloned() else { return Err(not_routed("a write without a key")) };
+            match self.c.route(&self.name, &key, TableOp::Write(op)).await? {
+                OpResult::Written { mut results, .. } if results.len() == 1 => Ok(results.remove(0)),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn batch(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<WriteResult>, GridError>> {
+        Box::pin(async move {
+            let Some(key) = ops.iter().find_map(|o| o.key().cloned()) else {
+                return Err(not_routed("a batch without a key"));
+            };
+            match self.c.route(&self.name, &key, TableOp::Batch(ops)).await? {
+                OpResult::Written { results, .. } => Ok(results),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+
+    fn eval(&self, req: EvalRequest) -> BoxFuture<'_, Result<Value, GridError>> {
+        Box::pin(async move {
+            let EvalRequest { src, key, args, limits, read_only } = req;
+            let Some(k) = key.clone() else { return Err(not_routed("a snippet without a key")) };
+            let req = protocol::EvalRequest { src, key, args, limits, read_only };
+            match self.c.route(&self.name, &k, TableOp::Eval(req)).await? {
+                OpResult::Snippet(v) => Ok(v),
+                r => Err(unexpected(r)),
+            }
+        })
+    }
+}
