@@ -30,6 +30,7 @@ pub mod loadgen;
 pub mod loadgen_feed;
 pub mod loadgen_lock;
 pub mod loadgen_queue;
+pub mod loadgen_repl;
 pub mod lock;
 pub mod protocol;
 pub mod queue;

@@ -146,6 +146,7 @@ pub(crate) fn resp(args: &[&[u8]]) -> Vec<u8> {
 pub(crate) enum Reply {
     Bulk(Option<Vec<u8>>),
     Array(Option<Vec<Reply>>),
+    Int(i64),
     Other,
 }
 
@@ -174,6 +175,7 @@ pub(crate) async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) ->
             Reply::Array(Some(items))
         }
         b'-' => return Err(std::io::Error::other(head)),
+        b':' => Reply::Int(n),
         _ => Reply::Other,
     })
 }

@@ -124,6 +124,10 @@ struct BenchArgs {
     /// XADD + XREADGROUP + XACK). Items are --value-bytes long.
     #[arg(long, value_parser = ["take", "ack"])]
     queues: Option<String>,
+    /// With --redis: `SET` of random keys, each followed by `WAIT N 0` when N > 0 (Redis with
+    /// replicas; the baseline of benches/compare-redis-cluster.sh).
+    #[arg(long)]
+    redis_set_wait: Option<u32>,
     /// Make every snippet's source unique, so none is served from the compile cache.
     #[arg(long)]
     uncached: bool,
@@ -951,7 +955,11 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
             uncached: b.uncached,
         }),
     };
-    let r = heapgrid::loadgen::run(spec).await?;
+    let r = match (b.redis_set_wait, b.redis) {
+        (Some(wait), Some(addr)) => heapgrid::loadgen_repl::run(&spec, addr, wait).await?,
+        (Some(_), None) => return Err("--redis-set-wait needs --redis ADDR".into()),
+        _ => heapgrid::loadgen::run(spec).await?,
+    };
     if b.json {
         emit(&serde_json::to_string(&r)?)?;
     } else {
