@@ -5,6 +5,9 @@
 //! after a request was sent (the connection broke, `Indeterminate`) is returned: the write may
 //! or may not have applied, and only the caller knows whether retrying it is safe.
 //!
+//! A request to a node that stopped answering (paused, partitioned) ends at the options'
+//! `request_timeout`, as with `Client`: pick one shorter than a failover to move on sooner.
+//!
 //! Tables are `Table` handles, as with `Client` and `Grid`. `count` and `scan` need every shard
 //! and are not routed yet (`Invalid`).
 
@@ -26,6 +29,10 @@ use heapgrid_actors::grid::TableOptions;
 /// How long an operation keeps looking for its shard's primary (a failover takes about a
 /// second).
 pub const ROUTE_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a connection's handshake may take (less if `request_timeout` is less).
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// How long a map refresh waits for the nodes' answers.
+const REFRESH_WAIT: Duration = Duration::from_millis(500);
 /// Pause between tries while no primary answers.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -68,7 +75,12 @@ impl ClusterClient {
         if let Some(c) = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&addr) {
             return Ok(c.clone());
         }
-        let c = Client::connect_with(addr, self.inner.opts.clone()).await?;
+        // A stopped node's kernel still accepts the connection; its handshake never comes.
+        let wait = self.inner.opts.request_timeout.min(CONNECT_WAIT);
+        let c =
+            tokio::time::timeout(wait, Client::connect_with(addr, self.inner.opts.clone())).await.map_err(
+                |_| GridError::Unavailable(format!("{addr} did not complete the handshake within {wait:?}")),
+            )??;
         self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(addr, c.clone());
         Ok(c)
     }
@@ -77,29 +89,41 @@ impl ClusterClient {
         self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
     }
 
-    /// Fetches the map from the first node that answers (the newest of those asked wins).
+    /// Fetches the map from every node at once and keeps the newest that arrives within
+    /// `REFRESH_WAIT` (a node that is down or stopped does not hold it up).
     pub async fn refresh(&self) -> Result<(), GridError> {
-        let mut last = GridError::Unavailable("no node to ask".into());
-        for addr in self.addrs() {
-            let status = match self.client(addr).await {
-                Ok(c) => c.cluster_status().await,
-                Err(e) => Err(e),
+        let asks = self.addrs().into_iter().map(|addr| async move {
+            let ask = async {
+                let c = self.client(addr).await?;
+                c.cluster_status().await
             };
-            match status {
-                Ok(s) => {
-                    let mut map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
-                    if s.map.version >= map.version {
-                        *map = s.map;
-                    }
-                    return Ok(());
-                }
-                Err(e) => {
+            match tokio::time::timeout(REFRESH_WAIT, ask).await {
+                Ok(Ok(s)) => Ok(s.map),
+                Ok(Err(e)) => {
                     self.forget(addr);
-                    last = e;
+                    Err(e)
+                }
+                Err(_) => {
+                    self.forget(addr);
+                    Err(GridError::Unavailable(format!("{addr} did not answer within {REFRESH_WAIT:?}")))
                 }
             }
+        });
+        let mut last = GridError::Unavailable("no node to ask".into());
+        let mut newest: Option<ClusterMap> = None;
+        for r in futures_util::future::join_all(asks).await {
+            match r {
+                Ok(m) if newest.as_ref().is_none_or(|n| m.version > n.version) => newest = Some(m),
+                Ok(_) => {}
+                Err(e) => last = e,
+            }
         }
-        Err(last)
+        let Some(m) = newest else { return Err(last) };
+        let mut map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
+        if m.version >= map.version {
+            *map = m;
+        }
+        Ok(())
     }
 
     /// Creates a replicated table (through any node; the map places it).

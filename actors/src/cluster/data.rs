@@ -33,13 +33,17 @@ use crate::table::supervisor::SlotState;
 
 /// How often the detector decides.
 const DECIDE_EVERY: Duration = Duration::from_millis(50);
-/// A lease is granted only by a leader that a quorum acknowledged within this. Why it is safe:
-/// the other voters elect a new leader no sooner than `election_max + election_min` after they
-/// last heard from the old one (openraft's leader lease, 300 + 150 ms by default), and the new
-/// leader's detector waits `detect_ms` (600) more before it fails a primary over: a lease the
-/// old leader granted (at most `lease_ms`, 400, counted from the primary's report, sent before
-/// the grant) therefore ends before a new primary is named as long as
-/// `QUORUM_FRESH_MS + lease_ms < leader lease + election_min + detect_ms`: 150 + 400 < 1050.
+/// A lease is granted only by a leader that a quorum acknowledged within this. Why that is safe
+/// (real time; a lease counts on the primary's own clock from its report's send time, so only
+/// clock rates matter): a lease granted at `g` ends by `g + lease_ms` (400). The leader granted
+/// it only if a quorum acknowledged it after `g - QUORUM_FRESH_MS`; each of those voters heard
+/// the leader after `g - 150 - max_delay_ms` (100). A new leader needs the vote of one of them,
+/// which votes for no one until openraft's leader lease (`election_max_ms`, 240) after it last
+/// heard the old leader: so no new leader exists before `g - 10`, and its detector, fresh,
+/// replaces a primary only `detect_ms` (600) after that, at `g + 590` or later: after the
+/// lease ended. (Raising `lease_ms` or `QUORUM_FRESH_MS`, or lowering `detect_ms` or the
+/// election timeouts, must keep `QUORUM_FRESH_MS + max_delay_ms + lease_ms < election_max_ms +
+/// detect_ms`.)
 const QUORUM_FRESH_MS: u64 = 150;
 /// How often the placements are checked even without a change of the map.
 const PLACE_EVERY: Duration = Duration::from_millis(500);
@@ -211,10 +215,25 @@ async fn detect(
     }
 }
 
+/// In-sync changes, newest per shard (a primary proposes again until its change is committed,
+/// so older ones waiting here are dropped), each committed on its own task.
 async fn propose(control: Arc<ControlNode>, mut proposals: mpsc::UnboundedReceiver<MapCmd>) {
-    while let Some(cmd) = proposals.recv().await {
-        if let Err(e) = control.admin(Admin::Propose(cmd)).await {
-            tracing::debug!("an in-sync change was not committed: {e}");
+    while let Some(first) = proposals.recv().await {
+        let mut newest = std::collections::BTreeMap::new();
+        let mut next = Some(first);
+        while let Some(cmd) = next {
+            if let MapCmd::SetInSync { shard, .. } = &cmd {
+                newest.insert(shard.clone(), cmd);
+            }
+            next = proposals.try_recv().ok();
+        }
+        for (_, cmd) in newest {
+            let c = control.clone();
+            tokio::spawn(async move {
+                if let Err(e) = c.admin(Admin::Propose(cmd)).await {
+                    tracing::debug!("an in-sync change was not committed: {e}");
+                }
+            });
         }
     }
 }

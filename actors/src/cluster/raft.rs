@@ -65,8 +65,9 @@ pub const CONTROL_FRAME: u8 = b'C';
 pub const CALLS_MAX: usize = 4096;
 /// How long a change of the map may take (leader changes and joins included).
 pub const ADMIN_DEADLINE: Duration = Duration::from_secs(20);
-/// How long one forwarded admin request may wait for the leader's answer.
-const ADMIN_CALL: Duration = Duration::from_secs(10);
+/// How long one forwarded admin request may wait for the leader's answer (a leader that died
+/// is not known to have until an election; the caller retries meanwhile).
+const ADMIN_CALL: Duration = Duration::from_millis(1500);
 /// How often a node checks that the map records it with its current addresses.
 const SELF_CHECK: Duration = Duration::from_millis(500);
 
@@ -300,7 +301,7 @@ pub struct RaftTiming {
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { heartbeat_ms: 50, election_min_ms: 150, election_max_ms: 300 }
+        RaftTiming { heartbeat_ms: 40, election_min_ms: 120, election_max_ms: 240 }
     }
 }
 
