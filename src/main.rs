@@ -59,6 +59,8 @@ enum ClusterCmd {
     Add { id: u64, peer_addr: String, client_addr: String },
     /// Takes a node out of the map and the Raft group (refused while it holds placements).
     Remove { id: u64 },
+    /// This node's copy of a shard of a replicated table: position, keys, digest.
+    Digest { table: String, shard: u32 },
 }
 
 #[derive(clap::Args)]
@@ -183,6 +185,10 @@ struct ServeArgs {
     /// Replicas a write to such a table waits for: 0 is `async`, N is `sync(N)` (default 1).
     #[arg(long)]
     sync: Option<u32>,
+    /// Records a shard's primary keeps in memory for replicas behind (default 100000); a
+    /// replica further behind gets a snapshot of the shard.
+    #[arg(long)]
+    repl_retain: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -229,9 +235,10 @@ struct ConfigFile {
     #[serde(default)]
     join: Vec<String>,
     cluster_cookie: Option<String>,
-    /// As `--replicas` and `--sync`.
+    /// As `--replicas`, `--sync` and `--repl-retain`.
     replicas: Option<u32>,
     sync: Option<u32>,
+    repl_retain: Option<usize>,
 }
 
 fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -337,6 +344,7 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
                 replicas: a.replicas.or(file.replicas).unwrap_or(2),
                 sync: a.sync.or(file.sync).unwrap_or(1),
                 detector: heapgrid_actors::cluster::detector::Timing::default(),
+                retain_records: a.repl_retain.or(file.repl_retain).unwrap_or(100_000),
             })
         }
     };
@@ -417,10 +425,15 @@ async fn cluster(c: ClientArgs, cmd: ClusterCmd) -> Result<(), AnyErr> {
             ClusterOp::Add(Member { id, addr: client_addr, peer_addr })
         }
         ClusterCmd::Remove { id } => ClusterOp::Remove { node: id },
+        ClusterCmd::Digest { table, shard } => ClusterOp::Digest { table, shard },
     };
     let out = match client.cluster(op).await? {
         ClusterResult::Status(s) => serde_json::to_string_pretty(&status_json(&s))?,
         ClusterResult::Changed { version } => serde_json::json!({ "version": version }).to_string(),
+        ClusterResult::Digest(d) => serde_json::json!({
+            "epoch": d.pos.epoch, "lsn": d.pos.lsn, "keys": d.keys, "digest": format!("{:08x}", d.digest),
+        })
+        .to_string(),
     };
     emit(&out)
 }

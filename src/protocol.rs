@@ -533,8 +533,13 @@ mod tests {
         assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
         use heapgrid_actors::cluster::map::Member;
         let m = Member { id: 0, addr: s(), peer_addr: s() };
-        let cluster_ops = [ClusterOp::Status, ClusterOp::Add(m), ClusterOp::Remove { node: 0 }];
-        assert_eq!(cluster_ops.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2]);
+        let cluster_ops = [
+            ClusterOp::Status,
+            ClusterOp::Add(m),
+            ClusterOp::Remove { node: 0 },
+            ClusterOp::Digest { table: s(), shard: 0 },
+        ];
+        assert_eq!(cluster_ops.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2, 3]);
         use heapgrid_actors::queue::ops::{Mode, QueueLen, QueueOptions, Receipt};
         let r = || Receipt { seq: 0, delivery: 0 };
         let queue_ops = [

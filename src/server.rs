@@ -961,6 +961,9 @@ impl<'c> Round<'c> {
                 let need = if op.changes() { Permission::Admin } else { Permission::Read };
                 return alone(id, async move {
                     who.require(CLUSTER, need)?;
+                    if let ClusterOp::Digest { table, .. } = &op {
+                        who.require(table, Permission::Read)?;
+                    }
                     let Some(node) = grid.cluster().cloned() else {
                         return Err(GridError::Invalid(
                             "this node is not in a cluster (start it with --node-id and --peer-listen)"
@@ -977,6 +980,9 @@ impl<'c> Round<'c> {
                             ClusterOp::Remove { node: n } => ClusterResult::Changed {
                                 version: node.admin(Admin::Remove(n)).await?.version,
                             },
+                            ClusterOp::Digest { table, shard } => {
+                                ClusterResult::Digest(grid.table(&table)?.digest(shard).await?)
+                            }
                         }))
                     })
                     .await

@@ -1376,6 +1376,7 @@ impl GridCore {
             proposals,
             origin: std::time::Instant::now(),
             heartbeat_ms: opts.detector.heartbeat_ms,
+            retain_records: opts.retain_records,
         });
         let _ = self.cluster_defaults.set((opts.replicas, opts.sync));
         self.repl_net.set(net.clone()).map_err(|_| taken())?;

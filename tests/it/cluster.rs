@@ -32,10 +32,15 @@ impl Drop for Node {
 }
 
 fn start(id: u64, dir: &Path, peer_listen: &str, join: Option<&str>) -> Node {
+    start_with(id, dir, peer_listen, join, &[])
+}
+
+fn start_with(id: u64, dir: &Path, peer_listen: &str, join: Option<&str>, extra: &[&str]) -> Node {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_heapgrid"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--trusted-snippets", "--data"])
         .arg(dir)
         .args(["--node-id", &id.to_string(), "--peer-listen", peer_listen])
+        .args(extra)
         .env("HEAPGRID_CLUSTER_COOKIE", COOKIE);
     if let Some(j) = join {
         cmd.args(["--join", j]);
@@ -438,5 +443,81 @@ async fn a_paused_primary_refuses_writes_when_it_wakes_and_rejoins_as_a_replica(
         }
         assert!(Instant::now() < deadline, "the old primary never caught up: {p:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each node's copy of shard 0 of `table`: (lsn, keys, digest).
+async fn digests(nodes: &[&Node], table: &str) -> Vec<Option<(u64, u64, u32)>> {
+    let mut out = Vec::new();
+    for n in nodes {
+        let d = match Client::connect(n.addr).await {
+            Ok(c) => match c.cluster(ClusterOp::Digest { table: table.into(), shard: 0 }).await {
+                Ok(ClusterResult::Digest(d)) => Some((d.pos.lsn, d.keys, d.digest)),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        out.push(d);
+    }
+    out
+}
+
+/// Puts `count` new keys (`prefix` + i) through `cc`, 8 at a time.
+async fn put_many(cc: &heapgrid::ClusterClient, table: &str, prefix: &str, count: u64) {
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (t, prefix) = (cc.table(table), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            for i in (w..count).step_by(8) {
+                t.put(format!("{prefix}{i}"), &i).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// CLUSTER.md: a replica that was down catches up, from the primary's retained log when it
+/// missed little, from a snapshot when it missed more than the primary keeps
+/// (`--repl-retain 2000`); afterwards every copy's digest is the same. Down for
+/// `HEAPGRID_CATCHUP_SECS` each time (default 2; CLUSTER.md's 60 s: `scripts/cluster-catchup.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_was_down_catches_up_from_the_log_or_a_snapshot() {
+    use heapgrid::{ClientOptions, ClusterClient, TableOptions};
+    let down: u64 = std::env::var("HEAPGRID_CATCHUP_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let root = tempfile::tempdir().unwrap();
+    let d = |i: u64| root.path().join(format!("n{i}"));
+    let retain = ["--repl-retain", "2000"];
+    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, &retain);
+    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), &retain);
+    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), &retain);
+    until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
+    let cc = ClusterClient::connect(&[n1.addr, n2.addr, n3.addr], ClientOptions::default()).await.unwrap();
+    cc.create_table("catch", TableOptions { shards: 1, fsync: None }).await.unwrap();
+    put_many(&cc, "catch", "a", 200).await;
+    let p = cc.map().placement(&("catch".to_string(), 0)).cloned().unwrap();
+    let replica = *p.replicas.last().unwrap();
+    let mut nodes = vec![n1, n2, n3];
+    for (round, missed) in [("log", 500u64), ("snapshot", 5000)] {
+        let at = nodes.iter().position(|n| n.id == replica).unwrap();
+        let (id, dir, peer) = nodes.remove(at).kill9();
+        put_many(&cc, "catch", round, missed).await;
+        tokio::time::sleep(Duration::from_secs(down)).await;
+        nodes.push(start_with(id, &dir, &peer, None, &retain));
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ds = digests(&refs, "catch").await;
+            if ds.iter().all(|d| d.is_some() && *d == ds[0]) {
+                let (lsn, keys, digest) = ds[0].unwrap();
+                eprintln!(
+                    "{round}: node {id} caught up: lsn {lsn}, {keys} keys, digest {digest:08x} on every node"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "{round}: the copies never converged: {ds:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }

@@ -21,12 +21,15 @@ pub enum ClusterOp {
     Add(Member),
     /// Takes a node out of the map and the group; refused while it holds shard placements.
     Remove { node: NodeId },
+    /// This node's copy of a replicated table's shard, summarised (equal copies have equal
+    /// digests): for comparing replicas.
+    Digest { table: String, shard: u32 },
 }
 
 impl ClusterOp {
     /// Whether it changes the cluster (`admin`) or only looks (`read`).
     pub fn changes(&self) -> bool {
-        !matches!(self, ClusterOp::Status)
+        !matches!(self, ClusterOp::Status | ClusterOp::Digest { .. })
     }
 }
 
@@ -38,4 +41,5 @@ pub enum ClusterResult {
     Changed {
         version: u64,
     },
+    Digest(crate::replication::shard::ShardDigest),
 }

@@ -289,6 +289,8 @@ pub struct ClusterOptions {
     pub sync: u32,
     /// The failure detector's heartbeats, leases and detection time.
     pub detector: super::detector::Timing,
+    /// Records a shard's primary keeps in memory for replicas behind (`--repl-retain`).
+    pub retain_records: usize,
 }
 
 /// Timing of the Raft group.

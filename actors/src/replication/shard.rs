@@ -93,6 +93,9 @@ pub struct ReplNet {
     pub proposals: mpsc::UnboundedSender<MapCmd>,
     pub origin: std::time::Instant,
     pub heartbeat_ms: u64,
+    /// Records a primary keeps in memory for replicas behind (one further behind gets a
+    /// snapshot).
+    pub retain_records: usize,
 }
 
 impl ReplNet {
@@ -110,6 +113,29 @@ impl ReplNet {
     pub fn placement(&self, table: &str, shard: u32) -> Option<Placement> {
         self.map.borrow().placement(&(table.to_string(), shard)).cloned()
     }
+}
+
+/// A copy of a shard, summarised (`ClusterOp::Digest`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardDigest {
+    pub pos: Pos,
+    pub keys: u64,
+    /// crc32c over each pair as (key length u32 LE, key, value length u32 LE, value), in key
+    /// order.
+    pub digest: u32,
+}
+
+/// The digest of `heap`'s contents at `pos`.
+pub fn digest_of(heap: &Heap, pos: Pos) -> Result<ShardDigest, GridError> {
+    let (mut crc, mut keys) = (0u32, 0u64);
+    for e in heap.iter() {
+        let (k, v) = e?;
+        for part in [&(k.len() as u32).to_le_bytes()[..], k, &(v.len() as u32).to_le_bytes()[..], &v[..]] {
+            crc = crc32c::crc32c_append(crc, part);
+        }
+        keys += 1;
+    }
+    Ok(ShardDigest { pos, keys, digest: crc })
 }
 
 /// An answer waiting for its local release and its replicas.
@@ -182,7 +208,9 @@ impl ShardRepl {
     ) -> Result<ShardRepl, GridError> {
         let mut st = ReplState::open(heap, heap_path)?;
         let epoch = st.last_epoch();
-        let ep = Endpoint::new(net.me, &HeapLog::lend(heap, &mut st), epoch);
+        let mut ep = Endpoint::new(net.me, &HeapLog::lend(heap, &mut st), epoch);
+        ep.tuning.retain_max = net.retain_records.max(1);
+        st.tail_max = net.retain_records.max(1);
         heap.set_tap(true);
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(REPL_TICK);
@@ -213,6 +241,12 @@ impl ShardRepl {
     /// Whether this node serves the shard (its primary).
     pub fn serving(&self) -> bool {
         self.ep.is_primary()
+    }
+
+    /// This node's copy of the shard: its position, its keys, and a digest of its sorted
+    /// key/value pairs (equal copies have equal digests), whatever its role.
+    pub fn digest(&self, heap: &Heap) -> Result<ShardDigest, GridError> {
+        digest_of(heap, self.ep.pos())
     }
 
     fn not_primary(&self) -> GridError {
@@ -365,6 +399,10 @@ impl ShardRepl {
         let now = self.net.now_ms();
         let effects = match wire {
             ReplWire::Rep(m) => {
+                if let ToReplica::Snapshot { upto, state, .. } = &m {
+                    tracing::info!(table = %self.table, shard = self.shard, from, lsn = upto.lsn,
+                        keys = state.1.len(), "installing a snapshot (behind the primary's retained log)");
+                }
                 let mut log = Self::lend(heap, &mut self.st);
                 let mut e = self.ep.on_replica_msg(&mut log, from, m)?;
                 let last = log.last();

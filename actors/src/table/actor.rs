@@ -113,6 +113,8 @@ pub enum ShardMsg {
     Repl(crate::replication::NodeId, ReplWire),
     /// The replication tick (`REPL_TICK`).
     ReplTick,
+    /// This node's copy of the shard, summarised (whatever its role; `ClusterOp::Digest`).
+    Digest(Reply<crate::replication::shard::ShardDigest>),
 }
 
 /// Longest a prepared shard waits for its coordinator's decision before it lets go (applying
@@ -485,6 +487,16 @@ impl Actor for ShardActor {
                 }
                 return fail_if_poisoned(&mut state.gate);
             }
+            ShardMsg::Digest(reply) => {
+                let r = match (state.repl.as_ref(), state.gate.shard.as_ref()) {
+                    (Some(repl), Some(t)) => repl.digest(t.heap()),
+                    (None, Some(t)) => crate::replication::shard::digest_of(t.heap(), Default::default()),
+                    _ => Err(GridError::Closed),
+                };
+                // What it read is written (the digest is of records the op log has).
+                state.gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                return Ok(());
+            }
             msg => msg,
         };
         if let Err(e) = state.admit() {
@@ -593,7 +605,8 @@ impl Actor for ShardActor {
             | ShardMsg::InjectPanic
             | ShardMsg::Placement(_)
             | ShardMsg::Repl(..)
-            | ShardMsg::ReplTick => {}
+            | ShardMsg::ReplTick
+            | ShardMsg::Digest(_) => {}
         }
         if let Some(why) = state.failed.take() {
             return Err(why.into());
@@ -631,6 +644,7 @@ fn refuse(msg: ShardMsg, e: GridError) {
         | ShardMsg::Placement(_)
         | ShardMsg::Repl(..)
         | ShardMsg::ReplTick => {}
+        ShardMsg::Digest(r) => drop(r.send(err(e))),
     }
 }
 

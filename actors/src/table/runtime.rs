@@ -148,6 +148,14 @@ impl TableRuntime {
         self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
     }
 
+    /// This node's copy of shard `i`, summarised (`ClusterOp::Digest`; any role).
+    pub async fn digest(&self, i: u32) -> Result<crate::replication::shard::ShardDigest, GridError> {
+        if i >= self.def.shards {
+            return Err(GridError::Invalid(format!("{} has {} shards", self.def.name, self.def.shards)));
+        }
+        self.call(i, (), |(), r| ShardMsg::Digest(r), |_| None).await?
+    }
+
     /// The value and version under `key`, from the shard actor itself: everything it applied,
     /// even before it is published (answered once durable). For optimistic retries.
     pub async fn get_fresh(&self, key: Key) -> Result<Option<Versioned>, GridError> {
