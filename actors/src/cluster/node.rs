@@ -140,6 +140,9 @@ async fn node_loop(
                 match w {
                     Wire::Rep(m) => {
                         let Ok(mut e) = ep.on_replica_msg(&mut log, from, m) else { return };
+                        if log.flush().is_err() {
+                            return;
+                        }
                         // `HeapLog` applies with write(2) per the heap's policy: acked as written.
                         let last = log.last();
                         e.extend(ep.synced::<HeapLog>(last, Some(from)));
@@ -169,7 +172,11 @@ async fn node_loop(
                         let token = next_token;
                         next_token += 1;
                         let at = now();
-                        match ep.write(&mut log, batch.as_bytes().to_vec(), n, token, at + WRITE_DEADLINE_MS, at) {
+                        let wrote = ep.write(&mut log, batch.as_bytes().to_vec(), n, token, at + WRITE_DEADLINE_MS, at);
+                        if log.flush().is_err() {
+                            return;
+                        }
+                        match wrote {
                             Ok(Ok((lsn, _))) => {
                                 let e = ep.synced::<HeapLog>(lsn, None);
                                 if n == 0 {

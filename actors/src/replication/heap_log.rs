@@ -137,6 +137,12 @@ impl<'a> HeapLog<&'a mut Heap, &'a mut ReplState> {
 }
 
 impl<H: BorrowMut<Heap>, S: BorrowMut<ReplState>> HeapLog<H, S> {
+    /// Writes the op-log records of what `append` applied (one write(2)); call it before the
+    /// log's end is acknowledged.
+    pub fn flush(&mut self) -> Result<(), GridError> {
+        Ok(self.heap.borrow_mut().flush_log()?)
+    }
+
     fn heap(&self) -> &Heap {
         self.heap.borrow()
     }
@@ -201,7 +207,8 @@ impl<H: BorrowMut<Heap>, S: BorrowMut<ReplState>> ShardLog for HeapLog<H, S> {
         }
         // Durable before the epoch's first record is.
         self.note_epoch(r.epoch, r.lsn)?;
-        self.heap.borrow_mut().apply(&batch)?;
+        // Its op-log record is queued: `flush` writes a message's records with one write(2).
+        self.heap.borrow_mut().apply_deferred(&batch)?;
         if self.last() != r.lsn {
             return Err(GridError::Corrupted(format!("record {} applied as {}", r.lsn, self.last())));
         }
@@ -225,6 +232,7 @@ impl<H: BorrowMut<Heap>, S: BorrowMut<ReplState>> ShardLog for HeapLog<H, S> {
     }
 
     fn install(&mut self, upto: Pos, history: EpochHistory, state: Self::State) -> Result<(), GridError> {
+        self.flush()?;
         self.st.borrow_mut().meta.installing = true;
         self.st().save()?;
         self.empty_heap()?;
@@ -244,6 +252,7 @@ impl<H: BorrowMut<Heap>, S: BorrowMut<ReplState>> ShardLog for HeapLog<H, S> {
     }
 
     fn clear(&mut self) -> Result<(), GridError> {
+        self.flush()?;
         self.empty_heap()?;
         let heap_at = self.heap().last_lsn();
         let st = self.st.borrow_mut();

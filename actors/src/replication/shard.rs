@@ -405,6 +405,7 @@ impl ShardRepl {
                 }
                 let mut log = Self::lend(heap, &mut self.st);
                 let mut e = self.ep.on_replica_msg(&mut log, from, m)?;
+                log.flush()?;
                 let last = log.last();
                 if self.fsync == FsyncPolicy::Always
                     && let Some(d) = heap.durability()

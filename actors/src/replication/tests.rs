@@ -255,6 +255,7 @@ mod heap_log {
                             continue;
                         }
                         let mut effects = r.ep.on_replica_msg(&mut r.log, 1, m).unwrap();
+                        r.log.flush().unwrap();
                         let last = r.log.last();
                         effects.extend(r.ep.synced::<HeapLog>(last, Some(1)));
                         for e in effects {
@@ -286,6 +287,7 @@ mod heap_log {
             p.ep.write(&mut p.log, b.as_bytes().to_vec(), 0, u64::from(i), now + 10_000, now)
                 .unwrap()
                 .unwrap();
+        p.log.flush().unwrap();
         p.ep.synced::<HeapLog>(lsn, None);
     }
 
