@@ -390,3 +390,44 @@ mod raft_group {
         assert_ne!(back.status().leader, None);
     }
 }
+
+#[test]
+fn a_created_table_is_placed_round_the_members_and_a_dropped_one_leaves() {
+    use super::map::TableSpec;
+    let mut m = ClusterMap::default();
+    for id in 1..=3 {
+        m.apply(member(id)).unwrap();
+    }
+    let spec = TableSpec { shards: 4, replicas: 2, sync: 1 };
+    m.apply(MapCmd::CreateTable { name: "t".into(), spec: spec.clone() }).unwrap();
+    let placed: Vec<(u64, Vec<u64>)> = (0..4)
+        .map(|i| m.placement(&("t".to_string(), i)).map(|p| (p.primary, p.replicas.clone())).unwrap())
+        .collect();
+    assert_eq!(placed, vec![(1, vec![2, 3]), (2, vec![3, 1]), (3, vec![1, 2]), (1, vec![2, 3])]);
+    let p = m.placement(&("t".to_string(), 1)).unwrap();
+    assert_eq!((p.epoch, p.in_sync.clone(), p.sync), (1, vec![3, 1], 1));
+    assert_eq!(m.table("t"), Some(&spec));
+    // Again, or more replicas than other members, or sync above replicas: refused, unchanged.
+    let v = m.version;
+    assert_eq!(
+        m.apply(MapCmd::CreateTable { name: "t".into(), spec: spec.clone() }),
+        Err(MapError::TableExists("t".into()))
+    );
+    let wide = TableSpec { shards: 1, replicas: 3, sync: 0 };
+    assert!(matches!(
+        m.apply(MapCmd::CreateTable { name: "u".into(), spec: wide }),
+        Err(MapError::BadPlacement(_))
+    ));
+    let strict = TableSpec { shards: 1, replicas: 1, sync: 2 };
+    assert!(matches!(
+        m.apply(MapCmd::CreateTable { name: "u".into(), spec: strict }),
+        Err(MapError::BadPlacement(_))
+    ));
+    assert_eq!(m.version, v);
+    // A member holding placements cannot leave; once the table is dropped it can.
+    assert_eq!(m.apply(MapCmd::Leave(2)), Err(MapError::InUse(2)));
+    m.apply(MapCmd::DropTable("t".into())).unwrap();
+    assert_eq!(m.placements().count(), 0);
+    m.apply(MapCmd::Leave(2)).unwrap();
+    assert_eq!(m.apply(MapCmd::DropTable("t".into())), Err(MapError::NoSuchTable("t".into())));
+}

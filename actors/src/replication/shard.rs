@@ -466,3 +466,87 @@ impl ShardRepl {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// An answer that records what it was given.
+    fn answer(seen: &Arc<Mutex<Vec<Option<String>>>>) -> Answer {
+        let seen = seen.clone();
+        Box::new(move |e: Option<&GridError>| seen.lock().unwrap().push(e.map(|e| e.to_string())))
+    }
+
+    #[test]
+    fn an_answer_waits_for_both_its_release_and_its_replicas_in_either_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut js = Joins::default();
+        // Released first, then replicated.
+        js.waiting.insert(1, Join { local: Some(None), repl: None, answer: Some(answer(&seen)) });
+        js.settle(1);
+        assert!(seen.lock().unwrap().is_empty(), "answered before its replicas acked");
+        js.waiting.get_mut(&1).unwrap().repl = Some(Outcome::Replicated);
+        js.settle(1);
+        assert_eq!(*seen.lock().unwrap(), vec![None]);
+        assert!(js.waiting.is_empty());
+        // Replicated first (the entry comes from `Done`), then released.
+        js.waiting.insert(2, Join { repl: Some(Outcome::Replicated), ..Join::default() });
+        js.settle(2);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        let j = js.waiting.get_mut(&2).unwrap();
+        j.local = Some(None);
+        j.answer = Some(answer(&seen));
+        js.settle(2);
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        assert!(js.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_local_failure_answers_at_once_and_a_late_outcome_only_clears_the_entry() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut js = Joins::default();
+        let failed = Some(GridError::Unavailable("heap failed".into()));
+        js.waiting.insert(1, Join { local: Some(failed), repl: None, answer: Some(answer(&seen)) });
+        js.settle(1);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert!(seen.lock().unwrap()[0].as_deref().unwrap().contains("heap failed"));
+        // The replicas' outcome arrives later: nothing is answered twice, the entry goes.
+        js.waiting.get_mut(&1).unwrap().repl = Some(Outcome::Replicated);
+        js.settle(1);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert!(js.waiting.is_empty());
+        // Indeterminate: released locally, not acked in time.
+        js.waiting.insert(
+            2,
+            Join { local: Some(None), repl: Some(Outcome::Indeterminate), answer: Some(answer(&seen)) },
+        );
+        js.settle(2);
+        assert!(seen.lock().unwrap()[1].as_deref().unwrap().starts_with("indeterminate"));
+    }
+
+    #[test]
+    fn a_digest_is_equal_for_equal_contents_and_differs_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |n: &str| Heap::open(dir.path().join(n), heapgrid_heap::HeapOptions::default()).unwrap();
+        let (mut a, mut b) = (open("a.heap"), open("b.heap"));
+        // The same pairs written in another order.
+        for (k, v) in [("x", "1"), ("y", "2"), ("z", "3")] {
+            a.put(k.as_bytes(), v.as_bytes()).unwrap();
+        }
+        for (k, v) in [("z", "3"), ("x", "1"), ("y", "2")] {
+            b.put(k.as_bytes(), v.as_bytes()).unwrap();
+        }
+        let d = |h: &Heap| digest_of(h, Pos::default()).unwrap();
+        assert_eq!(d(&a), d(&b));
+        assert_eq!(d(&a).keys, 3);
+        b.put(b"y", b"two").unwrap();
+        assert_ne!(d(&a).digest, d(&b).digest);
+        // A pair split differently is another content: lengths are part of the digest.
+        let (mut c, mut e) = (open("c.heap"), open("e.heap"));
+        c.put(b"ab", b"c").unwrap();
+        e.put(b"a", b"bc").unwrap();
+        assert_ne!(d(&c).digest, d(&e).digest);
+    }
+}
