@@ -722,6 +722,19 @@ async fn lock_dir(dir: &Path) -> Result<File, GridError> {
     }
 }
 
+/// The shards `opts` asks for (at least one), or why not.
+fn valid_shards(opts: &TableOptions) -> Result<u32, GridError> {
+    let shards = opts.shards.max(1);
+    if shards > TABLE_SHARDS_MAX {
+        return Err(GridError::LimitExceeded {
+            what: "shards".into(),
+            got: shards as u64,
+            max: TABLE_SHARDS_MAX as u64,
+        });
+    }
+    Ok(shards)
+}
+
 /// Applies a catalogue batch and waits until it is durable (the catalogue is fsync-always).
 fn durable_apply(h: &mut Heap, batch: &heapgrid_heap::WriteBatch) -> Result<(), GridError> {
     let lsn = h.apply(batch)?;
@@ -950,14 +963,7 @@ impl GridCore {
     pub async fn create_table(&self, name: &str, opts: TableOptions) -> Result<Arc<TableRuntime>, GridError> {
         let Some(c) = self.cluster.get() else { return self.create_table_local(name, opts).await };
         valid_name(name)?;
-        let shards = opts.shards.max(1);
-        if shards > TABLE_SHARDS_MAX {
-            return Err(GridError::LimitExceeded {
-                what: "shards".into(),
-                got: shards as u64,
-                max: TABLE_SHARDS_MAX as u64,
-            });
-        }
+        let shards = valid_shards(&opts)?;
         let map = c.map();
         if map.table(name).is_some() || self.feed(name).is_ok() {
             return Err(GridError::TableExists(name.into()));
@@ -989,14 +995,7 @@ impl GridCore {
         opts: TableOptions,
     ) -> Result<Arc<TableRuntime>, GridError> {
         valid_name(name)?;
-        let shards = opts.shards.max(1);
-        if shards > TABLE_SHARDS_MAX {
-            return Err(GridError::LimitExceeded {
-                what: "shards".into(),
-                got: shards as u64,
-                max: TABLE_SHARDS_MAX as u64,
-            });
-        }
+        let shards = valid_shards(&opts)?;
         let def = TableDef {
             name: name.into(),
             shards,

@@ -181,18 +181,11 @@ impl<B: Clone> Endpoint<B> {
         deadline_ms: u64,
         now_ms: u64,
     ) -> Result<Result<(Lsn, Epoch), WriteRefused>, GridError> {
-        let Role::Primary(p) = &mut self.role else {
-            return Ok(Err(WriteRefused::SteppedDown { current: self.epoch }));
-        };
-        let lsn = match p.write(body, n, token, deadline_ms, now_ms) {
-            Ok(lsn) => lsn,
+        let (record, epoch) = match self.record(body, n, token, deadline_ms, now_ms) {
+            Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let record = p.log().back().expect("just written").clone();
-        if n == 0 {
-            p.retain();
-        }
-        let epoch = p.epoch;
+        let lsn = record.lsn;
         log.append(record)?;
         Ok(Ok((lsn, epoch)))
     }
@@ -222,20 +215,33 @@ impl<B: Clone> Endpoint<B> {
         deadline_ms: u64,
         now_ms: u64,
     ) -> Result<Result<(Lsn, Epoch), WriteRefused>, GridError> {
-        let Role::Primary(p) = &mut self.role else {
-            return Ok(Err(WriteRefused::SteppedDown { current: self.epoch }));
-        };
-        let lsn = match p.write(body, n, token, deadline_ms, now_ms) {
-            Ok(lsn) => lsn,
+        let (record, epoch) = match self.record(body, n, token, deadline_ms, now_ms) {
+            Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
+        let lsn = record.lsn;
+        log.wrote(record)?;
+        Ok(Ok((lsn, epoch)))
+    }
+
+    /// The primary's side of a write: the record it ships (for the log to keep) and its epoch.
+    fn record(
+        &mut self,
+        body: B,
+        n: usize,
+        token: u64,
+        deadline_ms: u64,
+        now_ms: u64,
+    ) -> Result<(Record<B>, Epoch), WriteRefused> {
+        let Role::Primary(p) = &mut self.role else {
+            return Err(WriteRefused::SteppedDown { current: self.epoch });
+        };
+        p.write(body, n, token, deadline_ms, now_ms)?;
         let record = p.log().back().expect("just written").clone();
         if n == 0 {
             p.retain();
         }
-        let epoch = p.epoch;
-        log.wrote(record)?;
-        Ok(Ok((lsn, epoch)))
+        Ok((record, p.epoch))
     }
 
     /// The log is durable up to `lsn`: a primary may ship it, a replica acks it.
