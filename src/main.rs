@@ -61,6 +61,9 @@ enum ClusterCmd {
     Remove { id: u64 },
     /// This node's copy of a shard of a replicated table: position, keys, digest.
     Digest { table: String, shard: u32 },
+    /// Makes NODE the primary of a shard (a planned move: it catches up first; sent to the Raft
+    /// leader, found through --addr).
+    Move { table: String, shard: u32, node: u64 },
 }
 
 #[derive(clap::Args)]
@@ -426,6 +429,19 @@ async fn cluster(c: ClientArgs, cmd: ClusterCmd) -> Result<(), AnyErr> {
         }
         ClusterCmd::Remove { id } => ClusterOp::Remove { node: id },
         ClusterCmd::Digest { table, shard } => ClusterOp::Digest { table, shard },
+        ClusterCmd::Move { table, shard, node } => ClusterOp::Move { table, shard, node },
+    };
+    // A move runs on the Raft leader: asked through the node given.
+    let client = match &op {
+        ClusterOp::Move { .. } => {
+            let s = client.cluster_status().await?;
+            let leader = s.leader.and_then(|l| s.map.member(l)).and_then(|m| m.addr.parse().ok());
+            match leader {
+                Some(addr) => connect(&ClientArgs { addr, token: c.token.clone() }).await?,
+                None => return Err("no Raft leader is known now; try again".into()),
+            }
+        }
+        _ => client,
     };
     let out = match client.cluster(op).await? {
         ClusterResult::Status(s) => serde_json::to_string_pretty(&status_json(&s))?,

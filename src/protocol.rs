@@ -538,8 +538,9 @@ mod tests {
             ClusterOp::Add(m),
             ClusterOp::Remove { node: 0 },
             ClusterOp::Digest { table: s(), shard: 0 },
+            ClusterOp::Move { table: s(), shard: 0, node: 0 },
         ];
-        assert_eq!(cluster_ops.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(cluster_ops.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
         use heapgrid_actors::queue::ops::{Mode, QueueLen, QueueOptions, Receipt};
         let r = || Receipt { seq: 0, delivery: 0 };
         let queue_ops = [

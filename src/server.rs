@@ -983,6 +983,9 @@ impl<'c> Round<'c> {
                             ClusterOp::Digest { table, shard } => {
                                 ClusterResult::Digest(grid.table(&table)?.digest(shard).await?)
                             }
+                            ClusterOp::Move { table, shard, node: to } => ClusterResult::Changed {
+                                version: grid.cluster_move(&table, shard, to).await?,
+                            },
                         }))
                     })
                     .await

@@ -722,6 +722,9 @@ async fn lock_dir(dir: &Path) -> Result<File, GridError> {
     }
 }
 
+/// How long a moved shard's new node may take to catch up before the move gives up.
+const MOVE_CATCH_UP: Duration = Duration::from_secs(60);
+
 /// The shards `opts` asks for (at least one), or why not.
 fn valid_shards(opts: &TableOptions) -> Result<u32, GridError> {
     let shards = opts.shards.max(1);
@@ -1389,6 +1392,57 @@ impl GridCore {
             opts.detector,
         );
         self.data_plane.set(plane).map_err(|_| taken())
+    }
+
+    /// Makes `node` the primary of shard `shard` of replicated table `table` (a planned move):
+    /// `node` becomes a replica if it is not one, catches up (the primary takes it into the
+    /// in-sync set), then the leader switches the primary once the old one's lease has ended
+    /// (writes pause for about half a second; a `sync(n)` write in flight may end
+    /// `Indeterminate`); if `node` was added, the old primary then leaves the shard, so it keeps
+    /// its number of replicas. Run on the Raft leader. The map's version after it.
+    pub async fn cluster_move(&self, table: &str, shard: u32, node: u64) -> Result<u64, GridError> {
+        use crate::cluster::map::MapCmd;
+        use crate::cluster::raft::Admin;
+        let (Some(c), Some(plane)) = (self.cluster.get(), self.data_plane.get()) else {
+            return Err(GridError::Invalid("this node is not in a cluster".into()));
+        };
+        let id = (table.to_string(), shard);
+        let placed = |c: &crate::cluster::raft::ControlNode| {
+            c.map()
+                .placement(&id)
+                .cloned()
+                .ok_or_else(|| GridError::NoSuchTable(format!("{table} shard {shard}")))
+        };
+        let before = placed(c)?;
+        if before.primary == node {
+            return Ok(c.map().version);
+        }
+        if !c.is_leader() {
+            let leader = c.status().leader;
+            let addr = leader.and_then(|l| c.map().member(l).map(|m| m.addr.clone()));
+            return Err(GridError::Invalid(format!(
+                "a move runs on the Raft leader: node {leader:?} at {addr:?}"
+            )));
+        }
+        let added = !before.replicas.contains(&node);
+        if added {
+            c.admin(Admin::Propose(MapCmd::AddReplica { shard: id.clone(), node })).await?;
+        }
+        let until = tokio::time::Instant::now() + MOVE_CATCH_UP;
+        while !placed(c)?.in_sync.contains(&node) {
+            if tokio::time::Instant::now() >= until {
+                return Err(GridError::Unavailable(format!(
+                    "node {node} did not catch up with {table} shard {shard} within {MOVE_CATCH_UP:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut version = plane.switch(id.clone(), node).await?;
+        if added {
+            let old = before.primary;
+            version = c.admin(Admin::Propose(MapCmd::RemoveReplica { shard: id, node: old })).await?.version;
+        }
+        Ok(version)
     }
 
     /// This node's member of the cluster's control group (`None`: a node on its own).

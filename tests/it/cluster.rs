@@ -607,3 +607,70 @@ async fn under_async_a_returning_primary_drops_its_unreplicated_writes() {
         assert_eq!(t.get::<u64>(k.clone()).await.unwrap(), None, "{k} came back");
     }
 }
+
+/// `heapgrid cluster move`: a shard's primary moves to a node that held no copy, under `sync(1)`
+/// writes: the node catches up, the leader switches once the old primary's lease ended, and
+/// the old primary leaves the shard; no acknowledged write is lost and the copies are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_move_switches_the_primary_without_losing_writes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use heapgrid::{ClientOptions, ClusterClient, TableOptions};
+    let root = tempfile::tempdir().unwrap();
+    let d = |i: u64| root.path().join(format!("n{i}"));
+    let one = ["--replicas", "1"];
+    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, &one);
+    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), &one);
+    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), &one);
+    until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
+    let seeds = [n1.addr, n2.addr, n3.addr];
+    let cc = ClusterClient::connect(&seeds, ClientOptions::default()).await.unwrap();
+    cc.create_table("moving", TableOptions { shards: 1, fsync: None }).await.unwrap();
+    let before = cc.map().placement(&("moving".to_string(), 0)).cloned().unwrap();
+    assert_eq!((before.primary, before.replicas.clone()), (1, vec![2]));
+    put_many(&cc, "moving", "before", 300).await;
+    let opts = ClientOptions { request_timeout: Duration::from_millis(500), ..ClientOptions::default() };
+    let quick = ClusterClient::connect(&seeds, opts).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked, tasks) = writers(&quick, "moving", 1, &stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Through node 2: the CLI finds the Raft leader itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["cluster", "--addr", &n2.addr.to_string(), "move", "moving", "0", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    cc.refresh().await.unwrap();
+    let after = cc.map().placement(&("moving".to_string(), 0)).cloned().unwrap();
+    assert_eq!((after.primary, after.replicas.clone()), (3, vec![2]), "{after:?}");
+    assert!(after.epoch > before.epoch);
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+    let lost = lost(&cc, "moving", &acked).await;
+    assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
+    // The new primary and the replica hold the same copy.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ds = digests(&[&n3, &n2], "moving").await;
+        if ds[0].is_some() && ds[0] == ds[1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "copies differ: {ds:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Moving it to where it is changes nothing.
+    let c = Client::connect(n3.addr).await.unwrap();
+    let again = ClusterOp::Move { table: "moving".into(), shard: 0, node: 3 };
+    // Sent to a node that may not lead: either done (nothing to do) or a clear refusal.
+    match c.cluster(again).await {
+        Ok(ClusterResult::Changed { .. }) => {}
+        Err(GridError::Invalid(m)) => assert!(m.contains("Raft leader"), "{m}"),
+        r => panic!("unexpected {r:?}"),
+    }
+}

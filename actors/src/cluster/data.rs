@@ -18,12 +18,13 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::detector::{Detector, Report, Timing};
-use super::map::MapCmd;
+use super::map::{MapCmd, ShardId};
 use super::raft::{Admin, ControlNode};
 use super::transport::Inbox;
+use crate::error::GridError;
 use crate::grid::GridCore;
 use crate::replication::NodeId;
 use crate::replication::shard::{REPL_FRAME, ReplFrame, ReplNet, ReplWire};
@@ -48,9 +49,17 @@ const QUORUM_FRESH_MS: u64 = 150;
 /// How often the placements are checked even without a change of the map.
 const PLACE_EVERY: Duration = Duration::from_millis(500);
 
+/// A planned switch of a shard's primary to `to`, for the leader's detector.
+struct Switch {
+    shard: ShardId,
+    to: NodeId,
+    done: oneshot::Sender<Result<u64, GridError>>,
+}
+
 /// The data plane's tasks; they stop when it is dropped.
 pub struct DataPlane {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    switches: mpsc::Sender<Switch>,
 }
 
 impl Drop for DataPlane {
@@ -71,15 +80,31 @@ impl DataPlane {
         timing: Timing,
     ) -> DataPlane {
         let (det_tx, det_rx) = mpsc::channel(super::transport::INBOX_MAX);
+        let (switches, switch_rx) = mpsc::channel(SWITCHES_MAX);
         let tasks = vec![
             tokio::spawn(route(grid.clone(), inbox, det_tx)),
             tokio::spawn(place(grid, net.clone())),
-            tokio::spawn(detect(control.clone(), net, det_rx, timing)),
+            tokio::spawn(detect(control.clone(), net, det_rx, switch_rx, timing)),
             tokio::spawn(propose(control, proposals)),
         ];
-        DataPlane { tasks }
+        DataPlane { tasks, switches }
+    }
+
+    /// Makes in-sync replica `to` the primary of `shard`, on this node, which must lead the
+    /// Raft group: the current primary gets no more leases, and once its last one has ended
+    /// the switch is committed (the epoch rises). The map's version after it.
+    pub async fn switch(&self, shard: ShardId, to: NodeId) -> Result<u64, GridError> {
+        let (done, rx) = oneshot::channel();
+        self.switches
+            .send(Switch { shard, to, done })
+            .await
+            .map_err(|_| GridError::Unavailable("the data plane stopped".into()))?;
+        rx.await.map_err(|_| GridError::Unavailable("the data plane stopped".into()))?
     }
 }
+
+/// Planned switches queued for the detector.
+const SWITCHES_MAX: usize = 64;
 
 /// The shard actor of `table`'s shard `shard` here, if it runs.
 fn deliver(grid: &GridCore, table: &str, shard: u32, msg: ShardMsg) {
@@ -151,6 +176,7 @@ async fn detect(
     control: Arc<ControlNode>,
     net: Arc<ReplNet>,
     mut reports: mpsc::Receiver<(NodeId, ReplFrame)>,
+    mut switches: mpsc::Receiver<Switch>,
     timing: Timing,
 ) {
     let mut detector = Detector::new(timing);
@@ -158,8 +184,47 @@ async fn detect(
     let mut every = tokio::time::interval(DECIDE_EVERY);
     // Failovers sent and not yet seen in the map: (shard, epoch they replace).
     let mut pending: BTreeSet<((String, u32), u64)> = BTreeSet::new();
+    // Planned switches whose old primary is draining: (switch, its epoch, when to commit).
+    let mut draining: Vec<(Switch, u64, u64)> = Vec::new();
+    let (ended_tx, mut ended) = mpsc::unbounded_channel::<(ShardId, bool)>();
     loop {
         tokio::select! {
+            s = switches.recv() => {
+                let Some(s) = s else { return };
+                let placed = net.map.borrow().placement(&s.shard).cloned();
+                let refused = match &placed {
+                    _ if !control.leads_with_quorum(QUORUM_FRESH_MS) => Some(format!(
+                        "only the Raft leader switches primaries (this is node {}; the leader is {:?})",
+                        net.me,
+                        *net.leader.borrow()
+                    )),
+                    None => Some(format!("{:?} is not placed", s.shard)),
+                    Some(p) if p.primary == s.to => None,
+                    Some(p) if !p.in_sync.contains(&s.to) => {
+                        Some(format!("node {} is not an in-sync replica of {:?} (in sync: {:?})", s.to, s.shard, p.in_sync))
+                    }
+                    Some(_) => None,
+                };
+                match (refused, placed) {
+                    (Some(why), _) => drop(s.done.send(Err(GridError::Invalid(why)))),
+                    (None, Some(p)) if p.primary == s.to => drop(s.done.send(Ok(net.map.borrow().version))),
+                    (None, Some(p)) => {
+                        detector.drain(s.shard.clone(), p.epoch);
+                        let at = net.now_ms() + timing.lease_ms + timing.max_delay_ms;
+                        tracing::info!(table = %s.shard.0, shard = s.shard.1, epoch = p.epoch, to = s.to,
+                            "planned switch: the primary gets no more leases");
+                        draining.push((s, p.epoch, at));
+                    }
+                    (None, None) => {}
+                }
+            }
+            e = ended.recv() => {
+                // A switch that was not committed: leases flow again (else the primary,
+                // unleased, would be failed over).
+                if let Some((shard, false)) = e {
+                    detector.undrain(&shard);
+                }
+            }
             r = reports.recv() => {
                 let Some((from, frame)) = r else { return };
                 let ReplWire::Status { pos, epoch, primary, sent_ms } = frame.wire else { continue };
@@ -189,7 +254,23 @@ async fn detect(
                     leading = now_leading;
                 }
                 if !leading {
+                    for (s, _, _) in draining.drain(..) {
+                        let _ = s.done.send(Err(GridError::Unavailable("leadership moved during the switch".into())));
+                    }
                     continue;
+                }
+                let now = net.now_ms();
+                let (due, wait): (Vec<_>, Vec<_>) = draining.drain(..).partition(|(_, _, at)| *at <= now);
+                draining = wait;
+                for (s, epoch, _) in due {
+                    let cmd = MapCmd::Failover { shard: s.shard.clone(), from_epoch: epoch, primary: s.to };
+                    pending.insert((s.shard.clone(), epoch));
+                    let (c, ended) = (control.clone(), ended_tx.clone());
+                    tokio::spawn(async move {
+                        let r = c.admin(Admin::Propose(cmd)).await.map(|r| r.version);
+                        let _ = ended.send((s.shard, r.is_ok()));
+                        let _ = s.done.send(r);
+                    });
                 }
                 let cmds = {
                     let map = net.map.borrow();

@@ -73,12 +73,19 @@ pub struct Detector {
     primary_heard: BTreeMap<ShardId, (Epoch, u64)>,
     /// Per shard and node: when it last reported, and its position.
     positions: BTreeMap<(ShardId, NodeId), (u64, Pos)>,
+    /// Shards whose primary of this epoch gets no more leases (a planned switch is under way).
+    drained: BTreeMap<ShardId, Epoch>,
 }
 
 impl Detector {
     pub fn new(timing: Timing) -> Detector {
         debug_assert!(timing.is_safe(), "{timing:?}: a lease could outlive detection");
-        Detector { timing, primary_heard: BTreeMap::new(), positions: BTreeMap::new() }
+        Detector {
+            timing,
+            primary_heard: BTreeMap::new(),
+            positions: BTreeMap::new(),
+            drained: BTreeMap::new(),
+        }
     }
 
     /// A heartbeat from `from`, sent at `sent_ms` by its clock and heard at `now_ms`: the leases
@@ -95,8 +102,12 @@ impl Detector {
         for r in reports {
             self.positions.insert((r.shard.clone(), from), (now_ms, r.pos));
             let Some(p) = map.placement(&r.shard) else { continue };
+            let draining = self.drained.get(&r.shard) == Some(&p.epoch);
             if p.primary == from && r.primary_of == Some(p.epoch) {
                 self.primary_heard.insert(r.shard.clone(), (p.epoch, now_ms));
+                if draining {
+                    continue;
+                }
                 leases.push(Lease {
                     shard: r.shard.clone(),
                     epoch: p.epoch,
@@ -108,6 +119,18 @@ impl Detector {
     }
 
     /// The failovers due now.
+    /// Grants the primary of `epoch` of `shard` no more leases (a planned switch): once the
+    /// last lease granted has ended (`lease_ms + max_delay_ms` from now), another node may be
+    /// made primary without two epochs writing at once.
+    pub fn drain(&mut self, shard: ShardId, epoch: Epoch) {
+        self.drained.insert(shard, epoch);
+    }
+
+    /// Lets leases flow again for `shard` (a planned switch gave up).
+    pub fn undrain(&mut self, shard: &ShardId) {
+        self.drained.remove(shard);
+    }
+
     pub fn decide(&mut self, map: &ClusterMap, now_ms: u64) -> Vec<MapCmd> {
         let t = self.timing;
         let mut out = Vec::new();

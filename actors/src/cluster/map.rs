@@ -71,6 +71,17 @@ pub enum MapCmd {
     },
     /// Removes a table and its placements.
     DropTable(String),
+    /// A new replica for a shard, not in sync (a planned move's first step; the epoch stays).
+    AddReplica {
+        shard: ShardId,
+        node: NodeId,
+    },
+    /// A replica leaves a shard (a planned move's last step: the old primary); refused if the
+    /// in-sync set would fall below `sync`.
+    RemoveReplica {
+        shard: ShardId,
+        node: NodeId,
+    },
 }
 
 /// A replicated table as the map knows it.
@@ -219,6 +230,28 @@ impl ClusterMap {
                     return Err(MapError::NoSuchTable(name));
                 }
                 self.shards.retain(|(t, _), _| *t != name);
+            }
+            MapCmd::AddReplica { shard, node } => {
+                if !self.members.contains_key(&node) {
+                    return Err(MapError::NoSuchMember(node));
+                }
+                let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
+                if p.primary == node || p.replicas.contains(&node) {
+                    return Err(MapError::BadPlacement(format!("node {node} already holds {shard:?}")));
+                }
+                p.replicas.push(node);
+            }
+            MapCmd::RemoveReplica { shard, node } => {
+                let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
+                let in_sync_after = p.in_sync.iter().filter(|&&id| id != node).count();
+                if !p.replicas.contains(&node) || in_sync_after < p.sync as usize {
+                    return Err(MapError::BadPlacement(format!(
+                        "node {node} is not a replica of {shard:?}, or the in-sync set would fall below {}",
+                        p.sync
+                    )));
+                }
+                p.replicas.retain(|&id| id != node);
+                p.in_sync.retain(|&id| id != node);
             }
             MapCmd::SetInSync { shard, epoch, mut in_sync } => {
                 let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };

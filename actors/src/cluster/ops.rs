@@ -24,6 +24,9 @@ pub enum ClusterOp {
     /// This node's copy of a replicated table's shard, summarised (equal copies have equal
     /// digests): for comparing replicas.
     Digest { table: String, shard: u32 },
+    /// Makes `node` the primary of a shard (a planned move; `GridCore::cluster_move`). Sent to
+    /// the Raft leader.
+    Move { table: String, shard: u32, node: NodeId },
 }
 
 impl ClusterOp {

@@ -431,3 +431,41 @@ fn a_created_table_is_placed_round_the_members_and_a_dropped_one_leaves() {
     m.apply(MapCmd::Leave(2)).unwrap();
     assert_eq!(m.apply(MapCmd::DropTable("t".into())), Err(MapError::NoSuchTable("t".into())));
 }
+
+#[test]
+fn a_planned_move_adds_a_replica_and_removes_one_within_the_epoch_and_a_drained_primary_gets_no_lease() {
+    let mut m = three_nodes(1);
+    m.apply(MapCmd::Join(Member { id: 4, addr: "a".into(), peer_addr: "p".into() })).unwrap();
+    m.apply(MapCmd::AddReplica { shard: shard(), node: 4 }).unwrap();
+    let p = m.placement(&shard()).unwrap().clone();
+    assert_eq!((p.epoch, p.replicas.clone(), p.in_sync.clone()), (1, vec![2, 3, 4], vec![2, 3]));
+    // Twice, the primary, a stranger: refused.
+    assert!(matches!(
+        m.apply(MapCmd::AddReplica { shard: shard(), node: 4 }),
+        Err(MapError::BadPlacement(_))
+    ));
+    assert!(matches!(
+        m.apply(MapCmd::AddReplica { shard: shard(), node: 1 }),
+        Err(MapError::BadPlacement(_))
+    ));
+    assert_eq!(m.apply(MapCmd::AddReplica { shard: shard(), node: 9 }), Err(MapError::NoSuchMember(9)));
+    m.apply(MapCmd::RemoveReplica { shard: shard(), node: 2 }).unwrap();
+    // Not below sync(1) in sync: 3 is the last in-sync replica.
+    assert!(matches!(
+        m.apply(MapCmd::RemoveReplica { shard: shard(), node: 3 }),
+        Err(MapError::BadPlacement(_))
+    ));
+    let p = m.placement(&shard()).unwrap();
+    assert_eq!((p.epoch, p.replicas.clone(), p.in_sync.clone()), (1, vec![3, 4], vec![3]));
+
+    let t = Timing { heartbeat_ms: 100, lease_ms: 400, detect_ms: 600, max_delay_ms: 100 };
+    let mut d = Detector::new(t);
+    assert_eq!(d.heartbeat(&m, 1, 0, &report(5, Some(1)), 0).len(), 1);
+    d.drain(shard(), 1);
+    assert!(d.heartbeat(&m, 1, 100, &report(6, Some(1)), 100).is_empty(), "a drained primary got a lease");
+    // Still heard: not failed over while draining.
+    d.decide(&m, 100);
+    assert!(d.decide(&m, 650).is_empty());
+    d.undrain(&shard());
+    assert_eq!(d.heartbeat(&m, 1, 700, &report(7, Some(1)), 700).len(), 1);
+}

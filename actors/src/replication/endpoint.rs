@@ -143,6 +143,7 @@ impl<B: Clone> Endpoint<B> {
         if map.epoch == self.epoch
             && let Role::Primary(p) = &mut self.role
         {
+            p.set_replicas(&map.replicas, now_ms);
             p.set_in_sync(&map.in_sync);
             p.min_in_sync = map.sync as usize;
         }

@@ -145,6 +145,27 @@ impl<B: Clone> Primary<B> {
         }
     }
 
+    /// The map's replicas for this epoch changed (a planned move adds one, then removes the old
+    /// primary): a new one starts from nothing (the log, or a snapshot), a gone one is
+    /// forgotten and no longer holds writes up.
+    pub fn set_replicas(&mut self, replicas: &[NodeId], now_ms: u64) {
+        let last = self.last;
+        for &id in replicas {
+            self.followers.entry(id).or_insert(Follower {
+                acked: 0,
+                next: last + 1,
+                heard_ms: now_ms,
+                sent_ms: 0,
+                snapshot: None,
+            });
+        }
+        self.followers.retain(|id, _| replicas.contains(id));
+        self.isr.retain(|id| replicas.contains(id));
+        if let Some(p) = self.proposed.as_mut() {
+            p.retain(|id| replicas.contains(id));
+        }
+    }
+
     /// The in-sync set the cluster map committed.
     pub fn set_in_sync(&mut self, in_sync: &[NodeId]) {
         let committed: BTreeSet<NodeId> =
