@@ -241,14 +241,21 @@ async fn a_data_directory_keeps_its_node_id() {
 
 /// A three-node cluster and a `ClusterClient` with a `sync(1)` table of `shards` shards whose
 /// every shard serves.
-async fn three_with_table(root: &Path, table: &str, shards: u32) -> (Vec<Node>, heapgrid::ClusterClient) {
-    use heapgrid::{ClientOptions, ClusterClient, TableOptions};
+/// Three nodes (ids 1 to 3, serve `flags` each) in agreement, and a `ClusterClient` of them.
+async fn cluster_of_three(root: &Path, flags: &[&str]) -> (Vec<Node>, heapgrid::ClusterClient) {
     let d = |i: u64| root.join(format!("n{i}"));
-    let n1 = start(1, &d(1), "127.0.0.1:0", None);
-    let n2 = start(2, &d(2), "127.0.0.1:0", Some(&n1.peer));
-    let n3 = start(3, &d(3), "127.0.0.1:0", Some(&n1.peer));
+    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, flags);
+    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), flags);
+    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), flags);
     until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
-    let cc = ClusterClient::connect(&[n1.addr, n2.addr, n3.addr], ClientOptions::default()).await.unwrap();
+    let opts = heapgrid::ClientOptions::default();
+    let cc = heapgrid::ClusterClient::connect(&[n1.addr, n2.addr, n3.addr], opts).await.unwrap();
+    (vec![n1, n2, n3], cc)
+}
+
+async fn three_with_table(root: &Path, table: &str, shards: u32) -> (Vec<Node>, heapgrid::ClusterClient) {
+    use heapgrid::TableOptions;
+    let (nodes, cc) = cluster_of_three(root, &[]).await;
     let t = cc.create_table(table, TableOptions { shards, fsync: None }).await.unwrap();
     let spec = cc.map().table(table).cloned().unwrap();
     assert_eq!((spec.replicas, spec.sync), (2, 1));
@@ -256,7 +263,7 @@ async fn three_with_table(root: &Path, table: &str, shards: u32) -> (Vec<Node>, 
     for i in 0..10 * shards {
         t.put(format!("warm{i}"), &i).await.unwrap();
     }
-    (vec![n1, n2, n3], cc)
+    (nodes, cc)
 }
 
 /// Acknowledged writes: key, value, when the put was sent, when it was acknowledged.
@@ -501,21 +508,15 @@ async fn put_many(cc: &heapgrid::ClusterClient, table: &str, prefix: &str, count
 /// `HEAPGRID_CATCHUP_SECS` each time (default 2; CLUSTER.md's 60 s: `scripts/cluster-catchup.sh`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_was_down_catches_up_from_the_log_or_a_snapshot() {
-    use heapgrid::{ClientOptions, ClusterClient, TableOptions};
+    use heapgrid::TableOptions;
     let down: u64 = std::env::var("HEAPGRID_CATCHUP_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let root = tempfile::tempdir().unwrap();
-    let d = |i: u64| root.path().join(format!("n{i}"));
     let retain = ["--repl-retain", "2000"];
-    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, &retain);
-    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), &retain);
-    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), &retain);
-    until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
-    let cc = ClusterClient::connect(&[n1.addr, n2.addr, n3.addr], ClientOptions::default()).await.unwrap();
+    let (mut nodes, cc) = cluster_of_three(root.path(), &retain).await;
     cc.create_table("catch", TableOptions { shards: 1, fsync: None }).await.unwrap();
     put_many(&cc, "catch", "a", 200).await;
     let p = cc.map().placement(&("catch".to_string(), 0)).cloned().unwrap();
     let replica = *p.replicas.last().unwrap();
-    let mut nodes = vec![n1, n2, n3];
     for (round, missed) in [("log", 500u64), ("snapshot", 5000)] {
         let at = nodes.iter().position(|n| n.id == replica).unwrap();
         let (id, dir, peer, addr) = nodes.remove(at).kill9();
@@ -549,15 +550,9 @@ async fn under_async_a_returning_primary_drops_its_unreplicated_writes() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use heapgrid::{ClientOptions, ClusterClient, TableOptions};
+    use heapgrid::TableOptions;
     let root = tempfile::tempdir().unwrap();
-    let d = |i: u64| root.path().join(format!("n{i}"));
-    let flags = ["--sync", "0"];
-    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, &flags);
-    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), &flags);
-    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), &flags);
-    until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
-    let cc = ClusterClient::connect(&[n1.addr, n2.addr, n3.addr], ClientOptions::default()).await.unwrap();
+    let (mut nodes, cc) = cluster_of_three(root.path(), &["--sync", "0"]).await;
     cc.create_table("loose", TableOptions { shards: 1, fsync: None }).await.unwrap();
     assert_eq!(cc.map().table("loose").unwrap().sync, 0);
     put_many(&cc, "loose", "warm", 100).await;
@@ -565,7 +560,6 @@ async fn under_async_a_returning_primary_drops_its_unreplicated_writes() {
     let (acked, tasks) = writers(&cc, "loose", 1, &stop);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let victim = cc.map().placement(&("loose".to_string(), 0)).unwrap().primary;
-    let mut nodes = vec![n1, n2, n3];
     // The replicas die (kill -9) while the primary keeps acknowledging under its lease; then it
     // dies too, and the replicas come back without those writes.
     let mut replicas = Vec::new();
@@ -618,14 +612,9 @@ async fn a_planned_move_switches_the_primary_without_losing_writes() {
 
     use heapgrid::{ClientOptions, ClusterClient, TableOptions};
     let root = tempfile::tempdir().unwrap();
-    let d = |i: u64| root.path().join(format!("n{i}"));
-    let one = ["--replicas", "1"];
-    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, &one);
-    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), &one);
-    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), &one);
-    until("three nodes agree", &[&n1, &n2, &n3], 30, |s| agree(s, 3)).await;
-    let seeds = [n1.addr, n2.addr, n3.addr];
-    let cc = ClusterClient::connect(&seeds, ClientOptions::default()).await.unwrap();
+    let (nodes, cc) = cluster_of_three(root.path(), &["--replicas", "1"]).await;
+    let (n2, n3) = (&nodes[1], &nodes[2]);
+    let seeds = [nodes[0].addr, n2.addr, n3.addr];
     cc.create_table("moving", TableOptions { shards: 1, fsync: None }).await.unwrap();
     let before = cc.map().placement(&("moving".to_string(), 0)).cloned().unwrap();
     assert_eq!((before.primary, before.replicas.clone()), (1, vec![2]));
@@ -657,7 +646,7 @@ async fn a_planned_move_switches_the_primary_without_losing_writes() {
     // The new primary and the replica hold the same copy.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ds = digests(&[&n3, &n2], "moving").await;
+        let ds = digests(&[n3, n2], "moving").await;
         if ds[0].is_some() && ds[0] == ds[1] {
             break;
         }
