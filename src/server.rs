@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
+use crate::client::Client;
 use crate::feed::{FeedOp, FeedResult, start_op};
 use crate::protocol::{
     self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
@@ -106,6 +107,58 @@ struct ConnLimits {
     inflight: usize,
     budget: Arc<BufferBudget>,
     frame_deadline: Duration,
+    /// In a cluster, a trusted server forwards a single-key table request for a shard another
+    /// node serves to that node (with tokens it answers `NotPrimary` instead: it holds no
+    /// token of the caller's to present there).
+    forwards: Option<Arc<Forwards>>,
+}
+
+/// Connections to the other nodes of the cluster, for forwarded requests.
+#[derive(Default)]
+struct Forwards {
+    clients: std::sync::Mutex<HashMap<String, Client>>,
+}
+
+/// How long a forwarded request's connection may take to open.
+const FORWARD_CONNECT: Duration = Duration::from_secs(2);
+
+impl Forwards {
+    async fn send(&self, addr: String, table: String, op: TableOp) -> Result<ResponseBody, GridError> {
+        let cached = self.clients.lock().unwrap_or_else(|e| e.into_inner()).get(&addr).cloned();
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let to: SocketAddr =
+                    addr.parse().map_err(|_| GridError::Unavailable(format!("a primary at {addr:?}")))?;
+                let opts = crate::client::ClientOptions { connect_attempts: 1, ..Default::default() };
+                let c = tokio::time::timeout(FORWARD_CONNECT, Client::connect_with(to, opts))
+                    .await
+                    .map_err(|_| GridError::Unavailable(format!("the primary at {addr} did not answer")))??;
+                self.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(addr.clone(), c.clone());
+                c
+            }
+        };
+        let r = client.request(RequestBody::Table { table, op }).await;
+        if matches!(r, Err(GridError::Unavailable(_))) {
+            self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+        }
+        r
+    }
+}
+
+/// Where to forward a table request: the client address of its key's shard's primary, when
+/// that is another node of the cluster.
+fn remote_primary(grid: &GridCore, table: &str, op: &TableOp) -> Option<String> {
+    let node = grid.cluster()?;
+    let key = match op {
+        TableOp::Get { key } | TableOp::Contains { key } => key,
+        TableOp::Write(w) => w.key()?,
+        TableOp::Batch(ops) => ops.iter().find_map(|w| w.key())?,
+        TableOp::Eval(e) => e.key.as_ref()?,
+        _ => return None,
+    };
+    let shard = grid.table(table).ok()?.shard_of(key);
+    node.primary_elsewhere(table, shard)
 }
 
 /// Server settings.
@@ -164,10 +217,12 @@ impl Server {
         let local_addr = listener.local_addr().map_err(|e| GridError::Storage(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
         let budget = Arc::new(BufferBudget::new(cfg.buffer_budget_bytes));
+        let forwards = auth.is_trusted().then(|| Arc::new(Forwards::default()));
         let limits = ConnLimits {
             inflight: cfg.inflight_max.max(1),
             budget: budget.clone(),
             frame_deadline: cfg.frame_deadline,
+            forwards,
         };
         let task =
             tokio::spawn(accept_loop(listener, grid, auth, limits, cfg.connections_max.max(1), stop_rx));
@@ -465,7 +520,7 @@ async fn connection(
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &sessions, &gone);
+        let mut round = Round::new(&writing, &sessions, &gone, limits.forwards.as_ref());
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -680,6 +735,8 @@ struct Round<'c> {
     appends: Option<(Arc<FeedRuntime>, Vec<u64>, Vec<AppendReq>)>,
     /// Sent append batches awaiting their replies.
     sent: Vec<Pending>,
+    /// Where requests for shards other nodes serve are forwarded (a trusted server in a cluster).
+    forwards: Option<&'c Arc<Forwards>>,
 }
 
 /// What became of a request a round was given.
@@ -693,8 +750,14 @@ enum Taken {
 }
 
 impl<'c> Round<'c> {
-    fn new(writing: &'c Writing, sessions: &'c ConnSessions, gone: &'c watch::Receiver<bool>) -> Round<'c> {
+    fn new(
+        writing: &'c Writing,
+        sessions: &'c ConnSessions,
+        gone: &'c watch::Receiver<bool>,
+        forwards: Option<&'c Arc<Forwards>>,
+    ) -> Round<'c> {
         Round {
+            forwards,
             writing,
             sessions,
             gone,
@@ -1000,6 +1063,22 @@ impl<'c> Round<'c> {
                 return alone(id, async move { Ok(ResponseBody::Feed(started?.await?)) });
             }
         };
+        if let Some(f) = self.forwards
+            && let Some(addr) = remote_primary(&grid, &table, &op)
+        {
+            // Checked here as `plan` would (a forwarding server is trusted, so this is the
+            // check that counts).
+            let allowed = who
+                .require(&table, Permission::Read)
+                .and_then(|_| if op.is_write() { who.require(&table, Permission::Write) } else { Ok(()) });
+            if let Err(e) = allowed {
+                protocol::append_response(out, &Response { id, result: Err(e) });
+                return Taken::Answered;
+            }
+            self.send_appends();
+            let f = f.clone();
+            return alone(id, async move { f.send(addr, table, op).await });
+        }
         match self.plan(&grid, &who, id, &table, op, out) {
             Ok(true) => {
                 self.requests += 1;

@@ -399,8 +399,9 @@ async fn acknowledged_sync_writes_survive_kill9_of_their_primary() {
 }
 
 /// CLUSTER.md: a primary stopped (SIGSTOP) for three detection times is replaced; when it
-/// resumes, what was queued at it is refused (its lease ended while it slept), so no two epochs
-/// accept writes; no acknowledged write is lost, and it rejoins as a replica.
+/// resumes, what was queued at it is not applied by it (its lease ended while it slept: refused,
+/// or forwarded to the new primary once it knows of it), so no two epochs accept writes; no
+/// acknowledged write is lost, and it rejoins as a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_primary_refuses_writes_when_it_wakes_and_rejoins_as_a_replica() {
     use std::sync::Arc;
@@ -438,10 +439,13 @@ async fn a_paused_primary_refuses_writes_when_it_wakes_and_rejoins_as_a_replica(
     // SAFETY: as above.
     unsafe { libc::kill(old.child.id() as i32, libc::SIGCONT) };
     let woke_at = Instant::now();
-    match queued.await.unwrap() {
-        Err(GridError::NotPrimary { .. }) => {}
+    // Refused, or (once the woken node knows the new map) forwarded to the new primary, which
+    // applies it: never applied by the old primary, whose lease ended while it slept.
+    let forwarded = match queued.await.unwrap() {
+        Err(GridError::NotPrimary { .. }) => false,
+        Ok(_) => true,
         r => panic!("the woken primary answered a write queued while it slept: {r:?}"),
-    }
+    };
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -456,7 +460,8 @@ async fn a_paused_primary_refuses_writes_when_it_wakes_and_rejoins_as_a_replica(
     assert!(placed.replicas.contains(&victim));
     let lost = lost(&cc, "paused", &acked).await;
     assert!(lost.is_empty(), "{} acknowledged writes lost", lost.len());
-    assert_eq!(cc.table("paused").get::<u64>("sent-while-paused").await.unwrap(), None);
+    let expect = forwarded.then_some(1u64);
+    assert_eq!(cc.table("paused").get::<u64>("sent-while-paused").await.unwrap(), expect);
     // It catches up as a replica: the in-sync set takes it back.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -662,4 +667,36 @@ async fn a_planned_move_switches_the_primary_without_losing_writes() {
         Err(GridError::Invalid(m)) => assert!(m.contains("Raft leader"), "{m}"),
         r => panic!("unexpected {r:?}"),
     }
+}
+
+/// Any node of a (trusted) cluster forwards a single-key request for a shard another node
+/// serves: a plain `Client` or the CLI connected to one node reads and writes every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_forwards_single_key_requests_to_their_primary() {
+    use heapgrid::TableOptions;
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, cc) = cluster_of_three(root.path(), &[]).await;
+    cc.create_table("fwd", TableOptions { shards: 3, fsync: None }).await.unwrap();
+    // Every shard serves before the plain client starts.
+    for i in 0..30 {
+        cc.table("fwd").put(format!("warm{i}"), &i).await.unwrap();
+    }
+    let plain = Client::connect(nodes[1].addr).await.unwrap();
+    let t = plain.table("fwd");
+    for i in 0..60u64 {
+        t.put(format!("k{i}"), &i).await.unwrap();
+    }
+    for i in 0..60u64 {
+        assert_eq!(t.get::<u64>(format!("k{i}")).await.unwrap(), Some(i));
+    }
+    // The keys are spread: node 2 is the primary of only one shard of three.
+    let map = cc.map();
+    let here = (0..3).filter(|&s| map.placement(&("fwd".to_string(), s)).unwrap().primary == 2).count();
+    assert_eq!(here, 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["eval", "--addr", &nodes[2].addr.to_string(), "get", "fwd", "k7"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains('7'));
 }

@@ -419,6 +419,18 @@ impl ControlNode {
         &self.me.peer_addr
     }
 
+    /// The client address of the primary of `table`'s shard `shard`, when the map places it on
+    /// another node.
+    pub fn primary_elsewhere(&self, table: &str, shard: u32) -> Option<String> {
+        let map = self.store.watch();
+        let map = map.borrow();
+        let p = map.placement(&(table.to_string(), shard))?;
+        if p.primary == self.me.id {
+            return None;
+        }
+        map.member(p.primary).map(|m| m.addr.clone())
+    }
+
     /// The transport to the other nodes.
     pub fn transport(&self) -> Arc<dyn Transport> {
         self.rpc.t.clone()
