@@ -401,7 +401,17 @@ impl ShardState {
                 Err(e) => {
                     tracing::error!(table = %self.args.table, shard = self.args.shard, "replication failed: {e}");
                     self.failed = Some(e.to_string());
-                    None
+                    // Applied here but not recorded for shipping: never answered as a success
+                    // (the actor then fails, and its restart recovers from the op log).
+                    let e = GridError::Unavailable(format!(
+                        "shard {} of {}: replication failed ({e}); the write may or may not have applied",
+                        self.args.shard, self.args.table
+                    ));
+                    self.gate.answer(myself, wrote, move |lsn| {
+                        let answer = d(lsn).answer;
+                        Deferred { lsn, answer: Box::new(move |_| answer(Some(&e))) }
+                    });
+                    return;
                 }
             },
             _ => None,
