@@ -85,14 +85,14 @@ async fn heapgrid_cycles(
     Ok((hist, n, errors))
 }
 
-/// One Redis connection.
-struct RedisConn {
+/// One Redis connection (also the cluster benchmark's, `loadgen_repl.rs`).
+pub(crate) struct RedisConn {
     rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
     wr: tokio::net::tcp::OwnedWriteHalf,
 }
 
 impl RedisConn {
-    async fn connect(addr: SocketAddr) -> Result<RedisConn, GridError> {
+    pub(crate) async fn connect(addr: SocketAddr) -> Result<RedisConn, GridError> {
         let stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
         let (rd, wr) = stream.into_split();
@@ -102,6 +102,20 @@ impl RedisConn {
     async fn call(&mut self, args: &[&[u8]]) -> Result<Reply, GridError> {
         self.wr.write_all(&resp(args)).await.map_err(io)?;
         read_reply(&mut self.rd).await.map_err(io)
+    }
+
+    /// Sends `cmds` with one write, then reads their replies in order.
+    pub(crate) async fn pipeline(&mut self, cmds: &[&[&[u8]]]) -> Result<Vec<Reply>, GridError> {
+        let mut req = Vec::new();
+        for c in cmds {
+            req.extend_from_slice(&resp(c));
+        }
+        self.wr.write_all(&req).await.map_err(io)?;
+        let mut out = Vec::with_capacity(cmds.len());
+        for _ in cmds {
+            out.push(read_reply(&mut self.rd).await.map_err(io)?);
+        }
+        Ok(out)
     }
 }
 

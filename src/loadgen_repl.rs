@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use heapgrid_actors::GridError;
-use tokio::io::{AsyncWriteExt, BufReader};
 
 use crate::loadgen::{LoadReport, LoadSpec};
-use crate::loadgen_feed::{Part, Reply, gather, io, new_hist, read_reply, resp};
+use crate::loadgen_feed::{Part, Reply, gather, new_hist};
+use crate::loadgen_queue::RedisConn;
 
 /// Runs `SET` (+ `WAIT wait 0`) against Redis at `addr` as `spec` says (connections, key
 /// space, value size, duration).
@@ -33,29 +33,23 @@ async fn sets(
     wait: u32,
     deadline: Instant,
 ) -> Result<Part, GridError> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-    stream.set_nodelay(true).map_err(io)?;
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::new(rd);
+    let mut conn = RedisConn::connect(addr).await?;
     let mut rng = fastrand::Rng::with_seed(seed);
-    let want = (wait > 0).then_some(i64::from(wait));
-    let wait = wait.to_string();
+    let wait_arg = wait.to_string();
     let (mut hist, mut n, mut errors) = (new_hist(), 0, 0);
     while Instant::now() < deadline {
         let key = rng.u64(..keys).to_string();
+        let set: &[&[u8]] = &[b"SET", key.as_bytes(), &value];
         let t = Instant::now();
-        let mut req = resp(&[b"SET", key.as_bytes(), &value]);
-        if want.is_some() {
-            req.extend_from_slice(&resp(&[b"WAIT", wait.as_bytes(), b"0"]));
-        }
-        wr.write_all(&req).await.map_err(io)?;
         // A Redis error ends the connection's run (`read_reply` turns it into an error).
-        read_reply(&mut rd).await.map_err(io)?;
-        let mut ok = true;
-        if let Some(need) = want {
+        let ok = if wait == 0 {
+            conn.pipeline(&[set]).await?;
+            true
+        } else {
+            let replies = conn.pipeline(&[set, &[b"WAIT", wait_arg.as_bytes(), b"0"]]).await?;
             // WAIT answers how many replicas acknowledged: fewer than asked is a failure.
-            ok = matches!(read_reply(&mut rd).await.map_err(io)?, Reply::Int(got) if got >= need);
-        }
+            matches!(replies.last(), Some(Reply::Int(got)) if *got >= i64::from(wait))
+        };
         if ok {
             hist.saturating_record(t.elapsed().as_micros().max(1) as u64);
             n += 1;

@@ -1369,7 +1369,7 @@ impl GridCore {
         let node =
             Arc::new(crate::cluster::raft::ControlNode::listen(opts, &self.dir.join("cluster")).await?);
         let inbox = node.take_data_inbox().ok_or_else(taken)?;
-        let (proposals, proposed) = tokio::sync::mpsc::unbounded_channel();
+        let (proposals, proposed) = tokio::sync::mpsc::channel(crate::replication::shard::PROPOSALS_MAX);
         let net = Arc::new(ReplNet {
             me: opts.node_id,
             transport: node.transport(),

@@ -375,10 +375,15 @@ impl Heap {
         Ok(lsn)
     }
 
-    /// Starts (or stops, dropping what it held) keeping a copy of every batch committed, with
-    /// its LSN, for `take_tapped`: a replicated shard's primary ships them.
+    /// Starts keeping a copy of every batch committed from now on, with its LSN, for
+    /// `take_tapped` (a replicated shard's primary ships them), or stops, dropping what it held.
+    /// Turning it on while on keeps what it holds.
     pub fn set_tap(&mut self, on: bool) {
-        self.tapped = on.then(Vec::new);
+        match (on, self.tapped.is_some()) {
+            (true, false) => self.tapped = Some(Vec::new()),
+            (false, true) => self.tapped = None,
+            _ => {}
+        }
     }
 
     /// The batches committed since the last call (oldest first), while the tap is on.

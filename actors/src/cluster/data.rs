@@ -3,8 +3,8 @@
 //! - `route`: replication frames from other nodes to the shard actor they are for (a position
 //!   report goes to the detector instead);
 //! - `place`: the tables of the map run here (created when the map gains one, dropped when it
-//!   loses one), and every placement change reaches the shard actors at once (they also read
-//!   the map every heartbeat);
+//!   loses one), and every change of the map's placements reaches the shard actors at once
+//!   (they also read the map every heartbeat);
 //! - `detect`: on the Raft leader only, the failure detector (`detector.rs`): leases for
 //!   primaries that report, and a failover committed to the map for a shard whose primary went
 //!   silent for `detect_ms` (a new leader starts with a fresh detector, so it waits a whole
@@ -46,7 +46,8 @@ const DECIDE_EVERY: Duration = Duration::from_millis(50);
 /// election timeouts, must keep `QUORUM_FRESH_MS + max_delay_ms + lease_ms < election_max_ms +
 /// detect_ms`.)
 const QUORUM_FRESH_MS: u64 = 150;
-/// How often the placements are checked even without a change of the map.
+/// How often the map's tables are checked against the running ones even without a change of
+/// the map (a table that failed to start is tried again).
 const PLACE_EVERY: Duration = Duration::from_millis(500);
 
 /// A planned switch of a shard's primary to `to`, for the leader's detector.
@@ -76,7 +77,7 @@ impl DataPlane {
         control: Arc<ControlNode>,
         net: Arc<ReplNet>,
         inbox: Inbox,
-        proposals: mpsc::UnboundedReceiver<MapCmd>,
+        proposals: mpsc::Receiver<MapCmd>,
         timing: Timing,
     ) -> DataPlane {
         let (det_tx, det_rx) = mpsc::channel(super::transport::INBOX_MAX);
@@ -135,11 +136,20 @@ async fn route(grid: Weak<GridCore>, mut inbox: Inbox, detector: mpsc::Sender<(N
 async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
     let mut map = net.map.clone();
     let mut known: HashSet<String> = HashSet::new();
+    // The map version whose placements the shard actors were sent (they also read the map on
+    // every heartbeat; this only makes a change reach them at once).
+    let mut delivered = None;
     loop {
         let (tables, placements) = {
             let m = map.borrow_and_update();
             let tables: Vec<(String, u32)> = m.tables().map(|(n, s)| (n.clone(), s.shards)).collect();
-            let placements: Vec<_> = m.placements().map(|(id, p)| (id.clone(), p.clone())).collect();
+            let fresh = delivered != Some(m.version);
+            delivered = Some(m.version);
+            let placements: Vec<_> = if fresh {
+                m.placements().map(|(id, p)| (id.clone(), p.clone())).collect()
+            } else {
+                Vec::new()
+            };
             (tables, placements)
         };
         let Some(g) = grid.upgrade() else { return };
@@ -186,7 +196,8 @@ async fn detect(
     let mut pending: BTreeSet<((String, u32), u64)> = BTreeSet::new();
     // Planned switches whose old primary is draining: (switch, its epoch, when to commit).
     let mut draining: Vec<(Switch, u64, u64)> = Vec::new();
-    let (ended_tx, mut ended) = mpsc::unbounded_channel::<(ShardId, bool)>();
+    // Switches committed or not, back from their tasks (at most `SWITCHES_MAX` in flight).
+    let (ended_tx, mut ended) = mpsc::channel::<(ShardId, bool)>(SWITCHES_MAX);
     loop {
         tokio::select! {
             s = switches.recv() => {
@@ -268,7 +279,7 @@ async fn detect(
                     let (c, ended) = (control.clone(), ended_tx.clone());
                     tokio::spawn(async move {
                         let r = c.admin(Admin::Propose(cmd)).await.map(|r| r.version);
-                        let _ = ended.send((s.shard, r.is_ok()));
+                        let _ = ended.send((s.shard, r.is_ok())).await;
                         let _ = s.done.send(r);
                     });
                 }
@@ -298,7 +309,7 @@ async fn detect(
 
 /// In-sync changes, newest per shard (a primary proposes again until its change is committed,
 /// so older ones waiting here are dropped), each committed on its own task.
-async fn propose(control: Arc<ControlNode>, mut proposals: mpsc::UnboundedReceiver<MapCmd>) {
+async fn propose(control: Arc<ControlNode>, mut proposals: mpsc::Receiver<MapCmd>) {
     while let Some(first) = proposals.recv().await {
         let mut newest = std::collections::BTreeMap::new();
         let mut next = Some(first);

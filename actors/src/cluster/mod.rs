@@ -11,7 +11,6 @@
 pub mod data;
 pub mod detector;
 pub mod map;
-pub mod node;
 pub mod ops;
 pub mod raft;
 pub mod raft_store;

@@ -313,6 +313,8 @@ pub struct ControlNode {
     raft: Raft<MapRaft>,
     store: RaftStore,
     rpc: Arc<Rpc>,
+    /// The map as this node applies it (one receiver, read on the request path).
+    map: watch::Receiver<ClusterMap>,
     /// Frames of the other channels (replication), until the data plane takes them.
     data: Mutex<Option<Inbox>>,
     leader: watch::Receiver<Option<NodeId>>,
@@ -381,8 +383,17 @@ impl ControlNode {
         }
         let (data_tx, data) = tokio::sync::mpsc::channel(super::transport::INBOX_MAX);
         let (leader_tx, leader) = watch::channel(None);
-        let mut node =
-            ControlNode { me, raft, store, rpc, data: Mutex::new(Some(data)), leader, tasks: Vec::new() };
+        let map = store.watch();
+        let mut node = ControlNode {
+            me,
+            raft,
+            store,
+            rpc,
+            map,
+            data: Mutex::new(Some(data)),
+            leader,
+            tasks: Vec::new(),
+        };
         let serving = serve(node.raft.clone(), node.rpc.clone(), node.store.clone(), inbox, data_tx);
         node.tasks.push(tokio::spawn(serving));
         let mut metrics = node.raft.metrics();
@@ -422,8 +433,7 @@ impl ControlNode {
     /// The client address of the primary of `table`'s shard `shard`, when the map places it on
     /// another node.
     pub fn primary_elsewhere(&self, table: &str, shard: u32) -> Option<String> {
-        let map = self.store.watch();
-        let map = map.borrow();
+        let map = self.map.borrow();
         let p = map.placement(&(table.to_string(), shard))?;
         if p.primary == self.me.id {
             return None;
@@ -455,18 +465,19 @@ impl ControlNode {
     /// cut off from the others still believes it leads until it hears of a newer term, so
     /// leases are granted only under this (see `data.rs`).
     pub fn leads_with_quorum(&self, max_ms: u64) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms <= max_ms)
     }
 
     /// The map as this node last applied it.
     pub fn map(&self) -> ClusterMap {
-        self.store.map()
+        self.map.borrow().clone()
     }
 
     /// The map's changes as this node applies them.
     pub fn watch(&self) -> watch::Receiver<ClusterMap> {
-        self.store.watch()
+        self.map.clone()
     }
 
     /// What this node knows of the group.
@@ -490,7 +501,7 @@ impl ControlNode {
             voters,
             learners,
             applied: m.last_applied.map_or(0, |l| l.index),
-            map: self.store.map(),
+            map: self.map(),
         }
     }
 

@@ -35,6 +35,8 @@ use crate::gate::{Answer, Deferred};
 
 /// The first byte of a replication frame.
 pub const REPL_FRAME: u8 = b'R';
+/// Map changes proposed by the node's primaries and not yet taken by the data plane.
+pub const PROPOSALS_MAX: usize = 1024;
 /// How long a `sync(n)` write waits for its replicas before it is `Indeterminate`.
 pub const SYNC_DEADLINE_MS: u64 = 2_000;
 /// How often a replicated shard actor ticks (ships, resends, checks deadlines).
@@ -89,8 +91,10 @@ pub struct ReplNet {
     pub map: watch::Receiver<ClusterMap>,
     /// The Raft leader this node knows (where positions go).
     pub leader: watch::Receiver<Option<NodeId>>,
-    /// Map changes a primary proposes (in-sync sets).
-    pub proposals: mpsc::UnboundedSender<MapCmd>,
+    /// Map changes a primary proposes (in-sync sets; at most `PROPOSALS_MAX` waiting: a
+    /// primary proposes again every `resend_ms` until its change is committed, so one dropped
+    /// when the queue is full is not lost).
+    pub proposals: mpsc::Sender<MapCmd>,
     pub origin: std::time::Instant,
     pub heartbeat_ms: u64,
     /// Records a primary keeps in memory for replicas behind (one further behind gets a
@@ -211,7 +215,8 @@ impl ShardRepl {
         let mut ep = Endpoint::new(net.me, &HeapLog::lend(heap, &mut st), epoch);
         ep.tuning.retain_max = net.retain_records.max(1);
         st.tail_max = net.retain_records.max(1);
-        heap.set_tap(true);
+        // A replica until the map says otherwise: the heap's tap stays off (`stepped`).
+        heap.set_tap(false);
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(REPL_TICK);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -365,10 +370,7 @@ impl ShardRepl {
                 self.on_placement(heap, &p);
             }
         }
-        self.ship(heap)?;
-        // Between requests the tap holds nothing of this node's own (`written` drains it).
-        heap.take_tapped();
-        Ok(())
+        self.ship(heap)
     }
 
     /// Ships what the op log holds now (and resends, and ends writes past their deadline).
@@ -390,7 +392,7 @@ impl ShardRepl {
         if !was && self.ep.is_primary() {
             tracing::info!(table = %self.table, shard = self.shard, epoch = self.ep.epoch, "primary of this shard now");
         }
-        self.stepped(was);
+        self.stepped(heap, was);
     }
 
     /// A frame for this shard from node `from`.
@@ -427,14 +429,15 @@ impl ShardRepl {
             ReplWire::Status { .. } => Vec::new(),
         };
         self.dispatch(effects);
-        self.stepped(was);
-        // What this applied as a replica is not a write of this node's to ship.
-        heap.take_tapped();
+        self.stepped(heap, was);
         Ok(())
     }
 
-    /// A primary that stepped down answers what waits on its replicas `Indeterminate`.
-    fn stepped(&mut self, was_primary: bool) {
+    /// After anything that may change the role: the heap's tap is on exactly while this node
+    /// is the primary (what a replica applies is not its to ship); a primary that stepped down
+    /// answers what waits on its replicas `Indeterminate`.
+    fn stepped(&mut self, heap: &mut Heap, was_primary: bool) {
+        heap.set_tap(self.ep.is_primary());
         if was_primary && !self.ep.is_primary() {
             tracing::info!(table = %self.table, shard = self.shard, epoch = self.ep.epoch, "no longer the primary");
             let mut js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
@@ -460,7 +463,7 @@ impl ShardRepl {
                 }
                 Effect::ProposeInSync { epoch, in_sync } => {
                     let shard = (self.table.clone(), self.shard);
-                    let _ = self.net.proposals.send(MapCmd::SetInSync { shard, epoch, in_sync });
+                    let _ = self.net.proposals.try_send(MapCmd::SetInSync { shard, epoch, in_sync });
                 }
             }
         }
