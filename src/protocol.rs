@@ -541,6 +541,24 @@ mod tests {
             ClusterOp::Move { table: s(), shard: 0, node: 0 },
         ];
         assert_eq!(cluster_ops.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        use heapgrid_actors::cluster::raft::ClusterStatus;
+        use heapgrid_actors::replication::shard::ShardDigest;
+        let status = ClusterStatus {
+            node: 0,
+            role: s(),
+            leader: None,
+            term: 0,
+            voters: vec![],
+            learners: vec![],
+            applied: 0,
+            map: Default::default(),
+        };
+        let cluster_results = [
+            ClusterResult::Status(status),
+            ClusterResult::Changed { version: 0 },
+            ClusterResult::Digest(ShardDigest { pos: Default::default(), keys: 0, digest: 0 }),
+        ];
+        assert_eq!(cluster_results.iter().map(tag).collect::<Vec<_>>(), [0, 1, 2]);
         use heapgrid_actors::queue::ops::{Mode, QueueLen, QueueOptions, Receipt};
         let r = || Receipt { seq: 0, delivery: 0 };
         let queue_ops = [
