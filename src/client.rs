@@ -391,7 +391,7 @@ impl Client {
 
     /// A handle to a table on the server: the same `Table` type as the embedded grid's.
     pub fn table(&self, name: &str) -> Table {
-        Table::over(Arc::new(RemoteTable { client: self.clone(), name: name.into() }))
+        Table::over(Arc::new(RemoteTable::new(self.clone(), name)))
     }
 }
 
@@ -475,17 +475,36 @@ impl FeedBackend for RemoteFeed {
     }
 }
 
-struct RemoteTable {
-    client: Client,
+/// Where a remote table's operations go: one server (`Client`), or the primary of each
+/// operation's shard (`ClusterClient`).
+pub(crate) trait OpRoute: Send + Sync + 'static {
+    fn send<'a>(&'a self, table: &'a str, op: TableOp) -> BoxFuture<'a, Result<OpResult, GridError>>;
+}
+
+impl OpRoute for Client {
+    fn send<'a>(&'a self, table: &'a str, op: TableOp) -> BoxFuture<'a, Result<OpResult, GridError>> {
+        Box::pin(async move {
+            match self.request(RequestBody::Table { table: table.into(), op }).await? {
+                ResponseBody::Op(r) => Ok(r),
+                r => Err(GridError::Protocol(format!("a table operation was answered with {r:?}"))),
+            }
+        })
+    }
+}
+
+/// A table over the wire: each typed operation becomes one `TableOp` sent by `R`.
+pub(crate) struct RemoteTable<R> {
+    route: R,
     name: String,
 }
 
-impl RemoteTable {
+impl<R: OpRoute> RemoteTable<R> {
+    pub(crate) fn new(route: R, name: &str) -> RemoteTable<R> {
+        RemoteTable { route, name: name.into() }
+    }
+
     async fn op(&self, op: TableOp) -> Result<OpResult, GridError> {
-        match self.client.request(RequestBody::Table { table: self.name.clone(), op }).await? {
-            ResponseBody::Op(r) => Ok(r),
-            r => Err(GridError::Protocol(format!("a table operation was answered with {r:?}"))),
-        }
+        self.route.send(&self.name, op).await
     }
 }
 
@@ -501,7 +520,7 @@ fn one_result(r: OpResult) -> Result<WriteResult, GridError> {
     }
 }
 
-impl TableBackend for RemoteTable {
+impl<R: OpRoute> TableBackend for RemoteTable<R> {
     fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>, GridError>> {
         Box::pin(async move {
             match self.op(TableOp::Get { key }).await? {

@@ -8,8 +8,8 @@
 //! A request to a node that stopped answering (paused, partitioned) ends at the options'
 //! `request_timeout`, as with `Client`: pick one shorter than a failover to move on sooner.
 //!
-//! Tables are `Table` handles, as with `Client` and `Grid`. `count` and `scan` need every shard
-//! and are not routed yet (`Invalid`).
+//! Tables are `Table` handles, as with `Client` and `Grid` (the same `RemoteTable`, over this
+//! client's routing). `count` and `scan` need every shard and are not routed yet (`Invalid`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,12 +18,11 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use heapgrid_actors::cluster::map::ClusterMap;
-use heapgrid_actors::table::runtime::EvalRequest;
-use heapgrid_actors::{GridError, Key, ScanRange, Value, Versioned, WriteOp, WriteResult};
+use heapgrid_actors::{GridError, Key};
 
-use crate::client::{Client, ClientOptions};
-use crate::grid::{Table, TableBackend};
-use crate::protocol::{self, OpResult, RequestBody, ResponseBody, TableOp};
+use crate::client::{Client, ClientOptions, OpRoute, RemoteTable};
+use crate::grid::Table;
+use crate::protocol::{OpResult, RequestBody, ResponseBody, TableOp};
 use heapgrid_actors::grid::TableOptions;
 
 /// How long an operation keeps looking for its shard's primary (a failover takes about a
@@ -151,7 +150,7 @@ impl ClusterClient {
 
     /// A table of the cluster.
     pub fn table(&self, name: &str) -> Table {
-        Table::over(Arc::new(ClusterTable { c: self.clone(), name: name.into() }))
+        Table::over(Arc::new(RemoteTable::new(self.clone(), name)))
     }
 
     /// Where the primary of the shard of `key` in `table` is, per the map.
@@ -210,79 +209,16 @@ impl ClusterClient {
     }
 }
 
-struct ClusterTable {
-    c: ClusterClient,
-    name: String,
-}
-
-fn unexpected(r: OpResult) -> GridError {
-    GridError::Protocol(format!("unexpected answer {r:?}"))
-}
-
-fn not_routed(what: &str) -> GridError {
-    GridError::Invalid(format!(
-        "{what} over every shard of a cluster table is not supported by ClusterClient yet"
-    ))
-}
-
-impl TableBackend for ClusterTable {
-    fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>, GridError>> {
+impl OpRoute for ClusterClient {
+    fn send<'a>(&'a self, table: &'a str, op: TableOp) -> BoxFuture<'a, Result<OpResult, GridError>> {
         Box::pin(async move {
-            match self.c.route(&self.name, &key.clone(), TableOp::Get { key }).await? {
-                OpResult::Value(v) => Ok(v),
-                r => Err(unexpected(r)),
-            }
-        })
-    }
-
-    fn contains(&self, key: Key) -> BoxFuture<'_, Result<bool, GridError>> {
-        Box::pin(async move {
-            match self.c.route(&self.name, &key.clone(), TableOp::Contains { key }).await? {
-                OpResult::Bool(b) => Ok(b),
-                r => Err(unexpected(r)),
-            }
-        })
-    }
-
-    fn count(&self) -> BoxFuture<'_, Result<u64, GridError>> {
-        Box::pin(async move { Err(not_routed("count")) })
-    }
-
-    fn scan(&self, _: ScanRange) -> BoxFuture<'_, Result<Vec<(Key, Versioned)>, GridError>> {
-        Box::pin(async move { Err(not_routed("scan")) })
-    }
-
-    fn write(&self, op: WriteOp) -> BoxFuture<'_, Result<WriteResult, GridError>> {
-        Box::pin(async move {
-            let Some(key) = op.key().cloned() else { return Err(not_routed("a write without a key")) };
-            match self.c.route(&self.name, &key, TableOp::Write(op)).await? {
-                OpResult::Written { mut results, .. } if results.len() == 1 => Ok(results.remove(0)),
-                r => Err(unexpected(r)),
-            }
-        })
-    }
-
-    fn batch(&self, ops: Vec<WriteOp>) -> BoxFuture<'_, Result<Vec<WriteResult>, GridError>> {
-        Box::pin(async move {
-            let Some(key) = ops.iter().find_map(|o| o.key().cloned()) else {
-                return Err(not_routed("a batch without a key"));
+            let Some(key) = op.routing_key().cloned() else {
+                return Err(GridError::Invalid(
+                    "count, scan and prefix over every shard of a cluster table are not routed by ClusterClient yet"
+                        .into(),
+                ));
             };
-            match self.c.route(&self.name, &key, TableOp::Batch(ops)).await? {
-                OpResult::Written { results, .. } => Ok(results),
-                r => Err(unexpected(r)),
-            }
-        })
-    }
-
-    fn eval(&self, req: EvalRequest) -> BoxFuture<'_, Result<Value, GridError>> {
-        Box::pin(async move {
-            let EvalRequest { src, key, args, limits, read_only } = req;
-            let Some(k) = key.clone() else { return Err(not_routed("a snippet without a key")) };
-            let req = protocol::EvalRequest { src, key, args, limits, read_only };
-            match self.c.route(&self.name, &k, TableOp::Eval(req)).await? {
-                OpResult::Snippet(v) => Ok(v),
-                r => Err(unexpected(r)),
-            }
+            self.route(table, &key, op).await
         })
     }
 }

@@ -195,6 +195,20 @@ pub enum TableOp {
 }
 
 impl TableOp {
+    /// The key whose shard serves it, for an operation on one key (or a batch, by its first
+    /// keyed write); `None` for those over every shard (count, scan, prefix).
+    pub fn routing_key(&self) -> Option<&Key> {
+        match self {
+            TableOp::Get { key } | TableOp::Contains { key } => Some(key),
+            TableOp::Write(w) => w.key(),
+            TableOp::Batch(ops) => ops.iter().find_map(|w| w.key()),
+            TableOp::Eval(e) => e.key.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl TableOp {
     /// True for operations that change the table.
     pub fn is_write(&self) -> bool {
         matches!(self, TableOp::Write(_) | TableOp::Batch(_))

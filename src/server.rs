@@ -150,13 +150,7 @@ impl Forwards {
 /// that is another node of the cluster.
 fn remote_primary(grid: &GridCore, table: &str, op: &TableOp) -> Option<String> {
     let node = grid.cluster()?;
-    let key = match op {
-        TableOp::Get { key } | TableOp::Contains { key } => key,
-        TableOp::Write(w) => w.key()?,
-        TableOp::Batch(ops) => ops.iter().find_map(|w| w.key())?,
-        TableOp::Eval(e) => e.key.as_ref()?,
-        _ => return None,
-    };
+    let key = op.routing_key()?;
     let shard = grid.table(table).ok()?.shard_of(key);
     node.primary_elsewhere(table, shard)
 }

@@ -218,9 +218,25 @@ fn unreached<E: std::error::Error>(why: String) -> RPCError<NodeId, BasicNode, E
     RPCError::Network(NetworkError::new(&AnyError::error(why)))
 }
 
+/// A remote node's answer to a Raft RPC.
+type Remote<T, E> = Result<T, RaftError<NodeId, E>>;
+
 impl Conn {
-    async fn call(&self, req: Req, option: &RPCOption) -> Result<Rep, String> {
-        self.rpc.call(self.target, req, option.hard_ttl()).await
+    /// Sends `req` and takes the answer `pick` expects: the remote's error as a `RemoteError`,
+    /// anything else (no answer in time, a reply of another kind) as a network error, which
+    /// openraft retries.
+    async fn call<T, E: std::error::Error>(
+        &self,
+        req: Req,
+        option: &RPCOption,
+        pick: fn(Rep) -> Option<Remote<T, E>>,
+    ) -> Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+        match self.rpc.call(self.target, req, option.hard_ttl()).await.map(pick) {
+            Ok(Some(Ok(r))) => Ok(r),
+            Ok(Some(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(None) => Err(unreached("a reply of the wrong kind".into())),
+            Err(why) => Err(unreached(why)),
+        }
     }
 }
 
@@ -230,12 +246,7 @@ impl RaftNetwork<MapRaft> for Conn {
         rpc: AppendEntriesRequest<MapRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.call(Req::Append(rpc), &option).await {
-            Ok(Rep::Append(Ok(r))) => Ok(r),
-            Ok(Rep::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            Ok(_) => Err(unreached("a reply of the wrong kind".into())),
-            Err(why) => Err(unreached(why)),
-        }
+        self.call(Req::Append(rpc), &option, |r| if let Rep::Append(r) = r { Some(r) } else { None }).await
     }
 
     async fn install_snapshot(
@@ -246,12 +257,8 @@ impl RaftNetwork<MapRaft> for Conn {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        match self.call(Req::Snapshot(rpc), &option).await {
-            Ok(Rep::Snapshot(Ok(r))) => Ok(r),
-            Ok(Rep::Snapshot(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            Ok(_) => Err(unreached("a reply of the wrong kind".into())),
-            Err(why) => Err(unreached(why)),
-        }
+        self.call(Req::Snapshot(rpc), &option, |r| if let Rep::Snapshot(r) = r { Some(r) } else { None })
+            .await
     }
 
     async fn vote(
@@ -259,12 +266,7 @@ impl RaftNetwork<MapRaft> for Conn {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        match self.call(Req::Vote(rpc), &option).await {
-            Ok(Rep::Vote(Ok(r))) => Ok(r),
-            Ok(Rep::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            Ok(_) => Err(unreached("a reply of the wrong kind".into())),
-            Err(why) => Err(unreached(why)),
-        }
+        self.call(Req::Vote(rpc), &option, |r| if let Rep::Vote(r) = r { Some(r) } else { None }).await
     }
 }
 
