@@ -5,10 +5,10 @@
 //! - `place`: the tables of the map run here (created when the map gains one, dropped when it
 //!   loses one), and every change of the map's placements reaches the shard actors at once
 //!   (they also read the map every heartbeat);
-//! - `detect`: on the Raft leader only, the failure detector (`detector.rs`): leases for
-//!   primaries that report, and a failover committed to the map for a shard whose primary went
-//!   silent for `detect_ms` (a new leader starts with a fresh detector, so it waits a whole
-//!   detection time before it replaces anyone);
+//! - `detect`: the failure detector (`detector.rs`), fed on every node (shards report to every
+//!   member); on the Raft leader only it grants leases to primaries that report and commits a
+//!   failover to the map for a shard whose primary went silent for `detect_ms` (a new leader
+//!   keeps what it heard as a follower, and first waits out the old leader's leases);
 //! - `propose`: in-sync set changes primaries ask for, sent to the map.
 //!
 //! Invariant: nothing here writes a shard's data; it only carries frames, placements and map
@@ -40,11 +40,12 @@ const DECIDE_EVERY: Duration = Duration::from_millis(50);
 /// it only if a quorum acknowledged it after `g - QUORUM_FRESH_MS`; each of those voters heard
 /// the leader after `g - 150 - max_delay_ms` (100). A new leader needs the vote of one of them,
 /// which votes for no one until openraft's leader lease (`election_max_ms`, 240) after it last
-/// heard the old leader: so no new leader exists before `g - 10`, and its detector, fresh,
-/// replaces a primary only `detect_ms` (600) after that, at `g + 590` or later: after the
-/// lease ended. (Raising `lease_ms` or `QUORUM_FRESH_MS`, or lowering `detect_ms` or the
-/// election timeouts, must keep `QUORUM_FRESH_MS + max_delay_ms + lease_ms < election_max_ms +
-/// detect_ms`.)
+/// heard the old leader: so no new leader exists before `g - 10`, and its detector decides
+/// nothing for `lease_ms + max_delay_ms` (500) after it took the lead (`Detector::took_lead`),
+/// so not before `g + 490`: after the lease ended. Leases the new leader grants itself follow
+/// the detector's own rule (`detect_ms` > `lease_ms + max_delay_ms`). (Changing these must
+/// keep `QUORUM_FRESH_MS < election_max_ms`: `g - QUORUM_FRESH_MS - max_delay_ms +
+/// election_max_ms + lease_ms + max_delay_ms > g + lease_ms`.)
 const QUORUM_FRESH_MS: u64 = 150;
 /// How often the map's tables are checked against the running ones even without a change of
 /// the map (a table that failed to start is tried again).
@@ -239,16 +240,17 @@ async fn detect(
             r = reports.recv() => {
                 let Some((from, frame)) = r else { return };
                 let ReplWire::Status { pos, epoch, primary, sent_ms } = frame.wire else { continue };
-                // Leases only from a leader a quorum heard from lately (see `QUORUM_FRESH_MS`).
-                if !control.leads_with_quorum(QUORUM_FRESH_MS) {
-                    continue;
-                }
                 let shard = (frame.table, frame.shard);
                 let report = Report { shard, pos, primary_of: primary.then_some(epoch) };
+                // Every node hears every report (a new leader then knows who fell silent when);
+                // leases only from a leader a quorum heard from lately (see `QUORUM_FRESH_MS`).
                 let leases = {
                     let map = net.map.borrow();
                     detector.heartbeat(&map, from, sent_ms, &[report], net.now_ms())
                 };
+                if !control.leads_with_quorum(QUORUM_FRESH_MS) {
+                    continue;
+                }
                 for l in leases {
                     let lease = ReplWire::Lease { epoch: l.epoch, until_ms: l.until_ms };
                     if let Some(b) = (ReplFrame { table: l.shard.0, shard: l.shard.1, wire: lease }).encode() {
@@ -259,8 +261,13 @@ async fn detect(
             _ = every.tick() => {
                 let now_leading = control.is_leader();
                 if now_leading != leading {
-                    // A new term of leadership starts from nothing heard.
-                    detector = Detector::new(timing);
+                    // A new term of leadership keeps what was heard, and waits out the leases
+                    // an earlier leader may have granted.
+                    if now_leading {
+                        detector.took_lead(net.now_ms());
+                    } else {
+                        detector.lost_lead();
+                    }
                     pending.clear();
                     leading = now_leading;
                 }

@@ -15,6 +15,13 @@
 //!   (highest `(epoch, lsn)`) takes over. With no live in-sync replica the shard waits (no
 //!   unclean election).
 //!
+//! - Every node keeps a detector fed with every node's heartbeats (shards report to all
+//!   members), but only the Raft leader grants leases and decides. A node that becomes leader
+//!   keeps what it heard as a follower, so a primary that died with the old leader is replaced
+//!   `detect_ms` after it fell silent, not `detect_ms` after the election; a lease the *old*
+//!   leader granted is waited out instead (`took_lead`: no decision for `lease_ms +
+//!   max_delay_ms` after leadership began; the arithmetic is in `cluster/data.rs`).
+//!
 //! Invariant: `primary_heard` counts from the start of the current epoch at the earliest, so a
 //! new primary gets a full `detect_ms` to take up its epoch.
 
@@ -75,6 +82,8 @@ pub struct Detector {
     positions: BTreeMap<(ShardId, NodeId), (u64, Pos)>,
     /// Shards whose primary of this epoch gets no more leases (a planned switch is under way).
     drained: BTreeMap<ShardId, Epoch>,
+    /// No failover is decided before this (a lease an earlier leader granted may still run).
+    quiet_until_ms: u64,
 }
 
 impl Detector {
@@ -85,7 +94,19 @@ impl Detector {
             primary_heard: BTreeMap::new(),
             positions: BTreeMap::new(),
             drained: BTreeMap::new(),
+            quiet_until_ms: 0,
         }
+    }
+
+    /// This node became the Raft leader at `now_ms`: it keeps what it heard, and decides no
+    /// failover until every lease the previous leader may have granted has ended.
+    pub fn took_lead(&mut self, now_ms: u64) {
+        self.quiet_until_ms = now_ms + self.timing.lease_ms + self.timing.max_delay_ms;
+    }
+
+    /// This node stopped leading: planned switches it was draining are not its to finish.
+    pub fn lost_lead(&mut self) {
+        self.drained.clear();
     }
 
     /// A heartbeat from `from`, sent at `sent_ms` by its clock and heard at `now_ms`: the leases
@@ -118,7 +139,6 @@ impl Detector {
         leases
     }
 
-    /// The failovers due now.
     /// Grants the primary of `epoch` of `shard` no more leases (a planned switch): once the
     /// last lease granted has ended (`lease_ms + max_delay_ms` from now), another node may be
     /// made primary without two epochs writing at once.
@@ -131,9 +151,11 @@ impl Detector {
         self.drained.remove(shard);
     }
 
+    /// The failovers due now.
     pub fn decide(&mut self, map: &ClusterMap, now_ms: u64) -> Vec<MapCmd> {
         let t = self.timing;
         let mut out = Vec::new();
+        let quiet = now_ms < self.quiet_until_ms;
         for (shard, p) in map.placements() {
             let heard = match self.primary_heard.get(shard) {
                 Some(&(e, at)) if e == p.epoch => at,
@@ -143,7 +165,7 @@ impl Detector {
                     continue;
                 }
             };
-            if now_ms.saturating_sub(heard) <= t.detect_ms {
+            if quiet || now_ms.saturating_sub(heard) <= t.detect_ms {
                 continue;
             }
             let eligible = if p.sync > 0 { &p.in_sync } else { &p.replicas };

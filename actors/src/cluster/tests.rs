@@ -94,6 +94,42 @@ fn the_detector_leases_then_fails_over_to_a_live_in_sync_replica() {
     assert_eq!(d.decide(&map0, 800), vec![MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 3 }]);
 }
 
+#[test]
+fn a_new_leader_counts_silence_from_what_it_heard_as_a_follower() {
+    let map = three_nodes(1);
+    let t = Timing { heartbeat_ms: 100, lease_ms: 400, detect_ms: 600, max_delay_ms: 100 };
+    // Node 2's detector, a follower: it hears every report but its leases go nowhere.
+    let mut d = Detector::new(t);
+    d.decide(&map, 0);
+    d.heartbeat(&map, 1, 100, &report(10, Some(1)), 100);
+    // The primary (node 1, also the old leader) dies after its report at 100; node 2 still
+    // hears the in-sync replica, itself.
+    for at in [200, 300, 400, 500, 600] {
+        d.heartbeat(&map, 2, at, &report(10, None), at);
+    }
+    // Elected at 400: nothing is decided while a lease of the old leader may run (to 900)...
+    d.took_lead(400);
+    assert!(d.decide(&map, 750).is_empty(), "silent 650 ms, but an old lease may run");
+    assert!(d.decide(&map, 899).is_empty());
+    // ...and then at once: silence is counted from 100, not from the election.
+    d.heartbeat(&map, 2, 900, &report(10, None), 900);
+    assert_eq!(d.decide(&map, 901), vec![MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 2 }]);
+    // A primary that kept reporting is never replaced by the new leader.
+    let mut d = Detector::new(t);
+    d.decide(&map, 0);
+    d.took_lead(0);
+    for at in (100..3_000).step_by(100) {
+        d.heartbeat(&map, 1, at, &report(10, Some(1)), at);
+        d.heartbeat(&map, 2, at, &report(10, None), at);
+        assert!(d.decide(&map, at + 50).is_empty(), "at {at}");
+    }
+    // Losing the lead ends a planned switch's drain (its leases flow again under a later lead).
+    d.drain(shard(), 1);
+    assert!(d.heartbeat(&map, 1, 3_000, &report(10, Some(1)), 3_000).is_empty(), "drained");
+    d.lost_lead();
+    assert_eq!(d.heartbeat(&map, 1, 3_100, &report(10, Some(1)), 3_100).len(), 1);
+}
+
 async fn next(inbox: &mut Inbox) -> Option<(u64, Vec<u8>)> {
     tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.ok().flatten()
 }

@@ -10,8 +10,9 @@
 //! - As replica, it refuses client requests (`NotPrimary`, naming the primary) and applies what
 //!   the primary ships, acking what its heap holds (synced first under `always`).
 //! - Records ship once the op log has them (`synced` after each flush and on every tick).
-//! - Every `heartbeat_ms` it reports its position to the Raft leader, which answers a primary
-//!   with a lease (`ReplWire::Lease`).
+//! - Every `heartbeat_ms` it reports its position to every member of the map (each node's
+//!   detector hears it, so a new Raft leader knows who fell silent when); the leader answers a
+//!   primary with a lease (`ReplWire::Lease`).
 //!
 //! Frames: `REPL_FRAME`, then postcard `ReplFrame { table, shard, wire }`.
 
@@ -49,7 +50,7 @@ type State = Vec<(Vec<u8>, Vec<u8>)>;
 pub enum ReplWire {
     Rep(ToReplica<Vec<u8>, (Pos, State)>),
     Prim(ToPrimary),
-    /// A shard's position, to the Raft leader's detector.
+    /// A shard's position, to every node's detector (the Raft leader's grants leases).
     Status {
         pos: Pos,
         epoch: Epoch,
@@ -89,7 +90,7 @@ pub struct ReplNet {
     pub transport: Arc<dyn Transport>,
     /// The cluster map as this node applied it.
     pub map: watch::Receiver<ClusterMap>,
-    /// The Raft leader this node knows (where positions go).
+    /// The Raft leader this node knows (named in refusals).
     pub leader: watch::Receiver<Option<NodeId>>,
     /// Map changes a primary proposes (in-sync sets; at most `PROPOSALS_MAX` waiting: a
     /// primary proposes again every `resend_ms` until its change is committed, so one dropped
@@ -350,20 +351,22 @@ impl ShardRepl {
         self.dispatch(e);
     }
 
-    /// The periodic work: position to the leader, shipping, resends, deadlines.
+    /// The periodic work: position to every member, shipping, resends, deadlines.
     pub fn tick(&mut self, heap: &mut Heap) -> Result<(), GridError> {
         let now = self.net.now_ms();
         if now.saturating_sub(self.last_status_ms) >= self.net.heartbeat_ms {
             self.last_status_ms = now;
-            let leader = *self.net.leader.borrow();
-            if let Some(l) = leader {
-                let w = ReplWire::Status {
-                    pos: self.ep.pos(),
-                    epoch: self.ep.epoch,
-                    primary: self.ep.is_primary(),
-                    sent_ms: now,
-                };
-                self.net.send(l, &self.table, self.shard, w);
+            let members: Vec<NodeId> = self.net.map.borrow().members().map(|m| m.id).collect();
+            let w = ReplWire::Status {
+                pos: self.ep.pos(),
+                epoch: self.ep.epoch,
+                primary: self.ep.is_primary(),
+                sent_ms: now,
+            };
+            if let Some(b) = (ReplFrame { table: self.table.clone(), shard: self.shard, wire: w }).encode() {
+                for m in members {
+                    self.net.transport.send(m, b.clone());
+                }
             }
             // The map is also read here, so a missed change is caught up.
             if let Some(p) = self.net.placement(&self.table, self.shard) {
