@@ -9,7 +9,8 @@
 //! `request_timeout`, as with `Client`: pick one shorter than a failover to move on sooner.
 //!
 //! Tables are `Table` handles, as with `Client` and `Grid` (the same `RemoteTable`, over this
-//! client's routing). `count` and `scan` need every shard and are not routed yet (`Invalid`).
+//! client's routing). `count` and `scan` need every shard: they go to any node, which gathers
+//! each shard's part from its primary.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -213,10 +214,11 @@ impl OpRoute for ClusterClient {
     fn send<'a>(&'a self, table: &'a str, op: TableOp) -> BoxFuture<'a, Result<OpResult, GridError>> {
         Box::pin(async move {
             let Some(key) = op.routing_key().cloned() else {
-                return Err(GridError::Invalid(
-                    "count, scan and prefix over every shard of a cluster table are not routed by ClusterClient yet"
-                        .into(),
-                ));
+                // Count, scan, prefix: any node gathers every shard's part from its primary.
+                return match self.any(RequestBody::Table { table: table.into(), op }).await? {
+                    ResponseBody::Op(r) => Ok(r),
+                    r => Err(GridError::Protocol(format!("a table operation answered {r:?}"))),
+                };
             };
             self.route(table, &key, op).await
         })

@@ -461,9 +461,23 @@ fn status_json(s: &heapgrid_actors::cluster::raft::ClusterStatus) -> serde_json:
         .map
         .placements()
         .map(|((coll, shard), p)| {
+            // Each copy as the answering node last heard it: its position, and how many
+            // records it is behind the primary's last report.
+            let heard: Vec<_> = s.copies.iter().filter(|c| &c.table == coll && c.shard == *shard).collect();
+            let primary_lsn = heard.iter().find(|c| c.node == p.primary).map(|c| c.pos.lsn);
+            let copies: Vec<_> = heard
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "node": c.node, "epoch": c.pos.epoch, "lsn": c.pos.lsn,
+                        "behind": primary_lsn.map(|l| l.saturating_sub(c.pos.lsn)),
+                        "heard_ms_ago": c.heard_ms_ago,
+                    })
+                })
+                .collect();
             serde_json::json!({
                 "collection": coll, "shard": shard, "epoch": p.epoch, "primary": p.primary,
-                "replicas": p.replicas, "in_sync": p.in_sync, "sync": p.sync,
+                "replicas": p.replicas, "in_sync": p.in_sync, "sync": p.sync, "copies": copies,
             })
         })
         .collect();

@@ -566,6 +566,7 @@ mod tests {
             learners: vec![],
             applied: 0,
             map: Default::default(),
+            copies: vec![],
         };
         let cluster_results = [
             ClusterResult::Status(status),

@@ -34,7 +34,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
-use crate::client::Client;
 use crate::feed::{FeedOp, FeedResult, start_op};
 use crate::protocol::{
     self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
@@ -107,52 +106,44 @@ struct ConnLimits {
     inflight: usize,
     budget: Arc<BufferBudget>,
     frame_deadline: Duration,
-    /// In a cluster, a trusted server forwards a single-key table request for a shard another
-    /// node serves to that node (with tokens it answers `NotPrimary` instead: it holds no
-    /// token of the caller's to present there).
-    forwards: Option<Arc<Forwards>>,
 }
 
-/// Connections to the other nodes of the cluster, for forwarded requests.
-#[derive(Default)]
-struct Forwards {
-    clients: std::sync::Mutex<HashMap<String, Client>>,
-}
-
-/// How long a forwarded request's connection may take to open.
-const FORWARD_CONNECT: Duration = Duration::from_secs(2);
-
-impl Forwards {
-    async fn send(&self, addr: String, table: String, op: TableOp) -> Result<ResponseBody, GridError> {
-        let cached = self.clients.lock().unwrap_or_else(|e| e.into_inner()).get(&addr).cloned();
-        let client = match cached {
-            Some(c) => c,
-            None => {
-                let to: SocketAddr =
-                    addr.parse().map_err(|_| GridError::Unavailable(format!("a primary at {addr:?}")))?;
-                let opts = crate::client::ClientOptions { connect_attempts: 1, ..Default::default() };
-                let c = tokio::time::timeout(FORWARD_CONNECT, Client::connect_with(to, opts))
-                    .await
-                    .map_err(|_| GridError::Unavailable(format!("the primary at {addr} did not answer")))??;
-                self.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(addr.clone(), c.clone());
-                c
-            }
-        };
-        let r = client.request(RequestBody::Table { table, op }).await;
-        if matches!(r, Err(GridError::Unavailable(_))) {
-            self.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
-        }
-        r
-    }
-}
-
-/// Where to forward a table request: the client address of its key's shard's primary, when
-/// that is another node of the cluster.
-fn remote_primary(grid: &GridCore, table: &str, op: &TableOp) -> Option<String> {
-    let node = grid.cluster()?;
+/// The table, for a single-key request whose key's shard another node of the cluster serves
+/// (the request runs there, through `TableRuntime`'s shard calls).
+fn remote_primary(grid: &GridCore, table: &str, op: &TableOp) -> Option<Arc<TableRuntime>> {
+    grid.cluster()?;
     let key = op.routing_key()?;
-    let shard = grid.table(table).ok()?.shard_of(key);
-    node.primary_elsewhere(table, shard)
+    let rt = grid.table(table).ok()?;
+    rt.primary_elsewhere(rt.shard_of(key)).map(|_| rt)
+}
+
+/// Runs a single-key request on the node that serves its shard (permissions checked).
+async fn run_elsewhere(rt: Arc<TableRuntime>, op: TableOp) -> Result<ResponseBody, GridError> {
+    Ok(ResponseBody::Op(match op {
+        TableOp::Get { key } => OpResult::Value(rt.get(key).await?),
+        TableOp::Contains { key } => OpResult::Bool(rt.contains(key).await?),
+        TableOp::Write(w) => {
+            let (lsn, r) = rt.write(w).await?;
+            OpResult::Written { lsn, results: vec![r] }
+        }
+        TableOp::Batch(ops) => {
+            let w = rt.batch(ops).await?;
+            OpResult::Written { lsn: w.lsn, results: w.results }
+        }
+        TableOp::Eval(req) => OpResult::Snippet(rt.eval(req.into()).await?),
+        other => return Err(GridError::Protocol(format!("{other:?} is not a single-key request"))),
+    }))
+}
+
+/// The table, for a count or scan of a table some of whose shards another node of the cluster
+/// serves.
+fn spans_nodes(grid: &GridCore, table: &str, op: &TableOp) -> Option<Arc<TableRuntime>> {
+    grid.cluster()?;
+    if !matches!(op, TableOp::Count | TableOp::Scan { .. } | TableOp::Prefix { .. }) {
+        return None;
+    }
+    let rt = grid.table(table).ok()?;
+    (0..rt.def.shards).any(|s| rt.primary_elsewhere(s).is_some()).then_some(rt)
 }
 
 /// Server settings.
@@ -211,12 +202,10 @@ impl Server {
         let local_addr = listener.local_addr().map_err(|e| GridError::Storage(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
         let budget = Arc::new(BufferBudget::new(cfg.buffer_budget_bytes));
-        let forwards = auth.is_trusted().then(|| Arc::new(Forwards::default()));
         let limits = ConnLimits {
             inflight: cfg.inflight_max.max(1),
             budget: budget.clone(),
             frame_deadline: cfg.frame_deadline,
-            forwards,
         };
         let task =
             tokio::spawn(accept_loop(listener, grid, auth, limits, cfg.connections_max.max(1), stop_rx));
@@ -514,7 +503,7 @@ async fn connection(
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &sessions, &gone, limits.forwards.as_ref());
+        let mut round = Round::new(&writing, &sessions, &gone);
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -729,8 +718,6 @@ struct Round<'c> {
     appends: Option<(Arc<FeedRuntime>, Vec<u64>, Vec<AppendReq>)>,
     /// Sent append batches awaiting their replies.
     sent: Vec<Pending>,
-    /// Where requests for shards other nodes serve are forwarded (a trusted server in a cluster).
-    forwards: Option<&'c Arc<Forwards>>,
 }
 
 /// What became of a request a round was given.
@@ -744,14 +731,8 @@ enum Taken {
 }
 
 impl<'c> Round<'c> {
-    fn new(
-        writing: &'c Writing,
-        sessions: &'c ConnSessions,
-        gone: &'c watch::Receiver<bool>,
-        forwards: Option<&'c Arc<Forwards>>,
-    ) -> Round<'c> {
+    fn new(writing: &'c Writing, sessions: &'c ConnSessions, gone: &'c watch::Receiver<bool>) -> Round<'c> {
         Round {
-            forwards,
             writing,
             sessions,
             gone,
@@ -1030,7 +1011,9 @@ impl<'c> Round<'c> {
                     // Its own task: a connection that goes away does not cancel a change halfway.
                     detached(async move {
                         Ok(ResponseBody::Cluster(match op {
-                            ClusterOp::Status => ClusterResult::Status(node.status()),
+                            ClusterOp::Status => {
+                                ClusterResult::Status(grid.cluster_status().unwrap_or_else(|| node.status()))
+                            }
                             ClusterOp::Add(m) => {
                                 ClusterResult::Changed { version: node.admin(Admin::Join(m)).await?.version }
                             }
@@ -1057,21 +1040,46 @@ impl<'c> Round<'c> {
                 return alone(id, async move { Ok(ResponseBody::Feed(started?.await?)) });
             }
         };
-        if let Some(f) = self.forwards
-            && let Some(addr) = remote_primary(&grid, &table, &op)
-        {
-            // Checked here as `plan` would (a forwarding server is trusted, so this is the
-            // check that counts).
-            let allowed = who
-                .require(&table, Permission::Read)
-                .and_then(|_| if op.is_write() { who.require(&table, Permission::Write) } else { Ok(()) });
-            if let Err(e) = allowed {
+        if let Some(rt) = spans_nodes(&grid, &table, &op) {
+            // A count or scan over shards other nodes serve: each shard's part from its
+            // primary (`TableRuntime` routes them over the cluster's transport).
+            if let Err(e) = who.require(&table, Permission::Read) {
                 protocol::append_response(out, &Response { id, result: Err(e) });
                 return Taken::Answered;
             }
             self.send_appends();
-            let f = f.clone();
-            return alone(id, async move { f.send(addr, table, op).await });
+            return alone(id, async move {
+                let range = match op {
+                    TableOp::Count => return Ok(ResponseBody::Op(OpResult::Count(rt.count().await?))),
+                    TableOp::Scan { start, end, limit, reverse } => ScanRange { start, end, limit, reverse },
+                    TableOp::Prefix { prefix, limit, reverse } => ScanRange::prefix(&prefix, limit, reverse),
+                    other => return Err(GridError::Protocol(format!("{other:?} is not over every shard"))),
+                };
+                Ok(ResponseBody::Op(OpResult::Entries(rt.scan(range).await?)))
+            });
+        }
+        if let Some(rt) = remote_primary(&grid, &table, &op) {
+            // Checked here as `plan` would (the node that runs it trusts its peers).
+            let allowed = who
+                .require(&table, Permission::Read)
+                .and_then(|_| if op.is_write() { who.require(&table, Permission::Write) } else { Ok(()) })
+                .and_then(|_| match op {
+                    TableOp::Eval(_) => who.require(&table, Permission::Eval),
+                    _ => Ok(()),
+                });
+            if let Err(e) = allowed {
+                protocol::append_response(out, &Response { id, result: Err(e) });
+                return Taken::Answered;
+            }
+            let op = match op {
+                TableOp::Eval(mut req) => {
+                    req.read_only |= !who.allows(&table, Permission::Write);
+                    TableOp::Eval(req)
+                }
+                op => op,
+            };
+            self.send_appends();
+            return alone(id, run_elsewhere(rt, op));
         }
         match self.plan(&grid, &who, id, &table, op, out) {
             Ok(true) => {

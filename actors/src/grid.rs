@@ -450,6 +450,8 @@ pub struct GridCore {
     cluster: std::sync::OnceLock<Arc<crate::cluster::raft::ControlNode>>,
     /// The replication network shard actors use, set with `cluster`.
     repl_net: ClusterNet,
+    /// Calls to other nodes' shards, set with `cluster`; every `TableRuntime` holds it.
+    remote: crate::table::runtime::RemoteShards,
     /// Replicas and `sync` of tables created in the cluster.
     cluster_defaults: std::sync::OnceLock<(u32, u32)>,
     data_plane: std::sync::OnceLock<crate::cluster::data::DataPlane>,
@@ -857,6 +859,7 @@ impl GridCore {
             commit_stripes: (0..COMMIT_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             cluster: std::sync::OnceLock::new(),
             repl_net,
+            remote: Arc::default(),
             cluster_defaults: std::sync::OnceLock::new(),
             data_plane: std::sync::OnceLock::new(),
             _lock: lock,
@@ -879,7 +882,12 @@ impl GridCore {
 
     async fn start(&self, def: TableDef) -> Result<Arc<TableRuntime>, GridError> {
         let slots: Arc<Vec<ShardSlot>> = Arc::new((0..def.shards).map(|_| ShardSlot::new()).collect());
-        let rt = Arc::new(TableRuntime::new(def.clone(), slots.clone(), self.snippets.clone()));
+        let rt = Arc::new(TableRuntime::new(
+            def.clone(),
+            slots.clone(),
+            self.snippets.clone(),
+            self.remote.clone(),
+        ));
         match self.root.call(|p| RootMsg::StartTable(def.clone(), slots, p), None).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r?,
             _ => return Err(GridError::Closed),
@@ -1097,6 +1105,16 @@ impl GridCore {
         {
             access(only, false)?;
             let read_only = access(only, true).is_err();
+            let guess = match &args {
+                Value::Int(i) => Key::Int(*i).shard(t.def.shards),
+                Value::Str(s) => Key::Str(s.clone()).shard(t.def.shards),
+                _ => 0,
+            };
+            // In a cluster, a shard another node serves is not tried in place: the snippet
+            // runs grid-scoped here, its operations sent to their primaries.
+            if t.primary_elsewhere(guess).is_some() {
+                return self.eval_grid(compiled, args, limits, access, fences).await;
+            }
             if t.def.shards == 1 {
                 let job = EvalJob { args, read_only, fences, ..t.eval_job(0, compiled, limits) };
                 return t.eval_in(job).await;
@@ -1104,11 +1122,6 @@ impl GridCore {
             // Several shards: first try the shard that `args` names when it is a key (else shard
             // 0). A snippet that stays in that shard is answered from there (atomically); one
             // that reaches outside it stops with no effect and runs grid-scoped below.
-            let guess = match &args {
-                Value::Int(i) => Key::Int(*i).shard(t.def.shards),
-                Value::Str(s) => Key::Str(s.clone()).shard(t.def.shards),
-                _ => 0,
-            };
             let missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let job = EvalJob {
                 args: args.clone(),
@@ -1123,6 +1136,18 @@ impl GridCore {
                 Err(_) => {}
             }
         }
+        self.eval_grid(compiled, args, limits, access, fences).await
+    }
+
+    /// The grid-scoped run of `eval_fenced`: optimistic, then under a commit stripe.
+    async fn eval_grid(
+        self: &Arc<Self>,
+        compiled: Arc<crate::snippet::Compiled>,
+        args: Value,
+        limits: crate::snippet::Limits,
+        access: AccessCheck,
+        fences: Vec<WriteOp>,
+    ) -> Result<Value, GridError> {
         let mut stripe = None;
         for attempt in 1..=SNIPPET_ATTEMPTS_MAX {
             let core = self.clone();
@@ -1287,11 +1312,31 @@ impl GridCore {
                     let _ = decide.send(true);
                     done.push(d);
                 }
+                // Every shard was told to apply: one that failed now (its hold ended, it lost
+                // its lease, its node stopped answering) leaves the others applied.
+                let n = done.len();
+                let mut failed = Vec::new();
                 for d in done {
-                    d.await
-                        .map_err(|_| GridError::Unavailable("a shard stopped while committing".into()))??;
+                    let r = d
+                        .await
+                        .map_err(|_| GridError::Unavailable("a shard stopped while committing".into()));
+                    if let Err(e) = r.and_then(|r| r) {
+                        failed.push(e);
+                    }
                 }
-                Ok(())
+                match failed.len() {
+                    0 => Ok(()),
+                    f if f == n => Err(failed
+                        .iter()
+                        .find(|e| matches!(e, GridError::Indeterminate(_)))
+                        .unwrap_or(&failed[0])
+                        .clone()),
+                    f => Err(GridError::Indeterminate(format!(
+                        "the commit applied on {} of {n} shards; the others failed: {}",
+                        n - f,
+                        failed[0]
+                    ))),
+                }
             }
         }
     }
@@ -1382,11 +1427,14 @@ impl GridCore {
         });
         let _ = self.cluster_defaults.set((opts.replicas, opts.sync));
         self.repl_net.set(net.clone()).map_err(|_| taken())?;
+        let rpc = Arc::new(crate::cluster::shard_rpc::ShardRpc::new(net.clone()));
+        self.remote.set(rpc.clone()).map_err(|_| taken())?;
         self.cluster.set(node.clone()).map_err(|_| taken())?;
         let plane = crate::cluster::data::DataPlane::start(
             Arc::downgrade(self),
             node,
             net,
+            rpc,
             inbox,
             proposed,
             opts.detector,
@@ -1448,6 +1496,15 @@ impl GridCore {
     /// This node's member of the cluster's control group (`None`: a node on its own).
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::raft::ControlNode>> {
         self.cluster.get()
+    }
+
+    /// What this node knows of the cluster, with every copy's last reported position.
+    pub fn cluster_status(&self) -> Option<crate::cluster::raft::ClusterStatus> {
+        let mut s = self.cluster.get()?.status();
+        if let Some(plane) = self.data_plane.get() {
+            s.copies = plane.copies();
+        }
+        Some(s)
     }
 
     /// Checkpoints and stops every shard, then the tree, then closes the catalogue.

@@ -707,3 +707,149 @@ async fn any_node_forwards_single_key_requests_to_their_primary() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), elsewhere.to_string());
 }
+
+/// Issue 15: a grid-scoped snippet sent to any node reads and writes every shard, each
+/// operation at its shard's primary, and a multi-shard commit holds all or nothing across
+/// nodes (concurrent transfers from every node keep the total); counts and scans from any node
+/// see every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grid_scoped_snippets_counts_and_scans_span_every_node() {
+    use heapgrid::{TableOptions, Value};
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, cc) = cluster_of_three(root.path(), &[]).await;
+    cc.create_table("acct", TableOptions { shards: 3, fsync: None }).await.unwrap();
+    for i in 0..30 {
+        cc.table("acct").put(format!("warm{i}"), &i).await.unwrap();
+    }
+    // One primary per node: every node is the primary of one shard and not of two.
+    let map = cc.map();
+    let mut primaries: Vec<u64> =
+        (0..3).map(|s| map.placement(&("acct".to_string(), s)).unwrap().primary).collect();
+    primaries.sort();
+    assert_eq!(primaries, vec![1, 2, 3]);
+    let plain: Vec<Client> = {
+        let mut v = Vec::new();
+        for n in &nodes {
+            v.push(Client::connect(n.addr).await.unwrap());
+        }
+        v
+    };
+    // Written from node 2, across all three shards.
+    plain[1].eval("for i in range(30):\n    acct[f'a{i}'] = 100\nlen([1 for i in range(30) if acct[f'a{i}'] == 100])")
+        .await
+        .map(|v| assert_eq!(v, Value::Int(30)))
+        .unwrap();
+    for c in &plain {
+        assert_eq!(c.table("acct").count().await.unwrap(), 60, "count from every node");
+        let accts = c.table("acct").prefix("a", 100, false).await.unwrap();
+        assert_eq!(accts.len(), 30);
+        assert!(accts.iter().all(|(_, v)| *v == Value::Int(100)));
+    }
+    assert_eq!(cc.table("acct").count().await.unwrap(), 60, "a ClusterClient counts through any node");
+    // Transfers between accounts of different shards, from every node at once.
+    let transfer = "a = f'a{args[0]}'\nb = f'a{args[1]}'\nacct[a] = acct[a] - 1\nacct[b] = acct[b] + 1";
+    let mut tasks = Vec::new();
+    for (n, c) in plain.iter().enumerate() {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20i64 {
+                let (a, b) = ((i * 7 + n as i64) % 30, (i * 11 + 3 * n as i64 + 1) % 30);
+                if a == b {
+                    continue;
+                }
+                let args = Value::List(vec![Value::Int(a), Value::Int(b)]);
+                c.eval_with(transfer, args, Default::default()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = "sum([acct[f'a{i}'] for i in range(30)])";
+    for c in &plain {
+        assert_eq!(c.eval(total).await.unwrap(), Value::Int(3000), "the total is kept, read from every node");
+    }
+    let moved = plain[2].eval("len([1 for i in range(30) if acct[f'a{i}'] != 100])").await.unwrap();
+    assert!(moved != Value::Int(0), "the transfers changed balances");
+    // `cluster status` on any node shows every copy's position (each node's detector hears
+    // every report): once the writes stop, every replica holds its primary's last record.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Ok(ClusterResult::Status(s)) = plain[0].cluster(ClusterOp::Status).await else {
+            panic!("no status")
+        };
+        let caught_up = (0..3).all(|shard| {
+            let p = s.map.placement(&("acct".to_string(), shard)).unwrap();
+            let lsn = |n: u64| {
+                s.copies
+                    .iter()
+                    .find(|c| c.table == "acct" && c.shard == shard && c.node == n)
+                    .map(|c| c.pos.lsn)
+            };
+            lsn(p.primary).is_some_and(|l| l > 0) && p.replicas.iter().all(|&r| lsn(r) == lsn(p.primary))
+        });
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "copies: {:?}", s.copies);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With tokens, the node a client reached checks its permissions and runs its requests at the
+/// primaries elsewhere: a reader on any node reads, counts and runs read-only snippets over
+/// every shard, and its writes are refused there, before anything is sent on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_a_node_checks_permissions_then_runs_requests_at_other_primaries() {
+    use heapgrid::{ClientOptions, TableOptions, Value};
+    let root = tempfile::tempdir().unwrap();
+    let cfg = root.path().join("tokens.json");
+    let tokens = serde_json::json!({"tokens": [
+        {"token": "root", "permissions": {"*": ["admin"]}},
+        {"token": "reader", "permissions": {"acct": ["read", "eval"]}},
+    ]});
+    std::fs::write(&cfg, tokens.to_string()).unwrap();
+    let flags = ["--config", cfg.to_str().unwrap()];
+    let d = |i: u64| root.path().join(format!("n{i}"));
+    let n1 = start_with(1, &d(1), "127.0.0.1:0", None, &flags);
+    let n2 = start_with(2, &d(2), "127.0.0.1:0", Some(&n1.peer), &flags);
+    let n3 = start_with(3, &d(3), "127.0.0.1:0", Some(&n1.peer), &flags);
+    let as_ = |addr: SocketAddr, token: &str| {
+        let opts = ClientOptions { token: Some(token.into()), ..ClientOptions::default() };
+        Client::connect_with(addr, opts)
+    };
+    let admin = as_(n1.addr, "root").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ClusterResult::Status(s)) = admin.cluster(ClusterOp::Status).await
+            && s.voters.len() == 3
+            && s.map.members().count() == 3
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three nodes did not agree");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admin.create_table("acct", TableOptions { shards: 3, fsync: None }).await.unwrap();
+    // Written through node 2 (two of three shards elsewhere).
+    let writer = as_(n2.addr, "root").await.unwrap();
+    for i in 0..30i64 {
+        writer.table("acct").put(format!("k{i}"), &i).await.unwrap();
+    }
+    let reader = as_(n3.addr, "reader").await.unwrap();
+    let t = reader.table("acct");
+    for i in 0..30i64 {
+        assert_eq!(t.get::<i64>(format!("k{i}")).await.unwrap(), Some(i));
+    }
+    assert_eq!(t.count().await.unwrap(), 30);
+    assert_eq!(reader.eval("sum([acct[f'k{i}'] for i in range(30)])").await.unwrap(), Value::Int(435));
+    // Refused where the reader connected, for keys of every shard.
+    for i in 0..3 {
+        let e = t.put(format!("k{i}"), &0).await.unwrap_err();
+        assert!(matches!(e, GridError::PermissionDenied { .. }), "{e:?}");
+    }
+    let e = reader.eval("acct['k1'] = 0").await.unwrap_err();
+    assert!(matches!(e, GridError::PermissionDenied { .. }), "{e:?}");
+    assert_eq!(writer.table("acct").get::<i64>("k1").await.unwrap(), Some(1), "nothing was written");
+    drop((n1, n2, n3));
+}

@@ -1,7 +1,7 @@
 //! The data plane of a node in a cluster, as tokio tasks beside its `ControlNode`:
 //!
 //! - `route`: replication frames from other nodes to the shard actor they are for (a position
-//!   report goes to the detector instead);
+//!   report goes to the detector instead), and shard calls to `ShardRpc`;
 //! - `place`: the tables of the map run here (created when the map gains one, dropped when it
 //!   loses one), and every change of the map's placements reaches the shard actors at once
 //!   (they also read the map every heartbeat);
@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::detector::{Detector, Report, Timing};
 use super::map::{MapCmd, ShardId};
 use super::raft::{Admin, ControlNode};
+use super::shard_rpc::{SHARD_FRAME, ShardRpc};
 use super::transport::Inbox;
 use crate::error::GridError;
 use crate::grid::GridCore;
@@ -62,6 +63,9 @@ struct Switch {
 pub struct DataPlane {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     switches: mpsc::Sender<Switch>,
+    /// The detector (the `detect` task's; read for `copies`).
+    detector: Arc<std::sync::Mutex<Detector>>,
+    net: Arc<ReplNet>,
 }
 
 impl Drop for DataPlane {
@@ -77,19 +81,36 @@ impl DataPlane {
         grid: Weak<GridCore>,
         control: Arc<ControlNode>,
         net: Arc<ReplNet>,
+        rpc: Arc<ShardRpc>,
         inbox: Inbox,
         proposals: mpsc::Receiver<MapCmd>,
         timing: Timing,
     ) -> DataPlane {
         let (det_tx, det_rx) = mpsc::channel(super::transport::INBOX_MAX);
         let (switches, switch_rx) = mpsc::channel(SWITCHES_MAX);
+        let detector = Arc::new(std::sync::Mutex::new(Detector::new(timing)));
         let tasks = vec![
-            tokio::spawn(route(grid.clone(), inbox, det_tx)),
+            tokio::spawn(route(grid.clone(), inbox, det_tx, rpc)),
             tokio::spawn(place(grid, net.clone())),
-            tokio::spawn(detect(control.clone(), net, det_rx, switch_rx, timing)),
+            tokio::spawn(detect(control.clone(), net.clone(), det_rx, switch_rx, detector.clone())),
             tokio::spawn(propose(control, proposals)),
         ];
-        DataPlane { tasks, switches }
+        DataPlane { tasks, switches, detector, net }
+    }
+
+    /// Every copy of every shard as this node's detector last heard it.
+    pub fn copies(&self) -> Vec<super::raft::CopyState> {
+        let now = self.net.now_ms();
+        let d = self.detector.lock().unwrap_or_else(|e| e.into_inner());
+        d.positions()
+            .map(|((table, shard), node, at, pos)| super::raft::CopyState {
+                table: table.clone(),
+                shard: *shard,
+                node,
+                pos,
+                heard_ms_ago: now.saturating_sub(at),
+            })
+            .collect()
     }
 
     /// Makes in-sync replica `to` the primary of `shard`, on this node, which must lead the
@@ -118,9 +139,21 @@ fn deliver(grid: &GridCore, table: &str, shard: u32, msg: ShardMsg) {
     }
 }
 
-async fn route(grid: Weak<GridCore>, mut inbox: Inbox, detector: mpsc::Sender<(NodeId, ReplFrame)>) {
+async fn route(
+    grid: Weak<GridCore>,
+    mut inbox: Inbox,
+    detector: mpsc::Sender<(NodeId, ReplFrame)>,
+    rpc: Arc<ShardRpc>,
+) {
     while let Some((from, bytes)) = inbox.recv().await {
-        let Some((&REPL_FRAME, body)) = bytes.split_first() else { continue };
+        let body = match bytes.split_first() {
+            Some((&REPL_FRAME, body)) => body,
+            Some((&SHARD_FRAME, body)) => {
+                rpc.on_frame(&grid, from, body);
+                continue;
+            }
+            _ => continue,
+        };
         let Some(frame) = ReplFrame::decode(body) else {
             tracing::warn!(from, "an undecodable replication frame was dropped");
             continue;
@@ -188,9 +221,11 @@ async fn detect(
     net: Arc<ReplNet>,
     mut reports: mpsc::Receiver<(NodeId, ReplFrame)>,
     mut switches: mpsc::Receiver<Switch>,
-    timing: Timing,
+    shared: Arc<std::sync::Mutex<Detector>>,
 ) {
-    let mut detector = Detector::new(timing);
+    // Locked for each step only (`DataPlane::copies` reads it between them).
+    let detector = || shared.lock().unwrap_or_else(|e| e.into_inner());
+    let timing = detector().timing;
     let mut leading = false;
     let mut every = tokio::time::interval(DECIDE_EVERY);
     // Failovers sent and not yet seen in the map: (shard, epoch they replace).
@@ -221,7 +256,7 @@ async fn detect(
                     (Some(why), _) => drop(s.done.send(Err(GridError::Invalid(why)))),
                     (None, Some(p)) if p.primary == s.to => drop(s.done.send(Ok(net.map.borrow().version))),
                     (None, Some(p)) => {
-                        detector.drain(s.shard.clone(), p.epoch);
+                        detector().drain(s.shard.clone(), p.epoch);
                         let at = net.now_ms() + timing.lease_ms + timing.max_delay_ms;
                         tracing::info!(table = %s.shard.0, shard = s.shard.1, epoch = p.epoch, to = s.to,
                             "planned switch: the primary gets no more leases");
@@ -234,7 +269,7 @@ async fn detect(
                 // A switch that was not committed: leases flow again (else the primary,
                 // unleased, would be failed over).
                 if let Some((shard, false)) = e {
-                    detector.undrain(&shard);
+                    detector().undrain(&shard);
                 }
             }
             r = reports.recv() => {
@@ -246,7 +281,7 @@ async fn detect(
                 // leases only from a leader a quorum heard from lately (see `QUORUM_FRESH_MS`).
                 let leases = {
                     let map = net.map.borrow();
-                    detector.heartbeat(&map, from, sent_ms, &[report], net.now_ms())
+                    detector().heartbeat(&map, from, sent_ms, &[report], net.now_ms())
                 };
                 if !control.leads_with_quorum(QUORUM_FRESH_MS) {
                     continue;
@@ -264,9 +299,9 @@ async fn detect(
                     // A new term of leadership keeps what was heard, and waits out the leases
                     // an earlier leader may have granted.
                     if now_leading {
-                        detector.took_lead(net.now_ms());
+                        detector().took_lead(net.now_ms());
                     } else {
-                        detector.lost_lead();
+                        detector().lost_lead();
                     }
                     pending.clear();
                     leading = now_leading;
@@ -293,7 +328,7 @@ async fn detect(
                 let cmds = {
                     let map = net.map.borrow();
                     pending.retain(|(shard, epoch)| map.placement(shard).is_some_and(|p| p.epoch == *epoch));
-                    detector.decide(&map, net.now_ms())
+                    detector().decide(&map, net.now_ms())
                 };
                 for cmd in cmds {
                     let MapCmd::Failover { shard, from_epoch, primary } = &cmd else { continue };

@@ -139,6 +139,11 @@ impl Detector {
         leases
     }
 
+    /// Every copy heard from: (shard, node) → (when its report arrived, its position).
+    pub fn positions(&self) -> impl Iterator<Item = (&ShardId, NodeId, u64, Pos)> {
+        self.positions.iter().map(|((s, n), &(at, pos))| (s, *n, at, pos))
+    }
+
     /// Grants the primary of `epoch` of `shard` no more leases (a planned switch): once the
     /// last lease granted has ended (`lease_ms + max_delay_ms` from now), another node may be
     /// made primary without two epochs writing at once.

@@ -4,7 +4,8 @@
 //! client's requests about it (`ops.rs`), the failure detector the Raft leader runs
 //! (`detector.rs`: leases, failover decisions, drained primaries), the node's data plane
 //! (`data.rs`: frames to shard actors, the map's tables started here, the detector on the
-//! leader, planned switches) and the node-to-node transport (`transport.rs`: TCP with a cookie,
+//! leader, planned switches), table operations on other nodes' shards (`shard_rpc.rs`) and the
+//! node-to-node transport (`transport.rs`: TCP with a cookie,
 //! an in-process network, a fault-injecting relay). Time is an argument of the state machines.
 //! A shard's own replication is `replication/shard.rs`, inside its actor.
 
@@ -14,6 +15,7 @@ pub mod map;
 pub mod ops;
 pub mod raft;
 pub mod raft_store;
+pub mod shard_rpc;
 pub mod transport;
 
 #[cfg(test)]

@@ -136,6 +136,21 @@ pub struct ClusterStatus {
     /// The last Raft log index applied to this node's map.
     pub applied: u64,
     pub map: ClusterMap,
+    /// Every copy of every shard as this node last heard it report (its detector's view: the
+    /// copies' lag behind their primary).
+    pub copies: Vec<CopyState>,
+}
+
+/// One copy of a shard, as a node's detector last heard it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyState {
+    pub table: String,
+    pub shard: u32,
+    pub node: NodeId,
+    /// Its log's last record.
+    pub pos: crate::replication::Pos,
+    /// How long ago its report arrived.
+    pub heard_ms_ago: u64,
 }
 
 /// Calls to other nodes and their pending answers.
@@ -504,6 +519,7 @@ impl ControlNode {
             learners,
             applied: m.last_applied.map_or(0, |l| l.index),
             map: self.map(),
+            copies: Vec::new(),
         }
     }
 

@@ -127,14 +127,14 @@ pub enum WriteResult {
 
 /// What a write committed: its op-log record (`lsn`, 0 if nothing was written) and one result
 /// per operation.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Written {
     pub lsn: u64,
     pub results: Vec<WriteResult>,
 }
 
 /// Keys in `[start, end]` per the bounds, at most `limit` entries, descending if `reverse`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanRange {
     pub start: Bound<Key>,
     pub end: Bound<Key>,

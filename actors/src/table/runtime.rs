@@ -3,6 +3,11 @@
 //! typed reply), fans counts and scans out over every shard and merges them in key order, and
 //! sends a connection's pipelined requests to a shard as one `Pipeline` message.
 //!
+//! In a cluster, a shard whose primary is another node is reached through `ShardRpc`
+//! (`cluster/shard_rpc.rs`), and a request refused `NotPrimary` (the map was changing) is tried
+//! again as the map changes, within `ROUTE_WAIT`; the `*_local` methods serve this node's own
+//! shards only (what `ShardRpc` runs for other nodes).
+//!
 //! Invariant: a message that could not be delivered (the actor had already died) is retried
 //! once the supervisor has replaced the actor, within `SHARD_RESTART_WAIT`; a message that was
 //! delivered is never sent twice (its writes may have applied).
@@ -20,19 +25,32 @@ use super::actor::{EvalJob, PipelineOp, PipelineReply, ShardMsg};
 use super::def::TableDef;
 use super::supervisor::{ShardSlot, SlotState};
 use super::{ScanRange, Versioned, WriteOp, WriteResult, Written, read};
+use crate::cluster::shard_rpc::ShardRpc;
 use crate::error::GridError;
 use crate::key::Key;
+use crate::replication::NodeId;
 use crate::snippet::{Compiled, LimitOverrides, Limits, Snippets};
 use crate::value::Value;
 use heapgrid_heap::Snapshot;
 
 /// How long a caller waits for a restarting shard before giving up.
 const SHARD_RESTART_WAIT: Duration = Duration::from_secs(5);
+/// How long a request follows a shard's primary through changes of the cluster map.
+const ROUTE_WAIT: Duration = Duration::from_secs(5);
+
+/// The calls to other nodes' shards, once the grid is in a cluster.
+pub type RemoteShards = Arc<std::sync::OnceLock<Arc<ShardRpc>>>;
+
+/// Where a shard's requests go.
+enum Target {
+    Here,
+    There(Arc<ShardRpc>, NodeId),
+}
 
 /// A collection-scoped snippet: run inside the shard actor that owns `key` (required on a
 /// sharded table): atomic and isolated; its writes are one batch. `read_only` refuses any write
 /// (the server sets it for tokens without write permission).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalRequest {
     pub src: String,
     /// The routing key; the snippet's `key` variable.
@@ -56,6 +74,7 @@ pub struct TableRuntime {
     snippets: Arc<Snippets>,
     /// Messages sent to this table's shards (a test hook and a metric).
     messages: AtomicU64,
+    remote: RemoteShards,
 }
 
 /// Entries of several shards, merged in key order (descending if `reverse`), at most `limit`.
@@ -73,8 +92,57 @@ fn lost(table: &str, shard: u32) -> GridError {
 }
 
 impl TableRuntime {
-    pub fn new(def: TableDef, slots: Arc<Vec<ShardSlot>>, snippets: Arc<Snippets>) -> TableRuntime {
-        TableRuntime { def, slots, snippets, messages: AtomicU64::new(0) }
+    pub fn new(
+        def: TableDef,
+        slots: Arc<Vec<ShardSlot>>,
+        snippets: Arc<Snippets>,
+        remote: RemoteShards,
+    ) -> TableRuntime {
+        TableRuntime { def, slots, snippets, messages: AtomicU64::new(0), remote }
+    }
+
+    /// The node serving shard `i`, when the cluster map places its primary on another node.
+    pub fn primary_elsewhere(&self, i: u32) -> Option<NodeId> {
+        self.remote.get()?.primary_elsewhere(&self.def.name, i)
+    }
+
+    fn target(&self, i: u32) -> Target {
+        match self.remote.get() {
+            Some(rpc) => match rpc.primary_elsewhere(&self.def.name, i) {
+                Some(node) => Target::There(rpc.clone(), node),
+                None => Target::Here,
+            },
+            None => Target::Here,
+        }
+    }
+
+    /// Runs `f` for shard `i` where it is served, again while it is refused `NotPrimary` (the
+    /// map is changing) for up to `ROUTE_WAIT`.
+    async fn routed<T, F, Fut>(&self, i: u32, mut f: F) -> Result<T, GridError>
+    where
+        F: FnMut(Target) -> Fut,
+        Fut: Future<Output = Result<T, GridError>>,
+    {
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            match f(self.target(i)).await {
+                Err(GridError::NotPrimary { .. })
+                    if tokio::time::Instant::now() < deadline
+                        && let Some(rpc) = self.remote.get() =>
+                {
+                    rpc.map_changed(Duration::from_millis(100)).await
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// `Ok` if this table has a shard `i` (a number from another node is checked).
+    fn check_shard(&self, i: u32) -> Result<(), GridError> {
+        if i < self.def.shards {
+            return Ok(());
+        }
+        Err(GridError::Invalid(format!("{} has {} shards, not {}", self.def.name, self.def.shards, i + 1)))
     }
 
     pub(crate) fn slots(&self) -> &[ShardSlot] {
@@ -141,8 +209,27 @@ impl TableRuntime {
     /// The value and version under `key`: from the shard's published snapshot, without a
     /// message; from the actor only while none is published (the shard is starting).
     pub async fn get(&self, key: Key) -> Result<Option<Versioned>, GridError> {
+        self.get_routed(key, false).await
+    }
+
+    async fn get_routed(&self, key: Key, fresh: bool) -> Result<Option<Versioned>, GridError> {
+        if self.remote.get().is_none() {
+            return self.get_local(key, fresh).await;
+        }
+        let key = &key;
+        self.routed(self.shard_of(key), |t| async move {
+            match t {
+                Target::Here => self.get_local(key.clone(), fresh).await,
+                Target::There(rpc, node) => rpc.get(node, &self.def.name, key.clone(), fresh).await,
+            }
+        })
+        .await
+    }
+
+    /// `get` (or `get_fresh`) on this node's shard.
+    pub(crate) async fn get_local(&self, key: Key, fresh: bool) -> Result<Option<Versioned>, GridError> {
         let i = self.shard_of(&key);
-        if let Some(s) = self.snapshot(i) {
+        if !fresh && let Some(s) = self.snapshot(i) {
             return Ok(read::get(&*s, &key)?);
         }
         self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
@@ -159,8 +246,7 @@ impl TableRuntime {
     /// The value and version under `key`, from the shard actor itself: everything it applied,
     /// even before it is published (answered once durable). For optimistic retries.
     pub async fn get_fresh(&self, key: Key) -> Result<Option<Versioned>, GridError> {
-        let i = self.shard_of(&key);
-        self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
+        self.get_routed(key, true).await
     }
 
     /// Prepares shard `shard` to apply `ops` (see `ShardMsg::Prepare`): once this returns `Ok`
@@ -171,6 +257,31 @@ impl TableRuntime {
         shard: u32,
         ops: Vec<WriteOp>,
     ) -> Result<(oneshot::Sender<bool>, oneshot::Receiver<Result<Written, GridError>>), GridError> {
+        if self.remote.get().is_none() {
+            return self.prepare_local(shard, ops).await;
+        }
+        let ops = &ops;
+        self.routed(shard, |t| async move {
+            match t {
+                Target::Here => self.prepare_local(shard, ops.clone()).await,
+                Target::There(rpc, node) => rpc.prepare(node, &self.def.name, shard, ops.clone()).await,
+            }
+        })
+        .await
+    }
+
+    /// `prepare` on this node's shard.
+    pub(crate) async fn prepare_local(
+        &self,
+        shard: u32,
+        ops: Vec<WriteOp>,
+    ) -> Result<(oneshot::Sender<bool>, oneshot::Receiver<Result<Written, GridError>>), GridError> {
+        self.check_shard(shard)?;
+        if let Some(s) = self.batch_shard(&ops)?
+            && s != shard
+        {
+            return Err(GridError::Invalid(format!("these writes belong to shard {s} of {}", self.def.name)));
+        }
         let (decide_tx, decide_rx) = tokio::sync::oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -196,6 +307,9 @@ impl TableRuntime {
 
     /// Whether `key` is present (snapshot first, as `get`).
     pub async fn contains(&self, key: Key) -> Result<bool, GridError> {
+        if self.primary_elsewhere(self.shard_of(&key)).is_some() {
+            return Ok(self.get(key).await?.is_some());
+        }
         let i = self.shard_of(&key);
         if let Some(s) = self.snapshot(i) {
             return Ok(read::contains(&*s, &key)?);
@@ -208,15 +322,31 @@ impl TableRuntime {
     pub async fn count(&self) -> Result<u64, GridError> {
         let mut total = 0;
         for i in 0..self.def.shards {
-            total += match self.snapshot(i) {
-                Some(s) => read::count(&*s),
-                None => {
-                    let unwrap = |m| matches!(m, ShardMsg::Count(_)).then_some(());
-                    self.call(i, (), |(), r| ShardMsg::Count(r), unwrap).await??
-                }
+            total += if self.remote.get().is_none() {
+                self.count_local(i).await?
+            } else {
+                self.routed(i, |t| async move {
+                    match t {
+                        Target::Here => self.count_local(i).await,
+                        Target::There(rpc, node) => rpc.count(node, &self.def.name, i).await,
+                    }
+                })
+                .await?
             };
         }
         Ok(total)
+    }
+
+    /// The keys in this node's shard `i`.
+    pub(crate) async fn count_local(&self, i: u32) -> Result<u64, GridError> {
+        self.check_shard(i)?;
+        match self.snapshot(i) {
+            Some(s) => Ok(read::count(&*s)),
+            None => {
+                let unwrap = |m| matches!(m, ShardMsg::Count(_)).then_some(());
+                self.call(i, (), |(), r| ShardMsg::Count(r), unwrap).await?
+            }
+        }
     }
 
     /// Entries in `range` over every shard, merged in key order.
@@ -224,12 +354,17 @@ impl TableRuntime {
         let (limit, reverse) = (range.limit, range.reverse);
         let mut parts = Vec::with_capacity(self.def.shards as usize);
         for i in 0..self.def.shards {
-            let r = match self.snapshot(i) {
-                Some(s) => read::scan(&*s, &range)?,
-                None => {
-                    let unwrap = |m| if let ShardMsg::Scan(r, _) = m { Some(r) } else { None };
-                    self.call(i, range.clone(), ShardMsg::Scan, unwrap).await??
-                }
+            let r = if self.remote.get().is_none() {
+                self.scan_local(i, &range).await?
+            } else {
+                let range = &range;
+                self.routed(i, |t| async move {
+                    match t {
+                        Target::Here => self.scan_local(i, range).await,
+                        Target::There(rpc, node) => rpc.scan(node, &self.def.name, i, range.clone()).await,
+                    }
+                })
+                .await?
             };
             parts.push(r);
         }
@@ -239,10 +374,34 @@ impl TableRuntime {
         Ok(merge_entries(parts, limit, reverse))
     }
 
+    /// The entries in `range` of this node's shard `i`.
+    pub(crate) async fn scan_local(
+        &self,
+        i: u32,
+        range: &ScanRange,
+    ) -> Result<Vec<(Key, Versioned)>, GridError> {
+        self.check_shard(i)?;
+        match self.snapshot(i) {
+            Some(s) => Ok(read::scan(&*s, range)?),
+            None => {
+                let unwrap = |m| if let ShardMsg::Scan(r, _) = m { Some(r) } else { None };
+                self.call(i, range.clone(), ShardMsg::Scan, unwrap).await?
+            }
+        }
+    }
+
     /// One write; returns its LSN (0 if it wrote nothing) and result.
     pub async fn write(&self, op: WriteOp) -> Result<(u64, WriteResult), GridError> {
         // A lone fence writes nothing: shard 0 checks it.
         let i = op.key().map_or(0, |k| self.shard_of(k));
+        if self.primary_elsewhere(i).is_some() {
+            let mut w = self.batch(vec![op]).await?;
+            let r = w
+                .results
+                .pop()
+                .ok_or_else(|| GridError::Protocol("a write was answered with no result".into()))?;
+            return Ok((w.lsn, r));
+        }
         self.call(i, op, ShardMsg::Write, |m| if let ShardMsg::Write(op, _) = m { Some(op) } else { None })
             .await?
     }
@@ -276,6 +435,30 @@ impl TableRuntime {
         let Some(i) = self.batch_shard(&ops)? else {
             return Ok(Written { lsn: 0, results: Vec::new() });
         };
+        if self.remote.get().is_none() {
+            return self.batch_local(i, ops).await;
+        }
+        let ops = &ops;
+        self.routed(i, |t| async move {
+            match t {
+                Target::Here => self.batch_local(i, ops.clone()).await,
+                Target::There(rpc, node) => rpc.batch(node, &self.def.name, i, ops.clone()).await,
+            }
+        })
+        .await
+    }
+
+    /// `batch` on this node's shard `i` (every key of `ops` must belong to it).
+    pub(crate) async fn batch_local(&self, i: u32, ops: Vec<WriteOp>) -> Result<Written, GridError> {
+        self.check_shard(i)?;
+        if let Some(s) = self.batch_shard(&ops)?
+            && s != i
+        {
+            return Err(GridError::Invalid(format!("these writes belong to shard {s} of {}", self.def.name)));
+        }
+        if ops.is_empty() {
+            return Ok(Written { lsn: 0, results: Vec::new() });
+        }
         self.call(i, ops, ShardMsg::Batch, |m| if let ShardMsg::Batch(ops, _) = m { Some(ops) } else { None })
             .await?
     }
@@ -321,6 +504,22 @@ impl TableRuntime {
 
     /// Runs a collection-scoped snippet in the shard its key routes to.
     pub async fn eval(&self, req: EvalRequest) -> Result<Value, GridError> {
+        if self.remote.get().is_none() {
+            return self.eval_local(req).await;
+        }
+        let shard = self.prepare_eval(req.clone())?.shard;
+        let req = &req;
+        self.routed(shard, |t| async move {
+            match t {
+                Target::Here => self.eval_local(req.clone()).await,
+                Target::There(rpc, node) => rpc.eval(node, &self.def.name, req.clone()).await,
+            }
+        })
+        .await
+    }
+
+    /// `eval` in this node's shard.
+    pub(crate) async fn eval_local(&self, req: EvalRequest) -> Result<Value, GridError> {
         let job = self.prepare_eval(req)?;
         self.eval_in(job).await
     }
