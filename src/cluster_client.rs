@@ -154,6 +154,11 @@ impl ClusterClient {
         Table::over(Arc::new(RemoteTable::new(self.clone(), name)))
     }
 
+    /// Whether the map lists `table`.
+    fn in_map(&self, table: &str) -> bool {
+        self.inner.map.lock().unwrap_or_else(|e| e.into_inner()).table(table).is_some()
+    }
+
     /// Where the primary of the shard of `key` in `table` is, per the map.
     fn primary_of(&self, table: &str, key: &Key) -> Option<SocketAddr> {
         let map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,6 +196,9 @@ impl ClusterClient {
                             }
                             // Refused before it ran: ask again where the primary is.
                             Err(e @ GridError::NotPrimary { .. }) => last = e,
+                            // A table just created: the map has it, the node has not started
+                            // it yet (nothing ran).
+                            Err(e @ GridError::NoSuchTable(_)) if self.in_map(table) => last = e,
                             Err(e) => {
                                 if matches!(e, GridError::Unavailable(_)) {
                                     self.forget(addr);

@@ -108,20 +108,59 @@ struct ConnLimits {
     frame_deadline: Duration,
 }
 
-/// The table, for a single-key request whose key's shard another node of the cluster serves
-/// (the request runs there, through `TableRuntime`'s shard calls).
-fn remote_primary(grid: &GridCore, table: &str, op: &TableOp) -> Option<Arc<TableRuntime>> {
-    grid.cluster()?;
-    let key = op.routing_key()?;
-    let rt = grid.table(table).ok()?;
-    rt.primary_elsewhere(rt.shard_of(key)).map(|_| rt)
+/// Why a table request runs through `TableRuntime`'s routing rather than this node's round.
+enum Elsewhere {
+    /// A shard it needs is served by another node of the cluster.
+    Runs(Arc<TableRuntime>),
+    /// The cluster map has the table, and this node is still starting it (just created).
+    Starting,
 }
 
-/// Runs a single-key request on the node that serves its shard (permissions checked).
-async fn run_elsewhere(rt: Arc<TableRuntime>, op: TableOp) -> Result<ResponseBody, GridError> {
+/// Whether `op` on `table` needs a shard another node serves: its key's shard (a single-key
+/// request), any shard (count, scan, prefix); or the table is in the map but not started here.
+fn elsewhere(grid: &GridCore, table: &str, op: &TableOp) -> Option<Elsewhere> {
+    let node = grid.cluster()?;
+    let Ok(rt) = grid.table(table) else {
+        return node.map().table(table).is_some().then_some(Elsewhere::Starting);
+    };
+    let remote = match op.routing_key() {
+        Some(key) => rt.primary_elsewhere(rt.shard_of(key)).is_some(),
+        None if matches!(op, TableOp::Count | TableOp::Scan { .. } | TableOp::Prefix { .. }) => {
+            (0..rt.def.shards).any(|s| rt.primary_elsewhere(s).is_some())
+        }
+        None => false,
+    };
+    remote.then_some(Elsewhere::Runs(rt))
+}
+
+/// How long a request waits for a table the cluster map has to start on this node.
+const TABLE_START_WAIT: Duration = Duration::from_secs(5);
+
+/// `table`, once this node started it (`Elsewhere::Starting`).
+async fn starting(grid: &GridCore, table: &str) -> Result<Arc<TableRuntime>, GridError> {
+    let until = tokio::time::Instant::now() + TABLE_START_WAIT;
+    loop {
+        match grid.table(table) {
+            Ok(rt) => return Ok(rt),
+            Err(e) if tokio::time::Instant::now() >= until => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Runs a table request through `TableRuntime` (permissions checked), which sends each
+/// shard's part to the node that serves it.
+async fn run_routed(rt: Arc<TableRuntime>, op: TableOp) -> Result<ResponseBody, GridError> {
     Ok(ResponseBody::Op(match op {
         TableOp::Get { key } => OpResult::Value(rt.get(key).await?),
         TableOp::Contains { key } => OpResult::Bool(rt.contains(key).await?),
+        TableOp::Count => OpResult::Count(rt.count().await?),
+        TableOp::Scan { start, end, limit, reverse } => {
+            OpResult::Entries(rt.scan(ScanRange { start, end, limit, reverse }).await?)
+        }
+        TableOp::Prefix { prefix, limit, reverse } => {
+            OpResult::Entries(rt.scan(ScanRange::prefix(&prefix, limit, reverse)).await?)
+        }
         TableOp::Write(w) => {
             let (lsn, r) = rt.write(w).await?;
             OpResult::Written { lsn, results: vec![r] }
@@ -131,19 +170,7 @@ async fn run_elsewhere(rt: Arc<TableRuntime>, op: TableOp) -> Result<ResponseBod
             OpResult::Written { lsn: w.lsn, results: w.results }
         }
         TableOp::Eval(req) => OpResult::Snippet(rt.eval(req.into()).await?),
-        other => return Err(GridError::Protocol(format!("{other:?} is not a single-key request"))),
     }))
-}
-
-/// The table, for a count or scan of a table some of whose shards another node of the cluster
-/// serves.
-fn spans_nodes(grid: &GridCore, table: &str, op: &TableOp) -> Option<Arc<TableRuntime>> {
-    grid.cluster()?;
-    if !matches!(op, TableOp::Count | TableOp::Scan { .. } | TableOp::Prefix { .. }) {
-        return None;
-    }
-    let rt = grid.table(table).ok()?;
-    (0..rt.def.shards).any(|s| rt.primary_elsewhere(s).is_some()).then_some(rt)
 }
 
 /// Server settings.
@@ -496,6 +523,9 @@ async fn connection(
     let mut writing = Writing::default();
     // Lock sessions this connection opened or reattached: the only ones it may act in.
     let sessions = ConnSessions::default();
+    // Requests run at other nodes' primaries go one after another, in arrival order (each
+    // waits for the one before): a read follows the writes the connection sent before it.
+    let routed = RoutedChain::default();
     // Set when the peer ended its stream: blocked pops and lock waits of this connection are
     // dropped then (their reply ports close), so nothing is handed to a caller that is gone.
     let (gone_tx, gone) = watch::channel(false);
@@ -503,7 +533,7 @@ async fn connection(
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &sessions, &gone);
+        let mut round = Round::new(&writing, &sessions, &gone, &routed);
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -650,6 +680,10 @@ pub const CONN_SESSIONS_MAX: usize = 10_000;
 /// The lock sessions a connection proved it owns (opened, or reattached with the secret).
 type ConnSessions = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
 
+/// The end of a connection's chain of routed requests: dropped (or sent) when the last one
+/// ends.
+type RoutedChain = std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>;
+
 /// Whether `who` may make lock request `op`: `write` on the lock's (or semaphore's) name to
 /// take, give back or configure it, `read` to see its status; session requests need a login
 /// only (the session is checked against the connection's own).
@@ -703,6 +737,8 @@ struct Round<'c> {
     sessions: &'c ConnSessions,
     /// True once the peer ended its stream.
     gone: &'c watch::Receiver<bool>,
+    /// The end of the connection's chain of requests run through the cluster's routing.
+    routed: &'c RoutedChain,
     /// Shards this round writes to (by table index).
     wrote: Vec<(usize, u32)>,
     /// Tables named in this round, resolved once.
@@ -731,11 +767,17 @@ enum Taken {
 }
 
 impl<'c> Round<'c> {
-    fn new(writing: &'c Writing, sessions: &'c ConnSessions, gone: &'c watch::Receiver<bool>) -> Round<'c> {
+    fn new(
+        writing: &'c Writing,
+        sessions: &'c ConnSessions,
+        gone: &'c watch::Receiver<bool>,
+        routed: &'c RoutedChain,
+    ) -> Round<'c> {
         Round {
             writing,
             sessions,
             gone,
+            routed,
             wrote: Vec::new(),
             tables: Vec::new(),
             groups: Vec::new(),
@@ -1040,26 +1082,10 @@ impl<'c> Round<'c> {
                 return alone(id, async move { Ok(ResponseBody::Feed(started?.await?)) });
             }
         };
-        if let Some(rt) = spans_nodes(&grid, &table, &op) {
-            // A count or scan over shards other nodes serve: each shard's part from its
-            // primary (`TableRuntime` routes them over the cluster's transport).
-            if let Err(e) = who.require(&table, Permission::Read) {
-                protocol::append_response(out, &Response { id, result: Err(e) });
-                return Taken::Answered;
-            }
-            self.send_appends();
-            return alone(id, async move {
-                let range = match op {
-                    TableOp::Count => return Ok(ResponseBody::Op(OpResult::Count(rt.count().await?))),
-                    TableOp::Scan { start, end, limit, reverse } => ScanRange { start, end, limit, reverse },
-                    TableOp::Prefix { prefix, limit, reverse } => ScanRange::prefix(&prefix, limit, reverse),
-                    other => return Err(GridError::Protocol(format!("{other:?} is not over every shard"))),
-                };
-                Ok(ResponseBody::Op(OpResult::Entries(rt.scan(range).await?)))
-            });
-        }
-        if let Some(rt) = remote_primary(&grid, &table, &op) {
-            // Checked here as `plan` would (the node that runs it trusts its peers).
+        if let Some(at) = elsewhere(&grid, &table, &op) {
+            // Run through `TableRuntime`, which reaches the shards other nodes serve over the
+            // cluster's transport. Checked here as `plan` would (the node that runs it trusts
+            // its peers).
             let allowed = who
                 .require(&table, Permission::Read)
                 .and_then(|_| if op.is_write() { who.require(&table, Permission::Write) } else { Ok(()) })
@@ -1079,7 +1105,19 @@ impl<'c> Round<'c> {
                 op => op,
             };
             self.send_appends();
-            return alone(id, run_elsewhere(rt, op));
+            let (done, next) = tokio::sync::oneshot::channel::<()>();
+            let before = self.routed.lock().unwrap_or_else(|e| e.into_inner()).replace(next);
+            return alone(id, async move {
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                let _done = done;
+                let rt = match at {
+                    Elsewhere::Runs(rt) => rt,
+                    Elsewhere::Starting => starting(&grid, &table).await?,
+                };
+                run_routed(rt, op).await
+            });
         }
         match self.plan(&grid, &who, id, &table, op, out) {
             Ok(true) => {

@@ -689,6 +689,14 @@ async fn any_node_forwards_single_key_requests_to_their_primary() {
     for i in 0..60u64 {
         assert_eq!(t.get::<u64>(format!("k{i}")).await.unwrap(), Some(i));
     }
+    // Pipelined on one connection: a read sent right after a write of the same key sees it,
+    // whichever node serves the key.
+    for i in 0..60u64 {
+        let k = format!("p{i}");
+        let (w, r) = tokio::join!(t.put(k.clone(), &i), t.get::<u64>(k.clone()));
+        w.unwrap();
+        assert_eq!(r.unwrap(), Some(i), "{k}");
+    }
     // The keys are spread: node 2 is the primary of only one shard of three.
     let map = cc.map();
     let here = (0..3).filter(|&s| map.placement(&("fwd".to_string(), s)).unwrap().primary == 2).count();

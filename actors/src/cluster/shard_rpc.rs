@@ -355,8 +355,30 @@ impl ShardRpc {
         self.net.transport.send(to, bytes);
     }
 
-    /// Runs `req` on this node's own shards.
+    /// Runs `req` on this node's own shards; a table the map has but this node has not
+    /// started yet is not served here yet (`NotPrimary`: the caller tries again).
     async fn serve(&self, grid: &GridCore, from: NodeId, req: ShardReq) -> Result<ShardRep, GridError> {
+        let table = match &req {
+            ShardReq::Get { table, .. }
+            | ShardReq::Count { table, .. }
+            | ShardReq::Scan { table, .. }
+            | ShardReq::Batch { table, .. }
+            | ShardReq::Eval { table, .. }
+            | ShardReq::Prepare { table, .. } => Some(table.clone()),
+            ShardReq::Decide { .. } => None,
+        };
+        match self.run(grid, from, req).await {
+            Err(GridError::NoSuchTable(_))
+                if let Some(t) = table
+                    && self.net.map.borrow().table(&t).is_some() =>
+            {
+                Err(GridError::NotPrimary { table: t, shard: 0, primary: None, addr: None })
+            }
+            r => r,
+        }
+    }
+
+    async fn run(&self, grid: &GridCore, from: NodeId, req: ShardReq) -> Result<ShardRep, GridError> {
         match req {
             ShardReq::Get { table, key, fresh } => {
                 Ok(ShardRep::Value(grid.table(&table)?.get_local(key, fresh).await?))
