@@ -12,20 +12,23 @@
 # Also the primary's CPU per write from /proc/<pid>/stat. Goal: sync(1) >= 1.0x Redis SET+WAIT.
 #
 #   bash benches/compare-redis-cluster.sh
-#   CLIENTS=16 SECONDS_PER_CASE=5 ROUNDS=3 bash benches/compare-redis-cluster.sh
+#   CLIENTS=16 SECONDS_PER_CASE=5 ROUNDS=3 REPLICAS=1 bash benches/compare-redis-cluster.sh
+# REPLICAS (default 1, as Redis's one replica; 2 puts a copy on every node) is `--replicas`;
+# HG_THREADS (default: tokio's, one worker per core) is each heapgrid node's runtime threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS="${ROUNDS:-3}"
 CLIENTS="${CLIENTS:-16}"
+REPLICAS="${REPLICAS:-1}"
 source benches/lib-redis.sh
 export HEAPGRID_CLUSTER_COOKIE=bench
 
 start_node() { # $1 = id, $2 = sync, $3 = join peer address or ""
   local dir="$work/n$1-$2-$RANDOM" out="$work/n$1-$2.out"
   local join=(); [ -n "$3" ] && join=(--join "$3")
-  "$HG" serve --listen 127.0.0.1:0 --data "$dir" --fsync never --node-id "$1" --peer-listen 127.0.0.1:0 \
-    --sync "$2" --replicas 2 "${join[@]}" > "$out" 2>/dev/null &
+  HEAPGRID_THREADS="${HG_THREADS:-}" "$HG" serve --listen 127.0.0.1:0 --data "$dir" --fsync never --node-id "$1" --peer-listen 127.0.0.1:0 \
+    --sync "$2" --replicas "$REPLICAS" "${join[@]}" > "$out" 2>/dev/null &
   pids+=($!); NODE_PID=$!
   for _ in $(seq 200); do grep -q "listening on" "$out" 2>/dev/null && break; sleep 0.05; done
   NODE_ADDR=$(sed -n 's/heapgrid listening on //p' "$out"); NODE_PEER=$(sed -n 's/heapgrid peers on //p' "$out")
@@ -84,7 +87,7 @@ done
 
 m() { median ${1}; }
 m1() { median1 ${1}; }
-echo "## replicated writes vs Redis, $(date -u +%FT%TZ), $(nproc) cores, $CLIENTS connections, median of $ROUNDS"
+echo "## replicated writes vs Redis, $(date -u +%FT%TZ), $(nproc) cores, $CLIENTS connections, $REPLICAS replica(s), median of $ROUNDS"
 echo
 echo "| case | heapgrid writes/s | Redis writes/s | heapgrid / Redis | p99 µs heapgrid | Redis | primary CPU µs/write heapgrid | Redis | CPU ratio |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -37,7 +37,8 @@ start_redis() { # $1 = appendfsync setting or "off"
 start_heapgrid() { # $1 = default fsync policy
   local dir="$work/hg-$RANDOM"
   # shellcheck disable=SC2086 # HG_SERVE_FLAGS: extra serve flags, e.g. --trusted-snippets
-  "$HG" serve --listen 127.0.0.1:0 --data "$dir" --fsync "$1" ${HG_SERVE_FLAGS:-} > "$work/hg.out" 2>/dev/null &
+  # HG_THREADS: the server's runtime threads (HEAPGRID_THREADS; empty: tokio's default).
+  HEAPGRID_THREADS="${HG_THREADS:-}" "$HG" serve --listen 127.0.0.1:0 --data "$dir" --fsync "$1" ${HG_SERVE_FLAGS:-} > "$work/hg.out" 2>/dev/null &
   pids+=($!); HG_PID=$!; HG_DIR=$dir
   for _ in $(seq 200); do grep -q "listening on" "$work/hg.out" 2>/dev/null && break; sleep 0.05; done
   HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg.out")

@@ -1059,9 +1059,9 @@ impl<'c> Round<'c> {
                             ClusterOp::Add(m) => {
                                 ClusterResult::Changed { version: node.admin(Admin::Join(m)).await?.version }
                             }
-                            ClusterOp::Remove { node: n } => ClusterResult::Changed {
-                                version: node.admin(Admin::Remove(n)).await?.version,
-                            },
+                            ClusterOp::Remove { node: n } => {
+                                ClusterResult::Changed { version: grid.cluster_remove(n).await? }
+                            }
                             ClusterOp::Digest { table, shard } => {
                                 ClusterResult::Digest(grid.table(&table)?.digest(shard).await?)
                             }

@@ -1493,6 +1493,75 @@ impl GridCore {
         Ok(version)
     }
 
+    /// Takes `node` out of the cluster, alive or dead, placing every shard it holds elsewhere
+    /// first (shared CLUSTER.md, "Operations"):
+    /// - a shard it is the primary of moves to an in-sync replica (a planned switch, run on the
+    ///   Raft leader; a dead primary is usually failed over already);
+    /// - a shard it is a replica of gets a new replica on the member that holds the fewest
+    ///   copies among those that do not hold the shard; once that one is in sync, `node`
+    ///   leaves the shard. With no such member the shard keeps one copy fewer (refused if its
+    ///   in-sync set would fall below its `sync`).
+    ///
+    /// Then `node` leaves the map and the Raft group. The map's version after it.
+    pub async fn cluster_remove(&self, node: u64) -> Result<u64, GridError> {
+        use crate::cluster::map::{MapCmd, Placement};
+        use crate::cluster::raft::Admin;
+        let Some(c) = self.cluster.get() else {
+            return Err(GridError::Invalid("this node is not in a cluster".into()));
+        };
+        let holding = |c: &crate::cluster::raft::ControlNode| -> Vec<((String, u32), Placement)> {
+            c.map()
+                .placements()
+                .filter(|(_, p)| p.primary == node || p.replicas.contains(&node))
+                .map(|(id, p)| (id.clone(), p.clone()))
+                .collect()
+        };
+        for (id, p) in holding(c) {
+            let (table, shard) = (&id.0, id.1);
+            if p.primary == node {
+                let Some(&to) = p.in_sync.first() else {
+                    return Err(GridError::Invalid(format!(
+                        "{table} shard {shard} has no in-sync replica to take over from node {node}"
+                    )));
+                };
+                tracing::info!(table = %table, shard, from = node, to, "removing a node: moving its primary");
+                if let Err(e) = self.cluster_move(table, shard, to).await {
+                    // A dead primary may have been failed over meanwhile; anything else stops.
+                    if c.map().placement(&id).is_none_or(|now| now.primary == node) {
+                        return Err(e);
+                    }
+                }
+            }
+            let Some(now) = c.map().placement(&id).cloned() else { continue };
+            if !now.replicas.contains(&node) {
+                continue;
+            }
+            let map = c.map();
+            let copies =
+                |m: u64| map.placements().filter(|(_, p)| p.primary == m || p.replicas.contains(&m)).count();
+            let spare = map
+                .members()
+                .map(|m| m.id)
+                .filter(|&m| m != node && m != now.primary && !now.replicas.contains(&m))
+                .min_by_key(|&m| (copies(m), m));
+            if let Some(m) = spare {
+                tracing::info!(table = %table, shard, node, new_replica = m, "removing a node: a new replica first");
+                c.admin(Admin::Propose(MapCmd::AddReplica { shard: id.clone(), node: m })).await?;
+                let until = tokio::time::Instant::now() + MOVE_CATCH_UP;
+                while !c.map().placement(&id).is_some_and(|p| p.in_sync.contains(&m)) {
+                    if tokio::time::Instant::now() >= until {
+                        return Err(GridError::Unavailable(format!(
+                            "node {m} did not catch up with {table} shard {shard} within {MOVE_CATCH_UP:?}"
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            c.admin(Admin::Propose(MapCmd::RemoveReplica { shard: id.clone(), node })).await?;
+        }
+        Ok(c.admin(Admin::Remove(node)).await?.version)
+    }
+
     /// This node's member of the cluster's control group (`None`: a node on its own).
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::raft::ControlNode>> {
         self.cluster.get()

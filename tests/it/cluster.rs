@@ -861,3 +861,75 @@ async fn with_tokens_a_node_checks_permissions_then_runs_requests_at_other_prima
     assert_eq!(writer.table("acct").get::<i64>("k1").await.unwrap(), Some(1), "nothing was written");
     drop((n1, n2, n3));
 }
+
+/// `cluster remove` of a dead node: its primaries were failed over, and each shard it was the
+/// only replica of gets a new replica, which catches up before the dead node leaves the shard;
+/// then it leaves the map. Writes to those shards, which waited on the dead replica under
+/// `sync(1)`, complete again, nothing acknowledged is lost, and the copies are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_dead_node_re_replicates_its_shards() {
+    use heapgrid::TableOptions;
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, cc) = cluster_of_three(root.path(), &["--replicas", "1"]).await;
+    cc.create_table("rm", TableOptions { shards: 3, fsync: None }).await.unwrap();
+    let t = cc.table("rm");
+    for i in 0..300u64 {
+        t.put(format!("k{i}"), &i).await.unwrap();
+    }
+    let held = |m: &heapgrid_actors::cluster::map::ClusterMap, n: u64| {
+        (0..3)
+            .filter(|&s| {
+                m.placement(&("rm".to_string(), s)).is_some_and(|p| p.primary == n || p.replicas.contains(&n))
+            })
+            .count()
+    };
+    assert_eq!(held(&cc.map(), 3), 2, "node 3 is a primary of one shard and the replica of another");
+    let _ = nodes.remove(2).kill9();
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    // Through the Raft leader (a dead primary may still need a switch).
+    let s = until("a leader", &[n1, n2], 30, |s| s[0].leader.is_some_and(|l| l != 3)).await;
+    let leader = s[0].leader.unwrap();
+    let at = if leader == 1 { n1 } else { n2 };
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["cluster", "--addr", &at.addr.to_string(), "remove", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = until("node 3 gone", &[n1, n2], 30, |s| agree(s, 2) && s[0].map.member(3).is_none()).await;
+    let map = &s[0].map;
+    for shard in 0..3 {
+        let p = map.placement(&("rm".to_string(), shard)).unwrap();
+        let mut copies = p.replicas.clone();
+        copies.push(p.primary);
+        copies.sort();
+        assert_eq!(copies, vec![1, 2], "shard {shard}: {p:?}");
+        assert_eq!(p.in_sync.len(), 1, "shard {shard}: {p:?}");
+    }
+    // Every shard takes sync(1) writes again, and nothing acknowledged was lost.
+    cc.refresh().await.unwrap();
+    for i in 300..400u64 {
+        t.put(format!("k{i}"), &i).await.unwrap();
+    }
+    for i in 0..400u64 {
+        assert_eq!(t.get::<u64>(format!("k{i}")).await.unwrap(), Some(i), "k{i}");
+    }
+    // Both copies of every shard are the same.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for shard in 0..3 {
+        loop {
+            let mut ds = Vec::new();
+            for n in [n1, n2] {
+                let c = Client::connect(n.addr).await.unwrap();
+                match c.cluster(ClusterOp::Digest { table: "rm".into(), shard }).await.unwrap() {
+                    ClusterResult::Digest(d) => ds.push((d.keys, d.digest)),
+                    r => panic!("unexpected {r:?}"),
+                }
+            }
+            if ds[0] == ds[1] {
+                break;
+            }
+            assert!(Instant::now() < deadline, "shard {shard}: {ds:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
