@@ -126,6 +126,41 @@ impl ClusterClient {
         Ok(())
     }
 
+    /// A connection to the node that serves the cluster's locks (`Client::session`, fenced
+    /// writes): one node serves them for every client (they are not replicated yet). The map
+    /// is refreshed if it does not place the service yet.
+    pub async fn locks(&self) -> Result<Client, GridError> {
+        self.service(heapgrid_actors::cluster::map::LOCKS_SERVICE).await
+    }
+
+    /// A connection to the node that serves the cluster's queues (`Client::queue`).
+    pub async fn queues(&self) -> Result<Client, GridError> {
+        self.service(heapgrid_actors::cluster::map::QUEUES_SERVICE).await
+    }
+
+    async fn service(&self, name: &str) -> Result<Client, GridError> {
+        let until = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        loop {
+            let addr = {
+                let map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
+                map.placement(&(name.to_string(), 0))
+                    .and_then(|p| map.member(p.primary))
+                    .and_then(|m| m.addr.parse::<SocketAddr>().ok())
+            };
+            if let Some(addr) = addr {
+                return self.client(addr).await;
+            }
+            if tokio::time::Instant::now() >= until {
+                return Err(GridError::Unavailable(format!(
+                    "the cluster map places no {} service",
+                    name.trim_start_matches('$')
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+            let _ = self.refresh().await;
+        }
+    }
+
     /// Creates a replicated table (through any node; the map places it).
     pub async fn create_table(&self, name: &str, options: TableOptions) -> Result<Table, GridError> {
         let body = RequestBody::CreateTable { name: name.into(), options };

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use heapgrid_actors::cluster::map::{LOCKS_SERVICE, QUEUES_SERVICE};
 use heapgrid_actors::grid::{AccessCheck, GridCore, TableRuntime};
 use heapgrid_actors::heap::Snapshot;
 use heapgrid_actors::limits::PIPELINE_OPS_MAX;
@@ -969,10 +970,12 @@ impl<'c> Round<'c> {
                     LockOp::Acquire { wait_ms: 1.., .. } | LockOp::SemAcquire { wait_ms: 1.., .. }
                 );
                 let gone = self.gone.clone();
-                let started = lock_allowed(&who, &op).and_then(|_| match refused {
-                    Some(e) => Err(e),
-                    None => Ok(grid.locks().call(op)),
-                });
+                let started = lock_allowed(&who, &op)
+                    .and_then(|_| grid.service_here(LOCKS_SERVICE))
+                    .and_then(|_| match refused {
+                        Some(e) => Err(e),
+                        None => Ok(grid.locks().call(op)),
+                    });
                 let sessions = self.sessions.clone();
                 return alone(id, async move {
                     let r = if waits { unless_gone(started?, gone).await } else { started?.await };
@@ -1023,7 +1026,8 @@ impl<'c> Round<'c> {
                 });
                 let waits =
                     matches!(op, QueueOp::Pop { wait_ms: 1.., .. } | QueueOp::PushWait { wait_ms: 1.., .. });
-                let started = allowed.map(|_| grid.queues().call(op));
+                let started =
+                    allowed.and_then(|_| grid.service_here(QUEUES_SERVICE)).map(|_| grid.queues().call(op));
                 let gone = self.gone.clone();
                 return alone(id, async move {
                     let started = started?;

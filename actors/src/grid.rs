@@ -563,6 +563,7 @@ fn record_value(r: crate::feed::FeedRecord) -> Value {
 
 impl Store for GridStore {
     fn lock_held(&mut self, lock: &str, fence: u64) -> Result<bool, GridError> {
+        self.core.service_here(crate::cluster::map::LOCKS_SERVICE)?;
         Ok(self.core.locks.held(lock, fence))
     }
 
@@ -600,6 +601,7 @@ impl Store for GridStore {
 
     fn queue_take(&mut self, queue: &str, n: u32) -> Result<Vec<Value>, GridError> {
         use crate::queue::ops::{Mode, QueueOp, QueueResult};
+        self.core.service_here(crate::cluster::map::QUEUES_SERVICE)?;
         (self.access)(queue, false)?;
         (self.access)(queue, true)?;
         let op = QueueOp::Pop {
@@ -624,6 +626,7 @@ impl Store for GridStore {
 
     fn queue_peek(&mut self, queue: &str, n: u32) -> Result<Vec<Value>, GridError> {
         use crate::queue::ops::{QueueOp, QueueResult};
+        self.core.service_here(crate::cluster::map::QUEUES_SERVICE)?;
         (self.access)(queue, false)?;
         match self.handle.block_on(self.core.queues.call(QueueOp::Peek { queue: queue.to_string(), n }))? {
             QueueResult::Items(items) => Ok(items.into_iter().map(|(_, v)| v).collect()),
@@ -633,6 +636,7 @@ impl Store for GridStore {
 
     fn queue_len(&mut self, queue: &str) -> Result<Value, GridError> {
         use crate::queue::ops::{QueueOp, QueueResult};
+        self.core.service_here(crate::cluster::map::QUEUES_SERVICE)?;
         (self.access)(queue, false)?;
         match self.handle.block_on(self.core.queues.call(QueueOp::Len { queue: queue.to_string() }))? {
             QueueResult::Len(l) => {
@@ -652,6 +656,7 @@ impl Store for GridStore {
     }
 
     fn check_queue_write(&mut self, queue: &str) -> Result<(), GridError> {
+        self.core.service_here(crate::cluster::map::QUEUES_SERVICE)?;
         (self.access)(queue, true)
     }
 
@@ -1518,6 +1523,13 @@ impl GridCore {
         };
         for (id, p) in holding(c) {
             let (table, shard) = (&id.0, id.1);
+            if crate::cluster::map::is_service(table) && p.primary == node {
+                return Err(GridError::Invalid(format!(
+                    "node {node} serves the cluster's {} service, which is not replicated yet: \
+                     removing it would lose its state (docs/cluster.md)",
+                    table.trim_start_matches('$')
+                )));
+            }
             if p.primary == node {
                 let Some(&to) = p.in_sync.first() else {
                     return Err(GridError::Invalid(format!(
@@ -1560,6 +1572,26 @@ impl GridCore {
             c.admin(Admin::Propose(MapCmd::RemoveReplica { shard: id.clone(), node })).await?;
         }
         Ok(c.admin(Admin::Remove(node)).await?.version)
+    }
+
+    /// `Ok` if this node serves `service` (`cluster::map::LOCKS_SERVICE` or `QUEUES_SERVICE`):
+    /// always on a node on its own; in a cluster only on the node the map places it on (it is
+    /// not replicated yet, so one node serves it for every client), else `NotPrimary` naming
+    /// that node.
+    pub fn service_here(&self, service: &str) -> Result<(), GridError> {
+        let Some(net) = self.repl_net.get() else { return Ok(()) };
+        let map = net.map.borrow();
+        let Some(p) = map.placement(&(service.to_string(), 0)) else {
+            return Err(GridError::Unavailable(format!(
+                "the cluster has not placed the {} service yet",
+                service.trim_start_matches('$')
+            )));
+        };
+        if p.primary == net.me {
+            return Ok(());
+        }
+        let addr = map.member(p.primary).map(|m| m.addr.clone());
+        Err(GridError::NotPrimary { table: service.to_string(), shard: 0, primary: Some(p.primary), addr })
     }
 
     /// This node's member of the cluster's control group (`None`: a node on its own).

@@ -933,3 +933,52 @@ async fn removing_a_dead_node_re_replicates_its_shards() {
         }
     }
 }
+
+/// The lock and queue services are placed on one node of the cluster (they are not replicated
+/// yet): every client reaches the same locks and queues through it; another node refuses them
+/// with `NotPrimary` naming that node (a grid-scoped snippet there that uses a queue too), and
+/// `cluster remove` of that node is refused rather than losing their state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_serves_the_cluster_s_locks_and_queues() {
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, cc) = cluster_of_three(root.path(), &[]).await;
+    let locks = cc.locks().await.unwrap();
+    let map = cc.map();
+    let home = map.placement(&("$locks".to_string(), 0)).unwrap().primary;
+    let home_addr = nodes.iter().find(|n| n.id == home).unwrap().addr;
+    let mine = locks.session(None).await.unwrap();
+    let _held = mine.lock("job").try_acquire().await.unwrap().expect("a free lock");
+    let theirs = cc.locks().await.unwrap().session(None).await.unwrap();
+    assert!(theirs.lock("job").try_acquire().await.unwrap().is_none(), "one lock service: held");
+    let away = nodes.iter().find(|n| n.id != home).unwrap();
+    let c = Client::connect(away.addr).await.unwrap();
+    match c.session(None).await {
+        Err(GridError::NotPrimary { primary, addr, .. }) => {
+            assert_eq!(primary, Some(home));
+            assert_eq!(addr, Some(home_addr.to_string()));
+        }
+        r => panic!("a lock session on node {}: {r:?}", away.id),
+    }
+    // Queues: one node serves them too.
+    let q_home = map.placement(&("$queues".to_string(), 0)).unwrap().primary;
+    cc.queues().await.unwrap().queue("jobs").push(&1).await.unwrap();
+    assert_eq!(cc.queues().await.unwrap().queue("jobs").len().await.unwrap().ready, 1);
+    let q_away = nodes.iter().find(|n| n.id != q_home).unwrap();
+    let c = Client::connect(q_away.addr).await.unwrap();
+    let e = c.queue("jobs").push(&2).await.unwrap_err();
+    assert!(matches!(e, GridError::NotPrimary { primary: Some(p), .. } if p == q_home), "{e:?}");
+    let e = c.eval("q = queue('jobs')\nq.len()").await.unwrap_err();
+    assert!(matches!(e, GridError::NotPrimary { primary: Some(p), .. } if p == q_home), "{e:?}");
+    // Removing the node that serves them would lose their state: refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
+        .args(["cluster", "--addr", &home_addr.to_string(), "remove", &home.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not replicated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cc.map().member(home).is_some());
+}

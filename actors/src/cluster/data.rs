@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::detector::{Detector, Report, Timing};
-use super::map::{MapCmd, ShardId};
+use super::map::{MapCmd, SERVICES, ShardId, is_service, service_spec};
 use super::raft::{Admin, ControlNode};
 use super::shard_rpc::{SHARD_FRAME, ShardRpc};
 use super::transport::Inbox;
@@ -48,6 +48,8 @@ const DECIDE_EVERY: Duration = Duration::from_millis(50);
 /// keep `QUORUM_FRESH_MS < election_max_ms`: `g - QUORUM_FRESH_MS - max_delay_ms +
 /// election_max_ms + lease_ms + max_delay_ms > g + lease_ms`.)
 const QUORUM_FRESH_MS: u64 = 150;
+/// How long a leader waits before it proposes the services' placement again.
+const SERVICES_RETRY_MS: u64 = 1_000;
 /// How often the map's tables are checked against the running ones even without a change of
 /// the map (a table that failed to start is tried again).
 const PLACE_EVERY: Duration = Duration::from_millis(500);
@@ -176,7 +178,9 @@ async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
     loop {
         let (tables, placements) = {
             let m = map.borrow_and_update();
-            let tables: Vec<(String, u32)> = m.tables().map(|(n, s)| (n.clone(), s.shards)).collect();
+            // Services (`$locks`, `$queues`) are placed, not started as tables.
+            let tables: Vec<(String, u32)> =
+                m.tables().filter(|(n, _)| !is_service(n)).map(|(n, s)| (n.clone(), s.shards)).collect();
             let fresh = delivered != Some(m.version);
             delivered = Some(m.version);
             let placements: Vec<_> = if fresh {
@@ -234,6 +238,8 @@ async fn detect(
     let mut draining: Vec<(Switch, u64, u64)> = Vec::new();
     // Switches committed or not, back from their tasks (at most `SWITCHES_MAX` in flight).
     let (ended_tx, mut ended) = mpsc::channel::<(ShardId, bool)>(SWITCHES_MAX);
+    // When the services were last proposed to the map (they are placed once, by a leader).
+    let mut services_asked_ms: Option<u64> = None;
     loop {
         tokio::select! {
             s = switches.recv() => {
@@ -313,6 +319,27 @@ async fn detect(
                     continue;
                 }
                 let now = net.now_ms();
+                // Placed once this node (the leader) is a recorded member.
+                let missing: Vec<&str> = {
+                    let map = net.map.borrow();
+                    if map.member(net.me).is_some() {
+                        SERVICES.into_iter().filter(|s| map.table(s).is_none()).collect()
+                    } else {
+                        Vec::new()
+                    }
+                };
+                if !missing.is_empty() && services_asked_ms.is_none_or(|at| now.saturating_sub(at) >= SERVICES_RETRY_MS) {
+                    services_asked_ms = Some(now);
+                    for svc in missing {
+                        let cmd = MapCmd::CreateTable { name: svc.to_string(), spec: service_spec() };
+                        let c = control.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = c.admin(Admin::Propose(cmd)).await {
+                                tracing::debug!("a service was not placed yet: {e}");
+                            }
+                        });
+                    }
+                }
                 let (due, wait): (Vec<_>, Vec<_>) = draining.drain(..).partition(|(_, _, at)| *at <= now);
                 draining = wait;
                 for (s, epoch, _) in due {

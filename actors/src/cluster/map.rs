@@ -2,6 +2,11 @@
 //! deterministically, so every copy of the map that applied the same commands in the same order
 //! (the Raft log) is the same map; `version` counts the commands applied.
 //!
+//! The node-wide services that are not replicated yet, the lock service and the queue service,
+//! are placed like one-shard tables with no replicas under reserved names (`LOCKS_SERVICE`,
+//! `QUEUES_SERVICE`; no table name can start with `$`): their primary is the one node that
+//! serves them in the cluster, so every client sees one lock service and one set of queues.
+//!
 //! Invariant: every placement's primary and replicas are members, all distinct; an epoch only
 //! rises; a `Failover` names the epoch it replaces, so a stale or repeated decision changes
 //! nothing.
@@ -14,6 +19,23 @@ use crate::replication::{Epoch, NodeId};
 
 /// A shard of a collection: (collection, shard index).
 pub type ShardId = (String, u32);
+
+/// The map's name for the lock service (placed as a one-shard table with no replicas).
+pub const LOCKS_SERVICE: &str = "$locks";
+/// The map's name for the queue service.
+pub const QUEUES_SERVICE: &str = "$queues";
+/// The services the map places.
+pub const SERVICES: [&str; 2] = [LOCKS_SERVICE, QUEUES_SERVICE];
+
+/// Whether `name` in the map is a service rather than a table.
+pub fn is_service(name: &str) -> bool {
+    name.starts_with('$')
+}
+
+/// The placement that creates service `name` (its node: the lowest member id).
+pub fn service_spec() -> TableSpec {
+    TableSpec { shards: 1, replicas: 0, sync: 0 }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -201,7 +223,10 @@ impl ClusterMap {
                     return Err(MapError::TableExists(name));
                 }
                 let ids: Vec<NodeId> = self.members.keys().copied().collect();
-                if spec.shards == 0 || spec.sync > spec.replicas || spec.replicas as usize >= ids.len().max(1)
+                if ids.is_empty()
+                    || spec.shards == 0
+                    || spec.sync > spec.replicas
+                    || spec.replicas as usize >= ids.len()
                 {
                     return Err(MapError::BadPlacement(format!(
                         "{} shards, {} replicas, sync {} over {} members",

@@ -130,6 +130,53 @@ fn a_new_leader_counts_silence_from_what_it_heard_as_a_follower() {
     assert_eq!(d.heartbeat(&map, 1, 3_100, &report(10, Some(1)), 3_100).len(), 1);
 }
 
+#[test]
+fn a_table_cannot_be_placed_on_a_map_without_members() {
+    use super::map::{LOCKS_SERVICE, service_spec};
+    let mut m = ClusterMap::default();
+    let cmd = MapCmd::CreateTable { name: LOCKS_SERVICE.into(), spec: service_spec() };
+    assert!(matches!(m.apply(cmd.clone()), Err(MapError::BadPlacement(_))));
+    assert_eq!(m.version, 0);
+    m.apply(member(4)).unwrap();
+    m.apply(cmd).unwrap();
+    assert_eq!(m.placement(&(LOCKS_SERVICE.to_string(), 0)).map(|p| p.primary), Some(4));
+}
+
+proptest::proptest! {
+    /// Whatever commands arrive, in whatever order, applying them never panics (it is the Raft
+    /// state machine: a panic there stops the node), a refused one changes nothing, and every
+    /// placement names members only, its replicas distinct from its primary, in sync ⊆ replicas.
+    #[test]
+    fn the_map_never_panics_and_keeps_its_invariants(
+        cmds in proptest::collection::vec((0u8..8, 0u64..5, 0u32..4, 0u32..4, 0u64..4), 0..60)
+    ) {
+        use super::map::TableSpec;
+        let mut m = ClusterMap::default();
+        for (kind, node, a, b, epoch) in cmds {
+            let shard: ShardId = (format!("t{}", a % 2), b % 2);
+            let cmd = match kind {
+                0 => member(node),
+                1 => MapCmd::Leave(node),
+                2 => MapCmd::CreateTable { name: format!("t{}", a % 2), spec: TableSpec { shards: b, replicas: a, sync: a.min(b) } },
+                3 => MapCmd::DropTable(format!("t{}", a % 2)),
+                4 => MapCmd::Failover { shard, from_epoch: epoch, primary: node },
+                5 => MapCmd::AddReplica { shard, node },
+                6 => MapCmd::RemoveReplica { shard, node },
+                _ => MapCmd::SetInSync { shard, epoch, in_sync: vec![node] },
+            };
+            let before = m.clone();
+            if m.apply(cmd).is_err() {
+                proptest::prop_assert_eq!(&m, &before);
+            }
+            for (_, p) in m.placements() {
+                proptest::prop_assert!(m.member(p.primary).is_some());
+                proptest::prop_assert!(p.replicas.iter().all(|r| m.member(*r).is_some() && *r != p.primary));
+                proptest::prop_assert!(p.in_sync.iter().all(|r| p.replicas.contains(r)));
+            }
+        }
+    }
+}
+
 async fn next(inbox: &mut Inbox) -> Option<(u64, Vec<u8>)> {
     tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.ok().flatten()
 }
