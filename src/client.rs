@@ -34,6 +34,20 @@ pub struct ClientOptions {
     pub connect_attempts: u32,
     /// First backoff between connection attempts; doubles up to one second.
     pub backoff: Duration,
+    /// Where a table's `get` is answered in a cluster (docs/cluster.md, "Reads").
+    pub read_from: ReadFrom,
+}
+
+/// Where a cluster answers reads of one key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The key's primary: every acknowledged write is seen.
+    #[default]
+    Primary,
+    /// The primary or an in-sync replica of the key's shard (a `ClusterClient` picks one at
+    /// random; a server a client reached answers from its own copy when it holds an in-sync
+    /// one): spreads reads, but may miss writes acknowledged moments before.
+    Replica,
 }
 
 impl Default for ClientOptions {
@@ -43,6 +57,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             connect_attempts: 5,
             backoff: Duration::from_millis(20),
+            read_from: ReadFrom::Primary,
         }
     }
 }
@@ -479,6 +494,8 @@ impl FeedBackend for RemoteFeed {
 /// operation's shard (`ClusterClient`).
 pub(crate) trait OpRoute: Send + Sync + 'static {
     fn send<'a>(&'a self, table: &'a str, op: TableOp) -> BoxFuture<'a, Result<OpResult, GridError>>;
+    /// Where gets are answered.
+    fn read_from(&self) -> ReadFrom;
 }
 
 impl OpRoute for Client {
@@ -489,6 +506,10 @@ impl OpRoute for Client {
                 r => Err(GridError::Protocol(format!("a table operation was answered with {r:?}"))),
             }
         })
+    }
+
+    fn read_from(&self) -> ReadFrom {
+        self.inner.opts.read_from
     }
 }
 
@@ -523,7 +544,11 @@ fn one_result(r: OpResult) -> Result<WriteResult, GridError> {
 impl<R: OpRoute> TableBackend for RemoteTable<R> {
     fn get(&self, key: Key) -> BoxFuture<'_, Result<Option<Versioned>, GridError>> {
         Box::pin(async move {
-            match self.op(TableOp::Get { key }).await? {
+            let op = match self.route.read_from() {
+                ReadFrom::Primary => TableOp::Get { key },
+                ReadFrom::Replica => TableOp::GetCopy { key },
+            };
+            match self.op(op).await? {
                 OpResult::Value(v) => Ok(v),
                 r => Err(unexpected(r)),
             }

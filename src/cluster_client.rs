@@ -41,6 +41,8 @@ struct Inner {
     seeds: Vec<SocketAddr>,
     conns: Mutex<HashMap<SocketAddr, Client>>,
     map: Mutex<ClusterMap>,
+    /// Spreads `ReadFrom::Replica` gets over a shard's copies.
+    next_pick: std::sync::atomic::AtomicU64,
 }
 
 /// A client of every node of a cluster.
@@ -53,7 +55,13 @@ impl ClusterClient {
     /// Connects through any of `seeds` (client addresses) and fetches the map.
     pub async fn connect(seeds: &[SocketAddr], opts: ClientOptions) -> Result<ClusterClient, GridError> {
         let opts = ClientOptions { connect_attempts: 1, ..opts };
-        let inner = Inner { opts, seeds: seeds.to_vec(), conns: Mutex::default(), map: Mutex::default() };
+        let inner = Inner {
+            opts,
+            seeds: seeds.to_vec(),
+            conns: Mutex::default(),
+            map: Mutex::default(),
+            next_pick: Default::default(),
+        };
         let c = ClusterClient { inner: Arc::new(inner) };
         c.refresh().await?;
         Ok(c)
@@ -194,13 +202,22 @@ impl ClusterClient {
         self.inner.map.lock().unwrap_or_else(|e| e.into_inner()).table(table).is_some()
     }
 
-    /// Where the primary of the shard of `key` in `table` is, per the map.
-    fn primary_of(&self, table: &str, key: &Key) -> Option<SocketAddr> {
+    /// Where the primary of the shard of `key` in `table` is, per the map; for `any_copy`, the
+    /// primary or one of its in-sync replicas, at random.
+    fn primary_of(&self, table: &str, key: &Key, any_copy: bool) -> Option<SocketAddr> {
         let map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());
         let spec = map.table(table)?;
         let shard = key.shard(spec.shards);
         let p = map.placement(&(table.to_string(), shard))?;
-        map.member(p.primary)?.addr.parse().ok()
+        let mut node = p.primary;
+        if any_copy && !p.in_sync.is_empty() {
+            let pick = self.inner.next_pick.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+            let i = pick % (p.in_sync.len() + 1);
+            if i > 0 {
+                node = p.in_sync[i - 1];
+            }
+        }
+        map.member(node)?.addr.parse().ok()
     }
 
     /// Runs `op` on the primary of `key`'s shard, following the map.
@@ -208,11 +225,12 @@ impl ClusterClient {
         let until = tokio::time::Instant::now() + ROUTE_DEADLINE;
         let mut last;
         loop {
-            let addr = match self.primary_of(table, key) {
+            let any_copy = matches!(op, TableOp::GetCopy { .. });
+            let addr = match self.primary_of(table, key, any_copy) {
                 Some(a) => Some(a),
                 None => {
                     let _ = self.refresh().await;
-                    self.primary_of(table, key)
+                    self.primary_of(table, key, any_copy)
                 }
             };
             match addr {
@@ -265,5 +283,9 @@ impl OpRoute for ClusterClient {
             };
             self.route(table, &key, op).await
         })
+    }
+
+    fn read_from(&self) -> crate::client::ReadFrom {
+        self.inner.opts.read_from
     }
 }

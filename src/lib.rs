@@ -36,7 +36,7 @@ pub mod protocol;
 pub mod queue;
 pub mod server;
 
-pub use client::{Client, ClientOptions};
+pub use client::{Client, ClientOptions, ReadFrom};
 pub use cluster_client::ClusterClient;
 pub use feed::{Feed, FeedBackend, Reader, Upgrades};
 pub use grid::{CasOutcome, Grid, Result, Table, TableBackend};

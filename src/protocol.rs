@@ -192,6 +192,11 @@ pub enum TableOp {
     Batch(Vec<WriteOp>),
     /// A collection-scoped snippet, run inside the shard actor that owns its `key`.
     Eval(EvalRequest),
+    /// `Get` that an in-sync replica of the key's shard may answer from its own copy (in a
+    /// cluster: `read_from = replica`, possibly missing the newest writes); elsewhere a `Get`.
+    GetCopy {
+        key: Key,
+    },
 }
 
 impl TableOp {
@@ -199,7 +204,7 @@ impl TableOp {
     /// keyed write); `None` for those over every shard (count, scan, prefix).
     pub fn routing_key(&self) -> Option<&Key> {
         match self {
-            TableOp::Get { key } | TableOp::Contains { key } => Some(key),
+            TableOp::Get { key } | TableOp::Contains { key } | TableOp::GetCopy { key } => Some(key),
             TableOp::Write(w) => w.key(),
             TableOp::Batch(ops) => ops.iter().find_map(|w| w.key()),
             TableOp::Eval(e) => e.key.as_ref(),
@@ -733,8 +738,9 @@ mod tests {
             TableOp::Write(WriteOp::Delete { key: k() }),
             TableOp::Batch(vec![]),
             TableOp::Eval(eval),
+            TableOp::GetCopy { key: k() },
         ];
-        assert_eq!(ops.iter().map(tag).collect::<Vec<_>>(), (0..8).collect::<Vec<u8>>());
+        assert_eq!(ops.iter().map(tag).collect::<Vec<_>>(), (0..9).collect::<Vec<u8>>());
         let results = [
             OpResult::Value(None),
             OpResult::Bool(true),

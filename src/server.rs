@@ -154,6 +154,7 @@ async fn starting(grid: &GridCore, table: &str) -> Result<Arc<TableRuntime>, Gri
 async fn run_routed(rt: Arc<TableRuntime>, op: TableOp) -> Result<ResponseBody, GridError> {
     Ok(ResponseBody::Op(match op {
         TableOp::Get { key } => OpResult::Value(rt.get(key).await?),
+        TableOp::GetCopy { key } => OpResult::Value(rt.get_copy(key).await?),
         TableOp::Contains { key } => OpResult::Bool(rt.contains(key).await?),
         TableOp::Count => OpResult::Count(rt.count().await?),
         TableOp::Scan { start, end, limit, reverse } => {
@@ -1206,7 +1207,8 @@ impl<'c> Round<'c> {
             Ok(false)
         };
         match op {
-            TableOp::Get { key } => {
+            // Planned here, this node serves the key's shard: a read of its copy is a read.
+            TableOp::Get { key } | TableOp::GetCopy { key } => {
                 let shard = rt.shard_of(&key);
                 match self.snapshot(t, shard) {
                     Some(s) => {

@@ -982,3 +982,50 @@ async fn one_node_serves_the_cluster_s_locks_and_queues() {
     );
     assert!(cc.map().member(home).is_some());
 }
+
+/// `read_from = replica`: a client that allows it is answered by an in-sync replica's own
+/// copy, which under `sync(1)` holds every acknowledged write; so with the shard's primary
+/// stopped (and not yet replaced), such reads are answered at once, while reads from the
+/// primary wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_reads_are_answered_by_an_in_sync_copy() {
+    use heapgrid::{ClientOptions, ReadFrom, TableOptions};
+    let root = tempfile::tempdir().unwrap();
+    let (nodes, cc) = cluster_of_three(root.path(), &[]).await;
+    cc.create_table("rr", TableOptions { shards: 1, fsync: None }).await.unwrap();
+    for i in 0..50u64 {
+        cc.table("rr").put(format!("k{i}"), &i).await.unwrap();
+    }
+    let p = cc.map().placement(&("rr".to_string(), 0)).cloned().unwrap();
+    assert_eq!(p.in_sync.len(), 2, "{p:?}");
+    let primary = nodes.iter().find(|n| n.id == p.primary).unwrap();
+    let replica = nodes.iter().find(|n| n.id == p.in_sync[0]).unwrap();
+    let quick = |read_from| ClientOptions {
+        request_timeout: Duration::from_millis(300),
+        connect_attempts: 1,
+        read_from,
+        ..ClientOptions::default()
+    };
+    let copy_reader = Client::connect_with(replica.addr, quick(ReadFrom::Replica)).await.unwrap();
+    let primary_reader = Client::connect_with(replica.addr, quick(ReadFrom::Primary)).await.unwrap();
+    unsafe { libc::kill(primary.child.id() as i32, libc::SIGSTOP) };
+    let started = Instant::now();
+    let mut served = 0;
+    for i in 0..50u64 {
+        if started.elapsed() > Duration::from_millis(250) {
+            break;
+        }
+        assert_eq!(copy_reader.table("rr").get::<u64>(format!("k{i}")).await.unwrap(), Some(i));
+        served += 1;
+    }
+    let from_primary = primary_reader.table("rr").get::<u64>("k0").await;
+    unsafe { libc::kill(primary.child.id() as i32, libc::SIGCONT) };
+    assert!(served >= 10, "only {served} replica reads in 250 ms");
+    assert!(from_primary.is_err(), "a read from the stopped primary was answered: {from_primary:?}");
+    // A ClusterClient spreads them over the copies, and sees every write.
+    let opts = ClientOptions { read_from: ReadFrom::Replica, ..ClientOptions::default() };
+    let spread = heapgrid::ClusterClient::connect(&[nodes[0].addr], opts).await.unwrap();
+    for i in 0..50u64 {
+        assert_eq!(spread.table("rr").get::<u64>(format!("k{i}")).await.unwrap(), Some(i));
+    }
+}

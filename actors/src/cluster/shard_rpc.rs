@@ -155,6 +155,13 @@ impl ShardRpc {
         (p.primary != self.net.me).then_some(p.primary)
     }
 
+    /// Whether this node is an in-sync replica of `table`'s shard `shard` (its copy holds every
+    /// completed `sync` write, possibly not the newest ones).
+    pub fn holds_in_sync_copy(&self, table: &str, shard: u32) -> bool {
+        let map = self.net.map.borrow();
+        map.placement(&(table.to_string(), shard)).is_some_and(|p| p.in_sync.contains(&self.net.me))
+    }
+
     /// Waits (at most `max`) for the map to change.
     pub async fn map_changed(&self, max: Duration) {
         let mut map = self.net.map.clone();

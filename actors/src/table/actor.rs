@@ -115,6 +115,9 @@ pub enum ShardMsg {
     ReplTick,
     /// This node's copy of the shard, summarised (whatever its role; `ClusterOp::Digest`).
     Digest(Reply<crate::replication::shard::ShardDigest>),
+    /// The value under a key in this node's copy, whatever its role: a replica answers with
+    /// what it has applied (`read_from = replica`: possibly behind its primary).
+    GetCopy(Key, Reply<Option<Versioned>>),
 }
 
 /// Longest a prepared shard waits for its coordinator's decision before it lets go (applying
@@ -507,6 +510,14 @@ impl Actor for ShardActor {
                 state.gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
                 return Ok(());
             }
+            ShardMsg::GetCopy(key, reply) => {
+                let r = match state.gate.shard.as_ref() {
+                    Some(t) => t.get(&key).map_err(GridError::from),
+                    None => Err(GridError::Closed),
+                };
+                state.gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                return Ok(());
+            }
             msg => msg,
         };
         if let Err(e) = state.admit() {
@@ -616,7 +627,8 @@ impl Actor for ShardActor {
             | ShardMsg::Placement(_)
             | ShardMsg::Repl(..)
             | ShardMsg::ReplTick
-            | ShardMsg::Digest(_) => {}
+            | ShardMsg::Digest(_)
+            | ShardMsg::GetCopy(..) => {}
         }
         if let Some(why) = state.failed.take() {
             return Err(why.into());
@@ -655,6 +667,7 @@ fn refuse(msg: ShardMsg, e: GridError) {
         | ShardMsg::Repl(..)
         | ShardMsg::ReplTick => {}
         ShardMsg::Digest(r) => drop(r.send(err(e))),
+        ShardMsg::GetCopy(_, r) => drop(r.send(err(e))),
     }
 }
 

@@ -226,6 +226,23 @@ impl TableRuntime {
         .await
     }
 
+    /// The value under `key` from this node's copy of its shard when this node is the primary
+    /// or an in-sync replica (a replica's copy may miss the newest writes:
+    /// `read_from = replica`); from the primary otherwise, or off a cluster.
+    pub async fn get_copy(&self, key: Key) -> Result<Option<Versioned>, GridError> {
+        let i = self.shard_of(&key);
+        match self.remote.get() {
+            Some(rpc)
+                if rpc.holds_in_sync_copy(&self.def.name, i)
+                    && rpc.primary_elsewhere(&self.def.name, i).is_some() =>
+            {
+                let unwrap = |m| if let ShardMsg::GetCopy(k, _) = m { Some(k) } else { None };
+                self.call(i, key, ShardMsg::GetCopy, unwrap).await?
+            }
+            _ => self.get(key).await,
+        }
+    }
+
     /// `get` (or `get_fresh`) on this node's shard.
     pub(crate) async fn get_local(&self, key: Key, fresh: bool) -> Result<Option<Versioned>, GridError> {
         let i = self.shard_of(&key);
