@@ -14,6 +14,7 @@ mod oplog_loss;
 mod pipeline;
 mod queues;
 mod queues_server;
+mod relay;
 mod server;
 mod snippet_sandbox;
 mod snippets;

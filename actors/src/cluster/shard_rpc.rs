@@ -169,12 +169,17 @@ impl ShardRpc {
         let _ = tokio::time::timeout(max, map.changed()).await;
     }
 
+    /// Sends `req` to `to` and waits for its answer, at most `wait`, and, for a call `on` a
+    /// shard, only while the map keeps `to` as that shard's primary (a failover ends it at
+    /// once: a write as `Indeterminate`, anything else as `NotPrimary`, which the caller
+    /// retries at the new primary).
     async fn call(
         &self,
         to: NodeId,
         req: ShardReq,
         wait: Duration,
         write: bool,
+        on: Option<(&str, u32)>,
     ) -> Result<ShardRep, GridError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -200,12 +205,38 @@ impl ShardRpc {
             });
         }
         self.net.transport.send(to, bytes);
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(rep)) => rep,
-            _ => {
+        let mut map = self.net.map.clone();
+        let moved = async {
+            let Some((table, shard)) = on else { return std::future::pending::<()>().await };
+            loop {
+                let still = map
+                    .borrow_and_update()
+                    .placement(&(table.to_string(), shard))
+                    .is_some_and(|p| p.primary == to);
+                if !still || map.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(wait, rx) => match r {
+                Ok(Ok(rep)) => rep,
+                _ => {
+                    self.forget(id);
+                    let why = format!("node {to} did not answer within {wait:?}");
+                    Err(if write { GridError::Indeterminate(why) } else { GridError::Unavailable(why) })
+                }
+            },
+            _ = moved => {
                 self.forget(id);
-                let why = format!("node {to} did not answer within {wait:?}");
-                Err(if write { GridError::Indeterminate(why) } else { GridError::Unavailable(why) })
+                let (table, shard) = on.unwrap_or_default();
+                Err(if write {
+                    GridError::Indeterminate(format!(
+                        "node {to} stopped being the primary of {table} shard {shard} while the write was in flight"
+                    ))
+                } else {
+                    GridError::NotPrimary { table: table.to_string(), shard, primary: None, addr: None }
+                })
             }
         }
     }
@@ -218,17 +249,20 @@ impl ShardRpc {
         &self,
         to: NodeId,
         table: &str,
+        shard: u32,
         key: Key,
         fresh: bool,
     ) -> Result<Option<Versioned>, GridError> {
-        match self.call(to, ShardReq::Get { table: table.into(), key, fresh }, READ_CALL, false).await? {
+        let req = ShardReq::Get { table: table.into(), key, fresh };
+        match self.call(to, req, READ_CALL, false, Some((table, shard))).await? {
             ShardRep::Value(v) => Ok(v),
             r => Err(wrong(r)),
         }
     }
 
     pub async fn count(&self, to: NodeId, table: &str, shard: u32) -> Result<u64, GridError> {
-        match self.call(to, ShardReq::Count { table: table.into(), shard }, READ_CALL, false).await? {
+        let req = ShardReq::Count { table: table.into(), shard };
+        match self.call(to, req, READ_CALL, false, Some((table, shard))).await? {
             ShardRep::Count(n) => Ok(n),
             r => Err(wrong(r)),
         }
@@ -241,7 +275,8 @@ impl ShardRpc {
         shard: u32,
         range: ScanRange,
     ) -> Result<Vec<(Key, Versioned)>, GridError> {
-        match self.call(to, ShardReq::Scan { table: table.into(), shard, range }, READ_CALL, false).await? {
+        let req = ShardReq::Scan { table: table.into(), shard, range };
+        match self.call(to, req, READ_CALL, false, Some((table, shard))).await? {
             ShardRep::Entries(e) => Ok(e),
             r => Err(wrong(r)),
         }
@@ -254,7 +289,8 @@ impl ShardRpc {
         shard: u32,
         ops: Vec<WriteOp>,
     ) -> Result<Written, GridError> {
-        match self.call(to, ShardReq::Batch { table: table.into(), shard, ops }, WRITE_CALL, true).await? {
+        let req = ShardReq::Batch { table: table.into(), shard, ops };
+        match self.call(to, req, WRITE_CALL, true, Some((table, shard))).await? {
             ShardRep::Written { lsn, results } => Ok(Written { lsn, results }),
             r => Err(wrong(r)),
         }
@@ -262,10 +298,17 @@ impl ShardRpc {
 
     /// A snippet runs for as long as its wall budget allows: its answer is awaited that long
     /// beyond a write's wait.
-    pub async fn eval(&self, to: NodeId, table: &str, req: EvalRequest) -> Result<Value, GridError> {
+    pub async fn eval(
+        &self,
+        to: NodeId,
+        table: &str,
+        shard: u32,
+        req: EvalRequest,
+    ) -> Result<Value, GridError> {
         let wall = req.limits.wall_ms.unwrap_or(crate::snippet::Limits::default().wall_ms);
         let wait = WRITE_CALL + Duration::from_millis(wall.min(crate::snippet::Limits::server_max().wall_ms));
-        match self.call(to, ShardReq::Eval { table: table.into(), req }, wait, true).await? {
+        let req = ShardReq::Eval { table: table.into(), req };
+        match self.call(to, req, wait, true, Some((table, shard))).await? {
             ShardRep::Snippet(v) => Ok(v),
             r => Err(wrong(r)),
         }
@@ -284,14 +327,15 @@ impl ShardRpc {
     ) -> Result<(oneshot::Sender<bool>, oneshot::Receiver<Result<Written, GridError>>), GridError> {
         let ticket = self.next.fetch_add(1, Ordering::Relaxed);
         let req = ShardReq::Prepare { table: table.into(), shard, ops, ticket };
-        match self.call(to, req, WRITE_CALL, false).await {
+        match self.call(to, req, WRITE_CALL, false, Some((table, shard))).await {
             Ok(ShardRep::Prepared) => {}
             other => {
                 // It may hold the shard all the same (the answer was lost): let go now rather
                 // than at its bound.
                 let me = self.clone();
                 tokio::spawn(async move {
-                    let _ = me.call(to, ShardReq::Decide { ticket, commit: false }, READ_CALL, false).await;
+                    let _ =
+                        me.call(to, ShardReq::Decide { ticket, commit: false }, READ_CALL, false, None).await;
                 });
                 return Err(match other {
                     Ok(r) => wrong(r),
@@ -302,9 +346,11 @@ impl ShardRpc {
         let (decide_tx, decide_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let me = self.clone();
+        let table = table.to_string();
         tokio::spawn(async move {
             let commit = matches!(decide_rx.await, Ok(true));
-            let r = me.call(to, ShardReq::Decide { ticket, commit }, WRITE_CALL, commit).await;
+            let req = ShardReq::Decide { ticket, commit };
+            let r = me.call(to, req, WRITE_CALL, commit, Some((&table, shard))).await;
             let _ = done_tx.send(match r {
                 Ok(ShardRep::Written { lsn, results }) => Ok(Written { lsn, results }),
                 Ok(r) => Err(wrong(r)),

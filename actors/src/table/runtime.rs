@@ -217,10 +217,11 @@ impl TableRuntime {
             return self.get_local(key, fresh).await;
         }
         let key = &key;
-        self.routed(self.shard_of(key), |t| async move {
+        let shard = self.shard_of(key);
+        self.routed(shard, |t| async move {
             match t {
                 Target::Here => self.get_local(key.clone(), fresh).await,
-                Target::There(rpc, node) => rpc.get(node, &self.def.name, key.clone(), fresh).await,
+                Target::There(rpc, node) => rpc.get(node, &self.def.name, shard, key.clone(), fresh).await,
             }
         })
         .await
@@ -529,7 +530,7 @@ impl TableRuntime {
         self.routed(shard, |t| async move {
             match t {
                 Target::Here => self.eval_local(req.clone()).await,
-                Target::There(rpc, node) => rpc.eval(node, &self.def.name, req.clone()).await,
+                Target::There(rpc, node) => rpc.eval(node, &self.def.name, shard, req.clone()).await,
             }
         })
         .await
