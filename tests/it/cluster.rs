@@ -1193,3 +1193,94 @@ async fn a_partitioned_primary_stops_before_its_successor_starts_and_rejoins() {
         }
     }
 }
+
+/// A one-way partition: nothing reaches the primary of a shard (its relay drops every
+/// connection to it), while what it sends still arrives. Its reports reach the Raft leader, but
+/// its leases and its replicas' acks do not: it stops serving, and the leader, which still
+/// hears it, replaces it once it has reported without a lease for the detection time (and its
+/// last lease has ended). Writes through another node then succeed; nothing acknowledged is
+/// lost; after the heal every copy is equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_one_way_is_replaced() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::relay::TcpRelay;
+    use heapgrid::{ClientOptions, TableOptions};
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, mut relays) = (Vec::new(), Vec::new());
+    for id in 1..=3u64 {
+        let real = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let relay = TcpRelay::start(real).await;
+        let join = (id > 1).then(|| nodes.first().map(|n: &Node| n.peer.clone())).flatten();
+        let advertise = relay.addr.to_string();
+        let dir = root.path().join(format!("n{id}"));
+        nodes.push(start_with(
+            id,
+            &dir,
+            &real.to_string(),
+            join.as_deref(),
+            &["--advertise-peer", &advertise],
+        ));
+        relays.push(relay);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let s = until("three nodes agree", &refs, 30, |s| agree(s, 3)).await;
+    let leader = s[0].leader.unwrap();
+    let quick = ClientOptions { request_timeout: Duration::from_millis(300), ..ClientOptions::default() };
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let cc = heapgrid::ClusterClient::connect(&addrs, quick.clone()).await.unwrap();
+    cc.create_table("oneway", TableOptions { shards: 3, fsync: None }).await.unwrap();
+    for i in 0..30 {
+        cc.table("oneway").put(format!("warm{i}"), &i).await.unwrap();
+    }
+    // A shard whose primary is not the Raft leader (the leader keeps hearing it).
+    let map = cc.map();
+    let (shard, victim) = (0..3)
+        .map(|s| (s, map.placement(&("oneway".to_string(), s)).unwrap().primary))
+        .find(|&(_, p)| p != leader)
+        .unwrap();
+    let through = nodes.iter().find(|n| n.id != victim).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = write_loop(
+        Client::connect_with(through.addr, quick.clone()).await.unwrap(),
+        "oneway",
+        "w",
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (i, _) = nodes.iter().enumerate().find(|(_, n)| n.id == victim).unwrap();
+    relays[i].block(None);
+    let cut_at = Instant::now();
+    let deadline = cut_at + Duration::from_secs(15);
+    loop {
+        let _ = cc.refresh().await;
+        let p = cc.map().placement(&("oneway".to_string(), shard)).cloned().unwrap();
+        if p.primary != victim {
+            eprintln!(
+                "one-way cut: shard {shard}'s primary replaced after {} ms",
+                cut_at.elapsed().as_millis()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "a primary cut off one way was never replaced: {p:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    relays[i].heal();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = writes.await.unwrap();
+    let on_shard = |k: &str| heapgrid::Key::from(k).shard(3) == shard;
+    assert!(
+        acked.iter().any(|(k, _, sent, _)| on_shard(k) && *sent > cut_at),
+        "no write to the cut-off shard was acknowledged after its failover"
+    );
+    let lost = lost(&cc, "oneway", &acked).await;
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}

@@ -280,9 +280,9 @@ async fn detect(
             }
             r = reports.recv() => {
                 let Some((from, frame)) = r else { return };
-                let ReplWire::Status { pos, epoch, primary, sent_ms } = frame.wire else { continue };
+                let ReplWire::Status { pos, epoch, primary, serving, sent_ms } = frame.wire else { continue };
                 let shard = (frame.table, frame.shard);
-                let report = Report { shard, pos, primary_of: primary.then_some(epoch) };
+                let report = Report { shard, pos, primary_of: primary.then_some(epoch), serving };
                 // Every node hears every report (a new leader then knows who fell silent when);
                 // leases only from a leader a quorum heard from lately (see `QUORUM_FRESH_MS`).
                 let leases = {

@@ -22,6 +22,11 @@
 //!   leader granted is waited out instead (`took_lead`: no decision for `lease_ms +
 //!   max_delay_ms` after leadership began; the arithmetic is in `cluster/data.rs`).
 //!
+//! - A primary that keeps reporting but holds no lease (the leases sent to it are lost: a
+//!   one-way partition) for `detect_ms` gets no more leases (`stuck`), and once every lease
+//!   granted to it before has ended (`lease_ms + max_delay_ms` later) is replaced like a
+//!   silent one: otherwise its shard would wait, unserved, for as long as the partition.
+//!
 //! Invariant: `primary_heard` counts from the start of the current epoch at the earliest, so a
 //! new primary gets a full `detect_ms` to take up its epoch.
 
@@ -63,6 +68,8 @@ pub struct Report {
     pub pos: Pos,
     /// `Some(e)` if it is the shard's primary in epoch `e`.
     pub primary_of: Option<Epoch>,
+    /// For a primary: whether it holds a lease now (it serves).
+    pub serving: bool,
 }
 
 /// A lease granted: the primary of `shard` in `epoch` may write until `until_ms` by its clock.
@@ -84,6 +91,12 @@ pub struct Detector {
     drained: BTreeMap<ShardId, Epoch>,
     /// No failover is decided before this (a lease an earlier leader granted may still run).
     quiet_until_ms: u64,
+    /// Per shard: the epoch and since when its primary reports but holds no lease (the leases
+    /// sent to it are lost: a one-way partition).
+    unleased: BTreeMap<ShardId, (Epoch, u64)>,
+    /// Shards whose unleased primary gets no more leases, and when the failover may commit
+    /// (once every lease granted before has ended).
+    stuck: BTreeMap<ShardId, (Epoch, u64)>,
 }
 
 impl Detector {
@@ -95,6 +108,8 @@ impl Detector {
             positions: BTreeMap::new(),
             drained: BTreeMap::new(),
             quiet_until_ms: 0,
+            unleased: BTreeMap::new(),
+            stuck: BTreeMap::new(),
         }
     }
 
@@ -107,6 +122,7 @@ impl Detector {
     /// This node stopped leading: planned switches it was draining are not its to finish.
     pub fn lost_lead(&mut self) {
         self.drained.clear();
+        self.stuck.clear();
     }
 
     /// A heartbeat from `from`, sent at `sent_ms` by its clock and heard at `now_ms`: the leases
@@ -123,9 +139,20 @@ impl Detector {
         for r in reports {
             self.positions.insert((r.shard.clone(), from), (now_ms, r.pos));
             let Some(p) = map.placement(&r.shard) else { continue };
-            let draining = self.drained.get(&r.shard) == Some(&p.epoch);
+            let draining = self.drained.get(&r.shard) == Some(&p.epoch)
+                || self.stuck.get(&r.shard).is_some_and(|&(e, _)| e == p.epoch);
             if p.primary == from && r.primary_of == Some(p.epoch) {
                 self.primary_heard.insert(r.shard.clone(), (p.epoch, now_ms));
+                if r.serving {
+                    self.unleased.remove(&r.shard);
+                } else {
+                    match self.unleased.get(&r.shard) {
+                        Some(&(e, _)) if e == p.epoch => {}
+                        _ => {
+                            self.unleased.insert(r.shard.clone(), (p.epoch, now_ms));
+                        }
+                    }
+                }
                 if draining {
                     continue;
                 }
@@ -170,15 +197,39 @@ impl Detector {
                     continue;
                 }
             };
-            if quiet || now_ms.saturating_sub(heard) <= t.detect_ms {
+            if quiet {
                 continue;
             }
+            // A primary that reports but holds no lease for `detect_ms` (its leases are lost on
+            // the way) is replaced too, but only once it got no lease for `lease_ms +
+            // max_delay_ms` (`stuck`), so every lease granted to it before has ended.
+            let silent = now_ms.saturating_sub(heard) > t.detect_ms;
+            let unleased_long = self
+                .unleased
+                .get(shard)
+                .is_some_and(|&(e, since)| e == p.epoch && now_ms.saturating_sub(since) > t.detect_ms);
+            if !silent {
+                if !unleased_long {
+                    continue;
+                }
+                match self.stuck.get(shard) {
+                    Some(&(e, at)) if e == p.epoch && now_ms >= at => {}
+                    Some(&(e, _)) if e == p.epoch => continue,
+                    _ => {
+                        self.stuck.insert(shard.clone(), (p.epoch, now_ms + t.lease_ms + t.max_delay_ms));
+                        continue;
+                    }
+                }
+            }
             let eligible = if p.sync > 0 { &p.in_sync } else { &p.replicas };
+            // Live: heard since the primary fell silent, or (an unleased primary, still heard)
+            // within the detection time.
+            let since = if silent { heard } else { now_ms.saturating_sub(t.detect_ms) };
             let live: Vec<(NodeId, Pos)> = eligible
                 .iter()
                 .filter_map(|&id| {
                     let &(at, pos) = self.positions.get(&(shard.clone(), id))?;
-                    (at > heard).then_some((id, pos))
+                    (at > since).then_some((id, pos))
                 })
                 .collect();
             let Some(&(best, _)) = live.iter().max_by_key(|(id, pos)| (*pos, Reverse(*id))) else { continue };

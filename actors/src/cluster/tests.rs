@@ -50,7 +50,12 @@ fn the_map_applies_commands_deterministically_and_refuses_stale_ones() {
 }
 
 fn report(pos: u64, primary_of: Option<u64>) -> Vec<Report> {
-    vec![Report { shard: shard(), pos: Pos { epoch: 1, lsn: pos }, primary_of }]
+    vec![Report {
+        shard: shard(),
+        pos: Pos { epoch: 1, lsn: pos },
+        primary_of,
+        serving: primary_of.is_some(),
+    }]
 }
 
 #[test]
@@ -174,6 +179,45 @@ proptest::proptest! {
                 proptest::prop_assert!(p.in_sync.iter().all(|r| p.replicas.contains(r)));
             }
         }
+    }
+}
+
+#[test]
+fn a_primary_that_reports_without_a_lease_is_drained_then_replaced() {
+    let map = three_nodes(1);
+    let t = Timing { heartbeat_ms: 100, lease_ms: 400, detect_ms: 600, max_delay_ms: 100 };
+    let mut d = Detector::new(t);
+    d.decide(&map, 0);
+    let as_primary = |serving| {
+        vec![Report { shard: shard(), pos: Pos { epoch: 1, lsn: 10 }, primary_of: Some(1), serving }]
+    };
+    assert_eq!(d.heartbeat(&map, 1, 100, &as_primary(true), 100).len(), 1);
+    // From 200 on node 1 still reports, but without a lease (the leases sent to it are lost);
+    // the in-sync replica reports too.
+    let (mut last_lease, mut failover) = (100, None);
+    for at in (200..=3_000).step_by(100) {
+        if !d.heartbeat(&map, 1, at, &as_primary(false), at).is_empty() {
+            last_lease = at;
+        }
+        d.heartbeat(&map, 2, at, &report(10, None), at);
+        if let Some(cmd) = d.decide(&map, at + 10).into_iter().next() {
+            failover = Some((at + 10, cmd));
+            break;
+        }
+    }
+    let (at, cmd) = failover.expect("an unleased primary is replaced");
+    assert_eq!(cmd, MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 2 });
+    // Leases stopped once it had been unleased for the detection time, and the failover came
+    // only after the last one granted had ended (its lease + the delay allowance).
+    assert!(last_lease <= 200 + 600 + 100, "leases until {last_lease}");
+    assert!(at >= last_lease + t.lease_ms + t.max_delay_ms, "failover at {at}, last lease at {last_lease}");
+    // A primary that gets its leases again is left alone.
+    let mut d = Detector::new(t);
+    d.decide(&map, 0);
+    for at in (100..3_000).step_by(100) {
+        d.heartbeat(&map, 1, at, &as_primary(at % 500 != 0), at);
+        d.heartbeat(&map, 2, at, &report(10, None), at);
+        assert!(d.decide(&map, at + 10).is_empty(), "at {at}");
     }
 }
 

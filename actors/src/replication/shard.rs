@@ -55,6 +55,8 @@ pub enum ReplWire {
         pos: Pos,
         epoch: Epoch,
         primary: bool,
+        /// A primary holding a lease now (it serves).
+        serving: bool,
         sent_ms: u64,
     },
     /// The detector's lease for the primary of `epoch`, until `until_ms` of the primary's clock.
@@ -361,6 +363,7 @@ impl ShardRepl {
                 pos: self.ep.pos(),
                 epoch: self.ep.epoch,
                 primary: self.ep.is_primary(),
+                serving: self.ep.may_write(now).is_ok(),
                 sent_ms: now,
             };
             if let Some(b) = (ReplFrame { table: self.table.clone(), shard: self.shard, wire: w }).encode() {

@@ -67,6 +67,7 @@ enum Net {
         pos: Pos,
         epoch: Epoch,
         primary: bool,
+        serving: bool,
         sent_ms: u64,
     },
     Map(Map),
@@ -348,7 +349,8 @@ impl Sim {
         if now.saturating_sub(n.last_status_ms) >= HEARTBEAT_MS {
             n.last_status_ms = now;
             let (pos, epoch, primary) = (n.ep.pos(), n.ep.epoch, n.ep.is_primary());
-            self.send(None, Net::Status { from: id, pos, epoch, primary, sent_ms: now });
+            let serving = n.ep.may_write(now).is_ok();
+            self.send(None, Net::Status { from: id, pos, epoch, primary, serving, sent_ms: now });
         }
     }
 
@@ -426,8 +428,8 @@ impl Sim {
             }
             return;
         }
-        let Net::Status { from, pos, epoch, primary, sent_ms } = msg else { return };
-        let report = Report { shard: shard(), pos, primary_of: primary.then_some(epoch) };
+        let Net::Status { from, pos, epoch, primary, serving, sent_ms } = msg else { return };
+        let report = Report { shard: shard(), pos, primary_of: primary.then_some(epoch), serving };
         let leases = self.detector.heartbeat(&self.cluster, from, sent_ms, &[report], self.now);
         for l in leases {
             self.send(Some(from), Net::Lease { epoch: l.epoch, until_ms: l.until_ms });
