@@ -1030,6 +1030,26 @@ async fn replica_reads_are_answered_by_an_in_sync_copy() {
     }
 }
 
+/// Three nodes, each behind a `TcpRelay` it advertises as its peer address (`relay.rs`), in
+/// agreement; `flags` go to every node.
+async fn relayed_three(root: &Path, flags: &[&str]) -> (Vec<Node>, Vec<crate::relay::TcpRelay>) {
+    let (mut nodes, mut relays) = (Vec::new(), Vec::new());
+    for id in 1..=3u64 {
+        let real = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let relay = crate::relay::TcpRelay::start(real).await;
+        let join = (id > 1).then(|| nodes.first().map(|n: &Node| n.peer.clone())).flatten();
+        let advertise = relay.addr.to_string();
+        let mut all = vec!["--advertise-peer", advertise.as_str()];
+        all.extend_from_slice(flags);
+        let dir = root.join(format!("n{id}"));
+        nodes.push(start_with(id, &dir, &real.to_string(), join.as_deref(), &all));
+        relays.push(relay);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    until("three nodes agree", &refs, 30, |s| agree(s, 3)).await;
+    (nodes, relays)
+}
+
 /// Acknowledged writes through `client` of keys `prefix` + i, until `stop`: (key, value, sent,
 /// acknowledged). A write that failed or timed out is not counted (it may or may not apply).
 fn write_loop(
@@ -1066,28 +1086,11 @@ async fn a_partitioned_primary_stops_before_its_successor_starts_and_rejoins() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use crate::relay::TcpRelay;
     use heapgrid::{ClientOptions, TableOptions};
     for sync in ["1", "0"] {
         let root = tempfile::tempdir().unwrap();
-        let (mut nodes, mut relays) = (Vec::new(), Vec::new());
-        for id in 1..=3u64 {
-            let real = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-            let relay = TcpRelay::start(real).await;
-            let join = (id > 1).then(|| nodes.first().map(|n: &Node| n.peer.clone())).flatten();
-            let advertise = relay.addr.to_string();
-            let dir = root.path().join(format!("n{id}"));
-            nodes.push(start_with(
-                id,
-                &dir,
-                &real.to_string(),
-                join.as_deref(),
-                &["--advertise-peer", &advertise, "--sync", sync],
-            ));
-            relays.push(relay);
-        }
+        let (nodes, relays) = relayed_three(root.path(), &["--sync", sync]).await;
         let refs: Vec<&Node> = nodes.iter().collect();
-        until("three nodes agree", &refs, 30, |s| agree(s, 3)).await;
         let quick = ClientOptions { request_timeout: Duration::from_millis(300), ..ClientOptions::default() };
         let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
         let cc = heapgrid::ClusterClient::connect(&addrs, quick.clone()).await.unwrap();
@@ -1205,27 +1208,11 @@ async fn a_primary_cut_off_one_way_is_replaced() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use crate::relay::TcpRelay;
     use heapgrid::{ClientOptions, TableOptions};
     let root = tempfile::tempdir().unwrap();
-    let (mut nodes, mut relays) = (Vec::new(), Vec::new());
-    for id in 1..=3u64 {
-        let real = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let relay = TcpRelay::start(real).await;
-        let join = (id > 1).then(|| nodes.first().map(|n: &Node| n.peer.clone())).flatten();
-        let advertise = relay.addr.to_string();
-        let dir = root.path().join(format!("n{id}"));
-        nodes.push(start_with(
-            id,
-            &dir,
-            &real.to_string(),
-            join.as_deref(),
-            &["--advertise-peer", &advertise],
-        ));
-        relays.push(relay);
-    }
+    let (nodes, relays) = relayed_three(root.path(), &[]).await;
     let refs: Vec<&Node> = nodes.iter().collect();
-    let s = until("three nodes agree", &refs, 30, |s| agree(s, 3)).await;
+    let s = until("a leader", &refs, 30, |s| agree(s, 3)).await;
     let leader = s[0].leader.unwrap();
     let quick = ClientOptions { request_timeout: Duration::from_millis(300), ..ClientOptions::default() };
     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();

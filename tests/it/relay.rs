@@ -113,37 +113,26 @@ async fn relay_one(
     if to.write_all(&hello).await.is_err() {
         return;
     }
-    let (mut fr, mut fw) = from.into_split();
-    let (mut tr, mut tw) = to.into_split();
-    let forward = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match fr.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if tw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    let back = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match tr.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if fw.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    };
+    let (fr, fw) = from.into_split();
+    let (tr, tw) = to.into_split();
     tokio::select! {
-        _ = forward => {}
-        _ = back => {}
+        _ = pipe(fr, tw) => {}
+        _ = pipe(tr, fw) => {}
         _ = generation.changed() => {}
+    }
+}
+
+/// Copies `from` to `to` until either ends.
+async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
