@@ -122,14 +122,17 @@ enum Elsewhere {
 fn elsewhere(grid: &GridCore, table: &str, op: &TableOp) -> Option<Elsewhere> {
     let node = grid.cluster()?;
     let Ok(rt) = grid.table(table) else {
-        return node.map().table(table).is_some().then_some(Elsewhere::Starting);
+        return node.has_table(table).then_some(Elsewhere::Starting);
     };
-    let remote = match op.routing_key() {
-        Some(key) => rt.primary_elsewhere(rt.shard_of(key)).is_some(),
-        None if matches!(op, TableOp::Count | TableOp::Scan { .. } | TableOp::Prefix { .. }) => {
+    let remote = match (op, op.routing_key()) {
+        (TableOp::Count | TableOp::Scan { .. } | TableOp::Prefix { .. }, _) => {
             (0..rt.def.shards).any(|s| rt.primary_elsewhere(s).is_some())
         }
-        None => false,
+        (_, Some(key)) => rt.primary_elsewhere(rt.shard_of(key)).is_some(),
+        // A keyless snippet needs a routing key on a sharded table (`plan` refuses it).
+        (TableOp::Eval(_), None) if rt.def.shards > 1 => false,
+        // No key: a one-shard table's snippet, or fences only (checked by shard 0).
+        (_, None) => rt.primary_elsewhere(0).is_some(),
     };
     remote.then_some(Elsewhere::Runs(rt))
 }
@@ -683,7 +686,11 @@ pub const CONN_SESSIONS_MAX: usize = 10_000;
 type ConnSessions = Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
 
 /// The end of a connection's chain of routed requests: dropped (or sent) when the last one
-/// ends.
+/// ends. Bounds: the chain holds at most the connection's in-flight limit (each link is a
+/// request counted in it), and each link ends by its own bounds (`ROUTE_WAIT` of following
+/// the map, a shard call's 5 s read or 10 s write wait, or at once when the map names another
+/// primary). Unrelated shards' requests wait for each other too: ordering over pipelining,
+/// for requests sent to a node that does not serve their shard.
 type RoutedChain = std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>;
 
 /// Whether `who` may make lock request `op`: `write` on the lock's (or semaphore's) name to
@@ -1059,7 +1066,7 @@ impl<'c> Round<'c> {
                     detached(async move {
                         Ok(ResponseBody::Cluster(match op {
                             ClusterOp::Status => {
-                                ClusterResult::Status(grid.cluster_status().unwrap_or_else(|| node.status()))
+                                ClusterResult::Status(grid.cluster_status().ok_or(GridError::Closed)?)
                             }
                             ClusterOp::Add(m) => {
                                 ClusterResult::Changed { version: node.admin(Admin::Join(m)).await?.version }

@@ -1424,7 +1424,6 @@ impl GridCore {
             me: opts.node_id,
             transport: node.transport(),
             map: node.watch(),
-            leader: node.leader(),
             proposals,
             origin: std::time::Instant::now(),
             heartbeat_ms: opts.detector.heartbeat_ms,

@@ -697,6 +697,14 @@ async fn any_node_forwards_single_key_requests_to_their_primary() {
         w.unwrap();
         assert_eq!(r.unwrap(), Some(i), "{k}");
     }
+    // A request without a key (a one-shard table's snippet) is run at shard 0's primary too.
+    cc.create_table("one", TableOptions { shards: 1, fsync: None }).await.unwrap();
+    cc.table("one").put("warm", &0).await.unwrap();
+    let one_primary = cc.map().placement(&("one".to_string(), 0)).unwrap().primary;
+    let away = nodes.iter().find(|n| n.id != one_primary).unwrap();
+    let v =
+        Client::connect(away.addr).await.unwrap().table("one").eval("one['x'] = 7\none['x']").await.unwrap();
+    assert_eq!(v, heapgrid::Value::Int(7));
     // The keys are spread: node 2 is the primary of only one shard of three.
     let map = cc.map();
     let here = (0..3).filter(|&s| map.placement(&("fwd".to_string(), s)).unwrap().primary == 2).count();
@@ -1150,6 +1158,11 @@ async fn a_partitioned_primary_stops_before_its_successor_starts_and_rejoins() {
                 last_old.is_some(),
                 "under async the cut-off primary acked nothing: its lease was not what stopped it"
             );
+        }
+        if sync == "1" {
+            // Under sync(1) it acknowledges nothing sent after the cut (no replica can ack it).
+            let sent_after = old_acks.iter().filter(|(_, _, s, a)| *s > cut_at && *a < healed_at).count();
+            assert_eq!(sent_after, 0, "the cut-off primary acknowledged writes sent after the cut");
         }
         if let Some(last_old) = last_old {
             assert!(

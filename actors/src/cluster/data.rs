@@ -240,6 +240,8 @@ async fn detect(
     let (ended_tx, mut ended) = mpsc::channel::<(ShardId, bool)>(SWITCHES_MAX);
     // When the services were last proposed to the map (they are placed once, by a leader).
     let mut services_asked_ms: Option<u64> = None;
+    // The map version the detector was last pruned to (`Detector::retain_placed`).
+    let mut pruned_at = None;
     loop {
         tokio::select! {
             s = switches.recv() => {
@@ -249,7 +251,7 @@ async fn detect(
                     _ if !control.leads_with_quorum(QUORUM_FRESH_MS) => Some(format!(
                         "only the Raft leader switches primaries (this is node {}; the leader is {:?})",
                         net.me,
-                        *net.leader.borrow()
+                        *control.leader().borrow()
                     )),
                     None => Some(format!("{:?} is not placed", s.shard)),
                     Some(p) if p.primary == s.to => None,
@@ -300,6 +302,13 @@ async fn detect(
                 }
             }
             _ = every.tick() => {
+                {
+                    let map = net.map.borrow();
+                    if pruned_at != Some(map.version) {
+                        pruned_at = Some(map.version);
+                        detector().retain_placed(&map);
+                    }
+                }
                 let now_leading = control.is_leader();
                 if now_leading != leading {
                     // A new term of leadership keeps what was heard, and waits out the leases
@@ -377,8 +386,11 @@ async fn detect(
 }
 
 /// In-sync changes, newest per shard (a primary proposes again until its change is committed,
-/// so older ones waiting here are dropped), each committed on its own task.
+/// so older ones waiting here are dropped), each committed on its own task; at most one task
+/// per shard at a time (a shard whose change is still being committed skips the newer one: its
+/// primary proposes it again), so the tasks are bounded by the shards.
 async fn propose(control: Arc<ControlNode>, mut proposals: mpsc::Receiver<MapCmd>) {
+    let in_flight: Arc<std::sync::Mutex<HashSet<ShardId>>> = Arc::default();
     while let Some(first) = proposals.recv().await {
         let mut newest = std::collections::BTreeMap::new();
         let mut next = Some(first);
@@ -388,12 +400,16 @@ async fn propose(control: Arc<ControlNode>, mut proposals: mpsc::Receiver<MapCmd
             }
             next = proposals.try_recv().ok();
         }
-        for (_, cmd) in newest {
-            let c = control.clone();
+        for (shard, cmd) in newest {
+            if !in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(shard.clone()) {
+                continue;
+            }
+            let (c, in_flight) = (control.clone(), in_flight.clone());
             tokio::spawn(async move {
                 if let Err(e) = c.admin(Admin::Propose(cmd)).await {
                     tracing::debug!("an in-sync change was not committed: {e}");
                 }
+                in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&shard);
             });
         }
     }

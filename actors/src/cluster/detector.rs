@@ -47,7 +47,8 @@ pub struct Timing {
 }
 
 impl Default for Timing {
-    /// 3 × 250 ms missed heartbeats detect a failure; leases of 500 ms.
+    /// Reports every 100 ms; a primary silent for 600 ms is replaced; leases of 400 ms (plus
+    /// 100 ms of delay allowance: 500 < 600).
     fn default() -> Self {
         Timing { heartbeat_ms: 100, lease_ms: 400, detect_ms: 600, max_delay_ms: 100 }
     }
@@ -137,8 +138,12 @@ impl Detector {
     ) -> Vec<Lease> {
         let mut leases = Vec::new();
         for r in reports {
-            self.positions.insert((r.shard.clone(), from), (now_ms, r.pos));
+            // Only copies the map places are tracked (every node runs every table's shards).
             let Some(p) = map.placement(&r.shard) else { continue };
+            if p.primary != from && !p.replicas.contains(&from) {
+                continue;
+            }
+            self.positions.insert((r.shard.clone(), from), (now_ms, r.pos));
             let draining = self.drained.get(&r.shard) == Some(&p.epoch)
                 || self.stuck.get(&r.shard).is_some_and(|&(e, _)| e == p.epoch);
             if p.primary == from && r.primary_of == Some(p.epoch) {
@@ -164,6 +169,18 @@ impl Detector {
             }
         }
         leases
+    }
+
+    /// Forgets what it keeps of shards the map no longer places (or places in another epoch),
+    /// and of nodes that no longer hold a copy: its maps stay as large as the map's placements.
+    pub fn retain_placed(&mut self, map: &ClusterMap) {
+        let same_epoch = |s: &ShardId, e: Epoch| map.placement(s).is_some_and(|p| p.epoch == e);
+        self.primary_heard.retain(|s, (e, _)| same_epoch(s, *e));
+        self.drained.retain(|s, e| same_epoch(s, *e));
+        self.unleased.retain(|s, (e, _)| same_epoch(s, *e));
+        self.stuck.retain(|s, (e, _)| same_epoch(s, *e));
+        self.positions
+            .retain(|(s, n), _| map.placement(s).is_some_and(|p| p.primary == *n || p.replicas.contains(n)));
     }
 
     /// Every copy heard from: (shard, node) → (when its report arrived, its position).

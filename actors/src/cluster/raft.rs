@@ -447,15 +447,9 @@ impl ControlNode {
         &self.me.peer_addr
     }
 
-    /// The client address of the primary of `table`'s shard `shard`, when the map places it on
-    /// another node.
-    pub fn primary_elsewhere(&self, table: &str, shard: u32) -> Option<String> {
-        let map = self.map.borrow();
-        let p = map.placement(&(table.to_string(), shard))?;
-        if p.primary == self.me.id {
-            return None;
-        }
-        map.member(p.primary).map(|m| m.addr.clone())
+    /// Whether the map lists table `name` (borrowed, not cloned).
+    pub fn has_table(&self, name: &str) -> bool {
+        self.map.borrow().table(name).is_some()
     }
 
     /// The transport to the other nodes.

@@ -115,6 +115,20 @@ enum ShardRep {
 struct Held {
     decide: oneshot::Sender<bool>,
     done: oneshot::Receiver<Result<Written, GridError>>,
+    /// Its place among the `HELD_MAX`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Removes a call's entry from `pending` when the call ends, however it ends.
+struct Forget<'a> {
+    rpc: &'a ShardRpc,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.rpc.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
 }
 
 /// This node's side of shard calls: the calls it made, and the shards it holds for others.
@@ -123,6 +137,8 @@ pub struct ShardRpc {
     next: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<ShardRep, GridError>>>>,
     held: Mutex<HashMap<(NodeId, u64), Held>>,
+    /// `HELD_MAX` places for held shards, taken before a shard is prepared.
+    held_slots: Arc<Semaphore>,
     serving: Arc<Semaphore>,
 }
 
@@ -143,6 +159,7 @@ impl ShardRpc {
             next: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            held_slots: Arc::new(Semaphore::new(HELD_MAX)),
             serving: Arc::new(Semaphore::new(SERVING_MAX)),
         }
     }
@@ -192,12 +209,12 @@ impl ShardRpc {
             }
             p.insert(id, tx);
         }
+        // However this call ends (answered, timed out, or its caller dropped it), its entry goes.
+        let _forget = Forget { rpc: self, id };
         let Some(bytes) = encode(&Frame::Call { id, req }) else {
-            self.forget(id);
             return Err(GridError::Invalid("a shard call could not be encoded".into()));
         };
         if bytes.len() > FRAME_BYTES_MAX {
-            self.forget(id);
             return Err(GridError::LimitExceeded {
                 what: "shard call bytes".into(),
                 got: bytes.len() as u64,
@@ -222,13 +239,11 @@ impl ShardRpc {
             r = tokio::time::timeout(wait, rx) => match r {
                 Ok(Ok(rep)) => rep,
                 _ => {
-                    self.forget(id);
                     let why = format!("node {to} did not answer within {wait:?}");
                     Err(if write { GridError::Indeterminate(why) } else { GridError::Unavailable(why) })
                 }
             },
             _ = moved => {
-                self.forget(id);
                 let (table, shard) = on.unwrap_or_default();
                 Err(if write {
                     GridError::Indeterminate(format!(
@@ -239,10 +254,6 @@ impl ShardRpc {
                 })
             }
         }
-    }
-
-    fn forget(&self, id: u64) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
     pub async fn get(
@@ -411,21 +422,26 @@ impl ShardRpc {
     /// Runs `req` on this node's own shards; a table the map has but this node has not
     /// started yet is not served here yet (`NotPrimary`: the caller tries again).
     async fn serve(&self, grid: &GridCore, from: NodeId, req: ShardReq) -> Result<ShardRep, GridError> {
-        let table = match &req {
-            ShardReq::Get { table, .. }
-            | ShardReq::Count { table, .. }
-            | ShardReq::Scan { table, .. }
-            | ShardReq::Batch { table, .. }
-            | ShardReq::Eval { table, .. }
-            | ShardReq::Prepare { table, .. } => Some(table.clone()),
+        // The shard it is for (a key's shard by the map's table spec).
+        let key_shard = |table: &str, key: Option<&Key>| {
+            let shards = self.net.map.borrow().table(table).map_or(1, |t| t.shards);
+            key.map_or(0, |k| k.shard(shards))
+        };
+        let at = match &req {
+            ShardReq::Get { table, key, .. } => Some((table.clone(), key_shard(table, Some(key)))),
+            ShardReq::Eval { table, req } => Some((table.clone(), key_shard(table, req.key.as_ref()))),
+            ShardReq::Count { table, shard }
+            | ShardReq::Scan { table, shard, .. }
+            | ShardReq::Batch { table, shard, .. }
+            | ShardReq::Prepare { table, shard, .. } => Some((table.clone(), *shard)),
             ShardReq::Decide { .. } => None,
         };
         match self.run(grid, from, req).await {
             Err(GridError::NoSuchTable(_))
-                if let Some(t) = table
+                if let Some((t, shard)) = at
                     && self.net.map.borrow().table(&t).is_some() =>
             {
-                Err(GridError::NotPrimary { table: t, shard: 0, primary: None, addr: None })
+                Err(GridError::NotPrimary { table: t, shard, primary: None, addr: None })
             }
             r => r,
         }
@@ -454,24 +470,19 @@ impl ShardRpc {
                 if shard >= t.def.shards {
                     return Err(GridError::Invalid(format!("{table} has {} shards", t.def.shards)));
                 }
-                {
-                    let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                    // Shards that let go by their own bound are forgotten.
-                    held.retain(|_, h| !h.decide.is_closed());
-                    if held.len() >= HELD_MAX {
-                        return Err(GridError::Unavailable(format!(
-                            "{HELD_MAX} shards are held prepared here"
-                        )));
-                    }
-                }
+                // Shards that let go by their own bound are forgotten (their places free).
+                self.held.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, h| !h.decide.is_closed());
+                let Ok(slot) = self.held_slots.clone().try_acquire_owned() else {
+                    return Err(GridError::Unavailable(format!("{HELD_MAX} shards are held prepared here")));
+                };
                 let (decide, done) = t.prepare_local(shard, ops).await?;
                 let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-                held.insert((from, ticket), Held { decide, done });
+                held.insert((from, ticket), Held { decide, done, _slot: slot });
                 Ok(ShardRep::Prepared)
             }
             ShardReq::Decide { ticket, commit } => {
                 let h = self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&(from, ticket));
-                let Some(Held { decide, done }) = h else {
+                let Some(Held { decide, done, .. }) = h else {
                     return if commit {
                         Err(GridError::Unavailable(
                             "the prepared shard had let go (its hold ended) and applied nothing".into(),

@@ -484,9 +484,15 @@ fn a_planned_move_adds_a_replica_and_removes_one_within_the_epoch_and_a_drained_
     assert_eq!(d.heartbeat(&m, 1, 0, &report(5, Some(1)), 0).len(), 1);
     d.drain(shard(), 1);
     assert!(d.heartbeat(&m, 1, 100, &report(6, Some(1)), 100).is_empty(), "a drained primary got a lease");
-    // Still heard: not failed over while draining.
+    // Still heard (and its in-sync replica too), well past the detection time: not failed
+    // over while draining.
     d.decide(&m, 100);
+    for at in (200..=1_500).step_by(100) {
+        assert!(d.heartbeat(&m, 1, at, &report(6, Some(1)), at).is_empty(), "a drained primary got a lease");
+        d.heartbeat(&m, 3, at, &report(6, None), at);
+    }
     assert!(d.decide(&m, 650).is_empty());
+    assert!(d.decide(&m, 1_550).is_empty());
     d.undrain(&shard());
-    assert_eq!(d.heartbeat(&m, 1, 700, &report(7, Some(1)), 700).len(), 1);
+    assert_eq!(d.heartbeat(&m, 1, 1_600, &report(7, Some(1)), 1_600).len(), 1);
 }

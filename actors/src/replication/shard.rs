@@ -92,8 +92,6 @@ pub struct ReplNet {
     pub transport: Arc<dyn Transport>,
     /// The cluster map as this node applied it.
     pub map: watch::Receiver<ClusterMap>,
-    /// The Raft leader this node knows (named in refusals).
-    pub leader: watch::Receiver<Option<NodeId>>,
     /// Map changes a primary proposes (in-sync sets; at most `PROPOSALS_MAX` waiting: a
     /// primary proposes again every `resend_ms` until its change is committed, so one dropped
     /// when the queue is full is not lost).
