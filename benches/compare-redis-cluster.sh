@@ -87,7 +87,7 @@ done
 
 m() { median ${1}; }
 m1() { median1 ${1}; }
-echo "## replicated writes vs Redis, $(date -u +%FT%TZ), $(nproc) cores, $CLIENTS connections, $REPLICAS replica(s), median of $ROUNDS"
+echo "## replicated writes vs Redis, $(date -u +%FT%TZ), $(nproc) cores, $CLIENTS connections, heapgrid: $REPLICAS replica(s) per shard, ${HG_THREADS:-default} runtime threads per node; Redis: 1 replica; median of $ROUNDS"
 echo
 echo "| case | heapgrid writes/s | Redis writes/s | heapgrid / Redis | p99 µs heapgrid | Redis | primary CPU µs/write heapgrid | Redis | CPU ratio |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -57,7 +57,8 @@ enum ClusterCmd {
     Status,
     /// Makes a node a voter and records it in the map (what `serve --join` does itself).
     Add { id: u64, peer_addr: String, client_addr: String },
-    /// Takes a node out of the map and the Raft group (refused while it holds placements).
+    /// Takes a node out of the map and the Raft group, alive or dead, placing its shards
+    /// elsewhere first (its primaries moved, new replicas caught up).
     Remove { id: u64 },
     /// This node's copy of a shard of a replicated table: position, keys, digest.
     Digest { table: String, shard: u32 },

@@ -19,7 +19,8 @@ pub enum ClusterOp {
     /// Makes a node a voter of the group and records it in the map (what `--join` does
     /// itself; for a node whose own join could not reach a seed).
     Add(Member),
-    /// Takes a node out of the map and the group; refused while it holds shard placements.
+    /// Takes a node out of the map and the group, placing its shards elsewhere first
+    /// (`GridCore::cluster_remove`); refused when it serves the lock or queue service.
     Remove { node: NodeId },
     /// This node's copy of a replicated table's shard, summarised (equal copies have equal
     /// digests): for comparing replicas.
