@@ -238,7 +238,10 @@ impl Detector {
                     }
                 }
             }
-            let eligible = if p.sync > 0 { &p.in_sync } else { &p.replicas };
+            // Under `sync(n)`, and for a service (whose writes wait for the in-sync replicas),
+            // only an in-sync replica holds every acknowledged write.
+            let eligible =
+                if p.sync > 0 || super::map::is_service(&shard.0) { &p.in_sync } else { &p.replicas };
             // Live: heard since the primary fell silent, or (an unleased primary, still heard)
             // within the detection time.
             let since = if silent { heard } else { now_ms.saturating_sub(t.detect_ms) };

@@ -74,11 +74,13 @@ enum Role<B> {
 pub struct PrimaryTuning {
     pub retain_max: usize,
     pub batch_max: usize,
+    /// `Primary::acks_in_sync`.
+    pub acks_in_sync: bool,
 }
 
 impl Default for PrimaryTuning {
     fn default() -> Self {
-        PrimaryTuning { retain_max: 100_000, batch_max: 256 }
+        PrimaryTuning { retain_max: 100_000, batch_max: 256, acks_in_sync: false }
     }
 }
 
@@ -133,6 +135,7 @@ impl<B: Clone> Endpoint<B> {
             Primary::new(map.epoch, log.last(), log.history().clone(), log.records(), &map.replicas, now_ms);
         p.retain_max = self.tuning.retain_max;
         p.batch_max = self.tuning.batch_max;
+        p.acks_in_sync = self.tuning.acks_in_sync;
         p.set_in_sync(&map.in_sync);
         p.min_in_sync = map.sync as usize;
         self.role = Role::Primary(Box::new(p));
@@ -189,6 +192,12 @@ impl<B: Clone> Endpoint<B> {
         let lsn = record.lsn;
         log.append(record)?;
         Ok(Ok((lsn, epoch)))
+    }
+
+    /// Whether the last write (as primary) waits for replicas: its token comes back in an
+    /// `Effect::Done`.
+    pub fn last_waits(&self) -> bool {
+        matches!(&self.role, Role::Primary(p) if p.last_waits())
     }
 
     /// Whether a write may be made now (as primary, under a lease): checked before a storage

@@ -101,6 +101,10 @@ pub struct Primary<B> {
     /// could be known to hold every completed write, and a failover would have no candidate.
     /// A laggard that cannot leave holds writes up until it acks or they end `Indeterminate`.
     pub min_in_sync: usize,
+    /// Every write, whatever its `n`, waits for every in-sync replica (Kafka's `acks=all` with
+    /// `min.insync.replicas=1`): a write is answered at once only while the in-sync set is
+    /// empty (no failover could then take the shard elsewhere). The services use it.
+    pub acks_in_sync: bool,
 }
 
 impl<B: Clone> Primary<B> {
@@ -142,6 +146,7 @@ impl<B: Clone> Primary<B> {
             lag_ms: 300,
             snapshot_retry_ms: 1_000,
             min_in_sync: 0,
+            acks_in_sync: false,
         }
     }
 
@@ -266,10 +271,15 @@ impl<B: Clone> Primary<B> {
         self.last += 1;
         self.history.note(self.epoch, self.last);
         self.log.push_back(Record { epoch: self.epoch, lsn: self.last, body });
-        if n > 0 {
+        if n > 0 || (self.acks_in_sync && !self.required().is_empty()) {
             self.waiting.push_back(Waiting { lsn: self.last, written_ms: now_ms, token, n, deadline_ms });
         }
         Ok(self.last)
+    }
+
+    /// Whether the last write waits for replicas (its token will come back in an `Outcome`).
+    pub fn last_waits(&self) -> bool {
+        self.waiting.back().is_some_and(|w| w.lsn == self.last)
     }
 
     /// This node's own op log holds every record up to `lsn` durably (they may be shipped).

@@ -143,34 +143,55 @@ pub fn digest_of(heap: &Heap, pos: Pos) -> Result<ShardDigest, GridError> {
     Ok(ShardDigest { pos, keys, digest: crc })
 }
 
-/// An answer waiting for its local release and its replicas.
+/// The answers waiting on one write's replicas.
 #[derive(Default)]
 struct Join {
-    local: Option<Option<GridError>>,
+    /// Answers held on it (`ShardRepl::hold`) and not sent yet.
+    expected: usize,
+    /// Answers released locally (each with its local error, if any), waiting for the replicas.
+    released: Vec<(Option<GridError>, Answer)>,
+    /// How the replicas ended it.
     repl: Option<Outcome>,
-    answer: Option<Answer>,
 }
 
+/// Every write waiting for its replicas, by token: an entry from `written` until its outcome
+/// is known and every answer held on it was sent.
 #[derive(Default)]
 struct Joins {
     waiting: HashMap<u64, Join>,
 }
 
 impl Joins {
+    /// Whether `token`'s replicas have not answered yet.
+    fn pending(&self, token: u64) -> bool {
+        self.waiting.get(&token).is_some_and(|j| j.repl.is_none())
+    }
+
+    /// Sends what can be sent: a local failure at once; the others once the replicas answered.
     fn settle(&mut self, token: u64) {
         let Some(j) = self.waiting.get_mut(&token) else { return };
-        let err = match (&j.local, &j.repl) {
-            (Some(Some(e)), _) => Some(e.clone()),
-            (Some(None), Some(Outcome::Replicated)) => None,
-            (Some(None), Some(Outcome::Indeterminate)) => Some(GridError::Indeterminate(format!(
+        let mut i = 0;
+        while i < j.released.len() {
+            if j.released[i].0.is_some() {
+                let (e, answer) = j.released.swap_remove(i);
+                answer(e.as_ref());
+                j.expected -= 1;
+            } else {
+                i += 1;
+            }
+        }
+        let Some(outcome) = &j.repl else { return };
+        let err = match outcome {
+            Outcome::Replicated => None,
+            Outcome::Indeterminate => Some(GridError::Indeterminate(format!(
                 "the write was applied by the primary, but its replicas did not ack it within {SYNC_DEADLINE_MS} ms"
             ))),
-            _ => return,
         };
-        if let Some(answer) = j.answer.take() {
+        for (_, answer) in j.released.drain(..) {
             answer(err.as_ref());
+            j.expected -= 1;
         }
-        if j.repl.is_some() {
+        if j.expected == 0 {
             self.waiting.remove(&token);
         }
     }
@@ -186,6 +207,8 @@ pub struct ShardRepl {
     fsync: FsyncPolicy,
     sync_n: usize,
     next_token: u64,
+    /// The token of the last write that waits for replicas (`written_or_pending`).
+    last_token: Option<u64>,
     joins: Arc<Mutex<Joins>>,
     last_status_ms: u64,
     /// The time `admit` checked the lease at: `written` uses the same.
@@ -215,6 +238,9 @@ impl ShardRepl {
         let epoch = st.last_epoch();
         let mut ep = Endpoint::new(net.me, &HeapLog::lend(heap, &mut st), epoch);
         ep.tuning.retain_max = net.retain_records.max(1);
+        // A service's every write waits for its in-sync replicas (a lock grant or a delivery
+        // acknowledged is never lost in a failover), and is answered at once while it has none.
+        ep.tuning.acks_in_sync = crate::cluster::map::is_service(table);
         st.tail_max = net.retain_records.max(1);
         // A replica until the map says otherwise: the heap's tap stays off (`stepped`).
         heap.set_tap(false);
@@ -237,6 +263,7 @@ impl ShardRepl {
             fsync,
             sync_n: 0,
             next_token: 1,
+            last_token: None,
             joins: Arc::default(),
             last_status_ms: 0,
             admitted_ms: 0,
@@ -310,25 +337,49 @@ impl ShardRepl {
                     )));
                 }
             }
-            if n > 0 {
+            if n > 0 || self.ep.last_waits() {
+                self.joins.lock().unwrap_or_else(|e| e.into_inner()).waiting.entry(t).or_default();
+                self.last_token = Some(t);
                 token = Some(t);
             }
         }
         Ok(token)
     }
 
-    /// `d`, answered only once its replicas acked `token` too.
+    /// `written`, or else the token of the last write still waiting for its replicas: an
+    /// answer that depends on everything written before it (a service's: a grant handed over
+    /// by a release written a moment ago) waits for that too.
+    pub fn written_or_pending(&mut self, heap: &mut Heap) -> Result<Option<u64>, GridError> {
+        if let Some(t) = self.written(heap)? {
+            return Ok(Some(t));
+        }
+        let js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.last_token.filter(|t| js.pending(*t)))
+    }
+
+    /// `d`, answered only once its replicas acked `token` too (a token `written` returned).
     pub fn hold(&self, token: u64, d: Deferred) -> Deferred {
+        {
+            let mut js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
+            match js.waiting.get_mut(&token) {
+                Some(j) => j.expected += 1,
+                // Not a token `written` returned, or one long settled: nothing to wait for.
+                None => return d,
+            }
+        }
         let joins = self.joins.clone();
         let answer = d.answer;
         Deferred {
             lsn: d.lsn,
             answer: Box::new(move |err| {
                 let mut js = joins.lock().unwrap_or_else(|e| e.into_inner());
-                let j = js.waiting.entry(token).or_default();
-                j.local = Some(err.cloned());
-                j.answer = Some(answer);
-                js.settle(token);
+                match js.waiting.get_mut(&token) {
+                    Some(j) => {
+                        j.released.push((err.cloned(), answer));
+                        js.settle(token);
+                    }
+                    None => answer(err),
+                }
             }),
         }
     }
@@ -447,7 +498,9 @@ impl ShardRepl {
             let mut js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
             let tokens: Vec<u64> = js.waiting.keys().copied().collect();
             for t in tokens {
-                if let Some(j) = js.waiting.get_mut(&t) {
+                if let Some(j) = js.waiting.get_mut(&t)
+                    && j.repl.is_none()
+                {
                     j.repl = Some(Outcome::Indeterminate);
                 }
                 js.settle(t);
@@ -462,8 +515,10 @@ impl ShardRepl {
                 Effect::ToPrimary(to, m) => self.net.send(to, &self.table, self.shard, ReplWire::Prim(m)),
                 Effect::Done((token, outcome)) => {
                     let mut js = self.joins.lock().unwrap_or_else(|e| e.into_inner());
-                    js.waiting.entry(token).or_default().repl = Some(outcome);
-                    js.settle(token);
+                    if let Some(j) = js.waiting.get_mut(&token) {
+                        j.repl = Some(outcome);
+                        js.settle(token);
+                    }
                 }
                 Effect::ProposeInSync { epoch, in_sync } => {
                     let shard = (self.table.clone(), self.shard);
@@ -486,27 +541,59 @@ mod tests {
         Box::new(move |e: Option<&GridError>| seen.lock().unwrap().push(e.map(|e| e.to_string())))
     }
 
+    /// A join as `written` opens it and `hold` registers `answers` answers on it.
+    fn held(js: &mut Joins, token: u64, answers: usize) {
+        js.waiting.entry(token).or_default().expected += answers;
+    }
+
+    fn release(js: &mut Joins, token: u64, err: Option<GridError>, a: Answer) {
+        js.waiting.get_mut(&token).unwrap().released.push((err, a));
+        js.settle(token);
+    }
+
     #[test]
     fn an_answer_waits_for_both_its_release_and_its_replicas_in_either_order() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut js = Joins::default();
         // Released first, then replicated.
-        js.waiting.insert(1, Join { local: Some(None), repl: None, answer: Some(answer(&seen)) });
-        js.settle(1);
+        held(&mut js, 1, 1);
+        release(&mut js, 1, None, answer(&seen));
         assert!(seen.lock().unwrap().is_empty(), "answered before its replicas acked");
+        assert!(js.pending(1));
         js.waiting.get_mut(&1).unwrap().repl = Some(Outcome::Replicated);
         js.settle(1);
         assert_eq!(*seen.lock().unwrap(), vec![None]);
         assert!(js.waiting.is_empty());
-        // Replicated first (the entry comes from `Done`), then released.
-        js.waiting.insert(2, Join { repl: Some(Outcome::Replicated), ..Join::default() });
+        // Replicated first, then released: answered at its release.
+        held(&mut js, 2, 1);
+        js.waiting.get_mut(&2).unwrap().repl = Some(Outcome::Replicated);
         js.settle(2);
+        assert!(!js.pending(2));
         assert_eq!(seen.lock().unwrap().len(), 1);
-        let j = js.waiting.get_mut(&2).unwrap();
-        j.local = Some(None);
-        j.answer = Some(answer(&seen));
-        js.settle(2);
+        release(&mut js, 2, None, answer(&seen));
         assert_eq!(seen.lock().unwrap().len(), 2);
+        assert!(js.waiting.is_empty());
+    }
+
+    #[test]
+    fn several_answers_on_one_write_each_wait_and_the_entry_goes_with_the_last() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut js = Joins::default();
+        // A release and the grant it handed over, both on one record.
+        held(&mut js, 7, 2);
+        release(&mut js, 7, None, answer(&seen));
+        js.waiting.get_mut(&7).unwrap().repl = Some(Outcome::Replicated);
+        js.settle(7);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert!(js.waiting.contains_key(&7), "the second answer would find nothing to wait on");
+        release(&mut js, 7, None, answer(&seen));
+        assert_eq!(*seen.lock().unwrap(), vec![None, None]);
+        assert!(js.waiting.is_empty());
+        // A write no answer holds on (a timer's): its outcome just clears it.
+        held(&mut js, 8, 0);
+        assert!(js.pending(8));
+        js.waiting.get_mut(&8).unwrap().repl = Some(Outcome::Indeterminate);
+        js.settle(8);
         assert!(js.waiting.is_empty());
     }
 
@@ -514,9 +601,8 @@ mod tests {
     fn a_local_failure_answers_at_once_and_a_late_outcome_only_clears_the_entry() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut js = Joins::default();
-        let failed = Some(GridError::Unavailable("heap failed".into()));
-        js.waiting.insert(1, Join { local: Some(failed), repl: None, answer: Some(answer(&seen)) });
-        js.settle(1);
+        held(&mut js, 1, 1);
+        release(&mut js, 1, Some(GridError::Unavailable("heap failed".into())), answer(&seen));
         assert_eq!(seen.lock().unwrap().len(), 1);
         assert!(seen.lock().unwrap()[0].as_deref().unwrap().contains("heap failed"));
         // The replicas' outcome arrives later: nothing is answered twice, the entry goes.
@@ -525,12 +611,11 @@ mod tests {
         assert_eq!(seen.lock().unwrap().len(), 1);
         assert!(js.waiting.is_empty());
         // Indeterminate: released locally, not acked in time.
-        js.waiting.insert(
-            2,
-            Join { local: Some(None), repl: Some(Outcome::Indeterminate), answer: Some(answer(&seen)) },
-        );
-        js.settle(2);
+        held(&mut js, 2, 1);
+        js.waiting.get_mut(&2).unwrap().repl = Some(Outcome::Indeterminate);
+        release(&mut js, 2, None, answer(&seen));
         assert!(seen.lock().unwrap()[1].as_deref().unwrap().starts_with("indeterminate"));
+        assert!(js.waiting.is_empty());
     }
 
     #[test]

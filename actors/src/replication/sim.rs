@@ -55,8 +55,15 @@ impl Rng {
 
 type Map = Placement;
 
+/// The shard simulated: a table's, or a service's (`$`: its failovers go to in-sync replicas
+/// only, as its writes wait for them, `acks_in_sync`).
 fn shard() -> ShardId {
-    ("t".to_string(), 0)
+    let service = SERVICE.with(|s| s.get());
+    (if service { "$t" } else { "t" }.to_string(), 0)
+}
+
+thread_local! {
+    static SERVICE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 enum Net {
@@ -171,6 +178,8 @@ struct Sim {
     map: Map,
     /// Replicas a write waits for.
     sync_n: usize,
+    /// Every write waits for the in-sync replicas (`Primary::acks_in_sync`, the services').
+    acks_in_sync: bool,
     next_token: u64,
     /// Writes the primary answered as durable (`Replicated`, or accepted under `async`).
     acked: BTreeMap<u64, u64>,
@@ -183,7 +192,8 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64, sync_n: usize) -> Sim {
+    fn new(seed: u64, sync_n: usize, acks_in_sync: bool) -> Sim {
+        SERVICE.with(|s| s.set(acks_in_sync));
         let mut cluster = ClusterMap::default();
         for id in 1..=NODES {
             let m = Member { id, addr: format!("n{id}"), peer_addr: format!("n{id}:peer") };
@@ -202,7 +212,7 @@ impl Sim {
             .map(|id| {
                 let log = SimLog::default();
                 let mut ep = Endpoint::new(id, &log, 0);
-                ep.tuning = PrimaryTuning { retain_max: 40, batch_max: 16 };
+                ep.tuning = PrimaryTuning { retain_max: 40, batch_max: 16, acks_in_sync };
                 Node { up: true, paused_until: 0, ep, log, last_status_ms: 0 }
             })
             .collect();
@@ -219,6 +229,7 @@ impl Sim {
             detector: Detector::new(timing),
             map,
             sync_n,
+            acks_in_sync,
             next_token: 1,
             acked: BTreeMap::new(),
             accepted: Vec::new(),
@@ -390,8 +401,10 @@ impl Sim {
                 };
                 // The node's log is synced at once (`always`): the record may ship.
                 n.ep.synced::<SimLog>(lsn, None);
+                let waits = n.ep.last_waits();
                 self.accepted.push((now, epoch));
-                if sync_n == 0 {
+                // Answered at once unless it waits (`sync(n)`, or in-sync replicas to hold it).
+                if !waits {
                     self.acked.insert(token, token);
                 }
             }
@@ -484,7 +497,7 @@ impl Sim {
         }
         let primary = &self.nodes[(self.map.primary - 1) as usize];
         let state = primary.log.snapshot().expect("in memory");
-        if self.sync_n > 0 {
+        if self.sync_n > 0 || self.acks_in_sync {
             for (k, v) in &self.acked {
                 assert_eq!(
                     state.get(k),
@@ -523,9 +536,9 @@ fn seeds(default: &[u64]) -> Vec<u64> {
 }
 
 /// Runs a simulation: `faulty_ms` of faults, then a healed network until everything settles.
-fn simulate(seed: u64, sync_n: usize, faulty_ms: u64) -> Sim {
+fn simulate(seed: u64, sync_n: usize, acks_in_sync: bool, faulty_ms: u64) -> Sim {
     eprintln!("replication sim seed {seed} (set HEAPGRID_SIM_SEED to replay)");
-    let mut sim = Sim::new(seed, sync_n);
+    let mut sim = Sim::new(seed, sync_n, acks_in_sync);
     sim.schedule_faults(1_000, faulty_ms);
     sim.run(faulty_ms);
     // Heal: no drops, every node up and resumed; the client stops so logs can settle.
@@ -547,7 +560,7 @@ fn simulate(seed: u64, sync_n: usize, faulty_ms: u64) -> Sim {
 #[test]
 fn sync_one_loses_no_acked_write_through_crashes_pauses_and_drops() {
     for seed in seeds(&[1, 2, 3, 4, 5, 6, 7, 8]) {
-        let sim = simulate(seed, 1, 30_000);
+        let sim = simulate(seed, 1, false, 30_000);
         eprintln!(
             "seed {seed}: sync(1): {} writes acked, {} indeterminate, {} failovers",
             sim.acked.len(),
@@ -563,7 +576,7 @@ fn sync_one_loses_no_acked_write_through_crashes_pauses_and_drops() {
 #[test]
 fn async_replication_converges_and_reports_its_loss() {
     for seed in seeds(&[11, 12]) {
-        let sim = simulate(seed, 0, 20_000);
+        let sim = simulate(seed, 0, false, 20_000);
         // Converged, and no two epochs wrote at once; accepted writes may be lost: reported.
         let state = sim.nodes[(sim.map.primary - 1) as usize].log.snapshot().expect("in memory");
         let lost = sim.acked.keys().filter(|k| !state.contains_key(k)).count();
@@ -573,5 +586,20 @@ fn async_replication_converges_and_reports_its_loss() {
             sim.failovers
         );
         sim.check();
+    }
+}
+
+#[test]
+fn acks_in_sync_loses_no_acked_write_and_keeps_answering_when_replicas_fall_out() {
+    for seed in seeds(&[21, 22, 23, 24]) {
+        let sim = simulate(seed, 0, true, 30_000);
+        eprintln!(
+            "seed {seed}: acks_in_sync: {} writes acked, {} indeterminate, {} failovers",
+            sim.acked.len(),
+            sim.indeterminate,
+            sim.failovers
+        );
+        sim.check();
+        assert!(sim.acked.len() > 1_000, "seed {seed}: only {} writes acked", sim.acked.len());
     }
 }

@@ -230,7 +230,7 @@ mod heap_log {
         let heap = Heap::open(&path, HeapOptions::default()).unwrap();
         let log = HeapLog::open(heap, &path).unwrap();
         let mut ep = Endpoint::new(id, &log, 1);
-        ep.tuning = PrimaryTuning { retain_max: 20, batch_max: 8 };
+        ep.tuning = PrimaryTuning { retain_max: 20, batch_max: 8, acks_in_sync: false };
         N { ep, log }
     }
 
