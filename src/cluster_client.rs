@@ -135,8 +135,8 @@ impl ClusterClient {
     }
 
     /// A connection to the node that serves the cluster's locks (`Client::session`, fenced
-    /// writes): one node serves them for every client (they are not replicated yet). The map
-    /// is refreshed if it does not place the service yet.
+    /// writes): one node, the service's primary, serves them for every client; its replicas
+    /// take over if it fails (call this again then: the map is refreshed first).
     pub async fn locks(&self) -> Result<Client, GridError> {
         self.service(heapgrid_actors::cluster::map::LOCKS_SERVICE).await
     }
@@ -148,6 +148,8 @@ impl ClusterClient {
 
     async fn service(&self, name: &str) -> Result<Client, GridError> {
         let until = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        // A service fails over like a shard: ask for the map's placement of it now.
+        let _ = self.refresh().await;
         loop {
             let addr = {
                 let map = self.inner.map.lock().unwrap_or_else(|e| e.into_inner());

@@ -1075,7 +1075,13 @@ impl<'c> Round<'c> {
                                 ClusterResult::Changed { version: grid.cluster_remove(n).await? }
                             }
                             ClusterOp::Digest { table, shard } => {
-                                ClusterResult::Digest(grid.table(&table)?.digest(shard).await?)
+                                use heapgrid_actors::cluster::map::{LOCKS_SERVICE, QUEUES_SERVICE};
+                                let d = match table.as_str() {
+                                    LOCKS_SERVICE => grid.locks().digest().await?,
+                                    QUEUES_SERVICE => grid.queues().digest().await?,
+                                    _ => grid.table(&table)?.digest(shard).await?,
+                                };
+                                ClusterResult::Digest(d)
                             }
                             ClusterOp::Move { table, shard, node: to } => ClusterResult::Changed {
                                 version: grid.cluster_move(&table, shard, to).await?,

@@ -116,6 +116,9 @@ enum RootMsg {
     StopTable(String, RpcReplyPort<Result<(), GridError>>),
     StartFeed(FeedDef, Arc<ShardSlot<FeedMsg>>, RpcReplyPort<Result<(), GridError>>),
     StopFeed(String, RpcReplyPort<Result<(), GridError>>),
+    /// Stops and starts the lock and the queue service (joining a cluster: they reopen as its
+    /// replicated copies).
+    RestartServices(RpcReplyPort<Result<(), GridError>>),
     Shutdown(RpcReplyPort<Result<(), GridError>>),
 }
 
@@ -225,6 +228,7 @@ impl RootSupervisor {
                 let queues = st.args.queues.clone();
                 Arc::new(move |s| queues.session_ended(s))
             },
+            cluster: st.args.cluster.clone(),
         };
         let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.locks.slot().clone() };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
@@ -238,6 +242,7 @@ impl RootSupervisor {
             dir: st.args.dir.clone(),
             heap: HeapOptions { fsync: st.args.opts.fsync, ..HeapOptions::default() },
             fences: st.args.locks.fences.clone(),
+            cluster: st.args.cluster.clone(),
         };
         let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.queues.slot().clone() };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
@@ -312,6 +317,18 @@ impl Actor for RootSupervisor {
             }
             RootMsg::StopFeed(name, reply) => {
                 let r = Self::stop_feed(st, &name).await;
+                let _ = reply.send(r);
+            }
+            RootMsg::RestartServices(reply) => {
+                let mut r = Self::stop_queues(st).await.and(Self::stop_locks(st).await);
+                if r.is_ok() {
+                    let started = match Self::start_locks(&myself, st).await {
+                        Ok(()) => Self::start_queues(&myself, st).await,
+                        e => e,
+                    };
+                    r = started
+                        .map_err(|e| GridError::Unavailable(format!("could not restart the services: {e}")));
+                }
                 let _ = reply.send(r);
             }
             RootMsg::Shutdown(reply) => {
@@ -1431,6 +1448,12 @@ impl GridCore {
         });
         let _ = self.cluster_defaults.set((opts.replicas, opts.sync));
         self.repl_net.set(net.clone()).map_err(|_| taken())?;
+        // The lock and queue services reopen as the cluster's replicated copies (another heap
+        // each: what this node did alone is not the cluster's history).
+        match self.root.call(RootMsg::RestartServices, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => return Err(GridError::Closed),
+        }
         let rpc = Arc::new(crate::cluster::shard_rpc::ShardRpc::new(net.clone()));
         self.remote.set(rpc.clone()).map_err(|_| taken())?;
         self.cluster.set(node.clone()).map_err(|_| taken())?;
@@ -1522,13 +1545,6 @@ impl GridCore {
         };
         for (id, p) in holding(c) {
             let (table, shard) = (&id.0, id.1);
-            if crate::cluster::map::is_service(table) && p.primary == node {
-                return Err(GridError::Invalid(format!(
-                    "node {node} serves the cluster's {} service, which is not replicated yet: \
-                     removing it would lose its state (docs/cluster.md)",
-                    table.trim_start_matches('$')
-                )));
-            }
             if p.primary == node {
                 let Some(&to) = p.in_sync.first() else {
                     return Err(GridError::Invalid(format!(
@@ -1570,13 +1586,33 @@ impl GridCore {
             }
             c.admin(Admin::Propose(MapCmd::RemoveReplica { shard: id.clone(), node })).await?;
         }
-        Ok(c.admin(Admin::Remove(node)).await?.version)
+        // The leader gives the services replicas on members short of them: it may have made
+        // `node` one again meanwhile. It leaves those again, then the cluster.
+        let mut tries = 0;
+        loop {
+            let again: Vec<(String, u32)> = holding(c)
+                .into_iter()
+                .filter(|(id, p)| crate::cluster::map::is_service(&id.0) && p.primary != node)
+                .map(|(id, _)| id)
+                .collect();
+            for id in again {
+                c.admin(Admin::Propose(MapCmd::RemoveReplica { shard: id, node })).await?;
+            }
+            match c.admin(Admin::Remove(node)).await {
+                Ok(r) => return Ok(r.version),
+                Err(e) if tries < 5 && !holding(c).is_empty() => {
+                    tries += 1;
+                    tracing::debug!(node, "removing a node: it holds a service replica again ({e})");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `Ok` if this node serves `service` (`cluster::map::LOCKS_SERVICE` or `QUEUES_SERVICE`):
-    /// always on a node on its own; in a cluster only on the node the map places it on (it is
-    /// not replicated yet, so one node serves it for every client), else `NotPrimary` naming
-    /// that node.
+    /// always on a node on its own; in a cluster only on the node the map places its primary
+    /// on (one node serves it for every client; its replicas take over on failure), else
+    /// `NotPrimary` naming that node.
     pub fn service_here(&self, service: &str) -> Result<(), GridError> {
         let Some(net) = self.repl_net.get() else { return Ok(()) };
         let map = net.map.borrow();

@@ -942,10 +942,9 @@ async fn removing_a_dead_node_re_replicates_its_shards() {
     }
 }
 
-/// The lock and queue services are placed on one node of the cluster (they are not replicated
-/// yet): every client reaches the same locks and queues through it; another node refuses them
-/// with `NotPrimary` naming that node (a grid-scoped snippet there that uses a queue too), and
-/// `cluster remove` of that node is refused rather than losing their state.
+/// The lock and queue services are placed on one node of the cluster (their primary): every
+/// client reaches the same locks and queues through it; another node refuses them with
+/// `NotPrimary` naming that node (a grid-scoped snippet there that uses a queue too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_serves_the_cluster_s_locks_and_queues() {
     let root = tempfile::tempdir().unwrap();
@@ -977,18 +976,112 @@ async fn one_node_serves_the_cluster_s_locks_and_queues() {
     assert!(matches!(e, GridError::NotPrimary { primary: Some(p), .. } if p == q_home), "{e:?}");
     let e = c.eval("q = queue('jobs')\nq.len()").await.unwrap_err();
     assert!(matches!(e, GridError::NotPrimary { primary: Some(p), .. } if p == q_home), "{e:?}");
-    // Removing the node that serves them would lose their state: refused.
-    let out = Command::new(env!("CARGO_BIN_EXE_heapgrid"))
-        .args(["cluster", "--addr", &home_addr.to_string(), "remove", &home.to_string()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+}
+
+/// Until every service has its replicas in sync (the leader adds them as members join).
+async fn services_replicated(cc: &heapgrid::ClusterClient, replicas: usize) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let _ = cc.refresh().await;
+        let map = cc.map();
+        let ok = ["$locks", "$queues"]
+            .iter()
+            .all(|s| map.placement(&(s.to_string(), 0)).is_some_and(|p| p.in_sync.len() == replicas));
+        if ok {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < until, "services not replicated: {map:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The lock and queue services are replicated: `kill -9` of the node serving them, and a
+/// replica takes over with their state. A lock held stays held (by its recorded session, for
+/// one ttl from the takeover; its holder can reattach); the next grant's fence is above every
+/// earlier one and above the new epoch's floor; a queue's items are all there, the one in
+/// flight ready again with its delivery counted, and its old receipt stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_and_queue_services_fail_over_with_their_state() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, cc) = cluster_of_three(root.path(), &[]).await;
+    services_replicated(&cc, 2).await;
+    let map = cc.map();
+    let home = map.placement(&("$locks".to_string(), 0)).unwrap().primary;
+    let locks = cc.locks().await.unwrap();
+    let mine = locks.session(Some(Duration::from_secs(2))).await.unwrap();
+    let held = mine.lock("job").try_acquire().await.unwrap().expect("a free lock");
+    let first_fence = held.fence();
+    let (id, secret) = (mine.id(), mine.secret());
+    let queues = cc.queues().await.unwrap();
+    let q = queues.queue("jobs");
+    for i in 1..=3u64 {
+        q.push(&i).await.unwrap();
+    }
+    let receipt = q.pop(Duration::ZERO).await.unwrap().expect("an item").receipt;
+    std::mem::forget(held);
+    mine.abandon();
+    // The services' node dies (the queues' too, if elsewhere: the same node at formation).
+    let q_home = map.placement(&("$queues".to_string(), 0)).unwrap().primary;
+    let i = nodes.iter().position(|n| n.id == home).unwrap();
+    let _gone = nodes.remove(i).kill9();
+    if q_home != home {
+        let i = nodes.iter().position(|n| n.id == q_home).unwrap();
+        let _gone_too = nodes.remove(i).kill9();
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (locks, queues) = loop {
+        let _ = cc.refresh().await;
+        let m = cc.map();
+        let moved =
+            ["$locks", "$queues"].iter().all(|s| m.placement(&(s.to_string(), 0)).unwrap().primary != home);
+        if moved && let (Ok(l), Ok(q)) = (cc.locks().await, cc.queues().await) {
+            // Served once the new primary holds its lease.
+            if l.session(None).await.is_ok() && q.queue("jobs").len().await.is_ok() {
+                break (l, q);
+            }
+        }
+        assert!(tokio::time::Instant::now() < until, "the services did not fail over: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The lock is still held by the recorded session, which can reattach.
+    let theirs = locks.session(None).await.unwrap();
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not replicated"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        theirs.lock("job").try_acquire().await.unwrap().is_none(),
+        "a held lock was freed by the failover"
     );
-    assert!(cc.map().member(home).is_some());
+    let back = locks.reattach(id, secret).await.unwrap();
+    back.close().await.unwrap();
+    let next =
+        theirs.lock("job").acquire(Duration::from_secs(10)).await.unwrap().expect("freed by the close");
+    assert!(next.fence() > first_fence, "fence {} after {first_fence}", next.fence());
+    let epoch = cc.map().placement(&("$locks".to_string(), 0)).unwrap().epoch;
+    eprintln!("fences {first_fence} then {} (epoch {epoch}); the services left node {home}", next.fence());
+    assert!(next.fence() > epoch << 40, "fence {} below epoch {epoch}'s floor", next.fence());
+    // Every item is there; the one in flight is ready again, counted, and its receipt stale.
+    let q = queues.queue("jobs");
+    assert_eq!(q.len().await.unwrap().ready, 3);
+    let e = q.ack(receipt).await.unwrap_err();
+    assert!(matches!(e, GridError::StaleReceipt { .. }), "{e:?}");
+    let again = q.pop_with(heapgrid::queue::Pop { n: 3, ..Default::default() }).await.unwrap();
+    assert_eq!(again.len(), 3);
+    assert_eq!(
+        again.iter().map(|d| d.deliveries).max(),
+        Some(2),
+        "the delivery before the failover was not counted"
+    );
+    // The two copies left of each service are equal.
+    let live: Vec<&Node> = nodes.iter().collect();
+    for svc in ["$locks", "$queues"] {
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let d = digests(&live, svc).await;
+            if d.iter().all(Option::is_some) && d.windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < until, "{svc}: copies differ: {d:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// `read_from = replica`: a client that allows it is answered by an in-sync replica's own

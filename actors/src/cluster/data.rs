@@ -21,12 +21,16 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::detector::{Detector, Report, Timing};
-use super::map::{MapCmd, SERVICES, ShardId, is_service, service_spec};
+use super::map::{
+    LOCKS_SERVICE, MapCmd, QUEUES_SERVICE, SERVICE_REPLICAS, SERVICES, ShardId, is_service, service_spec,
+};
 use super::raft::{Admin, ControlNode};
 use super::shard_rpc::{SHARD_FRAME, ShardRpc};
 use super::transport::Inbox;
 use crate::error::GridError;
 use crate::grid::GridCore;
+use crate::lock::actor::LockMsg;
+use crate::queue::actor::QueueMsg;
 use crate::replication::NodeId;
 use crate::replication::shard::{REPL_FRAME, ReplFrame, ReplNet, ReplWire};
 use crate::table::actor::ShardMsg;
@@ -131,8 +135,40 @@ impl DataPlane {
 /// Planned switches queued for the detector.
 const SWITCHES_MAX: usize = 64;
 
-/// The shard actor of `table`'s shard `shard` here, if it runs.
-fn deliver(grid: &GridCore, table: &str, shard: u32, msg: ShardMsg) {
+/// What the data plane hands a shard actor (a table's, or a service's).
+enum Delivery {
+    Placement(super::map::Placement),
+    Repl(NodeId, ReplWire),
+}
+
+/// The actor of `table`'s shard `shard` here (a table shard, or the lock or queue service), if
+/// it runs.
+fn deliver(grid: &GridCore, table: &str, shard: u32, d: Delivery) {
+    match table {
+        LOCKS_SERVICE => {
+            if let SlotState::Running(a) = grid.locks().slot().get() {
+                let _ = a.cast(match d {
+                    Delivery::Placement(p) => LockMsg::Placement(p),
+                    Delivery::Repl(from, w) => LockMsg::Repl(from, w),
+                });
+            }
+            return;
+        }
+        QUEUES_SERVICE => {
+            if let SlotState::Running(a) = grid.queues().slot().get() {
+                let _ = a.cast(match d {
+                    Delivery::Placement(p) => QueueMsg::Placement(p),
+                    Delivery::Repl(from, w) => QueueMsg::Repl(from, w),
+                });
+            }
+            return;
+        }
+        _ => {}
+    }
+    let msg = match d {
+        Delivery::Placement(p) => ShardMsg::Placement(p),
+        Delivery::Repl(from, w) => ShardMsg::Repl(from, w),
+    };
     let Ok(rt) = grid.table(table) else { return };
     if let Some(slot) = rt.slots().get(shard as usize)
         && let SlotState::Running(a) = slot.get()
@@ -165,7 +201,7 @@ async fn route(
             continue;
         }
         let Some(grid) = grid.upgrade() else { return };
-        deliver(&grid, &frame.table, frame.shard, ShardMsg::Repl(from, frame.wire));
+        deliver(&grid, &frame.table, frame.shard, Delivery::Repl(from, frame.wire));
     }
 }
 
@@ -210,7 +246,7 @@ async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
         }
         known = names;
         for ((table, shard), p) in placements {
-            deliver(&g, &table, shard, ShardMsg::Placement(p));
+            deliver(&g, &table, shard, Delivery::Placement(p));
         }
         drop(g);
         tokio::select! {
@@ -329,18 +365,24 @@ async fn detect(
                 }
                 let now = net.now_ms();
                 // Placed once this node (the leader) is a recorded member.
-                let missing: Vec<&str> = {
+                // Each service also gets replicas as members join (`SERVICE_REPLICAS`).
+                let missing: Vec<MapCmd> = {
                     let map = net.map.borrow();
                     if map.member(net.me).is_some() {
-                        SERVICES.into_iter().filter(|s| map.table(s).is_none()).collect()
+                        let mut cmds: Vec<MapCmd> = SERVICES
+                            .into_iter()
+                            .filter(|s| map.table(s).is_none())
+                            .map(|s| MapCmd::CreateTable { name: s.to_string(), spec: service_spec() })
+                            .collect();
+                        cmds.extend(service_replicas(&map));
+                        cmds
                     } else {
                         Vec::new()
                     }
                 };
                 if !missing.is_empty() && services_asked_ms.is_none_or(|at| now.saturating_sub(at) >= SERVICES_RETRY_MS) {
                     services_asked_ms = Some(now);
-                    for svc in missing {
-                        let cmd = MapCmd::CreateTable { name: svc.to_string(), spec: service_spec() };
+                    for cmd in missing {
                         let c = control.clone();
                         tokio::spawn(async move {
                             if let Err(e) = c.admin(Admin::Propose(cmd)).await {
@@ -383,6 +425,24 @@ async fn detect(
             }
         }
     }
+}
+
+/// The replicas the services lack: one `AddReplica` per service short of `SERVICE_REPLICAS`
+/// (or of every other member, in a smaller cluster), on the lowest member not holding it.
+fn service_replicas(map: &super::map::ClusterMap) -> Vec<MapCmd> {
+    let mut out = Vec::new();
+    for svc in SERVICES {
+        let shard = (svc.to_string(), 0);
+        let Some(p) = map.placement(&shard) else { continue };
+        let others = map.members().filter(|m| m.id != p.primary).count();
+        if p.replicas.len() >= SERVICE_REPLICAS.min(others) {
+            continue;
+        }
+        if let Some(m) = map.members().find(|m| m.id != p.primary && !p.replicas.contains(&m.id)) {
+            out.push(MapCmd::AddReplica { shard, node: m.id });
+        }
+    }
+    out
 }
 
 /// In-sync changes, newest per shard (a primary proposes again until its change is committed,

@@ -2,10 +2,12 @@
 //! deterministically, so every copy of the map that applied the same commands in the same order
 //! (the Raft log) is the same map; `version` counts the commands applied.
 //!
-//! The node-wide services that are not replicated yet, the lock service and the queue service,
-//! are placed like one-shard tables with no replicas under reserved names (`LOCKS_SERVICE`,
-//! `QUEUES_SERVICE`; no table name can start with `$`): their primary is the one node that
-//! serves them in the cluster, so every client sees one lock service and one set of queues.
+//! The node-wide services, the lock service and the queue service, are placed like one-shard
+//! tables under reserved names (`LOCKS_SERVICE`, `QUEUES_SERVICE`; no table name can start
+//! with `$`): their primary is the one node that serves them in the cluster, so every client
+//! sees one lock service and one set of queues. They are created with no replicas (on the
+//! cluster's first member) and the Raft leader adds replicas as members join, up to
+//! `SERVICE_REPLICAS`; their writes wait for their in-sync replicas (`replication::service`).
 //!
 //! Invariant: every placement's primary and replicas are members, all distinct; an epoch only
 //! rises; a `Failover` names the epoch it replaces, so a stale or repeated decision changes
@@ -27,12 +29,16 @@ pub const QUEUES_SERVICE: &str = "$queues";
 /// The services the map places.
 pub const SERVICES: [&str; 2] = [LOCKS_SERVICE, QUEUES_SERVICE];
 
+/// Replicas each service gets once there are members enough.
+pub const SERVICE_REPLICAS: usize = 2;
+
 /// Whether `name` in the map is a service rather than a table.
 pub fn is_service(name: &str) -> bool {
     name.starts_with('$')
 }
 
-/// The placement that creates service `name` (its node: the lowest member id).
+/// The placement that creates service `name` (its node: the lowest member id; replicas are
+/// added afterwards).
 pub fn service_spec() -> TableSpec {
     TableSpec { shards: 1, replicas: 0, sync: 0 }
 }

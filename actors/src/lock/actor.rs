@@ -35,13 +35,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::fence::{FenceCell, FenceTable};
 use super::ops::{Holder, LockOp, LockResult, LockStatus, SemStatus};
-use super::store::{Change, LockRec, LockStore, SemRec, SessionRec, fence_floor};
+use super::store::{Change, Loaded, LockRec, LockStore, SemRec, SessionRec, fence_floor};
 use super::{
     Acquired, Grant, Lock, LockError, SESSION_TTL_MS_DEFAULT, SESSION_TTL_MS_MAX, Semaphore, SessionId,
     Sessions, Waiter,
 };
 use crate::error::GridError;
-use crate::gate::{GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
+use crate::gate::{Deferred, GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
+use crate::replication::service::{ServiceRepl, answer_held};
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
@@ -74,6 +75,14 @@ pub enum LockMsg {
     Checkpoint(Option<Reply<()>>),
     CheckpointDone,
     Close(Reply<()>),
+    /// The cluster map placed the lock service (a cluster).
+    Placement(crate::cluster::map::Placement),
+    /// A replication frame from another node.
+    Repl(crate::replication::NodeId, crate::replication::shard::ReplWire),
+    /// The replication tick.
+    ReplTick,
+    /// This node's copy of the service's heap, summarised.
+    Digest(Reply<crate::replication::shard::ShardDigest>),
     #[doc(hidden)]
     InjectPanic,
 }
@@ -90,6 +99,9 @@ pub struct LockArgs {
     pub fences: Arc<FenceTable>,
     pub view: Arc<crate::gate::ReadView>,
     pub ended: SessionEnded,
+    /// The node's replication network when it is in a cluster: the service is then replicated
+    /// (`replication::service`), its heap at `path` is the cluster's copy.
+    pub cluster: Option<Arc<crate::replication::shard::ReplNet>>,
 }
 
 /// A lock in memory (held, waited for, or in its lock delay).
@@ -135,6 +147,12 @@ pub struct LockState {
     sem_holdings: HashMap<SessionId, HashSet<String>>,
     sem_recorded: HashMap<String, Vec<SessionId>>,
     ended: SessionEnded,
+    /// The service's replication, in a cluster.
+    cluster: Option<ServiceRepl>,
+    /// Memory holds the service (always on a lone node; in a cluster only on its primary).
+    loaded: bool,
+    /// Replication failed while handling a message: the actor fails after it.
+    failed: Option<String>,
 }
 
 /// A random 64-bit secret from the OS.
@@ -184,6 +202,127 @@ fn check_name(name: &str) -> Result<(), GridError> {
 impl LockState {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// `gate.answer`; in a cluster the answer also waits for the replicas of every write
+    /// before it (`replication::service`).
+    fn answer(&mut self, myself: &ActorRef<LockMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+        let repl = self.cluster.as_mut().and_then(|c| c.repl());
+        let r = answer_held(repl, &mut self.gate, myself, wrote, true, || "the lock service".into(), d);
+        if let Err(e) = r {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    /// Memory from what the heap holds (`loaded`), as after a restart: held locks and
+    /// semaphores with permits out come in, with their recorded holders' sessions alive for
+    /// one ttl from now; the others live as records.
+    fn restore(&mut self, loaded: Loaded) {
+        let now = self.now_ms();
+        self.epoch = loaded.epoch;
+        self.sessions = Sessions::restore(
+            loaded.last_session,
+            loaded.sessions.iter().map(|(id, r)| (*id, r.secret, r.ttl_ms)),
+            now,
+        );
+        // The previous life's grants are void unless recorded: republish from the records.
+        self.fences.reset();
+        for (name, rec) in loaded.locks {
+            let Some((session, fence)) = rec.holder.filter(|(s, _)| self.sessions.alive(*s, now)) else {
+                continue;
+            };
+            let cell = self.fences.cell(&name);
+            cell.publish(fence, true);
+            let mut lock =
+                Lock::restore(rec.last_fence.max(fence_floor(loaded.epoch)), Some((session, fence)));
+            lock.reentry_max = rec.reentry_max;
+            lock.lock_delay_ms = rec.lock_delay_ms;
+            self.holdings.entry(session).or_default().insert(name.clone());
+            self.locks.insert(name, Active { lock, cell, recorded: Some(session), timer: None });
+        }
+        for (name, r) in loaded.sems {
+            let s = Semaphore::restore(r.size, r.held.into_iter().filter(|h| self.sessions.alive(h.0, now)));
+            if s.is_idle() {
+                continue;
+            }
+            let held: Vec<SessionId> = s.holders().into_iter().map(|h| h.0).collect();
+            for session in &held {
+                self.sem_holdings.entry(*session).or_default().insert(name.clone());
+            }
+            self.sem_recorded.insert(name.clone(), held);
+            self.sems.insert(name, s);
+        }
+        self.loaded = true;
+    }
+
+    /// Memory emptied (this node is no longer the service's primary): waiters are answered
+    /// `NotPrimary` (nothing was granted to them), fences published here are withdrawn.
+    fn drop_memory(&mut self, why: &GridError) {
+        for (_, p) in self.pending.drain() {
+            if let Some(t) = p.timer {
+                t.abort();
+            }
+            let _ = p.port.send(Err(why.clone()));
+        }
+        self.sessions = Sessions::restore(0, std::iter::empty(), 0);
+        self.locks.clear();
+        self.sems.clear();
+        self.timers.clear();
+        self.holdings.clear();
+        self.sem_holdings.clear();
+        self.sem_recorded.clear();
+        self.fences.reset();
+        self.loaded = false;
+    }
+
+    /// In a cluster: starts replicating once the map places the service.
+    fn replicate(&mut self, myself: &ActorRef<LockMsg>) -> Result<(), GridError> {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        let me = myself.clone();
+        c.ensure(self.gate.shard.as_mut(), move || me.cast(LockMsg::ReplTick).is_ok())
+    }
+
+    /// Whether the service runs here now: a lone node, or the cluster's leased primary.
+    fn serving_now(&mut self) -> bool {
+        self.loaded && self.cluster.as_mut().is_none_or(|c| c.admit().is_ok())
+    }
+
+    /// After each message: a failure of replication fails the actor; what was written is
+    /// recorded for shipping (a timer's writes too) and shipped once the op log has it.
+    fn after(&mut self) -> Result<(), GridError> {
+        if let Some(why) = self.failed.take() {
+            return Err(GridError::Unavailable(why));
+        }
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        if let (Some(r), Some(s)) = (c.repl(), self.gate.shard.as_mut()) {
+            r.written(s.heap_mut())?;
+            r.ship(s.heap_mut())?;
+        }
+        Ok(())
+    }
+
+    /// In a cluster: loads the service on becoming its leased primary (raising the epoch, a
+    /// replicated record), drops it on ceasing to be the primary.
+    fn roles(&mut self, myself: &ActorRef<LockMsg>) -> Result<(), GridError> {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        if c.should_load(self.loaded) {
+            let at_least = c.map_epoch();
+            let loaded = self.store()?.promote(at_least)?;
+            tracing::info!(
+                epoch = loaded.epoch,
+                sessions = loaded.sessions.len(),
+                locks = loaded.locks.len(),
+                "the lock service is served here now"
+            );
+            self.restore(loaded);
+            // The epoch's record goes out now, not with the next answer.
+            self.answer(myself, 0, |lsn| Deferred { lsn, answer: Box::new(|_| {}) });
+        } else if c.should_drop(self.loaded) {
+            let why = c.not_primary();
+            tracing::info!("the lock service moved to another node");
+            self.drop_memory(&why);
+        }
+        Ok(())
     }
 
     fn store(&mut self) -> Result<&mut LockStore, GridError> {
@@ -300,7 +439,7 @@ impl LockState {
         }
         let now = self.now_ms();
         let r = Ok(LockResult::Granted { fence: g.fence, expires_in_ms: self.expires_in(&g, now) });
-        self.gate.answer(myself, lsn, |lsn| deferred(lsn, p.port, r));
+        self.answer(myself, lsn, |lsn| deferred(lsn, p.port, r));
     }
 
     /// Answers the semaphore waiters `granted`.
@@ -311,7 +450,7 @@ impl LockState {
                 t.abort();
             }
             let held = self.sems.get(sem).map_or(0, |s| s.held_by(p.session));
-            self.gate.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(LockResult::Permits { held })));
+            self.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(LockResult::Permits { held })));
         }
     }
 
@@ -583,7 +722,7 @@ impl LockState {
                     }
                     Err(e) => (Err(from_lock_error("", 0, e)), 0),
                 };
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
             }
             LockOp::Reattach { session, secret } => {
                 let r = match self.sessions.reattach(session, secret, now) {
@@ -593,10 +732,10 @@ impl LockState {
                     }
                     Err(_) => Err(GridError::SessionExpired { session }),
                 };
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
             }
             LockOp::Heartbeat { .. } => {
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Done)))
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Done)))
             }
             LockOp::Close { session } => {
                 let r = if self.sessions.close(session) {
@@ -606,7 +745,7 @@ impl LockState {
                     Err(GridError::SessionExpired { session })
                 };
                 let lsn = self.store()?.heap().last_lsn();
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
             }
             LockOp::Acquire { lock, session, wait_ms, lease_ms } => {
                 if wait_ms > LOCK_WAIT_MS_MAX || lease_ms.is_some_and(|l| l == 0 || l > SESSION_TTL_MS_MAX) {
@@ -645,11 +784,11 @@ impl LockState {
                             fence: g.fence,
                             expires_in_ms: self.expires_in(&g, now),
                         });
-                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+                        self.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
                     }
                     Ok(Acquired::Queued) if wait_ms == 0 => {
                         a.lock.cancel(waiter);
-                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Timeout)));
+                        self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Timeout)));
                     }
                     Ok(Acquired::Queued) => {
                         let p = Pending { session, wants: Wants::Lock(lock), port: reply, timer: None };
@@ -675,7 +814,7 @@ impl LockState {
                         let still = a.lock.holder().is_some_and(|h| h.fence == fence);
                         let lsn = if still { 0 } else { self.persist_lock(&lock)? };
                         self.hand_over(myself, granted, lsn);
-                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(LockResult::Done)));
+                        self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(LockResult::Done)));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(from_lock_error(&lock, session, e)));
@@ -694,7 +833,7 @@ impl LockState {
                 let r = r
                     .map(|g| LockResult::Granted { fence: g.fence, expires_in_ms: self.expires_in(&g, now) })
                     .map_err(|e| from_lock_error(&lock, session, e));
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
             }
             LockOp::Status { lock } => {
                 let r = match self.locks.get(&lock) {
@@ -711,7 +850,7 @@ impl LockState {
                         }
                     }
                 };
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Status(r))));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Status(r))));
             }
             LockOp::List => {
                 let mut locks: Vec<LockStatus> =
@@ -720,7 +859,7 @@ impl LockState {
                 let mut sems: Vec<SemStatus> =
                     self.sems.iter().map(|(n, s)| Self::sem_status(n, s)).collect();
                 sems.sort_by(|a, b| a.sem.cmp(&b.sem));
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::List { locks, sems })));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::List { locks, sems })));
             }
             LockOp::Configure { lock, reentry_max, lock_delay_ms } => {
                 if reentry_max > REENTRY_MAX || lock_delay_ms > SESSION_TTL_MS_MAX {
@@ -733,7 +872,7 @@ impl LockState {
                 a.lock.reentry_max = reentry_max;
                 a.lock.lock_delay_ms = lock_delay_ms;
                 let lsn = self.persist_lock(&lock)?;
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(LockResult::Done)));
+                self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(LockResult::Done)));
             }
             LockOp::SemAcquire { sem, session, size, permits, wait_ms } => {
                 if wait_ms > LOCK_WAIT_MS_MAX || size == 0 || permits == 0 || permits > size {
@@ -771,13 +910,13 @@ impl LockState {
                     Some(true) => {
                         let held = s.held_by(session);
                         let lsn = self.persist_sem(&sem)?;
-                        self.gate.answer(myself, lsn, |lsn| {
+                        self.answer(myself, lsn, |lsn| {
                             deferred(lsn, reply, Ok(LockResult::Permits { held }))
                         });
                     }
                     Some(false) if wait_ms == 0 => {
                         s.cancel(waiter);
-                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Timeout)));
+                        self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(LockResult::Timeout)));
                     }
                     Some(false) => {
                         let p = Pending { session, wants: Wants::Sem(sem), port: reply, timer: None };
@@ -806,7 +945,7 @@ impl LockState {
                     Ok((r, lsn)) => (Ok(r), lsn),
                     Err(e) => (Err(e), 0),
                 };
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, lsn, |lsn| deferred(lsn, reply, r));
             }
             LockOp::SemStatus { sem } => {
                 let r = match self.sems.get(&sem) {
@@ -816,7 +955,7 @@ impl LockState {
                         None => Err(GridError::Invalid(format!("no semaphore {sem}"))),
                     },
                 };
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r.map(LockResult::Sem)));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r.map(LockResult::Sem)));
             }
         }
         Ok(())
@@ -837,7 +976,7 @@ impl LockState {
                 }
             }
         }
-        self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(LockResult::Timeout)));
+        self.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(LockResult::Timeout)));
         match &p.wants {
             Wants::Lock(name) | Wants::Sem(name) => self.settle(name),
         }
@@ -858,61 +997,47 @@ impl Actor for LockActor {
         args: LockArgs,
     ) -> Result<LockState, ActorProcessingErr> {
         let heap = open_heap(&args.path, &args.heap).await?;
-        let (store, loaded) = LockStore::open(heap)?;
-        let origin = tokio::time::Instant::now();
-        let sessions = Sessions::restore(
-            loaded.last_session,
-            loaded.sessions.iter().map(|(id, r)| (*id, r.secret, r.ttl_ms)),
-            0,
-        );
-        // The previous life's grants are void unless recorded: republish from the records.
-        args.fences.reset();
-        // Only held locks (and semaphores with permits out) come into memory; the others live
-        // as records and get a fence cell when next granted.
-        let (mut locks, mut holdings) = (HashMap::new(), HashMap::<SessionId, HashSet<String>>::new());
-        for (name, rec) in loaded.locks {
-            let Some((session, fence)) = rec.holder.filter(|(s, _)| sessions.alive(*s, 0)) else { continue };
-            let cell = args.fences.cell(&name);
-            cell.publish(fence, true);
-            let mut lock =
-                Lock::restore(rec.last_fence.max(fence_floor(loaded.epoch)), Some((session, fence)));
-            lock.reentry_max = rec.reentry_max;
-            lock.lock_delay_ms = rec.lock_delay_ms;
-            holdings.entry(session).or_default().insert(name.clone());
-            locks.insert(name, Active { lock, cell, recorded: Some(session), timer: None });
-        }
-        let (mut sems, mut sem_holdings) = (HashMap::new(), HashMap::<SessionId, HashSet<String>>::new());
-        let mut sem_recorded = HashMap::new();
-        for (name, r) in loaded.sems {
-            let s = Semaphore::restore(r.size, r.held.into_iter().filter(|h| sessions.alive(h.0, 0)));
-            if s.is_idle() {
-                continue;
+        let (store, loaded) = match &args.cluster {
+            // Nothing is written until this node is the primary (`roles`).
+            Some(_) => (LockStore::open_replicated(heap), None),
+            None => {
+                let (store, loaded) = LockStore::open(heap)?;
+                (store, Some(loaded))
             }
-            let held: Vec<SessionId> = s.holders().into_iter().map(|h| h.0).collect();
-            for session in &held {
-                sem_holdings.entry(*session).or_default().insert(name.clone());
-            }
-            sem_recorded.insert(name.clone(), held);
-            sems.insert(name, s);
-        }
+        };
         myself.send_interval(TICK, || LockMsg::Tick);
-        let gate = LogGate::new(store, args.heap.fsync, args.view, myself)?;
-        Ok(LockState {
+        let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?;
+        let cluster = args.cluster.map(|net| {
+            let service = crate::cluster::map::LOCKS_SERVICE;
+            ServiceRepl::new(service, net, args.path.clone(), args.heap.fsync)
+        });
+        let mut st = LockState {
             gate,
-            origin,
-            epoch: loaded.epoch,
-            sessions,
-            locks,
-            sems,
+            origin: tokio::time::Instant::now(),
+            epoch: 0,
+            sessions: Sessions::restore(0, std::iter::empty(), 0),
+            locks: HashMap::new(),
+            sems: HashMap::new(),
             pending: HashMap::new(),
             next_waiter: 1,
             fences: args.fences,
             timers: BTreeSet::new(),
-            holdings,
-            sem_holdings,
-            sem_recorded,
+            holdings: HashMap::new(),
+            sem_holdings: HashMap::new(),
+            sem_recorded: HashMap::new(),
             ended: args.ended,
-        })
+            cluster,
+            loaded: false,
+            failed: None,
+        };
+        match loaded {
+            Some(loaded) => st.restore(loaded),
+            None => {
+                st.fences.reset();
+                st.replicate(&myself)?;
+            }
+        }
+        Ok(st)
     }
 
     async fn handle(
@@ -921,7 +1046,9 @@ impl Actor for LockActor {
         msg: LockMsg,
         st: &mut LockState,
     ) -> Result<(), ActorProcessingErr> {
-        handle_gated(st, &myself, msg).await
+        handle_gated(st, &myself, msg).await?;
+        st.after().map_err(|e| format!("the lock service: {e}"))?;
+        Ok(())
     }
 }
 
@@ -938,18 +1065,62 @@ impl GatedService for LockState {
         match msg {
             LockMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
             LockMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
+            LockMsg::Digest(r) => drop(r.send(Err(GridError::Closed))),
             _ => {}
         }
     }
 
     fn serve(&mut self, myself: &ActorRef<LockMsg>, msg: LockMsg) -> Result<(), GridError> {
         match msg {
-            LockMsg::Call(op, reply) => self.call(myself, op, reply),
+            LockMsg::Call(op, reply) => {
+                if self.cluster.is_some() {
+                    self.roles(myself)?;
+                    if !self.serving_now() {
+                        let c = self.cluster.as_mut().expect("in a cluster");
+                        let e = c.admit().err().unwrap_or_else(|| c.not_primary());
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                }
+                self.call(myself, op, reply)
+            }
             LockMsg::WaitOver(w) => {
                 self.wait_over(myself, w);
                 Ok(())
             }
+            // Nothing expires while another node may be the primary (its own clock runs).
+            LockMsg::Tick if !self.serving_now() => Ok(()),
             LockMsg::Tick => self.tick(myself),
+            LockMsg::Placement(p) => {
+                self.replicate(myself)?;
+                if let Some(c) = self.cluster.as_mut() {
+                    c.on_placement(self.gate.shard.as_mut(), &p);
+                }
+                self.roles(myself)
+            }
+            LockMsg::Repl(from, wire) => {
+                self.replicate(myself)?;
+                if let Some(c) = self.cluster.as_mut() {
+                    c.on_frame(self.gate.shard.as_mut(), from, wire)?;
+                }
+                self.roles(myself)
+            }
+            LockMsg::ReplTick => {
+                if let Some(c) = self.cluster.as_mut() {
+                    c.tick(self.gate.shard.as_mut())?;
+                }
+                self.roles(myself)
+            }
+            LockMsg::Digest(reply) => {
+                let r = match self.cluster.as_ref() {
+                    Some(c) => c.digest(self.gate.shard.as_ref()),
+                    None => Err(GridError::Invalid(
+                        "the lock service is not replicated (not in a cluster)".into(),
+                    )),
+                };
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                Ok(())
+            }
             LockMsg::Check(reply) => {
                 let r = self.store().and_then(|s| s.check()).and_then(|()| self.check_memory());
                 let _ = reply.send(r);

@@ -136,37 +136,11 @@ impl LockStore {
     /// (a checkpoint) before this returns, so no fence of this life can repeat one of a
     /// previous life, even one whose record a power loss took.
     pub fn open(mut heap: Heap) -> Result<(LockStore, Loaded), GridError> {
-        let mut loaded = Loaded::default();
-        for e in heap.iter() {
-            let (k, v) = e?;
-            match k.split_first() {
-                Some((b'E', [])) => loaded.epoch = u64_of("epoch", &v)?,
-                Some((b'N', [])) => loaded.last_session = u64_of("session counter", &v)?,
-                Some((b'S', id)) => {
-                    let id = u64::from_be_bytes(id.try_into().map_err(|_| corrupt("session key", "length"))?);
-                    loaded.sessions.push((id, decode("session", &v)?));
-                }
-                Some((b'L', name)) => {
-                    let name = String::from_utf8(name.to_vec()).map_err(|e| corrupt("lock name", e))?;
-                    loaded.locks.push((name, decode("lock", &v)?));
-                }
-                Some((b'P', name)) => {
-                    let name = String::from_utf8(name.to_vec()).map_err(|e| corrupt("semaphore name", e))?;
-                    loaded.sems.push((name, decode("semaphore", &v)?));
-                }
-                _ => return Err(corrupt("key", String::from_utf8_lossy(k))),
-            }
-        }
+        let mut loaded = read(&heap)?;
         if !heap.is_empty() || heap.last_lsn() > 0 {
             loaded.epoch += 1;
         }
-        if loaded.epoch >= 1 << (63 - EPOCH_SHIFT) {
-            return Err(GridError::LimitExceeded {
-                what: "lock epochs".into(),
-                got: loaded.epoch,
-                max: (1 << (63 - EPOCH_SHIFT)) - 1,
-            });
-        }
+        check_epoch(loaded.epoch)?;
         let mut b = WriteBatch::new();
         b.put(EPOCH_KEY, &loaded.epoch.to_le_bytes())?;
         heap.apply(&b)?;
@@ -174,6 +148,66 @@ impl LockStore {
         Ok((LockStore { heap }, loaded))
     }
 
+    /// The store over a replicated heap (a cluster's lock service), opened without writing
+    /// anything: the epoch rises when this node becomes the primary (`promote`).
+    pub fn open_replicated(heap: Heap) -> LockStore {
+        LockStore { heap }
+    }
+
+    /// Reads everything (a new primary loading the service) and raises the epoch to the larger
+    /// of one above the stored one and `at_least` (the map's epoch of the service), as one
+    /// record queued for the gate: fences issued from now on are above every fence any earlier
+    /// primary or life issued that a client was answered with (its record precedes the answer,
+    /// so a replica that took over holds it).
+    pub fn promote(&mut self, at_least: u64) -> Result<Loaded, GridError> {
+        let mut loaded = read(&self.heap)?;
+        loaded.epoch = (loaded.epoch + 1).max(at_least);
+        check_epoch(loaded.epoch)?;
+        let mut b = WriteBatch::new();
+        b.put(EPOCH_KEY, &loaded.epoch.to_le_bytes())?;
+        self.heap.apply_deferred(&b)?;
+        Ok(loaded)
+    }
+}
+
+/// Everything a lock heap holds.
+fn read(heap: &Heap) -> Result<Loaded, GridError> {
+    let mut loaded = Loaded::default();
+    for e in heap.iter() {
+        let (k, v) = e?;
+        match k.split_first() {
+            Some((b'E', [])) => loaded.epoch = u64_of("epoch", &v)?,
+            Some((b'N', [])) => loaded.last_session = u64_of("session counter", &v)?,
+            Some((b'S', id)) => {
+                let id = u64::from_be_bytes(id.try_into().map_err(|_| corrupt("session key", "length"))?);
+                loaded.sessions.push((id, decode("session", &v)?));
+            }
+            Some((b'L', name)) => {
+                let name = String::from_utf8(name.to_vec()).map_err(|e| corrupt("lock name", e))?;
+                loaded.locks.push((name, decode("lock", &v)?));
+            }
+            Some((b'P', name)) => {
+                let name = String::from_utf8(name.to_vec()).map_err(|e| corrupt("semaphore name", e))?;
+                loaded.sems.push((name, decode("semaphore", &v)?));
+            }
+            _ => return Err(corrupt("key", String::from_utf8_lossy(k))),
+        }
+    }
+    Ok(loaded)
+}
+
+fn check_epoch(epoch: u64) -> Result<(), GridError> {
+    if epoch >= 1 << (63 - EPOCH_SHIFT) {
+        return Err(GridError::LimitExceeded {
+            what: "lock epochs".into(),
+            got: epoch,
+            max: (1 << (63 - EPOCH_SHIFT)) - 1,
+        });
+    }
+    Ok(())
+}
+
+impl LockStore {
     /// The stored record of `name` (a default one if it was never granted).
     pub fn lock_rec(&self, name: &str) -> Result<LockRec, GridError> {
         match self.heap.get_ref(&key(b'L', name.as_bytes()))? {

@@ -26,6 +26,11 @@ pub fn lock_path(dir: &std::path::Path) -> PathBuf {
     dir.join("locks").join("shard-0000.heap")
 }
 
+/// The lock heap of a node in a cluster (the replicated copy of the cluster's lock service).
+pub fn cluster_lock_path(dir: &std::path::Path) -> PathBuf {
+    crate::replication::service::cluster_path(dir, crate::cluster::map::LOCKS_SERVICE, "shard-0000.heap")
+}
+
 /// The lock service, as its supervisor starts it.
 pub struct LockChild {
     /// The grid's directory.
@@ -34,6 +39,9 @@ pub struct LockChild {
     pub fences: Arc<FenceTable>,
     /// Told of every session that ends (the queue service returns its deliveries).
     pub ended: super::actor::SessionEnded,
+    /// The node's replication network, once it is in a cluster (the service is replicated
+    /// there, over another heap: `replication::service::cluster_path`).
+    pub cluster: crate::grid::ClusterNet,
 }
 
 impl ChildSpec for LockChild {
@@ -50,8 +58,13 @@ impl ChildSpec for LockChild {
     }
 
     fn args(&self, slot: &ShardSlot<LockMsg>) -> LockArgs {
+        let cluster = self.cluster.get().cloned();
         LockArgs {
-            path: lock_path(&self.dir),
+            path: match cluster {
+                Some(_) => cluster_lock_path(&self.dir),
+                None => lock_path(&self.dir),
+            },
+            cluster,
             heap: self.heap.clone(),
             fences: self.fences.clone(),
             view: slot.view.clone(),
@@ -91,6 +104,11 @@ impl Locks {
     /// Runs the lock heap's debug checker.
     pub fn check(&self) -> BoxFuture<Result<(), GridError>> {
         slot_call(self.slot.clone(), "locks", "lock service", (), |(), r| LockMsg::Check(r), |_| Some(()))
+    }
+
+    /// This node's copy of the lock heap, summarised (in a cluster; any role).
+    pub fn digest(&self) -> BoxFuture<Result<crate::replication::shard::ShardDigest, GridError>> {
+        slot_call(self.slot.clone(), "locks", "lock service", (), |(), r| LockMsg::Digest(r), |_| Some(()))
     }
 
     /// Whether `fence` is the current, held grant of `lock` (what a fenced write checks).

@@ -22,7 +22,7 @@
 //! and its delivery count in memory is the one recorded (`check_memory` with the heap's checker).
 //! Invariant: no reply to a change is sent before the change's record is durable per the policy.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,13 +34,14 @@ use super::ops::{
     Delivery, Mode, QUEUE_NAME_BYTES_MAX, QueueLen, QueueOp, QueueOptions, QueueResult, Receipt,
 };
 use super::store::{
-    Attempt, Change, DedupRec, HISTORY_MAX, ItemMeta, Outcome, QueueRec, QueueStore, SEQ_BLOCK,
+    Attempt, Change, DedupRec, HISTORY_MAX, ItemMeta, LoadedQueue, Outcome, QueueRec, QueueStore, SEQ_BLOCK,
 };
 use super::{PopMode, Queue, QueueConfig, QueueError};
 use crate::error::GridError;
-use crate::gate::{GatedService, Group, LogGate, deferred, handle_gated, open_heap};
+use crate::gate::{Deferred, GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
 use crate::lock::SessionId;
 use crate::lock::fence::FenceTable;
+use crate::replication::service::{ServiceRepl, answer_held};
 use crate::value::Value;
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
@@ -89,6 +90,14 @@ pub enum QueueMsg {
     Checkpoint(Option<Reply<()>>),
     CheckpointDone,
     Close(Reply<()>),
+    /// The cluster map placed the queue service (a cluster).
+    Placement(crate::cluster::map::Placement),
+    /// A replication frame from another node.
+    Repl(crate::replication::NodeId, crate::replication::shard::ReplWire),
+    /// The replication tick.
+    ReplTick,
+    /// This node's copy of the service's heap, summarised.
+    Digest(Reply<crate::replication::shard::ShardDigest>),
     #[doc(hidden)]
     InjectPanic,
 }
@@ -101,6 +110,9 @@ pub struct QueueArgs {
     pub heap: HeapOptions,
     pub fences: Arc<FenceTable>,
     pub view: Arc<crate::gate::ReadView>,
+    /// The node's replication network when it is in a cluster: the service is then replicated
+    /// (`replication::service`), its heap at `path` is the cluster's copy.
+    pub cluster: Option<Arc<crate::replication::shard::ReplNet>>,
 }
 
 /// One queue in memory.
@@ -218,6 +230,12 @@ pub struct QueueState {
     /// The deliveries made in each lock session: `(queue, seq)`.
     by_session: HashMap<SessionId, HashSet<(String, u64)>>,
     fences: Arc<FenceTable>,
+    /// The service's replication, in a cluster.
+    cluster: Option<ServiceRepl>,
+    /// Memory holds the service (always on a lone node; in a cluster only on its primary).
+    loaded: bool,
+    /// Replication failed while handling a message: the actor fails after it.
+    failed: Option<String>,
 }
 
 fn wall_now() -> u64 {
@@ -285,6 +303,119 @@ fn record(meta: &mut ItemMeta, delivery: u32, outcome: Outcome, at_ms: u64) {
 impl QueueState {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// `gate.answer`; in a cluster the answer also waits for the replicas of every write
+    /// before it (`replication::service`).
+    fn answer(&mut self, myself: &ActorRef<QueueMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+        let repl = self.cluster.as_mut().and_then(|c| c.repl());
+        let r = answer_held(repl, &mut self.gate, myself, wrote, true, || "the queue service".into(), d);
+        if let Err(e) = r {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    /// Memory from what the heap holds, as after a restart: every item ready (one in flight
+    /// before keeps its delivery count), dedup keys and delays as recorded; then the repairs a
+    /// restart makes (dead-lettering what used up its deliveries, records for orphan items),
+    /// queued for the first flush.
+    fn restore(&mut self, loaded: BTreeMap<String, LoadedQueue>) -> Result<(), GridError> {
+        let (wall_origin, wall) = (self.wall_origin, wall_now());
+        let mono = |w: u64| w.saturating_sub(wall_origin);
+        for (name, l) in loaded {
+            let (rec, stored) = match l.rec {
+                Some(r) => (r, true),
+                None => (rec_of(&QueueOptions::defaults(&name), 1), false),
+            };
+            let mut q = Q::new(rec, stored);
+            for item in l.items {
+                // In flight before the restart: ready again, its count kept.
+                let until = item.meta.delayed_until_ms.filter(|&w| w > wall).map(mono);
+                q.q.restore(item.seq, (), item.meta.deliveries, until);
+            }
+            for (k, d) in l.dedup {
+                q.q.restore_dedup(k, d.seq, mono(d.until_ms));
+            }
+            q.q.restored();
+            if !q.stored && q.q.next_seq() > 1 {
+                // Items without a record (not written by this code): reserve before any push.
+                q.rec.seq_floor = q.q.next_seq();
+            }
+            self.queues.insert(name, q);
+        }
+        self.loaded = true;
+        // Written at the next flush (no answer is released before them).
+        self.dead_letter_restarted()?;
+        self.record_orphans()?;
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for n in names {
+            self.schedule(&n);
+        }
+        Ok(())
+    }
+
+    /// Memory emptied (this node is no longer the service's primary): blocked pops and pushes
+    /// are answered `why` (nothing was done for them).
+    fn drop_memory(&mut self, why: &GridError) {
+        for (_, w) in self.pending.drain() {
+            if let Some(t) = w.timer {
+                t.abort();
+            }
+            let _ = w.port.send(Err(why.clone()));
+        }
+        for (_, p) in self.pushing.drain() {
+            if let Some(t) = p.timer {
+                t.abort();
+            }
+            let _ = p.port.send(Err(why.clone()));
+        }
+        self.queues.clear();
+        self.timers.clear();
+        self.by_session.clear();
+        self.loaded = false;
+    }
+
+    /// In a cluster: starts replicating once the map places the service.
+    fn replicate(&mut self, myself: &ActorRef<QueueMsg>) -> Result<(), GridError> {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        let me = myself.clone();
+        c.ensure(self.gate.shard.as_mut(), move || me.cast(QueueMsg::ReplTick).is_ok())
+    }
+
+    /// Whether the service runs here now: a lone node, or the cluster's leased primary.
+    fn serving_now(&mut self) -> bool {
+        self.loaded && self.cluster.as_mut().is_none_or(|c| c.admit().is_ok())
+    }
+
+    /// After each message: a failure of replication fails the actor; what was written is
+    /// recorded for shipping (a timer's writes too) and shipped once the op log has it.
+    fn after(&mut self) -> Result<(), GridError> {
+        if let Some(why) = self.failed.take() {
+            return Err(GridError::Unavailable(why));
+        }
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        if let (Some(r), Some(s)) = (c.repl(), self.gate.shard.as_mut()) {
+            r.written(s.heap_mut())?;
+            r.ship(s.heap_mut())?;
+        }
+        Ok(())
+    }
+
+    /// In a cluster: loads the service on becoming its leased primary, drops it on ceasing to
+    /// be the primary.
+    fn roles(&mut self, myself: &ActorRef<QueueMsg>) -> Result<(), GridError> {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        if c.should_load(self.loaded) {
+            let loaded = super::store::load(self.store_ref()?.heap())?;
+            tracing::info!(queues = loaded.len(), "the queue service is served here now");
+            self.restore(loaded)?;
+            self.answer(myself, 0, |lsn| Deferred { lsn, answer: Box::new(|_| {}) });
+        } else if c.should_drop(self.loaded) {
+            let why = c.not_primary();
+            tracing::info!("the queue service moved to another node");
+            self.drop_memory(&why);
+        }
+        Ok(())
     }
 
     fn wall(&self, now: u64) -> u64 {
@@ -513,7 +644,7 @@ impl QueueState {
             let mut c = Change::default();
             let ds = self.deliver(name, p.n, p.mode, p.visibility_ms, p.session, &mut c)?;
             let lsn = self.store()?.commit(&c)?;
-            self.gate.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(ds))));
+            self.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(ds))));
         }
     }
 
@@ -746,9 +877,9 @@ impl QueueState {
                     let mut c = Change::default();
                     let ds = self.deliver(&queue, n, mode, visibility_ms, session, &mut c)?;
                     let lsn = self.store()?.commit(&c)?;
-                    self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Delivered(ds))));
+                    self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Delivered(ds))));
                 } else if wait_ms == 0 {
-                    self.gate.answer(myself, 0, |lsn| {
+                    self.answer(myself, 0, |lsn| {
                         deferred(lsn, reply, Ok(QueueResult::Delivered(Vec::new())))
                     });
                 } else {
@@ -782,12 +913,12 @@ impl QueueState {
                         c.item_gone(&queue, receipt.seq)?;
                         self.untie(&queue, receipt.seq);
                         let lsn = self.store()?.commit(&c)?;
-                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
+                        self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
                     }
                     _ => {
                         // Through the gate: what made it stale may not be written yet.
                         let r = Err(stale(&queue, receipt));
-                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                        self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
                     }
                 }
             }
@@ -813,7 +944,7 @@ impl QueueState {
                             &mut c,
                         )?;
                         let lsn = self.store()?.commit(&c)?;
-                        self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
+                        self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
                         let mut woken: Vec<String> = dlq.into_iter().collect();
                         woken.push(queue);
                         self.wake(myself, &woken)?;
@@ -821,7 +952,7 @@ impl QueueState {
                     _ => {
                         // Through the gate: what made it stale may not be written yet.
                         let r = Err(stale(&queue, receipt));
-                        self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                        self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
                     }
                 }
             }
@@ -835,7 +966,7 @@ impl QueueState {
                     Some(Ok(())) => Ok(QueueResult::Done),
                     _ => Err(stale(&queue, receipt)),
                 };
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
             }
             QueueOp::Peek { queue, n } => {
                 if n == 0 || n > QUEUE_POP_MAX {
@@ -845,11 +976,11 @@ impl QueueState {
                 }
                 // As much as a pop would hand out (the answer must fit a frame).
                 let items = self.next_ready(&queue, n)?;
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Items(items))));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Items(items))));
             }
             QueueOp::Len { queue } => {
                 let l = self.queues.get(&queue).map_or_else(QueueLen::default, |q| self.live_len(q));
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Len(l))));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::Len(l))));
             }
             QueueOp::Purge { queue } => {
                 let seqs: Vec<u64> =
@@ -867,7 +998,7 @@ impl QueueState {
                     q.q.purge();
                 }
                 let items = seqs.len() as u64;
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Purged { items })));
+                self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Purged { items })));
             }
             QueueOp::Configure { queue, options } => {
                 let checked = (|| {
@@ -901,13 +1032,13 @@ impl QueueState {
                 let mut c = Change::default();
                 c.queue(&queue, &q.rec)?;
                 let lsn = self.store()?.commit(&c)?;
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
+                self.answer(myself, lsn, |lsn| deferred(lsn, reply, Ok(QueueResult::Done)));
             }
             QueueOp::List => {
                 let mut all: Vec<(String, QueueLen)> =
                     self.queues.iter().map(|(n, q)| (n.clone(), self.live_len(q))).collect();
                 all.sort_by(|a, b| a.0.cmp(&b.0));
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::List(all))));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, Ok(QueueResult::List(all))));
             }
         }
         Ok(())
@@ -1028,7 +1159,7 @@ impl QueueState {
         let q = self.queues.get_mut(&queue).expect("activated above");
         if wait_ms == 0 || q.pushers.len() >= QUEUE_WAITERS_MAX {
             let r = Err(GridError::QueueFull { queue, max_len });
-            self.gate.answer(myself, 0, |lsn| deferred(lsn, port, r));
+            self.answer(myself, 0, |lsn| deferred(lsn, port, r));
             return Ok(());
         }
         let w = self.next_waiter;
@@ -1058,7 +1189,7 @@ impl QueueState {
             Err(QueueError::StaleReceipt) => unreachable!("a push names no receipt"),
             Ok((seq, true)) => {
                 let r = Ok(QueueResult::Pushed { seq, duplicate: true });
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, port, r));
+                self.answer(myself, 0, |lsn| deferred(lsn, port, r));
                 Ok(Pushed::Done)
             }
             Ok((seq, false)) => {
@@ -1074,7 +1205,7 @@ impl QueueState {
                 }
                 let lsn = self.store()?.commit(&c)?;
                 let r = Ok(QueueResult::Pushed { seq, duplicate: false });
-                self.gate.answer(myself, lsn, |lsn| deferred(lsn, port, r));
+                self.answer(myself, lsn, |lsn| deferred(lsn, port, r));
                 if delay_ms == 0 {
                     self.serve_waiters(myself, queue)?;
                 }
@@ -1129,7 +1260,7 @@ impl QueueState {
             q.pushers.retain(|x| *x != w);
         }
         let r = Err(GridError::QueueFull { queue: p.queue.clone(), max_len });
-        self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, r));
+        self.answer(myself, 0, |lsn| deferred(lsn, p.port, r));
         self.settle(&p.queue);
     }
 
@@ -1139,7 +1270,7 @@ impl QueueState {
         if let Some(q) = self.queues.get_mut(&p.queue) {
             q.waiters.retain(|x| *x != w);
         }
-        self.gate.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(Vec::new()))));
+        self.answer(myself, 0, |lsn| deferred(lsn, p.port, Ok(QueueResult::Delivered(Vec::new()))));
         self.settle(&p.queue);
     }
 }
@@ -1159,51 +1290,33 @@ impl Actor for QueueActor {
     ) -> Result<QueueState, ActorProcessingErr> {
         let heap = open_heap(&args.path, &args.heap).await?;
         let (store, loaded) = QueueStore::open(heap)?;
-        let origin = tokio::time::Instant::now();
-        let wall_origin = wall_now();
-        let mono = |wall: u64| wall.saturating_sub(wall_origin);
-        let mut queues = HashMap::new();
-        for (name, l) in loaded {
-            let (rec, stored) = match l.rec {
-                Some(r) => (r, true),
-                None => (rec_of(&QueueOptions::defaults(&name), 1), false),
-            };
-            let mut q = Q::new(rec, stored);
-            for item in l.items {
-                // In flight before the restart: ready again, its count kept.
-                let until = item.meta.delayed_until_ms.filter(|&w| w > wall_origin).map(mono);
-                q.q.restore(item.seq, (), item.meta.deliveries, until);
-            }
-            for (k, d) in l.dedup {
-                q.q.restore_dedup(k, d.seq, mono(d.until_ms));
-            }
-            q.q.restored();
-            if !q.stored && q.q.next_seq() > 1 {
-                // Items without a record (not written by this code): reserve before any push.
-                q.rec.seq_floor = q.q.next_seq();
-            }
-            queues.insert(name, q);
-        }
         myself.send_interval(TICK, || QueueMsg::Tick);
         let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?;
+        let cluster = args.cluster.map(|net| {
+            let service = crate::cluster::map::QUEUES_SERVICE;
+            ServiceRepl::new(service, net, args.path.clone(), args.heap.fsync)
+        });
+        let in_cluster = cluster.is_some();
         let mut st = QueueState {
             gate,
-            origin,
-            wall_origin,
-            queues,
+            origin: tokio::time::Instant::now(),
+            wall_origin: wall_now(),
+            queues: HashMap::new(),
             pending: HashMap::new(),
             pushing: HashMap::new(),
             next_waiter: 1,
             timers: BTreeSet::new(),
             by_session: HashMap::new(),
             fences: args.fences,
+            cluster,
+            loaded: false,
+            failed: None,
         };
-        // Written at the first flush (no answer is released before them).
-        st.dead_letter_restarted()?;
-        st.record_orphans()?;
-        let names: Vec<String> = st.queues.keys().cloned().collect();
-        for n in names {
-            st.schedule(&n);
+        if in_cluster {
+            // Nothing is loaded or written until this node is the primary (`roles`).
+            st.replicate(&myself)?;
+        } else {
+            st.restore(loaded)?;
         }
         Ok(st)
     }
@@ -1214,7 +1327,9 @@ impl Actor for QueueActor {
         msg: QueueMsg,
         st: &mut QueueState,
     ) -> Result<(), ActorProcessingErr> {
-        handle_gated(st, &myself, msg).await
+        handle_gated(st, &myself, msg).await?;
+        st.after().map_err(|e| format!("the queue service: {e}"))?;
+        Ok(())
     }
 }
 
@@ -1231,13 +1346,29 @@ impl GatedService for QueueState {
         match msg {
             QueueMsg::Call(_, r) => drop(r.send(Err(GridError::Closed))),
             QueueMsg::Check(r) => drop(r.send(Err(GridError::Closed))),
+            QueueMsg::Digest(r) => drop(r.send(Err(GridError::Closed))),
             _ => {}
         }
     }
 
     fn serve(&mut self, myself: &ActorRef<QueueMsg>, msg: QueueMsg) -> Result<(), GridError> {
         match msg {
-            QueueMsg::Call(op, reply) => self.call(myself, op, reply),
+            QueueMsg::Call(op, reply) => {
+                if self.cluster.is_some() {
+                    self.roles(myself)?;
+                    if !self.serving_now() {
+                        let c = self.cluster.as_mut().expect("in a cluster");
+                        let e = c.admit().err().unwrap_or_else(|| c.not_primary());
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                }
+                self.call(myself, op, reply)
+            }
+            // Not loaded (a replica): there is nothing to release or end here.
+            QueueMsg::Release(..) | QueueMsg::SessionEnded(_) | QueueMsg::Tick if !self.serving_now() => {
+                Ok(())
+            }
             QueueMsg::Release(queue, receipt) => self.release(myself, &queue, receipt),
             QueueMsg::WaitOver(w) => {
                 self.wait_over(myself, w);
@@ -1252,6 +1383,36 @@ impl GatedService for QueueState {
             QueueMsg::Check(reply) => {
                 let r = self.store_ref().and_then(|s| s.check()).and_then(|()| self.check_memory());
                 let _ = reply.send(r);
+                Ok(())
+            }
+            QueueMsg::Placement(p) => {
+                self.replicate(myself)?;
+                if let Some(c) = self.cluster.as_mut() {
+                    c.on_placement(self.gate.shard.as_mut(), &p);
+                }
+                self.roles(myself)
+            }
+            QueueMsg::Repl(from, wire) => {
+                self.replicate(myself)?;
+                if let Some(c) = self.cluster.as_mut() {
+                    c.on_frame(self.gate.shard.as_mut(), from, wire)?;
+                }
+                self.roles(myself)
+            }
+            QueueMsg::ReplTick => {
+                if let Some(c) = self.cluster.as_mut() {
+                    c.tick(self.gate.shard.as_mut())?;
+                }
+                self.roles(myself)
+            }
+            QueueMsg::Digest(reply) => {
+                let r = match self.cluster.as_ref() {
+                    Some(c) => c.digest(self.gate.shard.as_ref()),
+                    None => Err(GridError::Invalid(
+                        "the queue service is not replicated (not in a cluster)".into(),
+                    )),
+                };
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
                 Ok(())
             }
             QueueMsg::InjectPanic => panic!("injected panic (test hook)"),

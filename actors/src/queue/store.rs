@@ -161,7 +161,7 @@ fn seq_of(b: &[u8]) -> Result<u64, GridError> {
 }
 
 /// Every queue's records.
-fn load(heap: &Heap) -> Result<BTreeMap<String, LoadedQueue>, GridError> {
+pub fn load(heap: &Heap) -> Result<BTreeMap<String, LoadedQueue>, GridError> {
     let mut out: BTreeMap<String, LoadedQueue> = BTreeMap::new();
     for e in heap.iter() {
         let (k, v) = e?;

@@ -27,12 +27,20 @@ pub fn queue_path(dir: &std::path::Path) -> PathBuf {
     dir.join("queues").join("shard-0000.heap")
 }
 
+/// The queue heap of a node in a cluster (the replicated copy of the cluster's queue service).
+pub fn cluster_queue_path(dir: &std::path::Path) -> PathBuf {
+    crate::replication::service::cluster_path(dir, crate::cluster::map::QUEUES_SERVICE, "shard-0000.heap")
+}
+
 /// The queue service, as its supervisor starts it.
 pub struct QueueChild {
     /// The grid's directory.
     pub dir: PathBuf,
     pub heap: HeapOptions,
     pub fences: Arc<FenceTable>,
+    /// The node's replication network, once it is in a cluster (the service is replicated
+    /// there, over another heap: `replication::service::cluster_path`).
+    pub cluster: crate::grid::ClusterNet,
 }
 
 impl ChildSpec for QueueChild {
@@ -49,8 +57,13 @@ impl ChildSpec for QueueChild {
     }
 
     fn args(&self, slot: &ShardSlot<QueueMsg>) -> QueueArgs {
+        let cluster = self.cluster.get().cloned();
         QueueArgs {
-            path: queue_path(&self.dir),
+            path: match cluster {
+                Some(_) => cluster_queue_path(&self.dir),
+                None => queue_path(&self.dir),
+            },
+            cluster,
             heap: self.heap.clone(),
             fences: self.fences.clone(),
             view: slot.view.clone(),
@@ -84,6 +97,11 @@ impl Queues {
     /// Runs the queue heap's debug checker and the actor's memory checker.
     pub fn check(&self) -> BoxFuture<Result<(), GridError>> {
         slot_call(self.slot.clone(), "queues", "queue service", (), |(), r| QueueMsg::Check(r), |_| Some(()))
+    }
+
+    /// This node's copy of the queue heap, summarised (in a cluster; any role).
+    pub fn digest(&self) -> BoxFuture<Result<crate::replication::shard::ShardDigest, GridError>> {
+        slot_call(self.slot.clone(), "queues", "queue service", (), |(), r| QueueMsg::Digest(r), |_| Some(()))
     }
 
     /// A lock session ended (the lock service says so): its deliveries return to ready.

@@ -23,6 +23,7 @@ pub mod endpoint;
 pub mod heap_log;
 pub mod primary;
 pub mod replica;
+pub mod service;
 pub mod shard;
 
 #[cfg(test)]

@@ -398,33 +398,20 @@ impl ShardState {
 
     /// `state.gate.answer`, holding a replicated write's answer for its replicas too.
     fn answer(&mut self, myself: &ActorRef<ShardMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
-        let token = match (self.repl.as_mut(), self.gate.shard.as_mut()) {
-            (Some(r), Some(t)) => match r.written(t.heap_mut()) {
-                Ok(token) => token,
-                Err(e) => {
-                    tracing::error!(table = %self.args.table, shard = self.args.shard, "replication failed: {e}");
-                    self.failed = Some(e.to_string());
-                    // Applied here but not recorded for shipping: never answered as a success
-                    // (the actor then fails, and its restart recovers from the op log).
-                    let e = GridError::Unavailable(format!(
-                        "shard {} of {}: replication failed ({e}); the write may or may not have applied",
-                        self.args.shard, self.args.table
-                    ));
-                    self.gate.answer(myself, wrote, move |lsn| {
-                        let answer = d(lsn).answer;
-                        Deferred { lsn, answer: Box::new(move |_| answer(Some(&e))) }
-                    });
-                    return;
-                }
-            },
-            _ => None,
-        };
-        match (token, self.repl.as_ref()) {
-            (Some(t), Some(r)) => {
-                let held = r.hold(t, d(0));
-                self.gate.answer(myself, wrote, move |lsn| Deferred { lsn, answer: held.answer })
-            }
-            _ => self.gate.answer(myself, wrote, d),
+        let (table, shard) = (&self.args.table, self.args.shard);
+        let r = crate::replication::service::answer_held(
+            self.repl.as_deref_mut(),
+            &mut self.gate,
+            myself,
+            wrote,
+            false,
+            || format!("shard {shard} of {table}"),
+            d,
+        );
+        // Applied here but not recorded for shipping: never answered as a success (the actor
+        // then fails, and its restart recovers from the op log).
+        if let Err(e) = r {
+            self.failed = Some(e.to_string());
         }
     }
 }
