@@ -141,6 +141,12 @@ impl ClusterClient {
         self.service(heapgrid_actors::cluster::map::LOCKS_SERVICE).await
     }
 
+    /// A connection to the primary of feed `name` (`Client::feed`), which serves it for every
+    /// client (other nodes answer `NotPrimary` naming it); call it again after a failover.
+    pub async fn feed_node(&self, name: &str) -> Result<Client, GridError> {
+        self.service(&heapgrid_actors::cluster::map::feed_map_name(name)).await
+    }
+
     /// A connection to the node that serves the cluster's queues (`Client::queue`).
     pub async fn queues(&self) -> Result<Client, GridError> {
         self.service(heapgrid_actors::cluster::map::QUEUES_SERVICE).await

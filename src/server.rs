@@ -1079,7 +1079,10 @@ impl<'c> Round<'c> {
                                 let d = match table.as_str() {
                                     LOCKS_SERVICE => grid.locks().digest().await?,
                                     QUEUES_SERVICE => grid.queues().digest().await?,
-                                    _ => grid.table(&table)?.digest(shard).await?,
+                                    t => match heapgrid_actors::cluster::map::feed_in_map(t) {
+                                        Some(feed) => grid.feed(feed)?.digest().await?,
+                                        None => grid.table(&table)?.digest(shard).await?,
+                                    },
                                 };
                                 ClusterResult::Digest(d)
                             }

@@ -204,6 +204,7 @@ impl RootSupervisor {
             dir: feed_dir(&st.args.dir, &def),
             heap,
             fences: st.args.locks.fences.clone(),
+            cluster: st.args.cluster.clone(),
         };
         let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: slot.clone() };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell())
@@ -932,9 +933,46 @@ impl GridCore {
     }
 
     /// Creates a feed (durably recorded) and starts its shard. Feeds and tables share one
-    /// namespace (snippets name both).
+    /// namespace (snippets name both). In a cluster the feed is placed in the map first
+    /// (`feed:NAME`, one shard, the cluster's default replicas and `sync`), then started here;
+    /// the other members start it with this node's definition (`data::place`).
     pub async fn create_feed(&self, name: &str, opts: FeedOptions) -> Result<Arc<FeedRuntime>, GridError> {
         let def = FeedDef::new(name, &opts, self.opts.fsync.into(), incarnation_dir(name))?;
+        let (Some(c), Some(net)) = (self.cluster.get(), self.repl_net.get()) else {
+            return self.create_feed_local(def).await;
+        };
+        let map_name = crate::cluster::map::feed_map_name(name);
+        let map = c.map();
+        if map.table(&map_name).is_some() || self.feed(name).is_ok() {
+            return Err(GridError::FeedExists(name.into()));
+        }
+        if map.table(name).is_some() || self.table(name).is_ok() {
+            return Err(GridError::TableExists(name.into()));
+        }
+        let members = map.members().count() as u32;
+        let (replicas, sync) = self.cluster_defaults.get().copied().unwrap_or((0, 0));
+        let replicas = replicas.min(members.saturating_sub(1));
+        let spec = crate::cluster::map::TableSpec { shards: 1, replicas, sync: sync.min(replicas) };
+        let cmd = crate::cluster::map::MapCmd::CreateTable { name: map_name.clone(), spec };
+        c.admin(crate::cluster::raft::Admin::Propose(cmd)).await?;
+        // Started only once this node's map places it: a replicated feed never writes a record
+        // outside replication.
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while net.placement(&map_name, 0).is_none() {
+            if tokio::time::Instant::now() >= until {
+                return Err(GridError::Unavailable(format!(
+                    "feed {name} is in the cluster map but this node did not see it within 10 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.create_feed_local(def).await
+    }
+
+    /// Records `def` durably and starts its feed, on this node only (a node on its own, or a
+    /// feed the map placed).
+    pub async fn create_feed_local(&self, def: FeedDef) -> Result<Arc<FeedRuntime>, GridError> {
+        let name = def.name.as_str();
         let key = format!("{FEED_PREFIX}{name}");
         self.catalog(|h| {
             if h.contains(name.as_bytes())? || h.contains(key.as_bytes())? {
@@ -948,8 +986,25 @@ impl GridCore {
         self.start_feed(def).await
     }
 
-    /// Stops a feed, removes it from the catalogue, then deletes its files.
+    /// Stops a feed, removes it from the catalogue, then deletes its files. In a cluster a
+    /// placed feed leaves the map first (every member then drops its copy).
     pub async fn drop_feed(&self, name: &str) -> Result<(), GridError> {
+        let map_name = crate::cluster::map::feed_map_name(name);
+        if let Some(c) = self.cluster.get()
+            && c.map().table(&map_name).is_some()
+        {
+            let cmd = crate::cluster::map::MapCmd::DropTable(map_name);
+            c.admin(crate::cluster::raft::Admin::Propose(cmd)).await?;
+            return match self.drop_feed_local(name).await {
+                Err(GridError::NoSuchFeed(_)) => Ok(()),
+                r => r,
+            };
+        }
+        self.drop_feed_local(name).await
+    }
+
+    /// Drops a feed on this node only.
+    pub async fn drop_feed_local(&self, name: &str) -> Result<(), GridError> {
         let Some(rt) = self.feeds.write().unwrap_or_else(|e| e.into_inner()).remove(name) else {
             return Err(GridError::NoSuchFeed(name.into()));
         };

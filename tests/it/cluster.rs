@@ -1269,9 +1269,13 @@ async fn a_partitioned_primary_stops_before_its_successor_starts_and_rejoins() {
         let p = cc.map().placement(&("part".to_string(), 0)).cloned().unwrap();
         assert!(p.primary != victim && p.epoch > 1, "{p:?}");
         // Under async, what the cut-off primary acked during the partition never reached the
-        // others: lost (reported), as docs/cluster.md says of `async`.
+        // others: lost (reported), as docs/cluster.md says of `async`; so may what it acked
+        // just before the cut and had not shipped yet (async answers before shipping: a CI
+        // run lost one acked 0 ms before the cut). `ASYNC_SHIP_MARGIN` covers those.
+        const ASYNC_SHIP_MARGIN: Duration = Duration::from_millis(300);
+        let at_risk_from = cut_at.checked_sub(ASYNC_SHIP_MARGIN).unwrap_or(cut_at);
         let (cut_off, mut acked): (Vec<_>, Vec<_>) =
-            old_acks.into_iter().partition(|(_, _, _, a)| sync == "0" && *a > cut_at && *a < healed_at);
+            old_acks.into_iter().partition(|(_, _, _, a)| sync == "0" && *a > at_risk_from && *a < healed_at);
         acked.extend(new_acks);
         let lost = lost(&cc, "part", &acked).await;
         assert!(
@@ -1376,4 +1380,67 @@ async fn a_primary_cut_off_one_way_is_replaced() {
         lost.len(),
         &lost[..lost.len().min(5)]
     );
+}
+
+/// A feed created in a cluster is placed in the map (`feed:NAME`) and replicated: every
+/// member starts it, its primary serves it (another node answers `NotPrimary` naming it), and
+/// after `kill -9` of the primary an in-sync replica serves every acknowledged record, with
+/// new ids above them; the copies left are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_is_replicated_and_fails_over_with_its_records() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut nodes, cc) = cluster_of_three(root.path(), &[]).await;
+    // Created through a node that need not be its primary.
+    let creator = Client::connect(nodes[2].addr).await.unwrap();
+    creator.create_feed("events", heapgrid::FeedOptions::default()).await.unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        let c = cc.feed_node("events").await.unwrap();
+        // Served once its primary holds a lease and its replicas are in sync.
+        let _ = cc.refresh().await;
+        let in_sync =
+            cc.map().placement(&("feed:events".to_string(), 0)).is_some_and(|p| !p.in_sync.is_empty());
+        if in_sync && c.feed("events").len().await.is_ok() {
+            break c;
+        }
+        assert!(tokio::time::Instant::now() < until, "the feed was not served: {:?}", cc.map());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let f = c.feed("events");
+    let mut acked = Vec::new();
+    for i in 0..200u64 {
+        acked.push(f.append(i as i64).await.unwrap());
+    }
+    let map = cc.map();
+    let primary = map.placement(&("feed:events".to_string(), 0)).unwrap().primary;
+    let away = nodes.iter().find(|n| n.id != primary).unwrap();
+    let e = Client::connect(away.addr).await.unwrap().feed("events").append(1000i64).await.unwrap_err();
+    assert!(matches!(e, GridError::NotPrimary { primary: Some(p), .. } if p == primary), "{e:?}");
+    let i = nodes.iter().position(|n| n.id == primary).unwrap();
+    let _gone = nodes.remove(i).kill9();
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let f = loop {
+        if let Ok(c) = cc.feed_node("events").await
+            && c.feed("events").len().await.is_ok()
+        {
+            break c.feed("events");
+        }
+        assert!(tokio::time::Instant::now() < until, "the feed did not fail over: {:?}", cc.map());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let read = f.read(heapgrid::Pos::Start, 1000).await.unwrap().records;
+    let ids: Vec<u64> = read.iter().map(|r| r.id).collect();
+    assert_eq!(ids, acked, "acknowledged records lost or reordered in the failover");
+    let next = f.append(200i64).await.unwrap();
+    assert!(next > *acked.last().unwrap(), "id {next} reused after the failover");
+    let live: Vec<&Node> = nodes.iter().collect();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = digests(&live, "feed:events").await;
+        if d.iter().all(Option::is_some) && d.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "feed copies differ: {d:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

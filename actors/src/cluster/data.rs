@@ -22,12 +22,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::detector::{Detector, Report, Timing};
 use super::map::{
-    LOCKS_SERVICE, MapCmd, QUEUES_SERVICE, SERVICE_REPLICAS, SERVICES, ShardId, is_service, service_spec,
+    LOCKS_SERVICE, MapCmd, QUEUES_SERVICE, SERVICE_REPLICAS, SERVICES, ShardId, feed_in_map, is_service,
+    service_spec,
 };
 use super::raft::{Admin, ControlNode};
 use super::shard_rpc::{SHARD_FRAME, ShardRpc};
 use super::transport::Inbox;
 use crate::error::GridError;
+use crate::feed::actor::FeedMsg;
 use crate::grid::GridCore;
 use crate::lock::actor::LockMsg;
 use crate::queue::actor::QueueMsg;
@@ -96,8 +98,8 @@ impl DataPlane {
         let (switches, switch_rx) = mpsc::channel(SWITCHES_MAX);
         let detector = Arc::new(std::sync::Mutex::new(Detector::new(timing)));
         let tasks = vec![
-            tokio::spawn(route(grid.clone(), inbox, det_tx, rpc)),
-            tokio::spawn(place(grid, net.clone())),
+            tokio::spawn(route(grid.clone(), inbox, det_tx, rpc.clone())),
+            tokio::spawn(place(grid, net.clone(), rpc)),
             tokio::spawn(detect(control.clone(), net.clone(), det_rx, switch_rx, detector.clone())),
             tokio::spawn(propose(control, proposals)),
         ];
@@ -165,6 +167,17 @@ fn deliver(grid: &GridCore, table: &str, shard: u32, d: Delivery) {
         }
         _ => {}
     }
+    if let Some(feed) = super::map::feed_in_map(table) {
+        if let Ok(rt) = grid.feed(feed)
+            && let SlotState::Running(a) = rt.slot().get()
+        {
+            let _ = a.cast(match d {
+                Delivery::Placement(p) => FeedMsg::Placement(p),
+                Delivery::Repl(from, w) => FeedMsg::Repl(from, w),
+            });
+        }
+        return;
+    }
     let msg = match d {
         Delivery::Placement(p) => ShardMsg::Placement(p),
         Delivery::Repl(from, w) => ShardMsg::Repl(from, w),
@@ -205,18 +218,36 @@ async fn route(
     }
 }
 
-async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
+async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>, rpc: Arc<ShardRpc>) {
     let mut map = net.map.clone();
     let mut known: HashSet<String> = HashSet::new();
+    let mut known_feeds: HashSet<String> = HashSet::new();
     // The map version whose placements the shard actors were sent (they also read the map on
     // every heartbeat; this only makes a change reach them at once).
     let mut delivered = None;
     loop {
-        let (tables, placements) = {
+        let (tables, feeds, placements) = {
             let m = map.borrow_and_update();
-            // Services (`$locks`, `$queues`) are placed, not started as tables.
-            let tables: Vec<(String, u32)> =
-                m.tables().filter(|(n, _)| !is_service(n)).map(|(n, s)| (n.clone(), s.shards)).collect();
+            // Services (`$locks`, `$queues`) are placed, not started as tables; feeds are
+            // started as feeds, each with the nodes that hold it (to ask for its definition).
+            let tables: Vec<(String, u32)> = m
+                .tables()
+                .filter(|(n, _)| !is_service(n) && feed_in_map(n).is_none())
+                .map(|(n, s)| (n.clone(), s.shards))
+                .collect();
+            let feeds: Vec<(String, Vec<NodeId>)> = m
+                .tables()
+                .filter_map(|(n, _)| feed_in_map(n).map(|f| (f.to_string(), n)))
+                .map(|(f, n)| {
+                    let holders = m.placement(&(n.clone(), 0)).map_or(Vec::new(), |p| {
+                        std::iter::once(p.primary)
+                            .chain(p.replicas.iter().copied())
+                            .filter(|&h| h != net.me)
+                            .collect()
+                    });
+                    (f, holders)
+                })
+                .collect();
             let fresh = delivered != Some(m.version);
             delivered = Some(m.version);
             let placements: Vec<_> = if fresh {
@@ -224,7 +255,7 @@ async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
             } else {
                 Vec::new()
             };
-            (tables, placements)
+            (tables, feeds, placements)
         };
         let Some(g) = grid.upgrade() else { return };
         let names: HashSet<String> = tables.iter().map(|(n, _)| n.clone()).collect();
@@ -245,6 +276,36 @@ async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>) {
             }
         }
         known = names;
+        let feed_names: HashSet<String> = feeds.iter().map(|(n, _)| n.clone()).collect();
+        for (name, holders) in &feeds {
+            if g.feed(name).is_ok() {
+                continue;
+            }
+            // Its definition from a node that runs it (the one that created it, at first).
+            let mut def = None;
+            for &h in holders {
+                match rpc.feed_def(h, name).await {
+                    Ok(d) => {
+                        def = Some(d);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(feed = %name, node = h, "no feed definition there yet: {e}"),
+                }
+            }
+            let Some(def) = def else { continue };
+            match g.create_feed_local(def).await {
+                Ok(_) => tracing::info!(feed = %name, "replicated feed started here"),
+                Err(GridError::FeedExists(_)) => {}
+                Err(e) => tracing::warn!(feed = %name, "could not start a replicated feed: {e}"),
+            }
+        }
+        for gone in known_feeds.difference(&feed_names) {
+            match g.drop_feed_local(gone).await {
+                Ok(()) | Err(GridError::NoSuchFeed(_)) => {}
+                Err(e) => tracing::warn!(feed = %gone, "could not drop a feed the map dropped: {e}"),
+            }
+        }
+        known_feeds = feed_names;
         for ((table, shard), p) in placements {
             deliver(&g, &table, shard, Delivery::Placement(p));
         }

@@ -29,6 +29,19 @@ pub const QUEUES_SERVICE: &str = "$queues";
 /// The services the map places.
 pub const SERVICES: [&str; 2] = [LOCKS_SERVICE, QUEUES_SERVICE];
 
+/// The map's name for feed `name` is this prefix and the name (no table name holds a ':').
+pub const FEED_PREFIX: &str = "feed:";
+
+/// The map's name for feed `name` (placed as a one-shard table).
+pub fn feed_map_name(name: &str) -> String {
+    format!("{FEED_PREFIX}{name}")
+}
+
+/// The feed a map name is for, if it is a feed's.
+pub fn feed_in_map(map_name: &str) -> Option<&str> {
+    map_name.strip_prefix(FEED_PREFIX)
+}
+
 /// Replicas each service gets once there are members enough.
 pub const SERVICE_REPLICAS: usize = 2;
 

@@ -98,6 +98,10 @@ enum ShardReq {
         ticket: u64,
         commit: bool,
     },
+    /// The definition of a feed this node runs (a member starting a feed the map placed).
+    FeedDef {
+        name: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,6 +113,7 @@ enum ShardRep {
     Prepared,
     LetGo,
     Snippet(Value),
+    FeedDef(crate::feed::def::FeedDef),
 }
 
 /// A shard held prepared for another node.
@@ -267,6 +272,15 @@ impl ShardRpc {
         let req = ShardReq::Get { table: table.into(), key, fresh };
         match self.call(to, req, READ_CALL, false, Some((table, shard))).await? {
             ShardRep::Value(v) => Ok(v),
+            r => Err(wrong(r)),
+        }
+    }
+
+    /// The definition of feed `name` at node `to` (`NoSuchFeed` if it does not run it).
+    pub async fn feed_def(&self, to: NodeId, name: &str) -> Result<crate::feed::def::FeedDef, GridError> {
+        let req = ShardReq::FeedDef { name: name.into() };
+        match self.call(to, req, READ_CALL, false, None).await? {
+            ShardRep::FeedDef(d) => Ok(d),
             r => Err(wrong(r)),
         }
     }
@@ -434,7 +448,7 @@ impl ShardRpc {
             | ShardReq::Scan { table, shard, .. }
             | ShardReq::Batch { table, shard, .. }
             | ShardReq::Prepare { table, shard, .. } => Some((table.clone(), *shard)),
-            ShardReq::Decide { .. } => None,
+            ShardReq::Decide { .. } | ShardReq::FeedDef { .. } => None,
         };
         match self.run(grid, from, req).await {
             Err(GridError::NoSuchTable(_))
@@ -480,6 +494,7 @@ impl ShardRpc {
                 held.insert((from, ticket), Held { decide, done, _slot: slot });
                 Ok(ShardRep::Prepared)
             }
+            ShardReq::FeedDef { name } => Ok(ShardRep::FeedDef(grid.feed(&name)?.def.clone())),
             ShardReq::Decide { ticket, commit } => {
                 let h = self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(&(from, ticket));
                 let Some(Held { decide, done, .. }) = h else {

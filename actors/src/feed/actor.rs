@@ -23,7 +23,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{Appended, CursorInfo, FeedRecord, FeedShard, FeedState, Pos, ReadResult, SegmentPolicy};
 use crate::error::GridError;
-use crate::gate::{GateCall, GateMsg, Group, LogGate, ReadView, deferred, fail_if_poisoned, open_heap};
+use crate::gate::{
+    Deferred, GateCall, GateMsg, Group, HeapOwner, LogGate, ReadView, deferred, fail_if_poisoned, open_heap,
+};
+use crate::replication::service::answer_held;
+use crate::replication::shard::ShardRepl;
 use crate::value::Value;
 
 /// Longest a reader may wait for an append.
@@ -94,6 +98,14 @@ pub enum FeedMsg {
     Flush,
     Durable(Vec<Group>),
     CheckpointDone,
+    /// The cluster map placed the feed (a replicated feed).
+    Placement(crate::cluster::map::Placement),
+    /// A replication frame from another node.
+    Repl(crate::replication::NodeId, crate::replication::shard::ReplWire),
+    /// The replication tick.
+    ReplTick,
+    /// This node's copy of the feed, summarised (any role).
+    Digest(Reply<crate::replication::shard::ShardDigest>),
     /// Test hook: panic inside the handler, as a bug would.
     #[doc(hidden)]
     InjectPanic,
@@ -109,6 +121,11 @@ pub struct FeedArgs {
     pub view: Arc<ReadView>,
     /// Where fenced appends are checked.
     pub fences: Arc<crate::lock::fence::FenceTable>,
+    /// The node's replication network, once it is in a cluster: a feed the map places is
+    /// replicated (a feed created before the node joined stays local).
+    pub cluster: crate::grid::ClusterNet,
+    /// The feed's name in the cluster map (`cluster::map::feed_map_name`).
+    pub map_name: String,
 }
 
 enum Waiting {
@@ -131,6 +148,12 @@ pub struct FeedShardState {
     /// Whether retention or rolling can ever drop or seal anything (else `Maintain` is moot).
     maintains: bool,
     fences: Arc<crate::lock::fence::FenceTable>,
+    /// The feed's replication, once the map places it.
+    repl: Option<Box<ShardRepl>>,
+    args: FeedArgs,
+    /// Replication failed while handling a message: the actor fails after it (restart =
+    /// recovery).
+    failed: Option<String>,
 }
 
 /// Appends `req` unless one of its fences is stale (then nothing is appended: `StaleFence`).
@@ -157,6 +180,68 @@ fn closed<T>() -> Result<T, GridError> {
 }
 
 impl FeedShardState {
+    /// `gate.answer`, holding a replicated write's answer for its replicas too.
+    fn answer(&mut self, myself: &ActorRef<FeedMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+        let name = &self.args.map_name;
+        let r =
+            answer_held(self.repl.as_deref_mut(), &mut self.gate, myself, wrote, false, || name.clone(), d);
+        if let Err(e) = r {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    /// Starts replicating once the map places this feed (and the node is in a cluster).
+    fn replicate(&mut self, myself: &ActorRef<FeedMsg>) -> Result<(), GridError> {
+        let (Some(net), None) = (self.args.cluster.get(), &self.repl) else { return Ok(()) };
+        if net.placement(&self.args.map_name, 0).is_none() {
+            return Ok(());
+        }
+        let Some(feed) = self.gate.shard.as_mut() else { return Ok(()) };
+        let me = myself.clone();
+        let repl = ShardRepl::open(
+            net.clone(),
+            &self.args.map_name,
+            0,
+            feed.heap_mut(),
+            &self.args.path,
+            self.args.heap.fsync,
+            move || me.cast(FeedMsg::ReplTick).is_ok(),
+        )?;
+        self.repl = Some(Box::new(repl));
+        Ok(())
+    }
+
+    /// Whether a request may run here now (always, unless the feed is replicated and this
+    /// node is not its primary holding a lease).
+    fn admit(&mut self) -> Result<(), GridError> {
+        match self.repl.as_mut() {
+            Some(r) => r.admit(),
+            None => Ok(()),
+        }
+    }
+
+    /// After replication changed the heap or the role: the container is read again (a
+    /// replica's records were applied to the heap directly), and readers parked at a node that
+    /// is no longer the primary are answered `NotPrimary`.
+    fn replicated(&mut self) -> Result<(), GridError> {
+        if let Some(f) = self.gate.shard.as_mut() {
+            f.reload()?;
+        }
+        if self.repl.as_ref().is_some_and(|r| !r.serving()) && !self.waiters.is_empty() {
+            let e = self.repl.as_mut().and_then(|r| r.admit().err());
+            let e = e.unwrap_or_else(|| GridError::Unavailable("the feed moved to another node".into()));
+            for w in std::mem::take(&mut self.waiters) {
+                w.timer.abort();
+                match w.what {
+                    Waiting::Read { reply, .. } | Waiting::Cursor { reply, .. } => {
+                        drop(reply.send(Err(e.clone())))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parks a reader until an append gives it records, or `wait_ms` passes.
     fn park(&mut self, myself: &ActorRef<FeedMsg>, what: Waiting, wait_ms: u64) {
         if self.waiters.len() >= FEED_WAITERS_MAX {
@@ -215,12 +300,12 @@ impl FeedShardState {
         match what {
             Waiting::Read { after, n, reply } => {
                 let r = f.read_after(after, n);
-                self.gate.answer(myself, 0, |lsn| deferred(lsn, reply, r));
+                self.answer(myself, 0, |lsn| deferred(lsn, reply, r));
             }
             Waiting::Cursor { name, n, reply } => {
                 let r = f.cursor_read(&name, n);
                 let wrote = r.as_ref().map_or(0, |(_, l)| *l);
-                self.gate.answer(myself, wrote, |lsn| deferred(lsn, reply, r.map(|(r, _)| r)));
+                self.answer(myself, wrote, |lsn| deferred(lsn, reply, r.map(|(r, _)| r)));
             }
         }
     }
@@ -243,10 +328,22 @@ impl Actor for FeedActor {
         let maintains = args.policy.roll_after_ms.is_some()
             || args.policy.retention.keep_segments.is_some()
             || args.policy.retention.max_age_ms.is_some();
-        let mut feed = FeedShard::open(heap, args.policy)?;
+        let mut feed = FeedShard::open(heap, args.policy.clone())?;
         feed.set_deferred_log(true);
-        let gate = LogGate::new(feed, args.heap.fsync, args.view, myself)?;
-        Ok(FeedShardState { gate, waiters: Vec::new(), next_waiter: 0, maintains, fences: args.fences })
+        let gate = LogGate::new(feed, args.heap.fsync, args.view.clone(), myself.clone())?;
+        let fences = args.fences.clone();
+        let mut st = FeedShardState {
+            gate,
+            waiters: Vec::new(),
+            next_waiter: 0,
+            maintains,
+            fences,
+            repl: None,
+            args,
+            failed: None,
+        };
+        st.replicate(&myself)?;
+        Ok(st)
     }
 
     async fn handle(
@@ -259,6 +356,10 @@ impl Actor for FeedActor {
             Ok(call) => {
                 let closing = matches!(call, GateCall::Close(_));
                 state.gate.handle(&myself, call).await?;
+                // What the flush wrote may ship now.
+                if let (Some(repl), Some(f)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.ship(f.heap_mut())?;
+                }
                 if closing {
                     for w in std::mem::take(&mut state.waiters) {
                         w.timer.abort();
@@ -278,8 +379,46 @@ impl Actor for FeedActor {
                 return fail_if_poisoned(&mut state.gate);
             }
             FeedMsg::InjectPanic => panic!("injected panic (test hook)"),
+            FeedMsg::Placement(p) => {
+                state.replicate(&myself)?;
+                if let (Some(repl), Some(f)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.on_placement(f.heap_mut(), &p);
+                }
+                state.replicated()?;
+                return fail_if_poisoned(&mut state.gate);
+            }
+            FeedMsg::Repl(from, wire) => {
+                state.replicate(&myself)?;
+                if let (Some(repl), Some(f)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.on_frame(f.heap_mut(), from, wire)?;
+                }
+                state.replicated()?;
+                return fail_if_poisoned(&mut state.gate);
+            }
+            FeedMsg::ReplTick => {
+                if let (Some(repl), Some(f)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+                    repl.tick(f.heap_mut())?;
+                }
+                return fail_if_poisoned(&mut state.gate);
+            }
+            FeedMsg::Digest(reply) => {
+                let r = match (state.repl.as_ref(), state.gate.shard.as_ref()) {
+                    (Some(repl), Some(f)) => repl.digest(f.heap()),
+                    (None, Some(f)) => crate::replication::shard::digest_of(f.heap(), Default::default()),
+                    _ => Err(GridError::Closed),
+                };
+                state.gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                return Ok(());
+            }
+            // Retention and rolling run at the primary only (a replica applies their records).
+            FeedMsg::Maintain if state.admit().is_err() => return Ok(()),
             msg => msg,
         };
+        state.replicate(&myself)?;
+        if let Err(e) = state.admit() {
+            refuse(msg, e);
+            return Ok(());
+        }
         let gate = &mut state.gate;
         let Some(feed) = gate.shard.as_mut() else {
             refuse_closed(msg);
@@ -289,7 +428,7 @@ impl Actor for FeedActor {
             FeedMsg::Append(req, reply) => {
                 let r = append_fenced(feed, &state.fences, &req, now_ms());
                 let (wrote, sealed) = r.as_ref().map_or((0, false), |a| (a.lsn, a.sealed));
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r));
                 if sealed && state.maintains {
                     let _ = myself.cast(FeedMsg::Maintain);
                 }
@@ -311,7 +450,7 @@ impl Actor for FeedActor {
                         r
                     })
                     .collect();
-                gate.answer(&myself, wrote, |lsn| crate::gate::Deferred {
+                state.answer(&myself, wrote, |lsn| crate::gate::Deferred {
                     lsn,
                     answer: Box::new(move |err| {
                         let _ = reply.send(match err {
@@ -329,12 +468,12 @@ impl Actor for FeedActor {
             }
             FeedMsg::Get(id, reply) => {
                 let r = feed.get(id);
-                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             FeedMsg::Remove(id, reply) => {
                 let r = feed.remove(id);
                 let wrote = *r.as_ref().unwrap_or(&0);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
             }
             FeedMsg::Read(req, reply) => match feed.resolve(req.after) {
                 Err(e) => drop(reply.send(Err(e))),
@@ -344,22 +483,22 @@ impl Actor for FeedActor {
                     if empty && req.wait_ms > 0 && req.n > 0 {
                         state.park(&myself, Waiting::Read { after, n: req.n, reply }, req.wait_ms);
                     } else {
-                        gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                        state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
                     }
                 }
             },
             FeedMsg::ReadBack((before, n), reply) => {
                 let r = feed.read_back(before, n);
-                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             FeedMsg::CursorSet((name, pos), reply) => {
                 let r = feed.cursor_set(&name, pos);
                 let wrote = r.as_ref().map_or(0, |(_, l)| *l);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(c, _)| c)));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(c, _)| c)));
             }
             FeedMsg::CursorGet(name, reply) => {
                 let r = feed.cursor_get(&name);
-                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             FeedMsg::CursorRead(req, reply) => {
                 let r = feed.cursor_read(&req.name, req.n);
@@ -368,48 +507,48 @@ impl Actor for FeedActor {
                     state.park(&myself, Waiting::Cursor { name: req.name, n: req.n, reply }, req.wait_ms);
                 } else {
                     let wrote = r.as_ref().map_or(0, |(_, l)| *l);
-                    gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(r, _)| r)));
+                    state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(r, _)| r)));
                 }
             }
             FeedMsg::CursorDelete(name, reply) => {
                 let r = feed.cursor_delete(&name);
                 let wrote = r.as_ref().map_or(0, |(_, l)| *l);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(b, _)| b)));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(b, _)| b)));
             }
             FeedMsg::Cursors((), reply) => {
                 let r = feed.cursors();
-                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             FeedMsg::Trim(keep, reply) => {
                 let r = feed.trim(keep);
                 let wrote = r.as_ref().map_or(0, |(_, l)| *l);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(d, _)| d)));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(d, _)| d)));
             }
             FeedMsg::Cut(before, reply) => {
                 let r = feed.cut(before);
                 let wrote = r.as_ref().map_or(0, |(_, l)| *l);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(d, _)| d)));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|(d, _)| d)));
             }
             FeedMsg::Rotate((), reply) => {
                 let r = feed.rotate(now_ms());
                 let wrote = *r.as_ref().unwrap_or(&0);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
             }
             FeedMsg::SetVersion(v, reply) => {
                 let r = feed.set_version(v, now_ms());
                 let wrote = *r.as_ref().unwrap_or(&0);
-                gate.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
+                state.answer(&myself, wrote, |lsn| deferred(lsn, reply, r.map(|_| ())));
             }
             FeedMsg::State((), reply) => {
                 let r = feed.state();
-                gate.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
+                state.answer(&myself, 0, |lsn| deferred(lsn, reply, r));
             }
             FeedMsg::Maintain => {
                 // A failure here (a full disk) leaves the feed as it was; the next tick retries.
                 if let Ok((_, lsn)) = feed.maintain(now_ms())
                     && lsn != 0
                 {
-                    gate.answer(&myself, lsn, |lsn| crate::gate::Deferred { lsn, answer: Box::new(|_| {}) });
+                    state.answer(&myself, lsn, |lsn| crate::gate::Deferred { lsn, answer: Box::new(|_| {}) });
                 }
             }
             FeedMsg::Flush
@@ -418,7 +557,18 @@ impl Actor for FeedActor {
             | FeedMsg::Checkpoint(_)
             | FeedMsg::Close(_)
             | FeedMsg::WaitExpired(_)
+            | FeedMsg::Placement(_)
+            | FeedMsg::Repl(..)
+            | FeedMsg::ReplTick
+            | FeedMsg::Digest(_)
             | FeedMsg::InjectPanic => {}
+        }
+        if let Some(why) = state.failed.take() {
+            return Err(why.into());
+        }
+        // What the flush wrote may ship now.
+        if let (Some(repl), Some(f)) = (state.repl.as_mut(), state.gate.shard.as_mut()) {
+            repl.ship(f.heap_mut())?;
         }
         fail_if_poisoned(&mut state.gate)
     }
@@ -426,18 +576,26 @@ impl Actor for FeedActor {
 
 /// Answers a request that arrived after `Close`.
 fn refuse_closed(msg: FeedMsg) {
+    refuse(msg, GridError::Closed)
+}
+
+/// Answers a request with `e` (nothing ran).
+fn refuse(msg: FeedMsg, e: GridError) {
     match msg {
-        FeedMsg::Append(_, r) => drop(r.send(closed())),
-        FeedMsg::Appends(_, r) => drop(r.send(closed())),
-        FeedMsg::Get(_, r) => drop(r.send(closed())),
-        FeedMsg::Remove(_, r) => drop(r.send(closed())),
-        FeedMsg::Read(_, r) | FeedMsg::ReadBack(_, r) | FeedMsg::CursorRead(_, r) => drop(r.send(closed())),
-        FeedMsg::CursorSet(_, r) | FeedMsg::CursorGet(_, r) => drop(r.send(closed())),
-        FeedMsg::CursorDelete(_, r) => drop(r.send(closed())),
-        FeedMsg::Cursors(_, r) => drop(r.send(closed())),
-        FeedMsg::Trim(_, r) | FeedMsg::Cut(_, r) => drop(r.send(closed())),
-        FeedMsg::Rotate(_, r) | FeedMsg::SetVersion(_, r) => drop(r.send(closed())),
-        FeedMsg::State(_, r) => drop(r.send(closed())),
+        FeedMsg::Append(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Appends(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Get(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Remove(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Read(_, r) | FeedMsg::ReadBack(_, r) | FeedMsg::CursorRead(_, r) => {
+            drop(r.send(Err(e.clone())))
+        }
+        FeedMsg::CursorSet(_, r) | FeedMsg::CursorGet(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::CursorDelete(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Cursors(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Trim(_, r) | FeedMsg::Cut(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Rotate(_, r) | FeedMsg::SetVersion(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::State(_, r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Digest(r) => drop(r.send(Err(e.clone()))),
         // The gate's own messages never get here (`GateMsg::into_gate`).
         FeedMsg::Checkpoint(_)
         | FeedMsg::Close(_)
@@ -446,6 +604,9 @@ fn refuse_closed(msg: FeedMsg) {
         | FeedMsg::Flush
         | FeedMsg::Maintain
         | FeedMsg::WaitExpired(_)
+        | FeedMsg::Placement(_)
+        | FeedMsg::Repl(..)
+        | FeedMsg::ReplTick
         | FeedMsg::InjectPanic => {}
     }
 }

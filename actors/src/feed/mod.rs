@@ -236,6 +236,24 @@ pub struct SegmentPolicy {
     pub retention: Retention,
 }
 
+/// The container stored in `heap` (a new feed's, if none), checked.
+fn read_meta(heap: &Heap) -> Result<FeedMeta, GridError> {
+    let meta = match heap.get_ref(META_KEY)? {
+        Some(b) => decode::<FeedMeta>("container", &b)?,
+        None => {
+            FeedMeta { next_id: 1, top: 0, bottom: 0, count: 0, version: 1, trimmed_below: 1, open: None }
+        }
+    };
+    if meta.next_id == 0
+        || meta.top >= meta.next_id
+        || meta.bottom > meta.top
+        || meta.trimmed_below > meta.next_id
+    {
+        return Err(GridError::Corrupted(format!("feed container is inconsistent: {meta:?}")));
+    }
+    Ok(meta)
+}
+
 /// The pure state machine of one feed shard.
 pub struct FeedShard {
     heap: Heap,
@@ -247,20 +265,15 @@ pub struct FeedShard {
 impl FeedShard {
     /// Reads (or, for a new heap, starts) the feed in `heap`.
     pub fn open(heap: Heap, policy: SegmentPolicy) -> Result<FeedShard, GridError> {
-        let meta = match heap.get_ref(META_KEY)? {
-            Some(b) => decode::<FeedMeta>("container", &b)?,
-            None => {
-                FeedMeta { next_id: 1, top: 0, bottom: 0, count: 0, version: 1, trimmed_below: 1, open: None }
-            }
-        };
-        if meta.next_id == 0
-            || meta.top >= meta.next_id
-            || meta.bottom > meta.top
-            || meta.trimmed_below > meta.next_id
-        {
-            return Err(GridError::Corrupted(format!("feed container is inconsistent: {meta:?}")));
-        }
+        let meta = read_meta(&heap)?;
         Ok(FeedShard { heap, meta, policy, deferred_log: false })
+    }
+
+    /// Reads the container again from the heap (after records were applied to the heap
+    /// directly: a replica's, replicated from its primary).
+    pub fn reload(&mut self) -> Result<(), GridError> {
+        self.meta = read_meta(&self.heap)?;
+        Ok(())
     }
 
     /// With `true`, writes only queue their op-log records (`Heap::apply_deferred`); the owner

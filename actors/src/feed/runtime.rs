@@ -140,6 +140,11 @@ impl FeedRuntime {
         self.call(version, FeedMsg::SetVersion, back!(SetVersion))
     }
 
+    /// This node's copy of the feed, summarised (`ClusterOp::Digest`; any role).
+    pub fn digest(&self) -> BoxFuture<Result<crate::replication::shard::ShardDigest, GridError>> {
+        self.call((), |(), r| FeedMsg::Digest(r), |_| None)
+    }
+
     pub fn state(&self) -> BoxFuture<Result<FeedState, GridError>> {
         self.call((), FeedMsg::State, back!(State))
     }

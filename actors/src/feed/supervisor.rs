@@ -27,6 +27,8 @@ pub struct FeedChild {
     pub heap: HeapOptions,
     /// Where fenced appends are checked.
     pub fences: Arc<crate::lock::fence::FenceTable>,
+    /// The node's replication network, once it is in a cluster.
+    pub cluster: crate::grid::ClusterNet,
 }
 
 /// The feed's heap file.
@@ -62,6 +64,8 @@ impl ChildSpec for FeedChild {
             policy: self.def.policy(),
             view: slot.view.clone(),
             fences: self.fences.clone(),
+            cluster: self.cluster.clone(),
+            map_name: crate::cluster::map::feed_map_name(&self.def.name),
         }
     }
 
