@@ -839,7 +839,8 @@ impl GridCore {
         }
         let registry: Registry = Arc::default();
         let feeds: FeedRegistry = Arc::default();
-        let locks = Arc::new(Locks::new(Arc::new(ShardSlot::new()), Arc::default()));
+        let fences = Arc::new(crate::lock::fence::FenceTable::with_clock(crate::cluster::fences::now_ms));
+        let locks = Arc::new(Locks::new(Arc::new(ShardSlot::new()), fences));
         let queues = Arc::new(Queues::default());
         let repl_net: ClusterNet = Arc::default();
         let args = RootArgs {

@@ -1444,3 +1444,50 @@ async fn a_feed_is_replicated_and_fails_over_with_its_records() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Fenced writes are checked on every node, not only where the locks are served: each node
+/// keeps a mirror of the lock service's fences, and a grant is answered only once every
+/// node's mirror holds it (or has stopped answering). A write fenced with a released grant is
+/// refused on every shard once the next grant was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writes_are_checked_on_every_node() {
+    use heapgrid::lock::Fenced;
+    let root = tempfile::tempdir().unwrap();
+    let (_nodes, cc) = three_with_table(root.path(), "acct", 3).await;
+    let t = cc.table("acct");
+    let locks = cc.locks().await.unwrap();
+    let a = locks.session(None).await.unwrap();
+    let b = locks.session(None).await.unwrap();
+    let g1 = a.lock("L").try_acquire().await.unwrap().expect("free");
+    let f1 = g1.fence();
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    // Every node's mirror is current within a few of its asks.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    for k in &keys {
+        loop {
+            match Fenced::with(&t, &[("L", f1)]).put(k.as_str(), &1).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < until, "fenced put of {k} with a held grant: {e:?}")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The shards of these keys have their primaries on every node.
+    let map = cc.map();
+    let primaries: std::collections::BTreeSet<u64> =
+        (0..3).map(|s| map.placement(&("acct".to_string(), s)).unwrap().primary).collect();
+    assert_eq!(primaries.len(), 3, "{map:?}");
+    g1.release().await.unwrap();
+    let g2 = b.lock("L").try_acquire().await.unwrap().expect("released");
+    assert!(g2.fence() > f1);
+    for k in &keys {
+        let e = Fenced::with(&t, &[("L", f1)]).put(k.as_str(), &2).await.unwrap_err();
+        assert!(matches!(e, GridError::StaleFence { .. }), "{k}: a released grant's write: {e:?}");
+        Fenced::with(&t, &[("L", g2.fence())]).put(k.as_str(), &3).await.unwrap();
+    }
+    for k in &keys {
+        assert_eq!(t.get::<i64>(k.as_str()).await.unwrap(), Some(3));
+    }
+}

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::detector::{Detector, Report, Timing};
+use super::fences::{self, FENCE_FRAME, FenceMirror, FenceWire};
 use super::map::{
     LOCKS_SERVICE, MapCmd, QUEUES_SERVICE, SERVICE_REPLICAS, SERVICES, ShardId, feed_in_map, is_service,
     service_spec,
@@ -97,8 +98,10 @@ impl DataPlane {
         let (det_tx, det_rx) = mpsc::channel(super::transport::INBOX_MAX);
         let (switches, switch_rx) = mpsc::channel(SWITCHES_MAX);
         let detector = Arc::new(std::sync::Mutex::new(Detector::new(timing)));
+        let mirror = Arc::new(std::sync::Mutex::new(FenceMirror::new(fences_of(&grid))));
         let tasks = vec![
-            tokio::spawn(route(grid.clone(), inbox, det_tx, rpc.clone())),
+            tokio::spawn(route(grid.clone(), inbox, det_tx, rpc.clone(), net.clone(), mirror.clone())),
+            tokio::spawn(ask_fences(net.clone(), mirror)),
             tokio::spawn(place(grid, net.clone(), rpc)),
             tokio::spawn(detect(control.clone(), net.clone(), det_rx, switch_rx, detector.clone())),
             tokio::spawn(propose(control, proposals)),
@@ -132,6 +135,11 @@ impl DataPlane {
             .map_err(|_| GridError::Unavailable("the data plane stopped".into()))?;
         rx.await.map_err(|_| GridError::Unavailable("the data plane stopped".into()))?
     }
+}
+
+/// The node's fence table (a fresh one if the grid is gone already).
+fn fences_of(grid: &Weak<GridCore>) -> Arc<crate::lock::fence::FenceTable> {
+    grid.upgrade().map_or_else(Arc::default, |g| g.locks().fences.clone())
 }
 
 /// Planned switches queued for the detector.
@@ -190,17 +198,76 @@ fn deliver(grid: &GridCore, table: &str, shard: u32, d: Delivery) {
     }
 }
 
+/// A fence frame: a mirror's ask to the lock service (if it runs here), or the lock service
+/// primary's answer to this node's mirror (taken only from the node the map names).
+fn fence_frame(
+    g: &GridCore,
+    net: &ReplNet,
+    mirror: &std::sync::Mutex<FenceMirror>,
+    from: NodeId,
+    w: FenceWire,
+) {
+    if let FenceWire::Ask { epoch, seq, asked_ms } = w {
+        if let SlotState::Running(a) = g.locks().slot().get() {
+            let _ = a.cast(LockMsg::FenceAsk(from, (epoch, seq, asked_ms)));
+        }
+        return;
+    }
+    let primary = net.map.borrow().placement(&(LOCKS_SERVICE.to_string(), 0)).map(|p| p.primary);
+    if primary != Some(from) || from == net.me {
+        return;
+    }
+    let mut m = mirror.lock().unwrap_or_else(|e| e.into_inner());
+    if m.on_wire(w)
+        && let Some(b) = m.ask(fences::now_ms()).encode()
+    {
+        net.transport.send(from, b);
+    }
+}
+
+/// This node's mirror asks the lock service's primary every `ASK_EVERY_MS` (for what it lacks,
+/// and a lease), unless this node serves the locks.
+async fn ask_fences(net: Arc<ReplNet>, mirror: Arc<std::sync::Mutex<FenceMirror>>) {
+    let mut every = tokio::time::interval(Duration::from_millis(fences::ASK_EVERY_MS));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        every.tick().await;
+        let primary = net.map.borrow().placement(&(LOCKS_SERVICE.to_string(), 0)).map(|p| p.primary);
+        let mut m = mirror.lock().unwrap_or_else(|e| e.into_inner());
+        match primary {
+            Some(p) if p != net.me => {
+                if let Some(b) = m.ask(fences::now_ms()).encode() {
+                    net.transport.send(p, b);
+                }
+            }
+            // The lock service is here (its table is its own), or not placed yet.
+            _ => m.forget(),
+        }
+    }
+}
+
 async fn route(
     grid: Weak<GridCore>,
     mut inbox: Inbox,
     detector: mpsc::Sender<(NodeId, ReplFrame)>,
     rpc: Arc<ShardRpc>,
+    net: Arc<ReplNet>,
+    mirror: Arc<std::sync::Mutex<FenceMirror>>,
 ) {
     while let Some((from, bytes)) = inbox.recv().await {
         let body = match bytes.split_first() {
             Some((&REPL_FRAME, body)) => body,
             Some((&SHARD_FRAME, body)) => {
                 rpc.on_frame(&grid, from, body);
+                continue;
+            }
+            Some((&FENCE_FRAME, body)) => {
+                let Some(w) = FenceWire::decode(body) else {
+                    tracing::warn!(from, "an undecodable fence frame was dropped");
+                    continue;
+                };
+                let Some(g) = grid.upgrade() else { return };
+                fence_frame(&g, &net, &mirror, from, w);
                 continue;
             }
             _ => continue,

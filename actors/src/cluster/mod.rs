@@ -4,13 +4,15 @@
 //! client's requests about it (`ops.rs`), the failure detector the Raft leader runs
 //! (`detector.rs`: leases, failover decisions, drained primaries), the node's data plane
 //! (`data.rs`: frames to shard actors, the map's tables started here, the detector on the
-//! leader, planned switches), table operations on other nodes' shards (`shard_rpc.rs`) and the
+//! leader, planned switches), table operations on other nodes' shards (`shard_rpc.rs`), every
+//! node's mirror of the lock service's fences (`fences.rs`) and the
 //! node-to-node transport (`transport.rs`: TCP with a cookie,
 //! an in-process network, a fault-injecting relay). Time is an argument of the state machines.
 //! A shard's own replication is `replication/shard.rs`, inside its actor.
 
 pub mod data;
 pub mod detector;
+pub mod fences;
 pub mod map;
 pub mod ops;
 pub mod raft;

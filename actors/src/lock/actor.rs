@@ -40,6 +40,7 @@ use super::{
     Acquired, Grant, Lock, LockError, SESSION_TTL_MS_DEFAULT, SESSION_TTL_MS_MAX, Semaphore, SessionId,
     Sessions, Waiter,
 };
+use crate::cluster::fences::FenceFanout;
 use crate::error::GridError;
 use crate::gate::{Deferred, GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
 use crate::replication::service::{ServiceRepl, answer_held};
@@ -83,6 +84,8 @@ pub enum LockMsg {
     ReplTick,
     /// This node's copy of the service's heap, summarised.
     Digest(Reply<crate::replication::shard::ShardDigest>),
+    /// A node's fence mirror asks (`cluster::fences`): `(epoch, seq, asked_ms)`.
+    FenceAsk(crate::replication::NodeId, (u64, u64, u64)),
     #[doc(hidden)]
     InjectPanic,
 }
@@ -153,6 +156,19 @@ pub struct LockState {
     loaded: bool,
     /// Replication failed while handling a message: the actor fails after it.
     failed: Option<String>,
+    /// In a cluster, on the primary: the changes of the fence table, pushed to every node's
+    /// mirror (`cluster::fences`).
+    fanout: Option<FenceFanout>,
+    /// Answers waiting for every mirror to hold the fence changes before them.
+    barrier: Arc<std::sync::Mutex<Barrier>>,
+}
+
+/// Answers held until the mirrors hold a seq of the fence fanout.
+#[derive(Default)]
+pub struct Barrier {
+    /// Every mirror holding a lease has this seq.
+    cleared: u64,
+    waiting: Vec<(u64, Option<GridError>, crate::gate::Answer)>,
 }
 
 /// A random 64-bit secret from the OS.
@@ -206,7 +222,37 @@ impl LockState {
 
     /// `gate.answer`; in a cluster the answer also waits for the replicas of every write
     /// before it (`replication::service`).
-    fn answer(&mut self, myself: &ActorRef<LockMsg>, wrote: u64, d: impl FnOnce(u64) -> Deferred) {
+    fn answer(
+        &mut self,
+        myself: &ActorRef<LockMsg>,
+        wrote: u64,
+        d: impl FnOnce(u64) -> Deferred + Send + 'static,
+    ) {
+        let now = crate::cluster::fences::now_ms();
+        let need = self.fanout.as_ref().filter(|f| f.cleared(now) < f.seq()).map(|f| f.seq());
+        let d: Box<dyn FnOnce(u64) -> Deferred + Send> = match need {
+            None => Box::new(d),
+            // After a fence change not every mirror holds yet: held until they do.
+            Some(need) => {
+                let barrier = self.barrier.clone();
+                Box::new(move |lsn| {
+                    let inner = d(lsn);
+                    let answer = inner.answer;
+                    Deferred {
+                        lsn: inner.lsn,
+                        answer: Box::new(move |err| {
+                            let mut b = barrier.lock().unwrap_or_else(|e| e.into_inner());
+                            if b.cleared >= need {
+                                drop(b);
+                                answer(err);
+                            } else {
+                                b.waiting.push((need, err.cloned(), answer));
+                            }
+                        }),
+                    }
+                })
+            }
+        };
         let repl = self.cluster.as_mut().and_then(|c| c.repl());
         let r = answer_held(repl, &mut self.gate, myself, wrote, true, || "the lock service".into(), d);
         if let Err(e) = r {
@@ -252,7 +298,56 @@ impl LockState {
             self.sem_recorded.insert(name.clone(), held);
             self.sems.insert(name, s);
         }
+        if self.cluster.is_some() {
+            // A new epoch of fences: every mirror takes the whole table again.
+            self.fanout = Some(FenceFanout::new(self.epoch));
+            *self.barrier.lock().unwrap_or_else(|e| e.into_inner()) = Barrier::default();
+        }
+        self.fences.set_valid_until(u64::MAX);
         self.loaded = true;
+    }
+
+    /// A change of the fence table, pushed to the mirrors (in a cluster, on the primary).
+    fn fence_changed(&mut self, name: &str, change: Option<(u64, bool)>) {
+        let (Some(f), Some(c)) = (self.fanout.as_mut(), self.cluster.as_ref()) else { return };
+        let (_, sends) = f.changed((name.to_string(), change), crate::cluster::fences::now_ms());
+        for (to, w) in sends {
+            if let Some(b) = w.encode() {
+                c.net().transport.send(to, b);
+            }
+        }
+    }
+
+    /// Sends the answers whose fence changes every mirror holds now (or whose mirrors' leases
+    /// ran out).
+    fn clear_barrier(&mut self) {
+        let Some(f) = self.fanout.as_mut() else { return };
+        let now = crate::cluster::fences::now_ms();
+        f.prune(now);
+        let cleared = f.cleared(now);
+        let ready: Vec<_> = {
+            let mut b = self.barrier.lock().unwrap_or_else(|e| e.into_inner());
+            b.cleared = cleared;
+            let (ready, wait) =
+                std::mem::take(&mut b.waiting).into_iter().partition(|(s, _, _)| *s <= cleared);
+            b.waiting = wait;
+            ready
+        };
+        for (_, err, answer) in ready {
+            answer(err.as_ref());
+        }
+    }
+
+    /// A mirror's ask (on the primary): what it lacks, and its lease.
+    fn fence_ask(&mut self, from: crate::replication::NodeId, ask: (u64, u64, u64)) {
+        let (Some(f), Some(c)) = (self.fanout.as_mut(), self.cluster.as_ref()) else { return };
+        let fences = &self.fences;
+        for w in f.on_ask(from, ask, crate::cluster::fences::now_ms(), || fences.snapshot()) {
+            if let Some(b) = w.encode() {
+                c.net().transport.send(from, b);
+            }
+        }
+        self.clear_barrier();
     }
 
     /// Memory emptied (this node is no longer the service's primary): waiters are answered
@@ -271,7 +366,18 @@ impl LockState {
         self.holdings.clear();
         self.sem_holdings.clear();
         self.sem_recorded.clear();
-        self.fences.reset();
+        // The table becomes this node's mirror of the new primary's (which replaces it whole):
+        // it answers nothing until then.
+        self.fences.set_valid_until(0);
+        self.fanout = None;
+        let waiting = std::mem::take(&mut self.barrier.lock().unwrap_or_else(|e| e.into_inner()).waiting);
+        let e = GridError::Indeterminate(
+            "the lock service moved to another node before every node's copy of the fences was current"
+                .into(),
+        );
+        for (_, _, answer) in waiting {
+            answer(Some(&e));
+        }
         self.loaded = false;
     }
 
@@ -371,7 +477,9 @@ impl LockState {
             reentry_max: a.lock.reentry_max,
             lock_delay_ms: a.lock.lock_delay_ms,
         };
-        a.cell.publish(holder.map_or(rec.last_fence, |h| h.fence), holder.is_some());
+        let published = (holder.map_or(rec.last_fence, |h| h.fence), holder.is_some());
+        a.cell.publish(published.0, published.1);
+        self.fence_changed(name, Some(published));
         let mut c = Change::default();
         c.lock(name, &rec)?;
         self.store()?.commit(&c)
@@ -450,7 +558,7 @@ impl LockState {
                 t.abort();
             }
             let held = self.sems.get(sem).map_or(0, |s| s.held_by(p.session));
-            self.answer(myself, lsn, |lsn| deferred(lsn, p.port, Ok(LockResult::Permits { held })));
+            self.answer(myself, lsn, move |lsn| deferred(lsn, p.port, Ok(LockResult::Permits { held })));
         }
     }
 
@@ -612,6 +720,7 @@ impl LockState {
                 self.timers.remove(&(t, name.to_string()));
             }
             self.fences.forget(name);
+            self.fence_changed(name, None);
         }
         if self.sems.get(name).is_some_and(|s| s.is_idle()) {
             self.sems.remove(name);
@@ -910,7 +1019,7 @@ impl LockState {
                     Some(true) => {
                         let held = s.held_by(session);
                         let lsn = self.persist_sem(&sem)?;
-                        self.answer(myself, lsn, |lsn| {
+                        self.answer(myself, lsn, move |lsn| {
                             deferred(lsn, reply, Ok(LockResult::Permits { held }))
                         });
                     }
@@ -1029,11 +1138,14 @@ impl Actor for LockActor {
             cluster,
             loaded: false,
             failed: None,
+            fanout: None,
+            barrier: Arc::default(),
         };
         match loaded {
             Some(loaded) => st.restore(loaded),
             None => {
-                st.fences.reset();
+                // This node's mirror of the cluster's fences until it serves the locks itself.
+                st.fences.set_valid_until(0);
                 st.replicate(&myself)?;
             }
         }
@@ -1088,9 +1200,18 @@ impl GatedService for LockState {
                 self.wait_over(myself, w);
                 Ok(())
             }
-            // Nothing expires while another node may be the primary (its own clock runs).
-            LockMsg::Tick if !self.serving_now() => Ok(()),
-            LockMsg::Tick => self.tick(myself),
+            LockMsg::Tick => {
+                self.clear_barrier();
+                // Nothing expires while another node may be the primary (its own clock runs).
+                if !self.serving_now() {
+                    return Ok(());
+                }
+                self.tick(myself)
+            }
+            LockMsg::FenceAsk(from, ask) => {
+                self.fence_ask(from, ask);
+                Ok(())
+            }
             LockMsg::Placement(p) => {
                 self.replicate(myself)?;
                 if let Some(c) = self.cluster.as_mut() {

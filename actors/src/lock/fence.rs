@@ -16,6 +16,11 @@
 //! loss is ordered before it: the shard applies that write before it handles anything sent
 //! after the loss (it handles its messages in order), which is what mutual exclusion needs.
 //!
+//! In a cluster the table of a node that does not serve the locks is a *mirror* of the lock
+//! service's (`cluster::fences`): it answers only while it is current, until `valid_until` on
+//! its `clock` (a lease the lock service renews); past it every fenced write is refused, as by
+//! an unheld lock. The lock service's own table, and a lone node's, are current for good.
+//!
 //! This file uses only `heapgrid_heap::sync`, so `loom-tests/` compiles it as it is (by path)
 //! against loom's primitives.
 
@@ -52,12 +57,50 @@ impl FenceCell {
 }
 
 /// Every lock's cell, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FenceTable {
     cells: RwLock<HashMap<String, Arc<FenceCell>>>,
+    /// The table is current until this time on `clock` (`u64::MAX`: for good).
+    valid_until: AtomicU64,
+    clock: fn() -> u64,
+}
+
+impl Default for FenceTable {
+    fn default() -> Self {
+        FenceTable::with_clock(|| 0)
+    }
 }
 
 impl FenceTable {
+    /// A table current for good, whose validity (once limited: `set_valid_until`) is read on
+    /// `clock` (milliseconds, monotonic).
+    pub fn with_clock(clock: fn() -> u64) -> FenceTable {
+        FenceTable { cells: RwLock::default(), valid_until: AtomicU64::new(u64::MAX), clock }
+    }
+
+    /// The table answers until `until` on its clock (`u64::MAX`: for good; 0: not now).
+    pub fn set_valid_until(&self, until: u64) {
+        self.valid_until.store(until, Ordering::Release);
+    }
+
+    /// Whether the table is current now.
+    pub fn valid(&self) -> bool {
+        let until = self.valid_until.load(Ordering::Acquire);
+        until == u64::MAX || (self.clock)() < until
+    }
+
+    /// Every cell: `(lock, fence, held)`.
+    pub fn snapshot(&self) -> Vec<(String, u64, bool)> {
+        let cells = self.cells.read().unwrap_or_else(|e| e.into_inner());
+        cells
+            .iter()
+            .map(|(n, c)| {
+                let (f, h) = c.load();
+                (n.clone(), f, h)
+            })
+            .collect()
+    }
+
     /// The cell of `lock`, created (unheld, fence 0) if it has none: the lock service keeps it.
     pub fn cell(&self, lock: &str) -> Arc<FenceCell> {
         if let Some(c) = self.cells.read().unwrap_or_else(|e| e.into_inner()).get(lock) {
@@ -75,6 +118,9 @@ impl FenceTable {
     /// Whether a write fenced with `presented` on `lock` may apply now: only if `presented` is
     /// the current grant's fence and the lock is still held.
     pub fn check(&self, lock: &str, presented: u64) -> Result<(), Stale> {
+        if !self.valid() {
+            return Err(Stale { lock: lock.to_string(), presented, current: None });
+        }
         match self.current(lock) {
             (fence, true) if fence == presented => Ok(()),
             (fence, held) => Err(Stale { lock: lock.to_string(), presented, current: held.then_some(fence) }),

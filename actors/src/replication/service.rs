@@ -143,6 +143,11 @@ impl ServiceRepl {
         GridError::NotPrimary { table: self.service.to_string(), shard: 0, primary, addr }
     }
 
+    /// The node's replication network.
+    pub fn net(&self) -> &Arc<ReplNet> {
+        &self.net
+    }
+
     pub fn repl(&mut self) -> Option<&mut ShardRepl> {
         self.repl.as_deref_mut()
     }
