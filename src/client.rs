@@ -366,6 +366,15 @@ impl Client {
         }
     }
 
+    /// The node's memory (resident anonymous and file-backed bytes) and every heap's figures
+    /// (pages, file and log bytes, bytes resident), for the collections this token may read.
+    pub async fn stats(&self) -> Result<heapgrid_actors::stats::NodeStats, GridError> {
+        match self.request(RequestBody::Stats).await? {
+            ResponseBody::Stats(s) => Ok(s),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
     /// What the node knows of the cluster: its Raft group and the map.
     pub async fn cluster_status(&self) -> Result<heapgrid_actors::cluster::raft::ClusterStatus, GridError> {
         use heapgrid_actors::cluster::ops::{ClusterOp, ClusterResult};

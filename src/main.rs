@@ -49,6 +49,9 @@ enum Cmd {
     },
     /// Load generator against a server: ops/s and latency percentiles.
     Bench(BenchArgs),
+    /// The node's memory (resident anonymous and file-backed bytes) and every heap's figures:
+    /// entries, pages (in use, free, held), file and op-log bytes, bytes resident (JSON out).
+    Stats(ClientArgs),
 }
 
 #[derive(Subcommand)]
@@ -283,6 +286,7 @@ fn main() -> ExitCode {
         Cmd::Check { dir } => check(&dir),
         Cmd::Cluster { client, op } => rt.block_on(cluster(client, op)),
         Cmd::Bench(b) => rt.block_on(bench(b)),
+        Cmd::Stats(c) => rt.block_on(stats(c)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -417,6 +421,12 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
     grid.close().await?;
     tracing::info!("checkpointed and closed");
     Ok(())
+}
+
+async fn stats(c: ClientArgs) -> Result<(), AnyErr> {
+    let client = connect(&c).await?;
+    let s = client.stats().await?;
+    emit(&serde_json::to_string_pretty(&s)?)
 }
 
 async fn cluster(c: ClientArgs, cmd: ClusterCmd) -> Result<(), AnyErr> {

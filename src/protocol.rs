@@ -139,6 +139,9 @@ pub enum RequestBody {
     Cluster {
         op: ClusterOp,
     },
+    /// The node's memory and its heaps' figures (docs/operations.md): the collections the
+    /// token may read.
+    Stats,
 }
 
 /// One response.
@@ -162,6 +165,7 @@ pub enum ResponseBody {
     Lock(LockResult),
     Queue(QueueResult),
     Cluster(ClusterResult),
+    Stats(heapgrid_actors::stats::NodeStats),
 }
 
 /// An operation on one table. Append-only.
@@ -534,8 +538,9 @@ mod tests {
             },
             RequestBody::Queue { op: QueueOp::List },
             RequestBody::Cluster { op: ClusterOp::Status },
+            RequestBody::Stats,
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..17).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..18).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -548,8 +553,9 @@ mod tests {
             ResponseBody::Lock(LockResult::Done),
             ResponseBody::Queue(QueueResult::Done),
             ResponseBody::Cluster(ClusterResult::Changed { version: 0 }),
+            ResponseBody::Stats(Default::default()),
         ];
-        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
+        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..11).collect::<Vec<u8>>());
         use heapgrid_actors::cluster::map::Member;
         let m = Member { id: 0, addr: s(), peer_addr: s() };
         let cluster_ops = [

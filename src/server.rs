@@ -1049,6 +1049,13 @@ impl<'c> Round<'c> {
                     Ok(ResponseBody::Queue(r))
                 });
             }
+            RequestBody::Stats => {
+                return alone(id, async move {
+                    let mut s = grid.stats().await;
+                    s.collections.retain(|c| who.allows(&c.name, Permission::Read));
+                    Ok(ResponseBody::Stats(s))
+                });
+            }
             RequestBody::Cluster { op } => {
                 let need = if op.changes() { Permission::Admin } else { Permission::Read };
                 return alone(id, async move {

@@ -70,9 +70,9 @@ pub trait GateMsg: ractor::Message {
     fn into_gate(self) -> Result<GateCall, Self>;
 }
 
-/// Implements `GateMsg` for an actor's message enum that has the gate's five variants under
+/// Implements `GateMsg` for an actor's message enum that has the gate's six variants under
 /// their usual names: `Flush`, `Durable(Vec<Group>)`, `Checkpoint(Option<Reply<()>>)`,
-/// `CheckpointDone` and `Close(Reply<()>)`.
+/// `CheckpointDone`, `Close(Reply<()>)` and `Stats(Reply<HeapStats>)`.
 macro_rules! impl_gate_msg {
     ($msg:ident) => {
         impl $crate::gate::GateMsg for $msg {
@@ -93,6 +93,7 @@ macro_rules! impl_gate_msg {
                     $msg::Checkpoint(reply) => Ok(GateCall::Checkpoint(reply)),
                     $msg::CheckpointDone => Ok(GateCall::CheckpointDone),
                     $msg::Close(reply) => Ok(GateCall::Close(reply)),
+                    $msg::Stats(reply) => Ok(GateCall::Stats(reply)),
                     msg => Err(msg),
                 }
             }
@@ -131,6 +132,8 @@ pub enum GateCall {
     CheckpointDone,
     /// Checkpoint and close the heap (releasing its file lock); later operations get `Closed`.
     Close(Reply<()>),
+    /// The heap's figures (`Heap::stats`: pages, bytes, resident bytes).
+    Stats(Reply<heapgrid_heap::HeapStats>),
 }
 
 /// What readers on other tasks see of a shard: its newest published snapshot, and the highest
@@ -288,6 +291,11 @@ impl<S: HeapOwner> LogGate<S> {
             }
             GateCall::Close(reply) => {
                 let r = self.close().await?;
+                let _ = reply.send(r);
+                Ok(())
+            }
+            GateCall::Stats(reply) => {
+                let r = self.shard.as_ref().map(|s| s.heap().stats()).ok_or(GridError::Closed);
                 let _ = reply.send(r);
                 Ok(())
             }

@@ -1029,6 +1029,36 @@ impl GridCore {
             .ok_or_else(|| GridError::NoSuchFeed(name.into()))
     }
 
+    /// The node's memory and every heap's figures (shards that do not answer, restarting or
+    /// failed, are left out).
+    pub async fn stats(&self) -> crate::stats::NodeStats {
+        use crate::stats::{CollectionStats, ShardStats};
+        let mut out = Vec::new();
+        let tables: Vec<Arc<TableRuntime>> =
+            self.registry.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for t in tables {
+            let mut shards = Vec::new();
+            for i in 0..t.def.shards {
+                if let Ok(s) = t.heap_stats(i).await {
+                    shards.push(ShardStats::of(i, &s));
+                }
+            }
+            out.push(CollectionStats { name: t.def.name.clone(), kind: "table".into(), shards });
+        }
+        let feeds: Vec<Arc<FeedRuntime>> =
+            self.feeds.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for f in feeds {
+            let shards = f.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
+            out.push(CollectionStats { name: f.def.name.clone(), kind: "feed".into(), shards });
+        }
+        let locks = self.locks.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
+        out.push(CollectionStats { name: "$locks".into(), kind: "service".into(), shards: locks });
+        let queues = self.queues.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
+        out.push(CollectionStats { name: "$queues".into(), kind: "service".into(), shards: queues });
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        crate::stats::NodeStats::of(out)
+    }
+
     /// Every feed, by name.
     pub fn list_feeds(&self) -> Vec<FeedDef> {
         let mut v: Vec<FeedDef> =

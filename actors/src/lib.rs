@@ -23,6 +23,7 @@ pub mod record;
 pub mod replication;
 pub mod restart;
 pub mod snippet;
+pub mod stats;
 pub mod supervise;
 pub mod table;
 pub mod value;

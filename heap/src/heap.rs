@@ -68,6 +68,10 @@ pub struct HeapStats {
     pub pending_pages: u64,
     pub file_bytes: u64,
     pub epoch: u64,
+    /// Bytes of the heap file's mapping resident in memory now (`mincore`; 0 where unknown).
+    pub resident_bytes: u64,
+    /// Bytes the op log's segments take on disk.
+    pub log_bytes: u64,
 }
 
 /// What `check_integrity` walked.
@@ -867,6 +871,8 @@ impl Heap {
                 as u64,
             file_bytes: self.pager.storage.len(),
             epoch: self.durable.epoch,
+            resident_bytes: self.pager.storage.region().resident_bytes().unwrap_or(0),
+            log_bytes: self.log.as_ref().map_or(0, |l| l.disk_bytes()),
         }
     }
 

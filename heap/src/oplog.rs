@@ -95,6 +95,10 @@ pub trait LogDir: Send + Sync {
     fn open_append(&self, first_lsn: u64, valid_len: u64) -> io::Result<Arc<dyn LogSegment>>;
     /// Deletes a segment.
     fn remove(&self, first_lsn: u64) -> io::Result<()>;
+    /// Bytes the segments take (their lengths; 0 where unknown).
+    fn bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// One segment open for appending.
@@ -150,6 +154,10 @@ impl LogSegment for FileSegment {
 }
 
 impl LogDir for FileLogDir {
+    fn bytes(&self) -> u64 {
+        let Ok(firsts) = self.list() else { return 0 };
+        firsts.into_iter().filter_map(|f| std::fs::metadata(self.path(f)).ok()).map(|m| m.len()).sum()
+    }
     fn list(&self) -> io::Result<Vec<u64>> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir)? {
@@ -307,6 +315,11 @@ pub(crate) struct OpLog {
 }
 
 impl OpLog {
+    /// Bytes its segments take on disk.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.dir.bytes()
+    }
+
     /// Opens the log and replays every record above `checkpoint_lsn` through `apply`.
     /// `expected_segment` (0: none) is the segment the checkpoint names: its loss is corruption.
     pub(crate) fn open(

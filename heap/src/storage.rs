@@ -97,6 +97,27 @@ impl Region {
         self.len == 0
     }
 
+    /// Bytes of the mapping resident in memory now (`mincore`), or `None` where the system
+    /// cannot tell (memory that is not page-aligned, a failed call).
+    pub fn resident_bytes(&self) -> Option<u64> {
+        if self.len == 0 {
+            return Some(0);
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page).ok().filter(|&p| p > 0)?;
+        if !(self.ptr as usize).is_multiple_of(page) {
+            return None;
+        }
+        let mut vec = vec![0u8; self.len.div_ceil(page)];
+        // SAFETY: `ptr..ptr+len` is this live mapping, page-aligned; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(self.ptr.cast(), self.len, vec.as_mut_ptr().cast()) };
+        if rc != 0 {
+            return None;
+        }
+        Some(vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64)
+    }
+
     /// `len` bytes at `offset`, or `None` past the end.
     pub fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let end = (offset as usize).checked_add(len)?;

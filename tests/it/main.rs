@@ -9,6 +9,7 @@ mod grid;
 mod heap_kill9;
 mod locks;
 mod locks_server;
+mod memory;
 mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;

@@ -95,6 +95,8 @@ pub enum FeedMsg {
     WaitExpired(u64),
     Checkpoint(Option<Reply<()>>),
     Close(Reply<()>),
+    /// The heap's figures (handled by the gate).
+    Stats(Reply<heapgrid_heap::HeapStats>),
     Flush,
     Durable(Vec<Group>),
     CheckpointDone,
@@ -561,6 +563,7 @@ impl Actor for FeedActor {
             | FeedMsg::Repl(..)
             | FeedMsg::ReplTick
             | FeedMsg::Digest(_)
+            | FeedMsg::Stats(_)
             | FeedMsg::InjectPanic => {}
         }
         if let Some(why) = state.failed.take() {
@@ -596,6 +599,7 @@ fn refuse(msg: FeedMsg, e: GridError) {
         FeedMsg::Rotate(_, r) | FeedMsg::SetVersion(_, r) => drop(r.send(Err(e.clone()))),
         FeedMsg::State(_, r) => drop(r.send(Err(e.clone()))),
         FeedMsg::Digest(r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Stats(r) => drop(r.send(Err(e.clone()))),
         // The gate's own messages never get here (`GateMsg::into_gate`).
         FeedMsg::Checkpoint(_)
         | FeedMsg::Close(_)

@@ -140,6 +140,11 @@ impl FeedRuntime {
         self.call(version, FeedMsg::SetVersion, back!(SetVersion))
     }
 
+    /// The heap figures of the feed's shard here (any role).
+    pub fn heap_stats(&self) -> BoxFuture<Result<heapgrid_heap::HeapStats, GridError>> {
+        self.call((), |(), r| FeedMsg::Stats(r), |_| None)
+    }
+
     /// This node's copy of the feed, summarised (`ClusterOp::Digest`; any role).
     pub fn digest(&self) -> BoxFuture<Result<crate::replication::shard::ShardDigest, GridError>> {
         self.call((), |(), r| FeedMsg::Digest(r), |_| None)

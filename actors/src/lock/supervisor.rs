@@ -106,6 +106,11 @@ impl Locks {
         slot_call(self.slot.clone(), "locks", "lock service", (), |(), r| LockMsg::Check(r), |_| Some(()))
     }
 
+    /// The lock heap's figures.
+    pub fn heap_stats(&self) -> BoxFuture<Result<heapgrid_heap::HeapStats, GridError>> {
+        slot_call(self.slot.clone(), "locks", "lock service", (), |(), r| LockMsg::Stats(r), |_| Some(()))
+    }
+
     /// This node's copy of the lock heap, summarised (in a cluster; any role).
     pub fn digest(&self) -> BoxFuture<Result<crate::replication::shard::ShardDigest, GridError>> {
         slot_call(self.slot.clone(), "locks", "lock service", (), |(), r| LockMsg::Digest(r), |_| Some(()))

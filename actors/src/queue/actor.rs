@@ -90,6 +90,8 @@ pub enum QueueMsg {
     Checkpoint(Option<Reply<()>>),
     CheckpointDone,
     Close(Reply<()>),
+    /// The heap's figures (handled by the gate).
+    Stats(Reply<heapgrid_heap::HeapStats>),
     /// The cluster map placed the queue service (a cluster).
     Placement(crate::cluster::map::Placement),
     /// A replication frame from another node.

@@ -99,6 +99,11 @@ impl Queues {
         slot_call(self.slot.clone(), "queues", "queue service", (), |(), r| QueueMsg::Check(r), |_| Some(()))
     }
 
+    /// The queue heap's figures.
+    pub fn heap_stats(&self) -> BoxFuture<Result<heapgrid_heap::HeapStats, GridError>> {
+        slot_call(self.slot.clone(), "queues", "queue service", (), |(), r| QueueMsg::Stats(r), |_| Some(()))
+    }
+
     /// This node's copy of the queue heap, summarised (in a cluster; any role).
     pub fn digest(&self) -> BoxFuture<Result<crate::replication::shard::ShardDigest, GridError>> {
         slot_call(self.slot.clone(), "queues", "queue service", (), |(), r| QueueMsg::Digest(r), |_| Some(()))

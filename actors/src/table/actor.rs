@@ -95,6 +95,8 @@ pub enum ShardMsg {
     /// Checkpoint and close the heap (releasing its file lock) before the actor is stopped;
     /// later operations get `GridError::Closed`.
     Close(Reply<()>),
+    /// The heap's figures (handled by the gate).
+    Stats(Reply<heapgrid_heap::HeapStats>),
     /// Write the op-log records queued since the last flush (one write(2)) and answer their
     /// requests. The actor sends it to itself after the first write of a group, so it arrives
     /// after every message already queued: one syscall per drained mailbox.
@@ -615,6 +617,7 @@ impl Actor for ShardActor {
             | ShardMsg::Repl(..)
             | ShardMsg::ReplTick
             | ShardMsg::Digest(_)
+            | ShardMsg::Stats(_)
             | ShardMsg::GetCopy(..) => {}
         }
         if let Some(why) = state.failed.take() {
@@ -654,6 +657,7 @@ fn refuse(msg: ShardMsg, e: GridError) {
         | ShardMsg::Repl(..)
         | ShardMsg::ReplTick => {}
         ShardMsg::Digest(r) => drop(r.send(err(e))),
+        ShardMsg::Stats(r) => drop(r.send(err(e))),
         ShardMsg::GetCopy(_, r) => drop(r.send(err(e))),
     }
 }

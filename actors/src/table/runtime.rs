@@ -253,6 +253,11 @@ impl TableRuntime {
         self.call(i, key, ShardMsg::Get, |m| if let ShardMsg::Get(k, _) = m { Some(k) } else { None }).await?
     }
 
+    /// The heap figures of shard `i` here (any role).
+    pub async fn heap_stats(&self, i: u32) -> Result<heapgrid_heap::HeapStats, GridError> {
+        self.call(i, (), |(), r| ShardMsg::Stats(r), |_| None).await?
+    }
+
     /// This node's copy of shard `i`, summarised (`ClusterOp::Digest`; any role).
     pub async fn digest(&self, i: u32) -> Result<crate::replication::shard::ShardDigest, GridError> {
         if i >= self.def.shards {
