@@ -694,6 +694,8 @@ impl Heap {
         pager.retired.extend(held.into_iter().map(|id| (tag, id)));
         pager.held = pager.pending.drain(..job.pending_at_start).collect();
         pager.reclaim();
+        // Free pages' memory goes back to the system (issue 16: free pages stayed resident).
+        pager.give_back();
         self.durable = job.meta;
         // Keep the log back to the previous checkpoint: open may fall back to it.
         if let Some(log) = self.log.as_mut() {

@@ -60,6 +60,8 @@ pub(crate) struct Pager {
     pub(crate) registry: crate::sync::Arc<Registry>,
     /// Shared with every snapshot; replaced by a grown copy that shares its chunks.
     pub(crate) verified: Arc<Verified>,
+    /// Pages that became free since the last `give_back` (their memory is returned then).
+    freed: Vec<u64>,
 }
 
 impl Pages for Pager {
@@ -86,6 +88,7 @@ impl Pager {
             captured: 0,
             registry: crate::sync::Arc::new(Registry::new()),
             verified: Arc::new(Verified::empty()),
+            freed: Vec::new(),
         };
         p.size_verified();
         p
@@ -185,6 +188,7 @@ impl Pager {
             self.writable.clear(id);
             self.fresh.clear(id);
             self.free.insert(id);
+            self.note_freed(id);
         } else if self.fresh.get(id) {
             // Not durable, but a snapshot may reach it.
             self.fresh.clear(id);
@@ -197,14 +201,47 @@ impl Pager {
     /// Moves every retired page no live snapshot can reach into `free`.
     pub(crate) fn reclaim(&mut self) {
         let oldest = self.registry.oldest();
-        let free = &mut self.free;
+        let (free, freed) = (&mut self.free, &mut self.freed);
         self.retired.retain(|&(tag, id)| {
             let reusable = oldest.is_none_or(|o| o > tag);
             if reusable {
                 free.insert(id);
+                freed.push(id);
             }
             !reusable
         });
+    }
+
+    /// Notes a page that became free, keeping the notes no more than about twice the free set
+    /// (a page freed, reused and freed again is noted once).
+    fn note_freed(&mut self, id: u64) {
+        self.freed.push(id);
+        if self.freed.len() > 2 * self.free.len() + 1024 {
+            let free = &self.free;
+            self.freed.retain(|id| free.contains(id));
+            self.freed.sort_unstable();
+            self.freed.dedup();
+        }
+    }
+
+    /// Returns the memory of the pages that became free since the last call and are still
+    /// free (runs of them, one `Storage::discard` each) to the system; they are read back from
+    /// the file if ever handed out again.
+    pub(crate) fn give_back(&mut self) {
+        let mut ids: Vec<u64> = std::mem::take(&mut self.freed);
+        ids.retain(|id| self.free.contains(id) && *id < self.page_count);
+        ids.sort_unstable();
+        ids.dedup();
+        let mut i = 0;
+        while i < ids.len() {
+            let first = ids[i];
+            let mut n = 1;
+            while i + (n as usize) < ids.len() && ids[i + n as usize] == first + n {
+                n += 1;
+            }
+            self.storage.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
+            i += n as usize;
+        }
     }
 
     /// Seals every page written since the last capture and makes it read-only: after this, the

@@ -52,6 +52,10 @@ pub trait Storage: Send + Sync {
     /// A handle that flushes, syncs the length and writes meta pages from another thread (a
     /// checkpoint in the background), while the owner goes on writing other pages.
     fn flusher(&self) -> Arc<dyn Flusher>;
+    /// Gives the memory of `len` bytes at `offset` back to the system (free pages nobody reads):
+    /// advice only, the bytes stay as they are on disk and are read back from there if ever
+    /// read. A storage without memory of its own ignores it.
+    fn discard(&mut self, _offset: u64, _len: u64) {}
 }
 
 /// Flushes a storage from another thread. Only for bytes the owner does not write meanwhile:
@@ -259,6 +263,27 @@ impl Storage for FileStorage {
     }
     fn flusher(&self) -> Arc<dyn Flusher> {
         Arc::new(FileFlusher { map: self.map.clone(), region: self.region.clone(), file: self.file.clone() })
+    }
+    fn discard(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.region.len());
+        if offset >= end {
+            return;
+        }
+        let p = self.region.write_ptr(offset, (end - offset) as usize);
+        // SAFETY: page-aligned (callers pass whole pages of a page-aligned mapping), in bounds;
+        // the pages are free, so no reader reads them and the heap does not write them before
+        // handing them out again (when they are read back from the file). On a shared file
+        // mapping MADV_DONTNEED only unmaps: nothing written is lost.
+        unsafe {
+            libc::madvise(p.cast(), (end - offset) as usize, libc::MADV_DONTNEED);
+            // Their clean cached copies too (dirty ones stay until written back).
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                (end - offset) as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
     }
 }
 
