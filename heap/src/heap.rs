@@ -578,7 +578,12 @@ impl Heap {
         if self.checkpoint_in_flight {
             return Err(Error::Poisoned("a checkpoint is already in flight".into()));
         }
-        if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn {
+        // Nothing new to write, and no freed pages waiting for checkpoints to become free
+        // (beyond the previous free lists' own pages, which every checkpoint frees again: waiting
+        // for those alone would checkpoint for ever).
+        let waiting = self.pager.pending.len() + self.pager.held.len();
+        let lists = 2 * (self.pager.durable_freelist.len() + 1);
+        if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn && waiting <= lists {
             return Ok(None);
         }
         // Reserve room for the free list before changing anything, so a full disk is a plain error.
