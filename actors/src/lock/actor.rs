@@ -43,7 +43,7 @@ use super::{
 use crate::cluster::fences::FenceFanout;
 use crate::error::GridError;
 use crate::gate::{Deferred, GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
-use crate::replication::service::{ServiceRepl, answer_held};
+use crate::replication::service::{ServiceEvent, ServiceRepl, answer_held};
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
@@ -390,6 +390,14 @@ impl LockState {
         c.ensure(self.gate.shard.as_mut(), move || me.cast(LockMsg::ReplTick).is_ok())
     }
 
+    /// In a cluster: a placement, a frame or the replication tick, then the role it leaves.
+    fn replicated(&mut self, myself: &ActorRef<LockMsg>, ev: ServiceEvent) -> Result<(), GridError> {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        let me = myself.clone();
+        c.on(self.gate.shard.as_mut(), ev, move || me.cast(LockMsg::ReplTick).is_ok())?;
+        self.roles(myself)
+    }
+
     /// Whether the service runs here now: a lone node, or the cluster's leased primary.
     fn serving_now(&mut self) -> bool {
         self.loaded && self.cluster.as_mut().is_none_or(|c| c.admit().is_ok())
@@ -401,12 +409,10 @@ impl LockState {
         if let Some(why) = self.failed.take() {
             return Err(GridError::Unavailable(why));
         }
-        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
-        if let (Some(r), Some(s)) = (c.repl(), self.gate.shard.as_mut()) {
-            r.written(s.heap_mut())?;
-            r.ship(s.heap_mut())?;
+        match self.cluster.as_mut() {
+            Some(c) => c.after(self.gate.shard.as_mut()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// In a cluster: loads the service on becoming its leased primary (raising the epoch, a
@@ -1214,26 +1220,9 @@ impl GatedService for LockState {
                 self.fence_ask(from, ask);
                 Ok(())
             }
-            LockMsg::Placement(p) => {
-                self.replicate(myself)?;
-                if let Some(c) = self.cluster.as_mut() {
-                    c.on_placement(self.gate.shard.as_mut(), &p);
-                }
-                self.roles(myself)
-            }
-            LockMsg::Repl(from, wire) => {
-                self.replicate(myself)?;
-                if let Some(c) = self.cluster.as_mut() {
-                    c.on_frame(self.gate.shard.as_mut(), from, wire)?;
-                }
-                self.roles(myself)
-            }
-            LockMsg::ReplTick => {
-                if let Some(c) = self.cluster.as_mut() {
-                    c.tick(self.gate.shard.as_mut())?;
-                }
-                self.roles(myself)
-            }
+            LockMsg::Placement(p) => self.replicated(myself, ServiceEvent::Placement(p)),
+            LockMsg::Repl(from, wire) => self.replicated(myself, ServiceEvent::Frame(from, wire)),
+            LockMsg::ReplTick => self.replicated(myself, ServiceEvent::Tick),
             LockMsg::Digest(reply) => {
                 let r = match self.cluster.as_ref() {
                     Some(c) => c.digest(self.gate.shard.as_ref()),

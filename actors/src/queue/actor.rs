@@ -41,7 +41,7 @@ use crate::error::GridError;
 use crate::gate::{Deferred, GatedService, Group, HeapOwner, LogGate, deferred, handle_gated, open_heap};
 use crate::lock::SessionId;
 use crate::lock::fence::FenceTable;
-use crate::replication::service::{ServiceRepl, answer_held};
+use crate::replication::service::{ServiceEvent, ServiceRepl, answer_held};
 use crate::value::Value;
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
@@ -384,6 +384,14 @@ impl QueueState {
         c.ensure(self.gate.shard.as_mut(), move || me.cast(QueueMsg::ReplTick).is_ok())
     }
 
+    /// In a cluster: a placement, a frame or the replication tick, then the role it leaves.
+    fn replicated(&mut self, myself: &ActorRef<QueueMsg>, ev: ServiceEvent) -> Result<(), GridError> {
+        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
+        let me = myself.clone();
+        c.on(self.gate.shard.as_mut(), ev, move || me.cast(QueueMsg::ReplTick).is_ok())?;
+        self.roles(myself)
+    }
+
     /// Whether the service runs here now: a lone node, or the cluster's leased primary.
     fn serving_now(&mut self) -> bool {
         self.loaded && self.cluster.as_mut().is_none_or(|c| c.admit().is_ok())
@@ -395,12 +403,10 @@ impl QueueState {
         if let Some(why) = self.failed.take() {
             return Err(GridError::Unavailable(why));
         }
-        let Some(c) = self.cluster.as_mut() else { return Ok(()) };
-        if let (Some(r), Some(s)) = (c.repl(), self.gate.shard.as_mut()) {
-            r.written(s.heap_mut())?;
-            r.ship(s.heap_mut())?;
+        match self.cluster.as_mut() {
+            Some(c) => c.after(self.gate.shard.as_mut()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// In a cluster: loads the service on becoming its leased primary, drops it on ceasing to
@@ -1387,26 +1393,9 @@ impl GatedService for QueueState {
                 let _ = reply.send(r);
                 Ok(())
             }
-            QueueMsg::Placement(p) => {
-                self.replicate(myself)?;
-                if let Some(c) = self.cluster.as_mut() {
-                    c.on_placement(self.gate.shard.as_mut(), &p);
-                }
-                self.roles(myself)
-            }
-            QueueMsg::Repl(from, wire) => {
-                self.replicate(myself)?;
-                if let Some(c) = self.cluster.as_mut() {
-                    c.on_frame(self.gate.shard.as_mut(), from, wire)?;
-                }
-                self.roles(myself)
-            }
-            QueueMsg::ReplTick => {
-                if let Some(c) = self.cluster.as_mut() {
-                    c.tick(self.gate.shard.as_mut())?;
-                }
-                self.roles(myself)
-            }
+            QueueMsg::Placement(p) => self.replicated(myself, ServiceEvent::Placement(p)),
+            QueueMsg::Repl(from, wire) => self.replicated(myself, ServiceEvent::Frame(from, wire)),
+            QueueMsg::ReplTick => self.replicated(myself, ServiceEvent::Tick),
             QueueMsg::Digest(reply) => {
                 let r = match self.cluster.as_ref() {
                     Some(c) => c.digest(self.gate.shard.as_ref()),

@@ -76,6 +76,13 @@ pub fn answer_held<S: HeapOwner, M: GateMsg>(
     }
 }
 
+/// What replication hands a service actor (its messages of these kinds go to `ServiceRepl::on`).
+pub enum ServiceEvent {
+    Placement(Placement),
+    Frame(NodeId, ReplWire),
+    Tick,
+}
+
 /// A service's replication on this node: opened once the map places the service.
 pub struct ServiceRepl {
     service: &'static str,
@@ -152,37 +159,37 @@ impl ServiceRepl {
         self.repl.as_deref_mut()
     }
 
-    /// Ships what the last flush wrote.
-    pub fn ship<S: HeapOwner>(&mut self, store: Option<&mut S>) -> Result<(), GridError> {
-        match (self.repl.as_mut(), store) {
-            (Some(r), Some(s)) => r.ship(s.heap_mut()),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn on_placement<S: HeapOwner>(&mut self, store: Option<&mut S>, p: &Placement) {
-        if let (Some(r), Some(s)) = (self.repl.as_mut(), store) {
-            r.on_placement(s.heap_mut(), p);
-        }
-    }
-
-    pub fn on_frame<S: HeapOwner>(
+    /// A placement, a frame or the tick: replication opened first if the map places the
+    /// service now (`tick` sends the actor its replication tick). The caller then checks its
+    /// role (`should_load`, `should_drop`).
+    pub fn on<S: HeapOwner>(
         &mut self,
-        store: Option<&mut S>,
-        from: NodeId,
-        wire: ReplWire,
+        mut store: Option<&mut S>,
+        ev: ServiceEvent,
+        tick: impl Fn() -> bool + Send + 'static,
     ) -> Result<(), GridError> {
-        match (self.repl.as_mut(), store) {
-            (Some(r), Some(s)) => r.on_frame(s.heap_mut(), from, wire),
-            _ => Ok(()),
+        if !matches!(ev, ServiceEvent::Tick) {
+            self.ensure(store.as_deref_mut(), tick)?;
+        }
+        let (Some(r), Some(s)) = (self.repl.as_mut(), store) else { return Ok(()) };
+        match ev {
+            ServiceEvent::Placement(p) => {
+                r.on_placement(s.heap_mut(), &p);
+                Ok(())
+            }
+            ServiceEvent::Frame(from, wire) => r.on_frame(s.heap_mut(), from, wire),
+            ServiceEvent::Tick => r.tick(s.heap_mut()),
         }
     }
 
-    pub fn tick<S: HeapOwner>(&mut self, store: Option<&mut S>) -> Result<(), GridError> {
-        match (self.repl.as_mut(), store) {
-            (Some(r), Some(s)) => r.tick(s.heap_mut()),
-            _ => Ok(()),
+    /// After each message of the service actor: what was written is recorded for shipping (a
+    /// timer's writes too) and shipped once the op log has it.
+    pub fn after<S: HeapOwner>(&mut self, store: Option<&mut S>) -> Result<(), GridError> {
+        if let (Some(r), Some(s)) = (self.repl.as_mut(), store) {
+            r.written(s.heap_mut())?;
+            r.ship(s.heap_mut())?;
         }
+        Ok(())
     }
 
     /// The service's memory should be loaded now (it became the primary under a lease).
