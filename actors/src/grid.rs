@@ -1606,6 +1606,10 @@ impl GridCore {
         Ok(version)
     }
 
+    /// How often `cluster_remove` takes the node out of a service again (the leader may have
+    /// given it a service replica meanwhile) before giving up.
+    const REMOVE_RETRIES: u32 = 5;
+
     /// Takes `node` out of the cluster, alive or dead, placing every shard it holds elsewhere
     /// first (shared CLUSTER.md, "Operations"):
     /// - a shard it is the primary of moves to an in-sync replica (a planned switch, run on the
@@ -1686,7 +1690,7 @@ impl GridCore {
             }
             match c.admin(Admin::Remove(node)).await {
                 Ok(r) => return Ok(r.version),
-                Err(e) if tries < 5 && !holding(c).is_empty() => {
+                Err(e) if tries < Self::REMOVE_RETRIES && !holding(c).is_empty() => {
                     tries += 1;
                     tracing::debug!(node, "removing a node: it holds a service replica again ({e})");
                 }

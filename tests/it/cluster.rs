@@ -491,6 +491,20 @@ async fn digests(nodes: &[&Node], table: &str) -> Vec<Option<(u64, u64, u32)>> {
     out
 }
 
+/// Until every node's copy of shard 0 of `table` (a table, `feed:NAME`, `$locks`, `$queues`)
+/// has the same position and digest (10 s at most).
+async fn copies_agree(nodes: &[&Node], table: &str) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = digests(nodes, table).await;
+        if d.iter().all(Option::is_some) && d.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < until, "{table}: copies differ: {d:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Puts `count` new keys (`prefix` + i) through `cc`, 8 at a time.
 async fn put_many(cc: &heapgrid::ClusterClient, table: &str, prefix: &str, count: u64) {
     let mut tasks = Vec::new();
@@ -1072,15 +1086,7 @@ async fn the_lock_and_queue_services_fail_over_with_their_state() {
     // The two copies left of each service are equal.
     let live: Vec<&Node> = nodes.iter().collect();
     for svc in ["$locks", "$queues"] {
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let d = digests(&live, svc).await;
-            if d.iter().all(Option::is_some) && d.windows(2).all(|w| w[0] == w[1]) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < until, "{svc}: copies differ: {d:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        copies_agree(&live, svc).await;
     }
 }
 
@@ -1434,15 +1440,7 @@ async fn a_feed_is_replicated_and_fails_over_with_its_records() {
     let next = f.append(200i64).await.unwrap();
     assert!(next > *acked.last().unwrap(), "id {next} reused after the failover");
     let live: Vec<&Node> = nodes.iter().collect();
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let d = digests(&live, "feed:events").await;
-        if d.iter().all(Option::is_some) && d.windows(2).all(|w| w[0] == w[1]) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < until, "feed copies differ: {d:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    copies_agree(&live, "feed:events").await;
 }
 
 /// Fenced writes are checked on every node, not only where the locks are served: each node

@@ -285,10 +285,33 @@ async fn route(
     }
 }
 
+/// Starts feed `name`, which the map places here, with its definition from a node that runs
+/// it (the one that created it, at first); the next pass of `place` tries again if none did.
+async fn start_feed(grid: &Weak<GridCore>, rpc: &ShardRpc, name: &str, holders: &[NodeId]) {
+    let mut def = None;
+    for &h in holders {
+        match rpc.feed_def(h, name).await {
+            Ok(d) => {
+                def = Some(d);
+                break;
+            }
+            Err(e) => tracing::debug!(feed = %name, node = h, "no feed definition there yet: {e}"),
+        }
+    }
+    let (Some(def), Some(g)) = (def, grid.upgrade()) else { return };
+    match g.create_feed_local(def).await {
+        Ok(_) => tracing::info!(feed = %name, "replicated feed started here"),
+        Err(GridError::FeedExists(_)) => {}
+        Err(e) => tracing::warn!(feed = %name, "could not start a replicated feed: {e}"),
+    }
+}
+
 async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>, rpc: Arc<ShardRpc>) {
     let mut map = net.map.clone();
     let mut known: HashSet<String> = HashSet::new();
     let mut known_feeds: HashSet<String> = HashSet::new();
+    // Feeds being started here (`start_feed` tasks).
+    let starting: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
     // The map version whose placements the shard actors were sent (they also read the map on
     // every heartbeat; this only makes a change reach them at once).
     let mut delivered = None;
@@ -344,27 +367,19 @@ async fn place(grid: Weak<GridCore>, net: Arc<ReplNet>, rpc: Arc<ShardRpc>) {
         }
         known = names;
         let feed_names: HashSet<String> = feeds.iter().map(|(n, _)| n.clone()).collect();
-        for (name, holders) in &feeds {
-            if g.feed(name).is_ok() {
+        for (name, holders) in feeds {
+            // Started on its own task (a definition asked of a dead node waits `READ_CALL`), at
+            // most one per feed, so placements are never held up here.
+            if g.feed(&name).is_ok()
+                || !starting.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone())
+            {
                 continue;
             }
-            // Its definition from a node that runs it (the one that created it, at first).
-            let mut def = None;
-            for &h in holders {
-                match rpc.feed_def(h, name).await {
-                    Ok(d) => {
-                        def = Some(d);
-                        break;
-                    }
-                    Err(e) => tracing::debug!(feed = %name, node = h, "no feed definition there yet: {e}"),
-                }
-            }
-            let Some(def) = def else { continue };
-            match g.create_feed_local(def).await {
-                Ok(_) => tracing::info!(feed = %name, "replicated feed started here"),
-                Err(GridError::FeedExists(_)) => {}
-                Err(e) => tracing::warn!(feed = %name, "could not start a replicated feed: {e}"),
-            }
+            let (grid, rpc, starting) = (grid.clone(), rpc.clone(), starting.clone());
+            tokio::spawn(async move {
+                start_feed(&grid, &rpc, &name, &holders).await;
+                starting.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+            });
         }
         for gone in known_feeds.difference(&feed_names) {
             match g.drop_feed_local(gone).await {

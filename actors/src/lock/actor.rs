@@ -165,7 +165,9 @@ pub struct LockState {
     barrier: Arc<std::sync::Mutex<Barrier>>,
 }
 
-/// Answers held until the mirrors hold a seq of the fence fanout.
+/// Answers held until the mirrors hold a seq of the fence fanout. Not bounded here: each is an
+/// answer of a request in flight, which the connections' in-flight limits bound, and a mirror
+/// that does not ack stops holding them when its lease ends (`MIRROR_LEASE_MS`).
 #[derive(Default)]
 pub struct Barrier {
     /// Every mirror holding a lease has this seq.
@@ -230,14 +232,20 @@ impl LockState {
         wrote: u64,
         d: impl FnOnce(u64) -> Deferred + Send + 'static,
     ) {
-        let now = crate::cluster::fences::now_ms();
-        let need = self.fanout.as_ref().filter(|f| f.cleared(now) < f.seq()).map(|f| f.seq());
-        let d: Box<dyn FnOnce(u64) -> Deferred + Send> = match need {
-            None => Box::new(d),
+        // On a lone node, or with every mirror current, the gate's answer as it is (no clock
+        // read, no allocation: this is every lock answer's path).
+        let need = self.fanout.as_ref().and_then(|f| {
+            let seq = f.seq();
+            (f.cleared(crate::cluster::fences::now_ms()) < seq).then_some(seq)
+        });
+        let repl = self.cluster.as_mut().and_then(|c| c.repl());
+        let what = || "the lock service".to_string();
+        let r = match need {
+            None => answer_held(repl, &mut self.gate, myself, wrote, true, what, d),
             // After a fence change not every mirror holds yet: held until they do.
             Some(need) => {
                 let barrier = self.barrier.clone();
-                Box::new(move |lsn| {
+                answer_held(repl, &mut self.gate, myself, wrote, true, what, move |lsn| {
                     let inner = d(lsn);
                     let answer = inner.answer;
                     Deferred {
@@ -255,8 +263,6 @@ impl LockState {
                 })
             }
         };
-        let repl = self.cluster.as_mut().and_then(|c| c.repl());
-        let r = answer_held(repl, &mut self.gate, myself, wrote, true, || "the lock service".into(), d);
         if let Err(e) = r {
             self.failed = Some(e.to_string());
         }

@@ -1,5 +1,6 @@
 //! The lock service's heap: sessions, each lock's last fence and holder, each semaphore's size
-//! and permits, and the node's lock epoch. One heap for the node (`<dir>/locks/shard-0000.heap`),
+//! and permits, and the node's lock epoch. One heap for the node (`<dir>/locks/shard-0000.heap`;
+//! in a cluster `<dir>/replicated/locks/shard-0000.heap`, the service's replicated copy),
 //! owned by the lock service actor; every change is one `WriteBatch`, so one op-log record.
 //!
 //! Keys and values (every value is a format byte, 1, then postcard):
@@ -16,7 +17,9 @@
 //! above `e << EPOCH_SHIFT` (`fence_floor`). A grant whose record was lost with the page cache
 //! (power loss under a non-`always` policy) can therefore never be issued again: the next open
 //! has a larger epoch. The first open has epoch 0, so a node that never restarts issues 1, 2, 3.
-//! (In a cluster the epoch will be the failover epoch, shared LOCKS.md.)
+//! In a cluster nothing is written at open (`open_replicated`): the epoch rises when the node
+//! becomes the service's primary (`promote`), to at least the service's epoch in the map, as a
+//! replicated record.
 //!
 //! Lease deadlines, session deadlines and waiters are not stored: after a restart a recorded
 //! holder keeps its grant for one session ttl counted from the restart, and for good only if its

@@ -1,5 +1,6 @@
 //! The queue service's heap: every queue's options, items, delivery counts and dedup keys. One
-//! heap for the node (`<dir>/queues/shard-0000.heap`), owned by the queue service actor; every
+//! heap for the node (`<dir>/queues/shard-0000.heap`; in a cluster
+//! `<dir>/replicated/queues/shard-0000.heap`, the service's replicated copy), owned by the queue service actor; every
 //! change is one `WriteBatch`, so one op-log record.
 //!
 //! Keys and values (`q` is the queue name as `u16` BE length + bytes, so one queue's records
