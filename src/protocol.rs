@@ -139,7 +139,7 @@ pub enum RequestBody {
     Cluster {
         op: ClusterOp,
     },
-    /// The node's memory and its heaps' figures (docs/operations.md): the collections the
+    /// The node's memory and its heaps' figures (docs/protocol.md): the collections the
     /// token may read.
     Stats,
 }

@@ -21,10 +21,10 @@
 //!   shorter `MIRROR_VALID_MS` from before it sent it, so the primary's bound is the later one.
 //!
 //! What it promises: once a grant is answered, no node accepts a write fenced with an earlier
-//! grant of that lock (its mirror holds the new grant, or is not current). A release or an
-//! expiry reaches the mirrors without anything waiting for it: a node may accept the former
-//! holder's write until its mirror learns of it (a round trip), never after the next grant of
-//! the lock was answered. A new primary of the lock service (a failover) starts a new epoch,
+//! grant of that lock (its mirror holds the new grant, or is not current). Every change holds
+//! the answers after it the same way, a release's own included; an expiry answers nobody, so
+//! a node may accept the former holder's write until its mirror learns of the expiry (a round
+//! trip), never after the next grant of the lock was answered. A new primary of the lock service (a failover) starts a new epoch,
 //! and every mirror takes its whole table before it answers again.
 
 use std::collections::{BTreeMap, VecDeque};
