@@ -74,6 +74,15 @@ pub struct HeapStats {
     pub log_bytes: u64,
 }
 
+/// What `Heap::shed` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShedReport {
+    /// Bytes of the heap's mapping resident before (0 where the system cannot tell).
+    pub resident_bytes: u64,
+    /// Bytes dropped.
+    pub dropped_bytes: u64,
+}
+
 /// What `check_integrity` walked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IntegrityReport {
@@ -642,7 +651,8 @@ impl Heap {
         // Every page written since the last checkpoint is flushed; they belong to this one now
         // (a write copies them, a release sends them to pending).
         let dirty: Vec<u64> = pager.fresh.iter().collect();
-        pager.fresh.clear_all();
+        // Dirty until the job ends: `shed` leaves them alone meanwhile.
+        pager.flushing = std::mem::take(&mut pager.fresh);
         let mut runs: Vec<(u64, u64)> = coalesce(&dirty)
             .into_iter()
             .map(|(first, n)| (first * PAGE_SIZE as u64, n * PAGE_SIZE as u64))
@@ -689,6 +699,7 @@ impl Heap {
     pub fn finish_checkpoint(&mut self, job: CheckpointJob, r: Result<()>) -> Result<()> {
         assert!(self.checkpoint_in_flight, "finish_checkpoint without a checkpoint in flight");
         self.checkpoint_in_flight = false;
+        self.pager.flushing.clear_all();
         if let Err(e) = r {
             return self.poison(e);
         }
@@ -719,6 +730,8 @@ impl Heap {
     /// file, and copies the pages above the new target size into free pages below it.
     pub fn compact(&mut self) -> Result<CompactStats> {
         self.usable()?;
+        // Pages move: what the shedding clock learnt of the old places is moot.
+        self.pager.clock.reset();
         let before = self.pager.storage.len();
         let mut moved = 0;
         for _round in 0..COMPACT_ROUNDS_MAX {
@@ -865,6 +878,22 @@ impl Heap {
     /// Checkpoints and closes the heap.
     pub fn close(mut self) -> Result<()> {
         self.checkpoint()
+    }
+
+    /// Drops the memory of up to `want_bytes` of this heap's resident pages that are durable
+    /// and clean (the memory budget's pager; see `Pager::shed` for which pages, and the
+    /// module `shed` for the order). Dropped pages are read back from the file, their checksums
+    /// checked again, when next read. A poisoned heap drops nothing.
+    pub fn shed(&mut self, want_bytes: u64) -> ShedReport {
+        let want = if self.poisoned.is_some() { 0 } else { want_bytes / PAGE_SIZE as u64 };
+        let (resident, dropped) = self.pager.shed(want);
+        ShedReport { resident_bytes: resident * PAGE_SIZE as u64, dropped_bytes: dropped * PAGE_SIZE as u64 }
+    }
+
+    /// Advises the system that this heap's pages are read in random order (no read-around when
+    /// a dropped page is read back): for heaps larger than their memory budget.
+    pub fn set_random_access(&mut self, on: bool) {
+        self.pager.storage.set_random_access(on);
     }
 
     /// Space figures.

@@ -25,6 +25,7 @@ mod overflow;
 mod page;
 mod pager;
 mod shared;
+mod shed;
 pub mod snapshot;
 pub mod storage;
 pub mod sync;
@@ -32,7 +33,9 @@ pub mod sync;
 pub use batch::{BatchOp, WriteBatch};
 pub use error::{Error, Result};
 pub use group_commit::GroupCommit;
-pub use heap::{CheckpointJob, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport, Range};
+pub use heap::{
+    CheckpointJob, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport, Range, ShedReport,
+};
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;
 pub use oplog::{Durability, FsyncPolicy, ReplayReport};

@@ -31,7 +31,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::limits::{PAGE, PAGE_SIZE};
-use crate::page::PageBits;
+use crate::meta::FIRST_DATA_PAGE;
+use crate::page::{OFF_KIND, PageBits, PageKind};
+use crate::shed::ExtentClock;
 use crate::snapshot::{Pages, Registry, Verified, read_page};
 use crate::storage::{Region, Storage};
 
@@ -62,6 +64,11 @@ pub(crate) struct Pager {
     pub(crate) verified: Arc<Verified>,
     /// Pages that became free since the last `give_back` (their memory is returned then).
     freed: Vec<u64>,
+    /// The pages the checkpoint in flight writes back (dirty until it ends): `fresh` as of its
+    /// begin. Empty when none is in flight.
+    pub(crate) flushing: PageBits,
+    /// Which resident pages `shed` drops next.
+    pub(crate) clock: ExtentClock,
 }
 
 impl Pages for Pager {
@@ -89,6 +96,8 @@ impl Pager {
             registry: crate::sync::Arc::new(Registry::new()),
             verified: Arc::new(Verified::empty()),
             freed: Vec::new(),
+            flushing: PageBits::default(),
+            clock: ExtentClock::default(),
         };
         p.size_verified();
         p
@@ -242,6 +251,52 @@ impl Pager {
             self.storage.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
             i += n as usize;
         }
+    }
+
+    /// Drops the memory of up to `want` resident pages that are durable and clean, chosen by
+    /// the extent clock (`shed`): never a page written since the last checkpoint or being
+    /// written back by the one in flight, never a free page (`give_back` returns those), never
+    /// a branch node (the tree's upper levels stay resident). Their checksums are checked again
+    /// when they are next read. Returns the pages resident before and the pages dropped.
+    ///
+    /// A reader on another thread that checked a page's verified bit just before it is cleared
+    /// may read the page as it comes back from the file unchecked; a later read checks it.
+    pub(crate) fn shed(&mut self, want: u64) -> (u64, u64) {
+        if !self.storage.pages_out() {
+            return (0, 0);
+        }
+        let region = self.region.clone();
+        let Some((map, os_page)) = region.resident_map() else { return (0, 0) };
+        let resident = map.iter().filter(|b| **b & 1 == 1).count() as u64 * os_page as u64 / PAGE as u64;
+        if os_page != PAGE || want == 0 {
+            return (resident, 0);
+        }
+        let pages = self.page_count.min(map.len() as u64);
+        let (fresh, flushing, free) = (&self.fresh, &self.flushing, &self.free);
+        let ids =
+            self.clock.choose(FIRST_DATA_PAGE, pages, want, &|id| map[id as usize] & 1 == 1, &mut |id| {
+                !fresh.get(id)
+                    && !flushing.get(id)
+                    && !free.contains(&id)
+                    && region
+                        .bytes(id * PAGE_SIZE as u64, PAGE)
+                        .is_some_and(|p| p[OFF_KIND] != PageKind::Branch as u8)
+            });
+        // Cleared before the pages go, so a read after this point checks what comes back.
+        for &id in &ids {
+            self.verified.clear(id);
+        }
+        let mut i = 0;
+        while i < ids.len() {
+            let first = ids[i];
+            let mut n = 1;
+            while i + (n as usize) < ids.len() && ids[i + n as usize] == first + n {
+                n += 1;
+            }
+            self.storage.page_out(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
+            i += n as usize;
+        }
+        (resident, ids.len() as u64)
     }
 
     /// Seals every page written since the last capture and makes it read-only: after this, the

@@ -76,6 +76,13 @@ impl Verified {
             w.fetch_or(1 << (id % 64), std::sync::atomic::Ordering::Relaxed);
         }
     }
+
+    /// Makes the next read of page `id` check its checksum again (its memory was dropped).
+    pub(crate) fn clear(&self, id: u64) {
+        if let Some(w) = self.word(id) {
+            w.fetch_and(!(1 << (id % 64)), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Read access to pages: the writer's `Pager` and a `Snapshot`'s view.

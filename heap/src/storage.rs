@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
+use crate::limits::PAGE_SIZE;
 
 /// Where a heap's pages live.
 pub trait Storage: Send + Sync {
@@ -56,6 +57,17 @@ pub trait Storage: Send + Sync {
     /// advice only, the bytes stay as they are on disk and are read back from there if ever
     /// read. A storage without memory of its own ignores it.
     fn discard(&mut self, _offset: u64, _len: u64) {}
+    /// Drops the memory of `len` bytes at `offset`: pages that are durable and clean (the
+    /// memory budget's pager). Advice only: the bytes stay as they are on disk and are read
+    /// back from there when next read. A storage without memory of its own ignores it.
+    fn page_out(&mut self, _offset: u64, _len: u64) {}
+    /// Advises the system that pages are read in random order (no read-around on a fault), for
+    /// a heap larger than its memory; `false` restores the default. Kept across grows.
+    fn set_random_access(&mut self, _on: bool) {}
+    /// Whether `page_out` and `resident_map` mean anything here (a mapped file).
+    fn pages_out(&self) -> bool {
+        false
+    }
 }
 
 /// Flushes a storage from another thread. Only for bytes the owner does not write meanwhile:
@@ -104,8 +116,16 @@ impl Region {
     /// Bytes of the mapping resident in memory now (`mincore`), or `None` where the system
     /// cannot tell (memory that is not page-aligned, a failed call).
     pub fn resident_bytes(&self) -> Option<u64> {
+        let (map, page) = self.resident_map()?;
+        Some(map.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64)
+    }
+
+    /// Which pages of the mapping are resident now (`mincore`: one byte per system page, bit 0
+    /// set when resident) and the system's page size, or `None` where the system cannot tell.
+    /// Resident means in the page cache, mapped here or not.
+    pub fn resident_map(&self) -> Option<(Vec<u8>, usize)> {
         if self.len == 0 {
-            return Some(0);
+            return Some((Vec::new(), PAGE_SIZE as usize));
         }
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -119,7 +139,7 @@ impl Region {
         if rc != 0 {
             return None;
         }
-        Some(vec.iter().filter(|b| **b & 1 == 1).count() as u64 * page as u64)
+        Some((vec, page))
     }
 
     /// `len` bytes at `offset`, or `None` past the end.
@@ -162,6 +182,8 @@ pub struct FileStorage {
     map: Option<Arc<FileMap>>,
     region: Arc<Region>,
     len: u64,
+    /// `set_random_access`: advised on every mapping made.
+    random: bool,
 }
 
 impl FileStorage {
@@ -176,7 +198,13 @@ impl FileStorage {
             return Err(Error::Locked(format!("{}: {err}", path.display())));
         }
         let len = file.metadata()?.len();
-        let mut s = FileStorage { file: Arc::new(file), map: None, region: Arc::new(Region::empty()), len };
+        let mut s = FileStorage {
+            file: Arc::new(file),
+            map: None,
+            region: Arc::new(Region::empty()),
+            len,
+            random: false,
+        };
         s.remap()?;
         Ok(s)
     }
@@ -196,8 +224,19 @@ impl FileStorage {
                 _owner: Some(fm.clone()),
             });
             self.map = Some(fm);
+            self.advise_access();
         }
         Ok(())
+    }
+
+    /// Applies `random` to the current mapping.
+    fn advise_access(&self) {
+        if self.region.len == 0 {
+            return;
+        }
+        let advice = if self.random { libc::MADV_RANDOM } else { libc::MADV_NORMAL };
+        // SAFETY: the whole live mapping, page-aligned (mmap returns it so); advice only.
+        unsafe { libc::madvise(self.region.ptr.cast(), self.region.len, advice) };
     }
 }
 
@@ -284,6 +323,39 @@ impl Storage for FileStorage {
                 libc::POSIX_FADV_DONTNEED,
             );
         }
+    }
+    fn page_out(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.region.len());
+        if offset >= end {
+            return;
+        }
+        let n = (end - offset) as usize;
+        let p = self.region.write_ptr(offset, n);
+        // SAFETY: page-aligned, in bounds. The pages are durable and clean (the caller's
+        // promise), so reclaiming them loses nothing: readers on other threads fault them back
+        // in from the file. Even a dirty page would only be unmapped (a shared file mapping
+        // keeps its contents in the page cache), never lost.
+        unsafe {
+            // MADV_PAGEOUT (Linux 5.4) reclaims pages mapped only here; older kernels refuse
+            // it, and MADV_DONTNEED then unmaps them.
+            if libc::madvise(p.cast(), n, libc::MADV_PAGEOUT) != 0 {
+                libc::madvise(p.cast(), n, libc::MADV_DONTNEED);
+            }
+            // Clean cached copies not mapped here (read-around, other mappings of the file).
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                n as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+    fn set_random_access(&mut self, on: bool) {
+        self.random = on;
+        self.advise_access();
+    }
+    fn pages_out(&self) -> bool {
+        true
     }
 }
 

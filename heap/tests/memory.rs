@@ -88,3 +88,95 @@ fn checkpoints_with_nothing_written_free_what_waits_then_stop() {
     assert!(s.pending_pages <= 8, "freed pages still wait: {s:?}");
     h.check_integrity().unwrap();
 }
+
+/// A heap of `KEYS` keys of 1000-byte values, every value readable and checked.
+fn filled(path: &std::path::Path) -> Heap {
+    let mut h = Heap::open(path, HeapOptions::default()).unwrap();
+    for i in 0..KEYS {
+        h.put(&i.to_be_bytes(), &value_of(i)).unwrap();
+    }
+    h
+}
+
+fn value_of(i: u32) -> Vec<u8> {
+    let mut v = vec![(i % 251) as u8; 1000];
+    v[..4].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+#[test]
+fn shedding_drops_clean_pages_only_and_they_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.heap");
+    let mut h = filled(&path);
+    // Nothing is durable yet: every page is dirty, and none is dropped.
+    let r = h.shed(u64::MAX);
+    assert!(r.resident_bytes > 15_000_000, "{r:?}");
+    assert_eq!(r.dropped_bytes, 0, "dirty pages were dropped: {r:?}");
+    h.checkpoint().unwrap();
+    // Durable now: all but the branch nodes (and the meta pages) go.
+    let r = h.shed(u64::MAX);
+    assert!(r.dropped_bytes > r.resident_bytes * 9 / 10, "{r:?}");
+    let after = h.stats().resident_bytes;
+    assert!(after < r.resident_bytes / 10, "resident {} then {after}", r.resident_bytes);
+    // A bounded request drops no more than asked.
+    for i in 0..KEYS {
+        assert_eq!(h.get(&i.to_be_bytes()).unwrap().unwrap(), value_of(i), "key {i}");
+    }
+    let r = h.shed(40 * 4096);
+    assert!(r.dropped_bytes > 0 && r.dropped_bytes <= 40 * 4096, "{r:?}");
+    // Written after shedding (copy on write of dropped pages), then reopened: all intact.
+    for i in (0..KEYS).step_by(7) {
+        h.put(&i.to_be_bytes(), &value_of(i + 1)).unwrap();
+    }
+    h.checkpoint().unwrap();
+    h.shed(u64::MAX);
+    drop(h);
+    let h = Heap::open(&path, HeapOptions::default()).unwrap();
+    for i in 0..KEYS {
+        let want = if i % 7 == 0 { value_of(i + 1) } else { value_of(i) };
+        assert_eq!(h.get(&i.to_be_bytes()).unwrap().unwrap(), want, "key {i}");
+    }
+    h.check_integrity().unwrap();
+}
+
+#[test]
+fn a_byte_flipped_on_disk_under_a_dropped_page_is_corrupted_not_wrong_data() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.heap");
+    let mut h = filled(&path);
+    h.checkpoint().unwrap();
+    // Every page read (and its checksum verified) once, then dropped.
+    for i in 0..KEYS {
+        assert_eq!(h.get(&i.to_be_bytes()).unwrap().unwrap(), value_of(i));
+    }
+    assert!(h.shed(u64::MAX).dropped_bytes > 0);
+    // Flip one byte of every tenth leaf page (kind 3 at offset 4), through another descriptor.
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let mut flipped = 0;
+    let mut page = vec![0u8; 4096];
+    for id in 2..len / 4096 {
+        file.read_exact_at(&mut page, id * 4096).unwrap();
+        if page[4] == 3 && id % 10 == 0 {
+            let at = id * 4096 + 2000;
+            let mut b = [0u8];
+            file.read_exact_at(&mut b, at).unwrap();
+            file.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 5, "no leaf pages found");
+    let mut corrupted = 0;
+    for i in 0..KEYS {
+        match h.get(&i.to_be_bytes()) {
+            Ok(v) => assert_eq!(v.unwrap(), value_of(i), "key {i}: wrong data instead of an error"),
+            Err(e) => {
+                assert!(e.is_corruption(), "key {i}: {e}");
+                corrupted += 1;
+            }
+        }
+    }
+    assert!(corrupted > 0, "a flipped byte in a dropped page was read back unchecked");
+}
