@@ -35,6 +35,9 @@ pub struct LoadSpec {
     pub connections: usize,
     pub pipeline: usize,
     pub keys: u64,
+    /// A hot set: this percent of the keys (spread evenly over the key space) gets
+    /// `100 - hot_percent` percent of the requests (10: the 90/10 rule); 0 is uniform.
+    pub hot_percent: u32,
     pub value_bytes: usize,
     pub reads_percent: u32,
     pub duration: Duration,
@@ -77,6 +80,23 @@ pub struct LoadReport {
     pub latency_us_p99: u64,
     pub latency_us_p999: u64,
     pub latency_us_max: u64,
+}
+
+/// A key of `0..keys`: uniform, or with a hot set (`LoadSpec::hot_percent`) of every
+/// `100 / hot_percent`-th key.
+pub fn pick_key(rng: &mut fastrand::Rng, keys: u64, hot_percent: u32) -> u64 {
+    if hot_percent == 0 || hot_percent >= 100 || keys < 100 {
+        return rng.u64(..keys);
+    }
+    let stride = 100 / u64::from(hot_percent);
+    let hot_keys = keys / stride;
+    if rng.u32(..100) >= hot_percent {
+        rng.u64(..hot_keys) * stride
+    } else {
+        // A cold key: any key that is not a multiple of the stride (below hot_keys * stride).
+        let k = rng.u64(..hot_keys * (stride - 1));
+        (k / (stride - 1)) * stride + 1 + k % (stride - 1)
+    }
 }
 
 /// Runs the load and returns the report.
@@ -224,7 +244,7 @@ async fn pipelined(
         let first = id + 1;
         for _ in 0..pipeline {
             id += 1;
-            let key = heapgrid_actors::Key::Int(rng.u64(..keys) as i64);
+            let key = heapgrid_actors::Key::Int(pick_key(&mut rng, keys, spec.hot_percent) as i64);
             let body = if spec.feed {
                 let op = crate::feed::FeedOp::Append { value: value.clone(), id: None };
                 RequestBody::Feed { feed: spec.table.clone(), op }
@@ -278,4 +298,27 @@ async fn pipelined(
         inbuf.drain(..at);
     }
     Ok((ops, errors, hist))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_key;
+
+    #[test]
+    fn a_hot_set_gets_its_share_and_every_key_is_in_range() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let n = 100_000;
+        let picks: Vec<u64> = (0..n).map(|_| pick_key(&mut rng, 1000, 10)).collect();
+        assert!(picks.iter().all(|&k| k < 1000));
+        let hot = picks.iter().filter(|&&k| k.is_multiple_of(10)).count();
+        assert!((88_000..92_000).contains(&hot), "{hot} of {n} hot");
+        // Cold picks cover the cold keys (not just a few of them).
+        let cold: std::collections::BTreeSet<u64> =
+            picks.iter().copied().filter(|k| !k.is_multiple_of(10)).collect();
+        assert_eq!(cold.len(), 900);
+        // Uniform without a hot set.
+        let mut rng = fastrand::Rng::with_seed(7);
+        let hot = (0..n).filter(|_| pick_key(&mut rng, 1000, 0).is_multiple_of(10)).count();
+        assert!((9_000..11_000).contains(&hot), "{hot}");
+    }
 }

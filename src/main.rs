@@ -92,6 +92,10 @@ struct BenchArgs {
     /// Key space (keys 0..N).
     #[arg(long, default_value_t = 1_000_000)]
     keys: u64,
+    /// A hot set: this percent of the keys (every 100/N-th) gets 100 - N percent of the gets
+    /// and puts (10: the 90/10 rule). Default 0: uniform.
+    #[arg(long, default_value_t = 0)]
+    hot: u32,
     /// Value size in bytes.
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
@@ -153,7 +157,8 @@ struct ServeArgs {
     /// Data directory.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms, inflight_max,
+    /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms, memory_budget,
+    /// inflight_max,
     /// connections_max, buffer_budget_bytes, frame_deadline_ms, tokens, procedures,
     /// snippet_limits, snippet_max, snippet_sandbox, snippet_workers).
     #[arg(long)]
@@ -196,6 +201,11 @@ struct ServeArgs {
     /// replica further behind gets a snapshot of the shard.
     #[arg(long)]
     repl_retain: Option<usize>,
+    /// Memory budget of the node: resident anonymous memory plus heap pages in memory are kept
+    /// under it by dropping clean heap pages (bytes, or with a K, M, G or T suffix: 512M).
+    /// Default: none (the kernel decides).
+    #[arg(long)]
+    memory_budget: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -208,6 +218,32 @@ struct ClientArgs {
     token: Option<String>,
 }
 
+/// A size in bytes: a number, optionally followed by K, M, G or T (powers of 1024, an optional
+/// `B` or `iB` after it).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (512M, 2G, 1048576)"))?;
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes < 16 << 20 {
+        return Err(format!("{s:?} is below the smallest budget, 16M"));
+    }
+    Ok(bytes)
+}
+
 /// The config file.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -216,6 +252,8 @@ struct ConfigFile {
     data: Option<PathBuf>,
     fsync: Option<String>,
     checkpoint_interval_ms: Option<u64>,
+    /// As `--memory-budget` (a string with a suffix, or a number of bytes).
+    memory_budget: Option<serde_json::Value>,
     inflight_max: Option<usize>,
     connections_max: Option<usize>,
     /// Node-wide bytes of connection input buffers (large frames arriving), beyond 128 KiB each.
@@ -315,6 +353,20 @@ async fn serve(a: ServeArgs) -> Result<(), AnyErr> {
     let mut gopts = GridOptions { fsync, ..GridOptions::default() };
     if let Some(ms) = file.checkpoint_interval_ms {
         gopts.checkpoint_interval_ms = ms;
+    }
+    let budget = match (a.memory_budget, file.memory_budget) {
+        (Some(s), _) => Some(s),
+        (None, Some(serde_json::Value::String(s))) => Some(s),
+        (None, Some(serde_json::Value::Number(n))) => Some(n.to_string()),
+        (None, Some(v)) => {
+            return Err(format!("memory_budget: expected bytes or a string like \"512M\", got {v}").into());
+        }
+        (None, None) => None,
+    };
+    if let Some(s) = budget {
+        let bytes = parse_bytes(&s).map_err(|e| format!("memory budget: {e}"))?;
+        tracing::info!(budget_bytes = bytes, "memory budget: clean heap pages are dropped to stay under it");
+        gopts.memory_budget = Some(bytes);
     }
     let builtin_max = Limits::server_max();
     if let Some(m) = &file.snippet_max {
@@ -988,6 +1040,7 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
         connections: b.connections.max(1),
         pipeline: b.pipeline.max(1),
         keys: b.keys,
+        hot_percent: b.hot.min(99),
         value_bytes: b.value_bytes,
         reads_percent: b.reads.min(100),
         duration: std::time::Duration::from_secs_f64(b.seconds.max(0.01)),
@@ -1104,4 +1157,22 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
         return Err(format!("{bad} of {} heaps failed the check", files.len()).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_bytes("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("64MB").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("33554432").unwrap(), 32 << 20);
+        assert!(parse_bytes("1M").unwrap_err().contains("smallest"));
+        assert!(parse_bytes("12X").unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999T").unwrap_err().contains("too large"));
+    }
 }

@@ -66,13 +66,17 @@ pub trait GateMsg: ractor::Message {
     fn durable(groups: Vec<Group>) -> Self;
     /// The background checkpoint's write-back ended (`LogGate::finish_checkpoint`).
     fn checkpoint_done() -> Self;
+    /// Drop up to `want` bytes of the heap's clean resident pages (`Heap::shed`), answering
+    /// what was resident and what was dropped: the memory budget's pager (`memory`).
+    fn shed(want: u64, reply: Reply<heapgrid_heap::ShedReport>) -> Self;
     /// The message as one the gate handles itself (`LogGate::handle`), or back as it was.
     fn into_gate(self) -> Result<GateCall, Self>;
 }
 
 /// Implements `GateMsg` for an actor's message enum that has the gate's six variants under
 /// their usual names: `Flush`, `Durable(Vec<Group>)`, `Checkpoint(Option<Reply<()>>)`,
-/// `CheckpointDone`, `Close(Reply<()>)` and `Stats(Reply<HeapStats>)`.
+/// `CheckpointDone`, `Close(Reply<()>)`, `Stats(Reply<HeapStats>)` and
+/// `Shed(u64, Reply<ShedReport>)`.
 macro_rules! impl_gate_msg {
     ($msg:ident) => {
         impl $crate::gate::GateMsg for $msg {
@@ -85,6 +89,12 @@ macro_rules! impl_gate_msg {
             fn checkpoint_done() -> Self {
                 $msg::CheckpointDone
             }
+            fn shed(
+                want: u64,
+                reply: ractor::RpcReplyPort<Result<heapgrid_heap::ShedReport, $crate::error::GridError>>,
+            ) -> Self {
+                $msg::Shed(want, reply)
+            }
             fn into_gate(self) -> Result<$crate::gate::GateCall, Self> {
                 use $crate::gate::GateCall;
                 match self {
@@ -94,6 +104,7 @@ macro_rules! impl_gate_msg {
                     $msg::CheckpointDone => Ok(GateCall::CheckpointDone),
                     $msg::Close(reply) => Ok(GateCall::Close(reply)),
                     $msg::Stats(reply) => Ok(GateCall::Stats(reply)),
+                    $msg::Shed(want, reply) => Ok(GateCall::Shed(want, reply)),
                     msg => Err(msg),
                 }
             }
@@ -134,6 +145,8 @@ pub enum GateCall {
     Close(Reply<()>),
     /// The heap's figures (`Heap::stats`: pages, bytes, resident bytes).
     Stats(Reply<heapgrid_heap::HeapStats>),
+    /// See `GateMsg::shed`.
+    Shed(u64, Reply<heapgrid_heap::ShedReport>),
 }
 
 /// What readers on other tasks see of a shard: its newest published snapshot, and the highest
@@ -296,6 +309,23 @@ impl<S: HeapOwner> LogGate<S> {
             }
             GateCall::Stats(reply) => {
                 let r = self.shard.as_ref().map(|s| s.heap().stats()).ok_or(GridError::Closed);
+                let _ = reply.send(r);
+                Ok(())
+            }
+            GateCall::Shed(want, reply) => {
+                let r = self
+                    .shard
+                    .as_mut()
+                    .map(|s| {
+                        let heap = s.heap_mut();
+                        if want > 0 {
+                            // A heap the budget pages out is read back page by page: no
+                            // read-around bringing cold neighbours in with each page.
+                            heap.set_random_access(true);
+                        }
+                        heap.shed(want)
+                    })
+                    .ok_or(GridError::Closed);
                 let _ = reply.send(r);
                 Ok(())
             }

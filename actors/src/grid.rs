@@ -5,11 +5,10 @@
 //! RootSupervisor ── TableSupervisor (one per table) ── ShardActor (one per shard, owns a heap)
 //!                ├─ OneChild<FeedChild> (one per feed) ── FeedActor (owns the feed's heap)
 //!                ├─ OneChild<LockChild> ── LockActor (the node's lock service, owns the lock heap)
-//!                └─ Checkpointer (checkpoints every running table, feed and lock heap on a schedule)
+//!                ├─ OneChild<QueueChild> ── QueueActor (the node's queue service, owns the queue heap)
+//!                ├─ MemoryPager (with a memory budget: drops clean heap pages to stay under it)
+//!                └─ Checkpointer (checkpoints every running table, feed and service heap on a schedule)
 //! ```
-//!
-//! Queues will hang under the root next to them; paging and replica fan-out will be siblings of
-//! the checkpointer.
 //!
 //! Layout of the data directory:
 //!
@@ -83,6 +82,9 @@ pub struct GridOptions {
     /// Where snippets run: `None` in this process (trusted code: the embedded default), or in a
     /// pool of sandbox worker processes.
     pub snippet_sandbox: Option<SandboxOptions>,
+    /// The node's memory budget in bytes (`None`: none): resident anonymous memory plus the
+    /// heaps' resident pages, held under it by the pager (`memory`) dropping clean pages.
+    pub memory_budget: Option<u64>,
 }
 
 /// The snippet sandbox: worker processes running the `heapgrid-worker` binary.
@@ -103,6 +105,7 @@ impl Default for GridOptions {
             snippet_limits: Limits::default(),
             snippet_max: Limits::server_max(),
             snippet_sandbox: None,
+            memory_budget: None,
         }
     }
 }
@@ -131,6 +134,8 @@ struct RootArgs {
     queues: Arc<Queues>,
     /// The node's replication network, once it joined a cluster.
     cluster: ClusterNet,
+    /// What the memory pager did (budget 0 without one).
+    pager: Arc<crate::memory::PagerStats>,
 }
 
 /// Where shard actors find the node's replication network (set when it joins a cluster).
@@ -284,6 +289,20 @@ impl Actor for RootSupervisor {
             locks: args.locks.clone(),
             queues: args.queues.clone(),
         };
+        if let Some(budget_bytes) = args.opts.memory_budget {
+            let pager = crate::memory::PagerArgs {
+                registries: registries.clone(),
+                budget_bytes,
+                stats: args.pager.clone(),
+            };
+            crate::memory::MemoryPager::spawn_linked(
+                None,
+                crate::memory::MemoryPager,
+                pager,
+                myself.get_cell(),
+            )
+            .await?;
+        }
         Checkpointer::spawn_linked(None, Checkpointer, (registries, interval), myself.get_cell()).await?;
         let mut st = RootState {
             args,
@@ -389,12 +408,14 @@ impl Actor for RootSupervisor {
 /// its messages).
 struct Checkpointer;
 
-/// What the checkpointer reaches: every table, feed, the lock and the queue service.
-struct Registries {
-    tables: Registry,
-    feeds: FeedRegistry,
-    locks: Arc<Locks>,
-    queues: Arc<Queues>,
+/// What the checkpointer and the memory pager reach: every table, feed, the lock and the queue
+/// service.
+#[derive(Clone)]
+pub(crate) struct Registries {
+    pub(crate) tables: Registry,
+    pub(crate) feeds: FeedRegistry,
+    pub(crate) locks: Arc<Locks>,
+    pub(crate) queues: Arc<Queues>,
 }
 
 enum CheckpointerMsg {
@@ -473,6 +494,8 @@ pub struct GridCore {
     /// Replicas and `sync` of tables created in the cluster.
     cluster_defaults: std::sync::OnceLock<(u32, u32)>,
     data_plane: std::sync::OnceLock<crate::cluster::data::DataPlane>,
+    /// What the memory pager did.
+    pager: Arc<crate::memory::PagerStats>,
     _lock: File,
 }
 
@@ -843,6 +866,7 @@ impl GridCore {
         let locks = Arc::new(Locks::new(Arc::new(ShardSlot::new()), fences));
         let queues = Arc::new(Queues::default());
         let repl_net: ClusterNet = Arc::default();
+        let pager: Arc<crate::memory::PagerStats> = Arc::default();
         let args = RootArgs {
             dir: dir.clone(),
             opts: opts.clone(),
@@ -851,6 +875,7 @@ impl GridCore {
             locks: locks.clone(),
             queues: queues.clone(),
             cluster: repl_net.clone(),
+            pager: pager.clone(),
         };
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
@@ -886,6 +911,7 @@ impl GridCore {
             remote: Arc::default(),
             cluster_defaults: std::sync::OnceLock::new(),
             data_plane: std::sync::OnceLock::new(),
+            pager,
             _lock: lock,
         });
         for def in feed_defs {
@@ -1056,7 +1082,9 @@ impl GridCore {
         let queues = self.queues.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
         out.push(CollectionStats { name: "$queues".into(), kind: "service".into(), shards: queues });
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        crate::stats::NodeStats::of(out)
+        let mut node = crate::stats::NodeStats::of(out);
+        node.memory_budget = crate::stats::BudgetStats::of(&self.pager);
+        node
     }
 
     /// Every feed, by name.

@@ -18,6 +18,7 @@ pub mod grid;
 pub mod key;
 pub mod limits;
 pub mod lock;
+pub mod memory;
 pub mod queue;
 pub mod record;
 pub mod replication;

@@ -64,6 +64,34 @@ pub struct NodeStats {
     pub heap_file_bytes: u64,
     pub log_bytes: u64,
     pub collections: Vec<CollectionStats>,
+    /// The memory budget and what its pager did (`None`: the node has no budget).
+    #[serde(default)]
+    pub memory_budget: Option<BudgetStats>,
+}
+
+/// The memory budget's pager (`memory`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetStats {
+    pub budget_bytes: u64,
+    /// Resident anonymous memory plus the heaps' resident pages at the pager's last look.
+    pub used_bytes: u64,
+    /// Bytes of clean pages dropped since start.
+    pub dropped_bytes: u64,
+    /// Looks that found the node over its shedding threshold.
+    pub shed_rounds: u64,
+}
+
+impl BudgetStats {
+    pub fn of(p: &crate::memory::PagerStats) -> Option<BudgetStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let budget_bytes = p.budget_bytes.load(Relaxed);
+        (budget_bytes > 0).then(|| BudgetStats {
+            budget_bytes,
+            used_bytes: p.used_bytes.load(Relaxed),
+            dropped_bytes: p.dropped_bytes.load(Relaxed),
+            shed_rounds: p.shed_rounds.load(Relaxed),
+        })
+    }
 }
 
 impl NodeStats {
@@ -79,6 +107,7 @@ impl NodeStats {
             heap_file_bytes: shards().map(|s| s.file_bytes).sum(),
             log_bytes: shards().map(|s| s.log_bytes).sum(),
             collections,
+            memory_budget: None,
         }
     }
 }

@@ -97,6 +97,8 @@ pub enum FeedMsg {
     Close(Reply<()>),
     /// The heap's figures (handled by the gate).
     Stats(Reply<heapgrid_heap::HeapStats>),
+    /// Drop clean resident pages (the memory budget; handled by the gate).
+    Shed(u64, Reply<heapgrid_heap::ShedReport>),
     Flush,
     Durable(Vec<Group>),
     CheckpointDone,
@@ -564,6 +566,7 @@ impl Actor for FeedActor {
             | FeedMsg::ReplTick
             | FeedMsg::Digest(_)
             | FeedMsg::Stats(_)
+            | FeedMsg::Shed(..)
             | FeedMsg::InjectPanic => {}
         }
         if let Some(why) = state.failed.take() {
@@ -600,6 +603,7 @@ fn refuse(msg: FeedMsg, e: GridError) {
         FeedMsg::State(_, r) => drop(r.send(Err(e.clone()))),
         FeedMsg::Digest(r) => drop(r.send(Err(e.clone()))),
         FeedMsg::Stats(r) => drop(r.send(Err(e.clone()))),
+        FeedMsg::Shed(_, r) => drop(r.send(Err(e.clone()))),
         // The gate's own messages never get here (`GateMsg::into_gate`).
         FeedMsg::Checkpoint(_)
         | FeedMsg::Close(_)

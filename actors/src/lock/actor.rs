@@ -78,6 +78,8 @@ pub enum LockMsg {
     Close(Reply<()>),
     /// The heap's figures (handled by the gate).
     Stats(Reply<heapgrid_heap::HeapStats>),
+    /// Drop clean resident pages (the memory budget; handled by the gate).
+    Shed(u64, Reply<heapgrid_heap::ShedReport>),
     /// The cluster map placed the lock service (a cluster).
     Placement(crate::cluster::map::Placement),
     /// A replication frame from another node.

@@ -97,6 +97,8 @@ pub enum ShardMsg {
     Close(Reply<()>),
     /// The heap's figures (handled by the gate).
     Stats(Reply<heapgrid_heap::HeapStats>),
+    /// Drop clean resident pages (the memory budget; handled by the gate).
+    Shed(u64, Reply<heapgrid_heap::ShedReport>),
     /// Write the op-log records queued since the last flush (one write(2)) and answer their
     /// requests. The actor sends it to itself after the first write of a group, so it arrives
     /// after every message already queued: one syscall per drained mailbox.
@@ -618,6 +620,7 @@ impl Actor for ShardActor {
             | ShardMsg::ReplTick
             | ShardMsg::Digest(_)
             | ShardMsg::Stats(_)
+            | ShardMsg::Shed(..)
             | ShardMsg::GetCopy(..) => {}
         }
         if let Some(why) = state.failed.take() {
@@ -658,6 +661,7 @@ fn refuse(msg: ShardMsg, e: GridError) {
         | ShardMsg::ReplTick => {}
         ShardMsg::Digest(r) => drop(r.send(err(e))),
         ShardMsg::Stats(r) => drop(r.send(err(e))),
+        ShardMsg::Shed(_, r) => drop(r.send(err(e))),
         ShardMsg::GetCopy(_, r) => drop(r.send(err(e))),
     }
 }
