@@ -80,7 +80,9 @@ pub(crate) fn load<'a, P: Pages + ?Sized>(pager: &'a P, v: LeafValue<'a>) -> Res
     }
 }
 
-/// Pages a single put may allocate in the worst case at the current depth.
+/// Pages a single put may allocate in the worst case at the current depth: the path's copies,
+/// a new page per level split and a new root, or the path and a sibling's copy
+/// (`shift_to_sibling`, which never splits after).
 pub(crate) fn put_pages_max(t: &TreeRoot, value_len: usize) -> u64 {
     let d = t.depth as u64 + 1;
     2 * d + 1 + overflow::pages_for(value_len)
@@ -203,8 +205,109 @@ fn place(
     if node::insert_cell(pager.page_mut(leaf), idx, cell) {
         return Ok(replaced);
     }
+    if shift_to_sibling(pager, &path, leaf, idx, cell)? {
+        return Ok(replaced);
+    }
     split_and_insert(pager, t, path, leaf, idx, cell)?;
     Ok(replaced)
+}
+
+/// Most bytes (cells and slots) two sibling leaves may hold together after `shift_to_sibling`:
+/// fifteen sixteenths of two pages. Measured on 60k random 16-byte keys with 100-byte values
+/// (`leaves_stay_about_four_fifths_full_after_random_inserts`): leaves 67% full without
+/// shifting, 78% at seven eighths, 82% at fifteen sixteenths. A shift costs what a split does
+/// (two pages rebuilt), so shifting often costs no more than splitting as often would.
+const SHIFT_TOTAL_MAX: usize = 2 * BODY_BYTES - BODY_BYTES / 16;
+
+/// Before a full leaf splits: if a sibling under the same parent has room, spread the two
+/// leaves' cells (with `cell` at `idx` of `leaf`) evenly over both instead, moving the
+/// separator between them (B*-style). After random inserts this leaves leaves about 82% full
+/// instead of about 67% (issue 16: bytes per key). The right sibling is tried first, then the
+/// left. Nothing changes unless the new separator fits in the parent; the only page allocated
+/// is the sibling's copy. Returns whether `cell` was placed.
+fn shift_to_sibling(
+    pager: &mut Pager,
+    path: &[(u64, usize)],
+    leaf: u64,
+    idx: usize,
+    cell: &[u8],
+) -> Result<bool> {
+    let Some(&(parent, ci)) = path.last() else { return Ok(false) };
+    let mut pcopy = [0u8; PAGE];
+    pcopy.copy_from_slice(pager.page(parent)?);
+    let p = Node::parse(parent, &pcopy)?;
+    let mut lcopy = [0u8; PAGE];
+    lcopy.copy_from_slice(pager.page(leaf)?);
+    let ln = Node::parse(leaf, &lcopy)?;
+    let mut leaf_cells: Vec<&[u8]> = Vec::with_capacity(ln.count() + 1);
+    for i in 0..ln.count() {
+        if i == idx {
+            leaf_cells.push(cell);
+        }
+        leaf_cells.push(ln.cell(i)?);
+    }
+    if idx == ln.count() {
+        leaf_cells.push(cell);
+    }
+    // (separator index, the sibling's child index, whether `leaf` is the left one)
+    let mut candidates = Vec::with_capacity(2);
+    if ci < p.count() {
+        candidates.push((ci, ci + 1, true));
+    }
+    if ci > 0 {
+        candidates.push((ci - 1, ci - 1, false));
+    }
+    for (li, si, leaf_is_left) in candidates {
+        let sib = p.child(si)?;
+        let mut scopy = [0u8; PAGE];
+        scopy.copy_from_slice(pager.page(sib)?);
+        let sn = Node::parse(sib, &scopy)?;
+        if !sn.is_leaf() {
+            return corrupt(sib, "a leaf's sibling is not a leaf");
+        }
+        let mut cells: Vec<&[u8]> = Vec::with_capacity(leaf_cells.len() + sn.count());
+        if leaf_is_left {
+            cells.extend(leaf_cells.iter().copied());
+        }
+        for i in 0..sn.count() {
+            cells.push(sn.cell(i)?);
+        }
+        if !leaf_is_left {
+            cells.extend(leaf_cells.iter().copied());
+        }
+        let sizes: Vec<usize> = cells.iter().map(|c| c.len() + SLOT_BYTES).collect();
+        if sizes.iter().sum::<usize>() > SHIFT_TOTAL_MAX || cells.len() < 2 {
+            continue;
+        }
+        let m = node::split_point(&sizes, false, false);
+        if sizes[..m].iter().sum::<usize>() > BODY_BYTES || sizes[m..].iter().sum::<usize>() > BODY_BYTES {
+            continue;
+        }
+        // The new separator, tried on a copy of the parent first (it may be longer).
+        let old_sep_len = p.cell(li)?.len();
+        let r_now = p.child(li + 1)?;
+        let mut new_sep = Vec::new();
+        encode_branch_cell(&mut new_sep, leaf_cell_key(cells[m]), r_now);
+        let mut trial = pcopy;
+        node::remove_cell(&mut trial, li, old_sep_len);
+        if !node::insert_cell(&mut trial, li, &new_sep) {
+            continue;
+        }
+        let sib_new = pager.cow(sib)?;
+        let (l, r) = if leaf_is_left { (leaf, sib_new) } else { (sib_new, leaf) };
+        new_sep.clear();
+        encode_branch_cell(&mut new_sep, leaf_cell_key(cells[m]), r);
+        let pp = pager.page_mut(parent);
+        if sib_new != sib {
+            node::set_child(pp, si, sib_new);
+        }
+        node::remove_cell(pp, li, old_sep_len);
+        assert!(node::insert_cell(pp, li, &new_sep), "the separator fitted the parent's copy");
+        node::build(pager.page_mut(l), true, 0, 0, cells[..m].iter().copied());
+        node::build(pager.page_mut(r), true, 0, 0, cells[m..].iter().copied());
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Splits `page` to make room for `cell` at `idx`, then pushes separators up `path`.

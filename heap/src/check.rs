@@ -52,6 +52,8 @@ impl<'a> Walk<'a> {
             prev = Some(k);
         }
         if n.is_leaf() {
+            self.report.leaf_pages += 1;
+            self.report.leaf_used_bytes += n.used_bytes() as u64;
             for i in 0..n.count() {
                 if let LeafValue::Overflow { first, len } = n.value(i)? {
                     if len == 0 {

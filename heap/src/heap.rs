@@ -88,11 +88,23 @@ pub struct ShedReport {
 pub struct IntegrityReport {
     pub entries: u64,
     pub tree_pages: u64,
+    /// Leaves among `tree_pages`, and the bytes their cells and slots use: the leaves' fill is
+    /// `leaf_used_bytes / (leaf_pages * (PAGE_SIZE - 24))`.
+    pub leaf_pages: u64,
+    pub leaf_used_bytes: u64,
     pub overflow_pages: u64,
     pub freelist_pages: u64,
     pub free_pages: u64,
     /// Pending plus held pages (see `HeapStats::pending_pages`).
     pub pending_pages: u64,
+}
+
+impl IntegrityReport {
+    /// How full the leaves are, 0.0 to 1.0 (0.0 for an empty tree).
+    pub fn leaf_fill(&self) -> f64 {
+        let room = self.leaf_pages * (PAGE - crate::page::HEADER_BYTES) as u64;
+        if room == 0 { 0.0 } else { self.leaf_used_bytes as f64 / room as f64 }
+    }
 }
 
 /// What `compact` achieved.

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::limits::{PAGE, PAGE_SIZE};
 use crate::meta::FIRST_DATA_PAGE;
 use crate::page::{OFF_KIND, PageBits, PageKind};
-use crate::shed::ExtentClock;
+use crate::shed::PageClock;
 use crate::snapshot::{Pages, Registry, Verified, read_page};
 use crate::storage::{Region, Storage};
 
@@ -68,7 +68,7 @@ pub(crate) struct Pager {
     /// begin. Empty when none is in flight.
     pub(crate) flushing: PageBits,
     /// Which resident pages `shed` drops next.
-    pub(crate) clock: ExtentClock,
+    pub(crate) clock: PageClock,
 }
 
 impl Pages for Pager {
@@ -97,7 +97,7 @@ impl Pager {
             verified: Arc::new(Verified::empty()),
             freed: Vec::new(),
             flushing: PageBits::default(),
-            clock: ExtentClock::default(),
+            clock: PageClock::default(),
         };
         p.size_verified();
         p
@@ -254,7 +254,7 @@ impl Pager {
     }
 
     /// Drops the memory of up to `want` resident pages that are durable and clean, chosen by
-    /// the extent clock (`shed`): never a page written since the last checkpoint or being
+    /// the page clock (`shed`): never a page written since the last checkpoint or being
     /// written back by the one in flight, never a free page (`give_back` returns those), never
     /// a branch node (the tree's upper levels stay resident). Their checksums are checked again
     /// when they are next read. Returns the pages resident before and the pages dropped.

@@ -180,3 +180,37 @@ fn a_byte_flipped_on_disk_under_a_dropped_page_is_corrupted_not_wrong_data() {
     }
     assert!(corrupted > 0, "a flipped byte in a dropped page was read back unchecked");
 }
+
+/// A 64-bit mix (splitmix64), for a random key order without a dependency.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn leaves_stay_about_four_fifths_full_after_random_inserts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Heap::open(dir.path().join("f.heap"), HeapOptions::default()).unwrap();
+    const N: u64 = 60_000;
+    // 16-byte keys in random order, 100-byte values: the bytes-per-key benchmark's shape.
+    let key = |i: u64| format!("{:016x}", mix(i)).into_bytes();
+    for i in 0..N {
+        h.put(&key(i), &[(i % 256) as u8; 100]).unwrap();
+    }
+    let r = h.check_integrity().unwrap();
+    assert_eq!(r.entries, N);
+    // Splitting alone leaves them 67% full; shifting into siblings first, 82%.
+    assert!(r.leaf_fill() > 0.79, "leaves {:.3} full: {r:?}", r.leaf_fill());
+    for i in 0..N {
+        assert_eq!(h.get(&key(i)).unwrap().unwrap(), vec![(i % 256) as u8; 100]);
+    }
+    // Deletes still merge and redistribute (every other key goes).
+    for i in (0..N).step_by(2) {
+        assert!(h.delete(&key(i)).unwrap());
+    }
+    let r = h.check_integrity().unwrap();
+    assert_eq!(r.entries, N / 2);
+    assert!(r.leaf_fill() > 0.4, "leaves {:.3} full after deletes: {r:?}", r.leaf_fill());
+}
