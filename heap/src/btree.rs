@@ -276,13 +276,11 @@ fn shift_to_sibling(
             cells.extend(leaf_cells.iter().copied());
         }
         let sizes: Vec<usize> = cells.iter().map(|c| c.len() + SLOT_BYTES).collect();
-        if sizes.iter().sum::<usize>() > SHIFT_TOTAL_MAX || cells.len() < 2 {
+        if sizes.iter().sum::<usize>() > SHIFT_TOTAL_MAX {
             continue;
         }
-        let m = node::split_point(&sizes, false, false);
-        if sizes[..m].iter().sum::<usize>() > BODY_BYTES || sizes[m..].iter().sum::<usize>() > BODY_BYTES {
-            continue;
-        }
+        // Both sides must fit: large cells may leave no such split even below the total.
+        let Some(m) = node::try_split_point(&sizes, false, false) else { continue };
         // The new separator, tried on a copy of the parent first (it may be longer).
         let old_sep_len = p.cell(li)?.len();
         let r_now = p.child(li + 1)?;

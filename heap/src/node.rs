@@ -337,9 +337,18 @@ fn defragment(p: &mut [u8]) {
 /// For a leaf the split is `left = ..m, right = m..`; for a branch cell `m` moves up, so
 /// `left = ..m, right = m+1..`. `append` asks for a full left side (sequential inserts).
 pub(crate) fn split_point(sizes: &[usize], branch: bool, append: bool) -> usize {
+    assert!(sizes.len() >= 2 + branch as usize, "splitting a node with too few cells");
+    try_split_point(sizes, branch, append).expect("a node with one extra cell always has a valid split")
+}
+
+/// As `split_point`, or `None` when no split fits both sides in a node (cells of two nodes
+/// and more: `btree::shift_to_sibling` tries one, and splits instead when none fits).
+pub(crate) fn try_split_point(sizes: &[usize], branch: bool, append: bool) -> Option<usize> {
     let n = sizes.len();
+    if n < 2 + branch as usize {
+        return None;
+    }
     let total: usize = sizes.iter().sum();
-    assert!(n >= 2 + branch as usize, "splitting a node with too few cells");
     let fits = |m: usize| {
         let left: usize = sizes[..m].iter().sum();
         let right = total - left - if branch { sizes[m] } else { 0 };
@@ -348,7 +357,7 @@ pub(crate) fn split_point(sizes: &[usize], branch: bool, append: bool) -> usize 
     if append {
         let m = n - 1 - branch as usize;
         if fits(m) {
-            return m;
+            return Some(m);
         }
     }
     // The most even split that fits; the cell-size limit guarantees one exists.
@@ -364,7 +373,7 @@ pub(crate) fn split_point(sizes: &[usize], branch: bool, append: bool) -> usize 
             }
         }
     }
-    best.expect("a node with one extra cell always has a valid split").0
+    best.map(|(m, _)| m)
 }
 
 #[cfg(test)]

@@ -37,6 +37,20 @@ use crate::shed::PageClock;
 use crate::snapshot::{Pages, Registry, Verified, read_page};
 use crate::storage::{Region, Storage};
 
+/// Runs of consecutive page ids (sorted first) as (first, count).
+fn runs(mut ids: Vec<u64>) -> Vec<(u64, u64)> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for id in ids {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == id => *n += 1,
+            _ => out.push((id, 1)),
+        }
+    }
+    out
+}
+
 /// Smallest step the file grows by.
 const GROW_BYTES_MIN: u64 = 256 * 1024;
 /// Largest step the file grows by.
@@ -272,31 +286,37 @@ impl Pager {
             return (resident, 0);
         }
         let pages = self.page_count.min(map.len() as u64);
+        let mapped = region.mapped_map();
         let (fresh, flushing, free) = (&self.fresh, &self.flushing, &self.free);
-        let ids =
-            self.clock.choose(FIRST_DATA_PAGE, pages, want, &|id| map[id as usize] & 1 == 1, &mut |id| {
+        let choice = self.clock.choose(
+            FIRST_DATA_PAGE,
+            pages,
+            want,
+            &|id| map[id as usize] & 1 == 1,
+            &|id| mapped.as_ref().and_then(|m| m.get(id as usize).copied()),
+            &mut |id| {
                 !fresh.get(id)
                     && !flushing.get(id)
                     && !free.contains(&id)
                     && region
                         .bytes(id * PAGE_SIZE as u64, PAGE)
                         .is_some_and(|p| p[OFF_KIND] != PageKind::Branch as u8)
-            });
+            },
+        );
+        // Used since the hand last passed: their reference is cleared, they stay in memory.
+        for (first, n) in runs(choice.unmap) {
+            self.storage.unmap(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
+        }
+        let ids = choice.drop;
         // Cleared before the pages go, so a read after this point checks what comes back.
         for &id in &ids {
             self.verified.clear(id);
         }
-        let mut i = 0;
-        while i < ids.len() {
-            let first = ids[i];
-            let mut n = 1;
-            while i + (n as usize) < ids.len() && ids[i + n as usize] == first + n {
-                n += 1;
-            }
+        let dropped = ids.len() as u64;
+        for (first, n) in runs(ids) {
             self.storage.page_out(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
-            i += n as usize;
         }
-        (resident, ids.len() as u64)
+        (resident, dropped)
     }
 
     /// Seals every page written since the last capture and makes it read-only: after this, the

@@ -8,6 +8,14 @@ use heapgrid_heap::{Heap, HeapOptions};
 
 const KEYS: u32 = 20_000;
 
+/// The tests of this file run one at a time: one of them measures the process's `RssFile`,
+/// which the others' heaps would move.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// This process's resident file-backed memory, in bytes.
 fn rss_file() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -17,6 +25,7 @@ fn rss_file() -> u64 {
 
 #[test]
 fn free_pages_stop_being_resident_and_are_reused_whole() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.heap");
     let mut h = Heap::open(&path, HeapOptions::default()).unwrap();
@@ -66,6 +75,7 @@ fn free_pages_stop_being_resident_and_are_reused_whole() {
 
 #[test]
 fn checkpoints_with_nothing_written_free_what_waits_then_stop() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut h = Heap::open(dir.path().join("q.heap"), HeapOptions::default()).unwrap();
     for i in 0..5_000u32 {
@@ -106,6 +116,7 @@ fn value_of(i: u32) -> Vec<u8> {
 
 #[test]
 fn shedding_drops_clean_pages_only_and_they_read_back_whole() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.heap");
     let mut h = filled(&path);
@@ -142,6 +153,7 @@ fn shedding_drops_clean_pages_only_and_they_read_back_whole() {
 
 #[test]
 fn a_byte_flipped_on_disk_under_a_dropped_page_is_corrupted_not_wrong_data() {
+    let _serial = serial();
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.heap");
@@ -191,6 +203,7 @@ fn mix(mut z: u64) -> u64 {
 
 #[test]
 fn leaves_stay_about_four_fifths_full_after_random_inserts() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let mut h = Heap::open(dir.path().join("f.heap"), HeapOptions::default()).unwrap();
     const N: u64 = 60_000;

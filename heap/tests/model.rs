@@ -368,3 +368,29 @@ fn compact_never_grows_the_file() {
     assert!(after.page_count <= before.page_count, "compaction grew the heap: {before:?} -> {after:?}");
     h.check_integrity().unwrap();
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// Inserts of cells of every size, up to the largest inline one, against a `BTreeMap`: full
+    /// leaves shift cells into siblings (`shift_to_sibling`) or split, whatever the mix of sizes.
+    #[test]
+    fn inserts_of_every_cell_size_match_btreemap(
+        puts in prop::collection::vec((any::<u32>(), 1usize..300, 0usize..1100), 1..600),
+    ) {
+        let disk = SimDisk::new();
+        let mut h = open(&disk);
+        let mut model = std::collections::BTreeMap::new();
+        for (i, (k, klen, vlen)) in puts.into_iter().enumerate() {
+            let mut key = k.to_be_bytes().to_vec();
+            key.resize(klen.max(4), (k % 251) as u8);
+            let v = vec![(i % 256) as u8; vlen];
+            h.put(&key, &v).unwrap();
+            model.insert(key, v);
+        }
+        h.check_integrity().unwrap();
+        let got: Vec<(Vec<u8>, Vec<u8>)> =
+            h.iter().map(|e| e.map(|(k, v)| (k.to_vec(), v.into_owned())).unwrap()).collect();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = model.into_iter().collect();
+        prop_assert_eq!(got, want);
+    }
+}
