@@ -539,7 +539,7 @@ impl Heap {
         self.pager.reclaim();
         Ok(Snapshot {
             region: self.pager.region(),
-            verified: self.pager.verified.clone(),
+            marks: self.pager.marks.clone(),
             page_count: self.pager.page_count,
             tree: self.tree,
             lsn: self.last_lsn(),

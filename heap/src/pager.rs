@@ -34,7 +34,7 @@ use crate::limits::{PAGE, PAGE_SIZE};
 use crate::meta::FIRST_DATA_PAGE;
 use crate::page::{OFF_KIND, PageBits, PageKind};
 use crate::shed::PageClock;
-use crate::snapshot::{Pages, Registry, Verified, read_page};
+use crate::snapshot::{PageMarks, Pages, Registry, read_page};
 use crate::storage::{Region, Storage};
 
 /// Runs of consecutive page ids (sorted first) as (first, count).
@@ -75,7 +75,7 @@ pub(crate) struct Pager {
     pub(crate) captured: u64,
     pub(crate) registry: crate::sync::Arc<Registry>,
     /// Shared with every snapshot; replaced by a grown copy that shares its chunks.
-    pub(crate) verified: Arc<Verified>,
+    pub(crate) marks: Arc<PageMarks>,
     /// Pages that became free since the last `give_back` (their memory is returned then).
     freed: Vec<u64>,
     /// The pages the checkpoint in flight writes back (dirty until it ends): `fresh` as of its
@@ -87,7 +87,7 @@ pub(crate) struct Pager {
 
 impl Pages for Pager {
     fn page(&self, id: u64) -> Result<&[u8]> {
-        read_page(&self.region, &self.verified, self.page_count, id)
+        read_page(&self.region, &self.marks, self.page_count, id)
     }
 }
 
@@ -108,7 +108,7 @@ impl Pager {
             writable: PageBits::default(),
             captured: 0,
             registry: crate::sync::Arc::new(Registry::new()),
-            verified: Arc::new(Verified::empty()),
+            marks: Arc::new(PageMarks::empty()),
             freed: Vec::new(),
             flushing: PageBits::default(),
             clock: PageClock::default(),
@@ -121,8 +121,8 @@ impl Pager {
     fn size_verified(&mut self) {
         self.region = self.storage.region();
         let pages = self.storage.len() / PAGE_SIZE as u64;
-        if !self.verified.covers(pages) {
-            self.verified = Arc::new(self.verified.grown(pages));
+        if !self.marks.covers(pages) {
+            self.marks = Arc::new(self.marks.grown(pages));
         }
     }
 
@@ -199,7 +199,7 @@ impl Pager {
         debug_assert!(!self.fresh.get(id), "page {id} handed out twice");
         self.fresh.set(id);
         self.writable.set(id);
-        self.verified.set(id);
+        self.marks.verified.set(id);
         Ok(id)
     }
 
@@ -271,7 +271,8 @@ impl Pager {
     /// the page clock (`shed`): never a page written since the last checkpoint or being
     /// written back by the one in flight, never a free page (`give_back` returns those), never
     /// a branch node (the tree's upper levels stay resident). Their checksums are checked again
-    /// when they are next read. Returns the pages resident before and the pages dropped.
+    /// when they are next read. Pages read since the hand last passed are spared, unmarked.
+    /// Returns the pages resident before and the pages dropped.
     ///
     /// A reader on another thread that checked a page's verified bit just before it is cleared
     /// may read the page as it comes back from the file unchecked; a later read checks it.
@@ -286,14 +287,14 @@ impl Pager {
             return (resident, 0);
         }
         let pages = self.page_count.min(map.len() as u64);
-        let mapped = region.mapped_map();
+        let marks = self.marks.clone();
         let (fresh, flushing, free) = (&self.fresh, &self.flushing, &self.free);
         let choice = self.clock.choose(
             FIRST_DATA_PAGE,
             pages,
             want,
             &|id| map[id as usize] & 1 == 1,
-            &|id| mapped.as_ref().and_then(|m| m.get(id as usize).copied()),
+            &|id| marks.referenced.get(id),
             &mut |id| {
                 !fresh.get(id)
                     && !flushing.get(id)
@@ -303,14 +304,15 @@ impl Pager {
                         .is_some_and(|p| p[OFF_KIND] != PageKind::Branch as u8)
             },
         );
-        // Used since the hand last passed: their reference is cleared, they stay in memory.
-        for (first, n) in runs(choice.unmap) {
-            self.storage.unmap(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
+        // Read since the hand last passed: they stay, unmarked.
+        for &id in &choice.spare {
+            marks.referenced.clear(id);
         }
         let ids = choice.drop;
         // Cleared before the pages go, so a read after this point checks what comes back.
         for &id in &ids {
-            self.verified.clear(id);
+            marks.verified.clear(id);
+            marks.referenced.clear(id);
         }
         let dropped = ids.len() as u64;
         for (first, n) in runs(ids) {

@@ -29,33 +29,58 @@ use crate::page;
 use crate::storage::Region;
 use crate::sync::{Arc, Mutex};
 
-/// Pages per chunk of the verified bitset (a chunk is 8 KiB of bits).
+/// Pages per chunk of a `SharedBits` (a chunk is 8 KiB of bits).
 const VERIFIED_CHUNK_PAGES: u64 = 64 * 1024;
 
-/// Which pages' checksums have been checked since open (or which we wrote): a benign cache
-/// shared by the writer and every snapshot. Setting a bit twice is harmless, so relaxed std
-/// atomics suffice. It grows by whole chunks that never move, and a grown set shares the old
-/// chunks, so a snapshot keeps reading the set it was captured with.
-pub(crate) struct Verified {
+/// What every read of a page marks, shared by the writer and every snapshot:
+/// - `verified`: which pages' checksums have been checked since open (or which we wrote, or
+///   since the memory budget dropped them): a benign cache.
+/// - `referenced`: which pages were read since the memory budget's clock hand last passed
+///   them (`shed`): the reference bit of its CLOCK, exact per page (the page tables' own bits
+///   are not readable, and the kernel maps 16 neighbours with every fault).
+pub(crate) struct PageMarks {
+    pub(crate) verified: SharedBits,
+    pub(crate) referenced: SharedBits,
+}
+
+impl PageMarks {
+    pub(crate) fn empty() -> PageMarks {
+        PageMarks { verified: SharedBits::empty(), referenced: SharedBits::empty() }
+    }
+
+    /// Marks covering at least `pages` pages that share `self`'s bits.
+    pub(crate) fn grown(&self, pages: u64) -> PageMarks {
+        PageMarks { verified: self.verified.grown(pages), referenced: self.referenced.grown(pages) }
+    }
+
+    pub(crate) fn covers(&self, pages: u64) -> bool {
+        self.verified.covers(pages) && self.referenced.covers(pages)
+    }
+}
+
+/// A set of page ids any thread may set and clear: setting a bit twice is harmless, so relaxed
+/// std atomics suffice. It grows by whole chunks that never move, and a grown set shares the
+/// old chunks, so a snapshot keeps reading the set it was captured with.
+pub(crate) struct SharedBits {
     chunks: Vec<std::sync::Arc<[std::sync::atomic::AtomicU64]>>,
 }
 
-impl Verified {
+impl SharedBits {
     fn chunk() -> std::sync::Arc<[std::sync::atomic::AtomicU64]> {
         (0..VERIFIED_CHUNK_PAGES / 64).map(|_| std::sync::atomic::AtomicU64::new(0)).collect()
     }
 
     /// A set covering at least `pages` pages that shares `self`'s bits.
-    pub(crate) fn grown(&self, pages: u64) -> Verified {
+    pub(crate) fn grown(&self, pages: u64) -> SharedBits {
         let mut chunks = self.chunks.clone();
         while (chunks.len() as u64) * VERIFIED_CHUNK_PAGES < pages {
             chunks.push(Self::chunk());
         }
-        Verified { chunks }
+        SharedBits { chunks }
     }
 
-    pub(crate) fn empty() -> Verified {
-        Verified { chunks: Vec::new() }
+    pub(crate) fn empty() -> SharedBits {
+        SharedBits { chunks: Vec::new() }
     }
 
     pub(crate) fn covers(&self, pages: u64) -> bool {
@@ -91,10 +116,11 @@ pub(crate) trait Pages {
     fn page(&self, id: u64) -> Result<&[u8]>;
 }
 
-/// Reads page `id` of `region`, below `page_count`, verifying it the first time.
+/// Reads page `id` of `region`, below `page_count`, verifying it the first time and marking it
+/// referenced.
 pub(crate) fn read_page<'a>(
     region: &'a Region,
-    verified: &Verified,
+    marks: &PageMarks,
     page_count: u64,
     id: u64,
 ) -> Result<&'a [u8]> {
@@ -104,9 +130,13 @@ pub(crate) fn read_page<'a>(
     let Some(p) = region.bytes(id * PAGE_SIZE as u64, PAGE) else {
         return Err(Error::Poisoned(format!("page {id} is not mapped (a failed grow or truncate)")));
     };
-    if !verified.get(id) {
+    if !marks.verified.get(id) {
         page::verify(id, p)?;
-        verified.set(id);
+        marks.verified.set(id);
+    }
+    // A load first: a hot page's bit is set already, and its cache line stays shared.
+    if !marks.referenced.get(id) {
+        marks.referenced.set(id);
     }
     Ok(p)
 }
@@ -213,7 +243,7 @@ impl<T: Generation> Default for Published<T> {
 /// A heap's tree as of one capture: readable from any thread, unchanged by later writes.
 pub struct Snapshot {
     pub(crate) region: std::sync::Arc<Region>,
-    pub(crate) verified: std::sync::Arc<Verified>,
+    pub(crate) marks: std::sync::Arc<PageMarks>,
     pub(crate) page_count: u64,
     pub(crate) tree: TreeRoot,
     pub(crate) lsn: u64,
@@ -222,7 +252,7 @@ pub struct Snapshot {
 
 impl Pages for Snapshot {
     fn page(&self, id: u64) -> Result<&[u8]> {
-        read_page(&self.region, &self.verified, self.page_count, id)
+        read_page(&self.region, &self.marks, self.page_count, id)
     }
 }
 

@@ -61,10 +61,6 @@ pub trait Storage: Send + Sync {
     /// memory budget's pager). Advice only: the bytes stay as they are on disk and are read
     /// back from there when next read. A storage without memory of its own ignores it.
     fn page_out(&mut self, _offset: u64, _len: u64) {}
-    /// Unmaps `len` bytes at `offset` from this process's page tables, keeping them in memory
-    /// (`MADV_DONTNEED` on a shared file mapping; nothing written is lost): their next access
-    /// maps them again, which `Region::mapped_map` sees. The memory budget's reference bits.
-    fn unmap(&mut self, _offset: u64, _len: u64) {}
     /// Advises the system that pages are read in random order (no read-around on a fault), for
     /// a heap larger than its memory; `false` restores the default. Kept across grows.
     fn set_random_access(&mut self, _on: bool) {}
@@ -144,31 +140,6 @@ impl Region {
             return None;
         }
         Some((vec, page))
-    }
-
-    /// Which pages of the mapping are mapped into this process's page tables now (bit 63 of
-    /// their `/proc/self/pagemap` entries): a page is mapped again by the first access after
-    /// `Storage::unmap`, so this is the reference bit a mapped file otherwise lacks. `None`
-    /// where the system cannot tell (no `/proc`, another page size).
-    pub fn mapped_map(&self) -> Option<Vec<bool>> {
-        use std::os::unix::fs::FileExt;
-        if self.len == 0 {
-            return Some(Vec::new());
-        }
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if page != PAGE_SIZE as libc::c_long || !(self.ptr as usize).is_multiple_of(PAGE_SIZE as usize) {
-            return None;
-        }
-        let pages = self.len / PAGE_SIZE as usize;
-        let f = File::open("/proc/self/pagemap").ok()?;
-        let mut buf = vec![0u8; pages * 8];
-        f.read_exact_at(&mut buf, (self.ptr as usize / PAGE_SIZE as usize * 8) as u64).ok()?;
-        Some(
-            buf.chunks_exact(8)
-                .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (1 << 63) != 0)
-                .collect(),
-        )
     }
 
     /// `len` bytes at `offset`, or `None` past the end.
@@ -378,18 +349,6 @@ impl Storage for FileStorage {
                 libc::POSIX_FADV_DONTNEED,
             );
         }
-    }
-    fn unmap(&mut self, offset: u64, len: u64) {
-        let end = offset.saturating_add(len).min(self.region.len());
-        if offset >= end {
-            return;
-        }
-        let n = (end - offset) as usize;
-        let p = self.region.write_ptr(offset, n);
-        // SAFETY: page-aligned, in bounds. On a shared file mapping MADV_DONTNEED only removes
-        // the page-table entries: the pages stay in the page cache (dirty ones stay dirty), and
-        // a later access (a reader on any thread) maps them again.
-        unsafe { libc::madvise(p.cast(), n, libc::MADV_DONTNEED) };
     }
     fn set_random_access(&mut self, on: bool) {
         self.random = on;
