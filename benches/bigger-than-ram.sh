@@ -8,7 +8,8 @@
 # Reported per workload: GETs/s and p99 under the budget and all resident (and their ratio),
 # page-ins per second (major faults of the server, /proc/<pid>/stat), and the most memory the
 # node held under the budget (RssAnon from /proc plus the heaps' resident pages, by mincore,
-# sampled twice a second) against the budget.
+# sampled twice a second) against the budget. Each case runs WARM seconds before it is measured
+# (the case before it left other pages in memory).
 #
 #   bash benches/bigger-than-ram.sh
 #   BUDGET=256M KEYS=262144 VALUE=4000 SECS=20 bash benches/bigger-than-ram.sh
@@ -22,6 +23,7 @@ KEYS="${KEYS:-262144}"
 VALUE="${VALUE:-4000}"
 SECS="${SECS:-20}"
 CLIENTS="${CLIENTS:-16}"
+WARM="${WARM:-5}"
 SHARDS="${SHARDS:-4}"
 
 if [ -z "${HG:-}" ]; then
@@ -46,6 +48,8 @@ start() { # extra serve flags; $THREADS: the server's runtime threads (empty: th
 }
 stop() { kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true; }
 majflt() { awk '{print $12}' "/proc/$HG_PID/stat"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$HG_PID/stat"; }
+clk_tck=$(getconf CLK_TCK)
 anon() { awk '$1 == "RssAnon:" {print $2 * 1024}' "/proc/$HG_PID/status"; }
 used() { # "RssAnon+heap-resident RssAnon"
   local r a; r=$("$HG" stats --addr "$HG_ADDR" | python3 -c 'import json,sys; print(json.load(sys.stdin)["heap_resident_bytes"])')
@@ -56,23 +60,27 @@ budget_bytes=$(python3 -c "
 s='$BUDGET'.upper().rstrip('B').rstrip('I'); u={'K':10,'M':20,'G':30,'T':40}
 print(int(s[:-1]) << u[s[-1]] if s[-1] in u else int(s))")
 
-# One workload: prints "ops/s p99_us page-ins/s max_used_bytes max_anon_bytes".
+# One workload: prints "ops/s p99_us page-ins/s max_used_bytes max_anon_bytes cpu_us_per_op".
 run() { # $1 = --hot percent
   local f0 max=0 maxanon=0 u a
-  f0=$(majflt)
+  # Warm up first (the previous case left other pages in memory), then measure.
+  "$HG" bench --addr "$HG_ADDR" --table big --connections "$CLIENTS" --keys "$KEYS" \
+    --value-bytes "$VALUE" --reads 100 --hot "$1" --seconds "$WARM" >/dev/null
+  f0=$(majflt); c0=$(cpu_ticks)
   ( while sleep 0.5; do used; done ) > "$work/used" 2>/dev/null &
   local sampler=$!
   local rep; rep=$("$HG" bench --addr "$HG_ADDR" --table big --connections "$CLIENTS" --keys "$KEYS" \
     --value-bytes "$VALUE" --reads 100 --hot "$1" --seconds "$SECS" --json)
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
-  local f1; f1=$(majflt)
+  local f1 c1; f1=$(majflt); c1=$(cpu_ticks)
   while read -r u a; do
     [ "$u" -gt "$max" ] && max=$u
     [ "$a" -gt "$maxanon" ] && maxanon=$a
   done < "$work/used"
   python3 -c "
 import json; r=json.loads('''$rep''')
-print('%.0f %d %.0f %d %d' % (r['ops_per_sec'], r['latency_us_p99'], ($f1 - $f0) / r['seconds'], $max, $maxanon))"
+print('%.0f %d %.0f %d %d %.1f' % (r['ops_per_sec'], r['latency_us_p99'], ($f1 - $f0) / r['seconds'], $max, $maxanon,
+  ($c1 - $c0) * 1e6 / $clk_tck / max(1, r['ops'])))"
 }
 
 THREADS="${BUDGET_THREADS:-}" start --memory-budget "$BUDGET"
@@ -82,15 +90,15 @@ t0=$(date +%s.%N)
 t1=$(date +%s.%N)
 sleep 15 # a checkpoint makes the last written pages clean; the pager settles
 data_bytes=$("$HG" stats --addr "$HG_ADDR" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh["file_bytes"] for c in s["collections"] if c["name"]=="big" for sh in c["shards"]))')
-read -r b_uni_ops b_uni_p99 b_uni_pin b_uni_max b_uni_anon <<< "$(run 0)"
-read -r b_hot_ops b_hot_p99 b_hot_pin b_hot_max b_hot_anon <<< "$(run 10)"
+read -r b_uni_ops b_uni_p99 b_uni_pin b_uni_max b_uni_anon b_uni_cpu <<< "$(run 0)"
+read -r b_hot_ops b_hot_p99 b_hot_pin b_hot_max b_hot_anon b_hot_cpu <<< "$(run 10)"
 dropped=$("$HG" stats --addr "$HG_ADDR" | python3 -c 'import json,sys; print(json.load(sys.stdin)["memory_budget"]["dropped_bytes"])')
 stop
 
 start
 cat "$DATA"/tables/*/*.heap > /dev/null # every page in memory: the all-resident baseline
-read -r r_uni_ops r_uni_p99 r_uni_pin _ _ <<< "$(run 0)"
-read -r r_hot_ops r_hot_p99 r_hot_pin _ _ <<< "$(run 10)"
+read -r r_uni_ops r_uni_p99 r_uni_pin _ _ r_uni_cpu <<< "$(run 0)"
+read -r r_hot_ops r_hot_p99 r_hot_pin _ _ r_hot_cpu <<< "$(run 10)"
 stop
 
 mib() { python3 -c "print('%.0f MiB' % ($1 / 1048576))"; }
@@ -99,9 +107,9 @@ echo "## bigger than the budget, $(date -u +%FT%TZ), $(nproc) cores: $KEYS keys 
 echo
 echo "load: $(python3 -c "print('%.1f s' % ($t1 - $t0))"); dropped by the pager over the run: $(mib "$dropped")"
 echo
-echo "| GETs | budget: ops/s | p99 µs | page-ins/s | most held (of the budget) | all resident: ops/s | p99 µs | budget / all resident |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-echo "| uniform | $b_uni_ops | $b_uni_p99 | $b_uni_pin | $(mib "$b_uni_max") ($(ratio "$b_uni_max" "$budget_bytes")) | $r_uni_ops | $r_uni_p99 | $(ratio "$b_uni_ops" "$r_uni_ops") |"
-echo "| 90/10 hot set | $b_hot_ops | $b_hot_p99 | $b_hot_pin | $(mib "$b_hot_max") ($(ratio "$b_hot_max" "$budget_bytes")) | $r_hot_ops | $r_hot_p99 | $(ratio "$b_hot_ops" "$r_hot_ops") |"
+echo "| GETs | budget: ops/s | p99 µs | server CPU µs/GET | page-ins/s | most held (of the budget) | all resident: ops/s | p99 µs | server CPU µs/GET | budget / all resident |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| uniform | $b_uni_ops | $b_uni_p99 | $b_uni_cpu | $b_uni_pin | $(mib "$b_uni_max") ($(ratio "$b_uni_max" "$budget_bytes")) | $r_uni_ops | $r_uni_p99 | $r_uni_cpu | $(ratio "$b_uni_ops" "$r_uni_ops") |"
+echo "| 90/10 hot set | $b_hot_ops | $b_hot_p99 | $b_hot_cpu | $b_hot_pin | $(mib "$b_hot_max") ($(ratio "$b_hot_max" "$budget_bytes")) | $r_hot_ops | $r_hot_p99 | $r_hot_cpu | $(ratio "$b_hot_ops" "$r_hot_ops") |"
 echo
 echo "(most RssAnon under the budget: uniform $(mib "$b_uni_anon"), hot $(mib "$b_hot_anon"); all-resident page-ins/s: uniform $r_uni_pin, hot $r_hot_pin)"

@@ -39,6 +39,18 @@ hg_rss=$(status_kb "$HG_PID" VmRSS); hg_anon=$(status_kb "$HG_PID" RssAnon); hg_
 hg_resident=$(field resident_bytes); hg_heap=$(field file_bytes); hg_log=$(field log_bytes)
 hg_free=$(field free_pages); hg_held=$(field held_pages); hg_pages=$(field pages)
 hg_du=$(du -sb "$HG_DIR" | awk '{print $1}')
+# Open time: a clean stop (SIGTERM checkpoints), then a restart on the same directory, timed
+# from the spawn to the first answer of `heapgrid stats` (every shard open).
+kill -TERM "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
+t0=$(date +%s.%N)
+"$HG" serve --listen 127.0.0.1:0 --data "$HG_DIR" --fsync every:1000 > "$work/hg2.out" 2>/dev/null &
+pids+=($!); HG_PID=$!
+for _ in $(seq 400); do grep -q "listening on" "$work/hg2.out" 2>/dev/null && break; sleep 0.005; done
+HG_ADDR=$(sed -n 's/heapgrid listening on //p' "$work/hg2.out")
+until "$HG" stats --addr "$HG_ADDR" >/dev/null 2>&1; do sleep 0.005; done
+t1=$(date +%s.%N)
+open_ms=$(python3 -c "print('%.0f' % (($t1 - $t0) * 1000))")
+kill "$HG_PID"
 
 start_redis off
 redis-benchmark -p "$REDIS_PORT" -t set -n "$KEYS" -c "$CLIENTS" -d "$VALUE" -r "$KEYS" -q >/dev/null 2>&1
@@ -59,4 +71,4 @@ echo "| heapgrid heap files | $(per_key "$hg_heap") | | |"
 echo "| heapgrid op log | $(per_key "$hg_log") | | |"
 echo "| heapgrid data directory on disk (du) | $(per_key "$hg_du") | | |"
 echo
-echo "heapgrid pages: $hg_pages in use, $hg_free free, $hg_held held"
+echo "heapgrid pages: $hg_pages in use, $hg_free free, $hg_held held; clean restart to the first answer: $open_ms ms (process start included)"

@@ -25,6 +25,12 @@ use crate::error::GridError;
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
+/// Op-log bytes since the last checkpoint past which a shard checkpoints at once, besides its
+/// timer (issue 19's bound on replay; docs/semantics.md, "Checkpoints"). 64 MiB replays in
+/// well under a second, and at the default interval (10 s) only a write rate above 6.4 MB/s
+/// per shard reaches it.
+pub const LOG_TAIL_BYTES_MAX: u64 = 64 << 20;
+
 /// How long a (re)starting shard waits for the previous holder of its heap's lock: the
 /// previous incarnation's state being dropped, readers finishing with its snapshots, or its
 /// checkpoint write-back (a file's lock is held while any of them can still touch the file).
@@ -287,7 +293,10 @@ impl<S: HeapOwner> LogGate<S> {
         call: GateCall,
     ) -> Result<(), ActorProcessingErr> {
         match call {
-            GateCall::Flush => self.flush(),
+            GateCall::Flush => {
+                self.flush()?;
+                self.checkpoint_if_tail_long(myself)
+            }
             GateCall::Durable(groups) => {
                 self.durable(groups);
                 Ok(())
@@ -329,6 +338,21 @@ impl<S: HeapOwner> LogGate<S> {
                 let _ = reply.send(r);
                 Ok(())
             }
+        }
+    }
+
+    /// Begins a background checkpoint now if the op log written since the last one passed
+    /// `LOG_TAIL_BYTES_MAX`, so a crash never leaves more than about that to replay, whatever
+    /// the write rate (the timer alone lets the tail grow with the rate times the interval).
+    fn checkpoint_if_tail_long<M: GateMsg>(
+        &mut self,
+        myself: &ActorRef<M>,
+    ) -> Result<(), ActorProcessingErr> {
+        match self.shard.as_ref() {
+            Some(t) if self.checkpoint_task.is_none() && t.heap().log_tail_bytes() > LOG_TAIL_BYTES_MAX => {
+                self.begin_checkpoint(myself)
+            }
+            _ => Ok(()),
         }
     }
 

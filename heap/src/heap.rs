@@ -278,6 +278,12 @@ impl Heap {
         crate::oplog::verify(dir, self.durable.heap_id, self.durable.checkpoint_lsn, self.durable.log_segment)
     }
 
+    /// Bytes of op-log records written since the last checkpoint began (since open: every
+    /// segment's bytes): what a crash now would leave to replay. 0 without an op log.
+    pub fn log_tail_bytes(&self) -> u64 {
+        self.log.as_ref().map_or(0, OpLog::tail_bytes)
+    }
+
     /// Op-log segment files currently kept.
     pub fn log_segments(&self) -> usize {
         self.log.as_ref().map_or(0, OpLog::segment_count)

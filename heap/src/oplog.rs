@@ -311,6 +311,9 @@ pub(crate) struct OpLog {
     buf: Vec<u8>,
     /// Records queued by `append_deferred`, not yet written.
     deferred: Vec<u8>,
+    /// Bytes of records written to the current segment (since the last `rotate`, which every
+    /// checkpoint begins with).
+    tail_bytes: u64,
     _flusher: Option<Flusher>,
 }
 
@@ -357,6 +360,9 @@ impl OpLog {
             FsyncPolicy::EveryMs(ms) => Some(spawn_flusher(shared.clone(), ms)),
             _ => None,
         };
+        // What a crash left to replay counts as tail until the next checkpoint (all segments: an
+        // upper bound, as the one kept back for the previous checkpoint is counted too).
+        let tail_bytes = dir.bytes();
         let log = OpLog {
             dir,
             heap_id,
@@ -366,6 +372,7 @@ impl OpLog {
             next_lsn,
             buf: Vec::new(),
             deferred: Vec::new(),
+            tail_bytes,
             _flusher: flusher,
         };
         Ok((log, report))
@@ -393,8 +400,14 @@ impl OpLog {
             });
         }
         self.next_lsn += 1;
+        self.tail_bytes += self.buf.len() as u64;
         self.written(lsn);
         Ok(lsn)
+    }
+
+    /// Bytes of records written since the last checkpoint began (replay's length after a crash).
+    pub(crate) fn tail_bytes(&self) -> u64 {
+        self.tail_bytes + self.deferred.len() as u64
     }
 
     fn written(&self, lsn: u64) {
@@ -425,6 +438,7 @@ impl OpLog {
             self.deferred.clear();
             return Err(Error::Io(e));
         }
+        self.tail_bytes += self.deferred.len() as u64;
         self.deferred.clear();
         self.written(self.next_lsn - 1);
         Ok(())
@@ -458,6 +472,7 @@ impl OpLog {
         let new = self.dir.create(self.next_lsn, &segment_header(self.heap_id, self.next_lsn))?;
         *self.shared.current.lock().unwrap_or_else(|e| e.into_inner()) = new;
         self.segments.push(self.next_lsn);
+        self.tail_bytes = 0;
         Ok(())
     }
 

@@ -37,18 +37,32 @@ use crate::shed::PageClock;
 use crate::snapshot::{PageMarks, Pages, Registry, read_page};
 use crate::storage::{Region, Storage};
 
-/// Runs of consecutive page ids (sorted first) as (first, count).
-fn runs(mut ids: Vec<u64>) -> Vec<(u64, u64)> {
+/// Stretches of page ids (sorted first) as (first, count), each covering consecutive ids of
+/// `ids` and the ids between them for which `gap` holds.
+fn spans(mut ids: Vec<u64>, gap: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
     ids.sort_unstable();
     ids.dedup();
     let mut out: Vec<(u64, u64)> = Vec::new();
     for id in ids {
         match out.last_mut() {
-            Some((first, n)) if *first + *n == id => *n += 1,
+            Some((first, n)) if (*first + *n..id).all(&gap) => *n = id + 1 - *first,
             _ => out.push((id, 1)),
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spans;
+
+    #[test]
+    fn spans_join_across_gaps_only() {
+        let gap = |id: u64| (10..20).contains(&id);
+        assert_eq!(spans(vec![3, 1, 2, 9, 20, 22], gap), vec![(1, 3), (9, 12), (22, 1)]);
+        assert_eq!(spans(vec![], gap), vec![]);
+        assert_eq!(spans(vec![5, 5], |_| false), vec![(5, 1)]);
+    }
 }
 
 /// Smallest step the file grows by.
@@ -308,14 +322,18 @@ impl Pager {
         for &id in &choice.spare {
             marks.referenced.clear(id);
         }
-        let ids = choice.drop;
-        // Cleared before the pages go, so a read after this point checks what comes back.
-        for &id in &ids {
-            marks.verified.clear(id);
-            marks.referenced.clear(id);
+        let dropped = choice.drop.len() as u64;
+        // One call per stretch of chosen pages, across pages that were not resident (a page
+        // read back into such a gap since goes too: it is clean, and its marks are cleared).
+        let stretches = spans(choice.drop, |id| map.get(id as usize).is_some_and(|b| b & 1 == 0));
+        for &(first, n) in &stretches {
+            // Cleared before the pages go, so a read after this point checks what comes back.
+            for id in first..first + n {
+                marks.verified.clear(id);
+                marks.referenced.clear(id);
+            }
         }
-        let dropped = ids.len() as u64;
-        for (first, n) in runs(ids) {
+        for (first, n) in stretches {
             self.storage.page_out(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
         }
         (resident, dropped)
