@@ -23,6 +23,10 @@ pub struct ShardStats {
     pub log_bytes: u64,
     /// Bytes of the heap file's mapping resident in memory now.
     pub resident_bytes: u64,
+    /// Checkpoints of the heap since it was created (its meta epoch).
+    pub checkpoints: u64,
+    /// Op-log bytes since the last checkpoint began: what a crash now leaves to replay.
+    pub log_tail_bytes: u64,
 }
 
 impl ShardStats {
@@ -37,6 +41,8 @@ impl ShardStats {
             file_bytes: s.file_bytes,
             log_bytes: s.log_bytes,
             resident_bytes: s.resident_bytes,
+            checkpoints: s.epoch,
+            log_tail_bytes: s.log_tail_bytes,
         }
     }
 }

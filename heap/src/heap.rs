@@ -72,6 +72,8 @@ pub struct HeapStats {
     pub resident_bytes: u64,
     /// Bytes the op log's segments take on disk.
     pub log_bytes: u64,
+    /// Bytes of op-log records since the last checkpoint began (`Heap::log_tail_bytes`).
+    pub log_tail_bytes: u64,
 }
 
 /// What `Heap::shed` did.
@@ -927,6 +929,7 @@ impl Heap {
             epoch: self.durable.epoch,
             resident_bytes: self.pager.storage.region().resident_bytes().unwrap_or(0),
             log_bytes: self.log.as_ref().map_or(0, |l| l.disk_bytes()),
+            log_tail_bytes: self.log_tail_bytes(),
         }
     }
 

@@ -52,19 +52,6 @@ fn spans(mut ids: Vec<u64>, gap: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::spans;
-
-    #[test]
-    fn spans_join_across_gaps_only() {
-        let gap = |id: u64| (10..20).contains(&id);
-        assert_eq!(spans(vec![3, 1, 2, 9, 20, 22], gap), vec![(1, 3), (9, 12), (22, 1)]);
-        assert_eq!(spans(vec![], gap), vec![]);
-        assert_eq!(spans(vec![5, 5], |_| false), vec![(5, 1)]);
-    }
-}
-
 /// Smallest step the file grows by.
 const GROW_BYTES_MIN: u64 = 256 * 1024;
 /// Largest step the file grows by.
@@ -362,5 +349,18 @@ impl Pager {
         self.storage.copy(id * PAGE_SIZE as u64, new * PAGE_SIZE as u64, PAGE);
         self.release(id);
         Ok(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spans;
+
+    #[test]
+    fn spans_join_across_gaps_only() {
+        let gap = |id: u64| (10..20).contains(&id);
+        assert_eq!(spans(vec![3, 1, 2, 9, 20, 22], gap), vec![(1, 3), (9, 12), (22, 1)]);
+        assert_eq!(spans(vec![], gap), vec![]);
+        assert_eq!(spans(vec![5, 5], |_| false), vec![(5, 1)]);
     }
 }

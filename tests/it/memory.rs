@@ -210,3 +210,36 @@ async fn in_a_memory_cgroup_below_the_data_size_the_server_is_not_killed_and_los
     assert_eq!(group.oom_kills(), 0, "the server's group saw an OOM kill");
     server.kill9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_op_log_tail_checkpoints_without_waiting_for_the_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    // The timer would not checkpoint within the test.
+    let opts =
+        heapgrid::GridOptions { checkpoint_interval_ms: 3_600_000, ..heapgrid::GridOptions::default() };
+    let grid = heapgrid::Grid::open(dir.path(), opts).await.unwrap();
+    let t = grid.create_table("t", TableOptions { shards: 1, fsync: None }).await.unwrap();
+    let shard = |s: &heapgrid_actors::stats::NodeStats| {
+        s.collections.iter().find(|c| c.name == "t").unwrap().shards[0].clone()
+    };
+    let before = shard(&grid.core().stats().await);
+    // 80 values of 1 MiB: past the 64 MiB bound once.
+    let value = heapgrid::Value::Bytes(vec![7u8; 1 << 20]);
+    for i in 0..80 {
+        t.put(format!("k{i}"), &value).await.unwrap();
+    }
+    let mut after = shard(&grid.core().stats().await);
+    for _ in 0..100 {
+        if after.checkpoints > before.checkpoints {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        after = shard(&grid.core().stats().await);
+    }
+    assert!(after.checkpoints > before.checkpoints, "no checkpoint: {before:?} then {after:?}");
+    assert!(
+        after.log_tail_bytes < heapgrid_actors::gate::LOG_TAIL_BYTES_MAX,
+        "the tail since the checkpoint is below the bound: {after:?}"
+    );
+    grid.close().await.unwrap();
+}
