@@ -109,6 +109,13 @@ impl IntegrityReport {
     }
 }
 
+/// The budget and counts of one `compact_step`.
+struct Step {
+    budget: u64,
+    visited: u64,
+    moved: u64,
+}
+
 /// What `compact` achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompactStats {
@@ -134,7 +141,39 @@ pub struct Heap {
     /// When set (`set_tap`), every batch committed from now on, with its LSN (`take_tapped`):
     /// what replication ships.
     tapped: Option<Vec<(u64, Vec<u8>)>>,
+    /// The online compaction pass under way (`compact_step`), if any.
+    pass: Option<CompactPass>,
 }
+
+/// An online compaction pass (`Heap::compact_step`): every page at or above `limit` is moved
+/// below it, key range by key range, from `resume` (the lower bound of the keys not yet
+/// visited; empty at the start).
+#[derive(Clone, Debug)]
+struct CompactPass {
+    limit: u64,
+    resume: Vec<u8>,
+}
+
+/// What `Heap::compact_step` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactProgress {
+    /// Pages moved below the pass's limit (overflow pages rewritten included).
+    pub moved: u64,
+    /// Pages read.
+    pub visited: u64,
+    /// A pass is under way after this step (`false`: the step ended it, or none was needed).
+    pub in_pass: bool,
+}
+
+/// `finish_checkpoint` cuts the file when it extends past its pages by more than two of these
+/// (or two sixteenths of the file): the file grows by such steps, so a shorter excess is room
+/// for the next writes, not waste.
+const GROW_BYTES_MIN_FOR_CUT: u64 = 256 * 1024;
+
+/// Online compaction starts a pass when free pages are at least this share of the file...
+const COMPACT_FREE_PERCENT: u64 = 25;
+/// ...and at least this many (1 MiB).
+const COMPACT_FREE_PAGES_MIN: u64 = 256;
 
 impl Heap {
     /// Opens the heap file at `path`, creating it if it does not exist.
@@ -241,6 +280,7 @@ impl Heap {
             applied_lsn: m.checkpoint_lsn,
             changed: false,
             checkpoint_in_flight: false,
+            pass: None,
             poisoned: None,
             log: None,
             replay: ReplayReport::default(),
@@ -612,8 +652,16 @@ impl Heap {
         // for those alone would checkpoint for ever).
         let waiting = self.pager.pending.len() + self.pager.held.len();
         let lists = 2 * (self.pager.durable_freelist.len() + 1);
-        if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn && waiting <= lists {
+        let tail_free = self.pager.free.contains(&(self.pager.page_count.saturating_sub(1)));
+        if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn && waiting <= lists && !tail_free
+        {
             return Ok(None);
+        }
+        // Free pages at the end of the file leave it (online compaction empties the tail): the
+        // new checkpoint names a shorter file, which `finish_checkpoint` then cuts.
+        let pager = &mut self.pager;
+        while pager.page_count > FIRST_DATA_PAGE && pager.free.remove(&(pager.page_count - 1)) {
+            pager.page_count -= 1;
         }
         // Reserve room for the free list before changing anything, so a full disk is a plain error.
         let listed = self.pager.free.len()
@@ -733,6 +781,15 @@ impl Heap {
         // Free pages' memory goes back to the system (issue 16: free pages stayed resident).
         pager.give_back();
         self.durable = job.meta;
+        // The pages past the durable page count are free and no snapshot reads them: a file
+        // longer than that by more than two growth steps is cut back (online compaction).
+        let (len, keep) = (self.pager.storage.len(), self.pager.page_count * PAGE_SIZE as u64);
+        if len > keep
+            && len - keep > 2 * GROW_BYTES_MIN_FOR_CUT.max(keep / 16)
+            && let Err(e) = self.pager.truncate().and_then(|_| self.pager.storage.sync_len())
+        {
+            return self.poison(e);
+        }
         // Keep the log back to the previous checkpoint: open may fall back to it.
         if let Some(log) = self.log.as_mut() {
             log.retire(job.previous_lsn)?;
@@ -893,6 +950,109 @@ impl Heap {
             }
         }
         Ok(cur)
+    }
+
+    /// One bounded step of online compaction: the file's tail is emptied a key range at a
+    /// time, while readers go on reading their snapshots and writers wait for one step only.
+    ///
+    /// A pass starts when at least `COMPACT_FREE_PERCENT` of the pages (and
+    /// `COMPACT_FREE_PAGES_MIN`) are free: its limit is the pages in use plus an eighth. Each
+    /// step reads about `visits` pages, in key order from where the last one stopped, and
+    /// copies every page at or above the limit into the lowest free pages (copy on write: the
+    /// old page is released as any copied page is). Pages written since the last checkpoint are
+    /// left where they are (a later pass moves them). Free pages at the end of the file are cut
+    /// off at the next checkpoint, and the file is shortened when it ends (`finish_checkpoint`).
+    pub fn compact_step(&mut self, visits: u64) -> Result<CompactProgress> {
+        self.usable()?;
+        if self.pass.is_none() {
+            let total = self.pager.page_count;
+            let free = self.pager.free.len() as u64;
+            if self.tree.root == 0
+                || free < COMPACT_FREE_PAGES_MIN
+                || free * 100 < total * COMPACT_FREE_PERCENT
+            {
+                return Ok(CompactProgress::default());
+            }
+            let used = total - free;
+            let limit = used + used / 8 + self.tree.depth as u64 + 1;
+            if limit >= total {
+                return Ok(CompactProgress::default());
+            }
+            self.pass = Some(CompactPass { limit, resume: Vec::new() });
+        }
+        let CompactPass { limit, resume } = self.pass.clone().expect("a pass was just set");
+        // Every visit may copy its page, and a branch is copied once when a child moves.
+        self.pager.reserve(2 * visits + self.tree.depth as u64 + 1)?;
+        let mut step = Step { budget: visits, visited: 0, moved: 0 };
+        let r = self.relocate_from(self.tree.root, self.tree.depth - 1, limit, Some(&resume), &mut step);
+        let (root, next) = match r {
+            Ok(x) => x,
+            Err(e) => return self.poison(e),
+        };
+        self.tree.root = root;
+        if step.moved > 0 {
+            self.changed = true;
+        }
+        self.pass = next.map(|resume| CompactPass { limit, resume });
+        Ok(CompactProgress { moved: step.moved, visited: step.visited, in_pass: self.pass.is_some() })
+    }
+
+    /// `relocate` for the keys from `from` on (`None`: the whole subtree), reading about
+    /// `step.budget` pages (at least one path down to a leaf). Returns the subtree's new root
+    /// and, when the budget ran out first, the lower bound of the keys not visited.
+    fn relocate_from(
+        &mut self,
+        id: u64,
+        level: u32,
+        limit: u64,
+        from: Option<&[u8]>,
+        step: &mut Step,
+    ) -> Result<(u64, Option<Vec<u8>>)> {
+        let (leaf, children, seps, start) = {
+            let n = btree::node_at(&self.pager, id, level)?;
+            if n.is_leaf() {
+                (true, Vec::new(), Vec::new(), 0)
+            } else {
+                let children: Vec<u64> = (0..=n.count()).map(|i| n.child(i)).collect::<Result<_>>()?;
+                let seps: Vec<Vec<u8>> =
+                    (0..n.count()).map(|i| n.key(i).map(<[u8]>::to_vec)).collect::<Result<_>>()?;
+                let start = match from {
+                    Some(k) => n.child_index(k)?,
+                    None => 0,
+                };
+                (false, children, seps, start)
+            }
+        };
+        step.visited += 1;
+        step.budget = step.budget.saturating_sub(1);
+        if leaf {
+            let before = step.moved;
+            let new = self.relocate(id, level, limit, &mut step.moved)?;
+            step.budget = step.budget.saturating_sub(step.moved - before);
+            return Ok((new, None));
+        }
+        let mut cur = id;
+        if id >= limit {
+            cur = self.pager.cow(id)?;
+            step.moved += 1;
+        }
+        for i in start..children.len() {
+            // The first child is always visited, so every step gets down to a leaf.
+            if i > start && step.budget == 0 {
+                // Resume at child i: its keys start at the separator before it.
+                return Ok((cur, Some(seps[i - 1].clone())));
+            }
+            let sub_from = if i == start { from } else { None };
+            let (new, more) = self.relocate_from(children[i], level - 1, limit, sub_from, step)?;
+            if new != children[i] {
+                cur = self.pager.cow(cur)?;
+                node::set_child(self.pager.page_mut(cur), i, new);
+            }
+            if more.is_some() {
+                return Ok((cur, more));
+            }
+        }
+        Ok((cur, None))
     }
 
     /// Checkpoints and closes the heap.

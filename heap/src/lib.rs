@@ -34,7 +34,8 @@ pub use batch::{BatchOp, WriteBatch};
 pub use error::{Error, Result};
 pub use group_commit::GroupCommit;
 pub use heap::{
-    CheckpointJob, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport, Range, ShedReport,
+    CheckpointJob, CompactProgress, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport,
+    Range, ShedReport,
 };
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;

@@ -227,3 +227,71 @@ fn leaves_stay_about_four_fifths_full_after_random_inserts() {
     assert_eq!(r.entries, N / 2);
     assert!(r.leaf_fill() > 0.4, "leaves {:.3} full after deletes: {r:?}", r.leaf_fill());
 }
+
+#[test]
+fn online_compaction_empties_the_tail_step_by_step_while_snapshots_read() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.heap");
+    let mut h = filled(&path);
+    h.checkpoint().unwrap();
+    // Three keys in four go, all over the key space: the file is mostly free pages, in holes.
+    for i in (0..KEYS).filter(|i| i % 4 != 0) {
+        assert!(h.delete(&i.to_be_bytes()).unwrap());
+    }
+    for _ in 0..3 {
+        h.checkpoint().unwrap();
+    }
+    let before = h.stats();
+    assert!(before.free_pages * 2 > before.page_count, "{before:?}");
+    // A snapshot taken before compaction reads its keys whole while the steps run.
+    let snap = h.capture().unwrap();
+    let mut steps = 0;
+    loop {
+        let p = h.compact_step(200).unwrap();
+        assert!(p.visited <= 200 + 8, "a step reads about its budget: {p:?}");
+        steps += 1;
+        // Readers are never stopped: the old snapshot and the heap itself read on between steps.
+        for i in (0..KEYS).step_by(100) {
+            assert_eq!(
+                snap.get_ref(&i.to_be_bytes()).unwrap().unwrap().as_ref(),
+                value_of(i),
+                "snapshot, key {i}"
+            );
+        }
+        // So are writers: a write between steps.
+        h.put(&4u32.to_be_bytes(), &value_of(4)).unwrap();
+        h.checkpoint().unwrap();
+        if !p.in_pass {
+            break;
+        }
+        assert!(steps < 1000, "the pass never ended");
+    }
+    assert!(steps > 5, "a pass over this heap takes several steps of 200 pages: {steps}");
+    // The snapshot holds the pages it reaches; once it is gone they become free, the pass that
+    // follows moves what was written since, and checkpoints cut the free tail off.
+    drop(snap);
+    for _ in 0..20 {
+        while h.compact_step(1_000).unwrap().in_pass {}
+        h.checkpoint().unwrap();
+    }
+    let after = h.stats();
+    assert!(
+        after.file_bytes * 2 < before.file_bytes,
+        "the file did not shrink by half: {} then {} bytes ({before:?} then {after:?})",
+        before.file_bytes,
+        after.file_bytes
+    );
+    h.check_integrity().unwrap();
+    drop(h);
+    let h = Heap::open(&path, HeapOptions::default()).unwrap();
+    for i in 0..KEYS {
+        let got = h.get(&i.to_be_bytes()).unwrap();
+        if i % 4 == 0 {
+            assert_eq!(got.unwrap(), value_of(i), "key {i}");
+        } else {
+            assert!(got.is_none(), "key {i} came back");
+        }
+    }
+    h.check_integrity().unwrap();
+}

@@ -26,6 +26,8 @@ enum Op {
     Reopen,
     Crash(u64),
     Compact,
+    /// One step of online compaction reading about this many pages.
+    CompactStep(u64),
     Capture,
     ReadOld(usize),
     DropOld(usize),
@@ -66,6 +68,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         2 => any::<u64>().prop_map(Op::Crash),
         1 => Just(Op::Compact),
+        3 => (1u64..64).prop_map(Op::CompactStep),
         4 => Just(Op::Capture),
         4 => (0..SNAPSHOTS_KEPT).prop_map(Op::ReadOld),
         2 => (0..SNAPSHOTS_KEPT).prop_map(Op::DropOld),
@@ -212,6 +215,10 @@ fn run(ops: Vec<Op>) {
             Op::Compact => {
                 heap.compact().unwrap();
                 durable = model.clone();
+                heap.check_integrity().unwrap();
+            }
+            Op::CompactStep(visits) => {
+                heap.compact_step(visits).unwrap();
                 heap.check_integrity().unwrap();
             }
             Op::Capture => {
