@@ -2,7 +2,7 @@
 # Bytes per key (issue 16's measurement), heapgrid against Redis in the same run on this
 # machine: KEYS random SETs (16-byte keys, VALUE-byte values; `heapgrid bench` puts keys of the
 # key space in random order, `redis-benchmark -r` likewise), then REWRITE_SECS of random
-# overwrites, then a wait for a checkpoint (heapgrid checkpoints every 10 s).
+# overwrites, then IDLE_SECS idle (heapgrid checkpoints every 10 s).
 #  - heapgrid (`--fsync every:1000`, the table with SHARDS shards): VmRSS, RssAnon and RssFile
 #    of the server from /proc, the heaps' resident bytes (`heapgrid stats`, by mincore), heap
 #    file bytes, op-log bytes, and the data directory's size on disk (du);
@@ -10,13 +10,14 @@
 # All per key.
 #
 #   bash benches/memory.sh
-#   KEYS=1000000 VALUE=100 REWRITE_SECS=10 SHARDS=2 bash benches/memory.sh
+#   KEYS=1000000 VALUE=100 REWRITE_SECS=10 IDLE_SECS=35 SHARDS=2 bash benches/memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KEYS="${KEYS:-1000000}"
 VALUE="${VALUE:-100}"
 REWRITE_SECS="${REWRITE_SECS:-10}"
+IDLE_SECS="${IDLE_SECS:-35}"
 SHARDS="${SHARDS:-2}"
 CLIENTS=16
 source benches/lib-redis.sh
@@ -30,8 +31,9 @@ start_heapgrid every:1000
   --reads 0 --seconds 0.01 --preload >/dev/null
 "$HG" bench --addr "$HG_ADDR" --table bench --connections "$CLIENTS" --keys "$KEYS" --value-bytes "$VALUE" \
   --reads 0 --seconds "$REWRITE_SECS" >/dev/null
-# Freed pages become free over the checkpoints after the last write (one every 10 s).
-sleep 35
+# Freed pages become free over the checkpoints after the last write (one every 10 s), and
+# online compaction (one step per checkpoint) empties the file's tail.
+sleep "$IDLE_SECS"
 stats=$("$HG" stats --addr "$HG_ADDR")
 hg_keys=$(python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh["entries"] for c in s["collections"] if c["name"]=="bench" for sh in c["shards"]))' <<< "$stats")
 field() { python3 -c "import json,sys; s=json.load(sys.stdin); print(sum(sh['$1'] for c in s['collections'] if c['name']=='bench' for sh in c['shards']))" <<< "$stats"; }

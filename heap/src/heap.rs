@@ -143,6 +143,9 @@ pub struct Heap {
     tapped: Option<Vec<(u64, Vec<u8>)>>,
     /// The online compaction pass under way (`compact_step`), if any.
     pass: Option<CompactPass>,
+    /// The page count the older durable meta page names (open may fall back to it, so the file
+    /// is never cut below it).
+    older_page_count: u64,
 }
 
 /// An online compaction pass (`Heap::compact_step`): every page at or above `limit` is moved
@@ -281,6 +284,7 @@ impl Heap {
             changed: false,
             checkpoint_in_flight: false,
             pass: None,
+            older_page_count: m.page_count,
             poisoned: None,
             log: None,
             replay: ReplayReport::default(),
@@ -652,8 +656,15 @@ impl Heap {
         // for those alone would checkpoint for ever).
         let waiting = self.pager.pending.len() + self.pager.held.len();
         let lists = 2 * (self.pager.durable_freelist.len() + 1);
+        // A free page at the end, or a file the older checkpoint still holds long: one more
+        // checkpoint lets the file shrink.
         let tail_free = self.pager.free.contains(&(self.pager.page_count.saturating_sub(1)));
-        if !self.changed && self.applied_lsn == self.durable.checkpoint_lsn && waiting <= lists && !tail_free
+        let cut_waits = self.older_page_count > self.pager.page_count;
+        if !self.changed
+            && self.applied_lsn == self.durable.checkpoint_lsn
+            && waiting <= lists
+            && !tail_free
+            && !cut_waits
         {
             return Ok(None);
         }
@@ -780,13 +791,16 @@ impl Heap {
         pager.reclaim();
         // Free pages' memory goes back to the system (issue 16: free pages stayed resident).
         pager.give_back();
+        self.older_page_count = self.durable.page_count;
         self.durable = job.meta;
-        // The pages past the durable page count are free and no snapshot reads them: a file
-        // longer than that by more than two growth steps is cut back (online compaction).
-        let (len, keep) = (self.pager.storage.len(), self.pager.page_count * PAGE_SIZE as u64);
+        // The pages past both durable checkpoints' page counts are free in both, and no snapshot
+        // reads them: a file longer than that by more than two growth steps is cut back (online
+        // compaction). Not below the older checkpoint's count: open may fall back to it.
+        let keep_pages = self.pager.page_count.max(self.older_page_count);
+        let (len, keep) = (self.pager.storage.len(), keep_pages * PAGE_SIZE as u64);
         if len > keep
             && len - keep > 2 * GROW_BYTES_MIN_FOR_CUT.max(keep / 16)
-            && let Err(e) = self.pager.truncate().and_then(|_| self.pager.storage.sync_len())
+            && let Err(e) = self.pager.truncate_to(keep_pages).and_then(|_| self.pager.storage.sync_len())
         {
             return self.poison(e);
         }
@@ -853,20 +867,22 @@ impl Heap {
         Ok(())
     }
 
-    /// Cuts the free pages at the end of the file off the high-water mark, checkpoints so no meta
-    /// page names them, then shrinks the file.
+    /// Cuts the free pages at the end of the file off the high-water mark (checkpoints also do),
+    /// checkpoints twice so neither meta page names them, then shrinks the file to its pages.
     fn cut_tail(&mut self) -> Result<()> {
         let mut count = self.pager.page_count;
         while count > FIRST_DATA_PAGE && self.pager.free.contains(&(count - 1)) {
             count -= 1;
             self.pager.free.remove(&count);
         }
-        if count == self.pager.page_count {
+        if count == self.pager.page_count && self.pager.storage.len() == count * PAGE_SIZE as u64 {
             return Ok(());
         }
         self.pager.page_count = count;
-        self.changed = true;
-        self.checkpoint()?;
+        for _ in 0..2 {
+            self.changed = true;
+            self.checkpoint()?;
+        }
         let r = self.pager.truncate().and_then(|_| self.pager.storage.sync_len());
         match r {
             Ok(()) => Ok(()),

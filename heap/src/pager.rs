@@ -179,7 +179,13 @@ impl Pager {
 
     /// Shrinks the storage to `page_count` pages (the pages cut are free: no reader reaches them).
     pub(crate) fn truncate(&mut self) -> Result<()> {
-        self.storage.truncate(self.page_count * PAGE_SIZE as u64)?;
+        self.truncate_to(self.page_count)
+    }
+
+    /// Shrinks the storage to `pages` pages, at least `page_count` (the pages cut are free).
+    pub(crate) fn truncate_to(&mut self, pages: u64) -> Result<()> {
+        assert!(pages >= self.page_count, "cutting pages in use");
+        self.storage.truncate(pages * PAGE_SIZE as u64)?;
         self.size_verified();
         Ok(())
     }
