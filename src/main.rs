@@ -1162,10 +1162,11 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
             });
         match r {
             Ok((rep, log)) => emit(&format!(
-                "ok       {} ({} entries, {} tree pages; op log: {} records after the checkpoint{})",
+                "ok       {} ({} entries, {} tree pages, leaves {:.0}% full; op log: {} records after the checkpoint{})",
                 f.display(),
                 rep.entries,
                 rep.tree_pages,
+                rep.leaf_fill() * 100.0,
                 log.records_replayed,
                 if log.torn_tail_bytes > 0 {
                     format!(", a torn tail of {} bytes", log.torn_tail_bytes)
