@@ -659,7 +659,7 @@ impl Heap {
         // A free page at the end, or a file the older checkpoint still holds long: one more
         // checkpoint lets the file shrink.
         let tail_free = self.pager.free.contains(&(self.pager.page_count.saturating_sub(1)));
-        let cut_waits = self.older_page_count > self.pager.page_count;
+        let cut_waits = self.older_page_count > self.pager.page_count || self.cut_due().is_some();
         if !self.changed
             && self.applied_lsn == self.durable.checkpoint_lsn
             && waiting <= lists
@@ -796,10 +796,7 @@ impl Heap {
         // The pages past both durable checkpoints' page counts are free in both, and no snapshot
         // reads them: a file longer than that by more than two growth steps is cut back (online
         // compaction). Not below the older checkpoint's count: open may fall back to it.
-        let keep_pages = self.pager.page_count.max(self.older_page_count);
-        let (len, keep) = (self.pager.storage.len(), keep_pages * PAGE_SIZE as u64);
-        if len > keep
-            && len - keep > 2 * GROW_BYTES_MIN_FOR_CUT.max(keep / 16)
+        if let Some(keep_pages) = self.cut_due()
             && let Err(e) = self.pager.truncate_to(keep_pages).and_then(|_| self.pager.storage.sync_len())
         {
             return self.poison(e);
@@ -809,6 +806,14 @@ impl Heap {
             log.retire(job.previous_lsn)?;
         }
         Ok(())
+    }
+
+    /// The page count to cut the file to, when it is longer than both durable checkpoints'
+    /// pages by more than two growth steps (online compaction emptied its end).
+    fn cut_due(&self) -> Option<u64> {
+        let keep_pages = self.pager.page_count.max(self.older_page_count);
+        let (len, keep) = (self.pager.storage.len(), keep_pages * PAGE_SIZE as u64);
+        (len > keep && len - keep > 2 * GROW_BYTES_MIN_FOR_CUT.max(keep / 16)).then_some(keep_pages)
     }
 
     /// Whether a checkpoint was begun and not finished.
@@ -997,7 +1002,10 @@ impl Heap {
             self.pass = Some(CompactPass { limit, resume: Vec::new() });
         }
         let CompactPass { limit, resume } = self.pass.clone().expect("a pass was just set");
-        // Every visit may copy its page, and a branch is copied once when a child moves.
+        // Every visit may copy its page, and a branch is copied once when a child moves: the
+        // copies come from free pages, so a step never visits more than half of them (reserving
+        // more would grow the file the pass is shrinking).
+        let visits = visits.min(self.pager.free.len() as u64 / 2).max(1);
         self.pager.reserve(2 * visits + self.tree.depth as u64 + 1)?;
         let mut step = Step { budget: visits, visited: 0, moved: 0 };
         let r = self.relocate_from(self.tree.root, self.tree.depth - 1, limit, Some(&resume), &mut step);
