@@ -355,7 +355,7 @@ impl<S: HeapOwner> LogGate<S> {
     ) -> Result<(), ActorProcessingErr> {
         match self.shard.as_ref() {
             Some(t) if self.checkpoint_task.is_none() && t.heap().log_tail_bytes() > LOG_TAIL_BYTES_MAX => {
-                self.begin_checkpoint(myself)
+                self.start_checkpoint(myself)
             }
             _ => Ok(()),
         }
@@ -373,6 +373,12 @@ impl<S: HeapOwner> LogGate<S> {
             // that did not poison the heap, a full disk, is tried again at the next tick).
             let _ = t.heap_mut().compact_step(COMPACT_STEP_VISITS);
         }
+        self.start_checkpoint(myself)
+    }
+
+    /// Begins a background checkpoint unless one is in flight (`begin_checkpoint` without the
+    /// compaction step).
+    fn start_checkpoint<M: GateMsg>(&mut self, myself: &ActorRef<M>) -> Result<(), ActorProcessingErr> {
         if self.checkpoint_task.is_none()
             && let Some(t) = self.shard.as_mut()
             && let Ok(Some(job)) = t.heap_mut().begin_checkpoint()

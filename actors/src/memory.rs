@@ -131,13 +131,15 @@ impl Actor for MemoryPager {
         args: PagerArgs,
     ) -> Result<PagerState, ActorProcessingErr> {
         args.stats.budget_bytes.store(args.budget_bytes, Ordering::Relaxed);
-        myself.send_interval(TICK, || PagerMsg::Tick);
+        // Each tick schedules the next when it is done, so a slow one (heaps answering late)
+        // never lets ticks pile up in the mailbox.
+        myself.send_after(TICK, || PagerMsg::Tick);
         Ok(PagerState { args, after: HashMap::new() })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<PagerMsg>,
+        myself: ActorRef<PagerMsg>,
         _msg: PagerMsg,
         st: &mut PagerState,
     ) -> Result<(), ActorProcessingErr> {
@@ -174,6 +176,7 @@ impl Actor for MemoryPager {
         }
         // Heaps gone since (a dropped table) are forgotten.
         st.after = after;
+        myself.send_after(TICK, || PagerMsg::Tick);
         Ok(())
     }
 }

@@ -111,9 +111,12 @@ impl IntegrityReport {
 
 /// The budget and counts of one `compact_step`.
 struct Step {
+    /// Pages left to read.
     budget: u64,
     visited: u64,
     moved: u64,
+    /// Overflow pages the step may still rewrite out of its reservation.
+    alloc_left: u64,
 }
 
 /// What `compact` achieved.
@@ -826,8 +829,10 @@ impl Heap {
     /// file, and copies the pages above the new target size into free pages below it.
     pub fn compact(&mut self) -> Result<CompactStats> {
         self.usable()?;
-        // Pages move: what the shedding clock learnt of the old places is moot.
+        // Pages move: what the shedding clock learnt of the old places is moot, and an online
+        // pass under way is done by this one.
         self.pager.clock.reset();
+        self.pass = None;
         let before = self.pager.storage.len();
         let mut moved = 0;
         for _round in 0..COMPACT_ROUNDS_MAX {
@@ -845,7 +850,7 @@ impl Heap {
             }
             let mut round = 0;
             self.pager.reserve(self.pager.page_count - limit + self.branch_pages()? + 1)?;
-            match self.relocate(self.tree.root, self.tree.depth - 1, limit, &mut round) {
+            match self.relocate(self.tree.root, self.tree.depth - 1, limit, &mut round, None) {
                 Ok(root) => self.tree.root = root,
                 Err(e) => return self.poison(e),
             }
@@ -884,11 +889,17 @@ impl Heap {
             return Ok(());
         }
         self.pager.page_count = count;
-        for _ in 0..2 {
+        // Until both meta pages name the same count (a checkpoint may cut more of the tail, if a
+        // snapshot let go of pages meanwhile), and never below the older one's.
+        for _ in 0..4 {
             self.changed = true;
             self.checkpoint()?;
+            if self.older_page_count == self.pager.page_count {
+                break;
+            }
         }
-        let r = self.pager.truncate().and_then(|_| self.pager.storage.sync_len());
+        let keep = self.pager.page_count.max(self.older_page_count);
+        let r = self.pager.truncate_to(keep).and_then(|_| self.pager.storage.sync_len());
         match r {
             Ok(()) => Ok(()),
             Err(e) => self.poison(e),
@@ -916,7 +927,17 @@ impl Heap {
 
     /// Copies every page of the subtree at `id` that lies at or above `limit` to a lower page.
     /// Returns the subtree's new root page.
-    fn relocate(&mut self, id: u64, level: u32, limit: u64, moved: &mut u64) -> Result<u64> {
+    /// With `bounds` (an online step's pages left to read and overflow pages left to write), an
+    /// overflow chain is only walked and rewritten while they last: a chain longer than what is
+    /// left is left where it is (a later step or pass, or offline `compact`, moves it).
+    fn relocate(
+        &mut self,
+        id: u64,
+        level: u32,
+        limit: u64,
+        moved: &mut u64,
+        mut bounds: Option<(&mut u64, &mut u64)>,
+    ) -> Result<u64> {
         let (leaf, children) = {
             let n = btree::node_at(&self.pager, id, level)?;
             let children: Vec<u64> = if n.is_leaf() {
@@ -929,7 +950,10 @@ impl Heap {
         let mut cur = id;
         if id >= limit {
             cur = self.pager.cow(id)?;
-            *moved += 1;
+            // A page written since the last capture is its own copy: it stays where it is.
+            if cur != id {
+                *moved += 1;
+            }
         }
         if leaf {
             // Overflow chains with any page above the limit are rewritten low.
@@ -938,12 +962,22 @@ impl Heap {
                 let n = node::Node::parse(cur, self.pager.page(cur)?)?;
                 for i in 0..n.count() {
                     if let node::LeafValue::Overflow { first, len } = n.value(i)? {
+                        let pages = overflow::pages_for(len as usize);
+                        if let Some((read, alloc)) = bounds.as_mut() {
+                            if pages > **read || pages > **alloc {
+                                continue;
+                            }
+                            **read -= pages;
+                        }
                         let mut high = false;
                         overflow::walk(&self.pager, first, len, |pg, _| {
                             high |= pg >= limit;
                             Ok(())
                         })?;
                         if high {
+                            if let Some((_, alloc)) = bounds.as_mut() {
+                                **alloc -= pages;
+                            }
                             rewrite.push((i, n.key(i)?.to_vec(), first, len));
                         }
                     }
@@ -964,7 +998,7 @@ impl Heap {
             return Ok(cur);
         }
         for (i, child) in children.into_iter().enumerate() {
-            let new = self.relocate(child, level - 1, limit, moved)?;
+            let new = self.relocate(child, level - 1, limit, moved, None)?;
             if new != child {
                 cur = self.pager.cow(cur)?;
                 node::set_child(self.pager.page_mut(cur), i, new);
@@ -985,6 +1019,11 @@ impl Heap {
     /// off at the next checkpoint, and the file is shortened when it ends (`finish_checkpoint`).
     pub fn compact_step(&mut self, visits: u64) -> Result<CompactProgress> {
         self.usable()?;
+        if self.tree.root == 0 {
+            // Emptied since the pass began: nothing is left to move.
+            self.pass = None;
+            return Ok(CompactProgress::default());
+        }
         if self.pass.is_none() {
             let total = self.pager.page_count;
             let free = self.pager.free.len() as u64;
@@ -1002,12 +1041,22 @@ impl Heap {
             self.pass = Some(CompactPass { limit, resume: Vec::new() });
         }
         let CompactPass { limit, resume } = self.pass.clone().expect("a pass was just set");
+        // Copies go to the lowest free pages: with none left below the limit, the pass would
+        // only move pages about the tail. It ends; a later one starts from what is free then.
+        if self.pager.free.first().is_none_or(|&f| f >= limit) {
+            self.pass = None;
+            return Ok(CompactProgress::default());
+        }
         // Every visit may copy its page, and a branch is copied once when a child moves: the
-        // copies come from free pages, so a step never visits more than half of them (reserving
-        // more would grow the file the pass is shrinking).
-        let visits = visits.min(self.pager.free.len() as u64 / 2).max(1);
-        self.pager.reserve(2 * visits + self.tree.depth as u64 + 1)?;
-        let mut step = Step { budget: visits, visited: 0, moved: 0 };
+        // copies come from free pages, so a step visits at most half of those left after a
+        // path's worth (reserving more would grow the file the pass is shrinking).
+        let depth = self.tree.depth as u64;
+        let visits = visits.min((self.pager.free.len() as u64).saturating_sub(depth + 1) / 2);
+        if visits == 0 {
+            return Ok(CompactProgress { in_pass: true, ..CompactProgress::default() });
+        }
+        self.pager.reserve(2 * visits + depth + 1)?;
+        let mut step = Step { budget: visits, visited: 0, moved: 0, alloc_left: visits };
         let r = self.relocate_from(self.tree.root, self.tree.depth - 1, limit, Some(&resume), &mut step);
         let (root, next) = match r {
             Ok(x) => x,
@@ -1050,15 +1099,21 @@ impl Heap {
         step.visited += 1;
         step.budget = step.budget.saturating_sub(1);
         if leaf {
-            let before = step.moved;
-            let new = self.relocate(id, level, limit, &mut step.moved)?;
-            step.budget = step.budget.saturating_sub(step.moved - before);
+            let new = self.relocate(
+                id,
+                level,
+                limit,
+                &mut step.moved,
+                Some((&mut step.budget, &mut step.alloc_left)),
+            )?;
             return Ok((new, None));
         }
         let mut cur = id;
         if id >= limit {
             cur = self.pager.cow(id)?;
-            step.moved += 1;
+            if cur != id {
+                step.moved += 1;
+            }
         }
         for i in start..children.len() {
             // The first child is always visited, so every step gets down to a leaf.

@@ -177,11 +177,6 @@ impl Pager {
         Ok(())
     }
 
-    /// Shrinks the storage to `page_count` pages (the pages cut are free: no reader reaches them).
-    pub(crate) fn truncate(&mut self) -> Result<()> {
-        self.truncate_to(self.page_count)
-    }
-
     /// Shrinks the storage to `pages` pages, at least `page_count` (the pages cut are free).
     pub(crate) fn truncate_to(&mut self, pages: u64) -> Result<()> {
         assert!(pages >= self.page_count, "cutting pages in use");
@@ -317,8 +312,13 @@ impl Pager {
         }
         let dropped = choice.drop.len() as u64;
         // One call per stretch of chosen pages, across pages that were not resident (a page
-        // read back into such a gap since goes too: it is clean, and its marks are cleared).
-        let stretches = spans(choice.drop, |id| map.get(id as usize).is_some_and(|b| b & 1 == 0));
+        // read back into such a gap since goes too, and its marks are cleared) and are not
+        // written since the last checkpoint: such a page the kernel wrote back and evicted by
+        // itself is unsealed (its checksum is stale), so it must keep its verified bit.
+        let (fresh, flushing) = (&self.fresh, &self.flushing);
+        let stretches = spans(choice.drop, |id| {
+            map.get(id as usize).is_some_and(|b| b & 1 == 0) && !fresh.get(id) && !flushing.get(id)
+        });
         for &(first, n) in &stretches {
             // Cleared before the pages go, so a read after this point checks what comes back.
             for id in first..first + n {

@@ -297,3 +297,28 @@ fn online_compaction_empties_the_tail_step_by_step_while_snapshots_read() {
     }
     h.check_integrity().unwrap();
 }
+
+#[test]
+fn a_heap_emptied_in_the_middle_of_a_compaction_pass_stays_usable() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = filled(&dir.path().join("e.heap"));
+    h.checkpoint().unwrap();
+    for i in (0..KEYS).filter(|i| i % 4 != 0) {
+        h.delete(&i.to_be_bytes()).unwrap();
+    }
+    for _ in 0..3 {
+        h.checkpoint().unwrap();
+    }
+    assert!(h.compact_step(10).unwrap().in_pass, "a pass started");
+    for i in (0..KEYS).step_by(4) {
+        h.delete(&i.to_be_bytes()).unwrap();
+    }
+    assert!(h.is_empty());
+    let p = h.compact_step(10).unwrap();
+    assert!(!p.in_pass, "{p:?}");
+    h.put(b"again", b"v").unwrap();
+    h.checkpoint().unwrap();
+    assert_eq!(h.get(b"again").unwrap().unwrap(), b"v");
+    h.check_integrity().unwrap();
+}
