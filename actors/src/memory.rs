@@ -3,7 +3,8 @@
 //! resident anonymous memory plus its heaps' resident pages under the budget, by asking the
 //! actors that own the heaps to drop clean pages (`Heap::shed`, through the gate).
 //!
-//! Every `TICK` it asks every running heap for its resident bytes (`mincore`). Over
+//! Every `TICK` (every `IDLE_TICK` while the node is below half its budget) it asks every
+//! running heap for its resident bytes (`mincore`). Over
 //! `HIGH_PERCENT` of the budget, it sheds down to `LOW_PERCENT`: idle heaps first (those whose
 //! resident bytes grew least since it last looked: nothing read their dropped pages back),
 //! larger ones first among equals; inside a heap the extent clock (`heapgrid_heap`'s `shed`)
@@ -29,8 +30,12 @@ use crate::gate::GateMsg;
 use crate::grid::Registries;
 use crate::table::supervisor::{BoxFuture, SlotState};
 
-/// How often the pager looks.
+/// How often the pager looks...
 const TICK: Duration = Duration::from_millis(100);
+/// ...and how often while the node is below `IDLE_PERCENT` of its budget (each look costs every
+/// heap a `mincore` of its mapping).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+const IDLE_PERCENT: u64 = 50;
 /// Shedding starts above this share of the budget...
 const HIGH_PERCENT: u64 = 95;
 /// ...and goes down to this one (the gap keeps it from shedding on every tick).
@@ -114,6 +119,11 @@ fn targets(r: &Registries) -> Vec<Target> {
     out
 }
 
+/// When to look again: soon near the budget, less often far below it.
+fn next_tick(used: u64, budget: u64) -> Duration {
+    if used < budget / 100 * IDLE_PERCENT { IDLE_TICK } else { TICK }
+}
+
 /// The order to shed in: least grown since the last look first (idle), then largest first.
 /// `looked`: (index, resident now, resident after the last look).
 fn shed_order(looked: &mut [(usize, u64, u64)]) {
@@ -176,7 +186,7 @@ impl Actor for MemoryPager {
         }
         // Heaps gone since (a dropped table) are forgotten.
         st.after = after;
-        myself.send_after(TICK, || PagerMsg::Tick);
+        myself.send_after(next_tick(used, budget), || PagerMsg::Tick);
         Ok(())
     }
 }
@@ -184,6 +194,13 @@ impl Actor for MemoryPager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn far_below_the_budget_the_pager_looks_less_often() {
+        assert_eq!(next_tick(10, 1000), IDLE_TICK);
+        assert_eq!(next_tick(600, 1000), TICK);
+        assert_eq!(next_tick(2000, 1000), TICK);
+    }
 
     #[test]
     fn idle_heaps_are_shed_first_then_the_largest() {
