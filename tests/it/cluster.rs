@@ -861,10 +861,21 @@ async fn with_tokens_a_node_checks_permissions_then_runs_requests_at_other_prima
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     admin.create_table("acct", TableOptions { shards: 3, fsync: None }).await.unwrap();
-    // Written through node 2 (two of three shards elsewhere).
+    // Written through node 2 (two of three shards elsewhere). Right after the create, node 2
+    // may not have applied the new placements yet: it answers `NotPrimary` naming no primary
+    // (retryable) until it has.
     let writer = as_(n2.addr, "root").await.unwrap();
     for i in 0..30i64 {
-        writer.table("acct").put(format!("k{i}"), &i).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match writer.table("acct").put(format!("k{i}"), &i).await {
+                Ok(_) => break,
+                Err(GridError::NotPrimary { primary: None, .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("put k{i}: {e:?}"),
+            }
+        }
     }
     let reader = as_(n3.addr, "reader").await.unwrap();
     let t = reader.table("acct");
