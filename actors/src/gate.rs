@@ -53,7 +53,9 @@ pub async fn open_heap(
     }
     let started = tokio::time::Instant::now();
     loop {
-        match Heap::open(path, opts.clone()) {
+        // Recovery (the op-log replay) is long work: off the runtime's own threads, so that the
+        // shards of a table recover in parallel (`TableSupervisor` starts them all at once).
+        match blocking(|| Heap::open(path, opts.clone())) {
             Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }

@@ -219,8 +219,15 @@ pub fn shard_path(dir: &std::path::Path, i: usize) -> PathBuf {
 /// Starts shard `i`. A failed start counts against the shard's restart limit like a crash: it
 /// is retried after `START_RETRY_DELAY` until the limit marks the shard failed.
 async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
+    let args = shard_args(st, i);
+    let r = ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await;
+    shard_started(myself, st, i, r);
+}
+
+/// Marks shard `i` starting and gives the arguments of its actor.
+fn shard_args(st: &TableSupState, i: usize) -> ShardArgs {
     st.args.slots[i].set(SlotState::Starting);
-    let args = ShardArgs {
+    ShardArgs {
         path: shard_path(&st.args.dir, i),
         heap: st.args.heap.clone(),
         view: st.args.slots[i].view.clone(),
@@ -228,8 +235,18 @@ async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: 
         table: st.args.table.clone(),
         shard: i as u32,
         cluster: st.args.cluster.clone(),
-    };
-    match ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await {
+    }
+}
+
+/// Records how shard `i`'s start ended: running, or failed (retried after a delay while the
+/// restart policy allows).
+fn shard_started(
+    myself: &ActorRef<TableSupMsg>,
+    st: &mut TableSupState,
+    i: usize,
+    r: Result<(ActorRef<ShardMsg>, tokio::task::JoinHandle<()>), ractor::SpawnErr>,
+) {
+    match r {
         Ok((actor, _)) => {
             st.children.insert(actor.get_id(), i);
             st.args.slots[i].set(SlotState::Running(actor));
@@ -286,8 +303,18 @@ impl Actor for TableSupervisor {
             started: Instant::now(),
             stopping: false,
         };
-        for i in 0..n {
-            spawn_shard(&myself, &mut st, i).await;
+        // Every shard opens (recovers) at once, each on its own task: a table's restart takes
+        // its slowest shard's recovery, not the sum of them.
+        let starts: Vec<_> = (0..n)
+            .map(|i| {
+                let (args, cell) = (shard_args(&st, i), myself.get_cell());
+                tokio::spawn(async move { ShardActor::spawn_linked(None, ShardActor, args, cell).await })
+            })
+            .collect();
+        for (i, start) in starts.into_iter().enumerate() {
+            let r =
+                start.await.map_err(|e| ractor::SpawnErr::StartupFailed(format!("shard {i}: {e}").into()));
+            shard_started(&myself, &mut st, i, r.and_then(|r| r));
         }
         Ok(st)
     }
