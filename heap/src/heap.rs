@@ -735,7 +735,7 @@ impl Heap {
         let dirty: Vec<u64> = pager.fresh.iter().collect();
         // Dirty until the job ends: `shed` leaves them alone meanwhile.
         pager.flushing = std::mem::take(&mut pager.fresh);
-        let mut runs: Vec<(u64, u64)> = coalesce(&dirty)
+        let mut runs: Vec<(u64, u64)> = page::spans(dirty, |_| false)
             .into_iter()
             .map(|(first, n)| (first * PAGE_SIZE as u64, n * PAGE_SIZE as u64))
             .collect();
@@ -1181,18 +1181,6 @@ impl Heap {
 }
 
 use crate::{node, overflow};
-
-/// Runs of consecutive page ids as (first, count).
-fn coalesce(ids: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &id in ids {
-        match runs.last_mut() {
-            Some((first, n)) if *first + *n == id => *n += 1,
-            _ => runs.push((id, 1)),
-        }
-    }
-    runs
-}
 
 fn new_heap_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};

@@ -150,6 +150,21 @@ impl PageBits {
     }
 }
 
+/// Stretches of page ids (sorted first) as (first, count), each covering consecutive ids of
+/// `ids` and the ids between them for which `gap` holds.
+pub(crate) fn spans(mut ids: Vec<u64>, gap: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for id in ids {
+        match out.last_mut() {
+            Some((first, n)) if (*first + *n..id).all(&gap) => *n = id + 1 - *first,
+            _ => out.push((id, 1)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +184,14 @@ mod tests {
     fn zero_page_is_not_valid() {
         let p = vec![0u8; PAGE];
         assert!(verify(3, &p).is_err());
+    }
+
+    #[test]
+    fn spans_join_across_gaps_only() {
+        let gap = |id: u64| (10..20).contains(&id);
+        assert_eq!(spans(vec![3, 1, 2, 9, 20, 22], gap), vec![(1, 3), (9, 12), (22, 1)]);
+        assert_eq!(spans(vec![], gap), vec![]);
+        assert_eq!(spans(vec![5, 5], |_| false), vec![(5, 1)]);
     }
 
     #[test]

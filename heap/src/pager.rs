@@ -32,25 +32,10 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::limits::{PAGE, PAGE_SIZE};
 use crate::meta::FIRST_DATA_PAGE;
-use crate::page::{OFF_KIND, PageBits, PageKind};
+use crate::page::{OFF_KIND, PageBits, PageKind, spans};
 use crate::shed::PageClock;
 use crate::snapshot::{PageMarks, Pages, Registry, read_page};
 use crate::storage::{Region, Storage};
-
-/// Stretches of page ids (sorted first) as (first, count), each covering consecutive ids of
-/// `ids` and the ids between them for which `gap` holds.
-fn spans(mut ids: Vec<u64>, gap: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
-    ids.sort_unstable();
-    ids.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for id in ids {
-        match out.last_mut() {
-            Some((first, n)) if (*first + *n..id).all(&gap) => *n = id + 1 - *first,
-            _ => out.push((id, 1)),
-        }
-    }
-    out
-}
 
 /// Smallest step the file grows by.
 const GROW_BYTES_MIN: u64 = 256 * 1024;
@@ -255,17 +240,8 @@ impl Pager {
     pub(crate) fn give_back(&mut self) {
         let mut ids: Vec<u64> = std::mem::take(&mut self.freed);
         ids.retain(|id| self.free.contains(id) && *id < self.page_count);
-        ids.sort_unstable();
-        ids.dedup();
-        let mut i = 0;
-        while i < ids.len() {
-            let first = ids[i];
-            let mut n = 1;
-            while i + (n as usize) < ids.len() && ids[i + n as usize] == first + n {
-                n += 1;
-            }
+        for (first, n) in spans(ids, |_| false) {
             self.storage.discard(first * PAGE_SIZE as u64, n * PAGE_SIZE as u64);
-            i += n as usize;
         }
     }
 
@@ -355,18 +331,5 @@ impl Pager {
         self.storage.copy(id * PAGE_SIZE as u64, new * PAGE_SIZE as u64, PAGE);
         self.release(id);
         Ok(new)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::spans;
-
-    #[test]
-    fn spans_join_across_gaps_only() {
-        let gap = |id: u64| (10..20).contains(&id);
-        assert_eq!(spans(vec![3, 1, 2, 9, 20, 22], gap), vec![(1, 3), (9, 12), (22, 1)]);
-        assert_eq!(spans(vec![], gap), vec![]);
-        assert_eq!(spans(vec![5, 5], |_| false), vec![(5, 1)]);
     }
 }

@@ -229,6 +229,33 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Gives the memory of `len` bytes at `offset` back (`Storage::discard`, `Storage::page_out`):
+    /// unmapped here (`MADV_PAGEOUT` first when `reclaim`, which frees pages mapped only here
+    /// at once; `MADV_DONTNEED` otherwise or where the kernel lacks it), then their clean cached
+    /// copies dropped (`POSIX_FADV_DONTNEED`; dirty ones stay until written back). Advice only.
+    fn release_memory(&self, offset: u64, len: u64, reclaim: bool) {
+        let end = offset.saturating_add(len).min(self.region.len());
+        if offset >= end {
+            return;
+        }
+        let n = (end - offset) as usize;
+        let p = self.region.write_ptr(offset, n);
+        // SAFETY: page-aligned (callers pass whole pages of a page-aligned mapping), in bounds.
+        // On a shared file mapping MADV_PAGEOUT and MADV_DONTNEED only unmap (and reclaim what
+        // is clean): nothing written is lost, and a later read faults the page back in.
+        unsafe {
+            if !reclaim || libc::madvise(p.cast(), n, libc::MADV_PAGEOUT) != 0 {
+                libc::madvise(p.cast(), n, libc::MADV_DONTNEED);
+            }
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                n as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+
     /// Applies `random` to the current mapping.
     fn advise_access(&self) {
         if self.region.len == 0 {
@@ -304,55 +331,20 @@ impl Storage for FileStorage {
         Arc::new(FileFlusher { map: self.map.clone(), region: self.region.clone(), file: self.file.clone() })
     }
     fn discard(&mut self, offset: u64, len: u64) {
-        let end = offset.saturating_add(len).min(self.region.len());
-        if offset >= end {
-            return;
-        }
-        let p = self.region.write_ptr(offset, (end - offset) as usize);
-        // SAFETY: page-aligned (callers pass whole pages of a page-aligned mapping), in bounds;
-        // the pages are free, so no reader reads them and the heap does not write them before
-        // handing them out again (when they are read back from the file). On a shared file
-        // mapping MADV_DONTNEED only unmaps: nothing written is lost.
-        unsafe {
-            libc::madvise(p.cast(), (end - offset) as usize, libc::MADV_DONTNEED);
-            // Their clean cached copies too (dirty ones stay until written back).
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                (end - offset) as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
-            );
-        }
+        // The pages are free: no reader reads them and the heap does not write them before
+        // handing them out again (when they are read back from the file).
+        self.release_memory(offset, len, false);
     }
     fn page_out(&mut self, offset: u64, len: u64) {
-        let end = offset.saturating_add(len).min(self.region.len());
-        if offset >= end {
-            return;
-        }
-        let n = (end - offset) as usize;
-        let p = self.region.write_ptr(offset, n);
-        // SAFETY: page-aligned, in bounds. The pages are durable and clean (the caller's
-        // promise), so reclaiming them loses nothing: readers on other threads fault them back
-        // in from the file. Even a dirty page would only be unmapped (a shared file mapping
-        // keeps its contents in the page cache), never lost.
-        unsafe {
-            // MADV_PAGEOUT (Linux 5.4) reclaims pages mapped only here; older kernels refuse
-            // it, and MADV_DONTNEED then unmaps them.
-            if libc::madvise(p.cast(), n, libc::MADV_PAGEOUT) != 0 {
-                libc::madvise(p.cast(), n, libc::MADV_DONTNEED);
-            }
-            // Clean cached copies not mapped here (read-around, other mappings of the file).
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                n as libc::off_t,
-                libc::POSIX_FADV_DONTNEED,
-            );
-        }
+        // The pages are durable and clean (the caller's promise), so reclaiming them loses
+        // nothing: readers on other threads fault them back in from the file.
+        self.release_memory(offset, len, true);
     }
     fn set_random_access(&mut self, on: bool) {
-        self.random = on;
-        self.advise_access();
+        if self.random != on {
+            self.random = on;
+            self.advise_access();
+        }
     }
     fn pages_out(&self) -> bool {
         true
