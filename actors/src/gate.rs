@@ -26,14 +26,15 @@ use crate::error::GridError;
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
 /// Op-log bytes since the last checkpoint past which a shard checkpoints at once, besides its
-/// timer (issue 19's bound on replay; docs/semantics.md, "Checkpoints"). 64 MiB replays in
-/// well under a second, and at the default interval (10 s) only a write rate above 6.4 MB/s
-/// per shard reaches it.
+/// timer (issue 19's bound on replay; docs/semantics.md, "Checkpoints"). At the default
+/// interval (10 s) only a write rate above 6.4 MB/s per shard reaches it. Measured: 65 MiB of
+/// tail over 4 shards replayed to the first answer in 599 ms (docs/benchmarks.md, "Restart after
+/// `kill -9`"); one shard's full 64 MiB is not measured alone.
 pub const LOG_TAIL_BYTES_MAX: u64 = 64 << 20;
 
 /// Pages one step of online compaction reads (`Heap::compact_step`), one step per periodic
-/// checkpoint (16 MiB of pages: milliseconds of the actor's time when they are in memory): a
-/// pass over a shard of 100k pages takes 25 checkpoints.
+/// checkpoint (16 MiB of pages; the actor serves nothing else meanwhile, for a time not
+/// measured yet): a pass over a shard of 100k pages takes 25 checkpoints.
 pub const COMPACT_STEP_VISITS: u64 = 4096;
 
 /// How long a (re)starting shard waits for the previous holder of its heap's lock: the

@@ -7,7 +7,7 @@
 //! running heap for its resident bytes (`mincore`). Over
 //! `HIGH_PERCENT` of the budget, it sheds down to `LOW_PERCENT`: idle heaps first (those whose
 //! resident bytes grew least since it last looked: nothing read their dropped pages back),
-//! larger ones first among equals; inside a heap the extent clock (`heapgrid_heap`'s `shed`)
+//! larger ones first among equals; inside a heap the page clock (`heapgrid_heap`'s `shed`)
 //! chooses the pages. Dirty pages are never dropped, so a node whose unwritten-back pages alone
 //! exceed the budget stays over it until the next checkpoint makes them clean.
 //!
