@@ -26,18 +26,7 @@ CLIENTS="${CLIENTS:-16}"
 WARM="${WARM:-5}"
 SHARDS="${SHARDS:-4}"
 
-if [ -z "${HG:-}" ]; then
-  cargo build --release --quiet
-  HG="${CARGO_TARGET_DIR:-target}/release/heapgrid"
-fi
-work="$(mktemp -d "${TMPDIR:-/var/tmp}/hg-btr.XXXXXX")"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/lib-common.sh
 DATA="$work/data"
 
 start() { # extra serve flags; $THREADS: the server's runtime threads (empty: the default)

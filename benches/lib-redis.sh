@@ -9,18 +9,7 @@ SECS="${SECONDS_PER_CASE:-5}"
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools
 fi
-if [ -z "${HG:-}" ]; then
-  cargo build --release --quiet
-  HG="${CARGO_TARGET_DIR:-target}/release/heapgrid"
-fi
-work="$(mktemp -d "${TMPDIR:-/var/tmp}/hg-vs-redis.XXXXXX")"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/lib-common.sh
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
