@@ -76,6 +76,11 @@ pub struct Placement {
     pub in_sync: Vec<NodeId>,
     /// Replicas a write waits for at least (`sync(n)`; 0: `async`).
     pub sync: u32,
+    /// Moves on at every change of `in_sync`. A primary's proposal names the version its view
+    /// came from and is refused once the set changed since (a compare-and-set, as Kafka's
+    /// partition epoch): a proposal delayed, repeated or withdrawn can never land after the
+    /// primary saw the set move on, so the primary knows which sets may still become the map's.
+    pub in_sync_version: u64,
 }
 
 /// One change of the map (one Raft log entry).
@@ -97,10 +102,12 @@ pub enum MapCmd {
         from_epoch: Epoch,
         primary: NodeId,
     },
-    /// The primary of `epoch` changes the shard's in-sync replicas.
+    /// The primary of `epoch` changes the shard's in-sync replicas from those of
+    /// `in_sync_version` `based_on` (refused if the set changed since).
     SetInSync {
         shard: ShardId,
         epoch: Epoch,
+        based_on: u64,
         in_sync: Vec<NodeId>,
     },
     /// A replicated table: its shards placed over the members (ids in order, shard `i`'s
@@ -214,9 +221,11 @@ impl ClusterMap {
                         "primary {primary}, replicas {replicas:?}, sync {sync}"
                     )));
                 }
-                let epoch = self.shards.get(&shard).map_or(1, |p| p.epoch + 1);
+                let (epoch, in_sync_version) =
+                    self.shards.get(&shard).map_or((1, 0), |p| (p.epoch + 1, p.in_sync_version + 1));
                 let in_sync = replicas.clone();
-                self.shards.insert(shard, Placement { epoch, primary, replicas, in_sync, sync });
+                let placement = Placement { epoch, primary, replicas, in_sync, sync, in_sync_version };
+                self.shards.insert(shard, placement);
             }
             MapCmd::Failover { shard, from_epoch, primary } => {
                 let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
@@ -234,6 +243,7 @@ impl ClusterMap {
                 // The old primary is not in sync (it may hold writes no one else has); it
                 // rejoins once it caught up with the new one.
                 p.in_sync.retain(|&r| r != primary);
+                p.in_sync_version += 1;
                 p.primary = primary;
                 p.epoch += 1;
             }
@@ -264,6 +274,7 @@ impl ClusterMap {
                         in_sync: replicas.clone(),
                         replicas,
                         sync: spec.sync,
+                        in_sync_version: 0,
                     };
                     self.shards.insert((name.clone(), i), placement);
                 }
@@ -295,11 +306,14 @@ impl ClusterMap {
                     )));
                 }
                 p.replicas.retain(|&id| id != node);
-                p.in_sync.retain(|&id| id != node);
+                if p.in_sync.contains(&node) {
+                    p.in_sync.retain(|&id| id != node);
+                    p.in_sync_version += 1;
+                }
             }
-            MapCmd::SetInSync { shard, epoch, mut in_sync } => {
+            MapCmd::SetInSync { shard, epoch, based_on, mut in_sync } => {
                 let Some(p) = self.shards.get_mut(&shard) else { return Err(MapError::NoSuchShard(shard)) };
-                if p.epoch != epoch {
+                if p.epoch != epoch || p.in_sync_version != based_on {
                     let epoch = p.epoch;
                     return Err(MapError::Stale { shard, epoch });
                 }
@@ -311,7 +325,10 @@ impl ClusterMap {
                         p.sync
                     )));
                 }
-                p.in_sync = in_sync;
+                if p.in_sync != in_sync {
+                    p.in_sync = in_sync;
+                    p.in_sync_version += 1;
+                }
             }
         }
         self.version += 1;

@@ -2,7 +2,7 @@
 //! in one heap file, `<dir>/cluster/raft.heap` (fsync always: openraft requires the vote and
 //! the log durable before it goes on).
 //!
-//! Keys (every value is a format byte, then postcard, `record.rs`):
+//! Keys (every value is a format byte, `FORMAT` (2), then postcard, `record.rs`):
 //! - `"n"` → the node id the store belongs to (another id is refused at open);
 //! - `"v"` → the vote;
 //! - `"c"` → the last committed log id;
@@ -34,6 +34,18 @@ use super::map::{ClusterMap, MapCmd};
 use super::raft::{MapRaft, MapReply};
 use crate::error::GridError;
 use crate::record;
+
+/// The format byte of every value here: 2 since `Placement::in_sync_version` and
+/// `SetInSync::based_on` (2026-12-02). A store of format 1 is refused at open, by name.
+const FORMAT: u8 = 2;
+
+fn encode<T: Serialize>(what: &str, v: &T) -> Result<Vec<u8>, GridError> {
+    record::encode_as(FORMAT, what, v)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T, GridError> {
+    record::decode_as(FORMAT, what, b)
+}
 
 type Nid = u64;
 type Membership = StoredMembership<Nid, openraft::BasicNode>;
@@ -84,7 +96,7 @@ fn log_key(index: u64) -> [u8; 9] {
 impl Inner {
     fn read<T: for<'de> Deserialize<'de>>(&self, key: &[u8], what: &str) -> Result<Option<T>, GridError> {
         match self.heap.get(key)? {
-            Some(b) => Ok(Some(record::decode(what, &b)?)),
+            Some(b) => Ok(Some(decode(what, &b)?)),
             None => Ok(None),
         }
     }
@@ -104,7 +116,7 @@ impl Inner {
 
     fn put<T: Serialize>(&mut self, key: &[u8], what: &str, v: &T) -> Result<(), GridError> {
         let mut b = WriteBatch::new();
-        b.put(key, &record::encode(what, v)?)?;
+        b.put(key, &encode(what, v)?)?;
         self.commit(&b)
     }
 
@@ -113,7 +125,7 @@ impl Inner {
         match last {
             Some(e) => {
                 let (_, v) = e?;
-                let entry: Entry<MapRaft> = record::decode("raft log entry", &v)?;
+                let entry: Entry<MapRaft> = decode("raft log entry", &v)?;
                 Ok(Some(entry.log_id))
             }
             None => Ok(None),
@@ -153,7 +165,7 @@ impl Inner {
             last_membership: m.membership.clone(),
             snapshot_id: id,
         };
-        let data = record::encode("raft snapshot", &self.machine)?;
+        let data = encode("raft snapshot", &self.machine)?;
         Ok(StoredSnapshot { meta, data })
     }
 }
@@ -167,7 +179,7 @@ impl RaftStore {
         let mut heap = Heap::open(dir.join("raft.heap"), opts)?;
         match heap.get(b"n")? {
             Some(b) => {
-                let owner: Nid = record::decode("raft node id", &b)?;
+                let owner: Nid = decode("raft node id", &b)?;
                 if owner != node {
                     return Err(GridError::Invalid(format!(
                         "{} holds the cluster state of node {owner}, not node {node}",
@@ -177,7 +189,7 @@ impl RaftStore {
             }
             None => {
                 let mut b = WriteBatch::new();
-                b.put(b"n", &record::encode("raft node id", &node)?)?;
+                b.put(b"n", &encode("raft node id", &node)?)?;
                 let lsn = heap.apply(&b)?;
                 if let Some(d) = heap.durability() {
                     d.wait(lsn)?;
@@ -185,7 +197,7 @@ impl RaftStore {
             }
         }
         let machine = match heap.get(b"m")? {
-            Some(b) => record::decode("raft state machine", &b)?,
+            Some(b) => decode("raft state machine", &b)?,
             None => MachineState::default(),
         };
         let (published, _) = watch::channel(machine.map.clone());
@@ -235,7 +247,7 @@ impl RaftLogReader<MapRaft> for RaftStore {
         let mut out = Vec::new();
         for e in inner.heap.range(&log_key(from)[..]..=&log_key(to)[..]) {
             let (_, v) = e.map_err(|e| StorageIOError::read_logs(io(e)))?;
-            out.push(record::decode("raft log entry", &v).map_err(|e| StorageIOError::read_logs(io(e)))?);
+            out.push(decode("raft log entry", &v).map_err(|e| StorageIOError::read_logs(io(e)))?);
         }
         Ok(out)
     }
@@ -291,8 +303,7 @@ impl RaftStorage<MapRaft> for RaftStore {
         let mut inner = self.lock();
         let mut b = WriteBatch::new();
         for e in entries {
-            let bytes =
-                record::encode("raft log entry", &e).map_err(|e| StorageIOError::write_logs(io(e)))?;
+            let bytes = encode("raft log entry", &e).map_err(|e| StorageIOError::write_logs(io(e)))?;
             b.put(&log_key(e.log_id.index), &bytes).map_err(|e| StorageIOError::write_logs(io(e)))?;
         }
         if b.is_empty() {
@@ -309,8 +320,7 @@ impl RaftStorage<MapRaft> for RaftStore {
 
     async fn purge_logs_upto(&mut self, log_id: LogId<Nid>) -> Result<(), SErr> {
         let mut inner = self.lock();
-        let purged =
-            record::encode("raft purged", &Some(log_id)).map_err(|e| StorageIOError::write_logs(io(e)))?;
+        let purged = encode("raft purged", &Some(log_id)).map_err(|e| StorageIOError::write_logs(io(e)))?;
         inner
             .remove_entries(0, log_id.index, Some((b"p", purged)))
             .map_err(|e| StorageIOError::write_logs(io(e)).into())
@@ -363,15 +373,14 @@ impl RaftStorage<MapRaft> for RaftStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let machine: MachineState = record::decode("raft snapshot", &data)
+        let machine: MachineState = decode("raft snapshot", &data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io(e)))?;
         let mut inner = self.lock();
         let stored = StoredSnapshot { meta: meta.clone(), data };
         let mut b = WriteBatch::new();
         let err = |e: GridError| StorageIOError::write_snapshot(Some(meta.signature()), io(e));
-        b.put(b"s", &record::encode("raft snapshot", &stored).map_err(err)?).map_err(|e| err(e.into()))?;
-        b.put(b"m", &record::encode("raft state machine", &machine).map_err(err)?)
-            .map_err(|e| err(e.into()))?;
+        b.put(b"s", &encode("raft snapshot", &stored).map_err(err)?).map_err(|e| err(e.into()))?;
+        b.put(b"m", &encode("raft state machine", &machine).map_err(err)?).map_err(|e| err(e.into()))?;
         inner.commit(&b).map_err(err)?;
         inner.machine = machine;
         let map = inner.machine.map.clone();

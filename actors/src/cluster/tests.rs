@@ -69,7 +69,7 @@ fn the_detector_leases_then_fails_over_to_a_live_in_sync_replica() {
     // A replica's heartbeat earns no lease.
     assert!(d.heartbeat(&map, 2, 100, &report(9, None), 100).is_empty());
     // Node 3 fell out of sync (the primary's proposal, committed).
-    map.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, in_sync: vec![2] }).unwrap();
+    map.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, based_on: 0, in_sync: vec![2] }).unwrap();
     // The primary falls silent at 100; both replicas report after it, node 3 further ahead.
     d.heartbeat(&map, 2, 600, &report(10, None), 600);
     d.heartbeat(&map, 3, 600, &report(12, None), 600);
@@ -81,7 +81,15 @@ fn the_detector_leases_then_fails_over_to_a_live_in_sync_replica() {
     assert_eq!((p.epoch, p.primary, p.in_sync.clone()), (2, 2, vec![]), "the old primary is not in sync");
     // A failover to a replica out of sync is refused by the map itself.
     let mut m = three_nodes(1);
-    m.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, in_sync: vec![2] }).unwrap();
+    m.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, based_on: 0, in_sync: vec![2] }).unwrap();
+    assert_eq!(m.placement(&shard()).unwrap().in_sync_version, 1);
+    // A proposal based on the set before (delayed, or sent again) is refused: the primary saw
+    // the set move on and may no longer count on it.
+    let stale = MapCmd::SetInSync { shard: shard(), epoch: 1, based_on: 0, in_sync: vec![2, 3] };
+    assert!(matches!(m.apply(stale), Err(MapError::Stale { .. })));
+    // The same set again changes nothing, not even the version.
+    m.apply(MapCmd::SetInSync { shard: shard(), epoch: 1, based_on: 1, in_sync: vec![2] }).unwrap();
+    assert_eq!(m.placement(&shard()).unwrap().in_sync_version, 1);
     assert!(matches!(
         m.apply(MapCmd::Failover { shard: shard(), from_epoch: 1, primary: 3 }),
         Err(MapError::Stale { .. })
@@ -167,7 +175,7 @@ proptest::proptest! {
                 4 => MapCmd::Failover { shard, from_epoch: epoch, primary: node },
                 5 => MapCmd::AddReplica { shard, node },
                 6 => MapCmd::RemoveReplica { shard, node },
-                _ => MapCmd::SetInSync { shard, epoch, in_sync: vec![node] },
+                _ => MapCmd::SetInSync { shard, epoch, based_on: u64::from(a), in_sync: vec![node] },
             };
             let before = m.clone();
             if m.apply(cmd).is_err() {

@@ -60,8 +60,9 @@ pub enum Effect<B, S> {
     ToPrimary(NodeId, ToPrimary),
     /// A `sync(n)` write ended.
     Done(Done),
-    /// Propose the shard's in-sync set to the map (as primary of `epoch`).
-    ProposeInSync { epoch: Epoch, in_sync: Vec<NodeId> },
+    /// Propose the shard's in-sync set to the map (as primary of `epoch`), replacing the set of
+    /// `in_sync_version` `based_on`.
+    ProposeInSync { epoch: Epoch, based_on: u64, in_sync: Vec<NodeId> },
 }
 
 enum Role<B> {
@@ -136,7 +137,7 @@ impl<B: Clone> Endpoint<B> {
         p.retain_max = self.tuning.retain_max;
         p.batch_max = self.tuning.batch_max;
         p.acks_in_sync = self.tuning.acks_in_sync;
-        p.set_in_sync(&map.in_sync);
+        p.set_in_sync(&map.in_sync, map.in_sync_version);
         p.min_in_sync = map.sync as usize;
         self.role = Role::Primary(Box::new(p));
     }
@@ -147,7 +148,7 @@ impl<B: Clone> Endpoint<B> {
             && let Role::Primary(p) = &mut self.role
         {
             p.set_replicas(&map.replicas, now_ms);
-            p.set_in_sync(&map.in_sync);
+            p.set_in_sync(&map.in_sync, map.in_sync_version);
             p.min_in_sync = map.sync as usize;
         }
         let resume = map.epoch == self.epoch && map.primary == self.id && !self.is_primary();
@@ -281,8 +282,8 @@ impl<B: Clone> Endpoint<B> {
             }
         }
         out.extend(p.tick(now_ms).into_iter().map(Effect::Done));
-        if let Some(in_sync) = p.propose_in_sync(now_ms) {
-            out.push(Effect::ProposeInSync { epoch: p.epoch, in_sync });
+        if let Some((in_sync, based_on)) = p.propose_in_sync(now_ms) {
+            out.push(Effect::ProposeInSync { epoch: p.epoch, based_on, in_sync });
         }
         let epoch = p.epoch;
         for to in snapshots {

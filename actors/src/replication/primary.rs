@@ -79,8 +79,14 @@ pub struct Primary<B> {
     /// The in-sync replicas as the cluster map has them (committed): a write completes only
     /// once every one of them holds it, so any of them can take over without losing it.
     isr: BTreeSet<NodeId>,
-    /// A change of `isr` proposed to the map and not yet committed. Additions count at once
-    /// (they must ack too), removals only once committed.
+    /// The map's `in_sync_version` of `isr` (maps older than it are ignored).
+    isr_version: u64,
+    /// A change of `isr` proposed to the map, based on `isr_version`: it may still be committed
+    /// until a map of a later version arrives, so it stays (resent as it is, never replaced or
+    /// withdrawn) until then. Additions count at once (they must ack too), removals only once
+    /// committed. Found by the simulation: a proposed addition withdrawn a moment later (the
+    /// replica fell a record behind) was committed all the same, and writes the primary then
+    /// answered without that replica were lost when it took over.
     proposed: Option<BTreeSet<NodeId>>,
     proposed_ms: u64,
     waiting: VecDeque<Waiting>,
@@ -135,6 +141,7 @@ impl<B: Clone> Primary<B> {
             durable: last,
             followers,
             isr,
+            isr_version: 0,
             proposed: None,
             proposed_ms: 0,
             waiting: VecDeque::new(),
@@ -171,14 +178,18 @@ impl<B: Clone> Primary<B> {
         }
     }
 
-    /// The in-sync set the cluster map committed.
-    pub fn set_in_sync(&mut self, in_sync: &[NodeId]) {
-        let committed: BTreeSet<NodeId> =
-            in_sync.iter().copied().filter(|id| self.followers.contains_key(id)).collect();
-        if self.proposed.as_ref() == Some(&committed) {
+    /// The in-sync set the cluster map committed, at its `in_sync_version` `version` (an older
+    /// one than already seen is ignored). A proposal based on an older version can no longer be
+    /// committed: it is settled (landed or refused) and a new one may follow.
+    pub fn set_in_sync(&mut self, in_sync: &[NodeId], version: u64) {
+        if version < self.isr_version {
+            return;
+        }
+        self.isr = in_sync.iter().copied().filter(|id| self.followers.contains_key(id)).collect();
+        if version > self.isr_version || self.proposed.as_ref() == Some(&self.isr) {
             self.proposed = None;
         }
-        self.isr = committed;
+        self.isr_version = version;
     }
 
     /// Who must hold a write before it completes: the committed in-sync set and any proposed
@@ -191,10 +202,18 @@ impl<B: Clone> Primary<B> {
         r
     }
 
-    /// A change of the in-sync set to propose to the map (again every `resend_ms` until it is
-    /// committed), if one is due: in-sync replicas lagging a waiting write by `lag_ms` leave,
-    /// replicas that hold the whole log join.
-    pub fn propose_in_sync(&mut self, now_ms: u64) -> Option<Vec<NodeId>> {
+    /// A change of the in-sync set to propose to the map, and the `in_sync_version` it is
+    /// based on, if one is due: in-sync replicas lagging a waiting write by `lag_ms` leave,
+    /// replicas that hold the whole log join. A proposal not yet settled is sent again as it
+    /// is every `resend_ms`, whatever the replicas did since.
+    pub fn propose_in_sync(&mut self, now_ms: u64) -> Option<(Vec<NodeId>, u64)> {
+        if let Some(p) = &self.proposed {
+            if now_ms.saturating_sub(self.proposed_ms) < self.resend_ms {
+                return None;
+            }
+            self.proposed_ms = now_ms;
+            return Some((p.iter().copied().collect(), self.isr_version));
+        }
         let oldest = self.waiting.front().filter(|w| now_ms.saturating_sub(w.written_ms) >= self.lag_ms);
         let mut want = BTreeSet::new();
         let mut laggards = Vec::new();
@@ -212,15 +231,11 @@ impl<B: Clone> Primary<B> {
             want.extend(laggards);
         }
         if want == self.isr {
-            self.proposed = None;
-            return None;
-        }
-        if self.proposed.as_ref() == Some(&want) && now_ms.saturating_sub(self.proposed_ms) < self.resend_ms {
             return None;
         }
         self.proposed = Some(want.clone());
         self.proposed_ms = now_ms;
-        Some(want.into_iter().collect())
+        Some((want.into_iter().collect(), self.isr_version))
     }
 
     pub fn pos(&self) -> Pos {

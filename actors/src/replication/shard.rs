@@ -520,9 +520,10 @@ impl ShardRepl {
                         js.settle(token);
                     }
                 }
-                Effect::ProposeInSync { epoch, in_sync } => {
+                Effect::ProposeInSync { epoch, based_on, in_sync } => {
                     let shard = (self.table.clone(), self.shard);
-                    let _ = self.net.proposals.try_send(MapCmd::SetInSync { shard, epoch, in_sync });
+                    let cmd = MapCmd::SetInSync { shard, epoch, based_on, in_sync };
+                    let _ = self.net.proposals.try_send(cmd);
                 }
             }
         }

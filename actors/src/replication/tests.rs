@@ -81,7 +81,7 @@ fn a_replica_behind_says_where_it_is_and_ignores_what_it_has() {
 fn sync_writes_complete_on_enough_acks_or_end_indeterminate() {
     let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2, 3], 0);
     // Replica 3 is out of sync: only the count `n` and replica 2 matter.
-    p.set_in_sync(&[2]);
+    p.set_in_sync(&[2], 1);
     assert_eq!(p.write(1, 1, 100, 1_000, 0), Err(WriteRefused::NoLease));
     p.grant_lease(500);
     assert_eq!(p.write(1, 1, 100, 1_000, 0), Ok(1));
@@ -182,26 +182,60 @@ fn alignment_asks_again_when_this_log_lacks_the_primarys_epoch() {
 #[test]
 fn a_write_waits_for_every_in_sync_replica_and_a_laggard_is_proposed_out() {
     let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2, 3], 0);
-    p.set_in_sync(&[2, 3]);
+    p.set_in_sync(&[2, 3], 0);
     p.grant_lease(10_000);
     p.write(1, 1, 100, 5_000, 0).unwrap();
     p.synced(1);
     let (done, _) = p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 1 }, 10);
     assert!(done.is_empty(), "sync(1) has its one ack, but in-sync replica 3 has not acked");
     assert_eq!(p.propose_in_sync(100), None, "not lagging yet");
-    assert_eq!(p.propose_in_sync(300), Some(vec![2]), "3 lags the write by lag_ms");
+    assert_eq!(p.propose_in_sync(300), Some((vec![2], 0)), "3 lags the write by lag_ms");
     assert!(p.tick(301).is_empty(), "a removal counts only once the map committed it");
-    p.set_in_sync(&[2]);
+    p.set_in_sync(&[2], 1);
     assert_eq!(p.tick(302), vec![(100, Outcome::Replicated)]);
     // Caught up, 3 is proposed back in, and counts from the proposal on.
     p.on_reply(3, ToPrimary::Ack { epoch: 1, lsn: 1 }, 400);
-    assert_eq!(p.propose_in_sync(400), Some(vec![2, 3]));
+    assert_eq!(p.propose_in_sync(400), Some((vec![2, 3], 1)));
     p.write(2, 1, 101, 5_000, 410).unwrap();
     p.synced(2);
     let (done, _) = p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 2 }, 420);
     assert!(done.is_empty(), "the proposed member must ack too");
     let (done, _) = p.on_reply(3, ToPrimary::Ack { epoch: 1, lsn: 2 }, 430);
     assert_eq!(done, vec![(101, Outcome::Replicated)]);
+}
+
+#[test]
+fn a_proposed_addition_holds_writes_up_until_a_later_map_settles_it() {
+    let mut p: Primary<u64> = Primary::new(1, 0, EpochHistory::default(), VecDeque::new(), &[2], 0);
+    p.acks_in_sync = true;
+    p.set_in_sync(&[], 4);
+    p.grant_lease(10_000);
+    // Nobody in sync: a write is answered at once.
+    p.write(1, 0, 100, 5_000, 0).unwrap();
+    assert!(!p.last_waits());
+    p.synced(1);
+    p.on_reply(2, ToPrimary::Ack { epoch: 1, lsn: 1 }, 10);
+    assert_eq!(p.propose_in_sync(10), Some((vec![2], 4)), "2 holds the whole log: it joins");
+    // 2 falls a record behind before the map answers: the proposal may be committed all the
+    // same, so it is neither withdrawn nor replaced, and writes wait for 2.
+    p.write(2, 0, 101, 5_000, 20).unwrap();
+    assert!(p.last_waits(), "a proposed member must ack too");
+    assert_eq!(p.propose_in_sync(30), None, "not withdrawn");
+    assert_eq!(p.propose_in_sync(400), Some((vec![2], 4)), "sent again as it was");
+    // A map older than the one seen changes nothing.
+    p.set_in_sync(&[], 3);
+    p.write(3, 0, 102, 5_000, 410).unwrap();
+    assert!(p.last_waits());
+    // The map committed it (version 5); 2 is in sync, and then proposed out as a laggard.
+    p.set_in_sync(&[2], 5);
+    assert_eq!(p.propose_in_sync(800), Some((vec![], 5)));
+    p.write(4, 0, 103, 5_000, 810).unwrap();
+    assert!(p.last_waits(), "a removal counts only once committed");
+    // Refused (the set moved on meanwhile, version 6 put 2 out another way): settled too.
+    p.set_in_sync(&[], 6);
+    assert_eq!(p.propose_in_sync(820), None);
+    p.write(5, 0, 104, 5_000, 830).unwrap();
+    assert!(!p.last_waits(), "no one in sync, no proposal pending");
 }
 
 mod heap_log {
@@ -235,7 +269,7 @@ mod heap_log {
     }
 
     fn placement() -> Placement {
-        Placement { epoch: 1, primary: 1, replicas: vec![2], in_sync: vec![2], sync: 1 }
+        Placement { epoch: 1, primary: 1, replicas: vec![2], in_sync: vec![2], sync: 1, in_sync_version: 0 }
     }
 
     /// Runs the exchange until quiet; `deliver` says whether a message reaches the replica.
