@@ -36,6 +36,9 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// Where a table's `get` is answered in a cluster (docs/cluster.md, "Reads").
     pub read_from: ReadFrom,
+    /// Whether a request for a shard that is recovering after a restart waits for its replay
+    /// (`true`, the default) or fails at once with `GridError::Recovering` and its progress.
+    pub wait_for_recovery: bool,
 }
 
 /// Where a cluster answers reads of one key.
@@ -58,6 +61,7 @@ impl Default for ClientOptions {
             connect_attempts: 5,
             backoff: Duration::from_millis(20),
             read_from: ReadFrom::Primary,
+            wait_for_recovery: true,
         }
     }
 }
@@ -107,7 +111,8 @@ fn fail_all(pending: &Pending, why: &str) {
     }
 }
 
-async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>, GridError> {
+async fn open_conn(addr: SocketAddr, opts: &ClientOptions) -> Result<Arc<Conn>, GridError> {
+    let token = opts.token.clone();
     let sock =
         TcpStream::connect(addr).await.map_err(|e| GridError::Unavailable(format!("connect {addr}: {e}")))?;
     let _ = sock.set_nodelay(true);
@@ -122,6 +127,16 @@ async fn open_conn(addr: SocketAddr, token: Option<String>) -> Result<Arc<Conn>,
     match protocol::decode::<HelloReply>(&buf).map_err(|e| GridError::Protocol(e.to_string()))? {
         HelloReply::Welcome { .. } => {}
         HelloReply::Refused { error } => return Err(error),
+    }
+    if !opts.wait_for_recovery {
+        // Set before any request of the caller's, answered before the connection is handed out.
+        let set = Request { id: u64::MAX, body: RequestBody::SetSession { wait_for_recovery: false } };
+        protocol::write_msg(&mut wr, &set).await.map_err(|e| GridError::Unavailable(e.to_string()))?;
+        protocol::read_frame(&mut rd, &mut buf)
+            .await
+            .map_err(|e| GridError::Unavailable(format!("session settings: {e}")))?;
+        let r: Response = protocol::decode(&buf).map_err(|e| GridError::Protocol(e.to_string()))?;
+        r.result?;
     }
     let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -211,14 +226,11 @@ impl Client {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            let opened = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                open_conn(self.inner.addr, self.inner.opts.token.clone()),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(GridError::Unavailable(format!("connecting to {} timed out", self.inner.addr)))
-            });
+            let opened = tokio::time::timeout(CONNECT_TIMEOUT, open_conn(self.inner.addr, &self.inner.opts))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(GridError::Unavailable(format!("connecting to {} timed out", self.inner.addr)))
+                });
             match opened {
                 Ok(c) => {
                     *self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());

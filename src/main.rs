@@ -488,6 +488,9 @@ async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
     // Tests and scripts read this line to learn the port (with --listen 127.0.0.1:0).
     emit(&format!("heapgrid listening on {}", server.local_addr()))?;
     tracing::info!(addr = %server.local_addr(), trusted, "listening");
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        tokio::spawn(recovery_bar(std::sync::Arc::downgrade(grid.core())));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -499,6 +502,47 @@ async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
     grid.close().await?;
     tracing::info!("checkpointed and closed");
     Ok(())
+}
+
+/// While shards recover after a restart (they serve one by one as each finishes), a one-line
+/// progress bar on a terminal: shards left, op-log bytes replayed of those to replay.
+async fn recovery_bar(core: std::sync::Weak<heapgrid_actors::grid::GridCore>) {
+    let mut shown = false;
+    loop {
+        let Some(c) = core.upgrade() else { return };
+        let r = c.recovering();
+        drop(c);
+        if !draw_recovery(&r, shown) {
+            return;
+        }
+        shown = true;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// One frame of `recovery_bar`; false once nothing recovers (the bar, if `shown`, ends).
+fn draw_recovery(r: &[heapgrid_actors::stats::RecoveringShard], shown: bool) -> bool {
+    let mut err = std::io::stderr().lock();
+    if r.is_empty() {
+        if shown {
+            let _ = writeln!(err, "\r\x1b[Krecovered: every shard serves");
+        }
+        return false;
+    }
+    let (done, total) = r.iter().fold((0u64, 0u64), |(d, t), s| (d + s.replayed_bytes, t + s.total_bytes));
+    let width = 30usize;
+    let filled = (done.min(total) * width as u64).checked_div(total).unwrap_or(0) as usize;
+    let _ = write!(
+        err,
+        "\r\x1b[Krecovering [{}{}] {} shard(s) left, {} of {} MiB of op log replayed",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        r.len(),
+        done >> 20,
+        total >> 20
+    );
+    let _ = err.flush();
+    true
 }
 
 async fn stats(c: ClientArgs) -> Result<(), AnyErr> {

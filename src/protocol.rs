@@ -142,6 +142,12 @@ pub enum RequestBody {
     /// The node's memory and its heaps' figures (docs/protocol.md): the collections the
     /// token may read.
     Stats,
+    /// This connection's settings from now on. `wait_for_recovery: false`: a request for a
+    /// table or feed shard that is recovering (replaying its op log after a restart) is
+    /// answered `Recovering` at once instead of after the replay.
+    SetSession {
+        wait_for_recovery: bool,
+    },
 }
 
 /// One response.
@@ -539,8 +545,9 @@ mod tests {
             RequestBody::Queue { op: QueueOp::List },
             RequestBody::Cluster { op: ClusterOp::Status },
             RequestBody::Stats,
+            RequestBody::SetSession { wait_for_recovery: true },
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..18).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..19).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -850,8 +857,9 @@ mod tests {
             GridError::StaleReceipt { queue: s(), seq: 0, delivery: 0 },
             GridError::Indeterminate(s()),
             GridError::NotPrimary { table: s(), shard: 0, primary: None, addr: None },
+            GridError::Recovering { table: s(), shard: 0, replayed_bytes: 0, total_bytes: 0 },
         ];
-        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..30).collect::<Vec<u8>>());
+        assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..31).collect::<Vec<u8>>());
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

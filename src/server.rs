@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -452,6 +453,13 @@ struct Done {
 /// A shard of a table by name.
 type ShardKey = (String, u32);
 
+/// A connection's settings (`RequestBody::SetSession`).
+#[derive(Default)]
+struct Session {
+    /// Requests for a recovering shard are answered `Recovering` at once.
+    no_wait: AtomicBool,
+}
+
 /// A connection's writes in flight, per table and shard (at most its in-flight limit of them).
 /// Looked up by `&str` on every read, so a read allocates nothing to ask.
 #[derive(Default)]
@@ -528,6 +536,7 @@ async fn connection(
     let mut writing = Writing::default();
     // Lock sessions this connection opened or reattached: the only ones it may act in.
     let sessions = ConnSessions::default();
+    let session = Session::default();
     // Requests run at other nodes' primaries go one after another, in arrival order (each
     // waits for the one before): a read follows the writes the connection sent before it.
     let routed = RoutedChain::default();
@@ -538,7 +547,7 @@ async fn connection(
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &sessions, &gone, &routed);
+        let mut round = Round::new(&writing, &session, &sessions, &gone, &routed);
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -742,6 +751,8 @@ async fn unless_gone<T>(
 struct Round<'c> {
     /// The connection's writes in flight from earlier rounds.
     writing: &'c Writing,
+    /// The connection's settings (`SetSession`).
+    session: &'c Session,
     /// The connection's lock sessions.
     sessions: &'c ConnSessions,
     /// True once the peer ended its stream.
@@ -778,12 +789,14 @@ enum Taken {
 impl<'c> Round<'c> {
     fn new(
         writing: &'c Writing,
+        session: &'c Session,
         sessions: &'c ConnSessions,
         gone: &'c watch::Receiver<bool>,
         routed: &'c RoutedChain,
     ) -> Round<'c> {
         Round {
             writing,
+            session,
             sessions,
             gone,
             routed,
@@ -1049,6 +1062,11 @@ impl<'c> Round<'c> {
                     Ok(ResponseBody::Queue(r))
                 });
             }
+            RequestBody::SetSession { wait_for_recovery } => {
+                self.session.no_wait.store(!wait_for_recovery, Ordering::Relaxed);
+                protocol::append_response(out, &Response { id, result: Ok(ResponseBody::Done) });
+                return Taken::Answered;
+            }
             RequestBody::Stats => {
                 return alone(id, async move {
                     let mut s = grid.stats().await;
@@ -1106,7 +1124,14 @@ impl<'c> Round<'c> {
                 // `read` for answers that carry the feed's contents, `write` for changes.
                 let allowed = (if op.reads() { who.require(&feed, Permission::Read) } else { Ok(()) })
                     .and_then(|_| if op.writes() { who.require(&feed, Permission::Write) } else { Ok(()) });
-                let started = allowed.and_then(|_| grid.feed(&feed)).map(|f| start_op(&f, op));
+                let no_wait = self.session.no_wait.load(Ordering::Relaxed);
+                let started = allowed
+                    .and_then(|_| grid.feed(&feed))
+                    .and_then(|f| match f.recovering().filter(|_| no_wait) {
+                        Some(e) => Err(e),
+                        None => Ok(f),
+                    })
+                    .map(|f| start_op(&f, op));
                 return alone(id, async move { Ok(ResponseBody::Feed(started?.await?)) });
             }
         };
@@ -1221,6 +1246,24 @@ impl<'c> Round<'c> {
         let t = self.table(grid, table)?;
         let rt = self.tables[t].clone();
         let shards = rt.def.shards;
+        if self.session.no_wait.load(Ordering::Relaxed) {
+            // The shards the operation needs: its keys', or every one.
+            let keys: Option<Vec<&heapgrid_actors::Key>> = match &op {
+                TableOp::Get { key } | TableOp::GetCopy { key } | TableOp::Contains { key } => {
+                    Some(vec![key])
+                }
+                TableOp::Write(w) => w.key().map(|k| vec![k]),
+                TableOp::Batch(ws) => ws.iter().map(|w| w.key()).collect(),
+                _ => None,
+            };
+            let needed: Vec<u32> = match keys {
+                Some(keys) => keys.into_iter().map(|k| rt.shard_of(k)).collect(),
+                None => (0..shards).collect(),
+            };
+            if let Some(e) = needed.into_iter().find_map(|i| rt.recovering(i)) {
+                return Err(e);
+            }
+        }
         let one = |round: &mut Round, shard: u32, op: PipelineOp| {
             let (group, pos) = round.push(t, shard, op);
             round.slots.push(Slot::One { id, group, pos });

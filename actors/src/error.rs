@@ -97,6 +97,13 @@ pub enum GridError {
     /// ask `primary` (its client address in `addr`), after refreshing the cluster map.
     #[error("shard {shard} of {table} is not served here (primary: {primary:?} at {addr:?})")]
     NotPrimary { table: String, shard: u32, primary: Option<u64>, addr: Option<String> },
+    /// The shard is recovering (replaying its op log after a restart) and the client asked not
+    /// to wait for it (`SetSession { wait_for_recovery: false }`); nothing was done. Bytes of
+    /// the op log replayed of those to replay (both 0 before the replay began).
+    #[error(
+        "shard {shard} of {table} is recovering ({replayed_bytes} of {total_bytes} bytes of its op log replayed)"
+    )]
+    Recovering { table: String, shard: u32, replayed_bytes: u64, total_bytes: u64 },
 }
 
 impl From<TableError> for GridError {

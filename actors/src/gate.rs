@@ -52,16 +52,52 @@ pub async fn open_heap(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    hold_recovery(path, opts.progress.as_deref()).await;
     let started = tokio::time::Instant::now();
     loop {
-        // Recovery (the op-log replay) is long work: off the runtime's own threads, so that the
-        // shards of a table recover in parallel (`TableSupervisor` starts them all at once).
+        // Recovery (the op-log replay) is long work: off the runtime's own threads, so that
+        // every shard recovers in parallel (their supervisors start them all at once).
         match blocking(|| Heap::open(path, opts.clone())) {
             Err(heapgrid_heap::Error::Locked(_)) if started.elapsed() < LOCK_WAIT => {
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
             }
-            r => return Ok(r?),
+            r => {
+                let heap = r?;
+                let report = heap.replay_report();
+                if report.records_replayed > 0 {
+                    tracing::info!(
+                        heap = %path.display(),
+                        records = report.records_replayed,
+                        ms = started.elapsed().as_millis() as u64,
+                        "recovered: op log replayed"
+                    );
+                }
+                return Ok(heap);
+            }
         }
+    }
+}
+
+/// The test hook that holds a shard in its recovery (tests/it/recovery.rs):
+/// `HEAPGRID_TEST_HOLD_RECOVERY=<part of a heap path>:<file>` keeps every heap whose path
+/// contains the part from opening while the file exists, shown as a replay under way (so
+/// callers wait for it as for a long replay). Unset (always, outside tests), it costs one
+/// environment lookup per heap opened.
+async fn hold_recovery(path: &std::path::Path, progress: Option<&heapgrid_heap::ReplayProgress>) {
+    let Ok(hook) = std::env::var("HEAPGRID_TEST_HOLD_RECOVERY") else { return };
+    let Some((part, file)) = hook.split_once(':') else { return };
+    if !path.to_string_lossy().contains(part) {
+        return;
+    }
+    if let Some(p) = progress {
+        p.start(0);
+    }
+    tracing::warn!(heap = %path.display(), hold = file, "recovery held by HEAPGRID_TEST_HOLD_RECOVERY");
+    while std::path::Path::new(file).exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if let Some(p) = progress {
+        p.end();
     }
 }
 

@@ -787,6 +787,57 @@ fn valid_shards(opts: &TableOptions) -> Result<u32, GridError> {
 }
 
 /// Applies a catalogue batch and waits until it is durable (the catalogue is fsync-always).
+/// Waits until `slot` is no longer starting (a new collection is answered once it runs, or
+/// failed).
+async fn started<M>(slot: &ShardSlot<M>) {
+    loop {
+        let seen = slot.version();
+        if !matches!(slot.get(), SlotState::Starting) {
+            return;
+        }
+        slot.wait_change(seen, tokio::time::Instant::now() + Duration::from_secs(1)).await;
+    }
+}
+
+/// How often the recovery after an open is reported while shards are still recovering.
+const RECOVERY_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Reports the recovery that follows an open in the log: the shards still recovering and the
+/// op-log bytes replayed every `RECOVERY_REPORT_EVERY`, then how long until every shard ran.
+/// Every shard recovers on its own task; each serves as soon as its own recovery ends.
+fn watch_recovery(core: &Arc<GridCore>) {
+    let weak = Arc::downgrade(core);
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        let mut reported = false;
+        loop {
+            let Some(core) = weak.upgrade() else { return };
+            let r = core.recovering();
+            drop(core);
+            if r.is_empty() {
+                if reported {
+                    let ms = started.elapsed().as_millis() as u64;
+                    tracing::info!(ms, "recovered: every shard serves");
+                }
+                return;
+            }
+            if reported || started.elapsed() >= RECOVERY_REPORT_EVERY {
+                let (done, total) =
+                    r.iter().fold((0, 0), |(d, t), s| (d + s.replayed_bytes, t + s.total_bytes));
+                tracing::info!(
+                    shards = r.len(),
+                    replayed_mib = done >> 20,
+                    total_mib = total >> 20,
+                    "recovering: shards still replaying their op logs"
+                );
+                reported = true;
+            }
+            tokio::time::sleep(if reported { RECOVERY_REPORT_EVERY } else { Duration::from_millis(50) })
+                .await;
+        }
+    });
+}
+
 fn durable_apply(h: &mut Heap, batch: &heapgrid_heap::WriteBatch) -> Result<(), GridError> {
     let lsn = h.apply(batch)?;
     if let Some(d) = h.durability() {
@@ -927,6 +978,7 @@ impl GridCore {
                 return Err(e);
             }
         }
+        watch_recovery(&core);
         Ok(core)
     }
 
@@ -1010,7 +1062,9 @@ impl GridCore {
                 .map_err(|e| GridError::Value(e.to_string()))?;
             durable_apply(h, heapgrid_heap::WriteBatch::new().put(key.as_bytes(), &v)?)
         })?;
-        self.start_feed(def).await
+        let rt = self.start_feed(def).await?;
+        started(rt.slot()).await;
+        Ok(rt)
     }
 
     /// Stops a feed, removes it from the catalogue, then deletes its files. In a cluster a
@@ -1062,9 +1116,12 @@ impl GridCore {
         let mut out = Vec::new();
         let tables: Vec<Arc<TableRuntime>> =
             self.registry.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        // A recovering shard is not asked (it would answer after its replay).
+        let recovering = self.recovering();
+        let skip = |name: &str, i: u32| recovering.iter().any(|r| r.collection == name && r.shard == i);
         for t in tables {
             let mut shards = Vec::new();
-            for i in 0..t.def.shards {
+            for i in (0..t.def.shards).filter(|&i| !skip(&t.def.name, i)) {
                 if let Ok(s) = t.heap_stats(i).await {
                     shards.push(ShardStats::of(i, &s));
                 }
@@ -1074,17 +1131,63 @@ impl GridCore {
         let feeds: Vec<Arc<FeedRuntime>> =
             self.feeds.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for f in feeds {
-            let shards = f.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
+            let shards = match skip(&f.def.name, 0) {
+                true => Vec::new(),
+                false => f.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default(),
+            };
             out.push(CollectionStats { name: f.def.name.clone(), kind: "feed".into(), shards });
         }
-        let locks = self.locks.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
-        out.push(CollectionStats { name: "$locks".into(), kind: "service".into(), shards: locks });
-        let queues = self.queues.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
-        out.push(CollectionStats { name: "$queues".into(), kind: "service".into(), shards: queues });
+        let locks = match skip(crate::cluster::map::LOCKS_SERVICE, 0) {
+            true => Vec::new(),
+            false => self.locks.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default(),
+        };
+        out.push(CollectionStats {
+            name: crate::cluster::map::LOCKS_SERVICE.into(),
+            kind: "service".into(),
+            shards: locks,
+        });
+        let queues = match skip(crate::cluster::map::QUEUES_SERVICE, 0) {
+            true => Vec::new(),
+            false => self.queues.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default(),
+        };
+        out.push(CollectionStats {
+            name: crate::cluster::map::QUEUES_SERVICE.into(),
+            kind: "service".into(),
+            shards: queues,
+        });
         out.sort_by(|a, b| a.name.cmp(&b.name));
         let mut node = crate::stats::NodeStats::of(out);
         node.memory_budget = crate::stats::BudgetStats::of(&self.pager);
+        node.recovering = recovering;
         node
+    }
+
+    /// The shards still recovering (opening their heap, replaying their op log) and how far.
+    pub fn recovering(&self) -> Vec<crate::stats::RecoveringShard> {
+        use crate::stats::RecoveringShard;
+        let mut out = Vec::new();
+        let mut note = |collection: &str, shard: u32, p: Option<(u64, u64)>| {
+            if let Some((replayed_bytes, total_bytes)) = p {
+                out.push(RecoveringShard {
+                    collection: collection.into(),
+                    shard,
+                    replayed_bytes,
+                    total_bytes,
+                });
+            }
+        };
+        for t in self.registry.read().unwrap_or_else(|e| e.into_inner()).values() {
+            for (i, slot) in t.slots().iter().enumerate() {
+                note(&t.def.name, i as u32, slot.recovering());
+            }
+        }
+        for f in self.feeds.read().unwrap_or_else(|e| e.into_inner()).values() {
+            note(&f.def.name, 0, f.slot().recovering());
+        }
+        note(crate::cluster::map::LOCKS_SERVICE, 0, self.locks.slot().recovering());
+        note(crate::cluster::map::QUEUES_SERVICE, 0, self.queues.slot().recovering());
+        out.sort_by(|a, b| (&a.collection, a.shard).cmp(&(&b.collection, b.shard)));
+        out
     }
 
     /// Every feed, by name.
@@ -1158,7 +1261,11 @@ impl GridCore {
                 .map_err(|e| GridError::Value(e.to_string()))?;
             durable_apply(h, heapgrid_heap::WriteBatch::new().put(name.as_bytes(), &v)?)
         })?;
-        self.start(def).await
+        let rt = self.start(def).await?;
+        for slot in rt.slots() {
+            started(slot).await;
+        }
+        Ok(rt)
     }
 
     /// Stops a table, removes it from the catalogue, then deletes its files (in a cluster: on

@@ -73,6 +73,21 @@ pub struct NodeStats {
     /// The memory budget and what its pager did (`None`: the node has no budget).
     #[serde(default)]
     pub memory_budget: Option<BudgetStats>,
+    /// Shards still recovering (opening their heap, replaying their op log); their figures are
+    /// missing from `collections` until they run.
+    #[serde(default)]
+    pub recovering: Vec<RecoveringShard>,
+}
+
+/// A shard recovering after a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveringShard {
+    /// The table or feed (`$locks`, `$queues` for the services).
+    pub collection: String,
+    pub shard: u32,
+    /// Bytes of its op log replayed, of `total_bytes` to replay (both 0 before the replay).
+    pub replayed_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// The memory budget's pager (`memory`).
@@ -114,6 +129,7 @@ impl NodeStats {
             log_bytes: shards().map(|s| s.log_bytes).sum(),
             collections,
             memory_budget: None,
+            recovering: Vec::new(),
         }
     }
 }

@@ -55,10 +55,13 @@ pub struct OneChildArgs<C: ChildSpec> {
 }
 
 pub enum OneChildMsg {
-    /// Close (checkpoint and release) the child, then stop it.
+    /// Close (checkpoint and release) the child, then stop it (once a start in flight ended).
     Shutdown(Reply<()>),
     Retry,
     Tick,
+    /// The child's start (its heap's open and recovery, on a task of its own) ended: the
+    /// child's cell (an `ActorRef<C::Msg>`), or why it did not start.
+    Started(Result<ractor::ActorCell, String>),
 }
 
 pub struct OneChildState<C: ChildSpec> {
@@ -67,6 +70,12 @@ pub struct OneChildState<C: ChildSpec> {
     tracker: RestartTracker,
     started: Instant,
     stopping: bool,
+    /// A start is in flight (its `Started` not yet handled).
+    opening: bool,
+    /// The child reported down before its `Started` was handled.
+    down_early: Option<(ractor::ActorId, String)>,
+    /// A `Shutdown` waiting for the start in flight.
+    shutdown: Option<Reply<()>>,
 }
 
 /// The supervisor actor (its state is `OneChildState`).
@@ -83,15 +92,56 @@ impl<C: ChildSpec> OneChildState<C> {
         self.started.elapsed().as_millis() as u64
     }
 
-    async fn spawn_child(&mut self, myself: &ActorRef<OneChildMsg>) {
+    /// Starts the child on a task of its own (its heap opens and replays its op log there);
+    /// `Started` reports the end.
+    fn spawn_child(&mut self, myself: &ActorRef<OneChildMsg>) {
         self.args.slot.set(SlotState::Starting);
+        self.opening = true;
         let spec = &self.args.spec;
-        match Actor::spawn_linked(None, spec.actor(), spec.args(&self.args.slot), myself.get_cell()).await {
-            Ok((actor, _)) => {
-                self.child = Some(actor.get_id());
-                self.args.slot.set(SlotState::Running(actor));
+        let (actor, args, me) = (spec.actor(), spec.args(&self.args.slot), myself.clone());
+        tokio::spawn(async move {
+            let r = Actor::spawn_linked(None, actor, args, me.get_cell()).await;
+            let r = r.map(|(a, _)| a.get_cell()).map_err(|e| e.to_string());
+            if let Err(ractor::MessagingErr::SendErr(OneChildMsg::Started(Ok(cell)))) =
+                me.send_message(OneChildMsg::Started(r))
+            {
+                // The supervisor is gone: nobody will close the child but itself.
+                cell.stop(None);
+            }
+        });
+    }
+
+    /// Records how the child's start ended.
+    async fn started(&mut self, myself: &ActorRef<OneChildMsg>, r: Result<ractor::ActorCell, String>) {
+        self.opening = false;
+        let early = self.down_early.take();
+        if self.stopping {
+            if let Ok(cell) = r {
+                let actor: ActorRef<C::Msg> = cell.into();
+                let closed = close_child::<C>(&actor, &self.args.spec.what()).await;
+                if let Some(reply) = self.shutdown.take() {
+                    let _ = reply.send(closed);
+                }
+            }
+            self.args.slot.set(SlotState::Stopped);
+            if let Some(reply) = self.shutdown.take() {
+                let _ = reply.send(Ok(()));
+            }
+            return;
+        }
+        match r {
+            Ok(cell) => {
+                let id = cell.get_id();
+                self.child = Some(id);
+                self.args.slot.set(SlotState::Running(cell.into()));
+                if let Some((down, why)) = early
+                    && down == id
+                {
+                    self.child_down(myself, id, why).await;
+                }
             }
             Err(e) => {
+                let spec = &self.args.spec;
                 let why = format!("could not open {}: {e}", spec.what());
                 tracing::warn!(%why, "start failed");
                 match self.tracker.on_failure(self.args.policy, self.now_ms()) {
@@ -103,6 +153,36 @@ impl<C: ChildSpec> OneChildState<C> {
             }
         }
     }
+
+    /// The child `id` went down: restarted while the policy allows.
+    async fn child_down(&mut self, myself: &ActorRef<OneChildMsg>, id: ractor::ActorId, why: String) {
+        if self.child != Some(id) {
+            if self.opening {
+                self.down_early = Some((id, why));
+            }
+            return;
+        }
+        self.child = None;
+        if self.stopping {
+            self.args.slot.set(SlotState::Stopped);
+            return;
+        }
+        tracing::warn!(%why, child = %self.args.spec.what(), "child failed; restarting it (recovery)");
+        match self.tracker.on_failure(self.args.policy, self.now_ms()) {
+            Decision::Restart => self.spawn_child(myself),
+            Decision::GiveUp => self.args.slot.set(SlotState::Failed(self.args.policy.gave_up(&why))),
+        }
+    }
+}
+
+/// Closes a running child (checkpoint and release of its heap) and stops it.
+async fn close_child<C: ChildSpec>(actor: &ActorRef<C::Msg>, what: &str) -> Result<(), GridError> {
+    let result = match actor.call(C::close, Some(SHUTDOWN_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => r,
+        _ => Err(GridError::Unavailable(format!("{what} did not close"))),
+    };
+    let _ = actor.stop_and_wait(None, Some(SHUTDOWN_TIMEOUT)).await;
+    result
 }
 
 impl<C: ChildSpec> Actor for OneChild<C> {
@@ -124,8 +204,11 @@ impl<C: ChildSpec> Actor for OneChild<C> {
             tracker: RestartTracker::default(),
             started: Instant::now(),
             stopping: false,
+            opening: false,
+            down_early: None,
+            shutdown: None,
         };
-        st.spawn_child(&myself).await;
+        st.spawn_child(&myself);
         Ok(st)
     }
 
@@ -138,9 +221,10 @@ impl<C: ChildSpec> Actor for OneChild<C> {
         match msg {
             OneChildMsg::Retry => {
                 if !st.stopping && matches!(st.args.slot.get(), SlotState::Starting) {
-                    st.spawn_child(&myself).await;
+                    st.spawn_child(&myself);
                 }
             }
+            OneChildMsg::Started(r) => st.started(&myself, r).await,
             OneChildMsg::Tick => {
                 if let (SlotState::Running(a), Some((_, tick))) = (st.args.slot.get(), st.args.spec.tick()) {
                     let _ = a.cast(tick());
@@ -148,16 +232,14 @@ impl<C: ChildSpec> Actor for OneChild<C> {
             }
             OneChildMsg::Shutdown(reply) => {
                 st.stopping = true;
+                if st.opening {
+                    // Answered once the start in flight ends (the child is closed then).
+                    st.shutdown = Some(reply);
+                    return Ok(());
+                }
                 let mut result = Ok(());
                 if let SlotState::Running(actor) = st.args.slot.get() {
-                    match actor.call(C::close, Some(SHUTDOWN_TIMEOUT)).await {
-                        Ok(ractor::rpc::CallResult::Success(r)) => result = r,
-                        _ => {
-                            result =
-                                Err(GridError::Unavailable(format!("{} did not close", st.args.spec.what())))
-                        }
-                    }
-                    let _ = actor.stop_and_wait(None, Some(SHUTDOWN_TIMEOUT)).await;
+                    result = close_child::<C>(&actor, &st.args.spec.what()).await;
                 }
                 st.args.slot.set(SlotState::Stopped);
                 let _ = reply.send(result);
@@ -172,19 +254,8 @@ impl<C: ChildSpec> Actor for OneChild<C> {
         evt: SupervisionEvent,
         st: &mut OneChildState<C>,
     ) -> Result<(), ActorProcessingErr> {
-        let Some((id, why)) = child_down(evt) else { return Ok(()) };
-        if st.child != Some(id) {
-            return Ok(());
-        }
-        st.child = None;
-        if st.stopping {
-            st.args.slot.set(SlotState::Stopped);
-            return Ok(());
-        }
-        tracing::warn!(%why, child = %st.args.spec.what(), "child failed; restarting it (recovery)");
-        match st.tracker.on_failure(st.args.policy, st.now_ms()) {
-            Decision::Restart => st.spawn_child(&myself).await,
-            Decision::GiveUp => st.args.slot.set(SlotState::Failed(st.args.policy.gave_up(&why))),
+        if let Some((id, why)) = child_down(evt) {
+            st.child_down(&myself, id, why).await;
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result, corrupt};
 use crate::freelist::{self, FREELIST_IDS_PER_PAGE};
 use crate::limits::{FILE_BYTES_MAX, PAGE, PAGE_SIZE};
 use crate::meta::{self, FIRST_DATA_PAGE, HEADER_PAGE, Meta};
-use crate::oplog::{Durability, FileLogDir, FsyncPolicy, LogDir, OpLog, ReplayReport};
+use crate::oplog::{Durability, FileLogDir, FsyncPolicy, LogDir, OpLog, ReplayProgress, ReplayReport};
 use crate::page;
 use crate::pager::Pager;
 use crate::snapshot::{Pages, Snapshot};
@@ -47,11 +47,18 @@ pub struct HeapOptions {
     pub op_log: bool,
     /// When the op log is fsynced.
     pub fsync: FsyncPolicy,
+    /// Where opening reports how far its op-log replay got (`None`: nowhere).
+    pub progress: Option<Arc<ReplayProgress>>,
 }
 
 impl Default for HeapOptions {
     fn default() -> Self {
-        HeapOptions { max_file_bytes: FILE_BYTES_MAX, op_log: true, fsync: FsyncPolicy::default() }
+        HeapOptions {
+            max_file_bytes: FILE_BYTES_MAX,
+            op_log: true,
+            fsync: FsyncPolicy::default(),
+            progress: None,
+        }
     }
 }
 
@@ -207,18 +214,24 @@ impl Heap {
     ) -> Result<Heap> {
         let mut heap = Heap::open_pages(storage, &opts)?;
         if let Some(dir) = log {
-            let (log, report) = OpLog::open(
+            let progress = opts.progress.as_deref();
+            let opened = OpLog::open(
                 dir,
                 heap.durable.heap_id,
                 opts.fsync,
                 heap.durable.checkpoint_lsn,
                 heap.durable.log_segment,
+                progress,
                 |lsn, batch| {
                     heap.apply_batch(batch)?;
                     heap.applied_lsn = lsn;
                     Ok(())
                 },
-            )?;
+            );
+            if let Some(p) = progress {
+                p.end();
+            }
+            let (log, report) = opened?;
             heap.log = Some(log);
             heap.replay = report;
             if heap.durable.log_segment == 0 {

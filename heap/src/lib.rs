@@ -39,6 +39,6 @@ pub use heap::{
 };
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;
-pub use oplog::{Durability, FsyncPolicy, ReplayReport};
+pub use oplog::{Durability, FsyncPolicy, ReplayProgress, ReplayReport};
 pub use shared::SharedHeap;
 pub use snapshot::{Published, Registry, Snapshot};

@@ -34,6 +34,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -83,12 +84,54 @@ pub struct ReplayReport {
     pub last_lsn: u64,
 }
 
+/// How far a replay got, readable from other threads while it runs (a shard's recovery shown
+/// to clients, the stats and the terminal): bytes of the segments it reads, of them the bytes
+/// read so far, and whether it is still running.
+#[derive(Debug, Default)]
+pub struct ReplayProgress {
+    total: AtomicU64,
+    done: AtomicU64,
+    running: AtomicBool,
+}
+
+impl ReplayProgress {
+    /// `(done, total)` bytes.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+    }
+
+    /// Whether a replay is running now.
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// A replay of `total` bytes starts (from nothing done).
+    pub fn start(&self, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        self.running.store(true, Ordering::Release);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The replay ended (done or failed).
+    pub fn end(&self) {
+        self.running.store(false, Ordering::Release);
+    }
+}
+
 /// The directory of a heap's log segments (the storage seam for the log).
 pub trait LogDir: Send + Sync {
     /// First LSNs of the segments present, any order.
     fn list(&self) -> io::Result<Vec<u64>>;
     /// The whole segment.
     fn read(&self, first_lsn: u64) -> io::Result<Vec<u8>>;
+    /// The segment's length in bytes.
+    fn len(&self, first_lsn: u64) -> io::Result<u64> {
+        Ok(self.read(first_lsn)?.len() as u64)
+    }
     /// Creates a segment holding `header`, durable (file and directory entry) on return.
     fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>>;
     /// Opens a segment for appending after cutting it to `valid_len` bytes.
@@ -173,6 +216,9 @@ impl LogDir for FileLogDir {
         let mut v = Vec::new();
         File::open(self.path(first_lsn))?.read_to_end(&mut v)?;
         Ok(v)
+    }
+    fn len(&self, first_lsn: u64) -> io::Result<u64> {
+        Ok(std::fs::metadata(self.path(first_lsn))?.len())
     }
     fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>> {
         let path = self.path(first_lsn);
@@ -331,10 +377,11 @@ impl OpLog {
         policy: FsyncPolicy,
         checkpoint_lsn: u64,
         expected_segment: u64,
+        progress: Option<&ReplayProgress>,
         apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
     ) -> Result<(OpLog, ReplayReport)> {
         let Scan { mut segments, report, expected, tail_len } =
-            scan(&*dir, heap_id, checkpoint_lsn, expected_segment, apply)?;
+            scan(&*dir, heap_id, checkpoint_lsn, expected_segment, progress, apply)?;
         let next_lsn = report.last_lsn + 1;
         let current = match (segments.last(), tail_len) {
             (Some(&first), Some(len)) if len >= SEGMENT_HEADER_BYTES as u64 && expected == Some(next_lsn) => {
@@ -515,10 +562,17 @@ fn scan(
     heap_id: u64,
     checkpoint_lsn: u64,
     expected_segment: u64,
+    progress: Option<&ReplayProgress>,
     mut apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
 ) -> Result<Scan> {
     let mut segments = dir.list()?;
     segments.sort_unstable();
+    if let Some(p) = progress {
+        // The segments replay reads: from the one holding the record after the checkpoint on.
+        let from = segments.iter().rposition(|&f| f <= checkpoint_lsn + 1).unwrap_or(0);
+        let total = segments[from.min(segments.len())..].iter().map(|&f| dir.len(f).unwrap_or(0)).sum();
+        p.start(total);
+    }
     if expected_segment != 0 && !segments.contains(&expected_segment) {
         return Err(log_corrupt(
             expected_segment,
@@ -586,6 +640,9 @@ fn scan(
             report.last_lsn = report.last_lsn.max(lsn);
             lsn += 1;
             pos += len;
+            if let Some(p) = progress {
+                p.advance(len as u64);
+            }
         }
         expected = Some(lsn);
         if last_segment {
@@ -604,7 +661,7 @@ pub fn verify(
     checkpoint_lsn: u64,
     expected_segment: u64,
 ) -> Result<ReplayReport> {
-    Ok(scan(dir, heap_id, checkpoint_lsn, expected_segment, |_, _| Ok(()))?.report)
+    Ok(scan(dir, heap_id, checkpoint_lsn, expected_segment, None, |_, _| Ok(()))?.report)
 }
 
 fn spawn_flusher(shared: Arc<Shared>, ms: u32) -> Flusher {

@@ -15,6 +15,7 @@ mod oplog_loss;
 mod pipeline;
 mod queues;
 mod queues_server;
+mod recovery;
 mod relay;
 mod server;
 mod snippet_sandbox;

@@ -34,6 +34,13 @@ impl FeedRuntime {
         FeedRuntime { def, slot }
     }
 
+    /// `Recovering` while the feed's shard is (re)opening its heap (for a caller that does not
+    /// wait).
+    pub fn recovering(&self) -> Option<GridError> {
+        let (replayed_bytes, total_bytes) = self.slot.recovering()?;
+        Some(GridError::Recovering { table: self.def.name.clone(), shard: 0, replayed_bytes, total_bytes })
+    }
+
     pub(crate) fn slot(&self) -> &ShardSlot<FeedMsg> {
         &self.slot
     }

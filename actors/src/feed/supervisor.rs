@@ -60,7 +60,7 @@ impl ChildSpec for FeedChild {
     fn args(&self, slot: &ShardSlot<FeedMsg>) -> FeedArgs {
         FeedArgs {
             path: feed_path(&self.dir),
-            heap: self.heap.clone(),
+            heap: HeapOptions { progress: Some(slot.recovery.clone()), ..self.heap.clone() },
             policy: self.def.policy(),
             view: slot.view.clone(),
             fences: self.fences.clone(),

@@ -65,7 +65,7 @@ impl ChildSpec for LockChild {
                 None => lock_path(&self.dir),
             },
             cluster,
-            heap: self.heap.clone(),
+            heap: HeapOptions { progress: Some(slot.recovery.clone()), ..self.heap.clone() },
             fences: self.fences.clone(),
             view: slot.view.clone(),
             ended: self.ended.clone(),

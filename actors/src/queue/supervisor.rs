@@ -64,7 +64,7 @@ impl ChildSpec for QueueChild {
                 None => queue_path(&self.dir),
             },
             cluster,
-            heap: self.heap.clone(),
+            heap: HeapOptions { progress: Some(slot.recovery.clone()), ..self.heap.clone() },
             fences: self.fences.clone(),
             view: slot.view.clone(),
         }

@@ -149,6 +149,12 @@ impl TableRuntime {
         &self.slots
     }
 
+    /// `Recovering` if shard `i` is (re)opening its heap here (for a caller that does not wait).
+    pub fn recovering(&self, i: u32) -> Option<GridError> {
+        let (replayed_bytes, total_bytes) = self.slots.get(i as usize)?.recovering()?;
+        Some(GridError::Recovering { table: self.def.name.clone(), shard: i, replayed_bytes, total_bytes })
+    }
+
     /// The shard that owns `key`.
     pub fn shard_of(&self, key: &Key) -> u32 {
         key.shard(self.def.shards)
@@ -199,7 +205,7 @@ impl TableRuntime {
                 }
                 SlotState::Stopped => return Err(GridError::Closed),
             }
-            if tokio::time::Instant::now() >= deadline {
+            if slot.give_up(deadline) {
                 return Err(GridError::Unavailable(format!("shard {i} of {} is restarting", self.def.name)));
             }
             slot.wait_change(seen, deadline).await;

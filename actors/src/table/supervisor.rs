@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use heapgrid_heap::HeapOptions;
+use heapgrid_heap::{HeapOptions, ReplayProgress};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::actor::{ReadView, ShardActor, ShardArgs, ShardMsg};
@@ -50,6 +50,8 @@ pub struct ShardSlot<M = ShardMsg> {
     state: RwLock<SlotState<M>>,
     /// What readers see of the running shard (no snapshot while it is not running).
     pub view: Arc<ReadView>,
+    /// How far the shard's heap got replaying its op log, while it (re)opens.
+    pub recovery: Arc<ReplayProgress>,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
@@ -59,6 +61,7 @@ impl<M> ShardSlot<M> {
         ShardSlot {
             state: RwLock::new(SlotState::Starting),
             view: Arc::new(ReadView::default()),
+            recovery: Arc::default(),
             version: std::sync::atomic::AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
@@ -75,7 +78,8 @@ impl<M> ShardSlot<M> {
         self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.changed.notify_waiters();
     }
-    /// Waits until the slot changes after version `seen`, or until `deadline`.
+    /// Waits until the slot changes after version `seen`, or until `deadline` (while the shard
+    /// replays its op log, at least `RECOVERY_POLL`: the caller then looks again).
     pub async fn wait_change(&self, seen: u64, deadline: tokio::time::Instant) {
         let notified = self.changed.notified();
         tokio::pin!(notified);
@@ -84,7 +88,25 @@ impl<M> ShardSlot<M> {
         if self.version() != seen {
             return;
         }
-        let _ = tokio::time::timeout_at(deadline, notified).await;
+        let until = if self.recovery.running() {
+            deadline.max(tokio::time::Instant::now() + RECOVERY_POLL)
+        } else {
+            deadline
+        };
+        let _ = tokio::time::timeout_at(until, notified).await;
+    }
+
+    /// Whether a caller waiting for this slot to start since before `deadline` gives up: past
+    /// it, unless the shard is replaying its op log (a replay's length is bounded by the
+    /// checkpoint tail, docs/semantics.md, not by a caller's timer: the caller waits it out).
+    pub fn give_up(&self, deadline: tokio::time::Instant) -> bool {
+        tokio::time::Instant::now() >= deadline && !self.recovery.running()
+    }
+
+    /// `Some((replayed, total))` bytes of its op log while the shard is starting (recovering;
+    /// both 0 before its replay began), `None` once it runs, failed or stopped.
+    pub fn recovering(&self) -> Option<(u64, u64)> {
+        matches!(self.get(), SlotState::Starting).then(|| self.recovery.bytes())
     }
 }
 
@@ -94,8 +116,11 @@ impl<M> Default for ShardSlot<M> {
     }
 }
 
-/// How long a caller waits for a restarting shard (feed, lock service) before giving up.
+/// How long a caller waits for a restarting shard (feed, lock service) before giving up (while
+/// it is not replaying its op log: `ShardSlot::give_up`).
 const RESTART_WAIT: Duration = Duration::from_secs(5);
+/// How often a caller waiting for a shard that replays its op log looks at it again.
+const RECOVERY_POLL: Duration = Duration::from_millis(100);
 
 /// A reply on its way: the message is already sent (or the wait for a restart is in it).
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -155,7 +180,7 @@ pub fn slot_call<M: ractor::Message, P: Send + 'static, R: Send + 'static>(
                 }
                 SlotState::Stopped => return Err(GridError::Closed),
             }
-            if tokio::time::Instant::now() >= deadline {
+            if slot.give_up(deadline) {
                 return Err(GridError::Unavailable(format!("{kind} {name} is restarting")));
             }
             slot.wait_change(seen, deadline).await;
@@ -190,15 +215,20 @@ pub struct TableSupArgs {
 
 /// Messages of a table supervisor.
 pub enum TableSupMsg {
-    /// Close (checkpoint and release) every running shard, then stop them all.
+    /// Close (checkpoint and release) every running shard, then stop them all (once the shards
+    /// still opening have opened).
     Shutdown(RpcReplyPort<Result<(), GridError>>),
     /// Try again to start shard `i`, whose last start failed.
     Retry(usize),
+    /// Shard `i`'s start (its heap's open and recovery, on a task of its own) ended.
+    Started(usize, Result<ActorRef<ShardMsg>, String>),
 }
 
 /// Pause before starting a shard again after its start failed (a transient error such as a
 /// lock still held or too many open files gets a moment to clear).
 const START_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+type Reply = RpcReplyPort<Result<(), GridError>>;
 
 pub struct TableSupState {
     args: TableSupArgs,
@@ -206,6 +236,12 @@ pub struct TableSupState {
     trackers: Vec<RestartTracker>,
     started: Instant,
     stopping: bool,
+    /// Starts in flight (`Started` not yet handled).
+    opening: usize,
+    /// Children reported down before their `Started` was handled.
+    down_early: HashMap<ActorId, String>,
+    /// A `Shutdown` waiting for the starts in flight, with what closing the others gave.
+    shutdown: Option<(Reply, Result<(), GridError>)>,
 }
 
 /// The table supervisor actor.
@@ -216,20 +252,33 @@ pub fn shard_path(dir: &std::path::Path, i: usize) -> PathBuf {
     dir.join(format!("shard-{i:04}.heap"))
 }
 
-/// Starts shard `i`. A failed start counts against the shard's restart limit like a crash: it
+/// Starts shard `i` on a task of its own: its heap opens and replays its op log there while
+/// the supervisor (and every other shard) goes on; `Started` reports the end. Callers of a
+/// starting shard wait for it (`ShardSlot::give_up`) or, if they asked not to wait, are told
+/// it is recovering. A failed start counts against the shard's restart limit like a crash: it
 /// is retried after `START_RETRY_DELAY` until the limit marks the shard failed.
-async fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
-    let args = shard_args(st, i);
-    let r = ShardActor::spawn_linked(None, ShardActor, args, myself.get_cell()).await;
-    shard_started(myself, st, i, r);
+fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
+    let (args, me) = (shard_args(st, i), myself.clone());
+    st.opening += 1;
+    tokio::spawn(async move {
+        let r = ShardActor::spawn_linked(None, ShardActor, args, me.get_cell()).await;
+        let r = r.map(|(actor, _)| actor).map_err(|e| e.to_string());
+        if let Err(ractor::MessagingErr::SendErr(TableSupMsg::Started(_, Ok(actor)))) =
+            me.send_message(TableSupMsg::Started(i, r))
+        {
+            // The supervisor is gone: nobody will close this shard but itself.
+            actor.stop(None);
+        }
+    });
 }
 
 /// Marks shard `i` starting and gives the arguments of its actor.
 fn shard_args(st: &TableSupState, i: usize) -> ShardArgs {
-    st.args.slots[i].set(SlotState::Starting);
+    let slot = &st.args.slots[i];
+    slot.set(SlotState::Starting);
     ShardArgs {
         path: shard_path(&st.args.dir, i),
-        heap: st.args.heap.clone(),
+        heap: HeapOptions { progress: Some(slot.recovery.clone()), ..st.args.heap.clone() },
         view: st.args.slots[i].view.clone(),
         fences: st.args.fences.clone(),
         table: st.args.table.clone(),
@@ -244,10 +293,10 @@ fn shard_started(
     myself: &ActorRef<TableSupMsg>,
     st: &mut TableSupState,
     i: usize,
-    r: Result<(ActorRef<ShardMsg>, tokio::task::JoinHandle<()>), ractor::SpawnErr>,
+    r: Result<ActorRef<ShardMsg>, String>,
 ) {
     match r {
-        Ok((actor, _)) => {
+        Ok(actor) => {
             st.children.insert(actor.get_id(), i);
             st.args.slots[i].set(SlotState::Running(actor));
         }
@@ -264,6 +313,17 @@ fn shard_started(
     }
 }
 
+/// Checkpoints a running shard and stops it.
+async fn close_shard(actor: &ActorRef<ShardMsg>) -> Result<(), GridError> {
+    let r = actor.call(|p| ShardMsg::Checkpoint(Some(p)), Some(SHUTDOWN_SHARD_TIMEOUT)).await;
+    let result = match r {
+        Ok(ractor::rpc::CallResult::Success(r)) => r,
+        Ok(_) | Err(_) => Err(GridError::Unavailable("shard did not checkpoint".into())),
+    };
+    let _ = actor.stop_and_wait(None, Some(SHUTDOWN_SHARD_TIMEOUT)).await;
+    result
+}
+
 impl TableSupervisor {
     async fn on_child_down(
         &self,
@@ -272,14 +332,20 @@ impl TableSupervisor {
         id: ActorId,
         why: String,
     ) {
-        let Some(i) = st.children.remove(&id) else { return };
+        let Some(i) = st.children.remove(&id) else {
+            // A child whose `Started` is still on its way: handled with it.
+            if st.opening > 0 {
+                st.down_early.insert(id, why);
+            }
+            return;
+        };
         if st.stopping {
             st.args.slots[i].set(SlotState::Stopped);
             return;
         }
         let now_ms = st.started.elapsed().as_millis() as u64;
         match st.trackers[i].on_failure(st.args.policy, now_ms) {
-            Decision::Restart => spawn_shard(myself, st, i).await,
+            Decision::Restart => spawn_shard(myself, st, i),
             Decision::GiveUp => st.args.slots[i].set(SlotState::Failed(st.args.policy.gave_up(&why))),
         }
     }
@@ -302,19 +368,14 @@ impl Actor for TableSupervisor {
             trackers: vec![RestartTracker::default(); n],
             started: Instant::now(),
             stopping: false,
+            opening: 0,
+            down_early: HashMap::new(),
+            shutdown: None,
         };
-        // Every shard opens (recovers) at once, each on its own task: a table's restart takes
-        // its slowest shard's recovery, not the sum of them.
-        let starts: Vec<_> = (0..n)
-            .map(|i| {
-                let (args, cell) = (shard_args(&st, i), myself.get_cell());
-                tokio::spawn(async move { ShardActor::spawn_linked(None, ShardActor, args, cell).await })
-            })
-            .collect();
-        for (i, start) in starts.into_iter().enumerate() {
-            let r =
-                start.await.map_err(|e| ractor::SpawnErr::StartupFailed(format!("shard {i}: {e}").into()));
-            shard_started(&myself, &mut st, i, r.and_then(|r| r));
+        // Every shard opens (recovers) at once, each on its own task, and the table is there
+        // at once: a shard serves as soon as its own recovery ends.
+        for i in 0..n {
+            spawn_shard(&myself, &mut st, i);
         }
         Ok(st)
     }
@@ -328,29 +389,60 @@ impl Actor for TableSupervisor {
         match msg {
             TableSupMsg::Retry(i) => {
                 if !st.stopping && matches!(st.args.slots[i].get(), SlotState::Starting) {
-                    spawn_shard(&myself, st, i).await;
+                    spawn_shard(&myself, st, i);
+                }
+            }
+            TableSupMsg::Started(i, r) => {
+                st.opening -= 1;
+                if st.stopping {
+                    if let Ok(actor) = r {
+                        let closed = close_shard(&actor).await;
+                        if let Some((_, result)) = st.shutdown.as_mut() {
+                            *result = std::mem::replace(result, Ok(())).and(closed);
+                        }
+                    }
+                    st.args.slots[i].set(SlotState::Stopped);
+                } else {
+                    let early = r.as_ref().ok().and_then(|a| st.down_early.remove(&a.get_id()));
+                    shard_started(&myself, st, i, r);
+                    if let (Some(why), SlotState::Running(a)) = (early, st.args.slots[i].get()) {
+                        self.on_child_down(&myself, st, a.get_id(), why).await;
+                    }
+                }
+                if st.opening == 0 {
+                    st.down_early.clear();
+                    if st.stopping {
+                        // Shards that were waiting to retry their start.
+                        for slot in st.args.slots.iter() {
+                            if matches!(slot.get(), SlotState::Starting) {
+                                slot.set(SlotState::Stopped);
+                            }
+                        }
+                    }
+                    if let Some((reply, result)) = st.shutdown.take() {
+                        let _ = reply.send(result);
+                    }
                 }
             }
             TableSupMsg::Shutdown(reply) => {
                 st.stopping = true;
                 let mut result = Ok(());
                 for slot in st.args.slots.iter() {
-                    if let SlotState::Running(actor) = slot.get() {
-                        let r =
-                            actor.call(|p| ShardMsg::Checkpoint(Some(p)), Some(SHUTDOWN_SHARD_TIMEOUT)).await;
-                        match r {
-                            Ok(ractor::rpc::CallResult::Success(Ok(()))) => {}
-                            Ok(ractor::rpc::CallResult::Success(Err(e))) => result = result.and(Err(e)),
-                            Ok(_) | Err(_) => {
-                                result =
-                                    result.and(Err(GridError::Unavailable("shard did not checkpoint".into())))
-                            }
+                    match slot.get() {
+                        SlotState::Running(actor) => {
+                            result = result.and(close_shard(&actor).await);
+                            slot.set(SlotState::Stopped);
                         }
-                        let _ = actor.stop_and_wait(None, Some(SHUTDOWN_SHARD_TIMEOUT)).await;
+                        // Closed when its start ends (the reply waits for it).
+                        SlotState::Starting if st.opening > 0 => {}
+                        _ => slot.set(SlotState::Stopped),
                     }
-                    slot.set(SlotState::Stopped);
                 }
-                let _ = reply.send(result);
+                if st.opening > 0 {
+                    st.shutdown = Some((reply, result));
+                } else {
+                    let _ = reply.send(result);
+                }
             }
         }
         Ok(())
