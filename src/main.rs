@@ -51,7 +51,7 @@ enum Cmd {
     Bench(BenchArgs),
     /// The node's memory (resident anonymous and file-backed bytes) and every heap's figures:
     /// entries, pages (in use, free, held), file and op-log bytes, bytes resident (JSON out).
-    Stats(ClientArgs),
+    Stats(StatsArgs),
 }
 
 #[derive(Subcommand)]
@@ -209,6 +209,17 @@ struct ServeArgs {
 }
 
 #[derive(clap::Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Instead: ask every millisecond until no shard is recovering, printing a JSON line with
+    /// the time (`unix_s`) and the shards still recovering at the first answer and whenever
+    /// they change (how benches/crash-restart.sh times a restart).
+    #[arg(long)]
+    until_recovered: bool,
+}
+
+#[derive(clap::Args)]
 struct ClientArgs {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -341,7 +352,7 @@ fn main() -> ExitCode {
         Cmd::Check { dir } => check(&dir),
         Cmd::Cluster { client, op } => rt.block_on(cluster(client, op)),
         Cmd::Bench(b) => rt.block_on(bench(b)),
-        Cmd::Stats(c) => rt.block_on(stats(c)),
+        Cmd::Stats(s) => rt.block_on(stats(s)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -545,10 +556,25 @@ fn draw_recovery(r: &[heapgrid_actors::stats::RecoveringShard], shown: bool) -> 
     true
 }
 
-async fn stats(c: ClientArgs) -> Result<(), AnyErr> {
-    let client = connect(&c).await?;
-    let s = client.stats().await?;
-    emit(&serde_json::to_string_pretty(&s)?)
+async fn stats(a: StatsArgs) -> Result<(), AnyErr> {
+    let client = connect(&a.client).await?;
+    if !a.until_recovered {
+        let s = client.stats().await?;
+        return emit(&serde_json::to_string_pretty(&s)?);
+    }
+    let mut last = None;
+    loop {
+        let s = client.stats().await?;
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+        if last.as_ref() != Some(&s.recovering) {
+            emit(&serde_json::json!({ "unix_s": at, "recovering": s.recovering }).to_string())?;
+        }
+        if s.recovering.is_empty() {
+            return Ok(());
+        }
+        last = Some(s.recovering);
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
 
 async fn cluster(c: ClientArgs, cmd: ClusterCmd) -> Result<(), AnyErr> {
