@@ -70,10 +70,13 @@ for line in sys.stdin:
         every_at = r['unix_s']
 print('%.0f %.0f' % ((any_at - t0) * 1000, (every_at - t0) * 1000))" "$t0" "$SHARDS"
 }
-read -r hg_any hg_every < <(hg_restart_ms)
+# (Run in this shell, not in a `$( )` subshell: it sets HG_PID.)
+hg_restart_ms > "$work/times"
+read -r hg_any hg_every < "$work/times"
 # A clean stop (checkpoint and close), then a clean start.
 kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
-read -r clean_any clean_every < <(hg_restart_ms)
+hg_restart_ms > "$work/times"
+read -r clean_any clean_every < "$work/times"
 kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
 
 # Redis

@@ -4,10 +4,12 @@
 //! - group commit behind a mutex: apply under the lock, then `Durability::wait` outside it;
 //! - `SharedHeap`: a combining commit queue, one leader applies a whole round and fsyncs once;
 //!
-//! plus `EveryMs(100)` and `Never` throughput; and how long a checkpoint stops writers as a
-//! function of the pages dirtied since the previous one.
+//! plus `EveryMs(100)` and `Never` throughput; how long a checkpoint stops writers as a
+//! function of the pages dirtied since the previous one; and how fast a crash's op-log tail is
+//! replayed at open (records/s, against applying the same batches live in the same run).
 //!
-//! Run: `cargo bench --bench oplog` (set `HEAPGRID_BENCH_SECS` to change the time per case).
+//! Run: `cargo bench --bench oplog` (set `HEAPGRID_BENCH_SECS` to change the time per case;
+//! `cargo bench --bench oplog -- --bench replay` runs the replay rows only).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -142,6 +144,61 @@ fn checkpoint_pauses() {
     }
 }
 
+/// A crash's replay: a heap of `base` keys (16-byte keys, 100-byte values) checkpointed, then
+/// `tail` single-put batches overwriting random keys among the first `hot` (the op log since the
+/// checkpoint), then dropped without a checkpoint (a crash: every record was written) and
+/// opened again. Baseline: applying the same batches live (`Never`: no fsync).
+fn replay(base: u64, tail: u64, hot: u64) {
+    let dir = bench_dir();
+    let path = dir.path().join("r.heap");
+    let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
+    let mut heap = Heap::open(&path, opts.clone()).unwrap();
+    let mut b = WriteBatch::new();
+    for i in 0..base {
+        b.put(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes(), &[1u8; 100]).unwrap();
+        if b.len() == 1000 {
+            heap.apply(&b).unwrap();
+            b.clear();
+        }
+    }
+    heap.apply(&b).unwrap();
+    heap.checkpoint().unwrap();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let t = Instant::now();
+    for _ in 0..tail {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let k = (x % hot).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut one = WriteBatch::new();
+        one.put(&k.to_be_bytes(), &[2u8; 100]).unwrap();
+        heap.apply(&one).unwrap();
+    }
+    let live = t.elapsed().as_secs_f64();
+    let log_mib = heap.log_tail_bytes() as f64 / (1 << 20) as f64;
+    drop(heap);
+    let t = Instant::now();
+    let heap = Heap::open(&path, opts).unwrap();
+    let replay = t.elapsed().as_secs_f64();
+    assert_eq!(heap.replay_report().records_replayed, tail);
+    println!(
+        "| {base} | {tail} | {hot} | {log_mib:.1} | {:.0} | {:.0} | {:.0} | {:.2} |",
+        live * 1e3,
+        replay * 1e3,
+        tail as f64 / replay,
+        live / replay
+    );
+}
+
+fn replay_rows() {
+    println!(
+        "\n| base keys | tail records | keys written | tail MiB | live apply ms | replay ms | replayed records/s | replay vs live |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    replay(1_000_000, 400_000, 1_000_000);
+    replay(1_000_000, 400_000, 10_000);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a plain `cargo test --benches` run passes nothing: keep it short.
     let full = std::env::args().any(|a| a == "--bench");
@@ -149,6 +206,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(if full { 3.0 } else { 0.05 });
+    if full && std::env::args().any(|a| a == "replay") {
+        replay_rows();
+        return;
+    }
     println!("single-put commits, 16-byte keys, 100-byte values, {secs} s per case");
     println!("\n| case | commits/s | p50 us | p99 us | p99.9 us | commits per fsync | vs fsync per commit |");
     println!("|---|---|---|---|---|---|---|");
@@ -169,5 +230,8 @@ fn main() {
     }
     if full {
         checkpoint_pauses();
+        replay_rows();
+    } else {
+        replay(10_000, 2_000, 10_000);
     }
 }

@@ -132,6 +132,10 @@ pub trait LogDir: Send + Sync {
     fn len(&self, first_lsn: u64) -> io::Result<u64> {
         Ok(self.read(first_lsn)?.len() as u64)
     }
+    /// The segment as a stream (what replay reads, a chunk at a time).
+    fn open_read(&self, first_lsn: u64) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.read(first_lsn)?)))
+    }
     /// Creates a segment holding `header`, durable (file and directory entry) on return.
     fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>>;
     /// Opens a segment for appending after cutting it to `valid_len` bytes.
@@ -219,6 +223,9 @@ impl LogDir for FileLogDir {
     }
     fn len(&self, first_lsn: u64) -> io::Result<u64> {
         Ok(std::fs::metadata(self.path(first_lsn))?.len())
+    }
+    fn open_read(&self, first_lsn: u64) -> io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(File::open(self.path(first_lsn))?))
     }
     fn create(&self, first_lsn: u64, header: &[u8]) -> io::Result<Arc<dyn LogSegment>> {
         let path = self.path(first_lsn);
@@ -543,6 +550,71 @@ impl OpLog {
     }
 }
 
+/// How much of a segment replay reads at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// A segment read a chunk at a time, so replay holds about `READ_CHUNK` (and one record) of it
+/// in memory, not the whole segment: `buf[at..]` is read and not yet consumed, and `base` is
+/// the segment offset of `buf[0]`.
+struct SegmentReader {
+    rd: Box<dyn Read + Send>,
+    buf: Vec<u8>,
+    at: usize,
+    base: usize,
+    eof: bool,
+}
+
+impl SegmentReader {
+    fn new(rd: Box<dyn Read + Send>) -> SegmentReader {
+        SegmentReader { rd, buf: Vec::new(), at: 0, base: 0, eof: false }
+    }
+
+    /// The segment offset of the next unconsumed byte.
+    fn pos(&self) -> usize {
+        self.base + self.at
+    }
+
+    fn available(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+
+    /// Reads until `n` bytes are available or the segment ends; whether they are.
+    fn fill(&mut self, n: usize) -> io::Result<bool> {
+        while self.buf.len() - self.at < n && !self.eof {
+            if self.at > 0 {
+                self.buf.drain(..self.at);
+                self.base += self.at;
+                self.at = 0;
+            }
+            let old = self.buf.len();
+            self.buf.resize(old + READ_CHUNK, 0);
+            let got = loop {
+                match self.rd.read(&mut self.buf[old..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            self.buf.truncate(old + *got.as_ref().unwrap_or(&0));
+            if got? == 0 {
+                self.eof = true;
+            }
+        }
+        Ok(self.buf.len() - self.at >= n)
+    }
+
+    /// Everything from the next unconsumed byte to the segment's end (read whole: only after a
+    /// bad record, to tell a torn tail from damage before valid records).
+    fn rest(&mut self) -> io::Result<&[u8]> {
+        self.rd.read_to_end(&mut self.buf)?;
+        self.eof = true;
+        Ok(&self.buf[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at += n;
+    }
+}
+
 /// What reading a log's segments found.
 struct Scan {
     /// First LSNs of the segments, ascending.
@@ -593,14 +665,12 @@ fn scan(
             report.last_lsn = report.last_lsn.max(next - 1);
             continue;
         }
-        let seg = dir.read(first)?;
+        let mut seg = SegmentReader::new(dir.open_read(first)?);
         let hdr = segment_header(heap_id, first);
-        if seg.len() < SEGMENT_HEADER_BYTES || seg[..SEGMENT_HEADER_BYTES] != hdr {
+        let whole_header = seg.fill(SEGMENT_HEADER_BYTES)?;
+        if !whole_header || seg.available()[..SEGMENT_HEADER_BYTES] != hdr {
             // A segment a checkpoint names had its header synced before the checkpoint.
-            if last_segment
-                && seg.len() < SEGMENT_HEADER_BYTES
-                && hdr.starts_with(&seg)
-                && first != expected_segment
+            if last_segment && !whole_header && hdr.starts_with(seg.available()) && first != expected_segment
             {
                 // Crashed while creating the segment: it holds nothing.
                 tail_len = Some(0);
@@ -608,6 +678,7 @@ fn scan(
             }
             return Err(log_corrupt(first, "bad segment header".into()));
         }
+        seg.consume(SEGMENT_HEADER_BYTES);
         // Gaps below the checkpoint are harmless (those records are in the heap already).
         if first > checkpoint_lsn + 1 && expected != Some(first) {
             return Err(log_corrupt(
@@ -616,13 +687,22 @@ fn scan(
             ));
         }
         let mut lsn = first;
-        let mut pos = SEGMENT_HEADER_BYTES;
-        while pos < seg.len() {
-            let Some((rec_lsn, payload, len)) = record_at(&seg, pos) else {
-                if !last_segment || valid_record_after(&seg, pos, lsn.saturating_sub(1)) {
+        loop {
+            let pos = seg.pos();
+            if !seg.fill(RECORD_HEADER_BYTES)? && seg.available().is_empty() {
+                break;
+            }
+            let plen = seg.available().get(..4).map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            // A length no batch can have is damage: not read on (it may claim gigabytes).
+            let whole = u64::from(plen) <= crate::limits::BATCH_BYTES_MAX
+                && seg.fill(RECORD_HEADER_BYTES + plen as usize)?;
+            let record = if whole { record_at(seg.available(), 0) } else { None };
+            let Some((rec_lsn, payload, len)) = record else {
+                let rest = seg.rest()?;
+                if !last_segment || valid_record_after(rest, 0, lsn.saturating_sub(1)) {
                     return Err(log_corrupt(first, format!("bad record at byte {pos} before valid ones")));
                 }
-                report.torn_tail_bytes = (seg.len() - pos) as u64;
+                report.torn_tail_bytes = rest.len() as u64;
                 break;
             };
             if rec_lsn != lsn {
@@ -639,14 +719,14 @@ fn scan(
             }
             report.last_lsn = report.last_lsn.max(lsn);
             lsn += 1;
-            pos += len;
+            seg.consume(len);
             if let Some(p) = progress {
                 p.advance(len as u64);
             }
         }
         expected = Some(lsn);
         if last_segment {
-            tail_len = Some(pos.min(seg.len()) as u64);
+            tail_len = Some(seg.pos() as u64);
         }
     }
     Ok(Scan { segments, report, expected, tail_len })
