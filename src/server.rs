@@ -439,6 +439,10 @@ async fn handshake(input: &mut Input, auth: &Auth) -> Result<Principal, GridErro
     auth.login(hello.token.as_deref())
 }
 
+/// The replies of one group of a round (one `Pipeline` message to one shard).
+type GroupReply =
+    heapgrid_actors::table::runtime::BoxFuture<heapgrid_actors::table::runtime::PipelineReplies>;
+
 /// What a connection waits on: the responses of a round or of one request that runs on its own.
 type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>>;
 
@@ -581,7 +585,7 @@ async fn connection(
             for k in wrote {
                 writing.add(k);
             }
-            running.push(pending);
+            running.extend(pending);
         }
         // What was answered at once (snapshot reads, refusals) goes out now, in one write,
         // rather than waiting behind the shards' replies.
@@ -669,6 +673,16 @@ enum Slot {
     Count { id: u64, parts: Vec<(usize, usize)> },
     /// A scan over several shards: their entries merged in key order.
     Scan { id: u64, parts: Vec<(usize, usize)>, limit: u32, reverse: bool },
+}
+
+impl Slot {
+    /// The groups whose replies it needs.
+    fn groups(&self) -> Vec<usize> {
+        match self {
+            Slot::One { group, .. } => vec![*group],
+            Slot::Count { parts, .. } | Slot::Scan { parts, .. } => parts.iter().map(|(g, _)| *g).collect(),
+        }
+    }
 }
 
 /// The table operations of one read: grouped by shard, one `Pipeline` message per shard, their
@@ -1374,71 +1388,130 @@ impl<'c> Round<'c> {
         Ok(true)
     }
 
-    /// Sends one message per group (now, in order) and returns the future of the round's
-    /// encoded responses.
-    fn dispatch(self) -> (Pending, Vec<ShardKey>) {
-        let Round { tables, groups, slots, requests, wrote, .. } = self;
-        let wrote: Vec<ShardKey> = wrote.into_iter().map(|(t, s)| (tables[t].def.name.clone(), s)).collect();
-        let wrote2 = wrote.clone();
-        let calls: Vec<_> =
-            groups.into_iter().map(|(t, shard, ops)| tables[t].pipeline(shard, ops)).collect();
-        let pending = Box::pin(async move {
-            let mut replies: Vec<Vec<Option<Result<PipelineReply, GridError>>>> =
-                futures_util::future::join_all(calls)
-                    .await
-                    .into_iter()
-                    .map(|g| g.into_iter().map(Some).collect())
-                    .collect();
-            let mut take = |(g, p): (usize, usize)| {
-                replies[g][p].take().unwrap_or_else(|| Err(GridError::Unavailable("reply missing".into())))
-            };
-            let mut out = Vec::new();
-            for slot in slots {
-                match slot {
-                    Slot::One { id, group, pos } => match take((group, pos)) {
-                        Ok(PipelineReply::Record(r)) => {
-                            protocol::append_get_response(&mut out, id, r.as_ref())
-                        }
-                        r => protocol::append_response(
-                            &mut out,
-                            &Response { id, result: r.and_then(wire_result) },
-                        ),
-                    },
-                    Slot::Count { id, parts } => {
-                        let mut total = Ok(0u64);
-                        for part in parts {
-                            total = match (total, take(part)) {
-                                (Ok(n), Ok(PipelineReply::Count(c))) => Ok(n + c),
-                                (Err(e), _) | (_, Err(e)) => Err(e),
-                                (Ok(_), Ok(r)) => Err(mismatch(&r)),
-                            };
-                        }
-                        let result = total.map(|n| ResponseBody::Op(OpResult::Count(n)));
-                        protocol::append_response(&mut out, &Response { id, result });
-                    }
-                    Slot::Scan { id, parts, limit, reverse } => {
-                        let mut all = Ok(Vec::new());
-                        for part in parts {
-                            all = match (all, take(part)) {
-                                (Ok(mut v), Ok(PipelineReply::Entries(e))) => {
-                                    v.extend(e);
-                                    Ok(v)
-                                }
-                                (Err(e), _) | (_, Err(e)) => Err(e),
-                                (Ok(_), Ok(r)) => Err(mismatch(&r)),
-                            };
-                        }
-                        let result =
-                            all.map(|v| ResponseBody::Op(OpResult::Entries(merge([v], limit, reverse))));
-                        protocol::append_response(&mut out, &Response { id, result });
-                    }
-                }
+    /// Sends one message per group (now, in order) and returns the futures of the round's
+    /// encoded responses: one for the requests whose shards all run, and one for each set of
+    /// requests that need a shard still starting (recovering after a restart, or restarting),
+    /// so a shard that replays its op log holds up only the requests that need it, not the
+    /// round, nor requests waiting for another starting shard.
+    fn dispatch(self) -> (Vec<Pending>, Vec<ShardKey>) {
+        let Round { tables, groups, slots, wrote, .. } = self;
+        let n = groups.len();
+        let late: Vec<bool> = groups.iter().map(|(t, s, _)| tables[*t].starting(*s)).collect();
+        // Groups joined by a request that needs them both (a count or scan) are answered together.
+        let mut parent: Vec<usize> = (0..n).collect();
+        fn root(parent: &mut [usize], mut g: usize) -> usize {
+            while parent[g] != g {
+                parent[g] = parent[parent[g]];
+                g = parent[g];
             }
-            Done { bytes: out, requests, wrote: wrote2 }
-        });
-        (pending, wrote)
+            g
+        }
+        for slot in &slots {
+            let gs = slot.groups();
+            for w in gs.windows(2) {
+                let (a, b) = (root(&mut parent, w[0]), root(&mut parent, w[1]));
+                parent[a] = b;
+            }
+        }
+        let mut late_root = vec![false; n];
+        for (g, &l) in late.iter().enumerate() {
+            let r = root(&mut parent, g);
+            late_root[r] |= l;
+        }
+        // Every group's answer: `READY` for those with no starting shard, else its root.
+        const READY: usize = usize::MAX;
+        let bucket_of: Vec<usize> = (0..n)
+            .map(|g| {
+                let r = root(&mut parent, g);
+                if late_root[r] { r } else { READY }
+            })
+            .collect();
+        type Bucket = (Vec<Slot>, Vec<(usize, GroupReply)>, Vec<ShardKey>);
+        let mut buckets: std::collections::BTreeMap<usize, Bucket> = std::collections::BTreeMap::new();
+        let mut all_wrote = Vec::with_capacity(wrote.len());
+        for (t, s) in wrote {
+            let key = (tables[t].def.name.clone(), s);
+            let b =
+                groups.iter().position(|(gt, gs, _)| *gt == t && *gs == s).map_or(READY, |g| bucket_of[g]);
+            buckets.entry(b).or_default().2.push(key.clone());
+            all_wrote.push(key);
+        }
+        for (g, (t, shard, ops)) in groups.into_iter().enumerate() {
+            buckets.entry(bucket_of[g]).or_default().1.push((g, tables[t].pipeline(shard, ops)));
+        }
+        for slot in slots {
+            let b = slot.groups().first().map_or(READY, |&g| bucket_of[g]);
+            buckets.entry(b).or_default().0.push(slot);
+        }
+        let pending = buckets
+            .into_values()
+            .filter(|(slots, _, _)| !slots.is_empty())
+            .map(|(slots, calls, wrote)| Box::pin(answer_round(slots, calls, n, wrote)) as Pending)
+            .collect();
+        (pending, all_wrote)
     }
 }
+
+/// Waits for `calls` (of the round's `n` groups, by index) and encodes the responses of
+/// `slots`, in order.
+async fn answer_round(
+    slots: Vec<Slot>,
+    calls: Vec<(usize, GroupReply)>,
+    n: usize,
+    wrote: Vec<ShardKey>,
+) -> Done {
+    let requests = slots.len();
+    let mut replies: Vec<Vec<Option<Result<PipelineReply, GridError>>>> =
+        (0..n).map(|_| Vec::new()).collect();
+    let (index, futures): (Vec<usize>, Vec<_>) = calls.into_iter().unzip();
+    for (g, r) in index.into_iter().zip(futures_util::future::join_all(futures).await) {
+        replies[g] = r.into_iter().map(Some).collect();
+    }
+    let mut take = |(g, p): (usize, usize)| {
+        replies[g]
+            .get_mut(p)
+            .and_then(Option::take)
+            .unwrap_or_else(|| Err(GridError::Unavailable("reply missing".into())))
+    };
+    let mut out = Vec::new();
+    for slot in slots {
+        match slot {
+            Slot::One { id, group, pos } => match take((group, pos)) {
+                Ok(PipelineReply::Record(r)) => protocol::append_get_response(&mut out, id, r.as_ref()),
+                r => protocol::append_response(&mut out, &Response { id, result: r.and_then(wire_result) }),
+            },
+            Slot::Count { id, parts } => {
+                let mut total = Ok(0u64);
+                for part in parts {
+                    total = match (total, take(part)) {
+                        (Ok(n), Ok(PipelineReply::Count(c))) => Ok(n + c),
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                        (Ok(_), Ok(r)) => Err(mismatch(&r)),
+                    };
+                }
+                let result = total.map(|n| ResponseBody::Op(OpResult::Count(n)));
+                protocol::append_response(&mut out, &Response { id, result });
+            }
+            Slot::Scan { id, parts, limit, reverse } => {
+                let mut all = Ok(Vec::new());
+                for part in parts {
+                    all = match (all, take(part)) {
+                        (Ok(mut v), Ok(PipelineReply::Entries(e))) => {
+                            v.extend(e);
+                            Ok(v)
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                        (Ok(_), Ok(r)) => Err(mismatch(&r)),
+                    };
+                }
+                let result = all.map(|v| ResponseBody::Op(OpResult::Entries(merge([v], limit, reverse))));
+                protocol::append_response(&mut out, &Response { id, result });
+            }
+        }
+    }
+    Done { bytes: out, requests, wrote }
+}
+
 async fn detached<F>(f: F) -> Result<ResponseBody, GridError>
 where
     F: std::future::Future<Output = Result<ResponseBody, GridError>> + Send + 'static,

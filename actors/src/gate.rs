@@ -26,11 +26,12 @@ use crate::error::GridError;
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
 /// Op-log bytes since the last checkpoint past which a shard checkpoints at once, besides its
-/// timer (issue 19's bound on replay; docs/semantics.md, "Checkpoints"). At the default
-/// interval (10 s) only a write rate above 6.4 MB/s per shard reaches it. Measured: 65 MiB of
-/// tail over 4 shards replayed to the first answer in 599 ms (docs/benchmarks.md, "Restart after
-/// `kill -9`"); one shard's full 64 MiB is not measured alone.
-pub const LOG_TAIL_BYTES_MAX: u64 = 64 << 20;
+/// timer, by default (`GridOptions::checkpoint_log_bytes`, `HeapOptions::log_tail_bytes_max`;
+/// issue 19's bound on replay; docs/semantics.md, "Checkpoints"). At the default interval
+/// (10 s) only a write rate above 6.4 MB/s per shard reaches it. Measured: docs/benchmarks.md,
+/// "Restart after `kill -9`", and the replay rows of `benches/oplog.rs` (one shard replays
+/// 50.7 MiB of uniform overwrites in about 0.7 s).
+pub const LOG_TAIL_BYTES_MAX: u64 = heapgrid_heap::LOG_TAIL_BYTES_MAX_DEFAULT;
 
 /// Pages one step of online compaction reads (`Heap::compact_step`), one step per periodic
 /// checkpoint (16 MiB of pages; the actor serves nothing else meanwhile, for a time not
@@ -385,15 +386,15 @@ impl<S: HeapOwner> LogGate<S> {
         }
     }
 
-    /// Begins a background checkpoint now if the op log written since the last one passed
-    /// `LOG_TAIL_BYTES_MAX`, so a crash never leaves more than about that to replay, whatever
+    /// Begins a background checkpoint now if the op log written since the last one passed its
+    /// bound (`Heap::log_tail_due`), so a crash never leaves more than about that to replay, whatever
     /// the write rate (the timer alone lets the tail grow with the rate times the interval).
     fn checkpoint_if_tail_long<M: GateMsg>(
         &mut self,
         myself: &ActorRef<M>,
     ) -> Result<(), ActorProcessingErr> {
         match self.shard.as_ref() {
-            Some(t) if self.checkpoint_task.is_none() && t.heap().log_tail_bytes() > LOG_TAIL_BYTES_MAX => {
+            Some(t) if self.checkpoint_task.is_none() && t.heap().log_tail_due() => {
                 self.start_checkpoint(myself)
             }
             _ => Ok(()),

@@ -35,7 +35,7 @@ pub use error::{Error, Result};
 pub use group_commit::GroupCommit;
 pub use heap::{
     CheckpointJob, CompactProgress, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport,
-    Range, ShedReport,
+    LOG_TAIL_BYTES_MAX_DEFAULT, Range, ShedReport,
 };
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;

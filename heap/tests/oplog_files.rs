@@ -192,9 +192,9 @@ fn windowed_replay_ends_in_the_state_of_record_by_record_replay() {
         for j in 0..3u64 {
             let k = ((x >> (j * 9)) % 700) as u32;
             let key = k.to_be_bytes();
-            if (x >> (40 + j)) % 5 == 0 {
+            if (x >> (40 + j)).is_multiple_of(5) {
                 b.delete(&key).unwrap();
-                model.remove(&key.to_vec());
+                model.remove(key.as_slice());
             } else {
                 let v = vec![(round % 251) as u8; 800 + (k as usize % 1700)];
                 b.put(&key, &v).unwrap();

@@ -155,6 +155,12 @@ impl TableRuntime {
         Some(GridError::Recovering { table: self.def.name.clone(), shard: i, replayed_bytes, total_bytes })
     }
 
+    /// Whether shard `i` is not running here now (starting, recovering or restarting: a
+    /// message to it waits; failed or stopped: it is refused).
+    pub fn starting(&self, i: u32) -> bool {
+        self.slots.get(i as usize).is_some_and(|s| matches!(s.get(), SlotState::Starting))
+    }
+
     /// The shard that owns `key`.
     pub fn shard_of(&self, key: &Key) -> u32 {
         key.shard(self.def.shards)
