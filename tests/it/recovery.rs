@@ -108,10 +108,26 @@ async fn a_shard_held_in_recovery_delays_no_other_and_only_a_client_that_does_no
     );
     tokio::time::sleep(Duration::from_millis(5_500)).await;
     assert!(!pending.is_finished(), "the waiting client's request ended before the shard recovered");
+    // Writes pipelined to the held shard meanwhile, on one connection, a few milliseconds
+    // apart (so they reach the server in separate reads, each waiting on its own): applied in
+    // the order they were sent once it runs (each waits its turn behind those sent before it).
+    let mut writes = Vec::new();
+    for v in 0..40i64 {
+        let tw = tw.clone();
+        writes.push(tokio::spawn(async move { tw.put(key(held_key), &(1_000 + v)).await }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     std::fs::remove_file(&hold).unwrap();
+    // The read sent before them saw the value before them.
     assert_eq!(pending.await.unwrap().unwrap(), Some(held_key as i64));
+    let mut versions = Vec::new();
+    for w in writes {
+        versions.push(w.await.unwrap().unwrap());
+    }
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "applied out of order: {versions:?}");
+    assert_eq!(tw.get::<i64>(key(held_key)).await.unwrap(), Some(1_039));
     // Recovered: everything acknowledged is there, to both clients.
-    for i in 0..n {
+    for i in (0..n).filter(|&i| i != held_key) {
         assert_eq!(tt.get::<i64>(key(i)).await.unwrap(), Some(i as i64), "key {i}");
     }
     assert!(told.stats().await.unwrap().recovering.is_empty());

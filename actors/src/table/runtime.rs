@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 
 use super::actor::{EvalJob, PipelineOp, PipelineReply, ShardMsg};
 use super::def::TableDef;
-use super::supervisor::{ShardSlot, SlotState};
+use super::supervisor::{ShardSlot, SlotState, Turn};
 use super::{ScanRange, Versioned, WriteOp, WriteResult, Written, read};
 use crate::cluster::shard_rpc::ShardRpc;
 use crate::error::GridError;
@@ -189,15 +189,40 @@ impl TableRuntime {
     ) -> Result<R, GridError> {
         let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
         let slot = &self.slots[i as usize];
+        // Behind the callers already waiting for the shard, if any.
+        let turn = (!slot.turns.clear()).then(|| slot.turns.take());
+        self.call_in_turn(i, (payload, turn), deadline, wrap, unwrap).await
+    }
+
+    /// `call`'s loop, for a caller holding its turn among those waiting (or none, when none
+    /// waited as it made the call).
+    async fn call_in_turn<P, R>(
+        &self,
+        i: u32,
+        (payload, turn): (P, Option<Turn>),
+        deadline: tokio::time::Instant,
+        wrap: fn(P, RpcReplyPort<R>) -> ShardMsg,
+        unwrap: fn(ShardMsg) -> Option<P>,
+    ) -> Result<R, GridError> {
+        let slot = &self.slots[i as usize];
         let mut payload = payload;
+        let mut turn = turn;
         loop {
             let seen = slot.version();
             match slot.get() {
-                SlotState::Running(actor) => {
+                SlotState::Running(_) => {
+                    if let Some(t) = &turn {
+                        t.mine().await;
+                    }
+                    let SlotState::Running(actor) = slot.get() else { continue };
                     let (tx, rx) = oneshot::channel();
                     self.messages.fetch_add(1, Ordering::Relaxed);
                     match actor.send_message(wrap(payload, tx.into())) {
-                        Ok(()) => return rx.await.map_err(|_| lost(&self.def.name, i)),
+                        Ok(()) => {
+                            // Sent: the next caller in turn may send.
+                            drop(turn);
+                            return rx.await.map_err(|_| lost(&self.def.name, i));
+                        }
                         Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
                             Some(back) => payload = back,
                             None => return Err(lost(&self.def.name, i)),
@@ -205,7 +230,12 @@ impl TableRuntime {
                         Err(_) => return Err(lost(&self.def.name, i)),
                     }
                 }
-                SlotState::Starting => {}
+                SlotState::Starting => {
+                    // Waiting from now on: behind those already waiting.
+                    if turn.is_none() {
+                        turn = Some(slot.turns.take());
+                    }
+                }
                 SlotState::Failed(reason) => {
                     return Err(GridError::ShardFailed { table: self.def.name.clone(), shard: i, reason });
                 }
@@ -578,7 +608,10 @@ impl TableRuntime {
         debug_assert!(ops.len() <= crate::limits::PIPELINE_OPS_MAX);
         let n = ops.len();
         let mut ops = ops;
-        if let SlotState::Running(actor) = self.slots[i as usize].get() {
+        let slot = &self.slots[i as usize];
+        if slot.turns.clear()
+            && let SlotState::Running(actor) = slot.get()
+        {
             let (tx, rx) = oneshot::channel();
             self.messages.fetch_add(1, Ordering::Relaxed);
             match actor.send_message(ShardMsg::Pipeline(ops, tx.into())) {
@@ -595,11 +628,14 @@ impl TableRuntime {
                 }
             }
         }
-        // Starting, restarting or failed: wait (bounded) for the shard, as single calls do.
+        // Starting, restarting or failed: wait (bounded) for the shard, as single calls do, in
+        // turn behind the callers already waiting (the turn is taken now, as the call is made).
+        let turn = slot.turns.take();
         let me = self.clone();
         Box::pin(async move {
             let unwrap = |m| if let ShardMsg::Pipeline(ops, _) = m { Some(ops) } else { None };
-            match me.call(i, ops, ShardMsg::Pipeline, unwrap).await {
+            let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
+            match me.call_in_turn(i, (ops, Some(turn)), deadline, ShardMsg::Pipeline, unwrap).await {
                 Ok(replies) => replies,
                 Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
             }

@@ -52,6 +52,8 @@ pub struct ShardSlot<M = ShardMsg> {
     pub view: Arc<ReadView>,
     /// How far the shard's heap got replaying its op log, while it (re)opens.
     pub recovery: Arc<ReplayProgress>,
+    /// Callers that found the shard not running, in the order they came.
+    pub turns: Arc<TurnQueue>,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
@@ -62,6 +64,7 @@ impl<M> ShardSlot<M> {
             state: RwLock::new(SlotState::Starting),
             view: Arc::new(ReadView::default()),
             recovery: Arc::default(),
+            turns: Arc::default(),
             version: std::sync::atomic::AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
@@ -110,6 +113,83 @@ impl<M> ShardSlot<M> {
     }
 }
 
+/// The callers waiting for a shard to run, in the order they came: each sends its message once
+/// every earlier one sent (or gave up), so the messages one caller (a connection) made in turn
+/// reach the new actor in that order, however the waiting tasks are woken. A caller sends at
+/// once only while nobody waits (`clear`); otherwise it takes a turn (`take`, synchronously,
+/// when it makes the call) and waits for it (`Turn::mine`).
+#[derive(Default)]
+pub struct TurnQueue {
+    /// Turns taken and not yet released.
+    waiting: std::sync::atomic::AtomicU64,
+    inner: std::sync::Mutex<Turns>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Turns {
+    issued: u64,
+    /// The turn whose holder may send now.
+    next: u64,
+    /// Turns released ahead of `next`.
+    released: std::collections::BTreeSet<u64>,
+}
+
+impl TurnQueue {
+    /// Whether nobody waits: a caller may send at once.
+    pub fn clear(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
+    /// The next turn (taken when the call is made, so turns follow the calls' order).
+    pub fn take(self: &Arc<Self>) -> Turn {
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.issued;
+        t.issued += 1;
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Turn { queue: self.clone(), n }
+    }
+
+    fn release(&self, n: u64) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
+        t.released.insert(n);
+        while t.released.remove(&t.next) {
+            t.next += 1;
+        }
+        drop(guard);
+        self.waiting.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+}
+
+/// A caller's place among those waiting for a shard; released when dropped (sent, or gave up).
+pub struct Turn {
+    queue: Arc<TurnQueue>,
+    n: u64,
+}
+
+impl Turn {
+    /// Waits until every earlier turn was released.
+    pub async fn mine(&self) {
+        loop {
+            let notified = self.queue.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.queue.inner.lock().unwrap_or_else(|e| e.into_inner()).next == self.n {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.queue.release(self.n);
+    }
+}
+
 impl<M> Default for ShardSlot<M> {
     fn default() -> Self {
         Self::new()
@@ -147,7 +227,9 @@ pub fn slot_call<M: ractor::Message, P: Send + 'static, R: Send + 'static>(
         ))
     };
     let mut payload = payload;
-    if let SlotState::Running(actor) = slot.get() {
+    if slot.turns.clear()
+        && let SlotState::Running(actor) = slot.get()
+    {
         let (tx, rx) = oneshot::channel();
         match actor.send_message(wrap(payload, tx.into())) {
             Ok(()) => return Box::pin(async move { rx.await.map_err(|_| lost(&name))? }),
@@ -158,15 +240,23 @@ pub fn slot_call<M: ractor::Message, P: Send + 'static, R: Send + 'static>(
             Err(_) => return Box::pin(async move { Err(lost(&name)) }),
         }
     }
+    let turn = slot.turns.take();
     Box::pin(async move {
         let deadline = tokio::time::Instant::now() + RESTART_WAIT;
         loop {
             let seen = slot.version();
             match slot.get() {
-                SlotState::Running(actor) => {
+                SlotState::Running(_) => {
+                    turn.mine().await;
+                    // The actor as it is now (it may have been replaced meanwhile).
+                    let SlotState::Running(actor) = slot.get() else { continue };
                     let (tx, rx) = oneshot::channel();
                     match actor.send_message(wrap(payload, tx.into())) {
-                        Ok(()) => return rx.await.map_err(|_| lost(&name))?,
+                        Ok(()) => {
+                            // Sent: the next caller in turn may send.
+                            drop(turn);
+                            return rx.await.map_err(|_| lost(&name))?;
+                        }
                         Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
                             Some(back) => payload = back,
                             None => return Err(lost(&name)),
@@ -458,5 +548,43 @@ impl Actor for TableSupervisor {
             self.on_child_down(&myself, st, id, why).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::TurnQueue;
+
+    /// Turns taken in order are served in that order, whatever order their holders wait in; a
+    /// turn given up (dropped) lets the next one go; with no turn out, callers go at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn turns_are_served_in_the_order_they_were_taken() {
+        let q = Arc::new(TurnQueue::default());
+        assert!(q.clear());
+        let turns: Vec<_> = (0..6).map(|_| q.take()).collect();
+        assert!(!q.clear());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // Waiting in reverse order; turn 2 gives up.
+        for (n, t) in turns.into_iter().enumerate().rev() {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                if n == 2 {
+                    drop(t);
+                    return;
+                }
+                t.mine().await;
+                order.lock().unwrap().push(n);
+                tokio::task::yield_now().await;
+                drop(t);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 3, 4, 5]);
+        assert!(q.clear());
     }
 }
