@@ -109,6 +109,20 @@ fn row(name: &str, c: &Case, baseline: Option<&Case>) {
     );
 }
 
+/// Puts keys `i * mul` for `i` in `0..keys` (16-byte keys, 100-byte values of `byte`), in
+/// batches of 1000.
+fn load(heap: &mut Heap, keys: u64, mul: u64, byte: u8) {
+    let mut b = WriteBatch::new();
+    for i in 0..keys {
+        b.put(&(i.wrapping_mul(mul)).to_be_bytes(), &[byte; 100]).unwrap();
+        if b.len() == 1000 {
+            heap.apply(&b).unwrap();
+            b.clear();
+        }
+    }
+    heap.apply(&b).unwrap();
+}
+
 fn checkpoint_pauses() {
     println!("\n| pages dirtied since last checkpoint | checkpoint pause (ms) | per dirty page (us) |");
     println!("|---|---|---|");
@@ -117,25 +131,10 @@ fn checkpoint_pauses() {
         let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
         let mut heap = Heap::open(dir.path().join("c.heap"), opts).unwrap();
         // A base of 200k keys, checkpointed; then `keys` random puts dirty a share of the leaves.
-        let mut b = WriteBatch::new();
-        for i in 0..200_000u64 {
-            b.put(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes(), &[1u8; 100]).unwrap();
-            if b.len() == 1000 {
-                heap.apply(&b).unwrap();
-                b.clear();
-            }
-        }
+        load(&mut heap, 200_000, 0x9E37_79B9_7F4A_7C15, 1);
         heap.checkpoint().unwrap();
         let before = heap.stats().page_count;
-        for i in 0..keys {
-            b.put(&(i.wrapping_mul(0x2545_F491_4F6C_DD1D)).to_be_bytes(), &[2u8; 100]).unwrap();
-            if b.len() == 1000 {
-                heap.apply(&b).unwrap();
-                b.clear();
-            }
-        }
-        heap.apply(&b).unwrap();
-        b.clear();
+        load(&mut heap, keys, 0x2545_F491_4F6C_DD1D, 2);
         let dirty = heap.stats().page_count - before + heap.stats().pending_pages;
         let t = Instant::now();
         heap.checkpoint().unwrap();
@@ -153,15 +152,7 @@ fn replay(base: u64, tail: u64, hot: u64) {
     let path = dir.path().join("r.heap");
     let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
     let mut heap = Heap::open(&path, opts.clone()).unwrap();
-    let mut b = WriteBatch::new();
-    for i in 0..base {
-        b.put(&(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_be_bytes(), &[1u8; 100]).unwrap();
-        if b.len() == 1000 {
-            heap.apply(&b).unwrap();
-            b.clear();
-        }
-    }
-    heap.apply(&b).unwrap();
+    load(&mut heap, base, 0x9E37_79B9_7F4A_7C15, 1);
     heap.checkpoint().unwrap();
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let t = Instant::now();

@@ -1148,24 +1148,16 @@ impl GridCore {
             };
             out.push(CollectionStats { name: f.def.name.clone(), kind: "feed".into(), shards });
         }
-        let locks = match skip(crate::cluster::map::LOCKS_SERVICE, 0) {
-            true => Vec::new(),
-            false => self.locks.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default(),
-        };
-        out.push(CollectionStats {
-            name: crate::cluster::map::LOCKS_SERVICE.into(),
-            kind: "service".into(),
-            shards: locks,
-        });
-        let queues = match skip(crate::cluster::map::QUEUES_SERVICE, 0) {
-            true => Vec::new(),
-            false => self.queues.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default(),
-        };
-        out.push(CollectionStats {
-            name: crate::cluster::map::QUEUES_SERVICE.into(),
-            kind: "service".into(),
-            shards: queues,
-        });
+        use crate::cluster::map::{LOCKS_SERVICE, QUEUES_SERVICE};
+        for name in [LOCKS_SERVICE, QUEUES_SERVICE] {
+            let stats = match (skip(name, 0), name == LOCKS_SERVICE) {
+                (true, _) => None,
+                (false, true) => self.locks.heap_stats().await.ok(),
+                (false, false) => self.queues.heap_stats().await.ok(),
+            };
+            let shards = stats.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
+            out.push(CollectionStats { name: name.into(), kind: "service".into(), shards });
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         let mut node = crate::stats::NodeStats::of(out);
         node.memory_budget = crate::stats::BudgetStats::of(&self.pager);

@@ -114,15 +114,21 @@ fn verify_log_finds_damage_without_writing() {
     assert!(rep.torn_tail_bytes > 0 && rep.records_replayed == 49, "{rep:?}");
 }
 
+/// A new heap `t.heap` in `dir` with fsync `Never`: its path, options and the heap.
+fn never_heap(dir: &std::path::Path) -> (std::path::PathBuf, HeapOptions, Heap) {
+    let path = dir.join("t.heap");
+    let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
+    let h = Heap::open(&path, opts.clone()).unwrap();
+    (path, opts, h)
+}
+
 /// Replay reads a segment a chunk (1 MiB) at a time: records that straddle chunks, a torn
 /// record past the first chunk, and damage past the first chunk with valid records after it
 /// are all found as in a segment read whole; the progress counts every record's bytes.
 #[test]
 fn a_segment_larger_than_a_read_chunk_replays_across_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.heap");
-    let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
-    let mut h = Heap::open(&path, opts.clone()).unwrap();
+    let (path, opts, mut h) = never_heap(dir.path());
     h.checkpoint().unwrap();
     // About 4 MiB of records of uneven sizes, so chunk edges fall inside records.
     let n = 2_000u32;
@@ -173,9 +179,7 @@ fn a_segment_larger_than_a_read_chunk_replays_across_chunks() {
 #[test]
 fn windowed_replay_ends_in_the_state_of_record_by_record_replay() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.heap");
-    let opts = HeapOptions { fsync: FsyncPolicy::Never, ..HeapOptions::default() };
-    let mut h = Heap::open(&path, opts.clone()).unwrap();
+    let (path, opts, mut h) = never_heap(dir.path());
     let mut model = std::collections::BTreeMap::new();
     for i in 0..500u32 {
         h.put(&i.to_be_bytes(), b"base").unwrap();
