@@ -207,7 +207,7 @@ struct ServeArgs {
     #[arg(long)]
     memory_budget: Option<String>,
     /// A shard checkpoints once this much op log was written since its last checkpoint (as
-    /// --memory-budget: 8M; default 64M): the most a crash leaves it to replay. Smaller
+    /// --memory-budget: 8M; default 64M, at least 1M): the most a crash leaves it to replay. Smaller
     /// restarts faster after a crash and, under heavy writes, writes more pages per byte logged.
     #[arg(long)]
     checkpoint_log_bytes: Option<String>,
@@ -236,7 +236,7 @@ struct ClientArgs {
 
 /// A size in bytes: a number, optionally followed by K, M, G or T (powers of 1024, an optional
 /// `B` or `iB` after it).
-fn parse_bytes(s: &str) -> Result<u64, String> {
+fn parse_bytes(s: &str, min: u64) -> Result<u64, String> {
     let t = s.trim();
     let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
     let (num, shift) = match t.char_indices().last() {
@@ -254,8 +254,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     };
     let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (512M, 2G, 1048576)"))?;
     let bytes = n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))?;
-    if bytes < 16 << 20 {
-        return Err(format!("{s:?} is below the smallest budget, 16M"));
+    if bytes < min {
+        return Err(format!("{s:?} is below the smallest allowed, {} MiB", min >> 20));
     }
     Ok(bytes)
 }
@@ -308,6 +308,7 @@ struct ConfigFile {
 /// of bytes); the flag wins.
 fn bytes_setting(
     name: &str,
+    min: u64,
     flag: Option<String>,
     file: Option<serde_json::Value>,
 ) -> Result<Option<u64>, AnyErr> {
@@ -320,7 +321,7 @@ fn bytes_setting(
         }
         (None, None) => return Ok(None),
     };
-    Ok(Some(parse_bytes(&s).map_err(|e| format!("{name}: {e}"))?))
+    Ok(Some(parse_bytes(&s, min).map_err(|e| format!("{name}: {e}"))?))
 }
 
 fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
@@ -418,11 +419,11 @@ async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
         gopts.checkpoint_interval_ms = ms;
     }
     if let Some(bytes) =
-        bytes_setting("checkpoint_log_bytes", a.checkpoint_log_bytes, file.checkpoint_log_bytes)?
+        bytes_setting("checkpoint_log_bytes", 1 << 20, a.checkpoint_log_bytes, file.checkpoint_log_bytes)?
     {
         gopts.checkpoint_log_bytes = bytes.max(1);
     }
-    if let Some(bytes) = bytes_setting("memory_budget", a.memory_budget, file.memory_budget)? {
+    if let Some(bytes) = bytes_setting("memory_budget", 16 << 20, a.memory_budget, file.memory_budget)? {
         tracing::info!(budget_bytes = bytes, "memory budget: clean heap pages are dropped to stay under it");
         gopts.memory_budget = Some(bytes);
     }
@@ -1283,14 +1284,15 @@ mod tests {
 
     #[test]
     fn sizes_parse_with_and_without_units() {
-        assert_eq!(parse_bytes("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_bytes("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_bytes("64MB").unwrap(), 64 << 20);
-        assert_eq!(parse_bytes("33554432").unwrap(), 32 << 20);
-        assert!(parse_bytes("1M").unwrap_err().contains("smallest"));
-        assert!(parse_bytes("12X").unwrap_err().contains("unknown unit"));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("99999999999T").unwrap_err().contains("too large"));
+        assert_eq!(parse_bytes("512M", 16 << 20).unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2g", 16 << 20).unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1GiB", 16 << 20).unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("64MB", 16 << 20).unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("33554432", 16 << 20).unwrap(), 32 << 20);
+        assert!(parse_bytes("1M", 16 << 20).unwrap_err().contains("smallest"));
+        assert_eq!(parse_bytes("1M", 1 << 20).unwrap(), 1 << 20);
+        assert!(parse_bytes("12X", 16 << 20).unwrap_err().contains("unknown unit"));
+        assert!(parse_bytes("lots", 16 << 20).is_err());
+        assert!(parse_bytes("99999999999T", 16 << 20).unwrap_err().contains("too large"));
     }
 }
