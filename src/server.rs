@@ -1406,12 +1406,20 @@ impl<'c> Round<'c> {
             }
             g
         }
+        // So are the groups of one shard (more than one past `PIPELINE_OPS_MAX` operations): the
+        // connection's mark of a write in flight to the shard goes with the last of them.
+        let mut joins: Vec<(usize, usize)> = Vec::new();
         for slot in &slots {
-            let gs = slot.groups();
-            for w in gs.windows(2) {
-                let (a, b) = (root(&mut parent, w[0]), root(&mut parent, w[1]));
-                parent[a] = b;
+            joins.extend(slot.groups().windows(2).map(|w| (w[0], w[1])));
+        }
+        for (a, (t, s, _)) in groups.iter().enumerate() {
+            if let Some(b) = groups[a + 1..].iter().position(|(gt, gs, _)| gt == t && gs == s) {
+                joins.push((a, a + 1 + b));
             }
+        }
+        for (a, b) in joins {
+            let (a, b) = (root(&mut parent, a), root(&mut parent, b));
+            parent[a] = b;
         }
         let mut late_root = vec![false; n];
         for (g, &l) in late.iter().enumerate() {

@@ -97,11 +97,17 @@ impl<C: ChildSpec> OneChildState<C> {
     fn spawn_child(&mut self, myself: &ActorRef<OneChildMsg>) {
         self.args.slot.set(SlotState::Starting);
         self.opening = true;
+        self.args.slot.set_opening(true);
         let spec = &self.args.spec;
         let (actor, args, me) = (spec.actor(), spec.args(&self.args.slot), myself.clone());
+        let cell = myself.get_cell();
         tokio::spawn(async move {
-            let r = Actor::spawn_linked(None, actor, args, me.get_cell()).await;
-            let r = r.map(|(a, _)| a.get_cell()).map_err(|e| e.to_string());
+            // On a task of its own, so that a panic in it is a failed start, reported like one.
+            let start = tokio::spawn(async move { Actor::spawn_linked(None, actor, args, cell).await });
+            let r = match start.await {
+                Ok(r) => r.map(|(a, _)| a.get_cell()).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the start task ended: {e}")),
+            };
             if let Err(ractor::MessagingErr::SendErr(OneChildMsg::Started(Ok(cell)))) =
                 me.send_message(OneChildMsg::Started(r))
             {
@@ -114,6 +120,7 @@ impl<C: ChildSpec> OneChildState<C> {
     /// Records how the child's start ended.
     async fn started(&mut self, myself: &ActorRef<OneChildMsg>, r: Result<ractor::ActorCell, String>) {
         self.opening = false;
+        self.args.slot.set_opening(false);
         let early = self.down_early.take();
         if self.stopping {
             if let Ok(cell) = r {

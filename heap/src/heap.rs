@@ -233,6 +233,13 @@ impl ReplayWindow {
         const WINDOW_BATCH_OPS: usize = 1024;
         let mut b = WriteBatch::new();
         for (key, value) in std::mem::take(&mut self.ops) {
+            // A batch stays under the batch limit whatever the window's values (the op log may
+            // hold one record near the limit, and the window gathers several).
+            let adds = key.len() + value.as_ref().map_or(0, Vec::len) + 16;
+            if !b.is_empty() && (b.as_bytes().len() + adds) as u64 > crate::limits::BATCH_BYTES_MAX {
+                heap.apply_batch(&b)?;
+                b.clear();
+            }
             match value {
                 Some(v) => b.put(&key, &v)?,
                 None => b.delete(&key)?,

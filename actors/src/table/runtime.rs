@@ -630,16 +630,21 @@ impl TableRuntime {
         }
         // Starting, restarting or failed: wait (bounded) for the shard, as single calls do, in
         // turn behind the callers already waiting (the turn is taken now, as the call is made).
+        // The wait runs on a task of its own: the turn is released when the message is sent,
+        // not when the caller next polls (a connection that stops reading would otherwise hold
+        // every later caller of the shard back).
         let turn = slot.turns.take();
         let me = self.clone();
-        Box::pin(async move {
+        let sent = tokio::spawn(async move {
             let unwrap = |m| if let ShardMsg::Pipeline(ops, _) = m { Some(ops) } else { None };
             let deadline = tokio::time::Instant::now() + SHARD_RESTART_WAIT;
             match me.call_in_turn(i, (ops, Some(turn)), deadline, ShardMsg::Pipeline, unwrap).await {
                 Ok(replies) => replies,
                 Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
             }
-        })
+        });
+        let name = self.def.name.clone();
+        Box::pin(async move { sent.await.unwrap_or_else(|_| (0..n).map(|_| Err(lost(&name, i))).collect()) })
     }
 
     /// Test hook: makes shard `i` panic inside its handler.

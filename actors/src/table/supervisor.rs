@@ -54,6 +54,9 @@ pub struct ShardSlot<M = ShardMsg> {
     pub recovery: Arc<ReplayProgress>,
     /// Callers that found the shard not running, in the order they came.
     pub turns: Arc<TurnQueue>,
+    /// Set by the supervisor while a start (the heap's open and replay, and the actor's own
+    /// start after it) is in flight; cleared when it ends.
+    opening: std::sync::atomic::AtomicBool,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
@@ -65,6 +68,7 @@ impl<M> ShardSlot<M> {
             view: Arc::new(ReadView::default()),
             recovery: Arc::default(),
             turns: Arc::default(),
+            opening: std::sync::atomic::AtomicBool::new(false),
             version: std::sync::atomic::AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
@@ -81,8 +85,18 @@ impl<M> ShardSlot<M> {
         self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.changed.notify_waiters();
     }
-    /// Waits until the slot changes after version `seen`, or until `deadline` (while the shard
-    /// replays its op log, at least `RECOVERY_POLL`: the caller then looks again).
+    /// Marks a start of the shard in flight (`true`, by its supervisor as it begins one) or
+    /// ended (`false`, as the supervisor learns how it ended).
+    pub(crate) fn set_opening(&self, opening: bool) {
+        self.opening.store(opening, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_opening(&self) -> bool {
+        self.opening.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until the slot changes after version `seen`, or until `deadline` (while a start
+    /// is in flight, at least `RECOVERY_POLL`: the caller then looks again).
     pub async fn wait_change(&self, seen: u64, deadline: tokio::time::Instant) {
         let notified = self.changed.notified();
         tokio::pin!(notified);
@@ -91,7 +105,7 @@ impl<M> ShardSlot<M> {
         if self.version() != seen {
             return;
         }
-        let until = if self.recovery.running() {
+        let until = if self.is_opening() {
             deadline.max(tokio::time::Instant::now() + RECOVERY_POLL)
         } else {
             deadline
@@ -100,10 +114,11 @@ impl<M> ShardSlot<M> {
     }
 
     /// Whether a caller waiting for this slot to start since before `deadline` gives up: past
-    /// it, unless the shard is replaying its op log (a replay's length is bounded by the
-    /// checkpoint tail, docs/semantics.md, not by a caller's timer: the caller waits it out).
+    /// it, unless a start is in flight (its replay's length is bounded by the checkpoint tail,
+    /// docs/semantics.md, not by a caller's timer: the caller waits it out). The 5 s apply
+    /// between a failed start and its retry, so a shard failing to start is not waited on.
     pub fn give_up(&self, deadline: tokio::time::Instant) -> bool {
-        tokio::time::Instant::now() >= deadline && !self.recovery.running()
+        tokio::time::Instant::now() >= deadline && !self.is_opening()
     }
 
     /// `Some((replayed, total))` bytes of its op log while the shard is starting (recovering;
@@ -240,8 +255,11 @@ pub fn slot_call<M: ractor::Message, P: Send + 'static, R: Send + 'static>(
             Err(_) => return Box::pin(async move { Err(lost(&name)) }),
         }
     }
+    // The wait runs on a task of its own: the turn is released when the message is sent, not
+    // when the caller next polls.
     let turn = slot.turns.take();
-    Box::pin(async move {
+    let task_name = name.clone();
+    let sent = tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + RESTART_WAIT;
         loop {
             let seen = slot.version();
@@ -275,6 +293,11 @@ pub fn slot_call<M: ractor::Message, P: Send + 'static, R: Send + 'static>(
             }
             slot.wait_change(seen, deadline).await;
         }
+    });
+    Box::pin(async move {
+        sent.await.unwrap_or_else(|e| {
+            Err(GridError::Unavailable(format!("{kind} {task_name}: the request's task ended: {e}")))
+        })
     })
 }
 
@@ -350,9 +373,15 @@ pub fn shard_path(dir: &std::path::Path, i: usize) -> PathBuf {
 fn spawn_shard(myself: &ActorRef<TableSupMsg>, st: &mut TableSupState, i: usize) {
     let (args, me) = (shard_args(st, i), myself.clone());
     st.opening += 1;
+    st.args.slots[i].set_opening(true);
+    let cell = myself.get_cell();
     tokio::spawn(async move {
-        let r = ShardActor::spawn_linked(None, ShardActor, args, me.get_cell()).await;
-        let r = r.map(|(actor, _)| actor).map_err(|e| e.to_string());
+        // On a task of its own, so that a panic in it is a failed start, reported like one.
+        let start = tokio::spawn(async move { ShardActor::spawn_linked(None, ShardActor, args, cell).await });
+        let r = match start.await {
+            Ok(r) => r.map(|(actor, _)| actor).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the start task ended: {e}")),
+        };
         if let Err(ractor::MessagingErr::SendErr(TableSupMsg::Started(_, Ok(actor)))) =
             me.send_message(TableSupMsg::Started(i, r))
         {
@@ -484,6 +513,7 @@ impl Actor for TableSupervisor {
             }
             TableSupMsg::Started(i, r) => {
                 st.opening -= 1;
+                st.args.slots[i].set_opening(false);
                 if st.stopping {
                     if let Ok(actor) = r {
                         let closed = close_shard(&actor).await;
