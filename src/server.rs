@@ -1397,6 +1397,15 @@ impl<'c> Round<'c> {
         let Round { tables, groups, slots, wrote, .. } = self;
         let n = groups.len();
         let late: Vec<bool> = groups.iter().map(|(t, s, _)| tables[*t].starting(*s)).collect();
+        if !late.contains(&true) {
+            // Every shard runs (the usual case): one future for the whole round.
+            let wrote: Vec<ShardKey> =
+                wrote.into_iter().map(|(t, s)| (tables[t].def.name.clone(), s)).collect();
+            let calls =
+                groups.into_iter().enumerate().map(|(g, (t, s, ops))| (g, tables[t].pipeline(s, ops)));
+            let pending: Pending = Box::pin(answer_round(slots, calls.collect(), n, wrote.clone()));
+            return (vec![pending], wrote);
+        }
         // Groups joined by a request that needs them both (a count or scan) are answered together.
         let mut parent: Vec<usize> = (0..n).collect();
         fn root(parent: &mut [usize], mut g: usize) -> usize {

@@ -25,14 +25,6 @@ use crate::error::GridError;
 
 type Reply<T> = RpcReplyPort<Result<T, GridError>>;
 
-/// Op-log bytes since the last checkpoint past which a shard checkpoints at once, besides its
-/// timer, by default (`GridOptions::checkpoint_log_bytes`, `HeapOptions::log_tail_bytes_max`;
-/// issue 19's bound on replay; docs/semantics.md, "Checkpoints"). At the default interval
-/// (10 s) only a write rate above 6.4 MB/s per shard reaches it. Measured: docs/benchmarks.md,
-/// "Restart after `kill -9`", and the replay rows of `benches/oplog.rs` (one shard replays
-/// 50.7 MiB of uniform overwrites in about 0.7 s).
-pub const LOG_TAIL_BYTES_MAX: u64 = heapgrid_heap::LOG_TAIL_BYTES_MAX_DEFAULT;
-
 /// Pages one step of online compaction reads (`Heap::compact_step`), one step per periodic
 /// checkpoint (16 MiB of pages; the actor serves nothing else meanwhile, for a time not
 /// measured yet): a pass over a shard of 100k pages takes 25 checkpoints.
@@ -81,9 +73,9 @@ pub async fn open_heap(
 
 /// The test hook that holds a shard in its recovery (tests/it/recovery.rs):
 /// `HEAPGRID_TEST_HOLD_RECOVERY=<part of a heap path>:<file>` keeps every heap whose path
-/// contains the part from opening while the file exists, shown as a replay under way (so
-/// callers wait for it as for a long replay). Unset (always, outside tests), it costs one
-/// environment lookup per heap opened.
+/// contains the part from opening while the file exists, shown as a replay under way (callers
+/// wait for it as for any start in flight, `ShardSlot::give_up`). Unset (always, outside
+/// tests), it costs one environment lookup per heap opened.
 async fn hold_recovery(path: &std::path::Path, progress: Option<&heapgrid_heap::ReplayProgress>) {
     let Ok(hook) = std::env::var("HEAPGRID_TEST_HOLD_RECOVERY") else { return };
     let Some((part, file)) = hook.split_once(':') else { return };

@@ -106,7 +106,7 @@ impl Default for GridOptions {
         GridOptions {
             fsync: FsyncPolicy::default(),
             checkpoint_interval_ms: CHECKPOINT_INTERVAL_MS_DEFAULT,
-            checkpoint_log_bytes: crate::gate::LOG_TAIL_BYTES_MAX,
+            checkpoint_log_bytes: heapgrid_heap::LOG_TAIL_BYTES_MAX_DEFAULT,
             restart: RestartPolicy::default(),
             snippet_limits: Limits::default(),
             snippet_max: Limits::server_max(),

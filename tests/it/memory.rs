@@ -248,7 +248,7 @@ async fn a_long_op_log_tail_checkpoints_without_waiting_for_the_timer() {
     }
     assert!(after.checkpoints > before.checkpoints, "no checkpoint: {before:?} then {after:?}");
     assert!(
-        after.log_tail_bytes < heapgrid_actors::gate::LOG_TAIL_BYTES_MAX,
+        after.log_tail_bytes < heapgrid_actors::heap::LOG_TAIL_BYTES_MAX_DEFAULT,
         "the tail since the checkpoint is below the bound: {after:?}"
     );
     grid.close().await.unwrap();

@@ -132,7 +132,8 @@ impl<M> ShardSlot<M> {
 /// every earlier one sent (or gave up), so the messages one caller (a connection) made in turn
 /// reach the new actor in that order, however the waiting tasks are woken. A caller sends at
 /// once only while nobody waits (`clear`); otherwise it takes a turn (`take`, synchronously,
-/// when it makes the call) and waits for it (`Turn::mine`).
+/// when it makes the call) and waits for it (`Turn::mine`). Turns out are at most the callers
+/// waiting: for the server, each connection's in-flight limit (`inflight_max`) bounds its own.
 #[derive(Default)]
 pub struct TurnQueue {
     /// Turns taken and not yet released.
