@@ -9,8 +9,10 @@
 //! shards only (what `ShardRpc` runs for other nodes).
 //!
 //! Invariant: a message that could not be delivered (the actor had already died) is retried
-//! once the supervisor has replaced the actor, within `SHARD_RESTART_WAIT`; a message that was
-//! delivered is never sent twice (its writes may have applied).
+//! once the supervisor has replaced the actor (for as long as a start is in flight, else within
+//! `SHARD_RESTART_WAIT`); messages waiting for a starting shard are sent in the order the calls
+//! were made (`TurnQueue`); a message that was delivered is never sent twice (its writes may
+//! have applied).
 
 use std::future::Future;
 use std::pin::Pin;
