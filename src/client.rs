@@ -320,10 +320,30 @@ impl Client {
         args: Value,
         limits: LimitOverrides,
     ) -> Result<Value, GridError> {
-        match self.request(RequestBody::Eval { src: src.into(), args, limits }).await? {
-            ResponseBody::Value(v) => Ok(v),
-            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
-        }
+        Ok(self.eval_output(src, args, limits).await?.0)
+    }
+
+    /// `eval_with` that also returns what the snippet printed (`print()`; empty if nothing).
+    pub async fn eval_output(
+        &self,
+        src: &str,
+        args: Value,
+        limits: LimitOverrides,
+    ) -> Result<(Value, String), GridError> {
+        printed(self.request(RequestBody::Eval { src: src.into(), args, limits }).await?)
+    }
+
+    /// `eval_fenced` that also returns what the snippet printed.
+    pub async fn eval_fenced_output(
+        &self,
+        src: &str,
+        args: Value,
+        guards: &[&crate::lock::LockGuard],
+    ) -> Result<(Value, String), GridError> {
+        let fences = guards.iter().map(|g| (g.lock_name().to_string(), g.fence())).collect();
+        let body =
+            RequestBody::EvalFenced { src: src.into(), args, limits: LimitOverrides::default(), fences };
+        printed(self.request(body).await?)
     }
 
     /// A grid-scoped snippet whose writes are fenced by `guards` (see `Grid::eval_fenced`).
@@ -333,13 +353,7 @@ impl Client {
         args: Value,
         guards: &[&crate::lock::LockGuard],
     ) -> Result<Value, GridError> {
-        let fences = guards.iter().map(|g| (g.lock_name().to_string(), g.fence())).collect();
-        let body =
-            RequestBody::EvalFenced { src: src.into(), args, limits: LimitOverrides::default(), fences };
-        match self.request(body).await? {
-            ResponseBody::Value(v) => Ok(v),
-            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
-        }
+        Ok(self.eval_fenced_output(src, args, guards).await?.0)
     }
 
     /// Entries `offset..offset+limit` of the value a `$ref` names.
@@ -383,6 +397,15 @@ impl Client {
     pub async fn stats(&self) -> Result<heapgrid_actors::stats::NodeStats, GridError> {
         match self.request(RequestBody::Stats).await? {
             ResponseBody::Stats(s) => Ok(s),
+            r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
+        }
+    }
+
+    /// The server's slow log, newest first: requests that took at least its threshold
+    /// (`serve --slowlog-threshold-ms`); `clear` empties it. Needs admin on `server`.
+    pub async fn slowlog(&self, clear: bool) -> Result<Vec<crate::metrics::SlowEntry>, GridError> {
+        match self.request(RequestBody::SlowLog { clear }).await? {
+            ResponseBody::SlowLog(v) => Ok(v),
             r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
         }
     }
@@ -626,5 +649,14 @@ impl<R: OpRoute> TableBackend for RemoteTable<R> {
                 r => Err(unexpected(r)),
             }
         })
+    }
+}
+
+/// A snippet's answer: its value and what it printed.
+fn printed(r: ResponseBody) -> Result<(Value, String), GridError> {
+    match r {
+        ResponseBody::Value(v) => Ok((v, String::new())),
+        ResponseBody::Printed { value, printed } => Ok((value, printed)),
+        r => Err(GridError::Protocol(format!("unexpected {r:?}"))),
     }
 }

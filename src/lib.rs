@@ -32,6 +32,7 @@ pub mod loadgen_lock;
 pub mod loadgen_queue;
 pub mod loadgen_repl;
 pub mod lock;
+pub mod metrics;
 pub mod protocol;
 pub mod queue;
 pub mod server;

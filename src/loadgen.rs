@@ -11,6 +11,7 @@
 //! through the `Client` (`pipeline` tasks per connection).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -43,6 +44,8 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Put every key once before measuring (so gets hit).
     pub preload: bool,
+    /// Keys preloaded so far (for a progress display).
+    pub preloaded: Arc<std::sync::atomic::AtomicU64>,
     /// Run this snippet per request instead of gets and puts.
     pub eval: Option<EvalLoad>,
     /// Append to the feed named `table` (created if missing) instead of gets and puts.
@@ -134,10 +137,11 @@ pub async fn run(spec: LoadSpec) -> Result<LoadReport, GridError> {
         let mut tasks = tokio::task::JoinSet::new();
         let per = spec.keys.div_ceil(64);
         for w in 0..64u64 {
-            let (t, value) = (t.clone(), value.clone());
+            let (t, value, done) = (t.clone(), value.clone(), spec.preloaded.clone());
             tasks.spawn(async move {
                 for k in (w * per)..((w + 1) * per).min(spec.keys) {
                     t.put_value(k as i64, value.clone()).await?;
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok::<_, GridError>(())
             });

@@ -5,6 +5,7 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use heapgrid::auth::TokenConfig;
@@ -14,7 +15,7 @@ use heapgrid::{
     Client, ClientOptions, FsyncPolicy, Grid, GridOptions, Key, LimitOverrides, Limits, TableOptions, Value,
 };
 use heapgrid_actors::cluster::raft::{ClusterOptions, RaftTiming};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
 #[command(name = "heapgrid", version, about = "An actor-based data grid on a persistent paged heap")]
@@ -27,13 +28,22 @@ struct Cli {
 enum Cmd {
     /// Runs the server.
     Serve(ServeArgs),
-    /// Reads commands from standard input and runs them against a server (JSON out).
-    Shell(ClientArgs),
+    /// Reads commands and snippets (type `help`) and runs them against a server: pretty JSON
+    /// out, or one line each with --json.
+    Shell {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        out: OutArgs,
+    },
     /// Runs a snippet against a server, e.g. `heapgrid eval "users['bob']"` (`-` reads it from
-    /// standard input), or one command, e.g. `heapgrid eval get users bob`. JSON out.
+    /// standard input), or one command, e.g. `heapgrid eval get users bob`. Pretty JSON out, or
+    /// one line with --json.
     Eval {
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        out: OutArgs,
         /// The snippet, or a command and its arguments.
         command: Vec<String>,
     },
@@ -52,6 +62,21 @@ enum Cmd {
     /// The node's memory (resident anonymous and file-backed bytes) and every heap's figures:
     /// entries, pages (in use, free, held), file and op-log bytes, bytes resident (JSON out).
     Stats(StatsArgs),
+    /// The tables: name, shards, fsync policy, entries (a table per line; --json for JSON).
+    Tables {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Requests that took at least the server's slow-log threshold, newest first (JSON lines).
+    Slowlog {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Empty the log after reading it.
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,68 +174,86 @@ struct BenchArgs {
     json: bool,
 }
 
+/// `serve`'s flags. Each is also an environment variable (`HEAPGRID_` and its name) and a key of
+/// the config file (its name with `_`); a flag wins over the variable, which wins over the file
+/// (`--print-config` shows the result).
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long)]
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "HEAPGRID_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Data directory.
-    #[arg(long)]
+    /// Data directory [default: ./heapgrid-data].
+    #[arg(long, env = "HEAPGRID_DATA")]
     data: Option<PathBuf>,
-    /// JSON config file (keys: listen, data, fsync, checkpoint_interval_ms,
-    /// checkpoint_log_bytes, memory_budget, inflight_max,
-    /// connections_max, buffer_budget_bytes, frame_deadline_ms, tokens, procedures,
-    /// snippet_limits, snippet_max, snippet_sandbox, snippet_workers).
-    #[arg(long)]
+    /// JSON config file: every flag's name (with `_`) is a key, plus checkpoint_interval_ms,
+    /// inflight_max, connections_max, buffer_budget_bytes, frame_deadline_ms, tokens,
+    /// snippet_limits, snippet_max, snippet_sandbox and snippet_workers (docs/operations.md).
+    #[arg(long, env = "HEAPGRID_CONFIG")]
     config: Option<PathBuf>,
-    /// Default fsync policy of new tables: always, never or every:MS.
+    /// Print the effective config (flags, environment, file and defaults merged; secrets
+    /// hidden) as JSON, and exit.
     #[arg(long)]
+    print_config: bool,
+    /// Default fsync policy of new tables: always, never or every:MS [default: every:100].
+    #[arg(long, env = "HEAPGRID_FSYNC")]
     fsync: Option<String>,
     /// A module of stored procedures (Python `def`s and classes) to load at start; its name is
     /// the file stem. Repeatable.
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_PROCEDURES", value_delimiter = ',')]
     procedures: Vec<PathBuf>,
     /// Run snippets in this process instead of sandbox worker processes: only when every client
     /// with `eval` permission is trusted.
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_TRUSTED_SNIPPETS")]
     trusted_snippets: bool,
     /// This node's id in a cluster (1, 2, ...; needed with --peer-listen).
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_NODE_ID")]
     node_id: Option<u64>,
     /// Where to listen for other nodes of the cluster; without it the node is on its own.
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_PEER_LISTEN")]
     peer_listen: Option<SocketAddr>,
     /// The peer address other nodes are told (default: the bound --peer-listen).
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_ADVERTISE_PEER")]
     advertise_peer: Option<String>,
     /// Peer addresses of nodes of a cluster to join (comma-separated); without it a node with
     /// --peer-listen forms a cluster of itself.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "HEAPGRID_JOIN", value_delimiter = ',')]
     join: Vec<String>,
     /// The secret every node of the cluster presents to the others.
     #[arg(long, env = "HEAPGRID_CLUSTER_COOKIE", hide_env_values = true)]
     cluster_cookie: Option<String>,
     /// Replicas of each shard of a table created in the cluster (default 2; fewer if there are
     /// fewer other nodes).
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_REPLICAS")]
     replicas: Option<u32>,
     /// Replicas a write to such a table waits for: 0 is `async`, N is `sync(N)` (default 1).
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_SYNC")]
     sync: Option<u32>,
     /// Records a shard's primary keeps in memory for replicas behind (default 100000); a
     /// replica further behind gets a snapshot of the shard.
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_REPL_RETAIN")]
     repl_retain: Option<usize>,
     /// Memory budget of the node: resident anonymous memory plus heap pages in memory are kept
     /// under it by dropping clean heap pages (bytes, or with a K, M, G or T suffix: 512M).
     /// Default: none (the kernel decides).
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_MEMORY_BUDGET")]
     memory_budget: Option<String>,
     /// A shard checkpoints once this much op log was written since its last checkpoint (as
     /// --memory-budget: 8M; default 64M, at least 1M): the most a crash leaves it to replay. Smaller
     /// restarts faster after a crash and, under heavy writes, writes more pages per byte logged.
-    #[arg(long)]
+    #[arg(long, env = "HEAPGRID_CHECKPOINT_LOG_BYTES")]
     checkpoint_log_bytes: Option<String>,
+    /// Serve Prometheus metrics over HTTP at this address (`GET /metrics`; e.g.
+    /// 127.0.0.1:9464). Default: off.
+    #[arg(long, env = "HEAPGRID_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Requests taking at least this many milliseconds go to the slow log (`heapgrid slowlog`)
+    /// [default: 100].
+    #[arg(long, env = "HEAPGRID_SLOWLOG_THRESHOLD_MS")]
+    slowlog_threshold_ms: Option<u64>,
+    /// Log lines as `text` or `json` (one object per line) [default: text]; the level comes
+    /// from RUST_LOG (default `info`; e.g. RUST_LOG=heapgrid_actors=debug).
+    #[arg(long, env = "HEAPGRID_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -222,6 +265,25 @@ struct StatsArgs {
     /// they change (how benches/crash-restart.sh times a restart).
     #[arg(long)]
     until_recovered: bool,
+}
+
+#[derive(clap::Args)]
+struct OutArgs {
+    /// Print each result as one line of compact JSON (for scripts) instead of pretty JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Set by `--json`: results are printed as one line of compact JSON.
+static COMPACT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A result as the user asked to see it.
+fn show(v: &serde_json::Value) -> Result<String, AnyErr> {
+    Ok(if COMPACT.load(std::sync::atomic::Ordering::Relaxed) {
+        serde_json::to_string(v)?
+    } else {
+        serde_json::to_string_pretty(v)?
+    })
 }
 
 #[derive(clap::Args)]
@@ -260,8 +322,9 @@ fn parse_bytes(s: &str, min: u64) -> Result<u64, String> {
     Ok(bytes)
 }
 
-/// The config file.
-#[derive(Deserialize, Default)]
+/// The config file, and (merged with the flags, the environment and the defaults by `merge`)
+/// the effective config.
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     listen: Option<SocketAddr>,
@@ -302,6 +365,88 @@ struct ConfigFile {
     replicas: Option<u32>,
     sync: Option<u32>,
     repl_retain: Option<usize>,
+    /// As `--metrics-listen`, `--slowlog-threshold-ms` and `--log-format`.
+    metrics_listen: Option<SocketAddr>,
+    slowlog_threshold_ms: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// Merges `serve`'s flags (and through clap their environment variables) over the config
+/// file, then fills in every default: the one config the server runs with.
+fn merge(a: ServeArgs, mut f: ConfigFile) -> Result<ConfigFile, AnyErr> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    f.listen = Some(a.listen.or(f.listen).unwrap_or_else(|| ([127, 0, 0, 1], 7070).into()));
+    f.data = Some(a.data.or(f.data).unwrap_or_else(|| PathBuf::from("./heapgrid-data")));
+    let fsync = a.fsync.or(f.fsync).unwrap_or_else(|| "every:100".into());
+    parse_fsync(&fsync)?;
+    f.fsync = Some(fsync);
+    f.checkpoint_interval_ms =
+        Some(f.checkpoint_interval_ms.unwrap_or(heapgrid_actors::grid::CHECKPOINT_INTERVAL_MS_DEFAULT));
+    let log_bytes =
+        bytes_setting("checkpoint_log_bytes", 1 << 20, a.checkpoint_log_bytes, f.checkpoint_log_bytes)?
+            .unwrap_or(heapgrid::heap::LOG_TAIL_BYTES_MAX_DEFAULT);
+    f.checkpoint_log_bytes = Some(log_bytes.into());
+    f.memory_budget =
+        bytes_setting("memory_budget", 16 << 20, a.memory_budget, f.memory_budget)?.map(Into::into);
+    f.inflight_max = Some(f.inflight_max.unwrap_or(INFLIGHT_MAX_DEFAULT));
+    f.connections_max = Some(f.connections_max.unwrap_or(heapgrid::server::CONNECTIONS_MAX_DEFAULT));
+    f.buffer_budget_bytes =
+        Some(f.buffer_budget_bytes.unwrap_or(heapgrid::server::BUFFER_BUDGET_BYTES_DEFAULT));
+    f.frame_deadline_ms =
+        Some(f.frame_deadline_ms.unwrap_or(heapgrid::server::FRAME_DEADLINE_DEFAULT.as_millis() as u64));
+    if !a.procedures.is_empty() {
+        f.procedures = a.procedures;
+    }
+    f.snippet_sandbox = Some(!a.trusted_snippets && f.snippet_sandbox.unwrap_or(true));
+    f.snippet_workers = Some(f.snippet_workers.unwrap_or(2 * cores).max(1));
+    f.node_id = a.node_id.or(f.node_id);
+    f.peer_listen = a.peer_listen.or(f.peer_listen);
+    f.advertise_peer = a.advertise_peer.or(f.advertise_peer);
+    if !a.join.is_empty() {
+        f.join = a.join;
+    }
+    f.cluster_cookie = a.cluster_cookie.or(f.cluster_cookie);
+    f.replicas = Some(a.replicas.or(f.replicas).unwrap_or(2));
+    f.sync = Some(a.sync.or(f.sync).unwrap_or(1));
+    f.repl_retain = Some(a.repl_retain.or(f.repl_retain).unwrap_or(100_000));
+    f.metrics_listen = a.metrics_listen.or(f.metrics_listen);
+    f.slowlog_threshold_ms = Some(
+        a.slowlog_threshold_ms
+            .or(f.slowlog_threshold_ms)
+            .unwrap_or(heapgrid::metrics::SLOWLOG_THRESHOLD_DEFAULT.as_millis() as u64),
+    );
+    let format = a.log_format.or(f.log_format).unwrap_or_else(|| "text".into());
+    if !matches!(format.as_str(), "text" | "json") {
+        return Err(format!("log_format {format:?}: use text or json").into());
+    }
+    f.log_format = Some(format);
+    Ok(f)
+}
+
+/// The effective config as JSON, with the secrets (tokens, the cluster cookie) hidden.
+fn config_json(c: &ConfigFile) -> Result<String, AnyErr> {
+    let mut v = serde_json::to_value(c)?;
+    if let Some(tokens) = v.get_mut("tokens").and_then(|t| t.as_array_mut()) {
+        for t in tokens {
+            t["token"] = "<hidden>".into();
+        }
+    }
+    if v.get("cluster_cookie").is_some_and(|c| !c.is_null()) {
+        v["cluster_cookie"] = "<hidden>".into();
+    }
+    Ok(serde_json::to_string_pretty(&v)?)
+}
+
+/// Log lines to stderr as text or JSON, at the level RUST_LOG gives (default `info`).
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_env_filter(filter);
+    if format == "json" {
+        b.json().with_current_span(false).init();
+    } else {
+        b.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
 }
 
 /// A size given as a flag (a string: `512M`) or in the config file (such a string, or a number
@@ -344,21 +489,30 @@ fn main() -> ExitCode {
     let mut threads =
         std::env::var("HEAPGRID_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0);
     // A server's config is read before its runtime starts: a memory budget asks for more threads.
-    let config = match &cli.cmd {
-        Cmd::Serve(a) => match read_config(a) {
-            Ok(file) => {
-                if threads.is_none() && (a.memory_budget.is_some() || file.memory_budget.is_some()) {
-                    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-                    threads = Some(BUDGET_THREADS_MIN.max(4 * cores));
+    let (cmd, config) = match cli.cmd {
+        Cmd::Serve(a) => {
+            let print = a.print_config;
+            match read_config(&a).and_then(|file| merge(a, file)) {
+                Ok(c) if print => {
+                    return match config_json(&c).and_then(|j| emit(&j)) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => fail(&e),
+                    };
                 }
-                Some(file)
+                Ok(c) => {
+                    if threads.is_none() && c.memory_budget.is_some() {
+                        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                        threads = Some(BUDGET_THREADS_MIN.max(4 * cores));
+                    }
+                    (None, Some(c))
+                }
+                Err(e) => {
+                    eprintln!("heapgrid: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
             }
-            Err(e) => {
-                eprintln!("heapgrid: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        _ => None,
+        }
+        other => (Some(other), None),
     };
     let built = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
@@ -372,21 +526,58 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let r: Result<(), AnyErr> = match cli.cmd {
-        Cmd::Serve(a) => rt.block_on(serve(a, config.unwrap_or_default())),
-        Cmd::Shell(c) => rt.block_on(shell(c)),
-        Cmd::Eval { client, command } => rt.block_on(eval(client, command)),
-        Cmd::Check { dir } => check(&dir),
-        Cmd::Cluster { client, op } => rt.block_on(cluster(client, op)),
-        Cmd::Bench(b) => rt.block_on(bench(b)),
-        Cmd::Stats(s) => rt.block_on(stats(s)),
+    let r: Result<(), AnyErr> = match (cmd, config) {
+        (_, Some(c)) => rt.block_on(serve(c)),
+        (Some(Cmd::Shell { client, out }), _) => {
+            COMPACT.store(out.json, std::sync::atomic::Ordering::Relaxed);
+            IN_SHELL.store(true, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(shell(client))
+        }
+        (Some(Cmd::Eval { client, out, command }), _) => {
+            COMPACT.store(out.json, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(eval(client, command))
+        }
+        (Some(Cmd::Check { dir }), _) => check(&dir),
+        (Some(Cmd::Cluster { client, op }), _) => rt.block_on(cluster(client, op)),
+        (Some(Cmd::Bench(b)), _) => rt.block_on(bench(b)),
+        (Some(Cmd::Stats(s)), _) => rt.block_on(stats(s)),
+        (Some(Cmd::Tables { client, json }), _) => rt.block_on(tables(client, json)),
+        (Some(Cmd::Slowlog { client, clear }), _) => rt.block_on(slowlog(client, clear)),
+        (Some(Cmd::Serve(_)) | None, None) => Err("serve without a config".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("heapgrid: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Exit codes (docs/operations.md): 0 success; 1 the operation failed (the server answered
+/// an error: a snippet's error, a missing table, a refused permission...); 2 a usage or
+/// config error (clap's own code for bad flags); 3 the server could not be reached or the
+/// connection was lost; 4 `check` found a corrupt heap.
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_CORRUPT: u8 = 4;
+
+/// An error that ends the command with a particular exit code.
+#[derive(Debug)]
+struct Exit(u8, String);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Prints the error and gives its exit code.
+fn fail(e: &AnyErr) -> ExitCode {
+    eprintln!("heapgrid: {e}");
+    match e.downcast_ref::<Exit>() {
+        Some(Exit(code, _)) => ExitCode::from(*code),
+        None => ExitCode::from(EXIT_FAILED),
     }
 }
 
@@ -406,70 +597,66 @@ fn read_config(a: &ServeArgs) -> Result<ConfigFile, AnyErr> {
 /// threads keep more reads in flight (measured in docs/benchmarks.md, "Bigger than the budget").
 const BUDGET_THREADS_MIN: usize = 16;
 
-async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
-    let data = a.data.or(file.data).unwrap_or_else(|| PathBuf::from("./heapgrid-data"));
-    let listen = a.listen.or(file.listen).unwrap_or_else(|| ([127, 0, 0, 1], 7070).into());
-    let fsync = match a.fsync.or(file.fsync) {
-        Some(s) => parse_fsync(&s)?,
-        None => FsyncPolicy::default(),
+async fn serve(c: ConfigFile) -> Result<(), AnyErr> {
+    init_logs(c.log_format.as_deref().unwrap_or("text"));
+    let data = c.data.clone().unwrap_or_default();
+    let listen = c.listen.ok_or("no listen address")?;
+    let mut gopts = GridOptions {
+        fsync: parse_fsync(c.fsync.as_deref().unwrap_or("every:100"))?,
+        ..GridOptions::default()
     };
-    let mut gopts = GridOptions { fsync, ..GridOptions::default() };
-    if let Some(ms) = file.checkpoint_interval_ms {
+    if let Some(ms) = c.checkpoint_interval_ms {
         gopts.checkpoint_interval_ms = ms;
     }
-    if let Some(bytes) =
-        bytes_setting("checkpoint_log_bytes", 1 << 20, a.checkpoint_log_bytes, file.checkpoint_log_bytes)?
+    if let Some(bytes) = bytes_setting("checkpoint_log_bytes", 1 << 20, None, c.checkpoint_log_bytes.clone())?
     {
         gopts.checkpoint_log_bytes = bytes.max(1);
     }
-    if let Some(bytes) = bytes_setting("memory_budget", 16 << 20, a.memory_budget, file.memory_budget)? {
+    if let Some(bytes) = bytes_setting("memory_budget", 16 << 20, None, c.memory_budget.clone())? {
         tracing::info!(budget_bytes = bytes, "memory budget: clean heap pages are dropped to stay under it");
         gopts.memory_budget = Some(bytes);
     }
     let builtin_max = Limits::server_max();
-    if let Some(m) = &file.snippet_max {
+    if let Some(m) = &c.snippet_max {
         gopts.snippet_max = builtin_max.with_overrides(m, &builtin_max);
     }
-    if let Some(l) = &file.snippet_limits {
+    if let Some(l) = &c.snippet_limits {
         gopts.snippet_limits = Limits::default().with_overrides(l, &gopts.snippet_max);
     }
-    if !a.trusted_snippets && file.snippet_sandbox.unwrap_or(true) {
+    if c.snippet_sandbox.unwrap_or(true) {
         let exe = heapgrid_actors::snippet::worker::WorkerPool::default_exe().ok_or(
             "the snippet sandbox needs the heapgrid-worker binary next to heapgrid (or pass --trusted-snippets)",
         )?;
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let workers = file.snippet_workers.unwrap_or(2 * cores).max(1);
+        let workers = c.snippet_workers.unwrap_or(2).max(1);
         tracing::info!(worker = %exe.display(), workers, "snippets run in sandbox workers");
         gopts.snippet_sandbox = Some(heapgrid_actors::grid::SandboxOptions { exe, workers });
     }
-    let cluster = match a.peer_listen.or(file.peer_listen) {
+    let cluster = match c.peer_listen {
         None => None,
         Some(peer_listen) => {
-            let node_id = a.node_id.or(file.node_id).ok_or("--peer-listen needs --node-id")?;
-            let cookie = a.cluster_cookie.or(file.cluster_cookie).ok_or(
+            let node_id = c.node_id.ok_or("--peer-listen needs --node-id")?;
+            let cookie = c.cluster_cookie.clone().ok_or(
                 "--peer-listen needs a cluster cookie (--cluster-cookie or HEAPGRID_CLUSTER_COOKIE): \
                  the secret every node of the cluster presents",
             )?;
-            let join = if a.join.is_empty() { file.join } else { a.join };
             Some(ClusterOptions {
                 node_id,
                 peer_listen,
-                advertise_peer: a.advertise_peer.or(file.advertise_peer),
+                advertise_peer: c.advertise_peer.clone(),
                 client_addr: String::new(),
-                join,
+                join: c.join.clone(),
                 cookie,
                 timing: RaftTiming::default(),
-                replicas: a.replicas.or(file.replicas).unwrap_or(2),
-                sync: a.sync.or(file.sync).unwrap_or(1),
+                replicas: c.replicas.unwrap_or(2),
+                sync: c.sync.unwrap_or(1),
                 detector: heapgrid_actors::cluster::detector::Timing::default(),
-                retain_records: a.repl_retain.or(file.repl_retain).unwrap_or(100_000),
+                retain_records: c.repl_retain.unwrap_or(100_000),
             })
         }
     };
     let grid = Grid::open(&data, gopts).await?;
     tracing::info!(data = %data.display(), tables = grid.tables().len(), "grid opened");
-    for p in a.procedures.iter().chain(&file.procedures) {
+    for p in &c.procedures {
         let loaded =
             std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display())).and_then(|src| {
                 let module = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -487,15 +674,15 @@ async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
     }
     let cfg = ServerConfig {
         listen,
-        inflight_max: file.inflight_max.unwrap_or(INFLIGHT_MAX_DEFAULT),
-        connections_max: file.connections_max.unwrap_or(heapgrid::server::CONNECTIONS_MAX_DEFAULT),
-        tokens: file.tokens,
-        buffer_budget_bytes: file
-            .buffer_budget_bytes
-            .unwrap_or(heapgrid::server::BUFFER_BUDGET_BYTES_DEFAULT),
-        frame_deadline: file
+        inflight_max: c.inflight_max.unwrap_or(INFLIGHT_MAX_DEFAULT),
+        connections_max: c.connections_max.unwrap_or(heapgrid::server::CONNECTIONS_MAX_DEFAULT),
+        tokens: c.tokens,
+        buffer_budget_bytes: c.buffer_budget_bytes.unwrap_or(heapgrid::server::BUFFER_BUDGET_BYTES_DEFAULT),
+        frame_deadline: c
             .frame_deadline_ms
             .map_or(heapgrid::server::FRAME_DEADLINE_DEFAULT, std::time::Duration::from_millis),
+        metrics_listen: c.metrics_listen,
+        slowlog_threshold: std::time::Duration::from_millis(c.slowlog_threshold_ms.unwrap_or(100)),
     };
     let trusted = cfg.tokens.is_empty();
     let server = match Server::start(grid.core().clone(), cfg).await {
@@ -518,6 +705,11 @@ async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
             emit(&format!("heapgrid peers on {}", n.peer_addr()))?;
         }
     }
+    if let Some(addr) = server.metrics_addr() {
+        tracing::info!(%addr, "metrics served at http://{addr}/metrics");
+        // Tests read this line to learn the metrics port (with --metrics-listen 127.0.0.1:0).
+        emit(&format!("heapgrid metrics on {addr}"))?;
+    }
     // Tests and scripts read this line to learn the port (with --listen 127.0.0.1:0).
     emit(&format!("heapgrid listening on {}", server.local_addr()))?;
     tracing::info!(addr = %server.local_addr(), trusted, "listening");
@@ -537,45 +729,88 @@ async fn serve(a: ServeArgs, file: ConfigFile) -> Result<(), AnyErr> {
     Ok(())
 }
 
-/// While shards recover after a restart (they serve one by one as each finishes), a one-line
-/// progress bar on a terminal: shards left, op-log bytes replayed of those to replay.
+/// While shards recover after a restart (they serve one by one as each finishes), a progress
+/// bar on a terminal: op-log bytes replayed of those to replay, and shards left. (Off a
+/// terminal the grid logs the same every few seconds: `watch_recovery`.)
 async fn recovery_bar(core: std::sync::Weak<heapgrid_actors::grid::GridCore>) {
-    let mut shown = false;
+    let mut bar: Option<indicatif::ProgressBar> = None;
     loop {
         let Some(c) = core.upgrade() else { return };
         let r = c.recovering();
         drop(c);
-        if !draw_recovery(&r, shown) {
+        if r.is_empty() {
+            if let Some(b) = bar {
+                b.finish_with_message("recovered: every shard serves");
+            }
             return;
         }
-        shown = true;
+        let (done, total) =
+            r.iter().fold((0u64, 0u64), |(d, t), s| (d + s.replayed_bytes, t + s.total_bytes));
+        let b = bar.get_or_insert_with(|| {
+            progress_bar(
+                total,
+                "recovering {bar:30} {binary_bytes}/{binary_total_bytes} of op log replayed, {msg}",
+            )
+        });
+        b.set_length(total.max(done));
+        b.set_position(done);
+        b.set_message(format!("{} shard(s) left", r.len()));
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
-/// One frame of `recovery_bar`; false once nothing recovers (the bar, if `shown`, ends).
-fn draw_recovery(r: &[heapgrid_actors::stats::RecoveringShard], shown: bool) -> bool {
-    let mut err = std::io::stderr().lock();
-    if r.is_empty() {
-        if shown {
-            let _ = writeln!(err, "\r\x1b[Krecovered: every shard serves");
-        }
-        return false;
+/// A progress bar on standard error with `template` (indicatif's), drawn ten times a second.
+fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        b.set_style(style);
     }
-    let (done, total) = r.iter().fold((0u64, 0u64), |(d, t), s| (d + s.replayed_bytes, t + s.total_bytes));
-    let width = 30usize;
-    let filled = (done.min(total) * width as u64).checked_div(total).unwrap_or(0) as usize;
-    let _ = write!(
-        err,
-        "\r\x1b[Krecovering [{}{}] {} shard(s) left, {} of {} MiB of op log replayed",
-        "#".repeat(filled),
-        " ".repeat(width - filled),
-        r.len(),
-        done >> 20,
-        total >> 20
-    );
-    let _ = err.flush();
-    true
+    b
+}
+
+/// Progress of long work: a bar on a terminal, else a line on standard error every
+/// `PROGRESS_LINE_EVERY` (so a log collector sees it move).
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { what: String, total: u64, last: std::time::Instant },
+}
+
+const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Progress {
+    fn new(total: u64, what: &str) -> Progress {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            Progress::Bar(progress_bar(total, &format!("{what} {{bar:30}} {{pos}}/{{len}} {{msg}}")))
+        } else {
+            Progress::Lines { what: what.into(), total, last: std::time::Instant::now() }
+        }
+    }
+
+    fn set(&mut self, pos: u64) {
+        match self {
+            Progress::Bar(b) => b.set_position(pos),
+            Progress::Lines { what, total, last } => {
+                if last.elapsed() >= PROGRESS_LINE_EVERY {
+                    *last = std::time::Instant::now();
+                    eprintln!("heapgrid: {what}: {pos} of {total}");
+                }
+            }
+        }
+    }
+
+    /// Prints a line without tearing the bar.
+    fn println(&self, line: &str) -> Result<(), AnyErr> {
+        match self {
+            Progress::Bar(b) => b.suspend(|| emit(line)),
+            Progress::Lines { .. } => emit(line),
+        }
+    }
+
+    fn finish(self) {
+        if let Progress::Bar(b) = self {
+            b.finish_and_clear();
+        }
+    }
 }
 
 async fn stats(a: StatsArgs) -> Result<(), AnyErr> {
@@ -597,6 +832,49 @@ async fn stats(a: StatsArgs) -> Result<(), AnyErr> {
         last = Some(s.recovering);
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+}
+
+async fn tables(c: ClientArgs, json: bool) -> Result<(), AnyErr> {
+    let client = connect(&c).await?;
+    let tables = client.tables().await?;
+    let stats = client.stats().await?;
+    let entries = |name: &str| {
+        stats
+            .collections
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.shards.iter().map(|s| s.entries).sum::<u64>())
+    };
+    if json {
+        let v: Vec<_> = tables
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "shards": t.shards, "fsync": format!("{:?}", t.fsync).to_lowercase(),
+                    "entries": entries(&t.name),
+                })
+            })
+            .collect();
+        return emit(&serde_json::to_string_pretty(&v)?);
+    }
+    if tables.is_empty() {
+        return emit("no tables (create one: heapgrid eval create NAME [SHARDS])");
+    }
+    emit(&format!("{:<32} {:>6} {:>12} {:>12}", "TABLE", "SHARDS", "FSYNC", "ENTRIES"))?;
+    for t in &tables {
+        let n = entries(&t.name).map_or_else(|| "-".to_string(), |n| n.to_string());
+        let fsync = format!("{:?}", t.fsync).to_lowercase();
+        emit(&format!("{:<32} {:>6} {:>12} {:>12}", t.name, t.shards, fsync, n))?;
+    }
+    Ok(())
+}
+
+async fn slowlog(c: ClientArgs, clear: bool) -> Result<(), AnyErr> {
+    let client = connect(&c).await?;
+    for e in client.slowlog(clear).await? {
+        emit(&serde_json::to_string(&e)?)?;
+    }
+    Ok(())
 }
 
 async fn cluster(c: ClientArgs, cmd: ClusterCmd) -> Result<(), AnyErr> {
@@ -671,7 +949,11 @@ fn status_json(s: &heapgrid_actors::cluster::raft::ClusterStatus) -> serde_json:
 
 async fn connect(c: &ClientArgs) -> Result<Client, AnyErr> {
     let opts = ClientOptions { token: c.token.clone(), ..ClientOptions::default() };
-    Ok(Client::connect_with(c.addr, opts).await?)
+    Client::connect_with(c.addr, opts).await.map_err(|e| match e {
+        // Refused by the server (a bad token): the operation failed, the server is there.
+        heapgrid::GridError::Unauthenticated(_) | heapgrid::GridError::Protocol(_) => e.into(),
+        e => Exit(EXIT_UNREACHABLE, format!("cannot reach the server at {}: {e}", c.addr)).into(),
+    })
 }
 
 /// Writes a line to stdout; a closed stdout is an error, not a panic.
@@ -1019,7 +1301,9 @@ impl ShellLocks {
             return run_snippet(client, src).await;
         }
         let guards: Vec<&heapgrid::LockGuard> = self.held.values().collect();
-        Ok(client.eval_fenced(src, Value::Null, &guards).await?.to_json())
+        let (v, printed) = client.eval_fenced_output(src, Value::Null, &guards).await?;
+        show_printed(&printed)?;
+        Ok(v.to_json())
     }
 }
 
@@ -1036,8 +1320,28 @@ fn is_command(words: &[String]) -> bool {
 }
 
 async fn run_snippet(client: &Client, src: &str) -> Result<serde_json::Value, AnyErr> {
-    Ok(client.eval(src).await?.to_json())
+    let (v, printed) = client.eval_output(src, Value::Null, LimitOverrides::default()).await?;
+    show_printed(&printed)?;
+    Ok(v.to_json())
 }
+
+/// What a snippet printed, before its result: on standard output in the shell, on standard
+/// error for `eval` (whose standard output is the result alone, for scripts).
+fn show_printed(printed: &str) -> Result<(), AnyErr> {
+    if printed.is_empty() {
+        return Ok(());
+    }
+    let text = printed.strip_suffix('\n').unwrap_or(printed);
+    if IN_SHELL.load(std::sync::atomic::Ordering::Relaxed) {
+        emit(text)
+    } else {
+        eprintln!("{text}");
+        Ok(())
+    }
+}
+
+/// Set while the shell runs (see `show_printed`).
+static IN_SHELL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn eval(c: ClientArgs, command: Vec<String>) -> Result<(), AnyErr> {
     let client = connect(&c).await?;
@@ -1056,7 +1360,7 @@ async fn eval(c: ClientArgs, command: Vec<String>) -> Result<(), AnyErr> {
         };
         run_snippet(&client, &src).await?
     };
-    emit(&serde_json::to_string_pretty(&out)?)?;
+    emit(&show(&out)?)?;
     Ok(())
 }
 
@@ -1105,6 +1409,28 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
     Ok(())
 }
 
+/// What `help` prints in the shell.
+const SHELL_HELP: &str = r#"heapgrid shell: type a command or a Python snippet; `quit` (or Ctrl-D) leaves.
+
+Commands (NAME is a table, feed or queue; KEY a string or an integer):
+  tables | create T [SHARDS] | drop T            list, create, drop tables
+  get T KEY | put T KEY JSON | del T KEY         one key
+  count T | scan T [PREFIX] [LIMIT]              many keys
+  feeds | feed create F | append F JSON | tail F [AFTER] [N] | feed read F [AFTER] [N]
+  push Q JSON | pop Q [N] [WAIT_MS] [take] | ack Q SEQ/DELIVERY | qlen Q | queues
+  lock NAME [WAIT_S] [LEASE_S] | unlock NAME     while held, snippets are fenced by it
+  procedures put MODULE FILE | fetch REF | ping | help | quit
+
+Snippets run next to the data; a table is a dict, the last expression is the answer:
+  users['bob'] = {'name': 'Bob', 'visits': 1}
+  users['bob']['visits'] += 1
+  [k for k in users.keys(prefix='b')]
+  len(users)
+  print('debug', users['bob'])     # printed text comes back beside the result
+A line ending in `:` opens a block (def, for, if, class); an empty line runs it.
+History: Up/Down, Ctrl-R searches it (kept in ~/.heapgrid_history).
+More: docs/snippets.md, docs/operations.md."#;
+
 /// Runs one shell line; false to quit. A line ending in `:` opens a multi-line snippet, which
 /// an empty line ends.
 async fn shell_line(
@@ -1128,6 +1454,7 @@ async fn shell_line(
     match words.first().map(String::as_str) {
         None => {}
         Some("quit" | "exit") => return Ok(false),
+        Some("help" | "?") if words.len() == 1 => emit(SHELL_HELP)?,
         Some("tail") if is_command(&words) => {
             if let Err(e) = tail(client, &words).await {
                 emit(&serde_json::json!({ "error": e.to_string() }).to_string())?;
@@ -1142,12 +1469,28 @@ async fn shell_line(
 
 fn report(r: Result<serde_json::Value, AnyErr>) -> Result<(), AnyErr> {
     match r {
-        Ok(v) => emit(&serde_json::to_string_pretty(&v)?),
+        Ok(v) => emit(&show(&v)?),
         Err(e) => emit(&serde_json::json!({ "error": e.to_string() }).to_string()),
     }
 }
 
 async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
+    let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if b.preload {
+        let (done, keys) = (preloaded.clone(), b.keys);
+        tokio::spawn(async move {
+            let mut p = Progress::new(keys, "preloading keys");
+            loop {
+                let n = done.load(std::sync::atomic::Ordering::Relaxed);
+                p.set(n);
+                if n >= keys {
+                    p.finish();
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+    }
     let fsync = b.fsync.as_deref().map(parse_fsync).transpose()?.map(heapgrid::FsyncSetting::from);
     let spec = heapgrid::loadgen::LoadSpec {
         addr: b.client.addr,
@@ -1163,6 +1506,7 @@ async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
         reads_percent: b.reads.min(100),
         duration: std::time::Duration::from_secs_f64(b.seconds.max(0.01)),
         preload: b.preload,
+        preloaded: preloaded.clone(),
         feed: b.feed,
         follow_rate: b.follow_rate,
         redis: b.redis,
@@ -1228,7 +1572,9 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
         return Err(format!("{}: no heap files", dir.display()).into());
     }
     let mut bad = 0;
-    for f in &files {
+    let mut progress = Progress::new(files.len() as u64, "checking heaps");
+    for (i, f) in files.iter().enumerate() {
+        progress.set(i as u64);
         // No op-log replay: nothing is written; this checks the last checkpoint on disk, then
         // reads (without applying) the op log it names.
         let r = Heap::open(f, HeapOptions { op_log: false, ..HeapOptions::default() })
@@ -1253,7 +1599,7 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
                 Ok((rep, log))
             });
         match r {
-            Ok((rep, log)) => emit(&format!(
+            Ok((rep, log)) => progress.println(&format!(
                 "ok       {} ({} entries, {} tree pages, leaves {:.0}% full; op log: {} records after the checkpoint{})",
                 f.display(),
                 rep.entries,
@@ -1268,12 +1614,13 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
             ))?,
             Err(e) => {
                 bad += 1;
-                emit(&format!("CORRUPT  {}: {e}", f.display()))?;
+                progress.println(&format!("CORRUPT  {}: {e}", f.display()))?;
             }
         }
     }
+    progress.finish();
     if bad > 0 {
-        return Err(format!("{bad} of {} heaps failed the check", files.len()).into());
+        return Err(Exit(EXIT_CORRUPT, format!("{bad} of {} heaps failed the check", files.len())).into());
     }
     Ok(())
 }

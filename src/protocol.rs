@@ -148,6 +148,10 @@ pub enum RequestBody {
     SetSession {
         wait_for_recovery: bool,
     },
+    /// The server's slow log, newest first (needs admin permission on `*`); `clear` empties it.
+    SlowLog {
+        clear: bool,
+    },
 }
 
 /// One response.
@@ -172,6 +176,12 @@ pub enum ResponseBody {
     Queue(QueueResult),
     Cluster(ClusterResult),
     Stats(heapgrid_actors::stats::NodeStats),
+    SlowLog(Vec<crate::metrics::SlowEntry>),
+    /// A grid-scoped snippet's answer when it printed (`print()`): its value and the text.
+    Printed {
+        value: Value,
+        printed: String,
+    },
 }
 
 /// An operation on one table. Append-only.
@@ -364,6 +374,17 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
+/// A response frame's payload read only as far as its id and whether it failed (and why):
+/// what metrics count. `None`: not a response.
+pub fn response_outcome(payload: &[u8]) -> Option<(u64, Result<(), GridError>)> {
+    let (id, rest) = postcard::take_from_bytes::<u64>(payload).ok()?;
+    match rest.split_first()? {
+        (&TAG_RESULT_OK, _) => Some((id, Ok(()))),
+        (1, err) => Some((id, Err(postcard::take_from_bytes::<GridError>(err).ok()?.0))),
+        _ => None,
+    }
+}
+
 /// Postcard's unsigned varint (LEB128).
 fn push_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -546,8 +567,9 @@ mod tests {
             RequestBody::Cluster { op: ClusterOp::Status },
             RequestBody::Stats,
             RequestBody::SetSession { wait_for_recovery: true },
+            RequestBody::SlowLog { clear: false },
         ];
-        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..19).collect::<Vec<u8>>());
+        assert_eq!(bodies.iter().map(tag).collect::<Vec<_>>(), (0..20).collect::<Vec<u8>>());
         let info = TableInfo { name: s(), shards: 1, fsync: FsyncSetting::Never };
         let responses = [
             ResponseBody::Pong,
@@ -561,8 +583,10 @@ mod tests {
             ResponseBody::Queue(QueueResult::Done),
             ResponseBody::Cluster(ClusterResult::Changed { version: 0 }),
             ResponseBody::Stats(Default::default()),
+            ResponseBody::SlowLog(vec![]),
+            ResponseBody::Printed { value: v(), printed: s() },
         ];
-        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..11).collect::<Vec<u8>>());
+        assert_eq!(responses.iter().map(tag).collect::<Vec<_>>(), (0..13).collect::<Vec<u8>>());
         use heapgrid_actors::cluster::map::Member;
         let m = Member { id: 0, addr: s(), peer_addr: s() };
         let cluster_ops = [

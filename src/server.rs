@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 
 use crate::auth::{Auth, Permission, Principal, TokenConfig};
 use crate::feed::{FeedOp, FeedResult, start_op};
+use crate::metrics::{InFlight, ServerMetrics};
 use crate::protocol::{
     self, FrameError, Hello, HelloReply, MAGIC, OpResult, PROTOCOL_VERSION, Request, RequestBody, Response,
     ResponseBody, TableOp,
@@ -50,6 +51,9 @@ use heapgrid_actors::queue::ops::{QueueOp, QueueOptions, QueueResult};
 
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+/// The name a token's permissions give the server's own state (the slow log): reading it
+/// needs `admin` on `server` (or `*`).
+pub const SERVER: &str = "server";
 /// Default requests in flight per connection.
 pub const INFLIGHT_MAX_DEFAULT: usize = 256;
 /// Socket read buffer, and the most response bytes gathered into one write.
@@ -108,6 +112,7 @@ struct ConnLimits {
     inflight: usize,
     budget: Arc<BufferBudget>,
     frame_deadline: Duration,
+    metrics: Arc<ServerMetrics>,
 }
 
 /// Why a table request runs through `TableRuntime`'s routing rather than this node's round.
@@ -191,6 +196,10 @@ pub struct ServerConfig {
     pub buffer_budget_bytes: u64,
     /// A frame that has started must arrive whole within this.
     pub frame_deadline: Duration,
+    /// Where to answer Prometheus' scrapes (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Requests that take at least this long go to the slow log.
+    pub slowlog_threshold: Duration,
 }
 
 impl Default for ServerConfig {
@@ -202,6 +211,8 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             buffer_budget_bytes: BUFFER_BUDGET_BYTES_DEFAULT,
             frame_deadline: FRAME_DEADLINE_DEFAULT,
+            metrics_listen: None,
+            slowlog_threshold: crate::metrics::SLOWLOG_THRESHOLD_DEFAULT,
         }
     }
 }
@@ -212,6 +223,8 @@ pub struct Server {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     budget: Arc<BufferBudget>,
+    metrics: Arc<ServerMetrics>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -233,16 +246,41 @@ impl Server {
             .await
             .map_err(|e| GridError::Storage(format!("bind {}: {e}", cfg.listen)))?;
         let local_addr = listener.local_addr().map_err(|e| GridError::Storage(e.to_string()))?;
+        let metrics_listener = match cfg.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| GridError::Storage(format!("bind {addr} (metrics): {e}")))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (stop, stop_rx) = watch::channel(false);
         let budget = Arc::new(BufferBudget::new(cfg.buffer_budget_bytes));
+        let metrics = Arc::new(ServerMetrics::default());
+        metrics.set_slow_threshold(cfg.slowlog_threshold);
+        if let Some(l) = metrics_listener {
+            tokio::spawn(crate::metrics::serve_http(l, grid.clone(), metrics.clone(), stop_rx.clone()));
+        }
         let limits = ConnLimits {
             inflight: cfg.inflight_max.max(1),
             budget: budget.clone(),
             frame_deadline: cfg.frame_deadline,
+            metrics: metrics.clone(),
         };
         let task =
             tokio::spawn(accept_loop(listener, grid, auth, limits, cfg.connections_max.max(1), stop_rx));
-        Ok(Server { local_addr, stop, task, budget })
+        Ok(Server { local_addr, stop, task, budget, metrics, metrics_addr })
+    }
+
+    /// The server's request counters and slow log (`crate::metrics`).
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.metrics
+    }
+
+    /// Where it answers metrics scrapes, if it does (`ServerConfig::metrics_listen`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -274,9 +312,11 @@ async fn accept_loop(
         tokio::select! {
             _ = stop.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((mut sock, _peer)) => {
+                Ok((mut sock, peer)) => {
                     if conns.len() >= connections_max {
                         // Refuse with a reason the client can show, without reading anything.
+                        limits.metrics.connections.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, connections_max, "connection refused: at the connection limit");
                         let error = GridError::Unavailable(format!("server is at its limit of {connections_max} connections"));
                         tokio::spawn(async move {
                             let _ = protocol::write_msg(&mut sock, &HelloReply::Refused { error }).await;
@@ -284,7 +324,8 @@ async fn accept_loop(
                         continue;
                     }
                     let _ = sock.set_nodelay(true);
-                    conns.spawn(connection(sock, grid.clone(), auth.clone(), limits.clone(), stop.clone()));
+                    limits.metrics.connections.accepted.fetch_add(1, Ordering::Relaxed);
+                    conns.spawn(connection(sock, peer, grid.clone(), auth.clone(), limits.clone(), stop.clone()));
                 }
                 // Out of descriptors and the like: back off briefly instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -309,6 +350,7 @@ struct Input {
     held: u64,
     /// When the frame now partly buffered started arriving.
     partial_since: Option<tokio::time::Instant>,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl Drop for Input {
@@ -350,6 +392,7 @@ impl Input {
         self.buf.reserve(IO_BUFFER_BYTES);
         self.account()?;
         let n = self.rd.read_buf(&mut self.buf).await?;
+        self.metrics.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         self.account()?;
         Ok(n > 0)
     }
@@ -501,6 +544,7 @@ impl Writing {
 /// is ready is written with one write.
 async fn connection(
     sock: TcpStream,
+    peer: SocketAddr,
     grid: Arc<GridCore>,
     auth: Arc<Auth>,
     limits: ConnLimits,
@@ -515,10 +559,20 @@ async fn connection(
         budget: limits.budget.clone(),
         held: 0,
         partial_since: None,
+        metrics: limits.metrics.clone(),
     };
+    let metrics = limits.metrics.clone();
     let who = match handshake(&mut input, &auth).await {
         Ok(p) => Arc::new(p),
         Err(error) => {
+            // Never the token: only that it was missing or unknown.
+            if let GridError::Unauthenticated(why) = &error {
+                metrics.connections.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, reason = %why, "authentication failed");
+            } else {
+                metrics.connections.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, reason = %error, "handshake failed");
+            }
             let _ = protocol::write_msg(&mut wr, &HelloReply::Refused { error }).await;
             let _ = wr.shutdown().await;
             return;
@@ -531,6 +585,9 @@ async fn connection(
     if protocol::write_msg(&mut wr, &welcome).await.is_err() {
         return;
     }
+    metrics.connections.open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenConnection(&metrics);
+    let mut timing = InFlight::new(peer.to_string());
     let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
     // Requests read and not yet answered.
     let mut open = 0usize;
@@ -551,7 +608,8 @@ async fn connection(
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &session, &sessions, &gone, &routed);
+        let mut round = Round::new(&writing, &session, &sessions, &gone, &routed, &metrics);
+        let decoded_at = std::time::Instant::now();
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -563,14 +621,17 @@ async fn connection(
                     protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
                     reading = false;
                 }
-                Ok(req) => match round.add(&grid, &who, req, &mut out) {
-                    Taken::Answered => {}
-                    Taken::InRound => open += 1,
-                    Taken::Alone(f) => {
-                        open += 1;
-                        running.push(f);
+                Ok(req) => {
+                    timing.start(req.id, &req.body, decoded_at);
+                    match round.add(&grid, &who, req, &mut out) {
+                        Taken::Answered => {}
+                        Taken::InRound => open += 1,
+                        Taken::Alone(f) => {
+                            open += 1;
+                            running.push(f);
+                        }
                     }
-                },
+                }
                 Err(e) => {
                     let e = GridError::Protocol(e.to_string());
                     protocol::append_response(&mut out, &Response { id: 0, result: Err(e) });
@@ -590,6 +651,7 @@ async fn connection(
         // What was answered at once (snapshot reads, refusals) goes out now, in one write,
         // rather than waiting behind the shards' replies.
         if !out.is_empty() {
+            metrics.observe(&mut timing, &out);
             if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                 return;
             }
@@ -618,6 +680,7 @@ async fn connection(
                     while let Some(Some(d)) = running.next().now_or_never() {
                         finish(d, &mut out, &mut open, &mut writing);
                     }
+                    metrics.observe(&mut timing, &out);
                     if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
                         return;
                     }
@@ -654,6 +717,15 @@ async fn connection(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Counts an open connection until it is dropped.
+struct OpenConnection<'a>(&'a ServerMetrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Takes a finished round or request into the connection's output and counts.
@@ -788,6 +860,8 @@ struct Round<'c> {
     appends: Option<(Arc<FeedRuntime>, Vec<u64>, Vec<AppendReq>)>,
     /// Sent append batches awaiting their replies.
     sent: Vec<Pending>,
+    /// The server's metrics (the slow log).
+    metrics: &'c Arc<ServerMetrics>,
 }
 
 /// What became of a request a round was given.
@@ -807,6 +881,7 @@ impl<'c> Round<'c> {
         sessions: &'c ConnSessions,
         gone: &'c watch::Receiver<bool>,
         routed: &'c RoutedChain,
+        metrics: &'c Arc<ServerMetrics>,
     ) -> Round<'c> {
         Round {
             writing,
@@ -821,6 +896,7 @@ impl<'c> Round<'c> {
             requests: 0,
             appends: None,
             sent: Vec::new(),
+            metrics,
         }
     }
 
@@ -917,13 +993,18 @@ impl<'c> Round<'c> {
             RequestBody::EvalFenced { src, args, limits, fences } => {
                 let access = eval_access(who);
                 return alone(id, async move {
-                    Ok(ResponseBody::Value(grid.eval_fenced(&src, args, &limits, access, &fences).await?))
+                    let sink = heapgrid_actors::snippet::PrintSink::default();
+                    let v =
+                        grid.eval_printing(&src, args, &limits, access, &fences, Some(sink.clone())).await?;
+                    Ok(with_printed(v, &sink))
                 });
             }
             RequestBody::Eval { src, args, limits } => {
                 let access = eval_access(who);
                 return alone(id, async move {
-                    Ok(ResponseBody::Value(grid.eval(&src, args, &limits, access).await?))
+                    let sink = heapgrid_actors::snippet::PrintSink::default();
+                    let v = grid.eval_printing(&src, args, &limits, access, &[], Some(sink.clone())).await?;
+                    Ok(with_printed(v, &sink))
                 });
             }
             RequestBody::Fetch { reference, offset, limit } => {
@@ -1080,6 +1161,13 @@ impl<'c> Round<'c> {
                 self.session.no_wait.store(!wait_for_recovery, Ordering::Relaxed);
                 protocol::append_response(out, &Response { id, result: Ok(ResponseBody::Done) });
                 return Taken::Answered;
+            }
+            RequestBody::SlowLog { clear } => {
+                let m = self.metrics.clone();
+                return alone(id, async move {
+                    who.require(SERVER, Permission::Admin)?;
+                    Ok(ResponseBody::SlowLog(m.slowlog(clear)))
+                });
             }
             RequestBody::Stats => {
                 return alone(id, async move {
@@ -1527,6 +1615,12 @@ async fn answer_round(
         }
     }
     Done { bytes: out, requests, wrote }
+}
+
+/// A snippet's answer: its value, with what it printed if it printed anything (`Printed`).
+fn with_printed(value: Value, sink: &heapgrid_actors::snippet::PrintSink) -> ResponseBody {
+    let printed = std::mem::take(&mut *sink.lock().unwrap_or_else(|e| e.into_inner()));
+    if printed.is_empty() { ResponseBody::Value(value) } else { ResponseBody::Printed { value, printed } }
 }
 
 async fn detached<F>(f: F) -> Result<ResponseBody, GridError>

@@ -138,3 +138,42 @@ impl From<crate::lock::fence::Stale> for GridError {
         GridError::StaleFence { lock: s.lock, presented: s.presented, current: s.current }
     }
 }
+
+impl GridError {
+    /// The variant's name in metrics and logs (snake case, stable).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GridError::NoSuchTable { .. } => "no_such_table",
+            GridError::TableExists { .. } => "table_exists",
+            GridError::Invalid { .. } => "invalid",
+            GridError::CasFailed { .. } => "cas_failed",
+            GridError::LimitExceeded { .. } => "limit_exceeded",
+            GridError::Value { .. } => "value",
+            GridError::Corrupted { .. } => "corrupted",
+            GridError::Storage { .. } => "storage",
+            GridError::ShardFailed { .. } => "shard_failed",
+            GridError::Unavailable { .. } => "unavailable",
+            GridError::Closed => "closed",
+            GridError::Unauthenticated { .. } => "unauthenticated",
+            GridError::PermissionDenied { .. } => "permission_denied",
+            GridError::Protocol { .. } => "protocol",
+            GridError::Snippet { .. } => "snippet",
+            GridError::WorkerDied { .. } => "worker_died",
+            GridError::Conflict { .. } => "conflict",
+            GridError::NoSuchFeed { .. } => "no_such_feed",
+            GridError::FeedExists { .. } => "feed_exists",
+            GridError::IdExists { .. } => "id_exists",
+            GridError::NoSuchRecord { .. } => "no_such_record",
+            GridError::Trimmed { .. } => "trimmed",
+            GridError::NoSuchCursor { .. } => "no_such_cursor",
+            GridError::StaleFence { .. } => "stale_fence",
+            GridError::NotHolder { .. } => "not_holder",
+            GridError::SessionExpired { .. } => "session_expired",
+            GridError::QueueFull { .. } => "queue_full",
+            GridError::StaleReceipt { .. } => "stale_receipt",
+            GridError::Indeterminate { .. } => "indeterminate",
+            GridError::NotPrimary { .. } => "not_primary",
+            GridError::Recovering { .. } => "recovering",
+        }
+    }
+}

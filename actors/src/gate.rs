@@ -207,9 +207,34 @@ pub struct ReadView {
     /// Set while the shard is replicated and this node may not serve it (not its primary, or
     /// without a lease): reads then go to the actor, which refuses them.
     withheld: std::sync::atomic::AtomicBool,
+    /// Messages callers sent the actor, and those it took from its mailbox: their difference is
+    /// its mailbox depth (ractor does not tell it), a metric.
+    sent: std::sync::atomic::AtomicU64,
+    handled: std::sync::atomic::AtomicU64,
 }
 
 impl ReadView {
+    /// A caller sent the actor a message (the actor counts it with `note_handled`).
+    pub fn note_sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn note_handled(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages sent and not yet taken by the actor (a message sent to an actor that stopped
+    /// is never taken: a restart starts the count again, `reset_mailbox`).
+    pub fn mailbox_depth(&self) -> u64 {
+        let handled = self.handled.load(Ordering::Relaxed);
+        self.sent.load(Ordering::Relaxed).saturating_sub(handled)
+    }
+
+    /// A new actor took over the shard: what the old one left in its mailbox is gone.
+    pub fn reset_mailbox(&self) {
+        self.handled.store(self.sent.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// Whether this node serves the shard's reads from snapshots (a replicated shard: only
     /// while it is the primary holding a lease; the actor updates it every tick).
     pub fn set_serving(&self, serving: bool) {
@@ -294,7 +319,14 @@ pub struct LogGate<S> {
     flush_scheduled: bool,
     /// The write-back of a checkpoint begun by this actor, running on the blocking pool.
     checkpoint_task: Option<tokio::task::JoinHandle<(CheckpointJob, heapgrid_heap::Result<()>)>>,
+    /// What log lines call it (its heap's path: `named`).
+    name: Arc<str>,
 }
+
+/// A checkpoint whose begin paused the actor longer than this, or whose write-back took longer
+/// than `CHECKPOINT_WRITE_LOG_MS`, is logged (the metrics have every one).
+const CHECKPOINT_PAUSE_LOG_MS: u128 = 100;
+const CHECKPOINT_WRITE_LOG_MS: u128 = 2_000;
 
 impl<S: HeapOwner> LogGate<S> {
     /// The gate of a shard whose heap was just opened (recovered): publishes what recovery
@@ -319,6 +351,7 @@ impl<S: HeapOwner> LogGate<S> {
             unflushed: Vec::new(),
             flush_scheduled: false,
             checkpoint_task: None,
+            name: "a heap".into(),
         })
     }
 
@@ -411,18 +444,36 @@ impl<S: HeapOwner> LogGate<S> {
     /// Begins a background checkpoint unless one is in flight (`begin_checkpoint` without the
     /// compaction step).
     fn start_checkpoint<M: GateMsg>(&mut self, myself: &ActorRef<M>) -> Result<(), ActorProcessingErr> {
+        let began = std::time::Instant::now();
         if self.checkpoint_task.is_none()
             && let Some(t) = self.shard.as_mut()
             && let Ok(Some(job)) = t.heap_mut().begin_checkpoint()
         {
+            let pause = began.elapsed().as_millis();
+            let name = self.name.clone();
+            if pause > CHECKPOINT_PAUSE_LOG_MS {
+                tracing::warn!(heap = %name, pause_ms = pause as u64, "a checkpoint's begin paused the shard");
+            }
             let me = myself.clone();
             self.checkpoint_task = Some(tokio::task::spawn_blocking(move || {
+                let written = std::time::Instant::now();
                 let r = job.run();
+                let ms = written.elapsed().as_millis();
+                if ms > CHECKPOINT_WRITE_LOG_MS {
+                    let pages = job.bytes() / heapgrid_heap::PAGE_SIZE as u64;
+                    tracing::warn!(heap = %name, ms = ms as u64, pages, "a slow checkpoint write-back");
+                }
                 let _ = me.cast(M::checkpoint_done());
                 (job, r)
             }));
         }
         fail_if_poisoned(self)
+    }
+
+    /// Names it in log lines (its heap's path).
+    pub fn named(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Everything applied so far, durable when this returns: after any in-flight checkpoint,

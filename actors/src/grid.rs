@@ -142,6 +142,7 @@ struct RootArgs {
     cluster: ClusterNet,
     /// What the memory pager did (budget 0 without one).
     pager: Arc<crate::memory::PagerStats>,
+    counters: Arc<crate::metrics::NodeCounters>,
 }
 
 /// Where shard actors find the node's replication network (set when it joins a cluster).
@@ -180,8 +181,13 @@ fn feed_dir(dir: &Path, def: &FeedDef) -> PathBuf {
 }
 
 /// The options of a shard's heap under the grid's `opts`.
-fn heap_options(opts: &GridOptions, fsync: FsyncPolicy) -> HeapOptions {
-    HeapOptions { fsync, log_tail_bytes_max: opts.checkpoint_log_bytes.max(1), ..HeapOptions::default() }
+fn heap_options(args: &RootArgs, fsync: FsyncPolicy) -> HeapOptions {
+    HeapOptions {
+        fsync,
+        log_tail_bytes_max: args.opts.checkpoint_log_bytes.max(1),
+        io: Some(args.counters.io.clone()),
+        ..HeapOptions::default()
+    }
 }
 
 impl RootSupervisor {
@@ -191,7 +197,7 @@ impl RootSupervisor {
         def: TableDef,
         slots: Arc<Vec<ShardSlot>>,
     ) -> Result<(), GridError> {
-        let heap = heap_options(&st.args.opts, def.fsync.into());
+        let heap = heap_options(&st.args, def.fsync.into());
         let args = TableSupArgs {
             table: def.name.clone(),
             dir: table_dir(&st.args.dir, &def),
@@ -200,6 +206,7 @@ impl RootSupervisor {
             slots: slots.clone(),
             fences: st.args.locks.fences.clone(),
             cluster: st.args.cluster.clone(),
+            counters: st.args.counters.clone(),
         };
         let (sup, _) = TableSupervisor::spawn_linked(None, TableSupervisor, args, myself.get_cell())
             .await
@@ -214,7 +221,7 @@ impl RootSupervisor {
         def: FeedDef,
         slot: Arc<ShardSlot<FeedMsg>>,
     ) -> Result<(), GridError> {
-        let heap = heap_options(&st.args.opts, def.fsync.into());
+        let heap = heap_options(&st.args, def.fsync.into());
         let spec = FeedChild {
             def: def.clone(),
             dir: feed_dir(&st.args.dir, &def),
@@ -222,7 +229,12 @@ impl RootSupervisor {
             fences: st.args.locks.fences.clone(),
             cluster: st.args.cluster.clone(),
         };
-        let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: slot.clone() };
+        let args = OneChildArgs {
+            spec,
+            policy: st.args.opts.restart,
+            slot: slot.clone(),
+            counters: st.args.counters.clone(),
+        };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell())
             .await
             .map_err(|e| GridError::Storage(format!("could not start feed {}: {e}", def.name)))?;
@@ -239,7 +251,7 @@ impl RootSupervisor {
     async fn start_locks(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Result<(), ActorProcessingErr> {
         let spec = LockChild {
             dir: st.args.dir.clone(),
-            heap: heap_options(&st.args.opts, st.args.opts.fsync),
+            heap: heap_options(&st.args, st.args.opts.fsync),
             fences: st.args.locks.fences.clone(),
             ended: {
                 let queues = st.args.queues.clone();
@@ -247,7 +259,12 @@ impl RootSupervisor {
             },
             cluster: st.args.cluster.clone(),
         };
-        let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.locks.slot().clone() };
+        let args = OneChildArgs {
+            spec,
+            policy: st.args.opts.restart,
+            slot: st.args.locks.slot().clone(),
+            counters: st.args.counters.clone(),
+        };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
         st.lock_sup = Some(sup);
         Ok(())
@@ -257,11 +274,16 @@ impl RootSupervisor {
     async fn start_queues(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Result<(), ActorProcessingErr> {
         let spec = QueueChild {
             dir: st.args.dir.clone(),
-            heap: heap_options(&st.args.opts, st.args.opts.fsync),
+            heap: heap_options(&st.args, st.args.opts.fsync),
             fences: st.args.locks.fences.clone(),
             cluster: st.args.cluster.clone(),
         };
-        let args = OneChildArgs { spec, policy: st.args.opts.restart, slot: st.args.queues.slot().clone() };
+        let args = OneChildArgs {
+            spec,
+            policy: st.args.opts.restart,
+            slot: st.args.queues.slot().clone(),
+            counters: st.args.counters.clone(),
+        };
         let (sup, _) = OneChild::spawn_linked(None, OneChild::default(), args, myself.get_cell()).await?;
         st.queue_sup = Some(sup);
         Ok(())
@@ -507,6 +529,8 @@ pub struct GridCore {
     data_plane: std::sync::OnceLock<crate::cluster::data::DataPlane>,
     /// What the memory pager did.
     pager: Arc<crate::memory::PagerStats>,
+    /// Disk work, restarts and failures of the node (`metrics.rs`).
+    counters: Arc<crate::metrics::NodeCounters>,
     _lock: File,
 }
 
@@ -929,6 +953,7 @@ impl GridCore {
         let queues = Arc::new(Queues::default());
         let repl_net: ClusterNet = Arc::default();
         let pager: Arc<crate::memory::PagerStats> = Arc::default();
+        let counters = Arc::new(crate::metrics::NodeCounters::default());
         let args = RootArgs {
             dir: dir.clone(),
             opts: opts.clone(),
@@ -938,6 +963,7 @@ impl GridCore {
             queues: queues.clone(),
             cluster: repl_net.clone(),
             pager: pager.clone(),
+            counters: counters.clone(),
         };
         let (root, _) = RootSupervisor::spawn(None, RootSupervisor, args)
             .await
@@ -974,6 +1000,7 @@ impl GridCore {
             cluster_defaults: std::sync::OnceLock::new(),
             data_plane: std::sync::OnceLock::new(),
             pager,
+            counters,
             _lock: lock,
         });
         for def in feed_defs {
@@ -1134,7 +1161,8 @@ impl GridCore {
             let mut shards = Vec::new();
             for i in (0..t.def.shards).filter(|&i| !skip(&t.def.name, i)) {
                 if let Ok(s) = t.heap_stats(i).await {
-                    shards.push(ShardStats::of(i, &s));
+                    let restarts = t.slots()[i as usize].restarts();
+                    shards.push(ShardStats { restarts, ..ShardStats::of(i, &s) });
                 }
             }
             out.push(CollectionStats { name: t.def.name.clone(), kind: "table".into(), shards });
@@ -1144,18 +1172,23 @@ impl GridCore {
         for f in feeds {
             let shards = match skip(&f.def.name, 0) {
                 true => Vec::new(),
-                false => f.heap_stats().await.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default(),
+                false => f
+                    .heap_stats()
+                    .await
+                    .map(|s| vec![ShardStats { restarts: f.slot().restarts(), ..ShardStats::of(0, &s) }])
+                    .unwrap_or_default(),
             };
             out.push(CollectionStats { name: f.def.name.clone(), kind: "feed".into(), shards });
         }
         use crate::cluster::map::{LOCKS_SERVICE, QUEUES_SERVICE};
         for name in [LOCKS_SERVICE, QUEUES_SERVICE] {
-            let stats = match (skip(name, 0), name == LOCKS_SERVICE) {
-                (true, _) => None,
-                (false, true) => self.locks.heap_stats().await.ok(),
-                (false, false) => self.queues.heap_stats().await.ok(),
+            let (stats, restarts) = match (skip(name, 0), name == LOCKS_SERVICE) {
+                (true, _) => (None, 0),
+                (false, true) => (self.locks.heap_stats().await.ok(), self.locks.slot().restarts()),
+                (false, false) => (self.queues.heap_stats().await.ok(), self.queues.slot().restarts()),
             };
-            let shards = stats.map(|s| vec![ShardStats::of(0, &s)]).unwrap_or_default();
+            let shards =
+                stats.map(|s| vec![ShardStats { restarts, ..ShardStats::of(0, &s) }]).unwrap_or_default();
             out.push(CollectionStats { name: name.into(), kind: "service".into(), shards });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1163,6 +1196,43 @@ impl GridCore {
         node.memory_budget = crate::stats::BudgetStats::of(&self.pager);
         node.recovering = recovering;
         node
+    }
+
+    /// The node's counters: its heaps' disk work, shard restarts and failures.
+    pub fn counters(&self) -> &Arc<crate::metrics::NodeCounters> {
+        &self.counters
+    }
+
+    /// Every shard on this node (tables, feeds, the services): its state and mailbox depth.
+    pub fn shard_health(&self) -> Vec<crate::stats::ShardHealth> {
+        use crate::stats::ShardHealth;
+        fn of<M>(collection: &str, shard: u32, slot: &ShardSlot<M>) -> ShardHealth {
+            let state = match slot.get() {
+                SlotState::Starting => "starting",
+                SlotState::Running(_) => "running",
+                SlotState::Failed(_) => "failed",
+                SlotState::Stopped => "stopped",
+            };
+            ShardHealth {
+                collection: collection.into(),
+                shard,
+                state: state.into(),
+                mailbox_depth: slot.view.mailbox_depth(),
+            }
+        }
+        let mut out = Vec::new();
+        for t in self.registry.read().unwrap_or_else(|e| e.into_inner()).values() {
+            for (i, slot) in t.slots().iter().enumerate() {
+                out.push(of(&t.def.name, i as u32, slot));
+            }
+        }
+        for f in self.feeds.read().unwrap_or_else(|e| e.into_inner()).values() {
+            out.push(of(&f.def.name, 0, f.slot()));
+        }
+        out.push(of(crate::cluster::map::LOCKS_SERVICE, 0, self.locks.slot()));
+        out.push(of(crate::cluster::map::QUEUES_SERVICE, 0, self.queues.slot()));
+        out.sort_by(|a, b| (&a.collection, a.shard).cmp(&(&b.collection, b.shard)));
+        out
     }
 
     /// The shards still recovering (opening their heap, replaying their op log) and how far.
@@ -1340,6 +1410,20 @@ impl GridCore {
         access: AccessCheck,
         fences: &[(String, u64)],
     ) -> Result<Value, GridError> {
+        self.eval_printing(src, args, limits, access, fences, None).await
+    }
+
+    /// `eval_fenced` that hands what the run printed (`print()`) to `printed` (the run that
+    /// answered: a grid-scoped run retried after a conflict prints again).
+    pub async fn eval_printing(
+        self: &Arc<Self>,
+        src: &str,
+        args: Value,
+        limits: &LimitOverrides,
+        access: AccessCheck,
+        fences: &[(String, u64)],
+        printed: Option<crate::snippet::PrintSink>,
+    ) -> Result<Value, GridError> {
         let fences: Vec<WriteOp> =
             fences.iter().map(|(lock, fence)| WriteOp::Fence { lock: lock.clone(), fence: *fence }).collect();
         let compiled = self.snippets.engine.compile(src)?;
@@ -1359,10 +1443,10 @@ impl GridCore {
             // In a cluster, a shard another node serves is not tried in place: the snippet
             // runs grid-scoped here, its operations sent to their primaries.
             if t.primary_elsewhere(guess).is_some() {
-                return self.eval_grid(compiled, args, limits, access, fences).await;
+                return self.eval_grid(compiled, args, limits, access, fences, printed).await;
             }
             if t.def.shards == 1 {
-                let job = EvalJob { args, read_only, fences, ..t.eval_job(0, compiled, limits) };
+                let job = EvalJob { args, read_only, fences, printed, ..t.eval_job(0, compiled, limits) };
                 return t.eval_in(job).await;
             }
             // Several shards: first try the shard that `args` names when it is a key (else shard
@@ -1374,6 +1458,7 @@ impl GridCore {
                 read_only,
                 out_of_scope: Some(missed.clone()),
                 fences: fences.clone(),
+                printed: printed.clone(),
                 ..t.eval_job(guess, compiled.clone(), limits.clone())
             };
             match t.eval_in(job).await {
@@ -1382,7 +1467,7 @@ impl GridCore {
                 Err(_) => {}
             }
         }
-        self.eval_grid(compiled, args, limits, access, fences).await
+        self.eval_grid(compiled, args, limits, access, fences, printed).await
     }
 
     /// The grid-scoped run of `eval_fenced`: optimistic, then under a commit stripe.
@@ -1393,6 +1478,7 @@ impl GridCore {
         limits: crate::snippet::Limits,
         access: AccessCheck,
         fences: Vec<WriteOp>,
+        printed: Option<crate::snippet::PrintSink>,
     ) -> Result<Value, GridError> {
         let mut stripe = None;
         for attempt in 1..=SNIPPET_ATTEMPTS_MAX {
@@ -1417,7 +1503,10 @@ impl GridCore {
             .map_err(|e| GridError::Unavailable(format!("snippet task failed: {e}")))?;
             // Whatever ends this run short of its commit gives back what it took.
             let mut give_back = GiveBack { core: self.clone(), taken };
-            let crate::snippet::Outcome { value, writes, feed_writes } = outcome?;
+            let crate::snippet::Outcome { value, writes, feed_writes, printed: text } = outcome?;
+            if let Some(sink) = &printed {
+                *sink.lock().unwrap_or_else(|e| e.into_inner()) = text;
+            }
             let mut groups = self.commit_groups(writes, &versions)?;
             for (_, ops) in &mut groups {
                 ops.splice(0..0, fences.iter().cloned());

@@ -19,6 +19,7 @@ pub mod key;
 pub mod limits;
 pub mod lock;
 pub mod memory;
+pub mod metrics;
 pub mod queue;
 pub mod record;
 pub mod replication;

@@ -27,6 +27,13 @@ pub struct ShardStats {
     pub checkpoints: u64,
     /// Op-log bytes since the last checkpoint began: what a crash now leaves to replay.
     pub log_tail_bytes: u64,
+    /// Share of its pages in use (not free, not waiting to be freed), in percent.
+    pub used_pages_percent: u32,
+    /// When its last checkpoint since the shard opened finished (ms since the Unix epoch; 0:
+    /// none yet).
+    pub last_checkpoint_unix_ms: u64,
+    /// Times its supervisor restarted it since the node started (a crash, a failed start).
+    pub restarts: u64,
 }
 
 impl ShardStats {
@@ -43,6 +50,11 @@ impl ShardStats {
             resident_bytes: s.resident_bytes,
             checkpoints: s.epoch,
             log_tail_bytes: s.log_tail_bytes,
+            used_pages_percent: (s.page_count.saturating_sub(s.free_pages + s.pending_pages) * 100)
+                .checked_div(s.page_count)
+                .unwrap_or(0) as u32,
+            last_checkpoint_unix_ms: s.last_checkpoint_unix_ms,
+            restarts: 0,
         }
     }
 }
@@ -88,6 +100,18 @@ pub struct RecoveringShard {
     /// Bytes of its op log replayed, of `total_bytes` to replay (both 0 before the replay).
     pub replayed_bytes: u64,
     pub total_bytes: u64,
+}
+
+/// A shard's state as its supervisor sees it, and its mailbox (`GridCore::shard_health`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardHealth {
+    pub collection: String,
+    pub shard: u32,
+    /// `starting` (opening, recovering, or waiting to retry a failed start), `running`,
+    /// `failed` (given up on: it answers `ShardFailed`) or `stopped`.
+    pub state: String,
+    /// Messages sent to its actor and not yet taken (table shards; 0 for the others).
+    pub mailbox_depth: u64,
 }
 
 /// The memory budget's pager (`memory`).

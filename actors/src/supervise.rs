@@ -52,6 +52,8 @@ pub struct OneChildArgs<C: ChildSpec> {
     pub spec: C,
     pub policy: RestartPolicy,
     pub slot: Arc<ShardSlot<C::Msg>>,
+    /// Where restarts and failures are counted.
+    pub counters: Arc<crate::metrics::NodeCounters>,
 }
 
 pub enum OneChildMsg {
@@ -150,12 +152,17 @@ impl<C: ChildSpec> OneChildState<C> {
             Err(e) => {
                 let spec = &self.args.spec;
                 let why = format!("could not open {}: {e}", spec.what());
-                tracing::warn!(%why, "start failed");
                 match self.tracker.on_failure(self.args.policy, self.now_ms()) {
                     Decision::Restart if !self.stopping => {
+                        tracing::warn!(child = %spec.what(), reason = %why, "start failed; retrying");
+                        self.args.slot.restarted(&self.args.counters);
                         myself.send_after(START_RETRY_DELAY, || OneChildMsg::Retry);
                     }
-                    _ => self.args.slot.set(SlotState::Failed(why)),
+                    _ => {
+                        tracing::error!(child = %spec.what(), reason = %why, "start failed; giving up (it answers ShardFailed)");
+                        self.args.counters.gave_up();
+                        self.args.slot.set(SlotState::Failed(why))
+                    }
                 }
             }
         }
@@ -174,10 +181,18 @@ impl<C: ChildSpec> OneChildState<C> {
             self.args.slot.set(SlotState::Stopped);
             return;
         }
-        tracing::warn!(%why, child = %self.args.spec.what(), "child failed; restarting it (recovery)");
         match self.tracker.on_failure(self.args.policy, self.now_ms()) {
-            Decision::Restart => self.spawn_child(myself),
-            Decision::GiveUp => self.args.slot.set(SlotState::Failed(self.args.policy.gave_up(&why))),
+            Decision::Restart => {
+                tracing::warn!(child = %self.args.spec.what(), reason = %why, "failed; restarting it (recovery)");
+                self.args.slot.restarted(&self.args.counters);
+                self.spawn_child(myself)
+            }
+            Decision::GiveUp => {
+                let why = self.args.policy.gave_up(&why);
+                tracing::error!(child = %self.args.spec.what(), reason = %why, "failed; giving up (it answers ShardFailed)");
+                self.args.counters.gave_up();
+                self.args.slot.set(SlotState::Failed(why))
+            }
         }
     }
 }

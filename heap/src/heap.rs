@@ -20,6 +20,7 @@ use crate::batch::{BatchOp, WriteBatch, check_key, check_value};
 use crate::btree::{self, Cursor, TreeRoot};
 use crate::error::{Error, Result, corrupt};
 use crate::freelist::{self, FREELIST_IDS_PER_PAGE};
+use crate::io_stats::IoStats;
 use crate::limits::{FILE_BYTES_MAX, PAGE, PAGE_SIZE};
 use crate::meta::{self, FIRST_DATA_PAGE, HEADER_PAGE, Meta};
 use crate::oplog::{Durability, FileLogDir, FsyncPolicy, LogDir, OpLog, ReplayProgress, ReplayReport};
@@ -54,6 +55,8 @@ pub struct HeapOptions {
     /// crash and checkpoints more often under heavy writes (more pages written per byte
     /// logged).
     pub log_tail_bytes_max: u64,
+    /// Where its disk work is counted (op-log writes and fsyncs, checkpoints); `None`: nowhere.
+    pub io: Option<Arc<IoStats>>,
 }
 
 /// `HeapOptions::log_tail_bytes_max` by default: 64 MiB (issue 19's bound on replay;
@@ -70,6 +73,7 @@ impl Default for HeapOptions {
             fsync: FsyncPolicy::default(),
             progress: None,
             log_tail_bytes_max: LOG_TAIL_BYTES_MAX_DEFAULT,
+            io: None,
         }
     }
 }
@@ -93,6 +97,9 @@ pub struct HeapStats {
     pub log_bytes: u64,
     /// Bytes of op-log records since the last checkpoint began (`Heap::log_tail_bytes`).
     pub log_tail_bytes: u64,
+    /// When the last checkpoint since this heap was opened finished (ms since the Unix epoch; 0:
+    /// none yet).
+    pub last_checkpoint_unix_ms: u64,
 }
 
 /// What `Heap::shed` did.
@@ -162,6 +169,10 @@ pub struct Heap {
     replay: ReplayReport,
     /// `HeapOptions::log_tail_bytes_max`.
     log_tail_max: u64,
+    /// `HeapOptions::io`.
+    io: Option<Arc<IoStats>>,
+    /// `HeapStats::last_checkpoint_unix_ms`.
+    last_checkpoint_unix_ms: u64,
     /// When set (`set_tap`), every batch committed from now on, with its LSN (`take_tapped`):
     /// what replication ships.
     tapped: Option<Vec<(u64, Vec<u8>)>>,
@@ -295,9 +306,8 @@ impl Heap {
                 dir,
                 heap.durable.heap_id,
                 opts.fsync,
-                heap.durable.checkpoint_lsn,
-                heap.durable.log_segment,
-                progress,
+                (heap.durable.checkpoint_lsn, heap.durable.log_segment),
+                (progress, opts.io.clone()),
                 |lsn, batch| {
                     window.add(lsn, batch);
                     if window.bytes >= REPLAY_WINDOW_BYTES {
@@ -384,6 +394,8 @@ impl Heap {
             log: None,
             replay: ReplayReport::default(),
             log_tail_max: opts.log_tail_bytes_max,
+            io: opts.io.clone(),
+            last_checkpoint_unix_ms: 0,
             tapped: None,
         })
     }
@@ -749,6 +761,15 @@ impl Heap {
     /// batches (none of which it flushes or names). `None`: nothing changed since the last
     /// checkpoint. Only one checkpoint is in flight at a time.
     pub fn begin_checkpoint(&mut self) -> Result<Option<CheckpointJob>> {
+        let start = std::time::Instant::now();
+        let job = self.begin_checkpoint_inner()?;
+        if let (Some(io), Some(_)) = (&self.io, &job) {
+            io.checkpoint_pause_us.record_since(start);
+        }
+        Ok(job)
+    }
+
+    fn begin_checkpoint_inner(&mut self) -> Result<Option<CheckpointJob>> {
         self.usable()?;
         if self.checkpoint_in_flight {
             return Err(Error::Poisoned("a checkpoint is already in flight".into()));
@@ -870,6 +891,7 @@ impl Heap {
             meta_page,
             previous_lsn,
             pending_at_start,
+            io: self.io.clone(),
         })
     }
 
@@ -895,6 +917,9 @@ impl Heap {
         pager.give_back();
         self.older_page_count = self.durable.page_count;
         self.durable = job.meta;
+        self.last_checkpoint_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         // The pages past both durable checkpoints' page counts are free in both, and no snapshot
         // reads them: a file longer than that by more than two growth steps is cut back (online
         // compaction). Not below the older checkpoint's count: open may fall back to it.
@@ -1268,6 +1293,7 @@ impl Heap {
             resident_bytes: self.pager.storage.region().resident_bytes().unwrap_or(0),
             log_bytes: self.log.as_ref().map_or(0, |l| l.disk_bytes()),
             log_tail_bytes: self.log_tail_bytes(),
+            last_checkpoint_unix_ms: self.last_checkpoint_unix_ms,
         }
     }
 
@@ -1351,11 +1377,22 @@ pub struct CheckpointJob {
     previous_lsn: u64,
     /// How many of the pending pages were pending when the checkpoint began.
     pending_at_start: usize,
+    io: Option<Arc<IoStats>>,
 }
 
 impl CheckpointJob {
     /// Writes the checkpoint back. Crash-safe at every step: the meta page goes last.
     pub fn run(&self) -> Result<()> {
+        let start = std::time::Instant::now();
+        let r = self.write_back();
+        if let Some(io) = &self.io {
+            io.checkpoint_write_us.record_since(start);
+            io.checkpoint_pages.record(self.bytes() / PAGE_SIZE as u64 + 1);
+        }
+        r
+    }
+
+    fn write_back(&self) -> Result<()> {
         for &(offset, len) in &self.runs {
             self.flusher.flush(offset, len)?;
         }

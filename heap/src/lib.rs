@@ -17,6 +17,7 @@ mod error;
 mod freelist;
 pub mod group_commit;
 mod heap;
+pub mod io_stats;
 pub mod limits;
 mod meta;
 mod node;
@@ -37,6 +38,7 @@ pub use heap::{
     CheckpointJob, CompactProgress, CompactStats, Entry, Heap, HeapOptions, HeapStats, IntegrityReport,
     LOG_TAIL_BYTES_MAX_DEFAULT, Range, ShedReport,
 };
+pub use io_stats::{Histogram, IoStats};
 pub use limits::PAGE_SIZE;
 pub use meta::FORMAT_VERSION;
 pub use oplog::{Durability, FsyncPolicy, ReplayProgress, ReplayReport};

@@ -43,6 +43,7 @@ use std::time::Duration;
 use crate::batch::WriteBatch;
 use crate::error::{Error, Result};
 use crate::group_commit::GroupCommit;
+use crate::io_stats::IoStats;
 use crate::storage::sync_dir;
 
 const LOG_MAGIC: [u8; 8] = *b"HGOPLOG\0";
@@ -299,11 +300,24 @@ fn valid_record_after(seg: &[u8], pos: usize, after: u64) -> bool {
 struct Shared {
     gc: GroupCommit,
     current: Mutex<Arc<dyn LogSegment>>,
+    io: Option<Arc<IoStats>>,
 }
 
 impl Shared {
     fn segment(&self) -> Arc<dyn LogSegment> {
         self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A group commit's fsync of the current segment, counted in `io` (its latency, and the
+    /// records written and not yet durable when it began: the group it makes durable).
+    fn sync(&self) -> io::Result<()> {
+        let Some(io) = &self.io else { return self.segment().sync() };
+        let group = self.gc.written_lsn().saturating_sub(self.gc.durable());
+        let start = std::time::Instant::now();
+        let r = self.segment().sync();
+        io.fsync_us.record_since(start);
+        io.fsync_records.record(group);
+        r
     }
 }
 
@@ -321,7 +335,7 @@ impl Durability {
         match self.policy {
             FsyncPolicy::Always => {
                 let shared = self.shared.clone();
-                self.shared.gc.wait_durable(lsn, move || shared.segment().sync())
+                self.shared.gc.wait_durable(lsn, move || shared.sync())
             }
             _ => Ok(lsn),
         }
@@ -382,9 +396,8 @@ impl OpLog {
         dir: Arc<dyn LogDir>,
         heap_id: u64,
         policy: FsyncPolicy,
-        checkpoint_lsn: u64,
-        expected_segment: u64,
-        progress: Option<&ReplayProgress>,
+        (checkpoint_lsn, expected_segment): (u64, u64),
+        (progress, io): (Option<&ReplayProgress>, Option<Arc<IoStats>>),
         apply: impl FnMut(u64, &WriteBatch) -> Result<()>,
     ) -> Result<(OpLog, ReplayReport)> {
         let Scan { mut segments, report, expected, tail_len } =
@@ -409,7 +422,8 @@ impl OpLog {
         };
         // What replay read may sit only in the page cache; make it durable before acking more.
         current.sync()?;
-        let shared = Arc::new(Shared { gc: GroupCommit::new(report.last_lsn), current: Mutex::new(current) });
+        let shared =
+            Arc::new(Shared { gc: GroupCommit::new(report.last_lsn), current: Mutex::new(current), io });
         let flusher = match policy {
             FsyncPolicy::EveryMs(ms) => Some(spawn_flusher(shared.clone(), ms)),
             _ => None,
@@ -455,6 +469,7 @@ impl OpLog {
         }
         self.next_lsn += 1;
         self.tail_bytes += self.buf.len() as u64;
+        self.count_write(self.buf.len());
         self.written(lsn);
         Ok(lsn)
     }
@@ -462,6 +477,13 @@ impl OpLog {
     /// Bytes of records written since the last checkpoint began (replay's length after a crash).
     pub(crate) fn tail_bytes(&self) -> u64 {
         self.tail_bytes + self.deferred.len() as u64
+    }
+
+    fn count_write(&self, bytes: usize) {
+        if let Some(io) = &self.shared.io {
+            io.log_writes.fetch_add(1, Ordering::Relaxed);
+            io.log_write_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
     }
 
     fn written(&self, lsn: u64) {
@@ -493,6 +515,7 @@ impl OpLog {
             return Err(Error::Io(e));
         }
         self.tail_bytes += self.deferred.len() as u64;
+        self.count_write(self.deferred.len());
         self.deferred.clear();
         self.written(self.next_lsn - 1);
         Ok(())
@@ -755,7 +778,7 @@ fn spawn_flusher(shared: Arc<Shared>, ms: u32) -> Flusher {
                 let written = shared.gc.written_lsn();
                 if written > shared.gc.durable() {
                     let s = shared.clone();
-                    if shared.gc.wait_durable(written, move || s.segment().sync()).is_err() {
+                    if shared.gc.wait_durable(written, move || s.sync()).is_err() {
                         return; // The group is failed; committers see the error.
                     }
                 }

@@ -10,6 +10,7 @@ mod heap_kill9;
 mod locks;
 mod locks_server;
 mod memory;
+mod operability;
 mod oplog_kill9;
 mod oplog_loss;
 mod pipeline;

@@ -169,7 +169,9 @@ async fn budgets_stop_snippets_and_leave_nothing_behind() {
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
     let f = failure(c.eval("users['x'] = [0] * 1000000000").await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
-    let f = failure(c.eval("[i for i in range(100000)]").await);
+    // A generous wall budget: under a loaded debug build, building the list can take seconds.
+    let slow_ok = heapgrid::LimitOverrides { wall_ms: Some(20_000), ..Default::default() };
+    let f = failure(c.eval_with("[i for i in range(100000)]", Value::Null, slow_ok).await);
     assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::ResultSize), "{f}");
     let tight = heapgrid::LimitOverrides { steps: Some(50), ..Default::default() };
     let f =

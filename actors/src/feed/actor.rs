@@ -334,7 +334,8 @@ impl Actor for FeedActor {
             || args.policy.retention.max_age_ms.is_some();
         let mut feed = FeedShard::open(heap, args.policy.clone())?;
         feed.set_deferred_log(true);
-        let gate = LogGate::new(feed, args.heap.fsync, args.view.clone(), myself.clone())?;
+        let gate = LogGate::new(feed, args.heap.fsync, args.view.clone(), myself.clone())?
+            .named(args.path.display().to_string());
         let fences = args.fences.clone();
         let mut st = FeedShardState {
             gate,

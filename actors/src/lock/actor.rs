@@ -1131,7 +1131,8 @@ impl Actor for LockActor {
             }
         };
         myself.send_interval(TICK, || LockMsg::Tick);
-        let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?;
+        let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?
+            .named(args.path.display().to_string());
         let cluster = args.cluster.map(|net| {
             let service = crate::cluster::map::LOCKS_SERVICE;
             ServiceRepl::new(service, net, args.path.clone(), args.heap.fsync)

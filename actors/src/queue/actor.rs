@@ -1301,7 +1301,8 @@ impl Actor for QueueActor {
         let heap = open_heap(&args.path, &args.heap).await?;
         let (store, loaded) = QueueStore::open(heap)?;
         myself.send_interval(TICK, || QueueMsg::Tick);
-        let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?;
+        let gate = LogGate::new(store, args.heap.fsync, args.view, myself.clone())?
+            .named(args.path.display().to_string());
         let cluster = args.cluster.map(|net| {
             let service = crate::cluster::map::QUEUES_SERVICE;
             ServiceRepl::new(service, net, args.path.clone(), args.heap.fsync)

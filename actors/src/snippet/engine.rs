@@ -7,6 +7,7 @@
 //! environment's generation (tables or procedures changed: recompiled on next use).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -68,6 +69,8 @@ pub struct Outcome {
     pub value: Value,
     pub writes: Vec<SnippetWrite>,
     pub feed_writes: Vec<FeedWrite>,
+    /// What the run printed (`print()`), at most `vm::PRINT_BYTES_MAX`.
+    pub printed: String,
 }
 
 /// Where runs happen.
@@ -113,6 +116,40 @@ pub struct Compiled {
     pub uses_queues: bool,
     /// Microseconds its latest run took (0: never run).
     last_run_us: std::sync::atomic::AtomicU64,
+    /// The engine's counters.
+    stats: Arc<SnippetStats>,
+    /// The collections there were when it compiled (a name error's hint lists them).
+    env: Arc<Env>,
+}
+
+/// How much of a snippet's source a log line shows.
+pub const SNIPPET_LOG_CHARS: usize = 120;
+
+/// What an engine's snippets did (metrics): compilations, compile-cache hits, runs, and how
+/// runs ended. Relaxed counters, recorded off the hot path's locks.
+#[derive(Debug, Default)]
+pub struct SnippetStats {
+    pub compiles: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub runs: AtomicU64,
+    /// Runs that failed for any reason, budgets included.
+    pub errors: AtomicU64,
+    /// Runs a budget stopped, by budget (`Budget::ALL`'s order).
+    pub budget_stops: [AtomicU64; Budget::ALL.len()],
+}
+
+impl SnippetStats {
+    fn ran(&self, r: &Result<Outcome, GridError>, source: &str) {
+        self.runs.fetch_add(1, Relaxed);
+        if let Err(e) = r {
+            self.errors.fetch_add(1, Relaxed);
+            if let GridError::Snippet(SnippetFailure { kind: SnippetErrorKind::Budget(b), message, .. }) = e {
+                self.budget_stops[b.index()].fetch_add(1, Relaxed);
+                let head: String = source.chars().take(SNIPPET_LOG_CHARS).collect();
+                tracing::info!(budget = b.label(), snippet = %head, error = %message, "snippet stopped by its budget");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Compiled {
@@ -132,6 +169,7 @@ struct State {
 pub struct Engine {
     state: RwLock<State>,
     cache: Mutex<Cache>,
+    stats: Arc<SnippetStats>,
 }
 
 #[derive(Default)]
@@ -170,6 +208,26 @@ fn kind_of(t: ExcType) -> SnippetErrorKind {
     }
 }
 
+/// A name error's message with what the user most likely meant: a collection. Names the
+/// collections there are and how to create one.
+fn name_hint(message: String, collections: &BTreeSet<String>) -> String {
+    let Some(name) = message.split('\'').nth(1).filter(|n| !n.is_empty()) else { return message };
+    let create = format!(
+        "create a table with `heapgrid eval create {name}` (or `Client::create_table`), a feed with \
+         `heapgrid eval feed create {name}`"
+    );
+    let visible: Vec<&str> = collections.iter().map(String::as_str).filter(|c| !c.starts_with('$')).collect();
+    if visible.is_empty() {
+        return format!("{message}: no collection is named {name:?}, and there are none yet; {create}");
+    }
+    const SHOWN_MAX: usize = 20;
+    let mut shown = visible.iter().take(SHOWN_MAX).copied().collect::<Vec<_>>().join(", ");
+    if visible.len() > SHOWN_MAX {
+        shown.push_str(&format!(" and {} more", visible.len() - SHOWN_MAX));
+    }
+    format!("{message}: no collection is named {name:?} (there are: {shown}); {create}")
+}
+
 /// The byte offset of 1-based `line`, `column` (characters) in `text`.
 fn offset_of(text: &str, line: u32, column: u32) -> Option<usize> {
     let mut at = 0usize;
@@ -201,7 +259,13 @@ impl Engine {
                 runner: Runner::InProcess,
             }),
             cache: Mutex::new(Cache::default()),
+            stats: Arc::default(),
         }
+    }
+
+    /// What its snippets did so far.
+    pub fn stats(&self) -> &Arc<SnippetStats> {
+        &self.stats
     }
 
     /// Runs snippets compiled from now on with `runner` (the cache starts over).
@@ -343,9 +407,11 @@ impl Engine {
         if let Some(c) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(src)
             && c.generation == env.generation
         {
+            self.stats.cache_hits.fetch_add(1, Relaxed);
             return Ok(c.clone());
         }
-        let c = Arc::new(Engine::compile_uncached(src, &env, runner)?);
+        self.stats.compiles.fetch_add(1, Relaxed);
+        let c = Arc::new(Engine::compile_uncached(src, &env, runner, self.stats.clone())?);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.map.len() >= COMPILE_CACHE_ENTRIES || cache.bytes + src.len() > COMPILE_CACHE_BYTES {
             cache.map.clear();
@@ -358,7 +424,12 @@ impl Engine {
         Ok(c)
     }
 
-    fn compile_uncached(src: &str, env: &Env, runner: Runner) -> Result<Compiled, GridError> {
+    fn compile_uncached(
+        src: &str,
+        env: &Arc<Env>,
+        runner: Runner,
+        stats: Arc<SnippetStats>,
+    ) -> Result<Compiled, GridError> {
         if src.len() > SNIPPET_SOURCE_BYTES_MAX {
             return Err(GridError::LimitExceeded {
                 what: "snippet source bytes".into(),
@@ -393,6 +464,8 @@ impl Engine {
             calls_procedures,
             uses_queues,
             last_run_us: Default::default(),
+            stats,
+            env: env.clone(),
         };
         if let Runner::InProcess = c.runner {
             // Trusted: compile here, now, so a syntax error is reported at compile time.
@@ -732,6 +805,8 @@ impl Compiled {
             message = format!("{:?}", e.exc_type());
         } else if matches!(kind, SnippetErrorKind::Value) {
             message = format!("{:?}: {message}", e.exc_type());
+        } else if matches!(kind, SnippetErrorKind::Name) {
+            message = name_hint(message, &self.env.collections);
         }
         let snippet_text = &self.program.text[self.snippet_at..];
         let at = e
@@ -775,6 +850,7 @@ impl Compiled {
     ) -> Result<Outcome, GridError> {
         let started = Instant::now();
         let r = self.run_inner(store, limits, key, args);
+        self.stats.ran(&r, &self.source);
         let us = started.elapsed().as_micros().min(u64::MAX as u128) as u64;
         self.last_run_us.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
         r
@@ -811,7 +887,11 @@ impl Compiled {
                     };
                     step = vm.resume(a).map_err(|e| self.vm_error(e, limits))?;
                 }
-                Step::Done { args } => return self.finish(host, args, limits),
+                Step::Done { args, printed } => {
+                    let mut o = self.finish(host, args, limits)?;
+                    o.printed = printed;
+                    return Ok(o);
+                }
             }
         }
     }
@@ -1005,7 +1085,7 @@ impl Compiled {
                 return Err(failure(SnippetErrorKind::Budget(Budget::ResultSize), src, None, too_big.0));
             }
         };
-        Ok(Outcome { value, writes, feed_writes })
+        Ok(Outcome { value, writes, feed_writes, printed: String::new() })
     }
 
     /// Whether runs go to a sandbox worker process.

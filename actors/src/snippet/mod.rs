@@ -104,6 +104,9 @@ impl Limits {
     }
 }
 
+/// Where a run's printed text (`print()`) is handed back to whoever asked for it.
+pub type PrintSink = std::sync::Arc<std::sync::Mutex<String>>;
+
 /// A grid's snippet engine and budgets.
 pub struct Snippets {
     pub engine: engine::Engine,
@@ -135,6 +138,34 @@ pub enum Budget {
     ResultSize,
     WallTime,
     Writes,
+}
+
+impl Budget {
+    /// Every budget, in a fixed order (`index`).
+    pub const ALL: [Budget; 6] = [
+        Budget::Steps,
+        Budget::Memory,
+        Budget::CallDepth,
+        Budget::ResultSize,
+        Budget::WallTime,
+        Budget::Writes,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Its name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Budget::Steps => "steps",
+            Budget::Memory => "memory",
+            Budget::CallDepth => "call_depth",
+            Budget::ResultSize => "result_size",
+            Budget::WallTime => "wall_time",
+            Budget::Writes => "writes",
+        }
+    }
 }
 
 impl std::fmt::Display for Budget {

@@ -151,6 +151,31 @@ for k, doc in users.scan(prefix="k0", limit=5, reverse=True):
 }
 
 #[test]
+fn a_name_that_is_no_collection_is_answered_with_the_collections_and_how_to_create_one() {
+    let (e, mut m) = setup();
+    let f = fail_kind(run(&e, &mut m, "orders['x'] = {'n': 1}"));
+    assert_eq!(f.kind, SnippetErrorKind::Name, "{f}");
+    assert!(f.message.contains("\"orders\""), "{f}");
+    assert!(f.message.contains("there are: queues, users"), "{f}");
+    assert!(f.message.contains("heapgrid eval create orders"), "{f}");
+    let bare = Engine::new();
+    let f = fail_kind(run(&bare, &mut m, "users['bob']"));
+    assert!(f.message.contains("there are none yet"), "{f}");
+}
+
+#[test]
+fn print_is_captured_beside_the_result_and_bounded() {
+    let (e, mut m) = setup();
+    let o = run(&e, &mut m, "for i in range(2):\n    print('n', i)\nprint(users['bob']['name'], end='')\n7")
+        .unwrap();
+    assert_eq!(o.value, Value::Int(7));
+    assert_eq!(o.printed, "n 0\nn 1\nBob");
+    let big = format!("for i in range({}):\n    print('x' * 1000)\n1", vm::PRINT_BYTES_MAX / 1000 + 2);
+    let f = fail_kind(run(&e, &mut m, &big));
+    assert_eq!(f.kind, SnippetErrorKind::Budget(Budget::Memory), "{f}");
+}
+
+#[test]
 fn errors_carry_kind_and_position() {
     let (e, mut m) = setup();
     let f = fail_kind(run(&e, &mut m, "x = 1\ny = [1,\n"));

@@ -39,8 +39,23 @@ pub const FILE: &str = "snippet.py";
 /// What a program asks of its host next.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Step {
-    Call { name: String, args: Vec<MontyObject> },
-    Done { args: Vec<MontyObject> },
+    Call {
+        name: String,
+        args: Vec<MontyObject>,
+    },
+    /// The end: `_hg_done`'s arguments, and what the run printed (`print()`).
+    Done {
+        args: Vec<MontyObject>,
+        printed: String,
+    },
+}
+
+/// The most a run may print (`print()`): past it the run fails with a memory error.
+pub const PRINT_BYTES_MAX: usize = 64 * 1024;
+
+/// Where a run's `print()` goes: collected into `printed`, at most `PRINT_BYTES_MAX`.
+pub(crate) fn out(printed: &mut String) -> PrintWriter<'_> {
+    PrintWriter::CollectString(printed, Some(PRINT_BYTES_MAX))
 }
 
 /// The host's answer to a call.
@@ -127,6 +142,7 @@ pub(crate) fn resource_limits(l: &EngineLimits) -> ResourceLimits {
 /// are answered here (they never leave the process the interpreter runs in).
 pub(crate) fn drive(
     mut p: Result<RunProgress, MontyException>,
+    printed: &mut String,
 ) -> Result<(Step, Option<monty::FunctionCall>), VmError> {
     loop {
         match p {
@@ -137,12 +153,12 @@ pub(crate) fn drive(
                 } else {
                     NameLookupResult::Undefined
                 };
-                p = n.resume(r, PrintWriter::Disabled);
+                p = n.resume(r, out(printed));
             }
             Ok(RunProgress::FunctionCall(c)) => {
                 if c.function_name == DONE {
                     let args = c.args.clone();
-                    return Ok((Step::Done { args }, None));
+                    return Ok((Step::Done { args, printed: std::mem::take(printed) }, None));
                 }
                 if !c.function_name.starts_with(HOST_PREFIX) || c.object_id.is_some() || !c.kwargs.is_empty()
                 {
@@ -152,7 +168,7 @@ pub(crate) fn drive(
                             ExcType::NameError,
                             Some(format!("name '{name}' is not defined")),
                         )),
-                        PrintWriter::Disabled,
+                        out(printed),
                     );
                     continue;
                 }
@@ -171,13 +187,13 @@ pub(crate) fn drive(
                         ExcType::PermissionError,
                         Some("snippets have no file or OS access".into()),
                     ),
-                    PrintWriter::Disabled,
+                    out(printed),
                 );
             }
             Ok(RunProgress::ResolveFutures(f)) => {
                 p = f.abort(
                     MontyException::new(ExcType::RuntimeError, Some("snippets cannot await".into())),
-                    PrintWriter::Disabled,
+                    out(printed),
                 );
             }
         }
@@ -185,13 +201,16 @@ pub(crate) fn drive(
 }
 
 /// Resumes a suspended call with the host's answer.
-pub(crate) fn answer(c: monty::FunctionCall, a: Answer) -> Result<RunProgress, MontyException> {
+pub(crate) fn answer(
+    c: monty::FunctionCall,
+    a: Answer,
+    printed: &mut String,
+) -> Result<RunProgress, MontyException> {
     match a {
-        Answer::Value(v) => c.resume(v, PrintWriter::Disabled),
-        Answer::Raise(t, m) => c.resume(
-            monty_types::ExtFunctionResult::Error(MontyException::new(t, Some(m))),
-            PrintWriter::Disabled,
-        ),
+        Answer::Value(v) => c.resume(v, out(printed)),
+        Answer::Raise(t, m) => {
+            c.resume(monty_types::ExtFunctionResult::Error(MontyException::new(t, Some(m))), out(printed))
+        }
     }
 }
 
@@ -199,6 +218,7 @@ pub(crate) fn answer(c: monty::FunctionCall, a: Answer) -> Result<RunProgress, M
 #[derive(Default)]
 pub struct InProcess {
     call: Option<monty::FunctionCall>,
+    printed: String,
 }
 
 impl Vm for InProcess {
@@ -214,8 +234,8 @@ impl Vm for InProcess {
                 Ok(r) => r.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 Err(e) => return Err(VmError::Exception(e.clone())),
             };
-        let p = run.start(inputs, ResourceTracker::new(resource_limits(limits)), PrintWriter::Disabled);
-        let (step, call) = drive(p)?;
+        let p = run.start(inputs, ResourceTracker::new(resource_limits(limits)), out(&mut self.printed));
+        let (step, call) = drive(p, &mut self.printed)?;
         self.call = call;
         Ok(step)
     }
@@ -224,7 +244,7 @@ impl Vm for InProcess {
         let Some(c) = self.call.take() else {
             return Err(VmError::Died("resumed a run that is not waiting".into()));
         };
-        let (step, call) = drive(answer(c, a))?;
+        let (step, call) = drive(answer(c, a, &mut self.printed), &mut self.printed)?;
         self.call = call;
         Ok(step)
     }

@@ -124,7 +124,8 @@ pub fn serve(set_memory_limit: &dyn Fn(Option<usize>)) -> std::io::Result<()> {
         let run = programs[&id].clone();
         set_memory_limit(Some(limits.memory_bytes.min(usize::MAX as u64) as usize));
         let tracker = monty_types::ResourceTracker::new(super::vm::resource_limits(&limits));
-        let mut p = super::vm::drive(run.start(inputs, tracker, monty_types::PrintWriter::Disabled));
+        let mut printed = String::new();
+        let mut p = super::vm::drive(run.start(inputs, tracker, super::vm::out(&mut printed)), &mut printed);
         loop {
             match p {
                 Ok((step, call)) => {
@@ -137,7 +138,7 @@ pub fn serve(set_memory_limit: &dyn Fn(Option<usize>)) -> std::io::Result<()> {
                             return Err(std::io::Error::other("a run while one is waiting"));
                         }
                     };
-                    p = super::vm::drive(super::vm::answer(call, a));
+                    p = super::vm::drive(super::vm::answer(call, a, &mut printed), &mut printed);
                 }
                 Err(VmError::Exception(e)) => {
                     write_frame(&mut output, &FromWorker::Failed(e))?;

@@ -153,6 +153,8 @@ pub struct EvalJob {
     pub out_of_scope: Option<Arc<AtomicBool>>,
     /// `WriteOp::Fence`s every write of the run is checked with (at its commit, with it).
     pub fences: Vec<WriteOp>,
+    /// Where what the run printed goes (`None`: nowhere).
+    pub printed: Option<crate::snippet::PrintSink>,
 }
 
 /// A collection-scoped snippet's view: this shard of this table, nothing else.
@@ -277,8 +279,11 @@ pub fn scan_range(q: &ScanQuery) -> ScanRange {
 /// Runs a snippet in the shard: its writes become one batch (one op-log record), or nothing.
 /// Returns the result and the batch's LSN (0 if it wrote nothing).
 fn run_snippet(table: &mut TableShard, job: &EvalJob) -> Result<(Value, u64), GridError> {
-    let outcome =
+    let mut outcome =
         job.compiled.run(&mut ShardStore { table, job }, &job.limits, job.key.as_ref(), &job.args)?;
+    if let Some(sink) = &job.printed {
+        *sink.lock().unwrap_or_else(|e| e.into_inner()) = std::mem::take(&mut outcome.printed);
+    }
     if outcome.writes.is_empty() {
         return Ok((outcome.value, 0));
     }
@@ -422,6 +427,28 @@ impl ShardState {
 
 crate::gate::impl_gate_msg!(ShardMsg);
 
+impl ShardMsg {
+    /// Whether `TableRuntime` sends it (and counted it as sent on the shard's `ReadView`):
+    /// what the shard's mailbox depth counts.
+    fn sent_by_callers(&self) -> bool {
+        matches!(
+            self,
+            ShardMsg::Get(..)
+                | ShardMsg::Contains(..)
+                | ShardMsg::Count(..)
+                | ShardMsg::Scan(..)
+                | ShardMsg::Write(..)
+                | ShardMsg::Batch(..)
+                | ShardMsg::Eval(..)
+                | ShardMsg::Prepare(..)
+                | ShardMsg::Pipeline(..)
+                | ShardMsg::Stats(..)
+                | ShardMsg::Digest(..)
+                | ShardMsg::GetCopy(..)
+        )
+    }
+}
+
 /// The shard actor (empty: everything lives in `ShardState`).
 pub struct ShardActor;
 
@@ -439,7 +466,9 @@ impl Actor for ShardActor {
         let mut table = TableShard::new(heap);
         table.set_deferred_log(true);
         table.set_fences(args.fences.clone());
-        let gate = LogGate::new(table, args.heap.fsync, args.view.clone(), myself.clone())?;
+        let gate = LogGate::new(table, args.heap.fsync, args.view.clone(), myself.clone())?
+            .named(args.path.display().to_string());
+        args.view.reset_mailbox();
         let mut state = ShardState { gate, repl: None, args, failed: None };
         state.replicate(&myself)?;
         Ok(state)
@@ -451,6 +480,9 @@ impl Actor for ShardActor {
         msg: ShardMsg,
         state: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
+        if msg.sent_by_callers() {
+            state.args.view.note_handled();
+        }
         let msg = match msg.into_gate() {
             Ok(call) => {
                 let r = state.gate.handle(&myself, call).await;

@@ -221,6 +221,7 @@ impl TableRuntime {
                     self.messages.fetch_add(1, Ordering::Relaxed);
                     match actor.send_message(wrap(payload, tx.into())) {
                         Ok(()) => {
+                            slot.view.note_sent();
                             // Sent: the next caller in turn may send.
                             drop(turn);
                             return rx.await.map_err(|_| lost(&self.def.name, i));
@@ -366,6 +367,7 @@ impl TableRuntime {
         actor
             .send_message(ShardMsg::Prepare(Box::new(p)))
             .map_err(|_| GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name)))?;
+        slot.view.note_sent();
         ready_rx
             .await
             .map_err(|_| GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name)))??;
@@ -544,6 +546,7 @@ impl TableRuntime {
             shards: self.def.shards,
             out_of_scope: None,
             fences: Vec::new(),
+            printed: None,
         }
     }
 
@@ -618,6 +621,7 @@ impl TableRuntime {
             self.messages.fetch_add(1, Ordering::Relaxed);
             match actor.send_message(ShardMsg::Pipeline(ops, tx.into())) {
                 Ok(()) => {
+                    slot.view.note_sent();
                     let me = self.clone();
                     return Box::pin(async move {
                         rx.await.unwrap_or_else(|_| (0..n).map(|_| Err(lost(&me.def.name, i))).collect())

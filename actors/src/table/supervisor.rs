@@ -59,6 +59,8 @@ pub struct ShardSlot<M = ShardMsg> {
     opening: std::sync::atomic::AtomicBool,
     version: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
+    /// Restarts since the node started (`restarted`).
+    restarts: std::sync::atomic::AtomicU64,
 }
 
 impl<M> ShardSlot<M> {
@@ -71,7 +73,20 @@ impl<M> ShardSlot<M> {
             opening: std::sync::atomic::AtomicBool::new(false),
             version: std::sync::atomic::AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
+            restarts: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Its supervisor restarts it (after a crash or a failed start); counted here and in the
+    /// node's counters.
+    pub fn restarted(&self, counters: &crate::metrics::NodeCounters) {
+        self.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        counters.restarted();
+    }
+
+    /// Restarts since the node started.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
     }
     pub fn get(&self) -> SlotState<M> {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -325,6 +340,8 @@ pub struct TableSupArgs {
     pub fences: Arc<crate::lock::fence::FenceTable>,
     /// The node's replication network, once it is in a cluster.
     pub cluster: crate::grid::ClusterNet,
+    /// Where restarts and failures are counted.
+    pub counters: Arc<crate::metrics::NodeCounters>,
 }
 
 /// Messages of a table supervisor.
@@ -423,11 +440,18 @@ fn shard_started(
         Err(e) => {
             let why = format!("could not open shard: {e}");
             let now_ms = st.started.elapsed().as_millis() as u64;
+            let table = &st.args.table;
             match st.trackers[i].on_failure(st.args.policy, now_ms) {
                 Decision::Restart if !st.stopping => {
+                    tracing::warn!(table = %table, shard = i, reason = %why, "shard start failed; retrying");
+                    st.args.slots[i].restarted(&st.args.counters);
                     myself.send_after(START_RETRY_DELAY, move || TableSupMsg::Retry(i));
                 }
-                _ => st.args.slots[i].set(SlotState::Failed(why)),
+                _ => {
+                    tracing::error!(table = %table, shard = i, reason = %why, "shard start failed; giving up (it answers ShardFailed)");
+                    st.args.counters.gave_up();
+                    st.args.slots[i].set(SlotState::Failed(why))
+                }
             }
         }
     }
@@ -464,9 +488,19 @@ impl TableSupervisor {
             return;
         }
         let now_ms = st.started.elapsed().as_millis() as u64;
+        let table = st.args.table.clone();
         match st.trackers[i].on_failure(st.args.policy, now_ms) {
-            Decision::Restart => spawn_shard(myself, st, i),
-            Decision::GiveUp => st.args.slots[i].set(SlotState::Failed(st.args.policy.gave_up(&why))),
+            Decision::Restart => {
+                tracing::warn!(table = %table, shard = i, reason = %why, "shard failed; restarting it (recovery)");
+                st.args.slots[i].restarted(&st.args.counters);
+                spawn_shard(myself, st, i)
+            }
+            Decision::GiveUp => {
+                let why = st.args.policy.gave_up(&why);
+                tracing::error!(table = %table, shard = i, reason = %why, "shard failed; giving up (it answers ShardFailed)");
+                st.args.counters.gave_up();
+                st.args.slots[i].set(SlotState::Failed(why))
+            }
         }
     }
 }
