@@ -394,9 +394,8 @@ fn merge(a: ServeArgs, mut f: ConfigFile) -> Result<ConfigFile, AnyErr> {
         Some(f.buffer_budget_bytes.unwrap_or(heapgrid::server::BUFFER_BUDGET_BYTES_DEFAULT));
     f.frame_deadline_ms =
         Some(f.frame_deadline_ms.unwrap_or(heapgrid::server::FRAME_DEADLINE_DEFAULT.as_millis() as u64));
-    if !a.procedures.is_empty() {
-        f.procedures = a.procedures;
-    }
+    // Modules named by the flag (or its variable) are loaded as well as the file's.
+    f.procedures.extend(a.procedures);
     f.snippet_sandbox = Some(!a.trusted_snippets && f.snippet_sandbox.unwrap_or(true));
     f.snippet_workers = Some(f.snippet_workers.unwrap_or(2 * cores).max(1));
     f.node_id = a.node_id.or(f.node_id);
@@ -406,6 +405,18 @@ fn merge(a: ServeArgs, mut f: ConfigFile) -> Result<ConfigFile, AnyErr> {
         f.join = a.join;
     }
     f.cluster_cookie = a.cluster_cookie.or(f.cluster_cookie);
+    if f.peer_listen.is_some() {
+        if f.node_id.is_none() {
+            return Err("--peer-listen needs --node-id".into());
+        }
+        if f.cluster_cookie.is_none() {
+            return Err(
+                "--peer-listen needs a cluster cookie (--cluster-cookie or HEAPGRID_CLUSTER_COOKIE): \
+                        the secret every node of the cluster presents"
+                    .into(),
+            );
+        }
+    }
     f.replicas = Some(a.replicas.or(f.replicas).unwrap_or(2));
     f.sync = Some(a.sync.or(f.sync).unwrap_or(1));
     f.repl_retain = Some(a.repl_retain.or(f.repl_retain).unwrap_or(100_000));
@@ -1332,7 +1343,10 @@ fn show_printed(printed: &str) -> Result<(), AnyErr> {
         return Ok(());
     }
     let text = printed.strip_suffix('\n').unwrap_or(printed);
-    if IN_SHELL.load(std::sync::atomic::Ordering::Relaxed) {
+    // With --json standard output holds results only.
+    if IN_SHELL.load(std::sync::atomic::Ordering::Relaxed)
+        && !COMPACT.load(std::sync::atomic::Ordering::Relaxed)
+    {
         emit(text)
     } else {
         eprintln!("{text}");
@@ -1384,19 +1398,33 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
             }
         }
     }
-    // Interactive: line editing and history (kept in ~/.heapgrid_history).
-    let mut editor = rustyline::DefaultEditor::new()?;
+    // Interactive: line editing, a block edited as a whole (`ShellHelper`), history (kept in
+    // ~/.heapgrid_history, searched with Ctrl-R), Tab completion of commands and names.
+    let mut editor = rustyline::Editor::<ShellHelper, rustyline::history::FileHistory>::new()?;
+    let names = client.tables().await.map(|t| t.into_iter().map(|t| t.name).collect()).unwrap_or_default();
+    editor.set_helper(Some(ShellHelper { names }));
     let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".heapgrid_history"));
     if let Some(h) = &history {
         let _ = editor.load_history(h);
     }
     loop {
-        let prompt = if pending.is_empty() { "heapgrid> " } else { "...       " };
-        match editor.readline(prompt) {
-            Ok(line) => {
-                let _ = editor.add_history_entry(line.as_str());
-                if !shell_line(&client, &mut locks, &mut pending, &line).await? {
+        match editor.readline("heapgrid> ") {
+            Ok(input) => {
+                let _ = editor.add_history_entry(input.as_str());
+                let go_on = if input.contains('\n') {
+                    // A block, whole: run it as one snippet.
+                    report(locks.run_snippet(&client, &input).await)?;
+                    true
+                } else {
+                    shell_line(&client, &mut locks, &mut pending, &input).await?
+                };
+                if !go_on {
                     break;
+                }
+                if matches!(input.split_whitespace().next(), Some("create" | "drop" | "tables"))
+                    && let (Some(h), Ok(t)) = (editor.helper_mut(), client.tables().await)
+                {
+                    h.names = t.into_iter().map(|t| t.name).collect();
                 }
             }
             Err(rustyline::error::ReadlineError::Interrupted | rustyline::error::ReadlineError::Eof) => break,
@@ -1407,6 +1435,78 @@ async fn shell(c: ClientArgs) -> Result<(), AnyErr> {
         let _ = editor.save_history(h);
     }
     Ok(())
+}
+
+/// The interactive shell's editor helper: a line ending in `:` (a `def`, `for`, `if`, `class`)
+/// or with brackets open keeps the input open for more lines, all editable, until an empty line
+/// (or the closing bracket); Tab completes command words and table names.
+struct ShellHelper {
+    names: Vec<String>,
+}
+
+impl rustyline::Helper for ShellHelper {}
+impl rustyline::highlight::Highlighter for ShellHelper {}
+impl rustyline::hint::Hinter for ShellHelper {
+    type Hint = String;
+}
+
+impl rustyline::validate::Validator for ShellHelper {
+    fn validate(
+        &self,
+        ctx: &mut rustyline::validate::ValidationContext,
+    ) -> rustyline::Result<rustyline::validate::ValidationResult> {
+        use rustyline::validate::ValidationResult;
+        Ok(if block_open(ctx.input()) { ValidationResult::Incomplete } else { ValidationResult::Valid(None) })
+    }
+}
+
+/// Whether the shell's input needs more lines: brackets still open, or a block (its first line
+/// ends in `:`) not yet ended by an empty line.
+fn block_open(input: &str) -> bool {
+    let mut depth = 0i64;
+    let mut quote: Option<char> = None;
+    for c in input.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(' | '[' | '{') => depth += 1,
+            (None, ')' | ']' | '}') => depth -= 1,
+            _ => {}
+        }
+    }
+    if depth > 0 {
+        return true;
+    }
+    let starts_block = input.lines().any(|l| l.trim_end().ends_with(':'));
+    starts_block && !input.ends_with('\n') && !input.lines().last().is_some_and(|l| l.trim().is_empty())
+}
+
+impl rustyline::completion::Completer for ShellHelper {
+    type Candidate = String;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _: &rustyline::Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<String>)> {
+        let start =
+            line[..pos].rfind(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.')).map_or(0, |i| i + 1);
+        let word = &line[start..pos];
+        let first = line[..start].trim().is_empty();
+        let pool: Box<dyn Iterator<Item = &str>> = if first {
+            Box::new(
+                COMMANDS.iter().copied().chain(["help", "quit"]).chain(self.names.iter().map(String::as_str)),
+            )
+        } else {
+            Box::new(self.names.iter().map(String::as_str))
+        };
+        let mut found: Vec<String> = pool.filter(|c| c.starts_with(word)).map(String::from).collect();
+        found.sort();
+        found.dedup();
+        Ok((start, found))
+    }
 }
 
 /// What `help` prints in the shell.
@@ -1427,7 +1527,8 @@ Snippets run next to the data; a table is a dict, the last expression is the ans
   [k for k in users.keys(prefix='b')]
   len(users)
   print('debug', users['bob'])     # printed text comes back beside the result
-A line ending in `:` opens a block (def, for, if, class); an empty line runs it.
+A line ending in `:` opens a block (def, for, if, class), edited as a whole; an empty line
+runs it. Tab completes commands and table names.
 History: Up/Down, Ctrl-R searches it (kept in ~/.heapgrid_history).
 More: docs/snippets.md, docs/operations.md."#;
 
@@ -1475,6 +1576,10 @@ fn report(r: Result<serde_json::Value, AnyErr>) -> Result<(), AnyErr> {
 }
 
 async fn bench(b: BenchArgs) -> Result<(), AnyErr> {
+    // Whether the server is there at all (exit code 3 if not), before any load starts.
+    if b.redis.is_none() {
+        connect(&b.client).await?.ping().await?;
+    }
     let preloaded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if b.preload {
         let (done, keys) = (preloaded.clone(), b.keys);
@@ -1628,6 +1733,19 @@ fn check(dir: &Path) -> Result<(), AnyErr> {
 #[cfg(test)]
 mod tests {
     use super::parse_bytes;
+
+    #[test]
+    fn a_block_stays_open_until_an_empty_line_or_its_brackets_close() {
+        use super::block_open;
+        assert!(!block_open("users['bob']"));
+        assert!(block_open("for k in users.keys():"));
+        assert!(block_open("for k in users.keys():\n    print(k)"));
+        assert!(!block_open("for k in users.keys():\n    print(k)\n"));
+        assert!(!block_open("for k in users.keys():\n    print(k)\n   "));
+        assert!(block_open("users['x'] = {'a': [1,"));
+        assert!(!block_open("users['x'] = {'a': [1,\n 2]}"));
+        assert!(!block_open("s = '(:'"), "brackets and colons in strings do not count");
+    }
 
     #[test]
     fn sizes_parse_with_and_without_units() {

@@ -17,6 +17,8 @@
 //! on the request path locks, except a slow request's entry in the slow log.
 
 use std::collections::{HashMap, VecDeque};
+
+use heapgrid_actors::GridError;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -185,8 +187,9 @@ pub struct ServerMetrics {
     ok: [AtomicU64; KINDS.len()],
     failed: [AtomicU64; KINDS.len()],
     latency_us: Vec<Histogram>,
-    /// Errors answered, by `GridError::kind`.
-    errors: Mutex<HashMap<&'static str, u64>>,
+    /// Errors answered, by `GridError` variant (wire index; the last slot: an index this build
+    /// does not know).
+    errors: [AtomicU64; GridError::KINDS.len() + 1],
     pub connections: Connections,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
@@ -200,7 +203,7 @@ impl Default for ServerMetrics {
             ok: Default::default(),
             failed: Default::default(),
             latency_us: KINDS.iter().map(|_| Histogram::new(LATENCY_US_BOUNDS)).collect(),
-            errors: Mutex::default(),
+            errors: Default::default(),
             connections: Connections::default(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -232,7 +235,11 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // splitmix64's finalizer: every bit of the id reaches the low bits that pick a bucket.
+        let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.0 = z ^ (z >> 31);
     }
 }
 
@@ -289,15 +296,16 @@ impl ServerMetrics {
                 Err(_) => self.failed[i].fetch_add(1, Relaxed),
             };
             self.latency_us[i].record(us);
-            if let Err(e) = &outcome {
-                *self.errors.lock().unwrap_or_else(|e| e.into_inner()).entry(e.kind()).or_default() += 1;
+            let error = outcome.err().map(|index| (index as usize).min(GridError::KINDS.len()));
+            if let Some(e) = error {
+                self.errors[e].fetch_add(1, Relaxed);
             }
             if us >= self.slow_threshold_us.load(Relaxed) && started.is_some() {
                 self.slow(SlowEntry {
                     unix_ms: unix_ms(),
                     latency_us: us,
                     kind: kind.label().into(),
-                    error: outcome.err().map(|e| e.kind().into()),
+                    error: error.map(|e| error_name(e).into()),
                     detail: started.and_then(|s| s.detail).map(String::from).unwrap_or_default(),
                     peer: inflight.peer.clone(),
                 });
@@ -338,14 +346,23 @@ impl ServerMetrics {
     }
 }
 
+/// An error's name by `GridError` wire index (`unknown` past this build's variants).
+fn error_name(index: usize) -> &'static str {
+    GridError::KINDS.get(index).copied().unwrap_or("unknown")
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Every metric of the node as OpenMetrics text. Asks the grid for its heaps' figures (which
-/// takes a message to every shard; a shard that does not answer within a second is left out).
+/// How long a scrape waits for the heaps' figures before leaving them out of its answer.
+const SCRAPE_STATS_WAIT: Duration = Duration::from_secs(5);
+
+/// Every metric of the node as OpenMetrics text. Asks the grid for its heaps' figures (a
+/// message to every shard, one after another); if they take longer than `SCRAPE_STATS_WAIT`,
+/// the heap gauges are left out of this scrape (the counters are always there).
 pub async fn render(core: &GridCore, server: &Arc<ServerMetrics>) -> String {
-    let stats = tokio::time::timeout(Duration::from_secs(1), core.stats()).await.ok();
+    let stats = tokio::time::timeout(SCRAPE_STATS_WAIT, core.stats()).await.ok();
     let (rss_anon, rss_file) = heapgrid_actors::stats::process_memory();
     let snap = Snapshot {
         stats,
@@ -463,17 +480,17 @@ fn write_all(s: &Snapshot, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         }
     }
     {
-        let errors = srv.errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut errors: Vec<_> = errors.into_iter().collect();
-        errors.sort();
         let mut m = e.encode_descriptor(
             "heapgrid_errors",
             "Errors answered, by error kind.",
             None,
             MetricType::Counter,
         )?;
-        for (kind, n) in errors {
-            ConstCounter::new(n).encode(m.encode_family(&[("error", kind)])?)?;
+        for (i, n) in srv.errors.iter().enumerate() {
+            let n = n.load(Relaxed);
+            if n > 0 {
+                ConstCounter::new(n).encode(m.encode_family(&[("error", error_name(i))])?)?;
+            }
         }
     }
     let c = &srv.connections;
@@ -615,7 +632,7 @@ fn write_all(s: &Snapshot, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     {
         let mut m = e.encode_descriptor(
             "heapgrid_shard_mailbox_depth",
-            "Messages sent to a shard's actor and not yet taken.",
+            "Messages sent to a table shard's actor and not yet taken (0 for feeds and services).",
             None,
             MetricType::Gauge,
         )?;
@@ -683,9 +700,16 @@ fn write_all(s: &Snapshot, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
 /// Longest request head a scrape may send.
 const HTTP_REQUEST_BYTES_MAX: usize = 8192;
 
+/// Scrapes answered at once; more wait their turn (each scrape asks every shard for its
+/// figures, so a flood of scrapes must not become a flood of shard messages).
+const SCRAPES_AT_ONCE: usize = 2;
+/// Scrape connections open at once; past it new ones are closed at once.
+const SCRAPE_CONNECTIONS_MAX: usize = 64;
+
 /// Answers HTTP scrapes on `listener` until `stop` changes: `GET /metrics` (or `/`) gets the
 /// node's metrics; anything else, 404. One request per connection (the response closes it),
-/// which is how Prometheus scrapes; a head over 8 KiB or slower than 5 s is dropped.
+/// which is how Prometheus scrapes; a head over 8 KiB or a connection open over 10 s is
+/// dropped. There is no authentication: bind it where only the monitoring system reaches.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     core: Arc<GridCore>,
@@ -693,20 +717,22 @@ pub async fn serve_http(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let turns = Arc::new(tokio::sync::Semaphore::new(SCRAPES_AT_ONCE));
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((sock, _)) => {
-                    let (core, server) = (core.clone(), server.clone());
-                    conns.spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), scrape(sock, &core, &server)).await;
-                    });
+                    _ = stop.changed() => break,
+                    accepted = listener.accept() => match accepted {
+        Ok((sock, _)) if conns.len() < SCRAPE_CONNECTIONS_MAX => {
+                            let (core, server, turns) = (core.clone(), server.clone(), turns.clone());
+                            conns.spawn(async move {
+                                let _ = tokio::time::timeout(Duration::from_secs(10), scrape(sock, &core, &server, &turns)).await;
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
     }
 }
 
@@ -714,6 +740,7 @@ async fn scrape(
     mut sock: tokio::net::TcpStream,
     core: &GridCore,
     server: &Arc<ServerMetrics>,
+    turns: &tokio::sync::Semaphore,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut head = Vec::with_capacity(1024);
@@ -730,11 +757,14 @@ async fn scrape(
     let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = match (method, path) {
-        (b"GET", b"/metrics" | b"/") => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(core, server).await,
-        ),
+        (b"GET", b"/metrics" | b"/") => {
+            let _turn = turns.acquire().await.map_err(std::io::Error::other)?;
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                render(core, server).await,
+            )
+        }
         (b"GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "try /metrics\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain; charset=utf-8", "GET only\n".to_string()),
     };
@@ -749,7 +779,6 @@ async fn scrape(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use heapgrid_actors::GridError;
 
     #[test]
     fn kinds_are_listed_in_their_order() {
@@ -786,6 +815,6 @@ mod tests {
         assert_eq!(slow[0].error.as_deref(), Some("no_such_table"));
         assert_eq!(slow[0].detail, "t");
         assert!(m.slowlog(false).is_empty());
-        assert_eq!(m.errors.lock().unwrap().get("no_such_table"), Some(&1));
+        assert_eq!(m.errors[0].load(Relaxed), 1, "NoSuchTable is wire index 0");
     }
 }

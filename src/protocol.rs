@@ -148,7 +148,8 @@ pub enum RequestBody {
     SetSession {
         wait_for_recovery: bool,
     },
-    /// The server's slow log, newest first (needs admin permission on `*`); `clear` empties it.
+    /// The server's slow log, newest first (needs admin on `$server`, which `*` grants);
+    /// `clear` empties it.
     SlowLog {
         clear: bool,
     },
@@ -374,13 +375,14 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
-/// A response frame's payload read only as far as its id and whether it failed (and why):
-/// what metrics count. `None`: not a response.
-pub fn response_outcome(payload: &[u8]) -> Option<(u64, Result<(), GridError>)> {
+/// A response frame's payload read only as far as its id and whether it failed (and, by its
+/// `GridError` variant's wire index, how): what metrics count, without decoding the rest.
+/// `None`: not a response.
+pub fn response_outcome(payload: &[u8]) -> Option<(u64, Result<(), u32>)> {
     let (id, rest) = postcard::take_from_bytes::<u64>(payload).ok()?;
     match rest.split_first()? {
         (&TAG_RESULT_OK, _) => Some((id, Ok(()))),
-        (1, err) => Some((id, Err(postcard::take_from_bytes::<GridError>(err).ok()?.0))),
+        (1, err) => Some((id, Err(postcard::take_from_bytes::<u32>(err).ok()?.0))),
         _ => None,
     }
 }
@@ -884,6 +886,11 @@ mod tests {
             GridError::Recovering { table: s(), shard: 0, replayed_bytes: 0, total_bytes: 0 },
         ];
         assert_eq!(errors.iter().map(tag).collect::<Vec<_>>(), (0..31).collect::<Vec<u8>>());
+        // The metrics' names of errors, by wire index, are each variant's own.
+        assert_eq!(GridError::KINDS.len(), errors.len());
+        for e in &errors {
+            assert_eq!(GridError::KINDS[tag(e) as usize], e.kind(), "{e:?}");
+        }
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
     }

@@ -52,8 +52,8 @@ use heapgrid_actors::queue::ops::{QueueOp, QueueOptions, QueueResult};
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// The name a token's permissions give the server's own state (the slow log): reading it
-/// needs `admin` on `server` (or `*`).
-pub const SERVER: &str = "server";
+/// needs `admin` on `$server` (which `*` grants; no table can have the name).
+pub const SERVER: &str = "$server";
 /// Default requests in flight per connection.
 pub const INFLIGHT_MAX_DEFAULT: usize = 256;
 /// Socket read buffer, and the most response bytes gathered into one write.

@@ -140,6 +140,41 @@ impl From<crate::lock::fence::Stale> for GridError {
 }
 
 impl GridError {
+    /// Every variant's `kind`, by its wire index (pinned by the protocol's golden test).
+    pub const KINDS: [&'static str; 31] = [
+        "no_such_table",
+        "table_exists",
+        "invalid",
+        "cas_failed",
+        "limit_exceeded",
+        "value",
+        "corrupted",
+        "storage",
+        "shard_failed",
+        "unavailable",
+        "closed",
+        "unauthenticated",
+        "permission_denied",
+        "protocol",
+        "snippet",
+        "worker_died",
+        "conflict",
+        "no_such_feed",
+        "feed_exists",
+        "id_exists",
+        "no_such_record",
+        "trimmed",
+        "no_such_cursor",
+        "stale_fence",
+        "not_holder",
+        "session_expired",
+        "queue_full",
+        "stale_receipt",
+        "indeterminate",
+        "not_primary",
+        "recovering",
+    ];
+
     /// The variant's name in metrics and logs (snake case, stable).
     pub fn kind(&self) -> &'static str {
         match self {

@@ -219,6 +219,11 @@ impl ReadView {
         self.sent.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A message counted by `note_sent` could not be sent after all.
+    pub fn note_unsent(&self) {
+        self.sent.fetch_sub(1, Ordering::Relaxed);
+    }
+
     pub fn note_handled(&self) {
         self.handled.fetch_add(1, Ordering::Relaxed);
     }

@@ -1217,7 +1217,8 @@ impl GridCore {
                 collection: collection.into(),
                 shard,
                 state: state.into(),
-                mailbox_depth: slot.view.mailbox_depth(),
+                // A shard given up on has no actor to take what its dead one left.
+                mailbox_depth: if state == "running" { slot.view.mailbox_depth() } else { 0 },
             }
         }
         let mut out = Vec::new();

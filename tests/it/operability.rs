@@ -336,7 +336,9 @@ async fn the_shell_helps_prints_and_hints_and_exit_codes_hold() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("Commands") && text.contains("Snippets run next to the data"), "{text}");
     assert!(text.contains(r#"[{"name":"people","shards":2,"fsync":"#), "{text}");
-    assert!(text.contains("saw amy\n"), "{text}");
+    // With --json, what a snippet printed goes to standard error: standard output is results.
+    assert!(!text.contains("saw amy"), "{text}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "saw amy\n");
     assert!(text.contains("no collection is named \\\"nobody\\\" (there are: people)"), "{text}");
 
     // eval: the result alone on standard output, the printed text on standard error.

@@ -219,18 +219,24 @@ impl TableRuntime {
                     let SlotState::Running(actor) = slot.get() else { continue };
                     let (tx, rx) = oneshot::channel();
                     self.messages.fetch_add(1, Ordering::Relaxed);
+                    // Counted before it is sent, so the actor never takes more than was counted.
+                    slot.view.note_sent();
                     match actor.send_message(wrap(payload, tx.into())) {
                         Ok(()) => {
-                            slot.view.note_sent();
                             // Sent: the next caller in turn may send.
                             drop(turn);
                             return rx.await.map_err(|_| lost(&self.def.name, i));
                         }
-                        Err(MessagingErr::SendErr(msg)) => match unwrap(msg) {
-                            Some(back) => payload = back,
-                            None => return Err(lost(&self.def.name, i)),
-                        },
-                        Err(_) => return Err(lost(&self.def.name, i)),
+                        Err(e) => {
+                            slot.view.note_unsent();
+                            match e {
+                                MessagingErr::SendErr(msg) => match unwrap(msg) {
+                                    Some(back) => payload = back,
+                                    None => return Err(lost(&self.def.name, i)),
+                                },
+                                _ => return Err(lost(&self.def.name, i)),
+                            }
+                        }
                     }
                 }
                 SlotState::Starting => {
@@ -364,10 +370,11 @@ impl TableRuntime {
             done: done_tx.into(),
         };
         self.messages.fetch_add(1, Ordering::Relaxed);
-        actor
-            .send_message(ShardMsg::Prepare(Box::new(p)))
-            .map_err(|_| GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name)))?;
         slot.view.note_sent();
+        actor.send_message(ShardMsg::Prepare(Box::new(p))).map_err(|_| {
+            slot.view.note_unsent();
+            GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name))
+        })?;
         ready_rx
             .await
             .map_err(|_| GridError::Unavailable(format!("shard {shard} of {} stopped", self.def.name)))??;
@@ -619,16 +626,20 @@ impl TableRuntime {
         {
             let (tx, rx) = oneshot::channel();
             self.messages.fetch_add(1, Ordering::Relaxed);
+            slot.view.note_sent();
             match actor.send_message(ShardMsg::Pipeline(ops, tx.into())) {
                 Ok(()) => {
-                    slot.view.note_sent();
                     let me = self.clone();
                     return Box::pin(async move {
                         rx.await.unwrap_or_else(|_| (0..n).map(|_| Err(lost(&me.def.name, i))).collect())
                     });
                 }
-                Err(MessagingErr::SendErr(ShardMsg::Pipeline(back, _))) => ops = back,
+                Err(MessagingErr::SendErr(ShardMsg::Pipeline(back, _))) => {
+                    slot.view.note_unsent();
+                    ops = back
+                }
                 Err(_) => {
+                    slot.view.note_unsent();
                     let e = lost(&self.def.name, i);
                     return Box::pin(async move { (0..n).map(|_| Err(e.clone())).collect() });
                 }
