@@ -216,12 +216,22 @@ impl Default for ServerMetrics {
 /// A request a connection decoded and has not answered yet.
 pub struct Started {
     kind: Kind,
-    at: Instant,
+    /// When it was decoded: microseconds since its connection's `InFlight::epoch`.
+    at_us: u64,
     /// What the slow log shows of it.
-    detail: Option<Box<str>>,
+    detail: Detail,
 }
 
-/// Request ids are the client's: spread them with one multiply instead of SipHash.
+/// What the slow log shows of a request, kept cheaply: a table request names its table by
+/// an index into the connection's `tables` (no allocation per request).
+enum Detail {
+    None,
+    Table(u16),
+    Text(Box<str>),
+}
+
+/// Request ids are the client's: spread them (splitmix64's finalizer) so every bit of the id
+/// reaches the low bits that pick a bucket.
 #[derive(Default)]
 pub struct IdHasher(u64);
 
@@ -235,7 +245,6 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        // splitmix64's finalizer: every bit of the id reaches the low bits that pick a bucket.
         let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -243,31 +252,92 @@ impl Hasher for IdHasher {
     }
 }
 
-/// A connection's requests in flight, by id (at most its in-flight limit of them, plus those
-/// answered in the same pass).
-#[derive(Default)]
+/// Slots of `InFlight`'s direct-mapped table (a power of two): a client numbering its requests
+/// one after another, with fewer than this in flight, never collides.
+const INFLIGHT_SLOTS: usize = 512;
+/// Table names a connection's slow-log details remember (past it: no table named).
+const CONN_TABLES_MAX: usize = 64;
+
+/// A connection's requests in flight, by id: a direct-mapped table by `id % INFLIGHT_SLOTS`
+/// (two array accesses per request for the usual sequential ids), and a map for the ids that
+/// collide in it.
 pub struct InFlight {
-    map: HashMap<u64, Started, BuildHasherDefault<IdHasher>>,
+    slots: Box<[Option<(u64, Started)>]>,
+    overflow: HashMap<u64, Started, BuildHasherDefault<IdHasher>>,
+    /// Table names its requests used, for slow-log entries (`Detail::Table`).
+    tables: Vec<Box<str>>,
     peer: String,
+    /// Times are microseconds since this (one clock read and one subtraction per read pass,
+    /// not per request).
+    epoch: Instant,
+    /// When the current read pass began (`pass`).
+    pass_us: u64,
 }
 
 impl InFlight {
     pub fn new(peer: String) -> InFlight {
-        InFlight { map: HashMap::default(), peer }
+        InFlight {
+            slots: (0..INFLIGHT_SLOTS).map(|_| None).collect(),
+            overflow: HashMap::default(),
+            tables: Vec::new(),
+            peer,
+            epoch: Instant::now(),
+            pass_us: 0,
+        }
+    }
+
+    /// A read pass begins: the requests it decodes are timed from now.
+    pub fn pass(&mut self) {
+        self.pass_us = self.epoch.elapsed().as_micros() as u64;
     }
 
     /// Notes a request as it is decoded.
-    pub fn start(&mut self, id: u64, body: &RequestBody, at: Instant) {
+    pub fn start(&mut self, id: u64, body: &RequestBody) {
         let kind = Kind::of(body);
         let detail = match body {
-            RequestBody::Eval { src, .. } | RequestBody::EvalFenced { src, .. } => Some(head(src)),
+            RequestBody::Eval { src, .. } | RequestBody::EvalFenced { src, .. } => Detail::Text(head(src)),
             RequestBody::Table { table, op: TableOp::Eval(e) } => {
-                Some(format!("{table}: {}", head(&e.src)).into())
+                Detail::Text(format!("{table}: {}", head(&e.src)).into())
             }
-            RequestBody::Table { table, .. } => Some(table.as_str().into()),
-            _ => None,
+            RequestBody::Table { table, .. } => match self.tables.iter().position(|t| **t == **table) {
+                Some(i) => Detail::Table(i as u16),
+                None if self.tables.len() < CONN_TABLES_MAX => {
+                    self.tables.push(table.as_str().into());
+                    Detail::Table((self.tables.len() - 1) as u16)
+                }
+                None => Detail::None,
+            },
+            _ => Detail::None,
         };
-        self.map.insert(id, Started { kind, at, detail });
+        let started = Started { kind, at_us: self.pass_us, detail };
+        let slot = &mut self.slots[id as usize % INFLIGHT_SLOTS];
+        match slot {
+            Some((held, _)) if *held != id => {
+                self.overflow.insert(id, started);
+            }
+            _ => *slot = Some((id, started)),
+        }
+    }
+
+    fn take(&mut self, id: u64) -> Option<Started> {
+        let slot = &mut self.slots[id as usize % INFLIGHT_SLOTS];
+        if slot.as_ref().is_some_and(|(held, _)| *held == id) {
+            return slot.take().map(|(_, s)| s);
+        }
+        if self.overflow.is_empty() { None } else { self.overflow.remove(&id) }
+    }
+
+    fn detail(&self, d: Detail) -> String {
+        match d {
+            Detail::None => String::new(),
+            Detail::Table(i) => self.tables.get(i as usize).map(|t| t.to_string()).unwrap_or_default(),
+            Detail::Text(t) => t.into(),
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none) && self.overflow.is_empty()
     }
 }
 
@@ -280,16 +350,16 @@ impl ServerMetrics {
     /// `inflight` noted, and the bytes written.
     pub fn observe(&self, inflight: &mut InFlight, out: &[u8]) {
         self.bytes_out.fetch_add(out.len() as u64, Relaxed);
-        let now = Instant::now();
+        let now_us = inflight.epoch.elapsed().as_micros() as u64;
         let mut rest = out;
         while rest.len() >= 4 {
             let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
             let Some(frame) = rest.get(4..4 + len) else { break };
             rest = &rest[4 + len..];
             let Some((id, outcome)) = crate::protocol::response_outcome(frame) else { continue };
-            let started = inflight.map.remove(&id);
+            let started = inflight.take(id);
             let kind = started.as_ref().map_or(Kind::Unknown, |s| s.kind);
-            let us = started.as_ref().map_or(0, |s| now.duration_since(s.at).as_micros() as u64);
+            let us = started.as_ref().map_or(0, |s| now_us.saturating_sub(s.at_us));
             let i = kind as usize;
             match &outcome {
                 Ok(()) => self.ok[i].fetch_add(1, Relaxed),
@@ -306,7 +376,7 @@ impl ServerMetrics {
                     latency_us: us,
                     kind: kind.label().into(),
                     error: error.map(|e| error_name(e).into()),
-                    detail: started.and_then(|s| s.detail).map(String::from).unwrap_or_default(),
+                    detail: started.map(|s| inflight.detail(s.detail)).unwrap_or_default(),
                     peer: inflight.peer.clone(),
                 });
             }
@@ -788,13 +858,28 @@ mod tests {
     }
 
     #[test]
+    fn ids_that_collide_in_the_slots_are_both_kept() {
+        let mut f = InFlight::new("peer".into());
+        let ids = [5, 5 + INFLIGHT_SLOTS as u64, 5 + 7 * INFLIGHT_SLOTS as u64, u64::MAX];
+        for id in ids {
+            f.start(id, &RequestBody::Table { table: format!("t{id}"), op: TableOp::Count });
+        }
+        for id in ids.iter().rev() {
+            let s = f.take(*id).expect("kept");
+            assert_eq!(s.kind, Kind::Count);
+            assert_eq!(f.detail(s.detail), format!("t{id}"));
+            assert!(f.take(*id).is_none(), "taken once");
+        }
+        assert!(f.is_empty());
+    }
+
+    #[test]
     fn responses_are_counted_by_kind_outcome_and_error() {
         let m = ServerMetrics::default();
         m.set_slow_threshold(Duration::ZERO);
         let mut f = InFlight::new("peer".into());
-        let at = Instant::now();
-        f.start(1, &RequestBody::Ping, at);
-        f.start(2, &RequestBody::Table { table: "t".into(), op: TableOp::Count }, at);
+        f.start(1, &RequestBody::Ping);
+        f.start(2, &RequestBody::Table { table: "t".into(), op: TableOp::Count });
         let mut out = Vec::new();
         crate::protocol::append_response(
             &mut out,
@@ -807,7 +892,7 @@ mod tests {
         m.observe(&mut f, &out);
         assert_eq!(m.requests(Kind::Ping), (1, 0));
         assert_eq!(m.requests(Kind::Count), (0, 1));
-        assert!(f.map.is_empty());
+        assert!(f.is_empty());
         assert_eq!(m.bytes_out.load(Relaxed), out.len() as u64);
         let slow = m.slowlog(true);
         assert_eq!(slow.len(), 2);

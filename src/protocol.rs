@@ -379,12 +379,25 @@ impl Extend<u8> for Append<'_> {
 /// `GridError` variant's wire index, how): what metrics count, without decoding the rest.
 /// `None`: not a response.
 pub fn response_outcome(payload: &[u8]) -> Option<(u64, Result<(), u32>)> {
-    let (id, rest) = postcard::take_from_bytes::<u64>(payload).ok()?;
+    let (id, rest) = take_varint(payload)?;
     match rest.split_first()? {
         (&TAG_RESULT_OK, _) => Some((id, Ok(()))),
-        (1, err) => Some((id, Err(postcard::take_from_bytes::<u32>(err).ok()?.0))),
+        (1, err) => Some((id, Err(u32::try_from(take_varint(err)?.0).ok()?))),
         _ => None,
     }
+}
+
+/// Postcard's unsigned varint at the start of `b`, and the rest (`None`: cut short or longer
+/// than a u64's ten bytes).
+fn take_varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
 }
 
 /// Postcard's unsigned varint (LEB128).
@@ -893,6 +906,20 @@ mod tests {
         }
         // CasFailed's index is a u64 varint.
         assert_eq!(postcard::to_allocvec(&errors[3]).unwrap(), [3, 0xac, 0x02]);
+    }
+
+    #[test]
+    fn varints_read_back_what_postcard_writes() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut b = postcard::to_allocvec(&v).unwrap();
+            b.push(0xee);
+            assert_eq!(take_varint(&b), Some((v, &[0xee][..])), "{v}");
+        }
+        assert_eq!(take_varint(&[0x80, 0x80]), None, "cut short");
+        assert_eq!(take_varint(&[0xff; 11]), None, "too long");
+        let mut out = Vec::new();
+        append_response(&mut out, &Response { id: 300, result: Err(GridError::Closed) });
+        assert_eq!(response_outcome(&out[4..]), Some((300, Err(10))));
     }
 
     /// The hand-written get response is byte for byte what serde writes.

@@ -609,7 +609,7 @@ async fn connection(
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
         let mut round = Round::new(&writing, &session, &sessions, &gone, &routed, &metrics);
-        let decoded_at = std::time::Instant::now();
+        timing.pass();
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
         while reading && open < inflight && out.len() < IO_BUFFER_BYTES {
@@ -622,7 +622,7 @@ async fn connection(
                     reading = false;
                 }
                 Ok(req) => {
-                    timing.start(req.id, &req.body, decoded_at);
+                    timing.start(req.id, &req.body);
                     match round.add(&grid, &who, req, &mut out) {
                         Taken::Answered => {}
                         Taken::InRound => open += 1,
