@@ -13,7 +13,8 @@
 //! one place, and the latency is what the server spent: from decoding the request to handing
 //! its response to the socket.
 //!
-//! Invariant: recording is relaxed atomic adds and one small hash map per connection; nothing
+//! Invariant: recording is relaxed atomic adds and a direct-mapped slot per request in a
+//! per-connection table (about 280 instructions a request, docs/benchmarks.md); nothing
 //! on the request path locks, except a slow request's entry in the slow log.
 
 use std::collections::{HashMap, VecDeque};
@@ -565,98 +566,64 @@ fn write_all(s: &Snapshot, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     }
     let c = &srv.connections;
     gauge(e, "heapgrid_connections_open", "Client connections open now.", c.open.load(Relaxed))?;
-    counter(e, "heapgrid_connections_accepted", "Client connections accepted.", c.accepted.load(Relaxed))?;
-    counter(
-        e,
-        "heapgrid_connections_refused",
-        "Connections refused at the connection limit.",
-        c.refused.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "heapgrid_auth_failures",
-        "Handshakes refused for a missing or unknown token.",
-        c.auth_failures.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "heapgrid_handshake_failures",
-        "Handshakes that failed otherwise (bad magic, version, timeout).",
-        c.handshake_failures.load(Relaxed),
-    )?;
-    counter(e, "heapgrid_received_bytes", "Bytes read from client connections.", srv.bytes_in.load(Relaxed))?;
-    counter(
-        e,
-        "heapgrid_sent_bytes",
-        "Bytes of responses written to client connections.",
-        srv.bytes_out.load(Relaxed),
-    )?;
-
-    // The heaps' disk work.
-    let io = &s.counters.io;
-    histogram(e, "heapgrid_oplog_fsync_duration_seconds", "Op-log fsyncs: latency.", &io.fsync_us, US)?;
-    histogram(
-        e,
-        "heapgrid_oplog_fsync_records",
-        "Op-log fsyncs: records each made durable (group size).",
-        &io.fsync_records,
-        1.0,
-    )?;
-    counter(
-        e,
-        "heapgrid_oplog_writes",
-        "Op-log writes (one write(2) per group of records).",
-        io.log_writes.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "heapgrid_oplog_written_bytes",
-        "Bytes written to op logs.",
-        io.log_write_bytes.load(Relaxed),
-    )?;
-    histogram(
-        e,
-        "heapgrid_checkpoint_pause_seconds",
-        "Checkpoints: the shard's pause to begin one (it serves nothing meanwhile).",
-        &io.checkpoint_pause_us,
-        US,
-    )?;
-    histogram(
-        e,
-        "heapgrid_checkpoint_duration_seconds",
-        "Checkpoints: the write-back's time (in the background).",
-        &io.checkpoint_write_us,
-        US,
-    )?;
-    histogram(
-        e,
-        "heapgrid_checkpoint_pages",
-        "Checkpoints: pages each wrote back.",
-        &io.checkpoint_pages,
-        1.0,
-    )?;
-
-    // Snippets.
-    let sn = &*s.snippets;
-    counter(e, "heapgrid_snippet_runs", "Snippet runs.", sn.runs.load(Relaxed))?;
-    counter(
-        e,
-        "heapgrid_snippet_errors",
-        "Snippet runs that failed (budget stops included).",
-        sn.errors.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "heapgrid_snippet_compiles",
-        "Snippets compiled (compile-cache misses).",
-        sn.compiles.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "heapgrid_snippet_cache_hits",
-        "Snippets found compiled in the cache.",
-        sn.cache_hits.load(Relaxed),
-    )?;
+    let (io, sn) = (&s.counters.io, &*s.snippets);
+    let counters: [(&str, &str, &AtomicU64); 14] = [
+        ("heapgrid_connections_accepted", "Client connections accepted.", &c.accepted),
+        ("heapgrid_connections_refused", "Connections refused at the connection limit.", &c.refused),
+        ("heapgrid_auth_failures", "Handshakes refused for a missing or unknown token.", &c.auth_failures),
+        (
+            "heapgrid_handshake_failures",
+            "Handshakes that failed otherwise (bad magic, version, timeout).",
+            &c.handshake_failures,
+        ),
+        ("heapgrid_received_bytes", "Bytes read from client connections.", &srv.bytes_in),
+        ("heapgrid_sent_bytes", "Bytes of responses written to client connections.", &srv.bytes_out),
+        ("heapgrid_oplog_writes", "Op-log writes (one write(2) per group of records).", &io.log_writes),
+        ("heapgrid_oplog_written_bytes", "Bytes written to op logs.", &io.log_write_bytes),
+        ("heapgrid_snippet_runs", "Snippet runs.", &sn.runs),
+        ("heapgrid_snippet_errors", "Snippet runs that failed (budget stops included).", &sn.errors),
+        ("heapgrid_snippet_compiles", "Snippets compiled (compile-cache misses).", &sn.compiles),
+        ("heapgrid_snippet_cache_hits", "Snippets found compiled in the cache.", &sn.cache_hits),
+        (
+            "heapgrid_shard_restarts",
+            "Shards restarted after a failure (recovery).",
+            &s.counters.shard_restarts,
+        ),
+        (
+            "heapgrid_shards_given_up",
+            "Times a shard reached its restart limit and was marked failed.",
+            &s.counters.shards_given_up,
+        ),
+    ];
+    for (name, help, v) in counters {
+        counter(e, name, help, v.load(Relaxed))?;
+    }
+    // The heaps' disk work: latencies in seconds, sizes in items.
+    let histograms: [(&str, &str, &Histogram, f64); 5] = [
+        ("heapgrid_oplog_fsync_duration_seconds", "Op-log fsyncs: latency.", &io.fsync_us, US),
+        (
+            "heapgrid_oplog_fsync_records",
+            "Op-log fsyncs: records each made durable (group size).",
+            &io.fsync_records,
+            1.0,
+        ),
+        (
+            "heapgrid_checkpoint_pause_seconds",
+            "Checkpoints: the shard's pause to begin one (it serves nothing meanwhile).",
+            &io.checkpoint_pause_us,
+            US,
+        ),
+        (
+            "heapgrid_checkpoint_duration_seconds",
+            "Checkpoints: the write-back's time (in the background).",
+            &io.checkpoint_write_us,
+            US,
+        ),
+        ("heapgrid_checkpoint_pages", "Checkpoints: pages each wrote back.", &io.checkpoint_pages, 1.0),
+    ];
+    for (name, help, h, scale) in histograms {
+        histogram(e, name, help, h, scale)?;
+    }
     {
         let mut m = e.encode_descriptor(
             "heapgrid_snippet_budget_stops",
@@ -671,18 +638,6 @@ fn write_all(s: &Snapshot, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     }
 
     // Shards.
-    counter(
-        e,
-        "heapgrid_shard_restarts",
-        "Shards restarted after a failure (recovery).",
-        s.counters.shard_restarts.load(Relaxed),
-    )?;
-    counter(
-        e,
-        "heapgrid_shards_given_up",
-        "Times a shard reached its restart limit and was marked failed.",
-        s.counters.shards_given_up.load(Relaxed),
-    )?;
     {
         let mut by_state: std::collections::BTreeMap<&str, i64> =
             ["starting", "running", "failed", "stopped"].into_iter().map(|k| (k, 0)).collect();
@@ -715,28 +670,26 @@ fn write_all(s: &Snapshot, e: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
     }
 
     // Memory.
-    gauge(
-        e,
-        "heapgrid_memory_anon_bytes",
-        "Resident anonymous memory of the process (RssAnon).",
-        s.rss_anon as i64,
-    )?;
-    gauge(
-        e,
-        "heapgrid_memory_file_bytes",
-        "Resident file-backed memory of the process (RssFile).",
-        s.rss_file as i64,
-    )?;
+    let mut gauges: Vec<(&str, &str, u64)> = vec![
+        ("heapgrid_memory_anon_bytes", "Resident anonymous memory of the process (RssAnon).", s.rss_anon),
+        ("heapgrid_memory_file_bytes", "Resident file-backed memory of the process (RssFile).", s.rss_file),
+    ];
     if let Some(st) = &s.stats {
-        gauge(
-            e,
-            "heapgrid_heap_resident_bytes",
-            "Bytes of the heaps' mappings resident in memory.",
-            st.heap_resident_bytes as i64,
-        )?;
-        gauge(e, "heapgrid_heap_file_bytes", "Bytes of the heap files.", st.heap_file_bytes as i64)?;
-        gauge(e, "heapgrid_oplog_bytes", "Bytes of the op logs' segments.", st.log_bytes as i64)?;
-        gauge(e, "heapgrid_entries", "Entries stored on this node (every shard).", st.entries as i64)?;
+        gauges.extend([
+            (
+                "heapgrid_heap_resident_bytes",
+                "Bytes of the heaps' mappings resident in memory.",
+                st.heap_resident_bytes,
+            ),
+            ("heapgrid_heap_file_bytes", "Bytes of the heap files.", st.heap_file_bytes),
+            ("heapgrid_oplog_bytes", "Bytes of the op logs' segments.", st.log_bytes),
+            ("heapgrid_entries", "Entries stored on this node (every shard).", st.entries),
+        ]);
+    }
+    for (name, help, v) in gauges {
+        gauge(e, name, help, v as i64)?;
+    }
+    if let Some(st) = &s.stats {
         if let Some(b) = &st.memory_budget {
             gauge(e, "heapgrid_memory_budget_bytes", "The node's memory budget.", b.budget_bytes as i64)?;
             gauge(
