@@ -203,7 +203,7 @@ struct ServeArgs {
     procedures: Vec<PathBuf>,
     /// Run snippets in this process instead of sandbox worker processes: only when every client
     /// with `eval` permission is trusted.
-    #[arg(long, env = "HEAPGRID_TRUSTED_SNIPPETS")]
+    #[arg(long, env = "HEAPGRID_TRUSTED_SNIPPETS", value_parser = clap::builder::FalseyValueParser::new())]
     trusted_snippets: bool,
     /// This node's id in a cluster (1, 2, ...; needed with --peer-listen).
     #[arg(long, env = "HEAPGRID_NODE_ID")]

@@ -292,6 +292,7 @@ fn print_config_merges_flags_environment_and_file_and_hides_secrets() {
         .env("HEAPGRID_MEMORY_BUDGET", "64M")
         .env("HEAPGRID_SLOWLOG_THRESHOLD_MS", "250")
         .env("HEAPGRID_CLUSTER_COOKIE", "cookie-value")
+        .env("HEAPGRID_TRUSTED_SNIPPETS", "1")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -304,6 +305,7 @@ fn print_config_merges_flags_environment_and_file_and_hides_secrets() {
     assert_eq!(v["slowlog_threshold_ms"], 250);
     assert_eq!(v["fsync"], "every:100", "a default");
     assert_eq!(v["tokens"][0]["token"], "<hidden>");
+    assert_eq!(v["snippet_sandbox"], false, "HEAPGRID_TRUSTED_SNIPPETS=1");
 
     // A config error is a usage error: exit code 2.
     std::fs::write(&cfg, r#"{"no_such_key": 1}"#).unwrap();
