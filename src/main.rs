@@ -693,7 +693,9 @@ async fn serve(c: ConfigFile) -> Result<(), AnyErr> {
             .frame_deadline_ms
             .map_or(heapgrid::server::FRAME_DEADLINE_DEFAULT, std::time::Duration::from_millis),
         metrics_listen: c.metrics_listen,
-        slowlog_threshold: std::time::Duration::from_millis(c.slowlog_threshold_ms.unwrap_or(100)),
+        slowlog_threshold: c
+            .slowlog_threshold_ms
+            .map_or(heapgrid::metrics::SLOWLOG_THRESHOLD_DEFAULT, std::time::Duration::from_millis),
     };
     let trusted = cfg.tokens.is_empty();
     let server = match Server::start(grid.core().clone(), cfg).await {

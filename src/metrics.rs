@@ -262,6 +262,8 @@ const CONN_TABLES_MAX: usize = 64;
 /// A connection's requests in flight, by id: a direct-mapped table by `id % INFLIGHT_SLOTS`
 /// (two array accesses per request for the usual sequential ids), and a map for the ids that
 /// collide in it.
+/// Bounded without a limit of its own: a connection decodes only while fewer than its
+/// in-flight limit are open, and at most an output buffer's worth answered in the same pass.
 pub struct InFlight {
     slots: Box<[Option<(u64, Started)>]>,
     overflow: HashMap<u64, Started, BuildHasherDefault<IdHasher>>,
@@ -373,7 +375,7 @@ impl ServerMetrics {
             }
             if us >= self.slow_threshold_us.load(Relaxed) && started.is_some() {
                 self.slow(SlowEntry {
-                    unix_ms: unix_ms(),
+                    unix_ms: heapgrid_actors::stats::unix_ms(),
                     latency_us: us,
                     kind: kind.label().into(),
                     error: error.map(|e| error_name(e).into()),
@@ -407,10 +409,6 @@ impl ServerMetrics {
         self.slow_threshold_us.store(t.as_micros().min(u64::MAX as u128) as u64, Relaxed);
     }
 
-    pub fn slow_threshold(&self) -> Duration {
-        Duration::from_micros(self.slow_threshold_us.load(Relaxed))
-    }
-
     /// Requests answered so far, of a kind, ok and failed.
     pub fn requests(&self, kind: Kind) -> (u64, u64) {
         (self.ok[kind as usize].load(Relaxed), self.failed[kind as usize].load(Relaxed))
@@ -420,10 +418,6 @@ impl ServerMetrics {
 /// An error's name by `GridError` wire index (`unknown` past this build's variants).
 fn error_name(index: usize) -> &'static str {
     GridError::KINDS.get(index).copied().unwrap_or("unknown")
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How long a scrape waits for the heaps' figures before leaving them out of its answer.

@@ -158,6 +158,12 @@ impl NodeStats {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it): the times the
+/// node reports (slow-log entries, feed segment times, queue delays).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// `(RssAnon, RssFile)` of this process in bytes (0 where `/proc` does not say).
 pub fn process_memory() -> (u64, u64) {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return (0, 0) };

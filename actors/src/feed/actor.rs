@@ -176,7 +176,7 @@ fn append_fenced(
 
 /// Wall-clock milliseconds since the epoch (segment times).
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::stats::unix_ms()
 }
 
 fn closed<T>() -> Result<T, GridError> {

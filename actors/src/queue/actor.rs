@@ -243,7 +243,7 @@ pub struct QueueState {
 }
 
 fn wall_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::stats::unix_ms()
 }
 
 fn invalid(why: String) -> GridError {
