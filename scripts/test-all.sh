@@ -13,6 +13,17 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The RESP tests (tests/it/resp.rs) drive the server with redis-cli and redis-py.
+if ! command -v redis-cli >/dev/null 2>&1; then
+  echo "== installing redis-tools (redis-cli)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-tools >/dev/null
+fi
+if ! python3 -c 'import redis' >/dev/null 2>&1; then
+  echo "== installing redis-py"
+  python3 -m pip install -q --disable-pip-version-check redis 2>&1 | grep -v "Running pip as the 'root' user" || true
+  python3 -c 'import redis'
+fi
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked --exclude heapgrid-loom-tests
 

@@ -35,6 +35,7 @@ pub mod lock;
 pub mod metrics;
 pub mod protocol;
 pub mod queue;
+pub mod resp;
 pub mod server;
 
 pub use client::{Client, ClientOptions, ReadFrom};

@@ -250,6 +250,16 @@ struct ServeArgs {
     /// [default: 100].
     #[arg(long, env = "HEAPGRID_SLOWLOG_THRESHOLD_MS")]
     slowlog_threshold_ms: Option<u64>,
+    /// Also speak RESP, Redis' protocol, at this address (redis-cli, redis-benchmark, any Redis
+    /// client library; e.g. 127.0.0.1:6379; docs/resp.md). Default: off.
+    #[arg(long, env = "HEAPGRID_RESP_LISTEN")]
+    resp_listen: Option<SocketAddr>,
+    /// The table RESP keys live in (created at start if missing) [default: redis].
+    #[arg(long, env = "HEAPGRID_RESP_TABLE")]
+    resp_table: Option<String>,
+    /// A RESP key `table:rest` names key `rest` of table `table`, when that table exists.
+    #[arg(long, env = "HEAPGRID_RESP_ROUTE_PREFIXES", value_parser = clap::builder::FalseyValueParser::new())]
+    resp_route_prefixes: bool,
     /// Log lines as `text` or `json` (one object per line) [default: text]; the level comes
     /// from RUST_LOG (default `info`; e.g. RUST_LOG=heapgrid_actors=debug).
     #[arg(long, env = "HEAPGRID_LOG_FORMAT", value_parser = ["text", "json"])]
@@ -369,6 +379,10 @@ struct ConfigFile {
     metrics_listen: Option<SocketAddr>,
     slowlog_threshold_ms: Option<u64>,
     log_format: Option<String>,
+    /// As `--resp-listen`, `--resp-table` and `--resp-route-prefixes`.
+    resp_listen: Option<SocketAddr>,
+    resp_table: Option<String>,
+    resp_route_prefixes: Option<bool>,
 }
 
 /// Merges `serve`'s flags (and through clap their environment variables) over the config
@@ -431,6 +445,10 @@ fn merge(a: ServeArgs, mut f: ConfigFile) -> Result<ConfigFile, AnyErr> {
         return Err(format!("log_format {format:?}: use text or json").into());
     }
     f.log_format = Some(format);
+    f.resp_listen = a.resp_listen.or(f.resp_listen);
+    f.resp_table =
+        Some(a.resp_table.or(f.resp_table).unwrap_or_else(|| heapgrid::resp::command::TABLE_DEFAULT.into()));
+    f.resp_route_prefixes = Some(a.resp_route_prefixes || f.resp_route_prefixes.unwrap_or(false));
     Ok(f)
 }
 
@@ -696,6 +714,11 @@ async fn serve(c: ConfigFile) -> Result<(), AnyErr> {
         slowlog_threshold: c
             .slowlog_threshold_ms
             .map_or(heapgrid::metrics::SLOWLOG_THRESHOLD_DEFAULT, std::time::Duration::from_millis),
+        resp_listen: c.resp_listen,
+        resp: heapgrid::resp::command::RespConfig {
+            table: c.resp_table.unwrap_or_else(|| heapgrid::resp::command::TABLE_DEFAULT.into()),
+            route_prefixes: c.resp_route_prefixes.unwrap_or(false),
+        },
     };
     let trusted = cfg.tokens.is_empty();
     let server = match Server::start(grid.core().clone(), cfg).await {
@@ -722,6 +745,11 @@ async fn serve(c: ConfigFile) -> Result<(), AnyErr> {
         tracing::info!(%addr, "metrics served at http://{addr}/metrics");
         // Tests read this line to learn the metrics port (with --metrics-listen 127.0.0.1:0).
         emit(&format!("heapgrid metrics on {addr}"))?;
+    }
+    if let Some(addr) = server.resp_addr() {
+        tracing::info!(%addr, "RESP (Redis protocol) served");
+        // Tests read this line to learn the RESP port (with --resp-listen 127.0.0.1:0).
+        emit(&format!("heapgrid resp on {addr}"))?;
     }
     // Tests and scripts read this line to learn the port (with --listen 127.0.0.1:0).
     emit(&format!("heapgrid listening on {}", server.local_addr()))?;

@@ -353,6 +353,12 @@ impl ServerMetrics {
     /// `inflight` noted, and the bytes written.
     pub fn observe(&self, inflight: &mut InFlight, out: &[u8]) {
         self.bytes_out.fetch_add(out.len() as u64, Relaxed);
+        self.observe_frames(inflight, out);
+    }
+
+    /// `observe` without counting the bytes (a RESP connection writes other bytes than these
+    /// native frames, and counts those).
+    pub fn observe_frames(&self, inflight: &mut InFlight, out: &[u8]) {
         let now_us = inflight.epoch.elapsed().as_micros() as u64;
         let mut rest = out;
         while rest.len() >= 4 {

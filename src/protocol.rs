@@ -811,8 +811,8 @@ mod tests {
             WriteOp::Fence { lock: s(), fence: 0 },
         ];
         assert_eq!(writes.iter().map(tag).collect::<Vec<_>>(), (0..6).collect::<Vec<u8>>());
-        let expects = [Expect::Absent, Expect::Value(v()), Expect::Version(0)];
-        assert_eq!(expects.iter().map(tag).collect::<Vec<_>>(), (0..3).collect::<Vec<u8>>());
+        let expects = [Expect::Absent, Expect::Value(v()), Expect::Version(0), Expect::Present, Expect::Any];
+        assert_eq!(expects.iter().map(tag).collect::<Vec<_>>(), (0..5).collect::<Vec<u8>>());
         let updates = [Update::Set(v()), Update::Increment(v()), Update::Append(v()), Update::Remove];
         assert_eq!(updates.iter().map(tag).collect::<Vec<_>>(), (0..4).collect::<Vec<u8>>());
         assert_eq!([tag(&PathSeg::Key(s())), tag(&PathSeg::Index(0))], [0, 1]);

@@ -49,6 +49,8 @@ use heapgrid_actors::feed::runtime::FeedRuntime;
 use heapgrid_actors::lock::ops::{LockOp, LockResult};
 use heapgrid_actors::queue::ops::{QueueOp, QueueOptions, QueueResult};
 
+pub mod resp;
+
 /// Default cap on connections served at once.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// The name a token's permissions give the server's own state (the slow log): reading it
@@ -200,6 +202,10 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Requests that take at least this long go to the slow log.
     pub slowlog_threshold: Duration,
+    /// Where to speak RESP, Redis' protocol (`None`: nowhere); `server::resp`.
+    pub resp_listen: Option<SocketAddr>,
+    /// Where RESP keys live.
+    pub resp: crate::resp::command::RespConfig,
 }
 
 impl Default for ServerConfig {
@@ -213,6 +219,8 @@ impl Default for ServerConfig {
             frame_deadline: FRAME_DEADLINE_DEFAULT,
             metrics_listen: None,
             slowlog_threshold: crate::metrics::SLOWLOG_THRESHOLD_DEFAULT,
+            resp_listen: None,
+            resp: Default::default(),
         }
     }
 }
@@ -225,6 +233,7 @@ pub struct Server {
     budget: Arc<BufferBudget>,
     metrics: Arc<ServerMetrics>,
     metrics_addr: Option<SocketAddr>,
+    resp_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -255,6 +264,29 @@ impl Server {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let resp = match cfg.resp_listen {
+            Some(addr) => {
+                if auth.is_trusted() && !addr.ip().is_loopback() {
+                    return Err(GridError::Invalid(format!(
+                        "no auth token is configured (trusted mode), so RESP only listens on loopback, not {addr}"
+                    )));
+                }
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| GridError::Storage(format!("bind {addr} (RESP): {e}")))?;
+                let at = l.local_addr().map_err(|e| GridError::Storage(e.to_string()))?;
+                // The keyspace's table, made now by the server's authority (a cluster makes it
+                // through its map once it has a leader: then the first use waits for it).
+                if grid.cluster().is_none()
+                    && let Err(e) = resp::ensure_table(&grid, &cfg.resp).await
+                {
+                    return Err(GridError::Invalid(format!("RESP table {:?}: {e}", cfg.resp.table)));
+                }
+                Some((l, Arc::new(resp::RespShared::new(cfg.resp.clone(), at.port()))))
+            }
+            None => None,
+        };
+        let resp_addr = resp.as_ref().and_then(|(l, _)| l.local_addr().ok());
         let (stop, stop_rx) = watch::channel(false);
         let budget = Arc::new(BufferBudget::new(cfg.buffer_budget_bytes));
         let metrics = Arc::new(ServerMetrics::default());
@@ -268,9 +300,16 @@ impl Server {
             frame_deadline: cfg.frame_deadline,
             metrics: metrics.clone(),
         };
-        let task =
-            tokio::spawn(accept_loop(listener, grid, auth, limits, cfg.connections_max.max(1), stop_rx));
-        Ok(Server { local_addr, stop, task, budget, metrics, metrics_addr })
+        let task = tokio::spawn(accept_loop(
+            listener,
+            resp,
+            grid,
+            auth,
+            limits,
+            cfg.connections_max.max(1),
+            stop_rx,
+        ));
+        Ok(Server { local_addr, stop, task, budget, metrics, metrics_addr, resp_addr })
     }
 
     /// The server's request counters and slow log (`crate::metrics`).
@@ -287,6 +326,11 @@ impl Server {
         self.local_addr
     }
 
+    /// Where it speaks RESP, if it does (`ServerConfig::resp_listen`).
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp_addr
+    }
+
     /// Bytes of connection buffers drawn from the node-wide budget now.
     pub fn buffered_bytes(&self) -> u64 {
         self.budget.used()
@@ -301,6 +345,7 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
+    resp: Option<(TcpListener, Arc<resp::RespShared>)>,
     grid: Arc<GridCore>,
     auth: Arc<Auth>,
     limits: ConnLimits,
@@ -330,10 +375,29 @@ async fn accept_loop(
                 // Out of descriptors and the like: back off briefly instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
+            accepted = async { resp.as_ref().expect("guarded").0.accept().await }, if resp.is_some() => match accepted {
+                Ok((mut sock, peer)) => {
+                    if conns.len() >= connections_max {
+                        limits.metrics.connections.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, connections_max, "RESP connection refused: at the connection limit");
+                        let msg = format!("-ERR max number of clients reached ({connections_max})\r\n");
+                        tokio::spawn(async move {
+                            let _ = sock.write_all(msg.as_bytes()).await;
+                        });
+                        continue;
+                    }
+                    let _ = sock.set_nodelay(true);
+                    limits.metrics.connections.accepted.fetch_add(1, Ordering::Relaxed);
+                    let shared = resp.as_ref().expect("guarded").1.clone();
+                    conns.spawn(resp::connection(sock, peer, grid.clone(), auth.clone(), limits.clone(), stop.clone(), shared));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
     drop(listener);
+    drop(resp);
     while conns.join_next().await.is_some() {}
 }
 

@@ -18,6 +18,7 @@ mod queues;
 mod queues_server;
 mod recovery;
 mod relay;
+mod resp;
 mod server;
 mod snippet_sandbox;
 mod snippets;

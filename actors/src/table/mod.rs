@@ -58,6 +58,11 @@ pub enum Expect {
     Value(Value),
     /// The key must be at this version.
     Version(u64),
+    /// The key must exist (any value).
+    Present,
+    /// Always holds: a `Cas` with it is an unconditional write that answers the state it
+    /// replaced (a swap, Redis' `SET ... GET`).
+    Any,
 }
 
 /// One write. On the wire: append-only.
@@ -76,7 +81,8 @@ pub enum WriteOp {
         expect: Expect,
         new: Option<Value>,
     },
-    /// Changes a path inside the stored document; a missing key starts as an empty map.
+    /// Changes a path inside the stored document; a missing key starts as an empty map (or,
+    /// for an `Increment` of the whole value, as 0).
     Update {
         key: Key,
         path: Vec<PathSeg>,
@@ -561,6 +567,8 @@ impl TableShard {
             WriteOp::Update { path, update, .. } => {
                 let mut doc = match current_bytes {
                     Some(b) => decode_record(k, b)?.value,
+                    // Incrementing a whole value that is missing starts from 0 (a counter).
+                    None if path.is_empty() && matches!(update, Update::Increment(_)) => Value::Null,
                     None => Value::Map(Default::default()),
                 };
                 let at = doc.update(path, update)?;
@@ -584,6 +592,7 @@ fn expect_holds(expect: &Expect, current: Option<&Versioned>) -> bool {
         (Expect::Absent, None) => true,
         (Expect::Value(v), Some(c)) => *v == c.value,
         (Expect::Version(n), Some(c)) => *n == c.version,
+        (Expect::Present, Some(_)) | (Expect::Any, _) => true,
         _ => false,
     }
 }
@@ -679,6 +688,48 @@ mod tests {
         // A type error leaves the document as it was.
         assert!(s.write_one(&op(vec!["friends".into()], Update::Increment(Value::Int(1)))).is_err());
         assert_eq!(s.get(&"bob".into()).unwrap(), Some(v));
+    }
+
+    #[test]
+    fn counters_and_swaps() {
+        let mut s = shard();
+        let incr =
+            |by| WriteOp::Update { key: "n".into(), path: vec![], update: Update::Increment(Value::Int(by)) };
+        // A missing counter starts at 0; a stored int goes up; overflow fails and changes nothing.
+        assert_eq!(
+            s.write_one(&incr(5)).unwrap().1,
+            WriteResult::Updated { value: Value::Int(5), version: 1 }
+        );
+        assert_eq!(
+            s.write_one(&incr(-7)).unwrap().1,
+            WriteResult::Updated { value: Value::Int(-2), version: 2 }
+        );
+        assert!(s.write_one(&incr(i64::MIN)).is_err());
+        assert_eq!(s.get(&"n".into()).unwrap().unwrap().value, Value::Int(-2));
+        // A missing key incremented at a path still starts as a map.
+        let at = WriteOp::Update {
+            key: "d".into(),
+            path: vec!["x".into()],
+            update: Update::Increment(Value::Int(1)),
+        };
+        s.write_one(&at).unwrap();
+        assert_eq!(s.get(&"d".into()).unwrap().unwrap().value.to_json(), serde_json::json!({"x": 1}));
+        // `Present` holds only for an existing key; `Any` always, answering what it replaced.
+        let cas =
+            |key: &str, expect, v: i64| WriteOp::Cas { key: key.into(), expect, new: Some(Value::Int(v)) };
+        let r = s.write_one(&cas("p", Expect::Present, 1)).unwrap().1;
+        assert_eq!(r, WriteResult::Cas { ok: false, current: None });
+        assert_eq!(s.get(&"p".into()).unwrap(), None);
+        let r = s.write_one(&cas("p", Expect::Any, 2)).unwrap().1;
+        assert_eq!(r, WriteResult::Cas { ok: true, current: None });
+        let r = s.write_one(&cas("p", Expect::Any, 3)).unwrap().1;
+        assert_eq!(
+            r,
+            WriteResult::Cas { ok: true, current: Some(Versioned { version: 1, value: Value::Int(2) }) }
+        );
+        let r = s.write_one(&cas("p", Expect::Present, 4)).unwrap().1;
+        assert!(matches!(r, WriteResult::Cas { ok: true, .. }));
+        assert_eq!(s.get(&"p".into()).unwrap().unwrap().value, Value::Int(4));
     }
 
     #[test]
