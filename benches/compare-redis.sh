@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side: `heapgrid bench` against `heapgrid serve`, and `redis-benchmark` against
-# `redis-server`, with the same parameters, in one run on this machine. For every case and
+# `redis-server`, with the same parameters, in one run on this machine. Then redis-benchmark
+# drives both servers (heapgrid over RESP, `serve --resp-listen`): the same load generator, so
+# the rows `heapgrid (RESP)` compare exactly; it adds EVAL of a read and of an increment (a
+# Python snippet against Redis' Lua script). For every case and
 # server it records throughput, p99 latency, the server's CPU per request (from
 # /proc/<pid>/stat, which a co-located load generator cannot distort) and the load generator's
 # own CPU per request (benches/measure.py), and prints markdown tables with heapgrid / Redis
@@ -40,6 +43,30 @@ redis_case() { # $1 = case, $2 = test (set|get), $3 = pipeline, $4 = requests
 
 cases=("SET, 1 in flight|0|1" "GET, 1 in flight|100|1" "SET, 16 in flight|0|16" "GET, 16 in flight|100|16")
 
+# redis-benchmark against either server: $1 = label, $2 = case, $3 = pid, $4 = port, then its test.
+REQS_EVAL="${REQS_EVAL:-100000}"
+bench_case() {
+  local label=$1 case=$2 pid=$3 port=$4 n=$REQS; shift 4
+  [ "$1" = eval ] && n=$REQS_EVAL
+  measure "$label" "$case" "$pid" --kind redis --requests "$n" -- redis-benchmark -p "$port" -n "$n" -c "$CLIENTS" \
+    -d "$VALUE" -r "$KEYS" --csv "$@"
+}
+# The same work in each server's script language (KEYS[1] / keys[0]; counters under `ctr:`).
+RD_EVAL_READ="return redis.call('GET', KEYS[1])"
+RD_EVAL_INCR="return redis.call('INCR', KEYS[1])"
+HG_EVAL_READ="redis.get(keys[0])"
+HG_EVAL_INCR=$'n = redis.get(keys[0], 0) + 1\nredis[keys[0]] = n\nn'
+resp_cases() { # $1 = label, $2 = pid, $3 = port, $4 = read script, $5 = increment script, $6 = also SET/GET
+  if [ "$6" = yes ]; then
+    for p in 1 16; do
+      bench_case "$1" "SET, $p in flight" "$2" "$3" -t set -P "$p"
+      bench_case "$1" "GET, $p in flight" "$2" "$3" -t get -P "$p"
+    done
+  fi
+  bench_case "$1" "EVAL read, 1 in flight" "$2" "$3" eval "$4" 1 "key:__rand_int__"
+  bench_case "$1" "EVAL increment, 1 in flight" "$2" "$3" eval "$5" 1 "ctr:__rand_int__"
+}
+
 # Every heapgrid build to measure: the current one, and HG_BEFORE if given.
 builds=("heapgrid|$HG")
 [ -n "${HG_BEFORE:-}" ] && builds+=("heapgrid-before|$HG_BEFORE")
@@ -54,6 +81,8 @@ for c in "${cases[@]}"; do
   t=set; [ "$reads" = 100 ] && t=get
   redis_case "$name" "$t" "$p" "$REQS"
 done
+# (Redis' SET/GET rows above are already redis-benchmark's.)
+resp_cases redis "$REDIS_PID" "$REDIS_PORT" "$RD_EVAL_READ" "$RD_EVAL_INCR" no
 rd_mem=$(redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2+0}')
 rd_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
 kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
@@ -84,6 +113,15 @@ for b in "${builds[@]}"; do
   kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
   HG=$HG_SAVED
 done
+
+# redis-benchmark driving heapgrid over RESP (this build; a fresh data directory).
+resp_port=$(free_port)
+HG_SERVE_FLAGS_SAVED="${HG_SERVE_FLAGS:-}"
+HG_SERVE_FLAGS="${HG_SERVE_FLAGS:-} --resp-listen 127.0.0.1:$resp_port"
+start_heapgrid every:1000
+HG_SERVE_FLAGS=$HG_SERVE_FLAGS_SAVED
+resp_cases "heapgrid (RESP)" "$HG_PID" "$resp_port" "$HG_EVAL_READ" "$HG_EVAL_INCR" yes
+kill "$HG_PID"; wait "$HG_PID" 2>/dev/null || true
 
 # Durable SET: fsync always vs appendfsync always.
 start_redis always

@@ -324,8 +324,9 @@ impl Table {
         }
     }
 
-    /// Adds `by` to the number at `path` (a missing field counts as 0); returns the new value
-    /// (an int, or a float if the field held a float).
+    /// Adds `by` to the number at `path` (a missing field counts as 0; with an empty path, a
+    /// missing key is a counter from 0); returns the new value (an int, or a float if the field
+    /// held a float).
     pub async fn increment(&self, key: impl Into<Key>, path: Vec<PathSeg>, by: i64) -> Result<Value> {
         self.update(key, path, Update::Increment(Value::Int(by))).await
     }

@@ -236,16 +236,18 @@ pub(super) async fn connection(
     let mut held: Option<Vec<Vec<u8>>> = None;
     let mut reading = true;
     let mut closing = false;
+    // Whether another command may start: the connection's native requests in flight and its
+    // commands waiting for a reply are each held to the in-flight limit (so commands behind a
+    // blocked one cannot pile up), and nothing starts behind a barrier in flight (it is the
+    // last command: nothing was started after it).
+    let room = |open: usize, cmds: &VecDeque<Cmd>| {
+        open < inflight && cmds.len() < inflight && !cmds.back().is_some_and(|c| c.barrier && c.missing > 0)
+    };
     loop {
         let mut round = Round::new(&writing, &session, &sessions, &gone, &routed, &metrics);
         timing.pass();
-        let mut complete_buffered = false;
         loop {
-            if closing || open >= inflight || out.len() >= IO_BUFFER_BYTES {
-                break;
-            }
-            // A barrier in flight: nothing starts until it answered.
-            if cmds.iter().any(|c| c.barrier && c.missing > 0) {
+            if closing || !room(open, &cmds) || out.len() >= IO_BUFFER_BYTES {
                 break;
             }
             let owned;
@@ -277,7 +279,6 @@ pub(super) async fn connection(
                     }
                 }
             };
-            complete_buffered = true;
             shared.commands.fetch_add(1, Ordering::Relaxed);
             let name = String::from_utf8_lossy(words[0]).to_ascii_uppercase();
             let planned = match local(&name, &words[1..], &mut conn, &auth, &shared, &grid, &metrics) {
@@ -360,25 +361,25 @@ pub(super) async fn connection(
         if held.is_some() && cmds.is_empty() {
             continue;
         }
-        if complete_buffered && reading && open < inflight && !closing {
-            // Stopped on a full output buffer or a barrier with commands still buffered.
-            let mut probe = Vec::new();
-            if matches!(codec::parse(&input.buf[input.at..], bulk_max, &mut probe), Ok(Some(_)) | Err(_))
-                && !cmds.iter().any(|c| c.barrier && c.missing > 0)
-                && held.is_none()
-            {
-                continue;
-            }
+        let buffered = codec::parse(&input.buf[input.at..], bulk_max, &mut args);
+        if reading
+            && !closing
+            && held.is_none()
+            && room(open, &cmds)
+            && matches!(buffered, Ok(Some(_)) | Err(_))
+        {
+            // Commands still buffered (decoding stopped on a full output buffer, or on the limit
+            // that the replies just written lifted): decode them before waiting for more input.
+            continue;
         }
-        let partial = input.buf.len() > input.at
-            && matches!(codec::parse(&input.buf[input.at..], bulk_max, &mut args), Ok(None));
-        if open < inflight && partial && reading {
+        let partial = input.buf.len() > input.at && matches!(buffered, Ok(None));
+        if room(open, &cmds) && partial && reading {
             input.partial_since.get_or_insert_with(tokio::time::Instant::now);
         } else {
             input.partial_since = None;
         }
         let frame_due = input.partial_since.map(|t| t + limits.frame_deadline);
-        let may_read = reading && !closing && open < inflight && held.is_none();
+        let may_read = reading && !closing && room(open, &cmds) && held.is_none();
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
                 if let Some(d) = done {

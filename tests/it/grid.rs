@@ -72,7 +72,12 @@ async fn run_model(ops: Vec<Op>) {
                         *v += 1;
                         assert_eq!(r.unwrap(), Value::Int(*v));
                     }
-                    _ => assert!(r.is_err()),
+                    // A missing counter starts from 0.
+                    None => {
+                        model.insert(k, 1);
+                        assert_eq!(r.unwrap(), Value::Int(1));
+                    }
+                    Some(_) => assert!(r.is_err(), "overflow"),
                 }
             }
             Op::Get(k) => assert_eq!(t.get::<i64>(k).await.unwrap(), model.get(&k).copied()),
