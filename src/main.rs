@@ -260,6 +260,9 @@ struct ServeArgs {
     /// A RESP key `table:rest` names key `rest` of table `table`, when that table exists.
     #[arg(long, env = "HEAPGRID_RESP_ROUTE_PREFIXES", value_parser = clap::builder::FalseyValueParser::new())]
     resp_route_prefixes: bool,
+    /// Shards of the RESP table when it is created [default: one per core].
+    #[arg(long, env = "HEAPGRID_RESP_SHARDS")]
+    resp_shards: Option<u32>,
     /// Log lines as `text` or `json` (one object per line) [default: text]; the level comes
     /// from RUST_LOG (default `info`; e.g. RUST_LOG=heapgrid_actors=debug).
     #[arg(long, env = "HEAPGRID_LOG_FORMAT", value_parser = ["text", "json"])]
@@ -383,6 +386,7 @@ struct ConfigFile {
     resp_listen: Option<SocketAddr>,
     resp_table: Option<String>,
     resp_route_prefixes: Option<bool>,
+    resp_shards: Option<u32>,
 }
 
 /// Merges `serve`'s flags (and through clap their environment variables) over the config
@@ -449,6 +453,7 @@ fn merge(a: ServeArgs, mut f: ConfigFile) -> Result<ConfigFile, AnyErr> {
     f.resp_table =
         Some(a.resp_table.or(f.resp_table).unwrap_or_else(|| heapgrid::resp::command::TABLE_DEFAULT.into()));
     f.resp_route_prefixes = Some(a.resp_route_prefixes || f.resp_route_prefixes.unwrap_or(false));
+    f.resp_shards = Some(a.resp_shards.or(f.resp_shards).unwrap_or(cores as u32).max(1));
     Ok(f)
 }
 
@@ -715,9 +720,11 @@ async fn serve(c: ConfigFile) -> Result<(), AnyErr> {
             .slowlog_threshold_ms
             .map_or(heapgrid::metrics::SLOWLOG_THRESHOLD_DEFAULT, std::time::Duration::from_millis),
         resp_listen: c.resp_listen,
+        // (`merge` filled in every default.)
         resp: heapgrid::resp::command::RespConfig {
-            table: c.resp_table.unwrap_or_else(|| heapgrid::resp::command::TABLE_DEFAULT.into()),
+            table: c.resp_table.unwrap_or_default(),
             route_prefixes: c.resp_route_prefixes.unwrap_or(false),
+            shards: c.resp_shards.unwrap_or(0),
         },
     };
     let trusted = cfg.tokens.is_empty();

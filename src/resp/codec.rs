@@ -35,39 +35,55 @@ fn bad<T>(why: impl Into<String>) -> Result<T, ProtocolError> {
     Err(ProtocolError(why.into()))
 }
 
+/// What `parse` found at the start of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// A command of this many bytes (its arguments are in `args`; none for an empty inline line
+    /// or `*0`, which is skipped).
+    Command(usize),
+    /// Incomplete: parsing again is pointless before the buffer holds at least this many bytes
+    /// (the end of the bulk string being received, or one more byte). So a large value
+    /// arriving in many reads is scanned once, not once per read.
+    Need(usize),
+}
+
+/// What a connection accepts in one command: at most `args_max` arguments (at most
+/// `ARGS_MAX`), each at most `bulk_max` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub args_max: usize,
+    pub bulk_max: usize,
+}
+
 /// Reads one command at the start of `buf` into `args` (ranges into `buf`, cleared first).
-/// `Ok(Some(n))`: a command of `n` bytes was read (`args` may be empty: an empty inline line or
-/// `*0`, which is skipped); `Ok(None)`: more bytes are needed.
-pub fn parse(
-    buf: &[u8],
-    bulk_max: usize,
-    args: &mut Vec<Range<usize>>,
-) -> Result<Option<usize>, ProtocolError> {
+pub fn parse(buf: &[u8], limits: Limits, args: &mut Vec<Range<usize>>) -> Result<Parsed, ProtocolError> {
     args.clear();
-    let Some(&first) = buf.first() else { return Ok(None) };
+    let more = Parsed::Need(buf.len() + 1);
+    let Some(&first) = buf.first() else { return Ok(more) };
     if first != b'*' {
         return parse_inline(buf, args);
     }
-    let Some((n, mut at)) = line_number(buf, 1)? else { return Ok(None) };
-    if n > ARGS_MAX as i64 {
+    let Some((n, mut at)) = line_number(buf, 1)? else { return Ok(more) };
+    if n > limits.args_max.min(ARGS_MAX) as i64 {
         return bad("invalid multibulk length");
     }
     if n <= 0 {
-        return Ok(Some(at));
+        return Ok(Parsed::Command(at));
     }
     for _ in 0..n {
         match buf.get(at) {
-            None => return Ok(None),
+            None => return Ok(more),
             Some(b'$') => {}
             Some(&c) => return bad(format!("expected '$', got '{}'", char::from(c).escape_default())),
         }
-        let Some((len, data)) = line_number(buf, at + 1)? else { return Ok(None) };
-        if len < 0 || len as u64 > bulk_max as u64 {
+        let Some((len, data)) = line_number(buf, at + 1)? else { return Ok(more) };
+        if len < 0 || len as u64 > limits.bulk_max as u64 {
             return bad("invalid bulk length");
         }
+        // `len` is at most `bulk_max`, a buffer-sized number: no overflow.
         let end = data + len as usize;
         if buf.len() < end + 2 {
-            return Ok(None);
+            return Ok(Parsed::Need(end + 2));
         }
         if &buf[end..end + 2] != b"\r\n" {
             return bad("bulk string not ended by CRLF");
@@ -75,7 +91,7 @@ pub fn parse(
         args.push(data..end);
         at = end + 2;
     }
-    Ok(Some(at))
+    Ok(Parsed::Command(at))
 }
 
 /// The decimal number on the line starting at `from` (after its type byte), and where the next
@@ -92,9 +108,13 @@ fn line_number(buf: &[u8], from: usize) -> Result<Option<(i64, usize)>, Protocol
     Ok(Some((n, from + nl + 1)))
 }
 
-fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Result<Option<usize>, ProtocolError> {
+fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Result<Parsed, ProtocolError> {
     let Some(nl) = buf.iter().take(LINE_BYTES_MAX + 1).position(|&b| b == b'\n') else {
-        return if buf.len() > LINE_BYTES_MAX { bad("too big inline request") } else { Ok(None) };
+        return if buf.len() > LINE_BYTES_MAX {
+            bad("too big inline request")
+        } else {
+            Ok(Parsed::Need(buf.len() + 1))
+        };
     };
     let line = &buf[..nl];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -110,7 +130,7 @@ fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Result<Option<usize
         }
         args.push(start..i);
     }
-    Ok(Some(nl + 1))
+    Ok(Parsed::Command(nl + 1))
 }
 
 /// A signed decimal in Redis' strict form (what `string2ll` takes): an optional `-`, no `+`, no
@@ -202,11 +222,6 @@ impl Reply<'_> {
         if self.resp3 { self.head(b'%', n as i64) } else { self.head(b'*', 2 * n as i64) }
     }
 
-    /// A set of `n` items (RESP2: an array).
-    pub fn set(&mut self, n: usize) {
-        self.head(if self.resp3 { b'~' } else { b'*' }, n as i64);
-    }
-
     /// A double (RESP2: its text as a bulk string).
     pub fn double(&mut self, f: f64) {
         let text = if f.is_nan() {
@@ -253,12 +268,18 @@ mod tests {
     use proptest::prelude::*;
 
     /// A command's words and its length in bytes, if one is complete.
-    type Parsed = Option<(Vec<Vec<u8>>, usize)>;
+    type Words = Option<(Vec<Vec<u8>>, usize)>;
 
-    fn parsed(buf: &[u8]) -> Result<Parsed, ProtocolError> {
+    fn parsed(buf: &[u8]) -> Result<Words, ProtocolError> {
         let mut args = Vec::new();
-        Ok(parse(buf, 1 << 20, &mut args)?
-            .map(|n| (args.iter().map(|r| buf[r.clone()].to_vec()).collect(), n)))
+        let limits = Limits { args_max: ARGS_MAX, bulk_max: 1 << 20 };
+        Ok(match parse(buf, limits, &mut args)? {
+            Parsed::Command(n) => Some((args.iter().map(|r| buf[r.clone()].to_vec()).collect(), n)),
+            Parsed::Need(need) => {
+                assert!(need > buf.len(), "{need} bytes asked of {}", buf.len());
+                None
+            }
+        })
     }
 
     fn multibulk(args: &[Vec<u8>]) -> Vec<u8> {
@@ -309,6 +330,21 @@ mod tests {
         let mut long = b"*".to_vec();
         long.extend(vec![b'1'; LINE_BYTES_MAX + 1]);
         assert_eq!(parsed(&long), Err(ProtocolError("too big count string".into())));
+    }
+
+    #[test]
+    fn a_large_value_is_waited_for_by_its_length() {
+        let mut args = Vec::new();
+        let limits = Limits { args_max: 10, bulk_max: 100 };
+        assert_eq!(parse(b"*2\r\n$3\r\nSET\r\n$50\r\nab", limits, &mut args), Ok(Parsed::Need(70)));
+        assert_eq!(
+            parse(b"*11\r\n", limits, &mut args),
+            Err(ProtocolError("invalid multibulk length".into()))
+        );
+        assert_eq!(
+            parse(b"*1\r\n$101\r\n", limits, &mut args),
+            Err(ProtocolError("invalid bulk length".into()))
+        );
     }
 
     #[test]

@@ -33,11 +33,24 @@ pub struct RespConfig {
     pub table: String,
     /// `table:key` names `key` of an existing table `table`.
     pub route_prefixes: bool,
+    /// Shards of the table when it is created (0: one per core).
+    pub shards: u32,
 }
 
 impl Default for RespConfig {
     fn default() -> Self {
-        RespConfig { table: TABLE_DEFAULT.into(), route_prefixes: false }
+        RespConfig { table: TABLE_DEFAULT.into(), route_prefixes: false, shards: 0 }
+    }
+}
+
+impl RespConfig {
+    /// How the table is created when missing.
+    pub fn table_options(&self) -> heapgrid_actors::grid::TableOptions {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        heapgrid_actors::grid::TableOptions {
+            shards: if self.shards == 0 { cores } else { self.shards },
+            fsync: None,
+        }
     }
 }
 
@@ -46,6 +59,9 @@ pub const TABLE_DEFAULT: &str = "redis";
 
 /// Keys `SCAN` visits at most per call (its `COUNT` is capped to it).
 pub const SCAN_COUNT_MAX: u32 = 10_000;
+
+/// Longest `SCAN ... MATCH` pattern (matching costs up to pattern × key length per key).
+pub const PATTERN_BYTES_MAX: usize = 256;
 
 /// Longest a blocking command (`BLPOP`, `XREAD BLOCK`) waits in one call (the native queue and
 /// feed limit); `0` ("for ever") waits this long, then answers as a timeout would.
@@ -156,14 +172,16 @@ pub enum Shape {
     XRange { until: u64, rev: bool },
     /// `XLEN`.
     XLen,
-    /// `XREAD`: one read per stream.
-    XRead { streams: Vec<String> },
+    /// `XREAD`: one read per stream (`block`: waiting for records).
+    XRead { streams: Vec<String>, block: bool },
     /// `XTRIM`: records dropped.
     XTrim,
     /// The feed named was created; the command runs again.
     Created,
     /// Nil, asking nothing (`XADD ... NOMKSTREAM` of a stream that does not exist).
     Nil,
+    /// An empty array, asking nothing (`LPOP key 0`).
+    EmptyArray,
 }
 
 fn utf8(b: &[u8]) -> Result<&str, CmdError> {
@@ -284,6 +302,17 @@ pub fn plan_script(
         return Ok(Planned { requests: vec![body], shape: Shape::Eval, barrier: true });
     };
     let (t, key) = route(first, cfg, cat)?;
+    // Every key in the first one's shard (the snippet runs there; as Redis Cluster checks slots).
+    let shard = cat.shard_of(t, &key);
+    for k in &keys[1..] {
+        let (kt, kk) = route(k, cfg, cat)?;
+        if kt != t || (shard.is_some() && cat.shard_of(kt, &kk) != shard) {
+            return Err(CmdError {
+                code: "CROSSSLOT",
+                msg: "Keys in request don't hash to the same slot (heapgrid: a script's keys must be in its first key's shard)".into(),
+            });
+        }
+    }
     let req = EvalRequest { src, key: Some(key), args, limits: LimitOverrides::default(), read_only: false };
     Ok(Planned::new(vec![table(t, TableOp::Eval(req))], Shape::Eval))
 }
@@ -297,17 +326,29 @@ fn stream_id(b: &[u8], forward: bool) -> Result<u64, CmdError> {
         Some(rest) => (true, rest),
         None => (false, b),
     };
+    plain_stream_id(b, forward, exclusive).ok_or_else(bad)
+}
+
+/// A stream id without the `(` that only `XRANGE` and `XREVRANGE` take.
+fn exact_stream_id(b: &[u8], forward: bool) -> Result<u64, CmdError> {
+    if b.starts_with(b"(") {
+        return Err(CmdError::err("Invalid stream ID specified as stream command argument"));
+    }
+    stream_id(b, forward)
+}
+
+fn plain_stream_id(b: &[u8], forward: bool, exclusive: bool) -> Option<u64> {
     let (ms, seq) = match b.iter().position(|&c| c == b'-') {
         Some(i) => (&b[..i], Some(&b[i + 1..])),
         None => (b, None),
     };
-    let ms: u64 = std::str::from_utf8(ms).ok().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    let ms: u64 = std::str::from_utf8(ms).ok()?.parse().ok()?;
     let seq: u64 = match seq {
-        Some(s) => std::str::from_utf8(s).ok().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        Some(s) => std::str::from_utf8(s).ok()?.parse().ok()?,
         None => 0,
     };
     let id = if forward && seq > 0 { ms.saturating_add(1) } else { ms };
-    Ok(match (exclusive, forward) {
+    Some(match (exclusive, forward) {
         (false, _) => id,
         (true, true) => id.saturating_add(1),
         (true, false) => id.saturating_sub(1),
@@ -445,7 +486,11 @@ pub fn plan(
                 let (t, key) = route(kv[0], cfg, cat)?;
                 let shard = cat.shard_of(t, &key);
                 let op = WriteOp::Put { key, value: stored(kv[1]) };
-                match batches.iter_mut().find(|(bt, bs, _)| bt == t && *bs == shard && shard.is_some()) {
+                let room = |ops: &Vec<WriteOp>| ops.len() < heapgrid_actors::limits::TABLE_BATCH_OPS_MAX;
+                match batches
+                    .iter_mut()
+                    .find(|(bt, bs, ops)| bt == t && *bs == shard && shard.is_some() && room(ops))
+                {
                     Some((_, _, ops)) => ops.push(op),
                     None => batches.push((t.to_string(), shard, vec![op])),
                 }
@@ -478,11 +523,16 @@ pub fn plan(
         "LPOP" | "RPOP" => {
             arity(matches!(args.len(), 1 | 2))?;
             let queue = utf8(args[0])?.to_string();
+            // A count is clamped to what one pop takes (as Redis clamps to the list's length).
             let n = match args.get(1) {
                 Some(c) => u32::try_from(num(c)?)
-                    .map_err(|_| CmdError::err("value is out of range, must be positive"))?,
+                    .map_err(|_| CmdError::err("value is out of range, must be positive"))?
+                    .min(heapgrid_actors::queue::actor::QUEUE_POP_MAX),
                 None => 1,
             };
+            if n == 0 {
+                return Ok(Some(Planned::new(vec![], Shape::EmptyArray)));
+            }
             let op =
                 QueueOp::Pop { queue, n, wait_ms: 0, mode: Mode::Take, visibility_ms: None, session: None };
             Planned::new(vec![queue_op(op)], Shape::Pop { count: args.len() == 2 })
@@ -611,7 +661,7 @@ fn plan_xadd(args: &[&[u8]], cat: &dyn Catalog) -> Result<Planned, CmdError> {
         b"*" => None,
         given => {
             let ok = given.ends_with(b"-0") || !given.contains(&b'-');
-            let id = stream_id(given, false).ok().filter(|&id| ok && id > 0);
+            let id = exact_stream_id(given, false).ok().filter(|&id| ok && id > 0);
             Some(id.ok_or_else(|| {
                 CmdError::err("heapgrid stream ids are N-0 with N > 0 (a feed record's id)")
             })?)
@@ -680,12 +730,12 @@ fn plan_xread(args: &[&[u8]]) -> Result<Planned, CmdError> {
         let after = match *id {
             b"$" => Pos::End,
             b"0" | b"0-0" => Pos::Start,
-            id => Pos::After(stream_id(id, false)?),
+            id => Pos::After(exact_stream_id(id, false)?),
         };
         reqs.push(feed_op(feed, FeedOp::Read { after, n, wait_ms: block.unwrap_or(0) }));
         streams.push(feed.to_string());
     }
-    Ok(Planned::new(reqs, Shape::XRead { streams }))
+    Ok(Planned::new(reqs, Shape::XRead { streams, block: block.is_some() }))
 }
 
 /// Writes the reply of a command of `shape` from its requests' answers (one per request, in
@@ -920,10 +970,17 @@ fn shape_reply(
             Ok(ResponseBody::Feed(FeedResult::Done)) => r.int(0),
             Ok(other) => return Err(unexpected(&other)),
         },
-        Shape::XRead { streams } => {
+        Shape::XRead { streams, block } => {
             let mut found = Vec::new();
             for (name, res) in streams.iter().zip(results) {
                 match res {
+                    // Waiting on a stream that does not exist would answer at once, and a
+                    // client looping on `XREAD BLOCK` would spin: refused instead.
+                    Err(e) if missing_feed(&e) && *block => {
+                        return Err(CmdError::err(format!(
+                            "XREAD BLOCK waits on an existing stream; '{name}' has none yet (XADD creates it)"
+                        )));
+                    }
                     Err(e) if missing_feed(&e) => {}
                     Err(e) => return Err(CmdError::from_grid(&e)),
                     Ok(ResponseBody::Feed(FeedResult::Records(rr))) if !rr.records.is_empty() => {
@@ -953,6 +1010,7 @@ fn shape_reply(
         }
         Shape::Created => r.ok(),
         Shape::Nil => r.nil(),
+        Shape::EmptyArray => r.array(0),
     }
     Ok(())
 }

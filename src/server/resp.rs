@@ -28,18 +28,21 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    ConnLimits, ConnSessions, IO_BUFFER_BYTES, Input, OpenConnection, Pending, Round, RoutedChain, Session,
-    Taken, WRITE_TIMEOUT, Writing, finish,
+    ConnLimits, ConnSessions, HANDSHAKE_TIMEOUT, IO_BUFFER_BYTES, Input, OpenConnection, Pending, Round,
+    RoutedChain, Session, Taken, WRITE_TIMEOUT, Writing, finish,
 };
 use crate::auth::{Auth, Principal};
 use crate::metrics::InFlight;
 use crate::protocol::{self, Request, RequestBody, Response, ResponseBody};
-use crate::resp::codec::{self, ProtocolError, Reply};
+use crate::resp::codec::{self, Limits, Parsed, ProtocolError, Reply};
 use crate::resp::command::{self, Catalog, CmdError, Planned, RespConfig, Shape};
 
-/// Scripts `SCRIPT LOAD` and `EVAL` remember for `EVALSHA`, at most this many (the oldest is
-/// forgotten first).
+/// Scripts `SCRIPT LOAD` and `EVAL` remember for `EVALSHA`, at most this many and this many
+/// bytes (the oldest is forgotten first).
 pub const SCRIPTS_MAX: usize = 10_000;
+pub const SCRIPTS_BYTES_MAX: usize = 64 << 20;
+/// Longest script.
+pub const SCRIPT_BYTES_MAX: usize = 1 << 20;
 /// `SCAN` cursors a connection keeps (the oldest is forgotten first: `invalid cursor`).
 pub const SCAN_CURSORS_MAX: usize = 1024;
 
@@ -57,7 +60,9 @@ pub struct RespShared {
 #[derive(Default)]
 struct Scripts {
     by_sha: HashMap<String, Arc<str>>,
+    /// Oldest first.
     order: VecDeque<String>,
+    bytes: usize,
 }
 
 impl RespShared {
@@ -80,12 +85,17 @@ impl RespShared {
         if let Some(found) = s.by_sha.get(&sha) {
             return Ok((sha, found.clone()));
         }
-        if s.order.len() >= SCRIPTS_MAX
-            && let Some(old) = s.order.pop_front()
-        {
-            s.by_sha.remove(&old);
-        }
         let src: Arc<str> = command::script_source(text).into();
+        if src.len() > SCRIPT_BYTES_MAX {
+            return Err(CmdError::err(format!("a script is at most {SCRIPT_BYTES_MAX} bytes")));
+        }
+        while s.order.len() >= SCRIPTS_MAX || s.bytes + src.len() > SCRIPTS_BYTES_MAX {
+            let Some(old) = s.order.pop_front() else { break };
+            if let Some(gone) = s.by_sha.remove(&old) {
+                s.bytes -= gone.len();
+            }
+        }
+        s.bytes += src.len();
         s.by_sha.insert(sha.clone(), src.clone());
         s.order.push_back(sha.clone());
         Ok((sha, src))
@@ -102,7 +112,7 @@ pub async fn ensure_table(grid: &GridCore, cfg: &RespConfig) -> Result<(), GridE
     if grid.table(&cfg.table).is_ok() {
         return Ok(());
     }
-    match grid.create_table(&cfg.table, Default::default()).await {
+    match grid.create_table(&cfg.table, cfg.table_options()).await {
         Ok(_) | Err(GridError::TableExists(_)) => Ok(()),
         Err(e) => Err(e),
     }
@@ -139,7 +149,11 @@ struct Cmd {
     first: u64,
     results: Vec<Option<Result<ResponseBody, GridError>>>,
     missing: usize,
+    /// Bytes of the answers it holds.
+    bytes: usize,
     how: How,
+    /// The protocol version its reply is written in (the connection's when it was read).
+    resp3: bool,
     barrier: bool,
     /// Close the connection after this reply (`QUIT`, a protocol error).
     last: bool,
@@ -182,7 +196,6 @@ fn error(resp3: bool, e: &CmdError) -> How {
     ready(resp3, |r| e.write(r))
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn connection(
     sock: TcpStream,
     peer: SocketAddr,
@@ -216,8 +229,10 @@ pub(super) async fn connection(
         next_cursor: 0,
         peer,
     };
+    // A connection that has not logged in gets `HANDSHAKE_TIMEOUT` to do so (as a native one
+    // gets to send its hello).
+    let login_due = conn.who.is_none().then(|| tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
     let inflight = limits.inflight;
-    let bulk_max = protocol::FRAME_BYTES_MAX as usize;
     let mut timing = InFlight::new(peer.to_string());
     let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut open = 0usize;
@@ -230,37 +245,54 @@ pub(super) async fn connection(
     let mut native = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut cmds: VecDeque<Cmd> = VecDeque::new();
+    // Bytes of answers held in `cmds`, waiting for the commands before theirs.
+    let mut answers_held = 0usize;
     let mut next_id = 1u64;
     let mut args = Vec::new();
-    // A command that must wait for the ones before it (a barrier), or run again.
-    let mut held: Option<Vec<Vec<u8>>> = None;
+    // Bytes (from `input.at`) the buffer must hold before parsing again is worth it.
+    let mut need = 0usize;
+    // A command waiting to start: a barrier waiting for the commands before it, or a command
+    // to run again once what it needed was created.
+    let mut held: Option<Held> = None;
     let mut reading = true;
     let mut closing = false;
     // Whether another command may start: the connection's native requests in flight and its
-    // commands waiting for a reply are each held to the in-flight limit (so commands behind a
-    // blocked one cannot pile up), and nothing starts behind a barrier in flight (it is the
-    // last command: nothing was started after it).
-    let room = |open: usize, cmds: &VecDeque<Cmd>| {
-        open < inflight && cmds.len() < inflight && !cmds.back().is_some_and(|c| c.barrier && c.missing > 0)
+    // commands waiting for a reply are each held to the in-flight limit, and the answers they
+    // hold to `ANSWERS_HELD_MAX` bytes (so commands behind a blocked one cannot pile up); and
+    // nothing starts behind a barrier until its reply is written (nothing was started after
+    // it, so it is the last command).
+    let room = |open: usize, cmds: &VecDeque<Cmd>, held_bytes: usize| {
+        open < inflight
+            && cmds.len() < inflight
+            && held_bytes < ANSWERS_HELD_MAX
+            && !cmds.back().is_some_and(|c| c.barrier)
     };
     loop {
         let mut round = Round::new(&writing, &session, &sessions, &gone, &routed, &metrics);
         timing.pass();
-        loop {
-            if closing || !room(open, &cmds) || out.len() >= IO_BUFFER_BYTES {
-                break;
-            }
+        // Start the commands buffered, as far as the limits allow. Answers given at once (from
+        // snapshots) gather in `native`: past `IO_BUFFER_BYTES` the pass ends and they go out.
+        while !closing && room(open, &cmds, answers_held) && native.len() < IO_BUFFER_BYTES {
             let owned;
+            let retried;
             let words: Vec<&[u8]> = if let Some(h) = held.take() {
-                owned = h;
+                retried = h.retried;
+                owned = h.words;
                 owned.iter().map(Vec::as_slice).collect()
             } else {
-                if !reading {
+                retried = false;
+                if !reading || input.buf.len() - input.at < need {
                     break;
                 }
-                match codec::parse(&input.buf[input.at..], bulk_max, &mut args) {
-                    Ok(None) => break,
-                    Ok(Some(n)) => {
+                // Before login, commands are small (as Redis holds unauthenticated clients).
+                let lim = if conn.who.is_some() { FULL } else { ANONYMOUS };
+                match codec::parse(&input.buf[input.at..], lim, &mut args) {
+                    Ok(Parsed::Need(n)) => {
+                        need = n;
+                        break;
+                    }
+                    Ok(Parsed::Command(n)) => {
+                        need = 0;
                         let base = input.at;
                         input.at += n;
                         if args.is_empty() {
@@ -279,25 +311,41 @@ pub(super) async fn connection(
                     }
                 }
             };
-            shared.commands.fetch_add(1, Ordering::Relaxed);
-            let name = String::from_utf8_lossy(words[0]).to_ascii_uppercase();
-            let planned = match local(&name, &words[1..], &mut conn, &auth, &shared, &grid, &metrics) {
-                Local::Reply(how, last) => {
-                    closing |= last;
-                    cmds.push_back(Cmd::ready(how, last, next_id));
+            if !retried {
+                shared.commands.fetch_add(1, Ordering::Relaxed);
+            }
+            let (p, how) = match local(&words, &mut conn, &auth, &shared, &grid, &metrics) {
+                Local::Reply { how, then_close } => {
+                    closing |= then_close;
+                    cmds.push_back(Cmd::ready(how, then_close, next_id));
                     continue;
                 }
                 Local::Plan(p, how) => (p, how),
             };
-            let (p, how) = planned;
             if p.barrier && !cmds.is_empty() {
                 // Wait for everything before it.
-                held = Some(words.iter().map(|w| w.to_vec()).collect());
+                held = Some(Held { words: words.iter().map(|w| w.to_vec()).collect(), retried });
                 break;
             }
-            let Some(who) = conn.who.clone() else { unreachable!("local answers NOAUTH") };
+            if p.requests.len() > COMMAND_REQUESTS_MAX {
+                let e = CmdError::err(format!(
+                    "heapgrid takes at most {COMMAND_REQUESTS_MAX} keys or values per command; split it"
+                ));
+                cmds.push_back(Cmd::ready(error(conn.resp3, &e), false, next_id));
+                continue;
+            }
+            let Some(who) = conn.who.clone() else { unreachable!("`local` answers NOAUTH") };
             let how = match how {
                 Some(how) => how,
+                // Made what the command needed: run it again, once.
+                None if matches!(p.shape, Shape::Created) && retried => {
+                    let e = CmdError::err(format!(
+                        "{} cannot be created: a table or feed of that name exists",
+                        String::from_utf8_lossy(words.get(1).copied().unwrap_or_default())
+                    ));
+                    cmds.push_back(Cmd::ready(error(conn.resp3, &e), false, next_id));
+                    continue;
+                }
                 None if matches!(p.shape, Shape::Created) => {
                     How::Again(words.iter().map(|w| w.to_vec()).collect())
                 }
@@ -322,13 +370,12 @@ pub(super) async fn connection(
                 first,
                 results: (0..n).map(|_| None).collect(),
                 missing: n,
+                bytes: 0,
                 how,
+                resp3: conn.resp3,
                 barrier: p.barrier,
                 last: false,
             });
-            if p.barrier {
-                break;
-            }
         }
         round.send_appends();
         running.extend(std::mem::take(&mut round.sent));
@@ -339,11 +386,13 @@ pub(super) async fn connection(
             }
             running.extend(pending);
         }
-        // Answers given at once (snapshot reads, refusals).
-        take_answers(&mut native, &mut cmds, &metrics, &mut timing);
-        let again = reply_ready(&mut cmds, &mut out, &mut conn, &grid, &shared, &metrics).await;
-        if let Some(a) = again {
-            held = Some(a);
+        // Answers given at once (snapshot reads, refusals), then every reply that is ready.
+        answers_held += take_answers(&mut native, &mut cmds, &metrics, &mut timing);
+        let (again, written) = reply_ready(&mut cmds, &mut out, &mut conn, &shared, &metrics);
+        answers_held -= written;
+        if let Some(words) = again {
+            debug_assert!(held.is_none(), "a barrier runs alone");
+            held = Some(Held { words, retried: true });
         }
         if !out.is_empty() {
             metrics.bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
@@ -351,6 +400,12 @@ pub(super) async fn connection(
                 return;
             }
             out.clear();
+            if out.capacity() > 4 * IO_BUFFER_BYTES {
+                out.shrink_to(IO_BUFFER_BYTES);
+            }
+        }
+        if native.capacity() > 4 * IO_BUFFER_BYTES {
+            native.shrink_to(IO_BUFFER_BYTES);
         }
         if closing && cmds.is_empty() {
             break;
@@ -358,28 +413,29 @@ pub(super) async fn connection(
         if !reading && running.is_empty() && cmds.is_empty() && held.is_none() {
             break;
         }
-        if held.is_some() && cmds.is_empty() {
+        let buffered = input.buf.len() - input.at;
+        // Go round again without waiting when there is something to start: a held command
+        // once nothing runs before it (a held barrier waits for the commands before it to be
+        // answered), or bytes that may hold a command (decoding stopped on a full buffer of
+        // answers, or on a limit the replies just written lifted). Each way the next pass
+        // starts a command or holds one, so this never spins.
+        let startable = match held {
+            Some(_) => cmds.is_empty(),
+            None => reading && !closing && buffered >= need && buffered > 0,
+        };
+        if room(open, &cmds, answers_held) && startable {
             continue;
         }
-        let buffered = codec::parse(&input.buf[input.at..], bulk_max, &mut args);
-        if reading
-            && !closing
-            && held.is_none()
-            && room(open, &cmds)
-            && matches!(buffered, Ok(Some(_)) | Err(_))
-        {
-            // Commands still buffered (decoding stopped on a full output buffer, or on the limit
-            // that the replies just written lifted): decode them before waiting for more input.
-            continue;
-        }
-        let partial = input.buf.len() > input.at && matches!(buffered, Ok(None));
-        if room(open, &cmds) && partial && reading {
+        // A command that started arriving must be whole within the frame deadline (timed only
+        // while this connection is read).
+        if room(open, &cmds, answers_held) && reading && buffered > 0 {
             input.partial_since.get_or_insert_with(tokio::time::Instant::now);
         } else {
             input.partial_since = None;
         }
         let frame_due = input.partial_since.map(|t| t + limits.frame_deadline);
-        let may_read = reading && !closing && room(open, &cmds) && held.is_none();
+        let may_read = reading && !closing && room(open, &cmds, answers_held) && held.is_none();
+        let login_wait = reading && conn.who.is_none();
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
                 if let Some(d) = done {
@@ -387,7 +443,7 @@ pub(super) async fn connection(
                     while let Some(Some(d)) = running.next().now_or_never() {
                         finish(d, &mut native, &mut open, &mut writing);
                     }
-                    take_answers(&mut native, &mut cmds, &metrics, &mut timing);
+                    answers_held += take_answers(&mut native, &mut cmds, &metrics, &mut timing);
                 }
             }
             more = input.fill(), if may_read => match more {
@@ -412,6 +468,15 @@ pub(super) async fn connection(
                 closing = true;
                 gone_tx.send_replace(true);
             }
+            _ = tokio::time::sleep_until(login_due.unwrap_or_else(tokio::time::Instant::now)), if login_wait && login_due.is_some() => {
+                metrics.connections.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, "RESP connection did not log in within {HANDSHAKE_TIMEOUT:?}; closing");
+                let e = CmdError { code: "NOAUTH", msg: format!("no AUTH within {HANDSHAKE_TIMEOUT:?}; closing") };
+                cmds.push_back(Cmd::ready(error(conn.resp3, &e), true, next_id));
+                reading = false;
+                closing = true;
+                gone_tx.send_replace(true);
+            }
             _ = stop.changed(), if reading => reading = false,
             // Nothing left to wait for: every command answered (a command still missing answers
             // with nothing running would be a bug: logged, and the connection ends).
@@ -426,24 +491,54 @@ pub(super) async fn connection(
     let _ = wr.shutdown().await;
 }
 
+/// A command waiting to start (its words), and whether it already ran once and made what it
+/// needed (then it does not make it again).
+struct Held {
+    words: Vec<Vec<u8>>,
+    retried: bool,
+}
+
+/// What an authenticated connection may send in one command (Redis' limits, but a bulk string
+/// at most the native frame limit).
+const FULL: Limits = Limits { args_max: codec::ARGS_MAX, bulk_max: protocol::FRAME_BYTES_MAX as usize };
+/// Before login (Redis 7's limits for unauthenticated clients).
+const ANONYMOUS: Limits = Limits { args_max: 10, bulk_max: 16 * 1024 };
+/// Most native requests one command may make (keys of `MGET`/`DEL`/`EXISTS`, values of
+/// `LPUSH`).
+pub const COMMAND_REQUESTS_MAX: usize = 10_000;
+/// Bytes of answers a connection holds for commands waiting on the ones before them; past it
+/// no new command starts until replies are written.
+pub const ANSWERS_HELD_MAX: usize = 16 << 20;
+
 impl Cmd {
     /// A command answered without requests; `next` is the id the next request will take, so
     /// the commands stay ordered by `first` (what `take_answers` searches by).
     fn ready(how: How, last: bool, next: u64) -> Cmd {
-        Cmd { first: next, results: Vec::new(), missing: 0, how, barrier: false, last }
+        Cmd {
+            first: next,
+            results: Vec::new(),
+            missing: 0,
+            bytes: 0,
+            how,
+            resp3: false,
+            barrier: false,
+            last,
+        }
     }
 }
 
 /// Hands the native answers in `native` to their commands.
+/// Answers the bytes of answers it handed over (held until their commands' replies are written).
 fn take_answers(
     native: &mut Vec<u8>,
     cmds: &mut VecDeque<Cmd>,
     metrics: &crate::metrics::ServerMetrics,
     timing: &mut InFlight,
-) {
+) -> usize {
     if native.is_empty() {
-        return;
+        return 0;
     }
+    let mut held = 0;
     metrics.observe_frames(timing, native);
     let mut rest = &native[..];
     while rest.len() >= 4 {
@@ -461,50 +556,46 @@ fn take_answers(
             c.missing -= 1;
         }
         *slot = Some(result);
+        c.bytes += len;
+        held += len;
     }
     native.clear();
+    held
 }
 
-/// Writes the replies of the answered commands at the front, in order. Answers the arguments
-/// of a command to run again, if the front one asks for that.
-async fn reply_ready(
+/// Writes the replies of the answered commands at the front, in order. Answers the words of
+/// a command to run again (the front one made what it needed), and the answer bytes released.
+fn reply_ready(
     cmds: &mut VecDeque<Cmd>,
     out: &mut Vec<u8>,
     conn: &mut Conn,
-    grid: &GridCore,
     shared: &RespShared,
     metrics: &crate::metrics::ServerMetrics,
-) -> Option<Vec<Vec<u8>>> {
+) -> (Option<Vec<Vec<u8>>>, usize) {
+    let mut released = 0;
     while cmds.front().is_some_and(|c| c.missing == 0) {
         let c = cmds.pop_front().expect("front");
+        released += c.bytes;
         let results: Vec<_> = c
             .results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(GridError::Unavailable("answer missing".into()))))
             .collect();
-        let resp3 = conn.resp3;
+        // In the protocol version of when the command was read (a later `HELLO` does not change it).
+        let mut r = Reply { out: &mut *out, resp3: c.resp3 };
         match c.how {
-            How::Ready(bytes) => out.extend_from_slice(&bytes),
-            How::Shape(shape) => {
-                let mut r = Reply { out, resp3 };
-                command::answer(&shape, results, &mut r, &mut |k| conn.cursor(k));
-            }
-            How::Info(sections) => {
-                let mut r = Reply { out, resp3 };
-                match results.into_iter().next() {
-                    Some(Ok(ResponseBody::Stats(s))) => {
-                        r.text(&info(&sections, &s, shared, conn, grid, metrics))
-                    }
-                    Some(Err(e)) => CmdError::from_grid(&e).write(&mut r),
-                    _ => r.error("ERR", "no stats"),
+            How::Ready(bytes) => r.out.extend_from_slice(&bytes),
+            How::Shape(shape) => command::answer(&shape, results, &mut r, &mut |k| conn.cursor(k)),
+            How::Info(sections) => match results.into_iter().next() {
+                Some(Ok(ResponseBody::Stats(s))) => r.text(&info(&sections, &s, shared, conn, metrics)),
+                Some(Err(e)) => CmdError::from_grid(&e).write(&mut r),
+                _ => r.error("ERR", "no stats"),
+            },
+            How::Again(words) => match results.into_iter().next() {
+                Some(Ok(_) | Err(GridError::FeedExists(_) | GridError::TableExists(_))) | None => {
+                    return (Some(words), released);
                 }
-            }
-            How::Again(args) => match results.into_iter().next() {
-                Some(Ok(_)) | Some(Err(GridError::FeedExists(_) | GridError::TableExists(_))) => {
-                    return Some(args);
-                }
-                Some(Err(e)) => CmdError::from_grid(&e).write(&mut Reply { out, resp3 }),
-                None => return Some(args),
+                Some(Err(e)) => CmdError::from_grid(&e).write(&mut r),
             },
         }
         if c.last {
@@ -512,33 +603,34 @@ async fn reply_ready(
             break;
         }
     }
-    None
+    (None, released)
 }
 
 /// What `local` made of a command.
 enum Local {
-    /// Answered by the connection (`true`: then close it).
-    Reply(How, bool),
+    /// Answered by the connection.
+    Reply { how: How, then_close: bool },
     /// Native requests to send (and a reply other than the plan's shape).
     Plan(Planned, Option<How>),
 }
 
 fn reply_with(conn: &Conn, f: impl FnOnce(&mut Reply)) -> Local {
-    Local::Reply(ready(conn.resp3, f), false)
+    Local::Reply { how: ready(conn.resp3, f), then_close: false }
 }
 
-/// Commands about the connection, answered here; data commands planned.
-#[allow(clippy::too_many_arguments)]
+/// Commands about the connection, answered here; data commands planned. `words` is the command
+/// and its arguments (at least the command).
 fn local(
-    name: &str,
-    args: &[&[u8]],
+    words: &[&[u8]],
     conn: &mut Conn,
     auth: &Auth,
     shared: &RespShared,
     grid: &GridCore,
     metrics: &crate::metrics::ServerMetrics,
 ) -> Local {
-    let fail = |conn: &Conn, e: CmdError| Local::Reply(error(conn.resp3, &e), false);
+    let (given, args) = words.split_first().expect("a command has a name");
+    let name = &*String::from_utf8_lossy(given).to_ascii_uppercase();
+    let fail = |conn: &Conn, e: CmdError| Local::Reply { how: error(conn.resp3, &e), then_close: false };
     let arity = |ok: bool| if ok { Ok(()) } else { Err(CmdError::arity(name)) };
     if conn.who.is_none() && !matches!(name, "AUTH" | "HELLO" | "QUIT") {
         return fail(conn, CmdError { code: "NOAUTH", msg: "Authentication required.".into() });
@@ -553,7 +645,7 @@ fn local(
             [m] => reply_with(conn, |r| r.bulk(m)),
             _ => fail(conn, CmdError::arity(name)),
         },
-        "QUIT" => Local::Reply(ready(conn.resp3, |r| r.ok()), true),
+        "QUIT" => Local::Reply { how: ready(conn.resp3, |r| r.ok()), then_close: true },
         "AUTH" => {
             let token = match args {
                 [t] | [_, t] => t,
@@ -588,6 +680,9 @@ fn local(
                         rest = tail;
                     }
                     ("SETNAME", [n, tail @ ..]) => {
+                        if let Err(e) = client_name(n) {
+                            return fail(conn, e);
+                        }
                         conn.name = Some(String::from_utf8_lossy(n).into_owned());
                         rest = tail;
                     }
@@ -629,13 +724,8 @@ fn local(
                 args.first().map(|s| String::from_utf8_lossy(s).to_ascii_uppercase()).unwrap_or_default();
             match (sub.as_str(), &args[1.min(args.len())..]) {
                 ("SETNAME", [n]) => {
-                    if n.iter().any(|&b| b <= b' ' || b > b'~') {
-                        return fail(
-                            conn,
-                            CmdError::err(
-                                "Client names cannot contain spaces, newlines or special characters.",
-                            ),
-                        );
+                    if let Err(e) = client_name(n) {
+                        return fail(conn, e);
                     }
                     conn.name = Some(String::from_utf8_lossy(n).into_owned());
                     reply_with(conn, |r| r.ok())
@@ -674,8 +764,26 @@ fn local(
             }
         }
         // redis-benchmark reads `save` and `appendonly` at start: nothing is a Redis setting here.
+        // redis-benchmark reads `save` and `appendonly` at start: heapgrid writes an op log
+        // (like an append-only file) and takes no snapshots. Nothing else is a Redis setting.
         "CONFIG" => match args.first().map(|s| String::from_utf8_lossy(s).to_ascii_uppercase()).as_deref() {
-            Some("GET") => reply_with(conn, |r| r.map(0)),
+            Some("GET") => {
+                let known: Vec<(&str, &str)> = args[1..]
+                    .iter()
+                    .filter_map(|p| match String::from_utf8_lossy(p).to_ascii_lowercase().as_str() {
+                        "save" => Some(("save", "")),
+                        "appendonly" => Some(("appendonly", "yes")),
+                        _ => None,
+                    })
+                    .collect();
+                reply_with(conn, |r| {
+                    r.map(known.len());
+                    for (k, v) in known {
+                        r.bulk(k.as_bytes());
+                        r.bulk(v.as_bytes());
+                    }
+                })
+            }
             _ => fail(
                 conn,
                 CmdError::err("heapgrid is configured with `heapgrid serve` flags, not CONFIG SET"),
@@ -740,9 +848,16 @@ fn local(
                         }
                     })
                 }
+                // Every connection's scripts: admin on the server's own state.
                 ("FLUSH", [] | [_]) => {
-                    *shared.scripts.lock().unwrap_or_else(|e| e.into_inner()) = Scripts::default();
-                    reply_with(conn, |r| r.ok())
+                    match conn.who.as_ref().map(|w| w.require(super::SERVER, crate::auth::Permission::Admin))
+                    {
+                        Some(Err(e)) => fail(conn, CmdError::from_grid(&e)),
+                        _ => {
+                            *shared.scripts.lock().unwrap_or_else(|e| e.into_inner()) = Scripts::default();
+                            reply_with(conn, |r| r.ok())
+                        }
+                    }
                 }
                 _ => fail(
                     conn,
@@ -792,10 +907,18 @@ fn local(
     }
 }
 
+/// A client name: printable ASCII without spaces, as Redis has it.
+fn client_name(n: &[u8]) -> Result<(), CmdError> {
+    if n.iter().any(|&b| b <= b' ' || b > b'~') {
+        return Err(CmdError::err("Client names cannot contain spaces, newlines or special characters."));
+    }
+    Ok(())
+}
+
 fn script(src: String, rest: &[&[u8]], conn: &Conn, shared: &RespShared, grid: &GridCore) -> Local {
     match command::plan_script(src, rest, &shared.cfg, &GridCatalog(grid)) {
         Ok(p) => Local::Plan(p, None),
-        Err(e) => Local::Reply(error(conn.resp3, &e), false),
+        Err(e) => Local::Reply { how: error(conn.resp3, &e), then_close: false },
     }
 }
 
@@ -816,6 +939,12 @@ fn scan(args: &[&[u8]], conn: &Conn, shared: &RespShared) -> Result<Planned, Cmd
     while let Some((opt, more)) = rest.split_first() {
         let Some((v, tail)) = more.split_first() else { return Err(CmdError::syntax()) };
         match String::from_utf8_lossy(opt).to_ascii_uppercase().as_str() {
+            "MATCH" if v.len() > command::PATTERN_BYTES_MAX => {
+                return Err(CmdError::err(format!(
+                    "a MATCH pattern is at most {} bytes",
+                    command::PATTERN_BYTES_MAX
+                )));
+            }
             "MATCH" => pattern = Some(v.to_vec()),
             "COUNT" => {
                 let c = codec::int(v).filter(|&c| c >= 1).ok_or_else(CmdError::syntax)?;
@@ -832,7 +961,8 @@ fn scan(args: &[&[u8]], conn: &Conn, shared: &RespShared) -> Result<Planned, Cmd
         rest = tail;
     }
     let op = command::scan_range(after, pattern.as_deref(), count);
-    let pattern = pattern.filter(|p| p.as_slice() != b"*");
+    // A `prefix*` pattern is answered by the range alone: nothing to filter.
+    let pattern = pattern.filter(|p| !crate::resp::glob::literal_prefix(p).1);
     Ok(Planned {
         requests: vec![RequestBody::Table { table: shared.cfg.table.clone(), op }],
         shape: Shape::Scan { count, pattern },
@@ -924,7 +1054,6 @@ fn info(
     s: &heapgrid_actors::stats::NodeStats,
     shared: &RespShared,
     conn: &Conn,
-    _grid: &GridCore,
     metrics: &crate::metrics::ServerMetrics,
 ) -> String {
     use std::fmt::Write;

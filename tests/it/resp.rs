@@ -277,6 +277,11 @@ fn auth_maps_to_tokens() {
     assert!(t(&["-a", "reader"], &["EVAL", "len(redis)", "0"]).starts_with("(error) NOPERM"));
     assert_eq!(t(&["-a", "reader"], &["EVAL", "6 * 7", "0"]), "(integer) 42");
     assert_eq!(t(&["-a", "root-token"], &["GET", "k"]), "\"v\"");
+    // Before login a command is small (Redis' limits for unauthenticated clients).
+    let mut big = Raw::connect(s.resp);
+    let eleven: Vec<Vec<String>> = vec![(0..11).map(|i| i.to_string()).collect()];
+    big.send_owned(&eleven);
+    assert_eq!(big.reply(), R::Err("ERR Protocol error: invalid multibulk length".into()));
     // HELLO with AUTH, on a raw socket.
     let mut c = Raw::connect(s.resp);
     c.send(&[
@@ -399,6 +404,54 @@ fn a_pipelined_burst_matches_a_model() {
     assert_eq!(typed(s.resp, &["GET", "piped:9999"]), "\"9999\"");
 }
 
+/// Commands that make something first (a stream's feed) keep their place: pipelined on new
+/// streams, every reply comes in order and each command sees the ones before it; a name a table
+/// holds is refused once, not retried for ever. A later `HELLO 3` does not change the form of
+/// earlier replies; a script's keys must share a shard.
+#[test]
+fn commands_that_create_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Served::start(dir.path(), &["--resp-shards", "4"]);
+    let mut c = Raw::connect(s.resp);
+    c.send(&[
+        &["XADD", "s1", "*", "a", "1"],
+        &["XLEN", "s1"],
+        &["XADD", "s2", "*", "b", "2"],
+        &["XADD", "s3", "*", "c", "3"],
+        &["XADD", "s2", "*", "b", "3"],
+        &["XLEN", "s2"],
+        &["SET", "k", "v"],
+        &["XADD", "redis", "*", "x", "1"],
+        &["GET", "k"],
+    ]);
+    let bulk = |s: &str| R::Bulk(Some(s.as_bytes().to_vec()));
+    assert_eq!(c.reply(), bulk("1-0"));
+    assert_eq!(c.reply(), R::Int(1));
+    assert_eq!(c.reply(), bulk("1-0"));
+    assert_eq!(c.reply(), bulk("1-0"));
+    assert_eq!(c.reply(), bulk("2-0"));
+    assert_eq!(c.reply(), R::Int(2));
+    assert_eq!(c.reply(), R::Simple("OK".into()));
+    match c.reply() {
+        R::Err(e) => assert!(e.contains("cannot be created"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.reply(), bulk("v"));
+    c.send(&[&["GET", "nope"], &["HELLO", "3"], &["GET", "nope"]]);
+    assert_eq!(c.reply(), R::Bulk(None), "in RESP2, as when it was sent");
+    assert!(c.read_raw_until(b"_\r\n"), "then RESP3's null");
+    // Four shards: some two of these keys are in different ones.
+    let keys: Vec<String> = (0..8).map(|i| format!("key{i}")).collect();
+    let mut cmd = vec!["EVAL", "len(keys)", "8"];
+    cmd.extend(keys.iter().map(String::as_str));
+    let mut c = Raw::connect(s.resp);
+    c.send(&[&cmd]);
+    match c.reply() {
+        R::Err(e) => assert!(e.starts_with("CROSSSLOT"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Random bytes, and valid commands cut off or corrupted, on many connections: the server
 /// answers `Protocol error` or nothing, closes only those connections, keeps serving, and
 /// loses nothing acknowledged.
@@ -458,6 +511,49 @@ fn malformed_input_closes_only_that_connection() {
     assert!(s.alive());
 }
 
+/// The native connection limits hold for RESP: a command that does not arrive whole within the
+/// frame deadline ends its connection with the reason; commands behind a blocked one wait (in
+/// order) under the in-flight limit; the connection limit counts RESP connections.
+#[test]
+fn native_limits_hold_for_resp() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("limits.json");
+    std::fs::write(&cfg, r#"{"frame_deadline_ms": 300, "inflight_max": 4, "connections_max": 3}"#).unwrap();
+    let mut s = Served::start(dir.path(), &["--config", cfg.to_str().unwrap()]);
+    // Half a command, then silence.
+    let mut slow = Raw::connect(s.resp);
+    slow.sock.write_all(b"*2\r\n$3\r\nGET\r\n$1").unwrap();
+    match slow.reply() {
+        R::Err(e) => assert!(e.contains("did not arrive whole"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let mut rest = Vec::new();
+    assert_eq!(slow.rd.read_to_end(&mut rest).unwrap(), 0, "then the connection closes");
+    // A blocked pop, then 50 commands behind it: all answered, in order, once it returns.
+    let mut c = Raw::connect(s.resp);
+    let mut burst: Vec<Vec<String>> = vec![vec!["BLPOP".into(), "jobs".into(), "0.5".into()]];
+    for i in 0..50 {
+        burst.push(vec!["ECHO".into(), i.to_string()]);
+    }
+    c.send_owned(&burst);
+    assert_eq!(c.reply(), R::NilArr, "the pop timed out");
+    for i in 0..50 {
+        assert_eq!(c.reply(), R::Bulk(Some(i.to_string().into_bytes())));
+    }
+    // One connection is open (the slow one closed); two more fit, a fourth is refused.
+    let _second = Raw::connect(s.resp);
+    let mut third = Raw::connect(s.resp);
+    third.send(&[&["PING"]]);
+    assert_eq!(third.reply(), R::Simple("PONG".into()));
+    let mut fourth = Raw::connect(s.resp);
+    fourth.send(&[&["PING"]]);
+    match fourth.reply() {
+        R::Err(e) => assert!(e.contains("max number of clients"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.alive());
+}
+
 /// redis-py, a Redis client library, round-trips values, a pipeline and a script.
 #[test]
 fn a_redis_client_library_round_trips() {
@@ -506,6 +602,8 @@ enum R {
     Int(i64),
     Bulk(Option<Vec<u8>>),
     Arr(Vec<R>),
+    /// RESP2's null array (`*-1`).
+    NilArr,
 }
 
 fn encode(cmds: &[&[&str]]) -> Vec<u8> {
@@ -565,7 +663,10 @@ impl Raw {
                     R::Bulk(Some(b))
                 }
             },
-            "*" => R::Arr((0..rest.parse::<i64>().unwrap()).map(|_| self.reply()).collect()),
+            "*" => match rest.parse::<i64>().unwrap() {
+                -1 => R::NilArr,
+                n => R::Arr((0..n).map(|_| self.reply()).collect()),
+            },
             other => panic!("reply type {other:?}: {l}"),
         }
     }
