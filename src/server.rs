@@ -424,6 +424,18 @@ impl Drop for Input {
 }
 
 impl Input {
+    fn new(rd: tokio::net::tcp::OwnedReadHalf, limits: &ConnLimits) -> Input {
+        Input {
+            rd,
+            buf: Vec::with_capacity(IO_BUFFER_BYTES),
+            at: 0,
+            budget: limits.budget.clone(),
+            held: 0,
+            partial_since: None,
+            metrics: limits.metrics.clone(),
+        }
+    }
+
     /// The next complete frame's payload already buffered, if any.
     fn frame(&mut self) -> Option<Result<Vec<u8>, FrameError>> {
         let avail = &self.buf[self.at..];
@@ -579,6 +591,12 @@ struct Writing {
 }
 
 impl Writing {
+    fn add_all(&mut self, keys: Vec<ShardKey>) {
+        for k in keys {
+            self.add(k);
+        }
+    }
+
     fn add(&mut self, (table, shard): ShardKey) {
         *self.tables.entry(table).or_default().entry(shard).or_insert(0) += 1;
     }
@@ -616,15 +634,7 @@ async fn connection(
 ) {
     let (rd, mut wr) = sock.into_split();
     let inflight = limits.inflight;
-    let mut input = Input {
-        rd,
-        buf: Vec::with_capacity(IO_BUFFER_BYTES),
-        at: 0,
-        budget: limits.budget.clone(),
-        held: 0,
-        partial_since: None,
-        metrics: limits.metrics.clone(),
-    };
+    let mut input = Input::new(rd, &limits);
     let metrics = limits.metrics.clone();
     let who = match handshake(&mut input, &auth).await {
         Ok(p) => Arc::new(p),
@@ -655,24 +665,12 @@ async fn connection(
     let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
     // Requests read and not yet answered.
     let mut open = 0usize;
-    // Writes (and collection-scoped snippets) of this connection in flight, per shard: a read of
-    // such a shard goes to its actor, behind them; a read of any other is served from the
-    // shard's published snapshot at once.
-    let mut writing = Writing::default();
-    // Lock sessions this connection opened or reattached: the only ones it may act in.
-    let sessions = ConnSessions::default();
-    let session = Session::default();
-    // Requests run at other nodes' primaries go one after another, in arrival order (each
-    // waits for the one before): a read follows the writes the connection sent before it.
-    let routed = RoutedChain::default();
-    // Set when the peer ended its stream: blocked pops and lock waits of this connection are
-    // dropped then (their reply ports close), so nothing is handed to a caller that is gone.
-    let (gone_tx, gone) = watch::channel(false);
+    let (mut ctx, gone_tx) = ConnCtx::new();
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut reading = true;
     loop {
         // Start every complete request already buffered, up to the in-flight limit.
-        let mut round = Round::new(&writing, &session, &sessions, &gone, &routed, &metrics);
+        let mut round = ctx.round(&metrics);
         timing.pass();
         // Answers given at once count against the output buffer, not the in-flight limit: stop
         // decoding when it is full, write it, then go on with what is buffered.
@@ -703,23 +701,15 @@ async fn connection(
                 }
             }
         }
-        round.send_appends();
-        running.extend(std::mem::take(&mut round.sent));
-        if round.requests > 0 {
-            let (pending, wrote) = round.dispatch();
-            for k in wrote {
-                writing.add(k);
-            }
-            running.extend(pending);
-        }
+        let wrote = send_round(round, &mut running);
+        ctx.writing.add_all(wrote);
         // What was answered at once (snapshot reads, refusals) goes out now, in one write,
         // rather than waiting behind the shards' replies.
         if !out.is_empty() {
             metrics.observe(&mut timing, &out);
-            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
+            if !write_out(&mut wr, &mut out).await {
                 return;
             }
-            out.clear();
         }
         if !reading && running.is_empty() {
             break;
@@ -739,18 +729,11 @@ async fn connection(
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
                 if let Some(d) = done {
-                    finish(d, &mut out, &mut open, &mut writing);
                     // Gather whatever else has finished, then write once.
-                    while let Some(Some(d)) = running.next().now_or_never() {
-                        finish(d, &mut out, &mut open, &mut writing);
-                    }
+                    finish_all(d, &mut running, &mut out, &mut open, &mut ctx.writing);
                     metrics.observe(&mut timing, &out);
-                    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
+                    if !write_out(&mut wr, &mut out).await {
                         return;
-                    }
-                    out.clear();
-                    if out.capacity() > 4 * IO_BUFFER_BYTES {
-                        out.shrink_to(IO_BUFFER_BYTES);
                     }
                 }
             }
@@ -799,6 +782,82 @@ fn finish(d: Done, out: &mut Vec<u8>, open: &mut usize, writing: &mut Writing) {
     for k in &d.wrote {
         writing.remove(k);
     }
+}
+
+/// `finish`es `d` and every other request or round that has finished by now.
+fn finish_all(
+    d: Done,
+    running: &mut FuturesUnordered<Pending>,
+    out: &mut Vec<u8>,
+    open: &mut usize,
+    writing: &mut Writing,
+) {
+    finish(d, out, open, writing);
+    while let Some(Some(d)) = running.next().now_or_never() {
+        finish(d, out, open, writing);
+    }
+}
+
+/// Writes `out` (bounded by `WRITE_TIMEOUT`: a client that does not read is dropped) and
+/// empties it; `false` if the connection is done for.
+async fn write_out(wr: &mut tokio::net::tcp::OwnedWriteHalf, out: &mut Vec<u8>) -> bool {
+    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await, Ok(Ok(()))) {
+        return false;
+    }
+    out.clear();
+    if out.capacity() > 4 * IO_BUFFER_BYTES {
+        out.shrink_to(IO_BUFFER_BYTES);
+    }
+    true
+}
+
+/// What a connection's rounds read: its state that outlives one round.
+struct ConnCtx {
+    /// Writes (and collection-scoped snippets) of this connection in flight, per shard: a read
+    /// of such a shard goes to its actor, behind them; a read of any other is served from the
+    /// shard's published snapshot at once.
+    writing: Writing,
+    /// Lock sessions this connection opened or reattached: the only ones it may act in.
+    sessions: ConnSessions,
+    session: Session,
+    /// Requests run at other nodes' primaries go one after another, in arrival order (each
+    /// waits for the one before): a read follows the writes the connection sent before it.
+    routed: RoutedChain,
+    /// Set when the peer ended its stream: blocked pops and lock waits of this connection are
+    /// dropped then (their reply ports close), so nothing is handed to a caller that is gone.
+    gone: watch::Receiver<bool>,
+}
+
+impl ConnCtx {
+    /// A new connection's state, and the sender that says the peer is gone.
+    fn new() -> (ConnCtx, watch::Sender<bool>) {
+        let (gone_tx, gone) = watch::channel(false);
+        let ctx = ConnCtx {
+            writing: Writing::default(),
+            sessions: ConnSessions::default(),
+            session: Session::default(),
+            routed: RoutedChain::default(),
+            gone,
+        };
+        (ctx, gone_tx)
+    }
+
+    fn round<'c>(&'c self, metrics: &'c Arc<ServerMetrics>) -> Round<'c> {
+        Round::new(&self.writing, &self.session, &self.sessions, &self.gone, &self.routed, metrics)
+    }
+}
+
+/// Sends a round's messages (appends, then one per shard); its futures join `running`.
+/// Answers the shards it writes to (for `Writing::add_all`).
+fn send_round(mut round: Round<'_>, running: &mut FuturesUnordered<Pending>) -> Vec<ShardKey> {
+    round.send_appends();
+    running.extend(std::mem::take(&mut round.sent));
+    if round.requests == 0 {
+        return Vec::new();
+    }
+    let (pending, wrote) = round.dispatch();
+    running.extend(pending);
+    wrote
 }
 
 /// How a round builds one request's response from its shards' replies.

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use heapgrid_actors::grid::GridCore;
 use heapgrid_actors::{GridError, Key};
@@ -28,8 +27,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::{
-    ConnLimits, ConnSessions, HANDSHAKE_TIMEOUT, IO_BUFFER_BYTES, Input, OpenConnection, Pending, Round,
-    RoutedChain, Session, Taken, WRITE_TIMEOUT, Writing, finish,
+    ConnCtx, ConnLimits, HANDSHAKE_TIMEOUT, IO_BUFFER_BYTES, Input, OpenConnection, Pending, Taken,
+    finish_all, send_round, write_out,
 };
 use crate::auth::{Auth, Principal};
 use crate::metrics::InFlight;
@@ -207,15 +206,7 @@ pub(super) async fn connection(
 ) {
     let (rd, mut wr) = sock.into_split();
     let metrics = limits.metrics.clone();
-    let mut input = Input {
-        rd,
-        buf: Vec::with_capacity(IO_BUFFER_BYTES),
-        at: 0,
-        budget: limits.budget.clone(),
-        held: 0,
-        partial_since: None,
-        metrics: metrics.clone(),
-    };
+    let mut input = Input::new(rd, &limits);
     metrics.connections.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenConnection(&metrics);
     let mut conn = Conn {
@@ -236,11 +227,7 @@ pub(super) async fn connection(
     let mut timing = InFlight::new(peer.to_string());
     let mut running: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut open = 0usize;
-    let mut writing = Writing::default();
-    let sessions = ConnSessions::default();
-    let session = Session::default();
-    let routed = RoutedChain::default();
-    let (gone_tx, gone) = watch::channel(false);
+    let (mut ctx, gone_tx) = ConnCtx::new();
     // Native answers (frames), then RESP replies.
     let mut native = Vec::with_capacity(IO_BUFFER_BYTES);
     let mut out = Vec::with_capacity(IO_BUFFER_BYTES);
@@ -268,7 +255,7 @@ pub(super) async fn connection(
             && !cmds.back().is_some_and(|c| c.barrier)
     };
     loop {
-        let mut round = Round::new(&writing, &session, &sessions, &gone, &routed, &metrics);
+        let mut round = ctx.round(&metrics);
         timing.pass();
         // Start the commands buffered, as far as the limits allow. Answers given at once (from
         // snapshots) gather in `native`: past `IO_BUFFER_BYTES` the pass ends and they go out.
@@ -377,15 +364,8 @@ pub(super) async fn connection(
                 last: false,
             });
         }
-        round.send_appends();
-        running.extend(std::mem::take(&mut round.sent));
-        if round.requests > 0 {
-            let (pending, wrote) = round.dispatch();
-            for k in wrote {
-                writing.add(k);
-            }
-            running.extend(pending);
-        }
+        let wrote = send_round(round, &mut running);
+        ctx.writing.add_all(wrote);
         // Answers given at once (snapshot reads, refusals), then every reply that is ready.
         answers_held += take_answers(&mut native, &mut cmds, &metrics, &mut timing);
         let (again, written) = reply_ready(&mut cmds, &mut out, &mut conn, &shared, &metrics);
@@ -396,12 +376,8 @@ pub(super) async fn connection(
         }
         if !out.is_empty() {
             metrics.bytes_out.fetch_add(out.len() as u64, Ordering::Relaxed);
-            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await, Ok(Ok(()))) {
+            if !write_out(&mut wr, &mut out).await {
                 return;
-            }
-            out.clear();
-            if out.capacity() > 4 * IO_BUFFER_BYTES {
-                out.shrink_to(IO_BUFFER_BYTES);
             }
         }
         if native.capacity() > 4 * IO_BUFFER_BYTES {
@@ -439,10 +415,7 @@ pub(super) async fn connection(
         tokio::select! {
             done = running.next(), if !running.is_empty() => {
                 if let Some(d) = done {
-                    finish(d, &mut native, &mut open, &mut writing);
-                    while let Some(Some(d)) = running.next().now_or_never() {
-                        finish(d, &mut native, &mut open, &mut writing);
-                    }
+                    finish_all(d, &mut running, &mut native, &mut open, &mut ctx.writing);
                     answers_held += take_answers(&mut native, &mut cmds, &metrics, &mut timing);
                 }
             }

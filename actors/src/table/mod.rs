@@ -783,8 +783,11 @@ mod tests {
                         let r = s.write_one(&op);
                         match model.get(&k).copied() {
                             Some((ver, n)) => { r.unwrap(); model.insert(k, (ver + 1, n + 1)); }
-                            // A missing key starts as an empty map: incrementing it is a type error.
-                            None => prop_assert!(r.is_err()),
+                            // A missing counter starts from 0.
+                            None => {
+                                prop_assert_eq!(r.unwrap().1, WriteResult::Updated { value: Value::Int(1), version: 1 });
+                                model.insert(k, (1, 1));
+                            }
                         }
                     }
                     3 => {
