@@ -709,8 +709,16 @@ async fn any_node_forwards_single_key_requests_to_their_primary() {
     }
     let plain = Client::connect(nodes[1].addr).await.unwrap();
     let t = plain.table("fwd");
+    // A put answered `Indeterminate` was applied by the primary and not yet acknowledged by a
+    // replica within its wait (a loaded 2-core machine running three nodes): the primary's
+    // reads see it, which is what this test checks.
+    let applied = |r: Result<u64, GridError>, what: &str| match r {
+        Ok(_) => {}
+        Err(GridError::Indeterminate(m)) => eprintln!("{what}: {m}"),
+        Err(e) => panic!("{what}: {e:?}"),
+    };
     for i in 0..60u64 {
-        t.put(format!("k{i}"), &i).await.unwrap();
+        applied(t.put(format!("k{i}"), &i).await, "put");
     }
     for i in 0..60u64 {
         assert_eq!(t.get::<u64>(format!("k{i}")).await.unwrap(), Some(i));
@@ -720,7 +728,7 @@ async fn any_node_forwards_single_key_requests_to_their_primary() {
     for i in 0..60u64 {
         let k = format!("p{i}");
         let (w, r) = tokio::join!(t.put(k.clone(), &i), t.get::<u64>(k.clone()));
-        w.unwrap();
+        applied(w, "pipelined put");
         assert_eq!(r.unwrap(), Some(i), "{k}");
     }
     // A request without a key (a one-shard table's snippet) is run at shard 0's primary too.
