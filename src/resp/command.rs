@@ -318,37 +318,28 @@ pub fn plan_script(
 }
 
 /// A stream id (`N` or `N-S`; feed records are `N-0`) as the feed's id: the id itself, or for a
-/// sequence above 0 the next one (`5-1` is after record 5). `exclusive` (`(` in front) moves
-/// one further in the direction read.
-fn stream_id(b: &[u8], forward: bool) -> Result<u64, CmdError> {
+/// sequence above 0 reading forwards the next one (`5-1` is after record 5). With `range` (only
+/// `XRANGE`/`XREVRANGE` take it) a `(` in front excludes the id: one further in the direction
+/// read.
+fn stream_id(b: &[u8], forward: bool, range: bool) -> Result<u64, CmdError> {
     let bad = || CmdError::err("Invalid stream ID specified as stream command argument");
     let (exclusive, b) = match b.strip_prefix(b"(") {
-        Some(rest) => (true, rest),
+        Some(rest) if range => (true, rest),
+        Some(_) => return Err(bad()),
         None => (false, b),
     };
-    plain_stream_id(b, forward, exclusive).ok_or_else(bad)
-}
-
-/// A stream id without the `(` that only `XRANGE` and `XREVRANGE` take.
-fn exact_stream_id(b: &[u8], forward: bool) -> Result<u64, CmdError> {
-    if b.starts_with(b"(") {
-        return Err(CmdError::err("Invalid stream ID specified as stream command argument"));
-    }
-    stream_id(b, forward)
-}
-
-fn plain_stream_id(b: &[u8], forward: bool, exclusive: bool) -> Option<u64> {
     let (ms, seq) = match b.iter().position(|&c| c == b'-') {
         Some(i) => (&b[..i], Some(&b[i + 1..])),
         None => (b, None),
     };
-    let ms: u64 = std::str::from_utf8(ms).ok()?.parse().ok()?;
-    let seq: u64 = match seq {
-        Some(s) => std::str::from_utf8(s).ok()?.parse().ok()?,
+    let number = |d: &[u8]| std::str::from_utf8(d).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(bad);
+    let ms = number(ms)?;
+    let seq = match seq {
+        Some(s) => number(s)?,
         None => 0,
     };
     let id = if forward && seq > 0 { ms.saturating_add(1) } else { ms };
-    Some(match (exclusive, forward) {
+    Ok(match (exclusive, forward) {
         (false, _) => id,
         (true, true) => id.saturating_add(1),
         (true, false) => id.saturating_sub(1),
@@ -582,13 +573,17 @@ pub fn plan(
             // XRANGE key start end; XREVRANGE key end start.
             let (lo, hi) = if rev { (args[2], args[1]) } else { (args[1], args[2]) };
             let (op, until) = if !rev {
-                let until = if hi == b"+" { u64::MAX } else { stream_id(hi, false)? };
-                let after =
-                    if lo == b"-" { Pos::Start } else { Pos::After(stream_id(lo, true)?.saturating_sub(1)) };
+                let until = if hi == b"+" { u64::MAX } else { stream_id(hi, false, true)? };
+                let after = if lo == b"-" {
+                    Pos::Start
+                } else {
+                    Pos::After(stream_id(lo, true, true)?.saturating_sub(1))
+                };
                 (FeedOp::Read { after, n, wait_ms: 0 }, until)
             } else {
-                let until = if lo == b"-" { 0 } else { stream_id(lo, true)? };
-                let before = if hi == b"+" { None } else { Some(stream_id(hi, false)?.saturating_add(1)) };
+                let until = if lo == b"-" { 0 } else { stream_id(lo, true, true)? };
+                let before =
+                    if hi == b"+" { None } else { Some(stream_id(hi, false, true)?.saturating_add(1)) };
                 (FeedOp::ReadBack { before, n }, until)
             };
             if n == 0 {
@@ -661,7 +656,7 @@ fn plan_xadd(args: &[&[u8]], cat: &dyn Catalog) -> Result<Planned, CmdError> {
         b"*" => None,
         given => {
             let ok = given.ends_with(b"-0") || !given.contains(&b'-');
-            let id = exact_stream_id(given, false).ok().filter(|&id| ok && id > 0);
+            let id = stream_id(given, false, false).ok().filter(|&id| ok && id > 0);
             Some(id.ok_or_else(|| {
                 CmdError::err("heapgrid stream ids are N-0 with N > 0 (a feed record's id)")
             })?)
@@ -730,7 +725,7 @@ fn plan_xread(args: &[&[u8]]) -> Result<Planned, CmdError> {
         let after = match *id {
             b"$" => Pos::End,
             b"0" | b"0-0" => Pos::Start,
-            id => Pos::After(exact_stream_id(id, false)?),
+            id => Pos::After(stream_id(id, false, false)?),
         };
         reqs.push(feed_op(feed, FeedOp::Read { after, n, wait_ms: block.unwrap_or(0) }));
         streams.push(feed.to_string());
@@ -1213,11 +1208,12 @@ mod tests {
 
     #[test]
     fn stream_ids() {
-        assert_eq!(stream_id(b"5", true).unwrap(), 5);
-        assert_eq!(stream_id(b"5-0", true).unwrap(), 5);
-        assert_eq!(stream_id(b"5-1", true).unwrap(), 6);
-        assert_eq!(stream_id(b"(5", true).unwrap(), 6);
-        assert_eq!(stream_id(b"(5", false).unwrap(), 4);
-        assert!(stream_id(b"x", true).is_err());
+        assert_eq!(stream_id(b"5", true, true).unwrap(), 5);
+        assert_eq!(stream_id(b"5-0", true, true).unwrap(), 5);
+        assert_eq!(stream_id(b"5-1", true, true).unwrap(), 6);
+        assert_eq!(stream_id(b"(5", true, true).unwrap(), 6);
+        assert_eq!(stream_id(b"(5", false, true).unwrap(), 4);
+        assert!(stream_id(b"x", true, true).is_err());
+        assert!(stream_id(b"(5", true, false).is_err(), "`(` only in ranges");
     }
 }
